@@ -1,0 +1,1 @@
+"""topoxr_keras adapter (placeholder until the adapters land)."""

@@ -1,0 +1,1 @@
+"""topoxr_torch adapter (placeholder until the adapters land)."""

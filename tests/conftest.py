@@ -1,0 +1,46 @@
+"""Shared fixtures and capability markers for the topoxr test suite."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _importorskip(name: str) -> tuple[bool, pytest.MarkDecorator]:
+    has = importlib.util.find_spec(name) is not None
+    return has, pytest.mark.skipif(not has, reason=f"requires {name}")
+
+
+has_torch, requires_torch = _importorskip("torch")
+has_keras, requires_keras = _importorskip("keras")
+has_holoviews, requires_holoviews = _importorskip("holoviews")
+has_umap, requires_umap = _importorskip("umap")
+has_distributed, requires_distributed = _importorskip("distributed")
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    """A path for a fresh local store (not created yet)."""
+    return str(tmp_path / "run.zarr")
+
+
+@pytest.fixture(params=["local", "memory"])
+def any_store(request, tmp_path):
+    """A fresh store location: a local path, then an fsspec ``memory://`` URL."""
+    if request.param == "local":
+        yield str(tmp_path / "run.zarr")
+    else:
+        import uuid
+
+        import fsspec
+
+        url = f"memory://topoxr-test-{uuid.uuid4().hex}.zarr"
+        yield url
+        fs = fsspec.filesystem("memory")
+        path = url.removeprefix("memory://")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

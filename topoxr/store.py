@@ -1,0 +1,1118 @@
+"""The activation store: a streaming, crash-safe, resumable Zarr v3 writer and its reader.
+
+Layout (see :mod:`topoxr.conventions` and ``docs/store-format.md``)::
+
+    <store>/<model>/<layer>/activation  (neuron, sample, epoch) float32
+
+How crash safety works
+----------------------
+* Every chunk and metadata document is replaced atomically (zarr's local store writes a
+  temporary file and renames it; object stores replace whole objects), so a killed
+  writer never leaves a torn chunk and committed values that share a chunk with the
+  batch being written are never lost.
+* A batch is written in a fixed order: first the arrays are grown and filled (values,
+  labels, metadata, predictions), then the ``sample``/``epoch`` coordinate that defines
+  the logical length, and last the ``committed`` mask.  The mask of one epoch lives in
+  one chunk (up to 2**20 samples), so a batch becomes visible in a single atomic write.
+* Readers (:func:`open_store`) take the lengths of the ``sample`` and ``epoch``
+  coordinates and the mask as a snapshot and hide everything not committed.  A reader
+  running beside a writer therefore never sees a torn batch.
+* A writer opened on an existing model resumes: it repairs lengths left inconsistent
+  by a crash, skips batches that are already committed (after checking that their
+  values are identical) and writes the rest.  :meth:`ActivationWriter.missing` tells a
+  caller which samples still need computing.
+* One writer per store: a ``flock`` on the store directory (released by the kernel when
+  the process dies) or a lock object beside remote stores.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from topoxr._locking import StoreLockedError, WriterLock
+from topoxr.activations import reduce_units
+from topoxr.conventions import (
+    ACTIVATION,
+    ATTR_FORMAT,
+    ATTR_LAYER,
+    ATTR_MODEL,
+    COMMITTED,
+    CORRECT,
+    EPOCH,
+    EPOCH_COMPLETE,
+    FORMAT_VERSION,
+    LABEL,
+    NEURON,
+    PREDICTION,
+    SAMPLE,
+)
+
+__all__ = [
+    "ActivationWriter",
+    "StoreError",
+    "StoreLockedError",
+    "open_store",
+    "store_summary",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Samples per chunk of the ``committed`` mask: one epoch's mask is one chunk, written
+#: atomically, for probe sets of up to this many samples.
+MASK_CHUNK = 1 << 20
+_COORD_CHUNK = 1 << 16
+_TARGET_CHUNK_BYTES = 1 << 20
+_MAX_CHUNK_BYTES = 16 << 20
+_ATTR_READY = "topoxr_ready"
+_ATTR_REDUCE = "topoxr_reduce"
+_ATTR_UNIT_COORDS = "topoxr_unit_coords"
+_ATTR_METADATA = "topoxr_metadata"
+_ATTR_SCALARS = "topoxr_epoch_scalars"
+_RESERVED = {
+    ACTIVATION,
+    SAMPLE,
+    LABEL,
+    PREDICTION,
+    CORRECT,
+    COMMITTED,
+    EPOCH,
+    EPOCH_COMPLETE,
+    NEURON,
+    "channel",
+    "row",
+    "col",
+    "position",
+    "depth",
+    "x",
+    "y",
+}
+
+
+class StoreError(ValueError):
+    """Bad input for the store, or a store that cannot be used; nothing was written."""
+
+
+# --------------------------------------------------------------------------------------
+# Locations
+# --------------------------------------------------------------------------------------
+@dataclass
+class _Location:
+    url: str
+    store: Any
+    local_dir: str | None
+    fs: Any
+    fs_path: str
+
+    def exists(self) -> bool:
+        if self.local_dir is not None:
+            import os
+
+            return os.path.exists(self.local_dir)
+        return bool(self.fs.exists(self.fs_path))
+
+    def is_empty_dir(self) -> bool:
+        if self.local_dir is not None:
+            import os
+
+            return os.path.isdir(self.local_dir) and not os.listdir(self.local_dir)
+        try:
+            return not self.fs.ls(self.fs_path)
+        except FileNotFoundError:
+            return True
+
+
+def _locate(store: Any, storage_options: Mapping[str, Any] | None = None) -> _Location:
+    """Resolve a path, URL or ``os.PathLike`` into a zarr store and a filesystem."""
+    import os
+
+    import fsspec
+
+    if not isinstance(store, str | os.PathLike):
+        raise StoreError(f"store must be a path or an fsspec URL, got {type(store).__name__}")
+    url = os.fspath(store)
+    if "://" not in url or url.startswith("file://"):
+        local = os.path.abspath(url.removeprefix("file://"))
+        return _Location(url=local, store=zarr.storage.LocalStore(local), local_dir=local,
+                         fs=None, fs_path=local)
+    fs, fs_path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    zstore = zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}))
+    return _Location(url=url, store=zstore, local_dir=None, fs=fs, fs_path=fs_path)
+
+
+def _is_topoxr_root(group: zarr.Group) -> bool:
+    return ATTR_FORMAT in group.attrs
+
+
+def _open_root_readonly(loc: _Location) -> zarr.Group:
+    if not loc.exists():
+        raise FileNotFoundError(f"no topoxr store at {loc.url!r}")
+    try:
+        root = zarr.open_group(loc.store, mode="r", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+        raise StoreError(f"{loc.url!r} exists but is not a topoxr store (no Zarr group)") from err
+    if not _is_topoxr_root(root):
+        raise StoreError(
+            f"{loc.url!r} is a Zarr group but not a topoxr store "
+            f"(its attributes have no {ATTR_FORMAT!r})"
+        )
+    return root
+
+
+def safe_node_name(name: str) -> str:
+    """Return a Zarr- and DataTree-safe node name for a model or layer name.
+
+    Characters other than letters, digits, ``_``, ``-`` and ``.`` become ``_``; the
+    original name is kept in the node's attributes.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(name)).strip(".") or "_"
+    if cleaned.startswith("__"):
+        cleaned = "n" + cleaned
+    return cleaned
+
+
+# --------------------------------------------------------------------------------------
+# Per-layer state kept by a writer
+# --------------------------------------------------------------------------------------
+@dataclass
+class _LayerState:
+    name: str
+    group: zarr.Group
+    n_neurons: int
+    reduce: str
+    unit_coords: dict[str, np.ndarray]
+    sample_ids: np.ndarray
+    epochs: list[int]
+    mask: np.ndarray  # (sample, epoch) bool, mirrors the committed array
+    complete: np.ndarray  # (epoch,) bool
+    labels: np.ndarray | None
+    metadata: dict[str, np.ndarray]
+    written: dict[int, np.ndarray] = field(default_factory=dict)  # epoch idx -> bool per sample
+    _index: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._index = {int(s): i for i, s in enumerate(self.sample_ids.tolist())}
+
+    @property
+    def frozen(self) -> bool:
+        """The probe set is fixed once any epoch is complete."""
+        return bool(self.complete.any())
+
+    def positions(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Positions of ``sample_ids`` on the sample axis, -1 where unknown."""
+        get = self._index.get
+        return np.fromiter((get(int(s), -1) for s in sample_ids), dtype=np.int64,
+                           count=len(sample_ids))
+
+    def add_samples(self, ids: np.ndarray) -> None:
+        start = len(self.sample_ids)
+        self.sample_ids = np.concatenate([self.sample_ids, ids])
+        for i, s in enumerate(ids.tolist()):
+            self._index[int(s)] = start + i
+
+    def epoch_index(self, epoch: int) -> int:
+        try:
+            return self.epochs.index(epoch)
+        except ValueError:
+            return -1
+
+    @property
+    def arrays(self) -> dict[str, zarr.Array]:
+        return {name: arr for name, arr in self.group.arrays()}
+
+
+def _as_1d(name: str, values: Any, n: int) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or len(arr) != n:
+        raise StoreError(f"{name} has shape {arr.shape} but the batch has {n} samples")
+    if arr.dtype.kind == "O":
+        if not all(isinstance(v, str) for v in arr.tolist()):
+            raise StoreError(f"{name} must hold str, int, float or bool values")
+        arr = arr.astype(str)
+    if arr.dtype.kind == "S":
+        arr = arr.astype(str)
+    if arr.dtype.kind not in "biufU":
+        raise StoreError(f"{name} must hold str, int, float or bool values, got {arr.dtype}")
+    return arr
+
+
+def _kind(arr: np.ndarray) -> str:
+    return "U" if arr.dtype.kind == "U" else ("b" if arr.dtype.kind == "b" else
+                                               "f" if arr.dtype.kind == "f" else "i")
+
+
+def _zarr_dtype(arr: np.ndarray) -> Any:
+    return {"U": str, "b": "bool", "f": "float64", "i": "int64"}[_kind(arr)]
+
+
+def _fill(kind: str) -> Any:
+    return {"U": "", "b": False, "f": np.nan, "i": -1}[kind]
+
+
+def _runs(positions: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Split sorted-or-not positions into contiguous runs (pos_start, pos_stop, i0, i1)."""
+    if len(positions) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(positions)]])
+    return [
+        (int(positions[a]), int(positions[b - 1]) + 1, int(a), int(b))
+        for a, b in zip(starts, stops, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# The writer
+# --------------------------------------------------------------------------------------
+class ActivationWriter:
+    """Stream layer activations of one model into a topoxr Zarr store.
+
+    A context manager: on a clean exit it marks every fully written epoch as complete
+    and consolidates the metadata, on an error it only releases the store so that the
+    run can be resumed.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        A local path or any fsspec URL (``memory://run.zarr``, ``s3://bucket/run.zarr``).
+    model : str
+        Name of the model; one group per model in the store.
+    mode : {"a", "w"}, default "a"
+        ``"a"`` creates the store or model, or resumes it if it exists; ``"w"`` deletes an
+        existing group of this model first (other models are kept).
+    description : str, optional
+        Free text stored in the root attributes when the store is created.
+    chunk_samples : int, optional
+        Samples per chunk of ``activation``. By default a multiple of the first batch
+        size holding about 1 MiB, so batches of the same size never straddle chunks.
+    storage_options : mapping, optional
+        Passed to fsspec for URLs.
+    attrs : mapping, optional
+        Extra attributes for the model group (e.g. ``{"framework": "torch"}``).
+    break_lock : bool, default False
+        Take over the lock object of a remote store whose writer is known to be gone.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> with ActivationWriter("memory://doc.zarr", model="mlp", mode="w") as writer:
+    ...     writer.write("hidden", np.ones((4, 3)), sample=np.arange(4), label=[0, 1, 0, 1])
+    >>> open_store("memory://doc.zarr")["mlp/hidden"].activation.shape
+    (3, 4, 1)
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        model: str,
+        mode: str = "a",
+        description: str | None = None,
+        chunk_samples: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        break_lock: bool = False,
+    ) -> None:
+        if mode not in ("a", "w"):
+            raise StoreError(f"mode must be 'a' (create or resume) or 'w' (replace), got {mode!r}")
+        if not isinstance(model, str) or not model:
+            raise StoreError("model must be a non-empty string")
+        if chunk_samples is not None and int(chunk_samples) < 1:
+            raise StoreError(f"chunk_samples must be a positive integer, got {chunk_samples}")
+        self.model = model
+        self._chunk_samples = None if chunk_samples is None else int(chunk_samples)
+        self._loc = _locate(store, storage_options)
+        self._layers: dict[str, _LayerState] = {}
+        self._closed = False
+
+        existed = self._loc.exists() and not self._loc.is_empty_dir()
+        if existed:
+            _open_root_readonly(self._loc)  # refuses non-topoxr paths before touching them
+        elif self._loc.local_dir is not None:
+            import os
+
+            os.makedirs(self._loc.local_dir, exist_ok=True)
+        lock_path = "" if self._loc.fs is None else self._loc.fs_path.rstrip("/") + ".topoxr-lock"
+        self._lock = WriterLock(self._loc.url, local_dir=self._loc.local_dir, fs=self._loc.fs,
+                                lock_path=lock_path)
+        self._lock.acquire(break_lock=break_lock)
+        try:
+            self._root = self._open_root(existed, description)
+            self._model_group = self._open_model(mode, attrs)
+            self._load_layers()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # -- opening ---------------------------------------------------------------------
+    def _open_root(self, existed: bool, description: str | None) -> zarr.Group:
+        if not existed:
+            attrs = {
+                ATTR_FORMAT: FORMAT_VERSION,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "description": description or "",
+            }
+            return zarr.open_group(self._loc.store, mode="w", attributes=attrs)
+        root = zarr.open_group(self._loc.store, mode="r+", use_consolidated=False)
+        # Consolidated metadata would be stale as soon as we write: drop it now, it is
+        # written again by close().
+        root.update_attributes({})
+        return root
+
+    def _open_model(self, mode: str, attrs: Mapping[str, Any] | None) -> zarr.Group:
+        name = safe_node_name(self.model)
+        members = dict(self._root.members())
+        if name in members and mode == "w":
+            del self._root[name]
+            members.pop(name)
+        if name in members:
+            group = members[name]
+            if not isinstance(group, zarr.Group) or group.attrs.get(ATTR_MODEL) != self.model:
+                raise StoreError(
+                    f"node {name!r} in {self._loc.url!r} is not the model {self.model!r}"
+                )
+            if attrs:
+                group.update_attributes(dict(attrs))
+            logger.info("resuming model %r in %s", self.model, self._loc.url)
+            return group
+        return self._root.create_group(name, attributes={ATTR_MODEL: self.model, **(attrs or {})})
+
+    def _load_layers(self) -> None:
+        for name, group in list(self._model_group.groups()):
+            layer = group.attrs.get(ATTR_LAYER, name)
+            if not group.attrs.get(_ATTR_READY, False):
+                logger.warning("removing layer %r left half-created by a crashed writer", layer)
+                del self._model_group[name]
+                continue
+            self._layers[layer] = self._load_layer(layer, group)
+
+    def _load_layer(self, layer: str, group: zarr.Group) -> _LayerState:
+        arrays = dict(group.arrays())
+        sample_ids = np.asarray(arrays[SAMPLE][:], dtype=np.int64)
+        epochs = [int(e) for e in arrays[EPOCH][:]]
+        n, m = len(sample_ids), len(epochs)
+        # Repair lengths left longer than the logical length by a crash mid-batch.
+        for arr in arrays.values():
+            dims = arr.metadata.dimension_names or ()
+            target = tuple(n if d == SAMPLE else m if d == EPOCH else s
+                           for d, s in zip(dims, arr.shape, strict=True))
+            if target != arr.shape:
+                arr.resize(target)
+        mask = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool)
+        complete = np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)
+        labels = _read_1d(arrays[LABEL], n) if LABEL in arrays else None
+        meta_names = group.attrs.get(_ATTR_METADATA, [])
+        metadata = {k: _read_1d(arrays[k], n) for k in meta_names}
+        unit_names = group.attrs.get(_ATTR_UNIT_COORDS, [])
+        return _LayerState(
+            name=layer, group=group, n_neurons=int(arrays[ACTIVATION].shape[0]),
+            reduce=str(group.attrs.get(_ATTR_REDUCE, "mean")),
+            unit_coords={k: np.asarray(arrays[k][:]) for k in unit_names},
+            sample_ids=sample_ids, epochs=epochs, mask=mask, complete=complete,
+            labels=labels, metadata=metadata,
+        )
+
+    # -- public API --------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Where the store lives."""
+        return self._loc.url
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the layers of this model in the store."""
+        return list(self._layers)
+
+    def missing(self, layer: str, epoch: int, sample: Iterable[int]) -> np.ndarray:
+        """Return the ids among ``sample`` not yet committed for ``layer`` at ``epoch``.
+
+        Parameters
+        ----------
+        layer : str
+            Layer name as given to :meth:`write`.
+        epoch : int
+            Epoch label.
+        sample : iterable of int
+            Candidate sample ids.
+
+        Returns
+        -------
+        numpy.ndarray
+            The ids (in the given order) that still have to be written.
+        """
+        ids = np.asarray(list(sample) if not isinstance(sample, np.ndarray) else sample,
+                         dtype=np.int64)
+        state = self._layers.get(layer)
+        if state is None:
+            return ids
+        e = state.epoch_index(int(epoch))
+        if e < 0:
+            return ids
+        pos = state.positions(ids)
+        done = np.zeros(len(ids), dtype=bool)
+        known = pos >= 0
+        done[known] = state.mask[pos[known], e]
+        return ids[~done]
+
+    def write(
+        self,
+        layer: str,
+        activations: Any,
+        *,
+        sample: Any,
+        label: Any = None,
+        prediction: Any = None,
+        epoch: int = 0,
+        channel_axis: int | None = None,
+        reduce: str = "mean",
+        overwrite: bool = False,
+        allow_nonfinite: bool = False,
+        **metadata: Any,
+    ) -> int:
+        """Commit one batch of one layer.
+
+        Every check runs before anything is written: a rejected batch leaves the store
+        exactly as it was.
+
+        Parameters
+        ----------
+        layer : str
+            Layer name (any string; stored under a safe node name, original in attrs).
+        activations : array_like
+            ``(batch, neurons)``, or ``(batch, ...)`` with ``channel_axis`` for conv maps.
+        sample : array_like of int
+            Stable id of every input in the batch, unique within the batch.
+        label : array_like, optional
+            Class label per sample (int or str).
+        prediction : array_like, optional
+            Model prediction per sample for this epoch; with ``label`` it gives ``correct``.
+        epoch : int, default 0
+            Epoch label (0 = before training, or inference only).
+        channel_axis : int, optional
+            Channel axis of conv outputs (1 for NCHW, -1 for NHWC).
+        reduce : {"mean", "max", "none"}, default "mean"
+            Spatial pooling of conv outputs; ``"none"`` keeps every unit.
+        overwrite : bool, default False
+            Replace values already committed for these samples and epoch. Without it,
+            committed samples with identical values are skipped (resume) and different
+            values are an error.
+        allow_nonfinite : bool, default False
+            Store NaN and inf instead of rejecting them.
+        **metadata : array_like
+            Extra per-sample columns (str, int, float or bool), stored as coordinates.
+
+        Returns
+        -------
+        int
+            Number of samples written (0 when the whole batch was already committed).
+
+        Raises
+        ------
+        StoreError
+            Naming the problem: shapes, lengths, duplicates, non-finite or non-numeric
+            values, a neuron count or probe set that differs from the stored layer, or
+            committed values that differ.
+        """
+        self._check_open()
+        if not isinstance(layer, str) or not layer:
+            raise StoreError("layer must be a non-empty string")
+        try:
+            reduced = reduce_units(activations, channel_axis=channel_axis, reduce=reduce)
+        except ValueError as err:
+            raise StoreError(f"layer {layer!r}: {err}") from None
+        values = reduced.values
+        batch = values.shape[0]
+        ids = np.asarray(sample)
+        if ids.ndim != 1 or len(ids) != batch:
+            raise StoreError(
+                f"layer {layer!r}: sample has shape {ids.shape} but the batch has {batch} rows"
+            )
+        if ids.dtype.kind not in "iu":
+            raise StoreError(f"layer {layer!r}: sample ids must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise StoreError(
+                f"layer {layer!r}: duplicate sample ids in the batch: {uniq[counts > 1][:10].tolist()}"
+            )
+        if not allow_nonfinite and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise StoreError(
+                f"layer {layer!r}: {bad} activation value(s) are NaN or inf; "
+                "pass allow_nonfinite=True to store them"
+            )
+        labels = None if label is None else _as_1d(f"layer {layer!r}: label", label, batch)
+        preds = None if prediction is None else _as_1d(
+            f"layer {layer!r}: prediction", prediction, batch)
+        meta = {}
+        for key, col in metadata.items():
+            if key in _RESERVED or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise StoreError(f"layer {layer!r}: {key!r} cannot be a metadata column name")
+            meta[key] = _as_1d(f"layer {layer!r}: metadata {key!r}", col, batch)
+        epoch = _as_epoch(epoch)
+
+        state = self._layers.get(layer)
+        plan = _plan_batch(self, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite)
+        if plan is None:
+            return 0
+        if state is None:
+            state = self._create_layer(layer, reduced, labels, preds, meta, batch)
+        return self._commit(state, plan, values, ids, labels, preds, meta, epoch)
+
+    def complete_epoch(self, epoch: int, layers: Iterable[str] | None = None) -> None:
+        """Mark ``epoch`` complete for ``layers`` (default: all layers of this writer).
+
+        Raises
+        ------
+        StoreError
+            If a layer lacks the epoch or some of its probe samples.
+        """
+        self._check_open()
+        epoch = _as_epoch(epoch)
+        names = list(self._layers) if layers is None else list(layers)
+        for name in names:
+            state = self._layers.get(name)
+            if state is None:
+                raise StoreError(f"unknown layer {name!r}; known layers: {list(self._layers)}")
+            e = state.epoch_index(epoch)
+            if e < 0:
+                raise StoreError(f"layer {name!r} has no epoch {epoch}")
+            n_missing = int((~state.mask[:, e]).sum())
+            if n_missing:
+                raise StoreError(
+                    f"layer {name!r} epoch {epoch} lacks {n_missing} of "
+                    f"{len(state.sample_ids)} samples"
+                )
+        for name in names:
+            state = self._layers[name]
+            e = state.epoch_index(epoch)
+            if not state.complete[e]:
+                state.complete[e] = True
+                state.group[EPOCH_COMPLETE][e] = True
+
+    def log_epoch(self, epoch: int, **scalars: float) -> None:
+        """Store per-epoch scalars (loss, accuracy, ...) as coordinates on ``epoch``.
+
+        Written to every layer of this model that already has ``epoch``.
+        """
+        self._check_open()
+        epoch = _as_epoch(epoch)
+        for key in scalars:
+            if key in _RESERVED or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise StoreError(f"{key!r} cannot be an epoch scalar name")
+        for state in self._layers.values():
+            e = state.epoch_index(epoch)
+            if e < 0:
+                continue
+            names = list(state.group.attrs.get(_ATTR_SCALARS, []))
+            for key, value in scalars.items():
+                if key not in names:
+                    state.group.create_array(
+                        key, shape=(len(state.epochs),), chunks=(_COORD_CHUNK,),
+                        dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,),
+                    )
+                    names.append(key)
+                    _refresh_coordinates(state.group)
+                state.group[key][e] = float(value)
+            state.group.update_attributes({_ATTR_SCALARS: names})
+
+    def close(self) -> None:
+        """Complete every fully written epoch of this session, consolidate, unlock."""
+        if self._closed:
+            return
+        try:
+            self._complete_written_epochs()
+            self._consolidate()
+        finally:
+            self._release()
+
+    def __enter__(self) -> ActivationWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._release()
+
+    def __del__(self) -> None:  # a writer dropped without close() still unlocks
+        try:
+            if not self._closed:
+                self._release()
+        except Exception:  # noqa: S110 - best effort during interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<ActivationWriter {self._loc.url!r} model={self.model!r} {state}>"
+
+    # -- internals ---------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("this ActivationWriter is closed")
+
+    def _release(self) -> None:
+        self._closed = True
+        self._lock.release()
+
+    def _complete_written_epochs(self) -> None:
+        epochs = {state.epochs[e] for state in self._layers.values() for e in state.written}
+        for epoch in sorted(epochs):
+            full = all(
+                state.epoch_index(epoch) >= 0 and state.mask[:, state.epoch_index(epoch)].all()
+                for state in self._layers.values()
+                if state.epoch_index(epoch) >= 0
+            )
+            if full:
+                self.complete_epoch(epoch, [n for n, s in self._layers.items()
+                                            if s.epoch_index(epoch) >= 0])
+
+    def _consolidate(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self._loc.store)
+
+    def _sample_chunk(self, n_neurons: int, batch: int) -> tuple[int, int]:
+        row_bytes = 4 * n_neurons
+        if self._chunk_samples is not None:
+            chunk = self._chunk_samples
+        else:
+            chunk = batch * max(1, _TARGET_CHUNK_BYTES // max(1, batch * row_bytes))
+        neuron_chunk = n_neurons
+        if chunk * row_bytes > _MAX_CHUNK_BYTES:
+            neuron_chunk = max(1, _MAX_CHUNK_BYTES // (4 * chunk))
+        return chunk, neuron_chunk
+
+    def _create_layer(self, layer, reduced, labels, preds, meta, batch) -> _LayerState:
+        name = safe_node_name(layer)
+        taken = {safe_node_name(n) for n in self._layers}
+        if name in taken:
+            raise StoreError(f"layer {layer!r} maps to node {name!r}, already used by another layer")
+        n_neurons = reduced.values.shape[1]
+        chunk, neuron_chunk = self._sample_chunk(n_neurons, batch)
+        group = self._model_group.create_group(name, attributes={
+            ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
+            _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
+        })
+        group.create_array(ACTIVATION, shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
+                           dtype="float32", fill_value=np.nan,
+                           dimension_names=(NEURON, SAMPLE, EPOCH))
+        neuron = group.create_array(NEURON, shape=(n_neurons,), chunks=(n_neurons,),
+                                    dtype="int64", dimension_names=(NEURON,))
+        neuron[:] = np.arange(n_neurons)
+        for key, vals in reduced.unit_coords.items():
+            arr = group.create_array(key, shape=(n_neurons,), chunks=(n_neurons,),
+                                     dtype="int64", dimension_names=(NEURON,))
+            arr[:] = vals
+        group.create_array(SAMPLE, shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
+                           fill_value=-1, dimension_names=(SAMPLE,))
+        group.create_array(EPOCH, shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
+                           fill_value=-1, dimension_names=(EPOCH,))
+        group.create_array(EPOCH_COMPLETE, shape=(0,), chunks=(_COORD_CHUNK,), dtype="bool",
+                           fill_value=False, dimension_names=(EPOCH,))
+        group.create_array(COMMITTED, shape=(0, 0), chunks=(MASK_CHUNK, 1), dtype="bool",
+                           fill_value=False, dimension_names=(SAMPLE, EPOCH))
+        if labels is not None:
+            group.create_array(LABEL, shape=(0,), chunks=(_COORD_CHUNK,),
+                               dtype=_zarr_dtype(labels), fill_value=_fill(_kind(labels)),
+                               dimension_names=(SAMPLE,))
+        for key, col in meta.items():
+            group.create_array(key, shape=(0,), chunks=(_COORD_CHUNK,), dtype=_zarr_dtype(col),
+                               fill_value=_fill(_kind(col)), dimension_names=(SAMPLE,))
+        if preds is not None:
+            self._create_prediction_arrays(group, preds, 0, 0)
+        _refresh_coordinates(group)
+        group.update_attributes({_ATTR_READY: True})
+        state = _LayerState(
+            name=layer, group=group, n_neurons=n_neurons, reduce=reduced.reduce,
+            unit_coords=dict(reduced.unit_coords), sample_ids=np.zeros(0, dtype=np.int64),
+            epochs=[], mask=np.zeros((0, 0), dtype=bool), complete=np.zeros(0, dtype=bool),
+            labels=None if labels is None else labels[:0], metadata={k: v[:0] for k, v in meta.items()},
+        )
+        self._layers[layer] = state
+        return state
+
+    @staticmethod
+    def _create_prediction_arrays(group: zarr.Group, preds: np.ndarray, n: int, m: int) -> None:
+        group.create_array(PREDICTION, shape=(n, m), chunks=(_COORD_CHUNK, 1),
+                           dtype=_zarr_dtype(preds), fill_value=_fill(_kind(preds)),
+                           dimension_names=(SAMPLE, EPOCH))
+        group.create_array(CORRECT, shape=(n, m), chunks=(_COORD_CHUNK, 1), dtype="bool",
+                           fill_value=False, dimension_names=(SAMPLE, EPOCH))
+        _refresh_coordinates(group)
+
+    def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
+        group = state.group
+        arrays = dict(group.arrays())
+        if preds is not None and PREDICTION not in arrays:
+            self._create_prediction_arrays(group, preds, len(state.sample_ids), len(state.epochs))
+            arrays = dict(group.arrays())
+        # 1. a new epoch: grow every epoch-dim array, the ``epoch`` coordinate last
+        e = state.epoch_index(epoch)
+        if e < 0:
+            m = len(state.epochs) + 1
+            for key, arr in arrays.items():
+                dims = arr.metadata.dimension_names or ()
+                if EPOCH in dims and key != EPOCH:
+                    arr.resize(tuple(m if d == EPOCH else s for d, s in zip(dims, arr.shape, strict=True)))
+            arrays[EPOCH].resize((m,))
+            arrays[EPOCH][m - 1] = epoch
+            state.epochs.append(epoch)
+            state.mask = np.concatenate([state.mask, np.zeros((len(state.sample_ids), 1), bool)], 1)
+            state.complete = np.append(state.complete, False)
+            e = m - 1
+        # 2. new samples: grow sample-dim arrays and fill their coords, ``sample`` last
+        new = plan.new_rows
+        if len(new):
+            n0 = len(state.sample_ids)
+            n = n0 + len(new)
+            for key, arr in arrays.items():
+                dims = arr.metadata.dimension_names or ()
+                if SAMPLE in dims and key != SAMPLE:
+                    arr.resize(tuple(n if d == SAMPLE else s for d, s in zip(dims, arr.shape, strict=True)))
+            if labels is not None:
+                arrays[LABEL][n0:n] = labels[new]
+                state.labels = np.concatenate([state.labels, labels[new]])
+            for key, col in meta.items():
+                arrays[key][n0:n] = col[new]
+                state.metadata[key] = np.concatenate([state.metadata[key], col[new]])
+            arrays[SAMPLE].resize((n,))
+            arrays[SAMPLE][n0:n] = ids[new]
+            state.add_samples(ids[new])
+            state.mask = np.concatenate([state.mask, np.zeros((len(new), state.mask.shape[1]), bool)])
+        # 3. values, predictions
+        rows = plan.write_rows
+        pos = state.positions(ids[rows])
+        order = np.argsort(pos, kind="stable")
+        rows, pos = rows[order], pos[order]
+        act = arrays[ACTIVATION]
+        for p0, p1, i0, i1 in _runs(pos):
+            act[:, p0:p1, e] = values[rows[i0:i1]].T
+        if preds is not None:
+            stored_labels = state.labels[pos] if state.labels is not None else None
+            for p0, p1, i0, i1 in _runs(pos):
+                arrays[PREDICTION][p0:p1, e] = preds[rows[i0:i1]]
+                if stored_labels is not None:
+                    arrays[CORRECT][p0:p1, e] = preds[rows[i0:i1]] == stored_labels[i0:i1]
+        # 4. commit: the mask of this epoch, one chunk per 2**20 samples
+        state.mask[pos, e] = True
+        lo, hi = int(pos.min()), int(pos.max()) + 1
+        arrays[COMMITTED][lo:hi, e] = state.mask[lo:hi, e]
+        written = state.written.setdefault(e, np.zeros(0, dtype=bool))
+        if len(written) < len(state.sample_ids):
+            written = np.concatenate([written, np.zeros(len(state.sample_ids) - len(written), bool)])
+        written[pos] = True
+        state.written[e] = written
+        return len(rows)
+
+
+def _refresh_coordinates(group: zarr.Group) -> None:
+    """List every other array of a layer in ``activation``'s ``coordinates`` attribute.
+
+    That is how plain ``xarray.open_datatree(..., engine="zarr")`` knows that labels,
+    masks and unit positions are coordinates, not data variables.
+    """
+    names = sorted(name for name, _ in group.arrays() if name != ACTIVATION)
+    group[ACTIVATION].update_attributes({"coordinates": " ".join(names)})
+
+
+def _as_epoch(epoch: Any) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer):
+        raise StoreError(f"epoch must be an integer, got {epoch!r}")
+    if epoch < 0:
+        raise StoreError(f"epoch must be >= 0, got {epoch}")
+    return int(epoch)
+
+
+def _read_1d(arr: zarr.Array, n: int) -> np.ndarray:
+    values = np.asarray(arr[:n])
+    return _plain_strings(values)
+
+
+def _plain_strings(values: np.ndarray) -> np.ndarray:
+    """Turn zarr's variable-length strings (object or StringDType) into numpy ``<U``."""
+    if values.dtype.kind in "OT" or str(values.dtype).startswith("StringDType"):
+        return np.array(values.tolist(), dtype=str)
+    return values
+
+
+@dataclass
+class _Plan:
+    new_rows: np.ndarray  # batch rows whose sample id is new to the layer
+    write_rows: np.ndarray  # batch rows to write in this epoch
+
+
+def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite):
+    """Check a batch against the stored layer; return what to write, or None to skip."""
+    batch = len(ids)
+    if state is None:
+        return _Plan(new_rows=np.arange(batch), write_rows=np.arange(batch))
+    where = f"layer {layer!r} of model {writer.model!r}"
+    if reduced.values.shape[1] != state.n_neurons:
+        raise StoreError(
+            f"{where} has {state.n_neurons} neurons in the store, the batch has "
+            f"{reduced.values.shape[1]}"
+        )
+    if reduced.reduce != state.reduce and (reduced.unit_coords or state.unit_coords):
+        raise StoreError(f"{where} was stored with reduce={state.reduce!r}, not {reduced.reduce!r}")
+    for key, vals in reduced.unit_coords.items():
+        if key not in state.unit_coords or not np.array_equal(state.unit_coords[key], vals):
+            raise StoreError(f"{where}: the batch's unit layout ({key}) differs from the stored one")
+    if sorted(meta) != sorted(state.metadata):
+        raise StoreError(
+            f"{where} stores metadata columns {sorted(state.metadata)}, the batch has {sorted(meta)}"
+        )
+    pos = state.positions(ids)
+    new = np.flatnonzero(pos < 0)
+    old = np.flatnonzero(pos >= 0)
+    if len(new) and state.frozen:
+        raise StoreError(
+            f"{where}: sample ids {ids[new][:10].tolist()} are not in the probe set of its "
+            f"complete epochs ({len(state.sample_ids)} samples); every epoch must record the "
+            "same probe samples"
+        )
+    if len(new) and state.labels is not None and labels is None:
+        raise StoreError(f"{where} stores labels; the batch gives none for its new samples")
+    if labels is not None and state.labels is None:
+        raise StoreError(f"{where} was written without labels; the batch now gives labels")
+    if labels is not None and _kind(labels) != _kind(state.labels):
+        raise StoreError(f"{where}: labels are {labels.dtype}, the stored ones {state.labels.dtype}")
+    if labels is not None and len(old):
+        differ = state.labels[pos[old]] != labels[old]
+        if differ.any():
+            raise StoreError(
+                f"{where}: labels of samples {ids[old][differ][:10].tolist()} differ from the stored ones"
+            )
+    for key, col in meta.items():
+        if _kind(col) != _kind(state.metadata[key]):
+            raise StoreError(f"{where}: metadata {key!r} is {col.dtype}, stored {state.metadata[key].dtype}")
+        if len(old):
+            stored = state.metadata[key][pos[old]]
+            same = (stored == col[old]) | ((stored != stored) & (col[old] != col[old]))
+            if not same.all():
+                raise StoreError(
+                    f"{where}: metadata {key!r} of samples {ids[old][~same][:10].tolist()} "
+                    "differs from the stored one"
+                )
+    e = state.epoch_index(epoch)
+    if e < 0 or not len(old):
+        return _Plan(new_rows=new, write_rows=np.arange(batch))
+    this_session = state.written.get(e)
+    committed = state.mask[pos[old], e]
+    if this_session is not None and len(old):
+        padded = np.zeros(len(state.sample_ids), bool)
+        padded[: len(this_session)] = this_session
+        again = padded[pos[old]]
+        if again.any() and not overwrite:
+            raise StoreError(
+                f"{where}: samples {ids[old][again][:10].tolist()} were already written in "
+                f"epoch {epoch} by this writer (duplicate sample ids within an epoch)"
+            )
+    if overwrite or not committed.any():
+        return _Plan(new_rows=new, write_rows=np.arange(batch))
+    # Resume: committed samples must carry identical values; they are skipped.
+    done_rows = old[committed]
+    stored = _read_values(state, pos[done_rows], e)
+    fresh = reduced.values[done_rows]
+    same = (stored == fresh) | (np.isnan(stored) & np.isnan(fresh))
+    if not same.all():
+        bad = ids[done_rows][~same.all(axis=1)]
+        raise StoreError(
+            f"{where}: samples {bad[:10].tolist()} are committed for epoch {epoch} with "
+            "different values; pass overwrite=True to replace them"
+        )
+    rest = np.setdiff1d(np.arange(batch), done_rows)
+    if not len(rest):
+        logger.debug("%s epoch %s: batch already committed, skipped", where, epoch)
+        return None
+    return _Plan(new_rows=new, write_rows=rest)
+
+
+def _read_values(state: _LayerState, pos: np.ndarray, e: int) -> np.ndarray:
+    act = state.group[ACTIVATION]
+    order = np.argsort(pos)
+    out = np.empty((len(pos), state.n_neurons), dtype=np.float32)
+    sorted_pos = pos[order]
+    for p0, p1, i0, i1 in _runs(sorted_pos):
+        out[order[i0:i1]] = np.asarray(act[:, p0:p1, e]).T
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+def open_store(
+    store: Any,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    mask_uncommitted: bool = True,
+) -> xr.DataTree:
+    """Open a topoxr store as a lazy, dask-backed :class:`xarray.DataTree`.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Local path or fsspec URL of the store.
+    storage_options : mapping, optional
+        Passed to fsspec for URLs.
+    mask_uncommitted : bool, default True
+        Replace values that are not committed (a batch a crashed writer did not finish,
+        epochs still being written) by NaN, lazily.
+
+    Returns
+    -------
+    xarray.DataTree
+        Nodes ``/<model>/<layer>`` with ``activation`` of dims
+        ``("neuron", "sample", "epoch")`` and the coordinates of the store format.
+        The view is a consistent snapshot even while a writer is running.
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing exists at ``store``.
+    StoreError
+        If it exists but is not a topoxr store.
+
+    Examples
+    --------
+    >>> tree = open_store("memory://doc.zarr")
+    >>> sorted(tree.children)
+    ['mlp']
+    """
+    loc = _locate(store, storage_options)
+    root = _open_root_readonly(loc)
+    nodes: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=dict(root.attrs))}
+    for model_name, model_group in sorted(root.groups()):
+        nodes[f"/{model_name}"] = xr.Dataset(attrs=dict(model_group.attrs))
+        for layer_name, group in sorted(model_group.groups()):
+            if not group.attrs.get(_ATTR_READY, False):
+                continue
+            nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(group, mask_uncommitted)
+            for child_path, child in _subgroups(group):
+                nodes[f"/{model_name}/{layer_name}/{child_path}"] = _plain_dataset(child)
+    return xr.DataTree.from_dict(nodes)
+
+
+def _subgroups(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Group]]:
+    out = []
+    for name, child in sorted(group.groups()):
+        path = f"{prefix}{name}"
+        out.append((path, child))
+        out.extend(_subgroups(child, path + "/"))
+    return out
+
+
+def _plain_dataset(group: zarr.Group) -> xr.Dataset:
+    """Read a small auxiliary group (e.g. saved layouts) eagerly."""
+    variables = {}
+    for name, arr in group.arrays():
+        dims = tuple(arr.metadata.dimension_names or [f"dim_{i}" for i in range(arr.ndim)])
+        values = _plain_strings(np.asarray(arr[...]))
+        variables[name] = xr.Variable(dims, values, attrs=dict(arr.attrs))
+    coord_names = [n for n, v in variables.items() if v.dims == (n,)]
+    return xr.Dataset(
+        {k: v for k, v in variables.items() if k not in coord_names},
+        coords={k: variables[k] for k in coord_names},
+        attrs=dict(group.attrs),
+    )
+
+
+def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
+    import dask.array as dsa
+
+    arrays = dict(group.arrays())
+    sample_ids = np.asarray(arrays[SAMPLE][:], dtype=np.int64)
+    epochs = np.asarray(arrays[EPOCH][:], dtype=np.int64)
+    n, m = len(sample_ids), len(epochs)
+    committed = np.zeros((n, m), dtype=bool)
+    if n and m:
+        committed = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool)
+    act = arrays[ACTIVATION]
+    lazy = dsa.from_array(act, chunks=act.chunks, lock=False, inline_array=True,
+                          name=f"topoxr-{group.store_path}-{n}-{m}-{committed.sum()}")
+    lazy = lazy[:, :n, :m]
+    if mask_uncommitted and not committed.all():
+        lazy = dsa.where(committed[np.newaxis], lazy, np.float32(np.nan))
+    coords: dict[str, Any] = {
+        NEURON: (NEURON, np.asarray(arrays[NEURON][:])),
+        SAMPLE: (SAMPLE, sample_ids),
+        EPOCH: (EPOCH, epochs),
+        COMMITTED: ((SAMPLE, EPOCH), committed),
+        EPOCH_COMPLETE: (EPOCH, np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)),
+    }
+    for key in group.attrs.get(_ATTR_UNIT_COORDS, []):
+        coords[key] = (NEURON, np.asarray(arrays[key][:]))
+    if LABEL in arrays:
+        coords[LABEL] = (SAMPLE, _read_1d(arrays[LABEL], n))
+    for key in group.attrs.get(_ATTR_METADATA, []):
+        coords[key] = (SAMPLE, _read_1d(arrays[key], n))
+    if PREDICTION in arrays:
+        coords[PREDICTION] = ((SAMPLE, EPOCH), np.asarray(arrays[PREDICTION][:n, :m]))
+        coords[CORRECT] = ((SAMPLE, EPOCH), np.asarray(arrays[CORRECT][:n, :m], dtype=bool))
+    for key in group.attrs.get(_ATTR_SCALARS, []):
+        coords[key] = (EPOCH, np.asarray(arrays[key][:m]))
+    attrs = {k: v for k, v in group.attrs.items() if k != _ATTR_READY}
+    da = xr.DataArray(lazy, dims=(NEURON, SAMPLE, EPOCH), name=ACTIVATION)
+    return xr.Dataset({ACTIVATION: da}, coords=coords, attrs=attrs)
+
+
+def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Summarise a store without reading activations.
+
+    Returns
+    -------
+    dict
+        ``{"store", "format_version", "created", "description", "models": {model:
+        {"name", "attrs", "layers": {layer: {"name", "neurons", "samples", "epochs",
+        "complete_epochs", "incomplete_epochs", "committed_fraction", "chunks"}}}}}``,
+        JSON-serialisable.
+    """
+    loc = _locate(store, storage_options)
+    root = _open_root_readonly(loc)
+    out: dict[str, Any] = {
+        "store": loc.url,
+        "format_version": root.attrs.get(ATTR_FORMAT),
+        "created": root.attrs.get("created"),
+        "description": root.attrs.get("description", ""),
+        "models": {},
+    }
+    for model_name, model_group in sorted(root.groups()):
+        layers: dict[str, Any] = {}
+        for layer_name, group in sorted(model_group.groups()):
+            if not group.attrs.get(_ATTR_READY, False):
+                continue
+            arrays = dict(group.arrays())
+            n = arrays[SAMPLE].shape[0]
+            epochs = [int(e) for e in arrays[EPOCH][:]]
+            m = len(epochs)
+            complete = np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)
+            committed = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool) if n and m else \
+                np.zeros((n, m), bool)
+            layers[layer_name] = {
+                "name": group.attrs.get(ATTR_LAYER, layer_name),
+                "neurons": int(arrays[ACTIVATION].shape[0]),
+                "samples": int(n),
+                "epochs": epochs,
+                "complete_epochs": [e for e, c in zip(epochs, complete, strict=True) if c],
+                "incomplete_epochs": [e for e, c in zip(epochs, complete, strict=True) if not c],
+                "committed_fraction": float(committed.mean()) if committed.size else 0.0,
+                "reduce": group.attrs.get(_ATTR_REDUCE, "mean"),
+                "chunks": list(arrays[ACTIVATION].chunks),
+            }
+        out["models"][model_name] = {
+            "name": model_group.attrs.get(ATTR_MODEL, model_name),
+            "attrs": {k: v for k, v in model_group.attrs.items() if k != ATTR_MODEL},
+            "layers": layers,
+        }
+    return out
+
