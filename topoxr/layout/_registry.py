@@ -1,0 +1,181 @@
+"""Layout methods by name: ``get_estimator("umap+force", random_state=0)``.
+
+Names map to estimator classes. A name ``"<init>+force"`` builds the paper's force
+optimisation started from the ``<init>`` layout (``"umap+force"``, ``"graph+force"``...),
+and ``"<method>+grid"`` snaps any layout onto a regular grid, one neuron per cell.
+Classes are registered as ``"module:Class"`` strings and imported on first use, so the
+registry costs nothing at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "PAPER_METHODS",
+    "REFINEMENTS",
+    "available_methods",
+    "get_estimator",
+    "register",
+]
+
+#: The method used when none is named: the k-nearest-neighbour force layout.
+DEFAULT_METHOD = "knnforce"
+
+_REGISTRY: dict[str, Any] = {
+    "random": "topoxr.layout.baseline:RandomLayout",
+    "pca": "topoxr.layout.linear:PCALayout",
+    "mds": "topoxr.layout.manifold:MDSLayout",
+    "tsne": "topoxr.layout.manifold:TSNELayout",
+    "umap": "topoxr.layout.manifold:UMAPLayout",
+    "som": "topoxr.layout.som:SOMLayout",
+    "graph": "topoxr.layout.graph:SpringLayout",
+    "force": "topoxr.layout.force:ForceLayout",
+    "knnforce": "topoxr.layout.force:KNNForceLayout",
+}
+
+#: Suffixes that turn a layout into another: ``"<init>+force"``, ``"<method>+grid"``.
+REFINEMENTS = {
+    "force": "topoxr.layout.force:ForceLayout",
+    "grid": "topoxr.layout.grid:GridSnap",
+}
+
+#: The layouts of the paper, in its own naming (``"<init>+force"`` is its ``"<INIT>_PSO"``).
+PAPER_METHODS = (
+    "random",
+    "pca",
+    "tsne",
+    "umap",
+    "som",
+    "graph",
+    "force",
+    "pca+force",
+    "tsne+force",
+    "umap+force",
+    "som+force",
+    "graph+force",
+)
+
+#: Parameters a refinement hands on to the layout it starts from.
+_SHARED_PARAMS = ("metric", "random_state")
+
+
+def register(name: str, cls: Any) -> None:
+    """Register a layout estimator class under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Lower-case name without ``"+"`` (that character composes refinements).
+    cls : type or str
+        A class whose instances have ``fit_transform(X) -> (n, 2)``, or a
+        ``"module:Class"`` string imported on first use.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is empty or contains ``"+"``.
+    """
+    if not isinstance(name, str) or not name or "+" in name:
+        raise ValueError(f"a layout name must be a non-empty string without '+', got {name!r}")
+    _REGISTRY[name.lower()] = cls
+
+
+def available_methods() -> list[str]:
+    """Names of the registered layout methods, then the paper's ``"<init>+force"`` names.
+
+    Any ``"<method>+force"`` and ``"<method>+grid"`` combination of a registered method
+    is accepted by :func:`get_estimator` as well.
+
+    Returns
+    -------
+    list of str
+    """
+    names = list(_REGISTRY)
+    return names + [m for m in PAPER_METHODS if m not in names]
+
+
+def _load(entry: Any) -> Any:
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return entry
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(
+        f"unknown layout method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
+        f" (refine any of them with '+force' or '+grid', e.g. 'umap+force')"
+    )
+
+
+def get_estimator(method: Any = None, **params: Any) -> Any:
+    """Build a layout estimator from a name, or configure a given estimator.
+
+    Parameters
+    ----------
+    method : str or estimator, optional
+        A registered name (see :func:`available_methods`), a composition such as
+        ``"umap+force"`` or ``"knnforce+grid"``, or an estimator instance (returned with
+        ``params`` set on it). Defaults to :data:`DEFAULT_METHOD`.
+    **params
+        Estimator parameters. For a composition they go to the last step; ``metric``
+        and ``random_state`` are also handed to the steps before it.
+
+    Returns
+    -------
+    estimator
+        An unfitted estimator with ``fit_transform(X) -> ndarray (n_neurons, 2)``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (the message lists the registered ones).
+    TypeError
+        If ``method`` is neither a string nor an object with ``fit_transform``.
+
+    Examples
+    --------
+    >>> get_estimator("pca")
+    PCALayout()
+    >>> get_estimator("umap+force", random_state=0).init
+    UMAPLayout(random_state=0)
+    """
+    if method is None:
+        method = DEFAULT_METHOD
+    if not isinstance(method, str):
+        if not hasattr(method, "fit_transform"):
+            raise TypeError(
+                "method must be a layout name or an estimator with fit_transform, "
+                f"got {type(method).__name__}"
+            )
+        return method.set_params(**params) if params else method
+    name = method.strip().lower()
+    if not name:
+        raise _unknown(method)
+    *head, last = name.split("+")
+    if not head:
+        if last not in _REGISTRY:
+            raise _unknown(method)
+        return _load(_REGISTRY[last])(**params)
+    if last not in REFINEMENTS:
+        raise _unknown(method)
+    shared = {k: params[k] for k in _SHARED_PARAMS if k in params}
+    init = get_estimator("+".join(head), **_accepted(head, shared))
+    return _load(REFINEMENTS[last])(init=init, **params)
+
+
+def _accepted(head: list[str], shared: dict[str, Any]) -> dict[str, Any]:
+    """Keep the shared parameters that the initial estimator accepts."""
+    if not shared:
+        return shared
+    first = "+".join(head)
+    if "+" in first:  # nested composition: its last step accepts metric/random_state
+        return shared
+    if first not in _REGISTRY:
+        raise _unknown(first)
+    cls = _load(_REGISTRY[first])
+    accepted = cls().get_params() if hasattr(cls, "get_params") else {}
+    return {k: v for k, v in shared.items() if k in accepted}
