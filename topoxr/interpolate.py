@@ -1,0 +1,402 @@
+"""Scattered neuron positions onto a regular grid: one triangulation for every map.
+
+A topographic map colours the plane by the values of a layer's neurons, which sit at
+scattered positions ``(x, y)`` (the layout). The paper calls
+:func:`scipy.interpolate.griddata` once per group and epoch, which triangulates the same
+points again every time. :class:`GridInterpolator` triangulates a layout **once**
+(:class:`scipy.spatial.Delaunay`), precomputes the barycentric weights of every grid pixel
+as a sparse ``(n_pixels, n_neurons)`` matrix, and then interpolates any number of value
+vectors (all groups and all epochs) with one sparse matrix product.
+
+This module is part of the core (numpy and scipy only); :mod:`topoxr.viz` and
+:mod:`topoxr.quality` build on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from scipy import sparse
+from scipy.spatial import ConvexHull, Delaunay, QhullError, cKDTree
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = ["GridInterpolator", "InterpolationError"]
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["linear", "cubic", "nearest"]
+Extrapolate = Literal["hull", "local", "box"]
+
+_METHODS = ("linear", "cubic", "nearest")
+_EXTRAPOLATE = ("hull", "local", "box")
+
+
+class InterpolationError(ValueError):
+    """A layout cannot be interpolated (too few points, all on a line, NaN positions...)."""
+
+
+class GridInterpolator:
+    """Interpolate neuron values at scattered positions onto a regular grid.
+
+    The layout is triangulated once; calling the instance interpolates value arrays of
+    shape ``(..., n_neurons)`` (any number of groups and epochs) in one vectorised step.
+
+    Parameters
+    ----------
+    x, y : array_like of shape (n_neurons,)
+        Neuron positions (a layout, usually in the unit square).
+    resolution : int or (int, int), default 100
+        Number of grid points along x and y (``(nx, ny)`` for a non-square grid).
+    method : {"linear", "cubic", "nearest"}, default "linear"
+        ``"linear"``: barycentric interpolation on the Delaunay triangles (the paper's
+        choice, identical to ``griddata(..., method="linear")``); ``"cubic"``: C1
+        Clough-Tocher interpolation on the same triangulation; ``"nearest"``: value of the
+        nearest neuron.
+    extrapolate : {"hull", "local", "box"}, default "hull"
+        What to do outside the convex hull of the neurons (the names follow MNE's
+        ``plot_topomap``). ``"hull"``: nothing is drawn there (NaN), the honest default.
+        ``"local"``: the hull is enlarged by ``margin`` (relative to the layout's extent)
+        with helper points whose value is ``border``; pixels outside the enlarged hull
+        are NaN. ``"box"``: helper points on the border of the grid's box, so every pixel
+        gets a value.
+    border : "mean" or float, default "mean"
+        Value of the helper points of ``"local"``/``"box"`` extrapolation: the mean of
+        the ``n_border_neighbors`` nearest neurons, or a constant (e.g. ``0``).
+    margin : float, default 0.05
+        Relative distance by which the helper points of ``"local"``/``"box"`` lie outside
+        the neurons' bounding box or hull. Ignored for ``"hull"``.
+    bounds : (xmin, xmax, ymin, ymax), optional
+        Extent of the grid. Default: the bounding box of the neurons (plus the helper
+        points for ``"local"``/``"box"``).
+    n_border_neighbors : int, default 3
+        Neighbours averaged for ``border="mean"``.
+
+    Attributes
+    ----------
+    xs, ys : ndarray
+        The grid axes (ascending), of length ``nx`` and ``ny``.
+    mask : ndarray of bool, shape (ny, nx)
+        True where a pixel gets a value, False where it is NaN whatever the values.
+    shape : (int, int)
+        ``(ny, nx)``: the last two dimensions of every result.
+    triangulation : scipy.spatial.Delaunay
+        The one triangulation (of the neurons, plus helper points when extrapolating).
+
+    Raises
+    ------
+    InterpolationError
+        If positions contain NaN/inf, differ in length, or fewer than three of them span
+        a triangle (all points equal or on a line).
+    ValueError
+        For an unknown ``method``/``extrapolate`` or a bad ``resolution``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.random(50), rng.random(50)
+    >>> interp = GridInterpolator(x, y, resolution=64)
+    >>> values = rng.normal(size=(10, 20, 50))  # 10 groups x 20 epochs x 50 neurons
+    >>> interp(values).shape
+    (10, 20, 64, 64)
+    """
+
+    def __init__(
+        self,
+        x: Any,
+        y: Any,
+        *,
+        resolution: int | tuple[int, int] = 100,
+        method: Method = "linear",
+        extrapolate: Extrapolate = "hull",
+        border: Literal["mean"] | float = "mean",
+        margin: float = 0.05,
+        bounds: tuple[float, float, float, float] | None = None,
+        n_border_neighbors: int = 3,
+    ) -> None:
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if extrapolate not in _EXTRAPOLATE:
+            raise ValueError(f"extrapolate must be one of {_EXTRAPOLATE}, got {extrapolate!r}")
+        if not (border == "mean" or isinstance(border, int | float)):
+            raise ValueError(f'border must be "mean" or a number, got {border!r}')
+        nx, ny = _parse_resolution(resolution)
+        points = _parse_points(x, y)
+        self.method: Method = method
+        self.extrapolate: Extrapolate = extrapolate
+        self.border = border
+        self.n_neurons = len(points)
+        self.points = points
+
+        extra = _helper_points(points, extrapolate, margin) if extrapolate != "hull" else None
+        all_points = points if extra is None else np.vstack([points, extra])
+        try:
+            self.triangulation = Delaunay(all_points)
+        except QhullError as err:  # all points equal or collinear
+            raise InterpolationError(
+                f"cannot triangulate {self.n_neurons} neuron positions: fewer than three of "
+                "them span a triangle (all equal or on one line); use a 2-D layout"
+            ) from err
+
+        if bounds is None:
+            lo, hi = all_points.min(axis=0), all_points.max(axis=0)
+            bounds = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
+        xmin, xmax, ymin, ymax = map(float, bounds)
+        if not (xmin < xmax and ymin < ymax):
+            raise ValueError(f"bounds must satisfy xmin < xmax and ymin < ymax, got {bounds}")
+        self.bounds = (xmin, xmax, ymin, ymax)
+        self.xs = np.linspace(xmin, xmax, nx)
+        self.ys = np.linspace(ymin, ymax, ny)
+        self.shape = (ny, nx)
+        gx, gy = np.meshgrid(self.xs, self.ys)
+        self._grid = np.column_stack([gx.ravel(), gy.ravel()])
+
+        simplex = self.triangulation.find_simplex(self._grid)
+        inside = simplex >= 0
+        self.mask = inside.reshape(self.shape)
+        self._inside = np.flatnonzero(inside)
+
+        # helper points' values as a linear (or constant) function of the neurons' values
+        n_extra = 0 if extra is None else len(extra)
+        helper_op = None
+        helper_const = 0.0
+        if n_extra:
+            if border == "mean":
+                k = int(min(max(n_border_neighbors, 1), self.n_neurons))
+                _, idx = cKDTree(points).query(extra, k=k)
+                idx = np.asarray(idx).reshape(n_extra, k)
+                rows = np.repeat(np.arange(n_extra), k)
+                helper_op = sparse.csr_array(
+                    (np.full(n_extra * k, 1.0 / k), (rows, idx.ravel())),
+                    shape=(n_extra, self.n_neurons),
+                )
+            else:
+                helper_op = sparse.csr_array((n_extra, self.n_neurons))
+                helper_const = float(border)
+        self._helper_op = helper_op
+        self._helper_const = helper_const
+
+        self._weights: sparse.csr_array | None = None
+        self._offset: np.ndarray | None = None
+        if method == "linear":
+            self._weights, self._offset = self._linear_weights(simplex)
+        elif method == "nearest":
+            self._weights, self._offset = self._nearest_weights()
+        logger.debug(
+            "GridInterpolator: %d neurons, %d helper points, grid %dx%d, %d pixels inside",
+            self.n_neurons, n_extra, nx, ny, self._inside.size,
+        )
+
+    # -- construction helpers --------------------------------------------------------
+    def _linear_weights(
+        self, simplex: np.ndarray
+    ) -> tuple[sparse.csr_array, np.ndarray | None]:
+        tri = self.triangulation
+        inside = self._inside
+        s = simplex[inside]
+        transform = tri.transform[s]  # (m, 3, 2)
+        delta = self._grid[inside] - transform[:, 2]
+        bary = np.einsum("mij,mj->mi", transform[:, :2], delta)
+        weights = np.column_stack([bary, 1.0 - bary.sum(axis=1)])  # (m, 3)
+        vertices = tri.simplices[s]  # (m, 3) indices into all points
+        n_pix = self._grid.shape[0]
+        rows = np.repeat(inside, 3)
+        full = sparse.csr_array(
+            (weights.ravel(), (rows, vertices.ravel())),
+            shape=(n_pix, tri.points.shape[0]),
+        )
+        return self._fold_helpers(full)
+
+    def _nearest_weights(self) -> tuple[sparse.csr_array, np.ndarray | None]:
+        inside = self._inside
+        _, nearest = cKDTree(self.triangulation.points).query(self._grid[inside])
+        full = sparse.csr_array(
+            (np.ones(inside.size), (inside, nearest)),
+            shape=(self._grid.shape[0], self.triangulation.points.shape[0]),
+        )
+        return self._fold_helpers(full)
+
+    def _fold_helpers(
+        self, full: sparse.csr_array
+    ) -> tuple[sparse.csr_array, np.ndarray | None]:
+        """Express weights on helper points through the neurons they copy."""
+        n = self.n_neurons
+        if self._helper_op is None:
+            return sparse.csr_array(full), None
+        on_neurons = full[:, :n]
+        on_helpers = full[:, n:]
+        weights = sparse.csr_array(on_neurons + on_helpers @ self._helper_op)
+        offset = None
+        if self._helper_const:
+            offset = self._helper_const * np.asarray(on_helpers.sum(axis=1)).ravel()
+        return weights, offset
+
+    # -- public API ------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """The grid axes ``(xs, ys)``."""
+        return self.xs, self.ys
+
+    @property
+    def weights(self) -> sparse.csr_array | None:
+        """Sparse ``(ny * nx, n_neurons)`` interpolation matrix (None for ``"cubic"``)."""
+        return self._weights
+
+    def __call__(self, values: Any) -> np.ndarray:
+        """Interpolate values given at the neurons onto the grid.
+
+        Parameters
+        ----------
+        values : array_like of shape (..., n_neurons)
+            One value per neuron for any number of leading (group, epoch, ...) dims. NaN
+            values spoil only the pixels whose triangle touches that neuron (linear), so
+            an empty group (all NaN) gives an all-NaN map.
+
+        Returns
+        -------
+        ndarray of float64, shape (..., ny, nx)
+            NaN where :attr:`mask` is False.
+
+        Raises
+        ------
+        ValueError
+            If the last dimension is not ``n_neurons``.
+        """
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.ndim == 0 or arr.shape[-1] != self.n_neurons:
+            raise ValueError(
+                f"values must have shape (..., {self.n_neurons}) (one value per neuron), "
+                f"got shape {arr.shape}"
+            )
+        lead = arr.shape[:-1]
+        flat = arr.reshape(-1, self.n_neurons).T  # (n_neurons, n_maps)
+        n_maps = flat.shape[1]
+        out = np.full((self._grid.shape[0], n_maps), np.nan)
+        if self.method == "cubic":
+            out[self._inside] = self._cubic(flat)
+        elif self._inside.size:
+            w = self._weights[self._inside]  # type: ignore[index]
+            res = w @ flat
+            if self._offset is not None:
+                res = res + self._offset[self._inside, None]
+            out[self._inside] = res
+        return out.T.reshape(*lead, *self.shape)
+
+    def _cubic(self, flat: np.ndarray) -> np.ndarray:
+        from scipy.interpolate import CloughTocher2DInterpolator
+
+        n_maps = flat.shape[1]
+        if self._helper_op is not None:
+            helper_vals = self._helper_op @ flat + self._helper_const
+            flat = np.vstack([flat, helper_vals])
+        result = np.full((self._inside.size, n_maps), np.nan)
+        # columns with NaN would spoil the global gradient estimate of the others
+        finite = np.isfinite(flat).all(axis=0)
+        if finite.any():
+            ct = CloughTocher2DInterpolator(self.triangulation, flat[:, finite])
+            result[:, finite] = ct(self._grid[self._inside]).reshape(self._inside.size, -1)
+        for j in np.flatnonzero(~finite):
+            col = flat[:, j]
+            ok = np.isfinite(col)
+            if ok.all() or ok.sum() < 3:
+                continue
+            try:  # interpolate from the neurons whose value is known
+                ct = CloughTocher2DInterpolator(self.triangulation.points[ok], col[ok])
+            except QhullError:
+                continue
+            result[:, j] = ct(self._grid[self._inside])
+        return result
+
+    @classmethod
+    def from_layout(cls, obj: xr.DataArray | xr.Dataset, **kwargs: Any) -> GridInterpolator:
+        """Build an interpolator from the ``x``/``y`` coordinates on ``neuron``.
+
+        Parameters
+        ----------
+        obj : xarray.DataArray or xarray.Dataset
+            An object with layout coordinates :data:`topoxr.conventions.X` and
+            :data:`topoxr.conventions.Y` on the ``neuron`` dimension.
+        **kwargs
+            Passed to :class:`GridInterpolator`.
+
+        Returns
+        -------
+        GridInterpolator
+
+        Raises
+        ------
+        topoxr.conventions.ConventionError
+            If the layout coordinates are missing.
+        """
+        from topoxr import conventions as cv
+
+        cv.validate(obj, dims=(cv.NEURON,), coords=(cv.X, cv.Y))
+        return cls(obj[cv.X].values, obj[cv.Y].values, **kwargs)
+
+    def __repr__(self) -> str:
+        ny, nx = self.shape
+        return (
+            f"GridInterpolator(n_neurons={self.n_neurons}, resolution=({nx}, {ny}), "
+            f"method={self.method!r}, extrapolate={self.extrapolate!r})"
+        )
+
+
+def _parse_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(resolution, int | np.integer):
+        nx = ny = int(resolution)
+    else:
+        try:
+            nx, ny = (int(r) for r in resolution)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"resolution must be an int or a pair (nx, ny), got {resolution!r}"
+            ) from err
+    if nx < 2 or ny < 2:
+        raise ValueError(f"resolution must be at least 2 along each axis, got {(nx, ny)}")
+    return nx, ny
+
+
+def _parse_points(x: Any, y: Any) -> np.ndarray:
+    xa = np.asarray(x, dtype=np.float64).ravel()
+    ya = np.asarray(y, dtype=np.float64).ravel()
+    if xa.shape != ya.shape:
+        raise InterpolationError(f"x and y differ in length: {xa.size} != {ya.size}")
+    if xa.size < 3:
+        raise InterpolationError(
+            f"need at least 3 neuron positions to interpolate a map, got {xa.size}"
+        )
+    if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
+        raise InterpolationError("neuron positions contain NaN or inf")
+    return np.column_stack([xa, ya])
+
+
+def _helper_points(points: np.ndarray, extrapolate: str, margin: float) -> np.ndarray:
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    extent = float(np.max(hi - lo)) or 1.0
+    pad = margin * extent
+    if extrapolate == "box":
+        lo, hi = lo - pad, hi + pad
+        t = np.linspace(0.0, 1.0, 9)[:-1]  # 8 points per side, corners included once
+        bottom = np.column_stack([lo[0] + t * (hi[0] - lo[0]), np.full_like(t, lo[1])])
+        right = np.column_stack([np.full_like(t, hi[0]), lo[1] + t * (hi[1] - lo[1])])
+        top = np.column_stack([hi[0] - t * (hi[0] - lo[0]), np.full_like(t, hi[1])])
+        left = np.column_stack([np.full_like(t, lo[0]), hi[1] - t * (hi[1] - lo[1])])
+        return np.vstack([bottom, right, top, left])
+    # "local": hull vertices pushed outward from the centroid, plus edge midpoints
+    try:
+        hull = ConvexHull(points)
+    except QhullError as err:
+        raise InterpolationError(
+            "cannot build the hull of the neuron positions (all equal or on one line)"
+        ) from err
+    verts = points[hull.vertices]
+    mids = (verts + np.roll(verts, -1, axis=0)) / 2
+    ring = np.vstack([verts, mids])
+    centre = points.mean(axis=0)
+    direction = ring - centre
+    norm = np.linalg.norm(direction, axis=1, keepdims=True)
+    norm[norm == 0] = 1.0
+    return ring + pad * direction / norm
