@@ -1,0 +1,146 @@
+"""Small PyTorch networks on scikit-learn's 8x8 digits, for tests, the demo and examples.
+
+The layer names match :mod:`topoxr_keras.models` one for one, so the same ``layers=``
+selects the same layers in both frameworks. Both networks take flat ``(N, 64)`` inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from topoxr._optional import import_optional
+
+torch = import_optional("torch", extra="torch", purpose="topoxr_torch.models")
+nn = torch.nn
+
+__all__ = ["DigitsCNN", "DigitsMLP", "load_digits_data", "make_model", "train"]
+
+
+def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """Return scikit-learn's digits as ``x`` (N, 64) float32 in [0, 1] and ``y`` int64."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+class DigitsMLP(nn.Module):
+    """64 -> fc1 (64) -> relu1 -> fc2 (32) -> relu2 -> out (10)."""
+
+    def __init__(self, hidden: tuple[int, int] = (64, 32)) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden[0])
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.relu2 = nn.ReLU()
+        self.out = nn.Linear(hidden[1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the 10 classes."""
+        return self.out(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+
+class DigitsCNN(nn.Module):
+    """(N, 64) -> reshape (N, 1, 8, 8) -> conv1 (8) -> relu1 -> pool1 (4x4) -> conv2 (16)
+    -> relu2 -> flatten -> fc1 (32) -> relu3 -> out (10). Convolutions are 3x3, padding 1.
+    """
+
+    def __init__(self, channels: tuple[int, int] = (8, 16)) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.reshape = nn.Unflatten(1, (1, 8, 8))
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(c2 * 4 * 4, 32)
+        self.relu3 = nn.ReLU()
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the 10 classes."""
+        h = self.pool1(self.relu1(self.conv1(self.reshape(x))))
+        h = self.flatten(self.relu2(self.conv2(h)))
+        return self.out(self.relu3(self.fc1(h)))
+
+
+def make_model(kind: str, *, seed: int = 0) -> nn.Module:
+    """Build ``"mlp"`` or ``"cnn"`` with weights drawn from ``torch.manual_seed(seed)``.
+
+    Raises
+    ------
+    ValueError
+        For another ``kind``.
+    """
+    classes = {"mlp": DigitsMLP, "cnn": DigitsCNN}
+    if kind not in classes:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(classes)}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return classes[kind]()
+
+
+def train(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 3,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    seed: int = 0,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train with Adam and cross-entropy, deterministically (seeded shuffling).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Model to train in place.
+    x, y : numpy.ndarray
+        Inputs ``(N, 64)`` and integer labels.
+    epochs : int, default 3
+        Passes over the data.
+    lr : float, default 1e-2
+        Adam learning rate.
+    batch_size : int, default 64
+        Mini-batch size.
+    seed : int, default 0
+        Seed of the shuffling.
+    on_epoch_end : callable, optional
+        ``on_epoch_end(epoch, logs)`` after each epoch, with 1-based ``epoch`` and
+        ``logs = {"loss": ..., "accuracy": ...}`` (e.g. a ``ProbeRecorder.record``).
+
+    Returns
+    -------
+    list of dict
+        The logs of every epoch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(xt), generator=generator)
+        total, correct = 0.0, 0
+        for start in range(0, len(xt), batch_size):
+            idx = order[start:start + batch_size]
+            optimizer.zero_grad()
+            logits = model(xt[idx])
+            loss = loss_fn(logits, yt[idx])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yt[idx]).sum())
+        logs = {"loss": total / len(xt), "accuracy": correct / len(xt)}
+        history.append(logs)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, logs)
+    model.eval()
+    return history
