@@ -532,8 +532,9 @@ class BackgroundWriter:
         Epoch label of every batch.
     reduce : str
         Reduce mode passed to :meth:`ActivationWriter.write`.
-    channel_axis : int
-        Channel axis of outputs with spatial axes (1 for NCHW, -1 for NHWC).
+    channel_axis : int or mapping of str to int
+        Channel axis of outputs with spatial axes (1 for NCHW, -1 for NHWC), for all
+        layers or per layer.
     queue_size : int, default 4
         Batches that may wait in the queue.
     write_bytes : int, default 1 MiB
@@ -546,7 +547,7 @@ class BackgroundWriter:
         *,
         epoch: int,
         reduce: str,
-        channel_axis: int,
+        channel_axis: int | Mapping[str, int],
         queue_size: int = 4,
         write_bytes: int = WRITE_BYTES,
     ) -> None:
@@ -667,8 +668,12 @@ class BackgroundWriter:
         meta = {k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4]}
         self.written += self._writer.write(
             layer, cat(0), sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
-            channel_axis=self._channel_axis, reduce=self._reduce, **meta,
+            channel_axis=_axis_of(self._channel_axis, layer), reduce=self._reduce, **meta,
         )
+
+
+def _axis_of(channel_axis: int | Mapping[str, int], layer: str) -> int:
+    return channel_axis if isinstance(channel_axis, int) else channel_axis.get(layer, 1)
 
 
 class _Cancelled(Exception):
@@ -714,7 +719,7 @@ def run_recording(
     layers: Sequence[str],
     epoch: int = 0,
     reduce: str = "mean",
-    channel_axis: int = 1,
+    channel_axis: int | Mapping[str, int] = 1,
     probe_ids: np.ndarray | None = None,
     probe_labels: np.ndarray | None = None,
     n_samples: int | None = None,
@@ -749,8 +754,8 @@ def run_recording(
         Epoch label.
     reduce : {"mean", "max", "none"}, default "mean"
         Pooling of conv maps.
-    channel_axis : int, default 1
-        Channel axis of outputs with spatial axes.
+    channel_axis : int or mapping of str to int, default 1
+        Channel axis of outputs with spatial axes, for all layers or per layer.
     probe_ids, probe_labels : numpy.ndarray, optional
         The whole probe set, when known before iterating (checked against the store).
     n_samples : int, optional
@@ -799,7 +804,7 @@ def run_recording(
     for layer in layers:
         try:
             neurons[layer] = reduce_units(
-                outputs[layer], channel_axis=channel_axis, reduce=reduce).values.shape[1]
+                outputs[layer], channel_axis=_axis_of(channel_axis, layer), reduce=reduce).values.shape[1]
         except ValueError as err:
             raise RecordingError(f"layer {layer!r}: {err}") from None
     check_against_store(

@@ -1,0 +1,150 @@
+"""Layer selection and the probe sub-model for Keras 3 models."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from topoxr._optional import import_optional
+from topoxr.recording import RecordingError, resolve_layers
+
+keras = import_optional("keras", extra="keras", purpose="topoxr_keras")
+
+__all__ = ["ProbeModel", "layer_names", "probe_model"]
+
+_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], ProbeModel]] = \
+    weakref.WeakKeyDictionary()
+
+
+def layer_names(model: keras.Model) -> list[str]:
+    """Return the names of the model's layers (``model.layers``), in model order.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a ``keras.Model``.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
+    return [layer.name for layer in model.layers]
+
+
+class ProbeModel:
+    """A sub-model returning the chosen layers' outputs and the model's output.
+
+    Built once per model and layer selection by :func:`probe_model`; it shares the
+    model's weights, so it stays valid while the model trains.
+
+    Attributes
+    ----------
+    layers : list of str
+        The recorded layers.
+    channel_axis : dict of str to int
+        Channel axis of each layer's output (-1 for channels-last).
+    submodel : keras.Model
+        ``keras.Model(model.inputs, [layer outputs..., model output])``.
+    """
+
+    def __init__(self, model: keras.Model, layers: list[str],
+                 output_keys: Mapping[str, Any]) -> None:
+        if not model.built or not _has_inputs(model):
+            raise RecordingError(
+                f"keras model {model.name!r} has no defined inputs; build it with a "
+                "keras.Input (Sequential([keras.Input(shape), ...]) or the functional API)"
+            )
+        outputs = [_layer_output(model.get_layer(name), output_keys.get(name))
+                   for name in layers]
+        final = model.outputs[0] if len(model.outputs) else None
+        self.layers = layers
+        self.has_final = final is not None
+        self.channel_axis = {
+            name: (1 if getattr(model.get_layer(name), "data_format", None) == "channels_first"
+                   else -1 if getattr(model.get_layer(name), "data_format", None) else
+                   (1 if keras.config.image_data_format() == "channels_first" else -1))
+            for name in layers
+        }
+        self.submodel = keras.Model(model.inputs, [*outputs, *([final] if final is not None
+                                                                else [])],
+                                    name=f"{model.name}_topoxr_probe")
+        self.input_rank = len(model.inputs[0].shape)
+
+    def __call__(self, x: Any) -> tuple[dict[str, Any], Any]:
+        """Run one batch; return ``({layer: ndarray}, model output or None)``."""
+        import numpy as np
+
+        values = self.submodel.predict_on_batch(x)
+        if not isinstance(values, list | tuple):
+            values = [values]
+        values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
+        outputs = dict(zip(self.layers, values, strict=False))
+        final = values[-1] if self.has_final else None
+        return outputs, final
+
+
+def _has_inputs(model: keras.Model) -> bool:
+    try:
+        return bool(model.inputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _layer_output(layer: Any, key: Any) -> Any:
+    try:
+        output = layer.output
+    except (AttributeError, ValueError) as err:
+        raise RecordingError(
+            f"layer {layer.name!r} has no single output tensor to record ({err})"
+        ) from None
+    if key is not None:
+        try:
+            output = output[key]
+        except (KeyError, IndexError, TypeError):
+            raise RecordingError(
+                f"layer {layer.name!r}: output key {key!r} not found in {_describe(output)}"
+            ) from None
+    if isinstance(output, Mapping | list | tuple) and key is None:
+        raise RecordingError(
+            f"layer {layer.name!r} returns {_describe(output)}, not a tensor; pick one with "
+            f"output_keys={{{layer.name!r}: <key or index>}} or choose another layer"
+        )
+    if not keras.utils.is_keras_tensor(output):
+        raise RecordingError(f"layer {layer.name!r} returns {_describe(output)}, not a tensor")
+    return output
+
+
+def _describe(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return f"a {type(output).__name__} with keys {list(output)}"
+    if isinstance(output, list | tuple):
+        return f"a {type(output).__name__} of {len(output)} outputs"
+    return f"a {type(output).__name__}"
+
+
+def probe_model(
+    model: keras.Model, layers: Any, *, output_keys: Mapping[str, Any] | None = None
+) -> ProbeModel:
+    """Resolve ``layers`` (names or globs) and return the cached probe sub-model.
+
+    The sub-model is built once per model and layer selection (and output keys) and
+    reused, e.g. at every epoch of a training run.
+
+    Raises
+    ------
+    RecordingError
+        Unknown names (the message lists the model's layers), layers whose output is not
+        a single tensor, or a model without defined inputs.
+    """
+    names = resolve_layers(layers, layer_names(model), what=f"keras model {model.name!r}")
+    keys = dict(output_keys or {})
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        raise RecordingError(f"output_keys names {unknown}, which are not recorded layers {names}")
+    cache_key = (tuple(names), tuple(sorted((k, repr(v)) for k, v in keys.items())))
+    try:
+        per_model = _CACHE.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: build without caching
+        return ProbeModel(model, names, keys)
+    if cache_key not in per_model:
+        per_model[cache_key] = ProbeModel(model, names, keys)
+    return per_model[cache_key]

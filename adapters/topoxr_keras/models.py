@@ -1,0 +1,161 @@
+"""Small Keras 3 networks on scikit-learn's 8x8 digits, for tests, the demo and examples.
+
+Layer names and structure match :mod:`topoxr_torch.models`, and
+:func:`copy_torch_weights_to_keras` copies a torch network's weights into its Keras twin,
+so both frameworks compute the same function (the parity test). Both networks take flat
+``(N, 64)`` inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from topoxr._optional import import_optional
+
+keras = import_optional("keras", extra="keras", purpose="topoxr_keras.models")
+
+__all__ = ["copy_torch_weights_to_keras", "load_digits_data", "make_model", "train"]
+
+
+def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """Return scikit-learn's digits as ``x`` (N, 64) float32 in [0, 1] and ``y`` int64."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+def _init(seed: int, i: int) -> Any:
+    return keras.initializers.GlorotUniform(seed=seed * 1000 + i)
+
+
+def make_model(kind: str, *, seed: int = 0) -> keras.Model:
+    """Build ``"mlp"`` (Sequential) or ``"cnn"`` (functional), with seeded initializers.
+
+    ``mlp``: fc1 (64) -> relu1 -> fc2 (32) -> relu2 -> out (10).
+    ``cnn``: reshape (8, 8, 1) -> conv1 (8) -> relu1 -> pool1 -> conv2 (16) -> relu2 ->
+    flatten -> fc1 (32) -> relu3 -> out (10); 3x3 convolutions, "same" padding.
+
+    Raises
+    ------
+    ValueError
+        For another ``kind``.
+    """
+    layers = keras.layers
+    if kind == "mlp":
+        return keras.Sequential([
+            keras.Input((64,)),
+            layers.Dense(64, name="fc1", kernel_initializer=_init(seed, 1)),
+            layers.ReLU(name="relu1"),
+            layers.Dense(32, name="fc2", kernel_initializer=_init(seed, 2)),
+            layers.ReLU(name="relu2"),
+            layers.Dense(10, name="out", kernel_initializer=_init(seed, 3)),
+        ], name="digits_mlp")
+    if kind == "cnn":
+        inputs = keras.Input((64,))
+        h = layers.Reshape((8, 8, 1), name="reshape")(inputs)
+        h = layers.Conv2D(8, 3, padding="same", name="conv1", data_format="channels_last",
+                          kernel_initializer=_init(seed, 1))(h)
+        h = layers.ReLU(name="relu1")(h)
+        h = layers.MaxPooling2D(2, name="pool1", data_format="channels_last")(h)
+        h = layers.Conv2D(16, 3, padding="same", name="conv2", data_format="channels_last",
+                          kernel_initializer=_init(seed, 2))(h)
+        h = layers.ReLU(name="relu2")(h)
+        h = layers.Flatten(name="flatten", data_format="channels_last")(h)
+        h = layers.Dense(32, name="fc1", kernel_initializer=_init(seed, 3))(h)
+        h = layers.ReLU(name="relu3")(h)
+        outputs = layers.Dense(10, name="out", kernel_initializer=_init(seed, 4))(h)
+        return keras.Model(inputs, outputs, name="digits_cnn")
+    raise ValueError(f"unknown model kind {kind!r}; choose one of ['cnn', 'mlp']")
+
+
+def train(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 3,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    seed: int = 0,
+    callbacks: list[Any] | None = None,
+) -> dict[str, list[float]]:
+    """Train with Adam and cross-entropy (``keras.utils.set_random_seed(seed)`` first).
+
+    Returns
+    -------
+    dict
+        ``history.history``: loss and accuracy per epoch.
+    """
+    keras.utils.set_random_seed(seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+                        callbacks=callbacks or [])
+    return dict(history.history)
+
+
+def _numpy(tensor: Any) -> np.ndarray:
+    """A torch parameter as numpy, without importing torch."""
+    return np.asarray(tensor.detach().cpu().numpy())
+
+
+def copy_torch_weights_to_keras(torch_model: Any, keras_model: keras.Model) -> None:
+    """Copy the weights of a torch network into a Keras network with the same layer names.
+
+    Dense kernels are transposed (torch stores ``(out, in)``), conv kernels go from
+    OIHW to HWIO, and a dense layer fed by a ``Flatten`` of a conv map gets its input
+    axis reordered from torch's (C, H, W) flatten order to Keras' (H, W, C).
+
+    Parameters
+    ----------
+    torch_model : torch.nn.Module
+        The source; modules are matched by ``named_modules()`` name.
+    keras_model : keras.Model
+        The target; every Keras layer with weights needs a torch module of its name.
+
+    Raises
+    ------
+    ValueError
+        A layer without a torch twin, or shapes that do not match.
+    """
+    modules = dict(torch_model.named_modules())
+    for layer in keras_model.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in modules:
+            raise ValueError(f"keras layer {layer.name!r} has no torch module of that name")
+        module = modules[layer.name]
+        weight = _numpy(module.weight)
+        bias = _numpy(module.bias) if getattr(module, "bias", None) is not None else None
+        if isinstance(layer, keras.layers.Conv2D):
+            kernel = weight.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif isinstance(layer, keras.layers.Dense):
+            kernel = weight.T
+            source = _input_layer(layer)
+            if isinstance(source, keras.layers.Flatten):
+                h, w, c = (int(d) for d in source.input.shape[1:])
+                kernel = (weight.reshape(-1, c, h, w).transpose(0, 2, 3, 1)
+                          .reshape(weight.shape[0], -1).T)
+        else:
+            raise ValueError(f"cannot copy weights into layer {layer.name!r} of "
+                             f"type {type(layer).__name__}")
+        new = [kernel] + ([bias] if bias is not None else [])
+        expected = [tuple(v.shape) for v in layer.get_weights()]
+        if [tuple(v.shape) for v in new] != expected:
+            raise ValueError(f"layer {layer.name!r}: torch weights have shapes "
+                             f"{[v.shape for v in new]}, keras expects {expected}")
+        layer.set_weights(new)
+
+
+def _input_layer(layer: Any) -> Any:
+    """The layer whose output feeds ``layer`` (functional and Sequential models)."""
+    try:
+        return layer.input._keras_history[0]
+    except (AttributeError, ValueError, IndexError):
+        return None

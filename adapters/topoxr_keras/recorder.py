@@ -1,0 +1,253 @@
+"""Record the layers of a Keras 3 model through a probe sub-model built once."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from topoxr._optional import import_optional
+from topoxr.recording import (
+    RecordingError,
+    RecordResult,
+    iter_array_batches,
+    number_batches,
+    prepare_arrays,
+    run_recording,
+)
+from topoxr_keras._select import ProbeModel, probe_model
+
+keras = import_optional("keras", extra="keras", purpose="topoxr_keras")
+
+__all__ = ["RecordActivations", "record"]
+
+
+def _is_tf_dataset(data: Any) -> bool:
+    return type(data).__module__.startswith("tensorflow") and hasattr(data, "element_spec")
+
+
+def _dataset_batches(
+    dataset: Any, probe: ProbeModel, batch_size: int
+) -> tuple[Iterator[tuple[Any, Any]], Any]:
+    """Split a ``tf.data.Dataset`` of ``x`` or ``(x, y, ...)`` into (x, y) batches."""
+    spec = dataset.element_spec
+    x_spec = spec[0] if isinstance(spec, tuple) else spec
+    if isinstance(x_spec, Mapping):
+        raise RecordingError("the tf.data.Dataset yields mappings; make it yield x or (x, y)")
+    if len(x_spec.shape) == probe.input_rank - 1:  # unbatched elements
+        dataset = dataset.batch(batch_size)
+
+    def gen() -> Iterator[tuple[Any, Any]]:
+        for item in dataset.as_numpy_iterator():
+            if isinstance(item, tuple):
+                yield item[0], item[1] if len(item) > 1 else None
+            else:
+                yield item, None
+
+    return gen(), dataset
+
+
+def _count(dataset: Any) -> int:
+    return int(sum(len(b[0] if isinstance(b, tuple) else b)
+                   for b in dataset.as_numpy_iterator()))
+
+
+def _batches(
+    data: Any, probe: ProbeModel, *, labels: Any, metadata: Any, sample_ids: Any,
+    batch_size: int,
+) -> tuple[Any, np.ndarray | None, np.ndarray | None, int | None]:
+    if _is_tf_dataset(data):
+        gen, batched = _dataset_batches(data, probe, batch_size)
+        # The probe ids must be known before anything is written (to check them against
+        # the store): count the samples with one pass that runs no model.
+        n = len(sample_ids) if sample_ids is not None else _count(batched)
+        ids = (np.asarray(sample_ids, dtype=np.int64) if sample_ids is not None
+               else np.arange(n, dtype=np.int64))
+        batches = number_batches(gen, labels=labels, metadata=metadata, sample_ids=sample_ids,
+                                 n_samples=n)
+        return batches, ids, None if labels is None else np.asarray(labels), n
+    x, y, ids, meta = prepare_arrays(data, labels=labels, metadata=metadata,
+                                     sample_ids=sample_ids)
+    return iter_array_batches(x, ids, y, meta, batch_size), ids, y, len(ids)
+
+
+def record(
+    model: keras.Model,
+    data: Any,
+    store: Any,
+    *,
+    model_name: str = "model",
+    layers: Any,
+    epoch: int = 0,
+    reduce: str = "mean",
+    batch_size: int = 256,
+    labels: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    sample_ids: Any = None,
+    output_keys: Mapping[str, str | int] | None = None,
+    scalars: Mapping[str, float] | None = None,
+) -> RecordResult:
+    """Record the outputs of layers of a Keras 3 model on some data into a store.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A Sequential or functional model with defined inputs.
+    data : array_like, tuple or tf.data.Dataset
+        ``x`` or ``(x, y)`` arrays, or a dataset of ``x`` or ``(x, y, ...)`` elements,
+        batched or not (unbatched ones are batched by ``batch_size``).
+    store : str or ActivationWriter
+        A path or fsspec URL, or an open :class:`topoxr.ActivationWriter`.
+    model_name : str, default "model"
+        Name of the model group in the store.
+    layers : str or sequence of str
+        Keras layer names or glob patterns.
+    epoch : int, default 0
+        Epoch label.
+    reduce : {"mean", "max", "none"}, default "mean"
+        Conv outputs (channels-last unless the layer says otherwise): one neuron per
+        channel (mean or max over positions), or every unit.
+    batch_size : int, default 256
+        Batch size for array data.
+    labels : array_like, optional
+        Labels, when ``data`` has none; with labels, predictions (argmax of the model
+        output) and ``correct`` are stored.
+    metadata : mapping of str to array_like, optional
+        Per-sample columns stored as coordinates.
+    progress : bool, default True
+        Show a progress bar.
+    sample_ids : array_like of int, optional
+        Stable ids of the samples; default their position ``0..n-1``.
+    output_keys : mapping, optional
+        ``{layer: key}`` for layers with several outputs.
+    scalars : mapping of str to float, optional
+        Per-epoch values (loss, accuracy) stored as coordinates on ``epoch``.
+
+    Returns
+    -------
+    topoxr.recording.RecordResult
+
+    Raises
+    ------
+    RecordingError
+        Unknown layer names (the message lists them), outputs that are not single
+        tensors, labels or metadata whose length differs from the data, a probe set or
+        layer sizes that differ from what the store holds. Nothing is written then.
+    """
+    probe = probe_model(model, layers, output_keys=output_keys)
+    batches, ids, probe_labels, n = _batches(
+        data, probe, labels=labels, metadata=metadata, sample_ids=sample_ids,
+        batch_size=batch_size)
+    return run_recording(
+        probe, batches, store, model_name=model_name, layers=probe.layers, epoch=epoch,
+        reduce=reduce, channel_axis=probe.channel_axis, probe_ids=ids, probe_labels=probe_labels,
+        n_samples=n, batch_size=batch_size, progress=progress,
+        attrs={"framework": "keras", "keras_backend": keras.backend.backend()},
+        scalars=scalars, description="keras",
+    )
+
+
+class RecordActivations(keras.callbacks.Callback):
+    """Keras callback recording a fixed probe set during ``model.fit``.
+
+    Epoch ``0`` is recorded before training (``on_train_begin``) and epoch ``k`` after
+    the k-th epoch of training (``on_epoch_end``) whenever ``k`` is a multiple of
+    ``every``, with the epoch's logs (loss, accuracy, ...) as per-epoch scalars.
+
+    Parameters
+    ----------
+    probe : array_like or tuple
+        ``x`` or ``(x, y)``: the samples recorded at every epoch.
+    store : str or ActivationWriter
+        Where to record.
+    model_name : str, default "model"
+        Model group name.
+    layers : str or sequence of str
+        Layer names or glob patterns; the probe sub-model is built once, at the start
+        of training.
+    every : int, default 1
+        Record every ``every`` epochs.
+    record_initial : bool, default True
+        Record epoch 0 before training.
+    labels, metadata, sample_ids, reduce, batch_size, output_keys, progress
+        As for :func:`record`.
+
+    Examples
+    --------
+    >>> from topoxr_keras.models import load_digits_data, make_model, train
+    >>> x, y = load_digits_data()
+    >>> model = make_model("mlp")
+    >>> cb = RecordActivations((x[:64], y[:64]), "memory://doc-cb.zarr", model_name="mlp",
+    ...                        layers=["fc1", "fc2"])
+    >>> _ = train(model, x[:256], y[:256], epochs=2, callbacks=[cb])
+    """
+
+    def __init__(
+        self,
+        probe: Any,
+        store: Any,
+        *,
+        model_name: str = "model",
+        layers: Any,
+        every: int = 1,
+        record_initial: bool = True,
+        labels: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        sample_ids: Any = None,
+        reduce: str = "mean",
+        batch_size: int = 256,
+        output_keys: Mapping[str, str | int] | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise RecordingError(f"every must be a positive integer, got {every!r}")
+        self.store = store
+        self.model_name = model_name
+        self.layers = layers
+        self.every = every
+        self.record_initial = record_initial
+        self.x, self.y, self.ids, self.metadata = prepare_arrays(
+            probe, labels=labels, metadata=metadata, sample_ids=sample_ids)
+        self.reduce = reduce
+        self.batch_size = batch_size
+        self.output_keys = output_keys
+        self.progress = progress
+        self.recorded: list[int] = []
+        self._probe: ProbeModel | None = None
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        """Build the probe sub-model and record epoch 0."""
+        self._probe = probe_model(self.model, self.layers, output_keys=self.output_keys)
+        if self.record_initial:
+            self._record(0, {})
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """Record after the epoch (labelled ``epoch + 1``) if it is due."""
+        if (epoch + 1) % self.every == 0:
+            self._record(epoch + 1, logs or {})
+
+    def _record(self, epoch: int, logs: Mapping[str, Any]) -> None:
+        if self._probe is None:
+            raise RuntimeError("RecordActivations used outside model.fit")
+        scalars = {}
+        for key, value in logs.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if key.isidentifier() and math.isfinite(value):
+                scalars[key] = value
+        batches = iter_array_batches(self.x, self.ids, self.y, self.metadata, self.batch_size)
+        run_recording(
+            self._probe, batches, self.store, model_name=self.model_name,
+            layers=self._probe.layers, epoch=epoch, reduce=self.reduce,
+            channel_axis=self._probe.channel_axis, probe_ids=self.ids, probe_labels=self.y,
+            n_samples=len(self.ids), batch_size=self.batch_size, progress=self.progress,
+            attrs={"framework": "keras", "keras_backend": keras.backend.backend()},
+            scalars=scalars, description="keras",
+        )
+        self.recorded.append(epoch)
