@@ -59,8 +59,10 @@ from topoxr.conventions import (
 
 __all__ = [
     "ActivationWriter",
+    "StoreCorruptionError",
     "StoreError",
     "StoreLockedError",
+    "StoreWriteError",
     "open_store",
     "store_summary",
 ]
@@ -71,6 +73,11 @@ logger = logging.getLogger(__name__)
 #: atomically, for probe sets of up to this many samples.
 MASK_CHUNK = 1 << 20
 _COORD_CHUNK = 1 << 16
+#: Fill value of the ``sample`` coordinate: a slot that was grown but not yet filled.
+#: It is not a valid sample id, so readers and resume can tell such slots apart.
+SAMPLE_FILL = int(np.iinfo(np.int64).min)
+_EPOCH_FILL = -1
+_ACTIVATION_CONFIG = {"write_empty_chunks": True}
 _TARGET_CHUNK_BYTES = 1 << 20
 _MAX_CHUNK_BYTES = 16 << 20
 _ATTR_READY = "topoxr_ready"
@@ -99,7 +106,19 @@ _RESERVED = {
 
 
 class StoreError(ValueError):
-    """Bad input for the store, or a store that cannot be used; nothing was written."""
+    """A store problem: bad input (nothing was written) or a store that cannot be used."""
+
+
+class StoreWriteError(StoreError):
+    """Writing to the store failed (disk full, network, permissions...).
+
+    Everything committed before the failure is intact; the writer that failed refuses
+    further writes, and a new :class:`ActivationWriter` resumes the recording.
+    """
+
+
+class StoreCorruptionError(StoreError):
+    """A committed chunk of the store is unreadable or missing."""
 
 
 # --------------------------------------------------------------------------------------
@@ -213,6 +232,14 @@ class _LayerState:
         return np.fromiter((get(int(s), -1) for s in sample_ids), dtype=np.int64,
                            count=len(sample_ids))
 
+    def note_written(self, e: int, pos: np.ndarray) -> None:
+        """Remember that this writer wrote (or found committed) ``pos`` in epoch ``e``."""
+        written = self.written.get(e, np.zeros(0, dtype=bool))
+        if len(written) < len(self.sample_ids):
+            written = np.concatenate([written, np.zeros(len(self.sample_ids) - len(written), bool)])
+        written[pos] = True
+        self.written[e] = written
+
     def add_samples(self, ids: np.ndarray) -> None:
         start = len(self.sample_ids)
         self.sample_ids = np.concatenate([self.sample_ids, ids])
@@ -225,9 +252,22 @@ class _LayerState:
         except ValueError:
             return -1
 
+    _arrays: dict[str, zarr.Array] | None = None
+
     @property
     def arrays(self) -> dict[str, zarr.Array]:
-        return {name: arr for name, arr in self.group.arrays()}
+        """The layer's arrays, opened once (this writer is the only one changing them)."""
+        if self._arrays is None:
+            arrays = dict(self.group.arrays())
+            # every activation chunk is stored, even an all-NaN one, so that a missing
+            # chunk always means damage (see _CheckedActivation)
+            arrays[ACTIVATION] = arrays[ACTIVATION].with_config(_ACTIVATION_CONFIG)
+            self._arrays = arrays
+        return self._arrays
+
+    def refresh(self) -> None:
+        """Forget the opened arrays after creating new ones."""
+        self._arrays = None
 
 
 def _as_1d(name: str, values: Any, n: int) -> np.ndarray:
@@ -306,7 +346,7 @@ class ActivationWriter:
     --------
     >>> import numpy as np
     >>> with ActivationWriter("memory://doc.zarr", model="mlp", mode="w") as writer:
-    ...     writer.write("hidden", np.ones((4, 3)), sample=np.arange(4), label=[0, 1, 0, 1])
+    ...     _ = writer.write("hidden", np.ones((4, 3)), sample=np.arange(4), label=[0, 1, 0, 1])
     >>> open_store("memory://doc.zarr")["mlp/hidden"].activation.shape
     (3, 4, 1)
     """
@@ -334,6 +374,7 @@ class ActivationWriter:
         self._loc = _locate(store, storage_options)
         self._layers: dict[str, _LayerState] = {}
         self._closed = False
+        self._failed: str | None = None
 
         existed = self._loc.exists() and not self._loc.is_empty_dir()
         if existed:
@@ -350,6 +391,16 @@ class ActivationWriter:
             self._root = self._open_root(existed, description)
             self._model_group = self._open_model(mode, attrs)
             self._load_layers()
+        except StoreError:
+            self._lock.release()
+            raise
+        except Exception as err:
+            self._lock.release()
+            raise StoreWriteError(
+                f"opening {self._loc.url!r} for writing failed ({type(err).__name__}: {err}); "
+                "everything committed before is intact: fix the cause and open a new "
+                "ActivationWriter to resume"
+            ) from err
         except BaseException:
             self._lock.release()
             raise
@@ -398,15 +449,22 @@ class ActivationWriter:
 
     def _load_layer(self, layer: str, group: zarr.Group) -> _LayerState:
         arrays = dict(group.arrays())
-        sample_ids = np.asarray(arrays[SAMPLE][:], dtype=np.int64)
-        epochs = [int(e) for e in arrays[EPOCH][:]]
-        n, m = len(sample_ids), len(epochs)
-        # Repair lengths left longer than the logical length by a crash mid-batch.
+        n, m = _logical_lengths(arrays)
+        sample_ids = np.asarray(arrays[SAMPLE][:n], dtype=np.int64)
+        epochs = [int(e) for e in arrays[EPOCH][:m]]
+        # Repair lengths left longer than the logical length by a crash mid-batch. The
+        # coordinates' tails are reset to their fill first: shrinking keeps the boundary
+        # chunk, and a later growth must not bring back ids of an unfinished batch.
+        for key, fill, length in ((SAMPLE, SAMPLE_FILL, n), (EPOCH, _EPOCH_FILL, m)):
+            if arrays[key].shape[0] > length:
+                arrays[key][length:] = fill
         for arr in arrays.values():
             dims = arr.metadata.dimension_names or ()
             target = tuple(n if d == SAMPLE else m if d == EPOCH else s
                            for d, s in zip(dims, arr.shape, strict=True))
             if target != arr.shape:
+                logger.info("repairing %s of layer %r left by an interrupted writer: %s -> %s",
+                            arr.basename, layer, arr.shape, target)
                 arr.resize(target)
         mask = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool)
         complete = np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)
@@ -561,13 +619,23 @@ class ActivationWriter:
             meta[key] = _as_1d(f"layer {layer!r}: metadata {key!r}", col, batch)
         epoch = _as_epoch(epoch)
 
+        if (ids == SAMPLE_FILL).any():
+            raise StoreError(f"layer {layer!r}: sample id {SAMPLE_FILL} is reserved")
+
         state = self._layers.get(layer)
         plan = _plan_batch(self, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite)
-        if plan is None:
+        if plan is None:  # every sample already committed with these values: resume skip
+            state.note_written(state.epoch_index(epoch), state.positions(ids))
             return 0
-        if state is None:
-            state = self._create_layer(layer, reduced, labels, preds, meta, batch)
-        return self._commit(state, plan, values, ids, labels, preds, meta, epoch)
+        try:
+            if state is None:
+                state = self._create_layer(layer, reduced, labels, preds, meta, batch)
+            written = self._commit(state, plan, values, ids, labels, preds, meta, epoch)
+        except Exception as err:
+            self._fail(err, f"writing layer {layer!r} epoch {epoch} samples "
+                            f"{_ids_text(ids)}")
+        state.note_written(state.epoch_index(epoch), state.positions(ids))
+        return written
 
     def complete_epoch(self, epoch: int, layers: Iterable[str] | None = None) -> None:
         """Mark ``epoch`` complete for ``layers`` (default: all layers of this writer).
@@ -597,8 +665,11 @@ class ActivationWriter:
             state = self._layers[name]
             e = state.epoch_index(epoch)
             if not state.complete[e]:
+                try:
+                    state.arrays[EPOCH_COMPLETE][e] = True
+                except Exception as err:
+                    self._fail(err, f"marking epoch {epoch} of layer {name!r} complete")
                 state.complete[e] = True
-                state.group[EPOCH_COMPLETE][e] = True
 
     def log_epoch(self, epoch: int, **scalars: float) -> None:
         """Store per-epoch scalars (loss, accuracy, ...) as coordinates on ``epoch``.
@@ -607,32 +678,52 @@ class ActivationWriter:
         """
         self._check_open()
         epoch = _as_epoch(epoch)
-        for key in scalars:
+        values: dict[str, float] = {}
+        for key, value in scalars.items():
             if key in _RESERVED or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise StoreError(f"{key!r} cannot be an epoch scalar name")
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                raise StoreError(f"epoch scalar {key!r} must be a real number, got {value!r}")
+            values[key] = float(value)
         for state in self._layers.values():
             e = state.epoch_index(epoch)
             if e < 0:
                 continue
-            names = list(state.group.attrs.get(_ATTR_SCALARS, []))
-            for key, value in scalars.items():
-                if key not in names:
-                    state.group.create_array(
-                        key, shape=(len(state.epochs),), chunks=(_COORD_CHUNK,),
-                        dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,),
-                    )
-                    names.append(key)
-                    _refresh_coordinates(state.group)
-                state.group[key][e] = float(value)
-            state.group.update_attributes({_ATTR_SCALARS: names})
+            try:
+                names = list(state.group.attrs.get(_ATTR_SCALARS, []))
+                existing = {name for name, _ in state.group.arrays()}
+                for key, value in values.items():
+                    if key in existing and key not in names and key in _layer_columns(state):
+                        raise StoreError(f"{key!r} is already a column of layer {state.name!r}")
+                    if key not in existing:  # (a crashed writer may have created it)
+                        state.group.create_array(
+                            key, shape=(len(state.epochs),), chunks=(_COORD_CHUNK,),
+                            dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,),
+                        )
+                        _refresh_coordinates(state.group)
+                        state.refresh()
+                    if key not in names:
+                        names.append(key)
+                    state.arrays[key][e] = value
+                state.group.update_attributes({_ATTR_SCALARS: names})
+            except StoreError:
+                raise
+            except Exception as err:
+                self._fail(err, f"logging scalars {sorted(values)} of epoch {epoch}")
 
     def close(self) -> None:
         """Complete every fully written epoch of this session, consolidate, unlock."""
         if self._closed:
             return
         try:
-            self._complete_written_epochs()
-            self._consolidate()
+            if self._failed is None:
+                try:
+                    self._complete_written_epochs()
+                    self._consolidate()
+                except StoreError:
+                    raise
+                except Exception as err:
+                    self._fail(err, "completing epochs and consolidating metadata")
         finally:
             self._release()
 
@@ -658,8 +749,22 @@ class ActivationWriter:
 
     # -- internals ---------------------------------------------------------------------
     def _check_open(self) -> None:
+        if self._failed is not None:
+            raise StoreWriteError(
+                f"this ActivationWriter failed earlier ({self._failed}); everything committed "
+                "before is intact: open a new ActivationWriter to resume"
+            )
         if self._closed:
             raise StoreError("this ActivationWriter is closed")
+
+    def _fail(self, err: BaseException, what: str) -> None:
+        """Turn a storage failure into :class:`StoreWriteError`; the writer is unusable."""
+        self._failed = f"{type(err).__name__}: {err}"
+        raise StoreWriteError(
+            f"{what} to {self._loc.url!r} failed ({self._failed}); the batch is not "
+            "committed, everything committed before is intact. Open a new ActivationWriter "
+            "on the store to resume."
+        ) from err
 
     def _release(self) -> None:
         self._closed = True
@@ -705,7 +810,7 @@ class ActivationWriter:
             _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
         })
         group.create_array(ACTIVATION, shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
-                           dtype="float32", fill_value=np.nan,
+                           dtype="float32", fill_value=np.nan, config=_ACTIVATION_CONFIG,
                            dimension_names=(NEURON, SAMPLE, EPOCH))
         neuron = group.create_array(NEURON, shape=(n_neurons,), chunks=(n_neurons,),
                                     dtype="int64", dimension_names=(NEURON,))
@@ -715,9 +820,9 @@ class ActivationWriter:
                                      dtype="int64", dimension_names=(NEURON,))
             arr[:] = vals
         group.create_array(SAMPLE, shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
-                           fill_value=-1, dimension_names=(SAMPLE,))
+                           fill_value=SAMPLE_FILL, dimension_names=(SAMPLE,))
         group.create_array(EPOCH, shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
-                           fill_value=-1, dimension_names=(EPOCH,))
+                           fill_value=_EPOCH_FILL, dimension_names=(EPOCH,))
         group.create_array(EPOCH_COMPLETE, shape=(0,), chunks=(_COORD_CHUNK,), dtype="bool",
                            fill_value=False, dimension_names=(EPOCH,))
         group.create_array(COMMITTED, shape=(0, 0), chunks=(MASK_CHUNK, 1), dtype="bool",
@@ -753,10 +858,11 @@ class ActivationWriter:
 
     def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
         group = state.group
-        arrays = dict(group.arrays())
+        arrays = state.arrays
         if preds is not None and PREDICTION not in arrays:
             self._create_prediction_arrays(group, preds, len(state.sample_ids), len(state.epochs))
-            arrays = dict(group.arrays())
+            state.refresh()
+            arrays = state.arrays
         # 1. a new epoch: grow every epoch-dim array, the ``epoch`` coordinate last
         e = state.epoch_index(epoch)
         if e < 0:
@@ -808,11 +914,6 @@ class ActivationWriter:
         state.mask[pos, e] = True
         lo, hi = int(pos.min()), int(pos.max()) + 1
         arrays[COMMITTED][lo:hi, e] = state.mask[lo:hi, e]
-        written = state.written.setdefault(e, np.zeros(0, dtype=bool))
-        if len(written) < len(state.sample_ids):
-            written = np.concatenate([written, np.zeros(len(state.sample_ids) - len(written), bool)])
-        written[pos] = True
-        state.written[e] = written
         return len(rows)
 
 
@@ -824,6 +925,40 @@ def _refresh_coordinates(group: zarr.Group) -> None:
     """
     names = sorted(name for name, _ in group.arrays() if name != ACTIVATION)
     group[ACTIVATION].update_attributes({"coordinates": " ".join(names)})
+
+
+def _layer_columns(state: _LayerState) -> set[str]:
+    """Metadata and unit-coordinate columns of a layer (names an epoch scalar cannot take)."""
+    return set(state.metadata) | set(state.unit_coords)
+
+
+def _logical_lengths(arrays: Mapping[str, zarr.Array]) -> tuple[int, int]:
+    """Number of samples and epochs that a layer's arrays agree on.
+
+    A writer grows every array before it fills the ``sample``/``epoch`` coordinate, and
+    a reader may catch it in between (or a crash may leave it there): the logical length
+    is the shortest array along the dimension, cut before the first unfilled coordinate.
+    """
+    lengths: dict[str, int] = {}
+    for arr in arrays.values():
+        for dim, size in zip(arr.metadata.dimension_names or (), arr.shape, strict=True):
+            if dim in (SAMPLE, EPOCH):
+                lengths[dim] = min(lengths.get(dim, size), size)
+    out = []
+    for dim, fill in ((SAMPLE, SAMPLE_FILL), (EPOCH, _EPOCH_FILL)):
+        length = lengths.get(dim, 0)
+        if length:
+            unfilled = np.flatnonzero(np.asarray(arrays[dim][:length]) == fill)
+            if len(unfilled):
+                length = int(unfilled[0])
+        out.append(length)
+    return out[0], out[1]
+
+
+def _ids_text(ids: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    more = f", ... ({len(ids)} in all)" if len(ids) > limit else ""
+    return f"[{shown}{more}]"
 
 
 def _as_epoch(epoch: Any) -> int:
@@ -939,7 +1074,7 @@ def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, 
 
 
 def _read_values(state: _LayerState, pos: np.ndarray, e: int) -> np.ndarray:
-    act = state.group[ACTIVATION]
+    act = state.arrays[ACTIVATION]
     order = np.argsort(pos)
     out = np.empty((len(pos), state.n_neurons), dtype=np.float32)
     sorted_pos = pos[order]
@@ -1030,40 +1165,134 @@ def _plain_dataset(group: zarr.Group) -> xr.Dataset:
 def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
     import dask.array as dsa
 
+    where = _where(group)
     arrays = dict(group.arrays())
-    sample_ids = np.asarray(arrays[SAMPLE][:], dtype=np.int64)
-    epochs = np.asarray(arrays[EPOCH][:], dtype=np.int64)
-    n, m = len(sample_ids), len(epochs)
+
+    def read(key: str, *sel: slice) -> np.ndarray:
+        try:
+            return np.asarray(arrays[key][sel or ...])
+        except Exception as err:
+            raise StoreCorruptionError(f"{where}: array {key!r} is unreadable ({err})") from err
+
+    n, m = _guarded(where, lambda: _logical_lengths(arrays))
+    sample_ids = read(SAMPLE, slice(0, n)).astype(np.int64)
+    epochs = read(EPOCH, slice(0, m)).astype(np.int64)
     committed = np.zeros((n, m), dtype=bool)
     if n and m:
-        committed = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool)
+        committed = read(COMMITTED, slice(0, n), slice(0, m)).astype(bool)
     act = arrays[ACTIVATION]
-    lazy = dsa.from_array(act, chunks=act.chunks, lock=False, inline_array=True,
+    checked = _CheckedActivation(act, committed, sample_ids, epochs, where)
+    lazy = dsa.from_array(checked, chunks=act.chunks, lock=False, inline_array=True,
                           name=f"topoxr-{group.store_path}-{n}-{m}-{committed.sum()}")
     lazy = lazy[:, :n, :m]
     if mask_uncommitted and not committed.all():
         lazy = dsa.where(committed[np.newaxis], lazy, np.float32(np.nan))
     coords: dict[str, Any] = {
-        NEURON: (NEURON, np.asarray(arrays[NEURON][:])),
+        NEURON: (NEURON, read(NEURON)),
         SAMPLE: (SAMPLE, sample_ids),
         EPOCH: (EPOCH, epochs),
         COMMITTED: ((SAMPLE, EPOCH), committed),
-        EPOCH_COMPLETE: (EPOCH, np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)),
+        EPOCH_COMPLETE: (EPOCH, read(EPOCH_COMPLETE, slice(0, m)).astype(bool)),
     }
     for key in group.attrs.get(_ATTR_UNIT_COORDS, []):
-        coords[key] = (NEURON, np.asarray(arrays[key][:]))
+        coords[key] = (NEURON, read(key))
     if LABEL in arrays:
-        coords[LABEL] = (SAMPLE, _read_1d(arrays[LABEL], n))
+        coords[LABEL] = (SAMPLE, _plain_strings(read(LABEL, slice(0, n))))
     for key in group.attrs.get(_ATTR_METADATA, []):
-        coords[key] = (SAMPLE, _read_1d(arrays[key], n))
+        coords[key] = (SAMPLE, _plain_strings(read(key, slice(0, n))))
     if PREDICTION in arrays:
-        coords[PREDICTION] = ((SAMPLE, EPOCH), np.asarray(arrays[PREDICTION][:n, :m]))
-        coords[CORRECT] = ((SAMPLE, EPOCH), np.asarray(arrays[CORRECT][:n, :m], dtype=bool))
+        coords[PREDICTION] = ((SAMPLE, EPOCH), read(PREDICTION, slice(0, n), slice(0, m)))
+        coords[CORRECT] = ((SAMPLE, EPOCH), read(CORRECT, slice(0, n), slice(0, m)).astype(bool))
     for key in group.attrs.get(_ATTR_SCALARS, []):
-        coords[key] = (EPOCH, np.asarray(arrays[key][:m]))
+        if key in arrays:
+            coords[key] = (EPOCH, read(key, slice(0, m)))
     attrs = {k: v for k, v in group.attrs.items() if k != _ATTR_READY}
     da = xr.DataArray(lazy, dims=(NEURON, SAMPLE, EPOCH), name=ACTIVATION)
     return xr.Dataset({ACTIVATION: da}, coords=coords, attrs=attrs)
+
+
+def _where(group: zarr.Group) -> str:
+    model, _, layer = group.path.rpartition("/")
+    return f"layer {group.attrs.get(ATTR_LAYER, layer)!r} of model {model!r}"
+
+
+def _guarded(where: str, func: Any) -> Any:
+    try:
+        return func()
+    except StoreError:
+        raise
+    except Exception as err:
+        raise StoreCorruptionError(f"{where}: the store is unreadable ({err})") from err
+
+
+class _CheckedActivation:
+    """``activation`` as dask sees it: unreadable or missing chunks become clear errors.
+
+    Zarr returns the fill value (NaN) for a chunk that does not exist, which would pass
+    for data; a chunk holding committed values must exist, so its absence is reported,
+    naming the layer, epochs and samples affected.  Codec errors of a damaged chunk are
+    translated the same way.
+    """
+
+    def __init__(self, array: zarr.Array, committed: np.ndarray, sample_ids: np.ndarray,
+                 epochs: np.ndarray, where: str) -> None:
+        self.array = array
+        self.committed = committed
+        self.sample_ids = sample_ids
+        self.epochs = epochs
+        self.where = where
+        self.shape = array.shape
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+
+    def _affected(self, key: tuple[slice, ...]) -> tuple[list[int], np.ndarray]:
+        s, e = key[1], key[2]
+        sub = self.committed[s, e]
+        epochs = self.epochs[e][sub.any(axis=0)].tolist() if sub.size else []
+        samples = self.sample_ids[s][sub.any(axis=1)] if sub.size else self.sample_ids[:0]
+        return epochs, samples
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = tuple(key) + (slice(None),) * (3 - len(key))
+        try:
+            block = np.asarray(self.array[key])
+        except Exception as err:
+            epochs, samples = self._affected(key)
+            raise StoreCorruptionError(
+                f"{self.where}: a chunk of 'activation' is unreadable ({type(err).__name__}: "
+                f"{err}); epochs {epochs}, samples {_ids_text(samples)} are affected"
+            ) from err
+        s, e = key[1], key[2]
+        sub = self.committed[s, e]
+        if sub.any() and block.size:
+            n_s, n_e = sub.shape
+            values = block[:, :n_s, :n_e]
+            if np.isnan(values[:, sub]).all() and not self._chunks_exist(key):
+                epochs, samples = self._affected(key)
+                raise StoreCorruptionError(
+                    f"{self.where}: a chunk of 'activation' holding committed values is "
+                    f"missing from the store; epochs {epochs}, samples {_ids_text(samples)} "
+                    "are affected"
+                )
+        return block
+
+    def _chunks_exist(self, key: tuple[slice, ...]) -> bool:
+        from zarr.core.sync import sync
+
+        chunks = self.array.chunks
+        ranges = []
+        for sl, size, dim in zip(key, chunks, self.shape, strict=True):
+            start, stop, _ = sl.indices(dim)
+            ranges.append(range(start // size, max(start // size + 1, -(-stop // size))))
+        store_path = self.array.store_path
+        for i in ranges[0]:
+            for j in ranges[1]:
+                for k in ranges[2]:
+                    chunk_key = self.array.metadata.encode_chunk_key((i, j, k))
+                    if not sync((store_path / chunk_key).exists()):
+                        return False
+        return True
 
 
 def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -1092,9 +1321,8 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
             if not group.attrs.get(_ATTR_READY, False):
                 continue
             arrays = dict(group.arrays())
-            n = arrays[SAMPLE].shape[0]
-            epochs = [int(e) for e in arrays[EPOCH][:]]
-            m = len(epochs)
+            n, m = _guarded(_where(group), lambda arrays=arrays: _logical_lengths(arrays))
+            epochs = [int(e) for e in arrays[EPOCH][:m]]
             complete = np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)
             committed = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool) if n and m else \
                 np.zeros((n, m), bool)

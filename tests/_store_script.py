@@ -1,0 +1,196 @@
+"""A deterministic recording run as a real process, for the crash and concurrency tests.
+
+``python tests/_store_script.py write STORE [options]`` records two layers of a fake
+network over several epochs through :class:`topoxr.ActivationWriter`, printing one line
+per finished ``write`` call (``W <k> <layer> <epoch> <batch>``) and one per finished
+epoch (``E <epoch>``), flushed, so that a test can kill it at a chosen moment.  Every
+value is a known function of (sample id, neuron, epoch), so any committed value can be
+checked without a reference store.
+
+``python tests/_store_script.py read STORE --until FILE`` opens the store again and
+again while a writer runs and checks every committed value, until ``FILE`` exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+MODEL = "net"
+LAYERS = ("dense", "conv")
+CONV_SHAPE = (2, 3, 3)  # channels, rows, cols of the "conv" layer (reduce="none")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The recording: sizes shared by the writer, the reader and the tests."""
+
+    n_samples: int = 48
+    n_dense: int = 6
+    batch: int = 8
+    epochs: int = 3
+    chunk_samples: int = 16
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        # stable ids that are not positions, so id/position mix-ups show
+        return np.arange(self.n_samples, dtype=np.int64) * 7 + 3
+
+    def n_neurons(self, layer: str) -> int:
+        return self.n_dense if layer == "dense" else int(np.prod(CONV_SHAPE))
+
+    @property
+    def batches(self) -> list[np.ndarray]:
+        ids = self.sample_ids
+        return [ids[i : i + self.batch] for i in range(0, self.n_samples, self.batch)]
+
+    @property
+    def total_writes(self) -> int:
+        return self.epochs * len(LAYERS) * len(self.batches)
+
+
+def expected(layer: str, sample: np.ndarray, epoch: int, n_neurons: int) -> np.ndarray:
+    """The value every (sample, neuron) of ``layer`` has at ``epoch``: ``(batch, neurons)``."""
+    s = np.asarray(sample, dtype=np.float64)[:, None]
+    n = np.arange(n_neurons, dtype=np.float64)[None, :]
+    offset = 0.0 if layer == "dense" else 0.5
+    return (np.sin(0.37 * s + 1.3 * n + offset) * (1.0 + 0.1 * epoch) + 0.01 * epoch).astype(
+        np.float32
+    )
+
+
+def label_of(sample: np.ndarray) -> np.ndarray:
+    return np.asarray(sample) % 3
+
+
+def prediction_of(sample: np.ndarray, epoch: int) -> np.ndarray:
+    return (np.asarray(sample) + epoch) % 3
+
+
+def record(
+    store: str,
+    plan: Plan = Plan(),
+    *,
+    delay: float = 0.0,
+    die_after: int | None = None,
+    complete: str = "explicit",
+    out=None,
+) -> None:
+    """Run the whole recording (resuming whatever is already in ``store``)."""
+    from topoxr import ActivationWriter
+
+    def say(line: str) -> None:
+        if out is not None:
+            out.write(line + "\n")
+            out.flush()
+
+    k = 0
+    with ActivationWriter(store, model=MODEL, chunk_samples=plan.chunk_samples,
+                          attrs={"framework": "script"}) as writer:
+        for epoch in range(plan.epochs):
+            for b, ids in enumerate(plan.batches):
+                for layer in LAYERS:
+                    n = plan.n_neurons(layer)
+                    values = expected(layer, ids, epoch, n)
+                    kwargs = {}
+                    if layer == "conv":
+                        values = values.reshape(len(ids), *CONV_SHAPE)
+                        kwargs = {"channel_axis": 1, "reduce": "none"}
+                    writer.write(layer, values, sample=ids, label=label_of(ids),
+                                 prediction=prediction_of(ids, epoch), epoch=epoch,
+                                 split=np.where(ids % 2 == 0, "even", "odd"),
+                                 weight=ids * 0.25, **kwargs)
+                    k += 1
+                    say(f"W {k} {layer} {epoch} {b}")
+                    if die_after is not None and k >= die_after:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if delay:
+                        time.sleep(delay)
+            writer.log_epoch(epoch, loss=1.0 / (epoch + 1))
+            if complete == "explicit":
+                writer.complete_epoch(epoch)
+            say(f"E {epoch}")
+    say("DONE")
+
+
+def check_snapshot(store: str, plan: Plan = Plan()) -> int:
+    """Open ``store`` once and check it; return the number of committed values seen.
+
+    Raises AssertionError on a torn batch or a committed value that is not the expected one.
+    """
+    from topoxr import open_store
+
+    tree = open_store(store)
+    seen = 0
+    for layer in LAYERS:
+        if MODEL not in tree.children or layer not in tree[MODEL].children:
+            continue
+        ds = tree[MODEL][layer].to_dataset()
+        committed = ds.committed.values
+        act = ds.activation.values  # uncommitted values are NaN
+        ids = ds.sample.values
+        for e, epoch in enumerate(ds.epoch.values.tolist()):
+            want = expected(layer, ids, epoch, plan.n_neurons(layer)).T
+            ok = committed[:, e]
+            assert np.array_equal(act[:, ok, e], want[:, ok]), (layer, epoch, "values")
+            assert np.isnan(act[:, ~ok, e]).all(), (layer, epoch, "uncommitted visible")
+            # all-or-nothing per batch (batches are consecutive probe positions)
+            pos = {int(s): i for i, s in enumerate(ids.tolist())}
+            for batch in plan.batches:
+                where = [pos[s] for s in batch.tolist() if s in pos]
+                flags = set(ok[where].tolist())
+                assert len(flags) <= 1, (layer, epoch, "torn batch", batch.tolist())
+            assert np.array_equal(ds.label.values, label_of(ids))
+            assert np.array_equal(ds.prediction.values[ok, e], prediction_of(ids[ok], epoch))
+            seen += int(ok.sum())
+    return seen
+
+
+def read_loop(store: str, until: str, plan: Plan = Plan()) -> int:
+    """Check snapshots until ``until`` exists; print counts, exit 1 on a violation."""
+    snapshots = values = 0
+    while True:
+        finished = os.path.exists(until)
+        try:
+            values += check_snapshot(store, plan)
+            snapshots += 1
+        except (FileNotFoundError,) as err:  # not created yet
+            if finished:
+                print(f"store never appeared: {err}", flush=True)
+                return 1
+        except Exception as err:  # noqa: BLE001 - report whatever went wrong
+            if snapshots == 0 and "not a topoxr store" in str(err):
+                continue  # the root group is being created right now
+            print(f"VIOLATION after {snapshots} snapshots: {type(err).__name__}: {err}",
+                  flush=True)
+            return 1
+        if finished:
+            break
+    print(f"OK {snapshots} {values}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["write", "read"])
+    parser.add_argument("store")
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--die-after", type=int, default=None)
+    parser.add_argument("--complete", choices=["explicit", "close"], default="explicit")
+    parser.add_argument("--until", default=None)
+    args = parser.parse_args(argv)
+    if args.mode == "read":
+        return read_loop(args.store, args.until)
+    record(args.store, delay=args.delay, die_after=args.die_after, complete=args.complete,
+           out=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

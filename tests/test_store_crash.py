@@ -1,0 +1,416 @@
+"""Crash safety and fault injection of the store, with real processes and real stores.
+
+The recording is ``tests/_store_script.py``: two layers, three epochs, values that are
+a known function of (sample, neuron, epoch).  Writers are killed with SIGKILL, storage
+writes are made to fail, chunks are damaged, and every time the store must open, show
+exactly the committed batches, and a resumed run must end equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import topoxr
+from topoxr import open_store, store_summary
+from topoxr.store import StoreCorruptionError, StoreWriteError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _store_script as script  # noqa: E402
+
+SCRIPT = str(Path(__file__).parent / "_store_script.py")
+PLAN = script.Plan()
+SEED = int(os.environ.get("TOPOXR_CRASH_SEED", "20260"))
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The store an uninterrupted run produces."""
+    path = str(tmp_path_factory.mktemp("reference") / "ref.zarr")
+    script.record(path)
+    return path
+
+
+def _start(store, *args):
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, "write", str(store), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _zarr_arrays(path):
+    """{array path: zarr.Array} of a whole hierarchy."""
+    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    out = {}
+
+    def walk(group, prefix):
+        for name, member in group.members():
+            if isinstance(member, zarr.Group):
+                walk(member, f"{prefix}{name}/")
+            else:
+                out[f"{prefix}{name}"] = member
+    walk(root, "")
+    return root, out
+
+
+def assert_same_store(path, reference):
+    """Equal as raw Zarr (every array, its shape, chunks, values, attributes) and opened."""
+    root, arrays = _zarr_arrays(path)
+    ref_root, ref_arrays = _zarr_arrays(reference)
+    assert sorted(arrays) == sorted(ref_arrays)
+    for key, arr in arrays.items():
+        ref = ref_arrays[key]
+        assert arr.shape == ref.shape, key
+        assert arr.chunks == ref.chunks, key
+        assert arr.dtype == ref.dtype, key
+        assert dict(arr.attrs) == dict(ref.attrs), key
+        np.testing.assert_array_equal(np.asarray(arr[...]), np.asarray(ref[...]), err_msg=key)
+    skip = {"created"}
+    assert {k: v for k, v in root.attrs.items() if k not in skip} == {
+        k: v for k, v in ref_root.attrs.items() if k not in skip}
+    got, want = open_store(path), open_store(reference)
+    for layer in script.LAYERS:
+        a = got[script.MODEL][layer].to_dataset().compute()
+        b = want[script.MODEL][layer].to_dataset().compute()
+        xr.testing.assert_identical(a, b)
+
+
+def _reported(lines):
+    """(layer, epoch, batch) of the writes a process reported finished, and its epochs."""
+    writes, epochs = set(), set()
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0] == "W":
+            writes.add((parts[2], int(parts[3]), int(parts[4])))
+        elif parts and parts[0] == "E":
+            epochs.add(int(parts[1]))
+    return writes, epochs
+
+
+def assert_consistent(store, writes, epochs_done):
+    """What a store left by a killed writer must look like."""
+    seen = script.check_snapshot(store)  # values, no torn batch, labels, predictions
+    tree = open_store(store)
+    summary = store_summary(store)
+    for layer, epoch, b in writes:
+        ds = tree[script.MODEL][layer].to_dataset()
+        ids = PLAN.batches[b]
+        mask = ds.committed.sel(sample=ids, epoch=epoch).values
+        assert mask.all(), f"reported batch {layer} epoch {epoch} batch {b} is not committed"
+    layers = summary["models"][script.MODEL]["layers"] if summary["models"] else {}
+    for layer, info in layers.items():
+        ds = tree[script.MODEL][layer].to_dataset()
+        full = ds.committed.all("sample").values
+        for epoch, is_full in zip(ds.epoch.values.tolist(), full, strict=True):
+            if epoch in info["complete_epochs"]:
+                assert is_full, f"{layer}: epoch {epoch} marked complete with holes"
+        assert epochs_done <= set(info["complete_epochs"]), (layer, epochs_done, info)
+    return seen
+
+
+# --------------------------------------------------------------------------------------
+# SIGKILL
+# --------------------------------------------------------------------------------------
+def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(tmp_path, reference):
+    rng = np.random.default_rng(SEED)
+    store = tmp_path / "run.zarr"
+    targets = np.sort(rng.choice(np.arange(1, PLAN.total_writes), size=20, replace=True))
+    kills = 0
+    for target in targets:
+        proc = _start(store)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.startswith("W ") and int(line.split()[1]) >= target:
+                time.sleep(rng.uniform(0, 0.012))  # land anywhere in the next write(s)
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+        lines += [x.strip() for x in proc.stdout.read().splitlines()]
+        proc.stdout.close()
+        proc.stderr.close()
+        if proc.returncode == -signal.SIGKILL:
+            kills += 1
+        else:  # it finished before the signal: a valid run, nothing to resume
+            assert proc.returncode == 0
+        writes, epochs = _reported(lines)
+        assert_consistent(str(store), writes, epochs)
+    assert kills >= 18, f"only {kills} of 20 runs were actually killed mid-recording"
+    final = _start(store)
+    out, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err
+    assert out.strip().endswith("DONE")
+    assert_same_store(str(store), reference)
+
+
+@pytest.mark.parametrize("die_after", [PLAN.total_writes // PLAN.epochs, 7])
+def test_killed_after_a_whole_epoch_without_explicit_completion(tmp_path, reference, die_after):
+    """A run that completes epochs only at close(): the resumed run must complete them."""
+    store = str(tmp_path / "run.zarr")
+    proc = subprocess.run([sys.executable, SCRIPT, "write", store, "--complete", "close",
+                           "--die-after", str(die_after)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    info = store_summary(store)["models"]["net"]["layers"]["dense"]
+    assert info["complete_epochs"] == []
+    assert 0 in info["incomplete_epochs"]
+    assert script.check_snapshot(store) > 0
+    proc = subprocess.run([sys.executable, SCRIPT, "write", store, "--complete", "close"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_store(store, reference)
+
+
+def test_plain_xarray_after_kill_and_resume(tmp_path, reference):
+    """Consolidated metadata never shows a stale shape to plain xarray."""
+    store = str(tmp_path / "run.zarr")
+    script.record(store)  # complete, consolidated
+    # a second model is recorded and killed: the first model must read as before
+    code = textwrap.dedent(f"""
+        import os, signal, numpy as np
+        from topoxr import ActivationWriter
+        w = ActivationWriter({store!r}, model="other")
+        w.write("h", np.ones((4, 3)), sample=np.arange(4))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    plain = xr.open_datatree(store, engine="zarr")
+    ref = xr.open_datatree(reference, engine="zarr")
+    xr.testing.assert_equal(plain["net/dense"].to_dataset(), ref["net/dense"].to_dataset())
+    other = plain["other/h"].to_dataset()
+    assert other.activation.shape == (3, 4, 1)
+    assert other.committed.values.all()
+
+
+# --------------------------------------------------------------------------------------
+# a reader beside a writer
+# --------------------------------------------------------------------------------------
+def test_concurrent_reader_never_sees_a_torn_batch(tmp_path, reference):
+    store = tmp_path / "run.zarr"
+    done = tmp_path / "done"
+    reader = subprocess.Popen([sys.executable, SCRIPT, "read", str(store), "--until", str(done)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a writer killed half way, then a resuming writer, all while the reader reads
+    first = _start(store, "--delay", "0.01")
+    for line in first.stdout:
+        if line.startswith("W ") and int(line.split()[1]) >= PLAN.total_writes // 2:
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait(timeout=60)
+    first.stdout.close()
+    first.stderr.close()
+    second = _start(store, "--delay", "0.005")
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    done.touch()
+    rout, rerr = reader.communicate(timeout=120)
+    assert reader.returncode == 0, rout + rerr
+    status, snapshots, values = rout.split()
+    assert status == "OK" and int(snapshots) >= 3 and int(values) > 0, rout
+    assert_same_store(str(store), reference)
+
+
+# --------------------------------------------------------------------------------------
+# failing storage
+# --------------------------------------------------------------------------------------
+class _FailingSets:
+    """Make ``zarr.storage.LocalStore.set`` fail with ENOSPC after ``budget`` writes."""
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.calls = 0
+        self.original = zarr.storage.LocalStore.set
+
+    def install(self, monkeypatch):
+        original = self.original
+
+        async def set(store, key, value):
+            self.calls += 1
+            if self.calls > self.budget:
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", key)
+            return await original(store, key, value)
+
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", set)
+
+
+def test_count_of_store_writes_is_known(tmp_path, monkeypatch):
+    counter = _FailingSets(budget=10**9)
+    counter.install(monkeypatch)
+    script.record(str(tmp_path / "x.zarr"))
+    assert counter.calls > 50  # the failure points below are spread over these
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.03, 0.2, 0.45, 0.7, 0.97])
+def test_failing_writes_lose_no_committed_data(tmp_path, monkeypatch, reference, fraction):
+    total = _count_sets(tmp_path / "count.zarr", monkeypatch)
+    store = str(tmp_path / "run.zarr")
+    failing = _FailingSets(budget=int(fraction * total))
+    failing.install(monkeypatch)
+    out = io.StringIO()
+    with pytest.raises(StoreWriteError, match="No space left on device") as info:
+        script.record(store, out=out)
+    message = str(info.value)
+    assert "intact" in message and "resume" in message.lower()
+    monkeypatch.undo()
+    writes, epochs = _reported(out.getvalue().splitlines())
+    if os.path.exists(os.path.join(store, "zarr.json")):
+        assert_consistent(store, writes, epochs)
+    else:
+        assert not writes
+    script.record(store)  # resume on a healthy disk
+    assert_same_store(store, reference)
+
+
+_SETS: dict[str, int] = {}
+
+
+def _count_sets(path, monkeypatch):
+    if "n" not in _SETS:
+        counter = _FailingSets(budget=10**9)
+        with monkeypatch.context() as m:
+            counter.install(m)
+            script.record(str(path))
+        _SETS["n"] = counter.calls
+    return _SETS["n"]
+
+
+def test_writer_refuses_further_writes_after_a_failure(tmp_path, monkeypatch):
+    store = str(tmp_path / "run.zarr")
+    writer = topoxr.ActivationWriter(store, model="m")
+    writer.write("h", np.ones((4, 3)), sample=np.arange(4))
+    failing = _FailingSets(budget=0)
+    failing.install(monkeypatch)
+    with pytest.raises(StoreWriteError, match=r"layer 'h' epoch 1 samples \[4, 5, 6, 7\]"):
+        writer.write("h", np.ones((4, 3)), sample=np.arange(4, 8), epoch=1)
+    monkeypatch.undo()
+    with pytest.raises(StoreWriteError, match="failed earlier"):
+        writer.write("h", np.ones((4, 3)), sample=np.arange(4, 8), epoch=1)
+    writer.close()  # releases the lock, writes nothing more
+    with topoxr.ActivationWriter(store, model="m") as again:
+        assert again.missing("h", 0, range(4)).size == 0
+        assert again.missing("h", 1, range(8)).tolist() == list(range(8))
+
+
+_TMPFS_DRIVER = textwrap.dedent("""
+    import json, shutil, subprocess, sys
+    sys.path.insert(0, sys.argv[1])
+    import _store_script as script
+    from topoxr.store import StoreWriteError
+    mnt, copy_small, copy_final = sys.argv[2:5]
+    store = mnt + "/run.zarr"
+    report = {}
+    try:
+        script.record(store)
+        report["error"] = None
+    except StoreWriteError as err:
+        report["error"] = str(err)
+    shutil.copytree(store, copy_small)
+    subprocess.run(["mount", "-o", "remount,size=4m", mnt], check=True)
+    script.record(store)  # resume once there is room again
+    shutil.copytree(store, copy_final)
+    print(json.dumps(report))
+""")
+
+
+def test_disk_full_on_a_real_small_tmpfs(tmp_path, reference):
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("needs unshare and mount")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+                           capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
+    driver = tmp_path / "driver.py"
+    driver.write_text(_TMPFS_DRIVER)
+    small, final = tmp_path / "small.zarr", tmp_path / "final.zarr"
+    cmd = (f"mount -t tmpfs -o size=160k tmpfs {mnt} && "
+           f"{sys.executable} {driver} {Path(__file__).parent} {mnt} {small} {final}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["error"] is not None, "the recording fitted in the small tmpfs"
+    assert "No space left on device" in report["error"]
+    assert script.check_snapshot(str(small)) > 0  # what was committed is readable and right
+    assert_same_store(str(final), reference)
+
+
+# --------------------------------------------------------------------------------------
+# damaged stores
+# --------------------------------------------------------------------------------------
+def _chunk_file(store, layer, epoch_index=1, sample_chunk=1):
+    return Path(store) / script.MODEL / layer / "activation" / "c" / "0" / str(sample_chunk) / \
+        str(epoch_index)
+
+
+@pytest.fixture
+def damaged(tmp_path, reference):
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(reference, path)
+    return path
+
+
+def _affected_ids(sample_chunk):
+    c = PLAN.chunk_samples
+    return PLAN.sample_ids[sample_chunk * c:(sample_chunk + 1) * c]
+
+
+def test_deleted_chunk_is_reported_not_filled_with_nan(damaged):
+    _chunk_file(damaged, "dense").unlink()
+    ds = open_store(damaged)["net/dense"].to_dataset()
+    with pytest.raises(StoreCorruptionError, match="missing") as info:
+        ds.activation.values  # noqa: B018
+    message = str(info.value)
+    assert "layer 'dense'" in message and "model 'net'" in message
+    assert "epochs [1]" in message
+    assert str(_affected_ids(1)[:10].tolist())[1:-1] in message
+    # the rest of the store stays readable
+    ok = ds.activation.sel(epoch=[0, 2]).values
+    assert np.isfinite(ok).all()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupted_chunk_gives_a_clear_error(damaged, damage):
+    chunk = _chunk_file(damaged, "conv", epoch_index=2, sample_chunk=0)
+    data = chunk.read_bytes()
+    chunk.write_bytes(b"\x00garbage" * 20 if damage == "garbage" else data[: len(data) // 2])
+    ds = open_store(damaged)["net/conv"].to_dataset()
+    with pytest.raises(StoreCorruptionError, match="unreadable") as info:
+        ds.activation.mean().compute()
+    message = str(info.value)
+    assert "layer 'conv'" in message and "epochs [2]" in message
+    assert str(_affected_ids(0)[:10].tolist())[1:-1] in message
+
+
+def test_corrupted_coordinate_is_reported_on_open(damaged):
+    (Path(damaged) / "net" / "dense" / "committed" / "c" / "0" / "0").write_bytes(b"junk")
+    with pytest.raises(StoreCorruptionError, match=r"layer 'dense'.*'committed' is unreadable"):
+        open_store(damaged)
+
+
+def test_stored_nan_is_not_mistaken_for_a_missing_chunk(tmp_path):
+    store = str(tmp_path / "nan.zarr")
+    with topoxr.ActivationWriter(store, model="m", chunk_samples=4) as writer:
+        writer.write("h", np.full((4, 2), np.nan), sample=np.arange(4), allow_nonfinite=True)
+        writer.write("h", np.ones((4, 2)), sample=np.arange(4, 8))
+    values = open_store(store)["m/h"].activation.values
+    assert np.isnan(values[:, :4]).all() and (values[:, 4:] == 1).all()
