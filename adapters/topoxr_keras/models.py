@@ -31,11 +31,17 @@ def _init(seed: int, i: int) -> Any:
     return keras.initializers.GlorotUniform(seed=seed * 1000 + i)
 
 
-def make_model(kind: str, *, seed: int = 0) -> keras.Model:
+def make_model(
+    kind: str,
+    *,
+    seed: int = 0,
+    hidden: tuple[int, int] = (64, 32),
+    channels: tuple[int, int] = (8, 16),
+) -> keras.Model:
     """Build ``"mlp"`` (Sequential) or ``"cnn"`` (functional), with seeded initializers.
 
-    ``mlp``: fc1 (64) -> relu1 -> fc2 (32) -> relu2 -> out (10).
-    ``cnn``: reshape (8, 8, 1) -> conv1 (8) -> relu1 -> pool1 -> conv2 (16) -> relu2 ->
+    ``mlp``: fc1 (hidden[0]) -> relu1 -> fc2 (hidden[1]) -> relu2 -> out (10).
+    ``cnn``: reshape (8, 8, 1) -> conv1 (channels[0]) -> relu1 -> pool1 -> conv2 -> relu2 ->
     flatten -> fc1 (32) -> relu3 -> out (10); 3x3 convolutions, "same" padding.
 
     Raises
@@ -47,20 +53,20 @@ def make_model(kind: str, *, seed: int = 0) -> keras.Model:
     if kind == "mlp":
         return keras.Sequential([
             keras.Input((64,)),
-            layers.Dense(64, name="fc1", kernel_initializer=_init(seed, 1)),
+            layers.Dense(hidden[0], name="fc1", kernel_initializer=_init(seed, 1)),
             layers.ReLU(name="relu1"),
-            layers.Dense(32, name="fc2", kernel_initializer=_init(seed, 2)),
+            layers.Dense(hidden[1], name="fc2", kernel_initializer=_init(seed, 2)),
             layers.ReLU(name="relu2"),
             layers.Dense(10, name="out", kernel_initializer=_init(seed, 3)),
         ], name="digits_mlp")
     if kind == "cnn":
         inputs = keras.Input((64,))
         h = layers.Reshape((8, 8, 1), name="reshape")(inputs)
-        h = layers.Conv2D(8, 3, padding="same", name="conv1", data_format="channels_last",
+        h = layers.Conv2D(channels[0], 3, padding="same", name="conv1", data_format="channels_last",
                           kernel_initializer=_init(seed, 1))(h)
         h = layers.ReLU(name="relu1")(h)
         h = layers.MaxPooling2D(2, name="pool1", data_format="channels_last")(h)
-        h = layers.Conv2D(16, 3, padding="same", name="conv2", data_format="channels_last",
+        h = layers.Conv2D(channels[1], 3, padding="same", name="conv2", data_format="channels_last",
                           kernel_initializer=_init(seed, 2))(h)
         h = layers.ReLU(name="relu2")(h)
         h = layers.Flatten(name="flatten", data_format="channels_last")(h)

@@ -7,6 +7,7 @@ selects the same layers in both frameworks. Both networks take flat ``(N, 64)`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -68,8 +69,11 @@ class DigitsCNN(nn.Module):
         return self.out(self.relu3(self.fc1(h)))
 
 
-def make_model(kind: str, *, seed: int = 0) -> nn.Module:
+def make_model(kind: str, *, seed: int = 0, **kwargs: Any) -> nn.Module:
     """Build ``"mlp"`` or ``"cnn"`` with weights drawn from ``torch.manual_seed(seed)``.
+
+    ``kwargs`` go to the class (``hidden=(64, 32)`` for the MLP, ``channels=(8, 16)`` for
+    the CNN).
 
     Raises
     ------
@@ -81,7 +85,7 @@ def make_model(kind: str, *, seed: int = 0) -> nn.Module:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(classes)}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return classes[kind]()
+        return classes[kind](**kwargs)
 
 
 def train(

@@ -1,0 +1,201 @@
+"""The PyTorch adapter: the shared recorder contract plus torch specifics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import topoxr_torch  # noqa: E402
+from topoxr import open_store  # noqa: E402
+from topoxr.recording import RecordingError  # noqa: E402
+from topoxr.testing.adapters import RecorderContract, store_snapshot  # noqa: E402
+from topoxr_torch import models  # noqa: E402
+
+
+class _TupleNet(torch.nn.Module):
+    """A module whose blocks return a tuple, a dict and something that is no tensor."""
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, x + 1
+
+    class Named(torch.nn.Module):
+        def forward(self, x):
+            return {"a": x - 1, "b": x * 3}
+
+    class Count(torch.nn.Module):
+        def forward(self, x):
+            return (len(x), "rows")
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 6)
+        self.pair = self.Pair()
+        self.named = self.Named()
+        self.count = self.Count()
+
+    def forward(self, x):
+        h = self.fc(x)
+        first, _ = self.pair(h)
+        self.count(h)
+        return self.named(first)["b"]
+
+
+class TestTorchRecorder(RecorderContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def adapter(cls):
+        return topoxr_torch
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def mlp(cls):
+        return models.make_model("mlp", seed=0)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def cnn(cls):
+        return models.make_model("cnn", seed=0)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def probe(cls):
+        x, y = models.load_digits_data()
+        return x[:60], y[:60]
+
+    def make_model(self, kind, *, seed=0, **kwargs):
+        return models.make_model(kind, seed=seed, **kwargs)
+
+    def perturb(self, model):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+
+    def model_state(self, model):
+        return [
+            (name, m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+            for name, m in model.named_modules()
+        ]
+
+    def non_tensor_layer(self):
+        return _TupleNet(), "count"
+
+
+# -- torch specifics ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    x, y = models.load_digits_data()
+    return x[:50], y[:50]
+
+
+def test_tuple_and_dict_outputs(digits, store_path):
+    x, _ = digits
+    net = _TupleNet()
+    topoxr_torch.record(net, x, store_path, model_name="t", layers=["pair", "named"],
+                        progress=False)
+    topoxr_torch.record(net, x, store_path, model_name="k", layers=["pair", "named"],
+                        output_keys={"pair": 1, "named": "a"}, progress=False)
+    tree = open_store(store_path)
+    with torch.no_grad():
+        h = net.fc(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(tree["t/pair"].activation.values[..., 0], (h * 2).T, rtol=1e-6)
+    np.testing.assert_allclose(tree["t/named"].activation.values[..., 0], (h * 2 - 1).T,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tree["k/pair"].activation.values[..., 0], (h + 1).T, rtol=1e-6)
+    np.testing.assert_allclose(tree["k/named"].activation.values[..., 0], (h * 2 - 1).T,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_missing_output_key_is_clear(digits, store_path):
+    x, _ = digits
+    with pytest.raises(RecordingError, match=r"named.*no tensor under key 'zzz'"):
+        topoxr_torch.record(_TupleNet(), x, store_path, layers="named",
+                            output_keys={"named": "zzz"}, progress=False)
+    assert store_snapshot(store_path) == {}
+
+
+def test_hooks_removed_and_modes_restored_after_a_failing_forward(digits, store_path):
+    model = models.make_model("mlp")
+    model.train()
+    model.fc2.eval()
+    x, _ = digits
+    with pytest.raises(RuntimeError):  # wrong input width: torch raises inside forward
+        topoxr_torch.record(model, x[:, :10], store_path, layers="*", progress=False)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert model.training and model.fc1.training and not model.fc2.training
+
+
+def test_recording_runs_without_autograd(digits, store_path):
+    model = models.make_model("mlp")
+    x, y = digits
+    topoxr_torch.record(model, (torch.from_numpy(x), torch.from_numpy(y)), store_path,
+                        layers="out", progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    ds = open_store(store_path)["model/out"].to_dataset().load()
+    np.testing.assert_array_equal(ds.label, y)
+
+
+def test_dataloader_matches_arrays(digits, tmp_path):
+    x, y = digits
+    model = models.make_model("cnn")
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False)
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    topoxr_torch.record(model, loader, a, layers=["conv2", "out"], progress=False)
+    topoxr_torch.record(model, (x, y), b, layers=["conv2", "out"], batch_size=7,
+                        progress=False)
+    for path, ds in store_snapshot(a).items():
+        other = store_snapshot(b)[path]
+        np.testing.assert_array_equal(ds.sample, other.sample)
+        np.testing.assert_array_equal(ds.label, other.label)
+        np.testing.assert_allclose(ds.activation, other.activation, atol=1e-6)
+
+
+def test_shuffling_dataloader_is_refused(digits, store_path):
+    x, y = digits
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)
+    with pytest.raises(RecordingError, match="shuffle"):
+        topoxr_torch.record(models.make_model("mlp"), loader, store_path, layers="fc1",
+                            progress=False)
+
+
+def test_probe_recorder_inside_a_training_loop(store_path):
+    x, y = models.load_digits_data()
+    model = models.make_model("mlp")
+    probe = topoxr_torch.ProbeRecorder(model, (x[:40], y[:40]), store_path,
+                                       model_name="mlp", layers=["fc1", "out"])
+    probe.record(0)
+    history = models.train(model, x[:400], y[:400], epochs=2,
+                           on_epoch_end=lambda epoch, logs: probe.record(epoch, **logs))
+    ds = open_store(store_path)["mlp/out"].to_dataset().load()
+    np.testing.assert_array_equal(ds.epoch, [0, 1, 2])
+    np.testing.assert_allclose(ds.loss.sel(epoch=[1, 2]), [h["loss"] for h in history])
+    assert model.training is False  # train() leaves eval mode; recording restored it
+    assert not np.allclose(ds.activation.sel(epoch=0), ds.activation.sel(epoch=2))
+
+
+def test_training_is_deterministic():
+    x, y = models.load_digits_data()
+    runs = []
+    for _ in range(2):
+        model = models.make_model("mlp", seed=4)
+        models.train(model, x[:200], y[:200], epochs=1, seed=7)
+        runs.append(model.fc1.weight.detach().clone())
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_outputs_moved_to_cpu(digits, store_path):
+    x, y = digits
+    model = models.make_model("cnn").cuda()
+    topoxr_torch.record(model, (x, y), store_path, layers="conv1", progress=False)
+    cpu = models.make_model("cnn")
+    cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    topoxr_torch.record(cpu, (x, y), store_path, model_name="cpu", layers="conv1",
+                        progress=False)
+    tree = open_store(store_path)
+    np.testing.assert_allclose(tree["model/conv1"].activation, tree["cpu/conv1"].activation,
+                               atol=1e-5)
