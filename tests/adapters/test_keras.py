@@ -1,0 +1,206 @@
+"""The Keras adapter on the TensorFlow backend (and, in a subprocess, the torch backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import topoxr_keras  # noqa: E402
+from topoxr import open_store  # noqa: E402
+from topoxr.recording import RecordingError  # noqa: E402
+from topoxr.testing.adapters import RecorderContract, store_snapshot  # noqa: E402
+from topoxr_keras import models  # noqa: E402
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                reason="these tests run Keras on the TensorFlow backend")
+
+
+class _Split(keras.layers.Layer):
+    """A layer with two outputs: its ``output`` is a list, not a tensor."""
+
+    def call(self, x):
+        return [x * 2.0, x + 1.0]
+
+
+def _split_model() -> keras.Model:
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(6, name="fc")(inputs)
+    a, b = _Split(name="split")(h)
+    return keras.Model(inputs, keras.layers.Add(name="add")([a, b]), name="split_net")
+
+
+class TestKerasRecorder(RecorderContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def adapter(cls):
+        return topoxr_keras
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def mlp(cls):
+        return models.make_model("mlp", seed=0)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def cnn(cls):
+        return models.make_model("cnn", seed=0)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def probe(cls):
+        x, y = models.load_digits_data()
+        return x[:60], y[:60]
+
+    def make_model(self, kind, *, seed=0, **kwargs):
+        return models.make_model(kind, seed=seed, **kwargs)
+
+    def perturb(self, model):
+        for variable in model.weights:
+            variable.assign(variable + 0.1)
+
+    def model_state(self, model):
+        return [(layer.name, len(layer._inbound_nodes), len(layer._outbound_nodes))
+                for layer in model.layers]
+
+    def non_tensor_layer(self):
+        return _split_model(), "split"
+
+
+# -- keras specifics ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    x, y = models.load_digits_data()
+    return x[:50], y[:50]
+
+
+def test_probe_model_built_once_per_selection():
+    model = models.make_model("mlp")
+    first = topoxr_keras.probe_model(model, ["fc*"])
+    assert topoxr_keras.probe_model(model, ["fc1", "fc2"]) is first
+    assert topoxr_keras.probe_model(model, ["out"]) is not first
+    assert first.layers == ["fc1", "fc2"]
+
+
+def test_output_key_selects_one_output(digits, store_path):
+    x, _ = digits
+    model = _split_model()
+    topoxr_keras.record(model, x, store_path, layers=["fc", "split"],
+                        output_keys={"split": 1}, progress=False)
+    tree = open_store(store_path)
+    fc = tree["model/fc"].activation.values
+    np.testing.assert_allclose(tree["model/split"].activation.values, fc + 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_tf_data_matches_arrays(digits, tmp_path, batched):
+    import tensorflow as tf
+
+    x, y = digits
+    model = models.make_model("cnn")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if batched:
+        dataset = dataset.batch(16)
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    topoxr_keras.record(model, dataset, a, layers=["conv1", "out"], batch_size=9,
+                        progress=False)
+    topoxr_keras.record(model, (x, y), b, layers=["conv1", "out"], progress=False)
+    other = store_snapshot(b)
+    for path, ds in store_snapshot(a).items():
+        np.testing.assert_array_equal(ds.sample, other[path].sample)
+        np.testing.assert_array_equal(ds.label, other[path].label)
+        np.testing.assert_allclose(ds.activation, other[path].activation, atol=1e-6)
+
+
+def test_channels_last_conv_is_pooled_per_channel(digits, store_path):
+    x, _ = digits
+    model = models.make_model("cnn")
+    topoxr_keras.record(model, x, store_path, layers="conv2", progress=False)
+    direct = keras.Model(model.inputs, model.get_layer("conv2").output).predict_on_batch(x)
+    assert direct.shape[-1] == 16  # (N, H, W, C)
+    stored = open_store(store_path)["model/conv2"].activation.values[..., 0]
+    np.testing.assert_allclose(stored, direct.mean(axis=(1, 2)).T, atol=1e-6)
+
+
+def test_unbuilt_sequential_is_refused(digits, store_path):
+    x, _ = digits
+    model = keras.Sequential([keras.layers.Dense(4, name="d")])
+    with pytest.raises(RecordingError, match="no defined inputs"):
+        topoxr_keras.record(model, x, store_path, layers="d", progress=False)
+    assert store_snapshot(store_path) == {}
+
+
+def test_callback_records_every_n_epochs(store_path):
+    x, y = models.load_digits_data()
+    model = models.make_model("mlp")
+    callback = topoxr_keras.RecordActivations((x[:40], y[:40]), store_path, model_name="mlp",
+                                              layers=["fc1", "out"], every=2)
+    history = models.train(model, x[:300], y[:300], epochs=3, callbacks=[callback])
+    assert callback.recorded == [0, 2]
+    ds = open_store(store_path)["mlp/out"].to_dataset().load()
+    np.testing.assert_array_equal(ds.epoch, [0, 2])
+    assert bool(ds.epoch_complete.all())
+    np.testing.assert_allclose(float(ds.loss.sel(epoch=2)), history["loss"][1], rtol=1e-6)
+    assert np.isnan(float(ds.loss.sel(epoch=0)))
+    assert not np.allclose(ds.activation.sel(epoch=0), ds.activation.sel(epoch=2))
+
+
+def test_callback_refuses_bad_every():
+    with pytest.raises(RecordingError, match="every"):
+        topoxr_keras.RecordActivations(np.zeros((4, 64)), "unused.zarr", layers="fc1", every=0)
+
+
+_TORCH_BACKEND_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import keras
+    import topoxr_keras
+    from topoxr_keras.models import copy_torch_weights_to_keras, make_model, train
+    from topoxr_torch.models import load_digits_data, make_model as make_torch
+
+    store = sys.argv[1]
+    x, y = load_digits_data()
+    for kind, layers in (("mlp", ["fc1", "relu2", "out"]), ("cnn", ["conv1", "conv2", "out"])):
+        model = make_model(kind)
+        copy_torch_weights_to_keras(make_torch(kind, seed=5), model)
+        topoxr_keras.record(model, (x[:64], y[:64]), store, model_name=kind, layers=layers,
+                            progress=False)
+    callback = topoxr_keras.RecordActivations((x[:32], y[:32]), store, model_name="trained",
+                                              layers="fc1")
+    train(make_model("mlp"), x[:128], y[:128], epochs=1, callbacks=[callback])
+    print(json.dumps({"backend": keras.backend.backend(), "recorded": callback.recorded}))
+""")
+
+
+@pytest.mark.slow
+def test_torch_backend_in_a_subprocess(tmp_path):
+    pytest.importorskip("torch")
+    import topoxr_torch
+    from topoxr_torch.models import make_model as make_torch
+
+    store = str(tmp_path / "torch_backend.zarr")
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    proc = subprocess.run([sys.executable, "-c", _TORCH_BACKEND_SCRIPT, store], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"backend": "torch", "recorded": [0, 1]}
+    tree = open_store(store)
+    assert tree["mlp"].attrs["keras_backend"] == "torch"
+    x, y = models.load_digits_data()
+    reference = str(tmp_path / "reference.zarr")
+    for kind, layers in (("mlp", ["fc1", "relu2", "out"]), ("cnn", ["conv1", "conv2", "out"])):
+        topoxr_torch.record(make_torch(kind, seed=5), (x[:64], y[:64]), reference,
+                            model_name=kind, layers=layers, progress=False)
+    ref = open_store(reference)
+    for kind, layers in (("mlp", ["fc1", "relu2", "out"]), ("cnn", ["conv1", "conv2", "out"])):
+        for layer in layers:
+            np.testing.assert_allclose(tree[f"{kind}/{layer}"].activation.values,
+                                       ref[f"{kind}/{layer}"].activation.values, atol=1e-5)
+    np.testing.assert_array_equal(tree["trained/fc1"].epoch.values, [0, 1])
