@@ -15,18 +15,32 @@ from topoxr.layout._registry import (
     register,
 )
 from topoxr.layout.baseline import RandomLayout
+from topoxr.layout.force import ForceLayout, KNNForceLayout
+from topoxr.layout.graph import SpringLayout
+from topoxr.layout.grid import GridSnap, snap_to_grid
 from topoxr.layout.linear import PCALayout
+from topoxr.layout.manifold import MDSLayout, TSNELayout, UMAPLayout
+from topoxr.layout.som import SOMLayout
 
 __all__ = [
     "DEFAULT_METHOD",
     "PAPER_METHODS",
     "BaseLayout",
+    "ForceLayout",
+    "GridSnap",
+    "KNNForceLayout",
     "LayoutInputError",
+    "MDSLayout",
     "PCALayout",
     "RandomLayout",
+    "SOMLayout",
+    "SpringLayout",
+    "TSNELayout",
+    "UMAPLayout",
     "available_methods",
     "distance_matrix",
     "get_estimator",
     "register",
+    "snap_to_grid",
     "to_unit_square",
 ]

@@ -1,0 +1,474 @@
+"""Force-directed layouts: the paper's particle optimisation and its k-NN successor.
+
+:class:`ForceLayout` is the paper's "PSO" (a force-directed particle optimisation), kept
+faithful to the reference implementation, dense ``O(n^2)`` per step. :class:`KNNForceLayout`
+is topoxr's default: the same idea (activity neighbours attract, everything else
+repels) restricted to a k-nearest-neighbour graph and sampled repulsion, ``O(n k)``
+memory and time per step, so it lays out tens of thousands of neurons.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from topoxr.layout._base import BaseLayout, LayoutInputError
+
+__all__ = ["ForceLayout", "KNNForceLayout"]
+
+logger = logging.getLogger(__name__)
+
+
+def _initial_positions(init: Any, X: np.ndarray, n: int, metric: str, rng) -> np.ndarray | None:
+    """Resolve ``init`` (None, name, estimator or array) into (n, 2) positions or None."""
+    if init is None:
+        return None
+    if isinstance(init, str) or hasattr(init, "fit_transform"):
+        from sklearn.base import clone
+
+        from topoxr.layout._registry import get_estimator
+
+        est = get_estimator(init) if isinstance(init, str) else clone(init)
+        params = est.get_params() if hasattr(est, "get_params") else {}
+        update = {}
+        if "metric" in params:
+            update["metric"] = metric
+        if "random_state" in params and params["random_state"] is None:
+            update["random_state"] = rng.randint(np.iinfo(np.int32).max)
+        if update:
+            est.set_params(**update)
+        pos = np.asarray(est.fit_transform(X), dtype=np.float64)
+    else:
+        pos = np.asarray(init, dtype=np.float64)
+    if pos.shape != (n, 2) or not np.isfinite(pos).all():
+        raise LayoutInputError(f"init positions must be finite with shape ({n}, 2), got {pos.shape}")
+    return pos.copy()
+
+
+class ForceLayout(BaseLayout):
+    """The paper's force-directed particle optimisation ("PSO"), faithful to its reference.
+
+    Every pair of neurons ``i, j`` feels a force along ``p_j - p_i`` with strength
+
+    ``f = (l(t) * f_local(r) + g(t) * f_global(d)) / 2``
+
+    where ``d`` is the activity (profile) distance and ``r`` the current layout distance
+    (both clipped below at ``min_distance``):
+
+    - global term ``f_global = a_g (1 - (d / d_max)^3) - b_g exp(-d / c_g)``;
+    - local term ``f_local = a_l / (r + 1)^3 - b_l exp(-r / c_l)`` (bounded repulsion);
+    - a tanh schedule over ``t`` in ``[-3, 6]``: ``g = (1 - tanh t) / 2``,
+      ``l = (1 + tanh t) / 2`` moves the weight from the global to the local term.
+
+    Each step moves every neuron by the mean of its pairwise forces. From a random start
+    (``init=None``) both terms act (``a_g = 1.5``, ``b_g = 0.5``); when refining another
+    layout (``init`` given) the reference switches the global term off
+    (``a_g = b_g = 0``), so the refinement is a pure local spreading pass. Override with
+    ``global_attraction`` / ``global_repulsion``.
+
+    Parameters
+    ----------
+    init : None, str, estimator or array of shape (n_neurons, 2), default None
+        Start: uniform random positions (None), the layout of a registered method name
+        or estimator fitted on the same ``X`` (``"umap"`` gives the paper's UMAP_PSO), or
+        given positions. Initial layouts are scaled into a square of side ``init_scale``.
+    n_steps : int, default 1000
+        Optimisation steps.
+    global_attraction, global_repulsion : float, optional
+        ``a_g`` and ``b_g``; default 1.5 and 0.5 from a random start, 0 when refining.
+    global_scale : float, default 2.0
+        ``c_g``.
+    local_attraction, local_repulsion, local_scale : float, default 1.5, 15.0, 2.0
+        ``a_l``, ``b_l`` and ``c_l``.
+    min_distance : float, default 0.01
+        Lower clip of both distances.
+    init_scale : float, default 10.0
+        Side of the square an ``init`` layout is scaled into (the reference refines raw
+        UMAP/t-SNE output, which spans about ten units).
+    metric : {"cosine", "correlation", "euclidean", "precomputed"}, default "cosine"
+        Metric of the profiles, or ``"precomputed"`` when ``X`` holds distances.
+    random_state : int, RandomState instance or None, default None
+        Seed of the random start and of the ``init`` estimator.
+    progress : bool, default True
+        Show a tqdm progress bar over the steps.
+
+    Attributes
+    ----------
+    embedding_ : ndarray of shape (n_neurons, 2)
+        Coordinates in ``[0, 1]^2``.
+    init_embedding_ : ndarray of shape (n_neurons, 2) or None
+        The starting layout when ``init`` was given.
+
+    Notes
+    -----
+    Cost: ``O(n^2)`` memory (about ``6 n^2`` doubles: 1.6 GB at n = 8192) and ``O(n^2)``
+    time per step, ``n_steps`` steps. Use :class:`KNNForceLayout` for large layers.
+
+    References
+    ----------
+    Krug, Ratul, Olson, Stober, "Visualizing Deep Neural Networks with Topographic
+    Activation Maps", HHAI 2023, arXiv:2204.03528.
+    """
+
+    def __init__(
+        self,
+        init: Any = None,
+        *,
+        n_steps: int = 1000,
+        global_attraction: float | None = None,
+        global_repulsion: float | None = None,
+        global_scale: float = 2.0,
+        local_attraction: float = 1.5,
+        local_repulsion: float = 15.0,
+        local_scale: float = 2.0,
+        min_distance: float = 0.01,
+        init_scale: float = 10.0,
+        metric: str = "cosine",
+        random_state=None,
+        progress: bool = True,
+    ) -> None:
+        self.init = init
+        self.n_steps = n_steps
+        self.global_attraction = global_attraction
+        self.global_repulsion = global_repulsion
+        self.global_scale = global_scale
+        self.local_attraction = local_attraction
+        self.local_repulsion = local_repulsion
+        self.local_scale = local_scale
+        self.min_distance = min_distance
+        self.init_scale = init_scale
+        self.metric = metric
+        self.random_state = random_state
+        self.progress = progress
+
+    def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        n = X.shape[0]
+        if self.n_steps < 1:
+            raise LayoutInputError(f"n_steps must be >= 1, got {self.n_steps}")
+        init = _initial_positions(self.init, X, n, self.metric, rng)
+        self.init_embedding_ = init
+        if init is None:
+            pos = rng.uniform(size=(n, 2))
+            a_g, b_g = 1.5, 0.5
+        else:
+            lo, span = init.min(axis=0), np.ptp(init, axis=0).max()
+            pos = (init - lo) / (span if span > 0 else 1.0) * self.init_scale
+            a_g, b_g = 0.0, 0.0
+        if self.global_attraction is not None:
+            a_g = float(self.global_attraction)
+        if self.global_repulsion is not None:
+            b_g = float(self.global_repulsion)
+
+        D = np.maximum(self._distances(X), self.min_distance)
+        dmax = D.max()
+        f_glob = a_g * (1.0 - (D / dmax) ** 3) - b_g * np.exp(-D / self.global_scale)
+        del D
+        t = np.linspace(-3.0, 6.0, int(self.n_steps))
+        g_coef = (1.0 - np.tanh(t)) / 2.0
+        l_coef = (1.0 + np.tanh(t)) / 2.0
+        a_l, b_l, c_l = self.local_attraction, self.local_repulsion, self.local_scale
+        dx = np.empty((n, n))
+        dy = np.empty((n, n))
+        r = np.empty((n, n))
+        f = np.empty((n, n))
+        for step in tqdm(range(int(self.n_steps)), desc="force layout", disable=not self.progress,
+                         leave=False):
+            np.subtract(pos[None, :, 0], pos[:, None, 0], out=dx)
+            np.subtract(pos[None, :, 1], pos[:, None, 1], out=dy)
+            np.hypot(dx, dy, out=r)
+            np.maximum(r, self.min_distance, out=r)
+            # local term a/(r+1)^3 - b exp(-r/c), weighted, plus the weighted global term
+            np.divide(-r, c_l, out=f)
+            np.exp(f, out=f)
+            f *= -b_l
+            r += 1.0
+            r **= 3
+            np.divide(a_l, r, out=r)
+            f += r
+            f *= l_coef[step] / 2.0
+            if g_coef[step] * max(abs(a_g), abs(b_g)) > 0:
+                f += (g_coef[step] / 2.0) * f_glob
+            dx *= f
+            dy *= f
+            pos[:, 0] += dx.mean(axis=1)
+            pos[:, 1] += dy.mean(axis=1)
+            if not np.isfinite(pos).all():
+                raise FloatingPointError(f"force layout diverged at step {step}")
+        return pos
+
+
+# -- k-nearest-neighbour force layout (the default) ------------------------------------------
+
+
+def knn_graph(X: np.ndarray, n_neighbors: int, metric: str, features: np.ndarray | None):
+    """Indices and distances of each neuron's ``n_neighbors`` nearest other neurons.
+
+    Parameters
+    ----------
+    X : ndarray
+        Validated input: a distance matrix when ``metric="precomputed"``.
+    n_neighbors : int
+        Neighbours per neuron (at most ``n - 1``).
+    metric : str
+        The estimator's metric.
+    features : ndarray or None
+        Euclidean features matching the metric (unit vectors for cosine), when not
+        precomputed.
+
+    Returns
+    -------
+    indices, distances : ndarray of shape (n, k)
+        Sorted by distance; distances are in the metric's units (cosine distance for
+        ``"cosine"``).
+    """
+    n = X.shape[0]
+    k = int(min(n_neighbors, n - 1))
+    if metric == "precomputed":
+        D = X.copy()
+        np.fill_diagonal(D, np.inf)
+        idx = np.argpartition(D, k - 1, axis=1)[:, :k]
+        dist = np.take_along_axis(D, idx, axis=1)
+    else:
+        from sklearn.neighbors import NearestNeighbors
+
+        nn = NearestNeighbors(n_neighbors=k + 1).fit(features)
+        dist, idx = nn.kneighbors(features)
+        # drop each point itself (duplicates may come first: remove by identity, not rank)
+        self_mask = idx == np.arange(n)[:, None]
+        drop = np.where(self_mask.any(axis=1), self_mask.argmax(axis=1), k)
+        keep = np.ones_like(idx, dtype=bool)
+        keep[np.arange(n), drop] = False
+        idx = idx[keep].reshape(n, k)
+        dist = dist[keep].reshape(n, k)
+        if metric in ("cosine", "correlation"):
+            dist = dist**2 / 2.0  # chord length of unit vectors -> cosine distance
+    order = np.argsort(dist, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1)
+
+
+def fuzzy_weights(dist: np.ndarray, n_iter: int = 64) -> np.ndarray:
+    """UMAP's membership strengths ``exp(-(d - rho) / sigma)`` with ``sum = log2(k)``.
+
+    ``rho`` is the distance to the nearest neighbour and ``sigma`` is found per neuron by
+    bisection, all neurons at once.
+    """
+    n, k = dist.shape
+    target = np.log2(k) if k > 1 else 1.0
+    rho = dist[:, :1]
+    excess = np.maximum(dist - rho, 0.0)
+    lo = np.zeros((n, 1))
+    hi = np.full((n, 1), np.inf)
+    sigma = np.ones((n, 1))
+    for _ in range(n_iter):
+        total = np.exp(-excess / sigma).sum(axis=1, keepdims=True)
+        big = total > target
+        hi = np.where(big, sigma, hi)
+        lo = np.where(big, lo, sigma)
+        sigma = np.where(np.isinf(hi), sigma * 2.0, (lo + hi) / 2.0)
+    mean_d = max(float(dist.mean()), 1e-12)
+    sigma = np.maximum(sigma, 1e-3 * mean_d)
+    return np.exp(-excess / sigma)
+
+
+def _ab_params(spread: float, min_dist: float) -> tuple[float, float]:
+    """Fit ``1 / (1 + a r^(2b))`` to UMAP's target curve (as umap-learn does)."""
+    from scipy.optimize import curve_fit
+
+    r = np.linspace(0, spread * 3, 300)
+    target = np.where(r < min_dist, 1.0, np.exp(-(r - min_dist) / spread))
+    (a, b), _ = curve_fit(lambda x, a, b: 1.0 / (1.0 + a * x ** (2 * b)), r, target)
+    return float(a), float(b)
+
+
+class KNNForceLayout(BaseLayout):
+    """k-nearest-neighbour force layout: topoxr's default, for layers of any size.
+
+    The paper's force optimisation lets every pair of neurons interact, which costs
+    ``O(n^2)`` per step. Here attraction acts only along the edges of the k-nearest-
+    neighbour graph of the profiles (weighted by UMAP-style fuzzy memberships), and
+    repulsion acts on a few randomly drawn partners per neuron per step (negative
+    sampling), with the heavy-tailed kernel ``1 / (1 + a r^(2b))``. All neurons move at
+    once (vectorised numpy), ``O(n k)`` time and memory per step. A final local
+    spreading phase (optional) pushes apart neurons closer than the typical spacing, so
+    that the map has no collapsed spots and interpolated maps stay readable.
+
+    Parameters
+    ----------
+    n_neighbors : int, default 15
+        Neighbours per neuron in the attraction graph.
+    n_epochs : int, optional
+        Optimisation steps; default 500 up to 10,000 neurons, 200 above.
+    init : {"pca", "spectral", "random"}, estimator or array, default "pca"
+        Starting positions: PCA of the (metric-adjusted) profiles, a spectral embedding of
+        the neighbour graph, uniform random, the layout of an estimator, or given positions.
+    min_dist : float, default 0.1
+        Kernel shape, as in UMAP (smaller packs neighbours tighter).
+    negative_sample_rate : int, default 5
+        Repelling partners drawn per unit of attraction weight per step.
+    learning_rate : float, default 1.0
+        Initial step size (decays linearly to zero).
+    spreading : float, default 0.5
+        Strength of the final local spreading phase (0 turns it off): neurons closer than
+        ``spreading`` times the mean spacing of a uniform layout are pushed apart.
+    metric : {"cosine", "correlation", "euclidean", "precomputed"}, default "cosine"
+        Metric of the profiles, or ``"precomputed"`` when ``X`` holds distances.
+    random_state : int, RandomState instance or None, default None
+        Seed of the initialisation and of the negative samples.
+
+    Attributes
+    ----------
+    embedding_ : ndarray of shape (n_neurons, 2)
+        Coordinates in ``[0, 1]^2``.
+    graph_ : tuple of ndarray
+        ``(indices, distances)`` of the neighbour graph, each of shape (n, k).
+
+    Notes
+    -----
+    Cost: the neighbour search (a tree on the profiles, ``O(n log n)`` for few
+    features; ``O(n^2)`` for precomputed distances), then ``O(n k)`` per epoch.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_neighbors: int = 15,
+        n_epochs: int | None = None,
+        init: Any = "pca",
+        min_dist: float = 0.1,
+        negative_sample_rate: int = 5,
+        learning_rate: float = 1.0,
+        spreading: float = 0.5,
+        metric: str = "cosine",
+        random_state=None,
+    ) -> None:
+        self.n_neighbors = n_neighbors
+        self.n_epochs = n_epochs
+        self.init = init
+        self.min_dist = min_dist
+        self.negative_sample_rate = negative_sample_rate
+        self.learning_rate = learning_rate
+        self.spreading = spreading
+        self.metric = metric
+        self.random_state = random_state
+
+    def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+        n = X.shape[0]
+        if self.n_neighbors < 1:
+            raise LayoutInputError(f"n_neighbors must be >= 1, got {self.n_neighbors}")
+        F = None if self.metric == "precomputed" else self._features(X)
+        idx, dist = knn_graph(X, self.n_neighbors, self.metric, F)
+        self.graph_ = (idx, dist)
+        k = idx.shape[1]
+        w = fuzzy_weights(dist)
+        # symmetrise: w_ij + w_ji - w_ij w_ji (fuzzy union), as a sparse matrix
+        from scipy import sparse
+
+        A = sparse.csr_matrix((w.ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+        A = (A + A.T - A.multiply(A.T)).tocoo()
+        heads, tails, weight = A.row, A.col, A.data
+        keep = weight > weight.max() * 1e-3
+        heads, tails, weight = heads[keep], tails[keep], weight[keep] / weight.max()
+
+        pos = self._init_positions(X, F, heads, tails, weight, n, rng)
+        a, b = _ab_params(1.0, self.min_dist)
+        n_epochs = self.n_epochs or (500 if n <= 10_000 else 200)
+        degree = np.bincount(heads, weights=weight, minlength=n)
+        n_neg = np.maximum(np.rint(degree * self.negative_sample_rate).astype(np.int64), 1)
+        neg_heads = np.repeat(np.arange(n), n_neg)
+        for epoch in range(int(n_epochs)):
+            alpha = self.learning_rate * (1.0 - epoch / n_epochs)
+            # attraction along the graph
+            diff = pos[heads] - pos[tails]
+            d2 = np.einsum("ij,ij->i", diff, diff)
+            coef = -2.0 * a * b * np.power(d2, b - 1.0, where=d2 > 0, out=np.zeros_like(d2))
+            coef /= 1.0 + a * np.power(d2, b)
+            grad = np.clip(coef[:, None] * diff, -4.0, 4.0) * weight[:, None]
+            # repulsion from random partners
+            neg_tails = rng.randint(n, size=neg_heads.size)
+            ndiff = pos[neg_heads] - pos[neg_tails]
+            nd2 = np.einsum("ij,ij->i", ndiff, ndiff)
+            ncoef = 2.0 * b / ((0.001 + nd2) * (1.0 + a * np.power(nd2, b)))
+            ngrad = np.clip(ncoef[:, None] * ndiff, -4.0, 4.0)
+            ngrad[neg_tails == neg_heads] = 0.0
+            step = np.empty_like(pos)
+            for c in range(2):
+                step[:, c] = np.bincount(heads, grad[:, c], minlength=n)
+                step[:, c] += np.bincount(neg_heads, ngrad[:, c], minlength=n)
+            pos += alpha * step
+        if self.spreading > 0:
+            pos = _spread(pos, float(self.spreading), rng)
+        return pos
+
+    def _init_positions(self, X, F, heads, tails, weight, n, rng) -> np.ndarray:
+        init = self.init
+        if isinstance(init, str) and init in ("pca", "spectral", "random"):
+            if init == "random":
+                pos = rng.uniform(size=(n, 2))
+            elif init == "pca":
+                from topoxr.layout.linear import PCALayout
+
+                pos = PCALayout(metric=self.metric, random_state=rng).fit_transform(X)
+            else:
+                pos = _spectral(heads, tails, weight, n, rng)
+        else:
+            pos = _initial_positions(init, X, n, self.metric, rng)
+        pos = pos - pos.min(axis=0)
+        span = pos.max()
+        pos = pos / (span if span > 0 else 1.0) * 10.0
+        # a little noise separates duplicate profiles, which share a start
+        return pos + rng.normal(scale=1e-4, size=pos.shape)
+
+
+def _spectral(heads, tails, weight, n, rng) -> np.ndarray:
+    """Two leading non-trivial eigenvectors of the normalised graph Laplacian."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components, laplacian
+    from scipy.sparse.linalg import eigsh
+
+    A = sparse.csr_matrix((weight, (heads, tails)), shape=(n, n))
+    n_comp, _ = connected_components(A, directed=False)
+    if n_comp > 1 or n < 10:
+        return rng.uniform(size=(n, 2))
+    L = laplacian(A, normed=True)
+    v0 = rng.uniform(size=n)
+    try:
+        vals, vecs = eigsh(L, k=3, which="SM", tol=1e-4, v0=v0, maxiter=n * 5)
+    except Exception:  # ARPACK did not converge: fall back to random
+        logger.info("spectral initialisation did not converge; using a random start")
+        return rng.uniform(size=(n, 2))
+    order = np.argsort(vals)
+    return vecs[:, order[1:3]]
+
+
+def _spread(pos: np.ndarray, strength: float, rng) -> np.ndarray:
+    """Push apart neurons closer than ``strength`` times the uniform spacing (k-d tree)."""
+    from scipy.spatial import cKDTree
+
+    n = pos.shape[0]
+    pos = pos.copy()
+    for _ in range(30):
+        span = np.ptp(pos, axis=0)
+        area = max(float(span[0] * span[1]), float(span.max()) ** 2 * 1e-3)
+        radius = strength * np.sqrt(area / n)
+        pairs = cKDTree(pos).query_pairs(radius, output_type="ndarray")
+        if pairs.size == 0:
+            break
+        i, j = pairs[:, 0], pairs[:, 1]
+        diff = pos[i] - pos[j]
+        d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        same = d < 1e-12 * radius
+        if same.any():
+            diff[same] = rng.normal(size=(int(same.sum()), 2))
+            d[same] = np.linalg.norm(diff[same], axis=1)
+        push = ((radius - d) / 2.0 / np.maximum(d, 1e-300))[:, None] * diff * 0.5
+        move = np.zeros_like(pos)
+        for c in range(2):
+            move[:, c] = np.bincount(i, push[:, c], minlength=n) - np.bincount(
+                j, push[:, c], minlength=n
+            )
+        pos += move
+    return pos
