@@ -1,0 +1,163 @@
+"""Test helpers: small synthetic layers with planted structure, and layout assertions.
+
+Public so that downstream projects (and topoxr's own tests, docs and benchmarks) can
+build objects shaped exactly like a layer node of :func:`topoxr.open_store` without a
+deep learning framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from topoxr.conventions import (
+    ACTIVATION,
+    ATTR_LAYER,
+    COMMITTED,
+    CORRECT,
+    EPOCH,
+    EPOCH_COMPLETE,
+    LABEL,
+    NEURON,
+    PREDICTION,
+    SAMPLE,
+    X,
+    Y,
+)
+
+__all__ = ["assert_layout_close", "make_activations"]
+
+
+def make_activations(
+    n_neurons: int = 12,
+    n_samples: int = 40,
+    n_epochs: int = 3,
+    n_labels: int = 4,
+    *,
+    n_dead: int = 0,
+    chunks: dict[str, int] | None = None,
+    random_state: int | None = 0,
+) -> xr.Dataset:
+    """Build a synthetic layer node with class-selective neurons.
+
+    Neuron ``i`` prefers label ``i % n_labels``: its activation is noise plus a bump for
+    samples of that label, and the bump grows over the epochs (the layer "learns").
+    Predictions become more accurate from epoch to epoch. The result has the variables,
+    coordinates and attributes of a layer node of :func:`topoxr.open_store`.
+
+    Parameters
+    ----------
+    n_neurons, n_samples, n_epochs, n_labels : int
+        Sizes. Labels cycle over the samples so every label occurs.
+    n_dead : int, default 0
+        The last ``n_dead`` neurons are dead (always exactly zero).
+    chunks : dict, optional
+        If given, the activation is a dask array with these chunks, e.g.
+        ``{"sample": 10, "epoch": 1}``.
+    random_state : int, optional
+        Seed of the noise.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``activation`` of dims ``("neuron", "sample", "epoch")`` (float32) with the
+        coordinates ``neuron``, ``sample``, ``epoch``, ``label``, ``prediction``,
+        ``correct``, ``committed``, ``epoch_complete`` and a ``preferred`` coordinate on
+        ``neuron`` giving the planted label of each neuron (-1 for dead ones).
+
+    Examples
+    --------
+    >>> ds = make_activations(n_neurons=8, n_samples=20, n_epochs=2)
+    >>> ds.activation.dims
+    ('neuron', 'sample', 'epoch')
+    """
+    if min(n_neurons, n_samples, n_epochs, n_labels) < 1:
+        raise ValueError("n_neurons, n_samples, n_epochs and n_labels must all be >= 1")
+    if not 0 <= n_dead <= n_neurons:
+        raise ValueError(f"n_dead must be between 0 and n_neurons={n_neurons}, got {n_dead}")
+    rng = np.random.default_rng(random_state)
+    labels = np.arange(n_samples) % n_labels
+    preferred = np.arange(n_neurons) % n_labels
+    strength = np.linspace(1.0, 3.0, n_epochs)
+    noise = rng.normal(0.0, 0.3, size=(n_neurons, n_samples, n_epochs))
+    bump = (preferred[:, None] == labels[None, :]).astype(float)
+    values = noise + bump[:, :, None] * strength[None, None, :]
+    # A little shared structure between neurons of the same label, so profiles differ.
+    values += 0.2 * np.sin(preferred)[:, None, None]
+    if n_dead:
+        values[n_neurons - n_dead :] = 0.0
+        preferred = preferred.copy()
+        preferred[n_neurons - n_dead :] = -1
+    accuracy = np.linspace(0.3, 0.9, n_epochs)
+    hit = rng.random((n_samples, n_epochs)) < accuracy[None, :]
+    wrong = (labels[:, None] + 1 + rng.integers(0, max(1, n_labels - 1), (n_samples, n_epochs)))
+    prediction = np.where(hit, labels[:, None], wrong % n_labels)
+    data: Any = values.astype(np.float32)
+    if chunks:
+        import dask.array as dsa
+
+        dims = (NEURON, SAMPLE, EPOCH)
+        data = dsa.from_array(data, chunks=tuple(chunks.get(d, -1) for d in dims))
+    coords = {
+        NEURON: np.arange(n_neurons),
+        SAMPLE: np.arange(n_samples) + 1000,
+        EPOCH: np.arange(n_epochs),
+        LABEL: (SAMPLE, labels),
+        PREDICTION: ((SAMPLE, EPOCH), prediction),
+        CORRECT: ((SAMPLE, EPOCH), prediction == labels[:, None]),
+        COMMITTED: ((SAMPLE, EPOCH), np.ones((n_samples, n_epochs), dtype=bool)),
+        EPOCH_COMPLETE: (EPOCH, np.ones(n_epochs, dtype=bool)),
+        "preferred": (NEURON, preferred),
+    }
+    act = xr.DataArray(data, dims=(NEURON, SAMPLE, EPOCH), name=ACTIVATION)
+    return xr.Dataset({ACTIVATION: act}, coords=coords, attrs={ATTR_LAYER: "synthetic"})
+
+
+def _xy(obj: Any) -> np.ndarray:
+    if X not in obj.coords or Y not in obj.coords:
+        raise AssertionError(f"object has no layout: coordinates {X!r} and {Y!r} are missing")
+    xs = obj.coords[X].transpose(NEURON, ...).values
+    ys = obj.coords[Y].transpose(NEURON, ...).values
+    return np.stack([xs, ys], axis=-1)
+
+
+def assert_layout_close(
+    actual: Any,
+    desired: Any,
+    *,
+    atol: float = 1e-6,
+    rtol: float = 0.0,
+    up_to_rotation: bool = False,
+) -> None:
+    """Assert that two laid-out objects place the same neurons at the same positions.
+
+    Parameters
+    ----------
+    actual, desired : xarray.DataArray or xarray.Dataset
+        Objects with ``x`` and ``y`` coordinates on ``neuron``.
+    atol, rtol : float
+        Tolerances of :func:`numpy.testing.assert_allclose`.
+    up_to_rotation : bool, default False
+        Align ``actual`` onto ``desired`` with orthogonal Procrustes first, so layouts
+        that differ only by a rotation, reflection or translation compare equal.
+
+    Raises
+    ------
+    AssertionError
+        If neurons differ or positions are not close.
+    """
+    np.testing.assert_array_equal(actual[NEURON].values, desired[NEURON].values,
+                                  err_msg="the layouts are of different neurons")
+    a, d = _xy(actual), _xy(desired)
+    if a.shape != d.shape:
+        raise AssertionError(f"layout shapes differ: {a.shape} != {d.shape}")
+    if up_to_rotation:
+        from topoxr.align import procrustes
+
+        a2 = a.reshape(a.shape[0], -1, 2)
+        d2 = d.reshape(d.shape[0], -1, 2)
+        a = np.stack([procrustes(a2[:, i], d2[:, i], rescale=False)[0]
+                      for i in range(a2.shape[1])], axis=1).reshape(a.shape)
+    np.testing.assert_allclose(a, d, atol=atol, rtol=rtol, err_msg="layouts differ")

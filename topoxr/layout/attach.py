@@ -1,0 +1,577 @@
+"""Attach layouts to labeled objects; compute many in parallel; save them in the store.
+
+:func:`attach` is the xarray face of the layout estimators: profiles -> estimator ->
+``x``, ``y`` coordinates on ``neuron``, with the provenance (method, parameters, seeds,
+metric, profile) in the ``topoxr_layout`` attribute. :func:`compute_layouts` runs many
+layouts (models x layers x epochs x methods x seeds) as independent dask tasks, on
+threads, processes or a ``dask.distributed`` cluster; every task's seed is drawn up
+front from the user's seed, so the result does not depend on chunking or scheduling.
+:func:`save_layout` / :func:`load_layout` keep layouts inside the store, beside the layer
+(``<model>/<layer>/layouts/<name>``), where :func:`topoxr.open_store` shows them as child
+nodes of the layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
+from topoxr.layout._registry import DEFAULT_METHOD, get_estimator
+from topoxr.profiles import (
+    ATTR_PROFILE,
+    FEATURE,
+    METRICS,
+    ProfileError,
+    degenerate_rows,
+    profiles,
+    report_degenerate,
+)
+
+__all__ = [
+    "LAYOUTS_GROUP",
+    "attach",
+    "compute_layouts",
+    "draw_seeds",
+    "load_layout",
+    "save_layout",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Child group of a layer that holds saved layouts.
+LAYOUTS_GROUP = "layouts"
+
+
+# --------------------------------------------------------------------------------------
+# Seeds and the single fit
+# --------------------------------------------------------------------------------------
+def draw_seeds(random_state: int | None, n: int) -> tuple[int, list[int]]:
+    """Draw ``n`` independent task seeds from one user seed.
+
+    Parameters
+    ----------
+    random_state : int or None
+        The user's seed; None draws fresh entropy (returned, so the run can be repeated).
+    n : int
+        Number of seeds (one per epoch).
+
+    Returns
+    -------
+    entropy, seeds : int, list of int
+        The root seed actually used and ``n`` seeds in ``[0, 2**32)``.
+    """
+    ss = np.random.SeedSequence(random_state)
+    return int(ss.entropy), [int(s) for s in ss.generate_state(max(n, 1))[:n]]
+
+
+def _clean(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    X = X[:, ~np.isnan(X).all(axis=0)]
+    if not np.isfinite(X).all():
+        rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        raise ProfileError(f"profiles hold NaN or inf for neuron position(s) {rows[:20].tolist()}")
+    if X.shape[1] == 0:
+        raise ProfileError("profiles have no finite feature")
+    return X
+
+
+def _build(method: Any, seed: int | None, metric: str, params: Mapping[str, Any]) -> Any:
+    probe = get_estimator(method, **params)
+    accepted = probe.get_params() if hasattr(probe, "get_params") else {}
+    extra = {k: v for k, v in (("metric", metric), ("random_state", seed)) if k in accepted
+             and k not in params}
+    return get_estimator(method, **extra, **params) if extra else probe
+
+
+def _fit_one(X: np.ndarray, method: Any, seed: int | None, metric: str,
+             params: Mapping[str, Any]) -> np.ndarray:
+    """One layout: validated profiles -> (n, 2) coordinates in the unit square."""
+    est = _build(method, seed, metric, params)
+    coords = np.asarray(est.fit_transform(X), dtype=np.float64)
+    if coords.shape != (X.shape[0], 2) or not np.isfinite(coords).all():
+        raise RuntimeError(f"layout {method!r} returned invalid coordinates {coords.shape}")
+    return coords
+
+
+def _method_name(method: Any) -> str:
+    return method if isinstance(method, str) else type(method).__name__
+
+
+def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(params), default=repr))
+
+
+# --------------------------------------------------------------------------------------
+# Profiles of an object, per epoch
+# --------------------------------------------------------------------------------------
+def _profiles_of(obj: Any, profile: Any) -> xr.DataArray:
+    if isinstance(profile, xr.DataArray):
+        prof = profile
+    elif profile is None:
+        prof = profiles(obj)
+    elif isinstance(profile, Mapping):
+        prof = profiles(obj, **profile)
+    else:
+        raise TypeError("profile must be None, a mapping of profiles() arguments or a "
+                        f"DataArray of profiles, got {type(profile).__name__}")
+    if FEATURE not in prof.dims or NEURON not in prof.dims:
+        raise ProfileError(f"profiles need dims ('neuron', 'feature'[, 'epoch']), got {prof.dims}")
+    if NEURON in obj.dims and prof.sizes[NEURON] != obj.sizes[NEURON]:
+        raise ProfileError(f"profiles have {prof.sizes[NEURON]} neurons, the object "
+                           f"{obj.sizes[NEURON]}")
+    return prof.transpose(NEURON, FEATURE, ...)
+
+
+def _matrices(prof: xr.DataArray, share: Any) -> tuple[list[Any], list[np.ndarray]]:
+    """The profile matrix of every layout to compute: [(epoch label or None)], [X]."""
+    values = np.asarray(prof.values, dtype=np.float64)  # computes dask input once
+    if EPOCH not in prof.dims:
+        return [None], [_clean(values)]
+    epochs = prof[EPOCH].values.tolist()
+    if share is None:
+        return epochs, [_clean(values[:, :, e]) for e in range(len(epochs))]
+    if isinstance(share, str) and share == "all":
+        return ["all"], [_clean(values.reshape(values.shape[0], -1))]
+    if share not in epochs:
+        raise ProfileError(f"share={share!r} is neither None, 'all' nor an epoch of {epochs}")
+    return [share], [_clean(values[:, :, epochs.index(share)])]
+
+
+def _assemble(obj: Any, per_epoch: bool, coords: list[np.ndarray], desc: dict[str, Any],
+              align: bool) -> Any:
+    from topoxr.align import align_epochs
+
+    if per_epoch:
+        P = np.stack(coords, axis=1)  # (neuron, epoch, 2)
+        out = obj.assign_coords({X: ((NEURON, EPOCH), P[..., 0]),
+                                 Y: ((NEURON, EPOCH), P[..., 1])})
+    else:
+        out = obj.assign_coords({X: (NEURON, coords[0][:, 0]), Y: (NEURON, coords[0][:, 1])})
+    out.attrs = {**obj.attrs, ATTR_LAYOUT: json.dumps(desc)}
+    if align and per_epoch:
+        out = align_epochs(out)
+    return out
+
+
+def attach(
+    obj: Any,
+    method: Any = DEFAULT_METHOD,
+    *,
+    random_state: int | None = None,
+    profile: Any = None,
+    metric: str = "cosine",
+    share: Any = None,
+    align: bool = True,
+    **params: Any,
+) -> Any:
+    """Lay out the neurons of ``obj`` and return it with ``x``, ``y`` coordinates.
+
+    Parameters
+    ----------
+    obj : xarray.DataArray or xarray.Dataset
+        Activations ``(neuron, sample, epoch)`` (a layer node of
+        :func:`topoxr.open_store`), NAPs from :func:`topoxr.naps`, or profiles.
+    method : str or estimator, default :data:`topoxr.layout._registry.DEFAULT_METHOD`
+        A registered layout name (``"pca"``, ``"umap+force"``...; see
+        :func:`topoxr.layout.available_methods`) or an estimator instance.
+    random_state : int, optional
+        Root seed. One seed per layout (epoch) is drawn from it up front with
+        :func:`draw_seeds`; with None, fresh entropy is drawn and recorded.
+    profile : mapping or xarray.DataArray, optional
+        Arguments of :func:`topoxr.profiles` (e.g. ``{"source": "activations",
+        "n_samples": 500, "balanced": True}``), or precomputed profiles. Default: NAPs by
+        label (or the NAPs themselves when ``obj`` is NAPs).
+    metric : {"cosine", "correlation", "euclidean"}, default "cosine"
+        Profile distance handed to the estimator. Dead/constant neurons are reported
+        (``dead_neurons``/``constant_neurons`` in the layout description).
+    share : None, "all" or an epoch label, default None
+        ``None``: one layout per epoch, ``x``/``y`` on ``(neuron, epoch)``. ``"all"``: one
+        layout from the profiles of all epochs side by side. An epoch label: that
+        epoch's layout for every epoch (the paper's fixed layout for animations).
+        Shared layouts put ``x``/``y`` on ``neuron`` only.
+    align : bool, default True
+        For per-epoch layouts, align each epoch onto the previous one
+        (:func:`topoxr.align.align_epochs`) so animations do not flip.
+    **params
+        Parameters of the estimator.
+
+    Returns
+    -------
+    same type as ``obj``
+        A new object (neurons never reordered, ``obj`` not modified) with coordinates
+        ``x``, ``y`` on ``neuron`` and the JSON attribute ``topoxr_layout``: ``method``,
+        ``params``, ``metric``, ``random_state``, ``seeds``, ``share``, ``profile`` (the
+        profile description), ``dead_neurons``, ``constant_neurons``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method (the message lists the registered ones), an unknown
+        metric, NaN/inf profiles or fewer than 5 neurons.
+
+    Examples
+    --------
+    >>> from topoxr.testing import make_activations
+    >>> laid = attach(make_activations(n_neurons=12), "pca", random_state=0)
+    >>> laid.x.dims
+    ('neuron', 'epoch')
+    """
+    if metric not in METRICS:
+        raise ProfileError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    get_estimator(method, **params)  # fail early on an unknown method or parameter
+    prof = _profiles_of(obj, profile)
+    epochs, mats = _matrices(prof, share)
+    entropy, seeds = draw_seeds(random_state, len(mats))
+    dead = np.zeros(prof.sizes[NEURON], dtype=bool)
+    constant = np.zeros_like(dead)
+    for Xm in mats:
+        d, c = degenerate_rows(Xm, metric)
+        dead |= d
+        constant |= c
+    rep = report_degenerate({"dead": dead, "constant": constant & ~dead},
+                            np.asarray(prof[NEURON].values), metric, "layout")
+    coords = [_fit_one(Xm, method, s, metric, params) for Xm, s in zip(mats, seeds, strict=True)]
+    desc = {
+        "method": _method_name(method), "params": _jsonable(params), "metric": metric,
+        "random_state": entropy, "seeds": seeds,
+        "share": share, "epochs": [e for e in epochs if e is not None],
+        "profile": json.loads(prof.attrs.get(ATTR_PROFILE, "{}")), **rep,
+    }
+    per_epoch = epochs[0] is not None and share is None
+    if per_epoch and EPOCH not in obj.dims:
+        raise ProfileError("per-epoch profiles need an object with an 'epoch' dimension; "
+                           "pass share='all' or an epoch label")
+    return _assemble(obj, per_epoch, coords, desc, align)
+
+
+# --------------------------------------------------------------------------------------
+# Many layouts in parallel
+# --------------------------------------------------------------------------------------
+def _layer_nodes(tree: xr.DataTree, models: Iterable[str] | None,
+                 layers: Iterable[str] | None) -> list[tuple[str, str, xr.Dataset]]:
+    from topoxr.conventions import ACTIVATION
+
+    want_m = None if models is None else set(models)
+    want_l = None if layers is None else set(layers)
+    out = []
+    for model_name, model_node in tree.children.items():
+        if want_m is not None and model_name not in want_m:
+            continue
+        for layer_name, node in model_node.children.items():
+            if ACTIVATION not in node.data_vars:
+                continue
+            if want_l is not None and layer_name not in want_l:
+                continue
+            out.append((str(model_name), str(layer_name), node.to_dataset()))
+    if not out:
+        raise ValueError(f"no layer matches models={models} layers={layers}; the tree has "
+                         f"{[f'{m}/{l}' for m, c in tree.children.items() for l in c.children]}")
+    return out
+
+
+def compute_layouts(
+    tree: xr.DataTree,
+    *,
+    models: Iterable[str] | None = None,
+    layers: Iterable[str] | None = None,
+    epochs: Any = None,
+    methods: Sequence[Any] = (DEFAULT_METHOD,),
+    seeds: Sequence[int] = (0,),
+    profile: Any = None,
+    metric: str = "cosine",
+    align: bool = True,
+    client: Any = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+    **params: Any,
+) -> xr.DataTree:
+    """Compute many layouts in parallel with dask.
+
+    One task per (model, layer, epoch, method, seed). The task seeds are drawn up front
+    exactly as :func:`attach` draws them (``draw_seeds(seed, n_epochs)`` per layer), so
+    ``compute_layouts(tree, seeds=[s])`` equals ``attach(layer, method,
+    random_state=s)`` for every layer, whatever the scheduler.
+
+    Parameters
+    ----------
+    tree : xarray.DataTree
+        As returned by :func:`topoxr.open_store`.
+    models, layers : iterable of str, optional
+        Node names to include (default: all).
+    epochs : label or list of labels, optional
+        Epochs to lay out (default: all).
+    methods : sequence of str or estimators, default ``(DEFAULT_METHOD,)``
+    seeds : sequence of int, default ``(0,)``
+        One full set of layouts per seed.
+    profile, metric, align, **params
+        As in :func:`attach`.
+    client : distributed.Client, optional
+        Run the profiles and the layout tasks on this cluster.
+    scheduler : {"threads", "processes", "sync"}, optional
+        Local dask scheduler when no client is given (default: dask's, i.e. threads).
+    progress : bool, default True
+        Show a tqdm progress bar over the layout tasks.
+
+    Returns
+    -------
+    xarray.DataTree
+        Nodes ``/<model>/<layer>`` holding a Dataset with ``x``, ``y`` of dims
+        ``("method", "seed", "epoch", "neuron")`` (no ``epoch`` for layers without one)
+        and the layer's neuron coordinates; attrs ``topoxr_layout`` (JSON: metric,
+        params, profile, seeds per seed). Method names are the ``method`` coordinate.
+    """
+    import dask
+    from tqdm.auto import tqdm
+
+    from topoxr.align import align_epochs
+
+    if metric not in METRICS:
+        raise ProfileError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    methods = list(methods)
+    seeds = [int(s) for s in seeds]
+    if not methods or not seeds:
+        raise ValueError("methods and seeds must not be empty")
+    for method in methods:
+        get_estimator(method, **params)
+    nodes = _layer_nodes(tree, models, layers)
+    if epochs is not None:
+        sel = [epochs] if np.ndim(epochs) == 0 else list(epochs)
+        nodes = [(m, l, ds.sel({EPOCH: sel})) for m, l, ds in nodes]
+
+    get = client if client is not None else scheduler
+    lazy_profiles = [_profiles_of(ds, profile) for _, _, ds in nodes]
+    computed = dask.compute(*lazy_profiles, scheduler=get)
+    per_layer = [_matrices(p, None) for p in computed]
+
+    tasks, index = [], []
+    for li, (_, mats) in enumerate(per_layer):
+        for mi, method in enumerate(methods):
+            for si, seed in enumerate(seeds):
+                _, task_seeds = draw_seeds(seed, len(mats))
+                for ei, (Xm, ts) in enumerate(zip(mats, task_seeds, strict=True)):
+                    key = f"topoxr-layout-{li}-{mi}-{si}-{ei}"
+                    tasks.append(dask.delayed(_fit_one, pure=True)(
+                        Xm, method, ts, metric, dict(params), dask_key_name=key))
+                    index.append((li, mi, si, ei))
+    results = _run(tasks, client=client, scheduler=scheduler, progress=progress, tqdm=tqdm)
+
+    out: dict[str, xr.Dataset] = {}
+    for li, (model, layer, ds) in enumerate(nodes):
+        ep_labels, mats = per_layer[li]
+        n = mats[0].shape[0]
+        P = np.empty((len(methods), len(seeds), len(ep_labels), n, 2))
+        for (lj, mi, si, ei), coords in zip(index, results, strict=True):
+            if lj == li:
+                P[mi, si, ei] = coords
+        has_epoch = ep_labels[0] is not None
+        neuron_coords = {c: ds.coords[c].variable for c in ds.coords
+                         if ds.coords[c].dims == (NEURON,)}
+        if has_epoch and align:
+            for mi in range(len(methods)):
+                for si in range(len(seeds)):
+                    tmp = xr.Dataset(coords={
+                        NEURON: ds[NEURON].values, EPOCH: ep_labels,
+                        X: ((NEURON, EPOCH), P[mi, si, :, :, 0].T),
+                        Y: ((NEURON, EPOCH), P[mi, si, :, :, 1].T)})
+                    tmp = align_epochs(tmp)
+                    P[mi, si, :, :, 0] = tmp[X].transpose(EPOCH, NEURON).values
+                    P[mi, si, :, :, 1] = tmp[Y].transpose(EPOCH, NEURON).values
+        dims = ("method", "seed", EPOCH, NEURON) if has_epoch else ("method", "seed", NEURON)
+        data = P if has_epoch else P[:, :, 0]
+        coords = {"method": [_method_name(m) for m in methods], "seed": seeds, **neuron_coords}
+        if has_epoch:
+            coords[EPOCH] = ep_labels
+        desc = {"metric": metric, "params": _jsonable(params),
+                "profile": json.loads(computed[li].attrs.get(ATTR_PROFILE, "{}")),
+                "seeds": {str(s): draw_seeds(s, len(mats))[1] for s in seeds}}
+        out[f"/{model}/{layer}"] = xr.Dataset(
+            {X: (dims, data[..., 0]), Y: (dims, data[..., 1])}, coords=coords,
+            attrs={**ds.attrs, ATTR_LAYOUT: json.dumps(desc)})
+    return xr.DataTree.from_dict(out)
+
+
+def _run(tasks: list[Any], *, client: Any, scheduler: str | None, progress: bool,
+         tqdm: Any) -> list[np.ndarray]:
+    import dask
+
+    bar = tqdm(total=len(tasks), desc="layouts", unit="layout", disable=not progress)
+    try:
+        if client is not None:
+            from distributed import as_completed
+
+            futures = client.compute(tasks)
+            position = {f.key: i for i, f in enumerate(futures)}
+            results: list[Any] = [None] * len(futures)
+            for fut in as_completed(futures):
+                results[position[fut.key]] = fut.result()
+                bar.update(1)
+            return results
+        from dask.callbacks import Callback
+
+        def _posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if isinstance(key, str) and key.startswith("topoxr-layout-"):
+                bar.update(1)
+
+        with Callback(posttask=_posttask):
+            return list(dask.compute(*tasks, scheduler=scheduler))
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------
+# Saved layouts
+# --------------------------------------------------------------------------------------
+def _layer_group(store: Any, model: str, layer: str, mode: str,
+                 storage_options: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    import zarr
+
+    from topoxr.store import StoreError, _locate, safe_node_name
+
+    loc = _locate(store, storage_options)
+    root = zarr.open_group(loc.store, mode=mode, use_consolidated=False)
+    path = f"{safe_node_name(model)}/{safe_node_name(layer)}"
+    try:
+        group = root[path]
+    except KeyError as err:
+        raise StoreError(f"no layer {layer!r} of model {model!r} in {loc.url!r}") from err
+    return loc, group
+
+
+def save_layout(
+    store: Any,
+    model: str,
+    layer: str,
+    laid: Any,
+    name: str,
+    *,
+    overwrite: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Save the ``x``, ``y`` coordinates of a laid-out object into the store.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Path or fsspec URL of a topoxr store holding ``model``/``layer``.
+    model, layer : str
+        The layer the layout belongs to (original names, as given to the writer).
+    laid : xarray.DataArray or xarray.Dataset
+        Object with ``x``, ``y`` on ``neuron`` (or on ``(neuron, epoch)``).
+    name : str
+        Layout name, e.g. ``"umap+force-seed0"`` (made node-safe).
+    overwrite : bool, default True
+        Replace a saved layout of the same name; with False that raises.
+    storage_options : mapping, optional
+        Passed to fsspec.
+
+    Returns
+    -------
+    str
+        The group path inside the store, ``<model>/<layer>/layouts/<name>``.
+
+    Raises
+    ------
+    topoxr.StoreError
+        If the layer does not exist, the neuron count differs, or the name is taken and
+        ``overwrite`` is False.
+    topoxr.StoreLockedError
+        If a writer holds the store (saving waits for no one).
+    """
+    from topoxr._locking import WriterLock
+    from topoxr.store import StoreError, safe_node_name
+
+    if X not in laid.coords or Y not in laid.coords:
+        raise StoreError(f"the object has no layout: coordinates {X!r}, {Y!r} are missing")
+    loc, group = _layer_group(store, model, layer, "r+", storage_options)
+    n_store = group["activation"].shape[0]
+    if laid.sizes[NEURON] != n_store:
+        raise StoreError(f"the layout has {laid.sizes[NEURON]} neurons, layer {layer!r} has "
+                         f"{n_store}")
+    lock_path = "" if loc.fs is None else loc.fs_path.rstrip("/") + ".topoxr-lock"
+    lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=lock_path)
+    lock.acquire()
+    try:
+        parent = group.require_group(LAYOUTS_GROUP)
+        safe = safe_node_name(name)
+        if safe in dict(parent.members()):
+            if not overwrite:
+                raise StoreError(f"a layout named {name!r} exists; pass overwrite=True")
+            del parent[safe]
+        dims = tuple(str(d) for d in laid.coords[X].dims)
+        node = parent.create_group(safe, attributes={
+            "name": name, ATTR_LAYOUT: laid.attrs.get(ATTR_LAYOUT, "{}")})
+        for key in (X, Y):
+            values = np.asarray(laid.coords[key].transpose(*dims).values, dtype=np.float64)
+            arr = node.create_array(key, shape=values.shape, dtype="float64",
+                                    dimension_names=dims)
+            arr[...] = values
+        for dim in dims:
+            values = np.asarray(laid[dim].values)
+            arr = node.create_array(dim, shape=values.shape, dtype=values.dtype,
+                                    dimension_names=(dim,))
+            arr[...] = values
+    finally:
+        lock.release()
+    logger.info("saved layout %r of %s/%s in %s", name, model, layer, loc.url)
+    return f"{safe_node_name(model)}/{safe_node_name(layer)}/{LAYOUTS_GROUP}/{safe}"
+
+
+def load_layout(
+    store: Any,
+    model: str,
+    layer: str,
+    name: str,
+    *,
+    onto: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Load a saved layout.
+
+    Parameters
+    ----------
+    store, model, layer, name, storage_options
+        As in :func:`save_layout`.
+    onto : xarray.DataArray or xarray.Dataset, optional
+        Attach the layout to this object (matched by ``neuron`` label) and return it.
+
+    Returns
+    -------
+    xarray.Dataset or same type as ``onto``
+        ``x``, ``y`` (dims as saved) with the ``topoxr_layout`` attribute, or ``onto``
+        with those coordinates.
+
+    Raises
+    ------
+    topoxr.StoreError
+        If the layer or the layout does not exist (the message lists saved layouts).
+    """
+    from topoxr.store import StoreError, safe_node_name
+
+    _, group = _layer_group(store, model, layer, "r", storage_options)
+    saved = dict(group[LAYOUTS_GROUP].members()) if LAYOUTS_GROUP in dict(group.members()) else {}
+    safe = safe_node_name(name)
+    if safe not in saved:
+        raise StoreError(f"no layout {name!r} saved for {model}/{layer}; saved: "
+                         f"{sorted(saved)}")
+    node = saved[safe]
+    arrays = dict(node.arrays())
+    dims = tuple(arrays[X].metadata.dimension_names)
+    coords = {d: np.asarray(arrays[d][...]) for d in dims}
+    ds = xr.Dataset({X: (dims, np.asarray(arrays[X][...])), Y: (dims, np.asarray(arrays[Y][...]))},
+                    coords=coords, attrs={ATTR_LAYOUT: node.attrs.get(ATTR_LAYOUT, "{}")})
+    if onto is None:
+        return ds
+    ds = ds.reindex({NEURON: onto[NEURON].values})
+    if bool(ds[X].isnull().any()):
+        raise StoreError("the saved layout does not cover every neuron of `onto`")
+    if EPOCH in dims and EPOCH in onto.dims:
+        ds = ds.sel({EPOCH: onto[EPOCH].values})
+    out = onto.assign_coords({X: ds[X].variable, Y: ds[Y].variable})
+    out.attrs = {**onto.attrs, ATTR_LAYOUT: ds.attrs[ATTR_LAYOUT]}
+    return out

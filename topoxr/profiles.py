@@ -1,0 +1,468 @@
+"""Neuron profiles and the distances between them.
+
+A *profile* is the vector that describes one neuron's behaviour (PAPER.md, step 3):
+its column of the NAP matrix (values across groups), or its raw activations over a
+seeded random subset of samples. Layouts place neurons with similar profiles close
+together, so profiles and their distances are the input of every layout method.
+
+Degenerate neurons
+------------------
+Cosine distance is undefined for a profile of zeros (a *dead* neuron, or a neuron whose
+NAPs are the same for every group, which normalisation turns into zeros) and correlation
+distance for a constant profile. topoxr never hides this behind an epsilon. A profile
+whose norm (after centring, for ``"correlation"``) is at most ``tol`` times the largest
+norm of the layer is *degenerate*; then, by definition:
+
+* its distance to every non-degenerate neuron is 1 (what an orthogonal/uncorrelated
+  neuron would get), and its distance to other degenerate neurons is 0;
+* a warning is logged and the neuron ids are listed in the ``dead_neurons`` (all-zero
+  profile) and ``constant_neurons`` (constant, non-zero profile) attributes.
+
+The same convention holds for the coordinates handed to layout estimators
+(:func:`profile_matrix`): rows are L2-normalised (centred first for correlation) and
+degenerate rows become zero, so the Euclidean distance between rows is
+``sqrt(2 * cosine distance)`` for live neurons and exactly 1 between a live and a
+degenerate neuron: Euclidean methods see the same geometry as the cosine distances.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from topoxr.conventions import ACTIVATION, COMMITTED, CORRECT, EPOCH, LABEL, NEURON, SAMPLE
+from topoxr.naps import ATTR_NAP, naps
+
+__all__ = [
+    "ATTR_PROFILE",
+    "FEATURE",
+    "METRICS",
+    "ProfileError",
+    "degenerate_rows",
+    "distances",
+    "pairwise_distances",
+    "profile_matrix",
+    "profiles",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Dimension of the profile vectors.
+FEATURE = "feature"
+#: Attribute describing how profiles were computed (JSON).
+ATTR_PROFILE = "topoxr_profile"
+#: Supported distance metrics.
+METRICS = ("cosine", "correlation", "euclidean")
+#: Default relative tolerance under which a profile counts as zero.
+DEFAULT_TOL = 1e-7
+
+
+class ProfileError(ValueError):
+    """Profiles cannot be computed or compared as asked."""
+
+
+def _is_nap(obj: Any) -> bool:
+    return isinstance(obj, xr.DataArray) and (ATTR_NAP in obj.attrs or obj.name == "nap")
+
+
+def _nap_profiles(nap: xr.DataArray) -> xr.DataArray:
+    gdims = [d for d in nap.dims if d not in (NEURON, EPOCH)]
+    if len(gdims) != 1:
+        raise ProfileError(f"NAPs must have exactly one group dimension besides 'neuron' and "
+                           f"'epoch'; got dims {nap.dims}")
+    gdim = gdims[0]
+    drop = [c for c in nap.coords if gdim in nap.coords[c].dims]
+    prof = nap.drop_vars(drop)
+    prof = prof.rename({gdim: FEATURE}).assign_coords(
+        {FEATURE: np.arange(nap.sizes[gdim])}
+    )
+    # Keep what each feature is, as a plain string coordinate.
+    labels = [str(v) if not isinstance(v, tuple) else ",".join(map(str, v))
+              for v in nap.indexes[gdim]] if gdim in nap.indexes else \
+        [str(i) for i in range(nap.sizes[gdim])]
+    return prof.assign_coords({"feature_group": (FEATURE, np.asarray(labels, dtype=str))})
+
+
+def _choose_samples(
+    da: xr.DataArray,
+    n_samples: int,
+    balanced: bool,
+    correct_only: bool,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Positions (feature, epoch) of the samples chosen for every epoch."""
+    n, m = da.sizes[SAMPLE], da.sizes[EPOCH]
+    ok = np.ones((n, m), dtype=bool)
+    if COMMITTED in da.coords:
+        ok &= da.coords[COMMITTED].transpose(SAMPLE, EPOCH).values.astype(bool)
+    if correct_only:
+        if CORRECT not in da.coords:
+            raise ProfileError("correct_only=True needs a 'correct' coordinate (predictions)")
+        ok &= da.coords[CORRECT].transpose(SAMPLE, EPOCH).values.astype(bool)
+    if balanced:
+        if LABEL not in da.coords:
+            raise ProfileError("balanced=True needs a 'label' coordinate")
+        labels = np.asarray(da.coords[LABEL].values)
+        classes = np.unique(labels)
+        per_epoch_min = min(int((ok[labels == c, e]).sum()) for c in classes for e in range(m))
+        per_class = min(n_samples // len(classes), per_epoch_min)
+        if per_class < 1:
+            raise ProfileError(f"balanced sampling impossible: some label has no eligible "
+                               f"sample at some epoch (labels {classes.tolist()})")
+        k = per_class * len(classes)
+    else:
+        k = min(n_samples, int(ok.sum(axis=0).min()))
+        if k < 1:
+            raise ProfileError("no eligible (committed"
+                               + (", correct" if correct_only else "") + ") samples at some epoch")
+    if k < n_samples:
+        logger.warning("profiles use %d samples per epoch instead of n_samples=%d "
+                       "(not enough eligible samples)", k, n_samples)
+    chosen = np.empty((k, m), dtype=np.int64)
+    for e in range(m):
+        if balanced:
+            parts = [rng.choice(np.flatnonzero(ok[:, e] & (labels == c)), per_class, replace=False)
+                     for c in classes]
+            pos = np.concatenate(parts)
+        else:
+            pos = rng.choice(np.flatnonzero(ok[:, e]), k, replace=False)
+        chosen[:, e] = np.sort(pos)
+    return chosen
+
+
+def profiles(
+    obj: Any,
+    *,
+    source: str = "naps",
+    by: str | Sequence[str] = "label",
+    normalize: bool = True,
+    n_samples: int = 500,
+    balanced: bool = False,
+    correct_only: bool = False,
+    epochs: Any = None,
+    random_state: int | None = None,
+) -> xr.DataArray:
+    """Describe every neuron by a feature vector, per epoch.
+
+    Parameters
+    ----------
+    obj : xarray.DataArray or xarray.Dataset
+        Activations ``(neuron, sample, epoch)`` (or a Dataset holding them), or NAPs as
+        returned by :func:`topoxr.naps` (then used as they are, whatever ``source``).
+    source : {"naps", "activations"}, default "naps"
+        ``"naps"``: the neuron's NAP values across groups (see ``by``, ``normalize``);
+        ``"activations"``: its raw activations over a random subset of samples.
+    by, normalize : see :func:`topoxr.naps`
+        Grouping and normalisation of NAP profiles.
+    n_samples : int, default 500
+        Number of samples per epoch for ``source="activations"`` (fewer if fewer are
+        eligible, with a logged warning).
+    balanced : bool, default False
+        Draw the same number of samples from every label.
+    correct_only : bool, default False
+        Only samples predicted correctly (at that epoch).
+    epochs : label or list of labels, optional
+        Epochs to use; all by default.
+    random_state : int, optional
+        Seed of the sample subset.
+
+    Returns
+    -------
+    xarray.DataArray
+        Named ``"profile"``, dims ``("neuron", "feature", "epoch")``; neuron coordinates
+        kept. For ``source="activations"`` the coordinate ``feature_sample`` on
+        (feature, epoch) names the sample behind each feature (the subset is drawn per
+        epoch because ``correct`` changes from epoch to epoch). The attribute
+        ``topoxr_profile`` describes the profile (JSON). Lazy for dask input.
+
+    Raises
+    ------
+    ProfileError
+        For an unknown ``source``, or when no eligible sample is left.
+
+    Examples
+    --------
+    >>> from topoxr.testing import make_activations
+    >>> p = profiles(make_activations(n_labels=4))
+    >>> p.dims, p.sizes["feature"]
+    (('neuron', 'feature', 'epoch'), 4)
+    """
+    if source not in ("naps", "activations"):
+        raise ProfileError(f"source must be 'naps' or 'activations', got {source!r}")
+    if _is_nap(obj):
+        prof = _nap_profiles(obj)
+        desc = {"source": "naps", **json.loads(obj.attrs.get(ATTR_NAP, "{}"))}
+    elif source == "naps":
+        nap = naps(obj, by=by, normalize=normalize, epochs=epochs, correct_only=correct_only)
+        prof = _nap_profiles(nap)
+        desc = {"source": "naps", **json.loads(nap.attrs[ATTR_NAP])}
+    else:
+        if isinstance(obj, xr.Dataset):
+            if ACTIVATION not in obj:
+                raise ProfileError(f"the Dataset has no {ACTIVATION!r} variable")
+            da = obj[ACTIVATION]
+        elif isinstance(obj, xr.DataArray):
+            da = obj
+        else:
+            raise TypeError(f"profiles() needs an xarray object, got {type(obj).__name__}")
+        if epochs is not None:
+            da = da.sel({EPOCH: [epochs] if np.ndim(epochs) == 0 else list(epochs)})
+        da = da.transpose(NEURON, SAMPLE, EPOCH)
+        if int(n_samples) < 1:
+            raise ProfileError(f"n_samples must be >= 1, got {n_samples}")
+        chosen = _choose_samples(da, int(n_samples), balanced, correct_only,
+                                 np.random.default_rng(random_state))
+        drop = [c for c in da.coords if SAMPLE in da.coords[c].dims
+                or (EPOCH in da.coords[c].dims and c != EPOCH)]
+        cols = [da.isel({EPOCH: e, SAMPLE: chosen[:, e]}).drop_vars(drop)
+                .rename({SAMPLE: FEATURE}) for e in range(da.sizes[EPOCH])]
+        prof = xr.concat(cols, dim=EPOCH, coords="minimal", compat="override",
+                         join="override").transpose(NEURON, FEATURE, EPOCH)
+        prof = prof.assign_coords({c: da.coords[c].variable for c in drop
+                                   if da.coords[c].dims == (EPOCH,)})
+        sample_ids = da[SAMPLE].values[chosen]
+        prof = prof.assign_coords({FEATURE: np.arange(chosen.shape[0]),
+                                   "feature_sample": ((FEATURE, EPOCH), sample_ids)})
+        desc = {"source": "activations", "n_samples": int(chosen.shape[0]),
+                "balanced": bool(balanced), "correct_only": bool(correct_only),
+                "random_state": random_state}
+    prof = prof.transpose(NEURON, FEATURE, ...)
+    prof.name = "profile"
+    prof.attrs = {k: v for k, v in obj.attrs.items() if k != ATTR_NAP}
+    prof.attrs[ATTR_PROFILE] = json.dumps(desc)
+    return prof
+
+
+# --------------------------------------------------------------------------------------
+# Array level
+# --------------------------------------------------------------------------------------
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ProfileError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+
+
+def _finite_2d(X: Any) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ProfileError(f"profiles must be a 2-D (neuron, feature) array, got shape {X.shape}")
+    # Features that are NaN for every neuron (a group empty at this epoch) carry no
+    # information: drop them.
+    X = X[:, ~np.isnan(X).all(axis=0)]
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ProfileError(f"profiles hold NaN or inf for neuron position(s) {rows[:20].tolist()}"
+                           f"{' ...' if len(rows) > 20 else ''}; clean or drop them first")
+    if X.shape[1] == 0:
+        raise ProfileError("profiles have no finite feature")
+    return X
+
+
+def degenerate_rows(
+    X: Any, metric: str = "cosine", *, tol: float = DEFAULT_TOL
+) -> tuple[np.ndarray, np.ndarray]:
+    """Find the profiles for which ``metric`` is undefined.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, f)
+        Profiles.
+    metric : {"cosine", "correlation", "euclidean"}
+        Euclidean distance is defined everywhere, but dead neurons are still reported.
+    tol : float, default 1e-7
+        Relative tolerance: a row whose norm is at most ``tol`` times the largest row
+        norm counts as zero.
+
+    Returns
+    -------
+    dead, constant : numpy.ndarray of bool, shape (n,)
+        ``dead``: the profile is (numerically) all zero. ``constant``: not dead, but
+        constant across features (only flagged for ``metric="correlation"``).
+    """
+    _check_metric(metric)
+    X = _finite_2d(X)
+    norms = np.linalg.norm(X, axis=1)
+    scale = norms.max() if len(norms) else 0.0
+    dead = norms <= tol * scale if scale > 0 else np.ones(len(X), dtype=bool)
+    constant = np.zeros(len(X), dtype=bool)
+    if metric == "correlation":
+        cnorm = np.linalg.norm(X - X.mean(axis=1, keepdims=True), axis=1)
+        constant = (cnorm <= tol * max(scale, 1e-300)) & ~dead
+    return dead, constant
+
+
+def profile_matrix(
+    X: Any, metric: str = "cosine", *, tol: float = DEFAULT_TOL
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Prepare profiles so that Euclidean geometry matches ``metric``.
+
+    For ``"cosine"`` rows are L2-normalised, for ``"correlation"`` centred and then
+    normalised, for ``"euclidean"`` kept. Degenerate rows (see
+    :func:`degenerate_rows`) become exactly zero, at Euclidean distance 1 from every
+    normalised row. Columns that are NaN for every neuron are dropped.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, f)
+        Profiles.
+    metric : {"cosine", "correlation", "euclidean"}, default "cosine"
+    tol : float, default 1e-7
+        See :func:`degenerate_rows`.
+
+    Returns
+    -------
+    matrix : numpy.ndarray, shape (n, f')
+        float64 coordinates for Euclidean methods.
+    info : dict
+        ``{"dead": bool array, "constant": bool array}``.
+
+    Raises
+    ------
+    ProfileError
+        For NaN or inf values, or an unknown metric.
+    """
+    _check_metric(metric)
+    X = _finite_2d(X)
+    dead, constant = degenerate_rows(X, metric, tol=tol)
+    if metric == "euclidean":
+        return X, {"dead": dead, "constant": constant}
+    Y = X - X.mean(axis=1, keepdims=True) if metric == "correlation" else X.copy()
+    bad = dead | constant
+    norms = np.linalg.norm(Y, axis=1)
+    Y[~bad] /= norms[~bad, None]
+    Y[bad] = 0.0
+    return Y, {"dead": dead, "constant": constant}
+
+
+def pairwise_distances(
+    X: Any, metric: str = "cosine", *, tol: float = DEFAULT_TOL
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """All pairwise distances between profiles, with explicit degenerate handling.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, f)
+        Profiles (n neurons). Memory is ``8 n^2`` bytes: use it for up to a few
+        thousand neurons; layouts and quality metrics never need the full matrix.
+    metric : {"cosine", "correlation", "euclidean"}, default "cosine"
+    tol : float, default 1e-7
+        See :func:`degenerate_rows`.
+
+    Returns
+    -------
+    D : numpy.ndarray, shape (n, n)
+        Symmetric, zero diagonal. For cosine/correlation, a degenerate neuron is at
+        distance 1 from every other neuron and 0 from other degenerate neurons.
+    info : dict
+        ``{"dead": bool array, "constant": bool array}``.
+
+    Examples
+    --------
+    >>> D, info = pairwise_distances([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    >>> D.round(3).tolist(), info["dead"].tolist()
+    ([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], [False, False, True])
+    """
+    from scipy.spatial.distance import cdist
+
+    _check_metric(metric)
+    X = _finite_2d(X)
+    if metric == "euclidean":
+        dead, constant = degenerate_rows(X, metric, tol=tol)
+        D = cdist(X, X)
+        np.fill_diagonal(D, 0.0)
+        return D, {"dead": dead, "constant": constant}
+    Y, info = profile_matrix(X, metric, tol=tol)
+    D = np.clip(1.0 - Y @ Y.T, 0.0, 2.0)
+    bad = info["dead"] | info["constant"]
+    D[np.ix_(bad, ~bad)] = 1.0
+    D[np.ix_(~bad, bad)] = 1.0
+    D[np.ix_(bad, bad)] = 0.0
+    np.fill_diagonal(D, 0.0)
+    return D, info
+
+
+def report_degenerate(info: dict[str, np.ndarray], neuron_ids: np.ndarray, metric: str,
+                      where: str = "") -> dict[str, list[int]]:
+    """Log a warning for degenerate neurons and return them as attribute lists."""
+    dead = neuron_ids[info["dead"]].tolist()
+    constant = neuron_ids[info["constant"]].tolist()
+    if metric != "euclidean" and (dead or constant):
+        logger.warning(
+            "%s%d dead and %d constant neuron(s) have no defined %s distance; they are put "
+            "at distance 1 from every other neuron (0 among themselves): dead=%s constant=%s",
+            f"{where}: " if where else "", len(dead), len(constant), metric,
+            dead[:20], constant[:20],
+        )
+    return {"dead_neurons": dead, "constant_neurons": constant}
+
+
+def distances(
+    profiles: xr.DataArray, metric: str = "cosine", *, tol: float = DEFAULT_TOL
+) -> xr.DataArray:
+    """Pairwise distances between the neurons' profiles, per epoch.
+
+    Parameters
+    ----------
+    profiles : xarray.DataArray
+        Output of :func:`profiles` (dims ``("neuron", "feature"[, "epoch"])``), or NAPs.
+    metric : {"cosine", "correlation", "euclidean"}, default "cosine"
+    tol : float, default 1e-7
+        Relative norm under which a profile counts as zero (see the module notes).
+
+    Returns
+    -------
+    xarray.DataArray
+        Named ``"distance"``, dims ``("neuron", "neuron_other"[, "epoch"])``. Attributes
+        ``metric``, ``dead_neurons`` and ``constant_neurons`` (neuron ids, over all
+        epochs), and the profile description.
+
+    Raises
+    ------
+    ProfileError
+        For an unknown metric or NaN/inf profiles.
+
+    Examples
+    --------
+    >>> from topoxr.testing import make_activations
+    >>> d = distances(profiles(make_activations(n_neurons=6)))
+    >>> d.dims
+    ('neuron', 'neuron_other', 'epoch')
+    """
+    _check_metric(metric)
+    if not isinstance(profiles, xr.DataArray):
+        raise TypeError(f"distances() needs a DataArray of profiles, got {type(profiles).__name__}")
+    if FEATURE not in profiles.dims:
+        profiles = globals()["profiles"](profiles)
+    prof = profiles.transpose(NEURON, FEATURE, ...)
+    ids = np.asarray(prof[NEURON].values)
+    has_epoch = EPOCH in prof.dims
+    values = np.asarray(prof.values)
+    if not has_epoch:
+        values = values[..., None]
+    mats = []
+    dead = np.zeros(len(ids), dtype=bool)
+    constant = np.zeros(len(ids), dtype=bool)
+    for e in range(values.shape[-1]):
+        D, info = pairwise_distances(values[..., e], metric, tol=tol)
+        dead |= info["dead"]
+        constant |= info["constant"]
+        mats.append(D)
+    rep = report_degenerate({"dead": dead, "constant": constant & ~dead}, ids, metric)
+    data = np.stack(mats, axis=-1)
+    coords: dict[str, Any] = {
+        NEURON: ids, "neuron_other": ids,
+    }
+    dims: tuple[str, ...] = (NEURON, "neuron_other", EPOCH)
+    if has_epoch:
+        coords[EPOCH] = prof[EPOCH].values
+    else:
+        data, dims = data[..., 0], (NEURON, "neuron_other")
+    out = xr.DataArray(data, dims=dims, coords=coords, name="distance")
+    out.attrs = {**{k: v for k, v in prof.attrs.items() if k == ATTR_PROFILE}, "metric": metric,
+                 **rep}
+    return out

@@ -1,0 +1,504 @@
+"""How good is a layout? Neighbourhood preservation and map smoothness.
+
+Array-level functions work on numpy arrays (``X``: profiles ``(n, f)``, ``embedding``:
+positions ``(n, 2)``, ``maps``: images ``(..., ny, nx)``); :func:`quality` applies them to
+a laid-out xarray object, per epoch.
+
+* :func:`trustworthiness` / :func:`continuity`: are the map's neighbours neighbours in
+  profile space (and vice versa)? Same definition as
+  :func:`sklearn.manifold.trustworthiness`, computed in blocks of query neurons so that
+  memory is ``O(block * n)``, never ``n x n``; ``n_queries`` estimates them from a random
+  subset of neurons for very large layers.
+* :func:`rank_correlation`: Spearman correlation between profile distances and map
+  distances over all pairs, or over a seeded random sample of pairs.
+* :func:`smoothness`: the paper's score. Each map is degraded by a Gaussian blur and by a
+  shrink-and-enlarge of growing strength; the relative change is measured at every
+  strength and the area under that curve is the score (lower = smoother, made of
+  coherent blobs).
+* :func:`blobs`: number and mean area of connected regions of strong positive or negative
+  activity.
+
+Smoothness alone can be gamed by collapsing neurons onto one spot, so always read it
+together with trustworthiness and continuity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
+from topoxr.profiles import FEATURE, profile_matrix, profiles
+
+__all__ = [
+    "QualityError",
+    "blobs",
+    "continuity",
+    "neighborhood_preservation",
+    "quality",
+    "rank_correlation",
+    "smoothness",
+    "trustworthiness",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Degradation strengths of the smoothness score (blur sigma in pixels; shrink divisor - 1).
+STRENGTHS = tuple(range(1, 11))
+_BLOCK_BYTES = 32 << 20
+#: Largest layer for which ``n_queries="auto"`` computes trustworthiness exactly.
+AUTO_EXACT = 8192
+#: Query neurons used by ``n_queries="auto"`` above :data:`AUTO_EXACT`.
+AUTO_QUERIES = 4096
+
+
+class QualityError(ValueError):
+    """Inputs of a quality metric are inconsistent or unusable."""
+
+
+def _check_pair(X: Any, embedding: Any, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    E = np.asarray(embedding, dtype=np.float64)
+    if E.ndim != 2:
+        raise QualityError(f"embedding must be 2-D (n, d), got shape {E.shape}")
+    Xp, _ = profile_matrix(X, metric)
+    if Xp.shape[0] != E.shape[0]:
+        raise QualityError(f"X has {Xp.shape[0]} rows but the embedding {E.shape[0]}")
+    if not np.isfinite(E).all():
+        raise QualityError("embedding holds NaN or inf")
+    n = E.shape[0]
+    if not 1 <= k < n / 2:
+        raise QualityError(f"k must satisfy 1 <= k < n/2 = {n / 2}, got k={k}")
+    return Xp, E
+
+
+def _knn(A: np.ndarray, k: int, queries: np.ndarray | None) -> np.ndarray:
+    """Indices of the k nearest neighbours of every query row, self excluded."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=k).fit(A)
+    if queries is None:
+        return nn.kneighbors(return_distance=False)
+    ind = nn.kneighbors(A[queries], n_neighbors=k + 1, return_distance=False)
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for r, (q, row) in enumerate(zip(queries, ind, strict=True)):
+        row = row[row != q]
+        out[r] = row[:k]
+    return out
+
+
+def _rank_excess(D: np.ndarray, nbrs: np.ndarray, k: int) -> float:
+    """Sum over rows of max(rank - k, 0) of the given neighbours in distance rows ``D``.
+
+    ``rank`` of j in row i is 1 + the number of points strictly closer to i than j.
+    """
+    b = D.shape[0]
+    T = np.take_along_axis(D, nbrs, axis=1)  # (b, k) distances of the neighbours
+    tmax = T.max(axis=1)
+    below = D < tmax[:, None]
+    m = int(np.count_nonzero(below))
+    if m <= D.size // 16:  # few candidates: count among them only
+        rows, cols = np.nonzero(below)
+        vals = D[rows, cols]
+        counts = np.empty((b, k))
+        for c in range(k):
+            counts[:, c] = np.bincount(rows, weights=vals < T[rows, c], minlength=b)
+    else:
+        counts = np.stack([np.count_nonzero(D < T[:, c : c + 1], axis=1) for c in range(k)],
+                          axis=1)
+    return float(np.maximum(counts + 1 - k, 0).sum())
+
+
+def neighborhood_preservation(
+    X: Any,
+    embedding: Any,
+    k: int = 10,
+    *,
+    metric: str = "euclidean",
+    n_queries: int | str | None = "auto",
+    random_state: int | None = 0,
+) -> tuple[float, float]:
+    """Trustworthiness and continuity in one pass.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, f)
+        Profiles (high-dimensional space).
+    embedding : array_like, shape (n, 2)
+        The layout.
+    k : int, default 10
+        Neighbourhood size; ``1 <= k < n / 2``.
+    metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
+        Distance in profile space (dead/constant neurons as in :mod:`topoxr.profiles`).
+    n_queries : int, "auto" or None, default "auto"
+        Estimate both from this many random query neurons (an unbiased estimate of the
+        exact value: the metrics are means over neurons) instead of all ``n``. ``None``:
+        exact, over all neurons (time ``O(n^2)``, memory ``O(n)`` per block). ``"auto"``:
+        exact up to :data:`AUTO_EXACT` neurons, else :data:`AUTO_QUERIES` queries.
+    random_state : int, optional
+        Seed of the query subset.
+
+    Returns
+    -------
+    trustworthiness, continuity : float
+        In ``[0, 1]``; 1 means every neighbourhood is preserved.
+    """
+    from sklearn.metrics import pairwise_distances
+
+    Xp, E = _check_pair(X, embedding, k, metric)
+    n = E.shape[0]
+    queries = None
+    if n_queries == "auto":
+        n_queries = None if n <= AUTO_EXACT else AUTO_QUERIES
+    elif isinstance(n_queries, str):
+        raise QualityError(f"n_queries must be an int, 'auto' or None, got {n_queries!r}")
+    if n_queries is not None and n_queries < n:
+        rng = np.random.default_rng(random_state)
+        queries = np.sort(rng.choice(n, int(n_queries), replace=False))
+    nb_E = _knn(E, k, queries)
+    nb_X = _knn(Xp, k, queries)
+    q_idx = np.arange(n) if queries is None else queries
+    block = max(1, _BLOCK_BYTES // (8 * n))
+    trust_pen = cont_pen = 0.0
+    for start in range(0, len(q_idx), block):
+        rows = q_idx[start : start + block]
+        local = np.arange(len(rows))
+        DX = pairwise_distances(Xp[rows], Xp)
+        DX[local, rows] = np.inf
+        trust_pen += _rank_excess(DX, nb_E[start : start + block], k)
+        del DX
+        DE = pairwise_distances(E[rows], E)
+        DE[local, rows] = np.inf
+        cont_pen += _rank_excess(DE, nb_X[start : start + block], k)
+    scale = 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)) * (n / len(q_idx))
+    return 1.0 - trust_pen * scale, 1.0 - cont_pen * scale
+
+
+def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float:
+    """Trustworthiness of a layout: are the map's neighbours neighbours in profile space?
+
+    Same value as :func:`sklearn.manifold.trustworthiness` (without ties), in memory
+    ``O(n)`` per query block. See :func:`neighborhood_preservation` for the parameters.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> P = rng.normal(size=(60, 2))
+    >>> round(trustworthiness(P, P, k=5), 6)
+    1.0
+    """
+    return neighborhood_preservation(X, embedding, k, **kwargs)[0]
+
+
+def continuity(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float:
+    """Continuity of a layout: are profile-space neighbours neighbours on the map?
+
+    Trustworthiness with the roles of the two spaces swapped. See
+    :func:`neighborhood_preservation` for the parameters.
+    """
+    return neighborhood_preservation(X, embedding, k, **kwargs)[1]
+
+
+def rank_correlation(
+    X: Any,
+    embedding: Any,
+    *,
+    metric: str = "euclidean",
+    n_pairs: int = 200_000,
+    random_state: int | None = 0,
+) -> float:
+    """Spearman correlation between profile distances and map distances.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, f)
+        Profiles.
+    embedding : array_like, shape (n, 2)
+        The layout.
+    metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
+        Profile distance. Cosine is evaluated as the (monotone) chord distance of
+        normalised profiles, which gives the same ranks.
+    n_pairs : int, default 200_000
+        All pairs are used when there are at most this many, otherwise a seeded random
+        sample of this many pairs.
+    random_state : int, optional
+        Seed of the pair sample.
+
+    Returns
+    -------
+    float
+        In ``[-1, 1]``; NaN when one of the distance sets is constant.
+    """
+    from scipy.spatial.distance import pdist
+    from scipy.stats import spearmanr
+
+    Xp, E = _check_pair(X, embedding, 1, metric)
+    n = E.shape[0]
+    if n * (n - 1) // 2 <= n_pairs:
+        dx, de = pdist(Xp), pdist(E)
+    else:
+        rng = np.random.default_rng(random_state)
+        i = rng.integers(0, n, n_pairs)
+        j = rng.integers(0, n - 1, n_pairs)
+        j = j + (j >= i)  # uniform over j != i
+        dx = np.linalg.norm(Xp[i] - Xp[j], axis=1)
+        de = np.linalg.norm(E[i] - E[j], axis=1)
+    if np.ptp(dx) == 0 or np.ptp(de) == 0:
+        return float("nan")
+    return float(spearmanr(dx, de).statistic)
+
+
+# --------------------------------------------------------------------------------------
+# Map-based scores
+# --------------------------------------------------------------------------------------
+def _nan_blur(img: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    num = gaussian_filter(np.where(mask, img, 0.0), sigma, mode="constant")
+    den = gaussian_filter(mask.astype(float), sigma, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+def _shrink_enlarge(img: np.ndarray, mask: np.ndarray, factor: float) -> np.ndarray:
+    from scipy.ndimage import zoom
+
+    shape = np.array(img.shape)
+    small = np.maximum(2, np.round(shape / factor)).astype(int)
+    down = tuple(small / shape)
+    num = zoom(np.where(mask, img, 0.0), down, order=1, grid_mode=True, mode="grid-constant")
+    den = zoom(mask.astype(float), down, order=1, grid_mode=True, mode="grid-constant")
+    up = tuple(shape / small)
+    num = zoom(num, up, order=1, grid_mode=True, mode="nearest")
+    den = zoom(den, up, order=1, grid_mode=True, mode="nearest")
+    num, den = num[: shape[0], : shape[1]], den[: shape[0], : shape[1]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+def _relative_change(img: np.ndarray, mask: np.ndarray, degraded: np.ndarray) -> float:
+    ok = mask & np.isfinite(degraded)
+    ref = np.linalg.norm(img[ok])
+    if ref == 0:
+        return 0.0
+    return float(np.linalg.norm(degraded[ok] - img[ok]) / ref)
+
+
+def smoothness(
+    maps: Any, *, strengths: tuple[int, ...] = STRENGTHS
+) -> dict[str, np.ndarray]:
+    """The paper's smoothness score of interpolated maps (lower = smoother).
+
+    Every map is degraded by a Gaussian blur with ``sigma = s`` pixels and by shrinking
+    it to ``1 / (s + 1)`` of its size and enlarging it back (bilinear), for each strength
+    ``s``. The relative change ``||degraded - map|| / ||map||`` over the pixels inside
+    the hull forms a curve over the strengths; its area (trapezoid rule, strengths
+    rescaled to ``[0, 1]``) is the score of that degradation. NaN pixels (outside the
+    hull) are excluded by normalised convolution, so the hull's edge is not a feature.
+
+    Parameters
+    ----------
+    maps : array_like, shape (..., ny, nx)
+        Interpolated maps (e.g. from :class:`topoxr.interpolate.GridInterpolator`).
+    strengths : tuple of int, default 1..10
+        Degradation strengths.
+
+    Returns
+    -------
+    dict
+        ``"blur"``, ``"shrink"`` (areas, shape ``maps.shape[:-2]``), ``"score"`` (their
+        mean), ``"blur_curve"``/``"shrink_curve"`` (``(..., len(strengths))``). A map
+        without any finite pixel gives NaN.
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[0:100, 0:100] / 100
+    >>> smooth, rough = np.sin(3 * xx), np.random.default_rng(0).normal(size=(100, 100))
+    >>> s = smoothness(np.stack([smooth, rough]))["score"]
+    >>> bool(s[0] < s[1])
+    True
+    """
+    arr = np.asarray(maps, dtype=np.float64)
+    if arr.ndim < 2:
+        raise QualityError(f"maps must have shape (..., ny, nx), got {arr.shape}")
+    if len(strengths) < 2:
+        raise QualityError("smoothness needs at least two strengths")
+    lead = arr.shape[:-2]
+    flat = arr.reshape(-1, *arr.shape[-2:])
+    curves = np.full((2, len(flat), len(strengths)), np.nan)
+    for m, img in enumerate(flat):
+        mask = np.isfinite(img)
+        if not mask.any():
+            continue
+        for s_i, s in enumerate(strengths):
+            curves[0, m, s_i] = _relative_change(img, mask, _nan_blur(img, mask, float(s)))
+            curves[1, m, s_i] = _relative_change(img, mask,
+                                                 _shrink_enlarge(img, mask, float(s) + 1.0))
+    t = np.asarray(strengths, dtype=float)
+    t = (t - t[0]) / (t[-1] - t[0])
+    areas = np.trapezoid(curves, t, axis=-1)
+    return {
+        "blur": areas[0].reshape(lead),
+        "shrink": areas[1].reshape(lead),
+        "score": areas.mean(axis=0).reshape(lead),
+        "blur_curve": curves[0].reshape(*lead, len(strengths)),
+        "shrink_curve": curves[1].reshape(*lead, len(strengths)),
+    }
+
+
+def blobs(maps: Any, *, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Connected regions of strong positive and strong negative activity.
+
+    A pixel is strong when ``|value| >= threshold * max|value|``, the maximum taken over
+    all given maps (like the shared symmetric colour limits of a layer's maps).
+    Regions are 4-connected (:func:`scipy.ndimage.label`).
+
+    Parameters
+    ----------
+    maps : array_like, shape (..., ny, nx)
+        Interpolated maps; NaN pixels are never strong.
+    threshold : float, default 0.5
+        Fraction of the largest absolute value.
+
+    Returns
+    -------
+    dict
+        ``"count"``: number of positive plus negative regions per map; ``"area"``: their
+        mean area as a fraction of the map's finite pixels (0 when there is none).
+    """
+    from scipy.ndimage import label
+
+    arr = np.asarray(maps, dtype=np.float64)
+    if arr.ndim < 2:
+        raise QualityError(f"maps must have shape (..., ny, nx), got {arr.shape}")
+    if not 0 < threshold <= 1:
+        raise QualityError(f"threshold must be in (0, 1], got {threshold}")
+    lead = arr.shape[:-2]
+    flat = arr.reshape(-1, *arr.shape[-2:])
+    vmax = np.nanmax(np.abs(arr)) if np.isfinite(arr).any() else 0.0
+    count = np.zeros(len(flat))
+    area = np.zeros(len(flat))
+    for m, img in enumerate(flat):
+        valid = np.isfinite(img)
+        if vmax == 0 or not valid.any():
+            continue
+        filled = np.where(valid, img, 0.0)
+        sizes: list[int] = []
+        for strong in (filled >= threshold * vmax, filled <= -threshold * vmax):
+            labels, n = label(strong)
+            if n:
+                sizes.extend(np.bincount(labels.ravel())[1:].tolist())
+        count[m] = len(sizes)
+        area[m] = np.mean(sizes) / valid.sum() if sizes else 0.0
+    return {"count": count.reshape(lead), "area": area.reshape(lead)}
+
+
+# --------------------------------------------------------------------------------------
+# Labeled objects
+# --------------------------------------------------------------------------------------
+def _layout_xy(obj: Any) -> xr.Dataset:
+    if X not in obj.coords or Y not in obj.coords:
+        raise QualityError(f"the object has no layout: coordinates {X!r}, {Y!r} on 'neuron' "
+                           f"are missing (compute one with topoxr.layout.attach)")
+    return xr.Dataset({X: obj.coords[X], Y: obj.coords[Y]})
+
+
+def quality(
+    laid_out: Any,
+    *,
+    k: int = 10,
+    metric: str | None = None,
+    profile: xr.DataArray | None = None,
+    maps: xr.DataArray | None = None,
+    resolution: int = 100,
+    n_queries: int | str | None = "auto",
+    n_pairs: int = 200_000,
+    random_state: int | None = 0,
+) -> xr.Dataset:
+    """Every quality metric of a laid-out object, per epoch.
+
+    Parameters
+    ----------
+    laid_out : xarray.DataArray or xarray.Dataset
+        An object with ``x``, ``y`` coordinates on ``neuron`` (on ``(neuron, epoch)`` for
+        per-epoch layouts), e.g. the result of :func:`topoxr.layout.attach`: NAPs or
+        activations.
+    k : int, default 10
+        Neighbourhood size of trustworthiness and continuity (reduced to ``(n-1)//2`` for
+        tiny layers, recorded in the attributes).
+    metric : str, optional
+        Profile distance; default: the layout's metric from its ``topoxr_layout``
+        attribute, else ``"cosine"``.
+    profile : xarray.DataArray, optional
+        Profiles to compare with; default :func:`topoxr.profiles.profiles` of
+        ``laid_out`` (its NAPs by label, or the NAPs themselves).
+    maps : xarray.DataArray, optional
+        Values to draw as maps for smoothness and blobs, dims ``(neuron, <group>,
+        epoch)``; default: the NAPs by label (or ``laid_out`` itself if it is NAPs).
+    resolution : int, default 100
+        Grid of the interpolated maps.
+    n_queries, n_pairs, random_state
+        See :func:`neighborhood_preservation` and :func:`rank_correlation`.
+
+    Returns
+    -------
+    xarray.Dataset
+        Variables ``trustworthiness``, ``continuity``, ``spearman``, ``smoothness``
+        (mean over groups), ``smoothness_blur``, ``smoothness_shrink``, ``blob_count``,
+        ``blob_area``, each on ``epoch`` (if the input has one); attrs ``k``, ``metric``.
+    """
+    from topoxr.interpolate import GridInterpolator
+    from topoxr.naps import naps as compute_naps
+    from topoxr.profiles import _is_nap
+
+    xy = _layout_xy(laid_out)
+    if metric is None:
+        desc = json.loads(laid_out.attrs.get(ATTR_LAYOUT, "{}") or "{}")
+        metric = desc.get("metric", "cosine")
+    if profile is None:
+        profile = profiles(laid_out)
+    if maps is None:
+        maps = laid_out if _is_nap(laid_out) else compute_naps(laid_out, by="label")
+    profile = profile.transpose(NEURON, FEATURE, ...)
+    gdim = [d for d in maps.dims if d not in (NEURON, EPOCH)]
+    if len(gdim) != 1:
+        raise QualityError(f"maps need dims (neuron, <group>[, epoch]), got {maps.dims}")
+    maps = maps.transpose(NEURON, gdim[0], ...)
+    epochs = profile[EPOCH].values if EPOCH in profile.dims else [None]
+    n = profile.sizes[NEURON]
+    k_used = max(1, min(int(k), int(np.ceil(n / 2)) - 1))
+    records: dict[str, list[float]] = {name: [] for name in (
+        "trustworthiness", "continuity", "spearman", "smoothness", "smoothness_blur",
+        "smoothness_shrink", "blob_count", "blob_area")}
+    for epoch in epochs:
+        sel = {} if epoch is None else {EPOCH: epoch}
+        P = np.asarray(profile.sel(sel).values)
+        xy_e = xy.sel(sel) if EPOCH in xy.dims and epoch is not None else xy
+        pts = np.stack([xy_e[X].values, xy_e[Y].values], axis=1)
+        t, c = neighborhood_preservation(P, pts, k_used, metric=metric, n_queries=n_queries,
+                                         random_state=random_state)
+        r = rank_correlation(P, pts, metric=metric, n_pairs=n_pairs, random_state=random_state)
+        vals = np.asarray(maps.sel(sel) if EPOCH in maps.dims and epoch is not None
+                          else maps).T  # (groups, neurons)
+        img = GridInterpolator(pts[:, 0], pts[:, 1], resolution=resolution)(vals)
+        sm = smoothness(img)
+        bl = blobs(img)
+        for name, value in (("trustworthiness", t), ("continuity", c), ("spearman", r),
+                            ("smoothness", np.nanmean(sm["score"])),
+                            ("smoothness_blur", np.nanmean(sm["blur"])),
+                            ("smoothness_shrink", np.nanmean(sm["shrink"])),
+                            ("blob_count", float(np.mean(bl["count"]))),
+                            ("blob_area", float(np.mean(bl["area"])))):
+            records[name].append(float(value))
+    if epochs[0] is None:
+        data = {name: ((), v[0]) for name, v in records.items()}
+        coords: dict[str, Any] = {}
+    else:
+        data = {name: ((EPOCH,), np.asarray(v)) for name, v in records.items()}
+        coords = {EPOCH: profile[EPOCH].values}
+    return xr.Dataset(data, coords=coords, attrs={"k": int(k_used), "metric": metric,
+                                                  "resolution": int(resolution),
+                                                  "n_queries": str(n_queries)})
