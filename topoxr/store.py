@@ -413,7 +413,9 @@ class ActivationWriter:
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "description": description or "",
             }
-            return zarr.open_group(self._loc.store, mode="w", attributes=attrs)
+            # not mode="w": that clears the store by deleting and re-creating its directory,
+            # which would leave the flock on a directory nobody uses any more
+            return zarr.create_group(self._loc.store, attributes=attrs, overwrite=False)
         root = zarr.open_group(self._loc.store, mode="r+", use_consolidated=False)
         # Consolidated metadata would be stale as soon as we write: drop it now, it is
         # written again by close().
@@ -1182,7 +1184,7 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
         committed = read(COMMITTED, slice(0, n), slice(0, m)).astype(bool)
     act = arrays[ACTIVATION]
     checked = _CheckedActivation(act, committed, sample_ids, epochs, where)
-    lazy = dsa.from_array(checked, chunks=act.chunks, lock=False, inline_array=True,
+    lazy = dsa.from_array(checked, chunks=act.chunks, lock=False, inline_array=True, fancy=False,
                           name=f"topoxr-{group.store_path}-{n}-{m}-{committed.sum()}")
     lazy = lazy[:, :n, :m]
     if mask_uncommitted and not committed.all():
@@ -1255,6 +1257,14 @@ class _CheckedActivation:
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         key = tuple(key) + (slice(None),) * (3 - len(key))
+        if any(isinstance(k, int | np.integer) for k in key):
+            # dask fuses integer selections into the read: read as slices, then drop axes
+            as_slices = tuple(slice(int(k), int(k) + 1) if isinstance(k, int | np.integer)
+                              else k for k in key)
+            drop = tuple(0 if isinstance(k, int | np.integer) else slice(None) for k in key)
+            return self[as_slices][drop]
+        if not all(isinstance(k, slice) for k in key):
+            raise TypeError(f"unsupported selection {key!r}")  # dask is told fancy=False
         try:
             block = np.asarray(self.array[key])
         except Exception as err:

@@ -1,0 +1,571 @@
+"""The activation store: round trips, format, resume, locking and bad input.
+
+Every test writes real Zarr stores, on disk and on fsspec's ``memory://`` filesystem
+(fixture ``any_store``), and reads them back with :func:`topoxr.open_store` or plain
+xarray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import dask.array as dsa
+import fsspec
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from topoxr import ActivationWriter, StoreError, StoreLockedError, open_store, store_summary
+from topoxr.conventions import DIMS, FORMAT_VERSION
+
+N_NEURONS = 5
+
+
+def acts(ids, epoch=0, n=N_NEURONS):
+    """Deterministic activations: row i is a function of sample id and epoch."""
+    ids = np.asarray(ids, dtype=np.float64)[:, None]
+    return (np.cos(ids * 0.3 + np.arange(n)) + epoch).astype(np.float32)
+
+
+def record(url, *, epochs=2, batches=((0, 1, 2, 3), (4, 5, 6, 7), (8, 9)), **writer_kwargs):
+    """Write a small two-epoch recording with every kind of coordinate."""
+    with ActivationWriter(url, model="mlp", **writer_kwargs) as writer:
+        for epoch in range(epochs):
+            for ids in batches:
+                ids = np.asarray(ids)
+                writer.write(
+                    "hidden", acts(ids, epoch), sample=ids, label=ids % 3,
+                    prediction=(ids + epoch) % 3, epoch=epoch,
+                    split=np.where(ids < 5, "train", "test"), weight=ids * 0.5,
+                    group=ids // 4, flag=ids % 2 == 0,
+                )
+            writer.log_epoch(epoch, loss=1.0 / (epoch + 1), accuracy=0.5 + 0.1 * epoch)
+    return writer
+
+
+def snapshot(url):
+    """Every file of a store and its bytes: proof that nothing was written."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return {p: fs.cat_file(p) for p in fs.find(path)}
+
+
+# --------------------------------------------------------------------------------------
+# round trip and format
+# --------------------------------------------------------------------------------------
+def test_round_trip(any_store):
+    record(any_store, description="unit test")
+    tree = open_store(any_store)
+    assert tree.attrs["topoxr_format_version"] == FORMAT_VERSION
+    assert tree.attrs["description"] == "unit test"
+    ds = tree["mlp/hidden"].to_dataset()
+    assert ds.activation.dims == DIMS
+    assert ds.activation.dtype == np.float32
+    assert ds.sizes == {"neuron": N_NEURONS, "sample": 10, "epoch": 2}
+    ids = np.arange(10)
+    np.testing.assert_array_equal(ds.sample, ids)
+    np.testing.assert_array_equal(ds.epoch, [0, 1])
+    np.testing.assert_array_equal(ds.neuron, np.arange(N_NEURONS))
+    for epoch in (0, 1):
+        np.testing.assert_array_equal(ds.activation.sel(epoch=epoch).values, acts(ids, epoch).T)
+        np.testing.assert_array_equal(ds.prediction.sel(epoch=epoch), (ids + epoch) % 3)
+        np.testing.assert_array_equal(ds.correct.sel(epoch=epoch), (ids + epoch) % 3 == ids % 3)
+    assert ds.prediction.dims == ds.correct.dims == ds.committed.dims == ("sample", "epoch")
+    np.testing.assert_array_equal(ds.label, ids % 3)
+    assert ds.label.dtype.kind == "i"
+    assert ds.split.dtype.kind == "U" and ds.split.values.tolist()[4:6] == ["train", "test"]
+    assert ds.weight.dtype == np.float64
+    np.testing.assert_array_equal(ds.weight, ids * 0.5)
+    assert ds.group.dtype == np.int64
+    assert ds.flag.dtype == bool
+    np.testing.assert_array_equal(ds.flag, ids % 2 == 0)
+    for name in ("label", "split", "weight", "group", "flag"):
+        assert ds[name].dims == ("sample",) and name in ds.coords
+    assert ds.committed.values.all() and ds.epoch_complete.values.all()
+    np.testing.assert_allclose(ds.loss, [1.0, 0.5])
+    np.testing.assert_allclose(ds.accuracy, [0.5, 0.6])
+    assert ds.attrs["topoxr_layer"] == "hidden"
+    assert tree["mlp"].attrs["topoxr_model"] == "mlp"
+
+
+def test_open_is_lazy_and_chunks_follow_the_encoding(any_store):
+    record(any_store, chunk_samples=4)
+    ds = open_store(any_store)["mlp/hidden"].to_dataset()
+    assert isinstance(ds.activation.data, dsa.Array)
+    assert ds.activation.chunks == ((N_NEURONS,), (4, 4, 2), (1, 1))
+    root = zarr.open_group(fsspec.get_mapper(any_store) if "://" in any_store else any_store,
+                           mode="r")
+    arr = root["mlp/hidden/activation"]
+    assert arr.chunks == (N_NEURONS, 4, 1)
+    assert arr.dtype == np.float32
+    assert [type(c).__name__ for c in arr.compressors] == ["ZstdCodec"]
+    assert arr.metadata.dimension_names == DIMS
+
+
+def test_default_chunk_is_a_multiple_of_the_batch(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", np.ones((32, 100)), sample=np.arange(32))
+    chunks = store_summary(store_path)["models"]["m"]["layers"]["h"]["chunks"]
+    assert chunks[0] == 100 and chunks[2] == 1
+    assert chunks[1] % 32 == 0 and 0.5 <= chunks[1] * 100 * 4 / 2**20 <= 1.0
+
+
+def test_plain_xarray_opens_it_without_topoxr(store_path):
+    record(store_path)
+    code = textwrap.dedent(f"""
+        import json, sys
+        import xarray as xr
+        tree = xr.open_datatree({store_path!r}, engine="zarr")
+        ds = tree["mlp/hidden"].to_dataset()
+        print(json.dumps({{
+            "topoxr_loaded": any(m.split(".")[0] == "topoxr" for m in sys.modules),
+            "dims": list(ds.activation.dims),
+            "coords": sorted(ds.coords),
+            "data_vars": sorted(ds.data_vars),
+            "activation": ds.activation.values.tolist(),
+            "label": ds.label.values.tolist(),
+            "split": [str(s) for s in ds.split.values],
+        }}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    got = json.loads(out.stdout)
+    assert got["topoxr_loaded"] is False
+    ours = open_store(store_path)["mlp/hidden"].to_dataset()
+    assert got["dims"] == list(DIMS)
+    assert got["data_vars"] == ["activation"]
+    assert got["coords"] == sorted(ours.coords)
+    np.testing.assert_array_equal(np.array(got["activation"], dtype=np.float32),
+                                  ours.activation.values)
+    assert got["label"] == ours.label.values.tolist()
+    assert got["split"] == ours.split.values.tolist()
+
+
+def test_string_labels_and_correct(any_store):
+    with ActivationWriter(any_store, model="m") as writer:
+        writer.write("h", acts([0, 1, 2]), sample=[0, 1, 2], label=["cat", "dog", "cat"],
+                     prediction=["cat", "cat", "cat"])
+    ds = open_store(any_store)["m/h"].to_dataset()
+    assert ds.label.values.tolist() == ["cat", "dog", "cat"]
+    assert ds.correct.sel(epoch=0).values.tolist() == [True, False, True]
+
+
+def test_predictions_without_labels(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1], prediction=[1, 0])
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert "label" not in ds.coords
+    assert ds.prediction.sel(epoch=0).values.tolist() == [1, 0]
+
+
+def test_layer_names_are_made_safe_and_kept(any_store):
+    with ActivationWriter(any_store, model="my model") as writer:
+        writer.write("features.0/conv 1", acts([0, 1]), sample=[0, 1])
+    tree = open_store(any_store)
+    (model,) = tree.children
+    (layer,) = tree[model].children
+    assert "/" not in layer and " " not in layer
+    assert tree[model][layer].attrs["topoxr_layer"] == "features.0/conv 1"
+    assert tree[model].attrs["topoxr_model"] == "my model"
+
+
+def test_several_layers_and_models(any_store):
+    with ActivationWriter(any_store, model="a") as writer:
+        writer.write("l1", acts([0, 1], n=3), sample=[0, 1])
+        writer.write("l2", acts([0, 1], n=7), sample=[0, 1])
+    with ActivationWriter(any_store, model="b") as writer:
+        writer.write("l1", acts([5], n=2), sample=[5])
+    tree = open_store(any_store)
+    assert tree["a/l1"].sizes["neuron"] == 3 and tree["a/l2"].sizes["neuron"] == 7
+    assert tree["b/l1"].sizes["neuron"] == 2
+    summary = store_summary(any_store)
+    assert sorted(summary["models"]) == ["a", "b"]
+    assert sorted(summary["models"]["a"]["layers"]) == ["l1", "l2"]
+
+
+# --------------------------------------------------------------------------------------
+# convolutional layers
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduce", ["mean", "max", "none"])
+def test_conv_reduce_nchw_and_nhwc_agree(tmp_path, reduce):
+    rng = np.random.default_rng(0)
+    nchw = rng.normal(size=(6, 3, 4, 5)).astype(np.float32)
+    nhwc = np.transpose(nchw, (0, 2, 3, 1))
+    ids = np.arange(6)
+    stored = {}
+    for name, data, axis in (("nchw", nchw, 1), ("nhwc", nhwc, -1)):
+        path = str(tmp_path / f"{name}.zarr")
+        with ActivationWriter(path, model="cnn") as writer:
+            writer.write("conv", data, sample=ids, channel_axis=axis, reduce=reduce)
+        stored[name] = open_store(path)["cnn/conv"].to_dataset()
+    ds = stored["nchw"]
+    xr.testing.assert_identical(ds, stored["nhwc"])
+    values = ds.activation.sel(epoch=0).values  # (neuron, sample)
+    if reduce == "mean":
+        np.testing.assert_allclose(values, nchw.mean(axis=(2, 3), dtype=np.float64).T, rtol=1e-6)
+    elif reduce == "max":
+        np.testing.assert_array_equal(values, nchw.max(axis=(2, 3)).T)
+    else:
+        assert ds.sizes["neuron"] == 3 * 4 * 5
+        for k in (0, 7, 33, 59):
+            c, r, col = (int(ds[n].values[k]) for n in ("channel", "row", "col"))
+            np.testing.assert_array_equal(values[k], nchw[:, c, r, col])
+    if reduce in ("mean", "max"):
+        np.testing.assert_array_equal(ds.channel, np.arange(3))
+    assert ds.attrs["topoxr_reduce"] == reduce
+
+
+def test_conv_needs_channel_axis(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        with pytest.raises(StoreError, match="pass channel_axis"):
+            writer.write("conv", np.ones((2, 3, 4, 4)), sample=[0, 1])
+
+
+def test_reduce_mode_of_a_layer_is_fixed(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("conv", np.ones((2, 3, 2, 2)), sample=[0, 1], channel_axis=1,
+                     reduce="none")
+        with pytest.raises(StoreError, match="(reduce='none'|neurons in the store)"):
+            writer.write("conv", np.ones((2, 3, 2, 2)), sample=[2, 3], channel_axis=1)
+
+
+# --------------------------------------------------------------------------------------
+# epochs, completion, missing, summary
+# --------------------------------------------------------------------------------------
+def test_complete_and_incomplete_epochs(any_store):
+    with ActivationWriter(any_store, model="m") as writer:
+        writer.write("h", acts(range(4)), sample=range(4))
+        writer.write("h", acts(range(4), 1)[:2], sample=[0, 1], epoch=1)
+        with pytest.raises(StoreError, match="lacks 2 of 4 samples"):
+            writer.complete_epoch(1)
+        writer.complete_epoch(0)
+    ds = open_store(any_store)["m/h"].to_dataset()
+    assert ds.epoch_complete.values.tolist() == [True, False]
+    assert ds.committed.sel(epoch=1).values.tolist() == [True, True, False, False]
+    assert np.isnan(ds.activation.sel(epoch=1, sample=[2, 3])).all()
+    raw = open_store(any_store, mask_uncommitted=False)["m/h"].to_dataset()
+    assert raw.committed.sel(epoch=1).values.tolist() == [True, True, False, False]
+    info = store_summary(any_store)["models"]["m"]["layers"]["h"]
+    assert info["complete_epochs"] == [0] and info["incomplete_epochs"] == [1]
+    assert info["committed_fraction"] == pytest.approx(6 / 8)
+
+
+def test_complete_epoch_errors(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0]), sample=[0])
+        with pytest.raises(StoreError, match="unknown layer 'nope'"):
+            writer.complete_epoch(0, ["nope"])
+        with pytest.raises(StoreError, match="has no epoch 3"):
+            writer.complete_epoch(3)
+
+
+def test_missing(any_store):
+    with ActivationWriter(any_store, model="m") as writer:
+        assert writer.missing("h", 0, [3, 1]).tolist() == [3, 1]
+        writer.write("h", acts([1, 2]), sample=[1, 2])
+        assert writer.missing("h", 0, [3, 2, 1, 0]).tolist() == [3, 0]
+        assert writer.missing("h", 1, [1]).tolist() == [1]
+    with ActivationWriter(any_store, model="m") as writer:
+        assert writer.missing("h", 0, np.array([0, 1, 2, 3])).tolist() == [0, 3]
+        assert writer.layers == ["h"]
+
+
+def test_probe_set_is_fixed_once_an_epoch_is_complete(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1])
+        writer.complete_epoch(0)
+        with pytest.raises(StoreError, match=r"sample ids \[7\] are not in the probe set"):
+            writer.write("h", acts([0, 7], 1), sample=[0, 7], epoch=1)
+
+
+def test_epochs_need_not_start_at_zero_or_be_consecutive(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        for epoch in (5, 10, 20):
+            writer.write("h", acts([0, 1], epoch), sample=[0, 1], epoch=epoch)
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert ds.epoch.values.tolist() == [5, 10, 20]
+    np.testing.assert_array_equal(ds.activation.sel(epoch=10).values, acts([0, 1], 10).T)
+
+
+def test_log_epoch(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0]), sample=[0])
+        writer.write("h", acts([0], 1), sample=[0], epoch=1)
+        writer.log_epoch(1, loss=0.25)
+        writer.log_epoch(7, loss=9.0)  # no layer has epoch 7: nothing to attach it to
+        with pytest.raises(StoreError, match="'sample' cannot be an epoch scalar name"):
+            writer.log_epoch(0, sample=1.0)
+        with pytest.raises(StoreError, match="must be a real number"):
+            writer.log_epoch(0, loss="low")
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert np.isnan(ds.loss.values[0]) and ds.loss.values[1] == 0.25
+
+
+def test_store_summary_is_json(any_store):
+    record(any_store, description="d")
+    summary = store_summary(any_store)
+    text = json.dumps(summary)
+    assert json.loads(text) == summary
+    layer = summary["models"]["mlp"]["layers"]["hidden"]
+    assert layer == {
+        "name": "hidden", "neurons": N_NEURONS, "samples": 10, "epochs": [0, 1],
+        "complete_epochs": [0, 1], "incomplete_epochs": [], "committed_fraction": 1.0,
+        "reduce": "mean", "chunks": layer["chunks"],
+    }
+    assert summary["description"] == "d" and summary["format_version"] == FORMAT_VERSION
+
+
+# --------------------------------------------------------------------------------------
+# reopening, resume, overwrite, mode="w"
+# --------------------------------------------------------------------------------------
+def test_reopen_and_append_an_epoch(any_store):
+    record(any_store, epochs=1)
+    before = open_store(any_store)["mlp/hidden"].to_dataset().compute()
+    with ActivationWriter(any_store, model="mlp") as writer:
+        ids = np.arange(10)
+        writer.write("hidden", acts(ids, 1), sample=ids, label=ids % 3, epoch=1,
+                     prediction=(ids + 1) % 3, split=np.where(ids < 5, "train", "test"),
+                     weight=ids * 0.5, group=ids // 4, flag=ids % 2 == 0)
+    after = open_store(any_store)["mlp/hidden"].to_dataset().compute()
+    assert after.sizes["epoch"] == 2
+    xr.testing.assert_identical(after.sel(epoch=[0]).drop_vars(["loss", "accuracy"]),
+                                before.drop_vars(["loss", "accuracy"]))
+    np.testing.assert_array_equal(after.activation.sel(epoch=1), acts(ids, 1).T)
+
+
+def test_resume_skips_committed_batches(any_store):
+    record(any_store)
+    before = open_store(any_store)["mlp/hidden"].to_dataset().compute()
+    with ActivationWriter(any_store, model="mlp") as writer:
+        ids = np.array([4, 5, 6, 7])
+        n = writer.write("hidden", acts(ids, 1), sample=ids, label=ids % 3, epoch=1,
+                         prediction=(ids + 1) % 3, split=np.where(ids < 5, "train", "test"),
+                         weight=ids * 0.5, group=ids // 4, flag=ids % 2 == 0)
+        assert n == 0
+    after = open_store(any_store)["mlp/hidden"].to_dataset().compute()
+    xr.testing.assert_identical(after, before)
+
+
+def test_resume_writes_only_what_is_missing(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts(range(4)), sample=range(4))
+        writer.write("h", acts([0, 1], 1), sample=[0, 1], epoch=1)
+    with ActivationWriter(store_path, model="m") as writer:
+        assert writer.missing("h", 1, range(4)).tolist() == [2, 3]
+        assert writer.write("h", acts(range(4), 1), sample=range(4), epoch=1) == 2
+    ds = open_store(store_path)["m/h"].to_dataset()
+    np.testing.assert_array_equal(ds.activation.sel(epoch=1), acts(range(4), 1).T)
+    assert ds.epoch_complete.values.tolist() == [True, True]
+
+
+def test_differing_values_are_refused_unless_overwrite(any_store):
+    with ActivationWriter(any_store, model="m") as writer:
+        writer.write("h", acts([0, 1, 2]), sample=[0, 1, 2])
+    changed = acts([0, 1, 2])
+    changed[1] += 1
+    with ActivationWriter(any_store, model="m") as writer:
+        before = snapshot(any_store)
+        with pytest.raises(StoreError, match=r"samples \[1\] are committed for epoch 0 with "
+                                             "different values; pass overwrite=True"):
+            writer.write("h", changed, sample=[0, 1, 2])
+        assert snapshot(any_store) == before
+        assert writer.write("h", changed, sample=[0, 1, 2], overwrite=True) == 3
+    ds = open_store(any_store)["m/h"].to_dataset()
+    np.testing.assert_array_equal(ds.activation.sel(epoch=0), changed.T)
+
+
+def test_mode_w_replaces_only_this_model(any_store):
+    with ActivationWriter(any_store, model="a") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1])
+    with ActivationWriter(any_store, model="b") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1])
+    with ActivationWriter(any_store, model="a", mode="w") as writer:
+        writer.write("h", acts([9], n=2), sample=[9])
+    tree = open_store(any_store)
+    assert tree["a/h"].sizes == {"neuron": 2, "sample": 1, "epoch": 1}
+    assert tree["b/h"].sizes == {"neuron": N_NEURONS, "sample": 2, "epoch": 1}
+
+
+def test_model_attrs_are_kept(store_path):
+    with ActivationWriter(store_path, model="m", attrs={"framework": "torch"}) as writer:
+        writer.write("h", acts([0]), sample=[0])
+    assert open_store(store_path)["m"].attrs["framework"] == "torch"
+
+
+# --------------------------------------------------------------------------------------
+# one writer at a time
+# --------------------------------------------------------------------------------------
+def test_second_writer_in_the_same_process_is_refused(any_store):
+    with ActivationWriter(any_store, model="m") as writer:
+        writer.write("h", acts([0]), sample=[0])
+        with pytest.raises(StoreLockedError, match="already open for writing in this process"):
+            ActivationWriter(any_store, model="other")
+    with ActivationWriter(any_store, model="other") as writer:  # free again
+        writer.write("h", acts([0]), sample=[0])
+
+
+def test_second_writer_in_another_process_is_refused(store_path):
+    code = textwrap.dedent(f"""
+        from topoxr import ActivationWriter, StoreLockedError
+        try:
+            ActivationWriter({store_path!r}, model="m")
+        except StoreLockedError as err:
+            print("LOCKED", err)
+        else:
+            print("OPENED")
+    """)
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0]), sample=[0])
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120)
+        assert out.stdout.startswith("LOCKED"), out.stdout + out.stderr
+        assert "being written by another process" in out.stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.startswith("OPENED"), out.stdout + out.stderr
+
+
+def test_a_closed_writer_refuses_writes(store_path):
+    writer = ActivationWriter(store_path, model="m")
+    writer.close()
+    writer.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        writer.write("h", acts([0]), sample=[0])
+
+
+# --------------------------------------------------------------------------------------
+# bad input: a clear error and an unchanged store
+# --------------------------------------------------------------------------------------
+BAD_WRITES = {
+    "wrong neuron count": (dict(activations=np.ones((2, N_NEURONS + 1))),
+                           rf"has {N_NEURONS} neurons in the store, the batch has {N_NEURONS + 1}"),
+    "sample length": (dict(sample=[10, 11, 12]), r"sample has shape \(3,\) but the batch has 2"),
+    "label length": (dict(label=[0]), r"label has shape \(1,\) but the batch has 2"),
+    "prediction length": (dict(prediction=[0, 1, 2]), r"prediction has shape \(3,\)"),
+    "metadata length": (dict(split=["a"]), r"metadata 'split' has shape \(1,\)"),
+    "duplicate ids in batch": (dict(sample=[10, 10]), r"duplicate sample ids in the batch: \[10\]"),
+    "duplicate ids in epoch": (dict(sample=[0, 10], label=[0, 1], split=["a", "d"]), r"samples \[0\] were already written in "
+                                                     "epoch 0 by this writer"),
+    "nan": (dict(activations=np.array([[np.nan] * N_NEURONS, [0.0] * N_NEURONS])),
+            rf"{N_NEURONS} activation value\(s\) are NaN or inf"),
+    "inf": (dict(activations=np.full((2, N_NEURONS), np.inf)), r"10 activation value\(s\) are NaN"),
+    "strings": (dict(activations=np.full((2, N_NEURONS), "x")), "must be real numbers"),
+    "objects": (dict(activations=np.array([[object()] * N_NEURONS] * 2)), "must be real numbers"),
+    "complex": (dict(activations=np.ones((2, N_NEURONS), complex)), "must be real numbers"),
+    "1-d activations": (dict(activations=np.ones(2)), r"must have shape \(batch, neurons"),
+    "unknown reduce": (dict(reduce="median"), "unknown reduce mode 'median'"),
+    "bad channel axis": (dict(activations=np.ones((2, 3, 4)), channel_axis=0),
+                         "channel_axis=0 is not a non-batch axis"),
+    "float sample ids": (dict(sample=[10.0, 11.0]), "sample ids must be integers"),
+    "reserved sample id": (dict(sample=[10, np.iinfo(np.int64).min]), "is reserved"),
+    "label type": (dict(label=["a", "b"]), "labels are <U1, the stored ones int64"),
+    "no labels": (dict(label=None), "stores labels; the batch gives none"),
+    "changed label": (dict(sample=[0, 10], label=[2, 0], activations=acts([0, 10]),
+                           overwrite=True), r"labels of samples \[0\] differ"),
+    "metadata columns": (dict(split=None, other=[1, 2]), "stores metadata columns"),
+    "metadata type": (dict(split=[1, 2]), "metadata 'split' is int64"),
+    "metadata values": (dict(split=[{"a": 1}, {"b": 2}]), "must hold str, int, float or bool"),
+    "reserved column": (dict(x=[1, 2]), "'x' cannot be a metadata column name"),
+    "negative epoch": (dict(epoch=-1), "epoch must be >= 0"),
+    "float epoch": (dict(epoch=1.5), "epoch must be an integer"),
+    "bool epoch": (dict(epoch=True), "epoch must be an integer"),
+    "empty layer name": (dict(layer=""), "layer must be a non-empty string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WRITES))
+def test_bad_input_is_refused_and_writes_nothing(any_store, case):
+    kwargs, match = BAD_WRITES[case]
+    with ActivationWriter(any_store, model="m") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1], label=[0, 1], prediction=[0, 0],
+                     split=["a", "b"])
+        before = snapshot(any_store)
+        call = dict(layer="h", activations=acts([10, 11]), sample=[10, 11], label=[1, 1],
+                    prediction=[1, 0], split=["c", "d"])
+        call.update(kwargs)
+        if call.get("split", "") is None:
+            del call["split"]
+        layer, values = call.pop("layer"), call.pop("activations")
+        with pytest.raises(StoreError, match=match):
+            writer.write(layer, values, **call)
+        assert snapshot(any_store) == before
+        # the writer is still usable
+        assert writer.write("h", acts([20, 21]), sample=[20, 21], label=[0, 0],
+                            prediction=[0, 0], split=["e", "f"]) == 2
+    ds = open_store(any_store)["m/h"].to_dataset()
+    assert ds.sample.values.tolist() == [0, 1, 20, 21]
+
+
+def test_nonfinite_values_are_stored_when_allowed(any_store):
+    values = acts([0, 1, 2])
+    values[0, 1], values[2, 0] = np.nan, -np.inf
+    with ActivationWriter(any_store, model="m") as writer:
+        writer.write("h", values, sample=[0, 1, 2], allow_nonfinite=True)
+    ds = open_store(any_store)["m/h"].to_dataset()
+    assert ds.committed.values.all()
+    np.testing.assert_array_equal(ds.activation.sel(epoch=0).values, values.T)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="r"), "mode must be 'a'"),
+    (dict(model=""), "model must be a non-empty string"),
+    (dict(chunk_samples=0), "chunk_samples must be a positive integer"),
+])
+def test_bad_writer_arguments(store_path, kwargs, match):
+    call = dict(model="m") | kwargs
+    with pytest.raises(StoreError, match=match):
+        ActivationWriter(store_path, **call)
+    assert not os.path.exists(store_path)
+
+
+def test_store_must_be_a_path(tmp_path):
+    with pytest.raises(StoreError, match="store must be a path or an fsspec URL, got int"):
+        ActivationWriter(3, model="m")
+
+
+@pytest.fixture(params=["plain directory", "plain file", "foreign zarr group"])
+def not_a_store(request, tmp_path):
+    path = tmp_path / "thing"
+    if request.param == "plain directory":
+        path.mkdir()
+        (path / "notes.txt").write_text("hello")
+    elif request.param == "plain file":
+        path.write_text("hello")
+    else:
+        zarr.open_group(str(path), mode="w", attributes={"owner": "someone else"})
+    return str(path)
+
+
+def test_a_path_that_is_not_a_store_is_refused(not_a_store):
+    before = snapshot(not_a_store)
+    with pytest.raises(StoreError, match="not a topoxr store"):
+        ActivationWriter(not_a_store, model="m")
+    with pytest.raises(StoreError, match="not a topoxr store"):
+        open_store(not_a_store)
+    with pytest.raises(StoreError, match="not a topoxr store"):
+        store_summary(not_a_store)
+    assert snapshot(not_a_store) == before
+
+
+def test_model_name_taken_by_another_node(store_path):
+    with ActivationWriter(store_path, model="a b") as writer:
+        writer.write("h", acts([0]), sample=[0])
+    with pytest.raises(StoreError, match="is not the model 'a_b'"):
+        ActivationWriter(store_path, model="a_b")
+
+
+def test_empty_directory_becomes_a_store(tmp_path):
+    path = tmp_path / "empty.zarr"
+    path.mkdir()
+    with ActivationWriter(str(path), model="m") as writer:
+        writer.write("h", acts([0]), sample=[0])
+    assert open_store(str(path))["m/h"].sizes["sample"] == 1
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no topoxr store"):
+        open_store(str(tmp_path / "nothing.zarr"))
