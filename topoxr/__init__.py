@@ -6,8 +6,13 @@ learning framework and no plotting library: those are imported where they are us
 
 from __future__ import annotations
 
+from topoxr import accessor as _accessor  # registers the .topo accessor
 from topoxr import conventions
 from topoxr._locking import StoreLockedError
+from topoxr.align import align
+from topoxr.naps import naps
+from topoxr.profiles import distances, profiles
+from topoxr.quality import quality
 from topoxr.store import ActivationWriter, StoreError, open_store, store_summary
 
 try:
@@ -20,7 +25,12 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "__version__",
+    "align",
     "conventions",
+    "distances",
+    "naps",
     "open_store",
+    "profiles",
+    "quality",
     "store_summary",
 ]

@@ -1,0 +1,109 @@
+"""The ``.topo`` accessor on xarray DataArray, Dataset and DataTree.
+
+Every method is a one-line delegation to a public function, so the accessor holds no
+state and adds no behaviour: ``obj.topo.naps(by="label")`` is
+``topoxr.naps(obj, by="label")``. On a DataTree, methods map over the layer nodes
+(nodes holding an ``activation`` variable) and return a DataTree with the same paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import xarray as xr
+
+from topoxr.conventions import ACTIVATION
+
+__all__ = ["TopoAccessor", "TopoDataArrayAccessor", "TopoDatasetAccessor", "TopoTreeAccessor"]
+
+
+class TopoAccessor:
+    """Shared methods of ``.topo``; subclasses only say how to apply a function."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def _apply(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return func(self._obj, *args, **kwargs)
+
+    def naps(self, by: Any = "label", **kwargs: Any) -> Any:
+        """Neuron activation patterns; see :func:`topoxr.naps`."""
+        from topoxr.naps import naps
+
+        return self._apply(naps, by, **kwargs)
+
+    def profiles(self, **kwargs: Any) -> Any:
+        """Neuron profiles; see :func:`topoxr.profiles`."""
+        from topoxr.profiles import profiles
+
+        return self._apply(profiles, **kwargs)
+
+    def distances(self, metric: str = "cosine", **kwargs: Any) -> Any:
+        """Pairwise profile distances; see :func:`topoxr.distances`."""
+        from topoxr.profiles import distances
+
+        return self._apply(distances, metric, **kwargs)
+
+    def layout(self, method: Any = None, **kwargs: Any) -> Any:
+        """Attach a layout; see :func:`topoxr.layout.attach`."""
+        from topoxr.layout.attach import DEFAULT_METHOD, attach
+
+        return self._apply(attach, DEFAULT_METHOD if method is None else method, **kwargs)
+
+    def quality(self, **kwargs: Any) -> Any:
+        """Layout quality metrics; see :func:`topoxr.quality`."""
+        from topoxr.quality import quality
+
+        return self._apply(quality, **kwargs)
+
+    def align(self, reference: Any = None, **kwargs: Any) -> Any:
+        """Align onto ``reference`` (:func:`topoxr.align`), or epochs onto each other
+        (:func:`topoxr.align.align_epochs`) when no reference is given."""
+        from topoxr.align import align, align_epochs
+
+        if reference is None:
+            return self._apply(align_epochs, **kwargs)
+        return self._apply(align, reference, **kwargs)
+
+    def plot(self, **kwargs: Any) -> Any:
+        """Topographic map (HoloViews); see :func:`topoxr.viz.topomap`."""
+        from topoxr.viz import topomap
+
+        return topomap(self._obj, **kwargs)
+
+
+@xr.register_dataarray_accessor("topo")
+class TopoDataArrayAccessor(TopoAccessor):
+    """``DataArray.topo``: activations or NAPs of one layer."""
+
+    __slots__ = ()
+
+
+@xr.register_dataset_accessor("topo")
+class TopoDatasetAccessor(TopoAccessor):
+    """``Dataset.topo``: a layer node (``activation`` and its coordinates)."""
+
+    __slots__ = ()
+
+
+@xr.register_datatree_accessor("topo")
+class TopoTreeAccessor(TopoAccessor):
+    """``DataTree.topo``: every method maps over the layer nodes of a store's tree."""
+
+    __slots__ = ()
+
+    def _apply(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> xr.DataTree:
+        out: dict[str, Any] = {}
+        for node in self._obj.subtree:
+            if ACTIVATION not in node.data_vars:
+                continue
+            result = func(node.to_dataset(inherit=False), *args, **kwargs)
+            if isinstance(result, xr.DataArray):
+                result = result.to_dataset(name=result.name or "result")
+            out[node.path] = result
+        if not out:
+            raise ValueError("the tree has no layer node (no node holds an 'activation')")
+        return xr.DataTree.from_dict(out)
