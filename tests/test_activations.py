@@ -1,0 +1,99 @@
+"""Shaping raw layer outputs into ``(batch, neuron)`` matrices: :mod:`topoxr.activations`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from topoxr.activations import REDUCE_MODES, ReducedBatch, reduce_units
+
+RNG = np.random.default_rng(42)
+
+
+def test_dense_batches_pass_through_as_float32():
+    data = RNG.normal(size=(4, 7))
+    out = reduce_units(data)
+    assert isinstance(out, ReducedBatch)
+    assert out.values.dtype == np.float32 and out.values.flags.c_contiguous
+    np.testing.assert_array_equal(out.values, data.astype(np.float32))
+    assert out.unit_coords == {}
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint16, np.int64, bool, np.float16, np.float64])
+def test_real_dtypes_are_accepted(dtype):
+    data = (RNG.normal(size=(3, 2)) * 3).astype(dtype)
+    np.testing.assert_array_equal(reduce_units(data).values, data.astype(np.float32))
+
+
+def test_a_non_contiguous_view_is_copied_contiguously():
+    data = RNG.normal(size=(6, 8)).astype(np.float32)[::2, ::2]
+    out = reduce_units(data)
+    assert out.values.flags.c_contiguous
+    np.testing.assert_array_equal(out.values, data)
+
+
+@pytest.mark.parametrize("reduce, pool", [("mean", np.mean), ("max", np.max)])
+def test_pooling_per_channel(reduce, pool):
+    nchw = RNG.normal(size=(5, 3, 4, 6))
+    out = reduce_units(nchw, channel_axis=1, reduce=reduce)
+    np.testing.assert_allclose(out.values, pool(nchw, axis=(2, 3)), rtol=1e-6)
+    np.testing.assert_array_equal(out.unit_coords["channel"], [0, 1, 2])
+    assert out.reduce == reduce
+
+
+@pytest.mark.parametrize("reduce", REDUCE_MODES)
+def test_channels_last_equals_channels_first(reduce):
+    nchw = RNG.normal(size=(2, 3, 4, 5))
+    a = reduce_units(nchw, channel_axis=1, reduce=reduce)
+    for axis in (-1, 3):
+        b = reduce_units(np.moveaxis(nchw, 1, -1), channel_axis=axis, reduce=reduce)
+        np.testing.assert_array_equal(a.values, b.values)
+        assert a.unit_coords.keys() == b.unit_coords.keys()
+        for key in a.unit_coords:
+            np.testing.assert_array_equal(a.unit_coords[key], b.unit_coords[key])
+
+
+def test_none_keeps_every_unit_channel_major():
+    nchw = RNG.normal(size=(2, 3, 4, 5))
+    out = reduce_units(nchw, channel_axis=1, reduce="none")
+    assert out.values.shape == (2, 60)
+    c, r, col = (out.unit_coords[k] for k in ("channel", "row", "col"))
+    assert c.tolist() == sorted(c.tolist())  # channel-major
+    for k in range(60):
+        np.testing.assert_allclose(out.values[:, k], nchw[:, c[k], r[k], col[k]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("spatial, names", [
+    ((7,), ("channel", "position")),
+    ((2, 3, 4), ("channel", "depth", "row", "col")),
+    ((2, 2, 2, 2), ("channel", "position_0", "position_1", "position_2", "position_3")),
+])
+def test_unit_coordinates_name_the_spatial_axes(spatial, names):
+    data = RNG.normal(size=(2, 3, *spatial))
+    out = reduce_units(data, channel_axis=1, reduce="none")
+    assert tuple(out.unit_coords) == names
+    assert out.values.shape == (2, 3 * int(np.prod(spatial)))
+    coords = np.stack([out.unit_coords[n] for n in names])
+    assert len({tuple(col) for col in coords.T}) == out.values.shape[1]  # unique units
+
+
+@pytest.mark.parametrize("data, kwargs, match", [
+    (np.ones((2, 3)), dict(reduce="median"), "unknown reduce mode 'median'"),
+    (np.array([["a", "b"]]), {}, "must be real numbers.*<U1"),
+    (np.ones((2, 2), complex), {}, "must be real numbers"),
+    (np.array([[None, 1]], dtype=object), {}, "must be real numbers.*object"),
+    (np.ones(3), {}, r"shape \(batch, neurons, \.\.\.\), got shape \(3,\)"),
+    (np.float32(1), {}, r"got shape \(\)"),
+    (np.ones((2, 3, 4)), {}, "pass channel_axis"),
+    (np.ones((2, 3, 4)), dict(channel_axis=0), "channel_axis=0 is not a non-batch axis"),
+    (np.ones((2, 3, 4)), dict(channel_axis=-3), "channel_axis=-3 is not a non-batch axis"),
+    (np.ones((2, 3, 4)), dict(channel_axis=3), "channel_axis=3 is not a non-batch axis"),
+])
+def test_bad_input(data, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        reduce_units(data, **kwargs)
+
+
+def test_lists_are_accepted():
+    out = reduce_units([[1, 2], [3, 4]])
+    np.testing.assert_array_equal(out.values, [[1, 2], [3, 4]])

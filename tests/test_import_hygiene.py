@@ -1,0 +1,66 @@
+"""Importing topoxr (or one adapter) loads no heavy framework it does not need.
+
+Each check runs in a fresh interpreter and subtracts what a bare ``python -c pass``
+already has loaded (``.pth`` files, editable-install finders), as MNE does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "tensorflow", "keras", "jax", "holoviews", "bokeh", "panel", "umap",
+         "numba", "hypothesis", "matplotlib")
+CORE_FORBIDDEN = HEAVY[:-1]  # matplotlib is not promised away; reported, not enforced
+
+_CODE = """
+import json, sys
+before = set(sys.modules)
+{statement}
+print(json.dumps(sorted(m.split(".")[0] for m in set(sys.modules) - before)))
+"""
+
+
+def _loaded(statement: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", _CODE.format(statement=statement)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def baseline() -> set[str]:
+    return _loaded("pass")
+
+
+def test_import_topoxr_is_light(baseline):
+    loaded = _loaded("import topoxr") - baseline
+    assert "topoxr" in loaded and "xarray" in loaded  # the check can see imports
+    assert not loaded & set(CORE_FORBIDDEN), sorted(loaded & set(CORE_FORBIDDEN))
+
+
+def test_the_store_round_trip_stays_light(baseline, tmp_path):
+    statement = (
+        "import numpy as np, topoxr\n"
+        f"with topoxr.ActivationWriter({str(tmp_path / 's.zarr')!r}, model='m') as w:\n"
+        "    w.write('h', np.ones((2, 3)), sample=[0, 1])\n"
+        f"topoxr.open_store({str(tmp_path / 's.zarr')!r})['m/h'].activation.values"
+    )
+    loaded = _loaded(statement) - baseline
+    assert not loaded & set(CORE_FORBIDDEN), sorted(loaded & set(CORE_FORBIDDEN))
+
+
+@pytest.mark.parametrize("adapter, forbidden", [
+    ("topoxr_torch", ("keras", "tensorflow", "jax")),
+    ("topoxr_keras", ("torch", "jax")),
+])
+def test_adapters_load_only_their_framework(baseline, adapter, forbidden):
+    if importlib.util.find_spec(adapter) is None:
+        pytest.skip(f"{adapter} is not installed")
+    loaded = _loaded(f"import {adapter}") - baseline
+    assert adapter in loaded
+    assert not loaded & set(forbidden), sorted(loaded & set(forbidden))
