@@ -561,7 +561,9 @@ class BackgroundWriter:
         self._targets: dict[str, int] = {}
         self._error: BaseException | None = None
         self._closed = False
+        #: Samples written (per layer, summed) and number of write calls, for inspection.
         self.written = 0
+        self.writes = 0
         self._thread = threading.Thread(target=self._run, name="topoxr-writer", daemon=True)
         self._thread.start()
 
@@ -666,6 +668,7 @@ class BackgroundWriter:
             return parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
 
         meta = {k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4]}
+        self.writes += 1
         self.written += self._writer.write(
             layer, cat(0), sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
             channel_axis=_axis_of(self._channel_axis, layer), reduce=self._reduce, **meta,

@@ -1,0 +1,264 @@
+"""topoxr.recording: adapter discovery, lazy imports and the framework-free helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from topoxr import ActivationWriter, open_store
+from topoxr.recording import (
+    BackgroundWriter,
+    RecordingError,
+    available_adapters,
+    check_against_store,
+    get_adapter,
+    iter_array_batches,
+    number_batches,
+    prepare_arrays,
+    resolve_layers,
+    run_recording,
+    stored_layers,
+)
+
+
+def _run(code: str, env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+HEAVY = ("torch", "tensorflow", "keras", "jax")
+
+
+# -- discovery ----------------------------------------------------------------------------
+def test_installed_adapters_are_listed_without_importing_them():
+    out = _run(f"""
+        import json, sys
+        from topoxr.recording import available_adapters
+        names = available_adapters()
+        print(json.dumps({{"names": names,
+                          "loaded": [m for m in {HEAVY!r} + ("topoxr_torch", "topoxr_keras")
+                                     if m in sys.modules]}}))
+    """)
+    assert {"torch", "keras"} <= set(out["names"])
+    assert out["loaded"] == []
+
+
+def test_unknown_adapter_lists_installed_ones():
+    with pytest.raises(KeyError, match=r"no topoxr adapter named 'mxnet'.*keras.*torch"):
+        get_adapter("mxnet")
+
+
+def test_plugin_from_a_dist_info_is_found_and_loaded_on_request(tmp_path):
+    (tmp_path / "fake_topoxr_adapter.py").write_text("RECORDS = 'fake'\n")
+    info = tmp_path / "fake_topoxr_adapter-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-topoxr-adapter\n"
+                                   "Version: 0.1\n")
+    (info / "entry_points.txt").write_text("[topoxr.adapters]\nfake = fake_topoxr_adapter\n")
+    out = _run("""
+        import json, sys
+        from topoxr.recording import available_adapters, get_adapter
+        names = available_adapters()
+        before = "fake_topoxr_adapter" in sys.modules
+        module = get_adapter("fake")
+        print(json.dumps({"names": names, "before": before, "records": module.RECORDS}))
+    """, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert "fake" in out["names"]
+    assert out["before"] is False
+    assert out["records"] == "fake"
+
+
+def test_adapter_packages_import_their_framework_lazily():
+    out = _run(f"""
+        import json, sys
+        import topoxr_torch, topoxr_keras
+        light = [m for m in {HEAVY!r} if m in sys.modules]
+        topoxr_torch.record  # first use imports torch, and only torch
+        torch_use = [m for m in {HEAVY!r} if m in sys.modules]
+        print(json.dumps({{"light": light, "torch_use": torch_use}}))
+    """)
+    assert out["light"] == []
+    assert out["torch_use"] == ["torch"]
+
+
+def test_keras_adapter_does_not_import_torch():
+    pytest.importorskip("keras")
+    out = _run(f"""
+        import json, sys
+        import topoxr_keras
+        topoxr_keras.record
+        print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
+    """, env={"KERAS_BACKEND": "tensorflow"})
+    assert "torch" not in out
+    assert "keras" in out
+
+
+@pytest.mark.parametrize(("package", "extra"), [("topoxr_torch", "torch"),
+                                                ("topoxr_keras", "keras")])
+def test_missing_framework_names_the_extra(package, extra):
+    out = _run(f"""
+        import json, sys
+        sys.modules[{extra!r}] = None  # as if the framework were not installed
+        import {package}
+        try:
+            {package}.record
+        except ImportError as err:
+            print(json.dumps(str(err)))
+    """)
+    assert f'pip install "topoxr[{extra}]"' in out
+
+
+# -- layer selection ----------------------------------------------------------------------
+AVAILABLE = ["features.0", "features.1", "features.10", "head[0]", "fc1", "fc2", "out"]
+
+
+def test_resolve_layers_exact_glob_and_order():
+    assert resolve_layers("fc1", AVAILABLE) == ["fc1"]
+    assert resolve_layers(["out", "fc*"], AVAILABLE) == ["fc1", "fc2", "out"]
+    assert resolve_layers("features.?", AVAILABLE) == ["features.0", "features.1"]
+    assert resolve_layers(["head[0]"], AVAILABLE) == ["head[0]"]  # exact wins over a glob
+
+
+@pytest.mark.parametrize("requested", [["fc3"], "conv*", []])
+def test_resolve_layers_errors_list_available(requested):
+    with pytest.raises(RecordingError, match=r"fc1.*fc2"):
+        resolve_layers(requested, AVAILABLE)
+
+
+# -- data normalisation -------------------------------------------------------------------
+def test_prepare_arrays_ids_labels_metadata():
+    x = np.zeros((5, 3))
+    got_x, y, ids, meta = prepare_arrays((x, [0, 1, 0, 1, 0]), metadata={"site": list("abcab")},
+                                         sample_ids=[10, 11, 12, 13, 14])
+    assert got_x is x
+    np.testing.assert_array_equal(y, [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(ids, np.arange(10, 15))
+    np.testing.assert_array_equal(meta["site"], list("abcab"))
+    batches = list(iter_array_batches(x, ids, y, meta, 2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    np.testing.assert_array_equal(batches[2].metadata["site"], ["b"])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"data": (np.zeros((4, 2)), [0, 1])}, "labels has 2 entries but the data has 4"),
+    ({"data": np.zeros((4, 2)), "labels": [0, 1, 2]}, "labels has 3"),
+    ({"data": (np.zeros((4, 2)), [0] * 4), "labels": [0] * 4}, "labels are given twice"),
+    ({"data": np.zeros((4, 2)), "sample_ids": [1, 1, 2, 3]}, "duplicate sample ids"),
+    ({"data": np.zeros((4, 2)), "sample_ids": [0.5, 1, 2, 3]}, "must be integers"),
+    ({"data": np.zeros((4, 2)), "metadata": {"m": [1, 2]}}, "metadata 'm' has 2"),
+    ({"data": np.zeros((0, 2))}, "no samples"),
+    ({"data": [1, 2, 3]}, "data must be x or a pair"),
+])
+def test_prepare_arrays_errors(kwargs, message):
+    data = kwargs.pop("data")
+    with pytest.raises(RecordingError, match=message):
+        prepare_arrays(data, **kwargs)
+
+
+def test_number_batches_running_ids_and_length_check():
+    batches = [(np.zeros((3, 2)), None), (np.zeros((2, 2)), None)]
+    out = list(number_batches(batches, labels=[1, 2, 3, 4, 5]))
+    np.testing.assert_array_equal(np.concatenate([b.ids for b in out]), np.arange(5))
+    np.testing.assert_array_equal(out[1].labels, [4, 5])
+    with pytest.raises(RecordingError, match="labels has 6 entries but the data has 5"):
+        list(number_batches(batches, labels=np.arange(6)))
+
+
+# -- probe-set checks and the recording loop on a numpy "model" ---------------------------
+def _numpy_forward(weights: np.ndarray):
+    def forward(x):
+        hidden = x @ weights
+        return {"hidden": hidden, "out": hidden[:, :3]}, hidden[:, :3]
+    return forward
+
+
+def _record(store, x, y=None, *, epoch=0, ids=None, weights=None, **kwargs):
+    weights = np.eye(x.shape[1], 4, dtype=np.float32) if weights is None else weights
+    ids = np.arange(len(x)) if ids is None else ids
+    return run_recording(
+        _numpy_forward(weights), iter_array_batches(x, ids, y, {}, 8), store,
+        model_name="np", layers=["hidden", "out"], epoch=epoch, probe_ids=ids, probe_labels=y,
+        n_samples=len(x), batch_size=8, progress=False, **kwargs)
+
+
+def test_run_recording_writes_complete_epochs(store_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 30)
+    _record(store_path, x, y, epoch=0)
+    _record(store_path, x * 2, y, epoch=1, scalars={"loss": 0.25})
+    ds = open_store(store_path)["np/hidden"].to_dataset().load()
+    np.testing.assert_array_equal(ds.epoch, [0, 1])
+    assert bool(ds.epoch_complete.all())
+    np.testing.assert_allclose(ds.activation.values[..., 0], (x @ np.eye(5, 4)).T, rtol=1e-6)
+    np.testing.assert_allclose(ds.activation.values[..., 1], 2 * ds.activation.values[..., 0])
+    np.testing.assert_array_equal(ds.prediction.values[:, 0], x[:, :3].argmax(1))
+    assert float(ds.loss.values[1]) == 0.25
+    layers = stored_layers(store_path, "np")
+    assert layers["out"].n_neurons == 3
+    assert layers["hidden"].epochs == [0, 1]
+
+
+def test_check_against_store_allows_resuming_an_epoch():
+    from topoxr.recording import StoredLayer
+
+    stored = {"h": StoredLayer(n_neurons=4, reduce="mean", sample_ids=np.arange(5), epochs=[0],
+                               complete=[False], labels=None)}
+    # The same epoch, not complete yet: the full probe set may add the missing samples.
+    check_against_store(stored, model="m", neurons={"h": 4}, reduce="mean", epoch=0,
+                        ids=np.arange(10), labels=None)
+    with pytest.raises(RecordingError, match="probe set differs"):
+        check_against_store(stored, model="m", neurons={"h": 4}, reduce="mean", epoch=1,
+                            ids=np.arange(10), labels=None)
+    with pytest.raises(RecordingError, match="reduce='mean', not 'max'"):
+        check_against_store(stored, model="m", neurons={"h": 4}, reduce="max", epoch=0,
+                            ids=np.arange(5), labels=None)
+
+
+def test_changed_labels_are_refused_before_writing(store_path):
+    x = np.ones((12, 5), np.float32)
+    _record(store_path, x, np.zeros(12, int))
+    before = open_store(store_path)["np/out"].to_dataset().load()
+    with pytest.raises(RecordingError, match="labels of samples"):
+        _record(store_path, x, np.ones(12, int), epoch=1)
+    after = open_store(store_path)["np/out"].to_dataset().load()
+    np.testing.assert_array_equal(after.epoch, [0])
+    np.testing.assert_array_equal(after.activation, before.activation)
+
+
+# -- background writer ----------------------------------------------------------------------
+def test_background_writer_coalesces_into_whole_writes(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        with BackgroundWriter(writer, epoch=0, reduce="mean", channel_axis=1,
+                              write_bytes=4 * 2 * 40) as bg:
+            bg.set_targets({"a": 2}, batch_size=10)  # 40 rows per write
+            for start in range(0, 100, 10):
+                ids = np.arange(start, start + 10)
+                bg.submit({"a": np.stack([ids, -ids], 1).astype(np.float32)}, ids, None,
+                          None, {})
+        assert bg.written == 100
+        assert bg.writes == 3  # 40 + 40 + the last 20 at close
+    ds = open_store(store_path)["m/a"].to_dataset().load()
+    np.testing.assert_array_equal(ds.activation.values[0, :, 0], np.arange(100))
+    np.testing.assert_array_equal(ds.activation.values[1, :, 0], -np.arange(100))
+
+
+def test_background_writer_errors_reach_the_caller(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("a", np.zeros((4, 3)), sample=np.arange(4))
+        bg = BackgroundWriter(writer, epoch=0, reduce="mean", channel_axis=1, queue_size=1)
+        bg.set_targets({"a": 5}, batch_size=1)
+        # Five neurons where the store has three: the thread fails, the caller hears it.
+        with pytest.raises(ValueError, match="3 neurons in the store"):
+            for i in range(100, 200):
+                bg.submit({"a": np.zeros((1, 5), np.float32)}, np.array([i]), None, None, {})
+            bg.close()
+        bg.close()  # closing again is harmless
