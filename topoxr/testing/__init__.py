@@ -7,6 +7,8 @@ deep learning framework.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ from topoxr.conventions import (
     Y,
 )
 
-__all__ = ["assert_layout_close", "make_activations"]
+__all__ = ["assert_layout_close", "make_activations", "raise_if_dask_computes", "write_store"]
 
 
 def make_activations(
@@ -161,3 +163,86 @@ def assert_layout_close(
         a = np.stack([procrustes(a2[:, i], d2[:, i], rescale=False)[0]
                       for i in range(a2.shape[1])], axis=1).reshape(a.shape)
     np.testing.assert_allclose(a, d, atol=atol, rtol=rtol, err_msg="layouts differ")
+
+
+@contextmanager
+def raise_if_dask_computes(max_computes: int = 0) -> Iterator[None]:
+    """Fail if dask computes more than ``max_computes`` times inside the block.
+
+    The check of xarray's and cf-xarray's test suites: it installs a counting
+    synchronous scheduler, so a function that should stay lazy is caught computing.
+
+    Raises
+    ------
+    RuntimeError
+        On the first compute beyond ``max_computes``.
+    """
+    import dask
+
+    count = 0
+
+    def scheduler(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > max_computes:
+            raise RuntimeError(f"too many dask computes: {count} > {max_computes}")
+        return dask.get(dsk, keys, **kwargs)
+
+    with dask.config.set(scheduler=scheduler):
+        yield
+
+
+def write_store(
+    ds: xr.Dataset,
+    store: Any,
+    *,
+    model: str = "model",
+    layer: str = "hidden",
+    batch_size: int = 16,
+    chunk_samples: int | None = None,
+    complete: bool = True,
+) -> str:
+    """Record a synthetic layer (e.g. from :func:`make_activations`) into a real store.
+
+    Every epoch is written in batches with :class:`topoxr.ActivationWriter`, with labels
+    and predictions, as a training loop would.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A layer node with ``activation`` and ``label``/``prediction`` coordinates.
+    store : str
+        Path or fsspec URL of the store.
+    model, layer : str
+        Names in the store.
+    batch_size : int, default 16
+        Samples per write.
+    chunk_samples : int, optional
+        Passed to the writer.
+    complete : bool, default True
+        Mark every epoch complete.
+
+    Returns
+    -------
+    str
+        ``store``.
+    """
+    from topoxr.store import ActivationWriter
+
+    values = np.asarray(ds[ACTIVATION].transpose(NEURON, SAMPLE, EPOCH).values)
+    ids = ds[SAMPLE].values
+    labels = ds[LABEL].values if LABEL in ds.coords else None
+    preds = ds[PREDICTION].transpose(SAMPLE, EPOCH).values if PREDICTION in ds.coords else None
+    with ActivationWriter(store, model=model, mode="w", chunk_samples=chunk_samples) as w:
+        for e, epoch in enumerate(ds[EPOCH].values.tolist()):
+            for start in range(0, len(ids), batch_size):
+                sl = slice(start, start + batch_size)
+                kwargs: dict[str, Any] = {}
+                if labels is not None:
+                    kwargs["label"] = labels[sl]
+                if preds is not None:
+                    kwargs["prediction"] = preds[sl, e]
+                w.write(layer, values[:, sl, e].T, sample=ids[sl], epoch=epoch, **kwargs)
+            if complete:
+                w.complete_epoch(epoch)
+    return str(store)

@@ -1,0 +1,204 @@
+"""NAPs: group means by any label, on numpy, dask and real stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+import topoxr
+from topoxr.naps import GroupingError, naps
+from topoxr.store import ActivationWriter
+from topoxr.testing import make_activations, raise_if_dask_computes, write_store
+
+
+@pytest.fixture(params=["numpy", "dask"])
+def backend(request):
+    return request.param
+
+
+def _layer(backend, **kwargs):
+    chunks = {"sample": 7, "epoch": 1} if backend == "dask" else None
+    return make_activations(chunks=chunks, **kwargs)
+
+
+def _manual(ds, keys):
+    """Reference: plain numpy loops over epochs and groups."""
+    act = np.asarray(ds.activation.values, dtype=np.float64)
+    out = {}
+    for e in range(ds.sizes["epoch"]):
+        cols = []
+        for k in keys:
+            c = ds[k].values
+            cols.append(c[:, e] if c.ndim == 2 else c)
+        for combo in sorted(set(zip(*cols, strict=True))):
+            sel = np.all([col == v for col, v in zip(cols, combo, strict=True)], axis=0)
+            out[(combo, e)] = (act[:, sel, e].mean(axis=1), int(sel.sum()))
+    return out
+
+
+def test_label_naps_match_numpy_group_means(backend):
+    ds = _layer(backend)
+    raw = naps(ds, by="label", normalize=False)
+    assert raw.dims == ("neuron", "label", "epoch")
+    assert raw.name == "nap"
+    ref = _manual(ds, ["label"])
+    for ((label,), e), (mean, count) in ref.items():
+        np.testing.assert_allclose(raw.sel(label=label).isel(epoch=e).values, mean, rtol=1e-5)
+        assert int(raw["count"].sel(label=label).isel(epoch=e)) == count
+
+
+def test_normalisation_subtracts_mean_over_groups(backend):
+    ds = _layer(backend)
+    raw = naps(ds, normalize=False)
+    norm = naps(ds)
+    np.testing.assert_allclose(norm.values, (raw - raw.mean("label")).values, atol=1e-6)
+    np.testing.assert_allclose(norm.mean("label").values, 0.0, atol=1e-6)
+    assert json.loads(norm.attrs["topoxr_nap"])["normalize"] is True
+    assert json.loads(raw.attrs["topoxr_nap"])["normalize"] is False
+
+
+def test_dask_input_stays_lazy_until_computed():
+    ds = _layer("dask")
+    with raise_if_dask_computes():
+        lazy = naps(ds, by=["label", "correct"])
+    assert lazy.chunks is not None
+    eager = naps(_layer("numpy"), by=["label", "correct"])
+    xr.testing.assert_allclose(lazy.compute(), eager, atol=1e-6)
+
+
+def test_binary_contrast_has_multiindex_of_occurring_groups(backend):
+    ds = _layer(backend, n_samples=24, n_labels=3)
+    nap = naps(ds, by=["label", "correct"], normalize=False)
+    assert nap.dims == ("neuron", "group", "epoch")
+    index = nap.indexes["group"]
+    assert isinstance(index, pd.MultiIndex)
+    assert list(index.names) == ["label", "correct"]
+    ref = _manual(ds, ["label", "correct"])
+    occurring = {combo for combo, _ in ref}
+    assert set(index) == occurring  # every combination that occurs, and only those
+    counts = nap["count"]
+    for g, combo in enumerate(index):
+        for e in range(ds.sizes["epoch"]):
+            if (combo, e) in ref:
+                mean, count = ref[(combo, e)]
+                assert int(counts[g, e]) == count
+                np.testing.assert_allclose(nap.values[:, g, e], mean, rtol=1e-5)
+            else:  # the group is empty at this epoch only: NaN and count 0
+                assert int(counts[g, e]) == 0
+                assert np.isnan(nap.values[:, g, e]).all()
+
+
+def test_prediction_varies_per_epoch(backend):
+    ds = _layer(backend)
+    nap = naps(ds, by="prediction", normalize=False)
+    ref = _manual(ds, ["prediction"])
+    for ((pred,), e), (mean, count) in ref.items():
+        np.testing.assert_allclose(nap.sel(prediction=pred).isel(epoch=e).values, mean,
+                                   rtol=1e-5)
+        assert int(nap["count"].sel(prediction=pred).isel(epoch=e)) == count
+
+
+def test_metadata_column_and_kept_coords():
+    ds = make_activations(n_samples=20)
+    group = np.where(np.arange(20) % 3 == 0, "a", "b")
+    ds = ds.assign_coords(site=("sample", group), x=("neuron", np.linspace(0, 1, 12)),
+                          y=("neuron", np.linspace(1, 0, 12)))
+    nap = naps(ds, by="site", normalize=False)
+    assert list(nap["site"].values) == ["a", "b"]
+    assert "x" in nap.coords and "y" in nap.coords and "preferred" in nap.coords
+    assert nap.attrs["topoxr_layer"] == "synthetic"
+    np.testing.assert_allclose(nap.sel(site="a").isel(epoch=0).values,
+                               ds.activation.values[:, group == "a", 0].mean(axis=1), rtol=1e-5)
+
+
+def test_correct_only_and_epoch_selection():
+    ds = make_activations()
+    nap = naps(ds, correct_only=True, epochs=[1, 2], normalize=False)
+    assert nap["epoch"].values.tolist() == [1, 2]
+    ok = ds.correct.values[:, 2]
+    lab = ds.label.values
+    sel = ok & (lab == 0)
+    np.testing.assert_allclose(nap.sel(label=0, epoch=2).values,
+                               ds.activation.values[:, sel, 2].mean(axis=1), rtol=1e-5)
+    assert int(nap["count"].sel(label=0, epoch=2)) == sel.sum()
+
+
+def test_only_committed_samples_of_a_real_store_count(tmp_path):
+    """An epoch still being written: its missing samples are NaN and not counted."""
+    ds = make_activations(n_samples=32)
+    path = str(tmp_path / "run.zarr")
+    write_store(ds, path)
+    values = ds.activation.values
+    # epoch 3 written for the first 16 samples only, and not completed
+    with ActivationWriter(path, model="model") as w:
+        ids = ds.sample.values[:16]
+        w.write("hidden", values[:, :16, 2].T + 1.0, sample=ids, label=ds.label.values[:16],
+                prediction=ds.prediction.values[:16, 2], epoch=3)
+    layer = topoxr.open_store(path)["model/hidden"].to_dataset()
+    assert not layer.committed.values[:, -1].all()
+    nap = naps(layer, normalize=False).compute()
+    lab = ds.label.values[:16]
+    for label in range(4):
+        sel = lab == label
+        np.testing.assert_allclose(nap.sel(label=label, epoch=3).values,
+                                   values[:, :16, 2][:, sel].mean(axis=1) + 1.0, rtol=1e-5)
+        assert int(nap["count"].sel(label=label, epoch=3)) == sel.sum()
+        assert int(nap["count"].sel(label=label, epoch=0)) == 8
+
+
+def test_group_empty_in_every_epoch_is_absent():
+    ds = make_activations(n_samples=20)
+    ds = ds.assign_coords(committed=(("sample", "epoch"),
+                                     np.repeat((ds.label.values != 3)[:, None], 3, axis=1)))
+    nap = naps(ds)
+    assert nap["label"].values.tolist() == [0, 1, 2]
+
+
+def test_nan_activations_are_skipped():
+    ds = make_activations(n_samples=20)
+    vals = ds.activation.values.copy()
+    vals[0, 0, 0] = np.nan
+    ds = ds.copy(data={"activation": vals})
+    nap = naps(ds, normalize=False)
+    sel = (ds.label.values == ds.label.values[0])
+    expected = np.nanmean(vals[0, sel, 0])
+    np.testing.assert_allclose(float(nap.sel(label=ds.label.values[0]).isel(neuron=0, epoch=0)),
+                               expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"by": "colour"}, r"no such coordinate.*\['correct', 'label', 'prediction'\]"),
+        ({"by": []}, "at least one"),
+        ({"by": ["label", "label"]}, "twice"),
+        ({"by": "neuron"}, "no such coordinate|must be on"),
+        ({"epochs": [7]}, "epochs"),
+    ],
+)
+def test_bad_grouping_is_named(kwargs, match):
+    with pytest.raises(GroupingError, match=match):
+        naps(make_activations(), **kwargs)
+
+
+def test_single_group_and_no_committed_samples():
+    ds = make_activations(n_labels=1)
+    with pytest.raises(GroupingError, match="single group"):
+        naps(ds)
+    ds = make_activations()
+    ds = ds.assign_coords(committed=(("sample", "epoch"), np.zeros((40, 3), bool)))
+    with pytest.raises(GroupingError, match="no committed samples"):
+        naps(ds)
+    with pytest.raises(TypeError, match="DataArray or Dataset"):
+        naps(np.zeros((3, 4, 1)))
+    with pytest.raises(GroupingError, match="no 'activation'"):
+        naps(xr.Dataset({"other": ("neuron", np.zeros(3))}))
+
+
+def test_dataarray_input_equals_dataset_input():
+    ds = make_activations()
+    xr.testing.assert_allclose(naps(ds.activation).drop_attrs(), naps(ds).drop_attrs())

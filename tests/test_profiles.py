@@ -1,0 +1,150 @@
+"""Profiles and distances, with dead and constant neurons handled explicitly."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy.spatial.distance import cdist
+
+from topoxr.naps import naps
+from topoxr.profiles import (
+    ProfileError,
+    degenerate_rows,
+    distances,
+    pairwise_distances,
+    profile_matrix,
+    profiles,
+)
+from topoxr.testing import make_activations, raise_if_dask_computes
+
+
+@pytest.fixture(params=["numpy", "dask"])
+def backend(request):
+    return request.param
+
+
+def _layer(backend, **kwargs):
+    chunks = {"sample": 9, "epoch": 1} if backend == "dask" else None
+    return make_activations(chunks=chunks, **kwargs)
+
+
+def test_nap_profiles_are_the_nap_columns(backend):
+    ds = _layer(backend)
+    prof = profiles(ds)
+    nap = naps(ds)
+    assert prof.dims == ("neuron", "feature", "epoch")
+    np.testing.assert_allclose(prof.values, nap.values, atol=1e-6)
+    assert prof["feature_group"].values.tolist() == ["0", "1", "2", "3"]
+    assert json.loads(prof.attrs["topoxr_profile"])["source"] == "naps"
+    # NAPs passed in are used as they are
+    np.testing.assert_allclose(profiles(nap).values, nap.values)
+
+
+def test_nap_profiles_are_lazy_for_dask():
+    with raise_if_dask_computes():
+        prof = profiles(_layer("dask"), by=["label", "correct"])
+    assert prof.chunks is not None
+    assert prof.sizes["feature"] == 8
+
+
+def test_activation_profiles_are_seeded_balanced_subsets(backend):
+    ds = _layer(backend, n_samples=40, n_labels=4)
+    a = profiles(ds, source="activations", n_samples=20, balanced=True, random_state=3)
+    b = profiles(ds, source="activations", n_samples=20, balanced=True, random_state=3)
+    c = profiles(ds, source="activations", n_samples=20, balanced=True, random_state=4)
+    xr.testing.assert_identical(a.compute(), b.compute())
+    assert not np.array_equal(a["feature_sample"].values, c["feature_sample"].values)
+    assert a.dims == ("neuron", "feature", "epoch") and a.sizes["feature"] == 20
+    for e in range(3):
+        chosen = a["feature_sample"].values[:, e]
+        labels = ds.label.sel(sample=chosen).values
+        assert np.bincount(labels).tolist() == [5, 5, 5, 5]
+        np.testing.assert_allclose(a.isel(epoch=e).values,
+                                   ds.activation.sel(sample=chosen).isel(epoch=e).values)
+
+
+def test_correct_only_profiles_use_correct_samples_per_epoch(caplog):
+    ds = make_activations(n_samples=40)
+    with caplog.at_level(logging.WARNING, logger="topoxr.profiles"):
+        p = profiles(ds, source="activations", n_samples=40, correct_only=True, random_state=0)
+    assert "instead of n_samples=40" in caplog.text  # fewer correct samples than asked
+    for e in range(3):
+        chosen = p["feature_sample"].values[:, e]
+        assert ds.correct.sel(sample=chosen).isel(epoch=e).values.all()
+
+
+def test_profile_errors():
+    ds = make_activations()
+    with pytest.raises(ProfileError, match="source"):
+        profiles(ds, source="weights")
+    with pytest.raises(ProfileError, match="correct"):
+        profiles(ds.drop_vars(["correct", "prediction"]), source="activations",
+                 correct_only=True)
+    with pytest.raises(ProfileError, match="n_samples"):
+        profiles(ds, source="activations", n_samples=0)
+
+
+def test_cosine_distances_match_scipy_for_live_neurons():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(15, 6))
+    for metric in ("cosine", "correlation", "euclidean"):
+        D, info = pairwise_distances(X, metric)
+        np.testing.assert_allclose(D, cdist(X, X, metric=metric), atol=1e-12)
+        assert not info["dead"].any() and not info["constant"].any()
+
+
+def test_dead_neurons_are_at_distance_one_and_reported(caplog):
+    ds = make_activations(n_neurons=10, n_dead=2)
+    with caplog.at_level(logging.WARNING, logger="topoxr.profiles"):
+        d = distances(profiles(ds))
+    assert d.dims == ("neuron", "neuron_other", "epoch")
+    assert d.attrs["dead_neurons"] == [8, 9]
+    assert "2 dead" in caplog.text and "[8, 9]" in caplog.text
+    vals = d.isel(epoch=0).values
+    assert np.all(vals[8, :8] == 1.0) and np.all(vals[:8, 9] == 1.0)
+    assert vals[8, 9] == 0.0 and vals[8, 8] == 0.0
+    assert np.isfinite(d.values).all()
+    np.testing.assert_allclose(vals, vals.T)
+
+
+def test_constant_neurons_under_correlation():
+    X = np.array([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0], [3.0, 1.0, 0.0], [0.0, 0.0, 0.0],
+                  [1.0, 0.0, 1.0]])
+    dead, constant = degenerate_rows(X, "correlation")
+    assert dead.tolist() == [False, False, False, True, False]
+    assert constant.tolist() == [False, True, False, False, False]
+    D, _ = pairwise_distances(X, "correlation")
+    assert D[1, 0] == 1.0 and D[1, 3] == 0.0
+    # the Euclidean geometry handed to layouts agrees: zero rows at distance 1 from unit rows
+    Y, _ = profile_matrix(X, "correlation")
+    assert np.allclose(np.linalg.norm(Y[1] - Y[0]), 1.0)
+    assert np.allclose(cdist(Y[[0, 2, 4]], Y[[0, 2, 4]]) ** 2 / 2, D[np.ix_([0, 2, 4], [0, 2, 4])])
+
+
+def test_bad_profiles_are_refused():
+    with pytest.raises(ProfileError, match="unknown metric"):
+        pairwise_distances(np.ones((3, 2)), "manhattan")
+    X = np.ones((4, 3))
+    X[2, 1] = np.inf
+    with pytest.raises(ProfileError, match=r"NaN or inf for neuron position\(s\) \[2\]"):
+        pairwise_distances(X)
+    with pytest.raises(ProfileError, match="2-D"):
+        pairwise_distances(np.ones(3))
+    # a feature that is NaN for every neuron (a group empty at that epoch) is dropped
+    X = np.array([[1.0, np.nan], [0.0, np.nan], [1.0, np.nan]])
+    D, _ = pairwise_distances(X, "euclidean")
+    np.testing.assert_allclose(D, cdist(X[:, :1], X[:, :1]))
+
+
+def test_distances_without_epoch_and_from_raw_activations():
+    ds = make_activations(n_neurons=7)
+    prof = profiles(ds).isel(epoch=0, drop=True)
+    d = distances(prof, "euclidean")
+    assert d.dims == ("neuron", "neuron_other")
+    np.testing.assert_allclose(d.values, cdist(prof.values, prof.values), atol=1e-6)
+    with pytest.raises(TypeError):
+        distances(np.ones((3, 3)))
