@@ -1,0 +1,670 @@
+"""Export topographic maps: a self-contained HTML report, PNG figures and an animated GIF.
+
+The HTML report embeds BokehJS inline (no CDN, works offline). HoloViews collections
+(``HoloMap``, layouts of them, ``GridSpace``) keep their sliders: every frame is rendered
+once with HoloViews' bokeh plotting classes, the changing data of each frame is stored in
+the page, and a small bokeh ``CustomJS`` callback swaps it in when a slider moves (an
+``epoch`` slider also gets a play button). No server, no Panel, no network.
+
+PNG figures use HoloViews' matplotlib backend; the GIF is drawn with matplotlib and
+written with Pillow.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from topoxr import conventions as cv
+from topoxr._optional import import_optional
+from topoxr.viz.topomap import collect, hv
+
+__all__ = ["Report", "save_gif", "save_html", "save_png", "to_bokeh"]
+
+logger = logging.getLogger(__name__)
+
+_PLAY_JS = """
+const key = 'topoxr_player_' + slider.id;
+if (toggle.active) {
+  toggle.label = '\u23f8 Pause';
+  window[key] = setInterval(() => {
+    slider.value = slider.value >= slider.end ? slider.start : slider.value + 1;
+  }, interval);
+} else {
+  toggle.label = '\u25b6 Play';
+  clearInterval(window[key]);
+}
+"""
+
+_SWAP_JS = """
+const parts = widgets.map((w, i) => kinds[i] === 'slider' ? values[i][w.value] : w.value);
+const idx = lookup[JSON.stringify(parts.map(String))];
+for (let i = 0; i < labels.length; i++) {
+  labels[i].text = '<b>' + names[i] + ':</b> ' + parts[i];
+}
+if (idx === undefined) { return; }
+const frame = frames[idx];
+for (let s = 0; s < sources.length; s++) {
+  const cols = frame.data[s];
+  if (cols !== null) {
+    const data = Object.assign({}, sources[s].data);
+    for (const [name, column] of Object.entries(cols)) { data[name] = column; }
+    sources[s].data = data;
+  }
+}
+for (let t = 0; t < titles.length; t++) {
+  if (frame.titles[t] !== null) { titles[t].text = frame.titles[t]; }
+}
+"""
+
+
+def _plot_dims(plot: Any) -> list[Any]:
+    return list(getattr(plot, "dimensions", None) or [])
+
+
+def _column_changed(a: Any, b: Any) -> bool:
+    try:
+        if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+            return len(a) != len(b) or any(_column_changed(x, y) for x, y in zip(a, b, strict=True))
+        aa, bb = np.asarray(a), np.asarray(b)
+        if aa.shape != bb.shape:
+            return True
+        if aa.dtype.kind in "fc" and bb.dtype.kind in "fc":
+            return not np.array_equal(aa, bb, equal_nan=True)
+        return not np.array_equal(aa, bb)
+    except Exception:  # columns we cannot compare: treat as changed
+        return True
+
+
+def _compact(column: Any) -> Any:
+    """Store float64 data as float32 in the page (half the size, plenty for colours)."""
+    if isinstance(column, list):
+        return [_compact(c) for c in column]
+    if isinstance(column, np.ndarray) and column.dtype == np.float64:
+        return column.astype(np.float32)
+    return column
+
+
+def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
+    """Render a HoloViews object to a standalone bokeh layout, sliders included.
+
+    Parameters
+    ----------
+    obj : HoloViews object
+        An element, overlay, layout, ``GridSpace``, ``HoloMap`` or a ``DynamicMap``
+        whose key dimensions have explicit values (it is sampled on all of them).
+    max_frames : int, default 500
+        Refuse collections with more frames than this (the page holds every frame).
+    interval_ms : int, default 700
+        Time between frames of the play button.
+
+    Returns
+    -------
+    bokeh.models.UIElement
+        A bokeh model; with sliders (and a play button for ``epoch``) when the object
+        has key dimensions.
+
+    Raises
+    ------
+    ValueError
+        If the collection has more than ``max_frames`` frames.
+    """
+    from bokeh.layouts import column, row
+    from bokeh.models import (
+        ColumnDataSource,
+        CustomJS,
+        Div,
+        Select,
+        Slider,
+        Title,
+        Toggle,
+    )
+
+    if isinstance(obj, hv.DynamicMap):
+        obj = _sample_dynamic(obj, max_frames)
+    renderer = hv.renderer("bokeh")
+    plot = renderer.get_plot(obj)
+    dims = _plot_dims(plot)
+    keys = list(plot.keys or [])
+    if not dims or len(keys) <= 1:
+        return plot.state
+    if len(keys) > max_frames:
+        raise ValueError(
+            f"the collection has {len(keys)} frames, more than max_frames={max_frames}; "
+            "select fewer epochs or groups"
+        )
+    sources = list(plot.state.select({"type": ColumnDataSource}))
+    # titles of the plots and of the layout (a Div), updated by HoloViews per frame
+    titles = [*plot.state.select({"type": Title}), *plot.state.select({"type": Div})]
+    first = {i: {k: v for k, v in s.data.items()} for i, s in enumerate(sources)}
+    first_titles = [t.text for t in titles]
+    raw = []
+    for key in keys:
+        plot.update(key)
+        raw.append(([dict(s.data) for s in sources], [t.text for t in titles]))
+    plot.update(keys[0])
+    # keep only the columns that change between frames
+    changing = [
+        sorted({c for data, _ in raw for c, col in data[i].items()
+                if c not in first[i] or _column_changed(col, first[i][c])})
+        for i in range(len(sources))
+    ]
+    title_changes = [any(r[1][j] != first_titles[j] for r in raw) for j in range(len(titles))]
+    frames = [
+        {
+            "data": [{c: _compact(data[i][c]) for c in changing[i]} if changing[i] else None
+                     for i in range(len(sources))],
+            "titles": [t if title_changes[j] else None for j, t in enumerate(ttl)],
+        }
+        for data, ttl in raw
+    ]
+    values = [[_plain(v) for v in _unique([k[i] for k in keys])] for i in range(len(dims))]
+    lookup = {_key_string(k): n for n, k in enumerate(keys)}
+    widgets: list[Any] = []
+    kinds: list[str] = []
+    labels: list[Any] = []
+    controls: list[Any] = []
+    for i, dim in enumerate(dims):
+        name = dim.pprint_label if hasattr(dim, "pprint_label") else str(dim)
+        label = Div(text=f"<b>{html.escape(name)}:</b> {html.escape(str(values[i][0]))}",
+                    width=160)
+        vals = values[i]
+        numeric = all(isinstance(v, int | float | np.number) and not isinstance(v, bool)
+                      for v in vals)
+        if numeric and len(vals) > 1:
+            w = Slider(start=0, end=len(vals) - 1, value=0, step=1, title=None,
+                       show_value=False, width=260, name=f"slider-{dim.name}")
+            kinds.append("slider")
+            widget_row = [label, w]
+            if str(dim.name) == cv.EPOCH:
+                toggle = Toggle(label="\u25b6 Play", width=90, name="play")
+                toggle.js_on_change("active", CustomJS(
+                    args={"slider": w, "toggle": toggle, "interval": int(interval_ms)},
+                    code=_PLAY_JS))
+                widget_row.append(toggle)
+        else:
+            w = Select(options=[str(v) for v in vals], value=str(vals[0]), width=160,
+                       name=f"select-{dim.name}")
+            kinds.append("select")
+            widget_row = [label, w]
+        widgets.append(w)
+        labels.append(label)
+        controls.append(row(*widget_row))
+    callback = CustomJS(
+        args={"widgets": widgets, "kinds": kinds, "values": [[str(v) for v in vs]
+                                                             for vs in values],
+              "lookup": lookup, "frames": frames, "sources": sources, "titles": titles,
+              "labels": labels, "names": [str(d.pprint_label) for d in dims]},
+        code=_SWAP_JS,
+    )
+    for w, kind in zip(widgets, kinds, strict=True):
+        w.js_on_change("value", callback)
+    return column(plot.state, *controls)
+
+
+def _sample_dynamic(dmap: Any, max_frames: int) -> Any:
+    import itertools
+
+    values = []
+    for d in dmap.kdims:
+        if not d.values:
+            raise ValueError(
+                f"cannot export a DynamicMap whose key dimension {d.name!r} has no explicit "
+                "values; use a HoloMap (topomap(..., dynamic=False))"
+            )
+        values.append(list(d.values))
+    keys = list(itertools.product(*values))
+    if len(keys) > max_frames:
+        raise ValueError(f"the DynamicMap has {len(keys)} frames, more than max_frames={max_frames}")
+    return hv.HoloMap({k: dmap[k] for k in keys}, kdims=dmap.kdims)
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _unique(seq: Iterable[Any]) -> list[Any]:
+    out = list(dict.fromkeys(seq))
+    try:
+        return sorted(out)
+    except TypeError:
+        return out
+
+
+def _key_string(key: Sequence[Any]) -> str:
+    import json
+
+    return json.dumps([str(_plain(k)) for k in key], separators=(",", ":"))
+
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
+h1 { border-bottom: 2px solid #c33; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table.topoxr { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+table.topoxr th, table.topoxr td { border: 1px solid #ccc; padding: .3em .7em; text-align: right; }
+table.topoxr th { background: #f3f3f3; }
+table.topoxr td:first-child, table.topoxr th:first-child { text-align: left; }
+.caption { color: #555; font-size: .9em; margin: .3em 0 1.2em; }
+.figure { margin: 1em 0; }
+footer { margin-top: 3em; color: #888; font-size: .8em; }
+"""
+
+
+@dataclass
+class _Item:
+    kind: str  # "html" or "bokeh"
+    content: Any
+    caption: str | None = None
+
+
+@dataclass
+class Report:
+    """A self-contained HTML report of topographic maps, tables and text.
+
+    Parameters
+    ----------
+    title : str
+        Title of the page.
+    description : str, optional
+        Text under the title (Markdown or HTML).
+
+    Examples
+    --------
+    >>> from topoxr.testing.maps import make_laid_naps
+    >>> from topoxr.viz import topomap
+    >>> report = Report("Digits MLP")
+    >>> report.add_section("Hidden layer", topomap(make_laid_naps(12, 3, 2), by="label"))
+    Report(title='Digits MLP', sections=1)
+    >>> report.add_table([{"method": "pca", "trustworthiness": 0.91}], title="Quality")
+    Report(title='Digits MLP', sections=2)
+    """
+
+    title: str
+    description: str | None = None
+    _sections: list[tuple[str | None, list[_Item]]] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Report(title={self.title!r}, sections={len(self._sections)})"
+
+    def _current(self) -> list[_Item]:
+        if not self._sections:
+            self._sections.append((None, []))
+        return self._sections[-1][1]
+
+    def add_section(self, title: str, obj: Any = None, *, text: str | None = None,
+                    caption: str | None = None) -> Report:
+        """Start a section, optionally with a figure (HoloViews object) or HTML/Markdown.
+
+        Parameters
+        ----------
+        title : str
+            Section heading.
+        obj : HoloViews object, str, DataFrame or list of dicts, optional
+            The section's first item: a figure, text (Markdown, or HTML if it starts with
+            ``<``), or a table.
+        text : str, optional
+            Text placed before ``obj``.
+        caption : str, optional
+            Caption under ``obj``.
+
+        Returns
+        -------
+        Report
+            ``self``, to chain calls.
+        """
+        self._sections.append((title, []))
+        if text is not None:
+            self.add_text(text)
+        if obj is not None:
+            self.add(obj, caption=caption)
+        return self
+
+    def add(self, obj: Any, *, caption: str | None = None) -> Report:
+        """Add a figure, text or table to the current section (see :meth:`add_section`)."""
+        if isinstance(obj, str):
+            return self.add_text(obj)
+        if _is_table(obj):
+            return self.add_table(obj, caption=caption)
+        if isinstance(obj, hv.core.dimension.ViewableElement | hv.core.dimension.ViewableTree
+                      | hv.core.spaces.HoloMap | hv.core.spaces.GridSpace):
+            self._current().append(_Item("bokeh", obj, caption))
+            return self
+        raise TypeError(
+            "a report item must be a HoloViews object, a str (Markdown/HTML), a pandas "
+            f"DataFrame or a list of dicts; got {type(obj).__name__}"
+        )
+
+    def add_figure(self, obj: Any, *, caption: str | None = None) -> Report:
+        """Add a HoloViews figure (sliders kept) to the current section."""
+        return self.add(obj, caption=caption)
+
+    def add_text(self, text: str) -> Report:
+        """Add Markdown (or HTML, if it starts with ``<``) to the current section."""
+        self._current().append(_Item("html", _markup(text)))
+        return self
+
+    def add_table(self, data: Any, *, title: str | None = None, caption: str | None = None,
+                  float_format: str = "{:.3g}") -> Report:
+        """Add a table: a pandas DataFrame, a list of dicts or a dict of columns.
+
+        Parameters
+        ----------
+        data : pandas.DataFrame, list of dict or dict of lists
+            The rows.
+        title : str, optional
+            Starts a new section with this heading.
+        caption : str, optional
+            Caption under the table.
+        float_format : str, default "{:.3g}"
+            Format of floating point cells.
+
+        Returns
+        -------
+        Report
+        """
+        import pandas as pd
+
+        if title is not None:
+            self._sections.append((title, []))
+        if isinstance(data, pd.DataFrame):
+            df = data
+        elif isinstance(data, Mapping) or (isinstance(data, list) and all(
+                isinstance(r, Mapping) for r in data)):
+            df = pd.DataFrame(data)
+        else:
+            raise TypeError(
+                f"a table must be a pandas DataFrame, a list of dicts or a dict of columns, "
+                f"got {type(data).__name__}"
+            )
+        table = df.to_html(classes="topoxr", border=0, index=not isinstance(
+            df.index, pd.RangeIndex), float_format=lambda v: float_format.format(v),
+            na_rep="", escape=True)
+        self._current().append(_Item("html", table, caption))
+        return self
+
+    def save(self, path: str | Path, *, max_frames: int = 500) -> Path:
+        """Write the report as one self-contained HTML file (BokehJS inline).
+
+        Parameters
+        ----------
+        path : str or Path
+            Output file (``.html``).
+        max_frames : int, default 500
+            Largest collection embedded (see :func:`to_bokeh`).
+
+        Returns
+        -------
+        Path
+            The written file.
+        """
+        from bokeh.embed import components
+
+        path = Path(path)
+        models, slots = [], []
+        for _, items in self._sections:
+            for item in items:
+                if item.kind == "bokeh":
+                    slots.append(len(models))
+                    models.append(to_bokeh(item.content, max_frames=max_frames))
+        with _quiet_validation():
+            script, divs = components(models) if models else ("", ())
+        resources = _inline_resources(models)
+        body = [f"<h1>{html.escape(self.title)}</h1>"]
+        if self.description:
+            body.append(_markup(self.description))
+        n = 0
+        for title, items in self._sections:
+            if title is not None:
+                body.append(f"<h2>{html.escape(title)}</h2>")
+            for item in items:
+                if item.kind == "bokeh":
+                    body.append(f'<div class="figure">{divs[n]}</div>')
+                    n += 1
+                else:
+                    body.append(item.content)
+                if item.caption:
+                    body.append(f'<p class="caption">{html.escape(item.caption)}</p>')
+        import topoxr
+
+        page = (
+            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(self.title)}</title>\n<style>{_CSS}</style>\n"
+            f"{resources}\n{script}\n</head>\n<body>\n" + "\n".join(body)
+            + f"\n<footer>made with topoxr {html.escape(str(topoxr.__version__))}</footer>"
+            "\n</body>\n</html>\n"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+        logger.info("wrote report %s (%.1f MB)", path, path.stat().st_size / 1e6)
+        return path
+
+
+def _inline_resources(models: list[Any]) -> str:
+    """BokehJS (and the extensions the models use) inline; no URL is ever referenced."""
+    from bokeh.embed.bundle import bundle_for_objs_and_resources
+    from bokeh.resources import INLINE
+
+    bundle = bundle_for_objs_and_resources(models or None, INLINE)
+    dropped = [str(u) for u in [*bundle.js_files, *bundle.css_files]]
+    if dropped:  # e.g. Panel's registered ES-module shim: not needed by plain bokeh plots
+        logger.debug("report: not referencing external resources %s", dropped)
+    bundle.js_files, bundle.css_files = [], []
+    return "".join(bundle)
+
+
+def _quiet_validation() -> Any:
+    """Silence two harmless bokeh warnings.
+
+    Empty cells of a grid (pairs that never occur) have no renderers, and HoloViews sizes
+    figures by their frame (``frame_width``/``frame_height``), which bokeh's "fixed
+    sizing mode needs width and height" check does not know about.
+    """
+    from contextlib import ExitStack
+
+    from bokeh.core.validation.check import silenced
+    from bokeh.core.validation.warnings import FIXED_SIZING_MODE, MISSING_RENDERERS
+
+    stack = ExitStack()
+    stack.enter_context(silenced(MISSING_RENDERERS))
+    stack.enter_context(silenced(FIXED_SIZING_MODE))
+    return stack
+
+
+def _is_table(obj: Any) -> bool:
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas is a core dependency
+        return False
+    return isinstance(obj, pd.DataFrame) or (
+        isinstance(obj, list) and bool(obj) and all(isinstance(r, Mapping) for r in obj))
+
+
+def _markup(text: str) -> str:
+    if text.lstrip().startswith("<"):
+        return text
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:
+        return "".join(f"<p>{html.escape(p)}</p>" for p in text.split("\n\n"))
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+
+
+def save_html(obj: Any, path: str | Path, *, title: str = "topoxr", max_frames: int = 500) -> Path:
+    """Save one HoloViews object as a self-contained HTML page (sliders kept).
+
+    Parameters
+    ----------
+    obj : HoloViews object
+        What to save.
+    path : str or Path
+        Output file.
+    title : str, default "topoxr"
+        Page title.
+    max_frames : int, default 500
+        See :func:`to_bokeh`.
+
+    Returns
+    -------
+    Path
+    """
+    return Report(title).add(obj).save(path, max_frames=max_frames)
+
+
+def save_png(obj: Any, path: str | Path, *, dpi: int = 100, fig_inches: float | None = None) -> Path:
+    """Save a HoloViews object as a PNG figure with the matplotlib backend.
+
+    A ``HoloMap`` is drawn at its first key; pass ``hmap[key]`` for another frame.
+
+    Parameters
+    ----------
+    obj : HoloViews object
+        A map, a layout, a grid...
+    path : str or Path
+        Output ``.png`` file.
+    dpi : int, default 100
+        Resolution.
+    fig_inches : float, optional
+        Size of each sub-figure in inches (HoloViews' default if None).
+
+    Returns
+    -------
+    Path
+    """
+    import_optional("matplotlib", extra="viz", purpose="PNG export")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, hv.DynamicMap):
+        obj = _sample_dynamic(obj, max_frames=10_000)
+    if isinstance(obj, hv.HoloMap) and len(obj) > 1:
+        obj = obj[obj.keys()[0]]
+    renderer = hv.renderer("matplotlib").instance(dpi=dpi, fig="png")
+    plot = renderer.get_plot(obj)
+    if fig_inches is not None:
+        plot.fig_inches = fig_inches
+    renderer.save(plot, str(path.with_suffix("")), fmt="png")
+    out = path.with_suffix(".png")
+    if out != path:
+        out.replace(path)
+    _close_mpl(plot)
+    return path
+
+
+def _close_mpl(plot: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = getattr(plot, "state", None)
+    if fig is not None:
+        plt.close(fig)
+
+
+def save_gif(
+    laid_naps: Any,
+    path: str | Path,
+    *,
+    fps: float = 2.0,
+    groups: Sequence[Any] | None = None,
+    order: str | Sequence[Any] | None = "cluster",
+    method: str = "linear",
+    resolution: int = 100,
+    cmap: str = "RdBu_r",
+    panel_inches: float = 1.8,
+    dpi: int = 80,
+    points: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Save the training process as an animated GIF: one frame per epoch.
+
+    Each frame shows the maps of every group side by side (dendrogram order of the last
+    epoch), with colour limits shared by all groups and epochs.
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        Laid-out NAPs with an ``epoch`` dim (one fixed or per-epoch aligned layout).
+    path : str or Path
+        Output ``.gif`` file.
+    fps : float, default 2
+        Frames (epochs) per second.
+    groups : sequence, optional
+        Group keys to draw (default: all).
+    order : "cluster", None or sequence, default "cluster"
+        Order of the groups (see :func:`topoxr.viz.class_row`).
+    method, resolution, cmap, points
+        As in :func:`topoxr.viz.topomap`.
+    panel_inches : float, default 1.8
+        Size of each map.
+    dpi : int, default 80
+        Resolution of the frames.
+    progress : bool, default True
+        Show a progress bar over epochs.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        If ``fps`` is not positive.
+    """
+    plt = import_optional("matplotlib.pyplot", extra="viz", purpose="GIF export")
+    image_mod = import_optional("PIL.Image", extra="viz", purpose="GIF export")
+    from tqdm.auto import tqdm
+
+    from topoxr.viz.views import cluster_order
+
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    col = collect(laid_naps, by=None, method=method, resolution=resolution, cmap=cmap)
+    if col.multi:
+        raise ValueError("save_gif draws one model; pass one DataArray")
+    src = col.sources[0]
+    lo, hi = col.clims[0]
+    if order == "cluster" and src.keys:
+        ordered = cluster_order(src.da)
+    elif order is None or not src.keys:
+        ordered = list(src.groups)
+    else:
+        ordered = [k if isinstance(k, tuple) else (k,) for k in order]
+    if groups is not None:
+        wanted = {g if isinstance(g, tuple) else (g,) for g in groups}
+        ordered = [g for g in ordered if g in wanted]
+    index = {g: i for i, g in enumerate(src.groups)}
+    maps = src.all_maps()
+    n = len(ordered)
+    frames = []
+    for ei, epoch in enumerate(tqdm(src.epochs, desc="GIF frames", disable=not progress,
+                                    leave=False)):
+        fig, axes = plt.subplots(1, n, figsize=(panel_inches * n, panel_inches + 0.5),
+                                 squeeze=False, dpi=dpi)
+        interp = src.interpolator(ei)
+        x, y = src.positions(ei)
+        xmin, xmax, ymin, ymax = interp.bounds
+        for ax, g in zip(axes[0], ordered, strict=True):
+            gi = index[g]
+            ax.imshow(maps[gi, ei], origin="lower", extent=(xmin, xmax, ymin, ymax),
+                      cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            if points:
+                ax.scatter(x, y, c=src.values[gi, ei], cmap=cmap, vmin=lo, vmax=hi, s=8,
+                           edgecolors="black", linewidths=0.3)
+            ax.set_title(", ".join(map(str, g)), fontsize=9)
+            ax.set_axis_off()
+            ax.set_aspect("equal")
+        fig.suptitle(f"{src.layer} \u2014 epoch {epoch}", fontsize=10)
+        fig.canvas.draw()
+        rgba = np.asarray(fig.canvas.buffer_rgba())
+        frames.append(image_mod.fromarray(rgba[..., :3].copy()))
+        plt.close(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
+                   loop=0, optimize=False)
+    return path

@@ -1,0 +1,355 @@
+"""The paper's views of topographic maps, built on :func:`topoxr.viz.topomap`.
+
+- :func:`class_row`: one map per group, ordered by hierarchical clustering of the NAPs
+  (dendrogram order), with an example input above each map where inputs are given;
+- :func:`contrast_grid`: binary contrast, the correctly classified row over the wrongly
+  classified row, one column per class;
+- :func:`confusion_grid`: one map per (label, prediction) pair;
+- :func:`training_animation`: the class row over epochs (slider and player when exported);
+- :func:`compare_models`: models side by side, one row per model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from topoxr import conventions as cv
+from topoxr.viz.topomap import MODEL, _normalise, collect, group_keys, hv, to_holoviews
+
+__all__ = [
+    "class_row",
+    "cluster_order",
+    "compare_models",
+    "confusion_grid",
+    "contrast_grid",
+    "example_inputs",
+    "training_animation",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _last_epoch(nap: xr.DataArray, epoch: Any) -> xr.DataArray:
+    if cv.EPOCH not in nap.dims:
+        return nap
+    if epoch is None:
+        return nap.isel({cv.EPOCH: -1})
+    if epoch not in set(nap[cv.EPOCH].values.tolist()):
+        raise ValueError(f"epoch {epoch!r} not in the NAPs' epochs {nap[cv.EPOCH].values.tolist()}")
+    return nap.sel({cv.EPOCH: epoch})
+
+
+def cluster_order(
+    laid_naps: xr.DataArray, *, epoch: Any = None, method: str = "average",
+    metric: str = "euclidean",
+) -> list[tuple]:
+    """Order the groups by hierarchical clustering of their NAPs (dendrogram leaf order).
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        NAPs with dims ``("neuron", <group dim>[, "epoch"])``.
+    epoch : optional
+        Epoch whose NAPs are clustered (default: the last one).
+    method, metric : str
+        Passed to :func:`scipy.cluster.hierarchy.linkage` (optimal leaf ordering on).
+
+    Returns
+    -------
+    list of tuple
+        Group keys (tuples of key values) in dendrogram order; groups that are empty
+        at that epoch come last.
+
+    Examples
+    --------
+    >>> from topoxr.testing.maps import make_laid_naps
+    >>> sorted(cluster_order(make_laid_naps(12, 3, 2)))
+    [(0,), (1,), (2,)]
+    """
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    nap = _last_epoch(_normalise(laid_naps), epoch)
+    keys = group_keys(nap)
+    if not keys:
+        raise ValueError("the NAPs have no group dim to order")
+    col = collect(nap, by=keys, interpolate=False)
+    src = col.sources[0]
+    values = src.values[:, -1]  # (group, neuron)
+    ok = np.flatnonzero(np.isfinite(values).all(axis=1))
+    order = list(ok)
+    if ok.size > 2:
+        z = linkage(values[ok], method=method, metric=metric, optimal_ordering=True)
+        order = list(ok[leaves_list(z)])
+    order += [i for i in range(len(src.groups)) if i not in set(ok)]
+    return [src.groups[i] for i in order]
+
+
+def example_inputs(
+    inputs: Any, labels: Any, *, groups: Sequence[Hashable] | None = None
+) -> dict[Hashable, np.ndarray]:
+    """Pick the first input of every label, to show above the label's map.
+
+    Parameters
+    ----------
+    inputs : array_like of shape (n_samples, height, width) or (n_samples, h, w, 3)
+        Images (e.g. ``sklearn.datasets.load_digits().images``).
+    labels : array_like of shape (n_samples,)
+        Label of each input.
+    groups : sequence, optional
+        Labels to pick (default: every label, sorted).
+
+    Returns
+    -------
+    dict
+        ``{label: image}``.
+
+    Raises
+    ------
+    ValueError
+        If lengths differ or a requested label has no input.
+    """
+    inputs = np.asarray(inputs)
+    labels = np.asarray(labels)
+    if len(inputs) != len(labels):
+        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+    wanted = sorted(set(labels.tolist())) if groups is None else list(groups)
+    out = {}
+    for g in wanted:
+        hit = np.flatnonzero(labels == g)
+        if hit.size == 0:
+            raise ValueError(f"no input has label {g!r}")
+        out[g] = inputs[hit[0]]
+    return out
+
+
+def _example_element(image: np.ndarray, title: str) -> Any:
+    img = np.asarray(image, dtype=float)
+    if img.ndim == 1:
+        side = int(round(np.sqrt(img.size)))
+        if side * side != img.size:
+            raise ValueError(f"a flat example input of {img.size} values is not a square image")
+        img = img.reshape(side, side)
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        lo, hi = np.nanmin(img), np.nanmax(img)
+        el = hv.RGB((img - lo) / (hi - lo or 1.0), label=title)
+        return el.opts(xaxis=None, yaxis=None, frame_width=120, frame_height=120, backend="bokeh")
+    if img.ndim != 2:
+        raise ValueError(f"example inputs must be 2-D images (or RGB), got shape {img.shape}")
+    h, w = img.shape
+    el = hv.Image(img[::-1], bounds=(0, 0, w, h), label=title, vdims=["input"])
+    return el.opts(cmap="gray_r", xaxis=None, yaxis=None, frame_width=120, frame_height=120,
+                   colorbar=False, toolbar=None, backend="bokeh")
+
+
+def _key_title(keys: list[str], key: tuple) -> str:
+    return ", ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True))
+
+
+def class_row(
+    laid_naps: xr.DataArray,
+    *,
+    epoch: Any = None,
+    order: str | Sequence[Hashable] | None = "cluster",
+    examples: Mapping[Hashable, Any] | None = None,
+    **topomap_kwargs: Any,
+) -> Any:
+    """One map per group in a row, ordered by hierarchical clustering of the NAPs.
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        Laid-out NAPs (see :func:`topoxr.viz.topomap`).
+    epoch : optional
+        Epoch to draw (default: the last).
+    order : "cluster", None or sequence, default "cluster"
+        ``"cluster"``: dendrogram order of the NAPs (the paper's); None: as stored; or an
+        explicit sequence of group keys (plain values for a single key).
+    examples : dict, optional
+        ``{group: image}`` drawn above each map (see :func:`example_inputs`); for a
+        stacked grouping the first key (e.g. ``label``) selects the example.
+    **topomap_kwargs
+        Passed to :func:`topoxr.viz.topomap` (``method``, ``contours``, ``cmap``...).
+
+    Returns
+    -------
+    holoviews.Layout
+        The maps in order (examples in a row above them), titled by their key.
+    """
+    nap = _last_epoch(_normalise(laid_naps), epoch)
+    keys = group_keys(nap)
+    if not keys:
+        raise ValueError("class_row needs NAPs with a group dim (e.g. 'label')")
+    col = collect(nap, by=keys, **topomap_kwargs)
+    frames = list(col.frames)
+    if order == "cluster":
+        ordered = cluster_order(nap)
+    elif order is None:
+        ordered = frames
+    else:
+        ordered = [k if isinstance(k, tuple) else (k,) for k in order]
+        missing = [k for k in ordered if k not in col.frames]
+        if missing:
+            raise ValueError(f"order names groups that are not in the NAPs: {missing}")
+    for s in col.sources:
+        if col.style["interpolate"]:
+            s.all_maps()
+    maps = [col.element(k).relabel(_key_title(keys, k)) for k in ordered]
+    items: list[Any] = []
+    if examples is not None:
+        for k in ordered:
+            ex = examples.get(k if len(k) > 1 else k[0], examples.get(k[0]))
+            if ex is None:
+                raise ValueError(f"no example input for group {k!r}")
+            items.append(_example_element(ex, _key_title(keys, k)))
+    layout = hv.Layout(items + maps).cols(len(ordered))
+    return layout.opts(shared_axes=False, backend="bokeh")
+
+
+def _grid(laid_naps: xr.DataArray, xkey: str, ykey: str, epoch: Any,
+          topomap_kwargs: dict[str, Any], what: str) -> Any:
+    nap = _normalise(laid_naps)
+    keys = group_keys(nap)
+    if set(keys) != {xkey, ykey}:
+        raise ValueError(
+            f"{what} needs NAPs grouped by ['{ykey}', '{xkey}'] (e.g. topoxr.naps(act, "
+            f"by=['label', '{xkey if xkey != 'label' else ykey}'])), got groups {keys}"
+        )
+    by = [xkey, ykey] + ([cv.EPOCH] if epoch == "all" else [])
+    if epoch != "all":
+        nap = _last_epoch(nap, epoch)
+    hmap = to_holoviews(collect(nap, by=by, **topomap_kwargs))
+    return hmap.grid([xkey, ykey])
+
+
+def contrast_grid(laid_naps: xr.DataArray, *, epoch: Any = None, **topomap_kwargs: Any) -> Any:
+    """Binary contrast: per class, the map of correctly over wrongly predicted samples.
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        NAPs grouped by ``["label", "correct"]`` (a stacked ``group`` dim).
+    epoch : optional
+        Epoch to draw (default the last; ``"all"`` keeps an epoch slider).
+    **topomap_kwargs
+        Passed to :func:`topoxr.viz.topomap`.
+
+    Returns
+    -------
+    holoviews.GridSpace
+        Keyed by ``(label, correct)``: columns are classes, the ``correct=True`` row
+        lies above the ``correct=False`` row. Combinations that never occur are empty.
+    """
+    return _grid(laid_naps, cv.LABEL, cv.CORRECT, epoch, topomap_kwargs, "contrast_grid")
+
+
+def confusion_grid(laid_naps: xr.DataArray, *, epoch: Any = None, **topomap_kwargs: Any) -> Any:
+    """Confusion grid: one map per (label, prediction) pair, like a confusion matrix.
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        NAPs grouped by ``["label", "prediction"]``.
+    epoch : optional
+        Epoch to draw (default the last; ``"all"`` keeps an epoch slider).
+    **topomap_kwargs
+        Passed to :func:`topoxr.viz.topomap`.
+
+    Returns
+    -------
+    holoviews.GridSpace
+        Keyed by ``(prediction, label)``: predictions along x, labels along y; pairs
+        that never occur are empty.
+    """
+    return _grid(laid_naps, cv.PREDICTION, cv.LABEL, epoch, topomap_kwargs, "confusion_grid")
+
+
+def training_animation(
+    laid_naps: xr.DataArray,
+    *,
+    order: str | Sequence[Hashable] | None = "cluster",
+    **topomap_kwargs: Any,
+) -> Any:
+    """The class row over epochs: one frame per epoch, for a slider and a player.
+
+    Use one fixed layout (``x``/``y`` on ``neuron``) or per-epoch layouts aligned with
+    :mod:`topoxr.align` (``x``/``y`` on ``("neuron", "epoch")``), so frames are comparable.
+    Colour limits are shared by every epoch.
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        Laid-out NAPs with an ``epoch`` dim.
+    order : "cluster", None or sequence, default "cluster"
+        Group order (clustered on the last epoch).
+    **topomap_kwargs
+        Passed to :func:`topoxr.viz.topomap`.
+
+    Returns
+    -------
+    holoviews.Layout
+        One :class:`holoviews.HoloMap` per group, each keyed by ``epoch``; exported,
+        they share one epoch slider and player.
+    """
+    nap = _normalise(laid_naps)
+    keys = group_keys(nap)
+    col = collect(nap, by=[*keys, cv.EPOCH], **topomap_kwargs)
+    if order == "cluster" and keys:
+        ordered = cluster_order(nap)
+    elif order is None or not keys:
+        ordered = list(dict.fromkeys(k[:-1] for k in col.frames))
+    else:
+        ordered = [k if isinstance(k, tuple) else (k,) for k in order]
+    for s in col.sources:
+        if col.style["interpolate"]:
+            s.all_maps()
+    epochs = col.key_values(cv.EPOCH)
+    panels = []
+    for g in ordered:
+        frames = {(e,): col.element((*g, e)).relabel(_key_title(keys, g) if keys else "")
+                  for e in epochs if (*g, e) in col.frames}
+        panels.append(hv.HoloMap(frames, kdims=[cv.EPOCH]))
+    return hv.Layout(panels).cols(len(panels)).opts(shared_axes=False, backend="bokeh")
+
+
+def compare_models(
+    models: Mapping[Hashable, xr.DataArray] | Sequence[xr.DataArray],
+    *,
+    epoch: Any = None,
+    **topomap_kwargs: Any,
+) -> Any:
+    """Models side by side: one row of group maps per model.
+
+    Parameters
+    ----------
+    models : dict or list of xarray.DataArray
+        Laid-out NAPs of each model (same grouping), e.g. ``{"torch": a, "keras": b}``.
+    epoch : optional
+        Epoch to draw (default the last of each; ``"all"`` keeps an epoch slider).
+    **topomap_kwargs
+        Passed to :func:`topoxr.viz.topomap` (``clim="shared"`` shares colour limits
+        across models; by default each model's layer has its own symmetric limits).
+
+    Returns
+    -------
+    holoviews.GridSpace
+        Keyed by (group key, ``model``).
+    """
+    if isinstance(models, Mapping):
+        items = {k: v for k, v in models.items()}
+        if epoch != "all":
+            items = {k: _last_epoch(_normalise(v), epoch) for k, v in items.items()}
+    else:
+        items = [v if epoch == "all" else _last_epoch(_normalise(v), epoch) for v in models]
+    col = collect(items, by=None, **topomap_kwargs)
+    keys = col.sources[0].keys
+    if len(keys) != 1:
+        raise ValueError(f"compare_models needs NAPs grouped by one key, got {keys}")
+    hmap = to_holoviews(col)
+    if cv.EPOCH in col.by:
+        hmap = hmap.reindex([keys[0], MODEL, cv.EPOCH])
+    return hmap.grid([keys[0], MODEL])
