@@ -1,0 +1,129 @@
+"""Alignment: Procrustes on shared neurons, epochs, and neurons matched across models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from topoxr.align import AlignmentError, align, align_epochs, match_neurons, procrustes
+from topoxr.layout.attach import attach
+from topoxr.naps import naps
+from topoxr.testing import assert_layout_close, make_activations
+
+
+def _rotation(deg, reflect=False):
+    t = np.deg2rad(deg)
+    R = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    return R @ np.diag([1.0, -1.0]) if reflect else R
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_procrustes_undoes_rotation_reflection_and_translation(reflect):
+    rng = np.random.default_rng(0)
+    ref = rng.random((30, 2))
+    moved = ref @ _rotation(73, reflect) + np.array([3.0, -1.0])
+    aligned, info = procrustes(moved, ref, rescale=False)
+    np.testing.assert_allclose(aligned, ref, atol=1e-10)
+    assert info["reflection"] is reflect
+    assert info["rmsd"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_procrustes_fits_on_shared_rows_and_moves_all():
+    rng = np.random.default_rng(1)
+    ref = rng.random((20, 2))
+    moved = ref @ _rotation(40)
+    shared = np.arange(0, 20, 2)
+    aligned, _ = procrustes(moved, ref[shared], shared=shared, rescale=False)
+    np.testing.assert_allclose(aligned, ref, atol=1e-10)  # unshared rows follow
+
+
+def test_procrustes_rescale_keeps_unit_square_and_shape():
+    rng = np.random.default_rng(2)
+    ref = rng.random((25, 2))
+    aligned, _ = procrustes(ref @ _rotation(30), ref)
+    assert aligned.min() >= 0 and aligned.max() <= 1 + 1e-12
+    d0 = np.linalg.norm(ref[:, None] - ref[None], axis=-1)
+    d1 = np.linalg.norm(aligned[:, None] - aligned[None], axis=-1)
+    ratio = d1[d0 > 0] / d0[d0 > 0]
+    np.testing.assert_allclose(ratio, ratio[0])  # uniform scale only
+
+
+def test_procrustes_errors():
+    with pytest.raises(AlignmentError, match="shape"):
+        procrustes(np.ones((3, 3)), np.ones((3, 3)))
+    with pytest.raises(AlignmentError, match="at least 2"):
+        procrustes(np.ones((3, 2)), np.ones((1, 2)), shared=[0])
+    with pytest.raises(AlignmentError, match="NaN"):
+        procrustes(np.full((3, 2), np.nan), np.ones((3, 2)))
+
+
+def test_align_on_shared_neuron_labels():
+    ds = make_activations(n_neurons=20)
+    ref = attach(naps(ds).isel(epoch=-1), "pca", random_state=0, metric="euclidean")
+    rng = np.random.default_rng(0)
+    pts = np.stack([ref.x.values, ref.y.values], 1) @ _rotation(120, True)
+    other = ref.isel(neuron=rng.permutation(20)[:15])  # a subset, in another order
+    sub = pts[other.neuron.values]
+    other = other.assign_coords(x=("neuron", sub[:, 0]), y=("neuron", sub[:, 1]))
+    out = align(other, ref, rescale=False)
+    np.testing.assert_allclose(out.x.values, ref.x.sel(neuron=other.neuron).values, atol=1e-9)
+    np.testing.assert_allclose(out.y.values, ref.y.sel(neuron=other.neuron).values, atol=1e-9)
+    note = json.loads(out.attrs["topoxr_layout"])["aligned"]
+    assert note["n_matched"] == 15 and note["reflection"] is True
+    np.testing.assert_allclose(other.x.values, sub[:, 0])
+
+
+def test_match_neurons_recovers_a_permutation_between_models():
+    ds = make_activations(n_neurons=16, n_samples=60)
+    nap = naps(ds, normalize=False).isel(epoch=-1)
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(16)
+    noisy = nap.isel(neuron=perm) + rng.normal(scale=0.01, size=(16, 4))
+    other = noisy.assign_coords(neuron=np.arange(100, 116))
+    rows_a, rows_b = match_neurons(nap, other)
+    # nap[rows_a[i]] is matched with other[rows_b[i]] == nap[perm[rows_b[i]]]
+    assert (perm[rows_b] == rows_a).mean() > 0.6  # neurons of one label are near-duplicates
+    assert (nap.preferred.values[rows_a] == other.preferred.values[rows_b]).all()
+
+
+def test_align_models_by_activity():
+    ds = make_activations(n_neurons=16, n_samples=60)
+    nap = naps(ds).isel(epoch=-1)
+    a = attach(nap, "pca", random_state=0, metric="euclidean")
+    perm = np.random.default_rng(4).permutation(16)
+    b = a.isel(neuron=perm).assign_coords(neuron=np.arange(100, 116))
+    pts = np.stack([b.x.values, b.y.values], 1) @ _rotation(200)
+    b = b.assign_coords(x=("neuron", pts[:, 0]), y=("neuron", pts[:, 1]))
+    out = align(b, a, match="activity", rescale=False)
+    np.testing.assert_allclose(out.x.values, a.x.values[perm], atol=1e-8)
+    with pytest.raises(AlignmentError, match="match"):
+        align(b, a, match="names")
+
+
+def test_align_epochs_removes_flips_between_epochs():
+    ds = make_activations(n_neurons=20)
+    base = attach(ds, "pca", random_state=0, share=2, metric="euclidean")
+    pts = np.stack([base.x.values, base.y.values], 1)
+    per_epoch = np.stack([pts, pts @ _rotation(90) + 1, pts @ _rotation(0, True)], axis=1)
+    laid = ds.assign_coords(x=(("neuron", "epoch"), per_epoch[..., 0]),
+                            y=(("neuron", "epoch"), per_epoch[..., 1]))
+    out = align_epochs(laid, rescale=False)
+    for e in range(3):
+        np.testing.assert_allclose(out.x.isel(epoch=e).values, pts[:, 0], atol=1e-9)
+    # a shared layout is returned unchanged
+    xr.testing.assert_identical(align_epochs(base), base)
+    with pytest.raises(AlignmentError, match="no layout"):
+        align_epochs(ds)
+
+
+def test_assert_layout_close_up_to_rotation():
+    ds = make_activations(n_neurons=10)
+    a = attach(ds, "pca", random_state=0, share="all", metric="euclidean")
+    pts = np.stack([a.x.values, a.y.values], 1) @ _rotation(33) + 2
+    b = a.assign_coords(x=("neuron", pts[:, 0]), y=("neuron", pts[:, 1]))
+    assert_layout_close(b, a, up_to_rotation=True, atol=1e-8)
+    with pytest.raises(AssertionError):
+        assert_layout_close(b, a)

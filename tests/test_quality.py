@@ -1,0 +1,178 @@
+"""Quality metrics: agreement with scikit-learn, identity and random layouts, map scores."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import xarray as xr
+from sklearn.manifold import trustworthiness as sk_trustworthiness
+
+from topoxr.layout.attach import attach
+from topoxr.quality import (
+    QualityError,
+    blobs,
+    continuity,
+    neighborhood_preservation,
+    quality,
+    rank_correlation,
+    smoothness,
+    trustworthiness,
+)
+from topoxr.testing import make_activations
+
+
+def _clustered(n=200, f=8, centers=6, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, f)) * 3
+    lab = rng.integers(0, centers, n)
+    return c[lab] + rng.normal(size=(n, f)), lab
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_agrees_with_sklearn(k, metric):
+    X, _ = _clustered()
+    rng = np.random.default_rng(1)
+    E = X[:, :2] + rng.normal(scale=0.5, size=(len(X), 2))
+    t, c = neighborhood_preservation(X, E, k, metric=metric, n_queries=None)
+    assert t == pytest.approx(sk_trustworthiness(X, E, n_neighbors=k, metric=metric), abs=1e-12)
+    # continuity is trustworthiness with the spaces swapped
+    Xc = X / np.linalg.norm(X, axis=1, keepdims=True) if metric == "cosine" else X
+    assert c == pytest.approx(sk_trustworthiness(E, Xc, n_neighbors=k), abs=1e-12)
+
+
+def test_identity_layout_is_perfect_and_random_layout_is_not():
+    rng = np.random.default_rng(0)
+    P = rng.random((300, 2))
+    assert trustworthiness(P, P, 10) == pytest.approx(1.0)
+    assert continuity(P, P, 10) == pytest.approx(1.0)
+    assert rank_correlation(P, P) == pytest.approx(1.0)
+    X, _ = _clustered(300)
+    R = rng.random((300, 2))
+    t, c = neighborhood_preservation(X, R, 10)
+    assert t < 0.65 and c < 0.65
+    assert abs(rank_correlation(X, R)) < 0.1
+
+
+def test_query_subset_estimates_the_exact_value():
+    X, _ = _clustered(600)
+    E = X[:, :2]
+    exact = neighborhood_preservation(X, E, 10, n_queries=None)
+    est = neighborhood_preservation(X, E, 10, n_queries=300, random_state=0)
+    assert est[0] == pytest.approx(exact[0], abs=0.03)
+    assert est[1] == pytest.approx(exact[1], abs=0.03)
+    again = neighborhood_preservation(X, E, 10, n_queries=300, random_state=0)
+    assert est == again
+
+
+def test_memory_stays_linear_in_n():
+    """n = 20,000: an n x n float64 matrix would be 3.2 GB; the blocks stay far below."""
+    rng = np.random.default_rng(0)
+    n = 20_000
+    X = rng.normal(size=(n, 8))
+    E = X[:, :2] + rng.normal(scale=0.1, size=(n, 2))
+    tracemalloc.start()
+    try:
+        t, c = neighborhood_preservation(X, E, 10, n_queries=400)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 300e6
+    assert 0.5 < t <= 1.0 and 0.5 < c <= 1.0
+
+
+def test_rank_correlation_samples_pairs_for_large_n():
+    X, _ = _clustered(400)
+    E = X[:, :2]
+    full = rank_correlation(X, E, n_pairs=10**6)
+    sampled = rank_correlation(X, E, n_pairs=20_000, random_state=0)
+    assert sampled == pytest.approx(full, abs=0.03)
+
+
+def test_bad_inputs_are_named():
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(QualityError, match="k must satisfy"):
+        trustworthiness(X, X[:, :2], k=10)
+    with pytest.raises(QualityError, match="rows"):
+        trustworthiness(X, X[:10, :2], k=3)
+    E = X[:, :2].copy()
+    E[0, 0] = np.nan
+    with pytest.raises(QualityError, match="NaN"):
+        trustworthiness(X, E, k=3)
+    with pytest.raises(QualityError, match="n_queries"):
+        trustworthiness(X, X[:, :2], k=3, n_queries="many")
+
+
+def test_smoothness_ranks_smooth_maps_below_noisy_ones():
+    yy, xx = np.mgrid[0:100, 0:100] / 100.0
+    rng = np.random.default_rng(0)
+    smooth = np.sin(2 * np.pi * xx) * np.cos(np.pi * yy)
+    blobby = np.sin(8 * np.pi * xx) * np.cos(8 * np.pi * yy)
+    noisy = rng.normal(size=(100, 100))
+    res = smoothness(np.stack([smooth, blobby, noisy]))
+    assert res["score"].shape == (3,)
+    assert res["score"][0] < res["score"][1] < res["score"][2]
+    assert res["blur_curve"].shape == (3, 10)
+    # the degradation curves grow with strength
+    assert np.all(np.diff(res["blur_curve"][2]) >= -1e-9)
+
+
+def test_smoothness_ignores_pixels_outside_the_hull():
+    yy, xx = np.mgrid[0:100, 0:100] / 100.0
+    img = xx.copy()
+    masked = np.where((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.16, img, np.nan)
+    res = smoothness(np.stack([img, masked, np.full((100, 100), np.nan),
+                               np.zeros((100, 100))]))
+    assert np.isfinite(res["score"][1]) and res["score"][1] < 0.2
+    assert np.isnan(res["score"][2])
+    assert res["score"][3] == 0.0
+
+
+def test_blobs_count_and_area():
+    img = np.zeros((50, 50))
+    img[5:15, 5:15] = 1.0       # positive blob of 100 px
+    img[30:35, 30:40] = 0.8     # positive blob of 50 px
+    img[20:30, 40:45] = -0.9    # negative blob of 50 px
+    img[45:, :] = np.nan
+    out = blobs(img[None], threshold=0.5)
+    assert out["count"].tolist() == [3.0]
+    assert out["area"][0] == pytest.approx((100 + 50 + 50) / 3 / np.isfinite(img).sum())
+    with pytest.raises(QualityError, match="threshold"):
+        blobs(img[None], threshold=0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "dask"])
+def test_quality_of_laid_out_objects(backend):
+    chunks = {"sample": 10, "epoch": 1} if backend == "dask" else None
+    ds = make_activations(n_neurons=40, n_samples=80, chunks=chunks)
+    good = attach(ds, "pca", random_state=0, metric="euclidean")
+    bad = attach(ds, "random", random_state=0, metric="euclidean")
+    qg, qb = quality(good), quality(bad)
+    assert set(qg.data_vars) == {"trustworthiness", "continuity", "spearman", "smoothness",
+                                 "smoothness_blur", "smoothness_shrink", "blob_count",
+                                 "blob_area"}
+    assert qg["trustworthiness"].dims == ("epoch",)
+    assert qg.attrs["metric"] == "euclidean"  # read from the layout's provenance
+    assert (qg["trustworthiness"] > qb["trustworthiness"]).all()
+    assert (qg["smoothness"] < qb["smoothness"]).all()
+
+
+def test_quality_of_an_identity_layout_is_perfect():
+    rng = np.random.default_rng(0)
+    pts = rng.random((50, 2))
+    nap = xr.DataArray(np.concatenate([pts, np.zeros((50, 1))], axis=1)[:, :, None],
+                       dims=("neuron", "label", "epoch"),
+                       coords={"neuron": np.arange(50), "label": [0, 1, 2], "epoch": [0]},
+                       name="nap", attrs={"topoxr_nap": "{}"})
+    laid = nap.assign_coords(x=("neuron", pts[:, 0]), y=("neuron", pts[:, 1]))
+    q = quality(laid, metric="euclidean", k=5)
+    assert float(q["trustworthiness"][0]) == pytest.approx(1.0)
+    assert float(q["continuity"][0]) == pytest.approx(1.0)
+    assert float(q["spearman"][0]) == pytest.approx(1.0)
+
+
+def test_quality_without_layout_is_refused():
+    with pytest.raises(QualityError, match="no layout"):
+        quality(make_activations())
