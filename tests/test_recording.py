@@ -235,17 +235,19 @@ def test_changed_labels_are_refused_before_writing(store_path):
 
 
 # -- background writer ----------------------------------------------------------------------
-def test_background_writer_coalesces_into_whole_writes(store_path):
+@pytest.mark.parametrize(("chunks_per_write", "writes"), [(1, 3), (4, 2)])
+def test_background_writer_coalesces_into_whole_writes(store_path, chunks_per_write, writes):
     with ActivationWriter(store_path, model="m") as writer:
         with BackgroundWriter(writer, epoch=0, reduce="mean", channel_axis=1,
-                              write_bytes=4 * 2 * 40) as bg:
+                              write_bytes=4 * 2 * 40, chunks_per_write=chunks_per_write) as bg:
             bg.set_targets({"a": 2}, batch_size=10)  # 40 rows per write
             for start in range(0, 100, 10):
                 ids = np.arange(start, start + 10)
                 bg.submit({"a": np.stack([ids, -ids], 1).astype(np.float32)}, ids, None,
                           None, {})
         assert bg.written == 100
-        assert bg.writes == 3  # 40 + 40 + the last 20 at close
+        # 40 rows first (one chunk), then 40 * chunks_per_write, the rest at close.
+        assert bg.writes == writes
     ds = open_store(store_path)["m/a"].to_dataset().load()
     np.testing.assert_array_equal(ds.activation.values[0, :, 0], np.arange(100))
     np.testing.assert_array_equal(ds.activation.values[1, :, 0], -np.arange(100))

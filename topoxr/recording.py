@@ -58,8 +58,12 @@ logger = logging.getLogger(__name__)
 #: Entry-point group under which recording adapters register their import package.
 ADAPTER_GROUP = "topoxr.adapters"
 
-#: Target size of one coalesced write per layer (bytes of float32 values).
+#: Size of the first write of a new layer (bytes of float32 values): the store sizes the
+#: layer's chunks from it, so it makes chunks of about this size, aligned with batches.
 WRITE_BYTES = 1 << 20
+#: Later writes cover several such chunks at once (zarr encodes them concurrently), which
+#: spreads the store's per-write bookkeeping over more samples.
+CHUNKS_PER_WRITE = 4
 
 #: ``forward(x) -> ({layer: array (batch, ...)}, model output (batch, ...) or None)``.
 ForwardFn = Callable[[Any], tuple[dict[str, np.ndarray], "np.ndarray | None"]]
@@ -519,10 +523,12 @@ class BackgroundWriter:
     """Write batches on one background thread while the caller computes the next ones.
 
     Batches go through a ``queue.Queue(maxsize=queue_size)``: memory stays bounded and a
-    slow store slows the producer down instead of piling up. Consecutive batches of a
-    layer are coalesced into writes of about ``write_bytes`` (so the store's chunks are
-    written whole, once). The first error of the thread is raised in the caller at the
-    next :meth:`submit` or at :meth:`close`.
+    slow store slows the producer down instead of piling up. Conv maps are pooled on the
+    thread, and consecutive batches of a layer are coalesced: the first write of a layer
+    holds about ``write_bytes`` (the store sizes its chunks from it), later ones
+    ``chunks_per_write`` such chunks, so chunks are written whole and once. The first
+    error of the thread is raised in the caller at the next :meth:`submit` or at
+    :meth:`close`.
 
     Parameters
     ----------
@@ -538,7 +544,9 @@ class BackgroundWriter:
     queue_size : int, default 4
         Batches that may wait in the queue.
     write_bytes : int, default 1 MiB
-        Target size of one write per layer.
+        Target size of the first write (one chunk) per layer.
+    chunks_per_write : int, default 4
+        Chunks per later write.
     """
 
     def __init__(
@@ -550,12 +558,15 @@ class BackgroundWriter:
         channel_axis: int | Mapping[str, int],
         queue_size: int = 4,
         write_bytes: int = WRITE_BYTES,
+        chunks_per_write: int = CHUNKS_PER_WRITE,
     ) -> None:
         self._writer = writer
         self._epoch = epoch
         self._reduce = reduce
         self._channel_axis = channel_axis
         self._write_bytes = write_bytes
+        self._chunks_per_write = max(1, int(chunks_per_write))
+        self._flushed: set[str] = set()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._pending: dict[str, _Pending] = {}
         self._targets: dict[str, int] = {}
@@ -571,6 +582,10 @@ class BackgroundWriter:
         """Rows per write for each layer: whole batches adding up to ``write_bytes``."""
         for layer, n in neurons.items():
             self._targets[layer] = batch_size * max(1, self._write_bytes // (batch_size * 4 * n))
+
+    def _target(self, layer: str) -> int:
+        rows = self._targets.get(layer, 0)
+        return rows if layer not in self._flushed else rows * self._chunks_per_write
 
     def submit(
         self,
@@ -650,10 +665,17 @@ class BackgroundWriter:
 
     def _add(self, outputs, ids, labels, predictions, metadata) -> None:
         for layer, values in outputs.items():
+            values = np.asarray(values)
+            if values.ndim > 2 and self._reduce != "none":
+                # Pool here, off the caller's thread, and keep only (batch, channel, 1):
+                # the store's pooling of one position is the identity and still records
+                # the channel coordinate.
+                values = reduce_units(values, channel_axis=_axis_of(self._channel_axis, layer),
+                                      reduce=self._reduce).values[:, :, np.newaxis]
             pending = self._pending.setdefault(layer, _Pending())
             pending.parts.append((values, ids, labels, predictions, metadata))
             pending.rows += len(ids)
-            if pending.rows >= self._targets.get(layer, 0):
+            if pending.rows >= self._target(layer):
                 self._flush(layer)
 
     def _flush(self, layer: str) -> None:
@@ -668,10 +690,14 @@ class BackgroundWriter:
             return parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
 
         meta = {k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4]}
+        values = cat(0)
+        axis = 1 if values.ndim == 3 and self._reduce != "none" else _axis_of(
+            self._channel_axis, layer)
+        self._flushed.add(layer)
         self.writes += 1
         self.written += self._writer.write(
-            layer, cat(0), sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
-            channel_axis=_axis_of(self._channel_axis, layer), reduce=self._reduce, **meta,
+            layer, values, sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
+            channel_axis=axis, reduce=self._reduce, **meta,
         )
 
 

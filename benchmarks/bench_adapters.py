@@ -1,0 +1,262 @@
+"""Recording throughput of the torch and Keras adapters against hand-written baselines.
+
+For an MLP and a CNN on 8x8 inputs (scikit-learn digits tiled to ``n`` samples), batch
+256, in both frameworks, each timed in the same process (median of ``repeats`` runs):
+
+* ``a_forward``: the bare forward pass of the model over all batches;
+* ``b_direct``: the forward pass capturing the same layer outputs (plain hooks / a plain
+  sub-model), pooling conv maps per channel, and writing every batch synchronously with
+  zarr into arrays with the same shape, chunks and codec as the store's (``activation``
+  per layer, plus ``label`` and ``prediction``), one region write per batch;
+* ``b_direct_whole_chunks``: the same, but buffering batches so that every zarr write
+  covers whole chunks (a smarter hand-written writer);
+* ``record``: ``topoxr_torch.record`` / ``topoxr_keras.record`` into a fresh local store
+  (labels, predictions, ``correct``, masks, crash-safe commits, background writer).
+
+Ratios ``record / b_direct`` (the issue's target: at most 1.15) and
+``record / b_direct_whole_chunks`` and ``record / a_forward`` are reported with the
+absolute seconds.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+LAYERS = {
+    "mlp": ["fc1", "relu1", "fc2", "relu2", "out"],
+    "cnn": ["conv1", "relu1", "pool1", "conv2", "relu2", "fc1", "relu3", "out"],
+}
+BATCH = 256
+
+
+def _inputs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    reps = -(-n // len(digits.target))
+    x = np.tile((digits.data / 16.0).astype(np.float32), (reps, 1))[:n]
+    y = np.tile(digits.target.astype(np.int64), reps)[:n]
+    return np.ascontiguousarray(x), y
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# -- per-framework pieces ---------------------------------------------------------------------
+class _Torch:
+    name = "torch"
+    channel_axis = 1
+
+    def __init__(self) -> None:
+        import torch
+
+        import topoxr_torch
+        from topoxr_torch.models import make_model
+
+        self.torch = torch
+        self.adapter = topoxr_torch
+        self.make_model = make_model
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+    def forward(self, model: Any) -> Callable[[np.ndarray], Any]:
+        torch = self.torch
+        model.eval()
+
+        def run(x: np.ndarray) -> Any:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).numpy()
+
+        return run
+
+    def capture(self, model: Any, layers: list[str]) -> Callable[[np.ndarray], Any]:
+        torch = self.torch
+        modules = dict(model.named_modules())
+        captured: dict[str, np.ndarray] = {}
+        for name in layers:
+            modules[name].register_forward_hook(
+                lambda m, a, out, name=name: captured.__setitem__(name, out.detach().numpy()))
+        model.eval()
+
+        def run(x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+            with torch.inference_mode():
+                out = model(torch.from_numpy(x)).numpy()
+            return dict(captured), out
+
+        return run
+
+
+class _Keras:
+    name = "keras"
+    channel_axis = -1
+
+    def __init__(self) -> None:
+        import keras
+
+        import topoxr_keras
+        from topoxr_keras.models import make_model
+
+        self.keras = keras
+        self.adapter = topoxr_keras
+        self.make_model = make_model
+
+    def forward(self, model: Any) -> Callable[[np.ndarray], Any]:
+        return model.predict_on_batch
+
+    def capture(self, model: Any, layers: list[str]) -> Callable[[np.ndarray], Any]:
+        sub = self.keras.Model(model.inputs,
+                               [model.get_layer(n).output for n in layers] + model.outputs)
+
+        def run(x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+            values = sub.predict_on_batch(x)
+            return dict(zip(layers, values[:-1], strict=True)), values[-1]
+
+        return run
+
+
+def _pool(values: np.ndarray, channel_axis: int) -> np.ndarray:
+    if values.ndim == 2:
+        return values
+    moved = np.moveaxis(values, channel_axis, 1)
+    return moved.mean(axis=tuple(range(2, moved.ndim)), dtype=np.float64).astype(np.float32)
+
+
+# -- the variants -----------------------------------------------------------------------------
+def _bare(fw: Any, model: Any, x: np.ndarray) -> None:
+    run = fw.forward(model)
+    for start in range(0, len(x), BATCH):
+        run(x[start:start + BATCH])
+
+
+def _direct(fw: Any, capture: Callable, x: np.ndarray, y: np.ndarray, path: str,
+            layout: dict[str, tuple[int, list[int]]], whole_chunks: bool) -> None:
+    import zarr
+
+    n = len(x)
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
+    arrays = {
+        layer: root.create_array(layer, shape=(neurons, n, 1), chunks=tuple(chunks),
+                                 dtype="float32", fill_value=np.nan)
+        for layer, (neurons, chunks) in layout.items()
+    }
+    label = root.create_array("label", shape=(n,), chunks=(1 << 16,), dtype="int64")
+    pred = root.create_array("prediction", shape=(n, 1), chunks=(1 << 16, 1), dtype="int64")
+    label[:] = y
+    buffers: dict[str, list[np.ndarray]] = {k: [] for k in arrays}
+    starts = dict.fromkeys(arrays, 0)
+    preds = []
+    for start in range(0, n, BATCH):
+        outputs, out = capture(x[start:start + BATCH])
+        preds.append(out.argmax(1))
+        for layer, arr in arrays.items():
+            values = _pool(outputs[layer], fw.channel_axis)
+            if not whole_chunks:
+                arr[:, start:start + len(values), 0] = values.T
+                continue
+            buffers[layer].append(values)
+            rows = sum(len(v) for v in buffers[layer])
+            if rows >= arr.chunks[1] or start + BATCH >= n:
+                block = np.concatenate(buffers[layer])
+                arr[:, starts[layer]:starts[layer] + rows, 0] = block.T
+                starts[layer] += rows
+                buffers[layer] = []
+    pred[:, 0] = np.concatenate(preds)
+
+
+def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
+                tmp: str) -> dict[str, Any]:
+    from topoxr import store_summary
+
+    layers = LAYERS[kind]
+    model = fw.make_model(kind, seed=0)
+    capture = fw.capture(fw.make_model(kind, seed=0), layers)
+
+    def record() -> None:
+        path = os.path.join(tmp, f"{fw.name}-{kind}-record.zarr")
+        shutil.rmtree(path, ignore_errors=True)
+        fw.adapter.record(model, (x, y), path, model_name=f"{kind}_{fw.name}", layers=layers,
+                          batch_size=BATCH, progress=False)
+
+    record()  # warm-up (graph tracing), and it tells the store's chunking
+    summary = store_summary(os.path.join(tmp, f"{fw.name}-{kind}-record.zarr"))
+    stored = summary["models"][f"{kind}_{fw.name}"]["layers"]
+    layout = {info["name"]: (info["neurons"], info["chunks"]) for info in stored.values()}
+
+    def direct(whole: bool) -> Callable[[], None]:
+        def run() -> None:
+            path = os.path.join(tmp, f"{fw.name}-{kind}-direct.zarr")
+            shutil.rmtree(path, ignore_errors=True)
+            _direct(fw, capture, x, y, path, layout, whole)
+        return run
+
+    variants = {
+        "a_forward": lambda: _bare(fw, model, x),
+        "b_direct": direct(False),
+        "b_direct_whole_chunks": direct(True),
+        "record": record,
+    }
+    for fn in variants.values():  # warm-up of every variant
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):  # interleaved, so that load changes hit every variant
+        for key, fn in variants.items():
+            times[key].append(_timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "seconds": {k: round(v, 4) for k, v in med.items()},
+        "record_over_b_direct": round(med["record"] / med["b_direct"], 3),
+        "record_over_b_direct_whole_chunks": round(
+            med["record"] / med["b_direct_whole_chunks"], 3),
+        "record_over_a_forward": round(med["record"] / med["a_forward"], 3),
+        "b_direct_over_a_forward": round(med["b_direct"] / med["a_forward"], 3),
+        "chunks": {k: v[1] for k, v in layout.items()},
+        "neurons": {k: v[0] for k, v in layout.items()},
+    }
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    """Run the adapter benchmark.
+
+    Parameters
+    ----------
+    quick : bool, default False
+        2,000 samples and one repeat instead of 20,000 samples and the median of 5.
+
+    Returns
+    -------
+    dict
+        Per framework and network: median seconds of each variant and the ratios.
+    """
+    import psutil
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    n, repeats = (2_000, 1) if quick else (20_000, 5)
+    x, y = _inputs(n)
+    result: dict[str, Any] = {"samples": n, "batch": BATCH, "repeats": repeats}
+    tmp = tempfile.mkdtemp(prefix="topoxr-bench-adapters-")
+    try:
+        for fw_cls in (_Torch, _Keras):
+            fw = fw_cls()
+            for kind in ("mlp", "cnn"):
+                key = f"{kind}_{fw.name}"
+                result[key] = _run_config(fw, kind, x, y, repeats, tmp)
+                logger.info("%s: %s", key, result[key])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["peak_rss_mb"] = round(psutil.Process().memory_info().rss / 2**20, 1)
+    return result
