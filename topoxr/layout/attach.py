@@ -322,9 +322,10 @@ def compute_layouts(
     -------
     xarray.DataTree
         Nodes ``/<model>/<layer>`` holding a Dataset with ``x``, ``y`` of dims
-        ``("method", "seed", "epoch", "neuron")`` (no ``epoch`` for layers without one)
+        ``("layout", "seed", "epoch", "neuron")`` (no ``epoch`` for layers without one)
         and the layer's neuron coordinates; attrs ``topoxr_layout`` (JSON: metric,
-        params, profile, seeds per seed). Method names are the ``method`` coordinate.
+        params, profile, seeds per seed). Method names are the ``layout`` coordinate
+        (not ``method``, which would clash with the ``method`` argument of ``.sel``).
     """
     import dask
     from tqdm.auto import tqdm
@@ -382,9 +383,9 @@ def compute_layouts(
                     tmp = align_epochs(tmp)
                     P[mi, si, :, :, 0] = tmp[X].transpose(EPOCH, NEURON).values
                     P[mi, si, :, :, 1] = tmp[Y].transpose(EPOCH, NEURON).values
-        dims = ("method", "seed", EPOCH, NEURON) if has_epoch else ("method", "seed", NEURON)
+        dims = ("layout", "seed", EPOCH, NEURON) if has_epoch else ("layout", "seed", NEURON)
         data = P if has_epoch else P[:, :, 0]
-        coords = {"method": [_method_name(m) for m in methods], "seed": seeds, **neuron_coords}
+        coords = {"layout": [_method_name(m) for m in methods], "seed": seeds, **neuron_coords}
         if has_epoch:
             coords[EPOCH] = ep_labels
         desc = {"metric": metric, "params": _jsonable(params),
@@ -516,10 +517,22 @@ def save_layout(
             arr = node.create_array(dim, shape=values.shape, dtype=values.dtype,
                                     dimension_names=(dim,))
             arr[...] = values
+        _consolidate(loc.store)
     finally:
         lock.release()
     logger.info("saved layout %r of %s/%s in %s", name, model, layer, loc.url)
     return f"{safe_node_name(model)}/{safe_node_name(layer)}/{LAYOUTS_GROUP}/{safe}"
+
+
+def _consolidate(zstore: Any) -> None:
+    """Refresh consolidated metadata, so plain ``xarray.open_datatree`` sees the layout."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr warns that consolidation is not in the spec
+        zarr.consolidate_metadata(zstore)
 
 
 def load_layout(

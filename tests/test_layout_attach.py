@@ -1,0 +1,214 @@
+"""attach, compute_layouts and saved layouts, on numpy, dask and real stores."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import topoxr
+from topoxr.layout._registry import get_estimator
+from topoxr.layout.attach import (
+    attach,
+    compute_layouts,
+    draw_seeds,
+    load_layout,
+    save_layout,
+)
+from topoxr.naps import naps
+from topoxr.profiles import ProfileError, profile_matrix, profiles
+from topoxr.store import StoreError
+from topoxr.testing import (
+    assert_layout_close,
+    make_activations,
+    raise_if_dask_computes,
+    write_store,
+)
+
+
+@pytest.fixture(params=["numpy", "dask"])
+def backend(request):
+    return request.param
+
+
+def _layer(backend, **kwargs):
+    chunks = {"sample": 10, "epoch": 1} if backend == "dask" else None
+    return make_activations(chunks=chunks, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real on-disk store with two layers of one model."""
+    path = str(tmp_path_factory.mktemp("attach") / "run.zarr")
+    write_store(make_activations(n_neurons=12, random_state=1), path, layer="dense1")
+    ds2 = make_activations(n_neurons=9, random_state=2)
+    from topoxr.store import ActivationWriter
+
+    with ActivationWriter(path, model="model") as w:
+        for e in range(3):
+            w.write("dense2", ds2.activation.values[:, :, e].T, sample=ds2.sample.values,
+                    label=ds2.label.values, prediction=ds2.prediction.values[:, e], epoch=e)
+            w.complete_epoch(e)
+    return path
+
+
+def test_attach_returns_a_new_object_with_coordinates(backend):
+    ds = _layer(backend)
+    laid = attach(ds, "pca", random_state=0)
+    assert isinstance(laid, xr.Dataset)
+    assert "x" not in ds.coords  # the input is not modified
+    assert laid.x.dims == ("neuron", "epoch") and laid.y.dims == ("neuron", "epoch")
+    np.testing.assert_array_equal(laid.neuron.values, ds.neuron.values)
+    assert float(laid.x.min()) >= 0 and float(laid.x.max()) <= 1
+    desc = json.loads(laid.attrs["topoxr_layout"])
+    assert desc["method"] == "pca" and desc["metric"] == "cosine"
+    assert desc["random_state"] == 0 and desc["seeds"] == draw_seeds(0, 3)[1]
+    assert desc["profile"]["source"] == "naps" and desc["profile"]["by"] == ["label"]
+    assert laid.attrs["topoxr_layer"] == "synthetic"
+    da = attach(ds.activation, "pca", random_state=0)
+    assert isinstance(da, xr.DataArray) and da.x.dims == ("neuron", "epoch")
+
+
+def test_numpy_and_dask_give_the_same_layout_and_profiles_compute_once():
+    eager = attach(_layer("numpy"), "random", random_state=5)
+    with raise_if_dask_computes(max_computes=1):
+        lazy = attach(_layer("dask"), "random", random_state=5)
+    assert_layout_close(lazy, eager, atol=1e-12)
+
+
+def test_each_epoch_gets_its_own_seed_drawn_up_front():
+    ds = make_activations()
+    laid = attach(ds, "random", random_state=7, align=False)
+    seeds = draw_seeds(7, 3)[1]
+    prof = profiles(ds)
+    for e, seed in enumerate(seeds):
+        X, _ = profile_matrix(prof.isel(epoch=e).values, "euclidean")
+        expected = get_estimator("random", random_state=seed).fit_transform(X)
+        np.testing.assert_allclose(laid.x.isel(epoch=e).values, expected[:, 0])
+    again = attach(ds, "random", random_state=7, align=False)
+    assert_layout_close(again, laid, atol=0)
+    other = attach(ds, "random", random_state=8, align=False)
+    assert not np.allclose(other.x.values, laid.x.values)
+
+
+def test_unseeded_layouts_record_their_entropy():
+    ds = make_activations()
+    laid = attach(ds, "random", align=False)
+    root = json.loads(laid.attrs["topoxr_layout"])["random_state"]
+    assert_layout_close(attach(ds, "random", random_state=root, align=False), laid, atol=0)
+
+
+def test_shared_layouts():
+    ds = make_activations(n_neurons=16)
+    one = attach(ds, "pca", random_state=0, share=1)
+    assert one.x.dims == ("neuron",)
+    alone = attach(naps(ds).sel(epoch=[1]), "pca", random_state=0, share=1)
+    np.testing.assert_allclose(one.x.values, alone.x.values)
+    both = attach(ds, "pca", random_state=0, share="all")
+    assert both.x.dims == ("neuron",)
+    assert json.loads(both.attrs["topoxr_layout"])["share"] == "all"
+    with pytest.raises(ProfileError, match="share"):
+        attach(ds, "pca", share=9)
+
+
+def test_profile_options_and_params_are_recorded():
+    ds = make_activations(n_neurons=16, n_samples=60)
+    laid = attach(ds, "tsne", random_state=0, share="all",
+                  profile={"source": "activations", "n_samples": 20, "balanced": True,
+                           "random_state": 1}, perplexity=4.0)
+    desc = json.loads(laid.attrs["topoxr_layout"])
+    assert desc["params"] == {"perplexity": 4.0}
+    assert desc["profile"] == {"source": "activations", "n_samples": 20, "balanced": True,
+                               "correct_only": False, "random_state": 1}
+
+
+def test_dead_neurons_are_reported(caplog):
+    ds = make_activations(n_neurons=14, n_dead=3)
+    with caplog.at_level(logging.WARNING, logger="topoxr.profiles"):
+        laid = attach(ds, "pca", random_state=0)
+    assert json.loads(laid.attrs["topoxr_layout"])["dead_neurons"] == [11, 12, 13]
+    assert "3 dead" in caplog.text
+    assert np.isfinite(laid.x.values).all()
+
+
+def test_bad_input():
+    ds = make_activations()
+    with pytest.raises(ValueError, match="unknown layout method 'nope'.*pca"):
+        attach(ds, "nope")
+    with pytest.raises(ProfileError, match="metric"):
+        attach(ds, "pca", metric="manhattan")
+    with pytest.raises(ValueError, match="at least 5 neurons"):
+        attach(make_activations(n_neurons=4), "pca")
+    bad = ds.copy(data={"activation": np.where(np.arange(12)[:, None, None] == 3, np.inf,
+                                               ds.activation.values)})
+    with pytest.raises(ProfileError, match="NaN or inf"):
+        attach(bad, "pca")
+    with pytest.raises(TypeError, match="profile"):
+        attach(ds, "pca", profile="naps")
+
+
+def test_compute_layouts_matches_attach_on_every_scheduler(store):
+    tree = topoxr.open_store(store)
+    results = {sched: compute_layouts(tree, methods=["random", "pca"], seeds=[0, 1],
+                                      scheduler=sched, progress=False)
+               for sched in ("sync", "threads", "processes")}
+    ref = results["sync"]
+    assert sorted(n.path for n in ref.leaves) == ["/model/dense1", "/model/dense2"]
+    node = ref["model/dense1"].to_dataset()
+    assert node.x.dims == ("layout", "seed", "epoch", "neuron")
+    assert node["layout"].values.tolist() == ["random", "pca"]
+    for other in ("threads",):
+        for path in ("model/dense1", "model/dense2"):
+            xr.testing.assert_identical(results[other][path].to_dataset(),
+                                        ref[path].to_dataset())
+    layer = tree["model/dense2"].to_dataset()
+    for seed in (0, 1):
+        laid = attach(layer, "random", random_state=seed)
+        np.testing.assert_allclose(
+            ref["model/dense2"].x.sel(layout="random", seed=seed).transpose("neuron", "epoch"),
+            laid.x.transpose("neuron", "epoch"))
+
+
+def test_compute_layouts_selection_and_errors(store):
+    tree = topoxr.open_store(store)
+    out = compute_layouts(tree, layers=["dense2"], epochs=[2], methods=["pca"], progress=False)
+    assert [n.path for n in out.leaves] == ["/model/dense2"]
+    assert out["model/dense2"].epoch.values.tolist() == [2]
+    with pytest.raises(ValueError, match="no layer matches"):
+        compute_layouts(tree, layers=["conv9"], progress=False)
+    with pytest.raises(ValueError, match="unknown layout method"):
+        compute_layouts(tree, methods=["nope"], progress=False)
+
+
+def test_save_and_load_layouts_in_the_store(store):
+    layer = topoxr.open_store(store)["model/dense1"].to_dataset()
+    laid = attach(layer, "pca", random_state=0)
+    path = save_layout(store, "model", "dense1", laid, "pca-0")
+    assert path == "model/dense1/layouts/pca-0"
+    tree = topoxr.open_store(store)
+    saved = tree["model/dense1/layouts/pca-0"].to_dataset()
+    np.testing.assert_allclose(saved.x.transpose("neuron", "epoch").values,
+                               laid.x.transpose("neuron", "epoch").values)
+    assert json.loads(saved.attrs["topoxr_layout"])["method"] == "pca"
+    # plain xarray, without topoxr, sees it too (consolidated metadata refreshed)
+    plain = xr.open_datatree(store, engine="zarr")
+    assert "pca-0" in plain["model/dense1/layouts"].children
+    back = load_layout(store, "model", "dense1", "pca-0", onto=layer)
+    assert_layout_close(back, laid, atol=0)
+    assert back.attrs["topoxr_layout"] == laid.attrs["topoxr_layout"]
+    shared = attach(layer, "pca", random_state=0, share="all")
+    save_layout(store, "model", "dense1", shared, "pca-0")  # overwrite
+    assert load_layout(store, "model", "dense1", "pca-0").x.dims == ("neuron",)
+    with pytest.raises(StoreError, match="exists"):
+        save_layout(store, "model", "dense1", shared, "pca-0", overwrite=False)
+    with pytest.raises(StoreError, match=r"saved: \['pca-0'\]"):
+        load_layout(store, "model", "dense1", "umap")
+    with pytest.raises(StoreError, match="neurons"):
+        save_layout(store, "model", "dense2", laid, "wrong")
+    with pytest.raises(StoreError, match="no layer"):
+        save_layout(store, "model", "conv", laid, "x")
+    with pytest.raises(StoreError, match="no layout"):
+        save_layout(store, "model", "dense1", layer, "x")
