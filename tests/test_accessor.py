@@ -1,0 +1,70 @@
+"""The .topo accessor: present on every xarray type, pure delegation, no state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import topoxr
+from topoxr.accessor import TopoAccessor
+from topoxr.testing import assert_layout_close, make_activations, write_store
+
+
+@pytest.fixture(params=["numpy", "dask"])
+def layer(request):
+    chunks = {"sample": 10, "epoch": 1} if request.param == "dask" else None
+    return make_activations(n_neurons=16, chunks=chunks)
+
+
+def test_accessor_on_every_type_shares_one_base(tmp_path):
+    ds = make_activations()
+    tree = xr.DataTree.from_dict({"/m/l": ds})
+    for obj in (ds, ds.activation, tree):
+        assert isinstance(obj.topo, TopoAccessor)
+    assert not hasattr(ds.topo, "__dict__")  # __slots__: the accessor cannot keep state
+
+
+def test_methods_equal_the_public_functions(layer):
+    xr.testing.assert_identical(layer.topo.naps(by="label").compute(),
+                                topoxr.naps(layer, by="label").compute())
+    xr.testing.assert_identical(layer.activation.topo.profiles().compute(),
+                                topoxr.profiles(layer.activation).compute())
+    prof = topoxr.profiles(layer)
+    xr.testing.assert_identical(prof.topo.distances("correlation"),
+                                topoxr.distances(prof, "correlation"))
+    laid = layer.topo.layout("pca", random_state=0)
+    assert_layout_close(laid, topoxr.layout.attach.attach(layer, "pca", random_state=0), atol=0)
+    xr.testing.assert_identical(laid.topo.quality(k=3), topoxr.quality(laid, k=3))
+    ref = layer.topo.layout("random", random_state=1, share="all")
+    moved = ref.assign_coords(x=1 - ref.x)
+    xr.testing.assert_identical(moved.topo.align(ref), topoxr.align(moved, ref))
+
+
+def test_default_method_and_epoch_alignment():
+    from topoxr.align import align_epochs
+    from topoxr.layout._registry import DEFAULT_METHOD
+
+    ds = make_activations(n_neurons=16)
+    laid = ds.topo.layout(random_state=0, align=False)
+    assert f'"method": "{DEFAULT_METHOD}"' in laid.attrs["topoxr_layout"]
+    xr.testing.assert_identical(laid.topo.align(), align_epochs(laid))
+
+
+def test_datatree_maps_over_layer_nodes(tmp_path):
+    path = str(tmp_path / "run.zarr")
+    write_store(make_activations(n_neurons=12), path, layer="dense1")
+    tree = topoxr.open_store(path)
+    out = tree.topo.naps()
+    assert [n.path for n in out.leaves] == ["/model/dense1"]
+    np.testing.assert_allclose(out["model/dense1"]["nap"].values,
+                               topoxr.naps(tree["model/dense1"].to_dataset()).values)
+    laid = tree.topo.layout("pca", random_state=0)
+    assert laid["model/dense1"].x.dims == ("neuron", "epoch")
+    q = laid.topo.quality(k=3)
+    assert "trustworthiness" in q["model/dense1"].data_vars
+
+
+def test_tree_without_layers_is_refused():
+    with pytest.raises(ValueError, match="no layer node"):
+        xr.DataTree.from_dict({"/a": xr.Dataset()}).topo.naps()
