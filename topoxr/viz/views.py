@@ -141,7 +141,7 @@ def _example_element(image: np.ndarray, title: str) -> Any:
     if img.ndim != 2:
         raise ValueError(f"example inputs must be 2-D images (or RGB), got shape {img.shape}")
     h, w = img.shape
-    el = hv.Image(img[::-1], bounds=(0, 0, w, h), label=title, vdims=["input"])
+    el = hv.Image(img, bounds=(0, 0, w, h), label=title, vdims=["input"])
     return el.opts(cmap="gray_r", xaxis=None, yaxis=None, frame_width=120, frame_height=120,
                    colorbar=False, toolbar=None, backend="bokeh")
 

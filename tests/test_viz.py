@@ -1,0 +1,301 @@
+"""topoxr.viz: structure of the HoloViews objects (types, dims, keys, values), and exports."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from tests.conftest import requires_holoviews
+
+pytestmark = requires_holoviews
+
+hv = pytest.importorskip("holoviews")
+
+from topoxr.conventions import ConventionError  # noqa: E402
+from topoxr.interpolate import GridInterpolator  # noqa: E402
+from topoxr.testing.maps import make_laid_naps  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def viz():
+    import topoxr.viz
+
+    return topoxr.viz
+
+
+@pytest.fixture(scope="module")
+def nap():
+    return make_laid_naps(n_neurons=25, n_labels=4, n_epochs=3)
+
+
+def _image(overlay):
+    return next(el for el in overlay if isinstance(el, hv.Image))
+
+
+def _points(overlay):
+    return next(el for el in overlay if isinstance(el, hv.Points))
+
+
+def test_holomap_keys_dims_and_values_under_a_key(viz, nap):
+    hmap = viz.topomap(nap, by=["label", "epoch"])
+    assert isinstance(hmap, hv.HoloMap)
+    assert [d.name for d in hmap.kdims] == ["label", "epoch"]
+    assert set(hmap.keys()) == {(lab, e) for lab in range(4) for e in range(3)}
+    overlay = hmap[(2, 1)]
+    image, points = _image(overlay), _points(overlay)
+    assert [d.name for d in image.kdims] == ["x", "y"]
+    assert [d.name for d in image.vdims] == ["nap"]
+    assert [d.name for d in points.vdims] == ["nap", "neuron", "layer"]
+    # the points carry exactly the NAP values of label 2 at epoch 1, at the layout positions
+    expected = nap.sel(label=2, epoch=1)
+    np.testing.assert_allclose(points.dimension_values("nap"), expected.values)
+    np.testing.assert_allclose(points.dimension_values("x"), nap.x.values)
+    np.testing.assert_array_equal(points.dimension_values("neuron"), nap.neuron.values)
+    assert set(points.dimension_values("layer")) == {"hidden"}
+    # the image is the linear interpolation of those values
+    interp = GridInterpolator(nap.x.values, nap.y.values)
+    grid = image.dimension_values("nap", flat=False)
+    ref = interp(expected.values)
+    assert grid.shape == ref.shape == (100, 100)  # rows are y, ascending
+    np.testing.assert_allclose(grid, ref, equal_nan=True, rtol=1e-6)
+
+
+def test_image_is_masked_outside_the_hull(viz, nap):
+    overlay = viz.topomap(nap.isel(epoch=-1), by="label")[0]
+    grid = _image(overlay).dimension_values("nap", flat=False)
+    interp = GridInterpolator(nap.x.values, nap.y.values)
+    nan = np.isnan(grid)
+    np.testing.assert_array_equal(nan, ~interp.mask)
+    assert nan.any() and not nan.all()
+
+
+def test_box_extrapolation_fills_the_image(viz, nap):
+    overlay = viz.topomap(nap, by=["label", "epoch"], extrapolate="box")[(0, 0)]
+    assert np.isfinite(_image(overlay).dimension_values("nap")).all()
+
+
+def test_color_limits_symmetric_and_shared_by_the_whole_layer(viz, nap):
+    hmap = viz.topomap(nap, by=["label", "epoch"])
+    m = float(np.nanmax(np.abs(nap.values)))
+    ranges = {_image(o).vdims[0].range for o in hmap.values()}
+    assert ranges == {(-m, m)}
+    assert {_points(o).vdims[0].range for o in hmap.values()} == {(-m, m)}
+    opts = hv.Store.lookup_options("bokeh", _image(hmap[(0, 0)]), "plot").kwargs
+    assert opts["clim"] == (-m, m) and opts["colorbar"] is True
+
+
+def test_clim_options(viz, nap):
+    other = make_laid_naps(n_neurons=25, n_labels=4, n_epochs=3, random_state=5) * 3
+    per_layer = viz.topomap({"a": nap, "b": other}, by=["model", "label", "epoch"])
+    ma, mb = float(np.nanmax(abs(nap.values))), float(np.nanmax(abs(other.values)))
+    assert _image(per_layer[("a", 0, 0)]).vdims[0].range == (-ma, ma)
+    assert _image(per_layer[("b", 0, 0)]).vdims[0].range == (-mb, mb)
+    shared = viz.topomap({"a": nap, "b": other}, by=["model", "label", "epoch"], clim="shared")
+    top = max(ma, mb)
+    assert _image(shared[("a", 0, 0)]).vdims[0].range == (-top, top)
+    fixed = viz.topomap(nap, by="label", clim=0.5)
+    assert _image(fixed[1]).vdims[0].range == (-0.5, 0.5)
+    with pytest.raises(ValueError, match="clim"):
+        viz.topomap(nap, clim="wide")
+
+
+def test_default_by_is_every_varying_key_and_epoch_defaults_to_last(viz, nap):
+    assert [d.name for d in viz.topomap(nap).kdims] == ["label", "epoch"]
+    by_label = viz.topomap(nap, by="label")
+    np.testing.assert_allclose(_points(by_label[3]).dimension_values("nap"),
+                               nap.sel(label=3).isel(epoch=-1).values)
+    single = viz.topomap(nap.sel(label=1, epoch=2))
+    assert isinstance(single, hv.Overlay)
+
+
+def test_dynamicmap_returns_the_right_subset(viz, nap):
+    dmap = viz.topomap(nap, by=["label", "epoch"], dynamic=True)
+    assert isinstance(dmap, hv.DynamicMap)
+    assert [d.name for d in dmap.kdims] == ["label", "epoch"]
+    assert list(dmap.kdims[0].values) == [0, 1, 2, 3]
+    overlay = dmap[(3, 0)]
+    np.testing.assert_allclose(_points(overlay).dimension_values("nap"),
+                               nap.sel(label=3, epoch=0).values)
+    static = viz.topomap(nap, by=["label", "epoch"])[(3, 0)]
+    np.testing.assert_allclose(_image(overlay).dimension_values("nap"),
+                               _image(static).dimension_values("nap"), equal_nan=True)
+
+
+def test_stacked_groups_only_combinations_that_occur(viz):
+    nap = make_laid_naps(n_neurons=20, n_labels=3, n_epochs=2, by=["label", "correct"])
+    hmap = viz.topomap(nap, by=["label", "correct", "epoch"])
+    occurring = {(int(lab), bool(c)) for lab, c in nap.indexes["group"]}
+    assert {(k[0], k[1]) for k in hmap.keys()} == occurring
+    key = next(iter(occurring))
+    expected = nap.sel(group=key).isel(epoch=0)
+    np.testing.assert_allclose(_points(hmap[(*key, 0)]).dimension_values("nap"), expected.values)
+
+
+def test_by_leaving_out_a_varying_key_is_an_error(viz):
+    nap = make_laid_naps(n_neurons=20, n_labels=3, by=["label", "correct"])
+    with pytest.raises(ValueError, match=r"'correct'.*vary"):
+        viz.topomap(nap, by=["label"])
+    with pytest.raises(ValueError, match=r"available keys are \['label', 'correct', 'epoch'\]"):
+        viz.topomap(nap, by=["colour"])
+
+
+def test_empty_group_is_an_empty_map(viz):
+    nap = make_laid_naps(n_neurons=20, n_labels=3, n_epochs=2, empty=(1, 0))
+    overlay = viz.topomap(nap, by=["label", "epoch"])[(1, 0)]
+    assert np.isnan(_image(overlay).dimension_values("nap")).all()
+
+
+def test_models_side_by_side_keyed_by_model(viz, nap):
+    other = make_laid_naps(n_neurons=18, n_labels=4, n_epochs=3, random_state=2, model="keras")
+    hmap = viz.topomap([nap, other], by=["model", "label"])
+    assert {k[0] for k in hmap.keys()} == {"mlp", "keras"}
+    pts = _points(hmap[("keras", 2)])
+    assert len(pts) == 18
+    np.testing.assert_allclose(pts.dimension_values("x"), other.x.values)
+    grid = viz.compare_models({"torch": nap, "keras": other})
+    assert isinstance(grid, hv.GridSpace)
+    assert [d.name for d in grid.kdims] == ["label", "model"]
+    assert set(grid.keys()) == {(lab, m) for lab in range(4) for m in ("torch", "keras")}
+
+
+def test_per_epoch_layouts_use_each_epochs_positions(viz, nap):
+    rng = np.random.default_rng(0)
+    xs = xr.DataArray(rng.random((25, 3)), dims=("neuron", "epoch"))
+    moved = nap.assign_coords(x=xs)
+    hmap = viz.topomap(moved, by=["label", "epoch"])
+    for e in range(3):
+        np.testing.assert_allclose(_points(hmap[(0, e)]).dimension_values("x"), xs[:, e].values)
+
+
+def test_no_interpolation_draws_only_points(viz, nap):
+    overlay = viz.topomap(nap, by="label", interpolate=False)[0]
+    assert [type(el) for el in overlay] == [hv.Points]
+
+
+def test_contours_are_symmetric_levels(viz, nap):
+    overlay = viz.topomap(nap, by="label", contours=4)[0]
+    assert any(isinstance(el, hv.Contours) for el in overlay)
+
+
+def test_method_cubic_and_nearest(viz, nap):
+    for method in ("cubic", "nearest"):
+        img = _image(viz.topomap(nap, by="label", method=method)[0])
+        assert np.isfinite(img.dimension_values("nap")).any()
+
+
+def test_bad_inputs_give_clear_errors(viz, nap):
+    with pytest.raises(ConventionError, match="x"):
+        viz.topomap(nap.drop_vars("x"))
+    with pytest.raises(TypeError, match="DataArray"):
+        viz.topomap(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="empty"):
+        viz.topomap({})
+
+
+def test_class_row_in_dendrogram_order_with_examples(viz):
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    nap = make_laid_naps(n_neurons=25, n_labels=5, n_epochs=2)
+    values = nap.isel(epoch=-1).transpose("label", "neuron").values
+    expected = [(int(i),) for i in leaves_list(linkage(values, "average",
+                                                       optimal_ordering=True))]
+    assert viz.cluster_order(nap) == expected
+    images = np.arange(5 * 64, dtype=float).reshape(5, 8, 8)
+    examples = viz.example_inputs(images, np.arange(5))
+    row = viz.class_row(nap, examples=examples)
+    assert isinstance(row, hv.Layout)
+    items = list(row)
+    assert len(items) == 10  # 5 examples above 5 maps
+    assert [el.label for el in items[5:]] == [f"label={k[0]}" for k in expected]
+    first_label = expected[0][0]
+    # the example is drawn upright: hv.Image takes the first array row as the top
+    np.testing.assert_array_equal(np.flipud(items[0].dimension_values("input", flat=False)),
+                                  images[first_label])
+    np.testing.assert_allclose(_points(items[5]).dimension_values("nap"),
+                               nap.sel(label=first_label).isel(epoch=-1).values)
+
+
+def test_contrast_and_confusion_grids(viz):
+    contrast = viz.contrast_grid(make_laid_naps(20, 3, 2, by=["label", "correct"]))
+    assert isinstance(contrast, hv.GridSpace)
+    assert [d.name for d in contrast.kdims] == ["label", "correct"]
+    confusion = viz.confusion_grid(make_laid_naps(20, 3, 2, by=["label", "prediction"]),
+                                   epoch="all")
+    assert [d.name for d in confusion.kdims] == ["prediction", "label"]
+    cell = next(iter(confusion.values()))
+    assert isinstance(cell, hv.HoloMap) and cell.kdims[0].name == "epoch"
+    with pytest.raises(ValueError, match="grouped by"):
+        viz.contrast_grid(make_laid_naps(20, 3, 2))
+
+
+def test_training_animation_one_holomap_per_group(viz, nap):
+    anim = viz.training_animation(nap)
+    assert isinstance(anim, hv.Layout)
+    assert all(isinstance(h, hv.HoloMap) and h.kdims[0].name == "epoch" for h in anim)
+    assert all(list(h.keys()) == [0, 1, 2] for h in anim)
+
+
+def test_report_is_self_contained_with_tables_and_sliders(viz, nap, tmp_path):
+    import pandas as pd
+
+    report = viz.Report("Digits", description="A *test* report.")
+    report.add_section("Training", viz.training_animation(nap), caption="epochs")
+    report.add_table(pd.DataFrame({"method": ["pca", "umap"], "trust": [0.912345, 0.95]}),
+                     title="Quality")
+    report.add_table([{"layer": "hidden", "seconds": 1.5}])
+    out = report.save(tmp_path / "r.html")
+    page = out.read_text()
+    assert "<h2>Quality</h2>" in page and "0.912" in page and "<em>test</em>" in page
+    # offline: no script or stylesheet is loaded from anywhere
+    assert not re.search(r"<script[^>]+src=", page)
+    assert not re.search(r"<link[^>]+href=", page)
+    assert "cdn.bokeh.org" not in page and "cdn.holoviz.org" not in page
+    assert "slider-epoch" in page and "Play" in page
+    with pytest.raises(TypeError, match="report item"):
+        report.add(object())
+
+
+def test_to_bokeh_stores_each_frames_changing_data(viz, nap):
+    from bokeh.models import CustomJS, Slider
+
+    model = viz.to_bokeh(viz.topomap(nap.sel(label=0), by="epoch"))
+    slider = next(iter(model.select({"type": Slider})))
+    assert (slider.start, slider.end) == (0, 2)
+    callback = next(cb for cb in model.select({"type": CustomJS}) if "frames" in cb.args)
+    frames = callback.args["frames"]
+    assert len(frames) == 3
+    images = [next(d["image"] for d in f["data"] if d and "image" in d) for f in frames]
+    assert not np.allclose(np.nan_to_num(images[0][0]), np.nan_to_num(images[2][0]))
+
+
+def test_save_png_and_gif(viz, nap, tmp_path):
+    from PIL import Image
+
+    png = viz.save_png(viz.class_row(nap), tmp_path / "row.png")
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+        assert len(np.unique(pixels, axis=0)) > 50  # a real picture, not blank
+    gif = viz.save_gif(nap, tmp_path / "train.gif", fps=4, progress=False)
+    with Image.open(gif) as im:
+        assert im.format == "GIF" and im.n_frames == 3
+        frames = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            frames.append(np.asarray(im.convert("RGB")))
+    assert not np.array_equal(frames[0], frames[-1])  # the maps change over training
+    with pytest.raises(ValueError, match="fps"):
+        viz.save_gif(nap, tmp_path / "x.gif", fps=0)
+
+
+def test_core_does_not_import_viz():
+    import subprocess
+    import sys
+
+    code = ("import sys, topoxr, topoxr.interpolate; "
+            "print(any(m.startswith(('topoxr.viz', 'holoviews', 'bokeh')) for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
