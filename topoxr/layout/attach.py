@@ -315,6 +315,8 @@ def compute_layouts(
         Run the profiles and the layout tasks on this cluster.
     scheduler : {"threads", "processes", "sync"}, optional
         Local dask scheduler when no client is given (default: dask's, i.e. threads).
+        With ``"processes"`` the profiles are still reduced on threads (I/O bound) and
+        only the layout tasks go to the process pool.
     progress : bool, default True
         Show a tqdm progress bar over the layout tasks.
 
@@ -345,7 +347,11 @@ def compute_layouts(
         sel = [epochs] if np.ndim(epochs) == 0 else list(epochs)
         nodes = [(m, l, ds.sel({EPOCH: sel})) for m, l, ds in nodes]
 
-    get = client if client is not None else scheduler
+    # The NAP reductions read chunks and release the GIL: threads serve them best, and a
+    # process pool would only add start-up and pickling, so "processes" is kept for the
+    # layout tasks (pure Python/numpy estimators that hold the GIL).
+    get = client if client is not None else ("threads" if scheduler == "processes"
+                                              else scheduler)
     lazy_profiles = [_profiles_of(ds, profile) for _, _, ds in nodes]
     computed = dask.compute(*lazy_profiles, scheduler=get)
     per_layer = [_matrices(p, None) for p in computed]
