@@ -69,9 +69,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Samples per chunk of the ``committed`` mask: one epoch's mask is one chunk, written
-#: atomically, for probe sets of up to this many samples.
+#: Largest number of samples per chunk of the ``committed`` mask.  The mask chunk is a
+#: multiple of the first batch size near ``_MASK_TARGET``, so batches of one size never
+#: straddle two mask chunks and each becomes visible in a single atomic chunk write.
 MASK_CHUNK = 1 << 20
+_MASK_TARGET = 1 << 14
 _COORD_CHUNK = 1 << 16
 #: Fill value of the ``sample`` coordinate: a slot that was grown but not yet filled.
 #: It is not a valid sample id, so readers and resume can tell such slots apart.
@@ -228,6 +230,16 @@ class _LayerState:
 
     def positions(self, sample_ids: np.ndarray) -> np.ndarray:
         """Positions of ``sample_ids`` on the sample axis, -1 where unknown."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        known = self.sample_ids
+        n = len(known)
+        if n and len(sample_ids):
+            # the common case, ids written in order: a contiguous run of the probe set
+            start = int(sample_ids[0]) - int(known[0])
+            if 0 <= start and start + len(sample_ids) <= n and known[start] == sample_ids[0]:
+                run = known[start : start + len(sample_ids)]
+                if np.array_equal(run, sample_ids):
+                    return np.arange(start, start + len(sample_ids), dtype=np.int64)
         get = self._index.get
         return np.fromiter((get(int(s), -1) for s in sample_ids), dtype=np.int64,
                            count=len(sample_ids))
@@ -827,7 +839,8 @@ class ActivationWriter:
                            fill_value=_EPOCH_FILL, dimension_names=(EPOCH,))
         group.create_array(EPOCH_COMPLETE, shape=(0,), chunks=(_COORD_CHUNK,), dtype="bool",
                            fill_value=False, dimension_names=(EPOCH,))
-        group.create_array(COMMITTED, shape=(0, 0), chunks=(MASK_CHUNK, 1), dtype="bool",
+        mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))
+        group.create_array(COMMITTED, shape=(0, 0), chunks=(mask_chunk, 1), dtype="bool",
                            fill_value=False, dimension_names=(SAMPLE, EPOCH))
         if labels is not None:
             group.create_array(LABEL, shape=(0,), chunks=(_COORD_CHUNK,),
@@ -865,58 +878,86 @@ class ActivationWriter:
             self._create_prediction_arrays(group, preds, len(state.sample_ids), len(state.epochs))
             state.refresh()
             arrays = state.arrays
-        # 1. a new epoch: grow every epoch-dim array, the ``epoch`` coordinate last
+        # 1. grow every array that is not a coordinate (all at once) ...
         e = state.epoch_index(epoch)
+        new = plan.new_rows
+        n0, m0 = len(state.sample_ids), len(state.epochs)
+        n, m = n0 + len(new), m0 + (e < 0)
         if e < 0:
-            m = len(state.epochs) + 1
-            for key, arr in arrays.items():
-                dims = arr.metadata.dimension_names or ()
-                if EPOCH in dims and key != EPOCH:
-                    arr.resize(tuple(m if d == EPOCH else s for d, s in zip(dims, arr.shape, strict=True)))
-            arrays[EPOCH].resize((m,))
-            arrays[EPOCH][m - 1] = epoch
             state.epochs.append(epoch)
-            state.mask = np.concatenate([state.mask, np.zeros((len(state.sample_ids), 1), bool)], 1)
+            state.mask = np.concatenate([state.mask, np.zeros((n0, 1), bool)], 1)
             state.complete = np.append(state.complete, False)
             e = m - 1
-        # 2. new samples: grow sample-dim arrays and fill their coords, ``sample`` last
-        new = plan.new_rows
+        grow = []
+        for key, arr in arrays.items():
+            if key in (SAMPLE, EPOCH):
+                continue
+            dims = arr.metadata.dimension_names or ()
+            shape = tuple(n if d == SAMPLE else m if d == EPOCH else s
+                          for d, s in zip(dims, arr.shape, strict=True))
+            if shape != arr.shape:
+                grow.append(arr.async_array.resize(shape))
+        _gather(grow)
         if len(new):
-            n0 = len(state.sample_ids)
-            n = n0 + len(new)
-            for key, arr in arrays.items():
-                dims = arr.metadata.dimension_names or ()
-                if SAMPLE in dims and key != SAMPLE:
-                    arr.resize(tuple(n if d == SAMPLE else s for d, s in zip(dims, arr.shape, strict=True)))
+            state.add_samples(ids[new])
+            state.mask = np.concatenate([state.mask, np.zeros((len(new), m), bool)])
+        # 2. ... fill them: labels and metadata of new samples, values, predictions ...
+        fill = []
+        if len(new):
             if labels is not None:
-                arrays[LABEL][n0:n] = labels[new]
+                fill.append(arrays[LABEL].async_array.setitem(slice(n0, n), labels[new]))
                 state.labels = np.concatenate([state.labels, labels[new]])
             for key, col in meta.items():
-                arrays[key][n0:n] = col[new]
+                fill.append(arrays[key].async_array.setitem(slice(n0, n), col[new]))
                 state.metadata[key] = np.concatenate([state.metadata[key], col[new]])
-            arrays[SAMPLE].resize((n,))
-            arrays[SAMPLE][n0:n] = ids[new]
-            state.add_samples(ids[new])
-            state.mask = np.concatenate([state.mask, np.zeros((len(new), state.mask.shape[1]), bool)])
-        # 3. values, predictions
         rows = plan.write_rows
         pos = state.positions(ids[rows])
         order = np.argsort(pos, kind="stable")
         rows, pos = rows[order], pos[order]
-        act = arrays[ACTIVATION]
-        for p0, p1, i0, i1 in _runs(pos):
-            act[:, p0:p1, e] = values[rows[i0:i1]].T
-        if preds is not None:
-            stored_labels = state.labels[pos] if state.labels is not None else None
-            for p0, p1, i0, i1 in _runs(pos):
-                arrays[PREDICTION][p0:p1, e] = preds[rows[i0:i1]]
-                if stored_labels is not None:
-                    arrays[CORRECT][p0:p1, e] = preds[rows[i0:i1]] == stored_labels[i0:i1]
-        # 4. commit: the mask of this epoch, one chunk per 2**20 samples
+        runs = _runs(pos)
+        contiguous = len(runs) == 1 and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
+        for p0, p1, i0, i1 in runs:
+            block = values[rows[0]:rows[0] + len(rows)] if contiguous else values[rows[i0:i1]]
+            fill.append(arrays[ACTIVATION].async_array.setitem(
+                (slice(None), slice(p0, p1), e), block.T))
+            if preds is not None:
+                fill.append(arrays[PREDICTION].async_array.setitem(
+                    (slice(p0, p1), e), preds[rows[i0:i1]]))
+                if state.labels is not None:
+                    fill.append(arrays[CORRECT].async_array.setitem(
+                        (slice(p0, p1), e), preds[rows[i0:i1]] == state.labels[pos[i0:i1]]))
+        _gather(fill)
+        # 3. ... then the coordinates that define the logical lengths ...
+        coords = []
+        if m > m0:
+            coords.append((arrays[EPOCH], (m,), slice(m0, m), np.array([epoch])))
+        if n > n0:
+            coords.append((arrays[SAMPLE], (n,), slice(n0, n), ids[new]))
+        _gather([arr.async_array.resize(shape) for arr, shape, _, _ in coords])
+        _gather([arr.async_array.setitem(sel, vals) for arr, _, sel, vals in coords])
+        # 4. ... and last the commit: the mask of this epoch.  Whole (in-bounds) chunks are
+        # written from the in-memory mask, so zarr need not read them first; a batch
+        # inside one mask chunk becomes visible in one atomic write.
         state.mask[pos, e] = True
-        lo, hi = int(pos.min()), int(pos.max()) + 1
+        size = arrays[COMMITTED].chunks[0]
+        lo = int(pos.min()) // size * size
+        hi = min(-(-(int(pos.max()) + 1) // size) * size, n)
         arrays[COMMITTED][lo:hi, e] = state.mask[lo:hi, e]
         return len(rows)
+
+
+def _gather(coroutines: list[Any]) -> None:
+    """Run zarr's async operations concurrently and wait for all of them."""
+    if not coroutines:
+        return
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run() -> None:
+        await asyncio.gather(*coroutines)
+
+    sync(run())
 
 
 def _refresh_coordinates(group: zarr.Group) -> None:

@@ -1,0 +1,169 @@
+"""Store benchmark: the writer against plain zarr, and peak memory while writing 2 GB.
+
+1. Throughput: the same batches written by :class:`topoxr.ActivationWriter` and by zarr
+   directly into an array of the same shape, chunks and codec (zarr's default zstd),
+   plus the ``sample`` coordinate, in the same process, alternating, best of ``repeats``.
+   Target: the writer within 1.2x of zarr.
+2. Peak RSS: a child process writes 2 GB (100 MB with ``quick``) batch by batch; its
+   resident memory is sampled with psutil every 20 ms.  Target: under 500 MB.
+
+Run ``python -m benchmarks store [--quick]``; scratch data goes to
+``benchmarks/scratch/`` and is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCRATCH = Path(__file__).parent / "scratch"
+MB = 1 << 20
+
+
+def _batches(n_neurons: int, batch: int, pool: int = 8) -> list[np.ndarray]:
+    """A few distinct batches reused cyclically (generating data is not what we time)."""
+    rng = np.random.default_rng(0)
+    # rounded to 1/64: about as compressible as real activations, unlike pure noise
+    return [np.round(rng.normal(size=(batch, n_neurons)) * 64).astype(np.float32) / 64
+            for _ in range(pool)]
+
+
+def write_with_topoxr(path: str, pool: list[np.ndarray], n_samples: int, epochs: int,
+                      chunk_samples: int) -> float:
+    from topoxr import ActivationWriter
+
+    batch = len(pool[0])
+    started = time.perf_counter()
+    with ActivationWriter(path, model="bench", mode="w", chunk_samples=chunk_samples) as writer:
+        k = 0
+        for epoch in range(epochs):
+            for start in range(0, n_samples, batch):
+                writer.write("layer", pool[k % len(pool)], sample=np.arange(start, start + batch),
+                             epoch=epoch)
+                k += 1
+    return time.perf_counter() - started
+
+
+def write_with_zarr(path: str, pool: list[np.ndarray], n_samples: int, epochs: int,
+                    chunk_samples: int) -> float:
+    import zarr
+
+    batch = len(pool[0])
+    n_neurons = pool[0].shape[1]
+    started = time.perf_counter()
+    root = zarr.open_group(path, mode="w")
+    arr = root.create_array("activation", shape=(n_neurons, n_samples, epochs),
+                            chunks=(n_neurons, chunk_samples, 1), dtype="float32",
+                            fill_value=np.nan, dimension_names=("neuron", "sample", "epoch"))
+    ids = root.create_array("sample", shape=(n_samples,), chunks=(1 << 16,), dtype="int64",
+                            dimension_names=("sample",))
+    k = 0
+    for epoch in range(epochs):
+        for start in range(0, n_samples, batch):
+            arr[:, start:start + batch, epoch] = pool[k % len(pool)].T
+            if epoch == 0:
+                ids[start:start + batch] = np.arange(start, start + batch)
+            k += 1
+    return time.perf_counter() - started
+
+
+_CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from benchmarks.bench_store import _batches, write_with_topoxr
+import psutil
+pool = _batches({n_neurons}, {batch})
+rss_before = psutil.Process().memory_info().rss
+seconds = write_with_topoxr({path!r}, pool, {n_samples}, {epochs}, {chunk})
+print(json.dumps({{"seconds": seconds, "rss_after_imports": rss_before}}))
+"""
+
+
+def peak_rss_of_writing(total_bytes: int, n_neurons: int, batch: int, chunk: int) -> dict:
+    """Write ``total_bytes`` in a child process and sample its RSS."""
+    import psutil
+
+    n_samples = 16384
+    epochs = max(1, round(total_bytes / (n_neurons * n_samples * 4)))
+    path = str(SCRATCH / "rss.zarr")
+    code = _CHILD.format(root=str(Path(__file__).parent.parent), n_neurons=n_neurons,
+                         batch=batch, path=path, n_samples=n_samples, epochs=epochs, chunk=chunk)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, child.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    out = proc.stdout.read()
+    proc.stdout.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the writer child failed with {proc.returncode}")
+    info = json.loads(out.strip().splitlines()[-1])
+    written = n_neurons * n_samples * epochs * 4
+    on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    shutil.rmtree(path, ignore_errors=True)
+    return {
+        "bytes_written": written,
+        "bytes_on_disk": on_disk,
+        "neurons": n_neurons, "samples": n_samples, "epochs": epochs, "batch": batch,
+        "seconds": round(info["seconds"], 2),
+        "throughput_mb_s": round(written / MB / info["seconds"], 1),
+        "peak_rss_mb": round(peak / MB, 1),
+        "rss_after_imports_mb": round(info["rss_after_imports"] / MB, 1),
+        "target_peak_rss_mb": 500,
+        "meets_target": peak < 500 * MB,
+    }
+
+
+def throughput(n_neurons: int, batch: int, chunk: int, n_samples: int, epochs: int,
+               repeats: int) -> dict:
+    pool = _batches(n_neurons, batch)
+    times: dict[str, list[float]] = {"topoxr": [], "zarr": []}
+    for _ in range(repeats):
+        for name, func in (("zarr", write_with_zarr), ("topoxr", write_with_topoxr)):
+            path = str(SCRATCH / f"tp-{name}.zarr")
+            times[name].append(func(path, pool, n_samples, epochs, chunk))
+            shutil.rmtree(path, ignore_errors=True)
+    best = {k: min(v) for k, v in times.items()}
+    size = n_neurons * n_samples * epochs * 4
+    return {
+        "bytes": size, "neurons": n_neurons, "samples": n_samples, "epochs": epochs,
+        "batch": batch, "chunk_samples": chunk, "repeats": repeats,
+        "zarr_seconds": [round(t, 3) for t in times["zarr"]],
+        "topoxr_seconds": [round(t, 3) for t in times["topoxr"]],
+        "zarr_mb_s": round(size / MB / best["zarr"], 1),
+        "topoxr_mb_s": round(size / MB / best["topoxr"], 1),
+        "ratio_topoxr_over_zarr": round(best["topoxr"] / best["zarr"], 3),
+        "target_ratio": 1.2,
+        "meets_target": best["topoxr"] / best["zarr"] <= 1.2,
+    }
+
+
+def main(quick: bool = False) -> dict:
+    """Run both measurements; ``quick`` writes ~100 MB instead of 2 GB."""
+    SCRATCH.mkdir(exist_ok=True)
+    n_neurons, batch, chunk = 512, 256, 512  # 512 KiB batches, 1 MiB chunks
+    try:
+        result = {
+            "throughput": throughput(n_neurons, batch, chunk, n_samples=4096,
+                                     epochs=4 if quick else 16, repeats=2 if quick else 3),
+            "peak_rss": peak_rss_of_writing((100 if quick else 2048) * MB, n_neurons, batch,
+                                            chunk),
+        }
+    finally:
+        for leftover in SCRATCH.glob("*.zarr"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(quick="--quick" in sys.argv), indent=2))
