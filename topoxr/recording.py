@@ -832,8 +832,9 @@ def run_recording(
     neurons = {}
     for layer in layers:
         try:
-            neurons[layer] = reduce_units(
-                outputs[layer], channel_axis=_axis_of(channel_axis, layer), reduce=reduce).values.shape[1]
+            reduced = reduce_units(outputs[layer], channel_axis=_axis_of(channel_axis, layer),
+                                   reduce=reduce)
+            neurons[layer] = reduced.values.shape[1]
         except ValueError as err:
             raise RecordingError(f"layer {layer!r}: {err}") from None
     check_against_store(

@@ -10,8 +10,8 @@ Examples
 >>> from topoxr_keras.models import load_digits_data, make_model
 >>> x, y = load_digits_data()
 >>> topoxr_keras.record(make_model("mlp"), (x[:100], y[:100]), "memory://doc-keras.zarr",
-...                     model_name="mlp_keras", layers="fc*", progress=False)
-RecordResult(model='mlp_keras', layers=['fc1', 'fc2'], epoch=0, samples=100, store='memory://doc-keras.zarr')
+...                     model_name="mlp_keras", layers="fc*", progress=False)  # doctest: +ELLIPSIS
+RecordResult(model='mlp_keras', layers=['fc1', 'fc2'], epoch=0, samples=100, ...)
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Examples
 >>> from topoxr_torch.models import DigitsMLP, load_digits_data
 >>> x, y = load_digits_data()
 >>> topoxr_torch.record(DigitsMLP(), (x[:100], y[:100]), "memory://doc-torch.zarr",
-...                     model_name="mlp_torch", layers="fc*", progress=False)
-RecordResult(model='mlp_torch', layers=['fc1', 'fc2'], epoch=0, samples=100, store='memory://doc-torch.zarr')
+...                     model_name="mlp_torch", layers="fc*", progress=False)  # doctest: +ELLIPSIS
+RecordResult(model='mlp_torch', layers=['fc1', 'fc2'], epoch=0, samples=100, ...)
 """
 
 from __future__ import annotations

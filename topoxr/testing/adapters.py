@@ -165,8 +165,8 @@ class RecorderContract:
         assert {"channel", "row", "col"} <= set(units.coords)
         # The per-channel mean of every unit is the reduced value, whatever the layout.
         pooled = units.activation.groupby("channel").mean().rename(channel="neuron")
-        np.testing.assert_allclose(pooled.values, _layer(store_path, "mean/conv1").activation.values,
-                                   atol=1e-5)
+        mean = _layer(store_path, "mean/conv1").activation.values
+        np.testing.assert_allclose(pooled.values, mean, atol=1e-5)
 
     def test_epochs_appended(self, adapter, probe, store_path):
         x, y = probe
