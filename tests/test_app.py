@@ -1,0 +1,128 @@
+"""The panel app over a real store: widgets drive the shown maps; `serve` answers HTTP."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("panel")
+hv = pytest.importorskip("holoviews")
+
+from topoxr.testing import make_activations, write_store  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    ds = make_activations(n_neurons=16, n_samples=48, n_epochs=3, n_labels=4, random_state=0)
+    path = str(tmp_path_factory.mktemp("app") / "run.zarr")
+    write_store(ds, path, model="mlp", layer="hidden")
+    # a saved layout: a circle, so we can recognise it
+    from topoxr.layout.attach import save_layout
+
+    angle = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    laid = ds.assign_coords(x=("neuron", 0.5 + 0.4 * np.cos(angle)),
+                            y=("neuron", 0.5 + 0.4 * np.sin(angle)))
+    save_layout(path, "mlp", "hidden", laid, "circle")
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(store):
+    from topoxr.viz.app import build_app
+
+    return build_app(store, methods=("pca",), resolution=40)
+
+
+def _points(obj):
+    return next(el for el in obj.traverse(lambda x: x, [hv.Points]))
+
+
+def test_widgets_offer_the_store_contents(app):
+    assert app.model.options == ["mlp"]
+    assert app.layer.options == ["hidden"]
+    assert app.layout.options == ["circle", "compute: pca"]
+    assert app.grouping.options[0] == "label"
+    assert any("correct" in g for g in app.grouping.options)
+    assert app.epoch.options == [0, 1, 2] and app.epoch.value == 2
+    assert isinstance(app.view.object, hv.Layout)
+
+
+def test_saved_layout_is_drawn(app):
+    app.layout.value = "circle"
+    pts = _points(app.view.object)
+    angle = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    np.testing.assert_allclose(np.sort(pts.dimension_values("x")),
+                               np.sort(0.5 + 0.4 * np.cos(angle)))
+
+
+def test_epoch_player_changes_the_shown_values(app):
+    app.grouping.value = "label"
+    app.epoch.value = 2
+    late = _points(app.view.object).dimension_values("nap")
+    app.epoch.value = 0
+    early = _points(app.view.object).dimension_values("nap")
+    assert not np.allclose(late, early)
+    from topoxr.naps import naps
+
+    expected = naps(app._node().to_dataset(), by="label").isel(epoch=0).compute()
+    # every label's NAP at epoch 0 is among the shown maps
+    shown = [_points(o).dimension_values("nap") for o in app.view.object]
+    assert len(shown) == expected.sizes["label"]
+    for lab in expected.label.values:
+        assert any(np.allclose(v, expected.sel(label=lab).values, rtol=1e-5) for v in shown)
+
+
+def test_grouping_switches_to_the_contrast_grid_and_computed_layout(app):
+    app.grouping.value = next(g for g in app.grouping.options if "correct" in g)
+    assert isinstance(app.view.object, hv.GridSpace)
+    assert [d.name for d in app.view.object.kdims] == ["label", "correct"]
+    app.layout.value = "compute: pca"
+    assert isinstance(app.view.object, hv.GridSpace)
+    assert "pca" in app.status.object
+    assert app.panel() is not None
+
+
+def test_store_without_layers_is_refused(tmp_path):
+    import zarr
+
+    from topoxr.viz.app import build_app
+
+    zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
+    with pytest.raises(Exception, match="(?i)store|layer"):
+        build_app(str(tmp_path / "empty.zarr"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_http(store):
+    port = _free_port()
+    code = f"from topoxr.viz.app import serve; serve({store!r}, port={port})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        body = None
+        while time.monotonic() < deadline and body is None:
+            if proc.poll() is not None:
+                pytest.fail(f"serve exited: {proc.stdout.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=20) as r:
+                    assert r.status == 200
+                    body = r.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "the app did not answer within 60 s"
+        assert "topoxr" in body and "bokeh" in body.lower()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
