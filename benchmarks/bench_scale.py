@@ -1,0 +1,142 @@
+"""Larger than memory: record a store far bigger than the process's memory, then analyse it.
+
+Step 1 (``record``): a child process writes a layer of 1024 neurons for a probe set of
+32768 samples over as many epochs as make 8 GB (quick: 512 neurons x 16384 samples,
+about 300 MB) through :class:`topoxr.ActivationWriter`, batch by batch.
+Step 2 (``naps``): another child opens the store lazily and computes the neuron
+activation patterns by label for every epoch (:func:`topoxr.naps.naps`, one out-of-core
+dask/flox pass), then checks one epoch against an in-memory numpy computation.
+
+Each step reports wall time, throughput and the child's peak RSS (psutil, sampled every
+20 ms).  Free disk is checked first; the data is deleted afterwards.
+Run ``python -m benchmarks scale [--quick]``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRATCH = Path(__file__).parent / "scratch"
+ROOT = Path(__file__).parent.parent
+MB = 1 << 20
+N_LABELS = 10
+
+_RECORD = """
+import sys, time, json
+import numpy as np, psutil
+sys.path.insert(0, {root!r})
+from topoxr import ActivationWriter
+n_neurons, n_samples, epochs, batch = {n_neurons}, {n_samples}, {epochs}, {batch}
+rng = np.random.default_rng(0)
+# a pool of batches reused with an epoch offset: generating data is not what we time
+pool = [np.round(rng.normal(size=(batch, n_neurons)) * 64).astype(np.float32) / 64
+        for _ in range(8)]
+rss0 = psutil.Process().memory_info().rss
+t = time.perf_counter()
+with ActivationWriter({path!r}, model="big", mode="w") as w:
+    k = 0
+    for epoch in range(epochs):
+        for start in range(0, n_samples, batch):
+            ids = np.arange(start, start + batch)
+            w.write("layer", pool[k % len(pool)] + np.float32(0.01 * epoch), sample=ids,
+                    label=ids % {n_labels}, epoch=epoch)
+            k += 1
+print(json.dumps({{"seconds": time.perf_counter() - t, "rss_after_imports": rss0}}))
+"""
+
+_NAPS = """
+import sys, time, json
+import numpy as np, psutil, dask
+sys.path.insert(0, {root!r})
+from topoxr import open_store
+from topoxr.naps import naps
+rss0 = psutil.Process().memory_info().rss
+t = time.perf_counter()
+ds = open_store({path!r})["big/layer"].to_dataset()
+nap = naps(ds, by="label", normalize=False).compute()
+seconds = time.perf_counter() - t
+# check one epoch against plain numpy on that epoch alone
+e = ds.sizes["epoch"] // 2
+one = ds.activation.isel(epoch=e).values
+labels = ds.label.values
+want = np.stack([one[:, labels == g].mean(axis=1) for g in range(nap.sizes["label"])], axis=1)
+err = float(np.abs(nap.isel(epoch=e).values - want).max())
+print(json.dumps({{"seconds": seconds, "rss_after_imports": rss0, "max_abs_error": err,
+                   "nap_shape": list(nap.shape), "threads": dask.system.CPU_COUNT}}))
+"""
+
+
+def _run_sampled(code: str) -> tuple[dict, int]:
+    """Run ``code`` in a child; return its JSON line and its peak RSS in bytes."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, child.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    out = proc.stdout.read()
+    proc.stdout.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed with exit code {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1]), peak
+
+
+def main(quick: bool = False) -> dict:
+    """Record then analyse; ``quick`` uses about 300 MB instead of 8 GB."""
+    import psutil
+
+    n_neurons, n_samples, batch = (512, 16384, 512) if quick else (1024, 32768, 512)
+    target = (300 if quick else 8192) * MB
+    epochs = max(2, round(target / (n_neurons * n_samples * 4)))
+    size = n_neurons * n_samples * epochs * 4
+    SCRATCH.mkdir(exist_ok=True)
+    free = shutil.disk_usage(SCRATCH).free
+    if free < size + 2 * 1024 * MB:
+        raise RuntimeError(f"needs {size / MB:.0f} MB + 2 GB free disk in {SCRATCH}, "
+                           f"has {free / MB:.0f} MB")
+    path = str(SCRATCH / "scale.zarr")
+    fmt = dict(root=str(ROOT), path=path, n_neurons=n_neurons, n_samples=n_samples,
+               epochs=epochs, batch=batch, n_labels=N_LABELS)
+    try:
+        rec, rec_peak = _run_sampled(_RECORD.format(**fmt))
+        on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        ana, ana_peak = _run_sampled(_NAPS.format(**fmt))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    total_memory = psutil.virtual_memory().total
+    return {
+        "store": {"neurons": n_neurons, "samples": n_samples, "epochs": epochs,
+                  "batch": batch, "bytes": size, "bytes_on_disk": on_disk,
+                  "machine_memory_mb": round(total_memory / MB)},
+        "record": {
+            "seconds": round(rec["seconds"], 2),
+            "throughput_mb_s": round(size / MB / rec["seconds"], 1),
+            "peak_rss_mb": round(rec_peak / MB, 1),
+            "rss_after_imports_mb": round(rec["rss_after_imports"] / MB, 1),
+            "store_over_peak_rss": round(size / rec_peak, 1),
+        },
+        "naps_by_label": {
+            "seconds": round(ana["seconds"], 2),
+            "throughput_mb_s": round(size / MB / ana["seconds"], 1),
+            "peak_rss_mb": round(ana_peak / MB, 1),
+            "rss_after_imports_mb": round(ana["rss_after_imports"] / MB, 1),
+            "store_over_peak_rss": round(size / ana_peak, 1),
+            "dask_threads": ana["threads"],
+            "nap_shape": ana["nap_shape"],
+            "max_abs_error_vs_numpy_one_epoch": ana["max_abs_error"],
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(quick="--quick" in sys.argv), indent=2))
