@@ -474,7 +474,18 @@ BAD_WRITES = {
     "float epoch": (dict(epoch=1.5), "epoch must be an integer"),
     "bool epoch": (dict(epoch=True), "epoch must be an integer"),
     "empty layer name": (dict(layer=""), "layer must be a non-empty string"),
+    "no neurons": (dict(activations=np.ones((2, 0))), "the activations have no neurons"),
 }
+
+
+def test_an_empty_batch_writes_nothing(any_store):
+    with ActivationWriter(any_store, model="m") as writer:
+        writer.write("h", acts([0]), sample=[0])
+        before = snapshot(any_store)
+        assert writer.write("h", np.ones((0, N_NEURONS)), sample=[]) == 0
+        assert writer.write("new", np.ones((0, 3)), sample=[]) == 0
+        assert snapshot(any_store) == before
+        assert writer.layers == ["h"]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_WRITES))

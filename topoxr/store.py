@@ -609,6 +609,12 @@ class ActivationWriter:
             raise StoreError(
                 f"layer {layer!r}: sample has shape {ids.shape} but the batch has {batch} rows"
             )
+        if values.shape[1] == 0:
+            raise StoreError(f"layer {layer!r}: the activations have no neurons "
+                             f"(shape {np.shape(activations)})")
+        if batch == 0:
+            logger.debug("layer %r: empty batch, nothing to write", layer)
+            return 0
         if ids.dtype.kind not in "iu":
             raise StoreError(f"layer {layer!r}: sample ids must be integers, got {ids.dtype}")
         ids = ids.astype(np.int64)
