@@ -16,7 +16,14 @@ from topoxr._optional import import_optional
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras.models")
 
-__all__ = ["copy_torch_weights_to_keras", "load_digits_data", "make_model", "train"]
+__all__ = [
+    "RECORDED_LAYERS",
+    "copy_torch_weights_to_keras",
+    "load_digits_data",
+    "make_model",
+    "train",
+    "train_and_record",
+]
 
 
 def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
@@ -165,3 +172,46 @@ def _input_layer(layer: Any) -> Any:
         return layer.input._keras_history[0]
     except (AttributeError, ValueError, IndexError):
         return None
+
+
+#: Layers recorded by :func:`train_and_record` (every layer with its own neurons).
+RECORDED_LAYERS = {
+    "mlp": ["fc1", "relu1", "fc2", "relu2", "out"],
+    "cnn": ["conv1", "relu1", "pool1", "conv2", "relu2", "fc1", "relu3", "out"],
+}
+
+
+def train_and_record(
+    kind: str,
+    store: Any,
+    *,
+    epochs: int = 3,
+    probe_size: int = 500,
+    seed: int = 0,
+    model_name: str | None = None,
+    progress: bool = False,
+) -> keras.Model:
+    """Train a digits network with ``model.fit`` and record a held-out probe set.
+
+    The same split and epochs as :func:`topoxr_torch.models.train_and_record`: the last
+    ``probe_size`` digits are the probe set, recorded before training (epoch 0) and after
+    every epoch by :class:`topoxr_keras.RecordActivations`, as ``<kind>_keras``.
+
+    Returns
+    -------
+    keras.Model
+        The trained network.
+    """
+    from topoxr_keras.recorder import RecordActivations
+
+    x, y = load_digits_data()
+    if not 0 < probe_size < len(x):
+        raise ValueError(f"probe_size must be between 1 and {len(x) - 1}, got {probe_size}")
+    split = len(x) - probe_size
+    model = make_model(kind, seed=seed)
+    callback = RecordActivations((x[split:], y[split:]), store,
+                                 model_name=model_name or f"{kind}_keras",
+                                 layers=RECORDED_LAYERS[kind],
+                                 sample_ids=np.arange(split, len(x)), progress=progress)
+    train(model, x[:split], y[:split], epochs=epochs, seed=seed, callbacks=[callback])
+    return model

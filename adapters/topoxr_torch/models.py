@@ -16,7 +16,15 @@ from topoxr._optional import import_optional
 torch = import_optional("torch", extra="torch", purpose="topoxr_torch.models")
 nn = torch.nn
 
-__all__ = ["DigitsCNN", "DigitsMLP", "load_digits_data", "make_model", "train"]
+__all__ = [
+    "RECORDED_LAYERS",
+    "DigitsCNN",
+    "DigitsMLP",
+    "load_digits_data",
+    "make_model",
+    "train",
+    "train_and_record",
+]
 
 
 def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
@@ -148,3 +156,65 @@ def train(
             on_epoch_end(epoch, logs)
     model.eval()
     return history
+
+
+#: Layers recorded by :func:`train_and_record` (every layer with its own neurons).
+RECORDED_LAYERS = {
+    "mlp": ["fc1", "relu1", "fc2", "relu2", "out"],
+    "cnn": ["conv1", "relu1", "pool1", "conv2", "relu2", "fc1", "relu3", "out"],
+}
+
+
+def train_and_record(
+    kind: str,
+    store: Any,
+    *,
+    epochs: int = 3,
+    probe_size: int = 500,
+    seed: int = 0,
+    model_name: str | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Train a digits network and record a held-out probe set at every epoch.
+
+    The last ``probe_size`` digits are the probe set (never trained on); the network
+    trains on the others. Epoch 0 is recorded before training, then one epoch per
+    training epoch, with the loss and accuracy, into ``store`` as ``<kind>_torch``.
+
+    Parameters
+    ----------
+    kind : {"mlp", "cnn"}
+        The network.
+    store : str or ActivationWriter
+        Where to record.
+    epochs : int, default 3
+        Training epochs.
+    probe_size : int, default 500
+        Held-out samples recorded at every epoch.
+    seed : int, default 0
+        Seed of the weights and the shuffling.
+    model_name : str, optional
+        Model group name; default ``f"{kind}_torch"``.
+    progress : bool, default False
+        Show progress bars.
+
+    Returns
+    -------
+    torch.nn.Module
+        The trained network.
+    """
+    from topoxr_torch.recorder import ProbeRecorder
+
+    x, y = load_digits_data()
+    if not 0 < probe_size < len(x):
+        raise ValueError(f"probe_size must be between 1 and {len(x) - 1}, got {probe_size}")
+    split = len(x) - probe_size
+    model = make_model(kind, seed=seed)
+    probe = ProbeRecorder(model, (x[split:], y[split:]), store,
+                          model_name=model_name or f"{kind}_torch",
+                          layers=RECORDED_LAYERS[kind], sample_ids=np.arange(split, len(x)),
+                          progress=progress)
+    probe.record(0)
+    train(model, x[:split], y[:split], epochs=epochs, seed=seed,
+          on_epoch_end=lambda epoch, logs: probe.record(epoch, **logs))
+    return model

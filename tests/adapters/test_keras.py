@@ -204,3 +204,12 @@ def test_torch_backend_in_a_subprocess(tmp_path):
             np.testing.assert_allclose(tree[f"{kind}/{layer}"].activation.values,
                                        ref[f"{kind}/{layer}"].activation.values, atol=1e-5)
     np.testing.assert_array_equal(tree["trained/fc1"].epoch.values, [0, 1])
+
+
+def test_train_and_record_for_the_demo(store_path):
+    models.train_and_record("mlp", store_path, epochs=1, probe_size=40)
+    ds = open_store(store_path)["mlp_keras/fc2"].to_dataset().load()
+    n = len(models.load_digits_data()[1])
+    np.testing.assert_array_equal(ds.sample, np.arange(n - 40, n))
+    np.testing.assert_array_equal(ds.epoch, [0, 1])
+    assert np.isfinite(ds.loss.sel(epoch=1))

@@ -199,3 +199,13 @@ def test_cuda_outputs_moved_to_cpu(digits, store_path):
     tree = open_store(store_path)
     np.testing.assert_allclose(tree["model/conv1"].activation, tree["cpu/conv1"].activation,
                                atol=1e-5)
+
+
+def test_train_and_record_for_the_demo(store_path):
+    models.train_and_record("cnn", store_path, epochs=1, probe_size=40)
+    ds = open_store(store_path)["cnn_torch/conv2"].to_dataset().load()
+    n = len(models.load_digits_data()[1])
+    np.testing.assert_array_equal(ds.sample, np.arange(n - 40, n))  # held-out digits
+    np.testing.assert_array_equal(ds.epoch, [0, 1])
+    assert sorted(open_store(store_path)["cnn_torch"].children) == sorted(
+        models.RECORDED_LAYERS["cnn"])
