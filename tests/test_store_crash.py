@@ -417,3 +417,16 @@ def test_stored_nan_is_not_mistaken_for_a_missing_chunk(tmp_path):
         writer.write("h", np.ones((4, 2)), sample=np.arange(4, 8))
     values = open_store(store)["m/h"].activation.values
     assert np.isnan(values[:, :4]).all() and (values[:, 4:] == 1).all()
+
+
+def test_a_layer_with_a_missing_array_is_reported(damaged):
+    """What a writer killed while deleting a model (mode="w") can leave."""
+    shutil.rmtree(Path(damaged) / "net" / "dense" / "activation")
+    with pytest.raises(StoreCorruptionError,
+                       match=r"layer 'dense' of model 'net' is damaged: array\(s\) \['activation'\]"):
+        open_store(damaged)
+    with pytest.raises(StoreCorruptionError, match="open the writer with mode='w'"):
+        topoxr.ActivationWriter(str(damaged), model="net")
+    with topoxr.ActivationWriter(str(damaged), model="net", mode="w") as writer:
+        writer.write("dense", np.ones((2, 3)), sample=[0, 1])
+    assert open_store(damaged)["net/dense"].sizes["neuron"] == 3

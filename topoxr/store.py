@@ -463,6 +463,8 @@ class ActivationWriter:
 
     def _load_layer(self, layer: str, group: zarr.Group) -> _LayerState:
         arrays = dict(group.arrays())
+        _check_required(group, arrays, fix="open the writer with mode='w' to record the "
+                                           "model again")
         n, m = _logical_lengths(arrays)
         sample_ids = np.asarray(arrays[SAMPLE][:n], dtype=np.int64)
         epochs = [int(e) for e in arrays[EPOCH][:m]]
@@ -1216,6 +1218,7 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
 
     where = _where(group)
     arrays = dict(group.arrays())
+    _check_required(group, arrays)
 
     def read(key: str, *sel: slice) -> np.ndarray:
         try:
@@ -1258,6 +1261,17 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
     attrs = {k: v for k, v in group.attrs.items() if k != _ATTR_READY}
     da = xr.DataArray(lazy, dims=(NEURON, SAMPLE, EPOCH), name=ACTIVATION)
     return xr.Dataset({ACTIVATION: da}, coords=coords, attrs=attrs)
+
+
+_REQUIRED = (ACTIVATION, NEURON, SAMPLE, EPOCH, EPOCH_COMPLETE, COMMITTED)
+
+
+def _check_required(group: zarr.Group, arrays: Mapping[str, Any], fix: str = "") -> None:
+    missing = [name for name in _REQUIRED if name not in arrays]
+    if missing:
+        raise StoreCorruptionError(
+            f"{_where(group)} is damaged: array(s) {missing} are missing" + (f"; {fix}" if fix else "")
+        )
 
 
 def _where(group: zarr.Group) -> str:
