@@ -448,8 +448,9 @@ BAD_WRITES = {
     "prediction length": (dict(prediction=[0, 1, 2]), r"prediction has shape \(3,\)"),
     "metadata length": (dict(split=["a"]), r"metadata 'split' has shape \(1,\)"),
     "duplicate ids in batch": (dict(sample=[10, 10]), r"duplicate sample ids in the batch: \[10\]"),
-    "duplicate ids in epoch": (dict(sample=[0, 10], label=[0, 1], split=["a", "d"]), r"samples \[0\] were already written in "
-                                                     "epoch 0 by this writer"),
+    "duplicate ids in epoch": (dict(sample=[0, 10], label=[0, 1], split=["a", "d"]),
+                               r"samples \[0\] were already written in "
+                               "epoch 0 by this writer"),
     "nan": (dict(activations=np.array([[np.nan] * N_NEURONS, [0.0] * N_NEURONS])),
             rf"{N_NEURONS} activation value\(s\) are NaN or inf"),
     "inf": (dict(activations=np.full((2, N_NEURONS), np.inf)), r"10 activation value\(s\) are NaN"),

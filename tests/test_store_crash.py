@@ -338,8 +338,9 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path, reference):
         pytest.skip("needs unshare and mount")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
-                           capture_output=True, timeout=30)
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+        capture_output=True, timeout=30)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
     driver = tmp_path / "driver.py"
@@ -422,8 +423,8 @@ def test_stored_nan_is_not_mistaken_for_a_missing_chunk(tmp_path):
 def test_a_layer_with_a_missing_array_is_reported(damaged):
     """What a writer killed while deleting a model (mode="w") can leave."""
     shutil.rmtree(Path(damaged) / "net" / "dense" / "activation")
-    with pytest.raises(StoreCorruptionError,
-                       match=r"layer 'dense' of model 'net' is damaged: array\(s\) \['activation'\]"):
+    damaged_layer = r"layer 'dense' of model 'net' is damaged: array\(s\) \['activation'\]"
+    with pytest.raises(StoreCorruptionError, match=damaged_layer):
         open_store(damaged)
     with pytest.raises(StoreCorruptionError, match="open the writer with mode='w'"):
         topoxr.ActivationWriter(str(damaged), model="net")

@@ -10,17 +10,20 @@ How crash safety works
   temporary file and renames it; object stores replace whole objects), so a killed
   writer never leaves a torn chunk and committed values that share a chunk with the
   batch being written are never lost.
-* A batch is written in a fixed order: first the arrays are grown and filled (values,
-  labels, metadata, predictions), then the ``sample``/``epoch`` coordinate that defines
-  the logical length, and last the ``committed`` mask.  The mask of one epoch lives in
-  one chunk (up to 2**20 samples), so a batch becomes visible in a single atomic write.
-* Readers (:func:`open_store`) take the lengths of the ``sample`` and ``epoch``
-  coordinates and the mask as a snapshot and hide everything not committed.  A reader
-  running beside a writer therefore never sees a torn batch.
+* A batch is written in a fixed order: first every array that is not a coordinate is
+  grown and filled (values, labels, metadata, predictions; concurrently), then the
+  ``sample``/``epoch`` coordinates that define the logical lengths, and last the
+  ``committed`` mask.  The mask chunk is a multiple of the first batch size, so a batch
+  becomes visible in a single atomic chunk write.
+* Readers (:func:`open_store`) take the length all arrays agree on (cut before an
+  unfilled coordinate slot) and the mask as a snapshot and hide everything not
+  committed.  A reader running beside a writer therefore never sees a torn batch.  A
+  committed chunk that is missing or does not decode raises
+  :class:`StoreCorruptionError` naming layer, epochs and samples.
 * A writer opened on an existing model resumes: it repairs lengths left inconsistent
-  by a crash, skips batches that are already committed (after checking that their
-  values are identical) and writes the rest.  :meth:`ActivationWriter.missing` tells a
-  caller which samples still need computing.
+  by a crash (and unfilled coordinate slots), skips batches that are already committed
+  (after checking that their values are identical) and writes the rest.
+  :meth:`ActivationWriter.missing` tells a caller which samples still need computing.
 * One writer per store: a ``flock`` on the store directory (released by the kernel when
   the process dies) or a lock object beside remote stores.
 """
@@ -923,7 +926,8 @@ class ActivationWriter:
         order = np.argsort(pos, kind="stable")
         rows, pos = rows[order], pos[order]
         runs = _runs(pos)
-        contiguous = len(runs) == 1 and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
+        contiguous = len(runs) == 1 and np.array_equal(
+            rows, np.arange(rows[0], rows[0] + len(rows)))
         for p0, p1, i0, i1 in runs:
             block = values[rows[0]:rows[0] + len(rows)] if contiguous else values[rows[i0:i1]]
             fill.append(arrays[ACTIVATION].async_array.setitem(
@@ -1270,7 +1274,8 @@ def _check_required(group: zarr.Group, arrays: Mapping[str, Any], fix: str = "")
     missing = [name for name in _REQUIRED if name not in arrays]
     if missing:
         raise StoreCorruptionError(
-            f"{_where(group)} is damaged: array(s) {missing} are missing" + (f"; {fix}" if fix else "")
+            f"{_where(group)} is damaged: array(s) {missing} are missing"
+            + (f"; {fix}" if fix else "")
         )
 
 
