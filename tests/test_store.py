@@ -581,3 +581,14 @@ def test_empty_directory_becomes_a_store(tmp_path):
 def test_missing_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="no topoxr store"):
         open_store(str(tmp_path / "nothing.zarr"))
+
+
+def test_opened_store_pickles_for_distributed_workers(store_path):
+    import pickle
+
+    record(store_path)
+    ds = open_store(store_path)["mlp/hidden"].to_dataset()
+    again = pickle.loads(pickle.dumps(ds))
+    xr.testing.assert_identical(again.compute(), ds.compute())
+    # the mask travels once with the graph, not once per task
+    assert len(pickle.dumps(ds.activation.data.dask)) < 20_000

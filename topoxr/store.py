@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import re
+import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -1238,8 +1239,10 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
         committed = read(COMMITTED, slice(0, n), slice(0, m)).astype(bool)
     act = arrays[ACTIVATION]
     checked = _CheckedActivation(act, committed, sample_ids, epochs, where)
-    lazy = dsa.from_array(checked, chunks=act.chunks, lock=False, inline_array=True, fancy=False,
-                          name=f"topoxr-{group.store_path}-{n}-{m}-{committed.sum()}")
+    # Not inlined: the wrapper holds the mask, which must not be copied into every task.
+    # A fresh name per snapshot: values may change (overwrite=True) at the same shape.
+    lazy = dsa.from_array(checked, chunks=act.chunks, lock=False, inline_array=False,
+                          fancy=False, name=f"topoxr-activation-{uuid.uuid4().hex}")
     lazy = lazy[:, :n, :m]
     if mask_uncommitted and not committed.all():
         lazy = dsa.where(committed[np.newaxis], lazy, np.float32(np.nan))
