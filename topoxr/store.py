@@ -600,6 +600,10 @@ class ActivationWriter:
             Naming the problem: shapes, lengths, duplicates, non-finite or non-numeric
             values, a neuron count or probe set that differs from the stored layer, or
             committed values that differ.
+        StoreWriteError
+            If the storage fails (disk full, network...): the batch is not committed,
+            everything committed before is intact, and this writer refuses further
+            writes; open a new one to resume.
         """
         self._check_open()
         if not isinstance(layer, str) or not layer:
