@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["main"]
@@ -66,11 +66,215 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # demo
 # --------------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    # The demo is an application: keep TensorFlow's C++ start-up chatter off its output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from topoxr.demo import run_demo
 
     result = run_demo(out=args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress)
     sys.stdout.write(result.summary_text() + "\n")
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# analysis commands: naps, layout, render, compare, serve
+# --------------------------------------------------------------------------------------
+def _layer_nodes(path: str, models: Sequence[str] | None, layers: Sequence[str] | None):
+    """The (model, layer, Dataset) triples of a store matching the selection."""
+    from topoxr.conventions import ACTIVATION
+    from topoxr.store import open_store
+
+    tree = open_store(path)
+    available = [(str(m), str(l)) for m, node in tree.children.items()
+                 for l, leaf in node.children.items() if ACTIVATION in leaf.data_vars]
+    chosen = [(m, l) for m, l in available
+              if (not models or m in models) and (not layers or l in layers)]
+    if not chosen:
+        names = ", ".join(f"{m}/{l}" for m, l in available) or "none"
+        raise CommandError(
+            f"no layer matches --model {models or 'any'} --layer {layers or 'any'}; "
+            f"the store has: {names}"
+        )
+    return [(m, l, tree[f"{m}/{l}"].to_dataset()) for m, l in chosen]
+
+
+def _by(text: str) -> str | list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    if not keys:
+        raise CommandError("--by needs at least one coordinate name")
+    return keys[0] if len(keys) == 1 else keys
+
+
+def _epoch_of(ds: Any, epoch: str) -> int:
+    from topoxr.conventions import EPOCH
+
+    epochs = [int(e) for e in ds[EPOCH].values]
+    if epoch == "last":
+        return epochs[-1]
+    try:
+        value = int(epoch)
+    except ValueError:
+        raise CommandError(f"--epoch must be an integer or 'last', got {epoch!r}") from None
+    if value not in epochs:
+        raise CommandError(f"epoch {value} is not recorded; epochs: {epochs}")
+    return value
+
+
+def _cmd_naps(args: argparse.Namespace) -> int:
+    from topoxr.naps import naps
+
+    rows = []
+    for model, layer, ds in _layer_nodes(args.path, args.model, args.layer):
+        nap = naps(ds, by=_by(args.by), normalize=not args.no_normalize).compute()
+        if args.out:
+            frame = nap.reset_index([d for d in nap.dims if d == "group"]).to_dataframe()
+            frame.insert(0, "layer", layer)
+            frame.insert(0, "model", model)
+            rows.append(frame.reset_index())
+        else:
+            group_dim = [d for d in nap.dims if d not in ("neuron", "epoch")][0]
+            sys.stdout.write(
+                f"{model}/{layer}: {nap.sizes['neuron']} neurons x {nap.sizes[group_dim]} "
+                f"groups ({group_dim}) x {nap.sizes['epoch']} epochs, "
+                f"|nap| max {float(abs(nap).max()):.4g}\n"
+            )
+    if args.out:
+        import pandas as pd
+
+        table = pd.concat(rows, ignore_index=True)
+        if not args.out.endswith(".csv"):
+            raise CommandError("--out must name a .csv file")
+        table.to_csv(args.out, index=False)
+        sys.stdout.write(f"wrote {len(table)} rows to {args.out}\n")
+    return 0
+
+
+def _cmd_layout(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from topoxr.layout._registry import DEFAULT_METHOD
+    from topoxr.layout.attach import attach, save_layout
+    from topoxr.naps import naps
+    from topoxr.quality import quality
+
+    nodes = _layer_nodes(args.path, args.model, args.layer)
+    method = args.method or DEFAULT_METHOD
+    name = args.name or method
+    table = []
+    for model, layer, ds in tqdm(nodes, desc="layouts", disable=args.no_progress):
+        nap = naps(ds, by=_by(args.by)).compute()
+        share = "all" if args.epoch == "all" else _epoch_of(ds, args.epoch)
+        laid = attach(nap, method, random_state=args.seed, share=share)
+        save_layout(args.path, model, layer, laid, name)
+        score = quality(laid.isel(epoch=[-1]), k=args.k)
+        table.append((model, layer, float(score["trustworthiness"].values[0]),
+                      float(score["smoothness"].values[0])))
+    sys.stdout.write(f"saved layout {name!r} ({method}, seed {args.seed})\n")
+    for model, layer, trust, smooth in table:
+        sys.stdout.write(f"  {model}/{layer}: trustworthiness {trust:.3f}, smoothness {smooth:.3f}\n")
+    return 0
+
+
+def _laid_naps(path: str, model: str, layer: str, ds: Any, by: Any, layout: str | None,
+               seed: int) -> Any:
+    """NAPs of a layer with a saved layout (by name) or a fresh default one."""
+    from topoxr.layout.attach import attach, load_layout
+    from topoxr.naps import naps
+
+    nap = naps(ds, by=by).compute()
+    if layout:
+        try:
+            return load_layout(path, model, layer, layout, onto=nap)
+        except (KeyError, ValueError, FileNotFoundError) as err:
+            raise CommandError(
+                f"no layout {layout!r} saved for {model}/{layer}; run `topoxr layout` first"
+            ) from err
+    labelled = nap if by == "label" else naps(ds, by="label").compute()
+    laid = attach(labelled, random_state=seed, share=int(ds["epoch"].values[-1]))
+    if labelled is nap:
+        return laid
+    from topoxr.conventions import ATTR_LAYOUT
+
+    out = nap.assign_coords(x=("neuron", laid.x.values), y=("neuron", laid.y.values))
+    out.attrs[ATTR_LAYOUT] = laid.attrs.get(ATTR_LAYOUT, "{}")
+    return out
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from topoxr._optional import import_optional
+
+    import_optional("holoviews", extra="viz", purpose="topoxr render")
+    from topoxr.viz import Report, save_gif, save_png, topomap
+
+    by = _by(args.by)
+    nodes = _layer_nodes(args.path, args.model, args.layer)
+    out = args.out
+    suffix = out.rsplit(".", 1)[-1].lower() if "." in out else ""
+    if suffix not in ("html", "png", "gif"):
+        raise CommandError("--out must end in .html, .png or .gif")
+    keys = [by] if isinstance(by, str) else list(by)
+    laid = [(m, l, _laid_naps(args.path, m, l, ds, by, args.layout, args.seed))
+            for m, l, ds in nodes]
+    if suffix == "html":
+        report = Report(args.title or f"topoxr: {args.path}")
+        for model, layer, nap in laid:
+            report.add_section(f"{model} / {layer}", topomap(nap, by=[*keys, "epoch"]))
+        report.save(out)
+    elif suffix == "png":
+        model, layer, nap = laid[0]
+        save_png(topomap(nap.isel(epoch=-1), by=keys), out)
+    else:
+        model, layer, nap = laid[0]
+        save_gif(nap, out, progress=not args.no_progress)
+    sys.stdout.write(f"wrote {out}\n")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from topoxr._optional import import_optional
+
+    import_optional("holoviews", extra="viz", purpose="topoxr compare")
+    from topoxr.align import align
+    from topoxr.viz import Report, compare_models
+
+    if len(args.models) != 2:
+        raise CommandError("--models takes exactly two model names")
+    a, b = args.models
+    layer_a = args.layer[0]
+    layer_b = args.layer[1] if len(args.layer) > 1 else args.layer[0]
+    (_, _, ds_a), = _layer_nodes(args.path, [a], [layer_a])
+    (_, _, ds_b), = _layer_nodes(args.path, [b], [layer_b])
+    nap_a = _laid_naps(args.path, a, layer_a, ds_a, "label", None, args.seed)
+    nap_b = _laid_naps(args.path, b, layer_b, ds_b, "label", None, args.seed)
+    nap_b = align(nap_b, nap_a, match="activity")
+    note = json.loads(nap_b.attrs.get("topoxr_layout", "{}")).get("alignment", {})
+    report = Report(f"topoxr compare: {a}/{layer_a} vs {b}/{layer_b}")
+    report.add_section("Side by side (last epoch)", compare_models({a: nap_a, b: nap_b}),
+                       text=f"{b} is aligned onto {a} by matching neurons on their activity. "
+                            f"{json.dumps(note) if note else ''}")
+    report.save(args.out)
+    sys.stdout.write(f"wrote {args.out}\n")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from topoxr._optional import import_optional
+
+    import_optional("panel", extra="viz", purpose="topoxr serve")
+    from topoxr.store import open_store
+    from topoxr.viz.app import serve
+
+    open_store(args.path)  # a missing store is a one-line error, before the server starts
+    sys.stderr.write(f"serving {args.path} on http://{args.address}:{args.port} (Ctrl-C stops)\n")
+    serve(args.path, port=args.port, address=args.address, show=args.show)
+    return 0
+
+
+def _selection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="store path or fsspec URL")
+    p.add_argument("--model", action="append", help="model name (repeatable; default: all)")
+    p.add_argument("--layer", action="append", help="layer name (repeatable; default: all)")
 
 
 # --------------------------------------------------------------------------------------
@@ -105,13 +309,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_demo)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("naps", help="neuron activation patterns by any label",
+                       description="Compute NAPs (group means, normalised per neuron).")
+    _selection_options(p)
+    p.add_argument("--by", default="label",
+                   help="sample coordinate(s), comma separated (default: label; "
+                   "e.g. label,correct or label,prediction)")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw group means")
+    p.add_argument("--out", help="write a tidy table to this .csv file")
+    p.set_defaults(func=_cmd_naps)
+
+    p = sub.add_parser("layout", help="lay out neurons and save the layout in the store",
+                       description="Lay out every selected layer and save it in the store.")
+    _selection_options(p)
+    p.add_argument("--method", default=None, help="layout method (default: topoxr's default)")
+    p.add_argument("--name", help="name of the saved layout (default: the method)")
+    p.add_argument("--by", default="label", help="grouping of the NAP profiles (default: label)")
+    p.add_argument("--epoch", default="last",
+                   help="epoch whose NAPs define the layout: an epoch, 'last' (default) or 'all'")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--k", type=int, default=10, help="neighbours for trustworthiness (default: 10)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_layout)
+
+    p = sub.add_parser("render", help="draw maps to HTML, PNG or GIF",
+                       description="Draw topographic maps of the selected layers.")
+    _selection_options(p)
+    p.add_argument("--out", required=True, help="output file: .html (report), .png or .gif")
+    p.add_argument("--by", default="label", help="grouping, comma separated (default: label)")
+    p.add_argument("--layout", help="name of a saved layout (default: compute the default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a computed layout (default: 0)")
+    p.add_argument("--title", help="report title")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("compare", help="two models (or frameworks) side by side",
+                       description="Align one model's layer onto another's and draw both.")
+    p.add_argument("path", help="store path or fsspec URL")
+    p.add_argument("--models", nargs=2, required=True, metavar=("A", "B"), help="two models")
+    p.add_argument("--layer", nargs="+", required=True, metavar="LAYER",
+                   help="layer name, or one per model")
+    p.add_argument("--out", default="compare.html", help="output report (default: compare.html)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("serve", help="browse a store in a live panel app",
+                       description="Serve a panel app over a store.")
+    p.add_argument("path", help="store path or fsspec URL")
+    p.add_argument("--port", type=int, default=5006, help="port (default: 5006)")
+    p.add_argument("--address", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    p.add_argument("--show", action="store_true", help="open a browser tab")
+    p.set_defaults(func=_cmd_serve)
     return parser
-
-
-#: Further sub-commands register themselves here (see topoxr/_cli_analysis.py).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -125,10 +374,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``topoxr`` command line; return the exit status."""
-    try:
-        import topoxr._cli_analysis  # noqa: F401  (registers naps/layout/render/compare/serve)
-    except ImportError:  # pragma: no cover - partial installs
-        pass
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -1,13 +1,30 @@
 """The embedded demo: scikit-learn's digits, recorded, laid out and drawn.
 
-``topoxr demo`` (and ``make demo``) runs :func:`run_demo`. Every step uses only data
-that ships with scikit-learn, so the demo runs offline.
+``topoxr demo`` (and ``make demo``) runs :func:`run_demo`:
+
+1. a fixed, class-balanced probe set is split off scikit-learn's bundled digits;
+2. a small MLP and a small CNN are trained in PyTorch, and the same MLP (same initial
+   weights, copied from PyTorch) in Keras; the probe set is recorded before training
+   (epoch 0) and after every epoch into ``DIR/activations.zarr``;
+3. NAPs by class, by (class, correct) and by (class, prediction) are computed for every
+   recorded layer;
+4. every layer is laid out with topoxr's default method and with the paper's
+   ``umap+force``, and both are scored (trustworthiness, smoothness) and timed;
+5. ``DIR/report.html`` (self-contained, works offline), ``DIR/maps.png`` and
+   ``DIR/training.gif`` are written.
+
+Without PyTorch or Keras installed, the demo records scikit-learn's ``MLPClassifier``
+instead, so the core pipeline can always be seen. Every step uses only data that ships
+with scikit-learn; the same seed gives the same numbers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +34,13 @@ import numpy as np
 __all__ = ["DemoResult", "digits_probe", "record_sklearn_mlp", "run_demo"]
 
 logger = logging.getLogger(__name__)
+
+#: Layers recorded per demo model: ``{model_name: (framework, kind, layers)}``.
+DEMO_MODELS = {
+    "mlp_torch": ("torch", "mlp", ["relu1", "relu2"]),
+    "cnn_torch": ("torch", "cnn", ["relu1", "relu2", "relu3"]),
+    "mlp_keras": ("keras", "mlp", ["relu1", "relu2"]),
+}
 
 
 @dataclass
@@ -29,6 +53,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     report: Path | None = None
     quality: list[dict[str, Any]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
 
     def summary_text(self) -> str:
         """A human-readable account of the run."""
@@ -36,28 +61,33 @@ class DemoResult:
 
         lines = [format_summary(self.summary)]
         if self.quality:
-            lines.append("")
-            lines.append(f"{'model':<14}{'layer':<12}{'method':<18}{'trust':>7}{'smooth':>8}{'sec':>7}")
+            lines += ["", f"{'model':<12}{'layer':<8}{'method':<12}{'trust':>7}{'smooth':>8}{'sec':>7}"]
             for row in self.quality:
                 lines.append(
-                    f"{row['model']:<14}{row['layer']:<12}{row['method']:<18}"
+                    f"{row['model']:<12}{row['layer']:<8}{row['method']:<12}"
                     f"{row['trustworthiness']:>7.3f}{row['smoothness']:>8.3f}{row['seconds']:>7.2f}"
                 )
-        lines.append("")
-        lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
-        if self.report is not None:
-            lines.append(f"report: {self.report}")
+        lines += ["", "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())]
+        lines += [f"wrote {path}" for path in self.files]
         return "\n".join(lines)
 
 
 def digits_probe(n_probe: int = 360, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Split scikit-learn's digits into a training set and a fixed, class-balanced probe set.
 
+    Parameters
+    ----------
+    n_probe : int, default 360
+        Size of the probe set (``n_probe // 10`` samples per class).
+    seed : int, default 0
+        Seed of the split.
+
     Returns
     -------
     dict
-        ``x_train``, ``y_train``, ``x_probe``, ``y_probe`` (inputs scaled to [0, 1]) and
-        ``probe_ids``, the stable sample ids (row numbers in ``load_digits``).
+        ``x_train``, ``y_train``, ``x_probe``, ``y_probe`` (flat inputs scaled to
+        [0, 1]), ``images_probe`` (8x8) and ``probe_ids``, the stable sample ids (row
+        numbers in ``load_digits``).
     """
     from sklearn.datasets import load_digits
 
@@ -71,7 +101,7 @@ def digits_probe(n_probe: int = 360, *, seed: int = 0) -> dict[str, np.ndarray]:
     ]))
     train = np.setdiff1d(np.arange(len(y)), probe)
     return {"x_train": x[train], "y_train": y[train], "x_probe": x[probe], "y_probe": y[probe],
-            "probe_ids": probe}
+            "images_probe": digits.images[probe] / 16.0, "probe_ids": probe}
 
 
 def record_sklearn_mlp(
@@ -84,8 +114,6 @@ def record_sklearn_mlp(
     probe set after every epoch. scikit-learn initialises weights only inside
     ``partial_fit``, so epoch 0 is the network after a single one-sample step.
     """
-    import warnings
-
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
     from tqdm.auto import tqdm
@@ -105,7 +133,8 @@ def record_sklearn_mlp(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     for batch in np.array_split(order, 8):
-                        clf.partial_fit(data["x_train"][batch], data["y_train"][batch], classes=classes)
+                        clf.partial_fit(data["x_train"][batch], data["y_train"][batch],
+                                        classes=classes)
             else:
                 clf.partial_fit(data["x_train"][:1], data["y_train"][:1], classes=classes)
             hidden_act = np.maximum(x_probe @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
@@ -116,6 +145,50 @@ def record_sklearn_mlp(
             writer.log_epoch(epoch, accuracy=float((prediction == y_probe).mean()))
 
 
+def _record_torch(store: Path, data: dict, kind: str, name: str, layers: list[str], *,
+                  epochs: int, seed: int) -> Any:
+    from topoxr_torch import ProbeRecorder
+    from topoxr_torch.models import make_model, train
+
+    model = make_model(kind, seed=seed)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = ProbeRecorder(model, (data["x_probe"], data["y_probe"]), str(store), model_name=name,
+                          layers=layers, sample_ids=data["probe_ids"])
+    probe.record(0)
+    train(model, data["x_train"], data["y_train"], epochs=epochs, seed=seed,
+          on_epoch_end=lambda epoch, logs: probe.record(epoch, **logs))
+    model.load_state_dict(initial)  # hand the *initial* weights to the Keras twin
+    return model
+
+
+def _record_keras(store: Path, data: dict, kind: str, name: str, layers: list[str], *,
+                  epochs: int, seed: int, torch_twin: Any = None) -> None:
+    from topoxr_keras import RecordActivations
+    from topoxr_keras.models import copy_torch_weights_to_keras, make_model, train
+
+    model = make_model(kind, seed=seed)
+    if torch_twin is not None:
+        copy_torch_weights_to_keras(torch_twin, model)
+    callback = RecordActivations((data["x_probe"], data["y_probe"]), str(store), model_name=name,
+                                 layers=layers, sample_ids=data["probe_ids"])
+    train(model, data["x_train"], data["y_train"], epochs=epochs, seed=seed, callbacks=[callback])
+
+
+def _frameworks() -> set[str]:
+    from topoxr._optional import has_module
+
+    return {name for name in ("torch", "keras") if has_module(name)}
+
+
+def _with_layout(nap: Any, laid: Any) -> Any:
+    """Give other NAPs of the same layer the coordinates of ``laid``."""
+    from topoxr.conventions import ATTR_LAYOUT, NEURON, X, Y
+
+    out = nap.assign_coords({X: (NEURON, laid[X].values), Y: (NEURON, laid[Y].values)})
+    out.attrs[ATTR_LAYOUT] = laid.attrs.get(ATTR_LAYOUT, "{}")
+    return out
+
+
 def run_demo(
     out: str | Path = "demo-output", *, seed: int = 0, quick: bool = False, progress: bool = True
 ) -> DemoResult:
@@ -124,11 +197,11 @@ def run_demo(
     Parameters
     ----------
     out : str or Path, default "demo-output"
-        Output folder; the store is ``out/activations.zarr``.
+        Output folder; the store is ``out/activations.zarr`` (replaced if present).
     seed : int, default 0
         Seed of every random step; the same seed gives the same numbers.
     quick : bool, default False
-        Fewer epochs, for a run under a minute.
+        Fewer epochs, one model per framework, for a run under a minute.
     progress : bool, default True
         Show progress bars.
 
@@ -136,14 +209,174 @@ def run_demo(
     -------
     DemoResult
     """
-    from topoxr.store import store_summary
+    from tqdm.auto import tqdm
+
+    from topoxr.store import StoreError, open_store, store_summary
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "activations.zarr"
+    if store.exists():
+        try:
+            store_summary(str(store))
+        except StoreError as err:
+            raise StoreError(f"{store} exists and is not a topoxr store; not replacing it") from err
+        shutil.rmtree(store)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    epochs = 3 if quick else 8
     data = digits_probe(seed=seed)
-    record_sklearn_mlp(store, data, epochs=3 if quick else 6, seed=seed, progress=progress)
+    frameworks = _frameworks()
+    plan = {name: spec for name, spec in DEMO_MODELS.items() if spec[0] in frameworks}
+    if quick:
+        plan = {k: v for k, v in plan.items() if k != "cnn_torch"}
+
+    t0 = time.perf_counter()
+    steps = tqdm(total=len(plan) or 1, desc="demo: train + record", disable=not progress)
+    if not plan:
+        logger.warning("neither torch nor keras is installed: recording scikit-learn's MLP")
+        record_sklearn_mlp(store, data, epochs=epochs, seed=seed, progress=progress)
+        steps.update()
+    twin = None
+    for name, (framework, kind, layers) in plan.items():
+        steps.set_postfix_str(name)
+        if framework == "torch":
+            model = _record_torch(store, data, kind, name, layers, epochs=epochs, seed=seed)
+            twin = model if kind == "mlp" else twin
+        else:
+            _record_keras(store, data, kind, name, layers, epochs=epochs, seed=seed,
+                          torch_twin=twin)
+        steps.update()
+    steps.close()
     timings["record"] = time.perf_counter() - t0
-    return DemoResult(out=out, store=store, summary=store_summary(str(store)), timings=timings)
+
+    t0 = time.perf_counter()
+    tree = open_store(str(store))
+    analysis = _analyse(tree, seed=seed, progress=progress)
+    timings["analyse"] = time.perf_counter() - t0
+
+    result = DemoResult(out=out, store=store, summary=store_summary(str(store)),
+                        timings=timings, quality=analysis["quality"])
+    t0 = time.perf_counter()
+    result.files = _write_outputs(out, analysis, data, progress=progress)
+    result.report = out / "report.html"
+    timings["render"] = time.perf_counter() - t0
+    (out / "quality.json").write_text(json.dumps(result.quality, indent=2) + "\n")
+    return result
+
+
+def _analyse(tree: Any, *, seed: int, progress: bool) -> dict[str, Any]:
+    """NAPs, layouts (default and umap+force), quality and timing for every layer."""
+    from tqdm.auto import tqdm
+
+    from topoxr._optional import has_module
+    from topoxr.conventions import ACTIVATION, EPOCH
+    from topoxr.layout._registry import DEFAULT_METHOD
+    from topoxr.layout.attach import attach
+    from topoxr.naps import naps
+    from topoxr.quality import quality
+
+    methods = [DEFAULT_METHOD] + (["umap+force"] if has_module("umap") else ["pca+force"])
+    layers = [(str(m), str(layer), node.to_dataset())
+              for m, model in tree.children.items()
+              for layer, node in model.children.items() if ACTIVATION in node.data_vars]
+    rows: list[dict[str, Any]] = []
+    maps: dict[tuple[str, str], dict[str, Any]] = {}
+    bar = tqdm(total=len(layers) * len(methods), desc="demo: layouts", disable=not progress)
+    for model, layer, ds in layers:
+        ds = ds.load()  # a demo layer is small: read it once
+        last = int(ds[EPOCH].values[-1])
+        by_label = naps(ds, by="label")
+        for method in methods:
+            bar.set_postfix_str(f"{model}/{layer} {method}")
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numba/umap chatter on tiny layers
+                laid = attach(by_label, method, random_state=seed, share=last)
+            seconds = time.perf_counter() - started
+            scores = quality(laid.sel({EPOCH: [last]}), k=5)
+            rows.append({
+                "model": model, "layer": layer, "method": method,
+                "neurons": int(ds.sizes["neuron"]),
+                "trustworthiness": float(scores["trustworthiness"].values[0]),
+                "continuity": float(scores["continuity"].values[0]),
+                "spearman": float(scores["spearman"].values[0]),
+                "smoothness": float(scores["smoothness"].values[0]),
+                "seconds": round(seconds, 3),
+            })
+            if method == DEFAULT_METHOD:
+                maps[(model, layer)] = {
+                    "label": laid,
+                    "contrast": _with_layout(naps(ds, by=["label", "correct"]), laid),
+                    "confusion": _with_layout(naps(ds, by=["label", "prediction"]), laid),
+                }
+            bar.update()
+    bar.close()
+    return {"quality": rows, "maps": maps}
+
+
+def _write_outputs(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray], *,
+                   progress: bool) -> list[Path]:
+    """Write report.html, maps.png and training.gif."""
+    from topoxr._optional import has_module
+
+    if not has_module("holoviews"):
+        logger.warning('holoviews is not installed: no report (pip install "topoxr[viz]")')
+        return []
+    from topoxr.align import align
+    from topoxr.viz import (
+        Report,
+        class_row,
+        compare_models,
+        confusion_grid,
+        contrast_grid,
+        example_inputs,
+        save_gif,
+        save_png,
+        training_animation,
+    )
+
+    maps = analysis["maps"]
+    examples = example_inputs(data["images_probe"], data["y_probe"])
+    report = Report(
+        "topoxr demo: digits networks",
+        description=(
+            "Topographic activation maps of small networks trained on scikit-learn's digits. "
+            "Each map places a layer's neurons on a plane so that neurons with similar class "
+            "responses sit together (topoxr's default layout), and colours the plane by the "
+            "normalised mean activation (NAP) of one group of probe samples: red above the "
+            "neuron's average over groups, blue below. Colour limits are shared per layer."
+        ),
+    )
+    for (model, layer), views in maps.items():
+        report.add_section(f"{model} / {layer}: class maps (last epoch)",
+                           class_row(views["label"], examples=examples))
+    first = next(iter(maps))
+    report.add_section(f"{first[0]} / {first[1]}: training process",
+                       training_animation(maps[first]["label"]),
+                       text="The probe set recorded at every epoch (0 = before training), drawn "
+                            "on one fixed layout: use the slider or the play button.")
+    report.add_section(f"{first[0]} / {first[1]}: correct vs wrong",
+                       contrast_grid(maps[first]["contrast"]),
+                       text="Per class, samples the network got right (top) and wrong (bottom), "
+                            "last epoch. Classes without errors have no bottom map.")
+    report.add_section(f"{first[0]} / {first[1]}: confusion grid",
+                       confusion_grid(maps[first]["confusion"]),
+                       text="One map per (true label, prediction) pair that occurs.")
+    pair = [key for key in maps if key[1] == "relu2" and key[0] in ("mlp_torch", "mlp_keras")]
+    if len(pair) == 2:
+        torch_naps, keras_naps = maps[("mlp_torch", "relu2")]["label"], maps[("mlp_keras", "relu2")]["label"]
+        keras_aligned = align(keras_naps, torch_naps, match="activity")
+        report.add_section("PyTorch and Keras side by side (mlp / relu2)",
+                           compare_models({"PyTorch": torch_naps, "Keras": keras_aligned}),
+                           text="The same MLP (identical initial weights) trained in both "
+                                "frameworks; the Keras layout is aligned onto the PyTorch one "
+                                "by matching neurons on their activity (linear assignment, "
+                                "then Procrustes).")
+    report.add_section("Layout quality and time", analysis["quality"],
+                       text="Trustworthiness and continuity (k = 5), Spearman correlation of "
+                            "profile and map distances, smoothness (lower is smoother), "
+                            "seconds per layout on this machine.")
+    files = [report.save(out / "report.html")]
+    files.append(save_png(class_row(maps[first]["label"]), out / "maps.png"))
+    files.append(save_gif(maps[first]["label"], out / "training.gif", progress=progress))
+    return files
