@@ -13,6 +13,8 @@ For an MLP and a CNN on 8x8 inputs (scikit-learn digits tiled to ``n`` samples),
 * ``record``: ``topoxr_torch.record`` / ``topoxr_keras.record`` into a fresh local store
   (labels, predictions, ``correct``, masks, crash-safe commits, background writer).
 
+Torch and TensorFlow run on ``THREADS`` compute threads.
+
 Ratios ``record / b_direct`` (the issue's target: at most 1.15) and
 ``record / b_direct_whole_chunks`` and ``record / a_forward`` are reported with the
 absolute seconds.
@@ -39,6 +41,9 @@ LAYERS = {
     "cnn": ["conv1", "relu1", "pool1", "conv2", "relu2", "fc1", "relu3", "out"],
 }
 BATCH = 256
+#: Compute threads per framework: these models are tiny, and one thread (plus topoxr's
+#: writer thread) keeps the timings stable on a small shared machine.
+THREADS = 1
 
 
 def _inputs(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +77,7 @@ class _Torch:
         self.torch = torch
         self.adapter = topoxr_torch
         self.make_model = make_model
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(THREADS)
 
     def forward(self, model: Any) -> Callable[[np.ndarray], Any]:
         torch = self.torch
@@ -107,8 +112,15 @@ class _Keras:
 
     def __init__(self) -> None:
         import keras
+        import tensorflow as tf
 
         import topoxr_keras
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+            tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+        except RuntimeError:  # TensorFlow already initialised: keep its settings
+            logger.warning("could not limit TensorFlow's threads")
         from topoxr_keras.models import make_model
 
         self.keras = keras

@@ -235,7 +235,7 @@ def test_changed_labels_are_refused_before_writing(store_path):
 
 
 # -- background writer ----------------------------------------------------------------------
-@pytest.mark.parametrize(("chunks_per_write", "writes"), [(1, 3), (4, 2)])
+@pytest.mark.parametrize(("chunks_per_write", "writes"), [(1, 4), (4, 3)])
 def test_background_writer_coalesces_into_whole_writes(store_path, chunks_per_write, writes):
     with ActivationWriter(store_path, model="m") as writer:
         with BackgroundWriter(writer, epoch=0, reduce="mean", channel_axis=1,
@@ -246,7 +246,8 @@ def test_background_writer_coalesces_into_whole_writes(store_path, chunks_per_wr
                 bg.submit({"a": np.stack([ids, -ids], 1).astype(np.float32)}, ids, None,
                           None, {})
         assert bg.written == 100
-        # 40 rows first (one chunk), then 40 * chunks_per_write, the rest at close.
+        # The first batch at once, then up to the first chunk boundary (40), then
+        # chunks_per_write chunks at a time, and the rest at close.
         assert bg.writes == writes
     ds = open_store(store_path)["m/a"].to_dataset().load()
     np.testing.assert_array_equal(ds.activation.values[0, :, 0], np.arange(100))

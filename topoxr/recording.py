@@ -524,11 +524,11 @@ class BackgroundWriter:
 
     Batches go through a ``queue.Queue(maxsize=queue_size)``: memory stays bounded and a
     slow store slows the producer down instead of piling up. Conv maps are pooled on the
-    thread, and consecutive batches of a layer are coalesced: the first write of a layer
-    holds about ``write_bytes`` (the store sizes its chunks from it), later ones
-    ``chunks_per_write`` such chunks, so chunks are written whole and once. The first
-    error of the thread is raised in the caller at the next :meth:`submit` or at
-    :meth:`close`.
+    thread. The first batch of each layer is written at once (the store creates the layer
+    and sizes its chunks from it: whole batches adding up to about ``write_bytes``); later
+    batches are coalesced into writes that end on chunk boundaries, ``chunks_per_write``
+    chunks at a time. The first error of the thread is raised in the caller at the next
+    :meth:`submit` or at :meth:`close`.
 
     Parameters
     ----------
@@ -544,7 +544,7 @@ class BackgroundWriter:
     queue_size : int, default 4
         Batches that may wait in the queue.
     write_bytes : int, default 1 MiB
-        Target size of the first write (one chunk) per layer.
+        Target size of one chunk per layer.
     chunks_per_write : int, default 4
         Chunks per later write.
     """
@@ -566,7 +566,7 @@ class BackgroundWriter:
         self._channel_axis = channel_axis
         self._write_bytes = write_bytes
         self._chunks_per_write = max(1, int(chunks_per_write))
-        self._flushed: set[str] = set()
+        self._rows_written: dict[str, int] = {}
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._pending: dict[str, _Pending] = {}
         self._targets: dict[str, int] = {}
@@ -583,9 +583,22 @@ class BackgroundWriter:
         for layer, n in neurons.items():
             self._targets[layer] = batch_size * max(1, self._write_bytes // (batch_size * 4 * n))
 
-    def _target(self, layer: str) -> int:
-        rows = self._targets.get(layer, 0)
-        return rows if layer not in self._flushed else rows * self._chunks_per_write
+    def _due(self, layer: str, pending_rows: int) -> bool:
+        """Whether the pending rows of ``layer`` reach its next write boundary.
+
+        The first batch of a layer is written at once: the store creates the layer (slow,
+        better overlapped with compute) and sizes its chunks from that batch, which gives
+        the chunk of ``set_targets``. Later writes end on chunk boundaries: the rest of
+        the first chunk, then ``chunks_per_write`` chunks at a time.
+        """
+        if layer not in self._rows_written:
+            return True
+        chunk = self._targets.get(layer, 0)
+        if chunk <= 0:
+            return True
+        done = self._rows_written[layer]
+        boundary = chunk if done < chunk else (done // chunk + self._chunks_per_write) * chunk
+        return done + pending_rows >= boundary
 
     def submit(
         self,
@@ -675,7 +688,7 @@ class BackgroundWriter:
             pending = self._pending.setdefault(layer, _Pending())
             pending.parts.append((values, ids, labels, predictions, metadata))
             pending.rows += len(ids)
-            if pending.rows >= self._target(layer):
+            if self._due(layer, pending.rows):
                 self._flush(layer)
 
     def _flush(self, layer: str) -> None:
@@ -693,7 +706,7 @@ class BackgroundWriter:
         values = cat(0)
         axis = 1 if values.ndim == 3 and self._reduce != "none" else _axis_of(
             self._channel_axis, layer)
-        self._flushed.add(layer)
+        self._rows_written[layer] = self._rows_written.get(layer, 0) + pending.rows
         self.writes += 1
         self.written += self._writer.write(
             layer, values, sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
