@@ -154,7 +154,7 @@ class GridInterpolator:
         gx, gy = np.meshgrid(self.xs, self.ys)
         self._grid = np.column_stack([gx.ravel(), gy.ravel()])
 
-        simplex = self.triangulation.find_simplex(self._grid)
+        simplex, self._bary = _rasterise(self.triangulation, self.xs, self.ys)
         inside = simplex >= 0
         self.mask = inside.reshape(self.shape)
         self._inside = np.flatnonzero(inside)
@@ -196,12 +196,8 @@ class GridInterpolator:
     ) -> tuple[sparse.csr_array, np.ndarray | None]:
         tri = self.triangulation
         inside = self._inside
-        s = simplex[inside]
-        transform = tri.transform[s]  # (m, 3, 2)
-        delta = self._grid[inside] - transform[:, 2]
-        bary = np.einsum("mij,mj->mi", transform[:, :2], delta)
-        weights = np.column_stack([bary, 1.0 - bary.sum(axis=1)])  # (m, 3)
-        vertices = tri.simplices[s]  # (m, 3) indices into all points
+        weights = self._bary[inside]  # (m, 3) barycentric weights
+        vertices = tri.simplices[simplex[inside]]  # (m, 3) indices into all points
         n_pix = self._grid.shape[0]
         rows = np.repeat(inside, 3)
         full = sparse.csr_array(
@@ -342,6 +338,68 @@ class GridInterpolator:
             f"GridInterpolator(n_neurons={self.n_neurons}, resolution=({nx}, {ny}), "
             f"method={self.method!r}, extrapolate={self.extrapolate!r})"
         )
+
+
+def _rasterise(tri: Delaunay, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Locate every pixel of a regular grid in the triangulation, vectorised.
+
+    Each triangle is tested against the grid pixels of its bounding box only, with
+    barycentric coordinates computed in closed form. This replaces
+    ``Delaunay.find_simplex`` (whose per-simplex LAPACK set-up is slow and erratic
+    under contention) and gives the same answer: a pixel lies in a triangle when all
+    three barycentric coordinates are >= -eps (eps = sqrt(machine epsilon), the
+    tolerance qhull-based location applies near the hull).
+
+    Returns
+    -------
+    simplex : ndarray of int, shape (ny * nx,)
+        Triangle of each pixel, -1 outside the hull.
+    bary : ndarray of float, shape (ny * nx, 3)
+        Barycentric weights of the triangle's vertices (zeros outside).
+    """
+    eps = float(np.sqrt(np.finfo(np.float64).eps))
+    pts, simplices = tri.points, tri.simplices
+    nx, ny = xs.size, ys.size
+    dx, dy = (xs[-1] - xs[0]) / (nx - 1), (ys[-1] - ys[0]) / (ny - 1)
+    a, b, c = pts[simplices[:, 0]], pts[simplices[:, 1]], pts[simplices[:, 2]]
+    tx = np.stack([a[:, 0], b[:, 0], c[:, 0]], axis=1)
+    ty = np.stack([a[:, 1], b[:, 1], c[:, 1]], axis=1)
+    pad = 1e-9
+    ix0 = np.clip(np.ceil((tx.min(1) - xs[0]) / dx - pad), 0, nx - 1).astype(np.int64)
+    ix1 = np.clip(np.floor((tx.max(1) - xs[0]) / dx + pad), 0, nx - 1).astype(np.int64)
+    iy0 = np.clip(np.ceil((ty.min(1) - ys[0]) / dy - pad), 0, ny - 1).astype(np.int64)
+    iy1 = np.clip(np.floor((ty.max(1) - ys[0]) / dy + pad), 0, ny - 1).astype(np.int64)
+    w = np.maximum(ix1 - ix0 + 1, 0)
+    h = np.maximum(iy1 - iy0 + 1, 0)
+    counts = w * h
+    simplex = np.full(nx * ny, -1, dtype=np.int64)
+    bary = np.zeros((nx * ny, 3))
+    total = int(counts.sum())
+    if total == 0:
+        return simplex, bary
+    t = np.repeat(np.arange(len(simplices)), counts)
+    local = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    px = ix0[t] + local % w[t]
+    py = iy0[t] + local // w[t]
+    gx, gy = xs[px], ys[py]
+    ax, ay = a[t, 0], a[t, 1]
+    v0x, v0y = b[t, 0] - ax, b[t, 1] - ay
+    v1x, v1y = c[t, 0] - ax, c[t, 1] - ay
+    v2x, v2y = gx - ax, gy - ay
+    den = v0x * v1y - v1x * v0y
+    ok = den != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l1 = (v2x * v1y - v1x * v2y) / den
+        l2 = (v0x * v2y - v2x * v0y) / den
+    l0 = 1.0 - l1 - l2
+    hit = ok & (l0 >= -eps) & (l1 >= -eps) & (l2 >= -eps)
+    pix = (py * nx + px)[hit]
+    # a pixel on a shared edge lies in two triangles: keep the first (same value)
+    pix_u, first = np.unique(pix, return_index=True)
+    sel = np.flatnonzero(hit)[first]
+    simplex[pix_u] = t[sel]
+    bary[pix_u] = np.column_stack([l0[sel], l1[sel], l2[sel]])
+    return simplex, bary
 
 
 def _parse_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
