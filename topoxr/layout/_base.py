@@ -219,8 +219,8 @@ class BaseLayout(TransformerMixin, BaseEstimator):
         n = X.shape[0]
         if n < MIN_NEURONS:
             raise LayoutInputError(
-                f"a layout needs at least {MIN_NEURONS} neurons, got {n}"
-                f" (X has shape {X.shape}: one row per neuron)"
+                f"a layout needs at least {MIN_NEURONS} neurons (rows of X), got n_samples={n}"
+                f" (X has shape {X.shape})"
             )
         self.n_features_in_ = X.shape[1]
         if metric == "precomputed":

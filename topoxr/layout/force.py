@@ -379,26 +379,8 @@ class KNNForceLayout(BaseLayout):
         degree = np.bincount(heads, weights=weight, minlength=n)
         n_neg = np.maximum(np.rint(degree * self.negative_sample_rate).astype(np.int64), 1)
         neg_heads = np.repeat(np.arange(n), n_neg)
-        for epoch in range(int(n_epochs)):
-            alpha = self.learning_rate * (1.0 - epoch / n_epochs)
-            # attraction along the graph
-            diff = pos[heads] - pos[tails]
-            d2 = np.einsum("ij,ij->i", diff, diff)
-            coef = -2.0 * a * b * np.power(d2, b - 1.0, where=d2 > 0, out=np.zeros_like(d2))
-            coef /= 1.0 + a * np.power(d2, b)
-            grad = np.clip(coef[:, None] * diff, -4.0, 4.0) * weight[:, None]
-            # repulsion from random partners
-            neg_tails = rng.randint(n, size=neg_heads.size)
-            ndiff = pos[neg_heads] - pos[neg_tails]
-            nd2 = np.einsum("ij,ij->i", ndiff, ndiff)
-            ncoef = 2.0 * b / ((0.001 + nd2) * (1.0 + a * np.power(nd2, b)))
-            ngrad = np.clip(ncoef[:, None] * ndiff, -4.0, 4.0)
-            ngrad[neg_tails == neg_heads] = 0.0
-            step = np.empty_like(pos)
-            for c in range(2):
-                step[:, c] = np.bincount(heads, grad[:, c], minlength=n)
-                step[:, c] += np.bincount(neg_heads, ngrad[:, c], minlength=n)
-            pos += alpha * step
+        _optimize(pos, heads, tails, weight, neg_heads, a, b, int(n_epochs),
+                  float(self.learning_rate), rng)
         if self.spreading > 0:
             pos = _spread(pos, float(self.spreading), rng)
         return pos
@@ -421,6 +403,38 @@ class KNNForceLayout(BaseLayout):
         pos = pos / (span if span > 0 else 1.0) * 10.0
         # a little noise separates duplicate profiles, which share a start
         return pos + rng.normal(scale=1e-4, size=pos.shape)
+
+
+def _optimize(pos, heads, tails, weight, neg_heads, a, b, n_epochs, learning_rate, rng) -> None:
+    """Move ``pos`` in place: attraction along the edges, repulsion from random partners.
+
+    Gradients are UMAP's for the kernel ``1 / (1 + a d^(2b))``, clipped to [-4, 4];
+    each epoch applies the whole graph's expected update at once (full batch).
+    """
+    n = pos.shape[0]
+    step = np.empty_like(pos)
+    for epoch in range(n_epochs):
+        alpha = learning_rate * (1.0 - epoch / n_epochs)
+        # attraction along the graph: -2ab d2^(b-1) / (1 + a d2^b)
+        diff = pos[heads] - pos[tails]
+        d2 = np.einsum("ij,ij->i", diff, diff)
+        np.maximum(d2, 1e-12, out=d2)
+        p = np.exp(b * np.log(d2))
+        coef = (-2.0 * a * b) * p / (d2 * (1.0 + a * p))
+        grad = np.clip(coef[:, None] * diff, -4.0, 4.0)
+        grad *= weight[:, None]
+        # repulsion from random partners: 2b / ((0.001 + d2) (1 + a d2^b))
+        neg_tails = rng.randint(n, size=neg_heads.size)
+        neg_self = neg_tails == neg_heads
+        ndiff = pos[neg_heads] - pos[neg_tails]
+        nd2 = np.einsum("ij,ij->i", ndiff, ndiff)
+        ncoef = (2.0 * b) / ((0.001 + nd2) * (1.0 + a * np.exp(b * np.log(nd2 + 1e-300))))
+        ncoef[neg_self] = 0.0
+        ngrad = np.clip(ncoef[:, None] * ndiff, -4.0, 4.0)
+        for c in range(2):
+            step[:, c] = np.bincount(heads, grad[:, c], minlength=n)
+            step[:, c] += np.bincount(neg_heads, ngrad[:, c], minlength=n)
+        pos += alpha * step
 
 
 def _spectral(heads, tails, weight, n, rng) -> np.ndarray:

@@ -67,7 +67,7 @@ class TSNELayout(BaseLayout):
             perplexity=perplexity,
             max_iter=max(int(self.max_iter), 250),
             metric=metric,
-            init="random" if precomputed else "pca",
+            init="random" if precomputed or data.shape[1] < 2 else "pca",
             random_state=rng,
         )
         return tsne.fit_transform(data)
@@ -82,6 +82,8 @@ class UMAPLayout(BaseLayout):
         Neighbourhood size; lowered to ``n_neurons - 1`` for small layers.
     min_dist : float, default 0.1
         How tightly UMAP packs neighbours.
+    n_epochs : int, optional
+        Optimisation epochs (umap-learn's default: 500 below 10,000 points, 200 above).
     metric : {"cosine", "correlation", "euclidean", "precomputed"}, default "cosine"
         Metric of the profiles, or ``"precomputed"`` when ``X`` holds distances.
     random_state : int, RandomState instance or None, default None
@@ -108,11 +110,13 @@ class UMAPLayout(BaseLayout):
         *,
         n_neighbors: int = 15,
         min_dist: float = 0.1,
+        n_epochs: int | None = None,
         metric: str = "cosine",
         random_state=None,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
+        self.n_epochs = n_epochs
         self.metric = metric
         self.random_state = random_state
 
@@ -127,6 +131,7 @@ class UMAPLayout(BaseLayout):
             n_components=2,
             n_neighbors=int(max(2, min(self.n_neighbors, n - 1))),
             min_dist=self.min_dist,
+            n_epochs=self.n_epochs,
             metric=metric,
             init="spectral" if n > 16 else "random",
             random_state=rng,

@@ -1,0 +1,267 @@
+"""Layout estimators: scikit-learn contract, quality thresholds, determinism, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.manifold import trustworthiness
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from tests.conftest import requires_umap
+from topoxr.layout import (
+    DEFAULT_METHOD,
+    ForceLayout,
+    GridSnap,
+    KNNForceLayout,
+    LayoutInputError,
+    MDSLayout,
+    PCALayout,
+    RandomLayout,
+    SOMLayout,
+    SpringLayout,
+    TSNELayout,
+    UMAPLayout,
+    available_methods,
+    distance_matrix,
+    get_estimator,
+    register,
+    snap_to_grid,
+    to_unit_square,
+)
+from topoxr.layout.grid import grid_shape
+from topoxr.testing.profiles import clustered_profiles
+
+try:
+    import umap  # noqa: F401
+
+    HAS_UMAP = True
+except ImportError:
+    HAS_UMAP = False
+
+# small, fast configurations of every estimator for the scikit-learn checks
+SMALL = [
+    RandomLayout(random_state=0),
+    PCALayout(),
+    MDSLayout(max_iter=30, random_state=0),
+    TSNELayout(max_iter=250, random_state=0),
+    SOMLayout(n_epochs=2, random_state=0),
+    SpringLayout(iterations=10, random_state=0),
+    ForceLayout(n_steps=20, random_state=0, progress=False),
+    ForceLayout(init="pca", n_steps=20, random_state=0, progress=False),
+    KNNForceLayout(n_epochs=20, random_state=0),
+    GridSnap(init="pca"),
+]
+if HAS_UMAP:
+    SMALL.append(UMAPLayout(n_epochs=20, random_state=0))
+
+
+@parametrize_with_checks(SMALL)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    return clustered_profiles(300, n_features=10, n_clusters=8, random_state=1)
+
+
+def _trust(X, Y):
+    return trustworthiness(X, Y, n_neighbors=10, metric="cosine")
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "minimum"),
+    [
+        ("pca", {}, 0.85),
+        ("tsne", {"max_iter": 500}, 0.9),
+        pytest.param("umap", {}, 0.9, marks=requires_umap),
+        ("som", {}, 0.8),
+        ("graph", {}, 0.75),
+        ("force", {"n_steps": 300, "progress": False}, 0.75),
+        ("knnforce", {}, 0.9),
+        ("knnforce+grid", {}, 0.85),
+        ("pca+force", {"n_steps": 300, "progress": False}, 0.8),
+    ],
+)
+def test_trustworthiness_beats_random(clusters, method, params, minimum):
+    Y = get_estimator(method, random_state=0, **params).fit_transform(clusters)
+    random = _trust(clusters, RandomLayout(random_state=0).fit_transform(clusters))
+    assert random < 0.65
+    assert _trust(clusters, Y) >= minimum
+
+
+@pytest.mark.parametrize("method", ["random", "pca", "som", "graph", "knnforce", "knnforce+grid"])
+def test_same_seed_same_layout(clusters, method):
+    a = get_estimator(method, random_state=3).fit_transform(clusters)
+    b = get_estimator(method, random_state=3).fit_transform(clusters)
+    np.testing.assert_array_equal(a, b)
+    if method != "pca":
+        c = get_estimator(method, random_state=4).fit_transform(clusters)
+        assert not np.array_equal(a, c)
+
+
+def test_to_unit_square_keeps_aspect_ratio():
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(size=(50, 2)) * [8.0, 2.0] + [-3.0, 7.0]
+    out = to_unit_square(pts)
+    assert out.min() >= 0 and out.max() <= 1
+    span = np.ptp(out, axis=0)
+    assert span[0] == pytest.approx(1.0)
+    assert span[1] / span[0] == pytest.approx(np.ptp(pts[:, 1]) / np.ptp(pts[:, 0]))
+    assert out[:, 1].min() == pytest.approx(1 - out[:, 1].max())  # shorter side centred
+    # distance ratios survive
+    d_in = np.linalg.norm(pts[0] - pts[1]) / np.linalg.norm(pts[2] - pts[3])
+    d_out = np.linalg.norm(out[0] - out[1]) / np.linalg.norm(out[2] - out[3])
+    assert d_out == pytest.approx(d_in)
+
+
+@pytest.mark.parametrize("method", ["random", "pca", "knnforce", "som"])
+def test_output_fills_unit_square(clusters, method):
+    Y = get_estimator(method, random_state=0).fit_transform(clusters)
+    assert Y.shape == (clusters.shape[0], 2)
+    assert Y.min() >= 0.0 and Y.max() <= 1.0
+    assert np.ptp(Y, axis=0).max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_profiles_rejected(clusters, bad):
+    X = clusters[:20].copy()
+    X[3, 2] = bad
+    with pytest.raises(LayoutInputError, match="NaN|infinity"):
+        KNNForceLayout().fit(X)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_too_few_neurons(n):
+    with pytest.raises(ValueError, match=r"at least 5 neurons.*n_samples=" + str(n)):
+        PCALayout().fit(np.ones((n, 3)))
+
+
+def test_unknown_method_lists_registered():
+    with pytest.raises(ValueError, match="unknown layout method 'nope'") as err:
+        get_estimator("nope")
+    for name in ("random", "pca", "tsne", "umap", "som", "graph", "force", DEFAULT_METHOD):
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="unknown layout method"):
+        get_estimator("pca+nope")
+    with pytest.raises(ValueError, match="unknown layout method"):
+        get_estimator("nope+force")
+
+
+def test_unknown_metric():
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+        PCALayout(metric="manhattan").fit(np.eye(6))
+
+
+def test_registry_compositions():
+    est = get_estimator("umap+force", random_state=7, n_steps=10)
+    assert isinstance(est, ForceLayout)
+    assert isinstance(est.init, UMAPLayout)
+    assert est.init.random_state == 7 and est.random_state == 7 and est.n_steps == 10
+    grid = get_estimator("knnforce+grid", metric="euclidean")
+    assert isinstance(grid, GridSnap) and grid.init.metric == "euclidean"
+    assert isinstance(get_estimator(), type(get_estimator(DEFAULT_METHOD)))
+    for name in ("pca+force", "graph+force", "som+force", "umap+force", DEFAULT_METHOD):
+        assert name in available_methods()
+    given = PCALayout()
+    assert get_estimator(given) is given
+    with pytest.raises(TypeError, match="fit_transform"):
+        get_estimator(42)
+
+
+def test_register_a_new_method(clusters):
+    class Diagonal(RandomLayout):
+        def _embed(self, X, rng):
+            t = np.arange(X.shape[0], dtype=float)
+            return np.stack([t, t], axis=1)
+
+    register("diagonal_test", Diagonal)
+    Y = get_estimator("diagonal_test+grid").fit_transform(clusters)
+    assert len({tuple(p) for p in Y}) == clusters.shape[0]
+    with pytest.raises(ValueError, match="without '\\+'"):
+        register("a+b", Diagonal)
+
+
+def test_zero_profiles_are_reported_and_placed(clusters):
+    X = clusters[:60].copy()
+    X[:7] = 0.0  # dead neurons
+    for method in ("pca", "knnforce", "som", "graph", "tsne"):
+        est = get_estimator(method, random_state=0)
+        Y = est.fit_transform(X)
+        assert est.n_zero_profiles_ == 7
+        assert np.isfinite(Y).all() and Y.min() >= 0 and Y.max() <= 1
+
+
+def test_zero_profiles_are_orthogonal_to_everything():
+    X = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    D = distance_matrix(X, "cosine")
+    np.testing.assert_allclose(D[1], [1.0, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(D[0, 3], 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pca", "random", "knnforce", "som", "graph", "force"])
+def test_identical_profiles_give_finite_layout(method):
+    X = np.tile([1.0, 2.0, 3.0], (12, 1))
+    Y = get_estimator(method, random_state=0, **(
+        {"n_steps": 20, "progress": False} if method == "force" else {})).fit_transform(X)
+    assert np.isfinite(Y).all() and Y.min() >= 0 and Y.max() <= 1
+
+
+def test_precomputed_distances(clusters):
+    D = distance_matrix(clusters, "cosine")
+    for est in (KNNForceLayout(metric="precomputed", random_state=0),
+                PCALayout(metric="precomputed"),
+                SpringLayout(metric="precomputed", random_state=0)):
+        Y = est.fit_transform(D)
+        assert _trust(clusters, Y) > 0.75
+    with pytest.raises(ValueError, match="square"):
+        PCALayout(metric="precomputed").fit(clusters)
+    with pytest.raises(ValueError, match="symmetric"):
+        PCALayout(metric="precomputed").fit(D + np.triu(np.ones_like(D)))
+    with pytest.raises(ValueError, match="non-negative"):
+        PCALayout(metric="precomputed").fit(D - 1.0)
+
+
+def test_force_refines_given_positions(clusters):
+    start = PCALayout().fit_transform(clusters)
+    est = ForceLayout(init=start, n_steps=100, progress=False, random_state=0).fit(clusters)
+    np.testing.assert_array_equal(est.init_embedding_, start)
+    # the local pass spreads points: the closest pair gets farther apart (relative to size)
+    def closest(Y):
+        d = np.linalg.norm(Y[:, None] - Y[None], axis=-1)
+        np.fill_diagonal(d, np.inf)
+        return d.min()
+
+    assert closest(est.embedding_) > closest(start)
+
+
+def test_som_spreads_shared_cells():
+    X = np.repeat(clustered_profiles(10, random_state=2), 4, axis=0)  # 4 copies each
+    Y = SOMLayout(random_state=0).fit_transform(X)
+    assert len({tuple(np.round(p, 9)) for p in Y}) == X.shape[0]
+
+
+def test_graph_is_connected(clusters):
+    import networkx as nx
+
+    est = SpringLayout(random_state=0).fit(clusters)
+    assert nx.is_connected(est.graph_)
+    n = clusters.shape[0]
+    # about 7.5% of the pairs are edges, plus the joins
+    assert 0.05 * n * (n - 1) / 2 < est.graph_.number_of_edges() < 0.1 * n * (n - 1) / 2
+
+
+@pytest.mark.parametrize("method", ["exact", "split"])
+def test_grid_snap_one_neuron_per_cell(method, monkeypatch):
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(700, 2)) * [3.0, 1.0]
+    if method == "split":
+        monkeypatch.setattr("topoxr.layout.grid._EXACT_BLOCK", 64)
+    out = snap_to_grid(pts, method=method)
+    rows, cols = grid_shape(700, np.ptp(pts[:, 0]) / np.ptp(pts[:, 1]))
+    assert rows * cols >= 700 and cols > rows
+    keys = {tuple(np.round(p * max(rows, cols) - 0.5).astype(int)) for p in out}
+    assert len(keys) == 700
+    # order is kept: snapped x correlates strongly with the original x
+    assert np.corrcoef(out[:, 0], pts[:, 0])[0, 1] > 0.95
