@@ -202,3 +202,18 @@ def test_single_group_and_no_committed_samples():
 def test_dataarray_input_equals_dataset_input():
     ds = make_activations()
     xr.testing.assert_allclose(naps(ds.activation).drop_attrs(), naps(ds).drop_attrs())
+
+
+def test_inf_stays_in_its_group(backend):
+    ds = _layer(backend, n_samples=20)
+    vals = np.asarray(ds.activation.values).copy()
+    vals[2, 0, 1] = np.inf
+    vals[3, 1, 1] = np.nan
+    ds = ds.copy(data={"activation": vals})
+    nap = naps(ds, normalize=False).compute()
+    lab0, lab1 = ds.label.values[0], ds.label.values[1]
+    assert np.isposinf(nap.sel(label=lab0).isel(neuron=2, epoch=1))
+    others = nap.isel(neuron=2, epoch=1).drop_sel(label=lab0)
+    assert np.isfinite(others.values).all()
+    np.testing.assert_allclose(float(nap.sel(label=lab1).isel(neuron=3, epoch=1)),
+                               np.nanmean(vals[3, ds.label.values == lab1, 1]), rtol=1e-5)

@@ -106,8 +106,8 @@ def _block_sums(block: np.ndarray, codes: np.ndarray, n_codes: int) -> np.ndarra
 
     Returns ``(2, neuron, 1, 1, n_codes)`` float64: sums, then counts. Every epoch slice
     is reduced by one product with a one-hot matrix of the codes present in it (BLAS, in
-    the block's float dtype), so each value is read once; NaN shows up as NaN sums, and
-    only then is the slice reduced again with NaN masked out.
+    the block's float dtype), so each value is read once; NaN or inf show up as non-finite
+    sums, and only then is the slice reduced again group by group with NaN skipped.
     """
     out = np.zeros((2, block.shape[0], 1, 1, n_codes))
     sums, counts = out[0, :, 0, 0, :], out[1, :, 0, 0, :]  # views
@@ -122,13 +122,15 @@ def _block_sums(block: np.ndarray, codes: np.ndarray, n_codes: int) -> np.ndarra
         present, local = np.unique(c[keep], return_inverse=True)
         onehot = np.zeros((len(local), len(present)), dtype=vals.dtype)
         onehot[np.arange(len(local)), local] = 1
-        s = vals @ onehot
-        if np.isnan(s).any():
-            nan = np.isnan(vals)
-            s = np.where(nan, 0, vals) @ onehot
-            counts[:, present] += (~nan).astype(vals.dtype) @ onehot
-        else:
+        with np.errstate(invalid="ignore", over="ignore"):
+            s = vals @ onehot
+        if np.isfinite(s).all():
             counts[:, present] += onehot.sum(axis=0)
+        else:  # NaN or inf inside: per group, so inf * 0 cannot spoil the other groups
+            nan = np.isnan(vals)
+            s = np.stack([np.nansum(vals[:, local == g], axis=1)
+                          for g in range(len(present))], axis=1)
+            counts[:, present] += (~nan).astype(vals.dtype) @ onehot
         sums[:, present] += s
     return out
 
