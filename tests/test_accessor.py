@@ -68,3 +68,15 @@ def test_datatree_maps_over_layer_nodes(tmp_path):
 def test_tree_without_layers_is_refused():
     with pytest.raises(ValueError, match="no layer node"):
         xr.DataTree.from_dict({"/a": xr.Dataset()}).topo.naps()
+
+
+def test_plot_delegates_to_viz_topomap():
+    pytest.importorskip("holoviews")
+    from topoxr.viz import topomap
+
+    nap = topoxr.naps(make_activations(n_neurons=12))
+    laid = nap.topo.layout("pca", random_state=0, share=2)
+    via_accessor = laid.topo.plot(by=["label", "epoch"], interpolate=False)
+    direct = topomap(laid, by=["label", "epoch"], interpolate=False)
+    assert type(via_accessor) is type(direct)
+    assert list(via_accessor.keys()) == list(direct.keys())
