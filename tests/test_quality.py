@@ -176,3 +176,13 @@ def test_quality_of_an_identity_layout_is_perfect():
 def test_quality_without_layout_is_refused():
     with pytest.raises(QualityError, match="no layout"):
         quality(make_activations())
+
+
+def test_quality_reads_lazy_input_once():
+    from topoxr.testing import raise_if_dask_computes
+
+    ds = make_activations(n_neurons=20, chunks={"sample": 10, "epoch": 1})
+    laid = attach(ds, "pca", random_state=0)
+    with raise_if_dask_computes(max_computes=1):
+        q = quality(laid, k=5)
+    assert q.sizes["epoch"] == 3

@@ -462,6 +462,10 @@ def quality(
         profile = profiles(laid_out)
     if maps is None:
         maps = laid_out if _is_nap(laid_out) else compute_naps(laid_out, by="label")
+    # One pass over the data for both (they are the same NAPs by default), not one per epoch.
+    import dask
+
+    profile, maps = dask.compute(profile, maps)
     profile = profile.transpose(NEURON, FEATURE, ...)
     gdim = [d for d in maps.dims if d not in (NEURON, EPOCH)]
     if len(gdim) != 1:
