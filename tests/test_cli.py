@@ -76,8 +76,98 @@ def test_info_on_a_folder_that_is_not_a_store(tmp_path, capsys):
     assert (tmp_path / "stuff" / "file.txt").read_text() == "hello"
 
 
-def test_help_of_every_command():
-    for command in ["info", "demo"]:
-        result = run_cli(command, "--help")
-        assert result.returncode == 0
-        assert "usage: topoxr" in result.stdout
+@pytest.mark.parametrize("command", ["info", "demo", "naps", "layout", "render", "compare", "serve"])
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: topoxr {command}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# naps / layout / render / compare / serve on a store written with numpy
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    """Two models, 24 neurons with planted class selectivity, 3 epochs, predictions."""
+    from topoxr.testing import make_activations
+
+    path = str(tmp_path_factory.mktemp("cli") / "planted.zarr")
+    for model, seed in [("net_a", 0), ("net_b", 1)]:
+        ds = make_activations(n_neurons=24, n_samples=60, n_epochs=3, n_labels=4,
+                              random_state=seed)
+        act = ds["activation"] if hasattr(ds, "data_vars") else ds
+        act = act.transpose("neuron", "sample", "epoch")
+        labels = act["label"].values
+        with ActivationWriter(path, model=model) as writer:
+            for e, epoch in enumerate(act["epoch"].values):
+                pred = labels.copy()
+                pred[: 4 + e] = (pred[: 4 + e] + 1) % 4  # a few wrong predictions
+                writer.write("hidden", act.isel(epoch=e).values.T, sample=act["sample"].values,
+                             label=labels, prediction=pred, epoch=int(epoch))
+    return path
+
+
+def test_naps_prints_groups_and_writes_csv(planted_store, tmp_path, capsys):
+    assert main(["naps", planted_store, "--model", "net_a", "--by", "label,correct"]) == 0
+    assert "net_a/hidden: 24 neurons" in capsys.readouterr().out
+    out = tmp_path / "naps.csv"
+    assert main(["naps", planted_store, "--out", str(out)]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert set(table["model"]) == {"net_a", "net_b"}
+    assert {"neuron", "label", "epoch", "nap", "count"} <= set(table.columns)
+    # normalised NAPs: per neuron, epoch and model, the mean over labels is zero
+    means = table.groupby(["model", "neuron", "epoch"])["nap"].mean()
+    assert np.allclose(means, 0, atol=1e-5)
+
+
+def test_layout_saves_into_the_store_and_render_uses_it(planted_store, tmp_path, capsys):
+    pytest.importorskip("holoviews")
+    from topoxr import open_store
+
+    assert main(["layout", planted_store, "--model", "net_a", "--method", "pca",
+                 "--name", "clipca", "--no-progress"]) == 0
+    assert "trustworthiness" in capsys.readouterr().out
+    node = open_store(planted_store)["net_a/hidden"]
+    saved = node["layouts/clipca"]
+    x = saved.to_dataset()["x"].values
+    assert x.shape == (24,) and np.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
+    html = tmp_path / "maps.html"
+    assert main(["render", planted_store, "--model", "net_a", "--layout", "clipca",
+                 "--out", str(html)]) == 0
+    text = html.read_text()
+    assert "net_a / hidden" in text and "<script" in text
+    png = tmp_path / "maps.png"
+    assert main(["render", planted_store, "--model", "net_b", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_writes_a_side_by_side_report(planted_store, tmp_path):
+    pytest.importorskip("holoviews")
+    out = tmp_path / "compare.html"
+    assert main(["compare", planted_store, "--models", "net_a", "net_b", "--layer", "hidden",
+                 "--out", str(out)]) == 0
+    assert "net_a/hidden vs net_b/hidden" in out.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["naps", "{store}", "--layer", "nope"], "no layer matches"),
+        (["naps", "{store}", "--by", "nope"], "nope"),
+        (["layout", "{store}", "--method", "nope", "--no-progress"], "registered methods"),
+        (["layout", "{store}", "--epoch", "99", "--no-progress"], "epoch 99 is not recorded"),
+        (["render", "{store}", "--layout", "missing", "--out", "{tmp}/x.html"], "no layout"),
+        (["render", "{store}", "--out", "{tmp}/x.pdf"], ".html, .png or .gif"),
+        (["serve", "{tmp}/absent.zarr"], "no topoxr store"),
+    ],
+)
+def test_analysis_user_errors_are_one_line(planted_store, tmp_path, capsys, args, needle):
+    args = [a.format(store=planted_store, tmp=tmp_path) for a in args]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("topoxr ")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err

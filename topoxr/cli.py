@@ -204,15 +204,15 @@ def _laid_naps(path: str, model: str, layer: str, ds: Any, by: Any, layout: str 
 def _cmd_render(args: argparse.Namespace) -> int:
     from topoxr._optional import import_optional
 
-    import_optional("holoviews", extra="viz", purpose="topoxr render")
-    from topoxr.viz import Report, save_gif, save_png, topomap
-
-    by = _by(args.by)
-    nodes = _layer_nodes(args.path, args.model, args.layer)
     out = args.out
     suffix = out.rsplit(".", 1)[-1].lower() if "." in out else ""
     if suffix not in ("html", "png", "gif"):
         raise CommandError("--out must end in .html, .png or .gif")
+    by = _by(args.by)
+    nodes = _layer_nodes(args.path, args.model, args.layer)
+    import_optional("holoviews", extra="viz", purpose="topoxr render")
+    from topoxr.viz import Report, save_gif, save_png, topomap
+
     keys = [by] if isinstance(by, str) else list(by)
     laid = [(m, l, _laid_naps(args.path, m, l, ds, by, args.layout, args.seed))
             for m, l, ds in nodes]
