@@ -18,11 +18,13 @@ norm of the layer is *degenerate*; then, by definition:
 * a warning is logged and the neuron ids are listed in the ``dead_neurons`` (all-zero
   profile) and ``constant_neurons`` (constant, non-zero profile) attributes.
 
-The same convention holds for the coordinates handed to layout estimators
-(:func:`profile_matrix`): rows are L2-normalised (centred first for correlation) and
-degenerate rows become zero, so the Euclidean distance between rows is
-``sqrt(2 * cosine distance)`` for live neurons and exactly 1 between a live and a
-degenerate neuron: Euclidean methods see the same geometry as the cosine distances.
+The same convention holds for the Euclidean coordinates of :func:`profile_matrix`
+(used by :mod:`topoxr.quality`): rows are L2-normalised (centred first for correlation)
+and degenerate rows become zero, so the Euclidean distance between rows is
+``sqrt(2 * cosine distance)`` for live neurons, exactly 1 between a live and a
+degenerate neuron and 0 between degenerate ones: Euclidean methods see the same
+neighbourhoods as the cosine distances. Layout estimators receive the raw profiles and
+the metric (:func:`topoxr.layout.attach.attach`) and handle zero rows themselves.
 """
 
 from __future__ import annotations
