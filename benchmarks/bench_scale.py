@@ -3,12 +3,14 @@
 Step 1 (``record``): a child process writes a layer of 1024 neurons for a probe set of
 32768 samples over as many epochs as make 8 GB (quick: 512 neurons x 16384 samples,
 about 300 MB) through :class:`topoxr.ActivationWriter`, batch by batch.
-Step 2 (``naps``): another child opens the store lazily and computes the neuron
+Step 2 (``read_all``): a child opens the store and sums every value (the reader alone).
+Step 3 (``naps``): another child opens the store lazily and computes the neuron
 activation patterns by label for every epoch (:func:`topoxr.naps.naps`, one out-of-core
 dask/flox pass), then checks one epoch against an in-memory numpy computation.
 
-Each step reports wall time, throughput and the child's peak RSS (psutil, sampled every
-20 ms).  Free disk is checked first; the data is deleted afterwards.
+Each step reports wall time, throughput and the child's peak RSS (the kernel's maximum
+resident set of the child at the end of the step; psutil samples every 20 ms of the
+whole child, numpy check included, are reported beside it).  Free disk is checked first; the data is deleted afterwards.
 Run ``python -m benchmarks scale [--quick]``.
 """
 
@@ -49,8 +51,22 @@ with ActivationWriter({path!r}, model="big", mode="w") as w:
 print(json.dumps({{"seconds": time.perf_counter() - t, "rss_after_imports": rss0}}))
 """
 
+_READ = """
+import sys, time, json, resource
+import numpy as np, psutil
+sys.path.insert(0, {root!r})
+from topoxr import open_store
+rss0 = psutil.Process().memory_info().rss
+t = time.perf_counter()
+ds = open_store({path!r})["big/layer"].to_dataset()
+total = float(ds.activation.sum(dtype="float64").compute())
+seconds = time.perf_counter() - t
+print(json.dumps({{"seconds": seconds, "rss_after_imports": rss0, "total": total,
+                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
 _NAPS = """
-import sys, time, json
+import sys, time, json, resource
 import numpy as np, psutil, dask
 sys.path.insert(0, {root!r})
 from topoxr import open_store
@@ -60,6 +76,7 @@ t = time.perf_counter()
 ds = open_store({path!r})["big/layer"].to_dataset()
 nap = naps(ds, by="label", normalize=False).compute()
 seconds = time.perf_counter() - t
+peak_naps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 # check one epoch against plain numpy on that epoch alone
 e = ds.sizes["epoch"] // 2
 one = ds.activation.isel(epoch=e).values
@@ -67,6 +84,7 @@ labels = ds.label.values
 want = np.stack([one[:, labels == g].mean(axis=1) for g in range(nap.sizes["label"])], axis=1)
 err = float(np.abs(nap.isel(epoch=e).values - want).max())
 print(json.dumps({{"seconds": seconds, "rss_after_imports": rss0, "max_abs_error": err,
+                   "peak_rss_naps": peak_naps,
                    "nap_shape": list(nap.shape), "threads": dask.system.CPU_COUNT}}))
 """
 
@@ -110,6 +128,7 @@ def main(quick: bool = False) -> dict:
     try:
         rec, rec_peak = _run_sampled(_RECORD.format(**fmt))
         on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        read, _ = _run_sampled(_READ.format(**fmt))
         ana, ana_peak = _run_sampled(_NAPS.format(**fmt))
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -125,12 +144,21 @@ def main(quick: bool = False) -> dict:
             "rss_after_imports_mb": round(rec["rss_after_imports"] / MB, 1),
             "store_over_peak_rss": round(size / rec_peak, 1),
         },
+        "read_all": {
+            "what": "open_store + sum of every activation (one dask pass)",
+            "seconds": round(read["seconds"], 2),
+            "throughput_mb_s": round(size / MB / read["seconds"], 1),
+            "peak_rss_mb": round(read["peak_rss"] / MB, 1),
+            "rss_after_imports_mb": round(read["rss_after_imports"] / MB, 1),
+            "store_over_peak_rss": round(size / read["peak_rss"], 1),
+        },
         "naps_by_label": {
             "seconds": round(ana["seconds"], 2),
             "throughput_mb_s": round(size / MB / ana["seconds"], 1),
-            "peak_rss_mb": round(ana_peak / MB, 1),
+            "peak_rss_mb": round(ana["peak_rss_naps"] / MB, 1),
+            "peak_rss_with_numpy_check_mb": round(ana_peak / MB, 1),
             "rss_after_imports_mb": round(ana["rss_after_imports"] / MB, 1),
-            "store_over_peak_rss": round(size / ana_peak, 1),
+            "store_over_peak_rss": round(size / ana["peak_rss_naps"], 1),
             "dask_threads": ana["threads"],
             "nap_shape": ana["nap_shape"],
             "max_abs_error_vs_numpy_one_epoch": ana["max_abs_error"],
