@@ -9,6 +9,7 @@ Both are timed here on the same values (10 groups x 20 epochs x 512 neurons onto
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -77,6 +78,7 @@ def _run(quick: bool) -> dict:
         "speedup_reused": round(t_ref / t_call, 1),
         "target_speedup": 5.0,
         "blas_threads": 1,
+        "load_average_1min": round(os.getloadavg()[0], 1),
         "max_abs_difference": diff,
     }
 

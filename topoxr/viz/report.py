@@ -521,7 +521,8 @@ def save_html(obj: Any, path: str | Path, *, title: str = "topoxr", max_frames: 
 def save_png(obj: Any, path: str | Path, *, dpi: int = 100, fig_inches: float | None = None) -> Path:
     """Save a HoloViews object as a PNG figure with the matplotlib backend.
 
-    A ``HoloMap`` is drawn at its first key; pass ``hmap[key]`` for another frame.
+    A ``HoloMap`` is drawn at its last key (e.g. the last epoch: the trained network);
+    pass ``hmap[key]`` for another frame.
 
     Parameters
     ----------
@@ -544,7 +545,9 @@ def save_png(obj: Any, path: str | Path, *, dpi: int = 100, fig_inches: float | 
     if isinstance(obj, hv.DynamicMap):
         obj = _sample_dynamic(obj, max_frames=10_000)
     if isinstance(obj, hv.HoloMap) and len(obj) > 1:
-        obj = obj[obj.keys()[0]]
+        obj = obj.last
+    if isinstance(obj, hv.GridSpace):
+        obj = _grid_as_layout(obj)
     renderer = hv.renderer("matplotlib").instance(dpi=dpi, fig="png")
     plot = renderer.get_plot(obj)
     if fig_inches is not None:
@@ -555,6 +558,26 @@ def save_png(obj: Any, path: str | Path, *, dpi: int = 100, fig_inches: float | 
         out.replace(path)
     _close_mpl(plot)
     return path
+
+
+def _grid_as_layout(grid: Any) -> Any:
+    """A GridSpace as a titled Layout (matplotlib draws GridSpace cells too small)."""
+    from holoviews.core.layout import Empty
+
+    xdim, ydim = (d.name for d in grid.kdims)
+    xs = _unique(k[0] for k in grid.keys())
+    ys = _unique(k[1] for k in grid.keys())[::-1]  # top row first
+    cells = []
+    for y in ys:
+        for x in xs:
+            if (x, y) in grid.data:
+                cell = grid[(x, y)]
+                if isinstance(cell, hv.HoloMap):
+                    cell = cell.last
+                cells.append(cell.relabel(f"{xdim}={x}, {ydim}={y}"))
+            else:
+                cells.append(Empty())
+    return hv.Layout(cells).cols(len(xs)).opts(sublabel_format="", backend="matplotlib")
 
 
 def _close_mpl(plot: Any) -> None:

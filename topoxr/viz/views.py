@@ -19,7 +19,15 @@ import numpy as np
 import xarray as xr
 
 from topoxr import conventions as cv
-from topoxr.viz.topomap import MODEL, _normalise, collect, group_keys, hv, to_holoviews
+from topoxr.viz.topomap import (
+    _HAS_MPL,
+    MODEL,
+    _normalise,
+    collect,
+    group_keys,
+    hv,
+    to_holoviews,
+)
 
 __all__ = [
     "class_row",
@@ -142,8 +150,12 @@ def _example_element(image: np.ndarray, title: str) -> Any:
         raise ValueError(f"example inputs must be 2-D images (or RGB), got shape {img.shape}")
     h, w = img.shape
     el = hv.Image(img, bounds=(0, 0, w, h), label=title, vdims=["input"])
-    return el.opts(cmap="gray_r", xaxis=None, yaxis=None, frame_width=120, frame_height=120,
-                   colorbar=False, toolbar=None, backend="bokeh")
+    el = el.opts(cmap="gray_r", xaxis=None, yaxis=None, frame_width=120, frame_height=120,
+                 colorbar=False, toolbar=None, backend="bokeh")
+    if _HAS_MPL:
+        el = el.opts(cmap="gray_r", xaxis=None, yaxis=None, colorbar=False,
+                     backend="matplotlib")
+    return el
 
 
 def _key_title(keys: list[str], key: tuple) -> str:
@@ -207,7 +219,14 @@ def class_row(
                 raise ValueError(f"no example input for group {k!r}")
             items.append(_example_element(ex, _key_title(keys, k)))
     layout = hv.Layout(items + maps).cols(len(ordered))
-    return layout.opts(shared_axes=False, backend="bokeh")
+    return _layout_opts(layout)
+
+
+def _layout_opts(layout: Any) -> Any:
+    layout = layout.opts(shared_axes=False, backend="bokeh")
+    if _HAS_MPL:
+        layout = layout.opts(sublabel_format="", backend="matplotlib")
+    return layout
 
 
 def _grid(laid_naps: xr.DataArray, xkey: str, ykey: str, epoch: Any,
@@ -313,7 +332,7 @@ def training_animation(
         frames = {(e,): col.element((*g, e)).relabel(_key_title(keys, g) if keys else "")
                   for e in epochs if (*g, e) in col.frames}
         panels.append(hv.HoloMap(frames, kdims=[cv.EPOCH]))
-    return hv.Layout(panels).cols(len(panels)).opts(shared_axes=False, backend="bokeh")
+    return _layout_opts(hv.Layout(panels).cols(len(panels)))
 
 
 def compare_models(
