@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from topoxr.activations import REDUCE_MODES, reduce_units
-from topoxr.conventions import ATTR_LAYER, LABEL, SAMPLE
-from topoxr.store import ActivationWriter, StoreError, open_store
+from topoxr.conventions import ATTR_LAYER, ATTR_MODEL, LABEL, SAMPLE
+from topoxr.store import ActivationWriter, open_store
 
 __all__ = [
     "ADAPTER_GROUP",
@@ -409,7 +409,7 @@ def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, Stored
     except FileNotFoundError:
         return {}
     model_node = next((child for child in tree.children.values()
-                       if child.attrs.get("topoxr_model") == model), None)
+                       if child.attrs.get(ATTR_MODEL) == model), None)
     if model_node is None:
         return {}
     out = {}
@@ -822,7 +822,10 @@ def run_recording(
     Raises
     ------
     RecordingError
-        For bad input, detected before writing.
+        For bad input, detected before anything is written.
+    topoxr.StoreError
+        If the store refuses a write later on (committed batches stay readable and the
+        run can be resumed).
     """
     from tqdm.auto import tqdm
 
@@ -878,10 +881,6 @@ def run_recording(
         if scalars:
             writer.log_epoch(epoch, **{k: float(v) for k, v in scalars.items()})
         written = bg.written
-    except StoreError as err:
-        if owns:
-            writer.__exit__(type(err), err, None)
-        raise RecordingError(str(err)) from err
     except BaseException as err:
         if owns:
             writer.__exit__(type(err), err, None)

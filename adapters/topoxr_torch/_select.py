@@ -10,7 +10,7 @@ from topoxr.recording import RecordingError, resolve_layers
 
 torch = import_optional("torch", extra="torch", purpose="topoxr_torch")
 
-__all__ = ["first_tensor", "layer_names", "select_layers"]
+__all__ = ["check_key", "describe", "first_tensor", "layer_names", "select_layers"]
 
 
 def layer_names(model: torch.nn.Module) -> list[str]:
