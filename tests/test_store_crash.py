@@ -128,6 +128,7 @@ def assert_consistent(store, writes, epochs_done):
 # --------------------------------------------------------------------------------------
 # SIGKILL
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(tmp_path, reference):
     rng = np.random.default_rng(SEED)
     store = tmp_path / "run.zarr"
@@ -206,6 +207,7 @@ def test_plain_xarray_after_kill_and_resume(tmp_path, reference):
 # --------------------------------------------------------------------------------------
 # a reader beside a writer
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_concurrent_reader_never_sees_a_torn_batch(tmp_path, reference):
     store = tmp_path / "run.zarr"
     done = tmp_path / "done"
@@ -333,6 +335,7 @@ _TMPFS_DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_tmpfs(tmp_path, reference):
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         pytest.skip("needs unshare and mount")
