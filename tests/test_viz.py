@@ -107,6 +107,9 @@ def test_default_by_is_every_varying_key_and_epoch_defaults_to_last(viz, nap):
     by_label = viz.topomap(nap, by="label")
     np.testing.assert_allclose(_points(by_label[3]).dimension_values("nap"),
                                nap.sel(label=3).isel(epoch=-1).values)
+    # limits are shared by the maps drawn: here the last epoch's
+    m_last = float(np.nanmax(np.abs(nap.isel(epoch=-1).values)))
+    assert _image(by_label[0]).vdims[0].range == (-m_last, m_last)
     single = viz.topomap(nap.sel(label=1, epoch=2))
     assert isinstance(single, hv.Overlay)
 
@@ -299,3 +302,26 @@ def test_core_does_not_import_viz():
             "print(any(m.startswith(('topoxr.viz', 'holoviews', 'bokeh')) for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_real_store_naps_and_layouts_end_to_end(viz, tmp_path):
+    """NAPs of a real on-disk store, laid out per epoch, keyed by label x correct."""
+    from topoxr import open_store
+    from topoxr.layout.attach import attach
+    from topoxr.naps import naps
+    from topoxr.testing import make_activations, write_store
+
+    ds = make_activations(n_neurons=16, n_samples=48, n_epochs=2, n_labels=3, random_state=0)
+    path = write_store(ds, str(tmp_path / "run.zarr"), model="mlp", layer="hidden")
+    layer = open_store(path)["mlp/hidden"].to_dataset()
+    laid = attach(naps(layer, by="label").compute(), "pca", random_state=0)
+    assert laid.x.dims == ("neuron", "epoch")  # one aligned layout per epoch
+    contrast = naps(layer, by=["label", "correct"]).compute().assign_coords(
+        x=laid.x.variable, y=laid.y.variable)
+    hmap = viz.topomap(contrast, by=["label", "correct", "epoch"])
+    assert len(hmap) == contrast.sizes["group"] * 2
+    lab, cor = contrast.indexes["group"][0]
+    pts = _points(hmap[(int(lab), bool(cor), 1)])
+    np.testing.assert_allclose(pts.dimension_values("nap"),
+                               contrast.sel(group=(lab, cor), epoch=1).values, equal_nan=True)
+    np.testing.assert_allclose(pts.dimension_values("x"), laid.x.sel(epoch=1).values)

@@ -17,7 +17,7 @@ matplotlib) plotting options; it never calls ``hv.extension`` and never shows an
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,7 @@ class _Source:
     counts: np.ndarray | None  # (group, epoch)
     interp_kwargs: dict[str, Any]
     _interps: dict[int, GridInterpolator] = field(default_factory=dict)
-    _maps: np.ndarray | None = None
+    _cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     @property
     def per_epoch_layout(self) -> bool:
@@ -86,25 +86,38 @@ class _Source:
             return self.x[epoch_index], self.y[epoch_index]
         return self.x, self.y
 
+    def precompute(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Interpolate the maps of many (group, epoch) pairs: one call per layout."""
+        todo = sorted({p for p in pairs if p not in self._cache})
+        by_layout: dict[int, list[tuple[int, int]]] = {}
+        for gi, ei in todo:
+            by_layout.setdefault(ei if self.per_epoch_layout else 0, []).append((gi, ei))
+        for k, items in by_layout.items():
+            g, e = np.array(items).T
+            maps = self.interpolator(k)(self.values[g, e])  # (n_items, ny, nx)
+            self._cache.update(zip(items, maps, strict=True))
+
     def all_maps(self) -> np.ndarray:
-        """Every (group, epoch) map, one vectorised call per distinct layout."""
-        if self._maps is None:
-            if self.per_epoch_layout:
-                self._maps = np.stack(
-                    [self.interpolator(e)(self.values[:, e]) for e in range(len(self.epochs))],
-                    axis=1,
-                )
-            else:
-                self._maps = self.interpolator(0)(self.values)
-        return self._maps
+        """Every (group, epoch) map as an array ``(group, epoch, ny, nx)``."""
+        n_g, n_e = self.values.shape[:2]
+        self.precompute((g, e) for g in range(n_g) for e in range(n_e))
+        return np.stack([np.stack([self._cache[(g, e)] for e in range(n_e)])
+                         for g in range(n_g)])
 
     def one_map(self, gi: int, ei: int) -> np.ndarray:
-        if self._maps is not None:
-            return self._maps[gi, ei]
-        return self.interpolator(ei)(self.values[gi, ei])
+        if (gi, ei) not in self._cache:
+            return self.interpolator(ei)(self.values[gi, ei])
+        return self._cache[(gi, ei)]
 
-    def max_abs(self) -> float:
-        finite = self.values[np.isfinite(self.values)]
+    def max_abs(self, pairs: Iterable[tuple[int, int]] | None = None) -> float:
+        """Largest absolute NAP over the given (group, epoch) pairs (default: all)."""
+        vals = self.values
+        if pairs is not None:
+            idx = list(pairs)
+            if idx:
+                g, e = np.array(idx).T
+                vals = self.values[g, e]
+        finite = vals[np.isfinite(vals)]
         return float(np.abs(finite).max()) if finite.size else 1.0
 
 
@@ -271,6 +284,13 @@ class MapCollection:
             return sorted(vals)
         except TypeError:
             return list(vals)
+
+    def precompute(self) -> None:
+        """Interpolate every frame's map: one vectorised call per layout."""
+        if not self.style["interpolate"]:
+            return
+        for si, src in enumerate(self.sources):
+            src.precompute((gi, ei) for s2, gi, ei in self.frames.values() if s2 == si)
 
     def element(self, key: tuple) -> hv.Overlay:
         """The overlay (image, contours, points) of one frame, or an empty one if absent."""
@@ -442,12 +462,15 @@ def collect(
         )
     by_list = _resolve_by(by, sources, multi)
     frames = _frames(sources, by_list, multi)
-    if clim is None:  # per layer: symmetric around zero, shared by all its groups and epochs
-        clims = [(-s.max_abs(), s.max_abs()) for s in sources]
+    drawn = [[(gi, ei) for si2, gi, ei in frames.values() if si2 == si]
+             for si in range(len(sources))]
+    tops = [s.max_abs(pairs) for s, pairs in zip(sources, drawn, strict=True)]
+    if clim is None:  # per layer: symmetric around zero, shared by every map drawn of it
+        clims = [(-m, m) for m in tops]
     elif isinstance(clim, str):
         if clim != "shared":
             raise ValueError(f'clim must be None, "shared", a number or (low, high), got {clim!r}')
-        m = max(s.max_abs() for s in sources)
+        m = max(tops)
         clims = [(-m, m)] * len(sources)
     elif isinstance(clim, int | float):
         clims = [(-abs(float(clim)), abs(float(clim)))] * len(sources)
@@ -578,9 +601,6 @@ def to_holoviews(col: MapCollection, *, dynamic: bool = False) -> Any:
     """
     if not col.by:
         (key,) = col.frames
-        if col.style["interpolate"]:
-            for s in col.sources:
-                s.all_maps()
         return col.element(key)
     if dynamic:
         kdims = [hv.Dimension(d, values=col.key_values(d)) for d in col.by]
@@ -589,7 +609,5 @@ def to_holoviews(col: MapCollection, *, dynamic: bool = False) -> Any:
             return col.element(tuple(key))
 
         return hv.DynamicMap(callback, kdims=kdims)
-    if col.style["interpolate"]:
-        for s in col.sources:  # every group and epoch of a layout in one vectorised call
-            s.all_maps()
+    col.precompute()
     return hv.HoloMap({k: col.element(k) for k in col.frames}, kdims=list(col.by))

@@ -207,9 +207,7 @@ def class_row(
         missing = [k for k in ordered if k not in col.frames]
         if missing:
             raise ValueError(f"order names groups that are not in the NAPs: {missing}")
-    for s in col.sources:
-        if col.style["interpolate"]:
-            s.all_maps()
+    col.precompute()
     maps = [col.element(k).relabel(_key_title(keys, k)) for k in ordered]
     items: list[Any] = []
     if examples is not None:
@@ -323,9 +321,7 @@ def training_animation(
         ordered = list(dict.fromkeys(k[:-1] for k in col.frames))
     else:
         ordered = [k if isinstance(k, tuple) else (k,) for k in order]
-    for s in col.sources:
-        if col.style["interpolate"]:
-            s.all_maps()
+    col.precompute()
     epochs = col.key_values(cv.EPOCH)
     panels = []
     for g in ordered:
