@@ -11,10 +11,10 @@ import urllib.request
 import numpy as np
 import pytest
 
+from topoxr.testing import make_activations, write_store
+
 pytest.importorskip("panel")
 hv = pytest.importorskip("holoviews")
-
-from topoxr.testing import make_activations, write_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_store_without_layers_is_refused(tmp_path):
     from topoxr.viz.app import build_app
 
     zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
-    with pytest.raises(Exception, match="(?i)store|layer"):
+    with pytest.raises(Exception, match=r"(?i)store|layer"):
         build_app(str(tmp_path / "empty.zarr"))
 
 

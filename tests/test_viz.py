@@ -9,14 +9,13 @@ import pytest
 import xarray as xr
 
 from tests.conftest import requires_holoviews
+from topoxr.conventions import ConventionError
+from topoxr.interpolate import GridInterpolator
+from topoxr.testing.maps import make_laid_naps
 
 pytestmark = requires_holoviews
 
 hv = pytest.importorskip("holoviews")
-
-from topoxr.conventions import ConventionError  # noqa: E402
-from topoxr.interpolate import GridInterpolator  # noqa: E402
-from topoxr.testing.maps import make_laid_naps  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +130,7 @@ def test_stacked_groups_only_combinations_that_occur(viz):
     nap = make_laid_naps(n_neurons=20, n_labels=3, n_epochs=2, by=["label", "correct"])
     hmap = viz.topomap(nap, by=["label", "correct", "epoch"])
     occurring = {(int(lab), bool(c)) for lab, c in nap.indexes["group"]}
-    assert {(k[0], k[1]) for k in hmap.keys()} == occurring
+    assert {(k[0], k[1]) for k in hmap.data} == occurring
     key = next(iter(occurring))
     expected = nap.sel(group=key).isel(epoch=0)
     np.testing.assert_allclose(_points(hmap[(*key, 0)]).dimension_values("nap"), expected.values)
@@ -154,7 +153,7 @@ def test_empty_group_is_an_empty_map(viz):
 def test_models_side_by_side_keyed_by_model(viz, nap):
     other = make_laid_naps(n_neurons=18, n_labels=4, n_epochs=3, random_state=2, model="keras")
     hmap = viz.topomap([nap, other], by=["model", "label"])
-    assert {k[0] for k in hmap.keys()} == {"mlp", "keras"}
+    assert {k[0] for k in hmap.data} == {"mlp", "keras"}
     pts = _points(hmap[("keras", 2)])
     assert len(pts) == 18
     np.testing.assert_allclose(pts.dimension_values("x"), other.x.values)

@@ -84,7 +84,7 @@ def make_laid_naps(
             second = list(labels)
         groups = [(int(k), v) for k in labels for v in second]
         # leave out a few combinations (they never occur in the data)
-        keep = [g for i, g in enumerate(groups) if not (i % 5 == 4)]
+        keep = [g for i, g in enumerate(groups) if i % 5 != 4]
         groups = keep
         base = np.stack([
             blob(k) * (1.0 if (v is True or v == k) else -0.5)

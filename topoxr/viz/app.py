@@ -195,7 +195,7 @@ class TopomapApp:
 
     def refresh(self) -> None:
         """Redraw the maps for the current widget values."""
-        if getattr(self, "_holding", False) or not self.layer.value or not self.layout.value:
+        if getattr(self, "_holding", 0) or not self.layer.value or not self.layout.value:
             return
         try:
             self.view.object = self.figure()
@@ -227,10 +227,10 @@ class _hold:
         self.app = app
 
     def __enter__(self) -> None:
-        self.app._holding = True
+        self.app._holding = getattr(self.app, "_holding", 0) + 1
 
     def __exit__(self, *exc: Any) -> None:
-        self.app._holding = False
+        self.app._holding -= 1
 
 
 def build_app(path: str | Path, **kwargs: Any) -> Any:

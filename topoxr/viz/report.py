@@ -203,7 +203,7 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
               "labels": labels, "names": [str(d.pprint_label) for d in dims]},
         code=_SWAP_JS,
     )
-    for w, kind in zip(widgets, kinds, strict=True):
+    for w in widgets:
         w.js_on_change("value", callback)
     return column(plot.state, *controls)
 
@@ -221,7 +221,9 @@ def _sample_dynamic(dmap: Any, max_frames: int) -> Any:
         values.append(list(d.values))
     keys = list(itertools.product(*values))
     if len(keys) > max_frames:
-        raise ValueError(f"the DynamicMap has {len(keys)} frames, more than max_frames={max_frames}")
+        raise ValueError(
+            f"the DynamicMap has {len(keys)} frames, more than max_frames={max_frames}"
+        )
     return hv.HoloMap({k: dmap[k] for k in keys}, kdims=dmap.kdims)
 
 
@@ -518,7 +520,9 @@ def save_html(obj: Any, path: str | Path, *, title: str = "topoxr", max_frames: 
     return Report(title).add(obj).save(path, max_frames=max_frames)
 
 
-def save_png(obj: Any, path: str | Path, *, dpi: int = 100, fig_inches: float | None = None) -> Path:
+def save_png(
+    obj: Any, path: str | Path, *, dpi: int = 100, fig_inches: float | None = None
+) -> Path:
     """Save a HoloViews object as a PNG figure with the matplotlib backend.
 
     A ``HoloMap`` is drawn at its last key (e.g. the last epoch: the trained network);
@@ -565,8 +569,9 @@ def _grid_as_layout(grid: Any) -> Any:
     from holoviews.core.layout import Empty
 
     xdim, ydim = (d.name for d in grid.kdims)
-    xs = _unique(k[0] for k in grid.keys())
-    ys = _unique(k[1] for k in grid.keys())[::-1]  # top row first
+    keys = list(grid.keys())
+    xs = _unique(k[0] for k in keys)
+    ys = _unique(k[1] for k in keys)[::-1]  # top row first
     cells = []
     for y in ys:
         for x in xs:

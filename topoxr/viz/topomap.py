@@ -251,7 +251,8 @@ def _sources(laid_naps: Any, interp_kwargs: dict[str, Any]) -> tuple[list[_Sourc
             if name in names:  # same model, several layers
                 name = f"{name}/{attrs.get(cv.ATTR_LAYER, i)}"
             names.append(name)
-        return [_make_source(n, d, interp_kwargs) for n, d in zip(names, laid_naps, strict=True)], True
+        pairs = zip(names, laid_naps, strict=True)
+        return [_make_source(n, d, interp_kwargs) for n, d in pairs], True
     src = _make_source(None, laid_naps, interp_kwargs)
     src.name = src.model
     return [src], False
@@ -328,7 +329,8 @@ def _build_overlay(
     title_suffix: str = "",
 ) -> hv.Overlay:
     vdim = hv.Dimension(src.vname, label=style["value_label"] or src.vname, range=clim)
-    kx, ky = hv.Dimension(cv.X, range=interp.bounds[:2]), hv.Dimension(cv.Y, range=interp.bounds[2:])
+    kx = hv.Dimension(cv.X, range=interp.bounds[:2])
+    ky = hv.Dimension(cv.Y, range=interp.bounds[2:])
     label = src.layer if not title_suffix else f"{src.layer} {title_suffix}"
     layers: list[Any] = []
     cmap = style["cmap"]
@@ -396,7 +398,9 @@ def _resolve_by(by: str | Sequence[str] | None, sources: list[_Source], multi: b
     return out
 
 
-def _frames(sources: list[_Source], by: list[str], multi: bool) -> dict[tuple, tuple[int, int, int]]:
+def _frames(
+    sources: list[_Source], by: list[str], multi: bool
+) -> dict[tuple, tuple[int, int, int]]:
     frames: dict[tuple, tuple[int, int, int]] = {}
     for si, src in enumerate(sources):
         # epoch not in by: draw the last epoch (the trained network)
@@ -418,8 +422,10 @@ def _frames(sources: list[_Source], by: list[str], multi: bool) -> dict[tuple, t
                         )
                 key = tuple(parts)
                 if key in frames:
-                    varying = [k for k in src.keys if k not in by and len({g[src.keys.index(k)]
-                                                                           for g in src.groups}) > 1]
+                    varying = [
+                        k for k in src.keys
+                        if k not in by and len({g[src.keys.index(k)] for g in src.groups}) > 1
+                    ]
                     if multi and MODEL not in by:
                         varying = [MODEL, *varying]
                     raise ValueError(

@@ -138,7 +138,7 @@ def example_inputs(
 def _example_element(image: np.ndarray, title: str) -> Any:
     img = np.asarray(image, dtype=float)
     if img.ndim == 1:
-        side = int(round(np.sqrt(img.size)))
+        side = round(float(np.sqrt(img.size)))
         if side * side != img.size:
             raise ValueError(f"a flat example input of {img.size} values is not a square image")
         img = img.reshape(side, side)
