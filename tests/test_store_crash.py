@@ -434,3 +434,24 @@ def test_a_layer_with_a_missing_array_is_reported(damaged):
     with topoxr.ActivationWriter(str(damaged), model="net", mode="w") as writer:
         writer.write("dense", np.ones((2, 3)), sample=[0, 1])
     assert open_store(damaged)["net/dense"].sizes["neuron"] == 3
+
+
+@pytest.mark.parametrize("coordinate", ["sample", "epoch"])
+def test_a_grown_but_unfilled_coordinate_is_not_data(tmp_path, reference, coordinate):
+    """The state a kill between growing a coordinate and filling it leaves behind."""
+    store = str(tmp_path / "run.zarr")
+    half = script.Plan(epochs=2)
+    script.record(store, half)
+    for layer in script.LAYERS:
+        group = zarr.open_group(store, mode="r+", use_consolidated=False)[f"net/{layer}"]
+        for name, arr in group.arrays():  # grow everything, as the writer does first
+            dims = arr.metadata.dimension_names
+            if coordinate in dims:
+                arr.resize(tuple(s + 3 if d == coordinate else s
+                                 for d, s in zip(dims, arr.shape, strict=True)))
+    tree = open_store(store)
+    ds = tree["net/dense"].to_dataset()
+    assert ds.sizes["sample"] == PLAN.n_samples and ds.sizes["epoch"] == 2
+    assert script.check_snapshot(store) > 0
+    script.record(store)  # resume repairs and completes the three epochs
+    assert_same_store(store, reference)
