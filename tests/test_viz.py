@@ -324,3 +324,19 @@ def test_real_store_naps_and_layouts_end_to_end(viz, tmp_path):
     np.testing.assert_allclose(pts.dimension_values("nap"),
                                contrast.sel(group=(lab, cor), epoch=1).values, equal_nan=True)
     np.testing.assert_allclose(pts.dimension_values("x"), laid.x.sel(epoch=1).values)
+
+
+def test_to_bokeh_select_for_text_keys_and_sampled_dynamicmap(viz, nap):
+    from bokeh.models import Select, Slider
+
+    other = make_laid_naps(n_neurons=25, n_labels=4, n_epochs=3, random_state=1, model="b")
+    model = viz.to_bokeh(viz.topomap({"a": nap, "b": other}, by=["model", "label"]))
+    select = next(iter(model.select({"type": Select})))
+    assert select.options == ["a", "b"]
+    slider = next(iter(model.select({"type": Slider})))
+    assert (slider.start, slider.end) == (0, 3)  # four labels
+    dynamic = viz.topomap(nap.sel(label=1), by="epoch", dynamic=True)
+    sampled = viz.to_bokeh(dynamic)
+    assert next(iter(sampled.select({"type": Slider}))).end == 2
+    with pytest.raises(ValueError, match="max_frames"):
+        viz.to_bokeh(viz.topomap(nap, by=["label", "epoch"]), max_frames=5)
