@@ -13,7 +13,9 @@ For an MLP and a CNN on 8x8 inputs (scikit-learn digits tiled to ``n`` samples),
 * ``record``: ``topoxr_torch.record`` / ``topoxr_keras.record`` into a fresh local store
   (labels, predictions, ``correct``, masks, crash-safe commits, background writer).
 
-Torch and TensorFlow run on ``THREADS`` compute threads.
+Torch and TensorFlow run on ``THREADS`` compute threads. Full runs add
+``cnn_wide_torch``, a CNN with ``WIDE_CHANNELS`` channels whose forward pass costs about
+as much as writing.
 
 Ratios ``record / b_direct`` (the issue's target: at most 1.15) and
 ``record / b_direct_whole_chunks`` and ``record / a_forward`` are reported with the
@@ -44,6 +46,9 @@ BATCH = 256
 #: Compute threads per framework: these models are tiny, and one thread (plus topoxr's
 #: writer thread) keeps the timings stable on a small shared machine.
 THREADS = 1
+#: Channels of the wider torch CNN (full runs only), whose forward pass costs about as
+#: much as writing its activations.
+WIDE_CHANNELS = (48, 96)
 
 
 def _inputs(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,12 +196,12 @@ def _direct(fw: Any, capture: Callable, x: np.ndarray, y: np.ndarray, path: str,
 
 
 def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
-                tmp: str) -> dict[str, Any]:
+                tmp: str, **model_kwargs: Any) -> dict[str, Any]:
     from topoxr import store_summary
 
     layers = LAYERS[kind]
-    model = fw.make_model(kind, seed=0)
-    capture = fw.capture(fw.make_model(kind, seed=0), layers)
+    model = fw.make_model(kind, seed=0, **model_kwargs)
+    capture = fw.capture(fw.make_model(kind, seed=0, **model_kwargs), layers)
 
     def record() -> None:
         path = os.path.join(tmp, f"{fw.name}-{kind}-record.zarr")
@@ -268,6 +273,10 @@ def main(quick: bool = False) -> dict[str, Any]:
                 key = f"{kind}_{fw.name}"
                 result[key] = _run_config(fw, kind, x, y, repeats, tmp)
                 logger.info("%s: %s", key, result[key])
+            if not quick and fw.name == "torch":
+                # A wider CNN, where computing costs about as much as writing.
+                result["cnn_wide_torch"] = _run_config(fw, "cnn", x, y, repeats, tmp,
+                                                       channels=WIDE_CHANNELS)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["peak_rss_mb"] = round(psutil.Process().memory_info().rss / 2**20, 1)
