@@ -180,6 +180,7 @@ class GridInterpolator:
         self._helper_const = helper_const
 
         self._weights: sparse.csr_array | None = None
+        self._weights_inside: sparse.csr_array | None = None
         self._offset: np.ndarray | None = None
         if method == "linear":
             self._weights, self._offset = self._linear_weights(simplex)
@@ -270,16 +271,18 @@ class GridInterpolator:
         lead = arr.shape[:-1]
         flat = arr.reshape(-1, self.n_neurons).T  # (n_neurons, n_maps)
         n_maps = flat.shape[1]
-        out = np.full((self._grid.shape[0], n_maps), np.nan)
+        out = np.full((n_maps, self._grid.shape[0]), np.nan)
         if self.method == "cubic":
-            out[self._inside] = self._cubic(flat)
+            out[:, self._inside] = self._cubic(flat).T
         elif self._inside.size:
-            w = self._weights[self._inside]  # type: ignore[index]
-            res = w @ flat
+            if self._weights_inside is None:  # rows of the pixels inside, sliced once
+                rows = self._weights[self._inside]  # type: ignore[index]
+                self._weights_inside = sparse.csr_array(rows)
+            res = (self._weights_inside @ flat).T
             if self._offset is not None:
-                res = res + self._offset[self._inside, None]
-            out[self._inside] = res
-        return out.T.reshape(*lead, *self.shape)
+                res = res + self._offset[self._inside]
+            out[:, self._inside] = res
+        return out.reshape(*lead, *self.shape)
 
     def _cubic(self, flat: np.ndarray) -> np.ndarray:
         from scipy.interpolate import CloughTocher2DInterpolator
