@@ -90,7 +90,7 @@ def snap_to_grid(coords: np.ndarray, *, slack: float = 0.0, method: str = "auto"
         ``n x cells`` memory); ``"split"``: recursive bisection of the grid into halves
         with the matching quantiles of the points, exact assignment inside blocks of at
         most 512 points (``O(n log n)``, a little more displacement near block borders);
-        ``"auto"``: exact up to 2048 points, split above.
+        ``"auto"``: exact up to 1024 points, split above.
 
     Returns
     -------
@@ -108,7 +108,7 @@ def snap_to_grid(coords: np.ndarray, *, slack: float = 0.0, method: str = "auto"
     # fit the points into the grid's box before matching
     lo, hi = coords.min(axis=0), coords.max(axis=0)
     points = (coords - lo) / np.where(hi > lo, hi - lo, 1.0)
-    if method == "exact" or (method == "auto" and n <= 2048):
+    if method == "exact" or (method == "auto" and n <= 1024):
         assigned = _exact(points, cells)
     else:
         assigned = np.empty(n, dtype=np.int64)
