@@ -14,6 +14,7 @@ from topoxr.layout._registry import (
     get_estimator,
     register,
 )
+from topoxr.layout.attach import attach, compute_layouts, load_layout, save_layout
 from topoxr.layout.baseline import RandomLayout
 from topoxr.layout.force import ForceLayout, KNNForceLayout
 from topoxr.layout.graph import SpringLayout
@@ -37,10 +38,14 @@ __all__ = [
     "SpringLayout",
     "TSNELayout",
     "UMAPLayout",
+    "attach",
     "available_methods",
+    "compute_layouts",
     "distance_matrix",
     "get_estimator",
+    "load_layout",
     "register",
+    "save_layout",
     "snap_to_grid",
     "to_unit_square",
 ]
