@@ -13,7 +13,15 @@ from topoxr.align import align
 from topoxr.naps import naps
 from topoxr.profiles import distances, profiles
 from topoxr.quality import quality
-from topoxr.store import ActivationWriter, StoreError, open_store, store_summary
+from topoxr.recording import RecordingError, available_adapters, get_adapter
+from topoxr.store import (
+    ActivationWriter,
+    StoreCorruptionError,
+    StoreError,
+    StoreWriteError,
+    open_store,
+    store_summary,
+)
 
 try:
     from topoxr._version import __version__
@@ -22,12 +30,17 @@ except ImportError:  # not installed: running from a source tree
 
 __all__ = [
     "ActivationWriter",
+    "RecordingError",
+    "StoreCorruptionError",
     "StoreError",
     "StoreLockedError",
+    "StoreWriteError",
     "__version__",
     "align",
+    "available_adapters",
     "conventions",
     "distances",
+    "get_adapter",
     "naps",
     "open_store",
     "profiles",
