@@ -340,3 +340,133 @@ def test_to_bokeh_select_for_text_keys_and_sampled_dynamicmap(viz, nap):
     assert next(iter(sampled.select({"type": Slider}))).end == 2
     with pytest.raises(ValueError, match="max_frames"):
         viz.to_bokeh(viz.topomap(nap, by=["label", "epoch"]), max_frames=5)
+
+
+def _bokeh_colorbars(viz, obj):
+    from bokeh.models import ColorBar
+
+    return list(viz.to_bokeh(obj).select({"type": ColorBar}))
+
+
+def _mpl_figure(obj):
+    plot = hv.renderer("matplotlib").get_plot(obj)
+    return plot.state
+
+
+def _mpl_colorbars(fig):
+    return [ax for ax in fig.axes if hasattr(ax, "_colorbar")]
+
+
+def _bar_flags(obj):
+    """Whether each map (Image) of a layout/grid asks for a colour bar, per backend."""
+    images = [el for el in obj.traverse(lambda x: x, [hv.Image])
+              if el.vdims and el.vdims[0].name == "nap"]
+    return [(hv.Store.lookup_options("bokeh", im, "plot").kwargs["colorbar"],
+             hv.Store.lookup_options("matplotlib", im, "plot").kwargs["colorbar"])
+            for im in images]
+
+
+def test_long_class_row_wraps_with_examples_above_and_one_colorbar(viz):
+    nap = make_laid_naps(n_neurons=25, n_labels=10, n_epochs=2)
+    examples = viz.example_inputs(np.random.default_rng(0).random((10, 8, 8)), np.arange(10))
+    row = viz.class_row(nap, examples=examples)
+    assert row._max_cols == 5  # 10 classes: two rows of 5
+    items = list(row)
+    assert len(items) == 20
+    for start in (0, 10):  # each row of examples lies above its row of maps
+        exs, maps = items[start:start + 5], items[start + 5:start + 10]
+        assert all(isinstance(e, hv.Image) and e.vdims[0].name == "input" for e in exs)
+        assert all(isinstance(m, hv.Overlay) for m in maps)
+        assert [e.label for e in exs] == [m.label for m in maps]
+    assert [m.label for m in items[5:10] + items[15:20]] == [
+        f"label={k[0]}" for k in viz.cluster_order(nap)]
+    flags = _bar_flags(row)
+    assert len(flags) == 10 and flags.count((True, True)) == 1
+    assert flags[4] == (True, True)  # the last map of the first row
+    assert len(_bokeh_colorbars(viz, row)) == 1
+    fig = _mpl_figure(row)
+    assert len(_mpl_colorbars(fig)) == 1
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_short_last_row_is_padded_so_examples_stay_above_their_maps(viz):
+    nap = make_laid_naps(n_neurons=25, n_labels=7, n_epochs=2)
+    examples = viz.example_inputs(np.zeros((7, 8, 8)), np.arange(7))
+    row = viz.class_row(nap, examples=examples)
+    assert row._max_cols == 4  # 7 maps: rows of 4 and 3, not 5 and 2
+    items = list(row)
+    assert len(items) == 16
+    assert isinstance(items[11], hv.Empty) and isinstance(items[15], hv.Empty)
+    assert [e.label for e in items[8:11]] == [m.label for m in items[12:15]]
+    assert len(viz.class_row(nap, max_cols=7)) == 7
+    with pytest.raises(ValueError, match="max_cols"):
+        viz.class_row(nap, max_cols=0)
+
+
+def test_training_animation_one_colorbar_for_all_groups(viz):
+    nap = make_laid_naps(n_neurons=25, n_labels=6, n_epochs=3)
+    anim = viz.training_animation(nap)
+    assert anim._max_cols == 3
+    assert len(_bokeh_colorbars(viz, anim)) == 1
+    assert all(list(h.keys()) == [0, 1, 2] for h in anim)
+
+
+def test_grids_one_colorbar_each_model_row_one(viz):
+    contrast = viz.contrast_grid(make_laid_naps(20, 4, 2, by=["label", "correct"]))
+    assert len(_bokeh_colorbars(viz, contrast)) == 1
+    confusion = viz.confusion_grid(make_laid_naps(20, 4, 2, by=["label", "prediction"]))
+    assert len(_bokeh_colorbars(viz, confusion)) == 1
+    # models may have their own limits: one bar per model row, on its rightmost map
+    a = make_laid_naps(n_neurons=20, n_labels=4, n_epochs=2)
+    b = make_laid_naps(n_neurons=18, n_labels=4, n_epochs=2, random_state=3) * 4
+    grid = viz.compare_models({"torch": a, "keras": b})
+    assert len(_bokeh_colorbars(viz, grid)) == 2
+    with_bar = {k for k, cell in grid.items() if _bar_flags(cell)[0][0]}
+    assert with_bar == {(3, "torch"), (3, "keras")}
+
+
+def test_empty_grid_cells_draw_nothing_in_png(viz, tmp_path):
+    from topoxr.viz.report import _grid_as_layout
+
+    # group 1 is label 0, correct=False; it has no samples at the last epoch
+    nap = make_laid_naps(20, 3, 2, by=["label", "correct"], empty=(1, 1))
+    grid = viz.contrast_grid(nap)
+    assert (0, False) not in grid.data  # no samples: no map (it is drawn at epoch="all")
+    layout = _grid_as_layout(grid)
+    titles = [item.label for item in layout if not isinstance(item, hv.Empty)]
+    present = {(int(lab), bool(c)) for lab, c in nap.indexes["group"]} - {(0, False)}
+    assert len(titles) == len(present)
+    assert "label 0, wrong" not in titles and "label 0, correct" in titles
+    fig = _mpl_figure(layout)
+    drawn = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    assert sorted(drawn) == sorted(titles)  # empty cells have no axes title
+    assert viz.save_png(grid, tmp_path / "c.png").stat().st_size > 0
+    everything = viz.contrast_grid(nap, epoch="all")
+    assert (0, False) in everything.data
+
+
+def test_colorbar_title_names_the_normalisation(viz, nap):
+    assert _image(viz.topomap(nap, by="label")[0]).vdims[0].label == "NAP (normalised)"
+    plain = nap.copy()
+    plain.attrs = {"topoxr_nap": '{"normalize": false}'}
+    assert _image(viz.topomap(plain, by="label")[0]).vdims[0].label == "NAP (mean activation)"
+    assert _image(viz.topomap(nap.rename("z"), by="label")[0]).vdims[0].label == "z"
+    named = viz.topomap(nap, by="label", value_label="activity")
+    assert _image(named[0]).vdims[0].label == "activity"
+
+
+def test_gif_wraps_long_rows(viz, tmp_path):
+    from PIL import Image
+
+    sizes = {}
+    for n in (5, 10):
+        nap = make_laid_naps(n_neurons=20, n_labels=n, n_epochs=2)
+        with Image.open(viz.save_gif(nap, tmp_path / f"{n}.gif", progress=False)) as im:
+            sizes[n] = im.size
+    assert sizes[10][0] == sizes[5][0]  # still 5 maps wide
+    assert sizes[10][1] > 1.6 * sizes[5][1]  # on two rows

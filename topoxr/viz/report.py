@@ -128,6 +128,8 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
 
     if isinstance(obj, hv.DynamicMap):
         obj = _sample_dynamic(obj, max_frames)
+    if isinstance(obj, hv.GridSpace):
+        obj = _grid_as_layout(obj, last_frame=False)
     renderer = hv.renderer("bokeh")
     plot = renderer.get_plot(obj)
     dims = _plot_dims(plot)
@@ -564,10 +566,14 @@ def save_png(
     return path
 
 
-def _grid_as_layout(grid: Any) -> Any:
-    """A GridSpace as a titled Layout (matplotlib draws GridSpace cells too small)."""
-    from holoviews.core.layout import Empty
+def _grid_as_layout(grid: Any, *, last_frame: bool = True) -> Any:
+    """A GridSpace as a Layout of titled cells, top row first.
 
+    Both backends draw it: HoloViews' grid plots give every cell the same width, so a
+    cell with a colour bar would overlap its neighbour and shift the axes, and
+    matplotlib draws grid cells too small. Cells without a map (combinations that never
+    occur, or maps without samples) are left blank, with no title.
+    """
     xdim, ydim = (d.name for d in grid.kdims)
     keys = list(grid.keys())
     xs = _unique(k[0] for k in keys)
@@ -575,14 +581,44 @@ def _grid_as_layout(grid: Any) -> Any:
     cells = []
     for y in ys:
         for x in xs:
-            if (x, y) in grid.data:
-                cell = grid[(x, y)]
-                if isinstance(cell, hv.HoloMap):
-                    cell = cell.last
-                cells.append(cell.relabel(f"{xdim}={x}, {ydim}={y}"))
+            cell = grid.data.get((x, y))
+            if cell is not None and last_frame and isinstance(cell, hv.HoloMap):
+                cell = cell.last
+            if cell is None or _is_blank(cell):
+                cells.append(hv.Empty())
             else:
-                cells.append(Empty())
-    return hv.Layout(cells).cols(len(xs)).opts(sublabel_format="", backend="matplotlib")
+                cell = cell.relabel(_cell_title(xdim, x, ydim, y))
+                cells.append(cell.opts(fontsize={"title": "9pt"}, backend="bokeh"))
+    layout = hv.Layout(cells).cols(len(xs))
+    layout = layout.opts(shared_axes=False, show_title=False, backend="bokeh")
+    return layout.opts(sublabel_format="", backend="matplotlib")
+
+
+def _cell_title(xdim: str, x: Any, ydim: str, y: Any) -> str:
+    """A short title for a grid cell: ``label 3, correct``, ``label 2, pred 7``."""
+    def part(dim: str, v: Any) -> str:
+        if dim == cv.CORRECT and isinstance(v, bool | np.bool_):
+            return "correct" if v else "wrong"
+        if dim == "model":
+            return str(v)
+        return f"{'pred' if dim == cv.PREDICTION else dim} {v}"
+
+    pairs = [(xdim, x), (ydim, y)]
+    if ydim == cv.LABEL:  # the true label first
+        pairs = pairs[::-1]
+    return ", ".join(part(d, v) for d, v in pairs)
+
+
+def _is_blank(cell: Any) -> bool:
+    """Whether every value of a map (every frame of a HoloMap) is NaN."""
+    frames = cell.values() if isinstance(cell, hv.HoloMap) else [cell]
+    for frame in frames:
+        for el in (frame if isinstance(frame, hv.Overlay) else [frame]):
+            if isinstance(el, hv.Image | hv.Points) and el.vdims:
+                if np.isfinite(np.asarray(el.dimension_values(el.vdims[0]),
+                                          dtype=float)).any():
+                    return False
+    return True
 
 
 def _close_mpl(plot: Any) -> None:
@@ -606,12 +642,14 @@ def save_gif(
     panel_inches: float = 1.8,
     dpi: int = 80,
     points: bool = True,
+    max_cols: int = 5,
     progress: bool = True,
 ) -> Path:
     """Save the training process as an animated GIF: one frame per epoch.
 
     Each frame shows the maps of every group side by side (dendrogram order of the last
-    epoch), with colour limits shared by all groups and epochs.
+    epoch, rows of at most ``max_cols`` maps), with colour limits shared by all groups
+    and epochs and one colour bar.
 
     Parameters
     ----------
@@ -631,6 +669,8 @@ def save_gif(
         Size of each map.
     dpi : int, default 80
         Resolution of the frames.
+    max_cols : int, default 5
+        Most maps per row; more groups wrap onto further rows.
     progress : bool, default True
         Show a progress bar over epochs.
 
@@ -647,7 +687,7 @@ def save_gif(
     image_mod = import_optional("PIL.Image", extra="viz", purpose="GIF export")
     from tqdm.auto import tqdm
 
-    from topoxr.viz.views import cluster_order
+    from topoxr.viz.views import _key_title, _row_length, cluster_order
 
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -668,25 +708,39 @@ def save_gif(
     index = {g: i for i, g in enumerate(src.groups)}
     maps = src.all_maps()
     n = len(ordered)
+    ncols = _row_length(n, max_cols)
+    nrows = -(-n // ncols)
     frames = []
     for ei, epoch in enumerate(tqdm(src.epochs, desc="GIF frames", disable=not progress,
                                     leave=False)):
-        fig, axes = plt.subplots(1, n, figsize=(panel_inches * n, panel_inches + 0.5),
-                                 squeeze=False, dpi=dpi)
+        fig, axes = plt.subplots(
+            nrows, ncols, figsize=(panel_inches * ncols + 0.9, (panel_inches + 0.3) * nrows
+                                   + 0.4), squeeze=False, dpi=dpi)
         interp = src.interpolator(ei)
         x, y = src.positions(ei)
         xmin, xmax, ymin, ymax = interp.bounds
-        for ax, g in zip(axes[0], ordered, strict=True):
+        for ax in axes.flat[n:]:
+            ax.set_axis_off()
+        image = None
+        for ax, g in zip(axes.flat, ordered, strict=False):
             gi = index[g]
-            ax.imshow(maps[gi, ei], origin="lower", extent=(xmin, xmax, ymin, ymax),
-                      cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            image = ax.imshow(maps[gi, ei], origin="lower", extent=(xmin, xmax, ymin, ymax),
+                              cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             if points:
                 ax.scatter(x, y, c=src.values[gi, ei], cmap=cmap, vmin=lo, vmax=hi, s=8,
                            edgecolors="black", linewidths=0.3)
-            ax.set_title(", ".join(map(str, g)), fontsize=9)
+            ax.set_title(_key_title(src.keys, g), fontsize=9)
             ax.set_axis_off()
             ax.set_aspect("equal")
         fig.suptitle(f"{src.layer} \u2014 epoch {epoch}", fontsize=10)
+        right = 1 - 0.9 / fig.get_figwidth()
+        fig.subplots_adjust(left=0.02, right=right - 0.02, bottom=0.03, top=0.85 if nrows == 1
+                            else 0.9, wspace=0.08, hspace=0.25)
+        if image is not None:  # one colour bar: the limits are shared by all maps and epochs
+            cax = fig.add_axes((right, 0.15, 0.12 / fig.get_figwidth(), 0.65))
+            bar = fig.colorbar(image, cax=cax)
+            bar.set_label(src.vlabel, fontsize=8)
+            bar.ax.tick_params(labelsize=7)
         fig.canvas.draw()
         rgba = np.asarray(fig.canvas.buffer_rgba())
         frames.append(image_mod.fromarray(rgba[..., :3].copy()))

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 MODEL = "model"
 #: Name of the value dimension when the NAPs are unnamed.
 DEFAULT_VALUE = "nap"
+# attribute written by topoxr.naps (not imported: topoxr.naps is not needed to draw maps)
+_ATTR_NAP = "topoxr_nap"
 
 
 @dataclass
@@ -63,6 +65,7 @@ class _Source:
     layer: str
     model: str | None
     vname: str
+    vlabel: str  # colour bar title
     counts: np.ndarray | None  # (group, epoch)
     interp_kwargs: dict[str, Any]
     _interps: dict[int, GridInterpolator] = field(default_factory=dict)
@@ -227,8 +230,30 @@ def _make_source(name: Hashable, nap: Any, interp_kwargs: dict[str, Any]) -> _So
         layer=str(nap.attrs.get(cv.ATTR_LAYER, nap.name or "layer")),
         model=nap.attrs.get(cv.ATTR_MODEL),
         vname=str(nap.name) if nap.name is not None else DEFAULT_VALUE,
-        counts=counts, interp_kwargs=interp_kwargs,
+        vlabel=_value_label(nap), counts=counts, interp_kwargs=interp_kwargs,
     )
+
+
+def _value_label(nap: xr.DataArray) -> str:
+    """Colour bar title: ``long_name``, else what :func:`topoxr.naps` says it computed."""
+    import json
+
+    if nap.attrs.get("long_name"):
+        return str(nap.attrs["long_name"])
+    name = str(nap.name) if nap.name is not None else DEFAULT_VALUE
+    if name != DEFAULT_VALUE:
+        return name
+    try:
+        normalize = json.loads(nap.attrs.get(_ATTR_NAP, "{}")).get("normalize")
+    except (TypeError, ValueError):
+        normalize = None
+    if normalize is None and "normalize" in nap.attrs:  # topoxr.testing.maps
+        normalize = True
+    if normalize is True:
+        return "NAP (normalised)"
+    if normalize is False:
+        return "NAP (mean activation)"
+    return "NAP"
 
 
 def _plain(v: Any) -> Any:
@@ -293,14 +318,26 @@ class MapCollection:
         for si, src in enumerate(self.sources):
             src.precompute((gi, ei) for s2, gi, ei in self.frames.values() if s2 == si)
 
-    def element(self, key: tuple) -> hv.Overlay:
-        """The overlay (image, contours, points) of one frame, or an empty one if absent."""
-        if key not in self.frames:
-            return self._empty(key)
-        si, gi, ei = self.frames[key]
-        return _overlay(self.sources[si], gi, ei, self.clims[si], self.style)
+    def element(self, key: tuple, *, colorbar: bool | None = None) -> hv.Overlay:
+        """The overlay (image, contours, points) of one frame, or an empty one if absent.
 
-    def _empty(self, key: tuple) -> hv.Overlay:
+        Parameters
+        ----------
+        key : tuple
+            The frame's key (values of :attr:`key_dims`).
+        colorbar : bool, optional
+            Draw this frame's colour bar; default the collection's ``colorbar`` style.
+            Views that place many maps side by side draw one bar per row (the limits are
+            shared, so one bar describes the whole row).
+        """
+        style = self.style if colorbar is None else {
+            **self.style, "colorbar": bool(colorbar) and self.style["colorbar"]}
+        if key not in self.frames:
+            return self._empty(key, style)
+        si, gi, ei = self.frames[key]
+        return _overlay(self.sources[si], gi, ei, self.clims[si], style)
+
+    def _empty(self, key: tuple, style: dict[str, Any]) -> hv.Overlay:
         src = self.sources[0]
         si = 0
         if MODEL in self.by:
@@ -311,7 +348,7 @@ class MapCollection:
         nan_map = np.full(interp.shape, np.nan)
         return _build_overlay(
             src, interp, nan_map, np.full(src.neurons.shape, np.nan), *src.positions(0),
-            self.clims[si], self.style, title_suffix="(no samples)",
+            self.clims[si], style, title_suffix="(no samples)",
         )
 
 
@@ -328,7 +365,7 @@ def _build_overlay(
     x: np.ndarray, y: np.ndarray, clim: tuple[float, float], style: dict[str, Any],
     title_suffix: str = "",
 ) -> hv.Overlay:
-    vdim = hv.Dimension(src.vname, label=style["value_label"] or src.vname, range=clim)
+    vdim = hv.Dimension(src.vname, label=style["value_label"] or src.vlabel, range=clim)
     kx = hv.Dimension(cv.X, range=interp.bounds[:2])
     ky = hv.Dimension(cv.Y, range=interp.bounds[2:])
     label = src.layer if not title_suffix else f"{src.layer} {title_suffix}"
@@ -555,7 +592,9 @@ def topomap(
     point_size, colorbar, frame_width
         Styling of the bokeh (and matplotlib) output.
     value_label : str, optional
-        Label of the colour bar; default the NAPs' name.
+        Title of the colour bar. Default: the NAPs' ``long_name`` attr, else
+        ``"NAP (normalised)"`` for normalised NAPs of :func:`topoxr.naps` (``"NAP (mean
+        activation)"`` without normalisation), else the array's name.
     dynamic : bool, default False
         Return a :class:`holoviews.DynamicMap` that computes each map when shown,
         instead of a :class:`holoviews.HoloMap` holding all of them.

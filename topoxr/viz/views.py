@@ -26,7 +26,6 @@ from topoxr.viz.topomap import (
     collect,
     group_keys,
     hv,
-    to_holoviews,
 )
 
 __all__ = [
@@ -168,9 +167,14 @@ def class_row(
     epoch: Any = None,
     order: str | Sequence[Hashable] | None = "cluster",
     examples: Mapping[Hashable, Any] | None = None,
+    max_cols: int = 5,
     **topomap_kwargs: Any,
 ) -> Any:
     """One map per group in a row, ordered by hierarchical clustering of the NAPs.
+
+    Rows longer than ``max_cols`` maps wrap (10 classes: two rows of 5), each example
+    input staying above its map. The colour limits are shared by every map, so only the
+    last map of the first row draws the colour bar.
 
     Parameters
     ----------
@@ -184,13 +188,16 @@ def class_row(
     examples : dict, optional
         ``{group: image}`` drawn above each map (see :func:`example_inputs`); for a
         stacked grouping the first key (e.g. ``label``) selects the example.
+    max_cols : int, default 5
+        Most maps per row.
     **topomap_kwargs
         Passed to :func:`topoxr.viz.topomap` (``method``, ``contours``, ``cmap``...).
 
     Returns
     -------
     holoviews.Layout
-        The maps in order (examples in a row above them), titled by their key.
+        The maps in order, titled by their key; with ``examples``, each row of examples
+        lies above its row of maps (``hv.Empty`` pads a short last row).
     """
     nap = _last_epoch(_normalise(laid_naps), epoch)
     keys = group_keys(nap)
@@ -208,20 +215,48 @@ def class_row(
         if missing:
             raise ValueError(f"order names groups that are not in the NAPs: {missing}")
     col.precompute()
-    maps = [col.element(k).relabel(_key_title(keys, k)) for k in ordered]
+    ncols = _row_length(len(ordered), max_cols)
+    maps = [col.element(k, colorbar=i == _bar_index(len(ordered), ncols))
+            .relabel(_key_title(keys, k)) for i, k in enumerate(ordered)]
+    if examples is None:
+        return _layout_opts(hv.Layout(maps).cols(ncols))
+    shown = []
+    for k in ordered:
+        ex = examples.get(k if len(k) > 1 else k[0], examples.get(k[0]))
+        if ex is None:
+            raise ValueError(f"no example input for group {k!r}")
+        shown.append(_example_element(ex, _key_title(keys, k)))
     items: list[Any] = []
-    if examples is not None:
-        for k in ordered:
-            ex = examples.get(k if len(k) > 1 else k[0], examples.get(k[0]))
-            if ex is None:
-                raise ValueError(f"no example input for group {k!r}")
-            items.append(_example_element(ex, _key_title(keys, k)))
-    layout = hv.Layout(items + maps).cols(len(ordered))
-    return _layout_opts(layout)
+    for start in range(0, len(ordered), ncols):  # examples of a row, then its maps
+        pad = [hv.Empty() for _ in range(ncols - len(maps[start:start + ncols]))]
+        items += shown[start:start + ncols] + pad + maps[start:start + ncols] + pad
+    return _layout_opts(hv.Layout(items).cols(ncols))
+
+
+#: Most maps in one row of a class row or training animation; longer rows wrap.
+MAX_COLS = 5
+
+
+def _row_length(n: int, max_cols: int) -> int:
+    """Maps per row: at most ``max_cols``, rows as even as possible (7 maps: 4 + 3)."""
+    if max_cols < 1:
+        raise ValueError(f"max_cols must be at least 1, got {max_cols}")
+    n_rows = -(-max(n, 1) // max_cols)
+    return -(-max(n, 1) // n_rows)
+
+
+def _bar_index(n: int, ncols: int) -> int:
+    """The map that draws the collection's one colour bar: the last of the first row.
+
+    The limits are shared by every map of a layer, so one bar describes them all; the
+    first row's last map keeps the columns of wrapped rows aligned.
+    """
+    return min(n, ncols) - 1
 
 
 def _layout_opts(layout: Any) -> Any:
-    layout = layout.opts(shared_axes=False, backend="bokeh")
+    # no layout title in HTML: a collection's sliders already name the shown key
+    layout = layout.opts(shared_axes=False, show_title=False, backend="bokeh")
     if _HAS_MPL:
         layout = layout.opts(sublabel_format="", backend="matplotlib")
     return layout
@@ -238,8 +273,49 @@ def _grid(laid_naps: xr.DataArray, xkey: str, ykey: str, epoch: Any,
         )
     by = [xkey, ykey] + ([cv.EPOCH] if epoch == "all" else [])
     if epoch != "all":
-        nap = _last_epoch(nap, epoch)
-    hmap = to_holoviews(collect(nap, by=by, **topomap_kwargs))
+        nap = _drop_empty_groups(_last_epoch(nap, epoch))
+    return _grid_space(collect(nap, by=by, **topomap_kwargs), xkey, ykey,
+                       one_bar_per_row=False, auto_width="frame_width" not in topomap_kwargs)
+
+
+def _drop_empty_groups(nap: xr.DataArray) -> xr.DataArray:
+    """Drop the groups without samples (all NaN): their cell of a grid stays empty."""
+    gdims = [d for d in nap.dims if d not in (cv.NEURON, cv.EPOCH)]
+    if not gdims:
+        return nap
+    occurs = np.flatnonzero(nap.notnull().any([d for d in nap.dims if d != gdims[0]]).values)
+    if occurs.size == 0:
+        raise ValueError("every group of the NAPs is empty (all NaN) at the epoch drawn")
+    return nap.isel({gdims[0]: occurs})
+
+
+#: Widest a grid of maps gets by default (pixels of maps per row in the HTML report).
+GRID_WIDTH = 1100
+
+
+def _grid_space(col: Any, xkey: str, ykey: str, *, one_bar_per_row: bool,
+                auto_width: bool) -> Any:
+    """A GridSpace of a collection's maps, with one colour bar per grid (or per row).
+
+    The bar goes on the rightmost cell of the top row (of every row with
+    ``one_bar_per_row``, for rows with their own limits such as models side by side).
+    """
+    xi, yi = col.by.index(xkey), col.by.index(ykey)
+    xs, ys = col.key_values(xkey), col.key_values(ykey)
+    cells = {(k[xi], k[yi]) for k in col.frames}
+    bars = set()
+    for y in (ys if one_bar_per_row else ys[::-1]):
+        row = [x for x in xs if (x, y) in cells]
+        if row:
+            bars.add((row[-1], y))
+            if not one_bar_per_row:
+                break
+    if auto_width:  # keep wide grids (10 classes) on the page
+        col.style["frame_width"] = int(max(90, min(col.style["frame_width"],
+                                                   GRID_WIDTH // max(len(xs), 1))))
+    col.precompute()
+    frames = {k: col.element(k, colorbar=(k[xi], k[yi]) in bars) for k in col.frames}
+    hmap = hv.HoloMap(frames, kdims=list(col.by))
     return hmap.grid([xkey, ykey])
 
 
@@ -289,6 +365,7 @@ def training_animation(
     laid_naps: xr.DataArray,
     *,
     order: str | Sequence[Hashable] | None = "cluster",
+    max_cols: int = 5,
     **topomap_kwargs: Any,
 ) -> Any:
     """The class row over epochs: one frame per epoch, for a slider and a player.
@@ -303,6 +380,9 @@ def training_animation(
         Laid-out NAPs with an ``epoch`` dim.
     order : "cluster", None or sequence, default "cluster"
         Group order (clustered on the last epoch).
+    max_cols : int, default 5
+        Most maps per row; longer rows wrap. The last map of the first row draws the
+        colour bar (the limits are shared by all maps and epochs).
     **topomap_kwargs
         Passed to :func:`topoxr.viz.topomap`.
 
@@ -323,12 +403,15 @@ def training_animation(
         ordered = [k if isinstance(k, tuple) else (k,) for k in order]
     col.precompute()
     epochs = col.key_values(cv.EPOCH)
+    ncols = _row_length(len(ordered), max_cols)
     panels = []
-    for g in ordered:
-        frames = {(e,): col.element((*g, e)).relabel(_key_title(keys, g) if keys else "")
+    for i, g in enumerate(ordered):
+        bar = i == _bar_index(len(ordered), ncols)
+        frames = {(e,): col.element((*g, e), colorbar=bar)
+                  .relabel(_key_title(keys, g) if keys else "")
                   for e in epochs if (*g, e) in col.frames}
         panels.append(hv.HoloMap(frames, kdims=[cv.EPOCH]))
-    return _layout_opts(hv.Layout(panels).cols(len(panels)))
+    return _layout_opts(hv.Layout(panels).cols(ncols))
 
 
 def compare_models(
@@ -364,7 +447,5 @@ def compare_models(
     keys = col.sources[0].keys
     if len(keys) != 1:
         raise ValueError(f"compare_models needs NAPs grouped by one key, got {keys}")
-    hmap = to_holoviews(col)
-    if cv.EPOCH in col.by:
-        hmap = hmap.reindex([keys[0], MODEL, cv.EPOCH])
-    return hmap.grid([keys[0], MODEL])
+    return _grid_space(col, keys[0], MODEL, one_bar_per_row=True,
+                       auto_width="frame_width" not in topomap_kwargs)
