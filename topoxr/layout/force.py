@@ -55,7 +55,7 @@ class ForceLayout(BaseLayout):
     ``f = (l(t) * f_local(r) + g(t) * f_global(d)) / 2``
 
     where ``d`` is the activity (profile) distance and ``r`` the current layout distance
-    (both clipped below at ``min_distance``):
+    (clipped below at ``min_distance``):
 
     - global term ``f_global = a_g (1 - (d / d_max)^3) - b_g exp(-d / c_g)``;
     - local term ``f_local = a_l / (r + 1)^3 - b_l exp(-r / c_l)`` (bounded repulsion);
@@ -166,8 +166,9 @@ class ForceLayout(BaseLayout):
         if self.global_repulsion is not None:
             b_g = float(self.global_repulsion)
 
-        D = np.maximum(self._distances(X), self.min_distance)
-        dmax = D.max()
+        # as the reference: the global term is computed from the unclipped distances
+        D = self._distances(X)
+        dmax = max(float(D.max()), self.min_distance)
         f_glob = (a_g * (1.0 - (D / dmax) ** 3) - b_g * np.exp(-D / self.global_scale)).astype(
             np.float32
         )
