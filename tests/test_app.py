@@ -80,10 +80,15 @@ def test_epoch_player_changes_the_shown_values(app):
 
 def test_grouping_switches_to_the_contrast_grid_and_computed_layout(app):
     app.grouping.value = next(g for g in app.grouping.options if "correct" in g)
-    assert isinstance(app.view.object, hv.GridSpace)
-    assert [d.name for d in app.view.object.kdims] == ["label", "correct"]
+    # the grid is shown as a layout of titled cells, correct row over wrong row
+    titles = [c.label for c in app.view.object if not isinstance(c, hv.Empty)]
+    assert titles and all(t.endswith((", correct", ", wrong")) for t in titles)
+    assert any(t.endswith(", correct") for t in titles)
+    first_wrong = next(i for i, t in enumerate(titles) if t.endswith(", wrong"))
+    assert all(t.endswith(", correct") for t in titles[:first_wrong])
+    assert len(_bar_images(app.view.object)) == 1  # one colour bar for the grid
     app.layout.value = "compute: pca"
-    assert isinstance(app.view.object, hv.GridSpace)
+    assert isinstance(app.view.object, hv.Layout)
     assert "pca" in app.status.object
     assert app.panel() is not None
 
@@ -126,3 +131,8 @@ def test_serve_answers_http(store):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def _bar_images(obj):
+    return [im for im in obj.traverse(lambda x: x, [hv.Image])
+            if hv.Store.lookup_options("bokeh", im, "plot").kwargs.get("colorbar")]

@@ -418,6 +418,11 @@ def test_grids_one_colorbar_each_model_row_one(viz):
     assert len(_bokeh_colorbars(viz, contrast)) == 1
     confusion = viz.confusion_grid(make_laid_naps(20, 4, 2, by=["label", "prediction"]))
     assert len(_bokeh_colorbars(viz, confusion)) == 1
+    from bokeh.models import Slider
+
+    over_epochs = viz.to_bokeh(viz.contrast_grid(make_laid_naps(20, 4, 3, by=["label", "correct"]),
+                                                 epoch="all"))
+    assert next(iter(over_epochs.select({"type": Slider}))).end == 2  # the slider is kept
     # models may have their own limits: one bar per model row, on its rightmost map
     a = make_laid_naps(n_neurons=20, n_labels=4, n_epochs=2)
     b = make_laid_naps(n_neurons=18, n_labels=4, n_epochs=2, random_state=3) * 4

@@ -179,19 +179,20 @@ class TopomapApp:
 
     def figure(self) -> Any:
         """The HoloViews object for the current selection and epoch."""
+        from topoxr.viz.report import _grid_as_layout
         from topoxr.viz.views import class_row, confusion_grid, contrast_grid
 
         nap = self.naps()
         keys = self._group_keys[self.grouping.value]
         # colour limits of the whole layer (all epochs), so that the player is comparable
         top = float(np.nanmax(np.abs(nap.values))) if np.isfinite(nap.values).any() else 1.0
-        kwargs = {"epoch": self.epoch.value, "resolution": self.resolution,
-                  "frame_width": 160, "clim": top or 1.0}
+        kwargs = {"epoch": self.epoch.value, "resolution": self.resolution, "clim": top or 1.0}
+        # grids as titled layouts (as in the HTML report): one colour bar, blank empty cells
         if keys == [cv.LABEL, cv.CORRECT]:
-            return contrast_grid(nap, **kwargs)
+            return _grid_as_layout(contrast_grid(nap, **kwargs))
         if keys == [cv.LABEL, cv.PREDICTION]:
-            return confusion_grid(nap, **kwargs)
-        return class_row(nap, **kwargs)
+            return _grid_as_layout(confusion_grid(nap, **kwargs))
+        return class_row(nap, frame_width=160, **kwargs)
 
     def refresh(self) -> None:
         """Redraw the maps for the current widget values."""
