@@ -40,11 +40,11 @@ def main() -> None:
         digits = load_digits()
         examples = viz.example_inputs(digits.images, digits.target)
 
-        row = viz.class_row(laid, examples=examples, resolution=80, colorbar=False)
+        row = viz.class_row(laid, examples=examples, resolution=80)
         viz.save_png(row, STATIC / "topomap_class_row.png", dpi=60)
         single = viz.topomap(laid.sel(label=0, epoch=last), contours=5, resolution=80)
         viz.save_png(single, STATIC / "topomap_single.png", dpi=70)
-        viz.save_png(viz.contrast_grid(contrast, resolution=60, colorbar=False),
+        viz.save_png(viz.contrast_grid(contrast, resolution=60),
                      STATIC / "topomap_contrast.png", dpi=50)
         box = viz.topomap(laid.sel(label=0, epoch=last), extrapolate="box", resolution=80)
         viz.save_png(box, STATIC / "topomap_box.png", dpi=70)
