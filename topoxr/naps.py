@@ -6,11 +6,12 @@ metadata column) or by coordinates that vary per epoch (``prediction``, ``correc
 alone or combined: ``by=["label", "correct"]`` is the paper's binary contrast and
 ``by=["label", "prediction"]`` its confusion matrix.
 
-The reduction is one out-of-core pass over the chunked store: the group of every
-(sample, epoch) cell is encoded together with its epoch into one integer code, every
-chunk is reduced to per-code sums and counts by a product with a one-hot matrix (BLAS),
-and the partial results are summed by a dask tree reduction, so dask input gives a lazy
-result and memory stays at a few chunks. (flox's generic engines measured 2-5x slower
+The reduction is one out-of-core pass over the chunked store: every chunk is reduced
+to per-(epoch, group) sums and counts by products with a one-hot matrix of the groups
+(BLAS), and the partial results are summed over the sample blocks by a dask tree
+reduction, so dask input gives a lazy result, memory stays at a few chunks and the work
+grows linearly with the number of epochs (epochs are an axis of the partial results,
+never folded into the group code). (flox's generic engines measured 2-5x slower
 than reading the chunks on this workload, and its numba engine needs tens of seconds of
 JIT compilation on first use; the one-hot product is as fast as an in-memory numpy
 group mean.)
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Hashable, Sequence
+import threading
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -101,17 +104,64 @@ def _grouping_coord(da: xr.DataArray, key: str) -> np.ndarray:
     return np.asarray(values)
 
 
-def _block_sums(block: np.ndarray, codes: np.ndarray, n_codes: int) -> np.ndarray:
-    """Per-code sums and non-NaN counts of one (neuron, sample, epoch) block.
+#: Samples per BLAS product inside a block; the products are accumulated in float64, so
+#: a large block (many zarr chunks) loses no precision to float32 accumulation.
+_SUB_SAMPLES = 1 << 15
 
-    Returns ``(2, neuron, 1, 1, n_codes)`` float64: sums, then counts. Every epoch slice
-    is reduced by one product with a one-hot matrix of the codes present in it (BLAS, in
-    the block's float dtype), so each value is read once; NaN or inf show up as non-finite
-    sums, and only then is the slice reduced again group by group with NaN skipped.
+
+_BLAS = {"lock": threading.Lock(), "users": 0, "limiter": None, "controller": None}
+
+
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Run BLAS on one thread while any block is being reduced.
+
+    The blocks are already reduced in parallel by dask's workers; a multi-threaded BLAS
+    inside each worker oversubscribes the cores and its thin products (few groups) then
+    run 2-3x slower. The limit is process-wide (BLAS has no per-thread setting), so it is
+    reference-counted: set by the first block to start and restored by the last to end.
     """
-    out = np.zeros((2, block.shape[0], 1, 1, n_codes))
-    sums, counts = out[0, :, 0, 0, :], out[1, :, 0, 0, :]  # views
-    for j in range(block.shape[2]):
+    state = _BLAS
+    with state["lock"]:
+        if state["users"] == 0:
+            if state["controller"] is None:
+                from threadpoolctl import ThreadpoolController
+
+                state["controller"] = ThreadpoolController()
+            state["limiter"] = state["controller"].limit(limits=1, user_api="blas")
+        state["users"] += 1
+    try:
+        yield
+    finally:
+        with state["lock"]:
+            state["users"] -= 1
+            if state["users"] == 0:
+                state["limiter"].restore_original_limits()
+                state["limiter"] = None
+
+
+def _block_sums(block: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """:func:`_block_sums_unlimited` with BLAS on one thread (see `_single_threaded_blas`)."""
+    with _single_threaded_blas():
+        return _block_sums_unlimited(block, codes, n_groups)
+
+
+def _block_sums_unlimited(block: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per-group sums and non-NaN counts of one (neuron, sample, epoch) block.
+
+    ``codes`` (sample, epoch) holds the group index of every cell, -1 for cells left
+    out. Returns ``(2, neuron, 1, epoch, n_groups)`` float64: sums, then counts, with
+    the epochs of the block kept apart (never folded into the group code, so partial
+    results stay small however many epochs there are). Every epoch slice is reduced by
+    products with a one-hot matrix of the groups present in it (BLAS, in the block's
+    float dtype, ``_SUB_SAMPLES`` samples at a time), so each value is read once; NaN or
+    inf show up as non-finite sums, and only then is that piece reduced again group by
+    group with NaN skipped.
+    """
+    n_neurons, _, n_epochs = block.shape
+    out = np.zeros((2, n_neurons, 1, n_epochs, n_groups))
+    for j in range(n_epochs):
+        sums, counts = out[0, :, 0, j, :], out[1, :, 0, j, :]  # views
         c = codes[:, j]
         keep = c >= 0
         if not keep.any():
@@ -120,39 +170,43 @@ def _block_sums(block: np.ndarray, codes: np.ndarray, n_codes: int) -> np.ndarra
         if not np.issubdtype(vals.dtype, np.floating):
             vals = vals.astype(np.float64)
         present, local = np.unique(c[keep], return_inverse=True)
-        onehot = np.zeros((len(local), len(present)), dtype=vals.dtype)
-        onehot[np.arange(len(local)), local] = 1
-        with np.errstate(invalid="ignore", over="ignore"):
-            s = vals @ onehot
-        if np.isfinite(s).all():
-            counts[:, present] += onehot.sum(axis=0)
-        else:  # NaN or inf inside: per group, so inf * 0 cannot spoil the other groups
-            nan = np.isnan(vals)
-            s = np.stack([np.nansum(vals[:, local == g], axis=1)
-                          for g in range(len(present))], axis=1)
-            counts[:, present] += (~nan).astype(vals.dtype) @ onehot
-        sums[:, present] += s
+        for s0 in range(0, len(local), _SUB_SAMPLES):
+            v, loc = vals[:, s0:s0 + _SUB_SAMPLES], local[s0:s0 + _SUB_SAMPLES]
+            onehot = np.zeros((len(loc), len(present)), dtype=v.dtype)
+            onehot[np.arange(len(loc)), loc] = 1
+            with np.errstate(invalid="ignore", over="ignore"):
+                s = v @ onehot
+            if np.isfinite(s).all():
+                counts[:, present] += onehot.sum(axis=0)
+            else:  # NaN or inf inside: per group, so inf * 0 cannot spoil the other groups
+                s = np.stack([np.nansum(v[:, loc == g], axis=1)
+                              for g in range(len(present))], axis=1)
+                counts[:, present] += (~np.isnan(v)).astype(v.dtype) @ onehot
+            sums[:, present] += s
     return out
 
 
-def _group_means(data: Any, codes: np.ndarray, n_codes: int) -> Any:
-    """nan-mean of ``data`` (neuron, sample, epoch) per code of ``codes`` (sample, epoch).
+def _group_means(data: Any, codes: np.ndarray, n_groups: int) -> Any:
+    """nan-mean of ``data`` (neuron, sample, epoch) per group, epoch by epoch.
 
-    Codes < 0 are left out. For dask input the result is lazy: one task per chunk gives
-    partial sums and counts, summed by a tree reduction, so memory stays at a few chunks.
+    ``codes`` (sample, epoch) gives the group index of every cell; codes < 0 are left
+    out. Returns (neuron, epoch, group). For dask input the result is lazy: one task per
+    chunk gives partial sums and counts per (epoch, group), summed over the sample
+    blocks by a dask tree reduction, so memory stays at a few chunks and the work grows
+    linearly with the number of epochs.
     """
     if isinstance(data, np.ndarray) or not hasattr(data, "chunks"):
-        sums = _block_sums(np.asarray(data), codes, n_codes)[:, :, 0, 0]
+        sums = _block_sums(np.asarray(data), codes, n_groups)[:, :, 0]
     else:
         import dask.array as dsa
 
         code_arr = dsa.from_array(codes, chunks=data.chunks[1:])
         partial = dsa.blockwise(
             _block_sums, "tnsek", data, "nse", code_arr, "se",
-            new_axes={"t": 2, "k": n_codes}, adjust_chunks={"s": 1, "e": 1},
-            dtype=np.float64, n_codes=n_codes, meta=np.empty((0,) * 5, dtype=np.float64),
+            new_axes={"t": 2, "k": n_groups}, adjust_chunks={"s": 1},
+            dtype=np.float64, n_groups=n_groups, meta=np.empty((0,) * 5, dtype=np.float64),
         )
-        sums = partial.sum(axis=(2, 3))
+        sums = partial.sum(axis=2)
     counts = sums[1]
     # a group without values: divide by NaN rather than 0, which would warn
     return sums[0] / _nan_if_zero(counts)
@@ -272,15 +326,13 @@ def naps(
     group_of_valid = index.get_indexer(
         pd.MultiIndex.from_frame(frame) if len(keys) > 1 else pd.Index(frame[keys[0]])
     )
-    codes = np.full((n_samples, n_epochs), -1, dtype=np.int64)
+    codes = np.full((n_samples, n_epochs), -1, dtype=np.min_scalar_type(-max(n_groups, 1)))
+    codes[valid] = group_of_valid
     epoch_idx = np.broadcast_to(np.arange(n_epochs)[None, :], (n_samples, n_epochs))
-    codes[valid] = group_of_valid * n_epochs + epoch_idx[valid]
+    counts = np.bincount(group_of_valid * n_epochs + epoch_idx[valid],
+                         minlength=n_groups * n_epochs).reshape(n_groups, n_epochs)
 
-    counts = np.bincount(codes[codes >= 0], minlength=n_groups * n_epochs)
-    counts = counts.reshape(n_groups, n_epochs)
-
-    means = _group_means(da.data, codes, n_groups * n_epochs)
-    means = means.reshape(da.sizes[NEURON], n_groups, n_epochs)
+    means = _group_means(da.data, codes, n_groups).transpose(0, 2, 1)
     means = means.astype(da.dtype if np.issubdtype(da.dtype, np.floating) else np.float64)
 
     gdim = keys[0] if len(keys) == 1 else GROUP

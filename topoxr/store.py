@@ -1346,19 +1346,51 @@ class _CheckedActivation:
                 f"{self.where}: a chunk of 'activation' is unreadable ({type(err).__name__}: "
                 f"{err}); epochs {epochs}, samples {_ids_text(samples)} are affected"
             ) from err
-        s, e = key[1], key[2]
-        sub = self.committed[s, e]
-        if sub.any() and block.size:
-            n_s, n_e = sub.shape
-            values = block[:, :n_s, :n_e]
-            if np.isnan(values[:, sub]).all() and not self._chunks_exist(key):
-                epochs, samples = self._affected(key)
-                raise StoreCorruptionError(
-                    f"{self.where}: a chunk of 'activation' holding committed values is "
-                    f"missing from the store; epochs {epochs}, samples {_ids_text(samples)} "
-                    "are affected"
-                )
+        missing = self._missing_chunk(key, block)
+        if missing is not None:
+            epochs, samples = self._affected(missing)
+            raise StoreCorruptionError(
+                f"{self.where}: a chunk of 'activation' holding committed values is "
+                f"missing from the store; epochs {epochs}, samples {_ids_text(samples)} "
+                "are affected"
+            )
         return block
+
+    def _missing_chunk(self, key: tuple[slice, ...], block: np.ndarray) -> tuple[slice, ...] | None:
+        """The region of a zarr chunk inside ``key`` that holds committed values but is absent.
+
+        A chunk missing from the store reads as its fill value (NaN) everywhere. Each zarr
+        chunk of the selection that holds committed cells is first tested on one committed
+        cell (a vector of neurons): a value that is not NaN proves the chunk exists, which
+        settles almost every chunk without another pass over the data. Only when that
+        cell is all NaN are all committed values of the chunk tested, and only when they
+        are all NaN is the store asked whether the chunk exists.
+        """
+        starts = [sl.indices(dim)[0] for sl, dim in zip(key, self.shape, strict=True)]
+        sub = self.committed[key[1], key[2]]
+        n_s, n_e = sub.shape
+        if not block.size or not sub.any():
+            return None
+        n_n = block.shape[0]
+        size_n, size_s, size_e = self.array.chunks
+        for n_lo, n_hi in _chunk_pieces(starts[0], starts[0] + n_n, size_n):
+            rows = slice(n_lo - starts[0], n_hi - starts[0])
+            for s_lo, s_hi in _chunk_pieces(starts[1], starts[1] + n_s, size_s):
+                ss = slice(s_lo - starts[1], s_hi - starts[1])
+                for e_lo, e_hi in _chunk_pieces(starts[2], starts[2] + n_e, size_e):
+                    es = slice(e_lo - starts[2], e_hi - starts[2])
+                    cells = sub[ss, es]
+                    if not cells.any():
+                        continue
+                    i, j = divmod(int(np.flatnonzero(cells)[0]), cells.shape[1])
+                    if not np.isnan(block[rows, ss.start + i, es.start + j]).all():
+                        continue
+                    if not np.isnan(block[rows, ss, es][:, cells]).all():
+                        continue
+                    region = (slice(n_lo, n_hi), slice(s_lo, s_hi), slice(e_lo, e_hi))
+                    if not self._chunks_exist(region):
+                        return region
+        return None
 
     def _chunks_exist(self, key: tuple[slice, ...]) -> bool:
         from zarr.core.sync import sync
@@ -1376,6 +1408,12 @@ class _CheckedActivation:
                     if not sync((store_path / chunk_key).exists()):
                         return False
         return True
+
+
+def _chunk_pieces(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """Split ``[start, stop)`` at the multiples of ``size`` (the chunk boundaries)."""
+    edges = [start, *range((start // size + 1) * size, stop, size), stop]
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
 
 
 def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
