@@ -30,38 +30,114 @@ class TopoAccessor:
         return func(self._obj, *args, **kwargs)
 
     def naps(self, by: Any = "label", **kwargs: Any) -> Any:
-        """Neuron activation patterns; see :func:`topoxr.naps`."""
+        """Neuron activation patterns; see :func:`topoxr.naps.naps`.
+
+        Parameters
+        ----------
+        by : str or sequence of str, default "label"
+            Coordinate(s) defining the groups.
+        **kwargs
+            Other arguments of :func:`topoxr.naps.naps`.
+
+        Returns
+        -------
+        xarray.DataArray or xarray.DataTree
+            The NAPs (a tree of them, one node per layer, on a DataTree).
+        """
         from topoxr.naps import naps
 
         return self._apply(naps, by, **kwargs)
 
     def profiles(self, **kwargs: Any) -> Any:
-        """Neuron profiles; see :func:`topoxr.profiles`."""
+        """Neuron profiles; see :func:`topoxr.profiles.profiles`.
+
+        Parameters
+        ----------
+        **kwargs
+            Arguments of :func:`topoxr.profiles.profiles`.
+
+        Returns
+        -------
+        xarray.DataArray or xarray.DataTree
+            One profile row per neuron.
+        """
         from topoxr.profiles import profiles
 
         return self._apply(profiles, **kwargs)
 
     def distances(self, metric: str = "cosine", **kwargs: Any) -> Any:
-        """Pairwise profile distances; see :func:`topoxr.distances`."""
+        """Pairwise profile distances; see :func:`topoxr.profiles.distances`.
+
+        Parameters
+        ----------
+        metric : {"cosine", "correlation", "euclidean"}, default "cosine"
+            Distance between profiles.
+        **kwargs
+            Other arguments of :func:`topoxr.profiles.distances`.
+
+        Returns
+        -------
+        xarray.DataArray or xarray.DataTree
+            Square distance matrices.
+        """
         from topoxr.profiles import distances
 
         return self._apply(distances, metric, **kwargs)
 
     def layout(self, method: Any = None, **kwargs: Any) -> Any:
-        """Attach a layout; see :func:`topoxr.layout.attach`."""
+        """Attach a layout; see :func:`topoxr.layout.attach`.
+
+        Parameters
+        ----------
+        method : str or estimator, optional
+            A registered layout name (default: topoxr's default method, ``"knnforce"``)
+            or an estimator instance.
+        **kwargs
+            Other arguments of :func:`topoxr.layout.attach` (``random_state``, ``share``...).
+
+        Returns
+        -------
+        same type as the object
+            The object with ``x``, ``y`` coordinates on ``neuron``.
+        """
         from topoxr.layout.attach import DEFAULT_METHOD, attach
 
         return self._apply(attach, DEFAULT_METHOD if method is None else method, **kwargs)
 
     def quality(self, **kwargs: Any) -> Any:
-        """Layout quality metrics; see :func:`topoxr.quality`."""
+        """Layout quality metrics; see :func:`topoxr.quality.quality`.
+
+        Parameters
+        ----------
+        **kwargs
+            Arguments of :func:`topoxr.quality.quality`.
+
+        Returns
+        -------
+        xarray.Dataset or xarray.DataTree
+            One variable per metric, per epoch.
+        """
         from topoxr.quality import quality
 
         return self._apply(quality, **kwargs)
 
     def align(self, reference: Any = None, **kwargs: Any) -> Any:
-        """Align onto ``reference`` (:func:`topoxr.align`), or epochs onto each other
-        (:func:`topoxr.align.align_epochs`) when no reference is given."""
+        """Align onto ``reference``, or epochs onto each other when no reference is given.
+
+        Parameters
+        ----------
+        reference : xarray object, optional
+            Object with the reference layout (:func:`topoxr.align.align`). Without it,
+            per-epoch layouts are aligned each onto the previous epoch
+            (:func:`topoxr.align.align_epochs`).
+        **kwargs
+            Other arguments of those functions (``match``, ``rescale``).
+
+        Returns
+        -------
+        same type as the object
+            The object with aligned ``x``, ``y``.
+        """
         from topoxr.align import align, align_epochs
 
         if reference is None:
@@ -69,7 +145,18 @@ class TopoAccessor:
         return self._apply(align, reference, **kwargs)
 
     def plot(self, **kwargs: Any) -> Any:
-        """Topographic map (HoloViews); see :func:`topoxr.viz.topomap`."""
+        """Topographic map (HoloViews); see :func:`topoxr.viz.topomap`.
+
+        Parameters
+        ----------
+        **kwargs
+            Arguments of :func:`topoxr.viz.topomap` (``by``, ``interpolate``...).
+
+        Returns
+        -------
+        holoviews object
+            An overlay, or a ``HoloMap``/``DynamicMap`` keyed by the ``by`` dims.
+        """
         from topoxr.viz import topomap
 
         return topomap(self._obj, **kwargs)

@@ -181,7 +181,24 @@ def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float
     """Trustworthiness of a layout: are the map's neighbours neighbours in profile space?
 
     Same value as :func:`sklearn.manifold.trustworthiness` (without ties), in memory
-    ``O(n)`` per query block. See :func:`neighborhood_preservation` for the parameters.
+    ``O(n)`` per query block.
+
+    Parameters
+    ----------
+    X : array_like of shape (n_neurons, n_features)
+        Neuron profiles.
+    embedding : array_like of shape (n_neurons, 2)
+        The layout.
+    k : int, default 10
+        Neighbourhood size.
+    **kwargs
+        ``metric``, ``n_queries``, ``random_state``: see
+        :func:`neighborhood_preservation`.
+
+    Returns
+    -------
+    float
+        Between 0 and 1 (higher is better; about 0.5 for a random layout).
 
     Examples
     --------
@@ -196,8 +213,24 @@ def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float
 def continuity(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float:
     """Continuity of a layout: are profile-space neighbours neighbours on the map?
 
-    Trustworthiness with the roles of the two spaces swapped. See
-    :func:`neighborhood_preservation` for the parameters.
+    Trustworthiness with the roles of the two spaces swapped.
+
+    Parameters
+    ----------
+    X : array_like of shape (n_neurons, n_features)
+        Neuron profiles.
+    embedding : array_like of shape (n_neurons, 2)
+        The layout.
+    k : int, default 10
+        Neighbourhood size.
+    **kwargs
+        ``metric``, ``n_queries``, ``random_state``: see
+        :func:`neighborhood_preservation`.
+
+    Returns
+    -------
+    float
+        Between 0 and 1 (higher is better).
     """
     return neighborhood_preservation(X, embedding, k, **kwargs)[1]
 
@@ -440,8 +473,13 @@ def quality(
         epoch)``; default: the NAPs by label (or ``laid_out`` itself if it is NAPs).
     resolution : int, default 100
         Grid of the interpolated maps.
-    n_queries, n_pairs, random_state
-        See :func:`neighborhood_preservation` and :func:`rank_correlation`.
+    n_queries : int, "auto" or None, default "auto"
+        Neurons queried for trustworthiness and continuity; see
+        :func:`neighborhood_preservation`.
+    n_pairs : int, default 200000
+        Neuron pairs sampled for the rank correlation; see :func:`rank_correlation`.
+    random_state : int, optional
+        Seed of the sampling (queries and pairs).
 
     Returns
     -------

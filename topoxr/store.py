@@ -4,8 +4,10 @@ Layout (see :mod:`topoxr.conventions` and ``docs/store-format.md``)::
 
     <store>/<model>/<layer>/activation  (neuron, sample, epoch) float32
 
-How crash safety works
-----------------------
+Notes
+-----
+How crash safety works:
+
 * Every chunk and metadata document is replaced atomically (zarr's local store writes a
   temporary file and renames it; object stores replace whole objects), so a killed
   writer never leaves a torn chunk and committed values that share a chunk with the
@@ -670,10 +672,17 @@ class ActivationWriter:
     def complete_epoch(self, epoch: int, layers: Iterable[str] | None = None) -> None:
         """Mark ``epoch`` complete for ``layers`` (default: all layers of this writer).
 
+        Parameters
+        ----------
+        epoch : int
+            The epoch whose probe samples have all been written.
+        layers : iterable of str, optional
+            Layers to mark; default: every layer written by this writer.
+
         Raises
         ------
         StoreError
-            If a layer lacks the epoch or some of its probe samples.
+            If a layer is unknown, lacks the epoch or some of its probe samples.
         """
         self._check_open()
         epoch = _as_epoch(epoch)
@@ -705,6 +714,19 @@ class ActivationWriter:
         """Store per-epoch scalars (loss, accuracy, ...) as coordinates on ``epoch``.
 
         Written to every layer of this model that already has ``epoch``.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch the values belong to.
+        **scalars : float
+            Name and value of each scalar, e.g. ``loss=0.3, accuracy=0.9``. Names must be
+            identifiers and must not clash with the store's own coordinates.
+
+        Raises
+        ------
+        StoreError
+            If a name is reserved or not an identifier, or a value is not a real number.
         """
         self._check_open()
         epoch = _as_epoch(epoch)
@@ -1418,6 +1440,13 @@ def _chunk_pieces(start: int, stop: int, size: int) -> list[tuple[int, int]]:
 
 def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Summarise a store without reading activations.
+
+    Parameters
+    ----------
+    store : str or path-like
+        Path or fsspec URL of the store.
+    storage_options : mapping, optional
+        Options of the fsspec filesystem (remote stores).
 
     Returns
     -------

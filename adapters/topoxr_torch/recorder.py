@@ -330,7 +330,20 @@ class ProbeRecorder:
         self.progress = progress
 
     def record(self, epoch: int, **scalars: float) -> RecordResult:
-        """Record the probe set as ``epoch``; ``scalars`` (loss=...) go with the epoch."""
+        """Record the probe set as ``epoch``.
+
+        Parameters
+        ----------
+        epoch : int
+            Epoch label (0 for the network before training).
+        **scalars : float
+            Per-epoch values stored with the epoch (``loss=...``, ``accuracy=...``).
+
+        Returns
+        -------
+        RecordResult
+            What was recorded.
+        """
         batches: Any = iter_array_batches(self.x, self.ids, self.y, self.metadata,
                                           self.batch_size)
         with capture(self.model, self.layers, output_keys=self.output_keys) as forward:
