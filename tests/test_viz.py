@@ -369,7 +369,7 @@ def _bar_flags(obj):
 def test_long_class_row_wraps_with_examples_above_and_one_colorbar(viz):
     nap = make_laid_naps(n_neurons=25, n_labels=10, n_epochs=2)
     examples = viz.example_inputs(np.random.default_rng(0).random((10, 8, 8)), np.arange(10))
-    row = viz.class_row(nap, examples=examples)
+    row = viz.class_row(nap, examples=examples, resolution=20)
     assert row._max_cols == 5  # 10 classes: two rows of 5
     items = list(row)
     assert len(items) == 20
@@ -407,26 +407,27 @@ def test_short_last_row_is_padded_so_examples_stay_above_their_maps(viz):
 
 def test_training_animation_one_colorbar_for_all_groups(viz):
     nap = make_laid_naps(n_neurons=25, n_labels=6, n_epochs=3)
-    anim = viz.training_animation(nap)
+    anim = viz.training_animation(nap, resolution=20)
     assert anim._max_cols == 3
     assert len(_bokeh_colorbars(viz, anim)) == 1
     assert all(list(h.keys()) == [0, 1, 2] for h in anim)
 
 
 def test_grids_one_colorbar_each_model_row_one(viz):
-    contrast = viz.contrast_grid(make_laid_naps(20, 4, 2, by=["label", "correct"]))
+    contrast = viz.contrast_grid(make_laid_naps(20, 4, 2, by=["label", "correct"]), resolution=20)
     assert len(_bokeh_colorbars(viz, contrast)) == 1
-    confusion = viz.confusion_grid(make_laid_naps(20, 4, 2, by=["label", "prediction"]))
+    confusion = viz.confusion_grid(make_laid_naps(20, 4, 2, by=["label", "prediction"]),
+                                   resolution=20)
     assert len(_bokeh_colorbars(viz, confusion)) == 1
     from bokeh.models import Slider
 
     over_epochs = viz.to_bokeh(viz.contrast_grid(make_laid_naps(20, 4, 3, by=["label", "correct"]),
-                                                 epoch="all"))
+                                                 epoch="all", resolution=20))
     assert next(iter(over_epochs.select({"type": Slider}))).end == 2  # the slider is kept
     # models may have their own limits: one bar per model row, on its rightmost map
     a = make_laid_naps(n_neurons=20, n_labels=4, n_epochs=2)
     b = make_laid_naps(n_neurons=18, n_labels=4, n_epochs=2, random_state=3) * 4
-    grid = viz.compare_models({"torch": a, "keras": b})
+    grid = viz.compare_models({"torch": a, "keras": b}, resolution=20)
     assert len(_bokeh_colorbars(viz, grid)) == 2
     with_bar = {k for k, cell in grid.items() if _bar_flags(cell)[0][0]}
     assert with_bar == {(3, "torch"), (3, "keras")}
@@ -475,3 +476,26 @@ def test_gif_wraps_long_rows(viz, tmp_path):
             sizes[n] = im.size
     assert sizes[10][0] == sizes[5][0]  # still 5 maps wide
     assert sizes[10][1] > 1.6 * sizes[5][1]  # on two rows
+
+
+def test_maps_keep_a_margin_so_edge_neurons_are_whole(viz, nap):
+    from bokeh.models import Range1d
+
+    fig = viz.to_bokeh(viz.topomap(nap.sel(label=0, epoch=2)))
+    xr_, yr_ = fig.x_range, fig.y_range
+    assert isinstance(xr_, Range1d) and isinstance(yr_, Range1d)
+    assert xr_.start < float(nap.x.min()) and xr_.end > float(nap.x.max())
+    assert yr_.start < float(nap.y.min()) and yr_.end > float(nap.y.max())
+
+
+def test_wide_grids_get_smaller_maps_and_neurons_unless_asked(viz):
+    nap = make_laid_naps(20, 10, 2, by=["label", "correct"])
+
+    def sizes(grid):
+        pts = next(el for el in next(iter(grid.values())) if isinstance(el, hv.Points))
+        return (hv.Store.lookup_options("bokeh", pts, "plot").kwargs["frame_width"],
+                hv.Store.lookup_options("bokeh", pts, "style").kwargs["size"])
+
+    width, size = sizes(viz.contrast_grid(nap))
+    assert width * 10 <= 1100 and size < 5
+    assert sizes(viz.contrast_grid(nap, frame_width=200, point_size=6)) == (200, 6)

@@ -366,8 +366,8 @@ def _build_overlay(
     title_suffix: str = "",
 ) -> hv.Overlay:
     vdim = hv.Dimension(src.vname, label=style["value_label"] or src.vlabel, range=clim)
-    kx = hv.Dimension(cv.X, range=interp.bounds[:2])
-    ky = hv.Dimension(cv.Y, range=interp.bounds[2:])
+    kx = hv.Dimension(cv.X, range=_padded(*interp.bounds[:2]))
+    ky = hv.Dimension(cv.Y, range=_padded(*interp.bounds[2:]))
     label = src.layer if not title_suffix else f"{src.layer} {title_suffix}"
     layers: list[Any] = []
     cmap = style["cmap"]
@@ -416,6 +416,16 @@ def _build_overlay(
     if _HAS_MPL:
         overlay = overlay.opts(show_legend=False, backend="matplotlib")
     return overlay
+
+
+#: Margin around the map, as a fraction of its size, so that neurons on the edge of the
+#: layout are drawn whole instead of cut by the frame.
+_MARGIN = 0.04
+
+
+def _padded(lo: float, hi: float) -> tuple[float, float]:
+    pad = _MARGIN * (hi - lo)
+    return (lo - pad, hi + pad)
 
 
 def _resolve_by(by: str | Sequence[str] | None, sources: list[_Source], multi: bool) -> list[str]:

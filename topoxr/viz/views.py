@@ -275,7 +275,8 @@ def _grid(laid_naps: xr.DataArray, xkey: str, ykey: str, epoch: Any,
     if epoch != "all":
         nap = _drop_empty_groups(_last_epoch(nap, epoch))
     return _grid_space(collect(nap, by=by, **topomap_kwargs), xkey, ykey,
-                       one_bar_per_row=False, auto_width="frame_width" not in topomap_kwargs)
+                       one_bar_per_row=False, auto_width="frame_width" not in topomap_kwargs,
+                       auto_points="point_size" not in topomap_kwargs)
 
 
 def _drop_empty_groups(nap: xr.DataArray) -> xr.DataArray:
@@ -294,7 +295,7 @@ GRID_WIDTH = 1100
 
 
 def _grid_space(col: Any, xkey: str, ykey: str, *, one_bar_per_row: bool,
-                auto_width: bool) -> Any:
+                auto_width: bool, auto_points: bool) -> Any:
     """A GridSpace of a collection's maps, with one colour bar per grid (or per row).
 
     The bar goes on the rightmost cell of the top row (of every row with
@@ -310,9 +311,12 @@ def _grid_space(col: Any, xkey: str, ykey: str, *, one_bar_per_row: bool,
             bars.add((row[-1], y))
             if not one_bar_per_row:
                 break
-    if auto_width:  # keep wide grids (10 classes) on the page
-        col.style["frame_width"] = int(max(90, min(col.style["frame_width"],
-                                                   GRID_WIDTH // max(len(xs), 1))))
+    if auto_width:  # keep wide grids (10 classes) on the page, with smaller neurons
+        width = int(max(90, min(col.style["frame_width"], GRID_WIDTH // max(len(xs), 1))))
+        scale = width / col.style["frame_width"]
+        col.style["frame_width"] = width
+        if auto_points:
+            col.style["point_size"] = max(2, int(col.style["point_size"] * scale + 0.5))
     col.precompute()
     frames = {k: col.element(k, colorbar=(k[xi], k[yi]) in bars) for k in col.frames}
     hmap = hv.HoloMap(frames, kdims=list(col.by))
@@ -448,4 +452,5 @@ def compare_models(
     if len(keys) != 1:
         raise ValueError(f"compare_models needs NAPs grouped by one key, got {keys}")
     return _grid_space(col, keys[0], MODEL, one_bar_per_row=True,
-                       auto_width="frame_width" not in topomap_kwargs)
+                       auto_width="frame_width" not in topomap_kwargs,
+                       auto_points="point_size" not in topomap_kwargs)
