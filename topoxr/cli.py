@@ -373,7 +373,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``topoxr`` command line; return the exit status."""
+    """Run the ``topoxr`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; default: ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 1 when the command fails (one line on stderr), 2 on
+        usage errors (from argparse), 130 when interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -114,6 +114,23 @@ def record_sklearn_mlp(
     The hidden activations are computed with numpy from the fitted weights on the fixed
     probe set after every epoch. scikit-learn initialises weights only inside
     ``partial_fit``, so epoch 0 is the network after a single one-sample step.
+
+    Parameters
+    ----------
+    store : str or Path
+        Store to write; the model group is replaced.
+    data : dict
+        The split returned by :func:`digits_probe`.
+    epochs : int, default 5
+        Training epochs (epochs ``0..epochs`` are recorded).
+    hidden : int, default 64
+        Width of the hidden layer, recorded as layer ``hidden``.
+    seed : int, default 0
+        Seed of the weights and of the batch order.
+    progress : bool, default True
+        Show a progress bar.
+    model_name : str, default "mlp_sklearn"
+        Model group name in the store.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier

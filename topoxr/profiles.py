@@ -5,9 +5,9 @@ its column of the NAP matrix (values across groups), or its raw activations over
 seeded random subset of samples. Layouts place neurons with similar profiles close
 together, so profiles and their distances are the input of every layout method.
 
-Degenerate neurons
-------------------
-Cosine distance is undefined for a profile of zeros (a *dead* neuron, or a neuron whose
+Notes
+-----
+Degenerate neurons: cosine distance is undefined for a profile of zeros (a *dead* neuron, or a neuron whose
 NAPs are the same for every group, which normalisation turns into zeros) and correlation
 distance for a constant profile. topoxr never hides this behind an epsilon. A profile
 whose norm (after centring, for ``"correlation"``) is at most ``tol`` times the largest
@@ -319,7 +319,7 @@ def profile_matrix(
     Returns
     -------
     matrix : numpy.ndarray, shape (n, f')
-        float64 coordinates for Euclidean methods.
+        Float64 coordinates for Euclidean methods.
     info : dict
         ``{"dead": bool array, "constant": bool array}``.
 

@@ -51,6 +51,22 @@ def make_model(
     ``cnn``: reshape (8, 8, 1) -> conv1 (channels[0]) -> relu1 -> pool1 -> conv2 -> relu2 ->
     flatten -> fc1 (32) -> relu3 -> out (10); 3x3 convolutions, "same" padding.
 
+    Parameters
+    ----------
+    kind : {"mlp", "cnn"}
+        The architecture.
+    seed : int, default 0
+        Seed of the initializers.
+    hidden : (int, int), default (64, 32)
+        Widths of ``fc1`` and ``fc2`` of the MLP.
+    channels : (int, int), default (8, 16)
+        Channels of ``conv1`` and ``conv2`` of the CNN.
+
+    Returns
+    -------
+    keras.Model
+        The untrained network.
+
     Raises
     ------
     ValueError

@@ -80,8 +80,20 @@ class DigitsCNN(nn.Module):
 def make_model(kind: str, *, seed: int = 0, **kwargs: Any) -> nn.Module:
     """Build ``"mlp"`` or ``"cnn"`` with weights drawn from ``torch.manual_seed(seed)``.
 
-    ``kwargs`` go to the class (``hidden=(64, 32)`` for the MLP, ``channels=(8, 16)`` for
-    the CNN).
+    Parameters
+    ----------
+    kind : {"mlp", "cnn"}
+        :class:`DigitsMLP` or :class:`DigitsCNN`.
+    seed : int, default 0
+        Seed of the initial weights.
+    **kwargs
+        Arguments of the class (``hidden=(64, 32)`` for the MLP, ``channels=(8, 16)`` for
+        the CNN).
+
+    Returns
+    -------
+    torch.nn.Module
+        The untrained network.
 
     Raises
     ------
