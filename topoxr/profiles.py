@@ -7,9 +7,9 @@ together, so profiles and their distances are the input of every layout method.
 
 Notes
 -----
-Degenerate neurons: cosine distance is undefined for a profile of zeros (a *dead* neuron, or a neuron whose
-NAPs are the same for every group, which normalisation turns into zeros) and correlation
-distance for a constant profile. topoxr never hides this behind an epsilon. A profile
+Degenerate neurons: cosine distance is undefined for a profile of zeros (a *dead*
+neuron, or a neuron whose NAPs are the same for every group, which normalisation turns
+into zeros) and correlation distance for a constant profile. topoxr never hides this behind an epsilon. A profile
 whose norm (after centring, for ``"correlation"``) is at most ``tol`` times the largest
 norm of the layer is *degenerate*; then, by definition:
 
