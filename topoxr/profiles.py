@@ -9,9 +9,9 @@ Notes
 -----
 Degenerate neurons: cosine distance is undefined for a profile of zeros (a *dead*
 neuron, or a neuron whose NAPs are the same for every group, which normalisation turns
-into zeros) and correlation distance for a constant profile. topoxr never hides this behind an epsilon. A profile
-whose norm (after centring, for ``"correlation"``) is at most ``tol`` times the largest
-norm of the layer is *degenerate*; then, by definition:
+into zeros) and correlation distance for a constant profile. topoxr never hides this
+behind an epsilon. A profile whose norm (after centring, for ``"correlation"``) is at
+most ``tol`` times the largest norm of the layer is *degenerate*; then, by definition:
 
 * its distance to every non-degenerate neuron is 1 (what an orthogonal/uncorrelated
   neuron would get), and its distance to other degenerate neurons is 0;
