@@ -478,7 +478,7 @@ def test_gif_wraps_long_rows(viz, tmp_path):
     assert sizes[10][1] > 1.6 * sizes[5][1]  # on two rows
 
 
-def test_maps_keep_a_margin_so_edge_neurons_are_whole(viz, nap):
+def test_maps_keep_a_margin_and_true_proportions(viz, nap):
     from bokeh.models import Range1d
 
     fig = viz.to_bokeh(viz.topomap(nap.sel(label=0, epoch=2)))
@@ -486,6 +486,12 @@ def test_maps_keep_a_margin_so_edge_neurons_are_whole(viz, nap):
     assert isinstance(xr_, Range1d) and isinstance(yr_, Range1d)
     assert xr_.start < float(nap.x.min()) and xr_.end > float(nap.x.max())
     assert yr_.start < float(nap.y.min()) and yr_.end > float(nap.y.max())
+    # a layout twice as tall as wide keeps its shape: equal spans in a square frame
+    tall = nap.assign_coords(x=nap.x * 0.5)
+    fig = viz.to_bokeh(viz.topomap(tall.sel(label=0, epoch=2)))
+    spans = (fig.x_range.end - fig.x_range.start, fig.y_range.end - fig.y_range.start)
+    assert spans[0] == pytest.approx(spans[1])
+    assert spans[1] > float(tall.y.max() - tall.y.min())
 
 
 def test_wide_grids_get_smaller_maps_and_neurons_unless_asked(viz):

@@ -98,7 +98,9 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
     ----------
     obj : HoloViews object
         An element, overlay, layout, ``GridSpace``, ``HoloMap`` or a ``DynamicMap``
-        whose key dimensions have explicit values (it is sampled on all of them).
+        whose key dimensions have explicit values (it is sampled on all of them). A
+        ``GridSpace`` is drawn as a grid of titled maps, top row first, with blank cells
+        where there is no map (as :func:`save_png` draws it).
     max_frames : int, default 500
         Refuse collections with more frames than this (the page holds every frame).
     interval_ms : int, default 700

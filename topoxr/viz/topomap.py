@@ -366,8 +366,9 @@ def _build_overlay(
     title_suffix: str = "",
 ) -> hv.Overlay:
     vdim = hv.Dimension(src.vname, label=style["value_label"] or src.vlabel, range=clim)
-    kx = hv.Dimension(cv.X, range=_padded(*interp.bounds[:2]))
-    ky = hv.Dimension(cv.Y, range=_padded(*interp.bounds[2:]))
+    xrange, yrange = _square_ranges(interp.bounds)
+    kx = hv.Dimension(cv.X, range=xrange)
+    ky = hv.Dimension(cv.Y, range=yrange)
     label = src.layer if not title_suffix else f"{src.layer} {title_suffix}"
     layers: list[Any] = []
     cmap = style["cmap"]
@@ -423,9 +424,18 @@ def _build_overlay(
 _MARGIN = 0.04
 
 
-def _padded(lo: float, hi: float) -> tuple[float, float]:
-    pad = _MARGIN * (hi - lo)
-    return (lo - pad, hi + pad)
+def _square_ranges(
+    bounds: tuple[float, float, float, float],
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """x and y ranges of equal span around the layout, with a margin.
+
+    Maps are drawn in square frames; equal spans keep distances on the map true (a
+    layout taller than wide is not stretched sideways).
+    """
+    xmin, xmax, ymin, ymax = bounds
+    half = (1 + 2 * _MARGIN) * max(xmax - xmin, ymax - ymin) / 2
+    cx, cy = (xmin + xmax) / 2, (ymin + ymax) / 2
+    return (cx - half, cx + half), (cy - half, cy + half)
 
 
 def _resolve_by(by: str | Sequence[str] | None, sources: list[_Source], multi: bool) -> list[str]:
