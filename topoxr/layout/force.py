@@ -327,8 +327,9 @@ class KNNForceLayout(BaseLayout):
         Initial step size (decays linearly to zero).
     grid : bool, default True
         Snap the result onto a regular grid, one neuron per cell
-        (:func:`~topoxr.layout.grid.snap_to_grid`): uniform density, no overlaps, and
-        measurably smoother interpolated maps, at a small cost in trustworthiness.
+        (:func:`~topoxr.layout.grid.snap_to_grid`): uniform density and no overlaps, at
+        some cost in trustworthiness; smoother maps where clusters touch (digits NAPs),
+        less smooth on well separated clusters (use ``grid=False`` there).
     spreading : float, default 0.5
         Without ``grid``: strength of a final local spreading phase (0 turns it off):
         neurons closer than ``spreading`` times the mean spacing of a uniform layout are
