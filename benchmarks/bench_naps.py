@@ -12,12 +12,15 @@ into ``benchmarks/scratch/`` and reused. A fresh child process then
    one-hot matrix product per epoch (BLAS, the strongest plain-numpy baseline).
 
 Throughput is bytes of activations per second; the ratio ``topoxr / numpy`` is the
-target (>= 0.5), the peak RSS of step 1 must stay under 600 MB.
+target (>= 0.5), the peak RSS of step 1 must stay under 600 MB. All timings are wall
+times of single runs; the 1-minute load average before and after is recorded, since on
+a shared machine other processes change them a lot.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -112,8 +115,10 @@ def main(quick: bool = False) -> dict:
         t0 = time.perf_counter()
         _write(path, **sizes)
         t_write = time.perf_counter() - t0
+    load_before = os.getloadavg()[0]
     out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True,
                          text=True, check=False)
+    load_after = os.getloadavg()[0]
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -135,6 +140,9 @@ def main(quick: bool = False) -> dict:
         "peak_rss_naps_mb": round(res["peak_rss_naps_mb"], 1),
         "rss_before_naps_mb": round(res["rss_before_mb"], 1),
         "targets": {"peak_rss_naps_mb": "< 600", "throughput_vs_numpy": ">= 0.5"},
+        # other work on the machine (the timings are wall times): 1-minute load average
+        "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
+        "cpus": os.cpu_count(),
     }
 
 

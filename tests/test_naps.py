@@ -11,7 +11,7 @@ import xarray as xr
 
 import topoxr
 from topoxr.naps import GroupingError, naps
-from topoxr.store import ActivationWriter
+from topoxr.store import ActivationWriter, StoreCorruptionError
 from topoxr.testing import make_activations, raise_if_dask_computes, write_store
 
 
@@ -217,3 +217,60 @@ def test_inf_stays_in_its_group(backend):
     assert np.isfinite(others.values).all()
     np.testing.assert_allclose(float(nap.sel(label=lab1).isel(neuron=3, epoch=1)),
                                np.nanmean(vals[3, ds.label.values == lab1, 1]), rtol=1e-5)
+
+
+def test_partial_results_do_not_grow_with_the_number_of_epochs():
+    """Epochs are an axis of the per-chunk sums, never multiplied into the group code."""
+    from dask.callbacks import Callback
+
+    class LargestResult(Callback):
+        def __init__(self):
+            super().__init__()
+            self.nbytes = 0
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if isinstance(key, tuple):  # a chunk; the final gathering of the result is not
+                self.nbytes = max(self.nbytes, getattr(result, "nbytes", 0))
+
+    largest = {}
+    for n_epochs in (2, 24):
+        ds = make_activations(n_neurons=8, n_samples=40, n_epochs=n_epochs, n_labels=5,
+                              chunks={"sample": 10, "epoch": 1})
+        with LargestResult() as cb:
+            nap = naps(ds, normalize=False).compute(scheduler="sync")
+        largest[n_epochs] = cb.nbytes
+        eager = naps(ds.compute(), normalize=False)
+        xr.testing.assert_allclose(nap, eager, rtol=1e-5)
+    # the final result grows with the epochs; the largest intermediate must not
+    assert largest[24] == largest[2]
+
+
+def test_store_reader_tells_nan_values_from_missing_chunks(tmp_path):
+    """A committed sample that is all NaN is data; a deleted chunk is corruption."""
+    ds = make_activations(n_neurons=6, n_samples=32)
+    vals = ds.activation.values.copy()
+    vals[:, 0, :] = np.nan  # the first committed cell of the first chunk of every epoch
+    vals[:, 8, 1] = np.nan  # the first cell of another chunk
+    ds = ds.copy(data={"activation": vals})
+    path = tmp_path / "run.zarr"
+    with ActivationWriter(str(path), model="model", chunk_samples=8) as w:
+        for e in range(ds.sizes["epoch"]):
+            for start in range(0, 32, 8):
+                w.write("hidden", vals[:, start:start + 8, e].T, epoch=e,
+                        sample=ds.sample.values[start:start + 8],
+                        label=ds.label.values[start:start + 8], allow_nonfinite=True)
+    layer = topoxr.open_store(str(path))["model/hidden"].to_dataset()
+    assert layer.activation.data.numblocks[1] == 4
+    nap = naps(layer, normalize=False).compute()
+    np.testing.assert_allclose(nap.values, naps(ds, normalize=False).values, rtol=1e-5)
+    label0 = ds.label.values[0]
+    assert np.isfinite(nap.sel(label=label0).values).all()  # NaN skipped, not propagated
+
+    chunk = path / "model" / "hidden" / "activation" / "c" / "0" / "1" / "1"  # samples 8-15
+    assert chunk.is_file()
+    chunk.unlink()
+    layer = topoxr.open_store(str(path))["model/hidden"].to_dataset()
+    with pytest.raises(StoreCorruptionError, match=r"missing.*epochs \[1\]"):
+        naps(layer).compute()
+    # epochs whose chunks are all there stay readable
+    assert naps(layer, epochs=[0, 2]).notnull().all()
