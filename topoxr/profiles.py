@@ -395,10 +395,11 @@ def report_degenerate(info: dict[str, np.ndarray], neuron_ids: np.ndarray, metri
     constant = neuron_ids[info["constant"]].tolist()
     if metric != "euclidean" and (dead or constant):
         logger.warning(
-            "%s%d dead and %d constant neuron(s) have no defined %s distance; they are put "
-            "at distance 1 from every other neuron (0 among themselves): dead=%s constant=%s",
-            f"{where}: " if where else "", len(dead), len(constant), metric,
-            dead[:20], constant[:20],
+            "%s%d dead (all zero) and %d constant neuron(s) of %d have no defined %s "
+            "distance: they are placed at distance 1 from every other neuron and 0 from each "
+            "other (dead=%s%s; all ids are in the result's attrs)",
+            f"{where}: " if where else "", len(dead), len(constant), len(neuron_ids), metric,
+            dead[:10], "..." if len(dead) > 10 else "",
         )
     return {"dead_neurons": dead, "constant_neurons": constant}
 

@@ -91,8 +91,9 @@ class ForceLayout(BaseLayout):
         Metric of the profiles, or ``"precomputed"`` when ``X`` holds distances.
     random_state : int, RandomState instance or None, default None
         Seed of the random start and of the ``init`` estimator.
-    progress : bool, default True
-        Show a tqdm progress bar over the steps.
+    progress : bool, default False
+        Show a tqdm progress bar over the steps (off by default: callers such as
+        :func:`topoxr.layout.attach` and :func:`compute_layouts` show their own).
 
     Attributes
     ----------
@@ -130,7 +131,7 @@ class ForceLayout(BaseLayout):
         init_scale: float = 10.0,
         metric: str = "cosine",
         random_state=None,
-        progress: bool = True,
+        progress: bool = False,
     ) -> None:
         self.init = init
         self.n_steps = n_steps
