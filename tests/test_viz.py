@@ -503,5 +503,5 @@ def test_wide_grids_get_smaller_maps_and_neurons_unless_asked(viz):
                 hv.Store.lookup_options("bokeh", pts, "style").kwargs["size"])
 
     width, size = sizes(viz.contrast_grid(nap))
-    assert width * 10 <= 1100 and size < 5
+    assert width * 10 <= 1000 and size < 5
     assert sizes(viz.contrast_grid(nap, frame_width=200, point_size=6)) == (200, 6)

@@ -291,7 +291,7 @@ def _drop_empty_groups(nap: xr.DataArray) -> xr.DataArray:
 
 
 #: Widest a grid of maps gets by default (pixels of maps per row in the HTML report).
-GRID_WIDTH = 1100
+GRID_WIDTH = 1000
 
 
 def _grid_space(col: Any, xkey: str, ykey: str, *, one_bar_per_row: bool,
