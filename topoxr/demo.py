@@ -418,6 +418,6 @@ def _write_outputs(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarr
                             "profile and map distances, smoothness (lower is smoother), "
                             "seconds per layout on this machine.")
     files = [report.save(out / "report.html")]
-    files.append(save_png(class_row(maps[first]["label"]), out / "maps.png"))
+    files.append(save_png(class_row(maps[first]["label"], examples=examples), out / "maps.png"))
     files.append(save_gif(maps[first]["label"], out / "training.gif", progress=progress))
     return files
