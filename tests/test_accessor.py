@@ -34,7 +34,7 @@ def test_methods_equal_the_public_functions(layer):
     xr.testing.assert_identical(prof.topo.distances("correlation"),
                                 topoxr.distances(prof, "correlation"))
     laid = layer.topo.layout("pca", random_state=0)
-    assert_layout_close(laid, topoxr.layout.attach.attach(layer, "pca", random_state=0), atol=0)
+    assert_layout_close(laid, topoxr.layout.attach(layer, "pca", random_state=0), atol=0)
     xr.testing.assert_identical(laid.topo.quality(k=3), topoxr.quality(laid, k=3))
     ref = layer.topo.layout("random", random_state=1, share="all")
     moved = ref.assign_coords(x=1 - ref.x)
