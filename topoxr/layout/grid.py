@@ -9,7 +9,10 @@ from scipy.optimize import linear_sum_assignment
 
 from topoxr.layout._base import BaseLayout, LayoutInputError, to_unit_square
 
-__all__ = ["GridSnap", "grid_shape", "snap_to_grid"]
+__all__ = ["MAX_GRID_ASPECT", "GridSnap", "grid_shape", "snap_to_grid"]
+
+#: Largest width/height (or height/width) ratio of a snapped grid.
+MAX_GRID_ASPECT = 2.0
 
 #: Largest block solved exactly by linear assignment in the scalable approximation.
 _EXACT_BLOCK = 512
@@ -75,7 +78,8 @@ def _split(points: np.ndarray, cells: np.ndarray, out: np.ndarray, pidx: np.ndar
 def snap_to_grid(coords: np.ndarray, *, slack: float = 0.0, method: str = "auto") -> np.ndarray:
     """Move every point to its own cell of a regular grid, keeping neighbourhoods.
 
-    The grid has the aspect ratio of the layout and at least ``n * (1 + slack)`` cells;
+    The grid has the aspect ratio of the layout, clipped to between 1:2 and 2:1
+    (:data:`MAX_GRID_ASPECT`), and at least ``n * (1 + slack)`` cells;
     points go to cell centres minimising the total squared displacement (linear
     assignment, :func:`scipy.optimize.linear_sum_assignment`).
 
@@ -103,6 +107,9 @@ def snap_to_grid(coords: np.ndarray, *, slack: float = 0.0, method: str = "auto"
         raise LayoutInputError(f"method must be 'auto', 'exact' or 'split', got {method!r}")
     span = np.ptp(coords, axis=0)
     aspect = span[0] / span[1] if span[1] > 0 else (1e3 if span[0] > 0 else 1.0)
+    # A map is read as a picture: grids are kept between 1:2 and 2:1, so an elongated
+    # layout becomes a readable map instead of a strip a few cells high.
+    aspect = float(np.clip(aspect, 1.0 / MAX_GRID_ASPECT, MAX_GRID_ASPECT))
     rows, cols = grid_shape(n, aspect, slack)
     cells = _cells(rows, cols)
     # fit the points into the grid's box before matching
