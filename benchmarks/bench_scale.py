@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchmarks._child import run_sampled
 
 SCRATCH = Path(__file__).parent / "scratch"
 ROOT = Path(__file__).parent.parent
@@ -89,26 +89,6 @@ print(json.dumps({{"seconds": seconds, "rss_after_imports": rss0, "max_abs_error
 """
 
 
-def _run_sampled(code: str) -> tuple[dict, int]:
-    """Run ``code`` in a child; return its JSON line and its peak RSS in bytes."""
-    import psutil
-
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    child = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, child.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    out = proc.stdout.read()
-    proc.stdout.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed with exit code {proc.returncode}")
-    return json.loads(out.strip().splitlines()[-1]), peak
-
-
 def main(quick: bool = False) -> dict:
     """Record then analyse; ``quick`` uses about 300 MB instead of 8 GB."""
     import psutil
@@ -126,10 +106,10 @@ def main(quick: bool = False) -> dict:
     fmt = dict(root=str(ROOT), path=path, n_neurons=n_neurons, n_samples=n_samples,
                epochs=epochs, batch=batch, n_labels=N_LABELS)
     try:
-        rec, rec_peak = _run_sampled(_RECORD.format(**fmt))
+        rec, rec_peak = run_sampled(_RECORD.format(**fmt))
         on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        read, _ = _run_sampled(_READ.format(**fmt))
-        ana, ana_peak = _run_sampled(_NAPS.format(**fmt))
+        read, _ = run_sampled(_READ.format(**fmt))
+        ana, ana_peak = run_sampled(_NAPS.format(**fmt))
     finally:
         shutil.rmtree(path, ignore_errors=True)
     total_memory = psutil.virtual_memory().total

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks._child import run_sampled
 
 import numpy as np
 
@@ -89,27 +90,12 @@ print(json.dumps({{"seconds": seconds, "rss_after_imports": rss_before}}))
 
 def peak_rss_of_writing(total_bytes: int, n_neurons: int, batch: int, chunk: int) -> dict:
     """Write ``total_bytes`` in a child process and sample its RSS."""
-    import psutil
-
     n_samples = 16384
     epochs = max(1, round(total_bytes / (n_neurons * n_samples * 4)))
     path = str(SCRATCH / "rss.zarr")
     code = _CHILD.format(root=str(Path(__file__).parent.parent), n_neurons=n_neurons,
                          batch=batch, path=path, n_samples=n_samples, epochs=epochs, chunk=chunk)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    child = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, child.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    out = proc.stdout.read()
-    proc.stdout.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"the writer child failed with {proc.returncode}")
-    info = json.loads(out.strip().splitlines()[-1])
+    info, peak = run_sampled(code)
     written = n_neurons * n_samples * epochs * 4
     on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     shutil.rmtree(path, ignore_errors=True)
