@@ -22,7 +22,7 @@ def main() -> None:
     import topoxr
     import topoxr.viz as viz
     from topoxr.demo import digits_probe, record_sklearn_mlp
-    from topoxr.layout.attach import attach
+    from topoxr.layout import attach
     from topoxr.naps import naps
 
     STATIC.mkdir(exist_ok=True)

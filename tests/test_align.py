@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from topoxr.align import AlignmentError, align, align_epochs, match_neurons, procrustes
-from topoxr.layout.attach import attach
+from topoxr.layout import attach
 from topoxr.naps import naps
 from topoxr.testing import assert_layout_close, make_activations
 

@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 import topoxr
-from topoxr.layout.attach import compute_layouts
+from topoxr.layout import compute_layouts
 from topoxr.naps import naps
 from topoxr.testing import make_activations, write_store
 

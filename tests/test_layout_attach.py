@@ -11,7 +11,7 @@ import xarray as xr
 
 import topoxr
 from topoxr.layout._registry import get_estimator
-from topoxr.layout.attach import (
+from topoxr.layout import (
     attach,
     compute_layouts,
     draw_seeds,

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 from sklearn.manifold import trustworthiness as sk_trustworthiness
 
-from topoxr.layout.attach import attach
+from topoxr.layout import attach
 from topoxr.quality import (
     QualityError,
     blobs,

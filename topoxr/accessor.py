@@ -100,7 +100,7 @@ class TopoAccessor:
         same type as the object
             The object with ``x``, ``y`` coordinates on ``neuron``.
         """
-        from topoxr.layout.attach import DEFAULT_METHOD, attach
+        from topoxr.layout._attach import DEFAULT_METHOD, attach
 
         return self._apply(attach, DEFAULT_METHOD if method is None else method, **kwargs)
 

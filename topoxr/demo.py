@@ -312,7 +312,7 @@ def _analyse(tree: Any, *, seed: int, progress: bool, quick: bool = False,
 
     from topoxr.conventions import ACTIVATION, EPOCH
     from topoxr.layout._registry import DEFAULT_METHOD
-    from topoxr.layout.attach import attach
+    from topoxr.layout import attach
     from topoxr.naps import naps
     from topoxr.quality import quality
 

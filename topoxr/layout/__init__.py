@@ -14,7 +14,7 @@ from topoxr.layout._registry import (
     get_estimator,
     register,
 )
-from topoxr.layout.attach import attach, compute_layouts, load_layout, save_layout
+from topoxr.layout._attach import attach, compute_layouts, draw_seeds, load_layout, save_layout
 from topoxr.layout.baseline import RandomLayout
 from topoxr.layout.force import ForceLayout, KNNForceLayout
 from topoxr.layout.graph import SpringLayout
@@ -42,6 +42,7 @@ __all__ = [
     "available_methods",
     "compute_layouts",
     "distance_matrix",
+    "draw_seeds",
     "get_estimator",
     "load_layout",
     "register",

@@ -2,7 +2,7 @@
 
 Selectors for model, layer, layout and grouping, and an epoch player. NAPs
 (:func:`topoxr.naps.naps`) and layouts (saved ones from ``<layer>/layouts/<name>``, or
-computed with :func:`topoxr.layout.attach.attach`) are computed when first selected and
+computed with :func:`topoxr.layout.attach`) are computed when first selected and
 cached for the session.
 
 :func:`build_app` returns the app (testable without a server); :func:`serve` serves it.
@@ -159,7 +159,7 @@ class TopomapApp:
         node = self._node()
         name = str(self.layout.value)
         if name.startswith(COMPUTED_PREFIX):
-            from topoxr.layout.attach import attach
+            from topoxr.layout._attach import attach
             from topoxr.naps import naps
 
             base = naps(node.to_dataset(), by=cv.LABEL if cv.LABEL in node.ds.coords
@@ -169,7 +169,7 @@ class TopomapApp:
                           random_state=self.random_state, share=last)
             coords = laid.coords.to_dataset()[[cv.X, cv.Y]]
         else:
-            from topoxr.layout.attach import load_layout
+            from topoxr.layout._attach import load_layout
 
             model_name = self.tree[self.model.value].ds.attrs.get(cv.ATTR_MODEL, self.model.value)
             layer_name = node.ds.attrs.get(cv.ATTR_LAYER, self.layer.value)
