@@ -6,7 +6,7 @@ about 300 MB) through :class:`topoxr.ActivationWriter`, batch by batch.
 Step 2 (``read_all``): a child opens the store and sums every value (the reader alone).
 Step 3 (``naps``): another child opens the store lazily and computes the neuron
 activation patterns by label for every epoch (:func:`topoxr.naps.naps`, one out-of-core
-dask/flox pass), then checks one epoch against an in-memory numpy computation.
+dask pass), then checks one epoch against an in-memory numpy computation.
 
 Each step reports wall time, throughput and the child's peak RSS (the kernel's maximum
 resident set of the child at the end of the step; psutil samples every 20 ms of the
