@@ -391,7 +391,9 @@ def _write_outputs(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarr
     for (model, layer), views in maps.items():
         report.add_section(f"{model} / {layer}: class maps (last epoch)",
                            class_row(views["label"], examples=examples))
-    first = next(iter(maps))
+    # The featured layer of the single-layer views: the widest layer (most neurons), which
+    # makes the most readable map (the demo's PyTorch MLP's first hidden layer).
+    first = max(maps, key=lambda key: (maps[key]["label"].sizes["neuron"], key[0] == "mlp_torch"))
     report.add_section(f"{first[0]} / {first[1]}: training process",
                        training_animation(maps[first]["label"]),
                        text="The probe set recorded at every epoch (0 = before training), drawn "
