@@ -579,7 +579,9 @@ def _grid_as_layout(grid: Any, *, last_frame: bool = True) -> Any:
     xdim, ydim = (d.name for d in grid.kdims)
     keys = list(grid.keys())
     xs = _unique(k[0] for k in keys)
-    ys = _unique(k[1] for k in keys)[::-1]  # top row first
+    ys = _unique(k[1] for k in keys)
+    if ydim != cv.LABEL:  # top row first: correct over wrong; label rows read 0 downwards
+        ys = ys[::-1]
     cells = []
     for y in ys:
         for x in xs:

@@ -305,7 +305,8 @@ def _grid_space(col: Any, xkey: str, ykey: str, *, one_bar_per_row: bool,
     xs, ys = col.key_values(xkey), col.key_values(ykey)
     cells = {(k[xi], k[yi]) for k in col.frames}
     bars = set()
-    for y in (ys if one_bar_per_row else ys[::-1]):
+    top_first = ys if ykey == cv.LABEL else ys[::-1]  # the order the rows are drawn in
+    for y in (ys if one_bar_per_row else top_first):
         row = [x for x in xs if (x, y) in cells]
         if row:
             bars.add((row[-1], y))
