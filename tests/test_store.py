@@ -592,3 +592,62 @@ def test_opened_store_pickles_for_distributed_workers(store_path):
     xr.testing.assert_identical(again.compute(), ds.compute())
     # the mask travels once with the graph, not once per task
     assert len(pickle.dumps(ds.activation.data.dask)) < 20_000
+
+
+# --------------------------------------------------------------------------------------
+# the commit mask
+# --------------------------------------------------------------------------------------
+def _raw_group(url, node):
+    """The zarr group of a node, opened with zarr alone."""
+    return zarr.open_group(zarr.storage.FsspecStore.from_url(url) if "://" in url
+                           else url, path=node, mode="r")
+
+
+def test_commit_mask_spans_chunks_in_any_order(any_store, monkeypatch):
+    """Batches land in several mask chunks, out of order, the last chunk a partial one.
+
+    Local stores write the (uncompressed) mask chunks directly, ``memory://`` goes
+    through zarr's codec pipeline: zarr must read the same mask back from both.
+    """
+    import topoxr.store
+
+    monkeypatch.setattr(topoxr.store, "_MASK_TARGET", 1)  # mask chunk = one batch
+    batches = [np.arange(8, 12), np.arange(0, 4), np.arange(12, 14), np.arange(4, 8)]
+    with ActivationWriter(any_store, model="m") as writer:
+        for ids in batches:
+            writer.write("h", acts(ids), sample=ids)
+        # epoch 1 stays incomplete: parts of chunks, the partial last chunk included
+        for ids in ([10, 9], [0], [13], [5, 6, 7]):
+            writer.write("h", acts(ids, 1), sample=ids, epoch=1)
+    done = [10, 9, 0, 13, 5, 6, 7]
+    group = _raw_group(any_store, "m/h")
+    assert group["committed"].chunks == (4, 1)
+    assert group["committed"].compressors == ()
+    stored_ids = group["sample"][:]
+    expected = np.stack([np.ones(14, bool), np.isin(stored_ids, done)], axis=1)
+    np.testing.assert_array_equal(group["committed"][:], expected)
+    ds = open_store(any_store)["m/h"].to_dataset().sortby("sample")
+    np.testing.assert_array_equal(ds.activation.sel(epoch=0), acts(np.arange(14)).T)
+    np.testing.assert_array_equal(ds.activation.sel(epoch=1, sample=sorted(done)),
+                                  acts(sorted(done), 1).T)
+    assert ds.activation.sel(epoch=1).isnull().sum() == N_NEURONS * (14 - len(done))
+
+
+def test_a_store_with_a_compressed_mask_is_still_committed_to(store_path):
+    """A mask stored compressed (as topoxr 0.1 did) takes zarr's own write path."""
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts(range(4)), sample=range(4))
+    group = zarr.open_group(store_path, path="m/h", mode="r+")
+    old = group["committed"]
+    mask = old[:]
+    group.create_array("committed", shape=old.shape, chunks=old.chunks, dtype=bool,
+                       fill_value=False, compressors=zarr.codecs.ZstdCodec(),
+                       dimension_names=old.metadata.dimension_names, overwrite=True)[:] = mask
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([2, 3], 1), sample=[2, 3], epoch=1)
+        writer.write("h", acts([0, 1], 1), sample=[0, 1], epoch=1)
+    assert zarr.open_group(store_path, path="m/h", mode="r")["committed"].compressors != ()
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert ds.committed.values.all()
+    np.testing.assert_array_equal(ds.activation.sel(epoch=1), acts(range(4), 1).T)
+    assert ds.epoch_complete.values.tolist() == [True, True]

@@ -12,11 +12,14 @@ How crash safety works:
   temporary file and renames it; object stores replace whole objects), so a killed
   writer never leaves a torn chunk and committed values that share a chunk with the
   batch being written are never lost.
-* A batch is written in a fixed order: first every array that is not a coordinate is
-  grown and filled (values, labels, metadata, predictions; concurrently), then the
-  ``sample``/``epoch`` coordinates that define the logical lengths, and last the
-  ``committed`` mask.  The mask chunk is a multiple of the first batch size, so a batch
-  becomes visible in a single atomic chunk write.
+* A batch is written in a fixed order: first every array is grown (new coordinate
+  slots hold a fill value that no sample id or epoch can take), then every array that
+  is not a coordinate is filled (values, labels, metadata, predictions; concurrently),
+  then the ``sample``/``epoch`` coordinates that define the logical lengths, and last
+  the ``committed`` mask.  The mask chunk is a multiple of the first batch size, so a
+  batch becomes visible in a single atomic chunk write.  The mask is stored
+  uncompressed, so on local and in-memory stores that write is one direct, atomic
+  store call rather than a trip through zarr's codec pipeline.
 * Readers (:func:`open_store`) take the length all arrays agree on (cut before an
   unfilled coordinate slot) and the mask as a snapshot and hide everything not
   committed.  A reader running beside a writer therefore never sees a torn batch.  A
@@ -33,6 +36,7 @@ How crash safety works:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import re
 import uuid
@@ -44,6 +48,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.abc.store import SupportsSetSync
+from zarr.codecs import BytesCodec
+from zarr.core.buffer import default_buffer_prototype
 
 from topoxr._locking import StoreLockedError, WriterLock
 from topoxr.activations import reduce_units
@@ -81,6 +88,8 @@ logger = logging.getLogger(__name__)
 MASK_CHUNK = 1 << 20
 _MASK_TARGET = 1 << 14
 _COORD_CHUNK = 1 << 16
+#: Chunk of the arrays along ``epoch`` (written once per epoch, so kept small)
+_EPOCH_CHUNK = 1 << 10
 #: Fill value of the ``sample`` coordinate: a slot that was grown but not yet filled.
 #: It is not a valid sample id, so readers and resume can tell such slots apart.
 SAMPLE_FILL = int(np.iinfo(np.int64).min)
@@ -258,9 +267,10 @@ class _LayerState:
         written[pos] = True
         self.written[e] = written
 
-    def add_samples(self, ids: np.ndarray) -> None:
+    def add_samples(self, ids: np.ndarray, all_ids: np.ndarray) -> None:
+        """Append ``ids``; ``all_ids`` is the stored ids followed by them."""
         start = len(self.sample_ids)
-        self.sample_ids = np.concatenate([self.sample_ids, ids])
+        self.sample_ids = all_ids
         for i, s in enumerate(ids.tolist()):
             self._index[int(s)] = start + i
 
@@ -700,15 +710,25 @@ class ActivationWriter:
                     f"layer {name!r} epoch {epoch} lacks {n_missing} of "
                     f"{len(state.sample_ids)} samples"
                 )
-        for name in names:
+        self._mark_complete({name: [epoch] for name in names})
+
+    def _mark_complete(self, epochs: Mapping[str, Iterable[int]]) -> None:
+        """Store ``epoch_complete`` for checked epochs: one write per layer, from memory."""
+        writes, updated = [], {}
+        for name, layer_epochs in epochs.items():
             state = self._layers[name]
-            e = state.epoch_index(epoch)
-            if not state.complete[e]:
-                try:
-                    state.arrays[EPOCH_COMPLETE][e] = True
-                except Exception as err:
-                    self._fail(err, f"marking epoch {epoch} of layer {name!r} complete")
-                state.complete[e] = True
+            complete = state.complete.copy()
+            complete[[state.epoch_index(epoch) for epoch in layer_epochs]] = True
+            changed = np.flatnonzero(complete != state.complete)
+            if len(changed):
+                writes.append(_append(state.arrays[EPOCH_COMPLETE], complete, int(changed[0])))
+                updated[name] = complete
+        try:
+            _run_in_order([writes])
+        except Exception as err:
+            self._fail(err, f"marking epochs {dict(epochs)} complete")
+        for name, complete in updated.items():
+            self._layers[name].complete = complete
 
     def log_epoch(self, epoch: int, **scalars: float) -> None:
         """Store per-epoch scalars (loss, accuracy, ...) as coordinates on ``epoch``.
@@ -749,7 +769,7 @@ class ActivationWriter:
                         raise StoreError(f"{key!r} is already a column of layer {state.name!r}")
                     if key not in existing:  # (a crashed writer may have created it)
                         state.group.create_array(
-                            key, shape=(len(state.epochs),), chunks=(_COORD_CHUNK,),
+                            key, shape=(len(state.epochs),), chunks=(_EPOCH_CHUNK,),
                             dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,),
                         )
                         _refresh_coordinates(state.group)
@@ -824,15 +844,15 @@ class ActivationWriter:
 
     def _complete_written_epochs(self) -> None:
         epochs = {state.epochs[e] for state in self._layers.values() for e in state.written}
+        done: dict[str, list[int]] = {}
         for epoch in sorted(epochs):
-            full = all(
-                state.epoch_index(epoch) >= 0 and state.mask[:, state.epoch_index(epoch)].all()
-                for state in self._layers.values()
-                if state.epoch_index(epoch) >= 0
-            )
-            if full:
-                self.complete_epoch(epoch, [n for n, s in self._layers.items()
-                                            if s.epoch_index(epoch) >= 0])
+            having = [name for name, state in self._layers.items()
+                      if state.epoch_index(epoch) >= 0]
+            if all(self._layers[name].mask[:, self._layers[name].epoch_index(epoch)].all()
+                   for name in having):
+                for name in having:
+                    done.setdefault(name, []).append(epoch)
+        self._mark_complete(done)
 
     def _consolidate(self) -> None:
         with warnings.catch_warnings():
@@ -873,13 +893,15 @@ class ActivationWriter:
             arr[:] = vals
         group.create_array(SAMPLE, shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
                            fill_value=SAMPLE_FILL, dimension_names=(SAMPLE,))
-        group.create_array(EPOCH, shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
+        group.create_array(EPOCH, shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="int64",
                            fill_value=_EPOCH_FILL, dimension_names=(EPOCH,))
-        group.create_array(EPOCH_COMPLETE, shape=(0,), chunks=(_COORD_CHUNK,), dtype="bool",
+        group.create_array(EPOCH_COMPLETE, shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="bool",
                            fill_value=False, dimension_names=(EPOCH,))
         mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))
+        # uncompressed: it is the commit point, written once per batch (_write_mask_chunks)
         group.create_array(COMMITTED, shape=(0, 0), chunks=(mask_chunk, 1), dtype="bool",
-                           fill_value=False, dimension_names=(SAMPLE, EPOCH))
+                           fill_value=False, compressors=None,
+                           dimension_names=(SAMPLE, EPOCH))
         if labels is not None:
             group.create_array(LABEL, shape=(0,), chunks=(_COORD_CHUNK,),
                                dtype=_zarr_dtype(labels), fill_value=_fill(_kind(labels)),
@@ -916,40 +938,44 @@ class ActivationWriter:
             self._create_prediction_arrays(group, preds, len(state.sample_ids), len(state.epochs))
             state.refresh()
             arrays = state.arrays
-        # 1. grow every array that is not a coordinate (all at once) ...
         e = state.epoch_index(epoch)
         new = plan.new_rows
         n0, m0 = len(state.sample_ids), len(state.epochs)
         n, m = n0 + len(new), m0 + (e < 0)
         if e < 0:
-            state.epochs.append(epoch)
-            state.mask = np.concatenate([state.mask, np.zeros((n0, 1), bool)], 1)
-            state.complete = np.append(state.complete, False)
             e = m - 1
+        # Plan every write first (in memory), then run the four steps in one trip to
+        # zarr's event loop; each step starts only after the previous one has finished.
+        # 1. grow every array that is not a coordinate ...
+        # (the coordinates too: their new slots hold the fill value, which readers
+        # treat as the end of the logical length until step 3 fills them)
         grow = []
         for key, arr in arrays.items():
-            if key in (SAMPLE, EPOCH):
-                continue
             dims = arr.metadata.dimension_names or ()
             shape = tuple(n if d == SAMPLE else m if d == EPOCH else s
                           for d, s in zip(dims, arr.shape, strict=True))
             if shape != arr.shape:
-                grow.append(arr.async_array.resize(shape))
-        _gather(grow)
-        if len(new):
-            state.add_samples(ids[new])
-            state.mask = np.concatenate([state.mask, np.zeros((len(new), m), bool)])
+                grow.append((arr.async_array.resize, (shape,)))
         # 2. ... fill them: labels and metadata of new samples, values, predictions ...
+        # (1-D columns are appended from their in-memory copies, whole chunks from the
+        # chunk the first new row falls in, so zarr need not read and decode it first)
         fill = []
+        all_labels = state.labels
+        all_metadata = state.metadata
         if len(new):
             if labels is not None:
-                fill.append(arrays[LABEL].async_array.setitem(slice(n0, n), labels[new]))
-                state.labels = np.concatenate([state.labels, labels[new]])
-            for key, col in meta.items():
-                fill.append(arrays[key].async_array.setitem(slice(n0, n), col[new]))
-                state.metadata[key] = np.concatenate([state.metadata[key], col[new]])
+                all_labels = np.concatenate([state.labels, labels[new]])
+                fill.append(_append(arrays[LABEL], all_labels, n0))
+            all_metadata = {key: np.concatenate([state.metadata[key], col[new]])
+                            for key, col in meta.items()}
+            fill.extend(_append(arrays[key], col, n0) for key, col in all_metadata.items())
         rows = plan.write_rows
+        # positions on the sample axis once the new samples are appended after the old
         pos = state.positions(ids[rows])
+        if len(new):
+            appended = np.full(len(ids), -1, dtype=np.int64)
+            appended[new] = np.arange(n0, n)
+            pos = np.where(pos < 0, appended[rows], pos)
         order = np.argsort(pos, kind="stable")
         rows, pos = rows[order], pos[order]
         runs = _runs(pos)
@@ -957,44 +983,110 @@ class ActivationWriter:
             rows, np.arange(rows[0], rows[0] + len(rows)))
         for p0, p1, i0, i1 in runs:
             block = values[rows[0]:rows[0] + len(rows)] if contiguous else values[rows[i0:i1]]
-            fill.append(arrays[ACTIVATION].async_array.setitem(
-                (slice(None), slice(p0, p1), e), block.T))
+            fill.append((arrays[ACTIVATION].async_array.setitem,
+                         ((slice(None), slice(p0, p1), e), block.T)))
             if preds is not None:
-                fill.append(arrays[PREDICTION].async_array.setitem(
-                    (slice(p0, p1), e), preds[rows[i0:i1]]))
-                if state.labels is not None:
-                    fill.append(arrays[CORRECT].async_array.setitem(
-                        (slice(p0, p1), e), preds[rows[i0:i1]] == state.labels[pos[i0:i1]]))
-        _gather(fill)
+                fill.append((arrays[PREDICTION].async_array.setitem,
+                             ((slice(p0, p1), e), preds[rows[i0:i1]])))
+                if all_labels is not None:
+                    fill.append((arrays[CORRECT].async_array.setitem,
+                                 ((slice(p0, p1), e), preds[rows[i0:i1]] == all_labels[pos[i0:i1]])))
         # 3. ... then the coordinates that define the logical lengths ...
         coords = []
+        all_ids = state.sample_ids
         if m > m0:
-            coords.append((arrays[EPOCH], (m,), slice(m0, m), np.array([epoch])))
+            coords.append(_append(arrays[EPOCH], np.array([*state.epochs, epoch]), m0))
         if n > n0:
-            coords.append((arrays[SAMPLE], (n,), slice(n0, n), ids[new]))
-        _gather([arr.async_array.resize(shape) for arr, shape, _, _ in coords])
-        _gather([arr.async_array.setitem(sel, vals) for arr, _, sel, vals in coords])
+            all_ids = np.concatenate([state.sample_ids, ids[new]])
+            coords.append(_append(arrays[SAMPLE], all_ids, n0))
         # 4. ... and last the commit: the mask of this epoch.  Whole (in-bounds) chunks are
         # written from the in-memory mask, so zarr need not read them first; a batch
         # inside one mask chunk becomes visible in one atomic write.
-        state.mask[pos, e] = True
+        mask = state.mask
+        if m > m0:
+            mask = np.concatenate([mask, np.zeros((n0, 1), bool)], 1)
+        if n > n0:
+            mask = np.concatenate([mask, np.zeros((n - n0, m), bool)])
+        mask[pos, e] = True
         size = arrays[COMMITTED].chunks[0]
         lo = int(pos.min()) // size * size
         hi = min(-(-(int(pos.max()) + 1) // size) * size, n)
-        arrays[COMMITTED][lo:hi, e] = state.mask[lo:hi, e]
+        _run_in_order([grow, fill, coords])
+        _write_mask_chunks(arrays[COMMITTED], mask[:, e], lo, hi, e)
+        # the store now holds the batch: mirror it in memory
+        if m > m0:
+            state.epochs.append(epoch)
+            state.complete = np.append(state.complete, False)
+        if len(new):
+            state.add_samples(ids[new], all_ids)
+            state.labels = all_labels
+            state.metadata = all_metadata
+        state.mask = mask
         return len(rows)
 
 
-def _gather(coroutines: list[Any]) -> None:
-    """Run zarr's async operations concurrently and wait for all of them."""
-    if not coroutines:
+@functools.lru_cache(maxsize=None)
+def _writes_synchronously_type(store_type: type) -> bool:
+    return issubclass(store_type, SupportsSetSync)
+
+
+def _writes_synchronously(store: Any) -> bool:
+    """Whether ``store`` has zarr's ``set_sync`` (a cached check: protocols are slow)."""
+    return _writes_synchronously_type(type(store))
+
+
+def _append(arr: zarr.Array, values: np.ndarray, start: int) -> tuple[Any, tuple[Any, ...]]:
+    """The write (for :func:`_run_in_order`) of a 1-D array's new rows ``start:``.
+
+    ``values`` holds every row; the write begins at the first row of the chunk that
+    ``start`` falls in, so every chunk it touches is written whole, from memory.
+    """
+    lo = start // arr.chunks[0] * arr.chunks[0]
+    return arr.async_array.setitem, (slice(lo, len(values)), values[lo:])
+
+
+def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, lo: int, hi: int, e: int) -> None:
+    """Write rows ``lo:hi`` (whole chunks, or up to the end) of the mask's column ``e``.
+
+    This is the commit point of a batch.  A mask created by this version is stored
+    uncompressed, so on a store that writes synchronously (local files, zarr's memory
+    store) each chunk is encoded here, as zarr's ``bytes`` codec does (one byte per
+    bool, the edge chunk padded with the fill value ``False``), and replaced in one
+    atomic store call: about a fifth of the cost of a trip through zarr's asynchronous
+    codec pipeline, which every other store (and masks written compressed by older
+    versions) still takes.
+    """
+    size = arr.chunks[0]
+    if not (_writes_synchronously(arr.store) and arr.filters == ()
+            and arr.compressors == () and isinstance(arr.serializer, BytesCodec)):
+        arr[lo:hi, e] = column[lo:hi]
+        return
+    prototype = default_buffer_prototype()
+    for start in range(lo, hi, size):
+        chunk = np.zeros(size, dtype=np.uint8)
+        piece = column[start:min(start + size, hi)]
+        chunk[: len(piece)] = piece
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((start // size, e))}"
+        arr.store.set_sync(key, prototype.buffer.from_bytes(chunk.tobytes()))
+
+
+def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
+    """Run zarr's async operations step by step, each step's operations concurrently.
+
+    One trip to zarr's event loop for the whole batch; a step starts only when every
+    operation of the previous step has finished, which is the write order crash safety
+    rests on.
+    """
+    steps = [step for step in steps if step]
+    if not steps:
         return
     import asyncio
 
     from zarr.core.sync import sync
 
     async def run() -> None:
-        await asyncio.gather(*coroutines)
+        for step in steps:
+            await asyncio.gather(*(func(*args) for func, args in step))
 
     sync(run())
 
