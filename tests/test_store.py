@@ -634,7 +634,7 @@ def test_commit_mask_spans_chunks_in_any_order(any_store, monkeypatch):
 
 
 def test_a_store_with_a_compressed_mask_is_still_committed_to(store_path):
-    """A mask stored compressed (as topoxr 0.1 did) takes zarr's own write path."""
+    """A mask stored compressed (earlier development versions) takes zarr's write path."""
     with ActivationWriter(store_path, model="m") as writer:
         writer.write("h", acts(range(4)), sample=range(4))
     group = zarr.open_group(store_path, path="m/h", mode="r+")
@@ -651,3 +651,35 @@ def test_a_store_with_a_compressed_mask_is_still_committed_to(store_path):
     assert ds.committed.values.all()
     np.testing.assert_array_equal(ds.activation.sel(epoch=1), acts(range(4), 1).T)
     assert ds.epoch_complete.values.tolist() == [True, True]
+
+
+def test_arrays_grow_ahead_of_the_data_and_close_trims_them(store_path):
+    def shapes():
+        group = zarr.open_group(store_path, path="m/h", mode="r")
+        return {name: (arr.metadata.dimension_names, arr.shape) for name, arr in group.arrays()}
+
+    def lengths(dim):
+        return {len_ for dims, shape in shapes().values()
+                for d, len_ in zip(dims, shape, strict=True) if d == dim}
+
+    writer = ActivationWriter(store_path, model="m")
+    for start in range(0, 10, 2):
+        ids = np.arange(start, start + 2)
+        writer.write("h", acts(ids), sample=ids, label=ids % 3, prediction=ids % 2,
+                     split=np.where(ids < 5, "a", "b"))
+    for epoch in (1, 2):
+        writer.write("h", acts(range(10), epoch), sample=range(10), label=np.arange(10) % 3,
+                     prediction=np.arange(10) % 2, split=np.where(np.arange(10) < 5, "a", "b"),
+                     epoch=epoch)
+    writer.log_epoch(2, loss=0.5)
+    # while writing: every array has room for 16 samples and 4 epochs
+    assert lengths("sample") == {16} and lengths("epoch") == {4}
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert dict(ds.sizes) == {"neuron": N_NEURONS, "sample": 10, "epoch": 3}
+    assert ds.sample.values.tolist() == list(range(10))
+    writer.close()
+    assert lengths("sample") == {10} and lengths("epoch") == {3}
+    plain = xr.open_datatree(store_path, engine="zarr")["m/h"].to_dataset()
+    assert dict(plain.sizes) == {"neuron": N_NEURONS, "sample": 10, "epoch": 3}
+    np.testing.assert_array_equal(plain.activation.sel(epoch=2), acts(range(10), 2).T)
+    assert plain.loss.values[2] == 0.5

@@ -12,8 +12,12 @@ How crash safety works:
   temporary file and renames it; object stores replace whole objects), so a killed
   writer never leaves a torn chunk and committed values that share a chunk with the
   batch being written are never lost.
-* A batch is written in a fixed order: first every array is grown (new coordinate
-  slots hold a fill value that no sample id or epoch can take), then every array that
+* Arrays grow ahead of the data, to the next power of two along ``sample`` and
+  ``epoch`` (so a long epoch or many epochs grow them only a logarithmic number of
+  times); :meth:`ActivationWriter.close` trims them to the data, and so does the next
+  writer after a crash.
+* A batch is written in a fixed order: first every array is grown if needed (new
+  coordinate slots hold a fill value that no sample id or epoch can take), then every array that
   is not a coordinate is filled (values, labels, metadata, predictions; concurrently),
   then the ``sample``/``epoch`` coordinates that define the logical lengths, and last
   the ``committed`` mask.  The mask chunk is a multiple of the first batch size, so a
@@ -721,7 +725,8 @@ class ActivationWriter:
             complete[[state.epoch_index(epoch) for epoch in layer_epochs]] = True
             changed = np.flatnonzero(complete != state.complete)
             if len(changed):
-                writes.append(_append(state.arrays[EPOCH_COMPLETE], complete, int(changed[0])))
+                arr = state.arrays[EPOCH_COMPLETE]
+                writes.append(_append(arr, complete, int(changed[0]), arr.shape[0]))
                 updated[name] = complete
         try:
             _run_in_order([writes])
@@ -769,7 +774,7 @@ class ActivationWriter:
                         raise StoreError(f"{key!r} is already a column of layer {state.name!r}")
                     if key not in existing:  # (a crashed writer may have created it)
                         state.group.create_array(
-                            key, shape=(len(state.epochs),), chunks=(_EPOCH_CHUNK,),
+                            key, shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
                             dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,),
                         )
                         _refresh_coordinates(state.group)
@@ -791,6 +796,7 @@ class ActivationWriter:
             if self._failed is None:
                 try:
                     self._complete_written_epochs()
+                    self._trim()
                     self._consolidate()
                 except StoreError:
                     raise
@@ -853,6 +859,19 @@ class ActivationWriter:
                 for name in having:
                     done.setdefault(name, []).append(epoch)
         self._mark_complete(done)
+
+    def _trim(self) -> None:
+        """Cut every array to the data it holds (arrays grow ahead, see ``_commit``)."""
+        trims = []
+        for state in self._layers.values():
+            n, m = len(state.sample_ids), len(state.epochs)
+            for arr in state.arrays.values():
+                dims = arr.metadata.dimension_names or ()
+                shape = tuple(n if d == SAMPLE else m if d == EPOCH else s
+                              for d, s in zip(dims, arr.shape, strict=True))
+                if shape != arr.shape:  # nothing was written past the data: keep chunks
+                    trims.append((arr.async_array.resize, (shape, False)))
+        _run_in_order([trims])
 
     def _consolidate(self) -> None:
         with warnings.catch_warnings():
@@ -935,7 +954,8 @@ class ActivationWriter:
         group = state.group
         arrays = state.arrays
         if preds is not None and PREDICTION not in arrays:
-            self._create_prediction_arrays(group, preds, len(state.sample_ids), len(state.epochs))
+            self._create_prediction_arrays(group, preds, arrays[SAMPLE].shape[0],
+                                           arrays[EPOCH].shape[0])
             state.refresh()
             arrays = state.arrays
         e = state.epoch_index(epoch)
@@ -944,15 +964,20 @@ class ActivationWriter:
         n, m = n0 + len(new), m0 + (e < 0)
         if e < 0:
             e = m - 1
+        # Room for n samples and m epochs: arrays grow in powers of two (so a long epoch
+        # 0 or many epochs grow them a logarithmic number of times); close() trims them.
+        size_n = arrays[SAMPLE].shape[0]
+        size_n = size_n if size_n >= n else _capacity(n)
+        size_m = arrays[EPOCH].shape[0]
+        size_m = size_m if size_m >= m else _capacity(m)
         # Plan every write first (in memory), then run the four steps in one trip to
         # zarr's event loop; each step starts only after the previous one has finished.
-        # 1. grow every array that is not a coordinate ...
-        # (the coordinates too: their new slots hold the fill value, which readers
-        # treat as the end of the logical length until step 3 fills them)
+        # 1. grow every array (the coordinates too: their new slots hold the fill value,
+        # which readers take as the end of the logical length until step 3 fills them) ...
         grow = []
         for key, arr in arrays.items():
             dims = arr.metadata.dimension_names or ()
-            shape = tuple(n if d == SAMPLE else m if d == EPOCH else s
+            shape = tuple(size_n if d == SAMPLE else size_m if d == EPOCH else s
                           for d, s in zip(dims, arr.shape, strict=True))
             if shape != arr.shape:
                 grow.append((arr.async_array.resize, (shape,)))
@@ -965,10 +990,11 @@ class ActivationWriter:
         if len(new):
             if labels is not None:
                 all_labels = np.concatenate([state.labels, labels[new]])
-                fill.append(_append(arrays[LABEL], all_labels, n0))
+                fill.append(_append(arrays[LABEL], all_labels, n0, size_n))
             all_metadata = {key: np.concatenate([state.metadata[key], col[new]])
                             for key, col in meta.items()}
-            fill.extend(_append(arrays[key], col, n0) for key, col in all_metadata.items())
+            fill.extend(_append(arrays[key], col, n0, size_n)
+                        for key, col in all_metadata.items())
         rows = plan.write_rows
         # positions on the sample axis once the new samples are appended after the old
         pos = state.positions(ids[rows])
@@ -995,10 +1021,10 @@ class ActivationWriter:
         coords = []
         all_ids = state.sample_ids
         if m > m0:
-            coords.append(_append(arrays[EPOCH], np.array([*state.epochs, epoch]), m0))
+            coords.append(_append(arrays[EPOCH], np.array([*state.epochs, epoch]), m0, size_m))
         if n > n0:
             all_ids = np.concatenate([state.sample_ids, ids[new]])
-            coords.append(_append(arrays[SAMPLE], all_ids, n0))
+            coords.append(_append(arrays[SAMPLE], all_ids, n0, size_n))
         # 4. ... and last the commit: the mask of this epoch.  Whole (in-bounds) chunks are
         # written from the in-memory mask, so zarr need not read them first; a batch
         # inside one mask chunk becomes visible in one atomic write.
@@ -1008,11 +1034,9 @@ class ActivationWriter:
         if n > n0:
             mask = np.concatenate([mask, np.zeros((n - n0, m), bool)])
         mask[pos, e] = True
-        size = arrays[COMMITTED].chunks[0]
-        lo = int(pos.min()) // size * size
-        hi = min(-(-(int(pos.max()) + 1) // size) * size, n)
         _run_in_order([grow, fill, coords])
-        _write_mask_chunks(arrays[COMMITTED], mask[:, e], lo, hi, e)
+        _write_mask_chunks(arrays[COMMITTED], mask[:, e], int(pos.min()), int(pos.max()) + 1,
+                           e, size_n)
         # the store now holds the batch: mirror it in memory
         if m > m0:
             state.epochs.append(epoch)
@@ -1035,39 +1059,64 @@ def _writes_synchronously(store: Any) -> bool:
     return _writes_synchronously_type(type(store))
 
 
-def _append(arr: zarr.Array, values: np.ndarray, start: int) -> tuple[Any, tuple[Any, ...]]:
+def _capacity(length: int) -> int:
+    """Room for ``length`` rows: the next power of two."""
+    return 1 << (length - 1).bit_length() if length > 0 else 0
+
+
+def _whole_chunks(values: np.ndarray, start: int, stop: int, chunk: int, size: int,
+                  fill: Any) -> tuple[int, int, np.ndarray]:
+    """Rows ``start:stop`` of ``values`` widened to whole chunks of an array of ``size``.
+
+    Returns ``(lo, hi, block)``: the first row of ``start``'s chunk, the end of
+    ``stop - 1``'s chunk (or ``size``), and ``values[lo:hi]`` padded with ``fill`` past
+    the end of ``values``.  Written whole, no chunk needs reading back first.
+    """
+    lo = start // chunk * chunk
+    hi = min(-(-stop // chunk) * chunk, size)
+    block = values[lo:hi]
+    if len(block) < hi - lo:
+        block = np.concatenate([block, np.full(hi - lo - len(block), fill, dtype=values.dtype)])
+    return lo, hi, block
+
+
+def _append(arr: zarr.Array, values: np.ndarray, start: int,
+            size: int) -> tuple[Any, tuple[Any, ...]]:
     """The write (for :func:`_run_in_order`) of a 1-D array's new rows ``start:``.
 
-    ``values`` holds every row; the write begins at the first row of the chunk that
-    ``start`` falls in, so every chunk it touches is written whole, from memory.
+    ``values`` holds every row and ``size`` is the array's length when written; every
+    chunk the write touches is written whole, from memory.
     """
-    lo = start // arr.chunks[0] * arr.chunks[0]
-    return arr.async_array.setitem, (slice(lo, len(values)), values[lo:])
+    lo, hi, block = _whole_chunks(values, start, len(values), arr.chunks[0], size,
+                                  arr.metadata.fill_value)
+    return arr.async_array.setitem, (slice(lo, hi), block)
 
 
-def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, lo: int, hi: int, e: int) -> None:
-    """Write rows ``lo:hi`` (whole chunks, or up to the end) of the mask's column ``e``.
+def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, start: int, stop: int, e: int,
+                       size: int) -> None:
+    """Write the chunks of the mask's column ``e`` that hold rows ``start:stop``.
 
-    This is the commit point of a batch.  A mask created by this version is stored
-    uncompressed, so on a store that writes synchronously (local files, zarr's memory
-    store) each chunk is encoded here, as zarr's ``bytes`` codec does (one byte per
-    bool, the edge chunk padded with the fill value ``False``), and replaced in one
-    atomic store call: about a fifth of the cost of a trip through zarr's asynchronous
-    codec pipeline, which every other store (and masks written compressed by older
-    versions) still takes.
+    This is the commit point of a batch.  ``column`` is the whole column in memory and
+    ``size`` the array's length; chunks are written whole.  A mask created by this
+    version is stored uncompressed, so on a store that writes synchronously (local
+    files, zarr's memory store) each chunk is encoded here, as zarr's ``bytes`` codec
+    does (one byte per bool), and replaced in one atomic store call: about a third of
+    the cost of a trip through zarr's asynchronous codec pipeline, which every other
+    store (and masks written compressed by earlier versions) still takes.
     """
-    size = arr.chunks[0]
+    chunk = arr.chunks[0]
+    lo, hi, block = _whole_chunks(column, start, stop, chunk, size, False)
     if not (_writes_synchronously(arr.store) and arr.filters == ()
             and arr.compressors == () and isinstance(arr.serializer, BytesCodec)):
-        arr[lo:hi, e] = column[lo:hi]
+        arr[lo:hi, e] = block
         return
     prototype = default_buffer_prototype()
-    for start in range(lo, hi, size):
-        chunk = np.zeros(size, dtype=np.uint8)
-        piece = column[start:min(start + size, hi)]
-        chunk[: len(piece)] = piece
-        key = f"{arr.path}/{arr.metadata.encode_chunk_key((start // size, e))}"
-        arr.store.set_sync(key, prototype.buffer.from_bytes(chunk.tobytes()))
+    for first in range(lo, hi, chunk):
+        data = np.zeros(chunk, dtype=np.uint8)  # the edge chunk too is stored whole
+        piece = block[first - lo:first - lo + chunk]
+        data[: len(piece)] = piece
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((first // chunk, e))}"
+        arr.store.set_sync(key, prototype.buffer.from_bytes(data.tobytes()))
 
 
 def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
