@@ -250,6 +250,9 @@ def main(quick: bool = False) -> dict:
         if not quick:  # larger batches: the writer's per-batch cost weighs less
             result["throughput_batch_1024"] = throughput(
                 n_neurons, 1024, 1024, n_samples=4096, epochs=16, repeats=5)
+            # inference only: one long epoch, every batch adds samples
+            result["throughput_one_epoch"] = throughput(
+                n_neurons, batch, chunk, n_samples=65536, epochs=1, repeats=5)
     finally:
         for leftover in SCRATCH.glob("*.zarr"):
             shutil.rmtree(leftover, ignore_errors=True)

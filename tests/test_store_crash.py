@@ -237,23 +237,36 @@ def test_concurrent_reader_never_sees_a_torn_batch(tmp_path, reference):
 # failing storage
 # --------------------------------------------------------------------------------------
 class _FailingSets:
-    """Make ``zarr.storage.LocalStore.set`` fail with ENOSPC after ``budget`` writes."""
+    """Make ``zarr.storage.LocalStore`` writes fail with ENOSPC after ``budget`` writes.
+
+    Both ways zarr's local store writes are counted: ``set`` (zarr's codec pipeline)
+    and ``set_sync`` (the writer's direct commit-mask writes).
+    """
 
     def __init__(self, budget):
         self.budget = budget
         self.calls = 0
         self.original = zarr.storage.LocalStore.set
+        self.original_sync = zarr.storage.LocalStore.set_sync
+
+    def _spend(self, key):
+        self.calls += 1
+        if self.calls > self.budget:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", key)
 
     def install(self, monkeypatch):
-        original = self.original
+        original, original_sync = self.original, self.original_sync
 
         async def set(store, key, value):
-            self.calls += 1
-            if self.calls > self.budget:
-                raise OSError(errno.ENOSPC, "No space left on device (injected)", key)
+            self._spend(key)
             return await original(store, key, value)
 
+        def set_sync(store, key, value):
+            self._spend(key)
+            return original_sync(store, key, value)
+
         monkeypatch.setattr(zarr.storage.LocalStore, "set", set)
+        monkeypatch.setattr(zarr.storage.LocalStore, "set_sync", set_sync)
 
 
 def test_count_of_store_writes_is_known(tmp_path, monkeypatch):

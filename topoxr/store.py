@@ -900,38 +900,34 @@ class ActivationWriter:
             ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
             _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
         })
-        group.create_array(ACTIVATION, shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
-                           dtype="float32", fill_value=np.nan, config=_ACTIVATION_CONFIG,
-                           dimension_names=(NEURON, SAMPLE, EPOCH))
-        neuron = group.create_array(NEURON, shape=(n_neurons,), chunks=(n_neurons,),
-                                    dtype="int64", dimension_names=(NEURON,))
-        neuron[:] = np.arange(n_neurons)
-        for key, vals in reduced.unit_coords.items():
-            arr = group.create_array(key, shape=(n_neurons,), chunks=(n_neurons,),
-                                     dtype="int64", dimension_names=(NEURON,))
-            arr[:] = vals
-        group.create_array(SAMPLE, shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
-                           fill_value=SAMPLE_FILL, dimension_names=(SAMPLE,))
-        group.create_array(EPOCH, shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="int64",
-                           fill_value=_EPOCH_FILL, dimension_names=(EPOCH,))
-        group.create_array(EPOCH_COMPLETE, shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="bool",
-                           fill_value=False, dimension_names=(EPOCH,))
         mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))
-        # uncompressed: it is the commit point, written once per batch (_write_mask_chunks)
-        group.create_array(COMMITTED, shape=(0, 0), chunks=(mask_chunk, 1), dtype="bool",
-                           fill_value=False, compressors=None,
-                           dimension_names=(SAMPLE, EPOCH))
-        if labels is not None:
-            group.create_array(LABEL, shape=(0,), chunks=(_COORD_CHUNK,),
-                               dtype=_zarr_dtype(labels), fill_value=_fill(_kind(labels)),
-                               dimension_names=(SAMPLE,))
-        for key, col in meta.items():
-            group.create_array(key, shape=(0,), chunks=(_COORD_CHUNK,), dtype=_zarr_dtype(col),
-                               fill_value=_fill(_kind(col)), dimension_names=(SAMPLE,))
+        specs: dict[str, dict[str, Any]] = {
+            ACTIVATION: dict(shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
+                             dtype="float32", fill_value=np.nan, config=_ACTIVATION_CONFIG,
+                             dimension_names=(NEURON, SAMPLE, EPOCH)),
+            NEURON: dict(data=np.arange(n_neurons, dtype=np.int64), chunks=(n_neurons,),
+                         dimension_names=(NEURON,)),
+            **{key: dict(data=np.asarray(vals, dtype=np.int64), chunks=(n_neurons,),
+                         dimension_names=(NEURON,))
+               for key, vals in reduced.unit_coords.items()},
+            SAMPLE: dict(shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
+                         fill_value=SAMPLE_FILL, dimension_names=(SAMPLE,)),
+            EPOCH: dict(shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="int64",
+                        fill_value=_EPOCH_FILL, dimension_names=(EPOCH,)),
+            EPOCH_COMPLETE: dict(shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="bool",
+                                 fill_value=False, dimension_names=(EPOCH,)),
+            # uncompressed: it is the commit point, written once per batch
+            # (_write_mask_chunks)
+            COMMITTED: dict(shape=(0, 0), chunks=(mask_chunk, 1), dtype="bool",
+                            fill_value=False, compressors=None, dimension_names=(SAMPLE, EPOCH)),
+            **{key: dict(shape=(0,), chunks=(_COORD_CHUNK,), dtype=_zarr_dtype(col),
+                         fill_value=_fill(_kind(col)), dimension_names=(SAMPLE,))
+               for key, col in (({LABEL: labels} if labels is not None else {}) | meta).items()},
+        }
         if preds is not None:
-            self._create_prediction_arrays(group, preds, 0, 0)
-        _refresh_coordinates(group)
-        group.update_attributes({_ATTR_READY: True})
+            specs.update(_prediction_specs(preds, 0, 0))
+        _create_arrays(group, specs)
+        group.update_attributes({_ATTR_READY: True})  # last: the layer is complete
         state = _LayerState(
             name=layer, group=group, n_neurons=n_neurons, reduce=reduced.reduce,
             unit_coords=dict(reduced.unit_coords), sample_ids=np.zeros(0, dtype=np.int64),
@@ -943,12 +939,7 @@ class ActivationWriter:
 
     @staticmethod
     def _create_prediction_arrays(group: zarr.Group, preds: np.ndarray, n: int, m: int) -> None:
-        group.create_array(PREDICTION, shape=(n, m), chunks=(_COORD_CHUNK, 1),
-                           dtype=_zarr_dtype(preds), fill_value=_fill(_kind(preds)),
-                           dimension_names=(SAMPLE, EPOCH))
-        group.create_array(CORRECT, shape=(n, m), chunks=(_COORD_CHUNK, 1), dtype="bool",
-                           fill_value=False, dimension_names=(SAMPLE, EPOCH))
-        _refresh_coordinates(group)
+        _create_arrays(group, _prediction_specs(preds, n, m))
 
     def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
         group = state.group
@@ -1135,9 +1126,39 @@ def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
 
     async def run() -> None:
         for step in steps:
-            await asyncio.gather(*(func(*args) for func, args in step))
+            # every operation runs to its end before an error is raised: nothing may
+            # still be writing when the caller hears of the failure
+            outcomes = await asyncio.gather(*(func(*args) for func, args in step),
+                                            return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
 
     sync(run())
+
+
+def _prediction_specs(preds: np.ndarray, n: int, m: int) -> dict[str, dict[str, Any]]:
+    """How to create the ``prediction`` and ``correct`` arrays (for :func:`_create_arrays`)."""
+    return {
+        PREDICTION: dict(shape=(n, m), chunks=(_COORD_CHUNK, 1), dtype=_zarr_dtype(preds),
+                         fill_value=_fill(_kind(preds)), dimension_names=(SAMPLE, EPOCH)),
+        CORRECT: dict(shape=(n, m), chunks=(_COORD_CHUNK, 1), dtype="bool",
+                      fill_value=False, dimension_names=(SAMPLE, EPOCH)),
+    }
+
+
+def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Create arrays of a layer concurrently (one trip to zarr's event loop).
+
+    ``specs`` maps names to :meth:`zarr.Group.create_array` arguments. The arrays then
+    are listed in ``activation``'s ``coordinates`` attribute.
+    """
+    from zarr.api.asynchronous import create_array
+
+    _run_in_order([[(functools.partial(create_array, group.store, name=f"{group.path}/{name}",
+                                       **kwargs), ())
+                    for name, kwargs in specs.items()]])
+    _refresh_coordinates(group)
 
 
 def _refresh_coordinates(group: zarr.Group) -> None:
