@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DemoResult", "digits_probe", "record_sklearn_mlp", "run_demo"]
+__all__ = ["DIGITS_LAYERS", "DemoResult", "digits_probe", "load_digits_data", "record_sklearn_mlp",
+           "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,31 @@ class DemoResult:
         return "\n".join(lines)
 
 
+#: Layers of the digits example models (``topoxr_torch.models``, ``topoxr_keras.models``),
+#: which build the same architectures under the same layer names: every layer with its
+#: own neurons.
+DIGITS_LAYERS = {
+    "mlp": ["fc1", "relu1", "fc2", "relu2", "out"],
+    "cnn": ["conv1", "relu1", "pool1", "conv2", "relu2", "fc1", "relu3", "out"],
+}
+
+
+def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """Return scikit-learn's bundled digits, ready for the example models.
+
+    Returns
+    -------
+    x : numpy.ndarray
+        ``(1797, 64)`` float32 pixel values scaled to [0, 1].
+    y : numpy.ndarray
+        ``(1797,)`` int64 class labels.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
 def digits_probe(n_probe: int = 360, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Split scikit-learn's digits into a training set and a fixed, class-balanced probe set.
 
@@ -92,9 +118,8 @@ def digits_probe(n_probe: int = 360, *, seed: int = 0) -> dict[str, np.ndarray]:
     """
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
+    x, y = load_digits_data()
+    images = load_digits().images
     rng = np.random.default_rng(seed)
     per_class = max(1, n_probe // 10)
     probe = np.sort(np.concatenate([
@@ -102,7 +127,7 @@ def digits_probe(n_probe: int = 360, *, seed: int = 0) -> dict[str, np.ndarray]:
     ]))
     train = np.setdiff1d(np.arange(len(y)), probe)
     return {"x_train": x[train], "y_train": y[train], "x_probe": x[probe], "y_probe": y[probe],
-            "images_probe": digits.images[probe] / 16.0, "probe_ids": probe}
+            "images_probe": images[probe] / 16.0, "probe_ids": probe}
 
 
 def record_sklearn_mlp(
@@ -313,8 +338,8 @@ def _analyse(tree: Any, *, seed: int, progress: bool, quick: bool = False,
     from topoxr.conventions import ACTIVATION, EPOCH
     from topoxr.layout._registry import DEFAULT_METHOD
     from topoxr.layout import attach
-    from topoxr.naps import naps
-    from topoxr.quality import quality
+    from topoxr.grouping import naps
+    from topoxr.metrics import quality
 
     methods = [DEFAULT_METHOD, _paper_method(quick, timings if timings is not None else {})]
     layers = [(str(m), str(layer), node.to_dataset())
@@ -363,7 +388,7 @@ def _write_outputs(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarr
     if not has_module("holoviews"):
         logger.warning('holoviews is not installed: no report (pip install "topoxr[viz]")')
         return []
-    from topoxr.align import align
+    from topoxr.alignment import align
     from topoxr.viz import (
         Report,
         class_row,

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from topoxr._optional import import_optional
+from topoxr.demo import DIGITS_LAYERS, load_digits_data
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras.models")
 
@@ -24,14 +25,6 @@ __all__ = [
     "train",
     "train_and_record",
 ]
-
-
-def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
-    """Return scikit-learn's digits as ``x`` (N, 64) float32 in [0, 1] and ``y`` int64."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 
 def _init(seed: int, i: int) -> Any:
@@ -191,10 +184,7 @@ def _input_layer(layer: Any) -> Any:
 
 
 #: Layers recorded by :func:`train_and_record` (every layer with its own neurons).
-RECORDED_LAYERS = {
-    "mlp": ["fc1", "relu1", "fc2", "relu2", "out"],
-    "cnn": ["conv1", "relu1", "pool1", "conv2", "relu2", "fc1", "relu3", "out"],
-}
+RECORDED_LAYERS = DIGITS_LAYERS
 
 
 def train_and_record(

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from topoxr._optional import import_optional
+from topoxr.demo import DIGITS_LAYERS, load_digits_data
 
 torch = import_optional("torch", extra="torch", purpose="topoxr_torch.models")
 nn = torch.nn
@@ -25,14 +26,6 @@ __all__ = [
     "train",
     "train_and_record",
 ]
-
-
-def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
-    """Return scikit-learn's digits as ``x`` (N, 64) float32 in [0, 1] and ``y`` int64."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 
 class DigitsMLP(nn.Module):
@@ -171,10 +164,7 @@ def train(
 
 
 #: Layers recorded by :func:`train_and_record` (every layer with its own neurons).
-RECORDED_LAYERS = {
-    "mlp": ["fc1", "relu1", "fc2", "relu2", "out"],
-    "cnn": ["conv1", "relu1", "pool1", "conv2", "relu2", "fc1", "relu3", "out"],
-}
+RECORDED_LAYERS = DIGITS_LAYERS
 
 
 def train_and_record(
