@@ -90,7 +90,7 @@ def _estimator(method: str):
 
 def _quality(X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
     from topoxr.interpolate import GridInterpolator
-    from topoxr.quality import neighborhood_preservation, smoothness
+    from topoxr.metrics import neighborhood_preservation, smoothness
 
     trust, cont = neighborhood_preservation(X, Y, 10, metric="cosine")
     maps = GridInterpolator(Y[:, 0], Y[:, 1], resolution=100)(X.T)

@@ -18,7 +18,7 @@ import sys
 _CHILD = r"""
 import json, sys, threading, time
 import numpy as np, psutil
-from topoxr.quality import neighborhood_preservation, rank_correlation
+from topoxr.metrics import neighborhood_preservation, rank_correlation
 
 n, mode = int(sys.argv[1]), sys.argv[2]
 rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ Step 1 (``record``): a child process writes a layer of 1024 neurons for a probe 
 about 300 MB) through :class:`topoxr.ActivationWriter`, batch by batch.
 Step 2 (``read_all``): a child opens the store and sums every value (the reader alone).
 Step 3 (``naps``): another child opens the store lazily and computes the neuron
-activation patterns by label for every epoch (:func:`topoxr.naps.naps`, one out-of-core
+activation patterns by label for every epoch (:func:`topoxr.grouping.naps`, one out-of-core
 dask pass), then checks one epoch against an in-memory numpy computation.
 
 Each step reports wall time, throughput and the child's peak RSS (the kernel's maximum
@@ -70,7 +70,7 @@ import sys, time, json, resource
 import numpy as np, psutil, dask
 sys.path.insert(0, {root!r})
 from topoxr import open_store
-from topoxr.naps import naps
+from topoxr.grouping import naps
 rss0 = psutil.Process().memory_info().rss
 t = time.perf_counter()
 ds = open_store({path!r})["big/layer"].to_dataset()

@@ -79,11 +79,11 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     import topoxr
-    from topoxr.align import align
+    from topoxr.alignment import align
     from topoxr.demo import digits_probe, record_sklearn_mlp
     from topoxr.layout import attach
-    from topoxr.naps import naps
-    from topoxr.quality import quality
+    from topoxr.grouping import naps
+    from topoxr.metrics import quality
 
     STATIC.mkdir(exist_ok=True)
     plt.rcParams.update({"font.size": 8})

@@ -23,7 +23,7 @@ def main() -> None:
     import topoxr.viz as viz
     from topoxr.demo import digits_probe, record_sklearn_mlp
     from topoxr.layout import attach
-    from topoxr.naps import naps
+    from topoxr.grouping import naps
 
     STATIC.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

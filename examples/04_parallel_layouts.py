@@ -15,7 +15,7 @@ from pathlib import Path
 
 import topoxr
 from topoxr.layout import compute_layouts
-from topoxr.quality import quality
+from topoxr.metrics import quality
 from topoxr.testing import make_activations
 
 

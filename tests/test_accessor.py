@@ -42,7 +42,7 @@ def test_methods_equal_the_public_functions(layer):
 
 
 def test_default_method_and_epoch_alignment():
-    from topoxr.align import align_epochs
+    from topoxr.alignment import align_epochs
     from topoxr.layout._registry import DEFAULT_METHOD
 
     ds = make_activations(n_neurons=16)

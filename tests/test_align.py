@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from topoxr.align import AlignmentError, align, align_epochs, match_neurons, procrustes
+from topoxr.alignment import AlignmentError, align, align_epochs, match_neurons, procrustes
 from topoxr.layout import attach
-from topoxr.naps import naps
+from topoxr.grouping import naps
 from topoxr.testing import assert_layout_close, make_activations
 
 

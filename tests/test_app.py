@@ -68,7 +68,7 @@ def test_epoch_player_changes_the_shown_values(app):
     app.epoch.value = 0
     early = _points(app.view.object).dimension_values("nap")
     assert not np.allclose(late, early)
-    from topoxr.naps import naps
+    from topoxr.grouping import naps
 
     expected = naps(app._node().to_dataset(), by="label").isel(epoch=0).compute()
     # every label's NAP at epoch 0 is among the shown maps

@@ -12,7 +12,7 @@ import xarray as xr
 
 import topoxr
 from topoxr.layout import compute_layouts
-from topoxr.naps import naps
+from topoxr.grouping import naps
 from topoxr.testing import make_activations, write_store
 
 distributed = pytest.importorskip("distributed")

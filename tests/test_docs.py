@@ -35,4 +35,4 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     api = (out / "api.html").read_text(encoding="utf-8")
     for name in ("ActivationWriter", "open_store", "naps", "attach", "topomap"):
         assert name in api
-    assert (out / "generated" / "topoxr.naps.naps.html").is_file()
+    assert (out / "generated" / "topoxr.grouping.naps.html").is_file()

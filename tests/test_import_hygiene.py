@@ -64,3 +64,20 @@ def test_adapters_load_only_their_framework(baseline, adapter, forbidden):
     loaded = _loaded(f"import {adapter}") - baseline
     assert adapter in loaded
     assert not loaded & set(forbidden), sorted(loaded & set(forbidden))
+
+
+@pytest.mark.parametrize("function, module, extra", [
+    ("naps", "grouping", "GroupingError"),
+    ("profiles", "similarity", "profile_matrix"),
+    ("distances", "similarity", "pairwise_distances"),
+    ("quality", "metrics", "trustworthiness"),
+    ("align", "alignment", "procrustes"),
+])
+def test_top_level_functions_leave_their_modules_reachable(function, module, extra):
+    """``topoxr.quality`` is the function; its module, ``topoxr.metrics``, stays a module."""
+    top = importlib.import_module("topoxr")
+    mod = importlib.import_module(f"topoxr.{module}")
+    assert callable(getattr(top, function))
+    assert getattr(top, function) is getattr(mod, function)
+    assert getattr(top, module) is mod  # the attribute is the module, not a function
+    assert hasattr(mod, extra)

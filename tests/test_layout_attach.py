@@ -18,8 +18,8 @@ from topoxr.layout import (
     load_layout,
     save_layout,
 )
-from topoxr.naps import naps
-from topoxr.profiles import ProfileError, profile_matrix, profiles
+from topoxr.grouping import naps
+from topoxr.similarity import ProfileError, profile_matrix, profiles
 from topoxr.store import StoreError
 from topoxr.testing import (
     assert_layout_close,
@@ -127,7 +127,7 @@ def test_profile_options_and_params_are_recorded():
 
 def test_dead_neurons_are_reported(caplog):
     ds = make_activations(n_neurons=14, n_dead=3)
-    with caplog.at_level(logging.WARNING, logger="topoxr.profiles"):
+    with caplog.at_level(logging.WARNING, logger="topoxr.similarity"):
         laid = attach(ds, "pca", random_state=0)
     assert json.loads(laid.attrs["topoxr_layout"])["dead_neurons"] == [11, 12, 13]
     assert "3 dead" in caplog.text

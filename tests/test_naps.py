@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 
 import topoxr
-from topoxr.naps import GroupingError, naps
+from topoxr.grouping import GroupingError, naps
 from topoxr.store import ActivationWriter, StoreCorruptionError
 from topoxr.testing import make_activations, raise_if_dask_computes, write_store
 

@@ -10,8 +10,8 @@ import pytest
 import xarray as xr
 from scipy.spatial.distance import cdist
 
-from topoxr.naps import naps
-from topoxr.profiles import (
+from topoxr.grouping import naps
+from topoxr.similarity import (
     ProfileError,
     degenerate_rows,
     distances,
@@ -69,7 +69,7 @@ def test_activation_profiles_are_seeded_balanced_subsets(backend):
 
 def test_correct_only_profiles_use_correct_samples_per_epoch(caplog):
     ds = make_activations(n_samples=40)
-    with caplog.at_level(logging.WARNING, logger="topoxr.profiles"):
+    with caplog.at_level(logging.WARNING, logger="topoxr.similarity"):
         p = profiles(ds, source="activations", n_samples=40, correct_only=True, random_state=0)
     assert "instead of n_samples=40" in caplog.text  # fewer correct samples than asked
     for e in range(3):
@@ -99,7 +99,7 @@ def test_cosine_distances_match_scipy_for_live_neurons():
 
 def test_dead_neurons_are_at_distance_one_and_reported(caplog):
     ds = make_activations(n_neurons=10, n_dead=2)
-    with caplog.at_level(logging.WARNING, logger="topoxr.profiles"):
+    with caplog.at_level(logging.WARNING, logger="topoxr.similarity"):
         d = distances(profiles(ds))
     assert d.dims == ("neuron", "neuron_other", "epoch")
     assert d.attrs["dead_neurons"] == [8, 9]

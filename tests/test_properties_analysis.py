@@ -9,8 +9,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from topoxr.naps import naps  # noqa: E402
-from topoxr.quality import neighborhood_preservation, rank_correlation  # noqa: E402
+from topoxr.grouping import naps  # noqa: E402
+from topoxr.metrics import neighborhood_preservation, rank_correlation  # noqa: E402
 from topoxr.testing import make_activations  # noqa: E402
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)

@@ -10,7 +10,7 @@ import xarray as xr
 from sklearn.manifold import trustworthiness as sk_trustworthiness
 
 from topoxr.layout import attach
-from topoxr.quality import (
+from topoxr.metrics import (
     QualityError,
     blobs,
     continuity,

@@ -307,7 +307,7 @@ def test_real_store_naps_and_layouts_end_to_end(viz, tmp_path):
     """NAPs of a real on-disk store, laid out per epoch, keyed by label x correct."""
     from topoxr import open_store
     from topoxr.layout import attach
-    from topoxr.naps import naps
+    from topoxr.grouping import naps
     from topoxr.testing import make_activations, write_store
 
     ds = make_activations(n_neurons=16, n_samples=48, n_epochs=2, n_labels=3, random_state=0)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from topoxr import accessor as _accessor  # registers the .topo accessor
 from topoxr import conventions
 from topoxr._locking import StoreLockedError
-from topoxr.align import align
-from topoxr.naps import naps
-from topoxr.profiles import distances, profiles
-from topoxr.quality import quality
+from topoxr.alignment import align
+from topoxr.grouping import naps
+from topoxr.metrics import quality
 from topoxr.recording import RecordingError, available_adapters, get_adapter
+from topoxr.similarity import distances, profiles
 from topoxr.store import (
     ActivationWriter,
     StoreCorruptionError,

@@ -30,57 +30,57 @@ class TopoAccessor:
         return func(self._obj, *args, **kwargs)
 
     def naps(self, by: Any = "label", **kwargs: Any) -> Any:
-        """Neuron activation patterns; see :func:`topoxr.naps.naps`.
+        """Neuron activation patterns; see :func:`topoxr.grouping.naps`.
 
         Parameters
         ----------
         by : str or sequence of str, default "label"
             Coordinate(s) defining the groups.
         **kwargs
-            Other arguments of :func:`topoxr.naps.naps`.
+            Other arguments of :func:`topoxr.grouping.naps`.
 
         Returns
         -------
         xarray.DataArray or xarray.DataTree
             The NAPs (a tree of them, one node per layer, on a DataTree).
         """
-        from topoxr.naps import naps
+        from topoxr.grouping import naps
 
         return self._apply(naps, by, **kwargs)
 
     def profiles(self, **kwargs: Any) -> Any:
-        """Neuron profiles; see :func:`topoxr.profiles.profiles`.
+        """Neuron profiles; see :func:`topoxr.similarity.profiles`.
 
         Parameters
         ----------
         **kwargs
-            Arguments of :func:`topoxr.profiles.profiles`.
+            Arguments of :func:`topoxr.similarity.profiles`.
 
         Returns
         -------
         xarray.DataArray or xarray.DataTree
             One profile row per neuron.
         """
-        from topoxr.profiles import profiles
+        from topoxr.similarity import profiles
 
         return self._apply(profiles, **kwargs)
 
     def distances(self, metric: str = "cosine", **kwargs: Any) -> Any:
-        """Pairwise profile distances; see :func:`topoxr.profiles.distances`.
+        """Pairwise profile distances; see :func:`topoxr.similarity.distances`.
 
         Parameters
         ----------
         metric : {"cosine", "correlation", "euclidean"}, default "cosine"
             Distance between profiles.
         **kwargs
-            Other arguments of :func:`topoxr.profiles.distances`.
+            Other arguments of :func:`topoxr.similarity.distances`.
 
         Returns
         -------
         xarray.DataArray or xarray.DataTree
             Square distance matrices.
         """
-        from topoxr.profiles import distances
+        from topoxr.similarity import distances
 
         return self._apply(distances, metric, **kwargs)
 
@@ -105,19 +105,19 @@ class TopoAccessor:
         return self._apply(attach, DEFAULT_METHOD if method is None else method, **kwargs)
 
     def quality(self, **kwargs: Any) -> Any:
-        """Layout quality metrics; see :func:`topoxr.quality.quality`.
+        """Layout quality metrics; see :func:`topoxr.metrics.quality`.
 
         Parameters
         ----------
         **kwargs
-            Arguments of :func:`topoxr.quality.quality`.
+            Arguments of :func:`topoxr.metrics.quality`.
 
         Returns
         -------
         xarray.Dataset or xarray.DataTree
             One variable per metric, per epoch.
         """
-        from topoxr.quality import quality
+        from topoxr.metrics import quality
 
         return self._apply(quality, **kwargs)
 
@@ -127,9 +127,9 @@ class TopoAccessor:
         Parameters
         ----------
         reference : xarray object, optional
-            Object with the reference layout (:func:`topoxr.align.align`). Without it,
+            Object with the reference layout (:func:`topoxr.alignment.align`). Without it,
             per-epoch layouts are aligned each onto the previous epoch
-            (:func:`topoxr.align.align_epochs`).
+            (:func:`topoxr.alignment.align_epochs`).
         **kwargs
             Other arguments of those functions (``match``, ``rescale``).
 
@@ -138,7 +138,7 @@ class TopoAccessor:
         same type as the object
             The object with aligned ``x``, ``y``.
         """
-        from topoxr.align import align, align_epochs
+        from topoxr.alignment import align, align_epochs
 
         if reference is None:
             return self._apply(align_epochs, **kwargs)

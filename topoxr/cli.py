@@ -122,7 +122,7 @@ def _epoch_of(ds: Any, epoch: str) -> int:
 
 
 def _cmd_naps(args: argparse.Namespace) -> int:
-    from topoxr.naps import naps
+    from topoxr.grouping import naps
 
     rows = []
     for model, layer, ds in _layer_nodes(args.path, args.model, args.layer):
@@ -155,8 +155,8 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 
     from topoxr.layout._registry import DEFAULT_METHOD
     from topoxr.layout import attach, save_layout
-    from topoxr.naps import naps
-    from topoxr.quality import quality
+    from topoxr.grouping import naps
+    from topoxr.metrics import quality
 
     nodes = _layer_nodes(args.path, args.model, args.layer)
     method = args.method or DEFAULT_METHOD
@@ -180,7 +180,7 @@ def _laid_naps(path: str, model: str, layer: str, ds: Any, by: Any, layout: str 
                seed: int) -> Any:
     """NAPs of a layer with a saved layout (by name) or a fresh default one."""
     from topoxr.layout import attach, load_layout
-    from topoxr.naps import naps
+    from topoxr.grouping import naps
 
     nap = naps(ds, by=by).compute()
     if layout:
@@ -235,7 +235,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from topoxr._optional import import_optional
 
     import_optional("holoviews", extra="viz", purpose="topoxr compare")
-    from topoxr.align import align
+    from topoxr.alignment import align
     from topoxr.viz import Report, compare_models
 
     if len(args.models) != 2:

@@ -23,7 +23,7 @@ import xarray as xr
 
 from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
 from topoxr.layout._registry import DEFAULT_METHOD, get_estimator
-from topoxr.profiles import (
+from topoxr.similarity import (
     ATTR_PROFILE,
     FEATURE,
     METRICS,
@@ -145,7 +145,7 @@ def _matrices(prof: xr.DataArray, share: Any) -> tuple[list[Any], list[np.ndarra
 
 def _assemble(obj: Any, per_epoch: bool, coords: list[np.ndarray], desc: dict[str, Any],
               align: bool) -> Any:
-    from topoxr.align import align_epochs
+    from topoxr.alignment import align_epochs
 
     if per_epoch:
         P = np.stack(coords, axis=1)  # (neuron, epoch, 2)
@@ -197,7 +197,7 @@ def attach(
         Shared layouts put ``x``/``y`` on ``neuron`` only.
     align : bool, default True
         For per-epoch layouts, align each epoch onto the previous one
-        (:func:`topoxr.align.align_epochs`) so animations do not flip.
+        (:func:`topoxr.alignment.align_epochs`) so animations do not flip.
     **params
         Parameters of the estimator.
 
@@ -332,7 +332,7 @@ def compute_layouts(
     import dask
     from tqdm.auto import tqdm
 
-    from topoxr.align import align_epochs
+    from topoxr.alignment import align_epochs
 
     if metric not in METRICS:
         raise ProfileError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")

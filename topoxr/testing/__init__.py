@@ -156,7 +156,7 @@ def assert_layout_close(
     if a.shape != d.shape:
         raise AssertionError(f"layout shapes differ: {a.shape} != {d.shape}")
     if up_to_rotation:
-        from topoxr.align import procrustes
+        from topoxr.alignment import procrustes
 
         a2 = a.reshape(a.shape[0], -1, 2)
         d2 = d.reshape(d.shape[0], -1, 2)

@@ -1,7 +1,7 @@
 """``topoxr serve``: a Panel app to browse the topographic maps of a store.
 
 Selectors for model, layer, layout and grouping, and an epoch player. NAPs
-(:func:`topoxr.naps.naps`) and layouts (saved ones from ``<layer>/layouts/<name>``, or
+(:func:`topoxr.grouping.naps`) and layouts (saved ones from ``<layer>/layouts/<name>``, or
 computed with :func:`topoxr.layout.attach`) are computed when first selected and
 cached for the session.
 
@@ -140,7 +140,7 @@ class TopomapApp:
     # -- computations (cached) -------------------------------------------------------
     def naps(self) -> Any:
         """NAPs of the current model, layer and grouping (all epochs), laid out."""
-        from topoxr.naps import naps
+        from topoxr.grouping import naps
 
         keys = tuple(self._group_keys[self.grouping.value])
         k = (self.model.value, self.layer.value, keys)
@@ -160,7 +160,7 @@ class TopomapApp:
         name = str(self.layout.value)
         if name.startswith(COMPUTED_PREFIX):
             from topoxr.layout._attach import attach
-            from topoxr.naps import naps
+            from topoxr.grouping import naps
 
             base = naps(node.to_dataset(), by=cv.LABEL if cv.LABEL in node.ds.coords
                         else next(iter(self._group_keys.values()))[0]).compute()

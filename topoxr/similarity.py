@@ -38,7 +38,7 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ACTIVATION, COMMITTED, CORRECT, EPOCH, LABEL, NEURON, SAMPLE
-from topoxr.naps import ATTR_NAP, naps
+from topoxr.grouping import ATTR_NAP, naps
 
 __all__ = [
     "ATTR_PROFILE",

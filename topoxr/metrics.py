@@ -32,7 +32,7 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
-from topoxr.profiles import FEATURE, profile_matrix, profiles
+from topoxr.similarity import FEATURE, profile_matrix, profiles
 
 __all__ = [
     "QualityError",
@@ -466,7 +466,7 @@ def quality(
         Profile distance; default: the layout's metric from its ``topoxr_layout``
         attribute, else ``"cosine"``.
     profile : xarray.DataArray, optional
-        Profiles to compare with; default :func:`topoxr.profiles.profiles` of
+        Profiles to compare with; default :func:`topoxr.similarity.profiles` of
         ``laid_out`` (its NAPs by label, or the NAPs themselves).
     maps : xarray.DataArray, optional
         Values to draw as maps for smoothness and blobs, dims ``(neuron, <group>,
@@ -489,8 +489,8 @@ def quality(
         ``blob_area``, each on ``epoch`` (if the input has one); attrs ``k``, ``metric``.
     """
     from topoxr.interpolate import GridInterpolator
-    from topoxr.naps import naps as compute_naps
-    from topoxr.profiles import _is_nap
+    from topoxr.grouping import naps as compute_naps
+    from topoxr.similarity import _is_nap
 
     xy = _layout_xy(laid_out)
     if metric is None:
