@@ -925,7 +925,7 @@ class ActivationWriter:
                for key, col in (({LABEL: labels} if labels is not None else {}) | meta).items()},
         }
         if preds is not None:
-            specs.update(_prediction_specs(preds, 0, 0))
+            specs.update(_prediction_specs(preds, 0, 0, mask_chunk))
         _create_arrays(group, specs)
         group.update_attributes({_ATTR_READY: True})  # last: the layer is complete
         state = _LayerState(
@@ -938,15 +938,16 @@ class ActivationWriter:
         return state
 
     @staticmethod
-    def _create_prediction_arrays(group: zarr.Group, preds: np.ndarray, n: int, m: int) -> None:
-        _create_arrays(group, _prediction_specs(preds, n, m))
+    def _create_prediction_arrays(group: zarr.Group, preds: np.ndarray, n: int, m: int,
+                                  chunk: int) -> None:
+        _create_arrays(group, _prediction_specs(preds, n, m, chunk))
 
     def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
         group = state.group
         arrays = state.arrays
         if preds is not None and PREDICTION not in arrays:
             self._create_prediction_arrays(group, preds, arrays[SAMPLE].shape[0],
-                                           arrays[EPOCH].shape[0])
+                                           arrays[EPOCH].shape[0], arrays[COMMITTED].chunks[0])
             state.refresh()
             arrays = state.arrays
         e = state.epoch_index(epoch)
@@ -1137,12 +1138,17 @@ def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
     sync(run())
 
 
-def _prediction_specs(preds: np.ndarray, n: int, m: int) -> dict[str, dict[str, Any]]:
-    """How to create the ``prediction`` and ``correct`` arrays (for :func:`_create_arrays`)."""
+def _prediction_specs(preds: np.ndarray, n: int, m: int,
+                      chunk: int) -> dict[str, dict[str, Any]]:
+    """How to create the ``prediction`` and ``correct`` arrays (for :func:`_create_arrays`).
+
+    They are written with every batch, like the ``committed`` mask, and share its chunks
+    along ``sample`` (``chunk``): a batch rewrites one such chunk, not 65536 rows.
+    """
     return {
-        PREDICTION: dict(shape=(n, m), chunks=(_COORD_CHUNK, 1), dtype=_zarr_dtype(preds),
+        PREDICTION: dict(shape=(n, m), chunks=(chunk, 1), dtype=_zarr_dtype(preds),
                          fill_value=_fill(_kind(preds)), dimension_names=(SAMPLE, EPOCH)),
-        CORRECT: dict(shape=(n, m), chunks=(_COORD_CHUNK, 1), dtype="bool",
+        CORRECT: dict(shape=(n, m), chunks=(chunk, 1), dtype="bool",
                       fill_value=False, dimension_names=(SAMPLE, EPOCH)),
     }
 
