@@ -327,6 +327,27 @@ def test_writer_refuses_further_writes_after_a_failure(tmp_path, monkeypatch):
         assert again.missing("h", 1, range(8)).tolist() == list(range(8))
 
 
+def test_a_failed_commit_leaves_the_batch_missing(tmp_path, monkeypatch):
+    """The values are written, the commit (mask) write fails: the batch is not committed."""
+    store = str(tmp_path / "run.zarr")
+    writer = topoxr.ActivationWriter(store, model="m")
+    writer.write("h", np.ones((4, 3)), sample=np.arange(4))
+    writer.write("h", np.full((2, 3), 2.0), sample=[0, 1], epoch=1)
+
+    def no_space(store, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", key)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set_sync", no_space)
+    with pytest.raises(StoreWriteError, match="No space left"):
+        writer.write("h", np.full((2, 3), 2.0), sample=[2, 3], epoch=1)
+    monkeypatch.undo()
+    assert writer.missing("h", 1, range(4)).tolist() == [2, 3]
+    writer.close()
+    ds = topoxr.open_store(store)["m/h"].to_dataset()
+    assert ds.committed.sel(epoch=1).values.tolist() == [True, True, False, False]
+    assert ds.activation.sel(epoch=1, sample=[2, 3]).isnull().all()
+
+
 _TMPFS_DRIVER = textwrap.dedent("""
     import json, shutil, subprocess, sys
     sys.path.insert(0, sys.argv[1])

@@ -1025,11 +1025,10 @@ class ActivationWriter:
             mask = np.concatenate([mask, np.zeros((n0, 1), bool)], 1)
         if n > n0:
             mask = np.concatenate([mask, np.zeros((n - n0, m), bool)])
-        mask[pos, e] = True
         _run_in_order([grow, fill, coords])
-        _write_mask_chunks(arrays[COMMITTED], mask[:, e], int(pos.min()), int(pos.max()) + 1,
-                           e, size_n)
+        _write_mask_chunks(arrays[COMMITTED], mask[:, e], pos, e, size_n)
         # the store now holds the batch: mirror it in memory
+        mask[pos, e] = True
         if m > m0:
             state.epochs.append(epoch)
             state.complete = np.append(state.complete, False)
@@ -1084,20 +1083,23 @@ def _append(arr: zarr.Array, values: np.ndarray, start: int,
     return arr.async_array.setitem, (slice(lo, hi), block)
 
 
-def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, start: int, stop: int, e: int,
+def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, pos: np.ndarray, e: int,
                        size: int) -> None:
-    """Write the chunks of the mask's column ``e`` that hold rows ``start:stop``.
+    """Mark rows ``pos`` committed in the mask's column ``e``.
 
-    This is the commit point of a batch.  ``column`` is the whole column in memory and
-    ``size`` the array's length; chunks are written whole.  A mask created by this
-    version is stored uncompressed, so on a store that writes synchronously (local
+    This is the commit point of a batch.  ``column`` is the column as stored (left
+    unchanged: the caller marks ``pos`` once the write succeeded) and ``size`` the
+    array's length; the chunks holding ``pos`` are written whole.  A mask created by
+    this version is stored uncompressed, so on a store that writes synchronously (local
     files, zarr's memory store) each chunk is encoded here, as zarr's ``bytes`` codec
     does (one byte per bool), and replaced in one atomic store call: about a third of
     the cost of a trip through zarr's asynchronous codec pipeline, which every other
     store (and masks written compressed by earlier versions) still takes.
     """
     chunk = arr.chunks[0]
-    lo, hi, block = _whole_chunks(column, start, stop, chunk, size, False)
+    lo, hi, block = _whole_chunks(column, int(pos.min()), int(pos.max()) + 1, chunk, size, False)
+    block = block.copy()
+    block[pos - lo] = True
     if not (_writes_synchronously(arr.store) and arr.filters == ()
             and arr.compressors == () and isinstance(arr.serializer, BytesCodec)):
         arr[lo:hi, e] = block
