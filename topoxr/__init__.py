@@ -21,6 +21,7 @@ from topoxr.store import (
     StoreWriteError,
     open_store,
     store_summary,
+    verify,
 )
 
 try:
@@ -46,4 +47,5 @@ __all__ = [
     "profiles",
     "quality",
     "store_summary",
+    "verify",
 ]
