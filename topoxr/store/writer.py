@@ -497,6 +497,8 @@ class ActivationWriter:
                             shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
                             dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,))})
                         state.refresh()
+                        if state.arrays[key].size:  # every chunk stored (missing = damage)
+                            state.arrays[key][...] = np.nan
                     if key not in names:
                         names.append(key)
                     state.arrays[key][e] = value
@@ -740,6 +742,9 @@ class ActivationWriter:
             # stored now (False) so that every chunk inside the logical length exists
             fill.append(_append(arrays[EPOCH_COMPLETE], np.append(state.complete, False), m0,
                                 size_m))
+            if m0 % _EPOCH_CHUNK == 0:  # a new chunk of the logged scalars: store it too
+                fill.extend((arrays[key].async_array.setitem, (slice(m0, m0 + 1), np.nan))
+                            for key in state.group.attrs.get(_ATTR_SCALARS, ()) if key in arrays)
         if n > n0:
             all_ids = np.concatenate([state.sample_ids, ids[new]])
             coords.append(_append(arrays[SAMPLE], all_ids, n0, size_n))
