@@ -222,7 +222,8 @@ def token_info(x: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The attention mask and token ids of one batch of inputs, where they are known.
 
     A mapping input (tokenizer output) gives ``attention_mask`` and ``input_ids``; a
-    2-D integer array is taken as the token ids themselves.
+    2-D integer array (or a tuple of positional inputs starting with one) is taken as
+    the token ids themselves.
 
     Returns
     -------
@@ -232,6 +233,8 @@ def token_info(x: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
         mask = x.get("attention_mask")
         ids = x.get("input_ids")
         return (None if mask is None else _np(mask)), (None if ids is None else _np(ids))
+    if isinstance(x, tuple | list) and x and not hasattr(x, "shape"):
+        x = x[0]
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
     if shape is not None and len(shape) == 2 and dtype is not None:
