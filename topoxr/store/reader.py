@@ -23,16 +23,14 @@ from topoxr.conventions import (
     SAMPLE,
 )
 from topoxr.store._errors import StoreCorruptionError
+from topoxr.store._integrity import Context, chunk_coords, snapshot
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import (
     _ATTR_METADATA,
     _ATTR_READY,
     _ATTR_SCALARS,
     _ATTR_UNIT_COORDS,
-    _check_required,
     _guarded,
-    _ids_text,
-    _logical_lengths,
     _plain_strings,
     _where,
 )
@@ -119,24 +117,21 @@ def _plain_dataset(group: zarr.Group) -> xr.Dataset:
 def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
     import dask.array as dsa
 
-    where = _where(group)
     arrays = dict(group.arrays())
-    _check_required(group, arrays)
+    snap = _guarded(_where(group), lambda: snapshot(group, arrays))
+    ctx = snap.context
+    if not snap.checked:
+        logger.info("%s was written by an earlier topoxr without chunk checksums: damage to "
+                    "its chunks may go unnoticed (`topoxr verify` reports it unverifiable)",
+                    ctx.where)
 
     def read(key: str, *sel: slice) -> np.ndarray:
-        try:
-            return np.asarray(arrays[key][sel or ...])
-        except Exception as err:
-            raise StoreCorruptionError(f"{where}: array {key!r} is unreadable ({err})") from err
+        return ctx.read(arrays[key], sel or ...)
 
-    n, m = _guarded(where, lambda: _logical_lengths(arrays))
-    sample_ids = read(SAMPLE, slice(0, n)).astype(np.int64)
-    epochs = read(EPOCH, slice(0, m)).astype(np.int64)
-    committed = np.zeros((n, m), dtype=bool)
-    if n and m:
-        committed = read(COMMITTED, slice(0, n), slice(0, m)).astype(bool)
+    n, m = snap.n, snap.m
+    sample_ids, epochs, committed = snap.sample_ids, snap.epochs, snap.committed
     act = arrays[ACTIVATION]
-    checked = _CheckedActivation(act, committed, sample_ids, epochs, where)
+    checked = _CheckedActivation(act, committed, ctx)
     # Not inlined: the wrapper holds the mask, which must not be copied into every task.
     # A fresh name per snapshot: values may change (overwrite=True) at the same shape.
     lazy = dsa.from_array(checked, chunks=act.chunks, lock=False, inline_array=False,
@@ -149,7 +144,7 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
         SAMPLE: (SAMPLE, sample_ids),
         EPOCH: (EPOCH, epochs),
         COMMITTED: ((SAMPLE, EPOCH), committed),
-        EPOCH_COMPLETE: (EPOCH, read(EPOCH_COMPLETE, slice(0, m)).astype(bool)),
+        EPOCH_COMPLETE: (EPOCH, snap.complete),
     }
     for key in group.attrs.get(_ATTR_UNIT_COORDS, []):
         coords[key] = (NEURON, read(key))
@@ -177,23 +172,16 @@ class _CheckedActivation:
     translated the same way.
     """
 
-    def __init__(self, array: zarr.Array, committed: np.ndarray, sample_ids: np.ndarray,
-                 epochs: np.ndarray, where: str) -> None:
+    def __init__(self, array: zarr.Array, committed: np.ndarray, context: Context) -> None:
         self.array = array
         self.committed = committed
-        self.sample_ids = sample_ids
-        self.epochs = epochs
-        self.where = where
+        self.context = context
+        self.sample_ids = context.sample_ids
+        self.epochs = context.epochs
+        self.where = context.where
         self.shape = array.shape
         self.dtype = array.dtype
         self.ndim = array.ndim
-
-    def _affected(self, key: tuple[slice, ...]) -> tuple[list[int], np.ndarray]:
-        s, e = key[1], key[2]
-        sub = self.committed[s, e]
-        epochs = self.epochs[e][sub.any(axis=0)].tolist() if sub.size else []
-        samples = self.sample_ids[s][sub.any(axis=1)] if sub.size else self.sample_ids[:0]
-        return epochs, samples
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
@@ -209,19 +197,12 @@ class _CheckedActivation:
         try:
             block = np.asarray(self.array[key])
         except Exception as err:
-            epochs, samples = self._affected(key)
-            raise StoreCorruptionError(
-                f"{self.where}: a chunk of 'activation' is unreadable ({type(err).__name__}: "
-                f"{err}); epochs {epochs}, samples {_ids_text(samples)} are affected"
-            ) from err
+            raise self.context.unreadable(self.array, key, err) from err
         missing = self._missing_chunk(key, block)
         if missing is not None:
-            epochs, samples = self._affected(missing)
-            raise StoreCorruptionError(
-                f"{self.where}: a chunk of 'activation' holding committed values is "
-                f"missing from the store; epochs {epochs}, samples {_ids_text(samples)} "
-                "are affected"
-            )
+            coords = next(chunk_coords(self.array, missing))
+            raise StoreCorruptionError(self.context.damaged_chunk(
+                self.array, coords, "holds committed values but is missing from the store"))
         return block
 
     def _missing_chunk(self, key: tuple[slice, ...], block: np.ndarray) -> tuple[slice, ...] | None:

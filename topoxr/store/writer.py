@@ -57,7 +57,6 @@ from topoxr.store._schema import (
     _logical_lengths,
     _prediction_specs,
     _read_1d,
-    _refresh_coordinates,
     _zarr_dtype,
 )
 from topoxr.store._state import _layer_columns, _LayerState, _runs
@@ -498,11 +497,9 @@ class ActivationWriter:
                     if key in existing and key not in names and key in _layer_columns(state):
                         raise StoreError(f"{key!r} is already a column of layer {state.name!r}")
                     if key not in existing:  # (a crashed writer may have created it)
-                        state.group.create_array(
-                            key, shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
-                            dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,),
-                        )
-                        _refresh_coordinates(state.group)
+                        _create_arrays(state.group, {key: dict(
+                            shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
+                            dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,))})
                         state.refresh()
                     if key not in names:
                         names.append(key)
@@ -676,6 +673,11 @@ class ActivationWriter:
                                            arrays[EPOCH].shape[0], arrays[COMMITTED].chunks[0])
             state.refresh()
             arrays = state.arrays
+            for key in (PREDICTION, CORRECT):
+                # predictions given only from this batch on: the earlier samples' chunks
+                # are stored too (with the fill), so that a missing chunk means damage
+                if arrays[key].size:
+                    arrays[key][...] = arrays[key].metadata.fill_value
         e = state.epoch_index(epoch)
         new = plan.new_rows
         n0, m0 = len(state.sample_ids), len(state.epochs)
@@ -740,6 +742,9 @@ class ActivationWriter:
         all_ids = state.sample_ids
         if m > m0:
             coords.append(_append(arrays[EPOCH], np.array([*state.epochs, epoch]), m0, size_m))
+            # stored now (False) so that every chunk inside the logical length exists
+            fill.append(_append(arrays[EPOCH_COMPLETE], np.append(state.complete, False), m0,
+                                size_m))
         if n > n0:
             all_ids = np.concatenate([state.sample_ids, ids[new]])
             coords.append(_append(arrays[SAMPLE], all_ids, n0, size_n))
