@@ -60,6 +60,7 @@ from topoxr.store._schema import (
     _zarr_dtype,
 )
 from topoxr.store._state import _layer_columns, _LayerState, _runs
+from topoxr.store.verify import ATTR_VERIFIED
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,8 @@ class ActivationWriter:
             import os
 
             os.makedirs(self._loc.local_dir, exist_ok=True)
-        lock_path = "" if self._loc.fs is None else self._loc.fs_path.rstrip("/") + ".topoxr-lock"
         self._lock = WriterLock(self._loc.url, local_dir=self._loc.local_dir, fs=self._loc.fs,
-                                lock_path=lock_path)
+                                lock_path=self._loc.lock_path)
         self._lock.acquire(break_lock=break_lock)
         try:
             self._root = self._open_root(existed, description)
@@ -170,6 +170,8 @@ class ActivationWriter:
         # Consolidated metadata would be stale as soon as we write: drop it now, it is
         # written again by close().
         root.update_attributes({})
+        if ATTR_VERIFIED in root.attrs:  # the store changes: the verification is outdated
+            del root.attrs[ATTR_VERIFIED]
         return root
 
     def _open_model(self, mode: str, attrs: Mapping[str, Any] | None) -> zarr.Group:
