@@ -12,6 +12,7 @@ from __future__ import annotations
 from topoxr.viz.report import Report, save_gif, save_html, save_png, to_bokeh
 from topoxr.viz.topomap import MapCollection, collect, group_keys, topomap
 from topoxr.viz.views import (
+    attribute_grid,
     class_row,
     cluster_order,
     compare_models,
@@ -24,6 +25,7 @@ from topoxr.viz.views import (
 __all__ = [
     "MapCollection",
     "Report",
+    "attribute_grid",
     "class_row",
     "cluster_order",
     "collect",
