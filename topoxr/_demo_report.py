@@ -148,10 +148,10 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
     # 4. training ----------------------------------------------------------------------
     tr = found["training"]
     settled = tr["settled_at"]
+    epochs, frames = viz.animation_frames(maps[featured]["label"], resolution=ANIMATION_RESOLUTION,
+                                          panel_inches=1.6, progress=progress)
     report.add_section(
         f"Training process ({name})",
-        viz.training_animation(maps[featured]["label"], resolution=ANIMATION_RESOLUTION),
-        still=True,
         text=("The probe set recorded at every epoch (0 = before training), drawn on one "
               "fixed layout (computed at the last epoch): use the slider or the play button. "
               "**Map change per epoch (1 - correlation with the epoch before): "
@@ -160,6 +160,7 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
               + (f"; the organisation settles from epoch {settled}** (every later change "
                  "below a tenth of the largest)." if settled is not None
                  else "**; it has not settled yet.")))
+    report.add_frames(frames, epochs, name="epoch")
     report.add_table([{"epoch": e, "change from previous": ch, "correlation with last": r}
                       for e, ch, r in zip(tr["epochs"], [None, *tr["change"]],
                                           tr["correlation_with_last"], strict=True)])
@@ -190,8 +191,9 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
     png.write_bytes(still_png(viz.class_row(maps[featured]["label"], examples=examples, **kw),
                               dpi=100, title=f"{name}: class maps (last epoch)"))
     files.append(png)
-    files.append(viz.save_gif(maps[featured]["label"], out / "training.gif",
-                              resolution=ANIMATION_RESOLUTION, progress=progress))
+    gif = out / "training.gif"  # the report's frames, written once more as a GIF
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=500, loop=0)
+    files.append(gif)
     logger.info("demo: report built in %.1f s, saved in %.1f s; PNG and GIF in %.1f s",
                 built - started, saved - built, time.perf_counter() - saved)
     return files

@@ -228,6 +228,15 @@ def train(
     list of dict
         The logs of every epoch.
     """
+    with torch.random.fork_rng():  # dropout draws from the global generator: seed it too
+        torch.manual_seed(seed)
+        return _train(model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                      on_epoch_end=on_epoch_end)
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
+           batch_size: int, seed: int,
+           on_epoch_end: Callable[[int, dict[str, float]], None] | None) -> list[dict[str, float]]:
     generator = torch.Generator().manual_seed(seed)
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

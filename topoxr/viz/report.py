@@ -25,7 +25,7 @@ from topoxr import conventions as cv
 from topoxr._optional import import_optional
 from topoxr.viz.topomap import collect, hv
 
-__all__ = ["Report", "save_gif", "save_html", "save_png", "to_bokeh"]
+__all__ = ["Report", "animation_frames", "save_gif", "save_html", "save_png", "to_bokeh"]
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +387,40 @@ class Report:
             f"DataFrame or a list of dicts; got {type(obj).__name__}"
         )
 
+    def add_frames(self, frames: Sequence[Any], values: Sequence[Any], *, name: str = "epoch",
+                   caption: str | None = None) -> Report:
+        """Add an animation from ready images: one shown at a time, a slider, a play button.
+
+        Parameters
+        ----------
+        frames : sequence of PIL.Image.Image or PNG bytes
+            The images (e.g. from :func:`animation_frames`).
+        values : sequence
+            The key of each frame (e.g. its epoch), shown next to the slider.
+        name : str, default "epoch"
+            Name of the key.
+        caption : str, optional
+            Caption under the animation.
+
+        Returns
+        -------
+        Report
+
+        Raises
+        ------
+        ValueError
+            If there are no frames, or not one value per frame.
+        """
+        from topoxr.viz.still import _quantized_png
+
+        if not frames or len(frames) != len(values):
+            raise ValueError(f"add_frames needs one value per frame, got {len(frames)} frames "
+                             f"and {len(values)} values")
+        pngs = [f if isinstance(f, bytes) else _quantized_png(np.asarray(f.convert("RGB")))
+                for f in frames]
+        self._current().append(_Item("player", (str(name), list(values), pngs), caption))
+        return self
+
     def add_figure(self, obj: Any, *, caption: str | None = None) -> Report:
         """Add a HoloViews figure (sliders kept) to the current section."""
         return self.add(obj, caption=caption)
@@ -526,11 +560,15 @@ def _still_html(obj: Any) -> str:
     return f'<div class="figure still">{_png_tag(still_png(obj), "topographic maps")}</div>'
 
 
-def _player_html(obj: Any, index: int) -> str:
-    """Frames of an animation as images, one shown at a time, a slider and a play button."""
+def _player_html(content: Any, index: int) -> str:
+    """Frames of an animation as images, one shown at a time, a slider and a play button.
+
+    ``content`` is a HoloViews animation (drawn with :func:`topoxr.viz.still.still_frames`)
+    or ``(name, values, frames)`` of :meth:`Report.add_frames`.
+    """
     from topoxr.viz.still import still_frames
 
-    name, values, frames = still_frames(obj)
+    name, values, frames = content if isinstance(content, tuple) else still_frames(content)
     imgs = "".join(
         _png_tag(png, f"{name} {v}", **{"class": "frame", "data-value": str(v),
                                         "style": "" if i == 0 else "display:none"})
@@ -836,14 +874,59 @@ def save_gif(
     ValueError
         If ``fps`` is not positive.
     """
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    _, frames = animation_frames(
+        laid_naps, groups=groups, order=order, method=method, resolution=resolution,
+        cmap=cmap, panel_inches=panel_inches, dpi=dpi, points=points, max_cols=max_cols,
+        progress=progress)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
+                   loop=0, optimize=False)
+    return path
+
+
+def animation_frames(
+    laid_naps: Any,
+    *,
+    groups: Sequence[Any] | None = None,
+    order: str | Sequence[Any] | None = "cluster",
+    method: str = "linear",
+    resolution: int = 100,
+    cmap: str = "RdBu_r",
+    panel_inches: float = 1.8,
+    dpi: int = 80,
+    points: bool = True,
+    max_cols: int = 5,
+    progress: bool = True,
+) -> tuple[list[Any], list[Any]]:
+    """The frames of the training process, one image per epoch (what :func:`save_gif` writes).
+
+    Each frame shows the maps of every group as titled panels (dendrogram order of the last
+    epoch, rows of at most ``max_cols`` maps), colour limits shared by all groups and
+    epochs, one colour bar. Drawn straight from the maps with matplotlib.
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        Laid-out NAPs with an ``epoch`` dim (one fixed or per-epoch aligned layout).
+    groups, order, method, resolution, cmap, panel_inches, dpi, points, max_cols, progress
+        As in :func:`save_gif`.
+
+    Returns
+    -------
+    epochs : list
+        The epoch of each frame.
+    frames : list of PIL.Image.Image
+        RGB images.
+    """
     plt = import_optional("matplotlib.pyplot", extra="viz", purpose="GIF export")
     image_mod = import_optional("PIL.Image", extra="viz", purpose="GIF export")
     from tqdm.auto import tqdm
 
     from topoxr.viz.views import _key_title, _row_length, cluster_order
 
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
     col = collect(laid_naps, by=None, method=method, resolution=resolution, cmap=cmap)
     if col.multi:
         raise ValueError("save_gif draws one model; pass one DataArray")
@@ -898,8 +981,4 @@ def save_gif(
         rgba = np.asarray(fig.canvas.buffer_rgba())
         frames.append(image_mod.fromarray(rgba[..., :3].copy()))
         plt.close(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
-                   loop=0, optimize=False)
-    return path
+    return [_plain(e) for e in src.epochs], frames
