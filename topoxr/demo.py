@@ -419,8 +419,8 @@ def _analyse(tree: Any, *, seed: int, progress: bool) -> dict[str, Any]:
     from topoxr import findings
     from topoxr.conventions import ACTIVATION, EPOCH
     from topoxr.grouping import naps
-    from topoxr.layout import attach
-    from topoxr.layout._registry import DEFAULT_METHOD
+    from topoxr.layouts import attach
+    from topoxr.layouts._registry import DEFAULT_METHOD
     from topoxr.metrics import quality
 
     methods = [DEFAULT_METHOD, "graph+force"]
