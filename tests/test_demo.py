@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,16 +21,8 @@ SECTIONS = ("Findings", "Class maps: mlp_torch / relu1", "Class maps: transforme
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, "-m", "topoxr.cli", "demo", "--quick", "--out", str(out), "--seed", "3",
-         "--no-progress"],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+def demo_run(quick_demo):
+    return quick_demo
 
 
 @pytest.mark.slow

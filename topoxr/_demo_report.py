@@ -84,7 +84,7 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
                      "(regions beyond half the layer's largest |NAP|).")
         report.add_section(f"Class maps: {key[0]} / {key[1]}",
                            viz.class_row(maps[key]["label"], examples=examples, **kw), text=text,
-                           still=key != featured)  # the featured layer's maps: hover them
+                           still=quick or key != featured)  # full demo: hover the featured maps
     report.add_table([
         {"layer": layer, "neurons": int(maps[tuple(layer.split("/"))]["label"].sizes["neuron"]),
          "mean correlation": cm["mean_correlation"], "blobs per map": cm["mean_blob_count"],
