@@ -45,6 +45,8 @@ METHODS = (
     "knnforce", "knnforce(grid=False)", "knnforce(swap_rounds=0,nudge=0)",
 )
 DEFAULT = "knnforce"
+#: Run first in every dataset (the targets' methods), so a cut-short run still has them.
+PRIORITY = ("knnforce", "tsne", "umap+force", "force")
 
 
 class _PeakRSS:
@@ -234,41 +236,59 @@ def main(quick: bool = False) -> dict[str, Any]:
                       lambda n=n: clustered_profiles(n, 10, random_state=0))
                      for n in SYNTHETIC_SIZES]
     rows: list[dict[str, Any]] = []
-    for data_name, n, make in datasets:
-        X = make()
-        dead = int((~X.any(axis=1)).sum())
-        for method in METHODS:
-            row: dict[str, Any] = {"data": data_name, "n": n, "method": method,
-                                   "dead_neurons": dead}
-            reason = _skip_reason(method, n, quick)
-            if reason:
-                row["skipped"] = reason
-            else:
-                logger.info("layout %s n=%d", method, n)
-                try:
-                    row.update(run_one(method, X))
-                except MemoryError as err:
-                    row["skipped"] = f"MemoryError: {err}"
-            rows.append(row)
-
-            sys.stderr.write(f"{row}\n")
-            if method == "force" and n <= 512 and "skipped" not in row:
-                ref = _reference_row(data_name, n, X)
-                if ref:
-                    rows.append(ref)
-                    sys.stderr.write(f"{ref}\n")
-        if n > 8192:
-            logger.info("default layout n=%d in a child process", n)
-            res = _child_default(n)
-            Y = res.pop("Y")
-            row = {"data": data_name, "n": n, "method": "knnforce (child process)",
-                   "dead_neurons": dead, "seconds": round(res.pop("seconds"), 3), **res,
-                   **_quality(X, Y)}
-            rows.append(row)
-            sys.stderr.write(f"{row}\n")
-    fresh = fresh_process_first_layout(512)
+    fresh: dict[str, Any] = {}
+    # pass 1: the targets' methods on every dataset (and the fresh-process check);
+    # pass 2: every other method. A cut-short run still has what the targets need.
+    passes = ([m for m in PRIORITY if m in METHODS], [m for m in METHODS if m not in PRIORITY])
+    cache: dict[int, np.ndarray] = {}
+    for p_i, methods in enumerate(passes):
+        for data_name, n, make in datasets:
+            X = cache.setdefault(n, make())
+            dead = int((~X.any(axis=1)).sum())
+            for method in methods:
+                row: dict[str, Any] = {"data": data_name, "n": n, "method": method,
+                                       "dead_neurons": dead}
+                reason = _skip_reason(method, n, quick)
+                if reason:
+                    row["skipped"] = reason
+                else:
+                    logger.info("layout %s n=%d", method, n)
+                    try:
+                        row.update(run_one(method, X))
+                    except MemoryError as err:
+                        row["skipped"] = f"MemoryError: {err}"
+                _add(rows, row, quick)
+                if method == "force" and n <= 512 and "skipped" not in row:
+                    ref = _reference_row(data_name, n, X)
+                    if ref:
+                        _add(rows, ref, quick)
+            if p_i == 0 and n > 8192:
+                logger.info("default layout n=%d in a child process", n)
+                res = _child_default(n)
+                Y = res.pop("Y")
+                _add(rows, {"data": data_name, "n": n, "method": "knnforce (child process)",
+                            "dead_neurons": dead, "seconds": round(res.pop("seconds"), 3),
+                            **res, **_quality(X, Y)}, quick)
+            if n > 8192:
+                cache.pop(n, None)
+        if p_i == 0:
+            fresh = fresh_process_first_layout(512)
+            sys.stderr.write(f"fresh process: {fresh}\n")
+            sys.stderr.write(f"targets: {_targets(rows, fresh)}\n")
     return {"rows": rows, "ratios_default_vs_umap_force": _ratios(rows),
             "fresh_process_first_layout_512": fresh, "targets": _targets(rows, fresh)}
+
+
+def _add(rows: list[dict[str, Any]], row: dict[str, Any], quick: bool) -> None:
+    """Append a row, log it and keep the rows so far in ``results/layouts-partial.json``."""
+    import json
+    from pathlib import Path
+
+    rows.append(row)
+    sys.stderr.write(f"{row}\n")
+    out = Path(__file__).parent / "results" / f"layouts{'-quick' if quick else ''}-partial.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"rows": rows}, indent=1, default=float) + "\n")
 
 
 def _reference_row(data_name: str, n: int, X: np.ndarray) -> dict[str, Any] | None:
