@@ -102,7 +102,7 @@ def test_open_is_lazy_and_chunks_follow_the_encoding(any_store):
     arr = root["mlp/hidden/activation"]
     assert arr.chunks == (N_NEURONS, 4, 1)
     assert arr.dtype == np.float32
-    assert [type(c).__name__ for c in arr.compressors] == ["ZstdCodec"]
+    assert [type(c).__name__ for c in arr.compressors] == ["ZstdCodec", "Crc32cCodec"]
     assert arr.metadata.dimension_names == DIMS
 
 
@@ -314,9 +314,10 @@ def test_store_summary_is_json(any_store):
     assert layer == {
         "name": "hidden", "neurons": N_NEURONS, "samples": 10, "epochs": [0, 1],
         "complete_epochs": [0, 1], "incomplete_epochs": [], "committed_fraction": 1.0,
-        "reduce": "mean", "chunks": layer["chunks"],
+        "reduce": "mean", "chunks": layer["chunks"], "checksums": True, "problems": [],
     }
     assert summary["description"] == "d" and summary["format_version"] == FORMAT_VERSION
+    assert summary["verified"] is None and summary["problems"] == []
 
 
 # --------------------------------------------------------------------------------------
@@ -609,9 +610,9 @@ def test_commit_mask_spans_chunks_in_any_order(any_store, monkeypatch):
     Local stores write the (uncompressed) mask chunks directly, ``memory://`` goes
     through zarr's codec pipeline: zarr must read the same mask back from both.
     """
-    import topoxr.store
+    import topoxr.store.writer
 
-    monkeypatch.setattr(topoxr.store, "_MASK_TARGET", 1)  # mask chunk = one batch
+    monkeypatch.setattr(topoxr.store.writer, "_MASK_TARGET", 1)  # mask chunk = one batch
     batches = [np.arange(8, 12), np.arange(0, 4), np.arange(12, 14), np.arange(4, 8)]
     with ActivationWriter(any_store, model="m") as writer:
         for ids in batches:
@@ -622,7 +623,7 @@ def test_commit_mask_spans_chunks_in_any_order(any_store, monkeypatch):
     done = [10, 9, 0, 13, 5, 6, 7]
     group = _raw_group(any_store, "m/h")
     assert group["committed"].chunks == (4, 1)
-    assert group["committed"].compressors == ()
+    assert group["committed"].compressors == (zarr.codecs.Crc32cCodec(),)  # bytes + crc32c
     stored_ids = group["sample"][:]
     expected = np.stack([np.ones(14, bool), np.isin(stored_ids, done)], axis=1)
     np.testing.assert_array_equal(group["committed"][:], expected)
