@@ -187,8 +187,9 @@ def refine_grid(
         similarity for unit vectors, see
         :func:`~topoxr.layouts._base.features_for_metric`).
     n_rounds, radius, max_jump, batch : int
-        Rounds, neighbourhood radius (cells), largest proposed jump (cells) and neurons
-        proposing per round.
+        Most rounds (the loop stops after five rounds in a row accepting at most
+        ``batch / 500`` swaps), neighbourhood radius (cells), largest proposed jump
+        (cells) and neurons proposing per round.
     nudge : float, default 0.8
         Strength of the final sub-cell move (0: cell centres).
     random_state : int, RandomState, Generator or None
@@ -224,6 +225,7 @@ def refine_grid(
         return np.einsum("mw,mw->m", np.einsum("mf,mwf->mw", Fz[i], Fz[o]), ww)
 
     batch = int(min(max(batch, 1), n))
+    tol, quiet = max(1, batch // 500), 0
     for _ in range(int(n_rounds)):
         a = rng.choice(n, batch, replace=False) if batch < n else rng.permutation(n)
         ca = cell_of[a]
@@ -244,6 +246,9 @@ def refine_grid(
         first[np.unique(both, return_index=True)[1]] = True
         ok = first[: ca.size] & first[ca.size:]
         a, ca, cb, b = a[ok], ca[ok], cb[ok], b[ok]
+        quiet = quiet + 1 if a.size <= tol else 0
+        if quiet >= 5:  # converged: five rounds in a row with (almost) no accepted swap
+            break
         occ[cb], occ[ca] = a, b
         cell_of[a] = cb
         filled = b < n
