@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 #: Layers whose class maps the report draws (the others are in the table).
 CLASS_MAP_LAYERS = [("mlp_torch", "relu1"), ("cnn_torch", "relu2"), ("transformer_torch", "pool"),
-                    ("mlp_sklearn", "relu1")]
+                    ("transformer_torch", "ffn"), ("mlp_sklearn", "relu1")]
 
 _DESCRIPTION = (
     "Topographic activation maps of the paper's networks trained on scikit-learn's digits. "
@@ -85,6 +85,19 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
         report.add_section(f"Class maps: {key[0]} / {key[1]}",
                            viz.class_row(maps[key]["label"], examples=examples, **kw), text=text,
                            still=quick or key != featured)  # full demo: hover the featured maps
+    for key, tok in found.get("tokens", {}).items():
+        model, layer = key.split("/")
+        report.add_section(
+            f"Per-token maps: {model} / {layer}",
+            viz.class_row(maps[(model, layer)]["token_position"], order=None, **kw),
+            still=True,
+            text=("The transformer reads a digit as 8 row tokens; this layer was recorded per "
+                  "token (every row of every probe digit its own sample, "
+                  "`reduce=\"tokens\"`), so its neurons can be mapped by the row they see: "
+                  "one map per row position, top row first. **Mean correlation between the "
+                  f"rows' maps: {_fmt(tok['mean_correlation'])}; "
+                  f"{tok['mean_blob_count']:.1f} blobs per map.** The pooled layer "
+                  "(`pool`, the mean over rows) has the class maps above."))
     report.add_table([
         {"layer": layer, "neurons": int(maps[tuple(layer.split("/"))]["label"].sizes["neuron"]),
          "mean correlation": cm["mean_correlation"], "blobs per map": cm["mean_blob_count"],
