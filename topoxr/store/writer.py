@@ -291,6 +291,7 @@ class ActivationWriter:
         reduce: str = "mean",
         overwrite: bool = False,
         allow_nonfinite: bool = False,
+        layer_attrs: Mapping[str, Any] | None = None,
         **metadata: Any,
     ) -> int:
         """Commit one batch of one layer.
@@ -322,6 +323,10 @@ class ActivationWriter:
             values are an error.
         allow_nonfinite : bool, default False
             Store NaN and inf instead of rejecting them.
+        layer_attrs : mapping, optional
+            Attributes stored on the layer when this write creates it (e.g. which axes
+            of the output were reduced, see :func:`topoxr.reduction.reduction_attrs`);
+            ignored for a layer that exists (the recorders compare them before writing).
         **metadata : array_like
             Extra per-sample columns (str, int, float or bool), stored as coordinates.
 
@@ -395,7 +400,8 @@ class ActivationWriter:
             return 0
         try:
             if state is None:
-                state = self._create_layer(layer, reduced, labels, preds, meta, batch)
+                state = self._create_layer(layer, reduced, labels, preds, meta, batch,
+                                           layer_attrs)
             written = self._commit(state, plan, values, ids, labels, preds, meta, epoch)
         except Exception as err:
             self._fail(err, f"writing layer {layer!r} epoch {epoch} samples "
@@ -609,7 +615,8 @@ class ActivationWriter:
             neuron_chunk = max(1, _MAX_CHUNK_BYTES // (4 * chunk))
         return chunk, neuron_chunk
 
-    def _create_layer(self, layer, reduced, labels, preds, meta, batch) -> _LayerState:
+    def _create_layer(self, layer, reduced, labels, preds, meta, batch,
+                      layer_attrs=None) -> _LayerState:
         name = safe_node_name(layer)
         taken = {safe_node_name(n) for n in self._layers}
         if name in taken:
@@ -617,7 +624,7 @@ class ActivationWriter:
         n_neurons = reduced.values.shape[1]
         chunk, neuron_chunk = self._sample_chunk(n_neurons, batch)
         group = self._model_group.create_group(name, attributes={
-            ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
+            **dict(layer_attrs or {}), ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
             _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
         })
         mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))
