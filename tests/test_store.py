@@ -684,3 +684,60 @@ def test_arrays_grow_ahead_of_the_data_and_close_trims_them(store_path):
     assert dict(plain.sizes) == {"neuron": N_NEURONS, "sample": 10, "epoch": 3}
     np.testing.assert_array_equal(plain.activation.sel(epoch=2), acts(range(10), 2).T)
     assert plain.loss.values[2] == 0.5
+
+
+# --------------------------------------------------------------------------------------
+# inputs checked before anything is written (issue 12)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sample": np.array([2**63], dtype=np.uint64)}, "does not fit a 64-bit signed integer"),
+    ({"sample": [0], "epoch": 2**63}, "epoch 9223372036854775808 does not fit"),
+    ({"sample": [0], "epoch": np.uint64(2**64 - 1)}, "does not fit a 64-bit signed integer"),
+])
+def test_ids_and_epochs_beyond_int64_are_refused_not_wrapped(store_path, kwargs, message):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([5]), sample=[5])
+        before = _snapshot_files(store_path)
+        with pytest.raises(StoreError, match=message):
+            writer.write("h", acts([0]), **kwargs)
+        assert _snapshot_files(store_path) == before
+        assert writer.write("h", acts([6]), sample=[6]) == 1  # still usable
+    assert sorted(open_store(store_path)["m/h"].sample.values.tolist()) == [5, 6]
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("a_b", "maps to node 'a_b', already used by layer 'a b'"),
+    ("x" * 300, "300 bytes long; at most 255"),
+    ("zarr.json", "reserved by the store format"),
+])
+def test_bad_layer_names_are_refused_and_the_writer_stays_usable(store_path, name, message):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("a b", acts([0]), sample=[0])
+        before = _snapshot_files(store_path)
+        with pytest.raises(StoreError, match=message):
+            writer.write(name, acts([0]), sample=[0])
+        assert _snapshot_files(store_path) == before
+        assert writer.write("c", acts([0]), sample=[0]) == 1
+    assert sorted(open_store(store_path)["m"].children) == ["a_b", "c"]
+
+
+def test_bad_model_names_are_refused(store_path):
+    with pytest.raises(StoreError, match="300 bytes long"):
+        ActivationWriter(store_path, model="m" * 300)
+    with pytest.raises(StoreError, match="reserved"):
+        ActivationWriter(store_path, model="zarr.json")
+
+
+def test_missing_with_non_integer_ids_is_a_clear_error(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1])
+        with pytest.raises(StoreError, match="sample ids must be integers, got float64"):
+            writer.missing("h", 0, [1.5])
+        assert writer.missing("h", 0, [0, 1, 2]).tolist() == [2]
+
+
+def _snapshot_files(path):
+    from pathlib import Path
+
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}

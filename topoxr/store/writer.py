@@ -32,7 +32,7 @@ from topoxr.conventions import (
 from topoxr.store._chunks import _append, _capacity, _run_in_order, _write_mask_chunks
 from topoxr.store._errors import StoreError, StoreWriteError
 from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
-from topoxr.store._plan import _as_1d, _as_epoch, _plan_batch
+from topoxr.store._plan import _as_1d, _as_epoch, _as_ids, _check_node_name, _plan_batch
 from topoxr.store._schema import (
     _ACTIVATION_CONFIG,
     _ATTR_METADATA,
@@ -116,8 +116,7 @@ class ActivationWriter:
     ) -> None:
         if mode not in ("a", "w"):
             raise StoreError(f"mode must be 'a' (create or resume) or 'w' (replace), got {mode!r}")
-        if not isinstance(model, str) or not model:
-            raise StoreError("model must be a non-empty string")
+        _check_node_name("model", model, {})
         if chunk_samples is not None and int(chunk_samples) < 1:
             raise StoreError(f"chunk_samples must be a positive integer, got {chunk_samples}")
         self.model = model
@@ -264,8 +263,7 @@ class ActivationWriter:
         numpy.ndarray
             The ids (in the given order) that still have to be written.
         """
-        ids = np.asarray(list(sample) if not isinstance(sample, np.ndarray) else sample,
-                         dtype=np.int64)
+        ids = _as_ids(f"layer {layer!r}", sample)
         state = self._layers.get(layer)
         if state is None:
             return ids
@@ -347,8 +345,9 @@ class ActivationWriter:
             writes; open a new one to resume.
         """
         self._check_open()
-        if not isinstance(layer, str) or not layer:
-            raise StoreError("layer must be a non-empty string")
+        if not isinstance(layer, str) or layer not in self._layers:  # before any write
+            _check_node_name("layer", layer,
+                             {safe_node_name(name): name for name in self._layers})
         try:
             reduced = reduce_units(activations, channel_axis=channel_axis, reduce=reduce)
         except ValueError as err:
@@ -366,9 +365,7 @@ class ActivationWriter:
         if batch == 0:
             logger.debug("layer %r: empty batch, nothing to write", layer)
             return 0
-        if ids.dtype.kind not in "iu":
-            raise StoreError(f"layer {layer!r}: sample ids must be integers, got {ids.dtype}")
-        ids = ids.astype(np.int64)
+        ids = _as_ids(f"layer {layer!r}", ids)
         uniq, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             raise StoreError(
