@@ -741,3 +741,72 @@ def _snapshot_files(path):
 
     root = Path(path)
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_fsync_writer_writes_the_same_store(tmp_path, monkeypatch):
+    import os
+
+    import topoxr.store._durable as durable
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    for name, fsync in (("plain.zarr", False), ("durable.zarr", True)):
+        with ActivationWriter(str(tmp_path / name), model="m", fsync=fsync) as writer:
+            writer.write("h", acts(range(4)), sample=range(4), label=[0, 1, 0, 1])
+            writer.write("h", acts(range(4), 1), sample=range(4), label=[0, 1, 0, 1], epoch=1)
+        if not fsync:
+            assert not synced
+    assert len(synced) > 10  # every chunk and metadata document, and their folders
+    a = open_store(str(tmp_path / "plain.zarr"))["m/h"].to_dataset()
+    b = open_store(str(tmp_path / "durable.zarr"))["m/h"].to_dataset()
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    with pytest.raises(StoreError, match="fsync=True is for local paths"):
+        ActivationWriter("memory://durable.zarr", model="m", fsync=True)
+
+
+def _as_format_1(path):
+    """Rewrite a store as format version 1 wrote it: the same chunks without checksums."""
+    import json
+    from pathlib import Path
+
+    root = Path(path)
+    meta = json.loads((root / "zarr.json").read_text())
+    meta["attributes"]["topoxr_format_version"] = 1
+    meta.pop("consolidated_metadata", None)
+    (root / "zarr.json").write_text(json.dumps(meta))
+    for doc in root.rglob("zarr.json"):
+        meta = json.loads(doc.read_text())
+        if meta.get("node_type") != "array":
+            continue
+        meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "crc32c"]
+        doc.write_text(json.dumps(meta))
+        for chunk in (doc.parent / "c").rglob("*"):
+            if chunk.is_file():
+                chunk.write_bytes(chunk.read_bytes()[:-4])
+
+
+def test_a_format_1_store_without_checksums_stays_readable(store_path, caplog):
+    import logging
+
+    import topoxr
+
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts(range(4)), sample=range(4), label=[0, 1, 0, 1])
+    expected = open_store(store_path)["m/h"].to_dataset().load()
+    _as_format_1(store_path)
+    with caplog.at_level(logging.INFO, logger="topoxr.store"):
+        got = open_store(store_path)["m/h"].to_dataset().load()
+    xr.testing.assert_identical(expected, got)
+    assert "without chunk checksums" in caplog.text
+    summary = store_summary(store_path)
+    assert summary["format_version"] == 1
+    assert summary["models"]["m"]["layers"]["h"]["checksums"] is False
+    report = topoxr.verify(store_path)
+    assert not report.ok and [p.kind for p in report.problems] == ["unverifiable"]
+    # a writer resumes it in its own format (no checksums added to old arrays)
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts(range(4), 1), sample=range(4), label=[0, 1, 0, 1], epoch=1)
+    ds = open_store(store_path)["m/h"].to_dataset()
+    np.testing.assert_array_equal(ds.activation.sel(epoch=1).values, acts(range(4), 1).T)
+    assert ds.epoch_complete.values.tolist() == [True, True]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import re
@@ -92,6 +93,10 @@ class ActivationWriter:
         Extra attributes for the model group (e.g. ``{"framework": "torch"}``).
     break_lock : bool, default False
         Take over the lock object of a remote store whose writer is known to be gone.
+    fsync : bool, default False
+        Local stores only: ``fsync`` every file written (and its directory), so that
+        committed batches survive a power loss or kernel crash, not only a killed
+        process. Costs throughput (see ``docs/benchmarks.md``).
 
     Examples
     --------
@@ -113,6 +118,7 @@ class ActivationWriter:
         storage_options: Mapping[str, Any] | None = None,
         attrs: Mapping[str, Any] | None = None,
         break_lock: bool = False,
+        fsync: bool = False,
     ) -> None:
         if mode not in ("a", "w"):
             raise StoreError(f"mode must be 'a' (create or resume) or 'w' (replace), got {mode!r}")
@@ -122,6 +128,14 @@ class ActivationWriter:
         self.model = model
         self._chunk_samples = None if chunk_samples is None else int(chunk_samples)
         self._loc = _locate(store, storage_options)
+        if fsync:
+            if self._loc.local_dir is None:
+                raise StoreError("fsync=True is for local paths: an object store keeps each "
+                                 "write once it returns, and memory:// cannot")
+            from topoxr.store._durable import DurableLocalStore
+
+            self._loc = dataclasses.replace(
+                self._loc, store=DurableLocalStore(self._loc.local_dir))
         self._layers: dict[str, _LayerState] = {}
         self._closed = False
         self._failed: str | None = None
