@@ -810,3 +810,16 @@ def test_a_format_1_store_without_checksums_stays_readable(store_path, caplog):
     ds = open_store(store_path)["m/h"].to_dataset()
     np.testing.assert_array_equal(ds.activation.sel(epoch=1).values, acts(range(4), 1).T)
     assert ds.epoch_complete.values.tolist() == [True, True]
+
+
+def test_plain_xarray_recipe_on_a_closed_store(store_path):
+    """The documented recipe, ``activation.where(committed)``, on a store with a half epoch."""
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts(range(6)), sample=range(6))
+        writer.write("h", acts([1, 4], 1), sample=[1, 4], epoch=1)  # epoch 1: 2 of 6
+    ds = xr.open_datatree(store_path, engine="zarr")["m/h"].to_dataset()
+    done = ds.activation.where(ds.committed)
+    ours = open_store(store_path)["m/h"].to_dataset()
+    xr.testing.assert_identical(done.reset_coords(drop=True),
+                                ours.activation.reset_coords(drop=True))
+    assert int(ds.committed.sum()) == 8
