@@ -823,3 +823,20 @@ def test_plain_xarray_recipe_on_a_closed_store(store_path):
     xr.testing.assert_identical(done.reset_coords(drop=True),
                                 ours.activation.reset_coords(drop=True))
     assert int(ds.committed.sum()) == 8
+
+
+def test_a_store_being_created_is_reported_as_such(tmp_path):
+    from topoxr._locking import WriterLock
+
+    path = tmp_path / "new.zarr"
+    path.mkdir()
+    (path / "placeholder").write_text("")  # not empty: only the lock says a writer is there
+    lock = WriterLock(str(path), local_dir=str(path))
+    lock.acquire()
+    try:
+        with pytest.raises(StoreError, match="being created by a writer"):
+            open_store(str(path))
+    finally:
+        lock.release()
+    with pytest.raises(StoreError, match="not a topoxr store"):
+        open_store(str(path))
