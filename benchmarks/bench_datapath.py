@@ -211,9 +211,10 @@ def _child_write(p: dict) -> dict:
 def _store_tag() -> str:
     """Changes whenever the writer's on-disk format or codec may change."""
     import topoxr
+    from topoxr._codecs import DEFAULT_COMPRESSOR
     from topoxr.conventions import FORMAT_VERSION
 
-    return f"{FORMAT_VERSION}-{topoxr.__version__}"
+    return f"{FORMAT_VERSION}-{topoxr.__version__}-{DEFAULT_COMPRESSOR}"
 
 
 def _big_data(p: dict) -> tuple[Path, Path]:
