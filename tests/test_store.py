@@ -610,9 +610,9 @@ def test_commit_mask_spans_chunks_in_any_order(any_store, monkeypatch):
     Local stores write the (uncompressed) mask chunks directly, ``memory://`` goes
     through zarr's codec pipeline: zarr must read the same mask back from both.
     """
-    import topoxr.store
+    import topoxr.store.writer
 
-    monkeypatch.setattr(topoxr.store, "_MASK_TARGET", 1)  # mask chunk = one batch
+    monkeypatch.setattr(topoxr.store.writer, "_MASK_TARGET", 1)  # mask chunk = one batch
     batches = [np.arange(8, 12), np.arange(0, 4), np.arange(12, 14), np.arange(4, 8)]
     with ActivationWriter(any_store, model="m") as writer:
         for ids in batches:

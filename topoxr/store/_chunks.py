@@ -1,0 +1,130 @@
+"""Ordered, whole-chunk writes to zarr: the write order that crash safety rests on."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import SupportsSetSync
+from zarr.codecs import BytesCodec
+from zarr.core.buffer import default_buffer_prototype
+
+from topoxr._chunkio import DirectWriter, region_writer, run_jobs
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _writes_synchronously_type(store_type: type) -> bool:
+    return issubclass(store_type, SupportsSetSync)
+
+
+def _writes_synchronously(store: Any) -> bool:
+    """Whether ``store`` has zarr's ``set_sync`` (a cached check: protocols are slow)."""
+    return _writes_synchronously_type(type(store))
+
+
+def _capacity(length: int) -> int:
+    """Room for ``length`` rows: the next power of two."""
+    return 1 << (length - 1).bit_length() if length > 0 else 0
+
+
+def _whole_chunks(values: np.ndarray, start: int, stop: int, chunk: int, size: int,
+                  fill: Any) -> tuple[int, int, np.ndarray]:
+    """Rows ``start:stop`` of ``values`` widened to whole chunks of an array of ``size``.
+
+    Returns ``(lo, hi, block)``: the first row of ``start``'s chunk, the end of
+    ``stop - 1``'s chunk (or ``size``), and ``values[lo:hi]`` padded with ``fill`` past
+    the end of ``values``.  Written whole, no chunk needs reading back first.
+    """
+    lo = start // chunk * chunk
+    hi = min(-(-stop // chunk) * chunk, size)
+    block = values[lo:hi]
+    if len(block) < hi - lo:
+        block = np.concatenate([block, np.full(hi - lo - len(block), fill, dtype=values.dtype)])
+    return lo, hi, block
+
+
+def _append(arr: zarr.Array, values: np.ndarray, start: int,
+            size: int) -> tuple[Any, tuple[Any, ...]]:
+    """The write (for :func:`_run_in_order`) of a 1-D array's new rows ``start:``.
+
+    ``values`` holds every row and ``size`` is the array's length when written; every
+    chunk the write touches is written whole, from memory.
+    """
+    lo, hi, block = _whole_chunks(values, start, len(values), arr.chunks[0], size,
+                                  arr.metadata.fill_value)
+    return region_writer(arr, None), ((slice(lo, hi),), block)
+
+
+def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, pos: np.ndarray, e: int,
+                       size: int) -> None:
+    """Mark rows ``pos`` committed in the mask's column ``e``.
+
+    This is the commit point of a batch.  ``column`` is the column as stored (left
+    unchanged: the caller marks ``pos`` once the write succeeded) and ``size`` the
+    array's length; the chunks holding ``pos`` are written whole.  A mask created by
+    this version is stored uncompressed, so on a store that writes synchronously (local
+    files, zarr's memory store) each chunk is encoded here, as zarr's ``bytes`` codec
+    does (one byte per bool), and replaced in one atomic store call: about a third of
+    the cost of a trip through zarr's asynchronous codec pipeline, which every other
+    store (and masks written compressed by earlier versions) still takes.
+    """
+    chunk = arr.chunks[0]
+    lo, hi, block = _whole_chunks(column, int(pos.min()), int(pos.max()) + 1, chunk, size, False)
+    block = block.copy()
+    block[pos - lo] = True
+    if not (_writes_synchronously(arr.store) and arr.filters == ()
+            and arr.compressors == () and isinstance(arr.serializer, BytesCodec)):
+        arr[lo:hi, e] = block
+        return
+    prototype = default_buffer_prototype()
+    for first in range(lo, hi, chunk):
+        data = np.zeros(chunk, dtype=np.uint8)  # the edge chunk too is stored whole
+        piece = block[first - lo:first - lo + chunk]
+        data[: len(piece)] = piece
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((first // chunk, e))}"
+        arr.store.set_sync(key, prototype.buffer.from_bytes(data.tobytes()))
+
+
+def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
+    """Run a batch's writes step by step, each step's writes concurrently.
+
+    A step starts only when every write of the previous step has finished, which is the
+    write order crash safety rests on.  Writes of whole chunks encoded by topoxr
+    (:class:`topoxr._chunkio.DirectWriter`) run on its thread pool; zarr's async
+    operations (resizes; writes to stores without ``set_sync``) in one trip to zarr's
+    event loop beside them.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def gather(ops: list[tuple[Any, tuple[Any, ...]]]) -> None:
+        # every operation runs to its end before an error is raised: nothing may
+        # still be writing when the caller hears of the failure
+        outcomes = await asyncio.gather(*(func(*args) for func, args in ops),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    for step in steps:
+        jobs = [job for func, args in step if isinstance(func, DirectWriter)
+                for job in func(*args)]
+        ops = [(func, args) for func, args in step if not isinstance(func, DirectWriter)]
+        errors: list[BaseException] = []
+        if ops:
+            try:
+                sync(gather(ops))
+            except Exception as err:
+                errors.append(err)
+        try:
+            run_jobs(jobs)
+        except Exception as err:
+            errors.append(err)
+        if errors:
+            raise errors[0]

@@ -1,0 +1,93 @@
+"""Where a store lives: paths and fsspec URLs resolved to a zarr store, the root group."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import zarr
+
+from topoxr.conventions import (
+    ATTR_FORMAT,
+)
+from topoxr.store._errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Location:
+    url: str
+    store: Any
+    local_dir: str | None
+    fs: Any
+    fs_path: str
+
+    def exists(self) -> bool:
+        if self.local_dir is not None:
+            import os
+
+            return os.path.exists(self.local_dir)
+        return bool(self.fs.exists(self.fs_path))
+
+    def is_empty_dir(self) -> bool:
+        if self.local_dir is not None:
+            import os
+
+            return os.path.isdir(self.local_dir) and not os.listdir(self.local_dir)
+        try:
+            return not self.fs.ls(self.fs_path)
+        except FileNotFoundError:
+            return True
+
+
+def _locate(store: Any, storage_options: Mapping[str, Any] | None = None) -> _Location:
+    """Resolve a path, URL or ``os.PathLike`` into a zarr store and a filesystem."""
+    import os
+
+    import fsspec
+
+    if not isinstance(store, str | os.PathLike):
+        raise StoreError(f"store must be a path or an fsspec URL, got {type(store).__name__}")
+    url = os.fspath(store)
+    if "://" not in url or url.startswith("file://"):
+        local = os.path.abspath(url.removeprefix("file://"))
+        return _Location(url=local, store=zarr.storage.LocalStore(local), local_dir=local,
+                         fs=None, fs_path=local)
+    fs, fs_path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    zstore = zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}))
+    return _Location(url=url, store=zstore, local_dir=None, fs=fs, fs_path=fs_path)
+
+
+def _is_topoxr_root(group: zarr.Group) -> bool:
+    return ATTR_FORMAT in group.attrs
+
+
+def _open_root_readonly(loc: _Location) -> zarr.Group:
+    if not loc.exists():
+        raise FileNotFoundError(f"no topoxr store at {loc.url!r}")
+    try:
+        root = zarr.open_group(loc.store, mode="r", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+        raise StoreError(f"{loc.url!r} exists but is not a topoxr store (no Zarr group)") from err
+    if not _is_topoxr_root(root):
+        raise StoreError(
+            f"{loc.url!r} is a Zarr group but not a topoxr store "
+            f"(its attributes have no {ATTR_FORMAT!r})"
+        )
+    return root
+
+
+def safe_node_name(name: str) -> str:
+    """Return a Zarr- and DataTree-safe node name for a model or layer name.
+
+    Characters other than letters, digits, ``_``, ``-`` and ``.`` become ``_``; the
+    original name is kept in the node's attributes.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(name)).strip(".") or "_"
+    if cleaned.startswith("__"):
+        cleaned = "n" + cleaned
+    return cleaned

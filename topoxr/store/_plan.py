@@ -1,0 +1,146 @@
+"""Checking a batch against the stored layer and planning what to write."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from topoxr.conventions import (
+    ACTIVATION,
+)
+from topoxr.store._errors import StoreError
+from topoxr.store._schema import _kind
+from topoxr.store._state import _LayerState, _runs
+
+logger = logging.getLogger(__name__)
+
+
+def _as_1d(name: str, values: Any, n: int) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or len(arr) != n:
+        raise StoreError(f"{name} has shape {arr.shape} but the batch has {n} samples")
+    if arr.dtype.kind == "O":
+        if not all(isinstance(v, str) for v in arr.tolist()):
+            raise StoreError(f"{name} must hold str, int, float or bool values")
+        arr = arr.astype(str)
+    if arr.dtype.kind == "S":
+        arr = arr.astype(str)
+    if arr.dtype.kind not in "biufU":
+        raise StoreError(f"{name} must hold str, int, float or bool values, got {arr.dtype}")
+    return arr
+
+
+def _as_epoch(epoch: Any) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer):
+        raise StoreError(f"epoch must be an integer, got {epoch!r}")
+    if epoch < 0:
+        raise StoreError(f"epoch must be >= 0, got {epoch}")
+    return int(epoch)
+
+
+@dataclass
+class _Plan:
+    new_rows: np.ndarray  # batch rows whose sample id is new to the layer
+    write_rows: np.ndarray  # batch rows to write in this epoch
+
+
+def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite):
+    """Check a batch against the stored layer; return what to write, or None to skip."""
+    batch = len(ids)
+    if state is None:
+        return _Plan(new_rows=np.arange(batch), write_rows=np.arange(batch))
+    where = f"layer {layer!r} of model {writer.model!r}"
+    if reduced.values.shape[1] != state.n_neurons:
+        raise StoreError(
+            f"{where} has {state.n_neurons} neurons in the store, the batch has "
+            f"{reduced.values.shape[1]}"
+        )
+    if reduced.reduce != state.reduce and (reduced.unit_coords or state.unit_coords):
+        raise StoreError(f"{where} was stored with reduce={state.reduce!r}, not {reduced.reduce!r}")
+    for key, vals in reduced.unit_coords.items():
+        if key not in state.unit_coords or not np.array_equal(state.unit_coords[key], vals):
+            raise StoreError(f"{where}: the batch's unit layout ({key}) differs from the stored one")
+    if sorted(meta) != sorted(state.metadata):
+        raise StoreError(
+            f"{where} stores metadata columns {sorted(state.metadata)}, the batch has {sorted(meta)}"
+        )
+    pos = state.positions(ids)
+    new = np.flatnonzero(pos < 0)
+    old = np.flatnonzero(pos >= 0)
+    if len(new) and state.frozen:
+        raise StoreError(
+            f"{where}: sample ids {ids[new][:10].tolist()} are not in the probe set of its "
+            f"complete epochs ({len(state.sample_ids)} samples); every epoch must record the "
+            "same probe samples"
+        )
+    if len(new) and state.labels is not None and labels is None:
+        raise StoreError(f"{where} stores labels; the batch gives none for its new samples")
+    if labels is not None and state.labels is None:
+        raise StoreError(f"{where} was written without labels; the batch now gives labels")
+    if labels is not None and _kind(labels) != _kind(state.labels):
+        raise StoreError(f"{where}: labels are {labels.dtype}, the stored ones {state.labels.dtype}")
+    if labels is not None and len(old):
+        differ = state.labels[pos[old]] != labels[old]
+        if differ.any():
+            raise StoreError(
+                f"{where}: labels of samples {ids[old][differ][:10].tolist()} differ from the stored ones"
+            )
+    for key, col in meta.items():
+        if _kind(col) != _kind(state.metadata[key]):
+            raise StoreError(f"{where}: metadata {key!r} is {col.dtype}, stored {state.metadata[key].dtype}")
+        if len(old):
+            stored = state.metadata[key][pos[old]]
+            same = (stored == col[old]) | ((stored != stored) & (col[old] != col[old]))
+            if not same.all():
+                raise StoreError(
+                    f"{where}: metadata {key!r} of samples {ids[old][~same][:10].tolist()} "
+                    "differs from the stored one"
+                )
+    e = state.epoch_index(epoch)
+    if e < 0 or not len(old):
+        return _Plan(new_rows=new, write_rows=np.arange(batch))
+    this_session = state.written.get(e)
+    committed = state.mask[pos[old], e]
+    if this_session is not None and len(old):
+        padded = np.zeros(len(state.sample_ids), bool)
+        padded[: len(this_session)] = this_session
+        again = padded[pos[old]]
+        if again.any() and not overwrite:
+            raise StoreError(
+                f"{where}: samples {ids[old][again][:10].tolist()} were already written in "
+                f"epoch {epoch} by this writer (duplicate sample ids within an epoch)"
+            )
+    if overwrite or not committed.any():
+        return _Plan(new_rows=new, write_rows=np.arange(batch))
+    # Resume: committed samples must carry identical values; they are skipped.
+    done_rows = old[committed]
+    stored = _read_values(state, pos[done_rows], e)
+    fresh = reduced.values[done_rows]
+    stored_dtype = state.arrays[ACTIVATION].dtype
+    if np.dtype(stored_dtype).itemsize < 4:  # compare as stored (rounded to float16)
+        fresh = fresh.astype(stored_dtype).astype(np.float32)
+    same = (stored == fresh) | (np.isnan(stored) & np.isnan(fresh))
+    if not same.all():
+        bad = ids[done_rows][~same.all(axis=1)]
+        raise StoreError(
+            f"{where}: samples {bad[:10].tolist()} are committed for epoch {epoch} with "
+            "different values; pass overwrite=True to replace them"
+        )
+    rest = np.setdiff1d(np.arange(batch), done_rows)
+    if not len(rest):
+        logger.debug("%s epoch %s: batch already committed, skipped", where, epoch)
+        return None
+    return _Plan(new_rows=new, write_rows=rest)
+
+
+def _read_values(state: _LayerState, pos: np.ndarray, e: int) -> np.ndarray:
+    act = state.arrays[ACTIVATION]
+    order = np.argsort(pos)
+    out = np.empty((len(pos), state.n_neurons), dtype=np.float32)
+    sorted_pos = pos[order]
+    for p0, p1, i0, i1 in _runs(sorted_pos):
+        out[order[i0:i1]] = np.asarray(act[:, p0:p1, e]).T
+    return out

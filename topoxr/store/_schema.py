@@ -1,0 +1,191 @@
+"""The layout of a layer in the store: array names, chunks, fill values, attributes.
+
+Also the rules that read it back: the logical lengths the arrays agree on, the arrays a
+layer must have, and how values are turned into numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+
+from topoxr.conventions import (
+    ACTIVATION,
+    ATTR_LAYER,
+    COMMITTED,
+    CORRECT,
+    EPOCH,
+    EPOCH_COMPLETE,
+    LABEL,
+    NEURON,
+    PREDICTION,
+    SAMPLE,
+)
+from topoxr.store._chunks import _run_in_order
+from topoxr.store._errors import StoreCorruptionError, StoreError
+
+logger = logging.getLogger(__name__)
+
+
+#: Largest number of samples per chunk of the ``committed`` mask.  The mask chunk is a
+#: multiple of the first batch size near ``_MASK_TARGET``, so batches of one size never
+#: straddle two mask chunks and each becomes visible in a single atomic chunk write.
+MASK_CHUNK = 1 << 20
+_MASK_TARGET = 1 << 14
+_COORD_CHUNK = 1 << 16
+#: Chunk of the arrays along ``epoch`` (written once per epoch, so kept small)
+_EPOCH_CHUNK = 1 << 10
+#: Fill value of the ``sample`` coordinate: a slot that was grown but not yet filled.
+#: It is not a valid sample id, so readers and resume can tell such slots apart.
+SAMPLE_FILL = int(np.iinfo(np.int64).min)
+_EPOCH_FILL = -1
+_ACTIVATION_CONFIG = {"write_empty_chunks": True}
+_TARGET_CHUNK_BYTES = 1 << 20
+_MAX_CHUNK_BYTES = 16 << 20
+_ATTR_READY = "topoxr_ready"
+_ATTR_REDUCE = "topoxr_reduce"
+_ATTR_UNIT_COORDS = "topoxr_unit_coords"
+_ATTR_METADATA = "topoxr_metadata"
+_ATTR_SCALARS = "topoxr_epoch_scalars"
+_RESERVED = {
+    ACTIVATION,
+    SAMPLE,
+    LABEL,
+    PREDICTION,
+    CORRECT,
+    COMMITTED,
+    EPOCH,
+    EPOCH_COMPLETE,
+    NEURON,
+    "channel",
+    "row",
+    "col",
+    "position",
+    "depth",
+    "x",
+    "y",
+}
+
+
+def _kind(arr: np.ndarray) -> str:
+    return "U" if arr.dtype.kind == "U" else ("b" if arr.dtype.kind == "b" else
+                                               "f" if arr.dtype.kind == "f" else "i")
+
+
+def _zarr_dtype(arr: np.ndarray) -> Any:
+    return {"U": str, "b": "bool", "f": "float64", "i": "int64"}[_kind(arr)]
+
+
+def _fill(kind: str) -> Any:
+    return {"U": "", "b": False, "f": np.nan, "i": -1}[kind]
+
+
+def _prediction_specs(preds: np.ndarray, n: int, m: int,
+                      chunk: int) -> dict[str, dict[str, Any]]:
+    """How to create the ``prediction`` and ``correct`` arrays (for :func:`_create_arrays`).
+
+    They are written with every batch, like the ``committed`` mask, and share its chunks
+    along ``sample`` (``chunk``): a batch rewrites one such chunk, not 65536 rows.
+    """
+    return {
+        PREDICTION: dict(shape=(n, m), chunks=(chunk, 1), dtype=_zarr_dtype(preds),
+                         fill_value=_fill(_kind(preds)), dimension_names=(SAMPLE, EPOCH)),
+        CORRECT: dict(shape=(n, m), chunks=(chunk, 1), dtype="bool",
+                      fill_value=False, dimension_names=(SAMPLE, EPOCH)),
+    }
+
+
+def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Create arrays of a layer concurrently (one trip to zarr's event loop).
+
+    ``specs`` maps names to :meth:`zarr.Group.create_array` arguments. The arrays then
+    are listed in ``activation``'s ``coordinates`` attribute.
+    """
+    from zarr.api.asynchronous import create_array
+
+    _run_in_order([[(functools.partial(create_array, group.store, name=f"{group.path}/{name}",
+                                       **kwargs), ())
+                    for name, kwargs in specs.items()]])
+    _refresh_coordinates(group)
+
+
+def _refresh_coordinates(group: zarr.Group) -> None:
+    """List every other array of a layer in ``activation``'s ``coordinates`` attribute.
+
+    That is how plain ``xarray.open_datatree(..., engine="zarr")`` knows that labels,
+    masks and unit positions are coordinates, not data variables.
+    """
+    names = sorted(name for name, _ in group.arrays() if name != ACTIVATION)
+    group[ACTIVATION].update_attributes({"coordinates": " ".join(names)})
+
+
+def _logical_lengths(arrays: Mapping[str, zarr.Array]) -> tuple[int, int]:
+    """Number of samples and epochs that a layer's arrays agree on.
+
+    A writer grows every array before it fills the ``sample``/``epoch`` coordinate, and
+    a reader may catch it in between (or a crash may leave it there): the logical length
+    is the shortest array along the dimension, cut before the first unfilled coordinate.
+    """
+    lengths: dict[str, int] = {}
+    for arr in arrays.values():
+        for dim, size in zip(arr.metadata.dimension_names or (), arr.shape, strict=True):
+            if dim in (SAMPLE, EPOCH):
+                lengths[dim] = min(lengths.get(dim, size), size)
+    out = []
+    for dim, fill in ((SAMPLE, SAMPLE_FILL), (EPOCH, _EPOCH_FILL)):
+        length = lengths.get(dim, 0)
+        if length:
+            unfilled = np.flatnonzero(np.asarray(arrays[dim][:length]) == fill)
+            if len(unfilled):
+                length = int(unfilled[0])
+        out.append(length)
+    return out[0], out[1]
+
+
+def _ids_text(ids: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    more = f", ... ({len(ids)} in all)" if len(ids) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _read_1d(arr: zarr.Array, n: int) -> np.ndarray:
+    values = np.asarray(arr[:n])
+    return _plain_strings(values)
+
+
+def _plain_strings(values: np.ndarray) -> np.ndarray:
+    """Turn zarr's variable-length strings (object or StringDType) into numpy ``<U``."""
+    if values.dtype.kind in "OT" or str(values.dtype).startswith("StringDType"):
+        return np.array(values.tolist(), dtype=str)
+    return values
+
+
+_REQUIRED = (ACTIVATION, NEURON, SAMPLE, EPOCH, EPOCH_COMPLETE, COMMITTED)
+
+
+def _check_required(group: zarr.Group, arrays: Mapping[str, Any], fix: str = "") -> None:
+    missing = [name for name in _REQUIRED if name not in arrays]
+    if missing:
+        raise StoreCorruptionError(
+            f"{_where(group)} is damaged: array(s) {missing} are missing"
+            + (f"; {fix}" if fix else "")
+        )
+
+
+def _where(group: zarr.Group) -> str:
+    model, _, layer = group.path.rpartition("/")
+    return f"layer {group.attrs.get(ATTR_LAYER, layer)!r} of model {model!r}"
+
+
+def _guarded(where: str, func: Any) -> Any:
+    try:
+        return func()
+    except StoreError:
+        raise
+    except Exception as err:
+        raise StoreCorruptionError(f"{where}: the store is unreadable ({err})") from err

@@ -1,0 +1,123 @@
+"""What a writer keeps in memory about each layer it writes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from topoxr._chunkio import ChunkCache, region_writer
+
+from topoxr.conventions import (
+    ACTIVATION,
+)
+from topoxr.store._schema import _ACTIVATION_CONFIG
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _LayerState:
+    name: str
+    group: zarr.Group
+    n_neurons: int
+    reduce: str
+    unit_coords: dict[str, np.ndarray]
+    sample_ids: np.ndarray
+    epochs: list[int]
+    mask: np.ndarray  # (sample, epoch) bool, mirrors the committed array
+    complete: np.ndarray  # (epoch,) bool
+    labels: np.ndarray | None
+    metadata: dict[str, np.ndarray]
+    written: dict[int, np.ndarray] = field(default_factory=dict)  # epoch idx -> bool per sample
+    _index: dict[int, int] = field(default_factory=dict)
+    #: chunks last written per array, to complete partial chunks without reading them
+    caches: dict[str, ChunkCache] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._index = {int(s): i for i, s in enumerate(self.sample_ids.tolist())}
+
+    @property
+    def frozen(self) -> bool:
+        """The probe set is fixed once any epoch is complete."""
+        return bool(self.complete.any())
+
+    def positions(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Positions of ``sample_ids`` on the sample axis, -1 where unknown."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        known = self.sample_ids
+        n = len(known)
+        if n and len(sample_ids):
+            # the common case, ids written in order: a contiguous run of the probe set
+            start = int(sample_ids[0]) - int(known[0])
+            if 0 <= start and start + len(sample_ids) <= n and known[start] == sample_ids[0]:
+                run = known[start : start + len(sample_ids)]
+                if np.array_equal(run, sample_ids):
+                    return np.arange(start, start + len(sample_ids), dtype=np.int64)
+        get = self._index.get
+        return np.fromiter((get(int(s), -1) for s in sample_ids), dtype=np.int64,
+                           count=len(sample_ids))
+
+    def note_written(self, e: int, pos: np.ndarray) -> None:
+        """Remember that this writer wrote (or found committed) ``pos`` in epoch ``e``."""
+        written = self.written.get(e, np.zeros(0, dtype=bool))
+        if len(written) < len(self.sample_ids):
+            written = np.concatenate([written, np.zeros(len(self.sample_ids) - len(written), bool)])
+        written[pos] = True
+        self.written[e] = written
+
+    def add_samples(self, ids: np.ndarray, all_ids: np.ndarray) -> None:
+        """Append ``ids``; ``all_ids`` is the stored ids followed by them."""
+        start = len(self.sample_ids)
+        self.sample_ids = all_ids
+        for i, s in enumerate(ids.tolist()):
+            self._index[int(s)] = start + i
+
+    def epoch_index(self, epoch: int) -> int:
+        try:
+            return self.epochs.index(epoch)
+        except ValueError:
+            return -1
+
+    _arrays: dict[str, zarr.Array] | None = None
+
+    @property
+    def arrays(self) -> dict[str, zarr.Array]:
+        """The layer's arrays, opened once (this writer is the only one changing them)."""
+        if self._arrays is None:
+            arrays = dict(self.group.arrays())
+            # every activation chunk is stored, even an all-NaN one, so that a missing
+            # chunk always means damage (see _CheckedActivation)
+            arrays[ACTIVATION] = arrays[ACTIVATION].with_config(_ACTIVATION_CONFIG)
+            self._arrays = arrays
+        return self._arrays
+
+    def refresh(self) -> None:
+        """Forget the opened arrays after creating new ones."""
+        self._arrays = None
+
+    def writer(self, key: str) -> Any:
+        """The ``(region, block)`` writer of array ``key`` (whole chunks, see _chunkio)."""
+        return region_writer(self.arrays[key], self.caches.setdefault(key, ChunkCache()))
+
+
+def _runs(positions: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Split sorted-or-not positions into contiguous runs (pos_start, pos_stop, i0, i1)."""
+    if len(positions) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(positions)]])
+    return [
+        (int(positions[a]), int(positions[b - 1]) + 1, int(a), int(b))
+        for a, b in zip(starts, stops, strict=True)
+    ]
+
+
+def _layer_columns(state: _LayerState) -> set[str]:
+    """Metadata and unit-coordinate columns of a layer (names an epoch scalar cannot take)."""
+    return set(state.metadata) | set(state.unit_coords)

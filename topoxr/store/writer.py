@@ -1,0 +1,800 @@
+"""The writer: :class:`ActivationWriter` streams batches into a store."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+
+from topoxr._codecs import DEFAULT_COMPRESSOR, DTYPES, compressors_for, storage_dtype
+from topoxr._locking import WriterLock
+from topoxr.activations import reduce_units
+from topoxr.conventions import (
+    ACTIVATION,
+    ATTR_FORMAT,
+    ATTR_LAYER,
+    ATTR_MODEL,
+    COMMITTED,
+    CORRECT,
+    EPOCH,
+    EPOCH_COMPLETE,
+    FORMAT_VERSION,
+    LABEL,
+    NEURON,
+    PREDICTION,
+    SAMPLE,
+)
+from topoxr.store._chunks import _append, _capacity, _run_in_order, _write_mask_chunks
+from topoxr.store._errors import StoreError, StoreWriteError
+from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
+from topoxr.store._plan import _as_1d, _as_epoch, _plan_batch
+from topoxr.store._schema import (
+    _ACTIVATION_CONFIG,
+    _ATTR_METADATA,
+    _ATTR_READY,
+    _ATTR_REDUCE,
+    _ATTR_SCALARS,
+    _ATTR_UNIT_COORDS,
+    _COORD_CHUNK,
+    _EPOCH_CHUNK,
+    _EPOCH_FILL,
+    _MASK_TARGET,
+    _MAX_CHUNK_BYTES,
+    _RESERVED,
+    _TARGET_CHUNK_BYTES,
+    MASK_CHUNK,
+    SAMPLE_FILL,
+    _check_required,
+    _create_arrays,
+    _fill,
+    _ids_text,
+    _kind,
+    _logical_lengths,
+    _prediction_specs,
+    _read_1d,
+    _refresh_coordinates,
+    _zarr_dtype,
+)
+from topoxr.store._state import _layer_columns, _LayerState, _runs
+
+logger = logging.getLogger(__name__)
+
+
+class ActivationWriter:
+    """Stream layer activations of one model into a topoxr Zarr store.
+
+    A context manager: on a clean exit it marks every fully written epoch as complete
+    and consolidates the metadata, on an error it only releases the store so that the
+    run can be resumed.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        A local path or any fsspec URL (``memory://run.zarr``, ``s3://bucket/run.zarr``).
+    model : str
+        Name of the model; one group per model in the store.
+    mode : {"a", "w"}, default "a"
+        ``"a"`` creates the store or model, or resumes it if it exists; ``"w"`` deletes an
+        existing group of this model first (other models are kept).
+    description : str, optional
+        Free text stored in the root attributes when the store is created.
+    chunk_samples : int, optional
+        Samples per chunk of ``activation``. By default a multiple of the first batch
+        size holding about 1 MiB, so batches of the same size never straddle chunks.
+    storage_options : mapping, optional
+        Passed to fsspec for URLs.
+    attrs : mapping, optional
+        Extra attributes for the model group (e.g. ``{"framework": "torch"}``).
+    break_lock : bool, default False
+        Take over the lock object of a remote store whose writer is known to be gone.
+    compressor : str, zarr codec or None, default "none"
+        Codec of the ``activation`` arrays of layers this writer creates. The default,
+        no compression, reads and writes fastest (``docs/benchmarks.md``, "Data path":
+        full-precision float32 activations hardly compress with fast codecs);
+        ``"lz4"`` (blosc lz4 with bit shuffle) is nearly as fast and stores quantised
+        or sparse activations in 2-3 times fewer bytes; ``"zstd"`` stores the fewest
+        bytes and reads 3-5 times slower. Also ``"zstd-1"``, ``"blosc-zstd"``, or any
+        zarr bytes-to-bytes codec. Layers already in the store keep theirs.
+    dtype : {"float32", "float16"}, default "float32"
+        Storage dtype of new layers' activations. ``"float16"`` halves the bytes; each
+        value is rounded to 11 significant bits (relative error at most 2**-11 = 4.9e-4
+        from 6.1e-5 to 65504, absolute error at most 2**-25 below; larger magnitudes are
+        refused). Readers get float32 either way. ``"bfloat16"`` is refused: zarr v3
+        has no such data type that zarr-python reads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> with ActivationWriter("memory://doc.zarr", model="mlp", mode="w") as writer:
+    ...     _ = writer.write("hidden", np.ones((4, 3)), sample=np.arange(4), label=[0, 1, 0, 1])
+    >>> open_store("memory://doc.zarr")["mlp/hidden"].activation.shape
+    (3, 4, 1)
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        model: str,
+        mode: str = "a",
+        description: str | None = None,
+        chunk_samples: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        break_lock: bool = False,
+        compressor: Any = DEFAULT_COMPRESSOR,
+        dtype: str = "float32",
+    ) -> None:
+        try:
+            self._compressors = compressors_for(compressor)
+            self._dtype = storage_dtype(dtype)
+        except ValueError as err:
+            raise StoreError(str(err)) from None
+        if mode not in ("a", "w"):
+            raise StoreError(f"mode must be 'a' (create or resume) or 'w' (replace), got {mode!r}")
+        if not isinstance(model, str) or not model:
+            raise StoreError("model must be a non-empty string")
+        if chunk_samples is not None and int(chunk_samples) < 1:
+            raise StoreError(f"chunk_samples must be a positive integer, got {chunk_samples}")
+        self.model = model
+        self._chunk_samples = None if chunk_samples is None else int(chunk_samples)
+        self._loc = _locate(store, storage_options)
+        self._layers: dict[str, _LayerState] = {}
+        self._closed = False
+        self._failed: str | None = None
+
+        existed = self._loc.exists() and not self._loc.is_empty_dir()
+        if existed:
+            _open_root_readonly(self._loc)  # refuses non-topoxr paths before touching them
+        elif self._loc.local_dir is not None:
+            import os
+
+            os.makedirs(self._loc.local_dir, exist_ok=True)
+        lock_path = "" if self._loc.fs is None else self._loc.fs_path.rstrip("/") + ".topoxr-lock"
+        self._lock = WriterLock(self._loc.url, local_dir=self._loc.local_dir, fs=self._loc.fs,
+                                lock_path=lock_path)
+        self._lock.acquire(break_lock=break_lock)
+        try:
+            self._root = self._open_root(existed, description)
+            self._model_group = self._open_model(mode, attrs)
+            self._load_layers()
+        except StoreError:
+            self._lock.release()
+            raise
+        except Exception as err:
+            self._lock.release()
+            raise StoreWriteError(
+                f"opening {self._loc.url!r} for writing failed ({type(err).__name__}: {err}); "
+                "everything committed before is intact: fix the cause and open a new "
+                "ActivationWriter to resume"
+            ) from err
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # -- opening ---------------------------------------------------------------------
+    def _open_root(self, existed: bool, description: str | None) -> zarr.Group:
+        if not existed:
+            attrs = {
+                ATTR_FORMAT: FORMAT_VERSION,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "description": description or "",
+            }
+            # not mode="w": that clears the store by deleting and re-creating its directory,
+            # which would leave the flock on a directory nobody uses any more
+            return zarr.create_group(self._loc.store, attributes=attrs, overwrite=False)
+        root = zarr.open_group(self._loc.store, mode="r+", use_consolidated=False)
+        # Consolidated metadata would be stale as soon as we write: drop it now, it is
+        # written again by close().
+        root.update_attributes({})
+        return root
+
+    def _open_model(self, mode: str, attrs: Mapping[str, Any] | None) -> zarr.Group:
+        name = safe_node_name(self.model)
+        members = dict(self._root.members())
+        if name in members and mode == "w":
+            del self._root[name]
+            members.pop(name)
+        if name in members:
+            group = members[name]
+            if not isinstance(group, zarr.Group) or group.attrs.get(ATTR_MODEL) != self.model:
+                raise StoreError(
+                    f"node {name!r} in {self._loc.url!r} is not the model {self.model!r}"
+                )
+            if attrs:
+                group.update_attributes(dict(attrs))
+            logger.info("resuming model %r in %s", self.model, self._loc.url)
+            return group
+        return self._root.create_group(name, attributes={ATTR_MODEL: self.model, **(attrs or {})})
+
+    def _load_layers(self) -> None:
+        for name, group in list(self._model_group.groups()):
+            layer = group.attrs.get(ATTR_LAYER, name)
+            if not group.attrs.get(_ATTR_READY, False):
+                logger.warning("removing layer %r left half-created by a crashed writer", layer)
+                del self._model_group[name]
+                continue
+            self._layers[layer] = self._load_layer(layer, group)
+
+    def _load_layer(self, layer: str, group: zarr.Group) -> _LayerState:
+        arrays = dict(group.arrays())
+        _check_required(group, arrays, fix="open the writer with mode='w' to record the "
+                                           "model again")
+        n, m = _logical_lengths(arrays)
+        sample_ids = np.asarray(arrays[SAMPLE][:n], dtype=np.int64)
+        epochs = [int(e) for e in arrays[EPOCH][:m]]
+        # Repair lengths left longer than the logical length by a crash mid-batch. The
+        # coordinates' tails are reset to their fill first: shrinking keeps the boundary
+        # chunk, and a later growth must not bring back ids of an unfinished batch.
+        for key, fill, length in ((SAMPLE, SAMPLE_FILL, n), (EPOCH, _EPOCH_FILL, m)):
+            if arrays[key].shape[0] > length:
+                arrays[key][length:] = fill
+        for arr in arrays.values():
+            dims = arr.metadata.dimension_names or ()
+            target = tuple(n if d == SAMPLE else m if d == EPOCH else s
+                           for d, s in zip(dims, arr.shape, strict=True))
+            if target != arr.shape:
+                logger.info("repairing %s of layer %r left by an interrupted writer: %s -> %s",
+                            arr.basename, layer, arr.shape, target)
+                arr.resize(target)
+        mask = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool)
+        complete = np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)
+        labels = _read_1d(arrays[LABEL], n) if LABEL in arrays else None
+        meta_names = group.attrs.get(_ATTR_METADATA, [])
+        metadata = {k: _read_1d(arrays[k], n) for k in meta_names}
+        unit_names = group.attrs.get(_ATTR_UNIT_COORDS, [])
+        return _LayerState(
+            name=layer, group=group, n_neurons=int(arrays[ACTIVATION].shape[0]),
+            reduce=str(group.attrs.get(_ATTR_REDUCE, "mean")),
+            unit_coords={k: np.asarray(arrays[k][:]) for k in unit_names},
+            sample_ids=sample_ids, epochs=epochs, mask=mask, complete=complete,
+            labels=labels, metadata=metadata,
+        )
+
+    # -- public API --------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Where the store lives."""
+        return self._loc.url
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the layers of this model in the store."""
+        return list(self._layers)
+
+    def missing(self, layer: str, epoch: int, sample: Iterable[int]) -> np.ndarray:
+        """Return the ids among ``sample`` not yet committed for ``layer`` at ``epoch``.
+
+        Parameters
+        ----------
+        layer : str
+            Layer name as given to :meth:`write`.
+        epoch : int
+            Epoch label.
+        sample : iterable of int
+            Candidate sample ids.
+
+        Returns
+        -------
+        numpy.ndarray
+            The ids (in the given order) that still have to be written.
+        """
+        ids = np.asarray(list(sample) if not isinstance(sample, np.ndarray) else sample,
+                         dtype=np.int64)
+        state = self._layers.get(layer)
+        if state is None:
+            return ids
+        e = state.epoch_index(int(epoch))
+        if e < 0:
+            return ids
+        pos = state.positions(ids)
+        done = np.zeros(len(ids), dtype=bool)
+        known = pos >= 0
+        done[known] = state.mask[pos[known], e]
+        return ids[~done]
+
+    def write(
+        self,
+        layer: str,
+        activations: Any,
+        *,
+        sample: Any,
+        label: Any = None,
+        prediction: Any = None,
+        epoch: int = 0,
+        channel_axis: int | None = None,
+        reduce: str = "mean",
+        overwrite: bool = False,
+        allow_nonfinite: bool = False,
+        **metadata: Any,
+    ) -> int:
+        """Commit one batch of one layer.
+
+        Every check runs before anything is written: a rejected batch leaves the store
+        exactly as it was.
+
+        Parameters
+        ----------
+        layer : str
+            Layer name (any string; stored under a safe node name, original in attrs).
+        activations : array_like
+            ``(batch, neurons)``, or ``(batch, ...)`` with ``channel_axis`` for conv maps.
+        sample : array_like of int
+            Stable id of every input in the batch, unique within the batch.
+        label : array_like, optional
+            Class label per sample (int or str).
+        prediction : array_like, optional
+            Model prediction per sample for this epoch; with ``label`` it gives ``correct``.
+        epoch : int, default 0
+            Epoch label (0 = before training, or inference only).
+        channel_axis : int, optional
+            Channel axis of conv outputs (1 for NCHW, -1 for NHWC).
+        reduce : {"mean", "max", "none"}, default "mean"
+            Spatial pooling of conv outputs; ``"none"`` keeps every unit.
+        overwrite : bool, default False
+            Replace values already committed for these samples and epoch. Without it,
+            committed samples with identical values are skipped (resume) and different
+            values are an error.
+        allow_nonfinite : bool, default False
+            Store NaN and inf instead of rejecting them.
+        **metadata : array_like
+            Extra per-sample columns (str, int, float or bool), stored as coordinates.
+
+        Returns
+        -------
+        int
+            Number of samples written (0 when the whole batch was already committed).
+
+        Raises
+        ------
+        StoreError
+            Naming the problem: shapes, lengths, duplicates, non-finite or non-numeric
+            values, a neuron count or probe set that differs from the stored layer, or
+            committed values that differ.
+        StoreWriteError
+            If the storage fails (disk full, network...): the batch is not committed,
+            everything committed before is intact, and this writer refuses further
+            writes; open a new one to resume.
+        """
+        self._check_open()
+        if not isinstance(layer, str) or not layer:
+            raise StoreError("layer must be a non-empty string")
+        try:
+            reduced = reduce_units(activations, channel_axis=channel_axis, reduce=reduce)
+        except ValueError as err:
+            raise StoreError(f"layer {layer!r}: {err}") from None
+        values = reduced.values
+        batch = values.shape[0]
+        ids = np.asarray(sample)
+        if ids.ndim != 1 or len(ids) != batch:
+            raise StoreError(
+                f"layer {layer!r}: sample has shape {ids.shape} but the batch has {batch} rows"
+            )
+        if values.shape[1] == 0:
+            raise StoreError(f"layer {layer!r}: the activations have no neurons "
+                             f"(shape {np.shape(activations)})")
+        if batch == 0:
+            logger.debug("layer %r: empty batch, nothing to write", layer)
+            return 0
+        if ids.dtype.kind not in "iu":
+            raise StoreError(f"layer {layer!r}: sample ids must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise StoreError(
+                f"layer {layer!r}: duplicate sample ids in the batch: {uniq[counts > 1][:10].tolist()}"
+            )
+        if not allow_nonfinite and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise StoreError(
+                f"layer {layer!r}: {bad} activation value(s) are NaN or inf; "
+                "pass allow_nonfinite=True to store them"
+            )
+        self._check_range(layer, values)
+        labels = None if label is None else _as_1d(f"layer {layer!r}: label", label, batch)
+        preds = None if prediction is None else _as_1d(
+            f"layer {layer!r}: prediction", prediction, batch)
+        meta = {}
+        for key, col in metadata.items():
+            if key in _RESERVED or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise StoreError(f"layer {layer!r}: {key!r} cannot be a metadata column name")
+            meta[key] = _as_1d(f"layer {layer!r}: metadata {key!r}", col, batch)
+        epoch = _as_epoch(epoch)
+
+        if (ids == SAMPLE_FILL).any():
+            raise StoreError(f"layer {layer!r}: sample id {SAMPLE_FILL} is reserved")
+
+        state = self._layers.get(layer)
+        plan = _plan_batch(self, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite)
+        if plan is None:  # every sample already committed with these values: resume skip
+            state.note_written(state.epoch_index(epoch), state.positions(ids))
+            return 0
+        try:
+            if state is None:
+                state = self._create_layer(layer, reduced, labels, preds, meta, batch)
+            written = self._commit(state, plan, values, ids, labels, preds, meta, epoch)
+        except Exception as err:
+            self._fail(err, f"writing layer {layer!r} epoch {epoch} samples "
+                            f"{_ids_text(ids)}")
+        state.note_written(state.epoch_index(epoch), state.positions(ids))
+        return written
+
+    def complete_epoch(self, epoch: int, layers: Iterable[str] | None = None) -> None:
+        """Mark ``epoch`` complete for ``layers`` (default: all layers of this writer).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch whose probe samples have all been written.
+        layers : iterable of str, optional
+            Layers to mark; default: every layer written by this writer.
+
+        Raises
+        ------
+        StoreError
+            If a layer is unknown, lacks the epoch or some of its probe samples.
+        """
+        self._check_open()
+        epoch = _as_epoch(epoch)
+        names = list(self._layers) if layers is None else list(layers)
+        for name in names:
+            state = self._layers.get(name)
+            if state is None:
+                raise StoreError(f"unknown layer {name!r}; known layers: {list(self._layers)}")
+            e = state.epoch_index(epoch)
+            if e < 0:
+                raise StoreError(f"layer {name!r} has no epoch {epoch}")
+            n_missing = int((~state.mask[:, e]).sum())
+            if n_missing:
+                raise StoreError(
+                    f"layer {name!r} epoch {epoch} lacks {n_missing} of "
+                    f"{len(state.sample_ids)} samples"
+                )
+        self._mark_complete({name: [epoch] for name in names})
+
+    def _mark_complete(self, epochs: Mapping[str, Iterable[int]]) -> None:
+        """Store ``epoch_complete`` for checked epochs: one write per layer, from memory."""
+        writes, updated = [], {}
+        for name, layer_epochs in epochs.items():
+            state = self._layers[name]
+            complete = state.complete.copy()
+            complete[[state.epoch_index(epoch) for epoch in layer_epochs]] = True
+            changed = np.flatnonzero(complete != state.complete)
+            if len(changed):
+                arr = state.arrays[EPOCH_COMPLETE]
+                writes.append(_append(arr, complete, int(changed[0]), arr.shape[0]))
+                updated[name] = complete
+        try:
+            _run_in_order([writes])
+        except Exception as err:
+            self._fail(err, f"marking epochs {dict(epochs)} complete")
+        for name, complete in updated.items():
+            self._layers[name].complete = complete
+
+    def log_epoch(self, epoch: int, **scalars: float) -> None:
+        """Store per-epoch scalars (loss, accuracy, ...) as coordinates on ``epoch``.
+
+        Written to every layer of this model that already has ``epoch``.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch the values belong to.
+        **scalars : float
+            Name and value of each scalar, e.g. ``loss=0.3, accuracy=0.9``. Names must be
+            identifiers and must not clash with the store's own coordinates.
+
+        Raises
+        ------
+        StoreError
+            If a name is reserved or not an identifier, or a value is not a real number.
+        """
+        self._check_open()
+        epoch = _as_epoch(epoch)
+        values: dict[str, float] = {}
+        for key, value in scalars.items():
+            if key in _RESERVED or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise StoreError(f"{key!r} cannot be an epoch scalar name")
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                raise StoreError(f"epoch scalar {key!r} must be a real number, got {value!r}")
+            values[key] = float(value)
+        for state in self._layers.values():
+            e = state.epoch_index(epoch)
+            if e < 0:
+                continue
+            try:
+                names = list(state.group.attrs.get(_ATTR_SCALARS, []))
+                existing = {name for name, _ in state.group.arrays()}
+                for key, value in values.items():
+                    if key in existing and key not in names and key in _layer_columns(state):
+                        raise StoreError(f"{key!r} is already a column of layer {state.name!r}")
+                    if key not in existing:  # (a crashed writer may have created it)
+                        state.group.create_array(
+                            key, shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
+                            dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,),
+                        )
+                        _refresh_coordinates(state.group)
+                        state.refresh()
+                    if key not in names:
+                        names.append(key)
+                    state.arrays[key][e] = value
+                state.group.update_attributes({_ATTR_SCALARS: names})
+            except StoreError:
+                raise
+            except Exception as err:
+                self._fail(err, f"logging scalars {sorted(values)} of epoch {epoch}")
+
+    def close(self) -> None:
+        """Complete every fully written epoch of this session, consolidate, unlock."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                try:
+                    self._complete_written_epochs()
+                    self._trim()
+                    self._consolidate()
+                except StoreError:
+                    raise
+                except Exception as err:
+                    self._fail(err, "completing epochs and consolidating metadata")
+        finally:
+            self._release()
+
+    def __enter__(self) -> ActivationWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._release()
+
+    def __del__(self) -> None:  # a writer dropped without close() still unlocks
+        try:
+            if not self._closed:
+                self._release()
+        except Exception:  # noqa: S110 - best effort during interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<ActivationWriter {self._loc.url!r} model={self.model!r} {state}>"
+
+    # -- internals ---------------------------------------------------------------------
+    def _check_range(self, layer: str, values: np.ndarray) -> None:
+        """Refuse values that the layer's storage dtype would turn into infinities."""
+        state = self._layers.get(layer)
+        dtype = self._dtype if state is None else str(state.arrays[ACTIVATION].dtype)
+        limit = DTYPES.get(dtype)
+        if limit is None or limit >= DTYPES["float32"]:
+            return
+        with np.errstate(invalid="ignore"):
+            big = np.abs(values) > limit
+        big &= np.isfinite(values)
+        if big.any():
+            raise StoreError(
+                f"layer {layer!r}: {int(big.sum())} value(s) exceed {limit:g}, the largest "
+                f"{dtype} value (largest here {float(np.abs(values[big]).max()):g}); store the "
+                "layer as float32"
+            )
+
+    def _check_open(self) -> None:
+        if self._failed is not None:
+            raise StoreWriteError(
+                f"this ActivationWriter failed earlier ({self._failed}); everything committed "
+                "before is intact: open a new ActivationWriter to resume"
+            )
+        if self._closed:
+            raise StoreError("this ActivationWriter is closed")
+
+    def _fail(self, err: BaseException, what: str) -> None:
+        """Turn a storage failure into :class:`StoreWriteError`; the writer is unusable."""
+        self._failed = f"{type(err).__name__}: {err}"
+        raise StoreWriteError(
+            f"{what} to {self._loc.url!r} failed ({self._failed}); the batch is not "
+            "committed, everything committed before is intact. Open a new ActivationWriter "
+            "on the store to resume."
+        ) from err
+
+    def _release(self) -> None:
+        self._closed = True
+        self._lock.release()
+
+    def _complete_written_epochs(self) -> None:
+        epochs = {state.epochs[e] for state in self._layers.values() for e in state.written}
+        done: dict[str, list[int]] = {}
+        for epoch in sorted(epochs):
+            having = [name for name, state in self._layers.items()
+                      if state.epoch_index(epoch) >= 0]
+            if all(self._layers[name].mask[:, self._layers[name].epoch_index(epoch)].all()
+                   for name in having):
+                for name in having:
+                    done.setdefault(name, []).append(epoch)
+        self._mark_complete(done)
+
+    def _trim(self) -> None:
+        """Cut every array to the data it holds (arrays grow ahead, see ``_commit``)."""
+        trims = []
+        for state in self._layers.values():
+            n, m = len(state.sample_ids), len(state.epochs)
+            for arr in state.arrays.values():
+                dims = arr.metadata.dimension_names or ()
+                shape = tuple(n if d == SAMPLE else m if d == EPOCH else s
+                              for d, s in zip(dims, arr.shape, strict=True))
+                if shape != arr.shape:  # nothing was written past the data: keep chunks
+                    trims.append((arr.async_array.resize, (shape, False)))
+        _run_in_order([trims])
+
+    def _consolidate(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self._loc.store)
+
+    def _sample_chunk(self, n_neurons: int, batch: int) -> tuple[int, int]:
+        itemsize = np.dtype(self._dtype).itemsize
+        row_bytes = itemsize * n_neurons
+        if self._chunk_samples is not None:
+            chunk = self._chunk_samples
+        else:
+            chunk = batch * max(1, _TARGET_CHUNK_BYTES // max(1, batch * row_bytes))
+        neuron_chunk = n_neurons
+        if chunk * row_bytes > _MAX_CHUNK_BYTES:
+            neuron_chunk = max(1, _MAX_CHUNK_BYTES // (itemsize * chunk))
+        return chunk, neuron_chunk
+
+    def _create_layer(self, layer, reduced, labels, preds, meta, batch) -> _LayerState:
+        name = safe_node_name(layer)
+        taken = {safe_node_name(n) for n in self._layers}
+        if name in taken:
+            raise StoreError(f"layer {layer!r} maps to node {name!r}, already used by another layer")
+        n_neurons = reduced.values.shape[1]
+        chunk, neuron_chunk = self._sample_chunk(n_neurons, batch)
+        group = self._model_group.create_group(name, attributes={
+            ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
+            _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
+        })
+        mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))
+        specs: dict[str, dict[str, Any]] = {
+            ACTIVATION: dict(shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
+                             dtype=self._dtype, fill_value=np.nan, config=_ACTIVATION_CONFIG,
+                             compressors=self._compressors,
+                             dimension_names=(NEURON, SAMPLE, EPOCH)),
+            NEURON: dict(data=np.arange(n_neurons, dtype=np.int64), chunks=(n_neurons,),
+                         dimension_names=(NEURON,)),
+            **{key: dict(data=np.asarray(vals, dtype=np.int64), chunks=(n_neurons,),
+                         dimension_names=(NEURON,))
+               for key, vals in reduced.unit_coords.items()},
+            SAMPLE: dict(shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
+                         fill_value=SAMPLE_FILL, dimension_names=(SAMPLE,)),
+            EPOCH: dict(shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="int64",
+                        fill_value=_EPOCH_FILL, dimension_names=(EPOCH,)),
+            EPOCH_COMPLETE: dict(shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="bool",
+                                 fill_value=False, dimension_names=(EPOCH,)),
+            # uncompressed: it is the commit point, written once per batch
+            # (_write_mask_chunks)
+            COMMITTED: dict(shape=(0, 0), chunks=(mask_chunk, 1), dtype="bool",
+                            fill_value=False, compressors=None, dimension_names=(SAMPLE, EPOCH)),
+            **{key: dict(shape=(0,), chunks=(_COORD_CHUNK,), dtype=_zarr_dtype(col),
+                         fill_value=_fill(_kind(col)), dimension_names=(SAMPLE,))
+               for key, col in (({LABEL: labels} if labels is not None else {}) | meta).items()},
+        }
+        if preds is not None:
+            specs.update(_prediction_specs(preds, 0, 0, mask_chunk))
+        _create_arrays(group, specs)
+        group.update_attributes({_ATTR_READY: True})  # last: the layer is complete
+        state = _LayerState(
+            name=layer, group=group, n_neurons=n_neurons, reduce=reduced.reduce,
+            unit_coords=dict(reduced.unit_coords), sample_ids=np.zeros(0, dtype=np.int64),
+            epochs=[], mask=np.zeros((0, 0), dtype=bool), complete=np.zeros(0, dtype=bool),
+            labels=None if labels is None else labels[:0], metadata={k: v[:0] for k, v in meta.items()},
+        )
+        self._layers[layer] = state
+        return state
+
+    @staticmethod
+    def _create_prediction_arrays(group: zarr.Group, preds: np.ndarray, n: int, m: int,
+                                  chunk: int) -> None:
+        _create_arrays(group, _prediction_specs(preds, n, m, chunk))
+
+    def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
+        group = state.group
+        arrays = state.arrays
+        if preds is not None and PREDICTION not in arrays:
+            self._create_prediction_arrays(group, preds, arrays[SAMPLE].shape[0],
+                                           arrays[EPOCH].shape[0], arrays[COMMITTED].chunks[0])
+            state.refresh()
+            arrays = state.arrays
+        e = state.epoch_index(epoch)
+        new = plan.new_rows
+        n0, m0 = len(state.sample_ids), len(state.epochs)
+        n, m = n0 + len(new), m0 + (e < 0)
+        if e < 0:
+            e = m - 1
+        # Room for n samples and m epochs: arrays grow in powers of two (so a long epoch
+        # 0 or many epochs grow them a logarithmic number of times); close() trims them.
+        size_n = arrays[SAMPLE].shape[0]
+        size_n = size_n if size_n >= n else _capacity(n)
+        size_m = arrays[EPOCH].shape[0]
+        size_m = size_m if size_m >= m else _capacity(m)
+        # Plan every write first (in memory), then run the four steps in one trip to
+        # zarr's event loop; each step starts only after the previous one has finished.
+        # 1. grow every array (the coordinates too: their new slots hold the fill value,
+        # which readers take as the end of the logical length until step 3 fills them) ...
+        grow = []
+        for key, arr in arrays.items():
+            dims = arr.metadata.dimension_names or ()
+            shape = tuple(size_n if d == SAMPLE else size_m if d == EPOCH else s
+                          for d, s in zip(dims, arr.shape, strict=True))
+            if shape != arr.shape:
+                grow.append((arr.async_array.resize, (shape,)))
+        # 2. ... fill them: labels and metadata of new samples, values, predictions ...
+        # (1-D columns are appended from their in-memory copies, whole chunks from the
+        # chunk the first new row falls in, so zarr need not read and decode it first)
+        fill = []
+        all_labels = state.labels
+        all_metadata = state.metadata
+        if len(new):
+            if labels is not None:
+                all_labels = np.concatenate([state.labels, labels[new]])
+                fill.append(_append(arrays[LABEL], all_labels, n0, size_n))
+            all_metadata = {key: np.concatenate([state.metadata[key], col[new]])
+                            for key, col in meta.items()}
+            fill.extend(_append(arrays[key], col, n0, size_n)
+                        for key, col in all_metadata.items())
+        rows = plan.write_rows
+        # positions on the sample axis once the new samples are appended after the old
+        pos = state.positions(ids[rows])
+        if len(new):
+            appended = np.full(len(ids), -1, dtype=np.int64)
+            appended[new] = np.arange(n0, n)
+            pos = np.where(pos < 0, appended[rows], pos)
+        order = np.argsort(pos, kind="stable")
+        rows, pos = rows[order], pos[order]
+        runs = _runs(pos)
+        contiguous = len(runs) == 1 and np.array_equal(
+            rows, np.arange(rows[0], rows[0] + len(rows)))
+        for p0, p1, i0, i1 in runs:
+            block = values[rows[0]:rows[0] + len(rows)] if contiguous else values[rows[i0:i1]]
+            fill.append((state.writer(ACTIVATION), ((slice(None), slice(p0, p1), e), block.T)))
+            if preds is not None:
+                fill.append((state.writer(PREDICTION),
+                             ((slice(p0, p1), e), preds[rows[i0:i1]])))
+                if all_labels is not None:
+                    fill.append((state.writer(CORRECT),
+                                 ((slice(p0, p1), e), preds[rows[i0:i1]] == all_labels[pos[i0:i1]])))
+        # 3. ... then the coordinates that define the logical lengths ...
+        coords = []
+        all_ids = state.sample_ids
+        if m > m0:
+            coords.append(_append(arrays[EPOCH], np.array([*state.epochs, epoch]), m0, size_m))
+        if n > n0:
+            all_ids = np.concatenate([state.sample_ids, ids[new]])
+            coords.append(_append(arrays[SAMPLE], all_ids, n0, size_n))
+        # 4. ... and last the commit: the mask of this epoch.  Whole (in-bounds) chunks are
+        # written from the in-memory mask, so zarr need not read them first; a batch
+        # inside one mask chunk becomes visible in one atomic write.
+        mask = state.mask
+        if m > m0:
+            mask = np.concatenate([mask, np.zeros((n0, 1), bool)], 1)
+        if n > n0:
+            mask = np.concatenate([mask, np.zeros((n - n0, m), bool)])
+        _run_in_order([grow, fill, coords])
+        _write_mask_chunks(arrays[COMMITTED], mask[:, e], pos, e, size_n)
+        # the store now holds the batch: mirror it in memory
+        mask[pos, e] = True
+        if m > m0:
+            state.epochs.append(epoch)
+            state.complete = np.append(state.complete, False)
+        if len(new):
+            state.add_samples(ids[new], all_ids)
+            state.labels = all_labels
+            state.metadata = all_metadata
+        state.mask = mask
+        return len(rows)
