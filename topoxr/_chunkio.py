@@ -207,7 +207,13 @@ def region_writer(arr: zarr.Array, cache: ChunkCache | None) -> Any:
 
 # -- reading ----------------------------------------------------------------------------------
 def zarrs_available() -> bool:
-    """Whether the ``zarrs`` codec pipeline is installed."""
+    """Whether the ``zarrs`` codec pipeline is installed (and not turned off).
+
+    The environment variable ``TOPOXR_ZARRS=0`` turns it off: every read then goes
+    through zarr-python's own pipeline.
+    """
+    if os.environ.get("TOPOXR_ZARRS", "1") == "0":
+        return False
     try:
         import zarrs  # noqa: F401
     except ImportError:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr._optional import import_optional
 from topoxr.recording import (
     RecordingError,
@@ -89,6 +90,8 @@ def record(
     sample_ids: Any = None,
     output_keys: Mapping[str, str | int] | None = None,
     scalars: Mapping[str, float] | None = None,
+    compressor: Any = DEFAULT_COMPRESSOR,
+    dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of layers of a Keras 3 model on some data into a store.
 
@@ -125,6 +128,11 @@ def record(
         ``{layer: key}`` for layers with several outputs.
     scalars : mapping of str to float, optional
         Per-epoch values (loss, accuracy) stored as coordinates on ``epoch``.
+    compressor : str, zarr codec or None, default "none"
+        Codec of the activations of layers created by this recording (see
+        :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
+    dtype : {"float32", "float16"}, default "float32"
+        Storage dtype of the activations of layers created by this recording.
 
     Returns
     -------
@@ -146,7 +154,7 @@ def record(
         reduce=reduce, channel_axis=probe.channel_axis, probe_ids=ids, probe_labels=probe_labels,
         n_samples=n, batch_size=batch_size, progress=progress,
         attrs={"framework": "keras", "keras_backend": keras.backend.backend()},
-        scalars=scalars, description="keras",
+        scalars=scalars, description="keras", compressor=compressor, dtype=dtype,
     )
 
 

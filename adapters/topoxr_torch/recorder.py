@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr._optional import import_optional
 from topoxr.recording import (
     RecordingError,
@@ -211,6 +212,8 @@ def record(
     sample_ids: Any = None,
     output_keys: Mapping[str, str | int] | None = None,
     scalars: Mapping[str, float] | None = None,
+    compressor: Any = DEFAULT_COMPRESSOR,
+    dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of layers of a PyTorch model on some data into a store.
 
@@ -249,6 +252,11 @@ def record(
         tuple (int index) or a mapping (str key); default the first tensor.
     scalars : mapping of str to float, optional
         Per-epoch values (loss, accuracy) stored as coordinates on ``epoch``.
+    compressor : str, zarr codec or None, default "none"
+        Codec of the activations of layers created by this recording (see
+        :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
+    dtype : {"float32", "float16"}, default "float32"
+        Storage dtype of the activations of layers created by this recording.
 
     Returns
     -------
@@ -269,7 +277,7 @@ def record(
             forward, batches, store, model_name=model_name, layers=names, epoch=epoch,
             reduce=reduce, channel_axis=CHANNEL_AXIS, probe_ids=ids, probe_labels=probe_labels,
             n_samples=n, batch_size=batch_size, progress=progress, attrs={"framework": "torch"},
-            scalars=scalars, description="torch",
+            scalars=scalars, description="torch", compressor=compressor, dtype=dtype,
         )
 
 
