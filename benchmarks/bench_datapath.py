@@ -186,15 +186,16 @@ def _child_write(p: dict) -> dict:
                             sample=np.arange(start, stop), label=labels[start:stop],
                             prediction=(labels[start:stop] + epoch) % N_LABELS, epoch=epoch)
 
+    # the same bytes, assembled in memory beforehand (not timed; a recording cannot)
+    acts = np.empty((NEURONS, n, WRITE_EPOCHS), dtype=np.float32)
+    preds = np.empty((n, WRITE_EPOCHS), dtype=np.int64)
+    for epoch in range(WRITE_EPOCHS):
+        for i, start in enumerate(range(0, n, WRITE_BATCH)):
+            stop = min(n, start + WRITE_BATCH)
+            acts[:, start:stop, epoch] = pool[i % len(pool)][: stop - start].T
+            preds[start:stop, epoch] = (labels[start:stop] + epoch) % N_LABELS
+
     def numpy_save() -> None:
-        # the same bytes, assembled in memory first (not what a recording can do)
-        acts = np.empty((NEURONS, n, WRITE_EPOCHS), dtype=np.float32)
-        preds = np.empty((n, WRITE_EPOCHS), dtype=np.int64)
-        for epoch in range(WRITE_EPOCHS):
-            for i, start in enumerate(range(0, n, WRITE_BATCH)):
-                stop = min(n, start + WRITE_BATCH)
-                acts[:, start:stop, epoch] = pool[i % len(pool)][: stop - start].T
-                preds[start:stop, epoch] = (labels[start:stop] + epoch) % N_LABELS
         for name, arr in (("acts", acts), ("labels", labels), ("preds", preds)):
             np.save(os.path.join(tmp, f"{name}.npy"), arr)
 

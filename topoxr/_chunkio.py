@@ -120,11 +120,18 @@ class DirectWriter:
         The array (its store must support ``set_sync``: see :func:`direct_writes`).
     cache : ChunkCache, optional
         Chunks last written to ``arr``, used and updated to complete partial chunks.
+    holds_data : callable, optional
+        ``holds_data(bounds)`` tells whether the store may hold data that counts in the
+        part ``bounds`` (``(start, stop)`` per dim) of a chunk; where it returns False
+        (nothing committed there) a partial chunk missing from the cache is completed
+        with the fill value instead of being read back.
     """
 
-    def __init__(self, arr: zarr.Array, cache: ChunkCache | None) -> None:
+    def __init__(self, arr: zarr.Array, cache: ChunkCache | None,
+                 holds_data: Callable[[list[tuple[int, int]]], bool] | None = None) -> None:
         self.arr = arr
         self.cache = cache
+        self.holds_data = holds_data
 
     def __call__(self, region: Sequence[Any], block: np.ndarray) -> list[Callable[[], None]]:
         """Jobs writing ``block`` (the values of ``region``: slices or ints) as whole chunks."""
@@ -153,12 +160,14 @@ class DirectWriter:
                 chunk = np.full(chunks, fill, dtype=arr.dtype)
                 chunk[dst] = block[src]
             else:
-                base = None if cache is None else cache.get(coords)
-                if base is None:  # not written by this writer yet: read what the store holds
-                    base = np.full(chunks, fill, dtype=arr.dtype)
-                    sel = tuple(slice(a, b) for a, b in inside)
-                    base[tuple(slice(0, b - a) for a, b in inside)] = np.asarray(arr[sel])
-                chunk = base.copy()
+                cached = None if cache is None else cache.get(coords)
+                if cached is not None:
+                    chunk = cached.copy()
+                else:  # not written by this writer yet: what the store holds, if it counts
+                    chunk = np.full(chunks, fill, dtype=arr.dtype)
+                    if self.holds_data is None or self.holds_data(inside):
+                        sel = tuple(slice(a, b) for a, b in inside)
+                        chunk[tuple(slice(0, b - a) for a, b in inside)] = np.asarray(arr[sel])
                 chunk[dst] = block[src]
             if cache is not None:
                 # a chunk written up to its end is done: later writes go to the next ones
@@ -198,10 +207,11 @@ def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
         raise errors[0]
 
 
-def region_writer(arr: zarr.Array, cache: ChunkCache | None) -> Any:
+def region_writer(arr: zarr.Array, cache: ChunkCache | None,
+                  holds_data: Callable[[list[tuple[int, int]]], bool] | None = None) -> Any:
     """A :class:`DirectWriter` where possible, else zarr's async ``setitem``."""
     if direct_writes(arr):
-        return DirectWriter(arr, cache)
+        return DirectWriter(arr, cache, holds_data)
     return arr.async_array.setitem
 
 
