@@ -78,7 +78,7 @@ def _skip_reason(method: str, n: int, quick: bool) -> str | None:
 
 
 def _estimator(method: str):
-    from topoxr.layout import get_estimator
+    from topoxr.layouts import get_estimator
 
     if method == "knnforce(grid=False)":
         return get_estimator("knnforce", random_state=0, grid=False)
@@ -100,7 +100,7 @@ def _quality(X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
 
 def _warm_up_umap() -> None:
     try:
-        from topoxr.layout import UMAPLayout
+        from topoxr.layouts import UMAPLayout
 
         UMAPLayout(random_state=0, n_epochs=10).fit(np.random.default_rng(0).random((64, 5)))
     except ImportError:

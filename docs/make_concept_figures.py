@@ -81,7 +81,7 @@ def main() -> None:
     import topoxr
     from topoxr.alignment import align
     from topoxr.demo import digits_probe, record_sklearn_mlp
-    from topoxr.layout import attach
+    from topoxr.layouts import attach
     from topoxr.grouping import naps
     from topoxr.metrics import quality
 

@@ -22,7 +22,7 @@ def main() -> None:
     import topoxr
     import topoxr.viz as viz
     from topoxr.demo import digits_probe, record_sklearn_mlp
-    from topoxr.layout import attach
+    from topoxr.layouts import attach
     from topoxr.grouping import naps
 
     STATIC.mkdir(exist_ok=True)

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import topoxr
-from topoxr.layout import compute_layouts
+from topoxr.layouts import compute_layouts
 from topoxr.metrics import quality
 from topoxr.testing import make_activations
 

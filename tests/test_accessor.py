@@ -34,7 +34,7 @@ def test_methods_equal_the_public_functions(layer):
     xr.testing.assert_identical(prof.topo.distances("correlation"),
                                 topoxr.distances(prof, "correlation"))
     laid = layer.topo.layout("pca", random_state=0)
-    assert_layout_close(laid, topoxr.layout.attach(layer, "pca", random_state=0), atol=0)
+    assert_layout_close(laid, topoxr.layouts.attach(layer, "pca", random_state=0), atol=0)
     xr.testing.assert_identical(laid.topo.quality(k=3), topoxr.quality(laid, k=3))
     ref = layer.topo.layout("random", random_state=1, share="all")
     moved = ref.assign_coords(x=1 - ref.x)
@@ -43,7 +43,7 @@ def test_methods_equal_the_public_functions(layer):
 
 def test_default_method_and_epoch_alignment():
     from topoxr.alignment import align_epochs
-    from topoxr.layout._registry import DEFAULT_METHOD
+    from topoxr.layouts._registry import DEFAULT_METHOD
 
     ds = make_activations(n_neurons=16)
     laid = ds.topo.layout(random_state=0, align=False)

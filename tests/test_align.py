@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from topoxr.alignment import AlignmentError, align, align_epochs, match_neurons, procrustes
-from topoxr.layout import attach
+from topoxr.layouts import attach
 from topoxr.grouping import naps
 from topoxr.testing import assert_layout_close, make_activations
 

@@ -23,7 +23,7 @@ def store(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("app") / "run.zarr")
     write_store(ds, path, model="mlp", layer="hidden")
     # a saved layout: a circle, so we can recognise it
-    from topoxr.layout import save_layout
+    from topoxr.layouts import save_layout
 
     angle = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     laid = ds.assign_coords(x=("neuron", 0.5 + 0.4 * np.cos(angle)),

@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 import topoxr
-from topoxr.layout import compute_layouts
+from topoxr.layouts import compute_layouts
 from topoxr.grouping import naps
 from topoxr.testing import make_activations, write_store
 

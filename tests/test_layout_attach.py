@@ -10,8 +10,8 @@ import pytest
 import xarray as xr
 
 import topoxr
-from topoxr.layout._registry import get_estimator
-from topoxr.layout import (
+from topoxr.layouts._registry import get_estimator
+from topoxr.layouts import (
     attach,
     compute_layouts,
     draw_seeds,

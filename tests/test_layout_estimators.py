@@ -9,7 +9,7 @@ from sklearn.manifold import trustworthiness
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from tests.conftest import requires_umap
-from topoxr.layout import (
+from topoxr.layouts import (
     DEFAULT_METHOD,
     ForceLayout,
     GridSnap,
@@ -29,7 +29,7 @@ from topoxr.layout import (
     snap_to_grid,
     to_unit_square,
 )
-from topoxr.layout.grid import grid_shape
+from topoxr.layouts.grid import grid_shape
 from topoxr.testing.profiles import clustered_profiles
 
 try:
@@ -259,7 +259,7 @@ def test_grid_snap_one_neuron_per_cell(method, monkeypatch):
     rng = np.random.default_rng(0)
     pts = rng.normal(size=(700, 2)) * [3.0, 1.0]
     if method == "split":
-        monkeypatch.setattr("topoxr.layout.grid._EXACT_BLOCK", 64)
+        monkeypatch.setattr("topoxr.layouts.grid._EXACT_BLOCK", 64)
     out = snap_to_grid(pts, method=method)
     rows, cols = grid_shape(700, np.ptp(pts[:, 0]) / np.ptp(pts[:, 1]))
     assert rows * cols >= 700 and cols > rows

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from topoxr.layout import PCALayout, get_estimator, snap_to_grid
+from topoxr.layouts import PCALayout, get_estimator, snap_to_grid
 from topoxr.testing.profiles import clustered_profiles
 
 FAST = {

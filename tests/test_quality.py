@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 from sklearn.manifold import trustworthiness as sk_trustworthiness
 
-from topoxr.layout import attach
+from topoxr.layouts import attach
 from topoxr.metrics import (
     QualityError,
     blobs,

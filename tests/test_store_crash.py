@@ -435,16 +435,18 @@ def test_corrupted_chunk_gives_a_clear_error(damaged, damage):
     data = chunk.read_bytes()
     chunk.write_bytes(b"\x00garbage" * 20 if damage == "garbage" else data[: len(data) // 2])
     ds = open_store(damaged)["net/conv"].to_dataset()
-    with pytest.raises(StoreCorruptionError, match="unreadable") as info:
+    with pytest.raises(StoreCorruptionError, match="fails its crc32c checksum") as info:
         ds.activation.mean().compute()
     message = str(info.value)
     assert "layer 'conv'" in message and "epochs [2]" in message
+    assert "array 'activation', chunk c/0/0/2 (file net/conv/activation/c/0/0/2)" in message
     assert str(_affected_ids(0)[:10].tolist())[1:-1] in message
 
 
 def test_corrupted_coordinate_is_reported_on_open(damaged):
     (Path(damaged) / "net" / "dense" / "committed" / "c" / "0" / "0").write_bytes(b"junk")
-    with pytest.raises(StoreCorruptionError, match=r"layer 'dense'.*'committed' is unreadable"):
+    with pytest.raises(StoreCorruptionError,
+                       match=r"layer 'dense'.*'committed', chunk c/0/0 .*fails its crc32c"):
         open_store(damaged)
 
 

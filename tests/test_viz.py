@@ -306,7 +306,7 @@ def test_core_does_not_import_viz():
 def test_real_store_naps_and_layouts_end_to_end(viz, tmp_path):
     """NAPs of a real on-disk store, laid out per epoch, keyed by label x correct."""
     from topoxr import open_store
-    from topoxr.layout import attach
+    from topoxr.layouts import attach
     from topoxr.grouping import naps
     from topoxr.testing import make_activations, write_store
 

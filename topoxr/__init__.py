@@ -11,6 +11,7 @@ from topoxr import conventions
 from topoxr._locking import StoreLockedError
 from topoxr.alignment import align
 from topoxr.grouping import naps
+from topoxr.layouts._api import layout
 from topoxr.metrics import quality
 from topoxr.recording import RecordingError, available_adapters, get_adapter
 from topoxr.similarity import distances, profiles
@@ -41,6 +42,7 @@ __all__ = [
     "conventions",
     "distances",
     "get_adapter",
+    "layout",
     "naps",
     "open_store",
     "profiles",

@@ -85,24 +85,24 @@ class TopoAccessor:
         return self._apply(distances, metric, **kwargs)
 
     def layout(self, method: Any = None, **kwargs: Any) -> Any:
-        """Attach a layout; see :func:`topoxr.layout.attach`.
+        """Attach a layout; the accessor form of :func:`topoxr.layout`.
 
         Parameters
         ----------
         method : str or estimator, optional
-            A registered layout name (default: topoxr's default method, ``"knnforce"``)
-            or an estimator instance.
+            A registered layout name (default:
+            :data:`topoxr.layouts.DEFAULT_METHOD`) or an estimator instance.
         **kwargs
-            Other arguments of :func:`topoxr.layout.attach` (``random_state``, ``share``...).
+            Other arguments of :func:`topoxr.layouts.attach` (``random_state``, ``share``...).
 
         Returns
         -------
         same type as the object
             The object with ``x``, ``y`` coordinates on ``neuron``.
         """
-        from topoxr.layout._attach import DEFAULT_METHOD, attach
+        from topoxr.layouts._api import layout
 
-        return self._apply(attach, DEFAULT_METHOD if method is None else method, **kwargs)
+        return self._apply(layout, method, **kwargs)
 
     def quality(self, **kwargs: Any) -> Any:
         """Layout quality metrics; see :func:`topoxr.metrics.quality`.

@@ -153,8 +153,8 @@ def _cmd_naps(args: argparse.Namespace) -> int:
 def _cmd_layout(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from topoxr.layout._registry import DEFAULT_METHOD
-    from topoxr.layout import attach, save_layout
+    from topoxr.layouts._registry import DEFAULT_METHOD
+    from topoxr.layouts import attach, save_layout
     from topoxr.grouping import naps
     from topoxr.metrics import quality
 
@@ -179,7 +179,7 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 def _laid_naps(path: str, model: str, layer: str, ds: Any, by: Any, layout: str | None,
                seed: int) -> Any:
     """NAPs of a layer with a saved layout (by name) or a fresh default one."""
-    from topoxr.layout import attach, load_layout
+    from topoxr.layouts import attach, load_layout
     from topoxr.grouping import naps
 
     nap = naps(ds, by=by).compute()

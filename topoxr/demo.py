@@ -319,7 +319,7 @@ def _paper_method(quick: bool, timings: dict[str, float]) -> str:
 
     if quick or not has_module("umap"):
         return "graph+force"
-    from topoxr.layout._registry import get_estimator
+    from topoxr.layouts._registry import get_estimator
 
     started = time.perf_counter()
     warm = np.random.default_rng(0).random((40, 6))
@@ -336,8 +336,8 @@ def _analyse(tree: Any, *, seed: int, progress: bool, quick: bool = False,
     from tqdm.auto import tqdm
 
     from topoxr.conventions import ACTIVATION, EPOCH
-    from topoxr.layout._registry import DEFAULT_METHOD
-    from topoxr.layout import attach
+    from topoxr.layouts._registry import DEFAULT_METHOD
+    from topoxr.layouts import attach
     from topoxr.grouping import naps
     from topoxr.metrics import quality
 

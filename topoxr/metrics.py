@@ -435,7 +435,7 @@ def blobs(maps: Any, *, threshold: float = 0.5) -> dict[str, np.ndarray]:
 def _layout_xy(obj: Any) -> xr.Dataset:
     if X not in obj.coords or Y not in obj.coords:
         raise QualityError(f"the object has no layout: coordinates {X!r}, {Y!r} on 'neuron' "
-                           f"are missing (compute one with topoxr.layout.attach)")
+                           f"are missing (compute one with topoxr.layouts.attach)")
     return xr.Dataset({X: obj.coords[X], Y: obj.coords[Y]})
 
 
@@ -457,7 +457,7 @@ def quality(
     ----------
     laid_out : xarray.DataArray or xarray.Dataset
         An object with ``x``, ``y`` coordinates on ``neuron`` (on ``(neuron, epoch)`` for
-        per-epoch layouts), e.g. the result of :func:`topoxr.layout.attach`: NAPs or
+        per-epoch layouts), e.g. the result of :func:`topoxr.layouts.attach`: NAPs or
         activations.
     k : int, default 10
         Neighbourhood size of trustworthiness and continuity (reduced to ``(n-1)//2`` for

@@ -24,7 +24,7 @@ and degenerate rows become zero, so the Euclidean distance between rows is
 ``sqrt(2 * cosine distance)`` for live neurons, exactly 1 between a live and a
 degenerate neuron and 0 between degenerate ones: Euclidean methods see the same
 neighbourhoods as the cosine distances. Layout estimators receive the raw profiles and
-the metric (:func:`topoxr.layout.attach.attach`) and handle zero rows themselves.
+the metric (:func:`topoxr.layouts.attach.attach`) and handle zero rows themselves.
 """
 
 from __future__ import annotations

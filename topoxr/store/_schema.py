@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from topoxr.conventions import (
     ACTIVATION,
@@ -44,7 +45,16 @@ _EPOCH_CHUNK = 1 << 10
 #: It is not a valid sample id, so readers and resume can tell such slots apart.
 SAMPLE_FILL = int(np.iinfo(np.int64).min)
 _EPOCH_FILL = -1
+#: Every chunk is stored, even one that holds only the fill value, so that a chunk
+#: missing from the store always means damage (readers and ``verify`` check that).
 _ACTIVATION_CONFIG = {"write_empty_chunks": True}
+_ARRAY_CONFIG = _ACTIVATION_CONFIG
+#: The checksum codec closing every array's codec chain: the last 4 bytes of each stored
+#: chunk are the crc32c of the rest, checked by zarr on every read.
+CHECKSUM = Crc32cCodec()
+#: Compressors of a checked array: zarr's default zstd (level 0, no zstd checksum), then
+#: the crc32c of the compressed bytes.
+_COMPRESSORS = (ZstdCodec(level=0, checksum=False), CHECKSUM)
 _TARGET_CHUNK_BYTES = 1 << 20
 _MAX_CHUNK_BYTES = 16 << 20
 _ATTR_READY = "topoxr_ready"
@@ -109,9 +119,27 @@ def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) ->
     from zarr.api.asynchronous import create_array
 
     _run_in_order([[(functools.partial(create_array, group.store, name=f"{group.path}/{name}",
-                                       **kwargs), ())
+                                       **_checked(kwargs)), ())
                     for name, kwargs in specs.items()]])
     _refresh_coordinates(group)
+
+
+def _checked(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with the checksum codec last and every chunk stored (see ``CHECKSUM``).
+
+    ``compressors=None`` in ``spec`` means no compression: the chunk is then only
+    followed by its checksum.
+    """
+    out = dict(spec)
+    compressors = out.get("compressors", _COMPRESSORS)
+    out["compressors"] = (CHECKSUM,) if compressors is None else compressors
+    out["config"] = {**out.get("config", {}), **_ARRAY_CONFIG}
+    return out
+
+
+def has_checksums(arr: zarr.Array) -> bool:
+    """Whether every chunk of ``arr`` ends in a checksum (arrays of format version >= 2)."""
+    return any(isinstance(codec, Crc32cCodec) for codec in arr.compressors)
 
 
 def _refresh_coordinates(group: zarr.Group) -> None:

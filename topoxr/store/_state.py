@@ -11,13 +11,12 @@ import numpy as np
 import zarr
 
 from topoxr._chunkio import ChunkCache, region_writer
-
 from topoxr.conventions import (
     ACTIVATION,
     EPOCH,
     SAMPLE,
 )
-from topoxr.store._schema import _ACTIVATION_CONFIG
+from topoxr.store._schema import _ARRAY_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +103,10 @@ class _LayerState:
     def arrays(self) -> dict[str, zarr.Array]:
         """The layer's arrays, opened once (this writer is the only one changing them)."""
         if self._arrays is None:
-            arrays = dict(self.group.arrays())
-            # every activation chunk is stored, even an all-NaN one, so that a missing
-            # chunk always means damage (see _CheckedActivation)
-            arrays[ACTIVATION] = arrays[ACTIVATION].with_config(_ACTIVATION_CONFIG)
-            self._arrays = arrays
+            # every chunk is stored, even one holding only the fill value, so that a
+            # missing chunk always means damage (see _CheckedActivation and verify)
+            self._arrays = {name: arr.with_config(_ARRAY_CONFIG)
+                            for name, arr in self.group.arrays()}
         return self._arrays
 
     def refresh(self) -> None:

@@ -24,16 +24,14 @@ from topoxr.conventions import (
 )
 from topoxr._chunkio import read_array, read_blocks
 from topoxr.store._errors import StoreCorruptionError
+from topoxr.store._integrity import Context, chunk_coords, snapshot
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import (
     _ATTR_METADATA,
     _ATTR_READY,
     _ATTR_SCALARS,
     _ATTR_UNIT_COORDS,
-    _check_required,
     _guarded,
-    _ids_text,
-    _logical_lengths,
     _plain_strings,
     _where,
 )
@@ -120,24 +118,21 @@ def _plain_dataset(group: zarr.Group) -> xr.Dataset:
 def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
     import dask.array as dsa
 
-    where = _where(group)
     arrays = dict(group.arrays())
-    _check_required(group, arrays)
+    snap = _guarded(_where(group), lambda: snapshot(group, arrays))
+    ctx = snap.context
+    if not snap.checked:
+        logger.info("%s was written by an earlier topoxr without chunk checksums: damage to "
+                    "its chunks may go unnoticed (`topoxr verify` reports it unverifiable)",
+                    ctx.where)
 
     def read(key: str, *sel: slice) -> np.ndarray:
-        try:
-            return np.asarray(arrays[key][sel or ...])
-        except Exception as err:
-            raise StoreCorruptionError(f"{where}: array {key!r} is unreadable ({err})") from err
+        return ctx.read(arrays[key], sel or ...)
 
-    n, m = _guarded(where, lambda: _logical_lengths(arrays))
-    sample_ids = read(SAMPLE, slice(0, n)).astype(np.int64)
-    epochs = read(EPOCH, slice(0, m)).astype(np.int64)
-    committed = np.zeros((n, m), dtype=bool)
-    if n and m:
-        committed = read(COMMITTED, slice(0, n), slice(0, m)).astype(bool)
+    n, m = snap.n, snap.m
+    sample_ids, epochs, committed = snap.sample_ids, snap.epochs, snap.committed
     act = read_array(arrays[ACTIVATION])  # decoded by zarrs where installed
-    checked = _CheckedActivation(act, committed, sample_ids, epochs, where)
+    checked = _CheckedActivation(act, committed, ctx)
     # Dask blocks of many whole zarr chunks (about 32 MiB) along sample, one epoch each
     # (a block across epochs scatters every chunk with a stride: measured 3x slower):
     # each task decodes its chunks in one parallel call (zarrs' threads or zarr's), and
@@ -156,7 +151,7 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
         SAMPLE: (SAMPLE, sample_ids),
         EPOCH: (EPOCH, epochs),
         COMMITTED: ((SAMPLE, EPOCH), committed),
-        EPOCH_COMPLETE: (EPOCH, read(EPOCH_COMPLETE, slice(0, m)).astype(bool)),
+        EPOCH_COMPLETE: (EPOCH, snap.complete),
     }
     for key in group.attrs.get(_ATTR_UNIT_COORDS, []):
         coords[key] = (NEURON, read(key))
@@ -184,24 +179,17 @@ class _CheckedActivation:
     translated the same way.
     """
 
-    def __init__(self, array: zarr.Array, committed: np.ndarray, sample_ids: np.ndarray,
-                 epochs: np.ndarray, where: str) -> None:
+    def __init__(self, array: zarr.Array, committed: np.ndarray, context: Context) -> None:
         self.array = array
         self.committed = committed
-        self.sample_ids = sample_ids
-        self.epochs = epochs
-        self.where = where
+        self.context = context
+        self.sample_ids = context.sample_ids
+        self.epochs = context.epochs
+        self.where = context.where
         self.shape = array.shape
         # reduced-precision storage (float16) is read as float32
         self.dtype = np.promote_types(array.dtype, np.float32)
         self.ndim = array.ndim
-
-    def _affected(self, key: tuple[slice, ...]) -> tuple[list[int], np.ndarray]:
-        s, e = key[1], key[2]
-        sub = self.committed[s, e]
-        epochs = self.epochs[e][sub.any(axis=0)].tolist() if sub.size else []
-        samples = self.sample_ids[s][sub.any(axis=1)] if sub.size else self.sample_ids[:0]
-        return epochs, samples
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
@@ -217,19 +205,12 @@ class _CheckedActivation:
         try:
             block = np.asarray(self.array[key]).astype(self.dtype, copy=False)
         except Exception as err:
-            epochs, samples = self._affected(key)
-            raise StoreCorruptionError(
-                f"{self.where}: a chunk of 'activation' is unreadable ({type(err).__name__}: "
-                f"{err}); epochs {epochs}, samples {_ids_text(samples)} are affected"
-            ) from err
+            raise self.context.unreadable(self.array, key, err) from err
         missing = self._missing_chunk(key, block)
         if missing is not None:
-            epochs, samples = self._affected(missing)
-            raise StoreCorruptionError(
-                f"{self.where}: a chunk of 'activation' holding committed values is "
-                f"missing from the store; epochs {epochs}, samples {_ids_text(samples)} "
-                "are affected"
-            )
+            coords = next(chunk_coords(self.array, missing))
+            raise StoreCorruptionError(self.context.damaged_chunk(
+                self.array, coords, "holds committed values but is missing from the store"))
         return block
 
     def _missing_chunk(self, key: tuple[slice, ...], block: np.ndarray) -> tuple[slice, ...] | None:

@@ -35,6 +35,7 @@ from topoxr.store._errors import StoreError, StoreWriteError
 from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
 from topoxr.store._plan import _as_1d, _as_epoch, _plan_batch
 from topoxr.store._schema import (
+    CHECKSUM,
     _ACTIVATION_CONFIG,
     _ATTR_METADATA,
     _ATTR_READY,
@@ -58,7 +59,6 @@ from topoxr.store._schema import (
     _logical_lengths,
     _prediction_specs,
     _read_1d,
-    _refresh_coordinates,
     _zarr_dtype,
 )
 from topoxr.store._state import _layer_columns, _LayerState, _runs
@@ -515,11 +515,9 @@ class ActivationWriter:
                     if key in existing and key not in names and key in _layer_columns(state):
                         raise StoreError(f"{key!r} is already a column of layer {state.name!r}")
                     if key not in existing:  # (a crashed writer may have created it)
-                        state.group.create_array(
-                            key, shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
-                            dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,),
-                        )
-                        _refresh_coordinates(state.group)
+                        _create_arrays(state.group, {key: dict(
+                            shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
+                            dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,))})
                         state.refresh()
                     if key not in names:
                         names.append(key)
@@ -664,7 +662,9 @@ class ActivationWriter:
         specs: dict[str, dict[str, Any]] = {
             ACTIVATION: dict(shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
                              dtype=self._dtype, fill_value=np.nan, config=_ACTIVATION_CONFIG,
-                             compressors=self._compressors,
+                             # the chosen codec, then the checksum (_schema._checked)
+                             compressors=None if self._compressors is None
+                             else (*self._compressors, CHECKSUM),
                              dimension_names=(NEURON, SAMPLE, EPOCH)),
             NEURON: dict(data=np.arange(n_neurons, dtype=np.int64), chunks=(n_neurons,),
                          dimension_names=(NEURON,)),
@@ -711,6 +711,11 @@ class ActivationWriter:
                                            arrays[EPOCH].shape[0], arrays[COMMITTED].chunks[0])
             state.refresh()
             arrays = state.arrays
+            for key in (PREDICTION, CORRECT):
+                # predictions given only from this batch on: the earlier samples' chunks
+                # are stored too (with the fill), so that a missing chunk means damage
+                if arrays[key].size:
+                    arrays[key][...] = arrays[key].metadata.fill_value
         e = state.epoch_index(epoch)
         new = plan.new_rows
         n0, m0 = len(state.sample_ids), len(state.epochs)
@@ -774,6 +779,9 @@ class ActivationWriter:
         all_ids = state.sample_ids
         if m > m0:
             coords.append(_append(arrays[EPOCH], np.array([*state.epochs, epoch]), m0, size_m))
+            # stored now (False) so that every chunk inside the logical length exists
+            fill.append(_append(arrays[EPOCH_COMPLETE], np.append(state.complete, False), m0,
+                                size_m))
         if n > n0:
             all_ids = np.concatenate([state.sample_ids, ids[new]])
             coords.append(_append(arrays[SAMPLE], all_ids, n0, size_n))

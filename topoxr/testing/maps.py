@@ -1,7 +1,7 @@
 """Small synthetic "laid-out NAPs" for testing and documenting :mod:`topoxr.viz`.
 
 The arrays follow the format that ``topoxr.naps(...)`` followed by
-``topoxr.layout.attach(...)`` produces: a DataArray named ``nap`` with dims
+``topoxr.layouts.attach(...)`` produces: a DataArray named ``nap`` with dims
 ``("neuron", <group dim>, "epoch")``, layout coordinates ``x``/``y`` on ``neuron`` and a
 ``count`` coordinate on (group, epoch).
 """

@@ -2,7 +2,7 @@
 
 Selectors for model, layer, layout and grouping, and an epoch player. NAPs
 (:func:`topoxr.grouping.naps`) and layouts (saved ones from ``<layer>/layouts/<name>``, or
-computed with :func:`topoxr.layout.attach`) are computed when first selected and
+computed with :func:`topoxr.layouts.attach`) are computed when first selected and
 cached for the session.
 
 :func:`build_app` returns the app (testable without a server); :func:`serve` serves it.
@@ -54,7 +54,7 @@ class TopomapApp:
         A topoxr store.
     methods : sequence of str, default ("pca",)
         Layout methods offered for on-demand computation (registered names, see
-        :func:`topoxr.layout.available_methods`), besides the layouts saved in the store.
+        :func:`topoxr.layouts.available_methods`), besides the layouts saved in the store.
     random_state : int, default 0
         Seed of computed layouts.
     resolution : int, default 80
@@ -159,7 +159,7 @@ class TopomapApp:
         node = self._node()
         name = str(self.layout.value)
         if name.startswith(COMPUTED_PREFIX):
-            from topoxr.layout._attach import attach
+            from topoxr.layouts._attach import attach
             from topoxr.grouping import naps
 
             base = naps(node.to_dataset(), by=cv.LABEL if cv.LABEL in node.ds.coords
@@ -169,7 +169,7 @@ class TopomapApp:
                           random_state=self.random_state, share=last)
             coords = laid.coords.to_dataset()[[cv.X, cv.Y]]
         else:
-            from topoxr.layout._attach import load_layout
+            from topoxr.layouts._attach import load_layout
 
             model_name = self.tree[self.model.value].ds.attrs.get(cv.ATTR_MODEL, self.model.value)
             layer_name = node.ds.attrs.get(cv.ATTR_LAYER, self.layer.value)

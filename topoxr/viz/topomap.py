@@ -578,7 +578,7 @@ def topomap(
     laid_naps : xarray.DataArray, or dict/list of them
         NAPs with dims ``("neuron", <group dim>, "epoch")`` and layout coordinates ``x``,
         ``y`` on ``neuron`` (or on ``("neuron", "epoch")`` for one layout per epoch), as
-        ``topoxr.naps(...)`` then ``topoxr.layout.attach(...)`` produce them. The group
+        ``topoxr.naps(...)`` then ``topoxr.layouts.attach(...)`` produce them. The group
         dim is ``label`` for ``by="label"`` or a stacked ``group`` dim whose MultiIndex
         levels are the keys. A dict ``{model_name: naps}`` (or a list, named by their
         ``topoxr_model`` attr) draws models side by side, keyed by ``"model"``.

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from topoxr.layout._base import BaseLayout, LayoutInputError, to_unit_square
+from topoxr.layouts._base import BaseLayout, LayoutInputError, to_unit_square
+from topoxr.layouts._registry import initial_positions
 
 __all__ = ["MAX_GRID_ASPECT", "GridSnap", "grid_shape", "snap_to_grid"]
 
@@ -167,10 +168,8 @@ class GridSnap(BaseLayout):
         self.random_state = random_state
 
     def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-        from topoxr.layout.force import _initial_positions
-
         if self.slack < 0:
             raise LayoutInputError(f"slack must be >= 0, got {self.slack}")
-        pos = _initial_positions(self.init, X, X.shape[0], self.metric, rng)
+        pos = initial_positions(self.init, X, X.shape[0], self.metric, rng)
         self.init_embedding_ = pos
         return snap_to_grid(pos, slack=self.slack, method=self.solver)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.decomposition import PCA
 
-from topoxr.layout._base import BaseLayout
+from topoxr.layouts._base import BaseLayout
 
 __all__ = ["PCALayout"]
 

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from topoxr._optional import import_optional
-from topoxr.layout._base import BaseLayout
+from topoxr.layouts._base import BaseLayout
 
 __all__ = ["MDSLayout", "TSNELayout", "UMAPLayout"]
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "DEFAULT_METHOD",
     "PAPER_METHODS",
     "REFINEMENTS",
     "available_methods",
     "get_estimator",
+    "initial_positions",
     "register",
 ]
 
@@ -25,21 +28,21 @@ __all__ = [
 DEFAULT_METHOD = "knnforce"
 
 _REGISTRY: dict[str, Any] = {
-    "random": "topoxr.layout.baseline:RandomLayout",
-    "pca": "topoxr.layout.linear:PCALayout",
-    "mds": "topoxr.layout.manifold:MDSLayout",
-    "tsne": "topoxr.layout.manifold:TSNELayout",
-    "umap": "topoxr.layout.manifold:UMAPLayout",
-    "som": "topoxr.layout.som:SOMLayout",
-    "graph": "topoxr.layout.graph:SpringLayout",
-    "force": "topoxr.layout.force:ForceLayout",
-    "knnforce": "topoxr.layout.force:KNNForceLayout",
+    "random": "topoxr.layouts.baseline:RandomLayout",
+    "pca": "topoxr.layouts.linear:PCALayout",
+    "mds": "topoxr.layouts.manifold:MDSLayout",
+    "tsne": "topoxr.layouts.manifold:TSNELayout",
+    "umap": "topoxr.layouts.manifold:UMAPLayout",
+    "som": "topoxr.layouts.som:SOMLayout",
+    "graph": "topoxr.layouts.graph:SpringLayout",
+    "force": "topoxr.layouts.force:ForceLayout",
+    "knnforce": "topoxr.layouts.force:KNNForceLayout",
 }
 
 #: Suffixes that turn a layout into another: ``"<init>+force"``, ``"<method>+grid"``.
 REFINEMENTS = {
-    "force": "topoxr.layout.force:ForceLayout",
-    "grid": "topoxr.layout.grid:GridSnap",
+    "force": "topoxr.layouts.force:ForceLayout",
+    "grid": "topoxr.layouts.grid:GridSnap",
 }
 
 #: The layouts of the paper, in its own naming (``"<init>+force"`` is its ``"<INIT>_PSO"``).
@@ -179,3 +182,34 @@ def _accepted(head: list[str], shared: dict[str, Any]) -> dict[str, Any]:
     cls = _load(_REGISTRY[first])
     accepted = cls().get_params() if hasattr(cls, "get_params") else {}
     return {k: v for k, v in shared.items() if k in accepted}
+
+
+def initial_positions(init: Any, X: np.ndarray, n: int, metric: str, rng) -> np.ndarray | None:
+    """Resolve ``init`` (None, name, estimator or array) into (n, 2) positions or None.
+
+    A name or estimator is fitted on ``X`` with ``metric``; an estimator without a seed
+    gets one drawn from ``rng``. Shared by the refinements (force, grid) so that neither
+    imports the other.
+    """
+    from topoxr.layouts._base import LayoutInputError
+
+    if init is None:
+        return None
+    if isinstance(init, str) or hasattr(init, "fit_transform"):
+        from sklearn.base import clone
+
+        est = get_estimator(init) if isinstance(init, str) else clone(init)
+        params = est.get_params() if hasattr(est, "get_params") else {}
+        update = {}
+        if "metric" in params:
+            update["metric"] = metric
+        if "random_state" in params and params["random_state"] is None:
+            update["random_state"] = rng.randint(np.iinfo(np.int32).max)
+        if update:
+            est.set_params(**update)
+        pos = np.asarray(est.fit_transform(X), dtype=np.float64)
+    else:
+        pos = np.asarray(init, dtype=np.float64)
+    if pos.shape != (n, 2) or not np.isfinite(pos).all():
+        raise LayoutInputError(f"init positions must be finite with shape ({n}, 2), got {pos.shape}")
+    return pos.copy()

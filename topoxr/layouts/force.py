@@ -14,37 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from topoxr.layout._base import BaseLayout, LayoutInputError
+from topoxr.layouts._base import BaseLayout, LayoutInputError
+from topoxr.layouts._registry import initial_positions
 
 __all__ = ["ForceLayout", "KNNForceLayout"]
 
 logger = logging.getLogger(__name__)
-
-
-def _initial_positions(init: Any, X: np.ndarray, n: int, metric: str, rng) -> np.ndarray | None:
-    """Resolve ``init`` (None, name, estimator or array) into (n, 2) positions or None."""
-    if init is None:
-        return None
-    if isinstance(init, str) or hasattr(init, "fit_transform"):
-        from sklearn.base import clone
-
-        from topoxr.layout._registry import get_estimator
-
-        est = get_estimator(init) if isinstance(init, str) else clone(init)
-        params = est.get_params() if hasattr(est, "get_params") else {}
-        update = {}
-        if "metric" in params:
-            update["metric"] = metric
-        if "random_state" in params and params["random_state"] is None:
-            update["random_state"] = rng.randint(np.iinfo(np.int32).max)
-        if update:
-            est.set_params(**update)
-        pos = np.asarray(est.fit_transform(X), dtype=np.float64)
-    else:
-        pos = np.asarray(init, dtype=np.float64)
-    if pos.shape != (n, 2) or not np.isfinite(pos).all():
-        raise LayoutInputError(f"init positions must be finite with shape ({n}, 2), got {pos.shape}")
-    return pos.copy()
 
 
 class ForceLayout(BaseLayout):
@@ -93,7 +68,7 @@ class ForceLayout(BaseLayout):
         Seed of the random start and of the ``init`` estimator.
     progress : bool, default False
         Show a tqdm progress bar over the steps (off by default: callers such as
-        :func:`topoxr.layout.attach` and :func:`compute_layouts` show their own).
+        :func:`topoxr.layouts.attach` and :func:`compute_layouts` show their own).
 
     Attributes
     ----------
@@ -153,7 +128,7 @@ class ForceLayout(BaseLayout):
         n = X.shape[0]
         if self.n_steps < 1:
             raise LayoutInputError(f"n_steps must be >= 1, got {self.n_steps}")
-        init = _initial_positions(self.init, X, n, self.metric, rng)
+        init = initial_positions(self.init, X, n, self.metric, rng)
         self.init_embedding_ = init
         if init is None:
             pos = rng.uniform(size=(n, 2))
@@ -189,9 +164,11 @@ class ForceLayout(BaseLayout):
         r3 = np.empty((n, n), dtype=np.float32)
         for step in tqdm(range(int(self.n_steps)), desc="force layout", disable=not self.progress,
                          leave=False):
-            p32 = pos.astype(np.float32)
-            np.subtract(p32[None, :, 0], p32[:, None, 0], out=dx)
-            np.subtract(p32[None, :, 1], p32[:, None, 1], out=dy)
+            # differences from float64 positions: the global term first contracts the
+            # swarm to ~1e-16 around its centre and the local term re-expands it from
+            # those differences, which float32 positions (ulp ~6e-8) would erase
+            np.subtract(pos[None, :, 0], pos[:, None, 0], out=dx, casting="same_kind")
+            np.subtract(pos[None, :, 1], pos[:, None, 1], out=dy, casting="same_kind")
             np.hypot(dx, dy, out=r)
             np.maximum(r, r_min, out=r)
             # local term a/(r+1)^3 - b exp(-r/c), weighted, plus the weighted global term
@@ -328,7 +305,7 @@ class KNNForceLayout(BaseLayout):
         Initial step size (decays linearly to zero).
     grid : bool, default True
         Snap the result onto a regular grid, one neuron per cell
-        (:func:`~topoxr.layout.grid.snap_to_grid`): uniform density and no overlaps, at
+        (:func:`~topoxr.layouts.grid.snap_to_grid`): uniform density and no overlaps, at
         some cost in trustworthiness; smoother maps where clusters touch (digits NAPs),
         less smooth on well separated clusters (use ``grid=False`` there).
     spreading : float, default 0.5
@@ -404,7 +381,7 @@ class KNNForceLayout(BaseLayout):
         pos = _optimize(pos, heads, tails, weight, n_neg, a, b, int(n_epochs),
                         float(self.learning_rate), rng)
         if self.grid:
-            from topoxr.layout.grid import snap_to_grid
+            from topoxr.layouts.grid import snap_to_grid
 
             return snap_to_grid(pos)
         if self.spreading > 0:
@@ -417,13 +394,13 @@ class KNNForceLayout(BaseLayout):
             if init == "random":
                 pos = rng.uniform(size=(n, 2))
             elif init == "pca":
-                from topoxr.layout.linear import PCALayout
+                from topoxr.layouts.linear import PCALayout
 
                 pos = PCALayout(metric=self.metric, random_state=rng).fit_transform(X)
             else:
                 pos = _spectral(heads, tails, weight, n, rng)
         else:
-            pos = _initial_positions(init, X, n, self.metric, rng)
+            pos = initial_positions(init, X, n, self.metric, rng)
         pos = pos - pos.min(axis=0)
         span = pos.max()
         pos = pos / (span if span > 0 else 1.0) * 10.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from topoxr.layout._base import BaseLayout
+from topoxr.layouts._base import BaseLayout
 
 __all__ = ["RandomLayout"]
 

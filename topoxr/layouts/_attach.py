@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
-from topoxr.layout._registry import DEFAULT_METHOD, get_estimator
+from topoxr.layouts._registry import DEFAULT_METHOD, get_estimator
 from topoxr.similarity import (
     ATTR_PROFILE,
     FEATURE,
@@ -52,7 +52,12 @@ LAYOUTS_GROUP = "layouts"
 # Seeds and the single fit
 # --------------------------------------------------------------------------------------
 def draw_seeds(random_state: int | None, n: int) -> tuple[int, list[int]]:
-    """Draw ``n`` independent task seeds from one user seed.
+    """Draw ``n`` task seeds from one user seed (topoxr's one seed rule).
+
+    The first seed is ``random_state`` itself when it is an int in ``[0, 2**32)``, so a
+    single layout with ``random_state=s`` equals ``get_estimator(method,
+    random_state=s).fit_transform(X)``; the others come from
+    ``numpy.random.SeedSequence(random_state)``.
 
     Parameters
     ----------
@@ -65,9 +70,20 @@ def draw_seeds(random_state: int | None, n: int) -> tuple[int, list[int]]:
     -------
     entropy, seeds : int, list of int
         The root seed actually used and ``n`` seeds in ``[0, 2**32)``.
+
+    Examples
+    --------
+    >>> draw_seeds(7, 3)[1][0]
+    7
     """
+    if random_state is not None and not isinstance(random_state, (int, np.integer)):
+        raise TypeError(f"random_state must be an int or None, got {type(random_state).__name__}")
     ss = np.random.SeedSequence(random_state)
-    return int(ss.entropy), [int(s) for s in ss.generate_state(max(n, 1))[:n]]
+    seeds = [int(s) for s in ss.generate_state(max(n, 1))[:n]]
+    root = int(ss.entropy)
+    if seeds and 0 <= root < 2**32:
+        seeds[0] = root
+    return root, seeds
 
 
 def _clean(X: np.ndarray) -> np.ndarray:
@@ -113,6 +129,8 @@ def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
 def _profiles_of(obj: Any, profile: Any) -> xr.DataArray:
     if isinstance(profile, xr.DataArray):
         prof = profile
+    elif profile is None and isinstance(obj, xr.DataArray) and FEATURE in obj.dims:
+        prof = obj  # the object is a profile matrix (neuron, feature[, epoch]) already
     elif profile is None:
         prof = profiles(obj)
     elif isinstance(profile, Mapping):
@@ -176,13 +194,16 @@ def attach(
     ----------
     obj : xarray.DataArray or xarray.Dataset
         Activations ``(neuron, sample, epoch)`` (a layer node of
-        :func:`topoxr.open_store`), NAPs from :func:`topoxr.naps`, or profiles.
-    method : str or estimator, default :data:`topoxr.layout._registry.DEFAULT_METHOD`
+        :func:`topoxr.open_store`), NAPs from :func:`topoxr.naps`, or a profile matrix
+        ``(neuron, feature[, epoch])`` from :func:`topoxr.profiles` (used as it is).
+    method : str or estimator, default :data:`topoxr.layouts._registry.DEFAULT_METHOD`
         A registered layout name (``"pca"``, ``"umap+force"``...; see
-        :func:`topoxr.layout.available_methods`) or an estimator instance.
+        :func:`topoxr.layouts.available_methods`) or an estimator instance.
     random_state : int, optional
         Root seed. One seed per layout (epoch) is drawn from it up front with
-        :func:`draw_seeds`; with None, fresh entropy is drawn and recorded.
+        :func:`draw_seeds`: the first (or only) layout uses ``random_state`` itself, so
+        it equals ``get_estimator(method, random_state=random_state)`` on the same
+        profiles. With None, fresh entropy is drawn and recorded.
     profile : mapping or xarray.DataArray, optional
         Arguments of :func:`topoxr.profiles` (e.g. ``{"source": "activations",
         "n_samples": 500, "balanced": True}``), or precomputed profiles. Default: NAPs by
@@ -191,7 +212,8 @@ def attach(
         Profile distance handed to the estimator. Dead/constant neurons are reported
         (``dead_neurons``/``constant_neurons`` in the layout description).
     share : None, "all" or an epoch label, default None
-        ``None``: one layout per epoch, ``x``/``y`` on ``(neuron, epoch)``. ``"all"``: one
+        ``None``: one layout per epoch, ``x``/``y`` on ``(neuron, epoch)`` (with a
+        single epoch, one layout with ``x``/``y`` on ``neuron``). ``"all"``: one
         layout from the profiles of all epochs side by side. An epoch label: that
         epoch's layout for every epoch (the paper's fixed layout for animations).
         Shared layouts put ``x``/``y`` on ``neuron`` only.
@@ -243,7 +265,8 @@ def attach(
         "share": share, "epochs": [e for e in epochs if e is not None],
         "profile": json.loads(prof.attrs.get(ATTR_PROFILE, "{}")), **rep,
     }
-    per_epoch = epochs[0] is not None and share is None
+    # one layout (one epoch, or shared): x/y on neuron only
+    per_epoch = epochs[0] is not None and share is None and len(epochs) > 1
     if per_epoch and EPOCH not in obj.dims:
         raise ProfileError("per-epoch profiles need an object with an 'epoch' dimension; "
                            "pass share='all' or an epoch label")

@@ -1,0 +1,282 @@
+"""Checking what is read: damaged chunks named precisely, contradictions between arrays.
+
+Every chunk written by this version ends in a crc32c checksum (see
+:data:`topoxr.store._schema.CHECKSUM`) that zarr checks on every read, and every chunk
+is stored, so that a missing chunk means damage.  This module turns a failed read into
+a :class:`StoreCorruptionError` naming the layer, the array, the chunk key and the
+samples and epochs the chunk holds, and checks the invariants that the write order
+guarantees (see :mod:`topoxr.store`):
+
+* nothing is committed beyond the logical lengths (the ``sample`` / ``epoch``
+  coordinates and the shapes of the arrays);
+* no sample id is filled in beyond the shortest array;
+* an epoch marked complete has every sample committed;
+* every chunk of a checked layer inside the logical lengths exists.
+
+The checks read only what a reader reads anyway (the coordinates, the ``committed``
+mask) plus one listing of each small array's chunk keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from topoxr.conventions import ACTIVATION, COMMITTED, CORRECT, EPOCH, EPOCH_COMPLETE, LABEL, SAMPLE
+from topoxr.store._errors import StoreCorruptionError
+from topoxr.store._schema import (
+    _ATTR_SCALARS,
+    _EPOCH_FILL,
+    SAMPLE_FILL,
+    _check_required,
+    _ids_text,
+    _where,
+    has_checksums,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def chunk_coords(arr: zarr.Array, region: tuple[slice, ...]) -> Iterator[tuple[int, ...]]:
+    """The grid coordinates of every chunk of ``arr`` that ``region`` touches."""
+    ranges = []
+    for sl, size, dim in zip(region, arr.chunks, arr.shape, strict=True):
+        start, stop, _ = sl.indices(dim)
+        if stop <= start:
+            return
+        ranges.append(range(start // size, -(-stop // size)))
+    yield from itertools.product(*ranges)
+
+
+def chunk_slices(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[slice, ...]:
+    """The region of ``arr`` that chunk ``coords`` holds (cut at the array's shape)."""
+    return tuple(slice(c * size, min((c + 1) * size, dim))
+                 for c, size, dim in zip(coords, arr.chunks, arr.shape, strict=True))
+
+
+def chunk_file(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """Path of a chunk inside the store, e.g. ``mlp/hidden/activation/c/0/3/1``."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+
+def _as_region(arr: zarr.Array, selection: Any) -> tuple[slice, ...]:
+    sel = selection if isinstance(selection, tuple) else (selection,)
+    if sel == (Ellipsis,) or sel == ():
+        sel = ()
+    sel = tuple(s if isinstance(s, slice) else slice(int(s), int(s) + 1) for s in sel)
+    return sel + (slice(None),) * (arr.ndim - len(sel))
+
+
+@dataclass
+class Context:
+    """What a layer's chunks mean: for naming the samples and epochs a chunk holds."""
+
+    where: str
+    sample_ids: np.ndarray | None = None
+    epochs: np.ndarray | None = None
+    scalars: tuple[str, ...] = ()
+
+    def covered(self, arr: zarr.Array, coords: tuple[int, ...]) -> str:
+        """Which samples and epochs (or neurons) chunk ``coords`` of ``arr`` holds."""
+        dims = tuple(arr.metadata.dimension_names or ())
+        parts = []
+        for dim, sl in zip(dims, chunk_slices(arr, coords), strict=False):
+            if dim == SAMPLE:
+                known = self.sample_ids is not None and arr.name.rsplit("/", 1)[-1] != SAMPLE
+                ids = self.sample_ids[sl] if known else None
+                parts.append(f"samples {_ids_text(ids)}" if ids is not None and len(ids)
+                             else f"sample positions {sl.start}..{sl.stop - 1}")
+            elif dim == EPOCH:
+                known = self.epochs is not None and arr.name.rsplit("/", 1)[-1] != EPOCH
+                eps = self.epochs[sl] if known else None
+                parts.append(f"epochs {_ids_text(eps)}" if eps is not None and len(eps)
+                             else f"epoch positions {sl.start}..{sl.stop - 1}")
+            else:
+                parts.append(f"{dim}s {sl.start}..{sl.stop - 1}")
+        if SAMPLE not in dims:
+            parts.append("every sample")
+        if EPOCH not in dims:
+            parts.append("every epoch")
+        return ", ".join(parts)
+
+    def damaged_chunk(self, arr: zarr.Array, coords: tuple[int, ...], what: str,
+                      where: bool = True) -> str:
+        """One line naming a damaged chunk: place, array, chunk key, problem, coverage."""
+        name = arr.name.rsplit("/", 1)[-1]
+        return (f"{self.where + ' is damaged: ' if where else ''}array {name!r}, chunk {arr.metadata.encode_chunk_key(coords)} "
+                f"(file {chunk_file(arr, coords)}) {what}; it holds {self.covered(arr, coords)}")
+
+    def unreadable(self, arr: zarr.Array, region: tuple[slice, ...],
+                   err: BaseException) -> StoreCorruptionError:
+        """The error for a read of ``region`` that failed: find and name the chunk(s)."""
+        lines = []
+        for coords in chunk_coords(arr, region):
+            try:
+                arr[chunk_slices(arr, coords)]
+            except Exception as chunk_err:  # noqa: BLE001 - any decode failure is damage
+                lines.append(self.damaged_chunk(arr, coords, _reason(chunk_err)))
+                if len(lines) == 3:
+                    break
+        if not lines:  # the failure is not one chunk's (metadata, shape)
+            name = arr.name.rsplit("/", 1)[-1]
+            lines.append(f"{self.where}: array {name!r} is unreadable "
+                         f"({type(err).__name__}: {err})")
+        return StoreCorruptionError("; ".join(lines))
+
+    def read(self, arr: zarr.Array, selection: Any = Ellipsis) -> np.ndarray:
+        """``arr[selection]`` as numpy; a failure names the damaged chunk."""
+        try:
+            return np.asarray(arr[selection])
+        except Exception as err:
+            raise self.unreadable(arr, _as_region(arr, selection), err) from err
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err)
+    if "checksum" in text.lower():
+        return "fails its crc32c checksum (its bytes changed)"
+    return f"cannot be decoded ({type(err).__name__}: {text})"
+
+
+def stored_chunks(arr: zarr.Array) -> set[str]:
+    """The keys of the chunks of ``arr`` present in the store (one listing)."""
+    from zarr.core.sync import sync
+
+    prefix = f"{arr.path}/"
+
+    async def keys() -> set[str]:
+        return {k[len(prefix):] async for k in arr.store.list_prefix(prefix)
+                if not k.endswith("zarr.json")}
+
+    return sync(keys())
+
+
+def missing_chunks(arr: zarr.Array, region: tuple[slice, ...],
+                   present: set[str] | None = None) -> list[tuple[int, ...]]:
+    """Chunks of ``region`` absent from the store."""
+    present = stored_chunks(arr) if present is None else present
+    return [c for c in chunk_coords(arr, region)
+            if arr.metadata.encode_chunk_key(c) not in present]
+
+
+@dataclass
+class Snapshot:
+    """A layer's lengths, coordinates and commit state, read once and checked."""
+
+    n: int
+    m: int
+    sample_ids: np.ndarray
+    epochs: np.ndarray
+    committed: np.ndarray  # (n, m) bool
+    complete: np.ndarray  # (m,) bool
+    checked: bool  # every array has checksums (format version >= 2)
+    context: Context
+
+
+def extra_nodes(group: zarr.Group, known: Mapping[str, Any]) -> list[str]:
+    """Children of ``group`` in the store that are not readable nodes (lost ``zarr.json``)."""
+    from zarr.core.sync import sync
+
+    async def names() -> list[str]:
+        return [k async for k in group.store.list_dir(f"{group.path}/" if group.path else "")]
+
+    children = {k.rstrip("/") for k in sync(names())} - {"zarr.json"}
+    return sorted(c for c in children if c not in known and not c.startswith("."))
+
+
+def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
+             check_chunks: bool = True) -> Snapshot:
+    """Read a layer's lengths, coordinates and mask; refuse contradictions.
+
+    Raises
+    ------
+    StoreCorruptionError
+        Naming the layer, array and chunk of damage, or the contradiction found.
+    """
+    where = _where(group)
+    ctx = Context(where, scalars=tuple(group.attrs.get(_ATTR_SCALARS, ())))
+    lost = extra_nodes(group, dict(group.members()))
+    if lost:
+        raise StoreCorruptionError(
+            f"{where} is damaged: {lost} in {group.path!r} have no readable zarr.json "
+            "(their metadata was deleted or damaged)")
+    _check_required(group, arrays)
+    lengths: dict[str, int] = {}
+    for arr in arrays.values():
+        for dim, size in zip(arr.metadata.dimension_names or (), arr.shape, strict=True):
+            if dim in (SAMPLE, EPOCH):
+                lengths[dim] = min(lengths.get(dim, size), size)
+    s_min, e_min = lengths.get(SAMPLE, 0), lengths.get(EPOCH, 0)
+    ids_all = ctx.read(arrays[SAMPLE]).astype(np.int64)
+    eps_all = ctx.read(arrays[EPOCH]).astype(np.int64)
+    n = _first(ids_all[:s_min] == SAMPLE_FILL, s_min)
+    m = _first(eps_all[:e_min] == _EPOCH_FILL, e_min)
+    ctx.sample_ids, ctx.epochs = ids_all[:n], eps_all[:m]
+    problems = []
+    beyond = ids_all[s_min:] != SAMPLE_FILL
+    if beyond.any():
+        problems.append(f"'sample' holds {int(beyond.sum())} ids beyond the {s_min} samples "
+                        "every array has (an array's shape was cut)")
+    mask = ctx.read(arrays[COMMITTED])
+    complete_all = ctx.read(arrays[EPOCH_COMPLETE]).astype(bool)
+    late_s = mask[n:].any(axis=1) if mask.ndim == 2 else np.zeros(0, bool)
+    late_e = mask[:, m:].any(axis=0) if mask.ndim == 2 else np.zeros(0, bool)
+    if late_s.any():
+        problems.append(f"'committed' marks samples at {int(late_s.sum())} positions from "
+                        f"{n + int(np.flatnonzero(late_s)[0])} as written, beyond the {n} "
+                        "samples of the 'sample' coordinate and array shapes")
+    if late_e.any():
+        problems.append(f"'committed' marks {int(late_e.sum())} epoch positions from "
+                        f"{m + int(np.flatnonzero(late_e)[0])} as written, beyond the {m} "
+                        "epochs of the 'epoch' coordinate and array shapes")
+    if complete_all[m:].any():
+        problems.append(f"'epoch_complete' marks epoch positions "
+                        f"{(m + np.flatnonzero(complete_all[m:])).tolist()[:10]} complete, "
+                        f"beyond the {m} epochs of the 'epoch' coordinate")
+    committed = mask[:n, :m].astype(bool) if n and m else np.zeros((n, m), bool)
+    complete = complete_all[:m]
+    holes = complete & ~committed.all(axis=0) if n else np.zeros(m, bool)
+    for e in np.flatnonzero(holes):
+        lacking = ctx.sample_ids[~committed[:, e]]
+        problems.append(f"epoch {int(ctx.epochs[e])} is marked complete but samples "
+                        f"{_ids_text(lacking)} are not committed (a 'committed' chunk was "
+                        "lost or damaged)")
+    checked = all(has_checksums(a) for a in arrays.values())
+    if check_chunks and checked:
+        problems.extend(_lost_chunks(ctx, arrays, n, m))
+    if problems:
+        raise StoreCorruptionError(f"{where} is damaged: " + "; ".join(problems))
+    return Snapshot(n, m, ctx.sample_ids, ctx.epochs, committed, complete, checked, ctx)
+
+
+def _first(flags: np.ndarray, default: int) -> int:
+    hit = np.flatnonzero(flags)
+    return int(hit[0]) if len(hit) else default
+
+
+def _lost_chunks(ctx: Context, arrays: Mapping[str, zarr.Array], n: int, m: int) -> list[str]:
+    """Chunks of the small arrays inside the logical lengths that are not in the store."""
+    out = []
+    scalars = set(ctx.scalars)
+    for name, arr in arrays.items():
+        if name == ACTIVATION:
+            continue  # checked where read (see reader._CheckedActivation) and by verify
+        if name == COMMITTED or name in scalars or (name == CORRECT and LABEL not in arrays):
+            continue  # mask: checked on complete epochs; scalars: only epochs logged
+        region = region_of(arr, n, m)
+        out.extend(ctx.damaged_chunk(arr, c, "is missing from the store", where=False)
+                   for c in missing_chunks(arr, region)[:3])
+    return out
+
+
+def region_of(arr: zarr.Array, n: int, m: int) -> tuple[slice, ...]:
+    """The part of ``arr`` inside the logical lengths ``n`` samples, ``m`` epochs."""
+    dims = arr.metadata.dimension_names or ()
+    return tuple(slice(0, n) if d == SAMPLE else slice(0, m) if d == EPOCH else slice(0, s)
+                 for d, s in zip(dims, arr.shape, strict=True))
