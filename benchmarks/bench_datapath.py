@@ -57,7 +57,7 @@ REPEATS = 3
 
 SIZES = {
     False: {"write_samples": 8192, "read_samples": 102_400, "read_epochs": 10,
-            "codec_samples": 32_768, "mlp_samples": 20_000, "conv_samples": 1024,
+            "codec_samples": 16_384, "mlp_samples": 20_000, "conv_samples": 1024,
             "mlp_repeats": 5, "conv_repeats": 3},
     True: {"write_samples": 1024, "read_samples": 10_240, "read_epochs": 10,
            "codec_samples": 8192, "mlp_samples": 2000, "conv_samples": 128,
