@@ -165,7 +165,7 @@ def read_loop(store: str, until: str, plan: Plan = Plan()) -> int:
                 print(f"store never appeared: {err}", flush=True)
                 return 1
         except Exception as err:  # noqa: BLE001 - report whatever went wrong
-            if snapshots == 0 and "not a topoxr store" in str(err):
+            if snapshots == 0 and "being created by a writer" in str(err):
                 continue  # the root group is being created right now
             print(f"VIOLATION after {snapshots} snapshots: {type(err).__name__}: {err}",
                   flush=True)

@@ -44,3 +44,25 @@ def any_store(request, tmp_path):
         path = url.removeprefix("memory://")
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``topoxr demo --quick`` run once, as a user runs it: ``(out folder, CompletedProcess)``.
+
+    Shared by the demo and the browser tests, so the suite pays for one run.
+    """
+    import subprocess
+    import sys
+
+    for name in ("torch", "keras", "holoviews"):
+        pytest.importorskip(name)
+    out = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "topoxr.cli", "demo", "--quick", "--out", str(out), "--seed", "3",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result

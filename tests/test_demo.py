@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,59 +13,92 @@ pytest.importorskip("torch")
 pytest.importorskip("keras")
 pytest.importorskip("holoviews")
 
+#: The report's sections: one per application of the paper, each with its number.
+SECTIONS = ("Findings", "Class maps: mlp_torch / relu1", "Class maps: transformer_torch / pool",
+            "Class maps of every layer", "Errors: correct vs wrong", "Errors: confusion grid",
+            "Bias: a planted attribute", "Training process", "PyTorch and Keras side by side",
+            "Layout quality and time")
+
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, "-m", "topoxr.cli", "demo", "--quick", "--out", str(out), "--seed", "3"],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+def demo_run(quick_demo):
+    return quick_demo
 
 
+@pytest.mark.slow
 def test_demo_writes_store_report_and_figures(demo_run):
     out, result = demo_run
     for name in ("report.html", "maps.png", "training.gif", "quality.json"):
         assert (out / name).stat().st_size > 0, name
     tree = open_store(out / "activations.zarr")
-    assert {"mlp_torch", "mlp_keras"} <= set(tree.children)
+    assert {"mlp_torch", "mlp_keras", "transformer_torch", "mlp_biased",
+            "mlp_control"} <= set(tree.children)
     layer = tree["mlp_torch/relu1"].to_dataset()
-    assert layer.sizes["epoch"] == 4  # epoch 0 before training + 3 epochs (quick)
+    assert layer.sizes["neuron"] == 128  # the paper's hidden layer
+    assert layer.sizes["epoch"] == 6  # epoch 0 before training + 5 epochs (quick)
     assert bool(layer.epoch_complete.all())
-    assert "report:" in result.stdout or "report.html" in result.stdout
+    biased = tree["mlp_biased/relu1"].to_dataset()
+    assert biased["marked"].values.mean() == pytest.approx(0.5)  # the probe set: half marked
+    assert "class maps (mlp_torch/relu1)" in result.stdout and "report.html" in result.stdout
     html = (out / "report.html").read_text()
-    for section in ("class maps", "training process", "correct vs wrong", "confusion grid",
-                    "PyTorch and Keras side by side", "Layout quality"):
-        assert section in html, section
-    assert "cdn.bokeh.org" not in html  # self-contained: works offline
+    for section in SECTIONS:
+        assert f"<h2>{section}" in html, section
+    assert "cdn.bokeh.org" not in html and "https://" not in html.split("<body>")[1]
 
 
-def test_demo_quality_table_compares_default_with_the_paper(demo_run):
+@pytest.mark.slow
+def test_demo_numbers_of_each_application(demo_run):
     out, _ = demo_run
-    rows = json.loads((out / "quality.json").read_text())
-    methods = {row["method"] for row in rows}
+    quality = json.loads((out / "quality.json").read_text())
+    found = quality["findings"]
+    assert found["featured"] == "mlp_torch/relu1"
+    cm = found["class_maps"]["mlp_torch/relu1"]
+    assert -1 <= cm["mean_correlation"] < 0.5  # trained class maps are distinct
+    assert len(cm["blob_count"]) == 10 and cm["mean_blob_count"] >= 1
+    err = found["errors"]["mlp_torch/relu1"]
+    assert err["wrong_samples"] == sum(p["count"] for p in err["pairs"])
+    assert np.isfinite(err["mean_r_true"]) and np.isfinite(err["mean_r_predicted"])
+    bias = found["bias"]
+    assert bias["biased"]["mean_effect"] > bias["control"]["mean_effect"]  # the planted bias
+    assert bias["biased_pulled_marked"] > bias["control_pulled_marked"]
+    training = found["training"]
+    assert training["epochs"] == list(range(6)) and len(training["change"]) == 5
+    methods = {row["method"] for row in quality["layouts"]}
     assert len(methods) == 2
-    for row in rows:
+    for row in quality["layouts"]:
         assert 0.0 <= row["trustworthiness"] <= 1.0
         assert np.isfinite(row["smoothness"]) and row["seconds"] >= 0
+    assert set(quality["timings_s"]) >= {"record", "analyse", "render", "total"}
 
 
 def test_same_seed_same_numbers(tmp_path):
     """Recording is deterministic: two runs with one seed store identical activations."""
-    from topoxr.demo import _record_keras, _record_torch, digits_probe
+    from topoxr.demo import ModelSpec, _record, digits_probe
 
     data = digits_probe(seed=5)
+    torch_spec = ModelSpec("mlp_torch", "torch", "paper_mlp", ("relu1",))
+    keras_spec = ModelSpec("mlp_keras", "keras", "paper_mlp", ("relu1",), twin="mlp_torch")
     stores = []
     for run in range(2):
         store = tmp_path / f"run{run}.zarr"
-        twin = _record_torch(store, data, "mlp", "mlp_torch", ["relu1"], epochs=2, seed=5)
-        _record_keras(store, data, "mlp", "mlp_keras", ["relu1"], epochs=2, seed=5,
-                      torch_twin=twin)
+        twin = _record(store, data, torch_spec, epochs=2, seed=5)
+        _record(store, data, keras_spec, epochs=2, seed=5, twin=twin)
         stores.append(open_store(store))
     for node in ("mlp_torch/relu1", "mlp_keras/relu1"):
         a = stores[0][node].to_dataset().activation.values
         b = stores[1][node].to_dataset().activation.values
         np.testing.assert_array_equal(a, b)
+    # identical initial weights: epoch 0 is the same network in both frameworks
+    t0 = stores[0]["mlp_torch/relu1"].to_dataset().activation.isel(epoch=0).values
+    k0 = stores[0]["mlp_keras/relu1"].to_dataset().activation.isel(epoch=0).values
+    np.testing.assert_allclose(t0, k0, atol=1e-5)
+
+
+def test_the_plan_without_keras_drops_the_twins():
+    from topoxr.demo import demo_plan
+
+    plan = demo_plan(quick=True, frameworks={"torch"})
+    assert [s.name for s in plan] == ["mlp_torch", "transformer_torch", "mlp_biased",
+                                      "mlp_control"]
+    assert all(s.framework == "torch" for s in plan)
+    assert [s.name for s in demo_plan(frameworks=set())] == []

@@ -81,3 +81,40 @@ def test_top_level_functions_leave_their_modules_reachable(function, module, ext
     assert getattr(top, function) is getattr(mod, function)
     assert getattr(top, module) is mod  # the attribute is the module, not a function
     assert hasattr(mod, extra)
+
+
+def _imported_modules(path) -> set[str]:
+    """Every module an ``import`` statement of a source file names (at any depth)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_import_circle_between_the_core_and_the_adapters():
+    """The core reaches adapters only through the registry; adapters never import the demo
+    or the CLI; the demo does not import the CLI."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    adapters = ("topoxr_torch", "topoxr_keras")
+    core = sorted((root / "topoxr").rglob("*.py"))
+    assert len(core) > 20  # the scan sees the package
+    for path in core:
+        names = _imported_modules(path)
+        wrong = sorted(n for n in names if n.split(".")[0] in adapters)
+        assert not wrong, f"{path.relative_to(root)} imports adapter modules by name: {wrong}"
+    for path in (root / "topoxr").glob("*demo*.py"):
+        names = _imported_modules(path)
+        assert not {n for n in names if n.startswith("topoxr.cli")}, path.name
+    for path in sorted((root / "adapters").rglob("*.py")):
+        names = _imported_modules(path)
+        wrong = sorted(n for n in names if n.startswith(("topoxr.demo", "topoxr._demo",
+                                                          "topoxr.cli")))
+        assert not wrong, f"{path.relative_to(root)} imports {wrong}"

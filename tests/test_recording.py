@@ -14,6 +14,7 @@ import pytest
 from topoxr import ActivationWriter, open_store
 from topoxr.recording import (
     BackgroundWriter,
+    LayerPlan,
     RecordingError,
     available_adapters,
     check_against_store,
@@ -128,9 +129,19 @@ def test_resolve_layers_exact_glob_and_order():
 
 
 @pytest.mark.parametrize("requested", [["fc3"], "conv*", []])
-def test_resolve_layers_errors_list_available(requested):
-    with pytest.raises(RecordingError, match=r"fc1.*fc2"):
+def test_resolve_layers_errors_give_the_layer_count(requested):
+    with pytest.raises(RecordingError, match=rf"{len(AVAILABLE)} layers"):
         resolve_layers(requested, AVAILABLE)
+
+
+def test_resolve_layers_suggests_the_three_closest_names():
+    many = [f"encoder.layer.{i}.{part}" for i in range(12) for part in ("attention", "output")]
+    with pytest.raises(RecordingError) as err:
+        resolve_layers(["encoder.layer.1.atention"], many)
+    msg = str(err.value)
+    assert "did you mean 'encoder.layer.1.attention'" in msg
+    assert f"it has {len(many)} layers" in msg
+    assert sum(name in msg for name in many) <= 3  # not the whole list
 
 
 # -- data normalisation -------------------------------------------------------------------
@@ -218,7 +229,7 @@ def test_check_against_store_allows_resuming_an_epoch():
     with pytest.raises(RecordingError, match="probe set differs"):
         check_against_store(stored, model="m", neurons={"h": 4}, reduce="mean", epoch=1,
                             ids=np.arange(10), labels=None)
-    with pytest.raises(RecordingError, match="reduce='mean', not 'max'"):
+    with pytest.raises(RecordingError, match="recorded with reduce='mean'.*asks for reduce='max'"):
         check_against_store(stored, model="m", neurons={"h": 4}, reduce="max", epoch=0,
                             ids=np.arange(5), labels=None)
 
@@ -238,7 +249,7 @@ def test_changed_labels_are_refused_before_writing(store_path):
 @pytest.mark.parametrize(("chunks_per_write", "writes"), [(1, 4), (4, 3)])
 def test_background_writer_coalesces_into_whole_writes(store_path, chunks_per_write, writes):
     with ActivationWriter(store_path, model="m") as writer:
-        with BackgroundWriter(writer, epoch=0, reduce="mean", channel_axis=1,
+        with BackgroundWriter(writer, epoch=0, plans={"a": LayerPlan("mean", 1, "test")},
                               write_bytes=4 * 2 * 40, chunks_per_write=chunks_per_write) as bg:
             bg.set_targets({"a": 2}, batch_size=10)  # 40 rows per write
             for start in range(0, 100, 10):
@@ -257,7 +268,8 @@ def test_background_writer_coalesces_into_whole_writes(store_path, chunks_per_wr
 def test_background_writer_errors_reach_the_caller(store_path):
     with ActivationWriter(store_path, model="m") as writer:
         writer.write("a", np.zeros((4, 3)), sample=np.arange(4))
-        bg = BackgroundWriter(writer, epoch=0, reduce="mean", channel_axis=1, queue_size=1)
+        bg = BackgroundWriter(writer, epoch=0, plans={"a": LayerPlan("mean", 1, "test")},
+                              queue_size=1)
         bg.set_targets({"a": 5}, batch_size=1)
         # Five neurons where the store has three: the thread fails, the caller hears it.
         with pytest.raises(ValueError, match="3 neurons in the store"):

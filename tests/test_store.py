@@ -316,9 +316,10 @@ def test_store_summary_is_json(any_store):
     assert layer == {
         "name": "hidden", "neurons": N_NEURONS, "samples": 10, "epochs": [0, 1],
         "complete_epochs": [0, 1], "incomplete_epochs": [], "committed_fraction": 1.0,
-        "reduce": "mean", "chunks": layer["chunks"],
+        "reduce": "mean", "chunks": layer["chunks"], "checksums": True, "problems": [],
     }
     assert summary["description"] == "d" and summary["format_version"] == FORMAT_VERSION
+    assert summary["verified"] is None and summary["problems"] == []
 
 
 # --------------------------------------------------------------------------------------

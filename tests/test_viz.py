@@ -505,3 +505,77 @@ def test_wide_grids_get_smaller_maps_and_neurons_unless_asked(viz):
     width, size = sizes(viz.contrast_grid(nap))
     assert width * 10 <= 1000 and size < 5
     assert sizes(viz.contrast_grid(nap, frame_width=200, point_size=6)) == (200, 6)
+
+
+def _titles(fig):
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def test_png_of_a_collection_keyed_by_labels_draws_every_key_as_a_titled_panel(viz, nap,
+                                                                                tmp_path):
+    from topoxr.viz.report import _holomap_as_panels
+
+    by_label = viz.topomap(nap, by="label")
+    panels = _holomap_as_panels(by_label)
+    assert [p.label for p in panels] == [f"label {k}" for k in range(4)]
+    fig = _mpl_figure(panels)
+    import matplotlib.pyplot as plt
+
+    assert sorted(_titles(fig)) == [f"label {k}" for k in range(4)]
+    plt.close(fig)
+    # an epoch key is drawn at its last epoch, the labels still all there
+    over_epochs = _holomap_as_panels(viz.topomap(nap, by=["label", "epoch"]))
+    assert [p.label for p in over_epochs] == [f"label {k}" for k in range(4)]
+    last = _points(viz.topomap(nap, by=["label", "epoch"])[(2, 2)]).dimension_values(2)
+    np.testing.assert_allclose(_points(over_epochs[2]).dimension_values(2), last)
+    # two keys: a grid of titled cells
+    grid = _holomap_as_panels(viz.topomap(make_laid_naps(20, 3, 2, by=["label", "correct"]),
+                                          by=["label", "correct"]))
+    assert "label 0, correct" in [c.label for c in grid if not isinstance(c, hv.Empty)]
+    png = viz.save_png(by_label, tmp_path / "by_label.png")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 2 * im.size[1]  # panels side by side, not one map
+
+
+def test_still_figure_draws_titled_panels_blank_cells_and_one_bar_per_range(viz):
+    import matplotlib.pyplot as plt
+
+    from topoxr.viz.still import still_figure, still_png
+
+    nap = make_laid_naps(20, 3, 2, by=["label", "correct"], empty=(1, 1))
+    grid = viz.contrast_grid(nap)
+    fig = still_figure(grid)
+    titles = _titles(fig)
+    assert "label 0, correct" in titles and "label 0, wrong" not in titles
+    assert len(titles) == len(grid.data)  # every map titled, no title on blank cells
+    assert len(_mpl_colorbars(fig)) == 1  # one colour range: one bar
+    plt.close(fig)
+    row = viz.class_row(make_laid_naps(20, 4, 2), examples={k: np.eye(8) for k in range(4)})
+    fig = still_figure(row)
+    assert sorted(_titles(fig)) == sorted([f"label={k}" for k in range(4)] * 2)  # input + map
+    plt.close(fig)
+    a, b = make_laid_naps(20, 3, 2), make_laid_naps(20, 3, 2, random_state=1) * 3
+    fig = still_figure(viz.compare_models({"a": a, "b": b}))
+    assert len(_mpl_colorbars(fig)) == 2  # each model's own limits
+    plt.close(fig)
+    assert still_png(row)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_stills_and_players_are_light_and_keyed(viz, nap, tmp_path):
+    report = viz.Report("Stills")
+    report.add_section("Grid", viz.class_row(nap), still=True)
+    report.add_section("Animation", viz.training_animation(nap), still=True)
+    epochs, frames = viz.animation_frames(nap, progress=False)
+    assert epochs == [0, 1, 2] and len(frames) == 3
+    report.add_frames(frames, epochs, caption="straight from the maps")
+    with pytest.raises(ValueError, match="one value per frame"):
+        report.add_frames(frames, epochs[:2])
+    path = report.save(tmp_path / "stills.html")
+    page = path.read_text()
+    assert "Bokeh" not in page  # no interactive figure: no BokehJS in the page
+    assert page.count('class="figure player"') == 2
+    assert page.count('class="frame"') == 6 and 'data-value="2"' in page
+    assert page.count('<section class="topoxr-section">') == 2
+    assert path.stat().st_size < 1_000_000

@@ -22,6 +22,7 @@ from topoxr.store import (
     StoreWriteError,
     open_store,
     store_summary,
+    verify,
 )
 
 try:
@@ -48,4 +49,5 @@ __all__ = [
     "profiles",
     "quality",
     "store_summary",
+    "verify",
 ]

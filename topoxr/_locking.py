@@ -119,3 +119,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def is_locked(key: str, *, local_dir: str | None, fs: Any = None, lock_path: str = "") -> bool:
+    """Whether a writer holds the store now (in this process or another); takes nothing."""
+    with _IN_PROCESS_GUARD:
+        if key in _IN_PROCESS:
+            return True
+    if local_dir is not None:
+        import fcntl
+
+        try:
+            fd = os.open(local_dir, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock just taken
+        return False
+    return bool(fs is not None and lock_path and fs.exists(lock_path))

@@ -19,6 +19,8 @@ __all__ = ["REDUCE_MODES", "ReducedBatch", "reduce_units"]
 
 #: How the spatial positions of a convolutional map become neurons.
 REDUCE_MODES = ("mean", "max", "none")
+#: Labels of reductions done before the store (sequence outputs); only 2-D input.
+_PRE_REDUCED = ("first", "last", "tokens")
 ReduceMode = Literal["mean", "max", "none"]
 
 _SPATIAL_NAMES = {1: ("position",), 2: ("row", "col"), 3: ("depth", "row", "col")}
@@ -62,9 +64,12 @@ def reduce_units(
         For non-numeric data, an unknown ``reduce`` mode, a missing or invalid
         ``channel_axis``, or fewer than two dimensions.
     """
-    if reduce not in REDUCE_MODES:
-        raise ValueError(f"unknown reduce mode {reduce!r}; choose one of {list(REDUCE_MODES)}")
     array = np.asarray(activations)
+    if reduce not in REDUCE_MODES and not (reduce in _PRE_REDUCED and array.ndim == 2):
+        if reduce in _PRE_REDUCED:
+            raise ValueError(f"reduce={reduce!r} labels (batch, neurons) values already "
+                             "reduced over tokens; reduce them first (topoxr.reduction)")
+        raise ValueError(f"unknown reduce mode {reduce!r}; choose one of {list(REDUCE_MODES)}")
     if array.dtype.kind not in "biuf":
         raise ValueError(
             f"activations must be real numbers, got an array of dtype {array.dtype}"

@@ -72,7 +72,7 @@ ATTR_FORMAT = "topoxr_format_version"
 ATTR_MODEL = "topoxr_model"
 ATTR_LAYER = "topoxr_layer"
 ATTR_LAYOUT = "topoxr_layout"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every chunk ends in a crc32c checksum (1: no checksums)
 
 
 class ConventionError(ValueError):

@@ -18,10 +18,11 @@ layers' outputs.  Everything else lives here, once:
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import queue
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -31,8 +32,20 @@ from typing import Any
 import numpy as np
 
 from topoxr._codecs import DEFAULT_COMPRESSOR
-from topoxr.activations import REDUCE_MODES, reduce_units
 from topoxr.conventions import ATTR_LAYER, ATTR_MODEL, LABEL, SAMPLE
+from topoxr.reduction import (
+    ATTR_MASKED,
+    ATTR_NEURON_AXIS,
+    ATTR_REDUCED_AXES,
+    REDUCE_CHOICES,
+    LayerSpec,
+    RecordingError,
+    describe_reduction,
+    reduce_layer,
+    reduction_attrs,
+    resolve_layer_specs,
+    token_info,
+)
 from topoxr.store import ActivationWriter, open_store
 
 __all__ = [
@@ -40,18 +53,24 @@ __all__ = [
     "BackgroundWriter",
     "Batch",
     "ForwardFn",
+    "LayerPlan",
+    "LayerSpec",
     "RecordResult",
     "RecordingError",
     "StoredLayer",
     "available_adapters",
     "check_against_store",
+    "completed_epochs",
     "get_adapter",
     "iter_array_batches",
+    "n_inputs",
     "number_batches",
     "prepare_arrays",
+    "resolve_layer_specs",
     "resolve_layers",
     "run_recording",
     "stored_layers",
+    "take_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,10 +87,6 @@ CHUNKS_PER_WRITE = 4
 
 #: ``forward(x) -> ({layer: array (batch, ...)}, model output (batch, ...) or None)``.
 ForwardFn = Callable[[Any], tuple[dict[str, np.ndarray], "np.ndarray | None"]]
-
-
-class RecordingError(ValueError):
-    """Bad input for a recorder (layers, data, labels, probe set); nothing was written."""
 
 
 # --------------------------------------------------------------------------------------
@@ -157,34 +172,17 @@ def resolve_layers(
     Raises
     ------
     RecordingError
-        If ``requested`` is empty or a name or pattern matches nothing; the message lists
-        the available names.
+        If ``requested`` is empty or a name or pattern matches nothing; the message gives
+        the three closest names and the number of layers.
 
     Examples
     --------
     >>> resolve_layers(["fc*"], ["fc1", "relu1", "fc2", "out"])
     ['fc1', 'fc2']
     """
-    patterns = [requested] if isinstance(requested, str) else list(requested)
-    if not patterns:
-        raise RecordingError(f"no layers requested; the {what} has layers {list(available)}")
-    chosen: set[str] = set()
-    unknown = []
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise RecordingError(f"layer names must be strings, got {pattern!r}")
-        if pattern in available:
-            chosen.add(pattern)
-            continue
-        hits = fnmatch.filter(available, pattern)
-        if not hits:
-            unknown.append(pattern)
-        chosen.update(hits)
-    if unknown:
-        raise RecordingError(
-            f"no layer of the {what} matches {unknown}; available layers: {list(available)}"
-        )
-    return [name for name in available if name in chosen]
+    if isinstance(requested, str):
+        requested = [requested]
+    return list(resolve_layer_specs(list(requested), available, what=what))
 
 
 # --------------------------------------------------------------------------------------
@@ -201,6 +199,41 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def n_inputs(x: Any) -> int:
+    """Number of inputs in ``x``: an array, or a mapping/tuple of arrays batched alike.
+
+    Raises
+    ------
+    RecordingError
+        If ``x`` has no first axis, or the entries of a mapping or tuple differ in length.
+    """
+    if isinstance(x, Mapping) or (isinstance(x, tuple | list) and not hasattr(x, "shape")):
+        entries = dict(x) if isinstance(x, Mapping) else dict(enumerate(x))
+        if not entries:
+            raise RecordingError("the inputs are an empty mapping or tuple")
+        sizes = {k: n_inputs(v) for k, v in entries.items()}
+        if len(set(sizes.values())) > 1:
+            raise RecordingError(f"the entries of the inputs differ in length: {sizes}; they "
+                                 "must be batched along their first axis")
+        return next(iter(sizes.values()))
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) < 1:
+        raise RecordingError(
+            f"inputs must be an array with the samples on the first axis (or a mapping or "
+            f"tuple of such arrays), got {type(x).__name__}"
+        )
+    return int(shape[0])
+
+
+def take_inputs(x: Any, sl: slice) -> Any:
+    """Slice inputs (an array, or a mapping/tuple of arrays) along their first axis."""
+    if isinstance(x, Mapping):
+        return {k: take_inputs(v, sl) for k, v in x.items()}
+    if isinstance(x, tuple | list) and not hasattr(x, "shape"):
+        return type(x)(take_inputs(v, sl) for v in x)
+    return x[sl]
 
 
 def _column(name: str, values: Any, n: int | None) -> np.ndarray:
@@ -223,9 +256,11 @@ def prepare_arrays(
 
     Parameters
     ----------
-    data : array_like or tuple
-        ``x`` or ``(x, y)``; ``x`` has the samples on its first axis. ``x`` is returned
-        as given (a numpy array, a tensor...), so the framework converts it.
+    data : array_like, mapping or tuple
+        ``x`` or ``(x, y)``; ``x`` has the samples on its first axis: an array, a tensor,
+        a mapping of them (tokenizer output: ``input_ids``, ``attention_mask``, ...) or,
+        inside ``(x, y)`` or ``(x,)``, a tuple of them (positional model inputs). ``x`` is
+        returned as given, so the framework converts it.
     labels : array_like, optional
         Labels when ``data`` has none. Giving both is an error.
     metadata : mapping of str to array_like, optional
@@ -256,12 +291,7 @@ def prepare_arrays(
     if y is not None and labels is not None:
         raise RecordingError("labels are given twice: in data=(x, y) and as labels=")
     y = labels if y is None else y
-    shape = getattr(x, "shape", None)
-    if shape is None or len(shape) < 1:
-        raise RecordingError(
-            f"inputs must be an array with the samples on the first axis, got {type(x).__name__}"
-        )
-    n = int(shape[0])
+    n = n_inputs(x)
     if n == 0:
         raise RecordingError("the data has no samples")
     y_arr = None if y is None else _column("labels", _to_numpy(y), n)
@@ -307,7 +337,7 @@ def iter_array_batches(
     for start in range(0, len(ids), batch_size):
         sl = slice(start, start + batch_size)
         yield Batch(
-            x=x[sl], ids=ids[sl], labels=None if labels is None else labels[sl],
+            x=take_inputs(x, sl), ids=ids[sl], labels=None if labels is None else labels[sl],
             metadata={k: v[sl] for k, v in metadata.items()},
         )
 
@@ -343,10 +373,7 @@ def number_batches(
         _column("sample_ids", sample_ids, n_samples))
     start = 0
     for x, y in batches:
-        shape = getattr(x, "shape", None)
-        if shape is None or len(shape) < 1:
-            raise RecordingError(f"a batch's inputs must be an array, got {type(x).__name__}")
-        n = int(shape[0])
+        n = n_inputs(x)
         stop = start + n
         for name, col in (("labels", labels_arr), ("sample_ids", ids_all), *meta.items()):
             if col is not None and len(col) < stop:
@@ -387,6 +414,8 @@ class StoredLayer:
     epochs: list[int]
     complete: list[bool]
     labels: np.ndarray | None
+    #: The layer's attributes (its reduction: ``topoxr_reduce``, ``topoxr_neuron_axis``...).
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, StoredLayer]:
@@ -425,8 +454,40 @@ def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, Stored
             epochs=[int(e) for e in ds["epoch"].values],
             complete=[bool(c) for c in ds["epoch_complete"].values],
             labels=np.asarray(ds[LABEL].values) if LABEL in ds.coords else None,
+            attrs=dict(ds.attrs),
         )
     return out
+
+
+def completed_epochs(store: Any, model: str, layers: Sequence[str]) -> list[int]:
+    """Epochs that the store holds complete for every one of ``layers`` of ``model``.
+
+    A recorder restarted from a checkpoint uses it to skip what is already recorded.
+
+    Parameters
+    ----------
+    store : str or ActivationWriter
+        A path/URL or an open writer.
+    model : str
+        Model name.
+    layers : sequence of str
+        Layer names.
+
+    Returns
+    -------
+    list of int
+        Sorted epochs (empty when the store or model does not exist).
+    """
+    if isinstance(store, ActivationWriter):
+        model = store.model
+    stored = stored_layers(store, model)
+    done: set[int] | None = None
+    for layer in layers:
+        old = stored.get(layer)
+        epochs = set() if old is None else {e for e, c in zip(old.epochs, old.complete,
+                                                               strict=True) if c}
+        done = epochs if done is None else done & epochs
+    return sorted(done or ())
 
 
 def check_against_store(
@@ -438,6 +499,7 @@ def check_against_store(
     epoch: int,
     ids: np.ndarray | None,
     labels: np.ndarray | None,
+    reductions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Refuse a recording that does not fit what the store holds for the model.
 
@@ -457,11 +519,14 @@ def check_against_store(
         The whole probe set's sample ids, when known up front.
     labels : numpy.ndarray, optional
         The whole probe set's labels, aligned with ``ids``.
+    reductions : mapping, optional
+        Per layer, the reduction attributes of this recording
+        (:func:`topoxr.reduction.reduction_attrs` plus ``topoxr_reduce``).
 
     Raises
     ------
     RecordingError
-        If a layer's size or reduce mode differs, or the probe set differs from the
+        If a layer's reduction (mode, neuron axis, reduced axes, mask) or size differs, or the probe set differs from the
         samples of earlier epochs (a resumed epoch may only add the samples it lacks),
         or labels of known samples differ.
     """
@@ -470,13 +535,23 @@ def check_against_store(
         if old is None:
             continue
         where = f"layer {layer!r} of model {model!r}"
+        new = dict((reductions or {}).get(layer, {"topoxr_reduce": reduce}))
+        new.setdefault("topoxr_reduce", reduce)
+        old_attrs = {"topoxr_reduce": old.reduce, **old.attrs}
+        keys = ["topoxr_reduce"] + ([ATTR_NEURON_AXIS, ATTR_REDUCED_AXES, ATTR_MASKED]
+                                    if ATTR_NEURON_AXIS in old_attrs and ATTR_NEURON_AXIS in new
+                                    else [])
+        if any(_plain(old_attrs.get(k)) != _plain(new.get(k)) for k in keys):
+            raise RecordingError(
+                f"{where} was recorded with {describe_reduction(old_attrs)}; this recording "
+                f"asks for {describe_reduction(new)}. Record it with the stored reduction, or "
+                "under another model name to keep both"
+            )
         if old.n_neurons != n:
             raise RecordingError(
                 f"{where} has {old.n_neurons} neurons in the store but {n} now; a different "
                 "architecture needs another model name (or mode='w' on the writer)"
             )
-        if old.reduce != reduce:
-            raise RecordingError(f"{where} was recorded with reduce={old.reduce!r}, not {reduce!r}")
         if ids is None or not len(old.sample_ids):
             continue
         frozen = any(old.complete) or any(e != epoch for e in old.epochs)
@@ -505,6 +580,101 @@ def check_against_store(
                     )
 
 
+def _plain(value: Any) -> Any:
+    """Attribute values compare alike whether read back (lists) or fresh (tuples, numpy)."""
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Per-layer plans
+# --------------------------------------------------------------------------------------
+@dataclass
+class LayerPlan:
+    """How one layer is recorded: its reduce mode and neuron axis, decided once.
+
+    Attributes
+    ----------
+    reduce : str
+        One of :data:`topoxr.reduction.REDUCE_CHOICES`.
+    neuron_axis : int
+        Axis of the neurons in the layer's output.
+    rule : str
+        How the axis was chosen, stored as ``topoxr_axis_rule``.
+    attrs : dict
+        The layer attributes stored at creation and compared on resume.
+    """
+
+    reduce: str
+    neuron_axis: int
+    rule: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The ``reduce`` label handed to the writer."""
+        return self.reduce
+
+
+def _plan_layers(
+    layers: Sequence[str],
+    outputs: Mapping[str, np.ndarray],
+    *,
+    reduce: str,
+    specs: Mapping[str, LayerSpec],
+    channel_axis: int | Mapping[str, int],
+    axis_rules: Mapping[str, str],
+    mask: np.ndarray | None,
+    token_ids: np.ndarray | None,
+) -> tuple[dict[str, LayerPlan], dict[str, int]]:
+    """Decide each layer's plan from its first batch; check the plan can apply."""
+    plans, neurons = {}, {}
+    for layer in layers:
+        if layer not in outputs:
+            raise RecordingError(f"layer {layer!r} produced no output to record")
+        out = np.asarray(outputs[layer])
+        spec = specs.get(layer, LayerSpec())
+        mode = spec.reduce or reduce
+        if spec.channel_axis is not None:
+            axis, rule = int(spec.channel_axis), "channel_axis set by the user"
+        else:
+            axis = channel_axis if isinstance(channel_axis, int) else channel_axis.get(layer, -1)
+            rule = axis_rules.get(layer, "adapter default")
+        if out.ndim == 2:
+            if mode in ("first", "last") and spec.reduce is not None:
+                raise RecordingError(
+                    f"layer {layer!r}: reduce={mode!r} needs a (batch, tokens, hidden) output, "
+                    f"got shape {out.shape}"
+                )
+            if mode in ("first", "last"):
+                mode = "none"  # a (batch, neurons) output has nothing to reduce
+            axis, rule = 1, "(batch, neurons) output"
+        try:
+            reduced = reduce_layer(out, layer=layer, neuron_axis=axis, reduce=mode,
+                                   mask=mask, token_ids=token_ids)
+        except ValueError as err:
+            raise RecordingError(str(err)) from None
+        n = reduced.values.shape[1] if reduced.values.ndim == 2 else int(
+            np.prod(reduced.values.shape[1:]))
+        sequence = out.ndim == 3 and axis % 3 == 2
+        masked = mask is not None and sequence and mode in ("mean", "max", "last", "tokens")
+        attrs = reduction_attrs(out.shape, neuron_axis=axis, reduce=mode, masked=masked,
+                                rule=rule)
+        attrs["topoxr_reduce"] = mode
+        plans[layer] = LayerPlan(mode, axis % out.ndim, rule, attrs)
+        neurons[layer] = n
+    return plans, neurons
+
+
+def _token_sample_ids(ids: np.ndarray, source: np.ndarray, position: np.ndarray,
+                      n_tokens: int) -> np.ndarray:
+    """Stable id of token ``t`` of the input with id ``s``: ``s * T + t``."""
+    return ids[source] * np.int64(n_tokens) + position
+
+
 # --------------------------------------------------------------------------------------
 # Background writer
 # --------------------------------------------------------------------------------------
@@ -524,12 +694,13 @@ class BackgroundWriter:
     """Write batches on one background thread while the caller computes the next ones.
 
     Batches go through a ``queue.Queue(maxsize=queue_size)``: memory stays bounded and a
-    slow store slows the producer down instead of piling up. Conv maps are pooled on the
-    thread. The first batch of each layer is written at once (the store creates the layer
-    and sizes its chunks from it: whole batches adding up to about ``write_bytes``); later
-    batches are coalesced into writes that end on chunk boundaries, ``chunks_per_write``
-    chunks at a time. The first error of the thread is raised in the caller at the next
-    :meth:`submit` or at :meth:`close`.
+    slow store slows the producer down instead of piling up. Each layer is reduced on the
+    thread by its :class:`LayerPlan` (:func:`topoxr.reduction.reduce_layer`). The first
+    batch of each layer is written at once (the store creates the layer, with the plan's
+    attributes, and sizes its chunks from it: whole batches adding up to about
+    ``write_bytes``); later batches are coalesced into writes that end on chunk
+    boundaries, ``chunks_per_write`` chunks at a time. The first error of the thread is
+    raised in the caller at the next :meth:`submit` or at :meth:`close`.
 
     Parameters
     ----------
@@ -537,11 +708,8 @@ class BackgroundWriter:
         An open writer; only the background thread uses it while this object is open.
     epoch : int
         Epoch label of every batch.
-    reduce : str
-        Reduce mode passed to :meth:`ActivationWriter.write`.
-    channel_axis : int or mapping of str to int
-        Channel axis of outputs with spatial axes (1 for NCHW, -1 for NHWC), for all
-        layers or per layer.
+    plans : mapping of str to LayerPlan
+        How each layer is reduced.
     queue_size : int, default 4
         Batches that may wait in the queue.
     write_bytes : int, default 1 MiB
@@ -555,16 +723,14 @@ class BackgroundWriter:
         writer: ActivationWriter,
         *,
         epoch: int,
-        reduce: str,
-        channel_axis: int | Mapping[str, int],
+        plans: Mapping[str, LayerPlan],
         queue_size: int = 4,
         write_bytes: int = WRITE_BYTES,
         chunks_per_write: int = CHUNKS_PER_WRITE,
     ) -> None:
         self._writer = writer
         self._epoch = epoch
-        self._reduce = reduce
-        self._channel_axis = channel_axis
+        self._plans = dict(plans)
         self._write_bytes = write_bytes
         self._chunks_per_write = max(1, int(chunks_per_write))
         self._rows_written: dict[str, int] = {}
@@ -608,6 +774,8 @@ class BackgroundWriter:
         labels: np.ndarray | None,
         predictions: np.ndarray | None,
         metadata: Mapping[str, np.ndarray],
+        mask: np.ndarray | None = None,
+        token_ids: np.ndarray | None = None,
     ) -> None:
         """Queue one batch of every layer; blocks while the queue is full.
 
@@ -617,7 +785,7 @@ class BackgroundWriter:
             The error that stopped the background thread, if any.
         """
         self._raise_pending()
-        item = (dict(outputs), ids, labels, predictions, dict(metadata))
+        item = (dict(outputs), ids, labels, predictions, dict(metadata), mask, token_ids)
         while True:
             try:
                 self._queue.put(item, timeout=0.1)
@@ -677,18 +845,33 @@ class BackgroundWriter:
             except BaseException as err:
                 self._error = err
 
-    def _add(self, outputs, ids, labels, predictions, metadata) -> None:
-        for layer, values in outputs.items():
-            values = np.asarray(values)
-            if values.ndim > 2 and self._reduce != "none":
-                # Pool here, off the caller's thread, and keep only (batch, channel, 1):
-                # the store's pooling of one position is the identity and still records
-                # the channel coordinate.
-                values = reduce_units(values, channel_axis=_axis_of(self._channel_axis, layer),
-                                      reduce=self._reduce).values[:, :, np.newaxis]
+    def _add(self, outputs, ids, labels, predictions, metadata, mask, token_ids) -> None:
+        for layer, raw in outputs.items():
+            plan = self._plans[layer]
+            raw = np.asarray(raw)
+            reduced = reduce_layer(raw, layer=layer, neuron_axis=plan.neuron_axis,
+                                   reduce=plan.reduce,
+                                   mask=mask if plan.attrs.get(ATTR_MASKED) else None,
+                                   token_ids=token_ids)
+            values = reduced.values
+            if raw.ndim > 2 and plan.reduce in ("mean", "max"):
+                # (batch, neuron, 1): the store's pooling of one position is the identity
+                # and still records the neuron's channel coordinate.
+                values = values[:, :, np.newaxis]
+            rows_ids, rows_labels, rows_preds, rows_meta = ids, labels, predictions, metadata
+            if reduced.source is not None:
+                src = reduced.source
+                rows_ids = _token_sample_ids(ids, src, reduced.token_position, raw.shape[1])
+                rows_labels = None if labels is None else labels[src]
+                rows_preds = None if predictions is None else predictions[src]
+                rows_meta = {k: v[src] for k, v in metadata.items()}
+                rows_meta["input"] = ids[src]
+                rows_meta["token_position"] = reduced.token_position
+                if reduced.token_id is not None:
+                    rows_meta["token_id"] = reduced.token_id
             pending = self._pending.setdefault(layer, _Pending())
-            pending.parts.append((values, ids, labels, predictions, metadata))
-            pending.rows += len(ids)
+            pending.parts.append((values, rows_ids, rows_labels, rows_preds, rows_meta))
+            pending.rows += len(rows_ids)
             if self._due(layer, pending.rows):
                 self._flush(layer)
 
@@ -705,18 +888,14 @@ class BackgroundWriter:
 
         meta = {k: np.concatenate([p[4][k] for p in parts]) for k in parts[0][4]}
         values = cat(0)
-        axis = 1 if values.ndim == 3 and self._reduce != "none" else _axis_of(
-            self._channel_axis, layer)
+        plan = self._plans[layer]
         self._rows_written[layer] = self._rows_written.get(layer, 0) + pending.rows
         self.writes += 1
         self.written += self._writer.write(
             layer, values, sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
-            channel_axis=axis, reduce=self._reduce, **meta,
+            channel_axis=1 if values.ndim > 2 else None, reduce=plan.label,
+            layer_attrs=plan.attrs, **meta,
         )
-
-
-def _axis_of(channel_axis: int | Mapping[str, int], layer: str) -> int:
-    return channel_axis if isinstance(channel_axis, int) else channel_axis.get(layer, 1)
 
 
 class _Cancelled(Exception):
@@ -736,6 +915,7 @@ class RecordResult:
     epoch: int
     samples: int
     written: int
+    seconds: float = 0.0
 
     def __repr__(self) -> str:
         return (f"RecordResult(model={self.model!r}, layers={self.layers}, epoch={self.epoch}, "
@@ -753,6 +933,17 @@ def _predictions(output: np.ndarray | None) -> np.ndarray | None:
     return None
 
 
+def _batch_predictions(final: Any, predict: Callable[[Any], Any] | None,
+                       n: int) -> np.ndarray | None:
+    if predict is None:
+        return _predictions(final)
+    preds = np.asarray(predict(final))
+    if preds.shape != (n,):
+        raise RecordingError(f"predict= returned shape {preds.shape} for a batch of {n} "
+                             f"inputs; it must return one prediction per input, shape ({n},)")
+    return preds
+
+
 def run_recording(
     forward: ForwardFn,
     batches: Iterable[Batch],
@@ -763,6 +954,9 @@ def run_recording(
     epoch: int = 0,
     reduce: str = "mean",
     channel_axis: int | Mapping[str, int] = 1,
+    specs: Mapping[str, LayerSpec] | None = None,
+    axis_rules: Mapping[str, str] | None = None,
+    predict: Callable[[Any], Any] | None = None,
     probe_ids: np.ndarray | None = None,
     probe_labels: np.ndarray | None = None,
     n_samples: int | None = None,
@@ -777,10 +971,11 @@ def run_recording(
 ) -> RecordResult:
     """Record the outputs of ``layers`` over ``batches`` into a store.
 
-    The first batch is computed, its layer sizes and the whole probe set are checked
-    against the store, and only then is anything written: a refused recording leaves the
-    store as it was. Later batches are written by a :class:`BackgroundWriter` while the
-    next ones are computed. The epoch is marked complete at the end.
+    The first batch is computed, each layer's reduction is decided from it (a
+    :class:`LayerPlan`) and checked, together with the whole probe set, against the
+    store, and only then is anything written: a refused recording leaves the store as it
+    was. Later batches are written by a :class:`BackgroundWriter` while the next ones are
+    computed. The epoch is marked complete at the end.
 
     Parameters
     ----------
@@ -797,10 +992,19 @@ def run_recording(
         Resolved layer names (keys of ``forward``'s dict).
     epoch : int, default 0
         Epoch label.
-    reduce : {"mean", "max", "none"}, default "mean"
-        Pooling of conv maps.
+    reduce : str, default "mean"
+        Default reduce mode (:data:`topoxr.reduction.REDUCE_CHOICES`); ``specs`` may
+        set another per layer.
     channel_axis : int or mapping of str to int, default 1
-        Channel axis of outputs with spatial axes, for all layers or per layer.
+        The adapter's neuron axis, for all layers or per layer; a mapping may be filled
+        by the first call of ``forward`` (it is read after it).
+    specs : mapping of str to LayerSpec, optional
+        Per-layer settings (``reduce``, ``channel_axis``).
+    axis_rules : mapping of str to str, optional
+        How the adapter chose each layer's axis (stored as ``topoxr_axis_rule``).
+    predict : callable, optional
+        ``predict(model_output) -> (batch,) predictions``; by default the argmax of a
+        ``(batch, classes)`` output (a sigmoid threshold for one column).
     probe_ids, probe_labels : numpy.ndarray, optional
         The whole probe set, when known before iterating (checked against the store).
     n_samples : int, optional
@@ -818,8 +1022,8 @@ def run_recording(
     description : str
         Progress bar label.
     compressor : str, zarr codec or None, default "none"
-        Codec of the activations of layers created by this recording when ``store`` is a path (see
-        :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
+        Codec of the activations of layers created by this recording when ``store`` is a
+        path (see :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
     dtype : {"float32", "float16"}, default "float32"
         Storage dtype of the activations of layers created by this recording.
 
@@ -834,11 +1038,17 @@ def run_recording(
     topoxr.StoreError
         If the store refuses a write later on (committed batches stay readable and the
         run can be resumed).
+
+    Warns
+    -----
+    UserWarning
+        Once, when labels are given but no prediction can be derived from the model's
+        output (pass ``predict=``).
     """
     from tqdm.auto import tqdm
 
-    if reduce not in REDUCE_MODES:
-        raise RecordingError(f"unknown reduce mode {reduce!r}; choose one of {list(REDUCE_MODES)}")
+    if reduce not in REDUCE_CHOICES:
+        raise RecordingError(f"unknown reduce mode {reduce!r}; choose one of {list(REDUCE_CHOICES)}")
     if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
         raise RecordingError(f"epoch must be an integer >= 0, got {epoch!r}")
     epoch = int(epoch)
@@ -847,46 +1057,65 @@ def run_recording(
     elif not isinstance(model_name, str) or not model_name:
         raise RecordingError("model_name must be a non-empty string")
     batch_size = _check_batch_size(batch_size)
+    started = time.perf_counter()
 
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:
         raise RecordingError("the data has no samples")
     outputs, final = forward(first.x)
-    neurons = {}
-    for layer in layers:
-        try:
-            reduced = reduce_units(outputs[layer], channel_axis=_axis_of(channel_axis, layer),
-                                   reduce=reduce)
-            neurons[layer] = reduced.values.shape[1]
-        except ValueError as err:
-            raise RecordingError(f"layer {layer!r}: {err}") from None
+    mask, token_ids = token_info(first.x)
+    plans, neurons = _plan_layers(
+        layers, outputs, reduce=reduce, specs=specs or {}, channel_axis=channel_axis,
+        axis_rules=axis_rules or {}, mask=mask, token_ids=token_ids)
+    stored = stored_layers(store, model_name)
+    reductions = {layer: plan.attrs for layer, plan in plans.items()}
+    plain = [layer for layer, plan in plans.items() if plan.reduce != "tokens"]
     check_against_store(
-        stored_layers(store, model_name), model=model_name, neurons=neurons, reduce=reduce,
-        epoch=epoch, ids=probe_ids, labels=probe_labels,
+        stored, model=model_name, neurons={k: neurons[k] for k in plain}, reduce=reduce,
+        epoch=epoch, ids=probe_ids, labels=probe_labels, reductions=reductions,
     )
+    for layer in set(plans) - set(plain):
+        # Per-token ids are known up front only without a mask (every position is kept).
+        t = int(np.shape(outputs[layer])[1])
+        ids = None if probe_ids is None or mask is not None else (
+            probe_ids[:, None] * np.int64(t) + np.arange(t)).reshape(-1)
+        lab = None if probe_labels is None or ids is None else np.repeat(probe_labels, t)
+        check_against_store(stored, model=model_name, neurons={layer: neurons[layer]},
+                            reduce=reduce, epoch=epoch, ids=ids, labels=lab,
+                            reductions=reductions)
 
     owns = not isinstance(store, ActivationWriter)
     writer = ActivationWriter(store, model=model_name, attrs=attrs, compressor=compressor,
                               dtype=dtype) if owns else store
     n_done = 0
+    warned = False
     bar = tqdm(total=n_samples, desc=f"{description} {model_name} epoch {epoch}",
                unit="sample", disable=not progress, leave=False)
     try:
-        with BackgroundWriter(writer, epoch=epoch, reduce=reduce, channel_axis=channel_axis,
-                              queue_size=queue_size) as bg:
+        with BackgroundWriter(writer, epoch=epoch, plans=plans, queue_size=queue_size) as bg:
             bg.set_targets(neurons, batch_size)
             batch: Batch | None = first
             while batch is not None:
                 if batch is not first:
                     outputs, final = forward(batch.x)
-                preds = _predictions(final) if batch.labels is not None else None
+                    mask, token_ids = token_info(batch.x)
+                preds = None
+                if batch.labels is not None:
+                    preds = _batch_predictions(final, predict, len(batch))
+                    if preds is None and not warned:
+                        warned = True
+                        warnings.warn(
+                            f"labels were given but no prediction can be derived from the "
+                            f"output of model {model_name!r} (shape {np.shape(final)}); "
+                            "predictions and 'correct' are not stored. Pass predict= to "
+                            "derive them", UserWarning, stacklevel=3)
                 bg.submit({k: outputs[k] for k in layers}, batch.ids, batch.labels, preds,
-                          batch.metadata)
+                          batch.metadata, mask, token_ids)
                 n_done += len(batch)
                 bar.update(len(batch))
                 batch = next(iterator, None)
-        writer.complete_epoch(epoch, layers)
+        writer.complete_epoch(epoch, list(layers))
         if scalars:
             writer.log_epoch(epoch, **{k: float(v) for k, v in scalars.items()})
         written = bg.written
@@ -899,7 +1128,8 @@ def run_recording(
             writer.close()
     finally:
         bar.close()
-    logger.info("recorded %d samples of %s for model %r epoch %d into %s",
-                n_done, layers, model_name, epoch, writer.url)
+    seconds = time.perf_counter() - started
+    logger.info("recorded %d samples of %s for model %r epoch %d into %s in %.2f s",
+                n_done, list(layers), model_name, epoch, writer.url, seconds)
     return RecordResult(store=writer.url, model=model_name, layers=list(layers), epoch=epoch,
-                        samples=n_done, written=written)
+                        samples=n_done, written=written, seconds=seconds)

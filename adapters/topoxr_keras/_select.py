@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from topoxr._optional import import_optional
-from topoxr.recording import RecordingError, resolve_layers
+from topoxr.reduction import LayerSpec, resolve_layer_specs
+from topoxr.recording import RecordingError
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras")
 
@@ -40,14 +41,20 @@ class ProbeModel:
     ----------
     layers : list of str
         The recorded layers.
+    specs : dict of str to LayerSpec
+        Per-layer settings.
     channel_axis : dict of str to int
-        Channel axis of each layer's output (-1 for channels-last).
+        Neuron axis of each layer's output: the channel axis of its ``data_format``
+        (-1 for channels-last), the ``axis`` of a normalisation layer, else the last.
+    rules : dict of str to str
+        How each axis was chosen.
     submodel : keras.Model
         ``keras.Model(model.inputs, [layer outputs..., model output])``.
     """
 
     def __init__(self, model: keras.Model, layers: list[str],
-                 output_keys: Mapping[str, Any]) -> None:
+                 output_keys: Mapping[str, Any],
+                 specs: Mapping[str, LayerSpec] | None = None) -> None:
         if not model.built or not _has_inputs(model):
             raise RecordingError(
                 f"keras model {model.name!r} has no defined inputs; build it with a "
@@ -57,13 +64,11 @@ class ProbeModel:
                    for name in layers]
         final = model.outputs[0] if len(model.outputs) else None
         self.layers = layers
+        self.specs = dict(specs or {})
         self.has_final = final is not None
-        self.channel_axis = {
-            name: (1 if getattr(model.get_layer(name), "data_format", None) == "channels_first"
-                   else -1 if getattr(model.get_layer(name), "data_format", None) else
-                   (1 if keras.config.image_data_format() == "channels_first" else -1))
-            for name in layers
-        }
+        self.channel_axis, self.rules = {}, {}
+        for name in layers:
+            self.channel_axis[name], self.rules[name] = _axis_rule(model.get_layer(name))
         self.submodel = keras.Model(model.inputs, [*outputs, *([final] if final is not None
                                                                 else [])],
                                     name=f"{model.name}_topoxr_probe")
@@ -80,6 +85,20 @@ class ProbeModel:
         outputs = dict(zip(self.layers, values, strict=False))
         final = values[-1] if self.has_final else None
         return outputs, final
+
+
+def _axis_rule(layer: Any) -> tuple[int, str]:
+    """Neuron axis of a Keras layer's output and how it was chosen."""
+    data_format = getattr(layer, "data_format", None)
+    kind = type(layer).__name__
+    if data_format in ("channels_first", "channels_last"):
+        return (1 if data_format == "channels_first" else -1), f"data_format of {kind}"
+    axis = getattr(layer, "axis", None)
+    if isinstance(axis, int) and not isinstance(axis, bool) and "Normalization" in kind:
+        return axis, f"axis of {kind}"
+    if keras.config.image_data_format() == "channels_first" and len(layer.output.shape) > 3:
+        return 1, f"keras image_data_format channels_first ({kind})"
+    return -1, f"last axis of {kind} (channels-last / hidden units)"
 
 
 def _has_inputs(model: keras.Model) -> bool:
@@ -135,16 +154,20 @@ def probe_model(
         Unknown names (the message lists the model's layers), layers whose output is not
         a single tensor, or a model without defined inputs.
     """
-    names = resolve_layers(layers, layer_names(model), what=f"keras model {model.name!r}")
+    resolved = resolve_layer_specs(layers, layer_names(model), what=f"keras model {model.name!r}")
+    names = list(resolved)
+    specs = {name: spec for name, (_, spec) in resolved.items()}
     keys = dict(output_keys or {})
+    keys.update({n: sp.output_key for n, sp in specs.items() if sp.output_key is not None})
     unknown = [k for k in keys if k not in names]
     if unknown:
         raise RecordingError(f"output_keys names {unknown}, which are not recorded layers {names}")
-    cache_key = (tuple(names), tuple(sorted((k, repr(v)) for k, v in keys.items())))
+    cache_key = (tuple(names), tuple(sorted((k, repr(v)) for k, v in keys.items())),
+                 tuple(sorted((k, repr(v)) for k, v in specs.items())))
     try:
         per_model = _CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable: build without caching
-        return ProbeModel(model, names, keys)
+        return ProbeModel(model, names, keys, specs)
     if cache_key not in per_model:
-        per_model[cache_key] = ProbeModel(model, names, keys)
+        per_model[cache_key] = ProbeModel(model, names, keys, specs)
     return per_model[cache_key]

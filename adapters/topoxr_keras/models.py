@@ -1,4 +1,8 @@
-"""Small Keras 3 networks on scikit-learn's 8x8 digits, for tests, the demo and examples.
+"""Keras 3 networks on scikit-learn's 8x8 digits, for tests, the demo and examples.
+
+``mlp`` and ``cnn`` are small networks for fast tests; ``paper_mlp`` (one hidden layer of
+128 ReLU units, dropout) and ``paper_cnn`` (two convolutions of 128 channels) are the
+paper's networks.
 
 Layer names and structure match :mod:`topoxr_torch.models`, and
 :func:`copy_torch_weights_to_keras` copies a torch network's weights into its Keras twin,
@@ -13,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from topoxr._optional import import_optional
-from topoxr.demo import DIGITS_LAYERS, load_digits_data
+from topoxr.digits import DIGITS_LAYERS, load_digits_data
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras.models")
 
@@ -37,16 +41,21 @@ def make_model(
     seed: int = 0,
     hidden: tuple[int, int] = (64, 32),
     channels: tuple[int, int] = (8, 16),
+    width: int = 128,
+    dropout: float = 0.2,
 ) -> keras.Model:
-    """Build ``"mlp"`` (Sequential) or ``"cnn"`` (functional), with seeded initializers.
+    """Build a digits network (Sequential or functional), with seeded initializers.
 
     ``mlp``: fc1 (hidden[0]) -> relu1 -> fc2 (hidden[1]) -> relu2 -> out (10).
     ``cnn``: reshape (8, 8, 1) -> conv1 (channels[0]) -> relu1 -> pool1 -> conv2 -> relu2 ->
     flatten -> fc1 (32) -> relu3 -> out (10); 3x3 convolutions, "same" padding.
+    ``paper_mlp``: fc1 (width) -> relu1 -> drop1 (dropout) -> out (10).
+    ``paper_cnn``: reshape -> conv1 (width) -> relu1 -> pool1 -> conv2 (width) -> relu2 ->
+    pool2 -> flatten -> out (10).
 
     Parameters
     ----------
-    kind : {"mlp", "cnn"}
+    kind : {"mlp", "cnn", "paper_mlp", "paper_cnn"}
         The architecture.
     seed : int, default 0
         Seed of the initializers.
@@ -54,6 +63,10 @@ def make_model(
         Widths of ``fc1`` and ``fc2`` of the MLP.
     channels : (int, int), default (8, 16)
         Channels of ``conv1`` and ``conv2`` of the CNN.
+    width : int, default 128
+        Hidden units (``paper_mlp``) or channels (``paper_cnn``) of the paper's networks.
+    dropout : float, default 0.2
+        Dropout rate of ``paper_mlp``.
 
     Returns
     -------
@@ -90,7 +103,27 @@ def make_model(
         h = layers.ReLU(name="relu3")(h)
         outputs = layers.Dense(10, name="out", kernel_initializer=_init(seed, 4))(h)
         return keras.Model(inputs, outputs, name="digits_cnn")
-    raise ValueError(f"unknown model kind {kind!r}; choose one of ['cnn', 'mlp']")
+    if kind == "paper_mlp":
+        return keras.Sequential([
+            keras.Input((64,)),
+            layers.Dense(width, name="fc1", kernel_initializer=_init(seed, 1)),
+            layers.ReLU(name="relu1"),
+            layers.Dropout(dropout, name="drop1", seed=seed),
+            layers.Dense(10, name="out", kernel_initializer=_init(seed, 2)),
+        ], name="paper_mlp")
+    if kind == "paper_cnn":
+        inputs = keras.Input((64,))
+        h = layers.Reshape((8, 8, 1), name="reshape")(inputs)
+        for i in (1, 2):
+            h = layers.Conv2D(width, 3, padding="same", name=f"conv{i}",
+                              data_format="channels_last", kernel_initializer=_init(seed, i))(h)
+            h = layers.ReLU(name=f"relu{i}")(h)
+            h = layers.MaxPooling2D(2, name=f"pool{i}", data_format="channels_last")(h)
+        h = layers.Flatten(name="flatten", data_format="channels_last")(h)
+        outputs = layers.Dense(10, name="out", kernel_initializer=_init(seed, 3))(h)
+        return keras.Model(inputs, outputs, name="paper_cnn")
+    raise ValueError(f"unknown model kind {kind!r}; choose one of "
+                     "['cnn', 'mlp', 'paper_cnn', 'paper_mlp']")
 
 
 def train(

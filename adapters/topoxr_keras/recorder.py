@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from topoxr._optional import import_optional
 from topoxr.recording import (
     RecordingError,
     RecordResult,
+    completed_epochs,
     iter_array_batches,
     number_batches,
     prepare_arrays,
@@ -21,6 +23,7 @@ from topoxr.recording import (
 from topoxr_keras._select import ProbeModel, probe_model
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras")
+logger = logging.getLogger(__name__)
 
 __all__ = ["RecordActivations", "record"]
 
@@ -90,10 +93,15 @@ def record(
     sample_ids: Any = None,
     output_keys: Mapping[str, str | int] | None = None,
     scalars: Mapping[str, float] | None = None,
+    predict: Callable[[np.ndarray], Any] | None = None,
     compressor: Any = DEFAULT_COMPRESSOR,
     dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of layers of a Keras 3 model on some data into a store.
+
+    The neurons of each layer are the channels of its ``data_format`` (channels-last by
+    default) or the last axis of other outputs; the store states it per layer
+    (``topoxr_neuron_axis``, ``topoxr_reduced_axes``, ``topoxr_axis_rule``).
 
     Parameters
     ----------
@@ -106,13 +114,15 @@ def record(
         A path or fsspec URL, or an open :class:`topoxr.ActivationWriter`.
     model_name : str, default "model"
         Name of the model group in the store.
-    layers : str or sequence of str
-        Keras layer names or glob patterns.
+    layers : str, sequence of str, or mapping
+        Keras layer names or glob patterns, or ``{name or pattern: settings}`` with
+        per-layer ``reduce``, ``channel_axis``, ``output_key``. List the names with
+        :func:`topoxr_keras.layer_names`.
     epoch : int, default 0
         Epoch label.
-    reduce : {"mean", "max", "none"}, default "mean"
-        Conv outputs (channels-last unless the layer says otherwise): one neuron per
-        channel (mean or max over positions), or every unit.
+    reduce : {"mean", "max", "none", "first", "last", "tokens"}, default "mean"
+        Default for every layer; conv outputs: mean or max over positions, or every
+        unit; sequence outputs ``(N, T, H)`` as in :func:`topoxr_torch.record`.
     batch_size : int, default 256
         Batch size for array data.
     labels : array_like, optional
@@ -128,6 +138,8 @@ def record(
         ``{layer: key}`` for layers with several outputs.
     scalars : mapping of str to float, optional
         Per-epoch values (loss, accuracy) stored as coordinates on ``epoch``.
+    predict : callable, optional
+        ``predict(output) -> (batch,)`` predictions from the model's output (numpy).
     compressor : str, zarr codec or None, default "none"
         Codec of the activations of layers created by this recording (see
         :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
@@ -141,7 +153,7 @@ def record(
     Raises
     ------
     RecordingError
-        Unknown layer names (the message lists them), outputs that are not single
+        Unknown layer names (with the closest names), outputs that are not single
         tensors, labels or metadata whose length differs from the data, a probe set or
         layer sizes that differ from what the store holds. Nothing is written then.
     """
@@ -149,13 +161,18 @@ def record(
     batches, ids, probe_labels, n = _batches(
         data, probe, labels=labels, metadata=metadata, sample_ids=sample_ids,
         batch_size=batch_size)
+    return _run(probe, batches, store, model_name=model_name, epoch=epoch, reduce=reduce,
+                probe_ids=ids, probe_labels=probe_labels, n_samples=n, batch_size=batch_size,
+                progress=progress, scalars=scalars, predict=predict,
+                compressor=compressor, dtype=dtype)
+
+
+def _run(probe: ProbeModel, batches: Any, store: Any, **kwargs: Any) -> RecordResult:
     return run_recording(
-        probe, batches, store, model_name=model_name, layers=probe.layers, epoch=epoch,
-        reduce=reduce, channel_axis=probe.channel_axis, probe_ids=ids, probe_labels=probe_labels,
-        n_samples=n, batch_size=batch_size, progress=progress,
+        probe, batches, store, layers=probe.layers, specs=probe.specs,
+        channel_axis=probe.channel_axis, axis_rules=probe.rules,
         attrs={"framework": "keras", "keras_backend": keras.backend.backend()},
-        scalars=scalars, description="keras", compressor=compressor, dtype=dtype,
-    )
+        description="keras", **kwargs)
 
 
 class RecordActivations(keras.callbacks.Callback):
@@ -163,7 +180,14 @@ class RecordActivations(keras.callbacks.Callback):
 
     Epoch ``0`` is recorded before training (``on_train_begin``) and epoch ``k`` after
     the k-th epoch of training (``on_epoch_end``) whenever ``k`` is a multiple of
-    ``every``, with the epoch's logs (loss, accuracy, ...) as per-epoch scalars.
+    ``every``, with the epoch's logs (loss, accuracy, ...) as per-epoch scalars. Each
+    recorded epoch costs one pass over the probe set (one sub-model returns the layers
+    and the model output together); its time is logged (INFO).
+
+    Epochs already complete in the store are skipped, so a run restarted from a
+    checkpoint with ``model.fit(..., initial_epoch=k)`` and a new callback on the same
+    store records epochs ``k + 1, ...`` only (:attr:`recorded_epochs` lists what the
+    store holds).
 
     Parameters
     ----------
@@ -180,8 +204,10 @@ class RecordActivations(keras.callbacks.Callback):
         Record every ``every`` epochs.
     record_initial : bool, default True
         Record epoch 0 before training.
-    labels, metadata, sample_ids, reduce, batch_size, output_keys, progress
+    labels, metadata, sample_ids, reduce, batch_size, output_keys, predict
         As for :func:`record`.
+    progress : bool, default False
+        Show a progress bar per recorded epoch.
 
     Examples
     --------
@@ -209,6 +235,7 @@ class RecordActivations(keras.callbacks.Callback):
         batch_size: int = 256,
         output_keys: Mapping[str, str | int] | None = None,
         progress: bool = False,
+        predict: Callable[[np.ndarray], Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -224,6 +251,7 @@ class RecordActivations(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.output_keys = output_keys
         self.progress = progress
+        self.predict = predict
         self.recorded: list[int] = []
         self._probe: ProbeModel | None = None
 
@@ -238,9 +266,20 @@ class RecordActivations(keras.callbacks.Callback):
         if (epoch + 1) % self.every == 0:
             self._record(epoch + 1, logs or {})
 
+    @property
+    def recorded_epochs(self) -> list[int]:
+        """Epochs the store holds complete for every recorded layer."""
+        if self._probe is None:
+            raise RuntimeError("recorded_epochs is known once training has started")
+        return completed_epochs(self.store, self.model_name, self._probe.layers)
+
     def _record(self, epoch: int, logs: Mapping[str, Any]) -> None:
         if self._probe is None:
             raise RuntimeError("RecordActivations used outside model.fit")
+        if epoch in self.recorded_epochs:
+            logger.info("epoch %d of model %r is already recorded; skipped", epoch,
+                        self.model_name)
+            return
         scalars = {}
         for key, value in logs.items():
             try:
@@ -250,12 +289,8 @@ class RecordActivations(keras.callbacks.Callback):
             if key.isidentifier() and math.isfinite(value):
                 scalars[key] = value
         batches = iter_array_batches(self.x, self.ids, self.y, self.metadata, self.batch_size)
-        run_recording(
-            self._probe, batches, self.store, model_name=self.model_name,
-            layers=self._probe.layers, epoch=epoch, reduce=self.reduce,
-            channel_axis=self._probe.channel_axis, probe_ids=self.ids, probe_labels=self.y,
-            n_samples=len(self.ids), batch_size=self.batch_size, progress=self.progress,
-            attrs={"framework": "keras", "keras_backend": keras.backend.backend()},
-            scalars=scalars, description="keras",
-        )
+        _run(self._probe, batches, self.store, model_name=self.model_name, epoch=epoch,
+             reduce=self.reduce, probe_ids=self.ids, probe_labels=self.y,
+             n_samples=len(self.ids), batch_size=self.batch_size, progress=self.progress,
+             scalars=scalars, predict=self.predict)
         self.recorded.append(epoch)

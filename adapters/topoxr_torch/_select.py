@@ -6,11 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from topoxr._optional import import_optional
-from topoxr.recording import RecordingError, resolve_layers
+from topoxr.reduction import LayerSpec, resolve_layer_specs
+from topoxr.recording import RecordingError
 
 torch = import_optional("torch", extra="torch", purpose="topoxr_torch")
 
-__all__ = ["check_key", "describe", "first_tensor", "layer_names", "select_layers"]
+__all__ = ["axis_rule", "check_key", "describe", "first_tensor", "layer_names",
+           "resolve_specs", "select_layers"]
 
 
 def layer_names(model: torch.nn.Module) -> list[str]:
@@ -28,17 +30,78 @@ def layer_names(model: torch.nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
-def select_layers(model: torch.nn.Module, layers: Any) -> dict[str, torch.nn.Module]:
-    """Resolve names or glob patterns to ``{name: module}`` in model order.
+def resolve_specs(model: torch.nn.Module, layers: Any) -> dict[str, tuple[str, LayerSpec]]:
+    """Resolve names, patterns or ``{name: settings}`` to ``{layer: (module name, spec)}``.
+
+    A name ``"block.relu:1"`` (or the setting ``{"call": 1}``) records the second call
+    of a module that runs several times per forward pass.
 
     Raises
     ------
     RecordingError
-        If a name or pattern matches no submodule; the message lists them all.
+        If a name or pattern matches no submodule (the message gives the closest names),
+        or a setting is invalid.
     """
-    names = resolve_layers(layers, layer_names(model), what=f"torch model {type(model).__name__}")
+    return resolve_layer_specs(layers, layer_names(model),
+                               what=f"torch model {type(model).__name__}", calls=True)
+
+
+def select_layers(model: torch.nn.Module, layers: Any) -> dict[str, torch.nn.Module]:
+    """Resolve names or glob patterns to ``{layer name: module}`` in model order.
+
+    Raises
+    ------
+    RecordingError
+        If a name or pattern matches no submodule; the message gives the closest names.
+    """
     modules = dict(model.named_modules())
-    return {name: modules[name] for name in names}
+    return {name: modules[base] for name, (base, _) in resolve_specs(model, layers).items()}
+
+
+def _types(*names: str) -> tuple[type, ...]:
+    nn = torch.nn
+    found = []
+    for name in names:
+        obj: Any = nn
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, type):
+            found.append(obj)
+    return tuple(found)
+
+
+#: Modules whose output is ``(N, C, *spatial)``: the neurons are the channels (axis 1).
+CHANNEL_FIRST = _types(
+    "modules.conv._ConvNd", "modules.pooling._MaxPoolNd", "modules.pooling._AvgPoolNd",
+    "modules.pooling._AdaptiveAvgPoolNd", "modules.pooling._AdaptiveMaxPoolNd",
+    "modules.pooling._LPPoolNd", "modules.batchnorm._BatchNorm",
+    "modules.instancenorm._InstanceNorm", "GroupNorm", "LocalResponseNorm", "Dropout1d",
+    "Dropout2d", "Dropout3d", "Upsample",
+)
+#: Modules that act on the last axis ``(N, ..., H)``: the neurons are the hidden units.
+LAST_AXIS = _types(
+    "Linear", "Bilinear", "LayerNorm", "RMSNorm", "Embedding", "EmbeddingBag",
+    "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
+    "TransformerEncoder", "TransformerDecoder",
+)
+
+
+def axis_rule(module: torch.nn.Module) -> tuple[int, str] | None:
+    """The neuron axis of a module's output as its type decides it, or ``None``.
+
+    Conv, pooling and batch/instance/group-norm outputs ``(N, C, *spatial)`` keep the
+    channels (axis 1); Linear, LayerNorm, embeddings, attention and Hugging Face's
+    ``Conv1D`` (a linear layer) keep the last axis. Other modules (activations, dropout,
+    containers) are decided by the recorder from the module that ran before them.
+    """
+    if isinstance(module, CHANNEL_FIRST):
+        return 1, f"channels of {type(module).__name__} (N, C, *spatial)"
+    if isinstance(module, LAST_AXIS) or (type(module).__name__ == "Conv1D"
+                                         and hasattr(module, "nf")):
+        return -1, f"last axis of {type(module).__name__} (hidden units)"
+    return None
 
 
 def first_tensor(output: Any, key: str | int | None = None) -> torch.Tensor | None:

@@ -1,7 +1,15 @@
-"""Small PyTorch networks on scikit-learn's 8x8 digits, for tests, the demo and examples.
+"""PyTorch networks on scikit-learn's 8x8 digits, for tests, the demo and examples.
+
+- ``mlp`` and ``cnn``: small networks for fast tests (:class:`DigitsMLP`, :class:`DigitsCNN`);
+- ``paper_mlp`` and ``paper_cnn``: the paper's networks, one hidden layer of 128 ReLU
+  units with dropout (:class:`PaperMLP`) and two convolutions of 128 channels
+  (:class:`PaperCNN`);
+- ``transformer``: a small transformer that reads each digit as 8 row tokens
+  (:class:`RowTransformer`), PyTorch only.
 
 The layer names match :mod:`topoxr_keras.models` one for one, so the same ``layers=``
-selects the same layers in both frameworks. Both networks take flat ``(N, 64)`` inputs.
+selects the same layers in both frameworks. Every network takes flat ``(N, 64)`` inputs
+(the 8 x 8 digits need no resize: the convolutions keep their 128 channels either way).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from topoxr._optional import import_optional
-from topoxr.demo import DIGITS_LAYERS, load_digits_data
+from topoxr.digits import DIGITS_LAYERS, load_digits_data
 
 torch = import_optional("torch", extra="torch", purpose="topoxr_torch.models")
 nn = torch.nn
@@ -21,6 +29,9 @@ __all__ = [
     "RECORDED_LAYERS",
     "DigitsCNN",
     "DigitsMLP",
+    "PaperCNN",
+    "PaperMLP",
+    "RowTransformer",
     "load_digits_data",
     "make_model",
     "train",
@@ -70,18 +81,97 @@ class DigitsCNN(nn.Module):
         return self.out(self.relu3(self.fc1(h)))
 
 
+class PaperMLP(nn.Module):
+    """The paper's MLP: 64 -> fc1 (128) -> relu1 -> dropout -> out (10)."""
+
+    def __init__(self, hidden: int = 128, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.relu1 = nn.ReLU()
+        self.drop1 = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the 10 classes."""
+        return self.out(self.drop1(self.relu1(self.fc1(x))))
+
+
+class PaperCNN(nn.Module):
+    """The paper's shallow CNN: (N, 64) -> (N, 1, 8, 8) -> conv1 (128) -> relu1 -> pool1
+    -> conv2 (128) -> relu2 -> pool2 -> flatten -> out (10). 3x3 convolutions, padding 1.
+    """
+
+    def __init__(self, channels: int = 128) -> None:
+        super().__init__()
+        self.reshape = nn.Unflatten(1, (1, 8, 8))
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.out = nn.Linear(channels * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the 10 classes."""
+        h = self.pool1(self.relu1(self.conv1(self.reshape(x))))
+        return self.out(self.flatten(self.pool2(self.relu2(self.conv2(h)))))
+
+
+class TokenMean(nn.Module):
+    """Mean over the token axis: ``(N, T, D) -> (N, D)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled tokens."""
+        return x.mean(dim=1)
+
+
+class RowTransformer(nn.Module):
+    """A one-block transformer that reads a digit as a sequence of its 8 rows.
+
+    (N, 64) -> 8 row tokens of 8 pixels -> embed (d) + learned positions -> self-attention
+    (``attn``, residual, ``norm1``) -> ``ffn`` (Linear d -> ffn_width, ReLU; per token)
+    -> ``proj`` (back to d, residual, ``norm2``) -> ``pool`` (mean over tokens, d) ->
+    ``out`` (10). ``embed`` and ``ffn`` give one vector per token, ``pool`` one per
+    sample.
+    """
+
+    def __init__(self, d: int = 64, heads: int = 4, ffn_width: int = 128) -> None:
+        super().__init__()
+        self.rows = nn.Unflatten(1, (8, 8))
+        self.embed = nn.Linear(8, d)
+        self.position = nn.Parameter(torch.zeros(1, 8, d))
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_width), nn.ReLU())
+        self.proj = nn.Linear(ffn_width, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.pool = TokenMean()
+        self.out = nn.Linear(d, 10)
+        nn.init.normal_(self.position, std=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the 10 classes."""
+        h = self.embed(self.rows(x)) + self.position
+        h = self.norm1(h + self.attn(h, h, h, need_weights=False)[0])
+        h = self.norm2(h + self.proj(self.ffn(h)))
+        return self.out(self.pool(h))
+
+
 def make_model(kind: str, *, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """Build ``"mlp"`` or ``"cnn"`` with weights drawn from ``torch.manual_seed(seed)``.
+    """Build a digits network with weights drawn from ``torch.manual_seed(seed)``.
 
     Parameters
     ----------
-    kind : {"mlp", "cnn"}
-        :class:`DigitsMLP` or :class:`DigitsCNN`.
+    kind : {"mlp", "cnn", "paper_mlp", "paper_cnn", "transformer"}
+        :class:`DigitsMLP`, :class:`DigitsCNN`, :class:`PaperMLP`, :class:`PaperCNN` or
+        :class:`RowTransformer`.
     seed : int, default 0
         Seed of the initial weights.
     **kwargs
-        Arguments of the class (``hidden=(64, 32)`` for the MLP, ``channels=(8, 16)`` for
-        the CNN).
+        Arguments of the class (e.g. ``hidden=(64, 32)`` for the MLP, ``channels=128``
+        for the paper's CNN).
 
     Returns
     -------
@@ -93,7 +183,8 @@ def make_model(kind: str, *, seed: int = 0, **kwargs: Any) -> nn.Module:
     ValueError
         For another ``kind``.
     """
-    classes = {"mlp": DigitsMLP, "cnn": DigitsCNN}
+    classes = {"mlp": DigitsMLP, "cnn": DigitsCNN, "paper_mlp": PaperMLP, "paper_cnn": PaperCNN,
+               "transformer": RowTransformer}
     if kind not in classes:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(classes)}")
     with torch.random.fork_rng():
@@ -137,6 +228,15 @@ def train(
     list of dict
         The logs of every epoch.
     """
+    with torch.random.fork_rng():  # dropout draws from the global generator: seed it too
+        torch.manual_seed(seed)
+        return _train(model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                      on_epoch_end=on_epoch_end)
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
+           batch_size: int, seed: int,
+           on_epoch_end: Callable[[int, dict[str, float]], None] | None) -> list[dict[str, float]]:
     generator = torch.Generator().manual_seed(seed)
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -185,7 +285,7 @@ def train_and_record(
 
     Parameters
     ----------
-    kind : {"mlp", "cnn"}
+    kind : {"mlp", "cnn", "paper_mlp", "paper_cnn", "transformer"}
         The network.
     store : str or ActivationWriter
         Where to record.

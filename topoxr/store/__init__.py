@@ -47,7 +47,9 @@ Modules, one job each:
 * :mod:`._plan` -- checking a batch against the stored layer;
 * :mod:`.writer` -- :class:`ActivationWriter`;
 * :mod:`.reader` -- :func:`open_store`;
-* :mod:`.summary` -- :func:`store_summary`.
+* :mod:`.summary` -- :func:`store_summary`;
+* :mod:`._integrity` -- damaged chunks named, contradictions between arrays refused;
+* :mod:`.verify` -- :func:`verify`, every chunk read once.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from topoxr.store._schema import MASK_CHUNK as MASK_CHUNK
 from topoxr.store._schema import SAMPLE_FILL as SAMPLE_FILL
 from topoxr.store.reader import open_store
 from topoxr.store.summary import store_summary
+from topoxr.store.verify import VerifyReport, verify
 from topoxr.store.writer import ActivationWriter
 
 __all__ = [
@@ -70,6 +73,8 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "VerifyReport",
     "open_store",
     "store_summary",
+    "verify",
 ]

@@ -13,7 +13,7 @@ import zarr
 from topoxr.conventions import (
     ATTR_FORMAT,
 )
-from topoxr.store._errors import StoreError
+from topoxr.store._errors import StoreCorruptionError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,18 @@ class _Location:
 
             return os.path.exists(self.local_dir)
         return bool(self.fs.exists(self.fs_path))
+
+    @property
+    def lock_path(self) -> str:
+        """Where the lock object of a remote store lives (none for local stores)."""
+        return "" if self.fs is None else self.fs_path.rstrip("/") + ".topoxr-lock"
+
+    def is_locked(self) -> bool:
+        """Whether a writer holds the store now."""
+        from topoxr._locking import is_locked
+
+        return is_locked(self.url, local_dir=self.local_dir, fs=self.fs,
+                         lock_path=self.lock_path)
 
     def is_empty_dir(self) -> bool:
         if self.local_dir is not None:
@@ -71,8 +83,15 @@ def _open_root_readonly(loc: _Location) -> zarr.Group:
         raise FileNotFoundError(f"no topoxr store at {loc.url!r}")
     try:
         root = zarr.open_group(loc.store, mode="r", use_consolidated=False)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        if loc.is_locked():
+            raise StoreError(f"{loc.url!r} is being created by a writer (its root group does "
+                             "not exist yet); try again in a moment") from err
         raise StoreError(f"{loc.url!r} exists but is not a topoxr store (no Zarr group)") from err
+    except Exception as err:
+        raise StoreCorruptionError(
+            f"{loc.url!r}: the root metadata (zarr.json) is damaged "
+            f"({type(err).__name__}: {err})") from err
     if not _is_topoxr_root(root):
         raise StoreError(
             f"{loc.url!r} is a Zarr group but not a topoxr store "

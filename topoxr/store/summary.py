@@ -6,19 +6,19 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+import zarr
 
 from topoxr.conventions import (
     ACTIVATION,
     ATTR_FORMAT,
     ATTR_LAYER,
     ATTR_MODEL,
-    COMMITTED,
-    EPOCH,
-    EPOCH_COMPLETE,
 )
+from topoxr.store._errors import StoreError
+from topoxr.store._integrity import extra_nodes, snapshot
 from topoxr.store._location import _locate, _open_root_readonly
-from topoxr.store._schema import _ATTR_READY, _ATTR_REDUCE, _guarded, _logical_lengths, _where
+from topoxr.store._schema import _ATTR_READY, _ATTR_REDUCE, _guarded, _where
+from topoxr.store.verify import ATTR_VERIFIED
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,13 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
     Returns
     -------
     dict
-        ``{"store", "format_version", "created", "description", "models": {model:
-        {"name", "attrs", "layers": {layer: {"name", "neurons", "samples", "epochs",
-        "complete_epochs", "incomplete_epochs", "committed_fraction", "chunks"}}}}}``,
-        JSON-serialisable.
+        ``{"store", "format_version", "created", "description", "verified", "models":
+        {model: {"name", "attrs", "layers": {layer: {"name", "neurons", "samples",
+        "epochs", "complete_epochs", "incomplete_epochs", "committed_fraction", "chunks",
+        "checksums", "problems"}}}}, "problems"}``, JSON-serialisable. ``verified`` is
+        the outcome of the last :func:`topoxr.verify` (None: never verified since the
+        store was last written); ``problems`` lists the damage found without reading
+        activations (a damaged layer's entry then holds only ``name`` and ``problems``).
     """
     loc = _locate(store, storage_options)
     root = _open_root_readonly(loc)
@@ -48,33 +51,49 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
         "format_version": root.attrs.get(ATTR_FORMAT),
         "created": root.attrs.get("created"),
         "description": root.attrs.get("description", ""),
+        "verified": root.attrs.get(ATTR_VERIFIED),
         "models": {},
     }
+    problems: list[str] = [f"node {name!r} has no readable zarr.json"
+                           for name in extra_nodes(root, dict(root.members()))]
     for model_name, model_group in sorted(root.groups()):
         layers: dict[str, Any] = {}
-        for layer_name, group in sorted(model_group.groups()):
-            if not group.attrs.get(_ATTR_READY, False):
+        members = dict(model_group.members())
+        problems.extend(f"{model_name}/{name}: layer has no readable zarr.json (its metadata "
+                        "was deleted or damaged)" for name in extra_nodes(model_group, members))
+        for layer_name, group in sorted(members.items()):
+            if not isinstance(group, zarr.Group) or not group.attrs.get(_ATTR_READY, False):
                 continue
-            arrays = dict(group.arrays())
-            n, m = _guarded(_where(group), lambda arrays=arrays: _logical_lengths(arrays))
-            epochs = [int(e) for e in arrays[EPOCH][:m]]
-            complete = np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)
-            committed = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool) if n and m else \
-                np.zeros((n, m), bool)
-            layers[layer_name] = {
-                "name": group.attrs.get(ATTR_LAYER, layer_name),
-                "neurons": int(arrays[ACTIVATION].shape[0]),
-                "samples": int(n),
-                "epochs": epochs,
-                "complete_epochs": [e for e, c in zip(epochs, complete, strict=True) if c],
-                "incomplete_epochs": [e for e, c in zip(epochs, complete, strict=True) if not c],
-                "committed_fraction": float(committed.mean()) if committed.size else 0.0,
-                "reduce": group.attrs.get(_ATTR_REDUCE, "mean"),
-                "chunks": list(arrays[ACTIVATION].chunks),
-            }
+            try:
+                layers[layer_name] = _layer_summary(group)
+            except StoreError as err:
+                problems.append(f"{model_name}/{layer_name}: {err}")
+                layers[layer_name] = {"name": group.attrs.get(ATTR_LAYER, layer_name),
+                                      "problems": [str(err)]}
         out["models"][model_name] = {
             "name": model_group.attrs.get(ATTR_MODEL, model_name),
             "attrs": {k: v for k, v in model_group.attrs.items() if k != ATTR_MODEL},
             "layers": layers,
         }
+    out["problems"] = problems
     return out
+
+
+def _layer_summary(group: zarr.Group) -> dict[str, Any]:
+    arrays = dict(group.arrays())
+    snap = _guarded(_where(group), lambda: snapshot(group, arrays))
+    epochs = [int(e) for e in snap.epochs]
+    complete, committed = snap.complete, snap.committed
+    return {
+        "name": group.attrs.get(ATTR_LAYER, group.basename),
+        "neurons": int(arrays[ACTIVATION].shape[0]),
+        "samples": int(snap.n),
+        "epochs": epochs,
+        "complete_epochs": [e for e, c in zip(epochs, complete, strict=True) if c],
+        "incomplete_epochs": [e for e, c in zip(epochs, complete, strict=True) if not c],
+        "committed_fraction": float(committed.mean()) if committed.size else 0.0,
+        "reduce": group.attrs.get(_ATTR_REDUCE, "mean"),
+        "chunks": list(arrays[ACTIVATION].chunks),
+        "checksums": snap.checked,
+        "problems": [],
+    }

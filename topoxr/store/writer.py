@@ -62,6 +62,7 @@ from topoxr.store._schema import (
     _zarr_dtype,
 )
 from topoxr.store._state import _layer_columns, _LayerState, _runs
+from topoxr.store.verify import ATTR_VERIFIED
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +157,8 @@ class ActivationWriter:
             import os
 
             os.makedirs(self._loc.local_dir, exist_ok=True)
-        lock_path = "" if self._loc.fs is None else self._loc.fs_path.rstrip("/") + ".topoxr-lock"
         self._lock = WriterLock(self._loc.url, local_dir=self._loc.local_dir, fs=self._loc.fs,
-                                lock_path=lock_path)
+                                lock_path=self._loc.lock_path)
         self._lock.acquire(break_lock=break_lock)
         try:
             self._root = self._open_root(existed, description)
@@ -193,6 +193,8 @@ class ActivationWriter:
         # Consolidated metadata would be stale as soon as we write: drop it now, it is
         # written again by close().
         root.update_attributes({})
+        if ATTR_VERIFIED in root.attrs:  # the store changes: the verification is outdated
+            del root.attrs[ATTR_VERIFIED]
         return root
 
     def _open_model(self, mode: str, attrs: Mapping[str, Any] | None) -> zarr.Group:
@@ -312,6 +314,7 @@ class ActivationWriter:
         reduce: str = "mean",
         overwrite: bool = False,
         allow_nonfinite: bool = False,
+        layer_attrs: Mapping[str, Any] | None = None,
         **metadata: Any,
     ) -> int:
         """Commit one batch of one layer.
@@ -343,6 +346,10 @@ class ActivationWriter:
             values are an error.
         allow_nonfinite : bool, default False
             Store NaN and inf instead of rejecting them.
+        layer_attrs : mapping, optional
+            Attributes stored on the layer when this write creates it (e.g. which axes
+            of the output were reduced, see :func:`topoxr.reduction.reduction_attrs`);
+            ignored for a layer that exists (the recorders compare them before writing).
         **metadata : array_like
             Extra per-sample columns (str, int, float or bool), stored as coordinates.
 
@@ -417,7 +424,8 @@ class ActivationWriter:
             return 0
         try:
             if state is None:
-                state = self._create_layer(layer, reduced, labels, preds, meta, batch)
+                state = self._create_layer(layer, reduced, labels, preds, meta, batch,
+                                           layer_attrs)
             written = self._commit(state, plan, values, ids, labels, preds, meta, epoch)
         except Exception as err:
             self._fail(err, f"writing layer {layer!r} epoch {epoch} samples "
@@ -647,7 +655,8 @@ class ActivationWriter:
             neuron_chunk = max(1, _MAX_CHUNK_BYTES // (itemsize * chunk))
         return chunk, neuron_chunk
 
-    def _create_layer(self, layer, reduced, labels, preds, meta, batch) -> _LayerState:
+    def _create_layer(self, layer, reduced, labels, preds, meta, batch,
+                      layer_attrs=None) -> _LayerState:
         name = safe_node_name(layer)
         taken = {safe_node_name(n) for n in self._layers}
         if name in taken:
@@ -655,7 +664,7 @@ class ActivationWriter:
         n_neurons = reduced.values.shape[1]
         chunk, neuron_chunk = self._sample_chunk(n_neurons, batch)
         group = self._model_group.create_group(name, attributes={
-            ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
+            **dict(layer_attrs or {}), ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
             _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
         })
         mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))

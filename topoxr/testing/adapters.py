@@ -227,16 +227,19 @@ class RecorderContract:
         self.record(adapter, mlp, (x, y), store_path, layers="fc*")
         return store_snapshot(store_path)
 
-    def test_unknown_layer_lists_available(self, adapter, mlp, probe, store_path):
+    def test_unknown_layer_suggests_close_names(self, adapter, mlp, probe, store_path):
         before = self._existing_store(adapter, mlp, probe, store_path)
-        with pytest.raises(RecordingError, match=r"no_such_layer.*available layers.*fc1"):
-            self.record(adapter, mlp, probe, store_path, layers=["fc1", "no_such_layer"],
-                        epoch=1)
+        n = len(adapter.layer_names(mlp))
+        with pytest.raises(RecordingError,
+                           match=rf"'fc_3' \(did you mean 'fc[12]'.*it has {n} layers") as err:
+            self.record(adapter, mlp, probe, store_path, layers=["fc1", "fc_3"], epoch=1)
+        # the three closest names, not the whole list
+        assert str(err.value).count("'") <= 2 + 2 * 3
         assert_unchanged(before, store_path)
 
     def test_unknown_layer_creates_no_store(self, adapter, mlp, probe, tmp_path):
         path = str(tmp_path / "never.zarr")
-        with pytest.raises(RecordingError, match="available layers"):
+        with pytest.raises(RecordingError, match="layer_names"):
             self.record(adapter, mlp, probe, path, layers="conv*")
         assert not (tmp_path / "never.zarr").exists()
 

@@ -9,9 +9,10 @@ core package never imports it. It returns HoloViews objects and never calls
 
 from __future__ import annotations
 
-from topoxr.viz.report import Report, save_gif, save_html, save_png, to_bokeh
+from topoxr.viz.report import Report, animation_frames, save_gif, save_html, save_png, to_bokeh
 from topoxr.viz.topomap import MapCollection, collect, group_keys, topomap
 from topoxr.viz.views import (
+    attribute_grid,
     class_row,
     cluster_order,
     compare_models,
@@ -24,6 +25,8 @@ from topoxr.viz.views import (
 __all__ = [
     "MapCollection",
     "Report",
+    "animation_frames",
+    "attribute_grid",
     "class_row",
     "cluster_order",
     "collect",

@@ -25,7 +25,7 @@ from topoxr import conventions as cv
 from topoxr._optional import import_optional
 from topoxr.viz.topomap import collect, hv
 
-__all__ = ["Report", "save_gif", "save_html", "save_png", "to_bokeh"]
+__all__ = ["Report", "animation_frames", "save_gif", "save_html", "save_png", "to_bokeh"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,22 @@ def _compact(column: Any) -> Any:
     return column
 
 
+def _compact_sources(state: Any, source_type: Any) -> None:
+    """Store the float64 columns of every data source as float32 (half the page)."""
+    for source in state.select({"type": source_type}):
+        data = dict(source.data)
+        changed = {k: _compact(v) for k, v in data.items()
+                   if isinstance(v, np.ndarray | list) and _has_float64(v)}
+        if changed:
+            source.data = {**data, **changed}
+
+
+def _has_float64(column: Any) -> bool:
+    if isinstance(column, np.ndarray):
+        return column.dtype == np.float64
+    return any(isinstance(c, np.ndarray) and c.dtype == np.float64 for c in column)
+
+
 def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
     """Render a HoloViews object to a standalone bokeh layout, sliders included.
 
@@ -136,6 +152,7 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
     plot = renderer.get_plot(obj)
     dims = _plot_dims(plot)
     keys = list(plot.keys or [])
+    _compact_sources(plot.state, ColumnDataSource)
     if not dims or len(keys) <= 1:
         return plot.state
     if len(keys) > max_frames:
@@ -260,6 +277,8 @@ table.topoxr th { background: #f3f3f3; }
 table.topoxr td:first-child, table.topoxr th:first-child { text-align: left; }
 .caption { color: #555; font-size: .9em; margin: .3em 0 1.2em; }
 .figure { margin: 1em 0; }
+.still img, .player img { max-width: 100%; height: auto; }
+.player .controls { margin: .4em 0; }
 footer { margin-top: 3em; color: #888; font-size: .8em; }
 """
 
@@ -306,7 +325,7 @@ class Report:
         return self._sections[-1][1]
 
     def add_section(self, title: str, obj: Any = None, *, text: str | None = None,
-                    caption: str | None = None) -> Report:
+                    caption: str | None = None, still: bool = False) -> Report:
         """Start a section, optionally with a figure (HoloViews object) or HTML/Markdown.
 
         Parameters
@@ -320,6 +339,8 @@ class Report:
             Text placed before ``obj``.
         caption : str, optional
             Caption under ``obj``.
+        still : bool, default False
+            Draw the figure as a still image (see :meth:`add`).
 
         Returns
         -------
@@ -330,23 +351,75 @@ class Report:
         if text is not None:
             self.add_text(text)
         if obj is not None:
-            self.add(obj, caption=caption)
+            self.add(obj, caption=caption, still=still)
         return self
 
-    def add(self, obj: Any, *, caption: str | None = None) -> Report:
-        """Add a figure, text or table to the current section (see :meth:`add_section`)."""
+    def add(self, obj: Any, *, caption: str | None = None, still: bool = False) -> Report:
+        """Add a figure, text or table to the current section (see :meth:`add_section`).
+
+        Parameters
+        ----------
+        obj : HoloViews object, str, DataFrame or list of dicts
+            What to add.
+        caption : str, optional
+            Caption under it.
+        still : bool, default False
+            Draw a figure as a still PNG image (:func:`topoxr.viz.still.still_png`) instead
+            of interactive bokeh plots: a tenth of the weight and of the time, no hover.
+            An animation (HoloMaps keyed by one dimension, e.g.
+            :func:`topoxr.viz.training_animation`) becomes one image per key with a slider
+            and a play button.
+
+        Returns
+        -------
+        Report
+        """
         if isinstance(obj, str):
             return self.add_text(obj)
         if _is_table(obj):
             return self.add_table(obj, caption=caption)
         if isinstance(obj, hv.core.dimension.ViewableElement | hv.core.dimension.ViewableTree
                       | hv.core.spaces.HoloMap | hv.core.spaces.GridSpace):
-            self._current().append(_Item("bokeh", obj, caption))
+            self._current().append(_Item(_still_kind(obj) if still else "bokeh", obj, caption))
             return self
         raise TypeError(
             "a report item must be a HoloViews object, a str (Markdown/HTML), a pandas "
             f"DataFrame or a list of dicts; got {type(obj).__name__}"
         )
+
+    def add_frames(self, frames: Sequence[Any], values: Sequence[Any], *, name: str = "epoch",
+                   caption: str | None = None) -> Report:
+        """Add an animation from ready images: one shown at a time, a slider, a play button.
+
+        Parameters
+        ----------
+        frames : sequence of PIL.Image.Image or PNG bytes
+            The images (e.g. from :func:`animation_frames`).
+        values : sequence
+            The key of each frame (e.g. its epoch), shown next to the slider.
+        name : str, default "epoch"
+            Name of the key.
+        caption : str, optional
+            Caption under the animation.
+
+        Returns
+        -------
+        Report
+
+        Raises
+        ------
+        ValueError
+            If there are no frames, or not one value per frame.
+        """
+        from topoxr.viz.still import _quantized_png
+
+        if not frames or len(frames) != len(values):
+            raise ValueError(f"add_frames needs one value per frame, got {len(frames)} frames "
+                             f"and {len(values)} values")
+        pngs = [f if isinstance(f, bytes) else _quantized_png(np.asarray(f.convert("RGB")))
+                for f in frames]
+        self._current().append(_Item("player", (str(name), list(values), pngs), caption))
+        return self
 
     def add_figure(self, obj: Any, *, caption: str | None = None) -> Report:
         """Add a HoloViews figure (sliders kept) to the current section."""
@@ -422,22 +495,32 @@ class Report:
                     models.append(to_bokeh(item.content, max_frames=max_frames))
         with _quiet_validation():
             script, divs = components(models) if models else ("", ())
-        resources = _inline_resources(models)
+        resources = _inline_resources(models) if models else ""
         body = [f"<h1>{html.escape(self.title)}</h1>"]
         if self.description:
             body.append(_markup(self.description))
         n = 0
+        players = 0
         for title, items in self._sections:
+            body.append('<section class="topoxr-section">')
             if title is not None:
                 body.append(f"<h2>{html.escape(title)}</h2>")
             for item in items:
                 if item.kind == "bokeh":
                     body.append(f'<div class="figure">{divs[n]}</div>')
                     n += 1
+                elif item.kind == "still":
+                    body.append(_still_html(item.content))
+                elif item.kind == "player":
+                    body.append(_player_html(item.content, players))
+                    players += 1
                 else:
                     body.append(item.content)
                 if item.caption:
                     body.append(f'<p class="caption">{html.escape(item.caption)}</p>')
+            body.append("</section>")
+        if players:
+            body.append(f"<script>{_PLAYER_JS}</script>")
         import topoxr
 
         page = (
@@ -451,6 +534,82 @@ class Report:
         path.write_text(page, encoding="utf-8")
         logger.info("wrote report %s (%.1f MB)", path, path.stat().st_size / 1e6)
         return path
+
+
+def _still_kind(obj: Any) -> str:
+    """``"player"`` for an animation (HoloMaps sharing one key), else ``"still"``."""
+    maps = list(obj.values()) if isinstance(obj, hv.Layout) else [obj]
+    if maps and all(isinstance(m, hv.HoloMap) and not isinstance(m, hv.GridSpace)
+                    and len(m.kdims) == 1 for m in maps):
+        if len({m.kdims[0].name for m in maps}) == 1 and max(len(m) for m in maps) > 1:
+            return "player"
+    return "still"
+
+
+def _png_tag(png: bytes, alt: str, **attrs: str) -> str:
+    import base64
+
+    extra = "".join(f' {k}="{html.escape(v)}"' for k, v in attrs.items())
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{extra}>'
+
+
+def _still_html(obj: Any) -> str:
+    from topoxr.viz.still import still_png
+
+    return f'<div class="figure still">{_png_tag(still_png(obj), "topographic maps")}</div>'
+
+
+def _player_html(content: Any, index: int) -> str:
+    """Frames of an animation as images, one shown at a time, a slider and a play button.
+
+    ``content`` is a HoloViews animation (drawn with :func:`topoxr.viz.still.still_frames`)
+    or ``(name, values, frames)`` of :meth:`Report.add_frames`.
+    """
+    from topoxr.viz.still import still_frames
+
+    name, values, frames = content if isinstance(content, tuple) else still_frames(content)
+    imgs = "".join(
+        _png_tag(png, f"{name} {v}", **{"class": "frame", "data-value": str(v),
+                                        "style": "" if i == 0 else "display:none"})
+        for i, (v, png) in enumerate(zip(values, frames, strict=True)))
+    return (
+        f'<div class="figure player" id="topoxr-player-{index}" data-name="{html.escape(name)}">'
+        f'<div class="frames">{imgs}</div><div class="controls">'
+        f'<button type="button" class="play">\u25b6 Play</button> '
+        f'<input type="range" class="slider" min="0" max="{len(frames) - 1}" value="0" step="1">'
+        f' <span class="value"><b>{html.escape(name)}:</b> {html.escape(str(values[0]))}</span>'
+        "</div></div>"
+    )
+
+
+#: Slider and play button of the still animations (no library, no network).
+_PLAYER_JS = """
+document.querySelectorAll('.player').forEach((player) => {
+  const frames = player.querySelectorAll('.frame');
+  const slider = player.querySelector('.slider');
+  const label = player.querySelector('.value');
+  const button = player.querySelector('.play');
+  const name = player.dataset.name;
+  let timer = null;
+  const show = (i) => {
+    frames.forEach((f, j) => { f.style.display = j === i ? '' : 'none'; });
+    slider.value = String(i);
+    label.innerHTML = '<b>' + name + ':</b> ' + frames[i].dataset.value;
+  };
+  slider.addEventListener('input', () => show(Number(slider.value)));
+  button.addEventListener('click', () => {
+    if (timer === null) {
+      button.textContent = '\u23f8 Pause';
+      timer = setInterval(() => show((Number(slider.value) + 1) % frames.length), 700);
+    } else {
+      button.textContent = '\u25b6 Play';
+      clearInterval(timer);
+      timer = null;
+    }
+  });
+});
+"""
 
 
 def _inline_resources(models: list[Any]) -> str:
@@ -529,8 +688,10 @@ def save_png(
 ) -> Path:
     """Save a HoloViews object as a PNG figure with the matplotlib backend.
 
-    A ``HoloMap`` is drawn at its last key (e.g. the last epoch: the trained network);
-    pass ``hmap[key]`` for another frame.
+    A collection keyed by labels is drawn whole, every key as a titled panel: one key
+    (e.g. ``label``) gives rows of at most five maps, two keys a grid (e.g. classes by
+    ``correct``). An ``epoch`` key is drawn at its last epoch (the trained network); pass
+    ``hmap.select(epoch=e)`` for another one.
 
     Parameters
     ----------
@@ -552,8 +713,8 @@ def save_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, hv.DynamicMap):
         obj = _sample_dynamic(obj, max_frames=10_000)
-    if isinstance(obj, hv.HoloMap) and len(obj) > 1:
-        obj = obj.last
+    if isinstance(obj, hv.HoloMap):
+        obj = _holomap_as_panels(obj)
     if isinstance(obj, hv.GridSpace):
         obj = _grid_as_layout(obj)
     renderer = hv.renderer("matplotlib").instance(dpi=dpi, fig="png")
@@ -566,6 +727,30 @@ def save_png(
         out.replace(path)
     _close_mpl(plot)
     return path
+
+
+def _holomap_as_panels(hmap: Any) -> Any:
+    """A HoloMap as what a still image can show: every non-epoch key a titled panel."""
+    from topoxr.viz.views import MAX_COLS, _layout_opts, _row_length
+
+    names = [d.name for d in hmap.kdims]
+    if cv.EPOCH in names:
+        last = max(k[names.index(cv.EPOCH)] for k in hmap.data)
+        keep = [d for d in hmap.kdims if d.name != cv.EPOCH]
+        frames = {tuple(v for d, v in zip(names, k, strict=True) if d != cv.EPOCH): el
+                  for k, el in hmap.data.items() if k[names.index(cv.EPOCH)] == last}
+        if not keep:
+            return next(iter(frames.values()))
+        hmap = hv.HoloMap(frames, kdims=keep)
+        names = [d.name for d in keep]
+    if len(hmap) == 1 and len(names) == 1:
+        key, el = next(iter(hmap.data.items()))
+        return el.relabel(f"{names[0]} {key[0]}")
+    if len(names) == 2:
+        return _grid_as_layout(hmap.grid(names))
+    panels = [el.relabel(", ".join(f"{d} {v}" for d, v in zip(names, k, strict=True)))
+              for k, el in hmap.data.items()]
+    return _layout_opts(hv.Layout(panels).cols(_row_length(len(panels), MAX_COLS)))
 
 
 def _grid_as_layout(grid: Any, *, last_frame: bool = True) -> Any:
@@ -603,6 +788,8 @@ def _cell_title(xdim: str, x: Any, ydim: str, y: Any) -> str:
     def part(dim: str, v: Any) -> str:
         if dim == cv.CORRECT and isinstance(v, bool | np.bool_):
             return "correct" if v else "wrong"
+        if isinstance(v, bool | np.bool_):  # a boolean attribute: "marked", "not marked"
+            return dim if v else f"not {dim}"
         if dim == "model":
             return str(v)
         return f"{'pred' if dim == cv.PREDICTION else dim} {v}"
@@ -687,14 +874,59 @@ def save_gif(
     ValueError
         If ``fps`` is not positive.
     """
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    _, frames = animation_frames(
+        laid_naps, groups=groups, order=order, method=method, resolution=resolution,
+        cmap=cmap, panel_inches=panel_inches, dpi=dpi, points=points, max_cols=max_cols,
+        progress=progress)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
+                   loop=0, optimize=False)
+    return path
+
+
+def animation_frames(
+    laid_naps: Any,
+    *,
+    groups: Sequence[Any] | None = None,
+    order: str | Sequence[Any] | None = "cluster",
+    method: str = "linear",
+    resolution: int = 100,
+    cmap: str = "RdBu_r",
+    panel_inches: float = 1.8,
+    dpi: int = 80,
+    points: bool = True,
+    max_cols: int = 5,
+    progress: bool = True,
+) -> tuple[list[Any], list[Any]]:
+    """The frames of the training process, one image per epoch (what :func:`save_gif` writes).
+
+    Each frame shows the maps of every group as titled panels (dendrogram order of the last
+    epoch, rows of at most ``max_cols`` maps), colour limits shared by all groups and
+    epochs, one colour bar. Drawn straight from the maps with matplotlib.
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        Laid-out NAPs with an ``epoch`` dim (one fixed or per-epoch aligned layout).
+    groups, order, method, resolution, cmap, panel_inches, dpi, points, max_cols, progress
+        As in :func:`save_gif`.
+
+    Returns
+    -------
+    epochs : list
+        The epoch of each frame.
+    frames : list of PIL.Image.Image
+        RGB images.
+    """
     plt = import_optional("matplotlib.pyplot", extra="viz", purpose="GIF export")
     image_mod = import_optional("PIL.Image", extra="viz", purpose="GIF export")
     from tqdm.auto import tqdm
 
     from topoxr.viz.views import _key_title, _row_length, cluster_order
 
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
     col = collect(laid_naps, by=None, method=method, resolution=resolution, cmap=cmap)
     if col.multi:
         raise ValueError("save_gif draws one model; pass one DataArray")
@@ -749,8 +981,4 @@ def save_gif(
         rgba = np.asarray(fig.canvas.buffer_rgba())
         frames.append(image_mod.fromarray(rgba[..., :3].copy()))
         plt.close(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
-                   loop=0, optimize=False)
-    return path
+    return [_plain(e) for e in src.epochs], frames

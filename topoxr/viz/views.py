@@ -29,6 +29,7 @@ from topoxr.viz.topomap import (
 )
 
 __all__ = [
+    "attribute_grid",
     "class_row",
     "cluster_order",
     "compare_models",
@@ -343,6 +344,34 @@ def contrast_grid(laid_naps: xr.DataArray, *, epoch: Any = None, **topomap_kwarg
         lies above the ``correct=False`` row. Combinations that never occur are empty.
     """
     return _grid(laid_naps, cv.LABEL, cv.CORRECT, epoch, topomap_kwargs, "contrast_grid")
+
+
+def attribute_grid(laid_naps: xr.DataArray, attribute: str, *, epoch: Any = None,
+                   **topomap_kwargs: Any) -> Any:
+    """Per class, the maps of the samples with each value of a sample attribute.
+
+    The view that reveals a bias: group the NAPs by class and by a sensitive attribute
+    (e.g. ``topoxr.naps(act, by=["label", "marked"])``); where the attribute changes how
+    the network sees a class, the rows differ.
+
+    Parameters
+    ----------
+    laid_naps : xarray.DataArray
+        NAPs grouped by ``["label", attribute]``.
+    attribute : str
+        The attribute (a sample coordinate of the recorded activations).
+    epoch : optional
+        Epoch to draw (default the last; ``"all"`` keeps an epoch slider).
+    **topomap_kwargs
+        Passed to :func:`topoxr.viz.topomap`.
+
+    Returns
+    -------
+    holoviews.GridSpace
+        Keyed by ``(label, attribute)``: columns are classes, one row per attribute value
+        (the largest on top); combinations that never occur are empty.
+    """
+    return _grid(laid_naps, cv.LABEL, attribute, epoch, topomap_kwargs, "attribute_grid")
 
 
 def confusion_grid(laid_naps: xr.DataArray, *, epoch: Any = None, **topomap_kwargs: Any) -> Any:

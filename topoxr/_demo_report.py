@@ -1,0 +1,199 @@
+"""The demo's report: one section per application of the paper, each with its number.
+
+Used by :func:`topoxr.demo.run_demo` once the analysis is done; imports HoloViews (through
+:mod:`topoxr.viz`), so it is only imported when a report is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from topoxr.demo import ANIMATION_RESOLUTION, ATTRIBUTE, MAP_RESOLUTION
+
+logger = logging.getLogger(__name__)
+
+#: Layers whose class maps the report draws (the others are in the table).
+CLASS_MAP_LAYERS = [("mlp_torch", "relu1"), ("cnn_torch", "relu2"), ("transformer_torch", "pool"),
+                    ("mlp_sklearn", "relu1")]
+
+_DESCRIPTION = (
+    "Topographic activation maps of the paper's networks trained on scikit-learn's digits. "
+    "Each map places a layer's neurons on a plane so that neurons with similar class "
+    "responses sit together (topoxr's default layout), and colours the plane by the "
+    "normalised mean activation (NAP) of one group of probe samples: red above the "
+    "neuron's average over groups, blue below. Colour limits are shared per layer. Every "
+    "picture comes with the number that measures what it shows; all numbers are also in "
+    "`quality.json`. Correlations are Pearson correlations of two maps over the pixels "
+    "inside the neurons' hull."
+)
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.2f}"
+
+
+def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray], *,
+                 lines: list[str], quick: bool, progress: bool) -> list[Path]:
+    """Write ``report.html``, ``maps.png`` and ``training.gif``; return their paths.
+
+    Parameters
+    ----------
+    out : Path
+        Output folder.
+    analysis : dict
+        What :func:`topoxr.demo._analyse` returned.
+    data : dict
+        The probe split (for the example inputs).
+    lines : list of str
+        One sentence per finding, shown at the top.
+    quick : bool
+        The quick demo (fewer sections' models).
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    list of Path
+    """
+    import topoxr.viz as viz
+
+    maps, found, featured = analysis["maps"], analysis["findings"], analysis["featured"]
+    kw = {"resolution": MAP_RESOLUTION}
+    examples = viz.example_inputs(data["images_probe"], data["y_probe"])
+    name = f"{featured[0]} / {featured[1]}"
+    started = time.perf_counter()
+    report = viz.Report("topoxr demo: the paper's networks on digits", description=_DESCRIPTION)
+    report.add_section("Findings", "\n".join(f"- {line}" for line in lines))
+
+    # 1. class maps --------------------------------------------------------------------
+    for key in [k for k in CLASS_MAP_LAYERS if k in maps] or [featured]:
+        cm = found["class_maps"].get(f"{key[0]}/{key[1]}")
+        text = ("One map per class, in dendrogram order (classes with similar maps side by "
+                "side), each under an example input of its class.")
+        if cm:
+            text += (f" **Mean correlation between class maps: {_fmt(cm['mean_correlation'])}** "
+                     f"(1: all classes alike; 0: unrelated); most alike: classes "
+                     f"{cm['max_pair']['groups'][0]} and {cm['max_pair']['groups'][1]} "
+                     f"({_fmt(cm['max_pair']['correlation'])}). **{cm['mean_blob_count']:.1f} "
+                     f"blobs per map**, each {100 * cm['mean_blob_area']:.1f}% of the map "
+                     "(regions beyond half the layer's largest |NAP|).")
+        report.add_section(f"Class maps: {key[0]} / {key[1]}",
+                           viz.class_row(maps[key]["label"], examples=examples, **kw), text=text,
+                           still=quick or key != featured)  # full demo: hover the featured maps
+    report.add_table([
+        {"layer": layer, "neurons": int(maps[tuple(layer.split("/"))]["label"].sizes["neuron"]),
+         "mean correlation": cm["mean_correlation"], "blobs per map": cm["mean_blob_count"],
+         "blob area": cm["mean_blob_area"], "accuracy": found["accuracy"][layer.split("/")[0]]}
+        for layer, cm in found["class_maps"].items()
+    ], title="Class maps of every layer",
+        caption="Distinctness (mean correlation between class maps; lower is more distinct) "
+                "and blobs of the class maps of every recorded layer, last epoch; probe "
+                "accuracy of the model.")
+
+    # 2. errors ------------------------------------------------------------------------
+    err = found["errors"].get(f"{featured[0]}/{featured[1]}")
+    text = "Per class, samples the network got right (top) and wrong (bottom), last epoch."
+    if err and err["wrong_samples"]:
+        text += (f" **{err['wrong_samples']} wrong probes: their maps correlate "
+                 f"{_fmt(err['mean_r_predicted'])} with the correct maps of the class predicted "
+                 f"and {_fmt(err['mean_r_true'])} with those of their true class; "
+                 f"{100 * err['closer_to_predicted']:.0f}% are closer to the predicted "
+                 "class.** A wrong sample is mostly seen as the class it was taken for.")
+    report.add_section(f"Errors: correct vs wrong ({name})",
+                       viz.contrast_grid(maps[featured]["correct"], **kw), text=text, still=True)
+    report.add_section(f"Errors: confusion grid ({name})",
+                       viz.confusion_grid(maps[featured]["prediction"], **kw), still=True,
+                       text="One map per (true label, prediction) pair that occurs: the "
+                            "diagonal holds the correct maps, every other cell a confusion.")
+    if err and err["pairs"]:
+        report.add_table([{"label": p["label"], "prediction": p["prediction"],
+                           "samples": p["count"], "r with true class": p["r_true"],
+                           "r with predicted class": p["r_predicted"]} for p in err["pairs"]],
+                         caption="Each confusion's map against the correct maps of its true and "
+                                 "of its predicted class.")
+
+    # 3. bias --------------------------------------------------------------------------
+    bias = found.get("bias")
+    if bias:
+        b, c = maps[("mlp_biased", "relu1")], maps[("mlp_control", "relu1")]
+        report.add_section(
+            "Bias: a planted attribute",
+            viz.attribute_grid(b[ATTRIBUTE], ATTRIBUTE, **kw), still=True,
+            text=("The biased MLP's training data carries a corner mark (the sensitive "
+                  "attribute) on 90% of the digits 0-4 and 10% of the digits 5-9; the control "
+                  "MLP (same architecture and initial weights) sees the mark on half of every "
+                  "class. In the probe set every class is marked on every other sample. Maps of "
+                  "the biased MLP by class, marked (top) and unmarked (bottom). **The mark "
+                  f"changes the class maps by {_fmt(bias['biased']['mean_effect'])} (1 - r, mean "
+                  f"over classes) in the biased MLP and by {_fmt(bias['control']['mean_effect'])} "
+                  f"in the control ({bias['ratio']:.1f}x).** It pulls "
+                  f"{100 * bias['biased_pulled_marked']:.0f}% of the marked digits 5-9 into "
+                  f"the classes 0-4 (unmarked: {100 * bias['biased_pulled_unmarked']:.0f}%; "
+                  f"control: {100 * bias['control_pulled_marked']:.0f}%)."))
+        report.add(viz.compare_models({"biased": b["attribute_only"],
+                                       "control": c["attribute_only"]}, **kw), still=True,
+                   caption="Marked and unmarked probes of both models: only the biased model's "
+                           "maps tell them apart.")
+        report.add_table([{"class": label, "effect, biased": bias["biased"]["effect"][label],
+                           "effect, control": bias["control"]["effect"].get(label)}
+                          for label in bias["biased"]["effect"]],
+                         caption="The mark's effect on each class's map (1 - correlation of its "
+                                 "marked and unmarked maps).")
+
+    # 4. training ----------------------------------------------------------------------
+    tr = found["training"]
+    settled = tr["settled_at"]
+    epochs, frames = viz.animation_frames(maps[featured]["label"], resolution=ANIMATION_RESOLUTION,
+                                          panel_inches=1.6, progress=progress)
+    report.add_section(
+        f"Training process ({name})",
+        text=("The probe set recorded at every epoch (0 = before training), drawn on one "
+              "fixed layout (computed at the last epoch): use the slider or the play button. "
+              "**Map change per epoch (1 - correlation with the epoch before): "
+              + ", ".join(f"{e}: {c:.2f}" for e, c in zip(tr["epochs"][1:], tr["change"],
+                                                          strict=True))
+              + (f"; the organisation settles from epoch {settled}** (every later change "
+                 "below a tenth of the largest)." if settled is not None
+                 else "**; it has not settled yet.")))
+    report.add_frames(frames, epochs, name="epoch")
+    report.add_table([{"epoch": e, "change from previous": ch, "correlation with last": r}
+                      for e, ch, r in zip(tr["epochs"], [None, *tr["change"]],
+                                          tr["correlation_with_last"], strict=True)])
+
+    # frameworks side by side ----------------------------------------------------------
+    if ("mlp_torch", "relu1") in maps and ("mlp_keras", "relu1") in maps:
+        from topoxr.alignment import align
+
+        torch_naps = maps[("mlp_torch", "relu1")]["label"]
+        keras_naps = align(maps[("mlp_keras", "relu1")]["label"], torch_naps, match="activity")
+        report.add_section("PyTorch and Keras side by side (mlp / relu1)",
+                           viz.compare_models({"PyTorch": torch_naps, "Keras": keras_naps}, **kw),
+                           still=True,
+                           text="The paper's MLP (identical initial weights) trained in both "
+                                "frameworks; the Keras layout is aligned onto the PyTorch one "
+                                "by matching neurons on their activity (linear assignment, "
+                                "then Procrustes).")
+    report.add_section("Layout quality and time", analysis["quality"],
+                       text="Trustworthiness and continuity (k = 5), Spearman correlation of "
+                            "profile and map distances, smoothness (lower is smoother), blobs "
+                            "per class map and their area, seconds per layout on this machine.")
+    built = time.perf_counter()
+    files = [report.save(out / "report.html")]
+    saved = time.perf_counter()
+    from topoxr.viz.still import still_png
+
+    png = out / "maps.png"  # the still renderer: the same panels, a fraction of the time
+    png.write_bytes(still_png(viz.class_row(maps[featured]["label"], examples=examples, **kw),
+                              dpi=100, title=f"{name}: class maps (last epoch)"))
+    files.append(png)
+    gif = out / "training.gif"  # the report's frames, written once more as a GIF
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=500, loop=0)
+    files.append(gif)
+    logger.info("demo: report built in %.1f s, saved in %.1f s; PNG and GIF in %.1f s",
+                built - started, saved - built, time.perf_counter() - saved)
+    return files

@@ -1,0 +1,422 @@
+"""Which axis of a layer's output holds the neurons, and how the other axes are reduced.
+
+One framework-free place for the meaning of a layer's axes, used by every adapter.  An
+adapter decides, per layer, the *neuron axis* of the output (a conv layer's channel axis,
+the last axis of everything else, or the user's ``channel_axis``) and says how it decided
+(the *rule*).  This module then reduces every other non-batch axis:
+
+* conv maps ``(N, C, *spatial)``: ``mean`` / ``max`` over positions, or ``none`` (every
+  unit a neuron);
+* sequences ``(N, T, H)`` (neurons on the last axis): ``mean`` (masked by the attention
+  mask when one is given), ``max`` (masked too), ``first`` (the CLS token), ``last`` (the
+  last non-padding token), ``none``, or ``tokens``: every token its own sample.
+
+Per-token samples get stable ids: token ``t`` of the input with sample id ``s`` is sample
+``s * T + t`` (``T`` the padded sequence length of the layer's output), with the
+coordinates ``input`` (``s``), ``token_position`` (``t``) and, when the input ids are
+known, ``token_id``; padding tokens (mask 0) are dropped.
+
+What was reduced is stated in the store, per layer, by :func:`reduction_attrs`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "RecordingError",
+    "ATTR_AXIS_RULE",
+    "ATTR_MASKED",
+    "ATTR_NEURON_AXIS",
+    "ATTR_OUTPUT_SHAPE",
+    "ATTR_REDUCED_AXES",
+    "REDUCE_CHOICES",
+    "TOKEN_COLUMNS",
+    "LayerSpec",
+    "ReducedLayer",
+    "describe_reduction",
+    "did_you_mean",
+    "reduce_layer",
+    "reduction_attrs",
+    "resolve_layer_specs",
+    "token_info",
+]
+
+#: Every reduce mode; ``first``, ``last`` and ``tokens`` apply to sequence outputs only.
+REDUCE_CHOICES = ("mean", "max", "none", "first", "last", "tokens")
+_SEQUENCE_ONLY = ("first", "last", "tokens")
+#: Per-sample coordinates added by ``reduce="tokens"``.
+TOKEN_COLUMNS = ("input", "token_position", "token_id")
+
+#: Layer attributes written at layer creation (see ``docs/store-format.md``).
+ATTR_NEURON_AXIS = "topoxr_neuron_axis"
+ATTR_REDUCED_AXES = "topoxr_reduced_axes"
+ATTR_OUTPUT_SHAPE = "topoxr_output_shape"
+ATTR_MASKED = "topoxr_masked"
+ATTR_AXIS_RULE = "topoxr_axis_rule"
+_ATTR_REDUCE = "topoxr_reduce"
+
+
+class RecordingError(ValueError):
+    """Bad input for a recorder (layers, data, labels, probe set); nothing was written."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Settings of one recorded layer; ``None`` means "the recording's default".
+
+    Parameters
+    ----------
+    reduce : str, optional
+        One of :data:`REDUCE_CHOICES`.
+    channel_axis : int, optional
+        Axis of the neurons in the layer's output (batch axis 0), overriding the
+        adapter's choice.
+    call : int, optional
+        Which call of a module that runs several times per forward pass (``0`` first);
+        the same as the name suffix ``"relu:1"``.
+    output_key : str or int, optional
+        Entry of a tuple (int) or mapping (str) output to record.
+    """
+
+    reduce: str | None = None
+    channel_axis: int | None = None
+    call: int | None = None
+    output_key: str | int | None = None
+
+    @classmethod
+    def from_value(cls, layer: str, value: Any) -> LayerSpec:
+        """Build a spec from a :class:`LayerSpec`, a mapping or ``None``."""
+        if value is None:
+            return cls()
+        if isinstance(value, LayerSpec):
+            return value
+        if not isinstance(value, Mapping):
+            raise RecordingError(f"layer {layer!r}: settings must be a mapping or LayerSpec, "
+                             f"got {type(value).__name__}")
+        known = {"reduce", "channel_axis", "call", "output_key"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise RecordingError(f"layer {layer!r}: unknown settings {unknown}; "
+                             f"known ones are {sorted(known)}")
+        spec = cls(**dict(value))
+        if spec.reduce is not None and spec.reduce not in REDUCE_CHOICES:
+            raise RecordingError(f"layer {layer!r}: unknown reduce {spec.reduce!r}; "
+                             f"choose one of {list(REDUCE_CHOICES)}")
+        for name in ("channel_axis", "call"):
+            v = getattr(spec, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer)):
+                raise RecordingError(f"layer {layer!r}: {name} must be an integer, got {v!r}")
+        if spec.call is not None and spec.call < 0:
+            raise RecordingError(f"layer {layer!r}: call must be >= 0, got {spec.call}")
+        return spec
+
+
+def did_you_mean(unknown: Sequence[str], available: Sequence[str], *, what: str) -> str:
+    """A message for names that match nothing: the three closest names and the count."""
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(available), n=3, cutoff=0.4)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        parts.append(f"{name!r}{hint}")
+    return (f"no layer of the {what} matches {', '.join(parts)}; it has {len(available)} "
+            "layers (list them with layer_names(model))")
+
+
+def _split_call(name: str, available: set[str]) -> tuple[str, int | None]:
+    base, sep, tail = name.rpartition(":")
+    if sep and tail.isdigit() and base in available and name not in available:
+        return base, int(tail)
+    return name, None
+
+
+def resolve_layer_specs(
+    requested: Any,
+    available: Sequence[str],
+    *,
+    what: str = "model",
+    calls: bool = False,
+) -> dict[str, tuple[str, LayerSpec]]:
+    """Resolve names, glob patterns or ``{name: settings}`` to layers and their settings.
+
+    Parameters
+    ----------
+    requested : str, sequence of str, or mapping of str to settings
+        Exact names or :mod:`fnmatch` patterns; a mapping gives per-layer settings
+        (a mapping like ``{"reduce": "first"}``, a :class:`LayerSpec`, or ``{}``/``None``).
+        Exact names win over patterns, and an exact name's settings over a pattern's.
+    available : sequence of str
+        The layer names the framework reports, in model order.
+    what : str
+        How to call the model in messages.
+    calls : bool, default False
+        Accept ``"name:k"`` (call ``k`` of a shared module).
+
+    Returns
+    -------
+    dict
+        Recorded layer name -> (module/layer name, settings), in model order.
+
+    Raises
+    ------
+    ValueError
+        A name that matches nothing (with the closest names), or a bad setting.
+    """
+    if isinstance(requested, str):
+        items: list[tuple[str, Any]] = [(requested, None)]
+    elif isinstance(requested, Mapping):
+        items = list(requested.items())
+    else:
+        items = [(r, None) for r in requested]
+    if not items:
+        raise RecordingError(f"no layers requested; the {what} has {len(available)} layers")
+    avail = set(available)
+    order = {name: i for i, name in enumerate(available)}
+    chosen: dict[str, tuple[str, LayerSpec, bool]] = {}
+    unknown = []
+    for pattern, value in items:
+        if not isinstance(pattern, str):
+            raise RecordingError(f"layer names must be strings, got {pattern!r}")
+        spec = LayerSpec.from_value(pattern, value)
+        base, call = _split_call(pattern, avail) if calls else (pattern, None)
+        if call is not None:
+            spec = replace(spec, call=call)
+        if spec.call is not None and not calls:
+            raise RecordingError(f"layer {pattern!r}: the {what} cannot record one call of a "
+                             "shared layer (setting 'call')")
+        if base in avail:
+            name = base if spec.call is None else f"{base}:{spec.call}"
+            chosen[name] = (base, spec, True)
+            continue
+        hits = fnmatch.filter(available, pattern)
+        if not hits:
+            unknown.append(pattern)
+        for hit in hits:
+            name = hit if spec.call is None else f"{hit}:{spec.call}"
+            if name not in chosen or not chosen[name][2]:
+                chosen[name] = (hit, spec, False)
+    if unknown:
+        raise RecordingError(did_you_mean(unknown, available, what=what))
+    ordered = sorted(chosen, key=lambda n: (order[chosen[n][0]], n))
+    return {name: chosen[name][:2] for name in ordered}
+
+
+# --------------------------------------------------------------------------------------
+# Token information carried by the inputs
+# --------------------------------------------------------------------------------------
+def _np(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+    if hasattr(values, "numpy") and not isinstance(values, np.ndarray):
+        values = values.numpy()
+    return np.asarray(values)
+
+
+def token_info(x: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The attention mask and token ids of one batch of inputs, where they are known.
+
+    A mapping input (tokenizer output) gives ``attention_mask`` and ``input_ids``; a
+    2-D integer array (or a tuple of positional inputs starting with one) is taken as
+    the token ids themselves.
+
+    Returns
+    -------
+    mask, token_ids : numpy.ndarray of shape (batch, T) or None
+    """
+    if isinstance(x, Mapping):
+        mask = x.get("attention_mask")
+        ids = x.get("input_ids")
+        return (None if mask is None else _np(mask)), (None if ids is None else _np(ids))
+    if isinstance(x, tuple | list) and x and not hasattr(x, "shape"):
+        x = x[0]
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is not None and len(shape) == 2 and dtype is not None:
+        arr = _np(x)
+        if arr.dtype.kind in "iu":
+            return None, arr
+    return None, None
+
+
+# --------------------------------------------------------------------------------------
+# Reduction
+# --------------------------------------------------------------------------------------
+@dataclass
+class ReducedLayer:
+    """One batch of one layer, ready for the writer.
+
+    ``values`` is ``(rows, neurons)``, or ``(rows, C, *positions)`` for ``reduce="none"``
+    (the writer flattens it and records the unit coordinates); ``source`` says which row
+    of the batch each row comes from (``None``: row ``i`` is input ``i``).
+    """
+
+    values: np.ndarray
+    source: np.ndarray | None = None
+    token_position: np.ndarray | None = None
+    token_id: np.ndarray | None = None
+
+
+def _masked(mask: np.ndarray | None, n: int, t: int, layer: str) -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != (n, t):
+        raise RecordingError(
+            f"layer {layer!r}: the attention mask has shape {mask.shape} but the layer's "
+            f"output has {n} inputs x {t} tokens; record this layer with another reduce "
+            "or without a mask"
+        )
+    return mask.astype(bool)
+
+
+def reduce_layer(
+    array: np.ndarray,
+    *,
+    layer: str,
+    neuron_axis: int,
+    reduce: str,
+    mask: np.ndarray | None = None,
+    token_ids: np.ndarray | None = None,
+) -> ReducedLayer:
+    """Reduce one batch of a layer's output to one row of neurons per sample.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        The layer's output ``(batch, ...)``.
+    layer : str
+        Layer name, for messages.
+    neuron_axis : int
+        Axis of the neurons (not 0).
+    reduce : str
+        One of :data:`REDUCE_CHOICES`.
+    mask : numpy.ndarray, optional
+        Attention mask ``(batch, T)`` (1 = real token); used by ``mean``, ``max``,
+        ``last`` and ``tokens`` on sequence outputs.
+    token_ids : numpy.ndarray, optional
+        Token ids ``(batch, T)``, for the ``token_id`` coordinate of ``tokens``.
+
+    Returns
+    -------
+    ReducedLayer
+
+    Raises
+    ------
+    ValueError
+        When the reduce mode cannot apply to this output (naming the layer).
+    """
+    array = np.asarray(array)
+    if array.ndim < 2:
+        raise RecordingError(f"layer {layer!r}: output of shape {array.shape} has no neuron axis")
+    axis = _norm_axis(layer, neuron_axis, array.ndim)
+    if reduce not in REDUCE_CHOICES:
+        raise RecordingError(f"layer {layer!r}: unknown reduce {reduce!r}; "
+                         f"choose one of {list(REDUCE_CHOICES)}")
+    moved = np.moveaxis(array, axis, -1)  # (N, *rest, H)
+    if array.ndim == 2:
+        if reduce == "tokens":
+            raise RecordingError(f"layer {layer!r}: reduce='tokens' needs a (batch, tokens, "
+                             f"hidden) output, got shape {array.shape}")
+        return ReducedLayer(moved)
+    sequence = array.ndim == 3 and axis == 2
+    if reduce in _SEQUENCE_ONLY and not sequence:
+        raise RecordingError(
+            f"layer {layer!r}: reduce={reduce!r} needs a (batch, tokens, hidden) output with "
+            f"the neurons on the last axis; this one has shape {array.shape} with the "
+            f"neurons on axis {axis}. Use reduce='mean', 'max' or 'none'"
+        )
+    n, t = array.shape[0], array.shape[1]
+    m = _masked(mask, n, t, layer) if sequence else None
+    if reduce == "none":
+        return ReducedLayer(np.moveaxis(array, axis, 1))
+    if reduce in ("mean", "max"):
+        if m is None:
+            pos = tuple(range(1, array.ndim - 1))
+            vals = moved.mean(axis=pos, dtype=np.float64) if reduce == "mean" \
+                else moved.max(axis=pos)
+            return ReducedLayer(np.asarray(vals, dtype=np.float32))
+        if (m.sum(axis=1) == 0).any():
+            raise RecordingError(f"layer {layer!r}: an input has an all-zero attention mask")
+        if reduce == "mean":
+            w = m[:, :, None].astype(np.float64)
+            vals = (moved * w).sum(axis=1, dtype=np.float64) / w.sum(axis=1)
+        else:
+            vals = np.where(m[:, :, None], moved, -np.inf).max(axis=1)
+        return ReducedLayer(np.asarray(vals, dtype=np.float32))
+    if reduce == "first":
+        return ReducedLayer(np.ascontiguousarray(moved[:, 0, :]))
+    if reduce == "last":
+        if m is None:
+            return ReducedLayer(np.ascontiguousarray(moved[:, -1, :]))
+        if (m.sum(axis=1) == 0).any():
+            raise RecordingError(f"layer {layer!r}: an input has an all-zero attention mask")
+        last = t - 1 - np.argmax(m[:, ::-1], axis=1)
+        return ReducedLayer(np.ascontiguousarray(moved[np.arange(n), last, :]))
+    # tokens
+    keep = np.ones((n, t), bool) if m is None else m
+    rows, pos = np.nonzero(keep)
+    tok = None
+    if token_ids is not None:
+        token_ids = np.asarray(token_ids)
+        if token_ids.shape == (n, t):
+            tok = token_ids[rows, pos].astype(np.int64)
+    return ReducedLayer(np.ascontiguousarray(moved[rows, pos, :]), source=rows,
+                        token_position=pos.astype(np.int64), token_id=tok)
+
+
+def _norm_axis(layer: str, axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim or axis % ndim == 0:
+        raise RecordingError(f"layer {layer!r}: channel_axis={axis} is not a non-batch axis of "
+                         f"a {ndim}-D output")
+    return axis % ndim
+
+
+def reduction_attrs(
+    shape: Sequence[int], *, neuron_axis: int, reduce: str, masked: bool, rule: str
+) -> dict[str, Any]:
+    """The layer attributes that say which axes of the output were reduced, and how.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Shape of one batch of the layer's output (batch axis included).
+    neuron_axis : int
+        Axis of the neurons.
+    reduce : str
+        Reduce mode.
+    masked : bool
+        Whether the attention mask was applied.
+    rule : str
+        How the neuron axis was chosen (``"conv channels"``, ``"last axis"``,
+        ``"channel_axis set by the user"``, ...).
+
+    Returns
+    -------
+    dict
+        ``topoxr_neuron_axis``, ``topoxr_reduced_axes``, ``topoxr_output_shape``
+        (without the batch axis), ``topoxr_masked``, ``topoxr_axis_rule``.
+    """
+    ndim = len(shape)
+    axis = neuron_axis % ndim
+    reduced = [] if reduce in ("none", "tokens") else [a for a in range(1, ndim) if a != axis]
+    return {ATTR_NEURON_AXIS: int(axis), ATTR_REDUCED_AXES: reduced,
+            ATTR_OUTPUT_SHAPE: [int(s) for s in shape[1:]], ATTR_MASKED: bool(masked),
+            ATTR_AXIS_RULE: rule}
+
+
+def describe_reduction(attrs: Mapping[str, Any]) -> str:
+    """A short phrase for a layer's reduction, from its attributes (for messages)."""
+    reduce = attrs.get(_ATTR_REDUCE, "mean")
+    if ATTR_NEURON_AXIS not in attrs:
+        return f"reduce={reduce!r}"
+    axes = list(attrs.get(ATTR_REDUCED_AXES, []))
+    masked = " masked by the attention mask" if attrs.get(ATTR_MASKED) else ""
+    over = f" over axes {axes}" if axes and reduce in ("mean", "max") else ""
+    return (f"reduce={reduce!r}{over}{masked}, neurons on axis {attrs[ATTR_NEURON_AXIS]} "
+            f"of output shape {list(attrs.get(ATTR_OUTPUT_SHAPE, []))}")

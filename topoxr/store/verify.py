@@ -1,0 +1,222 @@
+"""``topoxr.verify``: read every chunk of a store once and check every invariant."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from topoxr.conventions import ACTIVATION, ATTR_LAYER, ATTR_MODEL
+from topoxr.store._errors import StoreError
+from topoxr.store._integrity import (
+    Context,
+    chunk_coords,
+    chunk_slices,
+    extra_nodes,
+    missing_chunks,
+    region_of,
+    snapshot,
+    stored_chunks,
+)
+from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
+from topoxr.store._schema import _ATTR_READY, _ids_text, _where, has_checksums
+
+__all__ = ["ATTR_VERIFIED", "Problem", "VerifyReport", "verify"]
+
+logger = logging.getLogger(__name__)
+
+#: Root attribute holding the outcome of the last :func:`verify` (dropped by a writer).
+ATTR_VERIFIED = "topoxr_verified"
+
+
+@dataclass
+class Problem:
+    """One problem found by :func:`verify`."""
+
+    node: str  #: the model or layer node, e.g. ``"mlp/hidden"``
+    what: str  #: the whole message: file, array, chunk, what is wrong, what it affects
+    kind: str = "damaged"  #: ``"damaged"`` or ``"unverifiable"`` (no checksums)
+
+    def line(self) -> str:
+        """The one-line text printed by ``topoxr verify``."""
+        return f"{self.node}: {self.kind}: {self.what}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found."""
+
+    store: str
+    chunks_read: int = 0
+    layers: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every layer is checked and nothing is wrong."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (``topoxr verify --json``)."""
+        return {"store": self.store, "ok": self.ok, "layers": self.layers,
+                "chunks_read": self.chunks_read,
+                "problems": [asdict(p) | {"line": p.line()} for p in self.problems]}
+
+
+def verify(store: Any, *, storage_options: Mapping[str, Any] | None = None,
+           progress: bool = False, record: bool = True) -> VerifyReport:
+    """Read every chunk of a store once; check checksums and the store's invariants.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Path or fsspec URL of the store.
+    storage_options : mapping, optional
+        Passed to fsspec for URLs.
+    progress : bool, default False
+        Show a progress bar over the chunks.
+    record : bool, default True
+        Store the outcome in the root attribute ``topoxr_verified`` (shown by
+        ``topoxr info``), unless a writer holds the store.
+
+    Returns
+    -------
+    VerifyReport
+        Every problem found, one :class:`Problem` each (``report.ok`` when none).
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing exists at ``store``.
+    StoreError
+        If it is not a topoxr store.
+    """
+    from tqdm.auto import tqdm
+
+    loc = _locate(store, storage_options)
+    root = _open_root_readonly(loc)
+    report = VerifyReport(store=loc.url)
+    layers: list[tuple[str, zarr.Group]] = []
+    lost = extra_nodes(root, dict(root.members()))
+    report.problems.extend(Problem(name, f"node {name!r} has no readable zarr.json")
+                           for name in lost)
+    for model_name, model_group in sorted(root.groups()):
+        _check_name(report, model_name, model_group.attrs.get(ATTR_MODEL), "model")
+        try:
+            members = dict(model_group.members())
+        except Exception as err:  # noqa: BLE001 - report, go on with the next model
+            report.problems.append(Problem(model_name, f"unreadable ({err})"))
+            continue
+        report.problems.extend(
+            Problem(f"{model_name}/{name}", "layer has no readable zarr.json (its metadata "
+                    "was deleted or damaged)") for name in extra_nodes(model_group, members))
+        for layer_name, group in sorted(members.items()):
+            if isinstance(group, zarr.Group) and group.attrs.get(_ATTR_READY, False):
+                layers.append((f"{model_name}/{layer_name}", group))
+    with tqdm(total=None, desc="verify", unit="chunk", disable=not progress) as bar:
+        for node, group in layers:
+            report.layers += 1
+            _check_name(report, node, group.attrs.get(ATTR_LAYER), "layer")
+            _verify_layer(report, node, group, bar)
+    if record:
+        _record(loc, report)
+    return report
+
+
+def _check_name(report: VerifyReport, node: str, name: Any, kind: str) -> None:
+    base = node.rsplit("/", 1)[-1]
+    if not isinstance(name, str) or safe_node_name(name) != base:
+        report.problems.append(Problem(node, f"the {kind} name in its attributes ({name!r}) "
+                                             f"does not match the node {base!r}"))
+
+
+def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) -> None:
+    where = _where(group)
+    try:
+        arrays = dict(group.arrays())
+    except Exception as err:  # noqa: BLE001
+        report.problems.append(Problem(node, f"{where}: arrays unreadable ({err})"))
+        return
+    if not all(has_checksums(a) for a in arrays.values()):
+        report.problems.append(Problem(
+            node, f"{where} was written without chunk checksums (an earlier topoxr): damage "
+            "to its chunks cannot be detected", kind="unverifiable"))
+    snap = None
+    try:
+        snap = snapshot(group, arrays)
+    except StoreError as err:
+        report.problems.append(Problem(node, str(err)))
+    except Exception as err:  # noqa: BLE001 - damaged metadata
+        report.problems.append(Problem(node, f"{where} is unreadable "
+                                             f"({type(err).__name__}: {err})"))
+    ctx = snap.context if snap is not None else Context(where)
+    for arr in arrays.values():
+        try:
+            present = stored_chunks(arr)
+            grid = list(chunk_coords(arr, tuple(slice(None) for _ in arr.shape)))
+        except Exception as err:  # noqa: BLE001
+            report.problems.append(Problem(node, f"array {arr.basename!r} is unreadable "
+                                                 f"({type(err).__name__}: {err})"))
+            continue
+        for coords in grid:
+            if arr.metadata.encode_chunk_key(coords) not in present:
+                continue
+            bar.update()
+            report.chunks_read += 1
+            try:
+                np.asarray(arr[chunk_slices(arr, coords)])
+            except Exception as err:  # noqa: BLE001 - every decode failure is damage
+                report.problems.append(Problem(node, ctx.damaged_chunk(
+                    arr, coords, f"cannot be read ({type(err).__name__}: {err})"
+                    if "checksum" not in str(err) else "fails its crc32c checksum")))
+    if snap is None:
+        return
+    for name in ("sample", "epoch"):
+        values = snap.sample_ids if name == "sample" else snap.epochs
+        uniq, counts = np.unique(values, return_counts=True)
+        if (counts > 1).any():
+            report.problems.append(Problem(node, f"{where}: the {name} coordinate repeats "
+                                                 f"{_ids_text(uniq[counts > 1])}"))
+    act = arrays[ACTIVATION]
+    if snap.checked:
+        region = region_of(act, snap.n, snap.m)
+        size_s, size_e = act.chunks[1], act.chunks[2]
+        for coords in missing_chunks(act, region):
+            cells = snap.committed[coords[1] * size_s:(coords[1] + 1) * size_s,
+                                   coords[2] * size_e:(coords[2] + 1) * size_e]
+            if cells.any():
+                report.problems.append(Problem(node, ctx.damaged_chunk(
+                    act, coords, "holds committed values but is missing from the store")))
+
+
+def _record(loc: Any, report: VerifyReport) -> None:
+    """Store the outcome in the root attributes, if no writer holds the store."""
+    from topoxr._locking import StoreLockedError, WriterLock
+
+    lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=loc.lock_path)
+    try:
+        lock.acquire()
+    except StoreLockedError:
+        logger.info("%s is being written: the verification is not recorded", loc.url)
+        return
+    try:
+        root = zarr.open_group(loc.store, mode="r+", use_consolidated=False)
+        root.update_attributes({ATTR_VERIFIED: {
+            "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "problems": len(report.problems),
+            "damaged": sum(p.kind == "damaged" for p in report.problems),
+            "unverifiable": sum(p.kind == "unverifiable" for p in report.problems),
+        }})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(loc.store)
+    except Exception as err:  # noqa: BLE001 - a read-only store is verified all the same
+        logger.info("could not record the verification in %s (%s)", loc.url, err)
+    finally:
+        lock.release()
