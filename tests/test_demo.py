@@ -15,6 +15,7 @@ pytest.importorskip("holoviews")
 
 #: The report's sections: one per application of the paper, each with its number.
 SECTIONS = ("Findings", "Class maps: mlp_torch / relu1", "Class maps: transformer_torch / pool",
+            "Class maps: transformer_torch / ffn", "Per-token maps: transformer_torch / ffn",
             "Class maps of every layer", "Errors: correct vs wrong", "Errors: confusion grid",
             "Bias: a planted attribute", "Training process", "PyTorch and Keras side by side",
             "Layout quality and time")
@@ -37,6 +38,10 @@ def test_demo_writes_store_report_and_figures(demo_run):
     assert layer.sizes["neuron"] == 128  # the paper's hidden layer
     assert layer.sizes["epoch"] == 6  # epoch 0 before training + 5 epochs (quick)
     assert bool(layer.epoch_complete.all())
+    tokens = tree["transformer_torch/ffn"].to_dataset()
+    assert tokens.sizes["neuron"] == 128 and tokens.sizes["sample"] == 8 * 360  # every row
+    assert sorted(set(tokens["token_position"].values.tolist())) == list(range(8))
+    assert tree["transformer_torch/pool"].to_dataset().sizes["sample"] == 360  # pooled
     biased = tree["mlp_biased/relu1"].to_dataset()
     assert biased["marked"].values.mean() == pytest.approx(0.5)  # the probe set: half marked
     assert "class maps (mlp_torch/relu1)" in result.stdout and "report.html" in result.stdout
