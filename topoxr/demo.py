@@ -108,7 +108,8 @@ def demo_plan(quick: bool = False, frameworks: set[str] | None = None) -> list[M
     Parameters
     ----------
     quick : bool, default False
-        Leave out the CNNs (the slowest to train).
+        Leave out the CNNs (the slowest to train) and the Keras twins (TensorFlow's
+        start-up alone costs several seconds).
     frameworks : set of str, optional
         Installed frameworks (default: those whose adapter and framework are installed).
 
@@ -129,7 +130,7 @@ def demo_plan(quick: bool = False, frameworks: set[str] | None = None) -> list[M
         ModelSpec("mlp_control", "torch", "paper_mlp", ("relu1",), data="control"),
     ]
     if quick:
-        plan = [s for s in plan if s.kind != "paper_cnn"]
+        plan = [s for s in plan if s.kind != "paper_cnn" and s.framework != "keras"]
     plan = [s for s in plan if s.framework in frameworks]
     names = {s.name for s in plan}
     return [s if s.twin is None or s.twin in names else
@@ -340,7 +341,8 @@ def run_demo(
     seed : int, default 0
         Seed of every random step; the same seed gives the same numbers.
     quick : bool, default False
-        Five epochs instead of ten and no CNNs, for a run of well under a minute.
+        Five epochs instead of ten, no CNNs and no Keras twin, for a run of well under a
+        minute.
     progress : bool, default True
         Show progress bars.
 
