@@ -110,3 +110,19 @@ def test_the_plan_without_keras_drops_the_twins():
     assert [s.name for s in alone] == ["mlp_keras", "cnn_keras"]
     assert all(s.twin is None for s in alone)  # no torch twin to copy from
     assert [s.name for s in demo_plan(frameworks=set())] == []
+
+
+@pytest.mark.slow
+def test_without_frameworks_the_demo_records_scikit_learn(tmp_path):
+    """No PyTorch or Keras: the core pipeline still runs, on scikit-learn's MLP."""
+    from topoxr.demo import run_demo
+
+    result = run_demo(tmp_path / "out", quick=True, progress=False, frameworks=set())
+    tree = open_store(result.store)
+    assert set(tree.children) == {"mlp_sklearn"}
+    assert tree["mlp_sklearn/hidden"].to_dataset().sizes["neuron"] == 128
+    found = json.loads((tmp_path / "out" / "quality.json").read_text())["findings"]
+    assert found["featured"] == "mlp_sklearn/hidden" and "bias" not in found
+    html = result.report.read_text()
+    assert "<h2>Class maps: mlp_sklearn / hidden" in html and "Bias" not in html
+    assert "class maps (mlp_sklearn/hidden)" in result.summary_text()

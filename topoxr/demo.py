@@ -192,7 +192,7 @@ def record_sklearn_mlp(
     epochs : int, default 5
         Training epochs (epochs ``0..epochs`` are recorded).
     hidden : int, default 128
-        Width of the hidden layer, recorded as layer ``relu1``.
+        Width of the hidden layer, recorded as layer ``hidden``.
     seed : int, default 0
         Seed of the weights and of the batch order.
     progress : bool, default True
@@ -225,7 +225,7 @@ def record_sklearn_mlp(
                 clf.partial_fit(data["x_train"][:1], data["y_train"][:1], classes=classes)
             hidden_act = np.maximum(x_probe @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
             prediction = clf.predict(x_probe)
-            writer.write("relu1", hidden_act, sample=ids, label=y_probe,
+            writer.write("hidden", hidden_act, sample=ids, label=y_probe,
                          prediction=prediction, epoch=epoch)
             writer.complete_epoch(epoch)
             writer.log_epoch(epoch, accuracy=float((prediction == y_probe).mean()))
@@ -330,7 +330,8 @@ def _phase(timings: dict[str, float], name: str, started: tuple[float, float],
 
 
 def run_demo(
-    out: str | Path = "demo-output", *, seed: int = 0, quick: bool = False, progress: bool = True
+    out: str | Path = "demo-output", *, seed: int = 0, quick: bool = False, progress: bool = True,
+    frameworks: set[str] | None = None,
 ) -> DemoResult:
     """Run the demo and return what it produced.
 
@@ -345,6 +346,9 @@ def run_demo(
         minute.
     progress : bool, default True
         Show progress bars.
+    frameworks : set of str, optional
+        Frameworks to train with (default: every installed one of ``{"torch", "keras"}``);
+        an empty set records scikit-learn's MLP only.
 
     Returns
     -------
@@ -370,7 +374,7 @@ def run_demo(
     timings: dict[str, float] = {}
     epochs = 5 if quick else 10
     data = digits_probe(seed=seed)
-    plan = demo_plan(quick)
+    plan = demo_plan(quick, frameworks)
 
     cpu: dict[str, float] = {}
     t0 = _clock()
