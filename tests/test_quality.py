@@ -152,7 +152,8 @@ def test_quality_of_laid_out_objects(backend):
     qg, qb = quality(good), quality(bad)
     assert set(qg.data_vars) == {"trustworthiness", "continuity", "spearman", "smoothness",
                                  "smoothness_blur", "smoothness_shrink", "blob_count",
-                                 "blob_area"}
+                                 "blob_area", "knn_overlap", "smoothness_paper"}
+    assert (qg["knn_overlap"] > qb["knn_overlap"]).all()
     assert qg["trustworthiness"].dims == ("epoch",)
     assert qg.attrs["metric"] == "euclidean"  # read from the layout's provenance
     assert (qg["trustworthiness"] > qb["trustworthiness"]).all()
@@ -186,3 +187,36 @@ def test_quality_reads_lazy_input_once():
     with raise_if_dask_computes(max_computes=1):
         q = quality(laid, k=5)
     assert q.sizes["epoch"] == 3
+
+
+def test_paper_smoothness_ranks_smooth_below_rough_without_wraparound():
+    from topoxr.metrics import paper_smoothness
+
+    yy, xx = np.mgrid[0:60, 0:60] / 60.0
+    smooth = np.sin(3 * xx) * np.cos(2 * yy)
+    rough = np.random.default_rng(0).normal(size=(60, 60))
+    out = paper_smoothness(np.stack([smooth, rough]))
+    assert out["curve"].shape == (2, 10)
+    assert out["area"][0] < out["area"][1]
+    # errors grow with the blur radius and are never negative (no 8-bit wrap-around)
+    assert (np.diff(out["curve"], axis=1) >= -1e-12).all() and (out["curve"] >= 0).all()
+    # a constant map at the centre of the colour range does not change when blurred
+    flat = paper_smoothness(np.zeros((30, 30)), clim=(-1.0, 1.0))
+    assert flat["area"] == pytest.approx(0.0, abs=1e-12)
+    # NaN outside the hull is rendered black, and the map still scores finitely
+    holed = smooth.copy()
+    holed[:10] = np.nan
+    assert np.isfinite(paper_smoothness(holed)["area"])
+
+
+def test_knn_overlap_perfect_random_and_sampled():
+    from topoxr.metrics import knn_overlap
+
+    rng = np.random.default_rng(1)
+    P = rng.normal(size=(400, 2))
+    assert knn_overlap(P, P, k=10) == 1.0
+    shuffled = knn_overlap(P, rng.permutation(P), k=10)
+    assert shuffled < 0.1  # about k / (n - 1) = 0.025 for a random layout
+    sampled = knn_overlap(P, P + rng.normal(scale=0.05, size=P.shape), k=10, n_queries=100)
+    full = knn_overlap(P, P + rng.normal(scale=0.05, size=P.shape), k=10, n_queries=None)
+    assert 0.3 < sampled <= 1.0 and 0.3 < full <= 1.0

@@ -15,6 +15,11 @@ a laid-out xarray object, per epoch.
   shrink-and-enlarge of growing strength; the relative change is measured at every
   strength and the area under that curve is the score (lower = smoother, made of
   coherent blobs).
+* :func:`paper_smoothness`: the paper's own measure, the area under the blur-degradation
+  curve of the map rendered with the ``bwr`` colour map (as its reference code), computed
+  on float arrays (the reference subtracts 8-bit images, which wraps around).
+* :func:`knn_overlap`: the mean fraction of each neuron's k nearest profile neighbours that
+  are among its k nearest map neighbours, on a seeded sample of neurons.
 * :func:`blobs`: number and mean area of connected regions of strong positive or negative
   activity.
 
@@ -38,7 +43,9 @@ __all__ = [
     "QualityError",
     "blobs",
     "continuity",
+    "knn_overlap",
     "neighborhood_preservation",
+    "paper_smoothness",
     "quality",
     "rank_correlation",
     "smoothness",
@@ -382,6 +389,130 @@ def smoothness(
     }
 
 
+def _bwr(v: np.ndarray) -> np.ndarray:
+    """matplotlib's ``bwr`` colour map (blue - white - red, linear) of values in [0, 1]."""
+    v = np.clip(v, 0.0, 1.0)
+    return np.stack([np.minimum(1.0, 2.0 * v), 1.0 - np.abs(2.0 * v - 1.0),
+                     np.minimum(1.0, 2.0 - 2.0 * v)], axis=-1)
+
+
+def paper_smoothness(
+    maps: Any,
+    *,
+    clim: tuple[float, float] | None = None,
+    radii: tuple[float, ...] = tuple(0.5 * p + 0.5 for p in range(10)),
+) -> dict[str, np.ndarray]:
+    """The paper's blur-degradation smoothness of rendered maps (lower = smoother).
+
+    As in the reference code of Krug et al.: every map is rendered with the ``bwr``
+    colour map between ``clim`` (pixels outside the hull are black, as matplotlib's
+    default "bad" colour), blurred with a Gaussian of each radius (standard deviation in
+    pixels; the reference's radii ``0.5 p + 0.5`` for ``p = 0..9``), and the error
+    ``sum |rendered - blurred| / sum rendered`` over the RGB channels is taken per radius;
+    the score is the area under that curve over ``p`` (trapezoid rule, unit spacing).
+    Differences from the reference, on purpose: images stay float (the reference
+    converts to 8 bits and subtracts ``uint8`` arrays, so negative differences wrap
+    around to large positive ones), and the blur is :func:`scipy.ndimage.gaussian_filter`
+    with edge extension instead of PIL's box approximation.
+
+    Parameters
+    ----------
+    maps : array_like, shape (..., ny, nx)
+        Interpolated maps; NaN outside the hull.
+    clim : (float, float), optional
+        Colour limits; default symmetric ``(-m, m)`` with ``m`` the largest absolute value
+        over all maps (the shared limits of a layer's maps).
+    radii : tuple of float
+        Blur radii in pixels.
+
+    Returns
+    -------
+    dict
+        ``"area"`` (shape ``maps.shape[:-2]``) and ``"curve"`` (``(..., len(radii))``).
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[0:100, 0:100] / 100
+    >>> smooth, rough = np.sin(3 * xx), np.random.default_rng(0).normal(size=(100, 100))
+    >>> a = paper_smoothness(np.stack([smooth, rough]))["area"]
+    >>> bool(a[0] < a[1])
+    True
+    """
+    from scipy.ndimage import gaussian_filter
+
+    arr = np.asarray(maps, dtype=np.float64)
+    if arr.ndim < 2:
+        raise QualityError(f"maps must have shape (..., ny, nx), got {arr.shape}")
+    if len(radii) < 2:
+        raise QualityError("paper_smoothness needs at least two radii")
+    if clim is None:
+        m = float(np.nanmax(np.abs(arr))) if np.isfinite(arr).any() else 0.0
+        clim = (-m, m)
+    lo, hi = float(clim[0]), float(clim[1])
+    lead = arr.shape[:-2]
+    flat = arr.reshape(-1, *arr.shape[-2:])
+    curves = np.full((len(flat), len(radii)), np.nan)
+    for m_i, img in enumerate(flat):
+        mask = np.isfinite(img)
+        if not mask.any() or not hi > lo:
+            continue
+        rgb = np.where(mask[..., None], _bwr((np.where(mask, img, lo) - lo) / (hi - lo)), 0.0)
+        total = rgb.sum()
+        for r_i, radius in enumerate(radii):
+            blurred = gaussian_filter(rgb, sigma=(radius, radius, 0), mode="nearest")
+            curves[m_i, r_i] = np.abs(rgb - blurred).sum() / total
+    area = np.trapezoid(curves, dx=1.0, axis=-1)
+    return {"area": area.reshape(lead), "curve": curves.reshape(*lead, len(radii))}
+
+
+def knn_overlap(
+    X: Any,
+    embedding: Any,
+    k: int = 10,
+    *,
+    metric: str = "euclidean",
+    n_queries: int | None = 2048,
+    random_state: int | None = 0,
+) -> float:
+    """Mean fraction of each neuron's k profile-space neighbours that are map neighbours.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, f)
+        Profiles.
+    embedding : array_like, shape (n, 2)
+        The layout.
+    k : int, default 10
+        Neighbourhood size; ``1 <= k < n / 2``.
+    metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
+        Profile distance.
+    n_queries : int or None, default 2048
+        Neurons sampled (seeded) as queries; None: all.
+    random_state : int, optional
+        Seed of the sample.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; ``k / (n - 1)`` is expected from a random layout.
+
+    Examples
+    --------
+    >>> P = np.random.default_rng(0).normal(size=(50, 2))
+    >>> knn_overlap(P, P, k=5)
+    1.0
+    """
+    Xp, E = _check_pair(X, embedding, k, metric)
+    n = E.shape[0]
+    queries = None
+    if n_queries is not None and n_queries < n:
+        queries = np.sort(np.random.default_rng(random_state).choice(n, int(n_queries),
+                                                                     replace=False))
+    a, b = _knn(Xp, k, queries), _knn(E, k, queries)
+    hits = sum(np.intersect1d(r, s).size for r, s in zip(a, b, strict=True))
+    return float(hits / (k * a.shape[0]))
+
+
 def blobs(maps: Any, *, threshold: float = 0.5) -> dict[str, np.ndarray]:
     """Connected regions of strong positive and strong negative activity.
 
@@ -484,9 +615,12 @@ def quality(
     Returns
     -------
     xarray.Dataset
-        Variables ``trustworthiness``, ``continuity``, ``spearman``, ``smoothness``
-        (mean over groups), ``smoothness_blur``, ``smoothness_shrink``, ``blob_count``,
-        ``blob_area``, each on ``epoch`` (if the input has one); attrs ``k``, ``metric``.
+        Variables ``trustworthiness``, ``continuity``, ``spearman``, ``knn_overlap``
+        (:func:`knn_overlap`), ``smoothness`` (mean over groups), ``smoothness_blur``,
+        ``smoothness_shrink``, ``smoothness_paper`` (:func:`paper_smoothness`, the
+        paper's own measure, same shared colour limits for a layer's maps),
+        ``blob_count``, ``blob_area``, each on ``epoch`` (if the input has one); attrs
+        ``k``, ``metric``.
     """
     from topoxr.interpolate import GridInterpolator
     from topoxr.grouping import naps as compute_naps
@@ -513,8 +647,9 @@ def quality(
     n = profile.sizes[NEURON]
     k_used = max(1, min(int(k), int(np.ceil(n / 2)) - 1))
     records: dict[str, list[float]] = {name: [] for name in (
-        "trustworthiness", "continuity", "spearman", "smoothness", "smoothness_blur",
-        "smoothness_shrink", "blob_count", "blob_area")}
+        "trustworthiness", "continuity", "spearman", "knn_overlap", "smoothness",
+        "smoothness_blur", "smoothness_shrink", "smoothness_paper", "blob_count",
+        "blob_area")}
     for epoch in epochs:
         sel = {} if epoch is None else {EPOCH: epoch}
         P = np.asarray(profile.sel(sel).values)
@@ -523,13 +658,20 @@ def quality(
         t, c = neighborhood_preservation(P, pts, k_used, metric=metric, n_queries=n_queries,
                                          random_state=random_state)
         r = rank_correlation(P, pts, metric=metric, n_pairs=n_pairs, random_state=random_state)
+        ov = knn_overlap(P, pts, k_used, metric=metric,
+                         n_queries=None if n_queries == "auto" and n <= AUTO_EXACT
+                         else (AUTO_QUERIES if n_queries == "auto" else n_queries),
+                         random_state=random_state)
         vals = np.asarray(maps.sel(sel) if EPOCH in maps.dims and epoch is not None
                           else maps).T  # (groups, neurons)
         img = GridInterpolator(pts[:, 0], pts[:, 1], resolution=resolution)(vals)
         sm = smoothness(img)
+        paper = paper_smoothness(img)["area"]
         bl = blobs(img)
         for name, value in (("trustworthiness", t), ("continuity", c), ("spearman", r),
+                            ("knn_overlap", ov),
                             ("smoothness", np.nanmean(sm["score"])),
+                            ("smoothness_paper", np.nanmean(paper)),
                             ("smoothness_blur", np.nanmean(sm["blur"])),
                             ("smoothness_shrink", np.nanmean(sm["shrink"])),
                             ("blob_count", float(np.mean(bl["count"]))),

@@ -178,8 +178,11 @@ def capture(
                 axes[name] = axis
                 rules[name] = f"as the output of {source!r}, which ran before it"
                 return
-        axes[name] = -1
-        rules[name] = f"last axis (default for {type(modules[base]).__name__})"
+        kind = type(modules[base]).__name__
+        if tensor.ndim >= 4:  # torch's image convention (N, C, *spatial)
+            axes[name], rules[name] = 1, f"channels of a {tensor.ndim}-D output of {kind}"
+        else:
+            axes[name], rules[name] = -1, f"last axis of a 3-D output of {kind} (hidden units)"
 
     def make_hook(base: str) -> Any:
         targets = by_module[base]

@@ -304,10 +304,15 @@ class KNNForceLayout(BaseLayout):
     learning_rate : float, default 1.0
         Initial step size (decays linearly to zero).
     grid : bool, default True
-        Snap the result onto a regular grid, one neuron per cell
-        (:func:`~topoxr.layouts.grid.snap_to_grid`): uniform density and no overlaps, at
-        some cost in trustworthiness; smoother maps where clusters touch (digits NAPs),
-        less smooth on well separated clusters (use ``grid=False`` there).
+        Put one neuron per cell of a regular grid: a fast snap
+        (:func:`~topoxr.layouts.grid.snap_to_grid`, small exact blocks), then local swap
+        optimisation and a sub-cell nudge towards similar neighbours
+        (:func:`~topoxr.layouts.grid.refine_grid`): uniform density, no overlaps, and
+        neighbourhoods kept as well as t-SNE keeps them (see docs/benchmarks.md).
+    swap_rounds : int, default 300
+        Rounds of the grid's swap optimisation (0: the plain snap).
+    nudge : float, default 1.5
+        Strength of the final move of each neuron inside its cell (0: cell centres).
     spreading : float, default 0.5
         Without ``grid``: strength of a final local spreading phase (0 turns it off):
         neurons closer than ``spreading`` times the mean spacing of a uniform layout are
@@ -340,6 +345,8 @@ class KNNForceLayout(BaseLayout):
         negative_sample_rate: int = 5,
         learning_rate: float = 1.0,
         grid: bool = True,
+        swap_rounds: int = 300,
+        nudge: float = 1.5,
         spreading: float = 0.5,
         metric: str = "cosine",
         random_state=None,
@@ -351,6 +358,8 @@ class KNNForceLayout(BaseLayout):
         self.negative_sample_rate = negative_sample_rate
         self.learning_rate = learning_rate
         self.grid = grid
+        self.swap_rounds = swap_rounds
+        self.nudge = nudge
         self.spreading = spreading
         self.metric = metric
         self.random_state = random_state
@@ -381,9 +390,17 @@ class KNNForceLayout(BaseLayout):
         pos = _optimize(pos, heads, tails, weight, n_neg, a, b, int(n_epochs),
                         float(self.learning_rate), rng)
         if self.grid:
-            from topoxr.layouts.grid import snap_to_grid
+            from topoxr.layouts.grid import refine_grid, snap_to_grid
 
-            return snap_to_grid(pos)
+            _, cell_of, shape = snap_to_grid(pos, block=64, return_cells=True)
+            if self.swap_rounds <= 0 and self.nudge <= 0:
+                return _
+            # similarity on the grid: cosine for unit vectors, else scaled Euclidean
+            grid_features = (F if self.metric in ("cosine", "correlation")
+                             else _unit_scale(F if F is not None else self._features(X)))
+            coords, _ = refine_grid(cell_of, shape, grid_features, n_rounds=self.swap_rounds,
+                                    nudge=self.nudge, random_state=rng)
+            return coords
         if self.spreading > 0:
             pos = _spread(pos, float(self.spreading), rng)
         return pos
@@ -463,6 +480,13 @@ def _optimize(pos, heads, tails, weight, n_neg, a, b, n_epochs, learning_rate,
             step[:, c] += np.bincount(neg_heads, ndiff[:, c], minlength=n)
         pos += alpha * step.astype(np.float32)
     return pos.astype(np.float64)
+
+
+def _unit_scale(F: np.ndarray) -> np.ndarray:
+    """Centre features and scale them to a mean squared norm of 1."""
+    F = F - F.mean(axis=0)
+    scale = np.sqrt(max(float(np.einsum("if,if->", F, F)) / F.shape[0], 1e-300))
+    return F / scale
 
 
 def _spectral(heads, tails, weight, n, rng) -> np.ndarray:

@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from topoxr.layouts._base import BaseLayout, LayoutInputError, to_unit_square
 from topoxr.layouts._registry import initial_positions
 
-__all__ = ["MAX_GRID_ASPECT", "GridSnap", "grid_shape", "snap_to_grid"]
+__all__ = ["MAX_GRID_ASPECT", "GridSnap", "grid_shape", "refine_grid", "snap_to_grid"]
 
 #: Largest width/height (or height/width) ratio of a snapped grid.
 MAX_GRID_ASPECT = 2.0
@@ -55,13 +55,14 @@ def _exact(points: np.ndarray, cells: np.ndarray) -> np.ndarray:
 
 
 def _split(points: np.ndarray, cells: np.ndarray, out: np.ndarray, pidx: np.ndarray,
-           cidx: np.ndarray) -> None:
+           cidx: np.ndarray, block: int | None = None) -> None:
     """Recursive bisection: halve the cells along their longer side, send the points of
     the matching quantile to each half, and solve small blocks exactly."""
+    block = _EXACT_BLOCK if block is None else block
     stack = [(pidx, cidx)]
     while stack:
         p, c = stack.pop()
-        if p.size <= _EXACT_BLOCK:
+        if p.size <= block:
             out[p] = c[_exact(points[p], cells[c])]
             continue
         span = np.ptp(cells[c], axis=0)
@@ -76,7 +77,8 @@ def _split(points: np.ndarray, cells: np.ndarray, out: np.ndarray, pidx: np.ndar
         stack.append((porder[m1:], c2))
 
 
-def snap_to_grid(coords: np.ndarray, *, slack: float = 0.0, method: str = "auto") -> np.ndarray:
+def snap_to_grid(coords: np.ndarray, *, slack: float = 0.0, method: str = "auto",
+                 block: int | None = None, return_cells: bool = False) -> Any:
     """Move every point to its own cell of a regular grid, keeping neighbourhoods.
 
     The grid has the aspect ratio of the layout, clipped to between 1:2 and 2:1
@@ -96,6 +98,11 @@ def snap_to_grid(coords: np.ndarray, *, slack: float = 0.0, method: str = "auto"
         with the matching quantiles of the points, exact assignment inside blocks of at
         most 512 points (``O(n log n)``, a little more displacement near block borders);
         ``"auto"``: exact up to 1024 points, split above.
+    block : int, optional
+        Largest block solved exactly by ``"split"`` (default 512).
+    return_cells : bool, default False
+        Also return the grid: ``(coords, cell_of, (rows, cols))``, ``cell_of[i]`` being
+        the row-major cell index of point ``i``.
 
     Returns
     -------
@@ -120,11 +127,157 @@ def snap_to_grid(coords: np.ndarray, *, slack: float = 0.0, method: str = "auto"
         assigned = _exact(points, cells)
     else:
         assigned = np.empty(n, dtype=np.int64)
-        _split(points, cells, assigned, np.arange(n), np.arange(cells.shape[0]))
-    out = cells[assigned]
+        _split(points, cells, assigned, np.arange(n), np.arange(cells.shape[0]), block)
+    out = cell_centres(assigned, rows, cols)
+    return (out, assigned, (rows, cols)) if return_cells else out
+
+
+def cell_centres(cell_of: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Centres of row-major grid cells, in the unit square (the grid's aspect kept)."""
+    out = _cells(rows, cols)[cell_of]
     out[:, 0] *= cols / max(rows, cols)
     out[:, 1] *= rows / max(rows, cols)
     return out
+
+
+def _window(radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (d_row, d_col) of the cells around a cell and their weights 1 / distance."""
+    off = np.array([(dr, dc) for dr in range(-radius, radius + 1)
+                    for dc in range(-radius, radius + 1) if (dr, dc) != (0, 0)])
+    return off, 1.0 / np.hypot(off[:, 0], off[:, 1])
+
+
+def refine_grid(
+    cell_of: np.ndarray,
+    shape: tuple[int, int],
+    features: np.ndarray,
+    *,
+    n_rounds: int = 300,
+    radius: int = 2,
+    max_jump: int = 3,
+    batch: int = 16384,
+    nudge: float = 0.8,
+    random_state: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Local swap optimisation of a one-neuron-per-cell grid, then a sub-cell nudge.
+
+    Every round, a batch of neurons each proposes a swap with the occupant (or the empty
+    cell) at a random offset of at most ``max_jump`` cells. A swap is accepted when it
+    raises the weighted sum of profile similarities between every neuron and the neurons within
+    ``radius`` cells (weight 1 / cell distance), as topographic-network work arranges
+    units; accepted swaps touch disjoint cells, the largest gains first. This replaces
+    a global assignment's distortion by local order, at ``O(n * radius^2 * features)``
+    per round.
+
+    Finally every neuron is moved inside its cell (at most 0.45 cell) towards the
+    neighbours it is most similar to (``nudge`` times the similarity-weighted mean
+    direction), which breaks the ties of equidistant grid neighbours in favour of the
+    similar ones (never outwards across the grid's border, so the map's hull stays the
+    grid's box); the map keeps one neuron per cell.
+
+    Parameters
+    ----------
+    cell_of : ndarray of int, shape (n,)
+        Row-major cell of every neuron (distinct), as from ``snap_to_grid(...,
+        return_cells=True)``.
+    shape : (rows, cols)
+        The grid.
+    features : ndarray of shape (n, f)
+        Features of the profiles; similarity is their dot product (the cosine
+        similarity for unit vectors, see
+        :func:`~topoxr.layouts._base.features_for_metric`).
+    n_rounds, radius, max_jump, batch : int
+        Most rounds (the loop stops after five rounds in a row accepting at most
+        ``batch / 500`` swaps), neighbourhood radius (cells), largest proposed jump
+        (cells) and neurons proposing per round.
+    nudge : float, default 0.8
+        Strength of the final sub-cell move (0: cell centres).
+    random_state : int, RandomState, Generator or None
+        Seed of the proposals.
+
+    Returns
+    -------
+    coords, cell_of : ndarray of shape (n, 2), ndarray of shape (n,)
+        Positions in the unit square and the refined cells.
+    """
+    rows, cols = shape
+    F = np.asarray(features, dtype=np.float32)
+    n = F.shape[0]
+    cell_of = np.asarray(cell_of, dtype=np.intp).copy()
+    if cell_of.shape != (n,) or np.unique(cell_of).size != n or cell_of.max() >= rows * cols:
+        raise LayoutInputError("cell_of must give every neuron its own cell of the grid")
+    rng = random_state if isinstance(random_state, np.random.Generator) else \
+        np.random.default_rng(check_seed(random_state))
+    occ = np.full(rows * cols, n, dtype=np.intp)  # n = empty
+    occ[cell_of] = np.arange(n)
+    Fz = np.vstack([F, np.zeros((1, F.shape[1]), dtype=np.float32)])
+    off, w = _window(radius)
+    r_of, c_of = np.divmod(np.arange(rows * cols), cols)
+    nr, nc = r_of[:, None] + off[:, 0], c_of[:, None] + off[:, 1]
+    valid = (nr >= 0) & (nr < rows) & (nc >= 0) & (nc < cols)
+    nbr = np.where(valid, nr * cols + nc, 0)
+    weight = np.where(valid, w, 0.0).astype(np.float32)
+
+    def score(i, c, a, b):
+        """Similarity of neuron i (n: nobody) at cell c to its neighbours but a and b."""
+        o = occ[nbr[c]]
+        ww = weight[c] * ((o != a[:, None]) & (o != b[:, None]) & (o < n))
+        return np.einsum("mw,mw->m", np.einsum("mf,mwf->mw", Fz[i], Fz[o]), ww)
+
+    batch = int(min(max(batch, 1), n))
+    tol, quiet = max(1, batch // 500), 0
+    for _ in range(int(n_rounds)):
+        a = rng.choice(n, batch, replace=False) if batch < n else rng.permutation(n)
+        ca = cell_of[a]
+        jump = rng.integers(-max_jump, max_jump + 1, size=(2, a.size))
+        cb = (np.clip(r_of[ca] + jump[0], 0, rows - 1) * cols
+              + np.clip(c_of[ca] + jump[1], 0, cols - 1))
+        move = cb != ca
+        a, ca, cb = a[move], ca[move], cb[move]
+        b = occ[cb]
+        gain = (score(a, cb, a, b) + score(b, ca, a, b)
+                - score(a, ca, a, b) - score(b, cb, a, b))
+        good = np.flatnonzero(gain > 1e-6)
+        good = good[np.argsort(-gain[good], kind="stable")]
+        a, ca, cb, b = a[good], ca[good], cb[good], b[good]
+        # each cell in at most one accepted swap per round, the largest gains first
+        both = np.concatenate([ca, cb])
+        first = np.zeros(both.size, dtype=bool)
+        first[np.unique(both, return_index=True)[1]] = True
+        ok = first[: ca.size] & first[ca.size:]
+        a, ca, cb, b = a[ok], ca[ok], cb[ok], b[ok]
+        quiet = quiet + 1 if a.size <= tol else 0
+        if quiet >= 5:  # converged: five rounds in a row with (almost) no accepted swap
+            break
+        occ[cb], occ[ca] = a, b
+        cell_of[a] = cb
+        filled = b < n
+        cell_of[b[filled]] = ca[filled]
+    coords = cell_centres(cell_of, rows, cols)
+    if nudge > 0:
+        o = occ[nbr[cell_of]]
+        present = o < n
+        sim = np.einsum("if,iwf->iw", F, Fz[o]) * present
+        count = np.maximum(present.sum(axis=1, keepdims=True), 1)
+        rel = np.where(present, sim - sim.sum(axis=1, keepdims=True) / count, 0.0)
+        unit = off[:, ::-1] / np.hypot(off[:, 0], off[:, 1])[:, None]  # (d_col, d_row)
+        shift = (rel @ unit) / (np.abs(rel).sum(axis=1, keepdims=True) + 1e-12)
+        shift = np.clip(nudge * shift, -0.45, 0.45)
+        # neurons on the border do not move outwards: the map's hull stays the grid's box
+        r, c = np.divmod(cell_of, cols)
+        shift[:, 0] = np.where(c == 0, np.maximum(shift[:, 0], 0), shift[:, 0])
+        shift[:, 0] = np.where(c == cols - 1, np.minimum(shift[:, 0], 0), shift[:, 0])
+        shift[:, 1] = np.where(r == 0, np.maximum(shift[:, 1], 0), shift[:, 1])
+        shift[:, 1] = np.where(r == rows - 1, np.minimum(shift[:, 1], 0), shift[:, 1])
+        coords = coords + shift / max(rows, cols)
+    return coords, cell_of
+
+
+def check_seed(random_state: Any) -> int:
+    """An int seed from None, an int or a RandomState (drawn from it)."""
+    if random_state is None or isinstance(random_state, (int, np.integer)):
+        return random_state
+    return int(random_state.randint(np.iinfo(np.int32).max))
 
 
 class GridSnap(BaseLayout):

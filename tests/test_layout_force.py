@@ -1,0 +1,79 @@
+"""The paper's force layout from a random start behaves as its reference (Krug et al.)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from topoxr.layouts import ForceLayout, RandomLayout
+from topoxr.layouts.grid import grid_shape, refine_grid, snap_to_grid
+from topoxr.metrics import trustworthiness
+from topoxr.testing.profiles import clustered_profiles
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    return clustered_profiles(150, 10, random_state=3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_force_from_random_start_keeps_neighbourhoods(clusters, seed):
+    """From uniform random positions the reference reaches ~0.8 on NAP-like profiles
+    (0.5 is random); a float32 or otherwise unfaithful swarm stays near random."""
+    Y = ForceLayout(random_state=seed).fit_transform(clusters)
+    rand = RandomLayout(random_state=seed).fit_transform(clusters)
+    t = trustworthiness(clusters, Y, 10, metric="cosine")
+    t_rand = trustworthiness(clusters, rand, 10, metric="cosine")
+    assert t_rand < 0.6
+    assert t > 0.75, t
+
+
+def test_force_swarm_contracts_then_reexpands(clusters):
+    """The global term first pulls the swarm together; the local term spreads it out
+    again from the positions' tiny differences. Both phases must survive."""
+    est = ForceLayout(random_state=0, n_steps=1000, metric="cosine")
+    X = est._validate(clusters)
+    raw = est._embed(X, np.random.RandomState(0))
+    span = np.ptp(raw, axis=0)
+    assert (span > 1.0).all(), span  # re-expanded well beyond the unit start square
+    d = np.linalg.norm(raw[:, None] - raw[None], axis=-1)[np.triu_indices(len(raw), 1)]
+    assert np.quantile(d, 0.01) > 1e-3 * span.max()  # not collapsed onto a few spots
+
+
+def test_refine_grid_keeps_one_neuron_per_cell_and_raises_similarity():
+    rng = np.random.default_rng(0)
+    X = clustered_profiles(300, 8, random_state=0)
+    F = X / np.linalg.norm(X, axis=1, keepdims=True)
+    _, cells, shape = snap_to_grid(rng.uniform(size=(300, 2)), return_cells=True)
+    assert shape == grid_shape(300, shape[1] / shape[0])
+
+    def neighbour_similarity(cell_of):
+        rows, cols = shape
+        occ = np.full(rows * cols, -1)
+        occ[cell_of] = np.arange(300)
+        r, c = np.divmod(cell_of, cols)
+        total = 0.0
+        for dr, dc in ((0, 1), (1, 0)):
+            ok = (r + dr < rows) & (c + dc < cols)
+            j = occ[((r + dr) * cols + c + dc)[ok]]
+            i = np.arange(300)[ok][j >= 0]
+            total += float(np.einsum("if,if->", F[i], F[j[j >= 0]]))
+        return total
+
+    coords, refined = refine_grid(cells, shape, F, n_rounds=100, random_state=0)
+    assert np.unique(refined).size == 300
+    assert neighbour_similarity(refined) > neighbour_similarity(cells) + 10
+    assert trustworthiness(X, coords, 10, metric="cosine") > trustworthiness(
+        X, rng.uniform(size=(300, 2)), 10, metric="cosine") + 0.2
+    # the nudge stays inside each neuron's cell: nearest cell centre is its own
+    centres, _ = refine_grid(refined, shape, F, n_rounds=0, nudge=0.0)
+    nearest = np.argmin(((coords[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(nearest, np.arange(300))
+    again, _ = refine_grid(cells, shape, F, n_rounds=100, random_state=0)
+    np.testing.assert_array_equal(again, coords)  # seeded
+
+
+def test_refine_grid_rejects_shared_cells():
+    F = np.eye(6)
+    with pytest.raises(ValueError, match="own cell"):
+        refine_grid(np.array([0, 0, 1, 2, 3, 4]), (3, 3), F)
