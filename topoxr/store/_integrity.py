@@ -209,8 +209,10 @@ def children(group: zarr.Group,
     async def names() -> list[str]:
         return [k async for k in group.store.list_dir(prefix)]
 
+    # zarr's local store writes every file to "<stem>.<uuid>.partial" and renames it:
+    # a reader listing a folder while a writer runs can see such a file; it is no node
     listed = sorted(n for n in {k.rstrip("/") for k in sync(names())} - {"zarr.json"}
-                    if not n.startswith("."))
+                    if not n.startswith(".") and not n.endswith(".partial"))
     try:  # the fast way, one concurrent trip; per child only when it does not add up
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -223,6 +225,8 @@ def children(group: zarr.Group,
     for name in listed:
         path = f"{prefix}{name}"
         try:
+            if sync(group.store.exists(path)):
+                continue  # a plain file beside the nodes (not written by topoxr): no node
             if not sync(group.store.exists(f"{path}/zarr.json")):
                 raise StoreCorruptionError(
                     f"{path}/zarr.json is missing: the metadata of node {path!r} was deleted")
