@@ -29,7 +29,8 @@ Two more sections (issue 11), timed the same way:
   layer per token (``reduce="tokens"``);
 * ``callback_keras``: the cost of the ``RecordActivations`` callback per recorded epoch
   (``fit`` with the callback minus ``fit`` without, over the recorded epochs) against
-  ``model.predict`` on the probe set, the one pass over it that a recorded epoch needs.
+  ``model.predict`` on the probe set, the one pass over it that a recorded epoch needs,
+  and against ``topoxr_keras.record`` of the probe set (one pass plus the writes).
 """
 
 from __future__ import annotations
@@ -340,14 +341,22 @@ def _callback_keras(n_train: int, n_probe: int, epochs: int, repeats: int,
     def predict() -> None:
         predict_model.predict(probe[0], batch_size=BATCH, verbose=0)
 
-    variants = {"fit": fit(False), "fit_with_callback": fit(True), "predict_probe": predict}
+    def record() -> None:
+        path = os.path.join(tmp, "record.zarr")
+        shutil.rmtree(path, ignore_errors=True)
+        topoxr_keras.record(predict_model, probe, path, layers=layers, batch_size=BATCH,
+                            progress=False)
+
+    variants = {"fit": fit(False), "fit_with_callback": fit(True), "predict_probe": predict,
+                "record_probe": record}
     med = _medians(variants, repeats)
     recorded = epochs + 1  # epoch 0 before training, then every epoch
     per_epoch = (med["fit_with_callback"] - med["fit"]) / recorded
     return {"train_samples": n_train, "probe_samples": n_probe, "epochs": epochs,
             "recorded_epochs": recorded, "seconds": {k: round(v, 4) for k, v in med.items()},
             "callback_seconds_per_recorded_epoch": round(per_epoch, 4),
-            "callback_per_epoch_over_predict_probe": round(per_epoch / med["predict_probe"], 3)}
+            "callback_per_epoch_over_predict_probe": round(per_epoch / med["predict_probe"], 3),
+            "callback_per_epoch_over_record_probe": round(per_epoch / med["record_probe"], 3)}
 
 
 def main(quick: bool = False) -> dict[str, Any]:

@@ -24,7 +24,14 @@ from topoxr.conventions import (
 )
 from topoxr._chunkio import read_array, read_blocks
 from topoxr.store._errors import StoreCorruptionError
-from topoxr.store._integrity import Context, chunk_coords, snapshot
+from topoxr.store._integrity import (
+    Context,
+    check_model_name,
+    child_groups,
+    chunk_coords,
+    layer_arrays,
+    snapshot,
+)
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import (
     _ATTR_METADATA,
@@ -80,9 +87,10 @@ def open_store(
     loc = _locate(store, storage_options)
     root = _open_root_readonly(loc)
     nodes: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=dict(root.attrs))}
-    for model_name, model_group in sorted(root.groups()):
+    for model_name, model_group in child_groups(root):
+        check_model_name(model_name, model_group)
         nodes[f"/{model_name}"] = xr.Dataset(attrs=dict(model_group.attrs))
-        for layer_name, group in sorted(model_group.groups()):
+        for layer_name, group in child_groups(model_group):
             if not group.attrs.get(_ATTR_READY, False):
                 continue
             nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(group, mask_uncommitted)
@@ -93,7 +101,7 @@ def open_store(
 
 def _subgroups(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Group]]:
     out = []
-    for name, child in sorted(group.groups()):
+    for name, child in child_groups(group):
         path = f"{prefix}{name}"
         out.append((path, child))
         out.extend(_subgroups(child, path + "/"))
@@ -118,7 +126,7 @@ def _plain_dataset(group: zarr.Group) -> xr.Dataset:
 def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
     import dask.array as dsa
 
-    arrays = dict(group.arrays())
+    arrays = layer_arrays(group)
     snap = _guarded(_where(group), lambda: snapshot(group, arrays))
     ctx = snap.context
     if not snap.checked:

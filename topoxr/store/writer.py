@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import re
@@ -33,7 +34,7 @@ from topoxr.conventions import (
 from topoxr.store._chunks import _append, _capacity, _run_in_order, _write_mask_chunks
 from topoxr.store._errors import StoreError, StoreWriteError
 from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
-from topoxr.store._plan import _as_1d, _as_epoch, _plan_batch
+from topoxr.store._plan import _as_1d, _as_epoch, _as_ids, _check_node_name, _plan_batch
 from topoxr.store._schema import (
     CHECKSUM,
     _ACTIVATION_CONFIG,
@@ -94,6 +95,10 @@ class ActivationWriter:
         Extra attributes for the model group (e.g. ``{"framework": "torch"}``).
     break_lock : bool, default False
         Take over the lock object of a remote store whose writer is known to be gone.
+    fsync : bool, default False
+        Local stores only: ``fsync`` every file written (and its directory), so that
+        committed batches survive a power loss or kernel crash, not only a killed
+        process. Costs throughput (see ``docs/benchmarks.md``).
     compressor : str, zarr codec or None, default "none"
         Codec of the ``activation`` arrays of layers this writer creates. The default,
         no compression, reads and writes fastest (``docs/benchmarks.md``, "Data path":
@@ -129,6 +134,7 @@ class ActivationWriter:
         storage_options: Mapping[str, Any] | None = None,
         attrs: Mapping[str, Any] | None = None,
         break_lock: bool = False,
+        fsync: bool = False,
         compressor: Any = DEFAULT_COMPRESSOR,
         dtype: str = "float32",
     ) -> None:
@@ -139,13 +145,20 @@ class ActivationWriter:
             raise StoreError(str(err)) from None
         if mode not in ("a", "w"):
             raise StoreError(f"mode must be 'a' (create or resume) or 'w' (replace), got {mode!r}")
-        if not isinstance(model, str) or not model:
-            raise StoreError("model must be a non-empty string")
+        _check_node_name("model", model, {})
         if chunk_samples is not None and int(chunk_samples) < 1:
             raise StoreError(f"chunk_samples must be a positive integer, got {chunk_samples}")
         self.model = model
         self._chunk_samples = None if chunk_samples is None else int(chunk_samples)
         self._loc = _locate(store, storage_options)
+        if fsync:
+            if self._loc.local_dir is None:
+                raise StoreError("fsync=True is for local paths: an object store keeps each "
+                                 "write once it returns, and memory:// cannot")
+            from topoxr.store._durable import DurableLocalStore
+
+            self._loc = dataclasses.replace(
+                self._loc, store=DurableLocalStore(self._loc.local_dir))
         self._layers: dict[str, _LayerState] = {}
         self._closed = False
         self._failed: str | None = None
@@ -287,8 +300,7 @@ class ActivationWriter:
         numpy.ndarray
             The ids (in the given order) that still have to be written.
         """
-        ids = np.asarray(list(sample) if not isinstance(sample, np.ndarray) else sample,
-                         dtype=np.int64)
+        ids = _as_ids(f"layer {layer!r}", sample)
         state = self._layers.get(layer)
         if state is None:
             return ids
@@ -370,8 +382,9 @@ class ActivationWriter:
             writes; open a new one to resume.
         """
         self._check_open()
-        if not isinstance(layer, str) or not layer:
-            raise StoreError("layer must be a non-empty string")
+        if not isinstance(layer, str) or layer not in self._layers:  # before any write
+            _check_node_name("layer", layer,
+                             {safe_node_name(name): name for name in self._layers})
         try:
             reduced = reduce_units(activations, channel_axis=channel_axis, reduce=reduce)
         except ValueError as err:
@@ -389,9 +402,7 @@ class ActivationWriter:
         if batch == 0:
             logger.debug("layer %r: empty batch, nothing to write", layer)
             return 0
-        if ids.dtype.kind not in "iu":
-            raise StoreError(f"layer {layer!r}: sample ids must be integers, got {ids.dtype}")
-        ids = ids.astype(np.int64)
+        ids = _as_ids(f"layer {layer!r}", ids)
         uniq, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             raise StoreError(
@@ -527,6 +538,8 @@ class ActivationWriter:
                             shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
                             dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,))})
                         state.refresh()
+                        if state.arrays[key].size:  # every chunk stored (missing = damage)
+                            state.arrays[key][...] = np.nan
                     if key not in names:
                         names.append(key)
                     state.arrays[key][e] = value
@@ -791,6 +804,9 @@ class ActivationWriter:
             # stored now (False) so that every chunk inside the logical length exists
             fill.append(_append(arrays[EPOCH_COMPLETE], np.append(state.complete, False), m0,
                                 size_m))
+            if m0 % _EPOCH_CHUNK == 0:  # a new chunk of the logged scalars: store it too
+                fill.extend((arrays[key].async_array.setitem, (slice(m0, m0 + 1), np.nan))
+                            for key in state.group.attrs.get(_ATTR_SCALARS, ()) if key in arrays)
         if n > n0:
             all_ids = np.concatenate([state.sample_ids, ids[new]])
             coords.append(_append(arrays[SAMPLE], all_ids, n0, size_n))
