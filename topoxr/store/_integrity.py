@@ -388,7 +388,7 @@ def _wrong_schema(group: zarr.Group, arrays: Mapping[str, zarr.Array]) -> list[s
             continue
         dtype = np.dtype(arr.dtype) if not str(arr.dtype).startswith("<U") else arr.dtype
         kind = getattr(dtype, "kind", "O")
-        if kind not in kinds or (name == ACTIVATION and dtype != np.float32) or (
+        if kind not in kinds or (name == ACTIVATION and dtype not in (np.float32, np.float16)) or (
                 kinds == "i" and dtype != np.int64):
             out.append(f"array {name!r} has dtype {arr.dtype}")
             continue
