@@ -20,6 +20,17 @@ as much as writing.
 Ratios ``record / b_direct`` (the issue's target: at most 1.15) and
 ``record / b_direct_whole_chunks`` and ``record / a_forward`` are reported with the
 absolute seconds.
+
+Two more sections (issue 11), timed the same way:
+
+* ``bert_torch``: a small BERT (Hugging Face, random weights, hidden 128, 2 layers) on
+  token sequences with an attention mask: the bare forward pass against
+  ``topoxr_torch.record`` of its encoder layers (masked mean over tokens) and of one
+  layer per token (``reduce="tokens"``);
+* ``callback_keras``: the cost of the ``RecordActivations`` callback per recorded epoch
+  (``fit`` with the callback minus ``fit`` without, over the recorded epochs) against
+  ``model.predict`` on the probe set, the one pass over it that a recorded epoch needs,
+  and against ``topoxr_keras.record`` of the probe set (one pass plus the writes).
 """
 
 from __future__ import annotations
@@ -66,6 +77,17 @@ def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def _medians(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Warm every variant up, then time them interleaved (load changes hit them all)."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for key, fn in variants.items():
+            times[key].append(_timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # -- per-framework pieces ---------------------------------------------------------------------
@@ -161,15 +183,15 @@ def _bare(fw: Any, model: Any, x: np.ndarray) -> None:
 
 
 def _direct(fw: Any, capture: Callable, x: np.ndarray, y: np.ndarray, path: str,
-            layout: dict[str, tuple[int, list[int]]], whole_chunks: bool) -> None:
+            layout: dict[str, tuple[int, list[int], Any]], whole_chunks: bool) -> None:
     import zarr
 
     n = len(x)
     root = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
     arrays = {
         layer: root.create_array(layer, shape=(neurons, n, 1), chunks=tuple(chunks),
-                                 dtype="float32", fill_value=np.nan)
-        for layer, (neurons, chunks) in layout.items()
+                                 dtype="float32", fill_value=np.nan, compressors=codecs)
+        for layer, (neurons, chunks, codecs) in layout.items()
     }
     label = root.create_array("label", shape=(n,), chunks=(1 << 16,), dtype="int64")
     pred = root.create_array("prediction", shape=(n, 1), chunks=(1 << 16, 1), dtype="int64")
@@ -212,7 +234,13 @@ def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
     record()  # warm-up (graph tracing), and it tells the store's chunking
     summary = store_summary(os.path.join(tmp, f"{fw.name}-{kind}-record.zarr"))
     stored = summary["models"][f"{kind}_{fw.name}"]["layers"]
-    layout = {info["name"]: (info["neurons"], info["chunks"]) for info in stored.values()}
+    import zarr
+
+    root = zarr.open_group(os.path.join(tmp, f"{fw.name}-{kind}-record.zarr"), mode="r")
+    # the store's chunks and activation codec (the writer's default may change)
+    layout = {info["name"]: (info["neurons"], info["chunks"],
+                             root[f"{kind}_{fw.name}/{key}/activation"].compressors or None)
+              for key, info in stored.items()}
 
     def direct(whole: bool) -> Callable[[], None]:
         def run() -> None:
@@ -227,13 +255,7 @@ def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
         "b_direct_whole_chunks": direct(True),
         "record": record,
     }
-    for fn in variants.values():  # warm-up of every variant
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):  # interleaved, so that load changes hit every variant
-        for key, fn in variants.items():
-            times[key].append(_timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _medians(variants, repeats)
     return {
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "record_over_b_direct": round(med["record"] / med["b_direct"], 3),
@@ -244,6 +266,97 @@ def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
         "chunks": {k: v[1] for k, v in layout.items()},
         "neurons": {k: v[0] for k, v in layout.items()},
     }
+
+
+def _bert_torch(n: int, repeats: int, tmp: str) -> dict[str, Any]:
+    """Recording a small BERT against its bare forward pass (same process, same inputs)."""
+    import torch
+    import transformers
+
+    import topoxr_torch
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=256,
+                                  max_position_embeddings=64)
+    model = transformers.BertModel(cfg).eval()
+    rng = np.random.default_rng(0)
+    t = 32
+    mask = (np.arange(t)[None, :] < rng.integers(8, t + 1, n)[:, None]).astype(np.int64)
+    inputs = {"input_ids": rng.integers(1, 1000, (n, t)) * mask, "attention_mask": mask}
+    layers = ["encoder.layer.0", "encoder.layer.0.intermediate", "encoder.layer.1"]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for start in range(0, n, BATCH):
+                model(**{k: torch.from_numpy(v[start:start + BATCH])
+                         for k, v in inputs.items()})
+
+    def record(spec: Any) -> Callable[[], None]:
+        def run() -> None:
+            path = os.path.join(tmp, "bert.zarr")
+            shutil.rmtree(path, ignore_errors=True)
+            topoxr_torch.record(model, inputs, path, layers=spec, batch_size=BATCH,
+                                progress=False)
+        return run
+
+    variants = {"a_forward": bare, "record_mean": record(layers),
+                "record_tokens": record({"encoder.layer.1": {"reduce": "tokens"}})}
+    med = _medians(variants, repeats)
+    return {"sequences": n, "tokens": t, "real_tokens": int(mask.sum()),
+            "seconds": {k: round(v, 4) for k, v in med.items()},
+            "record_mean_over_a_forward": round(med["record_mean"] / med["a_forward"], 3),
+            "record_tokens_over_a_forward": round(
+                med["record_tokens"] / med["a_forward"], 3)}
+
+
+def _callback_keras(n_train: int, n_probe: int, epochs: int, repeats: int,
+                    tmp: str) -> dict[str, Any]:
+    """Cost of RecordActivations per recorded epoch against model.predict on the probe."""
+    import keras
+
+    import topoxr_keras
+    from topoxr_keras.models import make_model
+
+    x, y = _inputs(n_train)
+    probe = (x[:n_probe], y[:n_probe])
+    layers = LAYERS["mlp"]
+
+    def fit(with_callback: bool) -> Callable[[], None]:
+        def run() -> None:
+            keras.utils.set_random_seed(0)
+            model = make_model("mlp", seed=0)
+            model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+            callbacks = []
+            if with_callback:
+                path = os.path.join(tmp, "callback.zarr")
+                shutil.rmtree(path, ignore_errors=True)
+                callbacks = [topoxr_keras.RecordActivations(probe, path, layers=layers,
+                                                            batch_size=BATCH)]
+            model.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=0, callbacks=callbacks)
+        return run
+
+    predict_model = make_model("mlp", seed=0)
+
+    def predict() -> None:
+        predict_model.predict(probe[0], batch_size=BATCH, verbose=0)
+
+    def record() -> None:
+        path = os.path.join(tmp, "record.zarr")
+        shutil.rmtree(path, ignore_errors=True)
+        topoxr_keras.record(predict_model, probe, path, layers=layers, batch_size=BATCH,
+                            progress=False)
+
+    variants = {"fit": fit(False), "fit_with_callback": fit(True), "predict_probe": predict,
+                "record_probe": record}
+    med = _medians(variants, repeats)
+    recorded = epochs + 1  # epoch 0 before training, then every epoch
+    per_epoch = (med["fit_with_callback"] - med["fit"]) / recorded
+    return {"train_samples": n_train, "probe_samples": n_probe, "epochs": epochs,
+            "recorded_epochs": recorded, "seconds": {k: round(v, 4) for k, v in med.items()},
+            "callback_seconds_per_recorded_epoch": round(per_epoch, 4),
+            "callback_per_epoch_over_predict_probe": round(per_epoch / med["predict_probe"], 3),
+            "callback_per_epoch_over_record_probe": round(per_epoch / med["record_probe"], 3)}
 
 
 def main(quick: bool = False) -> dict[str, Any]:
@@ -277,6 +390,14 @@ def main(quick: bool = False) -> dict[str, Any]:
                 # A wider CNN, where computing costs about as much as writing.
                 result["cnn_wide_torch"] = _run_config(fw, "cnn", x, y, repeats, tmp,
                                                        channels=WIDE_CHANNELS)
+            if fw.name == "torch":
+                result["bert_torch"] = _bert_torch(512 if quick else 2_000, repeats, tmp)
+                logger.info("bert_torch: %s", result["bert_torch"])
+            else:
+                result["callback_keras"] = _callback_keras(
+                    2_000 if quick else 10_000, 500 if quick else 2_000, 3,
+                    max(repeats, 3), tmp)
+                logger.info("callback_keras: %s", result["callback_keras"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["peak_rss_mb"] = round(psutil.Process().memory_info().rss / 2**20, 1)

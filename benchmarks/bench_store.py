@@ -6,6 +6,9 @@
    the two writers taking turns batch by batch (the headline ratio: total time over all
    rounds), and as separate whole runs, alternating, best of ``repeats`` (wall and CPU).
    Target: the writer within 1.2x of zarr.
+3. Checksums: the same chunks written and read with zstd alone (format 1), zstd + crc32c
+   (format 2, what topoxr writes) and zstd with its own checksum, side by side.
+4. ``fsync=True``: the writer with and without it, whole runs alternating.
 2. Peak RSS: a child process writes 2 GB (100 MB with ``quick``) batch by batch; its
    resident memory is sampled with psutil every 20 ms.  Target: under 500 MB.
 
@@ -236,6 +239,90 @@ def throughput(n_neurons: int, batch: int, chunk: int, n_samples: int, epochs: i
     }
 
 
+#: The codec chains compared by :func:`checksum_cost` (compressors after ``bytes``)
+CODECS = {
+    "zstd (unchecked, format 1)": lambda c: (c.ZstdCodec(level=0, checksum=False),),
+    "zstd + crc32c (topoxr, format 2)": lambda c: (c.ZstdCodec(level=0, checksum=False),
+                                                   c.Crc32cCodec()),
+    "zstd with its own checksum": lambda c: (c.ZstdCodec(level=0, checksum=True),),
+}
+
+
+def checksum_cost(n_neurons: int, batch: int, chunk: int, n_samples: int, epochs: int,
+                  rounds: int) -> dict:
+    """Write and read the same chunks with each codec chain of :data:`CODECS`, side by side.
+
+    Batch by batch the three arrays take turns (as :func:`interleaved`), so the ratios
+    compare them under the same machine conditions; then they are read back chunk by
+    chunk, again taking turns.
+    """
+    import zarr
+    from zarr import codecs
+
+    pool = _batches(n_neurons, batch)
+    write = dict.fromkeys(CODECS, 0.0)
+    read = dict.fromkeys(CODECS, 0.0)
+    for r in range(rounds):
+        arrays = {}
+        for i, (name, chain) in enumerate(CODECS.items()):
+            root = zarr.open_group(str(SCRATCH / f"ck-{i}.zarr"), mode="w")
+            arrays[name] = root.create_array(
+                "activation", shape=(n_neurons, n_samples, epochs),
+                chunks=(n_neurons, chunk, 1), dtype="float32", fill_value=np.nan,
+                compressors=chain(codecs))
+        order = list(CODECS)
+        for values, start, epoch in _steps(pool, n_samples, epochs):
+            order.reverse()
+            for name in order:
+                started = time.perf_counter()
+                arrays[name][:, start:start + len(values), epoch] = values.T
+                write[name] += time.perf_counter() - started
+        for epoch in range(epochs):  # read back chunk by chunk, the arrays taking turns
+            for start in range(0, n_samples, chunk):
+                order.reverse()
+                for name in order:
+                    started = time.perf_counter()
+                    np.asarray(arrays[name][:, start:start + chunk, epoch])
+                    read[name] += time.perf_counter() - started
+        for i in range(len(CODECS)):
+            shutil.rmtree(SCRATCH / f"ck-{i}.zarr", ignore_errors=True)
+    size = n_neurons * n_samples * epochs * 4 * rounds
+    base = next(iter(CODECS))
+    return {
+        "bytes_per_round": size // rounds, "rounds": rounds, "neurons": n_neurons,
+        "batch": batch, "chunk_samples": chunk,
+        "write_mb_s": {k: round(size / MB / v, 1) for k, v in write.items()},
+        "read_mb_s": {k: round(size / MB / v, 1) for k, v in read.items()},
+        "write_ratio_over_unchecked": {k: round(v / write[base], 3) for k, v in write.items()},
+        "read_ratio_over_unchecked": {k: round(v / read[base], 3) for k, v in read.items()},
+    }
+
+
+def fsync_cost(n_neurons: int, batch: int, chunk: int, n_samples: int, epochs: int,
+               rounds: int) -> dict:
+    """The writer with and without ``fsync=True``: whole runs, alternating."""
+    from topoxr import ActivationWriter
+
+    pool = _batches(n_neurons, batch)
+    spent = {False: 0.0, True: 0.0}
+    for r in range(rounds):
+        for fsync in ((False, True) if r % 2 == 0 else (True, False)):
+            path = SCRATCH / f"fs-{fsync}.zarr"
+            started = time.perf_counter()
+            with ActivationWriter(str(path), model="bench", mode="w", chunk_samples=chunk,
+                                  fsync=fsync) as writer:
+                for values, start, epoch in _steps(pool, n_samples, epochs):
+                    writer.write("layer", values, sample=np.arange(start, start + len(values)),
+                                 epoch=epoch)
+            spent[fsync] += time.perf_counter() - started
+            shutil.rmtree(path, ignore_errors=True)
+    size = n_neurons * n_samples * epochs * 4 * rounds
+    return {"bytes_per_round": size // rounds, "rounds": rounds, "batch": batch,
+            "mb_s": {"default": round(size / MB / spent[False], 1),
+                     "fsync=True": round(size / MB / spent[True], 1)},
+            "ratio_fsync_over_default": round(spent[True] / spent[False], 3)}
+
+
 def main(quick: bool = False) -> dict:
     """Run both measurements; ``quick`` writes ~100 MB instead of 2 GB."""
     SCRATCH.mkdir(exist_ok=True)
@@ -247,6 +334,11 @@ def main(quick: bool = False) -> dict:
             "peak_rss": peak_rss_of_writing((100 if quick else 2048) * MB, n_neurons, batch,
                                             chunk),
         }
+        result["checksums"] = checksum_cost(n_neurons, batch, chunk, n_samples=4096,
+                                            epochs=4 if quick else 16,
+                                            rounds=3 if quick else 5)
+        result["fsync"] = fsync_cost(n_neurons, batch, chunk, n_samples=4096,
+                                     epochs=2 if quick else 4, rounds=2 if quick else 3)
         if not quick:  # larger batches: the writer's per-batch cost weighs less
             result["throughput_batch_1024"] = throughput(
                 n_neurons, 1024, 1024, n_samples=4096, epochs=16, repeats=5)

@@ -76,7 +76,8 @@ def test_info_on_a_folder_that_is_not_a_store(tmp_path, capsys):
     assert (tmp_path / "stuff" / "file.txt").read_text() == "hello"
 
 
-@pytest.mark.parametrize("command", ["info", "demo", "naps", "layout", "render", "compare", "serve"])
+@pytest.mark.parametrize("command", ["info", "verify", "demo", "naps", "layout", "render", "compare",
+                                     "serve"])
 def test_help_of_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -171,3 +172,63 @@ def test_analysis_user_errors_are_one_line(planted_store, tmp_path, capsys, args
     lines = [line for line in err.splitlines() if line.startswith("topoxr ")]
     assert len(lines) == 1 and needle in lines[0], err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------
+# verify, damaged stores, output paths, ports (issue 12)
+# --------------------------------------------------------------------------------------
+def test_verify_passes_a_sound_store_and_info_says_so(small_store):
+    assert "never verified" in run_cli("info", small_store).stdout
+    result = run_cli("verify", small_store, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(": ok")
+    assert "verified" in run_cli("info", small_store).stdout
+    report = json.loads(run_cli("verify", small_store, "--json").stdout)
+    assert report["ok"] and report["layers"] == 1 and report["chunks_read"] > 5
+
+
+def test_verify_names_a_damaged_chunk_and_exits_1(small_store):
+    from pathlib import Path
+
+    chunk = Path(small_store) / "net" / "dense.0" / "activation" / "c" / "0" / "0" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = run_cli("verify", small_store, "--no-progress")
+    assert result.returncode == 1
+    line = result.stdout.splitlines()[0]
+    assert "array 'activation', chunk c/0/0/1" in line and "crc32c" in line
+    assert "samples [0, 1, 2, 3], epochs [1]" in line
+    problems = json.loads(run_cli("verify", small_store, "--json").stdout)["problems"]
+    assert len(problems) == 1 and problems[0]["kind"] == "damaged"
+
+
+def test_damaged_metadata_is_one_line_naming_the_file(small_store):
+    from pathlib import Path
+
+    meta = Path(small_store) / "net" / "dense.0" / "activation" / "zarr.json"
+    meta.write_text(meta.read_text().replace('"float32"', '"int16"'))
+    for command in (["info"], ["naps"], ["verify", "--no-progress"]):
+        result = run_cli(command[0], small_store, *command[1:])
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert "net/dense.0/activation/zarr.json is damaged" in result.stdout + result.stderr
+
+
+def test_out_folders_are_created_by_every_subcommand_and_failures_are_one_line(
+        small_store, tmp_path):
+    out = tmp_path / "new" / "deeper" / "naps.csv"
+    result = run_cli("naps", small_store, "--out", str(out))
+    assert result.returncode == 0 and out.exists(), result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli("naps", small_store, "--out", str(blocker / "sub" / "x.csv"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot create the folder" in result.stderr
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_serve_refuses_ports_out_of_range(small_store, port):
+    result = run_cli("serve", small_store, "--port", port)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--port" in result.stderr

@@ -96,13 +96,15 @@ def test_open_is_lazy_and_chunks_follow_the_encoding(any_store):
     record(any_store, chunk_samples=4)
     ds = open_store(any_store)["mlp/hidden"].to_dataset()
     assert isinstance(ds.activation.data, dsa.Array)
-    assert ds.activation.chunks == ((N_NEURONS,), (4, 4, 2), (1, 1))
+    # dask blocks hold whole zarr chunks (here all samples of an epoch), one epoch each
+    assert ds.activation.chunks == ((N_NEURONS,), (10,), (1, 1))
     root = zarr.open_group(fsspec.get_mapper(any_store) if "://" in any_store else any_store,
                            mode="r")
     arr = root["mlp/hidden/activation"]
     assert arr.chunks == (N_NEURONS, 4, 1)
     assert arr.dtype == np.float32
-    assert [type(c).__name__ for c in arr.compressors] == ["ZstdCodec", "Crc32cCodec"]
+    # the measured default: uncompressed (docs/benchmarks.md), then the checksum
+    assert [type(c).__name__ for c in arr.compressors] == ["Crc32cCodec"]
     assert arr.metadata.dimension_names == DIMS
 
 
@@ -684,3 +686,159 @@ def test_arrays_grow_ahead_of_the_data_and_close_trims_them(store_path):
     assert dict(plain.sizes) == {"neuron": N_NEURONS, "sample": 10, "epoch": 3}
     np.testing.assert_array_equal(plain.activation.sel(epoch=2), acts(range(10), 2).T)
     assert plain.loss.values[2] == 0.5
+
+
+# --------------------------------------------------------------------------------------
+# inputs checked before anything is written (issue 12)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sample": np.array([2**63], dtype=np.uint64)}, "does not fit a 64-bit signed integer"),
+    ({"sample": [0], "epoch": 2**63}, "epoch 9223372036854775808 does not fit"),
+    ({"sample": [0], "epoch": np.uint64(2**64 - 1)}, "does not fit a 64-bit signed integer"),
+])
+def test_ids_and_epochs_beyond_int64_are_refused_not_wrapped(store_path, kwargs, message):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([5]), sample=[5])
+        before = _snapshot_files(store_path)
+        with pytest.raises(StoreError, match=message):
+            writer.write("h", acts([0]), **kwargs)
+        assert _snapshot_files(store_path) == before
+        assert writer.write("h", acts([6]), sample=[6]) == 1  # still usable
+    assert sorted(open_store(store_path)["m/h"].sample.values.tolist()) == [5, 6]
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("a_b", "maps to node 'a_b', already used by layer 'a b'"),
+    ("x" * 300, "300 bytes long; at most 255"),
+    ("zarr.json", "reserved by the store format"),
+])
+def test_bad_layer_names_are_refused_and_the_writer_stays_usable(store_path, name, message):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("a b", acts([0]), sample=[0])
+        before = _snapshot_files(store_path)
+        with pytest.raises(StoreError, match=message):
+            writer.write(name, acts([0]), sample=[0])
+        assert _snapshot_files(store_path) == before
+        assert writer.write("c", acts([0]), sample=[0]) == 1
+    assert sorted(open_store(store_path)["m"].children) == ["a_b", "c"]
+
+
+def test_bad_model_names_are_refused(store_path):
+    with pytest.raises(StoreError, match="300 bytes long"):
+        ActivationWriter(store_path, model="m" * 300)
+    with pytest.raises(StoreError, match="reserved"):
+        ActivationWriter(store_path, model="zarr.json")
+
+
+def test_missing_with_non_integer_ids_is_a_clear_error(store_path):
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1])
+        with pytest.raises(StoreError, match="sample ids must be integers, got float64"):
+            writer.missing("h", 0, [1.5])
+        assert writer.missing("h", 0, [0, 1, 2]).tolist() == [2]
+
+
+def _snapshot_files(path):
+    from pathlib import Path
+
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_fsync_writer_writes_the_same_store(tmp_path, monkeypatch):
+    import os
+
+    import topoxr.store._durable as durable
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    for name, fsync in (("plain.zarr", False), ("durable.zarr", True)):
+        with ActivationWriter(str(tmp_path / name), model="m", fsync=fsync) as writer:
+            writer.write("h", acts(range(4)), sample=range(4), label=[0, 1, 0, 1])
+            writer.write("h", acts(range(4), 1), sample=range(4), label=[0, 1, 0, 1], epoch=1)
+        if not fsync:
+            assert not synced
+    assert len(synced) > 10  # every chunk and metadata document, and their folders
+    a = open_store(str(tmp_path / "plain.zarr"))["m/h"].to_dataset()
+    b = open_store(str(tmp_path / "durable.zarr"))["m/h"].to_dataset()
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    with pytest.raises(StoreError, match="fsync=True is for local paths"):
+        ActivationWriter("memory://durable.zarr", model="m", fsync=True)
+
+
+def _as_format_1(path):
+    """Rewrite a store as format version 1 wrote it: the same chunks without checksums."""
+    import json
+    from pathlib import Path
+
+    root = Path(path)
+    meta = json.loads((root / "zarr.json").read_text())
+    meta["attributes"]["topoxr_format_version"] = 1
+    meta.pop("consolidated_metadata", None)
+    (root / "zarr.json").write_text(json.dumps(meta))
+    for doc in root.rglob("zarr.json"):
+        meta = json.loads(doc.read_text())
+        if meta.get("node_type") != "array":
+            continue
+        meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "crc32c"]
+        doc.write_text(json.dumps(meta))
+        for chunk in (doc.parent / "c").rglob("*"):
+            if chunk.is_file():
+                chunk.write_bytes(chunk.read_bytes()[:-4])
+
+
+def test_a_format_1_store_without_checksums_stays_readable(store_path, caplog):
+    import logging
+
+    import topoxr
+
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts(range(4)), sample=range(4), label=[0, 1, 0, 1])
+    expected = open_store(store_path)["m/h"].to_dataset().load()
+    _as_format_1(store_path)
+    with caplog.at_level(logging.INFO, logger="topoxr.store"):
+        got = open_store(store_path)["m/h"].to_dataset().load()
+    xr.testing.assert_identical(expected, got)
+    assert "without chunk checksums" in caplog.text
+    summary = store_summary(store_path)
+    assert summary["format_version"] == 1
+    assert summary["models"]["m"]["layers"]["h"]["checksums"] is False
+    report = topoxr.verify(store_path)
+    assert not report.ok and [p.kind for p in report.problems] == ["unverifiable"]
+    # a writer resumes it in its own format (no checksums added to old arrays)
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts(range(4), 1), sample=range(4), label=[0, 1, 0, 1], epoch=1)
+    ds = open_store(store_path)["m/h"].to_dataset()
+    np.testing.assert_array_equal(ds.activation.sel(epoch=1).values, acts(range(4), 1).T)
+    assert ds.epoch_complete.values.tolist() == [True, True]
+
+
+def test_plain_xarray_recipe_on_a_closed_store(store_path):
+    """The documented recipe, ``activation.where(committed)``, on a store with a half epoch."""
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts(range(6)), sample=range(6))
+        writer.write("h", acts([1, 4], 1), sample=[1, 4], epoch=1)  # epoch 1: 2 of 6
+    ds = xr.open_datatree(store_path, engine="zarr")["m/h"].to_dataset()
+    done = ds.activation.where(ds.committed)
+    ours = open_store(store_path)["m/h"].to_dataset()
+    xr.testing.assert_identical(done.reset_coords(drop=True),
+                                ours.activation.reset_coords(drop=True))
+    assert int(ds.committed.sum()) == 8
+
+
+def test_a_store_being_created_is_reported_as_such(tmp_path):
+    from topoxr._locking import WriterLock
+
+    path = tmp_path / "new.zarr"
+    path.mkdir()
+    (path / "placeholder").write_text("")  # not empty: only the lock says a writer is there
+    lock = WriterLock(str(path), local_dir=str(path))
+    lock.acquire()
+    try:
+        with pytest.raises(StoreError, match="being created by a writer"):
+            open_store(str(path))
+    finally:
+        lock.release()
+    with pytest.raises(StoreError, match="not a topoxr store"):
+        open_store(str(path))

@@ -572,6 +572,11 @@ def test_report_stills_and_players_are_light_and_keyed(viz, nap, tmp_path):
     report.add_frames(frames, epochs, caption="straight from the maps")
     with pytest.raises(ValueError, match="one value per frame"):
         report.add_frames(frames, epochs[:2])
+    from topoxr.viz.still import still_png
+
+    report.add_image(still_png(viz.class_row(nap)), alt="the class row", caption="once more")
+    with pytest.raises(ValueError, match="PNG"):
+        report.add_image(b"GIF89a not a png")
     path = report.save(tmp_path / "stills.html")
     page = path.read_text()
     assert "Bokeh" not in page  # no interactive figure: no BokehJS in the page

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 #: Layers whose class maps the report draws (the others are in the table).
 CLASS_MAP_LAYERS = [("mlp_torch", "relu1"), ("cnn_torch", "relu2"), ("transformer_torch", "pool"),
-                    ("mlp_sklearn", "relu1")]
+                    ("mlp_sklearn", "hidden")]
 
 _DESCRIPTION = (
     "Topographic activation maps of the paper's networks trained on scikit-learn's digits. "
@@ -71,6 +71,9 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
     report.add_section("Findings", "\n".join(f"- {line}" for line in lines))
 
     # 1. class maps --------------------------------------------------------------------
+    from topoxr.viz.still import still_png
+
+    featured_png = None
     for key in [k for k in CLASS_MAP_LAYERS if k in maps] or [featured]:
         cm = found["class_maps"].get(f"{key[0]}/{key[1]}")
         text = ("One map per class, in dendrogram order (classes with similar maps side by "
@@ -82,9 +85,29 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
                      f"({_fmt(cm['max_pair']['correlation'])}). **{cm['mean_blob_count']:.1f} "
                      f"blobs per map**, each {100 * cm['mean_blob_area']:.1f}% of the map "
                      "(regions beyond half the layer's largest |NAP|).")
-        report.add_section(f"Class maps: {key[0]} / {key[1]}",
-                           viz.class_row(maps[key]["label"], examples=examples, **kw), text=text,
-                           still=quick or key != featured)  # full demo: hover the featured maps
+        row = viz.class_row(maps[key]["label"], examples=examples, **kw)
+        report.add_section(f"Class maps: {key[0]} / {key[1]}", text=text)
+        if key == featured:  # drawn once: the report's picture and maps.png
+            featured_png = still_png(row, dpi=100, title=f"{name}: class maps (last epoch)")
+            if quick:
+                report.add_image(featured_png, alt=f"class maps of {name}")
+            else:  # the full demo: hover the featured maps
+                report.add(row)
+        else:
+            report.add(row, still=True)
+    for key, tok in found.get("tokens", {}).items():
+        model, layer = key.split("/")
+        report.add_section(
+            f"Per-token maps: {model} / {layer}",
+            viz.class_row(maps[(model, layer)]["token_position"], order=None, **kw),
+            still=True,
+            text=("The transformer reads a digit as 8 row tokens; this layer was recorded per "
+                  "token (every row of every probe digit its own sample, "
+                  "`reduce=\"tokens\"`), so its neurons can be mapped by the row they see: "
+                  "one map per row position, top row first. **Mean correlation between the "
+                  f"rows' maps: {_fmt(tok['mean_correlation'])}; "
+                  f"{tok['mean_blob_count']:.1f} blobs per map.** The pooled layer "
+                  "(`pool`, the mean over rows) has the class maps above."))
     report.add_table([
         {"layer": layer, "neurons": int(maps[tuple(layer.split("/"))]["label"].sizes["neuron"]),
          "mean correlation": cm["mean_correlation"], "blobs per map": cm["mean_blob_count"],
@@ -103,7 +126,11 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
                  f"{_fmt(err['mean_r_predicted'])} with the correct maps of the class predicted "
                  f"and {_fmt(err['mean_r_true'])} with those of their true class; "
                  f"{100 * err['closer_to_predicted']:.0f}% are closer to the predicted "
-                 "class.** A wrong sample is mostly seen as the class it was taken for.")
+                 "class.** "
+                 + ("Most wrong samples look to this layer like the class they were taken for."
+                    if err["closer_to_predicted"] > 0.5 else
+                    "Most wrong samples still look to this layer like their own class: the "
+                    "confusion arises later in the network."))
     report.add_section(f"Errors: correct vs wrong ({name})",
                        viz.contrast_grid(maps[featured]["correct"], **kw), text=text, still=True)
     report.add_section(f"Errors: confusion grid ({name})",
@@ -137,8 +164,8 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
                   f"control: {100 * bias['control_pulled_marked']:.0f}%)."))
         report.add(viz.compare_models({"biased": b["attribute_only"],
                                        "control": c["attribute_only"]}, **kw), still=True,
-                   caption="Marked and unmarked probes of both models: only the biased model's "
-                           "maps tell them apart.")
+                   caption="Marked and unmarked probes of both models, each on its own "
+                           "layout (effect numbers above and in the table below).")
         report.add_table([{"class": label, "effect, biased": bias["biased"]["effect"][label],
                            "effect, control": bias["control"]["effect"].get(label)}
                           for label in bias["biased"]["effect"]],
@@ -185,11 +212,11 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
     built = time.perf_counter()
     files = [report.save(out / "report.html")]
     saved = time.perf_counter()
-    from topoxr.viz.still import still_png
-
-    png = out / "maps.png"  # the still renderer: the same panels, a fraction of the time
-    png.write_bytes(still_png(viz.class_row(maps[featured]["label"], examples=examples, **kw),
-                              dpi=100, title=f"{name}: class maps (last epoch)"))
+    png = out / "maps.png"  # the still renderer: every class a titled panel
+    if featured_png is None:
+        featured_png = still_png(viz.class_row(maps[featured]["label"], examples=examples, **kw),
+                                 dpi=100, title=f"{name}: class maps (last epoch)")
+    png.write_bytes(featured_png)
     files.append(png)
     gif = out / "training.gif"  # the report's frames, written once more as a GIF
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=500, loop=0)

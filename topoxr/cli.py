@@ -2,7 +2,8 @@
 
 Exit status: 0 on success, 1 when the command fails (a missing store, an unknown layer,
 bad data), 2 on usage errors. User errors are printed as one line on stderr, without a
-traceback; ``--debug`` shows the traceback.
+traceback; ``--debug`` shows the traceback. Every ``--out`` file gets its missing parent
+folders created (one rule for all subcommands).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in sorted(model["attrs"].items()))
         lines.append(f"  model {model['name']}" + (f" ({extra})" if extra else ""))
         for layer in model["layers"].values():
+            if "epochs" not in layer:  # damaged: its problems are listed below
+                lines.append(f"    layer {layer['name']:<24} damaged")
+                continue
             epochs = layer["epochs"]
             span = f"{epochs[0]}..{epochs[-1]}" if epochs else "none"
             text = (
@@ -47,7 +51,17 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
             if layer["incomplete_epochs"]:
                 text += f"  incomplete: {layer['incomplete_epochs']}"
+            if not layer["checksums"]:
+                text += "  (no checksums: written by an earlier topoxr)"
             lines.append(text)
+    verified = summary.get("verified")
+    if verified:
+        lines.append(f"  verified {verified['at']}: "
+                     + ("no problems" if not verified["problems"] else
+                        f"{verified['problems']} problem(s); run `topoxr verify` for details"))
+    else:
+        lines.append("  never verified since last written (`topoxr verify` reads every chunk)")
+    lines.extend(f"  problem: {problem}" for problem in summary.get("problems", []))
     return "\n".join(lines)
 
 
@@ -59,7 +73,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         sys.stdout.write(format_summary(summary) + "\n")
-    return 0
+    return 1 if summary["problems"] else 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from topoxr.store import verify
+
+    report = verify(args.path, progress=not args.no_progress and not args.json)
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        for problem in report.problems:
+            sys.stdout.write(problem.line() + "\n")
+        state = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        sys.stdout.write(f"{report.store}: {report.layers} layer(s), {report.chunks_read} "
+                         f"chunks read: {state}\n")
+    return 0 if report.ok else 1
 
 
 # --------------------------------------------------------------------------------------
@@ -128,6 +157,8 @@ def _cmd_naps(args: argparse.Namespace) -> int:
     from topoxr.grouping import naps
 
     rows = []
+    if args.out and not args.out.endswith(".csv"):
+        raise CommandError("--out must name a .csv file")
     for model, layer, ds in _layer_nodes(args.path, args.model, args.layer):
         nap = naps(ds, by=_by(args.by), normalize=not args.no_normalize).compute()
         if args.out:
@@ -146,9 +177,7 @@ def _cmd_naps(args: argparse.Namespace) -> int:
         import pandas as pd
 
         table = pd.concat(rows, ignore_index=True)
-        if not args.out.endswith(".csv"):
-            raise CommandError("--out must name a .csv file")
-        table.to_csv(args.out, index=False)
+        table.to_csv(_output(args.out), index=False)
         sys.stdout.write(f"wrote {len(table)} rows to {args.out}\n")
     return 0
 
@@ -211,6 +240,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     suffix = out.rsplit(".", 1)[-1].lower() if "." in out else ""
     if suffix not in ("html", "png", "gif"):
         raise CommandError("--out must end in .html, .png or .gif")
+    out = _output(out)
     by = _by(args.by)
     nodes = _layer_nodes(args.path, args.model, args.layer)
     import_optional("holoviews", extra="viz", purpose="topoxr render")
@@ -256,7 +286,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     report.add_section("Side by side (last epoch)", compare_models({a: nap_a, b: nap_b}),
                        text=f"{b} is aligned onto {a} by matching neurons on their activity. "
                             f"{json.dumps(note) if note else ''}")
-    report.save(args.out)
+    report.save(_output(args.out))
     sys.stdout.write(f"wrote {args.out}\n")
     return 0
 
@@ -272,6 +302,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sys.stderr.write(f"serving {args.path} on http://{args.address}:{args.port} (Ctrl-C stops)\n")
     serve(args.path, port=args.port, address=args.address, show=args.show)
     return 0
+
+
+def _output(path: str) -> str:
+    """An output file path, its missing parent folders created (the rule for every --out)."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CommandError(f"--out {path!r} is a folder; name a file")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"cannot create the folder {parent!r} for --out: "
+                           f"{err.strerror or err}") from None
+    if not os.access(parent, os.W_OK):
+        raise CommandError(f"cannot write --out {path!r}: the folder {parent!r} is not writable")
+    return path
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1 to 65535)")
+    return port
 
 
 def _selection_options(p: argparse.ArgumentParser) -> None:
@@ -301,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print models, layers, neuron/sample counts and epochs as JSON")
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("verify", help="read every chunk and check the store",
+                       description="Read every chunk of a store once, check its checksums "
+                       "and invariants; one line per problem. Exit 0 when all is well, "
+                       "1 otherwise.")
+    p.add_argument("path", help="store path or fsspec URL")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_verify)
+
     p = sub.add_parser(
         "demo", help="run the digits demo end to end",
         description="Train the paper's networks (MLP, CNN, a row transformer, and a biased "
@@ -309,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--quick", action="store_true", help="5 epochs instead of 10 and no CNN (well under a minute)")
+    p.add_argument("--quick", action="store_true", help="5 epochs instead of 10, no CNN, no Keras (well under a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_demo)
 
@@ -360,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="browse a store in a live panel app",
                        description="Serve a panel app over a store.")
     p.add_argument("path", help="store path or fsspec URL")
-    p.add_argument("--port", type=int, default=5006, help="port (default: 5006)")
+    p.add_argument("--port", type=_port, default=5006, help="port (default: 5006)")
     p.add_argument("--address", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     p.add_argument("--show", action="store_true", help="open a browser tab")
     p.set_defaults(func=_cmd_serve)
@@ -372,7 +438,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from topoxr.conventions import ConventionError
     from topoxr.store import StoreError
 
-    return (CommandError, StoreError, StoreLockedError, ConventionError, FileNotFoundError,
+    return (CommandError, StoreError, StoreLockedError, ConventionError, OSError,
             KeyError, ValueError, ImportError)
 
 
@@ -405,8 +471,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        sys.stderr.write(f"topoxr {args.command}: error: {message}\n")
+        sys.stderr.write(f"topoxr {args.command}: error: {_one_line(message)}\n")
         return 1
+    except Exception as err:  # never a traceback for a user; --debug shows it
+        if args.debug:
+            raise
+        sys.stderr.write(f"topoxr {args.command}: error: {type(err).__name__}: "
+                         f"{_one_line(err)} (run with --debug for the traceback)\n")
+        return 1
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,6 +76,10 @@ class ModelSpec:
         Architecture (see :data:`topoxr.digits.DIGITS_LAYERS`).
     layers : tuple of str
         Hidden layers recorded.
+    reduce : tuple of (str, str), optional
+        ``(layer, reduce)`` pairs for layers whose output is not reduced by the default
+        (e.g. ``("ffn", "tokens")``: every row token of a digit its own sample; see
+        :mod:`topoxr.reduction`).
     twin : str, optional
         A PyTorch model whose initial weights this (Keras) model starts from.
     data : {"clean", "biased", "control"}
@@ -89,6 +93,13 @@ class ModelSpec:
     layers: tuple[str, ...]
     twin: str | None = None
     data: str = "clean"
+    reduce: tuple[tuple[str, str], ...] = ()
+
+    def layer_settings(self) -> dict[str, dict[str, str]]:
+        """The recorders' ``layers=`` mapping: every layer, with its reduce if set."""
+        reduce = dict(self.reduce)
+        return {layer: ({"reduce": reduce[layer]} if layer in reduce else {})
+                for layer in self.layers}
 
 
 def demo_plan(quick: bool = False, frameworks: set[str] | None = None) -> list[ModelSpec]:
@@ -97,7 +108,8 @@ def demo_plan(quick: bool = False, frameworks: set[str] | None = None) -> list[M
     Parameters
     ----------
     quick : bool, default False
-        Leave out the CNNs (the slowest to train).
+        Leave out the CNNs (the slowest to train) and the Keras twins (TensorFlow's
+        start-up alone costs several seconds).
     frameworks : set of str, optional
         Installed frameworks (default: those whose adapter and framework are installed).
 
@@ -111,16 +123,19 @@ def demo_plan(quick: bool = False, frameworks: set[str] | None = None) -> list[M
         ModelSpec("mlp_keras", "keras", "paper_mlp", ("relu1",), twin="mlp_torch"),
         ModelSpec("cnn_torch", "torch", "paper_cnn", ("relu1", "relu2")),
         ModelSpec("cnn_keras", "keras", "paper_cnn", ("relu1", "relu2"), twin="cnn_torch"),
-        ModelSpec("transformer_torch", "torch", "transformer", ("pool",)),
+        # per token (every row of a digit its own sample) and pooled (mean over rows)
+        ModelSpec("transformer_torch", "torch", "transformer", ("ffn", "pool"),
+                  reduce=(("ffn", "tokens"),)),
         ModelSpec("mlp_biased", "torch", "paper_mlp", ("relu1",), data="biased"),
         ModelSpec("mlp_control", "torch", "paper_mlp", ("relu1",), data="control"),
     ]
     if quick:
-        plan = [s for s in plan if s.kind != "paper_cnn"]
+        plan = [s for s in plan if s.kind != "paper_cnn" and s.framework != "keras"]
     plan = [s for s in plan if s.framework in frameworks]
     names = {s.name for s in plan}
     return [s if s.twin is None or s.twin in names else
-            ModelSpec(s.name, s.framework, s.kind, s.layers, None, s.data) for s in plan]
+            ModelSpec(s.name, s.framework, s.kind, s.layers, None, s.data, s.reduce)
+            for s in plan]
 
 
 @dataclass
@@ -131,6 +146,7 @@ class DemoResult:
     store: Path
     summary: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
     report: Path | None = None
     quality: list[dict[str, Any]] = field(default_factory=list)
     findings: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +167,8 @@ class DemoResult:
                     f"{row['blob_count']:>7.1f}{row['seconds']:>7.2f}"
                 )
         lines += ["", "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())]
+        if self.cpu:
+            lines += ["CPU time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.cpu.items())]
         lines += [f"wrote {path}" for path in self.files]
         return "\n".join(lines)
 
@@ -174,7 +192,7 @@ def record_sklearn_mlp(
     epochs : int, default 5
         Training epochs (epochs ``0..epochs`` are recorded).
     hidden : int, default 128
-        Width of the hidden layer, recorded as layer ``relu1``.
+        Width of the hidden layer, recorded as layer ``hidden``.
     seed : int, default 0
         Seed of the weights and of the batch order.
     progress : bool, default True
@@ -207,7 +225,7 @@ def record_sklearn_mlp(
                 clf.partial_fit(data["x_train"][:1], data["y_train"][:1], classes=classes)
             hidden_act = np.maximum(x_probe @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
             prediction = clf.predict(x_probe)
-            writer.write("relu1", hidden_act, sample=ids, label=y_probe,
+            writer.write("hidden", hidden_act, sample=ids, label=y_probe,
                          prediction=prediction, epoch=epoch)
             writer.complete_epoch(epoch)
             writer.log_epoch(epoch, accuracy=float((prediction == y_probe).mean()))
@@ -234,7 +252,7 @@ def _record(store: Path, data: dict[str, np.ndarray], spec: ModelSpec, *, epochs
     adapter = get_adapter(spec.framework)
     models = adapter.models
     probe = (data["x_probe"], data["y_probe"])
-    common = {"model_name": spec.name, "layers": list(spec.layers),
+    common = {"model_name": spec.name, "layers": spec.layer_settings(),
               "sample_ids": data["probe_ids"], "metadata": metadata}
     fit = {"epochs": epochs, "seed": seed, "lr": LEARNING_RATE, "batch_size": BATCH_SIZE}
     if spec.framework == "torch":
@@ -298,13 +316,22 @@ def _one_torch_thread(active: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _phase(timings: dict[str, float], name: str, started: float) -> None:
-    timings[name] = round(time.perf_counter() - started, 2)
-    logger.info("demo: %s took %.1f s", name, timings[name])
+def _clock() -> tuple[float, float]:
+    """Wall and CPU time of this process (CPU time tells on a busy machine)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _phase(timings: dict[str, float], name: str, started: tuple[float, float],
+           cpu: dict[str, float]) -> None:
+    wall, proc = _clock()
+    timings[name] = round(wall - started[0], 2)
+    cpu[name] = round(proc - started[1], 2)
+    logger.info("demo: %s took %.1f s (%.1f s of CPU)", name, timings[name], cpu[name])
 
 
 def run_demo(
-    out: str | Path = "demo-output", *, seed: int = 0, quick: bool = False, progress: bool = True
+    out: str | Path = "demo-output", *, seed: int = 0, quick: bool = False, progress: bool = True,
+    frameworks: set[str] | None = None,
 ) -> DemoResult:
     """Run the demo and return what it produced.
 
@@ -315,9 +342,13 @@ def run_demo(
     seed : int, default 0
         Seed of every random step; the same seed gives the same numbers.
     quick : bool, default False
-        Five epochs instead of ten and no CNNs, for a run of well under a minute.
+        Five epochs instead of ten, no CNNs and no Keras twin, for a run of well under a
+        minute.
     progress : bool, default True
         Show progress bars.
+    frameworks : set of str, optional
+        Frameworks to train with (default: every installed one of ``{"torch", "keras"}``);
+        an empty set records scikit-learn's MLP only.
 
     Returns
     -------
@@ -330,7 +361,7 @@ def run_demo(
     """
     from topoxr.store import StoreError, open_store, store_summary
 
-    start = time.perf_counter()
+    start = _clock()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "activations.zarr"
@@ -343,31 +374,34 @@ def run_demo(
     timings: dict[str, float] = {}
     epochs = 5 if quick else 10
     data = digits_probe(seed=seed)
-    plan = demo_plan(quick)
+    plan = demo_plan(quick, frameworks)
 
-    t0 = time.perf_counter()
+    cpu: dict[str, float] = {}
+    t0 = _clock()
     with _one_torch_thread(any(s.framework == "torch" for s in plan)):
         _record_all(store, plan, data, epochs=epochs, seed=seed, progress=progress)
-    _phase(timings, "record", t0)
+    _phase(timings, "record", t0, cpu)
 
-    t0 = time.perf_counter()
+    t0 = _clock()
     analysis = _analyse(open_store(str(store)), seed=seed, progress=progress)
-    _phase(timings, "analyse", t0)
+    _phase(timings, "analyse", t0, cpu)
 
     result = DemoResult(out=out, store=store, summary=store_summary(str(store)),
                         timings=timings, quality=analysis["quality"],
                         findings=analysis["findings"])
-    t0 = time.perf_counter()
+    t0 = _clock()
     result.files = _write_outputs(out, analysis, data, quick=quick, progress=progress)
     result.report = out / "report.html" if result.files else None
-    _phase(timings, "render", t0)
-    timings["total"] = round(time.perf_counter() - start, 2)
+    _phase(timings, "render", t0, cpu)
+    _phase(timings, "total", start, cpu)
+    result.cpu = cpu
     payload = {
         "settings": {"seed": seed, "quick": quick, "epochs": epochs,
                      "models": [s.name for s in plan] or ["mlp_sklearn"]},
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": _cpus()},
         "timings_s": timings,
+        "cpu_s": cpu,  # this process's CPU time per phase (imports before run_demo excluded)
         "findings": analysis["findings"],
         "layouts": analysis["quality"],
     }
@@ -456,6 +490,8 @@ def _analyse(tree: Any, *, seed: int, progress: bool) -> dict[str, Any]:
                 views = {"label": laid, "dataset": ds}
                 views["correct"] = _with_layout(naps(ds, by=["label", "correct"]), laid)
                 views["prediction"] = _with_layout(naps(ds, by=["label", "prediction"]), laid)
+                if "token_position" in ds.coords:  # a per-token layer: maps by row too
+                    views["token_position"] = _with_layout(naps(ds, by="token_position"), laid)
                 if ATTRIBUTE in ds.coords:
                     views[ATTRIBUTE] = _with_layout(naps(ds, by=["label", ATTRIBUTE]), laid)
                     views["attribute_only"] = _with_layout(naps(ds, by=ATTRIBUTE), laid)
@@ -469,6 +505,9 @@ def _analyse(tree: Any, *, seed: int, progress: bool) -> dict[str, Any]:
             found["class_maps"][key] = findings.class_map_findings(views["label"])
             found["errors"][key] = findings.error_findings(views["prediction"],
                                                            views["correct"])
+        if "token_position" in views:
+            found.setdefault("tokens", {})[key] = findings.class_map_findings(
+                views["token_position"])
     featured = _featured(maps)
     found["featured"] = f"{featured[0]}/{featured[1]}"
     found["training"] = findings.training_findings(maps[featured]["label"])

@@ -31,7 +31,7 @@ DIGITS_LAYERS = {
     "cnn": ["conv1", "relu1", "pool1", "conv2", "relu2", "fc1", "relu3", "out"],
     "paper_mlp": ["fc1", "relu1", "out"],
     "paper_cnn": ["conv1", "relu1", "conv2", "relu2", "out"],
-    "transformer": ["pool", "out"],
+    "transformer": ["embed", "ffn", "pool", "out"],
 }
 
 #: Pixels of the planted mark: the 2 x 2 top-left corner of the 8 x 8 image, which is

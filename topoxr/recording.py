@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr.conventions import ATTR_LAYER, ATTR_MODEL, LABEL, SAMPLE
 from topoxr.reduction import (
     ATTR_MASKED,
@@ -525,7 +526,8 @@ def check_against_store(
     Raises
     ------
     RecordingError
-        If a layer's reduction (mode, neuron axis, reduced axes, mask) or size differs, or the probe set differs from the
+        If a layer's reduction (mode, neuron axis, reduced axes, mask) or size differs,
+        or the probe set differs from the
         samples of earlier epochs (a resumed epoch may only add the samples it lacks),
         or labels of known samples differ.
     """
@@ -666,6 +668,11 @@ def _plan_layers(
         plans[layer] = LayerPlan(mode, axis % out.ndim, rule, attrs)
         neurons[layer] = n
     return plans, neurons
+
+
+def _is_sequence(plan: LayerPlan) -> bool:
+    """A ``(batch, tokens, hidden)`` output: its neurons are hidden units, not channels."""
+    return len(plan.attrs.get("topoxr_output_shape", ())) == 2 and plan.neuron_axis == 2
 
 
 def _token_sample_ids(ids: np.ndarray, source: np.ndarray, position: np.ndarray,
@@ -853,8 +860,8 @@ class BackgroundWriter:
                                    mask=mask if plan.attrs.get(ATTR_MASKED) else None,
                                    token_ids=token_ids)
             values = reduced.values
-            if raw.ndim > 2 and plan.reduce in ("mean", "max"):
-                # (batch, neuron, 1): the store's pooling of one position is the identity
+            if raw.ndim > 2 and plan.reduce in ("mean", "max") and not _is_sequence(plan):
+                # (batch, channel, 1): the store's pooling of one position is the identity
                 # and still records the neuron's channel coordinate.
                 values = values[:, :, np.newaxis]
             rows_ids, rows_labels, rows_preds, rows_meta = ids, labels, predictions, metadata
@@ -965,6 +972,8 @@ def run_recording(
     scalars: Mapping[str, float] | None = None,
     queue_size: int = 4,
     description: str = "recording",
+    compressor: Any = DEFAULT_COMPRESSOR,
+    dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of ``layers`` over ``batches`` into a store.
 
@@ -1018,6 +1027,11 @@ def run_recording(
         Bound of the background writer's queue.
     description : str
         Progress bar label.
+    compressor : str, zarr codec or None, default "none"
+        Codec of the activations of layers created by this recording when ``store`` is a
+        path (see :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
+    dtype : {"float32", "float16"}, default "float32"
+        Storage dtype of the activations of layers created by this recording.
 
     Returns
     -------
@@ -1040,7 +1054,8 @@ def run_recording(
     from tqdm.auto import tqdm
 
     if reduce not in REDUCE_CHOICES:
-        raise RecordingError(f"unknown reduce mode {reduce!r}; choose one of {list(REDUCE_CHOICES)}")
+        raise RecordingError(
+            f"unknown reduce mode {reduce!r}; choose one of {list(REDUCE_CHOICES)}")
     if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
         raise RecordingError(f"epoch must be an integer >= 0, got {epoch!r}")
     epoch = int(epoch)
@@ -1078,7 +1093,8 @@ def run_recording(
                             reductions=reductions)
 
     owns = not isinstance(store, ActivationWriter)
-    writer = ActivationWriter(store, model=model_name, attrs=attrs) if owns else store
+    writer = ActivationWriter(store, model=model_name, attrs=attrs, compressor=compressor,
+                              dtype=dtype) if owns else store
     n_done = 0
     warned = False
     bar = tqdm(total=n_samples, desc=f"{description} {model_name} epoch {epoch}",

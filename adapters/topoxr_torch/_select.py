@@ -94,7 +94,8 @@ def axis_rule(module: torch.nn.Module) -> tuple[int, str] | None:
     Conv, pooling and batch/instance/group-norm outputs ``(N, C, *spatial)`` keep the
     channels (axis 1); Linear, LayerNorm, embeddings, attention and Hugging Face's
     ``Conv1D`` (a linear layer) keep the last axis. Other modules (activations, dropout,
-    containers) are decided by the recorder from the module that ran before them.
+    containers) are decided by the recorder from the module that ran before them, else
+    by their output's rank (4-D and more: axis 1; 3-D: the last axis).
     """
     if isinstance(module, CHANNEL_FIRST):
         return 1, f"channels of {type(module).__name__} (N, C, *spatial)"

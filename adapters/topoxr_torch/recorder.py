@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr._optional import import_optional
 from topoxr.reduction import LayerSpec
 from topoxr.recording import (
@@ -178,8 +179,11 @@ def capture(
                 axes[name] = axis
                 rules[name] = f"as the output of {source!r}, which ran before it"
                 return
-        axes[name] = -1
-        rules[name] = f"last axis (default for {type(modules[base]).__name__})"
+        kind = type(modules[base]).__name__
+        if tensor.ndim >= 4:  # torch's image convention (N, C, *spatial)
+            axes[name], rules[name] = 1, f"channels of a {tensor.ndim}-D output of {kind}"
+        else:
+            axes[name], rules[name] = -1, f"last axis of a 3-D output of {kind} (hidden units)"
 
     def make_hook(base: str) -> Any:
         targets = by_module[base]
@@ -333,6 +337,8 @@ def record(
     output_keys: Mapping[str, str | int] | None = None,
     scalars: Mapping[str, float] | None = None,
     predict: Callable[[np.ndarray], Any] | None = None,
+    compressor: Any = DEFAULT_COMPRESSOR,
+    dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of layers of a PyTorch model on some data into a store.
 
@@ -387,6 +393,11 @@ def record(
         (``.logits`` of a ModelOutput, else its first tensor); by default the argmax of
         a ``(batch, classes)`` output. A warning says when labels are given but no
         prediction can be derived.
+    compressor : str, zarr codec or None, default "none"
+        Codec of the activations of layers created by this recording (see
+        :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
+    dtype : {{"float32", "float16"}}, default "float32"
+        Storage dtype of the activations of layers created by this recording.
 
     Returns
     -------
@@ -406,7 +417,7 @@ def record(
         return _run(forward, batches, store, model_name=model_name, epoch=epoch,
                     reduce=reduce, probe_ids=ids, probe_labels=probe_labels, n_samples=n,
                     batch_size=batch_size, progress=progress, scalars=scalars,
-                    predict=predict)
+                    predict=predict, compressor=compressor, dtype=dtype)
 
 
 record.__doc__ = (record.__doc__ or "").format(layers=_LAYERS_DOC)

@@ -356,3 +356,17 @@ def test_dataloader_of_mappings(store_path, bert):
     m = x["attention_mask"][:, :, None].astype(np.float64)
     np.testing.assert_allclose(ds.activation.values[..., 0].T, (raw * m).sum(1) / m.sum(1),
                                rtol=RTOL, atol=ATOL)
+
+
+def test_channel_axis_override_is_stated_in_the_store(store_path):
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    x = np.random.default_rng(3).normal(size=(10, 5, 4)).astype(np.float32)
+    topoxr_torch.record(model, x, store_path, progress=False,
+                        layers={"0": {"channel_axis": 1, "reduce": "max"}})
+    ds = layer(store_path, "model", "0")
+    assert ds.sizes["neuron"] == 5  # the user asked for axis 1
+    assert ds.attrs["topoxr_axis_rule"] == "channel_axis set by the user"
+    assert ds.attrs["topoxr_reduced_axes"] == [2]
+    want = hooked(model, ["0"], torch.from_numpy(x))["0"][0].max(2)
+    np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=RTOL, atol=ATOL)

@@ -16,14 +16,31 @@ def python_blocks(path: Path) -> list[str]:
                       flags=re.DOTALL | re.MULTILINE)
 
 
+def run_page(name: str, directory: Path) -> dict:
+    """Run the page's code blocks in order, in one namespace, inside ``directory``."""
+    blocks = python_blocks(HOWTO / name)
+    assert blocks, f"{name} has no python code blocks"
+    namespace: dict = {"__name__": "howto"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{name} block {i}", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+@pytest.mark.slow
 def test_record_transformer_howto_runs(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    blocks = python_blocks(HOWTO / "record-transformer.md")
-    assert len(blocks) >= 4
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "howto"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"record-transformer.md block {i}", "exec"), namespace)  # noqa: S102
+    namespace = run_page("record-transformer.md", tmp_path)
     assert (tmp_path / "tokens.zarr").is_dir()
     assert namespace["by_token"].sizes["token_id"] > 1
+    assert namespace["cls"].attrs["topoxr_reduce"] == "first"
+
+
+@pytest.mark.slow
+def test_record_torch_howto_runs(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)
+    namespace = run_page("record-torch.md", tmp_path)
+    # the resume block went on after the epochs recorded before it
+    assert namespace["probe"].recorded_epochs == list(range(6))

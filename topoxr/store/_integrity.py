@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +29,25 @@ from typing import Any
 import numpy as np
 import zarr
 
-from topoxr.conventions import ACTIVATION, COMMITTED, CORRECT, EPOCH, EPOCH_COMPLETE, LABEL, SAMPLE
+from topoxr.conventions import (
+    ACTIVATION,
+    ATTR_LAYER,
+    ATTR_MODEL,
+    COMMITTED,
+    CORRECT,
+    EPOCH,
+    EPOCH_COMPLETE,
+    LABEL,
+    NEURON,
+    PREDICTION,
+    SAMPLE,
+)
 from topoxr.store._errors import StoreCorruptionError
+from topoxr.store._location import safe_node_name
 from topoxr.store._schema import (
+    _ATTR_METADATA,
     _ATTR_SCALARS,
+    _ATTR_UNIT_COORDS,
     _EPOCH_FILL,
     SAMPLE_FILL,
     _check_required,
@@ -80,7 +96,6 @@ class Context:
     where: str
     sample_ids: np.ndarray | None = None
     epochs: np.ndarray | None = None
-    scalars: tuple[str, ...] = ()
 
     def covered(self, arr: zarr.Array, coords: tuple[int, ...]) -> str:
         """Which samples and epochs (or neurons) chunk ``coords`` of ``arr`` holds."""
@@ -179,15 +194,59 @@ class Snapshot:
     context: Context
 
 
-def extra_nodes(group: zarr.Group, known: Mapping[str, Any]) -> list[str]:
-    """Children of ``group`` in the store that are not readable nodes (lost ``zarr.json``)."""
+def children(group: zarr.Group,
+             errors: list[str] | None = None) -> dict[str, zarr.Group | zarr.Array]:
+    """The child nodes of ``group``, each opened on its own; damaged metadata is named.
+
+    Unlike ``group.members()``, a child whose ``zarr.json`` is missing (zarr would skip
+    it with a warning) or unreadable raises :class:`StoreCorruptionError` naming the file
+    (or, given ``errors``, is left out and its message appended there).
+    """
     from zarr.core.sync import sync
 
-    async def names() -> list[str]:
-        return [k async for k in group.store.list_dir(f"{group.path}/" if group.path else "")]
+    prefix = f"{group.path}/" if group.path else ""
 
-    children = {k.rstrip("/") for k in sync(names())} - {"zarr.json"}
-    return sorted(c for c in children if c not in known and not c.startswith("."))
+    async def names() -> list[str]:
+        return [k async for k in group.store.list_dir(prefix)]
+
+    listed = sorted(n for n in {k.rstrip("/") for k in sync(names())} - {"zarr.json"}
+                    if not n.startswith("."))
+    try:  # the fast way, one concurrent trip; per child only when it does not add up
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            members = dict(group.members())
+        if sorted(members) == listed:
+            return {name: members[name] for name in listed}
+    except Exception:  # noqa: BLE001, S110 - diagnosed child by child below
+        pass
+    out: dict[str, zarr.Group | zarr.Array] = {}
+    for name in listed:
+        path = f"{prefix}{name}"
+        try:
+            if not sync(group.store.exists(f"{path}/zarr.json")):
+                raise StoreCorruptionError(
+                    f"{path}/zarr.json is missing: the metadata of node {path!r} was deleted")
+            try:
+                out[name] = zarr.open(store=group.store, path=path, mode="r")
+            except Exception as err:
+                raise StoreCorruptionError(f"{path}/zarr.json is damaged "
+                                           f"({type(err).__name__}: {err})") from err
+        except StoreCorruptionError as err:
+            if errors is None:
+                raise
+            errors.append(str(err))
+    return out
+
+
+def layer_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
+    """The arrays of a layer group (see :func:`children`)."""
+    return {k: v for k, v in children(group).items() if isinstance(v, zarr.Array)}
+
+
+def child_groups(group: zarr.Group,
+                 errors: list[str] | None = None) -> list[tuple[str, zarr.Group]]:
+    """The subgroups of ``group``, sorted by name (see :func:`children`)."""
+    return [(k, v) for k, v in children(group, errors).items() if isinstance(v, zarr.Group)]
 
 
 def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
@@ -200,13 +259,16 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
         Naming the layer, array and chunk of damage, or the contradiction found.
     """
     where = _where(group)
-    ctx = Context(where, scalars=tuple(group.attrs.get(_ATTR_SCALARS, ())))
-    lost = extra_nodes(group, dict(group.members()))
-    if lost:
-        raise StoreCorruptionError(
-            f"{where} is damaged: {lost} in {group.path!r} have no readable zarr.json "
-            "(their metadata was deleted or damaged)")
+    ctx = Context(where)
+    name = group.attrs.get(ATTR_LAYER)
+    if not isinstance(name, str) or safe_node_name(name) != group.basename:
+        raise StoreCorruptionError(f"{where} is damaged: its attribute {ATTR_LAYER!r} "
+                                   f"({name!r}) does not match the node {group.basename!r}")
     _check_required(group, arrays)
+    wrong = _wrong_schema(group, arrays)
+    if wrong:
+        raise StoreCorruptionError(f"{where} is damaged (its metadata was edited or "
+                                   f"replaced): {'; '.join(wrong)}")
     lengths: dict[str, int] = {}
     for arr in arrays.values():
         for dim, size in zip(arr.metadata.dimension_names or (), arr.shape, strict=True):
@@ -251,6 +313,15 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
     if check_chunks and checked:
         problems.extend(_lost_chunks(ctx, arrays, n, m))
     if problems:
+        for dim, size in ((SAMPLE, s_min), (EPOCH, e_min)):
+            shorter = [k for k, a in arrays.items()
+                       if dim in (a.metadata.dimension_names or ())
+                       and a.shape[a.metadata.dimension_names.index(dim)] == size]
+            longer = [k for k, a in arrays.items()
+                      if dim in (a.metadata.dimension_names or ()) and k not in shorter]
+            if longer:
+                problems.append(f"arrays {shorter} have {size} entries along {dim!r}, "
+                                f"{longer} more")
         raise StoreCorruptionError(f"{where} is damaged: " + "; ".join(problems))
     return Snapshot(n, m, ctx.sample_ids, ctx.epochs, committed, complete, checked, ctx)
 
@@ -263,12 +334,11 @@ def _first(flags: np.ndarray, default: int) -> int:
 def _lost_chunks(ctx: Context, arrays: Mapping[str, zarr.Array], n: int, m: int) -> list[str]:
     """Chunks of the small arrays inside the logical lengths that are not in the store."""
     out = []
-    scalars = set(ctx.scalars)
     for name, arr in arrays.items():
         if name == ACTIVATION:
             continue  # checked where read (see reader._CheckedActivation) and by verify
-        if name == COMMITTED or name in scalars or (name == CORRECT and LABEL not in arrays):
-            continue  # mask: checked on complete epochs; scalars: only epochs logged
+        if name == COMMITTED or (name == CORRECT and LABEL not in arrays):
+            continue  # mask: checked on complete epochs; correct: only with labels
         region = region_of(arr, n, m)
         out.extend(ctx.damaged_chunk(arr, c, "is missing from the store", where=False)
                    for c in missing_chunks(arr, region)[:3])
@@ -280,3 +350,61 @@ def region_of(arr: zarr.Array, n: int, m: int) -> tuple[slice, ...]:
     dims = arr.metadata.dimension_names or ()
     return tuple(slice(0, n) if d == SAMPLE else slice(0, m) if d == EPOCH else slice(0, s)
                  for d, s in zip(dims, arr.shape, strict=True))
+
+
+#: (dimension names, dtype kinds, fill value) every layer of this format has
+_FIXED = {
+    ACTIVATION: ((NEURON, SAMPLE, EPOCH), "f", "nan"),
+    NEURON: ((NEURON,), "i", None),
+    SAMPLE: ((SAMPLE,), "i", SAMPLE_FILL),
+    EPOCH: ((EPOCH,), "i", _EPOCH_FILL),
+    EPOCH_COMPLETE: ((EPOCH,), "b", False),
+    COMMITTED: ((SAMPLE, EPOCH), "b", False),
+    LABEL: ((SAMPLE,), "iUOT", None),
+    PREDICTION: ((SAMPLE, EPOCH), "iUOT", None),
+    CORRECT: ((SAMPLE, EPOCH), "b", False),
+}
+
+
+def _wrong_schema(group: zarr.Group, arrays: Mapping[str, zarr.Array]) -> list[str]:
+    """What in the arrays' metadata contradicts the store format (dims, dtype, fill)."""
+    attrs = group.attrs
+    expected = dict(_FIXED)
+    expected.update({k: ((NEURON,), "i", None) for k in attrs.get(_ATTR_UNIT_COORDS, [])})
+    expected.update({k: ((SAMPLE,), "biufUOT", None) for k in attrs.get(_ATTR_METADATA, [])})
+    expected.update({k: ((EPOCH,), "f", None) for k in attrs.get(_ATTR_SCALARS, [])})
+    out = []
+    for name, arr in arrays.items():
+        if name not in expected:
+            continue
+        dims, kinds, fill = expected[name]
+        have = tuple(arr.metadata.dimension_names or ())
+        if have != dims:
+            out.append(f"array {name!r} has dimensions {have}, not {dims}")
+            continue
+        dtype = np.dtype(arr.dtype) if not str(arr.dtype).startswith("<U") else arr.dtype
+        kind = getattr(dtype, "kind", "O")
+        if kind not in kinds or (name == ACTIVATION and dtype != np.float32) or (
+                kinds == "i" and dtype != np.int64):
+            out.append(f"array {name!r} has dtype {arr.dtype}")
+            continue
+        value = arr.metadata.fill_value
+        if fill == "nan":
+            if not np.isnan(value):
+                out.append(f"array {name!r} has fill value {value}, not NaN")
+        elif fill is not None and value != fill:
+            out.append(f"array {name!r} has fill value {value!r}, not {fill!r}")
+    n_neurons = arrays[ACTIVATION].shape[0]
+    for name, arr in arrays.items():
+        if expected.get(name, ((),))[0] == (NEURON,) and arr.shape[0] != n_neurons:
+            out.append(f"array {name!r} has {arr.shape[0]} entries, 'activation' "
+                       f"{n_neurons} neurons")
+    return out
+
+
+def check_model_name(node: str, group: zarr.Group) -> None:
+    """Refuse a model group whose name attribute does not give its node name."""
+    name = group.attrs.get(ATTR_MODEL)
+    if not isinstance(name, str) or safe_node_name(name) != node:
+        raise StoreCorruptionError(f"model {node!r} is damaged: its attribute {ATTR_MODEL!r} "
+                                   f"({name!r}) does not match the node {node!r}")

@@ -84,9 +84,10 @@ def _open_root_readonly(loc: _Location) -> zarr.Group:
     try:
         root = zarr.open_group(loc.store, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        if loc.is_locked():
+        if loc.is_locked() or loc.is_empty_dir():
             raise StoreError(f"{loc.url!r} is being created by a writer (its root group does "
-                             "not exist yet); try again in a moment") from err
+                             "not exist yet) or is an empty folder; try again in a moment"
+                             ) from err
         raise StoreError(f"{loc.url!r} exists but is not a topoxr store (no Zarr group)") from err
     except Exception as err:
         raise StoreCorruptionError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,49 @@ def _as_epoch(epoch: Any) -> int:
         raise StoreError(f"epoch must be an integer, got {epoch!r}")
     if epoch < 0:
         raise StoreError(f"epoch must be >= 0, got {epoch}")
+    if int(epoch) > _INT64_MAX:
+        raise StoreError(f"epoch {epoch} does not fit a 64-bit signed integer "
+                         f"(at most {_INT64_MAX})")
     return int(epoch)
+
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+#: Longest node name (bytes): most file systems refuse longer file names.
+_MAX_NAME_BYTES = 255
+
+
+def _as_ids(what: str, values: Any) -> np.ndarray:
+    """Sample ids as int64: integers only, none above 2**63-1 (refused, never wrapped)."""
+    ids = np.asarray(list(values) if not isinstance(values, np.ndarray) else values)
+    if ids.size == 0:
+        return ids.astype(np.int64).reshape(-1)
+    if ids.dtype.kind not in "iu":
+        raise StoreError(f"{what}: sample ids must be integers, got {ids.dtype}")
+    if ids.dtype.kind == "u" and int(ids.max()) > _INT64_MAX:
+        raise StoreError(f"{what}: sample id {int(ids.max())} does not fit a 64-bit signed "
+                         f"integer (at most {_INT64_MAX})")
+    return ids.astype(np.int64)
+
+
+def _check_node_name(kind: str, name: str, taken: Mapping[str, str]) -> str:
+    """The node name of model or layer ``name``; refuse collisions and unusable names.
+
+    ``taken`` maps the node names already used to the names they hold.
+    """
+    from topoxr.store._location import safe_node_name
+
+    if not isinstance(name, str) or not name:
+        raise StoreError(f"{kind} must be a non-empty string")
+    node = safe_node_name(name)
+    if len(node.encode()) > _MAX_NAME_BYTES:
+        raise StoreError(f"{kind} name {name[:40]!r}... is {len(node.encode())} bytes long; "
+                         f"at most {_MAX_NAME_BYTES} fit a file name")
+    if node == "zarr.json" or node.startswith("."):
+        raise StoreError(f"{kind} name {name!r} is reserved by the store format")
+    if node in taken and taken[node] != name:
+        raise StoreError(f"{kind} {name!r} maps to node {node!r}, already used by "
+                         f"{kind} {taken[node]!r}; rename one of them")
+    return node
 
 
 @dataclass
@@ -119,6 +162,9 @@ def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, 
     done_rows = old[committed]
     stored = _read_values(state, pos[done_rows], e)
     fresh = reduced.values[done_rows]
+    stored_dtype = state.arrays[ACTIVATION].dtype
+    if np.dtype(stored_dtype).itemsize < 4:  # compare as stored (rounded to float16)
+        fresh = fresh.astype(stored_dtype).astype(np.float32)
     same = (stored == fresh) | (np.isnan(stored) & np.isnan(fresh))
     if not same.all():
         bad = ids[done_rows][~same.all(axis=1)]

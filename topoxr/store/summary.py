@@ -15,7 +15,7 @@ from topoxr.conventions import (
     ATTR_MODEL,
 )
 from topoxr.store._errors import StoreError
-from topoxr.store._integrity import extra_nodes, snapshot
+from topoxr.store._integrity import child_groups, children, layer_arrays, snapshot
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import _ATTR_READY, _ATTR_REDUCE, _guarded, _where
 from topoxr.store.verify import ATTR_VERIFIED
@@ -54,13 +54,10 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
         "verified": root.attrs.get(ATTR_VERIFIED),
         "models": {},
     }
-    problems: list[str] = [f"node {name!r} has no readable zarr.json"
-                           for name in extra_nodes(root, dict(root.members()))]
-    for model_name, model_group in sorted(root.groups()):
+    problems: list[str] = []
+    for model_name, model_group in child_groups(root, problems):
         layers: dict[str, Any] = {}
-        members = dict(model_group.members())
-        problems.extend(f"{model_name}/{name}: layer has no readable zarr.json (its metadata "
-                        "was deleted or damaged)" for name in extra_nodes(model_group, members))
+        members = children(model_group, problems)
         for layer_name, group in sorted(members.items()):
             if not isinstance(group, zarr.Group) or not group.attrs.get(_ATTR_READY, False):
                 continue
@@ -80,7 +77,7 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
 
 
 def _layer_summary(group: zarr.Group) -> dict[str, Any]:
-    arrays = dict(group.arrays())
+    arrays = layer_arrays(group)
     snap = _guarded(_where(group), lambda: snapshot(group, arrays))
     epochs = [int(e) for e in snap.epochs]
     complete, committed = snap.complete, snap.committed

@@ -12,19 +12,22 @@ from typing import Any
 import numpy as np
 import zarr
 
-from topoxr.conventions import ACTIVATION, ATTR_LAYER, ATTR_MODEL
+from topoxr.conventions import ACTIVATION
 from topoxr.store._errors import StoreError
 from topoxr.store._integrity import (
     Context,
+    check_model_name,
+    child_groups,
+    children,
     chunk_coords,
     chunk_slices,
-    extra_nodes,
+    layer_arrays,
     missing_chunks,
     region_of,
     snapshot,
     stored_chunks,
 )
-from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
+from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import _ATTR_READY, _ids_text, _where, has_checksums
 
 __all__ = ["ATTR_VERIFIED", "Problem", "VerifyReport", "verify"]
@@ -103,45 +106,37 @@ def verify(store: Any, *, storage_options: Mapping[str, Any] | None = None,
     root = _open_root_readonly(loc)
     report = VerifyReport(store=loc.url)
     layers: list[tuple[str, zarr.Group]] = []
-    lost = extra_nodes(root, dict(root.members()))
-    report.problems.extend(Problem(name, f"node {name!r} has no readable zarr.json")
-                           for name in lost)
-    for model_name, model_group in sorted(root.groups()):
-        _check_name(report, model_name, model_group.attrs.get(ATTR_MODEL), "model")
+    errors: list[str] = []
+    models = child_groups(root, errors)
+    for model_name, model_group in models:
         try:
-            members = dict(model_group.members())
-        except Exception as err:  # noqa: BLE001 - report, go on with the next model
-            report.problems.append(Problem(model_name, f"unreadable ({err})"))
-            continue
-        report.problems.extend(
-            Problem(f"{model_name}/{name}", "layer has no readable zarr.json (its metadata "
-                    "was deleted or damaged)") for name in extra_nodes(model_group, members))
+            check_model_name(model_name, model_group)
+        except StoreError as err:
+            report.problems.append(Problem(model_name, str(err)))
+        members = children(model_group, errors)
         for layer_name, group in sorted(members.items()):
             if isinstance(group, zarr.Group) and group.attrs.get(_ATTR_READY, False):
                 layers.append((f"{model_name}/{layer_name}", group))
+    report.problems.extend(Problem(msg.split("/zarr.json")[0], msg) for msg in errors)
     with tqdm(total=None, desc="verify", unit="chunk", disable=not progress) as bar:
         for node, group in layers:
             report.layers += 1
-            _check_name(report, node, group.attrs.get(ATTR_LAYER), "layer")
-            _verify_layer(report, node, group, bar)
+            try:
+                _verify_layer(report, node, group, bar)
+            except Exception as err:  # noqa: BLE001 - damaged metadata: report, go on
+                report.problems.append(Problem(node, f"unreadable ({type(err).__name__}: "
+                                                     f"{err})"))
     if record:
         _record(loc, report)
     return report
 
 
-def _check_name(report: VerifyReport, node: str, name: Any, kind: str) -> None:
-    base = node.rsplit("/", 1)[-1]
-    if not isinstance(name, str) or safe_node_name(name) != base:
-        report.problems.append(Problem(node, f"the {kind} name in its attributes ({name!r}) "
-                                             f"does not match the node {base!r}"))
-
-
 def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) -> None:
     where = _where(group)
     try:
-        arrays = dict(group.arrays())
-    except Exception as err:  # noqa: BLE001
-        report.problems.append(Problem(node, f"{where}: arrays unreadable ({err})"))
+        arrays = layer_arrays(group)
+    except StoreError as err:
+        report.problems.append(Problem(node, str(err)))
         return
     if not all(has_checksums(a) for a in arrays.values()):
         report.problems.append(Problem(

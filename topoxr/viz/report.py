@@ -421,6 +421,33 @@ class Report:
         self._current().append(_Item("player", (str(name), list(values), pngs), caption))
         return self
 
+    def add_image(self, png: bytes, *, alt: str = "figure", caption: str | None = None) -> Report:
+        """Add a ready PNG image (e.g. from :func:`topoxr.viz.still.still_png`).
+
+        Parameters
+        ----------
+        png : bytes
+            The PNG file's bytes.
+        alt : str, default "figure"
+            Text alternative.
+        caption : str, optional
+            Caption under the image.
+
+        Returns
+        -------
+        Report
+
+        Raises
+        ------
+        ValueError
+            If ``png`` is not a PNG file.
+        """
+        if not bytes(png[:8]) == b"\x89PNG\r\n\x1a\n":
+            raise ValueError("add_image needs the bytes of a PNG file")
+        tag = f'<div class="figure still">{_png_tag(bytes(png), alt)}</div>'
+        self._current().append(_Item("html", tag, caption))
+        return self
+
     def add_figure(self, obj: Any, *, caption: str | None = None) -> Report:
         """Add a HoloViews figure (sliders kept) to the current section."""
         return self.add(obj, caption=caption)
