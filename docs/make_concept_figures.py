@@ -38,15 +38,17 @@ def _map(ax, laid, values, vmax, title):  # noqa: ANN001
 def _layout_benchmark(plt) -> None:  # noqa: ANN001
     """Plot seconds against trustworthiness per layout method from the layouts benchmark.
 
-    Uses ``benchmarks/results/layouts.json`` (the full run) if present, else the quick run.
+    Uses the most recent of ``benchmarks/results/layouts.json`` (full run),
+    ``layouts-partial.json`` (a run in progress or cut short) and ``layouts-quick.json``.
     """
     import json
 
     results = Path(__file__).parents[1] / "benchmarks" / "results"
-    path = next((p for p in (results / "layouts.json", results / "layouts-partial.json",
-                             results / "layouts-quick.json") if p.is_file()), None)
-    if path is None:
+    found = [p for p in (results / "layouts.json", results / "layouts-partial.json",
+                         results / "layouts-quick.json") if p.is_file()]
+    if not found:
         return
+    path = max(found, key=lambda p: p.stat().st_mtime)  # the latest run
     bench = json.loads(path.read_text())
     all_rows = bench["result"]["rows"] if "result" in bench else bench["rows"]
     rows = [r for r in all_rows if r["data"] == "digits_mlp_naps" and "seconds" in r]
