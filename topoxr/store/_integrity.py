@@ -315,7 +315,7 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
                         "lost or damaged)")
     checked = all(has_checksums(a) for a in arrays.values())
     if check_chunks and checked:
-        problems.extend(_lost_chunks(ctx, arrays, n, m))
+        problems.extend(_lost_chunks(ctx, _declared(group, arrays), n, m))
     if problems:
         for dim, size in ((SAMPLE, s_min), (EPOCH, e_min)):
             shorter = [k for k, a in arrays.items()
@@ -333,6 +333,19 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
 def _first(flags: np.ndarray, default: int) -> int:
     hit = np.flatnonzero(flags)
     return int(hit[0]) if len(hit) else default
+
+
+def _declared(group: zarr.Group, arrays: Mapping[str, zarr.Array]) -> dict[str, zarr.Array]:
+    """The arrays the layer's attributes declare: the format's own and the listed columns.
+
+    A writer creates an epoch scalar's array, fills it, and only then lists it in the
+    layer's attributes: an array not listed yet is still being written, and a reader
+    that looked for its chunks would call a write in progress damage.
+    """
+    attrs = group.attrs
+    listed = {*_FIXED, *attrs.get(_ATTR_UNIT_COORDS, []), *attrs.get(_ATTR_METADATA, []),
+              *attrs.get(_ATTR_SCALARS, [])}
+    return {k: v for k, v in arrays.items() if k in listed}
 
 
 def _lost_chunks(ctx: Context, arrays: Mapping[str, zarr.Array], n: int, m: int) -> list[str]:
