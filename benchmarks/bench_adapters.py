@@ -183,15 +183,15 @@ def _bare(fw: Any, model: Any, x: np.ndarray) -> None:
 
 
 def _direct(fw: Any, capture: Callable, x: np.ndarray, y: np.ndarray, path: str,
-            layout: dict[str, tuple[int, list[int]]], whole_chunks: bool) -> None:
+            layout: dict[str, tuple[int, list[int], Any]], whole_chunks: bool) -> None:
     import zarr
 
     n = len(x)
     root = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
     arrays = {
         layer: root.create_array(layer, shape=(neurons, n, 1), chunks=tuple(chunks),
-                                 dtype="float32", fill_value=np.nan)
-        for layer, (neurons, chunks) in layout.items()
+                                 dtype="float32", fill_value=np.nan, compressors=codecs)
+        for layer, (neurons, chunks, codecs) in layout.items()
     }
     label = root.create_array("label", shape=(n,), chunks=(1 << 16,), dtype="int64")
     pred = root.create_array("prediction", shape=(n, 1), chunks=(1 << 16, 1), dtype="int64")
@@ -234,7 +234,13 @@ def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
     record()  # warm-up (graph tracing), and it tells the store's chunking
     summary = store_summary(os.path.join(tmp, f"{fw.name}-{kind}-record.zarr"))
     stored = summary["models"][f"{kind}_{fw.name}"]["layers"]
-    layout = {info["name"]: (info["neurons"], info["chunks"]) for info in stored.values()}
+    import zarr
+
+    root = zarr.open_group(os.path.join(tmp, f"{fw.name}-{kind}-record.zarr"), mode="r")
+    # the store's chunks and activation codec (the writer's default may change)
+    layout = {info["name"]: (info["neurons"], info["chunks"],
+                             root[f"{kind}_{fw.name}/{key}/activation"].compressors or None)
+              for key, info in stored.items()}
 
     def direct(whole: bool) -> Callable[[], None]:
         def run() -> None:

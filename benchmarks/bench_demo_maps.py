@@ -6,7 +6,8 @@ digits with the demo's settings) is laid out with the default method, the paper'
 the paper's smoothness score (lower: coherent blobs), blob count and mean blob area per
 class map (:func:`topoxr.metrics.blobs`), mean correlation between class maps
 (:func:`topoxr.findings.class_map_findings`), trustworthiness (k = 10) and seconds
-(umap-learn's JIT compilation paid by a warm-up before timing).
+(umap-learn's JIT compilation paid by a warm-up before timing), and the reference code's
+own smoothness score (:func:`topoxr.metrics.paper_smoothness`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def main(quick: bool = False) -> dict:
     from topoxr.grouping import naps
     from topoxr.layouts import attach
     from topoxr.layouts._registry import DEFAULT_METHOD, get_estimator
-    from topoxr.metrics import quality
+    from topoxr.findings import _maps
+    from topoxr.metrics import paper_smoothness, quality
 
     epochs = 5 if quick else 10
     data = digits_probe(seed=0)
@@ -57,6 +59,8 @@ def main(quick: bool = False) -> dict:
             "smoothness": float(scores["smoothness"]),
             "blob_count": float(scores["blob_count"]), "blob_area": float(scores["blob_area"]),
             "mean_class_correlation": cm["mean_correlation"],
+            # the reference code's own score (bwr-rendered maps, blurred), 100 x 100 maps
+            "paper_smoothness": float(np.nanmean(paper_smoothness(_maps(laid, 100))["area"])),
         })
     return {"layer": "mlp_torch/relu1", "neurons": int(ds.sizes["neuron"]), "epochs": epochs,
             "accuracy": float(ds["correct"].isel(epoch=-1).mean()), "rows": rows}

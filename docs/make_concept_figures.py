@@ -43,33 +43,41 @@ def _layout_benchmark(plt) -> None:  # noqa: ANN001
     import json
 
     results = Path(__file__).parents[1] / "benchmarks" / "results"
-    path = next((p for p in (results / "layouts.json", results / "layouts-quick.json")
-                 if p.is_file()), None)
+    path = next((p for p in (results / "layouts.json", results / "layouts-partial.json",
+                             results / "layouts-quick.json") if p.is_file()), None)
     if path is None:
         return
     bench = json.loads(path.read_text())
-    rows = [r for r in bench["result"]["rows"] if r["data"] == "digits_mlp_naps"]
+    all_rows = bench["result"]["rows"] if "result" in bench else bench["rows"]
+    rows = [r for r in all_rows if r["data"] == "digits_mlp_naps" and "seconds" in r]
     sizes = sorted({r["n"] for r in rows})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6), squeeze=False,
-                             layout="constrained")
-    for ax, n in zip(axes[0], sizes, strict=True):
-        for r in (r for r in rows if r["n"] == n):
-            default = r["method"] == "knnforce"
-            paper = r["method"] in ("umap+force", "force", "som", "graph", "random")
-            ax.scatter(max(r["seconds"], 1e-3), r["trustworthiness"], s=40 if default else 18,
-                       c="C3" if default else ("C0" if paper else "C7"), zorder=3)
-            ax.annotate(r["method"], (max(r["seconds"], 1e-3), r["trustworthiness"]),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("seconds (log scale)")
-        ax.set_ylabel("trustworthiness (k = 10)")
-        ax.set_title(f"{n} neurons (MLP on digits, class NAPs)")
-        ax.grid(alpha=0.3)
-    kind = "quick run" if bench.get("quick") else "full run"
-    fig.suptitle(f"Layout methods: time vs trustworthiness ({path.name}, {kind}); "
-                 "red: default, blue: the paper's", fontsize=8)
-    fig.savefig(STATIC / "concepts_layout_benchmark.png", dpi=80)
-    plt.close(fig)
+    kind = ("partial run" if "result" not in bench
+            else "quick run" if bench.get("quick") else "full run")
+    for name, ykey, ylabel in (("concepts_layout_benchmark.png", "seconds", "seconds (log)"),
+                               ("layouts_smoothness_trust.png", "smoothness",
+                                "smoothness (lower is smoother)")):
+        fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6),
+                                 squeeze=False, layout="constrained")
+        for ax, n in zip(axes[0], sizes, strict=True):
+            for r in (r for r in rows if r["n"] == n):
+                default = r["method"] == "knnforce"
+                paper = r["method"] in ("umap+force", "force", "som", "graph", "random",
+                                        "reference:force")
+                xy = (r["trustworthiness"], max(r[ykey], 1e-3))
+                ax.scatter(*xy, s=40 if default else 18,
+                           c="C3" if default else ("C0" if paper else "C7"), zorder=3)
+                ax.annotate(r["method"], xy, fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
+            if ykey == "seconds":
+                ax.set_yscale("log")
+            ax.set_xlabel("trustworthiness (k = 10, cosine)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{n} neurons (MLP on digits, class NAPs)")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"Layout methods: trustworthiness vs {ykey} ({path.name}, {kind}); "
+                     "red: default, blue: the paper's", fontsize=8)
+        fig.savefig(STATIC / name, dpi=80)
+        plt.close(fig)
 
 
 def main() -> None:

@@ -15,10 +15,9 @@ pytest.importorskip("holoviews")
 
 #: The report's sections: one per application of the paper, each with its number.
 SECTIONS = ("Findings", "Class maps: mlp_torch / relu1", "Class maps: transformer_torch / pool",
-            "Class maps: transformer_torch / ffn", "Per-token maps: transformer_torch / ffn",
+            "Per-token maps: transformer_torch / ffn",
             "Class maps of every layer", "Errors: correct vs wrong", "Errors: confusion grid",
-            "Bias: a planted attribute", "Training process", "PyTorch and Keras side by side",
-            "Layout quality and time")
+            "Bias: a planted attribute", "Training process", "Layout quality and time")
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +31,8 @@ def test_demo_writes_store_report_and_figures(demo_run):
     for name in ("report.html", "maps.png", "training.gif", "quality.json"):
         assert (out / name).stat().st_size > 0, name
     tree = open_store(out / "activations.zarr")
-    assert {"mlp_torch", "mlp_keras", "transformer_torch", "mlp_biased",
-            "mlp_control"} <= set(tree.children)
+    assert set(tree.children) == {"mlp_torch", "transformer_torch", "mlp_biased",
+                                  "mlp_control"}  # quick: no CNN, no Keras
     layer = tree["mlp_torch/relu1"].to_dataset()
     assert layer.sizes["neuron"] == 128  # the paper's hidden layer
     assert layer.sizes["epoch"] == 6  # epoch 0 before training + 5 epochs (quick)
@@ -102,8 +101,28 @@ def test_same_seed_same_numbers(tmp_path):
 def test_the_plan_without_keras_drops_the_twins():
     from topoxr.demo import demo_plan
 
-    plan = demo_plan(quick=True, frameworks={"torch"})
+    plan = demo_plan(quick=True, frameworks={"torch", "keras"})
     assert [s.name for s in plan] == ["mlp_torch", "transformer_torch", "mlp_biased",
                                       "mlp_control"]
-    assert all(s.framework == "torch" for s in plan)
+    full = demo_plan(frameworks={"torch", "keras"})
+    assert {s.name: s.twin for s in full}["cnn_keras"] == "cnn_torch"  # same initial weights
+    alone = demo_plan(frameworks={"keras"})
+    assert [s.name for s in alone] == ["mlp_keras", "cnn_keras"]
+    assert all(s.twin is None for s in alone)  # no torch twin to copy from
     assert [s.name for s in demo_plan(frameworks=set())] == []
+
+
+@pytest.mark.slow
+def test_without_frameworks_the_demo_records_scikit_learn(tmp_path):
+    """No PyTorch or Keras: the core pipeline still runs, on scikit-learn's MLP."""
+    from topoxr.demo import run_demo
+
+    result = run_demo(tmp_path / "out", quick=True, progress=False, frameworks=set())
+    tree = open_store(result.store)
+    assert set(tree.children) == {"mlp_sklearn"}
+    assert tree["mlp_sklearn/hidden"].to_dataset().sizes["neuron"] == 128
+    found = json.loads((tmp_path / "out" / "quality.json").read_text())["findings"]
+    assert found["featured"] == "mlp_sklearn/hidden" and "bias" not in found
+    html = result.report.read_text()
+    assert "<h2>Class maps: mlp_sklearn / hidden" in html and "Bias" not in html
+    assert "class maps (mlp_sklearn/hidden)" in result.summary_text()

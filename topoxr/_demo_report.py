@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 #: Layers whose class maps the report draws (the others are in the table).
 CLASS_MAP_LAYERS = [("mlp_torch", "relu1"), ("cnn_torch", "relu2"), ("transformer_torch", "pool"),
-                    ("transformer_torch", "ffn"), ("mlp_sklearn", "relu1")]
+                    ("mlp_sklearn", "hidden")]
 
 _DESCRIPTION = (
     "Topographic activation maps of the paper's networks trained on scikit-learn's digits. "

@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--quick", action="store_true", help="5 epochs instead of 10 and no CNN (well under a minute)")
+    p.add_argument("--quick", action="store_true", help="5 epochs instead of 10, no CNN, no Keras (well under a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_demo)
 

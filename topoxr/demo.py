@@ -108,7 +108,8 @@ def demo_plan(quick: bool = False, frameworks: set[str] | None = None) -> list[M
     Parameters
     ----------
     quick : bool, default False
-        Leave out the CNNs (the slowest to train).
+        Leave out the CNNs (the slowest to train) and the Keras twins (TensorFlow's
+        start-up alone costs several seconds).
     frameworks : set of str, optional
         Installed frameworks (default: those whose adapter and framework are installed).
 
@@ -129,7 +130,7 @@ def demo_plan(quick: bool = False, frameworks: set[str] | None = None) -> list[M
         ModelSpec("mlp_control", "torch", "paper_mlp", ("relu1",), data="control"),
     ]
     if quick:
-        plan = [s for s in plan if s.kind != "paper_cnn"]
+        plan = [s for s in plan if s.kind != "paper_cnn" and s.framework != "keras"]
     plan = [s for s in plan if s.framework in frameworks]
     names = {s.name for s in plan}
     return [s if s.twin is None or s.twin in names else
@@ -191,7 +192,7 @@ def record_sklearn_mlp(
     epochs : int, default 5
         Training epochs (epochs ``0..epochs`` are recorded).
     hidden : int, default 128
-        Width of the hidden layer, recorded as layer ``relu1``.
+        Width of the hidden layer, recorded as layer ``hidden``.
     seed : int, default 0
         Seed of the weights and of the batch order.
     progress : bool, default True
@@ -224,7 +225,7 @@ def record_sklearn_mlp(
                 clf.partial_fit(data["x_train"][:1], data["y_train"][:1], classes=classes)
             hidden_act = np.maximum(x_probe @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
             prediction = clf.predict(x_probe)
-            writer.write("relu1", hidden_act, sample=ids, label=y_probe,
+            writer.write("hidden", hidden_act, sample=ids, label=y_probe,
                          prediction=prediction, epoch=epoch)
             writer.complete_epoch(epoch)
             writer.log_epoch(epoch, accuracy=float((prediction == y_probe).mean()))
@@ -329,7 +330,8 @@ def _phase(timings: dict[str, float], name: str, started: tuple[float, float],
 
 
 def run_demo(
-    out: str | Path = "demo-output", *, seed: int = 0, quick: bool = False, progress: bool = True
+    out: str | Path = "demo-output", *, seed: int = 0, quick: bool = False, progress: bool = True,
+    frameworks: set[str] | None = None,
 ) -> DemoResult:
     """Run the demo and return what it produced.
 
@@ -340,9 +342,13 @@ def run_demo(
     seed : int, default 0
         Seed of every random step; the same seed gives the same numbers.
     quick : bool, default False
-        Five epochs instead of ten and no CNNs, for a run of well under a minute.
+        Five epochs instead of ten, no CNNs and no Keras twin, for a run of well under a
+        minute.
     progress : bool, default True
         Show progress bars.
+    frameworks : set of str, optional
+        Frameworks to train with (default: every installed one of ``{"torch", "keras"}``);
+        an empty set records scikit-learn's MLP only.
 
     Returns
     -------
@@ -368,7 +374,7 @@ def run_demo(
     timings: dict[str, float] = {}
     epochs = 5 if quick else 10
     data = digits_probe(seed=seed)
-    plan = demo_plan(quick)
+    plan = demo_plan(quick, frameworks)
 
     cpu: dict[str, float] = {}
     t0 = _clock()

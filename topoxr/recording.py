@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr.conventions import ATTR_LAYER, ATTR_MODEL, LABEL, SAMPLE
 from topoxr.reduction import (
     ATTR_MASKED,
@@ -971,6 +972,8 @@ def run_recording(
     scalars: Mapping[str, float] | None = None,
     queue_size: int = 4,
     description: str = "recording",
+    compressor: Any = DEFAULT_COMPRESSOR,
+    dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of ``layers`` over ``batches`` into a store.
 
@@ -1024,6 +1027,11 @@ def run_recording(
         Bound of the background writer's queue.
     description : str
         Progress bar label.
+    compressor : str, zarr codec or None, default "none"
+        Codec of the activations of layers created by this recording when ``store`` is a
+        path (see :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
+    dtype : {"float32", "float16"}, default "float32"
+        Storage dtype of the activations of layers created by this recording.
 
     Returns
     -------
@@ -1085,7 +1093,8 @@ def run_recording(
                             reductions=reductions)
 
     owns = not isinstance(store, ActivationWriter)
-    writer = ActivationWriter(store, model=model_name, attrs=attrs) if owns else store
+    writer = ActivationWriter(store, model=model_name, attrs=attrs, compressor=compressor,
+                              dtype=dtype) if owns else store
     n_done = 0
     warned = False
     bar = tqdm(total=n_samples, desc=f"{description} {model_name} epoch {epoch}",

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr._optional import import_optional
 from topoxr.recording import (
     RecordingError,
@@ -93,6 +94,8 @@ def record(
     output_keys: Mapping[str, str | int] | None = None,
     scalars: Mapping[str, float] | None = None,
     predict: Callable[[np.ndarray], Any] | None = None,
+    compressor: Any = DEFAULT_COMPRESSOR,
+    dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of layers of a Keras 3 model on some data into a store.
 
@@ -137,6 +140,11 @@ def record(
         Per-epoch values (loss, accuracy) stored as coordinates on ``epoch``.
     predict : callable, optional
         ``predict(output) -> (batch,)`` predictions from the model's output (numpy).
+    compressor : str, zarr codec or None, default "none"
+        Codec of the activations of layers created by this recording (see
+        :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
+    dtype : {"float32", "float16"}, default "float32"
+        Storage dtype of the activations of layers created by this recording.
 
     Returns
     -------
@@ -155,7 +163,8 @@ def record(
         batch_size=batch_size)
     return _run(probe, batches, store, model_name=model_name, epoch=epoch, reduce=reduce,
                 probe_ids=ids, probe_labels=probe_labels, n_samples=n, batch_size=batch_size,
-                progress=progress, scalars=scalars, predict=predict)
+                progress=progress, scalars=scalars, predict=predict,
+                compressor=compressor, dtype=dtype)
 
 
 def _run(probe: ProbeModel, batches: Any, store: Any, **kwargs: Any) -> RecordResult:

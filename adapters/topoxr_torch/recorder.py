@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr._optional import import_optional
 from topoxr.reduction import LayerSpec
 from topoxr.recording import (
@@ -336,6 +337,8 @@ def record(
     output_keys: Mapping[str, str | int] | None = None,
     scalars: Mapping[str, float] | None = None,
     predict: Callable[[np.ndarray], Any] | None = None,
+    compressor: Any = DEFAULT_COMPRESSOR,
+    dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of layers of a PyTorch model on some data into a store.
 
@@ -390,6 +393,11 @@ def record(
         (``.logits`` of a ModelOutput, else its first tensor); by default the argmax of
         a ``(batch, classes)`` output. A warning says when labels are given but no
         prediction can be derived.
+    compressor : str, zarr codec or None, default "none"
+        Codec of the activations of layers created by this recording (see
+        :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
+    dtype : {{"float32", "float16"}}, default "float32"
+        Storage dtype of the activations of layers created by this recording.
 
     Returns
     -------
@@ -409,7 +417,7 @@ def record(
         return _run(forward, batches, store, model_name=model_name, epoch=epoch,
                     reduce=reduce, probe_ids=ids, probe_labels=probe_labels, n_samples=n,
                     batch_size=batch_size, progress=progress, scalars=scalars,
-                    predict=predict)
+                    predict=predict, compressor=compressor, dtype=dtype)
 
 
 record.__doc__ = (record.__doc__ or "").format(layers=_LAYERS_DOC)

@@ -13,6 +13,8 @@ from zarr.abc.store import SupportsSetSync
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 
+from topoxr._chunkio import DirectWriter, region_writer, run_jobs
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ def _append(arr: zarr.Array, values: np.ndarray, start: int,
     """
     lo, hi, block = _whole_chunks(values, start, len(values), arr.chunks[0], size,
                                   arr.metadata.fill_value)
-    return arr.async_array.setitem, (slice(lo, hi), block)
+    return region_writer(arr, None), ((slice(lo, hi),), block)
 
 
 def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, pos: np.ndarray, e: int,
@@ -95,27 +97,40 @@ def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, pos: np.ndarray, e: 
 
 
 def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
-    """Run zarr's async operations step by step, each step's operations concurrently.
+    """Run a batch's writes step by step, each step's writes concurrently.
 
-    One trip to zarr's event loop for the whole batch; a step starts only when every
-    operation of the previous step has finished, which is the write order crash safety
-    rests on.
+    A step starts only when every write of the previous step has finished, which is the
+    write order crash safety rests on.  Writes of whole chunks encoded by topoxr
+    (:class:`topoxr._chunkio.DirectWriter`) run on its thread pool; zarr's async
+    operations (resizes; writes to stores without ``set_sync``) in one trip to zarr's
+    event loop beside them.
     """
-    steps = [step for step in steps if step]
-    if not steps:
-        return
     import asyncio
 
     from zarr.core.sync import sync
 
-    async def run() -> None:
-        for step in steps:
-            # every operation runs to its end before an error is raised: nothing may
-            # still be writing when the caller hears of the failure
-            outcomes = await asyncio.gather(*(func(*args) for func, args in step),
-                                            return_exceptions=True)
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+    async def gather(ops: list[tuple[Any, tuple[Any, ...]]]) -> None:
+        # every operation runs to its end before an error is raised: nothing may
+        # still be writing when the caller hears of the failure
+        outcomes = await asyncio.gather(*(func(*args) for func, args in ops),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
-    sync(run())
+    for step in steps:
+        jobs = [job for func, args in step if isinstance(func, DirectWriter)
+                for job in func(*args)]
+        ops = [(func, args) for func, args in step if not isinstance(func, DirectWriter)]
+        errors: list[BaseException] = []
+        if ops:
+            try:
+                sync(gather(ops))
+            except Exception as err:
+                errors.append(err)
+        try:
+            run_jobs(jobs)
+        except Exception as err:
+            errors.append(err)
+        if errors:
+            raise errors[0]

@@ -162,6 +162,9 @@ def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, 
     done_rows = old[committed]
     stored = _read_values(state, pos[done_rows], e)
     fresh = reduced.values[done_rows]
+    stored_dtype = state.arrays[ACTIVATION].dtype
+    if np.dtype(stored_dtype).itemsize < 4:  # compare as stored (rounded to float16)
+        fresh = fresh.astype(stored_dtype).astype(np.float32)
     same = (stored == fresh) | (np.isnan(stored) & np.isnan(fresh))
     if not same.all():
         bad = ids[done_rows][~same.all(axis=1)]

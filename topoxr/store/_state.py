@@ -5,9 +5,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import numpy as np
 import zarr
 
+from topoxr._chunkio import ChunkCache, region_writer
+from topoxr.conventions import (
+    ACTIVATION,
+    EPOCH,
+    SAMPLE,
+)
 from topoxr.store._schema import _ARRAY_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -27,10 +35,14 @@ class _LayerState:
     labels: np.ndarray | None
     metadata: dict[str, np.ndarray]
     written: dict[int, np.ndarray] = field(default_factory=dict)  # epoch idx -> bool per sample
-    _index: dict[int, int] = field(default_factory=dict)
+    #: id -> position, built only when the ids are not increasing (see positions)
+    _index: dict[int, int] | None = None
+    _increasing: bool = True
+    #: chunks last written per array, to complete partial chunks without reading them
+    caches: dict[str, ChunkCache] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._index = {int(s): i for i, s in enumerate(self.sample_ids.tolist())}
+        self._increasing = bool(np.all(np.diff(self.sample_ids) > 0))
 
     @property
     def frozen(self) -> bool:
@@ -49,8 +61,15 @@ class _LayerState:
                 run = known[start : start + len(sample_ids)]
                 if np.array_equal(run, sample_ids):
                     return np.arange(start, start + len(sample_ids), dtype=np.int64)
+        if not n:
+            return np.full(len(sample_ids), -1, dtype=np.int64)
+        if self._increasing:  # ids stored in increasing order: a vectorised lookup
+            found = np.minimum(np.searchsorted(known, sample_ids), n - 1)
+            return np.where(known[found] == sample_ids, found, -1).astype(np.int64)
+        if self._index is None:
+            self._index = {int(s): i for i, s in enumerate(known.tolist())}
         get = self._index.get
-        return np.fromiter((get(int(s), -1) for s in sample_ids), dtype=np.int64,
+        return np.fromiter((get(int(s), -1) for s in sample_ids.tolist()), dtype=np.int64,
                            count=len(sample_ids))
 
     def note_written(self, e: int, pos: np.ndarray) -> None:
@@ -64,9 +83,13 @@ class _LayerState:
     def add_samples(self, ids: np.ndarray, all_ids: np.ndarray) -> None:
         """Append ``ids``; ``all_ids`` is the stored ids followed by them."""
         start = len(self.sample_ids)
+        if self._increasing and len(ids):
+            after = start == 0 or int(ids[0]) > int(self.sample_ids[-1])
+            self._increasing = after and bool(np.all(np.diff(ids) > 0))
         self.sample_ids = all_ids
-        for i, s in enumerate(ids.tolist()):
-            self._index[int(s)] = start + i
+        if self._index is not None:
+            for i, s in enumerate(ids.tolist()):
+                self._index[int(s)] = start + i
 
     def epoch_index(self, epoch: int) -> int:
         try:
@@ -89,6 +112,22 @@ class _LayerState:
     def refresh(self) -> None:
         """Forget the opened arrays after creating new ones."""
         self._arrays = None
+
+    def writer(self, key: str) -> Any:
+        """The ``(region, block)`` writer of array ``key`` (whole chunks, see _chunkio).
+
+        For arrays on ``(..., sample, epoch)``, a partial chunk not in the cache is read
+        back only where the committed mask says it holds committed values: every other
+        cell is hidden from readers, so the fill value may replace it.
+        """
+        arr = self.arrays[key]
+        dims = tuple(arr.metadata.dimension_names or ())
+        holds_data = None
+        if dims[-2:] == (SAMPLE, EPOCH):
+            def holds_data(bounds: list[tuple[int, int]]) -> bool:
+                (s0, s1), (e0, e1) = bounds[-2:]
+                return bool(self.mask[s0:s1, e0:e1].any())
+        return region_writer(arr, self.caches.setdefault(key, ChunkCache()), holds_data)
 
 
 def _runs(positions: np.ndarray) -> list[tuple[int, int, int, int]]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from topoxr._codecs import DEFAULT_COMPRESSOR, DTYPES, compressors_for, storage_dtype
 from topoxr._locking import WriterLock
 from topoxr.activations import reduce_units
 from topoxr.conventions import (
@@ -35,6 +36,7 @@ from topoxr.store._errors import StoreError, StoreWriteError
 from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
 from topoxr.store._plan import _as_1d, _as_epoch, _as_ids, _check_node_name, _plan_batch
 from topoxr.store._schema import (
+    CHECKSUM,
     _ACTIVATION_CONFIG,
     _ATTR_METADATA,
     _ATTR_READY,
@@ -97,6 +99,20 @@ class ActivationWriter:
         Local stores only: ``fsync`` every file written (and its directory), so that
         committed batches survive a power loss or kernel crash, not only a killed
         process. Costs throughput (see ``docs/benchmarks.md``).
+    compressor : str, zarr codec or None, default "none"
+        Codec of the ``activation`` arrays of layers this writer creates. The default,
+        no compression, reads and writes fastest (``docs/benchmarks.md``, "Data path":
+        full-precision float32 activations hardly compress with fast codecs);
+        ``"lz4"`` (blosc lz4 with bit shuffle) is nearly as fast and stores quantised
+        or sparse activations in 2-3 times fewer bytes; ``"zstd"`` stores the fewest
+        bytes and reads 3-5 times slower. Also ``"zstd-1"``, ``"blosc-zstd"``, or any
+        zarr bytes-to-bytes codec. Layers already in the store keep theirs.
+    dtype : {"float32", "float16"}, default "float32"
+        Storage dtype of new layers' activations. ``"float16"`` halves the bytes; each
+        value is rounded to 11 significant bits (relative error at most 2**-11 = 4.9e-4
+        from 6.1e-5 to 65504, absolute error at most 2**-25 below; larger magnitudes are
+        refused). Readers get float32 either way. ``"bfloat16"`` is refused: zarr v3
+        has no such data type that zarr-python reads.
 
     Examples
     --------
@@ -119,7 +135,14 @@ class ActivationWriter:
         attrs: Mapping[str, Any] | None = None,
         break_lock: bool = False,
         fsync: bool = False,
+        compressor: Any = DEFAULT_COMPRESSOR,
+        dtype: str = "float32",
     ) -> None:
+        try:
+            self._compressors = compressors_for(compressor)
+            self._dtype = storage_dtype(dtype)
+        except ValueError as err:
+            raise StoreError(str(err)) from None
         if mode not in ("a", "w"):
             raise StoreError(f"mode must be 'a' (create or resume) or 'w' (replace), got {mode!r}")
         _check_node_name("model", model, {})
@@ -391,6 +414,7 @@ class ActivationWriter:
                 f"layer {layer!r}: {bad} activation value(s) are NaN or inf; "
                 "pass allow_nonfinite=True to store them"
             )
+        self._check_range(layer, values)
         labels = None if label is None else _as_1d(f"layer {layer!r}: label", label, batch)
         preds = None if prediction is None else _as_1d(
             f"layer {layer!r}: prediction", prediction, batch)
@@ -563,6 +587,23 @@ class ActivationWriter:
         return f"<ActivationWriter {self._loc.url!r} model={self.model!r} {state}>"
 
     # -- internals ---------------------------------------------------------------------
+    def _check_range(self, layer: str, values: np.ndarray) -> None:
+        """Refuse values that the layer's storage dtype would turn into infinities."""
+        state = self._layers.get(layer)
+        dtype = self._dtype if state is None else str(state.arrays[ACTIVATION].dtype)
+        limit = DTYPES.get(dtype)
+        if limit is None or limit >= DTYPES["float32"]:
+            return
+        with np.errstate(invalid="ignore"):
+            big = np.abs(values) > limit
+        big &= np.isfinite(values)
+        if big.any():
+            raise StoreError(
+                f"layer {layer!r}: {int(big.sum())} value(s) exceed {limit:g}, the largest "
+                f"{dtype} value (largest here {float(np.abs(values[big]).max()):g}); store the "
+                "layer as float32"
+            )
+
     def _check_open(self) -> None:
         if self._failed is not None:
             raise StoreWriteError(
@@ -616,14 +657,15 @@ class ActivationWriter:
             zarr.consolidate_metadata(self._loc.store)
 
     def _sample_chunk(self, n_neurons: int, batch: int) -> tuple[int, int]:
-        row_bytes = 4 * n_neurons
+        itemsize = np.dtype(self._dtype).itemsize
+        row_bytes = itemsize * n_neurons
         if self._chunk_samples is not None:
             chunk = self._chunk_samples
         else:
             chunk = batch * max(1, _TARGET_CHUNK_BYTES // max(1, batch * row_bytes))
         neuron_chunk = n_neurons
         if chunk * row_bytes > _MAX_CHUNK_BYTES:
-            neuron_chunk = max(1, _MAX_CHUNK_BYTES // (4 * chunk))
+            neuron_chunk = max(1, _MAX_CHUNK_BYTES // (itemsize * chunk))
         return chunk, neuron_chunk
 
     def _create_layer(self, layer, reduced, labels, preds, meta, batch,
@@ -641,7 +683,10 @@ class ActivationWriter:
         mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))
         specs: dict[str, dict[str, Any]] = {
             ACTIVATION: dict(shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
-                             dtype="float32", fill_value=np.nan, config=_ACTIVATION_CONFIG,
+                             dtype=self._dtype, fill_value=np.nan, config=_ACTIVATION_CONFIG,
+                             # the chosen codec, then the checksum (_schema._checked)
+                             compressors=None if self._compressors is None
+                             else (*self._compressors, CHECKSUM),
                              dimension_names=(NEURON, SAMPLE, EPOCH)),
             NEURON: dict(data=np.arange(n_neurons, dtype=np.int64), chunks=(n_neurons,),
                          dimension_names=(NEURON,)),
@@ -744,13 +789,12 @@ class ActivationWriter:
             rows, np.arange(rows[0], rows[0] + len(rows)))
         for p0, p1, i0, i1 in runs:
             block = values[rows[0]:rows[0] + len(rows)] if contiguous else values[rows[i0:i1]]
-            fill.append((arrays[ACTIVATION].async_array.setitem,
-                         ((slice(None), slice(p0, p1), e), block.T)))
+            fill.append((state.writer(ACTIVATION), ((slice(None), slice(p0, p1), e), block.T)))
             if preds is not None:
-                fill.append((arrays[PREDICTION].async_array.setitem,
+                fill.append((state.writer(PREDICTION),
                              ((slice(p0, p1), e), preds[rows[i0:i1]])))
                 if all_labels is not None:
-                    fill.append((arrays[CORRECT].async_array.setitem,
+                    fill.append((state.writer(CORRECT),
                                  ((slice(p0, p1), e), preds[rows[i0:i1]] == all_labels[pos[i0:i1]])))
         # 3. ... then the coordinates that define the logical lengths ...
         coords = []

@@ -1,0 +1,534 @@
+"""The data path against the machine: writing, reading, NAPs and recording, as ratios.
+
+Every figure is a ratio against a baseline timed in the same process, on the same disk,
+from the same bytes (``python -m benchmarks datapath [--quick]``):
+
+* **write**: :class:`topoxr.ActivationWriter` (512 neurons, batches of 256, 16 epochs,
+  labels and predictions) against :func:`numpy.save` of the same activations, labels
+  and predictions. Throughput ratio, target >= 0.3.
+* **read**: every value of a store of about 2 GB (210 MB with ``quick``) read through
+  :func:`topoxr.open_store` (a dask ``sum``) against reading the same bytes from raw
+  ``.npy`` files, one per epoch (:func:`numpy.load` and ``sum``). Target >= 0.5.
+* **naps**: :func:`topoxr.naps` ``(by="label")`` of that store, out of core, against
+  numpy doing the same job out of core (each epoch's ``.npy`` loaded, then the fastest
+  numpy group mean, a product with a one-hot matrix), and against the same product on
+  data already in memory. Target >= 0.5 with peak RSS under 600 MB.
+* **record_mlp**: ``topoxr_torch.record`` of every layer of the digits MLP (20,000
+  samples, batch 256) against a hand-written hook writer that buffers whole chunks
+  (``benchmarks.bench_adapters``). Target <= 1.2.
+* **record_conv**: the same for a ResNet-18-sized network on 64x64 inputs (built here,
+  no torchvision), against its bare forward pass. Target: recording adds <= 10 %.
+* **codecs**: bytes on disk against write and read speed of zstd levels, blosc
+  (lz4/zstd with shuffle/bitshuffle) and no compression, on ReLU outputs (many exact
+  zeros) and rounded normals, through zarr-python's codec pipeline and, where the
+  ``zarrs`` package is installed, through its Rust pipeline; float16/bfloat16 storage
+  with the error it costs.
+
+Each measured section runs in a fresh child process (so peak RSS is its own, sampled
+every 10 ms by a thread); topoxr and its baseline take turns ``REPEATS`` times and the
+best time of each is kept (other work on a shared machine only adds time). Page caches
+are warm for both (each is run once before timing). The 1-minute load average before
+and after every section is recorded. Scratch data lives in ``benchmarks/scratch/``; the
+2 GB store is written once and reused while the store format and codec are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._child import run_sampled
+
+SCRATCH = Path(__file__).parent / "scratch"
+ROOT = Path(__file__).parent.parent
+MB = 1 << 20
+REPEATS = 3
+
+SIZES = {
+    False: {"write_samples": 8192, "read_samples": 102_400, "read_epochs": 10,
+            "codec_samples": 16_384, "mlp_samples": 20_000, "conv_samples": 1024,
+            "mlp_repeats": 5, "conv_repeats": 3},
+    True: {"write_samples": 1024, "read_samples": 10_240, "read_epochs": 10,
+           "codec_samples": 8192, "mlp_samples": 2000, "conv_samples": 128,
+           "mlp_repeats": 1, "conv_repeats": 1},
+}
+NEURONS = 512
+WRITE_BATCH = 256
+WRITE_EPOCHS = 16
+N_LABELS = 10
+CONV_BATCH = 64
+CONV_SIDE = 64
+
+
+# -- helpers ----------------------------------------------------------------------------------
+class PeakRSS:
+    """Sample this process's resident set size every 10 ms while in the ``with`` block."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.01)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak / MB, 1)
+
+
+def _turns(variants: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict, dict]:
+    """Time the variants taking turns ``repeats`` times (after one warm-up each).
+
+    Returns the best seconds and the peak RSS (MB) of each variant's timed runs.
+    """
+    import gc
+
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    peaks: dict[str, float] = dict.fromkeys(variants, 0.0)
+    for _ in range(repeats):
+        for key, fn in variants.items():
+            gc.collect()
+            with PeakRSS() as rss:
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+            peaks[key] = max(peaks[key], rss.mb)
+    return {k: min(v) for k, v in times.items()}, peaks
+
+
+def _du(path: str | Path) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
+               for f in files)
+
+
+def relu_activations(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """ReLU outputs: about half exact zeros, the rest full-precision float32."""
+    return np.maximum(rng.standard_normal(shape, dtype=np.float32), np.float32(0))
+
+
+def rounded_activations(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Normal values rounded to 1/64: about as compressible as trained activations."""
+    return (np.round(rng.standard_normal(shape, dtype=np.float32) * 64) / 64).astype(np.float32)
+
+
+@contextmanager
+def _codec_pipeline(name: str) -> Iterator[None]:
+    """Open arrays with zarr-python's codec pipeline (``"zarr"``) or zarrs' (``"zarrs"``)."""
+    import zarr
+
+    path = ("zarrs.ZarrsCodecPipeline" if name == "zarrs"
+            else "zarr.core.codec_pipeline.BatchedCodecPipeline")
+    with zarr.config.set({"codec_pipeline.path": path}):
+        yield
+
+
+def _zarrs_available() -> bool:
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# -- write ------------------------------------------------------------------------------------
+def _child_write(p: dict) -> dict:
+    from topoxr import ActivationWriter
+
+    n, tmp = p["write_samples"], p["tmp"]
+    rng = np.random.default_rng(0)
+    # a pool of distinct batches reused cyclically: generating data is not what is timed
+    pool = [np.maximum(rounded_activations(rng, (WRITE_BATCH, NEURONS)), 0) for _ in range(8)]
+    labels = np.arange(n) % N_LABELS
+    nbytes = NEURONS * n * WRITE_EPOCHS * 4
+    store = os.path.join(tmp, "write.zarr")
+
+    def topoxr_writer() -> None:
+        shutil.rmtree(store, ignore_errors=True)
+        with ActivationWriter(store, model="bench", mode="w") as w:
+            for epoch in range(WRITE_EPOCHS):
+                for i, start in enumerate(range(0, n, WRITE_BATCH)):
+                    stop = min(n, start + WRITE_BATCH)
+                    w.write("hidden", pool[i % len(pool)][: stop - start],
+                            sample=np.arange(start, stop), label=labels[start:stop],
+                            prediction=(labels[start:stop] + epoch) % N_LABELS, epoch=epoch)
+
+    # the same bytes, assembled in memory beforehand (not timed; a recording cannot)
+    acts = np.empty((NEURONS, n, WRITE_EPOCHS), dtype=np.float32)
+    preds = np.empty((n, WRITE_EPOCHS), dtype=np.int64)
+    for epoch in range(WRITE_EPOCHS):
+        for i, start in enumerate(range(0, n, WRITE_BATCH)):
+            stop = min(n, start + WRITE_BATCH)
+            acts[:, start:stop, epoch] = pool[i % len(pool)][: stop - start].T
+            preds[start:stop, epoch] = (labels[start:stop] + epoch) % N_LABELS
+
+    def numpy_save() -> None:
+        for name, arr in (("acts", acts), ("labels", labels), ("preds", preds)):
+            np.save(os.path.join(tmp, f"{name}.npy"), arr)
+
+    best, peaks = _turns({"topoxr": topoxr_writer, "numpy_save": numpy_save}, REPEATS)
+    return {"bytes": nbytes, "seconds": best, "peak_rss_mb": peaks,
+            "bytes_on_disk": {"topoxr": _du(store),
+                              "numpy_save": sum(os.path.getsize(os.path.join(tmp, f))
+                                                for f in os.listdir(tmp) if f.endswith(".npy"))},
+            "mb_per_s": {k: round(nbytes / v / 1e6, 1) for k, v in best.items()},
+            "ratio": round(best["numpy_save"] / best["topoxr"], 3)}
+
+
+# -- the 2 GB store and its raw copy ------------------------------------------------------------
+def _store_tag() -> str:
+    """Changes whenever the writer's on-disk format or codec may change."""
+    import topoxr
+    from topoxr._codecs import DEFAULT_COMPRESSOR
+    from topoxr.conventions import FORMAT_VERSION
+
+    return f"{FORMAT_VERSION}-{topoxr.__version__}-{DEFAULT_COMPRESSOR}"
+
+
+def _big_data(p: dict) -> tuple[Path, Path]:
+    """Write (once) the read/NAPs store and the same activations as one .npy per epoch."""
+    from topoxr import ActivationWriter
+
+    n, m = p["read_samples"], p["read_epochs"]
+    base = SCRATCH / f"datapath-{NEURONS}x{n}x{m}-{_store_tag()}"
+    store, raw = base / "store.zarr", base / "raw"
+    if store.exists() and raw.exists():
+        return store, raw
+    shutil.rmtree(base, ignore_errors=True)
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    labels = np.arange(n) % N_LABELS
+    preferred = np.arange(NEURONS) % N_LABELS
+    tmp = base / "store.partial"
+    with ActivationWriter(str(tmp), model="bench", mode="w") as w:
+        for epoch in range(m):
+            epoch_values = np.empty((NEURONS, n), dtype=np.float32)
+            for start in range(0, n, WRITE_BATCH):
+                lab = labels[start:start + WRITE_BATCH]
+                acts = rounded_activations(rng, (len(lab), NEURONS))
+                acts += (lab[:, None] == preferred[None, :]) * np.float32(1 + epoch / m)
+                np.maximum(acts, 0, out=acts)
+                epoch_values[:, start:start + len(lab)] = acts.T
+                w.write("hidden", acts, sample=np.arange(start, start + len(lab)), label=lab,
+                        epoch=epoch)
+            np.save(raw / f"epoch{epoch}.npy", epoch_values)
+    np.save(raw / "labels.npy", labels)
+    tmp.rename(store)
+    return store, raw
+
+
+def _raw_epochs(raw: Path) -> list[Path]:
+    return sorted(raw.glob("epoch*.npy"), key=lambda f: int(f.stem.removeprefix("epoch")))
+
+
+def _child_read(p: dict) -> dict:
+    import topoxr
+
+    store, raw = Path(p["store"]), Path(p["raw"])
+    act = topoxr.open_store(str(store))["bench/hidden"].activation
+    nbytes = act.size * 4
+    sums = {}
+
+    def store_read() -> None:
+        sums["topoxr"] = float(act.data.sum(dtype=np.float64).compute(scheduler="threads"))
+
+    def npy_read() -> None:
+        sums["numpy"] = float(sum(np.load(f).sum(dtype=np.float64) for f in _raw_epochs(raw)))
+
+    best, peaks = _turns({"topoxr": store_read, "numpy_npy": npy_read}, REPEATS)
+    np.testing.assert_allclose(sums["topoxr"], sums["numpy"], rtol=1e-6)
+    return {"bytes": int(nbytes), "seconds": best, "peak_rss_mb": peaks,
+            "gb_per_s": {k: round(nbytes / v / 1e9, 3) for k, v in best.items()},
+            "dask_chunks": [int(c[0]) for c in act.data.chunks],
+            "ratio": round(best["numpy_npy"] / best["topoxr"], 3)}
+
+
+def _child_naps(p: dict) -> dict:
+    import topoxr
+
+    store, raw = Path(p["store"]), Path(p["raw"])
+    layer = topoxr.open_store(str(store))["bench/hidden"].to_dataset()
+    nbytes = layer.activation.size * 4
+    labels = np.load(raw / "labels.npy")
+    groups = np.unique(labels)
+    out: dict[str, np.ndarray] = {}
+
+    def onehot() -> np.ndarray:
+        m = (labels[:, None] == groups[None, :]).astype(np.float32)
+        return m / m.sum(axis=0)
+
+    def topoxr_naps() -> None:
+        out["topoxr"] = topoxr.naps(layer, by="label", normalize=False).compute(
+            scheduler="threads").values
+
+    def numpy_out_of_core() -> None:
+        h = onehot()
+        out["numpy"] = np.stack([np.load(f) @ h for f in _raw_epochs(raw)], axis=2)
+
+    # topoxr's out-of-core RSS first, before any in-memory copy exists in this process
+    best, peaks = _turns({"topoxr": topoxr_naps, "numpy_out_of_core": numpy_out_of_core},
+                         REPEATS)
+    in_memory = [np.load(f) for f in _raw_epochs(raw)]
+
+    def numpy_in_memory() -> None:
+        h = onehot()
+        out["memory"] = np.stack([a @ h for a in in_memory], axis=2)
+
+    best_mem, peaks_mem = _turns({"numpy_in_memory": numpy_in_memory}, REPEATS)
+    np.testing.assert_allclose(out["topoxr"], out["numpy"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["memory"], out["numpy"], rtol=1e-6)
+    best.update(best_mem)
+    peaks.update(peaks_mem)
+    return {"bytes": int(nbytes), "seconds": best, "peak_rss_mb": peaks,
+            "gb_per_s": {k: round(nbytes / v / 1e9, 3) for k, v in best.items()},
+            "ratio": round(best["numpy_out_of_core"] / best["topoxr"], 3),
+            "ratio_vs_in_memory": round(best["numpy_in_memory"] / best["topoxr"], 3)}
+
+
+# -- recording --------------------------------------------------------------------------------
+def _child_record_mlp(p: dict) -> dict:
+    from benchmarks.bench_adapters import _inputs, _run_config, _Torch
+
+    x, y = _inputs(p["mlp_samples"])
+    tmp = tempfile.mkdtemp(prefix="topoxr-datapath-mlp-", dir=p["tmp"])
+    with PeakRSS() as rss:
+        res = _run_config(_Torch(), "mlp", x, y, p["mlp_repeats"], tmp)
+    res["peak_rss_mb"] = rss.mb
+    res["bytes_on_disk"] = _du(os.path.join(tmp, "torch-mlp-record.zarr"))
+    res["ratio"] = res["record_over_b_direct_whole_chunks"]
+    return res
+
+
+def resnet18(n_classes: int = 10) -> Any:
+    """A ResNet-18 (basic blocks 2-2-2-2, 64-512 channels, 11.2 M parameters) in plain torch."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.down = None
+            if stride != 1 or cin != cout:
+                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return torch.relu(out + (x if self.down is None else self.down(x)))
+
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                               nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes)]
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).eval()
+
+
+def _child_record_conv(p: dict) -> dict:
+    import torch
+
+    import topoxr_torch
+
+    model = resnet18()
+    n = p["conv_samples"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 3, CONV_SIDE, CONV_SIDE), dtype=np.float32)
+    y = np.arange(n) % N_LABELS
+    # every module with an output of its own: the stem, each block, the pooled features
+    # and the classifier (ReLU modules inside blocks are functional, so no hook fires twice)
+    layers = [name for name, _ in model.named_children()]
+    path = os.path.join(p["tmp"], "resnet.zarr")
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for start in range(0, n, CONV_BATCH):
+                model(torch.from_numpy(x[start:start + CONV_BATCH]))
+
+    def record() -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        topoxr_torch.record(model, (x, y), path, model_name="resnet18", layers=layers,
+                            batch_size=CONV_BATCH, progress=False)
+
+    best, peaks = _turns({"forward": forward, "record": record}, p["conv_repeats"])
+    return {"samples": n, "batch": CONV_BATCH, "input": [3, CONV_SIDE, CONV_SIDE],
+            "parameters": int(sum(t.numel() for t in model.parameters())),
+            "layers": layers, "torch_threads": torch.get_num_threads(),
+            "seconds": best, "peak_rss_mb": peaks, "bytes_on_disk": _du(path),
+            "ratio": round(best["record"] / best["forward"], 3)}
+
+
+# -- codecs -----------------------------------------------------------------------------------
+def _codecs() -> dict[str, Any]:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    out: dict[str, Any] = {"none": None}
+    for level in (1, 3, 5):
+        out[f"zstd-{level}"] = ZstdCodec(level=level)
+    for cname in ("lz4", "zstd"):
+        for shuffle in ("shuffle", "bitshuffle"):
+            for clevel in ((5,) if cname == "lz4" else (1, 5)):
+                out[f"blosc-{cname}{clevel}-{shuffle}"] = BloscCodec(
+                    cname=cname, clevel=clevel, shuffle=shuffle)
+    return out
+
+
+def _child_codecs(p: dict) -> dict:
+    import zarr
+
+    n = p["codec_samples"]
+    rng = np.random.default_rng(2)
+    shape = (NEURONS, n, 1)
+    data = {"relu": relu_activations(rng, shape), "rounded": rounded_activations(rng, shape)}
+    pipelines = ["zarr", *(["zarrs"] if _zarrs_available() else [])]
+    chunk = (NEURONS, 512, 1)  # 1 MiB, the writer's chunk at batch 256
+    path = os.path.join(p["tmp"], "codec.zarr")
+    rows = []
+    for kind, values in data.items():
+        for name, codec in _codecs().items():
+            for pipeline in pipelines:
+                with _codec_pipeline(pipeline):
+                    shutil.rmtree(path, ignore_errors=True)
+                    arr = zarr.create_array(path, shape=shape, chunks=chunk, dtype="float32",
+                                            fill_value=np.nan,
+                                            compressors=None if codec is None else [codec])
+                    box: dict[str, np.ndarray] = {}
+
+                    def write(arr: Any = arr, values: np.ndarray = values) -> None:
+                        arr[...] = values
+
+                    def read(arr: Any = arr, box: dict = box) -> None:
+                        box["v"] = arr[...]
+
+                    best, _ = _turns({"write": write, "read": read}, REPEATS)
+                if not np.array_equal(box["v"], values):
+                    raise AssertionError(f"{name} via {pipeline} did not round-trip")
+                rows.append({"data": kind, "codec": name, "pipeline": pipeline,
+                             "ratio": round(values.nbytes / _du(path), 3),
+                             "write_mb_s": round(values.nbytes / best["write"] / 1e6),
+                             "read_mb_s": round(values.nbytes / best["read"] / 1e6)})
+    precision = {}
+    for kind, values in data.items():
+        import ml_dtypes
+
+        for dtype in ("float16", ml_dtypes.bfloat16):
+            back = values.astype(dtype).astype(np.float32)
+            err = np.abs(back - values)
+            rel = err[values != 0] / np.abs(values[values != 0])
+            precision[f"{kind}-{np.dtype(dtype).name}"] = {
+                "max_abs_error": float(err.max()), "max_rel_error": float(rel.max()),
+                "mean_rel_error": float(rel.mean()),
+                "zeros_exact": bool((back[values == 0] == 0).all())}
+    return {"bytes_per_array": NEURONS * n * 4, "chunk": list(chunk), "rows": rows,
+            "reduced_precision": precision}
+
+
+# -- driver -----------------------------------------------------------------------------------
+def _child(name: str, params: dict) -> None:
+    """Entry point of a section's child process: print its result as one JSON line."""
+    sys.stdout.write(json.dumps(globals()[f"_child_{name}"](params), default=float) + "\n")
+
+
+def _run_child(name: str, params: dict) -> dict:
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            f"from benchmarks.bench_datapath import _child; _child({name!r}, {params!r})")
+    before = _load()
+    res, peak = run_sampled(code)
+    res["child_peak_rss_mb"] = round(peak / MB, 1)
+    res["load_average_before_after"] = [before, _load()]
+    return res
+
+
+SECTIONS = ("codecs", "write", "read", "naps", "record_mlp", "record_conv")
+TARGETS = {"write": ">= 0.3 (throughput over np.save)",
+           "read": ">= 0.5 (throughput over raw .npy)",
+           "naps": ">= 0.5 (throughput over numpy out of core), peak RSS < 600 MB",
+           "record_mlp": "<= 1.2 (time over a whole-chunk hook writer)",
+           "record_conv": "<= 1.1 (time over the bare forward pass)"}
+
+
+def main(quick: bool = False, sections: tuple[str, ...] | None = None) -> dict:
+    """Run the data-path benchmark; see the module docstring.
+
+    Parameters
+    ----------
+    quick : bool, default False
+        Small sizes and one repeat, for a smoke run.
+    sections : tuple of str, optional
+        Which sections to run (default all; the environment variable
+        ``TOPOXR_BENCH_SECTIONS``, comma-separated, also selects).
+
+    Returns
+    -------
+    dict
+        Per section its seconds, throughputs, peak RSS, bytes on disk and ratio; the
+        ratios with their targets under ``"ratios"``.
+    """
+    chosen = sections or tuple(s for s in os.environ.get("TOPOXR_BENCH_SECTIONS", "").split(",")
+                               if s) or SECTIONS
+    params: dict[str, Any] = dict(SIZES[quick])
+    SCRATCH.mkdir(exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="datapath-", dir=SCRATCH)
+    params["tmp"] = tmp
+    result: dict[str, Any] = {"sizes": dict(SIZES[quick]), "zarrs": _zarrs_available(),
+                              "repeats": REPEATS}
+    try:
+        if {"read", "naps"} & set(chosen):
+            t0 = time.perf_counter()
+            store, raw = _big_data(params)
+            params |= {"store": str(store), "raw": str(raw)}
+            result["big_store"] = {"path": str(store.relative_to(ROOT)),
+                                   "bytes_on_disk": _du(store), "raw_bytes": _du(raw),
+                                   "prepare_seconds": round(time.perf_counter() - t0, 1)}
+        for name in chosen:
+            sys.stderr.write(f"  datapath: {name} (load {_load()})\n")
+            result[name] = _run_child(name, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["ratios"] = {name: {"ratio": result[name]["ratio"], "target": TARGETS[name]}
+                        for name in chosen if name in TARGETS}
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(quick="--quick" in sys.argv), indent=2))

@@ -1,0 +1,158 @@
+"""The data path: whole-chunk writes, codecs, float16 storage and the zarrs reader."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import topoxr
+from topoxr import ActivationWriter, StoreError, open_store
+
+N = 6
+
+
+def _values(ids: np.ndarray, epoch: int) -> np.ndarray:
+    return (np.sin(ids[:, None] * 0.3 + np.arange(N)[None, :]) * (1 + epoch)).astype(np.float32)
+
+
+def _write(path, batches, epochs=(0, 1), **kwargs) -> None:
+    with ActivationWriter(str(path), model="m", **kwargs) as w:
+        for epoch in epochs:
+            for ids in batches:
+                w.write("h", _values(ids, epoch), sample=ids, label=ids % 3,
+                        prediction=(ids + epoch) % 3, epoch=epoch)
+
+
+def _check(path, n, epochs=(0, 1), rtol=0.0) -> xr.Dataset:
+    ds = open_store(str(path))["m/h"].to_dataset()
+    ids = np.arange(n)
+    assert ds.sample.values.tolist() == ids.tolist()
+    for e, epoch in enumerate(epochs):
+        np.testing.assert_allclose(ds.activation.values[:, :, e].T, _values(ids, epoch),
+                                   rtol=rtol, atol=rtol)
+        assert ds.prediction.values[:, e].tolist() == ((ids + epoch) % 3).tolist()
+        assert ds.correct.values[:, e].tolist() == ((ids + epoch) % 3 == ids % 3).tolist()
+    assert ds.committed.values.all()
+    return ds
+
+
+@pytest.mark.parametrize("sizes", [[5, 3, 7, 1, 9], [16, 16, 3], [1] * 11])
+def test_batches_straddling_chunks_are_stored_exactly(tmp_path, sizes):
+    """Batches ending inside chunks: completed from the cache, never lost or shifted."""
+    bounds = np.cumsum([0, *sizes])
+    batches = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    _write(tmp_path / "s.zarr", batches, chunk_samples=4)
+    ds = _check(tmp_path / "s.zarr", bounds[-1])
+    # every stored chunk decodes with plain zarr to what the reader returns
+    act = zarr.open_array(str(tmp_path / "s.zarr" / "m" / "h" / "activation"), mode="r")
+    assert act.chunks[1] == 4
+    np.testing.assert_array_equal(act[:, : bounds[-1], :], ds.activation.values)
+
+
+def test_a_resumed_writer_completes_a_partial_chunk_from_the_store(tmp_path):
+    """A new writer has no cached chunk: the committed part is read back, not dropped."""
+    path = tmp_path / "r.zarr"
+    _write(path, [np.arange(0, 6)], epochs=(0,), chunk_samples=8)
+    _write(path, [np.arange(0, 3)], epochs=(1,))  # epoch 1 left half done
+    _write(path, [np.arange(3, 6)], epochs=(1,))  # a new writer finishes the chunk
+    _check(path, 6, epochs=(0, 1))
+
+
+@pytest.mark.parametrize("compressor", ["none", "lz4", "zstd", "zstd-1", "blosc-zstd", None])
+def test_every_compressor_round_trips_and_plain_xarray_reads_it(tmp_path, compressor):
+    path = tmp_path / "c.zarr"
+    _write(path, [np.arange(0, 8), np.arange(8, 12)], compressor=compressor)
+    ds = _check(path, 12)
+    plain = xr.open_datatree(str(path), engine="zarr")["m/h"].to_dataset()
+    np.testing.assert_array_equal(plain.activation.values[:, :12, :2], ds.activation.values)
+    codecs = zarr.open_array(str(path / "m" / "h" / "activation"), mode="r").compressors
+    names = {"none": [], None: [], "lz4": ["BloscCodec"], "blosc-zstd": ["BloscCodec"]}
+    expected = [*names.get(compressor, ["ZstdCodec"]), "Crc32cCodec"]  # checksum last
+    assert [type(c).__name__ for c in codecs] == expected
+
+
+def test_bad_storage_options_are_refused_before_anything_is_written(tmp_path):
+    path = tmp_path / "bad.zarr"
+    with pytest.raises(StoreError, match="compressor must be one of"):
+        ActivationWriter(str(path), model="m", compressor="gzip9")
+    with pytest.raises(StoreError, match="bfloat16' is not supported.*'float16'"):
+        ActivationWriter(str(path), model="m", dtype="bfloat16")
+    with pytest.raises(StoreError, match="dtype must be one of"):
+        ActivationWriter(str(path), model="m", dtype="int8")
+    assert not path.exists()
+
+
+def test_float16_storage_halves_the_bytes_within_the_stated_error(tmp_path):
+    path = tmp_path / "f16.zarr"
+    batches = [np.arange(0, 8), np.arange(8, 16)]
+    _write(path, batches, dtype="float16", compressor="none")
+    ds = _check(path, 16, rtol=2.0**-11)  # 11 significant bits: relative error <= 2**-11
+    assert ds.activation.dtype == np.float32  # readers get float32
+    arr = zarr.open_array(str(path / "m" / "h" / "activation"), mode="r")
+    assert arr.dtype == np.float16
+    ref = _values(np.arange(16), 1)
+    np.testing.assert_array_equal(ds.activation.values[:, :, 1].T,
+                                  ref.astype(np.float16).astype(np.float32))
+    _write(path, batches, dtype="float16")  # resume: the rounded values count as identical
+    with ActivationWriter(str(path), model="m") as w:
+        with pytest.raises(StoreError, match="exceed 65504, the largest float16"):
+            w.write("h", np.full((2, N), 7e4), sample=[0, 1], epoch=2)
+    assert open_store(str(path))["m/h"].sizes["epoch"] == 2  # nothing was written
+
+
+def test_a_zstd_layer_keeps_its_codec_when_a_writer_of_today_resumes(tmp_path):
+    """Earlier versions wrote zstd activations: a resuming writer keeps the layer's codec."""
+    path = tmp_path / "old.zarr"
+    _write(path, [np.arange(0, 12)], epochs=(0,), compressor="zstd")
+    _write(path, [np.arange(0, 5), np.arange(5, 12)], epochs=(1,))  # today's writer resumes
+    codecs = zarr.open_array(str(path / "m" / "h" / "activation"), mode="r").compressors
+    assert [type(c).__name__ for c in codecs] == ["ZstdCodec", "Crc32cCodec"]  # kept
+    _check(path, 12)
+
+
+@pytest.mark.parametrize("zarrs", ["1", "0"])
+def test_reading_with_and_without_zarrs_gives_the_same_values(tmp_path, zarrs):
+    """``TOPOXR_ZARRS=0`` (or zarrs not installed) reads through zarr-python's pipeline."""
+    path = tmp_path / "z.zarr"
+    _write(path, [np.arange(0, 10)], compressor="lz4")
+    code = textwrap.dedent(f"""
+        import numpy as np, topoxr
+        from topoxr._chunkio import read_array, zarrs_available
+        tree = topoxr.open_store({str(path)!r})
+        import zarr
+        arr = zarr.open_array({str(path / "m" / "h" / "activation")!r}, mode="r")
+        pipeline = type(read_array(arr).async_array.codec_pipeline).__name__
+        act = tree["m/h"].activation.values
+        np.save(sys.argv[1], act)
+        print(zarrs_available(), pipeline)
+    """).replace("import numpy", "import sys\nimport numpy", 1)
+    env = {**os.environ, "TOPOXR_ZARRS": zarrs}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "v.npy")],
+                         capture_output=True, text=True, check=True, env=env)
+    available, pipeline = out.stdout.split()
+    if zarrs == "0":
+        assert (available, pipeline) == ("False", "BatchedCodecPipeline")
+    elif importlib.util.find_spec("zarrs") is not None:
+        assert (available, pipeline) == ("True", "ZarrsCodecPipeline")
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy")[:, :, 0].T,
+                                  _values(np.arange(10), 0))
+
+
+def test_naps_of_a_store_read_in_multi_chunk_blocks_matches_numpy(tmp_path):
+    path = tmp_path / "n.zarr"
+    _write(path, [np.arange(s, s + 5) for s in range(0, 40, 5)], chunk_samples=5)
+    layer = open_store(str(path))["m/h"].to_dataset()
+    assert layer.activation.data.numblocks[1] == 1  # eight zarr chunks in one dask block
+    nap = topoxr.naps(layer, by="label", normalize=False)
+    values, labels = layer.activation.values, layer.label.values
+    for g in range(3):
+        np.testing.assert_allclose(nap.sel(label=g).values,
+                                   values[:, labels == g, :].mean(axis=1), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,275 @@
+"""Whole-chunk writes and fast reads of the store's arrays (the data path's internals).
+
+Writing: a :class:`DirectWriter` replaces a region of a zarr array by encoding every chunk
+it touches *whole*, here, with the array's own codec chain (so the bytes are exactly
+what zarr would write, checksums included), on a small thread pool in parallel (:func:`run_jobs`), and
+storing each with one atomic ``set_sync`` call.  A chunk that the region covers only in
+part is completed from a small per-array cache of the chunks last written (the tail of
+a batch that ends inside a chunk), so the writer never reads and decodes a chunk it
+has just written; only a chunk absent from the cache (the first write after opening a
+store) is read once.  Arrays whose store has no ``set_sync`` (fsspec URLs) or whose
+codecs cannot encode synchronously go through zarr's own ``setitem``.
+
+Reading: :func:`read_array` gives an array whose chunks are decoded by the ``zarrs``
+codec pipeline (Rust, parallel) when that package is installed and supports the array,
+and by zarr-python's pipeline otherwise; :func:`read_blocks` picks dask blocks of many
+whole chunks, so that each task decodes its chunks in one parallel call.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import SupportsSetSync
+from zarr.core.buffer import default_buffer_prototype
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of partially written chunks kept per array (at least one chunk is kept).
+CACHE_BYTES = 32 << 20
+#: Target bytes of one dask block when reading: many chunks, decoded in one call.
+READ_BLOCK_BYTES = 32 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _syncs(store_type: type) -> bool:
+    return issubclass(store_type, SupportsSetSync)
+
+
+def direct_writes(arr: zarr.Array) -> bool:
+    """Whether a :class:`DirectWriter` can encode and store ``arr``'s chunks itself."""
+    return (_syncs(type(arr.store)) and np.dtype(arr.dtype).kind in "biuf"
+            and all(hasattr(c, "_encode_sync") for c in arr.metadata.codecs))
+
+
+class ChunkCache:
+    """Decoded copies of the chunks of one array last written, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._chunks: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+
+    def get(self, coords: tuple[int, ...]) -> np.ndarray | None:
+        return self._chunks.get(coords)
+
+    def put(self, coords: tuple[int, ...], chunk: np.ndarray) -> None:
+        self._chunks[coords] = chunk
+        self._chunks.move_to_end(coords)
+        while len(self._chunks) > 1 and sum(c.nbytes for c in self._chunks.values()) > self.max_bytes:
+            self._chunks.popitem(last=False)
+
+    def drop(self, coords: tuple[int, ...]) -> None:
+        self._chunks.pop(coords, None)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+
+
+def _encode(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> Any:
+    """Encode one whole chunk with the array's codec chain, as zarr's pipeline does."""
+    prototype = default_buffer_prototype()
+    spec = arr.metadata.get_chunk_spec(coords, arr.async_array.config, prototype)
+    data: Any = prototype.nd_buffer.from_numpy_array(chunk)
+    for codec in arr.metadata.codecs:
+        data = codec._encode_sync(data, spec)
+        spec = codec.resolve_metadata(spec)
+    return data
+
+
+def _store_chunk(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> None:
+    key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+    arr.store.set_sync(key, _encode(arr, coords, chunk))
+
+
+def _normalize(region: Sequence[Any], shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], tuple]:
+    """``(start, stop)`` per dim and the axes of ``region`` given as integers (dropped)."""
+    bounds, dropped = [], []
+    for axis, (sel, size) in enumerate(zip(region, shape, strict=True)):
+        if isinstance(sel, slice):
+            start, stop, step = sel.indices(size)
+            if step != 1:
+                raise ValueError("only contiguous regions can be written as whole chunks")
+            bounds.append((start, stop))
+        else:
+            bounds.append((int(sel), int(sel) + 1))
+            dropped.append(axis)
+    return bounds, tuple(dropped)
+
+
+class DirectWriter:
+    """Writes regions of one array as whole chunks encoded here (see the module notes).
+
+    Calling it with ``(region, block)`` prepares the chunks (completing partial ones
+    from ``cache`` or, once, from the store) and returns one job per chunk; the jobs
+    encode and store their chunk and are run by :func:`run_jobs`.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+        The array (its store must support ``set_sync``: see :func:`direct_writes`).
+    cache : ChunkCache, optional
+        Chunks last written to ``arr``, used and updated to complete partial chunks.
+    holds_data : callable, optional
+        ``holds_data(bounds)`` tells whether the store may hold data that counts in the
+        part ``bounds`` (``(start, stop)`` per dim) of a chunk; where it returns False
+        (nothing committed there) a partial chunk missing from the cache is completed
+        with the fill value instead of being read back.
+    """
+
+    def __init__(self, arr: zarr.Array, cache: ChunkCache | None,
+                 holds_data: Callable[[list[tuple[int, int]]], bool] | None = None) -> None:
+        self.arr = arr
+        self.cache = cache
+        self.holds_data = holds_data
+
+    def __call__(self, region: Sequence[Any], block: np.ndarray) -> list[Callable[[], None]]:
+        """Jobs writing ``block`` (the values of ``region``: slices or ints) as whole chunks."""
+        arr, cache = self.arr, self.cache
+        shape, chunks = arr.shape, arr.chunks
+        bounds, dropped = _normalize(region, shape)
+        block = np.asarray(block, dtype=arr.dtype)
+        if dropped:
+            block = np.expand_dims(block, dropped)
+        fill = arr.metadata.fill_value
+        grids = [range(lo // c, -(-hi // c)) for (lo, hi), c in zip(bounds, chunks, strict=True)]
+        jobs = []
+        for index in np.ndindex(*(len(g) for g in grids)):
+            coords = tuple(int(g[i]) for g, i in zip(grids, index, strict=True))
+            origin = [k * c for k, c in zip(coords, chunks, strict=True)]
+            # the part of the chunk inside the array, and the part the region covers
+            inside = [(o, min(o + c, n)) for o, c, n in zip(origin, chunks, shape, strict=True)]
+            cover = [(max(lo, a), min(hi, b))
+                     for (lo, hi), (a, b) in zip(bounds, inside, strict=True)]
+            src = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(cover, bounds, strict=True))
+            dst = tuple(slice(a - o, b - o) for (a, b), o in zip(cover, origin, strict=True))
+            whole = cover == inside
+            if whole and all(b - a == c for (a, b), c in zip(inside, chunks, strict=True)):
+                chunk = np.ascontiguousarray(block[src])
+            elif whole:  # an edge chunk: stored whole, padded with the fill value
+                chunk = np.full(chunks, fill, dtype=arr.dtype)
+                chunk[dst] = block[src]
+            else:
+                cached = None if cache is None else cache.get(coords)
+                if cached is not None:
+                    chunk = cached.copy()
+                else:  # not written by this writer yet: what the store holds, if it counts
+                    chunk = np.full(chunks, fill, dtype=arr.dtype)
+                    if self.holds_data is None or self.holds_data(inside):
+                        sel = tuple(slice(a, b) for a, b in inside)
+                        chunk[tuple(slice(0, b - a) for a, b in inside)] = np.asarray(arr[sel])
+                chunk[dst] = block[src]
+            if cache is not None:
+                # a chunk written up to its end is done: later writes go to the next ones
+                if whole or all(b == ib for (_, b), (_, ib) in zip(cover, inside, strict=True)):
+                    cache.drop(coords)
+                else:
+                    cache.put(coords, chunk)
+            jobs.append(functools.partial(_store_chunk, arr, coords, chunk))
+        return jobs
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
+    """Run chunk jobs in parallel (codecs release the GIL); raise the first error.
+
+    Every job has finished, successfully or not, when this returns or raises: nothing
+    may still be writing when the caller hears of a failure.
+    """
+    if not jobs:
+        return
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                        thread_name_prefix="topoxr-encode"))
+    futures = [_POOL[0].submit(job) for job in jobs[1:]]
+    errors: list[BaseException] = []
+    try:
+        jobs[0]()
+    except BaseException as err:
+        errors.append(err)
+    for future in futures:
+        err = future.exception()
+        if err is not None:
+            errors.append(err)
+    if errors:
+        raise errors[0]
+
+
+def region_writer(arr: zarr.Array, cache: ChunkCache | None,
+                  holds_data: Callable[[list[tuple[int, int]]], bool] | None = None) -> Any:
+    """A :class:`DirectWriter` where possible, else zarr's async ``setitem``."""
+    if direct_writes(arr):
+        return DirectWriter(arr, cache, holds_data)
+    return arr.async_array.setitem
+
+
+# -- reading ----------------------------------------------------------------------------------
+def zarrs_available() -> bool:
+    """Whether the ``zarrs`` codec pipeline is installed (and not turned off).
+
+    The environment variable ``TOPOXR_ZARRS=0`` turns it off: every read then goes
+    through zarr-python's own pipeline.
+    """
+    if os.environ.get("TOPOXR_ZARRS", "1") == "0":
+        return False
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_array(arr: zarr.Array) -> zarr.Array:
+    """``arr`` reading through the ``zarrs`` codec pipeline where it can, else as it is.
+
+    Only reads use it: ``zarrs`` writes chunk files in place, while the writer's crash
+    safety rests on zarr-python's atomic replacement of every chunk.
+    """
+    if not zarrs_available() or not _syncs(type(arr.store)):
+        return arr
+    from zarrs import ZarrsCodecPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unsupported array falls back, with a warning
+        try:
+            pipeline = ZarrsCodecPipeline.from_array_metadata_and_store(
+                array_metadata=arr.metadata, store=arr.store)
+        except Exception as err:  # unsupported store or metadata: zarr's own pipeline
+            logger.debug("zarrs cannot read %s (%s); using zarr-python", arr.path, err)
+            return arr
+    if pipeline.impl is None:
+        return arr
+    fast = copy.copy(arr.async_array)
+    object.__setattr__(fast, "codec_pipeline", pipeline)  # a frozen dataclass
+    return zarr.Array(fast)
+
+
+def read_blocks(chunks: tuple[int, ...], shape: tuple[int, ...], itemsize: int,
+                dims: tuple[str, ...], grow: Sequence[str],
+                target: int = READ_BLOCK_BYTES) -> tuple[int, ...]:
+    """Dask block shape: whole zarr ``chunks``, multiplied along ``grow`` dims to ``target``.
+
+    The dims of ``grow`` are widened in order (each up to the whole array) until a block
+    holds about ``target`` bytes.
+    """
+    block = list(chunks)
+    for dim in grow:
+        axis = dims.index(dim)
+        size = math.prod(block) * itemsize
+        if size >= target:
+            break
+        times = max(1, target // size)
+        block[axis] = min(block[axis] * times, max(shape[axis], chunks[axis]))
+    return tuple(block)
