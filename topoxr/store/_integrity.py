@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from topoxr._codecs import DTYPES
 from topoxr.conventions import (
     ACTIVATION,
     ATTR_LAYER,
@@ -384,7 +385,7 @@ def _wrong_schema(group: zarr.Group, arrays: Mapping[str, zarr.Array]) -> list[s
             continue
         dtype = np.dtype(arr.dtype) if not str(arr.dtype).startswith("<U") else arr.dtype
         kind = getattr(dtype, "kind", "O")
-        if kind not in kinds or (name == ACTIVATION and dtype != np.float32) or (
+        if kind not in kinds or (name == ACTIVATION and str(dtype) not in DTYPES) or (
                 kinds == "i" and dtype != np.int64):
             out.append(f"array {name!r} has dtype {arr.dtype}")
             continue
