@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._child import run_sampled
-
 import numpy as np
+
+from benchmarks._child import run_sampled
 
 SCRATCH = Path(__file__).parent / "scratch"
 MB = 1 << 20

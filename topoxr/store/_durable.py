@@ -33,7 +33,7 @@ class DurableLocalStore(zarr.storage.LocalStore):
     coordinates, then the ``committed`` mask) then holds on the disk as well.
     """
 
-    def set_sync(self, key: str, value: Buffer) -> None:  # noqa: D102 - zarr's docstring
+    def set_sync(self, key: str, value: Buffer) -> None:
         super().set_sync(key, value)
         _fsync(self.root / key)
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from topoxr._codecs import DTYPES
 from topoxr.conventions import (
     ACTIVATION,
     ATTR_LAYER,
@@ -134,7 +135,7 @@ class Context:
         for coords in chunk_coords(arr, region):
             try:
                 arr[chunk_slices(arr, coords)]
-            except Exception as chunk_err:  # noqa: BLE001 - any decode failure is damage
+            except Exception as chunk_err:
                 lines.append(self.damaged_chunk(arr, coords, _reason(chunk_err)))
                 if len(lines) == 3:
                     break
@@ -219,7 +220,7 @@ def children(group: zarr.Group,
             members = dict(group.members())
         if sorted(members) == listed:
             return {name: members[name] for name in listed}
-    except Exception:  # noqa: BLE001, S110 - diagnosed child by child below
+    except Exception:
         pass
     out: dict[str, zarr.Group | zarr.Array] = {}
     for name in listed:
@@ -401,7 +402,7 @@ def _wrong_schema(group: zarr.Group, arrays: Mapping[str, zarr.Array]) -> list[s
             continue
         dtype = np.dtype(arr.dtype) if not str(arr.dtype).startswith("<U") else arr.dtype
         kind = getattr(dtype, "kind", "O")
-        if kind not in kinds or (name == ACTIVATION and dtype not in (np.float32, np.float16)) or (
+        if kind not in kinds or (name == ACTIVATION and str(dtype) not in DTYPES) or (
                 kinds == "i" and dtype != np.int64):
             out.append(f"array {name!r} has dtype {arr.dtype}")
             continue

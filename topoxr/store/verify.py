@@ -123,7 +123,7 @@ def verify(store: Any, *, storage_options: Mapping[str, Any] | None = None,
             report.layers += 1
             try:
                 _verify_layer(report, node, group, bar)
-            except Exception as err:  # noqa: BLE001 - damaged metadata: report, go on
+            except Exception as err:
                 report.problems.append(Problem(node, f"unreadable ({type(err).__name__}: "
                                                      f"{err})"))
     if record:
@@ -147,7 +147,7 @@ def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) 
         snap = snapshot(group, arrays)
     except StoreError as err:
         report.problems.append(Problem(node, str(err)))
-    except Exception as err:  # noqa: BLE001 - damaged metadata
+    except Exception as err:
         report.problems.append(Problem(node, f"{where} is unreadable "
                                              f"({type(err).__name__}: {err})"))
     ctx = snap.context if snap is not None else Context(where)
@@ -155,7 +155,7 @@ def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) 
         try:
             present = stored_chunks(arr)
             grid = list(chunk_coords(arr, tuple(slice(None) for _ in arr.shape)))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             report.problems.append(Problem(node, f"array {arr.basename!r} is unreadable "
                                                  f"({type(err).__name__}: {err})"))
             continue
@@ -166,7 +166,7 @@ def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) 
             report.chunks_read += 1
             try:
                 np.asarray(arr[chunk_slices(arr, coords)])
-            except Exception as err:  # noqa: BLE001 - every decode failure is damage
+            except Exception as err:
                 report.problems.append(Problem(node, ctx.damaged_chunk(
                     arr, coords, f"cannot be read ({type(err).__name__}: {err})"
                     if "checksum" not in str(err) else "fails its crc32c checksum")))
@@ -211,7 +211,7 @@ def _record(loc: Any, report: VerifyReport) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(loc.store)
-    except Exception as err:  # noqa: BLE001 - a read-only store is verified all the same
+    except Exception as err:
         logger.info("could not record the verification in %s (%s)", loc.url, err)
     finally:
         lock.release()

@@ -579,7 +579,7 @@ class ActivationWriter:
         try:
             if not self._closed:
                 self._release()
-        except Exception:  # noqa: S110 - best effort during interpreter shutdown
+        except Exception:
             pass
 
     def __repr__(self) -> str:
