@@ -361,11 +361,7 @@ def smoothness(
     >>> bool(s[0] < s[1])
     True
     """
-    arr = np.asarray(maps, dtype=np.float64)
-    if arr.ndim < 2:
-        raise QualityError(f"maps must have shape (..., ny, nx), got {arr.shape}")
-    if len(strengths) < 2:
-        raise QualityError("smoothness needs at least two strengths")
+    arr = _map_stack(maps, strengths, "smoothness", "strengths")
     lead = arr.shape[:-2]
     flat = arr.reshape(-1, *arr.shape[-2:])
     curves = np.full((2, len(flat), len(strengths)), np.nan)
@@ -440,11 +436,7 @@ def paper_smoothness(
     """
     from scipy.ndimage import gaussian_filter
 
-    arr = np.asarray(maps, dtype=np.float64)
-    if arr.ndim < 2:
-        raise QualityError(f"maps must have shape (..., ny, nx), got {arr.shape}")
-    if len(radii) < 2:
-        raise QualityError("paper_smoothness needs at least two radii")
+    arr = _map_stack(maps, radii, "paper_smoothness", "radii")
     if clim is None:
         m = float(np.nanmax(np.abs(arr))) if np.isfinite(arr).any() else 0.0
         clim = (-m, m)
@@ -686,3 +678,13 @@ def quality(
     return xr.Dataset(data, coords=coords, attrs={"k": int(k_used), "metric": metric,
                                                   "resolution": int(resolution),
                                                   "n_queries": str(n_queries)})
+
+
+def _map_stack(maps: Any, steps: Any, func: str, what: str) -> np.ndarray:
+    """``maps`` as float64 ``(..., ny, nx)``, checked, for a degradation curve of ``steps``."""
+    arr = np.asarray(maps, dtype=np.float64)
+    if arr.ndim < 2:
+        raise QualityError(f"maps must have shape (..., ny, nx), got {arr.shape}")
+    if len(steps) < 2:
+        raise QualityError(f"{func} needs at least two {what}")
+    return arr
