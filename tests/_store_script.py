@@ -80,19 +80,32 @@ def record(
     delay: float = 0.0,
     die_after: int | None = None,
     complete: str = "explicit",
+    buffer_bytes: int = 0,
+    flush_every: int = 5,
     out=None,
 ) -> None:
-    """Run the whole recording (resuming whatever is already in ``store``)."""
+    """Run the whole recording (resuming whatever is already in ``store``).
+
+    With ``buffer_bytes=0`` every ``write`` commits; otherwise the writer buffers and
+    ``flush()`` runs after every ``flush_every`` writes: a ``W`` line is printed only
+    once its write is committed (after its flush, epoch completion or scalar logging).
+    """
     from topoxr import ActivationWriter
+
+    unsaid: list[str] = []
 
     def say(line: str) -> None:
         if out is not None:
             out.write(line + "\n")
             out.flush()
 
+    def committed() -> None:
+        while unsaid:
+            say(unsaid.pop(0))
+
     k = 0
     with ActivationWriter(store, model=MODEL, chunk_samples=plan.chunk_samples,
-                          attrs={"framework": "script"}) as writer:
+                          attrs={"framework": "script"}, buffer_bytes=buffer_bytes) as writer:
         for epoch in range(plan.epochs):
             for b, ids in enumerate(plan.batches):
                 for layer in LAYERS:
@@ -107,12 +120,18 @@ def record(
                                  split=np.where(ids % 2 == 0, "even", "odd"),
                                  weight=ids * 0.25, **kwargs)
                     k += 1
-                    say(f"W {k} {layer} {epoch} {b}")
+                    unsaid.append(f"W {k} {layer} {epoch} {b}")
+                    if not buffer_bytes:
+                        committed()
+                    elif k % flush_every == 0:
+                        writer.flush()
+                        committed()
                     if die_after is not None and k >= die_after:
                         os.kill(os.getpid(), signal.SIGKILL)
                     if delay:
                         time.sleep(delay)
-            writer.log_epoch(epoch, loss=1.0 / (epoch + 1))
+            writer.log_epoch(epoch, loss=1.0 / (epoch + 1))  # commits the buffered batches
+            committed()
             if complete == "explicit":
                 writer.complete_epoch(epoch)
             say(f"E {epoch}")
@@ -184,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--die-after", type=int, default=None)
     parser.add_argument("--complete", choices=["explicit", "close"], default="explicit")
     parser.add_argument("--until", default=None)
+    parser.add_argument("--buffer-bytes", type=int, default=0)
+    parser.add_argument("--flush-every", type=int, default=5)
     args = parser.parse_args(argv)
     if args.mode == "read":
         return read_loop(args.store, args.until)
     record(args.store, delay=args.delay, die_after=args.die_after, complete=args.complete,
-           out=sys.stdout)
+           buffer_bytes=args.buffer_bytes, flush_every=args.flush_every, out=sys.stdout)
     return 0
 
 

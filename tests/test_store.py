@@ -498,6 +498,7 @@ def test_bad_input_is_refused_and_writes_nothing(any_store, case):
     with ActivationWriter(any_store, model="m") as writer:
         writer.write("h", acts([0, 1]), sample=[0, 1], label=[0, 1], prediction=[0, 0],
                      split=["a", "b"])
+        writer.flush()  # the good batch is committed: the refused one must add nothing
         before = snapshot(any_store)
         call = dict(layer="h", activations=acts([10, 11]), sample=[10, 11], label=[1, 1],
                     prediction=[1, 0], split=["c", "d"])

@@ -129,13 +129,16 @@ def assert_consistent(store, writes, epochs_done):
 # SIGKILL
 # --------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(tmp_path, reference):
+@pytest.mark.parametrize("buffer_bytes", [0, 1 << 20], ids=["commit-per-write", "buffered"])
+def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(tmp_path, reference,
+                                                                     buffer_bytes):
+    """Killed anywhere; a ``W`` line is printed once its write is committed (see script)."""
     rng = np.random.default_rng(SEED)
     store = tmp_path / "run.zarr"
     targets = np.sort(rng.choice(np.arange(1, PLAN.total_writes), size=20, replace=True))
     kills = 0
     for target in targets:
-        proc = _start(store)
+        proc = _start(store, "--buffer-bytes", buffer_bytes)
         lines = []
         for line in proc.stdout:
             lines.append(line.strip())
@@ -154,7 +157,7 @@ def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(tmp_path, 
         writes, epochs = _reported(lines)
         assert_consistent(str(store), writes, epochs)
     assert kills >= 18, f"only {kills} of 20 runs were actually killed mid-recording"
-    final = _start(store)
+    final = _start(store, "--buffer-bytes", buffer_bytes)
     out, err = final.communicate(timeout=120)
     assert final.returncode == 0, err
     assert out.strip().endswith("DONE")
@@ -189,6 +192,8 @@ def test_plain_xarray_after_kill_and_resume(tmp_path, reference):
         from topoxr import ActivationWriter
         w = ActivationWriter({store!r}, model="other")
         w.write("h", np.ones((4, 3)), sample=np.arange(4))
+        w.flush()
+        w.write("h", np.ones((4, 3)), sample=np.arange(4, 8))  # buffered: lost
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
@@ -312,7 +317,7 @@ def _count_sets(path, monkeypatch):
 
 def test_writer_refuses_further_writes_after_a_failure(tmp_path, monkeypatch):
     store = str(tmp_path / "run.zarr")
-    writer = topoxr.ActivationWriter(store, model="m")
+    writer = topoxr.ActivationWriter(store, model="m", buffer_bytes=0)  # write() commits
     writer.write("h", np.ones((4, 3)), sample=np.arange(4))
     failing = _FailingSets(budget=0)
     failing.install(monkeypatch)
@@ -330,7 +335,7 @@ def test_writer_refuses_further_writes_after_a_failure(tmp_path, monkeypatch):
 def test_a_failed_commit_leaves_the_batch_missing(tmp_path, monkeypatch):
     """The values are written, the commit (mask) write fails: the batch is not committed."""
     store = str(tmp_path / "run.zarr")
-    writer = topoxr.ActivationWriter(store, model="m")
+    writer = topoxr.ActivationWriter(store, model="m", buffer_bytes=0)
     writer.write("h", np.ones((4, 3)), sample=np.arange(4))
     writer.write("h", np.full((2, 3), 2.0), sample=[0, 1], epoch=1)
 
@@ -346,6 +351,29 @@ def test_a_failed_commit_leaves_the_batch_missing(tmp_path, monkeypatch):
     ds = topoxr.open_store(store)["m/h"].to_dataset()
     assert ds.committed.sel(epoch=1).values.tolist() == [True, True, False, False]
     assert ds.activation.sel(epoch=1, sample=[2, 3]).isnull().all()
+
+
+def test_a_failed_flush_names_the_buffered_batches_and_loses_nothing_committed(
+        tmp_path, monkeypatch):
+    """Buffered batches fail at the commit that ``flush`` runs: named, not committed."""
+    store = str(tmp_path / "run.zarr")
+    writer = topoxr.ActivationWriter(store, model="m")
+    writer.write("h", np.ones((4, 3)), sample=np.arange(4))
+    writer.flush()
+    writer.write("h", np.full((2, 3), 2.0), sample=[0, 1], epoch=1)
+    writer.write("h", np.full((2, 3), 3.0), sample=[2, 3], epoch=1)  # joins the buffer
+    failing = _FailingSets(budget=0)
+    failing.install(monkeypatch)
+    with pytest.raises(StoreWriteError,
+                       match=r"committing 4 buffered samples of layer 'h' epoch 1 \(\[0, 1, 2, 3\]\)"):
+        writer.flush()
+    monkeypatch.undo()
+    with pytest.raises(StoreWriteError, match="failed earlier"):
+        writer.write("h", np.ones((4, 3)), sample=np.arange(4), epoch=2)
+    writer.close()
+    with topoxr.ActivationWriter(store, model="m") as again:
+        assert again.missing("h", 0, range(4)).size == 0
+        assert again.missing("h", 1, range(4)).tolist() == [0, 1, 2, 3]
 
 
 _TMPFS_DRIVER = textwrap.dedent("""

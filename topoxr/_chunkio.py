@@ -18,17 +18,21 @@ whole chunks, so that each task decodes its chunks in one parallel call.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import math
 import os
+import sys
+import itertools
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import SupportsSetSync
@@ -87,9 +91,109 @@ def _encode(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> Any:
     return data
 
 
+def _plain_chain(codecs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The bytes-to-bytes codecs between ``bytes`` and a final ``crc32c``, or None.
+
+    Chains of that form (every activation and coordinate array of this version: the
+    ``bytes`` serializer in the machine's byte order, optional compressors, then the
+    checksum) are encoded by :func:`encode_pieces` without zarr's copies.
+    """
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    if len(codecs) < 2 or not isinstance(codecs[0], BytesCodec):
+        return None
+    if not isinstance(codecs[-1], Crc32cCodec):
+        return None
+    endian = getattr(codecs[0].endian, "value", codecs[0].endian)
+    if endian not in (None, sys.byteorder):
+        return None
+    return tuple(codecs[1:-1])
+
+
+def encode_pieces(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> list[Any]:
+    """The stored bytes of one whole chunk of ``arr``, as buffer-like pieces in order.
+
+    For a ``bytes`` + compressors + ``crc32c`` chain the pieces are the (compressed)
+    bytes and their crc32c, little-endian, exactly as zarr's codecs write them but
+    without the copy zarr's ``crc32c`` codec makes to append the checksum; any other
+    chain is encoded by zarr's codecs, in one piece.
+    """
+    middle = _plain_chain(tuple(arr.metadata.codecs))
+    if middle is None or chunk.dtype.byteorder not in ("=", "|", "<" if
+                                                      sys.byteorder == "little" else ">"):
+        return [_encode(arr, coords, chunk).as_buffer_like()]
+    data: Any = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+    if middle:
+        prototype = default_buffer_prototype()
+        spec = arr.metadata.get_chunk_spec(coords, arr.async_array.config, prototype)
+        buf: Any = prototype.buffer.from_array_like(data)
+        spec = arr.metadata.codecs[0].resolve_metadata(spec)
+        for codec in middle:
+            buf = codec._encode_sync(buf, spec)
+            spec = codec.resolve_metadata(spec)
+        data = buf.as_numpy_array()
+    return [data, crc32c_bytes(data)]
+
+
+def crc32c_bytes(data: Any) -> bytes:
+    """The crc32c of ``data`` (any contiguous buffer) as zarr's ``crc32c`` codec stores it."""
+    if not isinstance(data, np.ndarray):  # the C function takes arrays, not memoryviews
+        data = np.frombuffer(data, dtype=np.uint8)
+    return int(google_crc32c.value(data)).to_bytes(4, "little")
+
+
+def put_pieces(store: Any, key: str, pieces: Sequence[Any]) -> None:
+    """Store ``pieces`` (in order) as the value of ``key``, replacing it atomically.
+
+    zarr's own local store is written here as zarr writes it, a temporary
+    ``<name>.<pid>-<n>.partial`` file renamed over the old one, but from the pieces with
+    no joined copy and no directory check before every file. Any other store, and a
+    local store whose ``set_sync`` is not zarr's (a subclass such as
+    :class:`topoxr.store._durable.DurableLocalStore`, which also ``fsync``s, or a
+    wrapper), gets the joined bytes through its ``set_sync``.
+    """
+    if type(store).set_sync is _ZARR_LOCAL_SET_SYNC:
+        if store.read_only:
+            raise ValueError(f"store {store} is read-only")
+        path = store.root / key
+        # unique per process and call (uuid4 would cost a slow urandom call per chunk); a
+        # stale name from a killed process is only ever truncated and replaced
+        tmp = path.with_suffix(f".{os.getpid()}-{next(_TMP_IDS)}.partial")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileNotFoundError:  # a new directory (a new chunk row or array)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)
+        try:
+            try:
+                for piece in pieces:
+                    view = memoryview(piece).cast("B")
+                    while view.nbytes:
+                        view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return
+    prototype = default_buffer_prototype()
+    joined = b"".join(memoryview(p).cast("B") for p in pieces)
+    store.set_sync(key, prototype.buffer.from_bytes(joined))
+
+
+_TMP_IDS = itertools.count()
+_ZARR_LOCAL_SET_SYNC = zarr.storage.LocalStore.set_sync
+
+
 def _store_chunk(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> None:
+    chunk = np.ascontiguousarray(chunk)
     key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
-    arr.store.set_sync(key, _encode(arr, coords, chunk))
+    if getattr(arr.store, "read_only", False):
+        raise ValueError(f"store {arr.store} is read-only")
+    put_pieces(arr.store, key, encode_pieces(arr, coords, chunk))
 
 
 def _normalize(region: Sequence[Any], shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], tuple]:
@@ -105,6 +209,37 @@ def _normalize(region: Sequence[Any], shape: tuple[int, ...]) -> tuple[list[tupl
             bounds.append((int(sel), int(sel) + 1))
             dropped.append(axis)
     return bounds, tuple(dropped)
+
+
+class ChunkJob:
+    """Encode and store one whole chunk (a job for :func:`run_jobs`).
+
+    ``key`` names the chunk: of several jobs for one chunk in a step, only the last
+    holds every region written to it (each completes the chunk from the one before,
+    through the cache), so :func:`last_per_chunk` keeps only that one.
+    """
+
+    __slots__ = ("arr", "coords", "chunk")
+
+    def __init__(self, arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> None:
+        self.arr, self.coords, self.chunk = arr, coords, chunk
+
+    @property
+    def key(self) -> tuple[int, tuple[int, ...]]:
+        return id(self.arr.async_array), self.coords
+
+    def __call__(self) -> None:
+        _store_chunk(self.arr, self.coords, self.chunk)
+
+
+def last_per_chunk(jobs: Sequence[Callable[[], None]]) -> list[Callable[[], None]]:
+    """``jobs`` with only the last :class:`ChunkJob` of every chunk (order kept)."""
+    last: dict[Any, int] = {}
+    for i, job in enumerate(jobs):
+        if isinstance(job, ChunkJob):
+            last[job.key] = i
+    return [job for i, job in enumerate(jobs)
+            if not isinstance(job, ChunkJob) or last[job.key] == i]
 
 
 class DirectWriter:
@@ -155,7 +290,7 @@ class DirectWriter:
             dst = tuple(slice(a - o, b - o) for (a, b), o in zip(cover, origin, strict=True))
             whole = cover == inside
             if whole and all(b - a == c for (a, b), c in zip(inside, chunks, strict=True)):
-                chunk = np.ascontiguousarray(block[src])
+                chunk = block[src]  # a view: made contiguous by the job, in parallel
             elif whole:  # an edge chunk: stored whole, padded with the fill value
                 chunk = np.full(chunks, fill, dtype=arr.dtype)
                 chunk[dst] = block[src]
@@ -175,8 +310,102 @@ class DirectWriter:
                     cache.drop(coords)
                 else:
                     cache.put(coords, chunk)
-            jobs.append(functools.partial(_store_chunk, arr, coords, chunk))
+            jobs.append(ChunkJob(arr, coords, chunk))
         return jobs
+
+
+# -- metadata ---------------------------------------------------------------------------
+def direct_creates(store: Any, spec: Mapping[str, Any]) -> bool:
+    """Whether :func:`create_arrays` can create an array of ``spec`` on ``store``."""
+    if not _syncs(type(store)):
+        return False
+    dtype = spec.get("dtype", None)
+    if dtype is None:
+        dtype = np.asarray(spec["data"]).dtype
+    try:
+        return np.dtype(dtype).kind in "biuf"
+    except TypeError:
+        return False
+
+
+def _metadata_bytes(metadata: Any) -> np.ndarray:
+    return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].as_numpy_array()
+
+
+def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, zarr.Array]:
+    """Create numeric arrays in ``group`` (new names only) from ``create_array`` arguments.
+
+    zarr builds each array's metadata (so its ``zarr.json`` is exactly what
+    ``create_array`` would write); the files are written in parallel and the arrays
+    opened from memory, with their ``config``. ``data``, where given, is then written
+    as whole chunks. Supported keys: ``shape``/``data``, ``chunks``, ``dtype``,
+    ``fill_value``, ``compressors``, ``dimension_names``, ``attributes``, ``config``.
+    """
+    from zarr.codecs import BytesCodec
+    from zarr.core.array import AsyncArray
+    from zarr.core.dtype import parse_dtype
+    from zarr.storage import StorePath
+
+    arrays: dict[str, zarr.Array] = {}
+    jobs: list[Callable[[], None]] = []
+    data_of: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        data = spec.get("data")
+        if data is not None:
+            data = np.asarray(data)
+            data_of[name] = data
+        shape = tuple(spec["shape"]) if "shape" in spec else data.shape
+        dtype = np.dtype(spec["dtype"] if "dtype" in spec else data.dtype)
+        kwargs = {} if spec.get("fill_value") is None else {"fill_value": spec["fill_value"]}
+        serializer = BytesCodec(endian=None) if dtype.itemsize == 1 else BytesCodec()
+        metadata = AsyncArray._create_metadata_v3(
+            shape=shape, dtype=parse_dtype(dtype, zarr_format=3),
+            chunk_shape=tuple(spec.get("chunks", shape)),
+            codecs=[serializer, *spec.get("compressors", ())],
+            dimension_names=spec.get("dimension_names"),
+            attributes=dict(spec.get("attributes", {})), **kwargs)
+        path = f"{group.path}/{name}" if group.path else name
+        jobs.append(functools.partial(put_pieces, group.store, f"{path}/zarr.json",
+                                      [_metadata_bytes(metadata)]))
+        arrays[name] = zarr.Array(AsyncArray(metadata=metadata,
+                                             store_path=StorePath(group.store, path),
+                                             config=spec.get("config")))
+    run_jobs(jobs)
+    writes = [job for name, data in data_of.items() if data.size
+              for job in DirectWriter(arrays[name], None)(
+                  tuple(slice(None) for _ in data.shape), data)]
+    run_jobs(writes)
+    return arrays
+
+
+class DirectResize:
+    """Resizes an array by writing its new ``zarr.json`` here (see :func:`region_writer`).
+
+    Calling it with ``(shape,)`` returns one job; the job replaces the metadata file
+    atomically and then updates the array object, as zarr's ``resize`` does, but
+    without a trip through zarr's event loop. Chunks outside the new shape are kept
+    (the writer's arrays only grow, or are trimmed to data that was never committed).
+    """
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self.arr = arr
+
+    def __call__(self, shape: tuple[int, ...], delete_outside_chunks: bool = False
+                 ) -> list[Callable[[], None]]:
+        def job() -> None:
+            async_array = self.arr.async_array
+            metadata = async_array.metadata.update_shape(tuple(shape))
+            put_pieces(self.arr.store, f"{self.arr.path}/zarr.json", [_metadata_bytes(metadata)])
+            object.__setattr__(async_array, "metadata", metadata)  # a frozen dataclass
+
+        return [job]
+
+
+def resizer(arr: zarr.Array) -> Any:
+    """A :class:`DirectResize` where the store writes synchronously, else zarr's ``resize``."""
+    if _syncs(type(arr.store)) and arr.metadata.zarr_format == 3:
+        return DirectResize(arr)
+    return arr.async_array.resize
 
 
 _POOL: list[ThreadPoolExecutor] = []

@@ -6,14 +6,20 @@ import functools
 import logging
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import SupportsSetSync
 from zarr.codecs import BytesCodec, Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
 
-from topoxr._chunkio import DirectWriter, region_writer, run_jobs
+from topoxr._chunkio import (
+    DirectResize,
+    DirectWriter,
+    crc32c_bytes,
+    last_per_chunk,
+    put_pieces,
+    region_writer,
+    run_jobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +90,15 @@ def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, pos: np.ndarray, e: 
             and (checksum or arr.compressors == ()) and isinstance(arr.serializer, BytesCodec)):
         arr[lo:hi, e] = block
         return
-    prototype = default_buffer_prototype()
     for first in range(lo, hi, chunk):
         data = np.zeros(chunk, dtype=np.uint8)  # the edge chunk too is stored whole
         piece = block[first - lo:first - lo + chunk]
         data[: len(piece)] = piece
-        raw = data.tobytes()
+        pieces: list[Any] = [data]
         if checksum:  # as zarr's crc32c codec: the crc32c of the bytes, little-endian, last
-            raw += np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
+            pieces.append(crc32c_bytes(data))
         key = f"{arr.path}/{arr.metadata.encode_chunk_key((first // chunk, e))}"
-        arr.store.set_sync(key, prototype.buffer.from_bytes(raw))
+        put_pieces(arr.store, key, pieces)
 
 
 def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
@@ -109,19 +114,36 @@ def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
 
     from zarr.core.sync import sync
 
+    async def chain(ops: list[tuple[Any, tuple[Any, ...]]]) -> None:
+        errors = []
+        for func, args in ops:
+            try:
+                await func(*args)
+            except Exception as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
     async def gather(ops: list[tuple[Any, tuple[Any, ...]]]) -> None:
-        # every operation runs to its end before an error is raised: nothing may
-        # still be writing when the caller hears of the failure
-        outcomes = await asyncio.gather(*(func(*args) for func, args in ops),
+        # operations on one array run one after the other (zarr's setitem reads and
+        # writes whole chunks: two regions of one chunk at once would lose one), the
+        # arrays concurrently; every operation runs to its end before an error is
+        # raised: nothing may still be writing when the caller hears of the failure
+        chains: dict[int, list[tuple[Any, tuple[Any, ...]]]] = {}
+        for func, args in ops:
+            chains.setdefault(id(getattr(func, "__self__", func)), []).append((func, args))
+        outcomes = await asyncio.gather(*(chain(c) for c in chains.values()),
                                         return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
 
     for step in steps:
-        jobs = [job for func, args in step if isinstance(func, DirectWriter)
-                for job in func(*args)]
-        ops = [(func, args) for func, args in step if not isinstance(func, DirectWriter)]
+        direct = (DirectWriter, DirectResize)
+        # several runs of a batch may touch one chunk: only its last job is complete
+        jobs = last_per_chunk([job for func, args in step if isinstance(func, direct)
+                               for job in func(*args)])
+        ops = [(func, args) for func, args in step if not isinstance(func, direct)]
         errors: list[BaseException] = []
         if ops:
             try:

@@ -187,3 +187,74 @@ def _read_values(state: _LayerState, pos: np.ndarray, e: int) -> np.ndarray:
     for p0, p1, i0, i1 in _runs(sorted_pos):
         out[order[i0:i1]] = np.asarray(act[:, p0:p1, e]).T
     return out
+
+
+class _Pending:
+    """Batches of one layer and epoch accepted by ``write`` and not committed yet.
+
+    Activations are copied into one growing float32 buffer (the caller may reuse its
+    arrays; the store keeps float32 or less);
+    the 1-D columns are kept as parts and joined once, at the commit.
+    """
+
+    def __init__(self, epoch: int, n_neurons: int) -> None:
+        self.epoch = epoch
+        self.values = np.empty((0, n_neurons), dtype=np.float32)
+        self.rows = 0
+        self.new_count = 0
+        self._ids: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._preds: list[np.ndarray] = []
+        self._meta: list[dict[str, np.ndarray]] = []
+        self._new: list[np.ndarray] = []
+        self._id_set: set[int] = set()
+        self._kinds: tuple | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.values.shape[1] * self.values.itemsize
+
+    @property
+    def last_ids(self) -> np.ndarray:
+        return self._ids[-1]
+
+    @staticmethod
+    def _signature(labels, preds, meta) -> tuple:
+        return (None if labels is None else _kind(labels),
+                None if preds is None else _kind(preds),
+                tuple(sorted((k, _kind(v)) for k, v in meta.items())))
+
+    def accepts(self, epoch, ids, labels, preds, meta, overwrite) -> bool:
+        """Whether a batch can join these (same epoch and columns, none of their ids)."""
+        if overwrite or epoch != self.epoch or not self.rows:
+            return not self.rows
+        if self._signature(labels, preds, meta) != self._kinds:
+            return False
+        return self._id_set.isdisjoint(ids.tolist())
+
+    def add(self, values, ids, labels, preds, meta, new_rows) -> None:
+        n = len(ids)
+        if self.rows + n > len(self.values):
+            grown = np.empty((max(2 * len(self.values), self.rows + n), self.values.shape[1]),
+                             dtype=np.float32)
+            grown[: self.rows] = self.values[: self.rows]
+            self.values = grown
+        self.values[self.rows:self.rows + n] = values
+        self._kinds = self._signature(labels, preds, meta)
+        self._ids.append(ids.copy())
+        self._id_set.update(ids.tolist())
+        for parts, col in ((self._labels, labels), (self._preds, preds)):
+            if col is not None:
+                parts.append(col.copy())
+        self._meta.append({k: v.copy() for k, v in meta.items()})
+        self._new.append(np.asarray(new_rows, dtype=np.int64) + self.rows)
+        self.rows += n
+        self.new_count += len(new_rows)
+
+    def merged(self) -> tuple:
+        """``(values, ids, labels, preds, meta, new_rows)`` of all the batches, in order."""
+        cat = np.concatenate
+        meta = {k: cat([m[k] for m in self._meta]) for k in self._meta[0]}
+        return (self.values[: self.rows], cat(self._ids),
+                cat(self._labels) if self._labels else None,
+                cat(self._preds) if self._preds else None, meta, cat(self._new))

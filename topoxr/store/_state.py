@@ -109,9 +109,12 @@ class _LayerState:
                             for name, arr in self.group.arrays()}
         return self._arrays
 
-    def refresh(self) -> None:
-        """Forget the opened arrays after creating new ones."""
-        self._arrays = None
+    def adopt(self, arrays: dict[str, zarr.Array]) -> None:
+        """Take arrays just created (see ``_create_arrays``) without listing the store.
+
+        Either the layer's first arrays (a new layer) or arrays added to those opened.
+        """
+        self._arrays = {**(self._arrays or {}), **arrays}
 
     def writer(self, key: str) -> Any:
         """The ``(region, block)`` writer of array ``key`` (whole chunks, see _chunkio).

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from topoxr._chunkio import resizer
 from topoxr._codecs import DEFAULT_COMPRESSOR, DTYPES, compressors_for, storage_dtype
 from topoxr._locking import WriterLock
 from topoxr.activations import reduce_units
@@ -34,7 +35,15 @@ from topoxr.conventions import (
 from topoxr.store._chunks import _append, _capacity, _run_in_order, _write_mask_chunks
 from topoxr.store._errors import StoreError, StoreWriteError
 from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
-from topoxr.store._plan import _as_1d, _as_epoch, _as_ids, _check_node_name, _plan_batch
+from topoxr.store._plan import (
+    _as_1d,
+    _as_epoch,
+    _as_ids,
+    _check_node_name,
+    _Pending,
+    _Plan,
+    _plan_batch,
+)
 from topoxr.store._schema import (
     CHECKSUM,
     _ACTIVATION_CONFIG,
@@ -66,6 +75,9 @@ from topoxr.store._state import _layer_columns, _LayerState, _runs
 from topoxr.store.verify import ATTR_VERIFIED
 
 logger = logging.getLogger(__name__)
+
+#: Default ``buffer_bytes``: activations of one layer buffered before a commit.
+BUFFER_BYTES = 16 << 20
 
 
 class ActivationWriter:
@@ -113,6 +125,23 @@ class ActivationWriter:
         from 6.1e-5 to 65504, absolute error at most 2**-25 below; larger magnitudes are
         refused). Readers get float32 either way. ``"bfloat16"`` is refused: zarr v3
         has no such data type that zarr-python reads.
+    buffer_bytes : int, default 16 MiB
+        Activations of one layer that :meth:`write` may hold in memory before committing
+        them (about ``4 * buffer_bytes`` over all layers). Consecutive batches of a
+        layer and epoch are committed together, in whole chunks: one commit per
+        ``buffer_bytes`` instead of one per batch, each chunk written once (see "Commits"
+        below). ``0`` commits every batch when :meth:`write` returns.
+
+    Notes
+    -----
+    **Commits.** What a reader (or a resumed run) sees is always consistent: a batch is
+    either committed in full, in every array, or invisible. :meth:`write` checks a
+    batch at once (a rejected batch changes nothing) and buffers it; the buffered
+    batches of a layer are committed when they reach ``buffer_bytes``, when the layer's
+    epoch or the kind of batch changes, and at :meth:`flush`, :meth:`complete_epoch`,
+    :meth:`log_epoch` and :meth:`close` (also when the ``with`` block ends with an
+    exception). A process killed in between loses at most the buffered batches; resume
+    writes them again.
 
     Examples
     --------
@@ -137,7 +166,13 @@ class ActivationWriter:
         fsync: bool = False,
         compressor: Any = DEFAULT_COMPRESSOR,
         dtype: str = "float32",
+        buffer_bytes: int = BUFFER_BYTES,
     ) -> None:
+        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int | np.integer) \
+                or buffer_bytes < 0:
+            raise StoreError(f"buffer_bytes must be a non-negative integer, got {buffer_bytes!r}")
+        self._buffer_bytes = int(buffer_bytes)
+        self._pending: dict[str, _Pending] = {}
         try:
             self._compressors = compressors_for(compressor)
             self._dtype = storage_dtype(dtype)
@@ -286,6 +321,9 @@ class ActivationWriter:
     def missing(self, layer: str, epoch: int, sample: Iterable[int]) -> np.ndarray:
         """Return the ids among ``sample`` not yet committed for ``layer`` at ``epoch``.
 
+        The layer's buffered batches are committed first, so the answer is what the
+        store holds.
+
         Parameters
         ----------
         layer : str
@@ -301,6 +339,9 @@ class ActivationWriter:
             The ids (in the given order) that still have to be written.
         """
         ids = _as_ids(f"layer {layer!r}", sample)
+        if layer in self._pending:
+            self._check_open()
+            self._flush_layer(layer)
         state = self._layers.get(layer)
         if state is None:
             return ids
@@ -429,6 +470,10 @@ class ActivationWriter:
             raise StoreError(f"layer {layer!r}: sample id {SAMPLE_FILL} is reserved")
 
         state = self._layers.get(layer)
+        pending = self._pending.get(layer)
+        if pending is not None and not pending.accepts(epoch, ids, labels, preds, meta,
+                                                       overwrite):
+            self._flush_layer(layer)
         plan = _plan_batch(self, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite)
         if plan is None:  # every sample already committed with these values: resume skip
             state.note_written(state.epoch_index(epoch), state.positions(ids))
@@ -437,12 +482,64 @@ class ActivationWriter:
             if state is None:
                 state = self._create_layer(layer, reduced, labels, preds, meta, batch,
                                            layer_attrs)
-            written = self._commit(state, plan, values, ids, labels, preds, meta, epoch)
+            if overwrite or len(plan.write_rows) != batch or not self._buffer_bytes:
+                # replacing or resuming (rare): committed at once, alone
+                self._flush_layer(layer)
+                written = self._commit(state, plan, values, ids, labels, preds, meta, epoch)
+                state.note_written(state.epoch_index(epoch), state.positions(ids))
+                return written
+            pending = self._pending.get(layer)
+            if pending is None:
+                pending = self._pending[layer] = _Pending(epoch, values.shape[1])
+            pending.add(values, ids, labels, preds, meta, plan.new_rows)
+        except StoreError:
+            raise
         except Exception as err:
             self._fail(err, f"writing layer {layer!r} epoch {epoch} samples "
                             f"{_ids_text(ids)}")
-        state.note_written(state.epoch_index(epoch), state.positions(ids))
-        return written
+        if pending.nbytes >= self._buffer_bytes and self._at_chunk_end(state, pending):
+            self._flush_layer(layer)
+        elif sum(p.nbytes for p in self._pending.values()) >= 4 * self._buffer_bytes:
+            self.flush()
+        return batch
+
+    def flush(self) -> None:
+        """Commit every buffered batch (see "Commits" in the class notes).
+
+        Raises
+        ------
+        StoreWriteError
+            If the storage fails: the buffered batches are not committed, everything
+            committed before is intact, and this writer refuses further writes.
+        """
+        self._check_open()
+        for layer in list(self._pending):
+            self._flush_layer(layer)
+
+    def _at_chunk_end(self, state: _LayerState, pending: _Pending) -> bool:
+        """Whether the buffered rows end on a chunk boundary (or at the probe set's end)."""
+        if pending.nbytes >= 2 * self._buffer_bytes:
+            return True
+        chunk = state.arrays[ACTIVATION].chunks[1]
+        pos = int(state.positions(pending.last_ids[-1:])[0])
+        if pos < 0:  # the last rows are new samples, appended after the stored ones
+            return (len(state.sample_ids) + pending.new_count) % chunk == 0
+        return (pos + 1) % chunk == 0 or pos + 1 == len(state.sample_ids)
+
+    def _flush_layer(self, layer: str) -> None:
+        """Commit the buffered batches of ``layer`` as one batch."""
+        pending = self._pending.pop(layer, None)
+        if pending is None or not pending.rows:
+            return
+        state = self._layers[layer]
+        values, ids, labels, preds, meta, new_rows = pending.merged()
+        plan = _Plan(new_rows=new_rows, write_rows=np.arange(len(ids)))
+        try:
+            self._commit(state, plan, values, ids, labels, preds, meta, pending.epoch)
+        except Exception as err:
+            self._fail(err, f"committing {len(ids)} buffered samples of layer {layer!r} "
+                            f"epoch {pending.epoch} ({_ids_text(ids)})")
+        state.note_written(state.epoch_index(pending.epoch), state.positions(ids))
 
     def complete_epoch(self, epoch: int, layers: Iterable[str] | None = None) -> None:
         """Mark ``epoch`` complete for ``layers`` (default: all layers of this writer).
@@ -461,6 +558,7 @@ class ActivationWriter:
         """
         self._check_open()
         epoch = _as_epoch(epoch)
+        self.flush()
         names = list(self._layers) if layers is None else list(layers)
         for name in names:
             state = self._layers.get(name)
@@ -523,6 +621,7 @@ class ActivationWriter:
             if isinstance(value, bool) or not isinstance(value, int | float | np.number):
                 raise StoreError(f"epoch scalar {key!r} must be a real number, got {value!r}")
             values[key] = float(value)
+        self.flush()
         for state in self._layers.values():
             e = state.epoch_index(epoch)
             if e < 0:
@@ -534,10 +633,10 @@ class ActivationWriter:
                     if key in existing and key not in names and key in _layer_columns(state):
                         raise StoreError(f"{key!r} is already a column of layer {state.name!r}")
                     if key not in existing:  # (a crashed writer may have created it)
-                        _create_arrays(state.group, {key: dict(
+                        state.adopt(_create_arrays(state.group, {key: dict(
                             shape=(state.arrays[EPOCH].shape[0],), chunks=(_EPOCH_CHUNK,),
-                            dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,))})
-                        state.refresh()
+                            dtype="float64", fill_value=np.nan, dimension_names=(EPOCH,))},
+                            existing=state.arrays))
                         if state.arrays[key].size:  # every chunk stored (missing = damage)
                             state.arrays[key][...] = np.nan
                     if key not in names:
@@ -556,6 +655,7 @@ class ActivationWriter:
         try:
             if self._failed is None:
                 try:
+                    self.flush()
                     self._complete_written_epochs()
                     self._trim()
                     self._consolidate()
@@ -572,7 +672,13 @@ class ActivationWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
-        else:
+            return
+        try:  # the batches accepted before the error are committed (resume skips them)
+            if self._failed is None and not self._closed:
+                self.flush()
+        except Exception as err:  # the caller's exception is the one that propagates
+            logger.warning("committing the buffered batches after an error failed: %s", err)
+        finally:
             self._release()
 
     def __del__(self) -> None:  # a writer dropped without close() still unlocks
@@ -648,7 +754,7 @@ class ActivationWriter:
                 shape = tuple(n if d == SAMPLE else m if d == EPOCH else s
                               for d, s in zip(dims, arr.shape, strict=True))
                 if shape != arr.shape:  # nothing was written past the data: keep chunks
-                    trims.append((arr.async_array.resize, (shape, False)))
+                    trims.append((resizer(arr), (shape, False)))
         _run_in_order([trims])
 
     def _consolidate(self) -> None:
@@ -709,7 +815,7 @@ class ActivationWriter:
         }
         if preds is not None:
             specs.update(_prediction_specs(preds, 0, 0, mask_chunk))
-        _create_arrays(group, specs)
+        arrays = _create_arrays(group, specs, existing=())
         group.update_attributes({_ATTR_READY: True})  # last: the layer is complete
         state = _LayerState(
             name=layer, group=group, n_neurons=n_neurons, reduce=reduced.reduce,
@@ -717,21 +823,22 @@ class ActivationWriter:
             epochs=[], mask=np.zeros((0, 0), dtype=bool), complete=np.zeros(0, dtype=bool),
             labels=None if labels is None else labels[:0], metadata={k: v[:0] for k, v in meta.items()},
         )
+        state.adopt(arrays)
         self._layers[layer] = state
         return state
 
     @staticmethod
-    def _create_prediction_arrays(group: zarr.Group, preds: np.ndarray, n: int, m: int,
+    def _create_prediction_arrays(state: _LayerState, preds: np.ndarray, n: int, m: int,
                                   chunk: int) -> None:
-        _create_arrays(group, _prediction_specs(preds, n, m, chunk))
+        state.adopt(_create_arrays(state.group, _prediction_specs(preds, n, m, chunk),
+                                   existing=state.arrays))
 
     def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
         group = state.group
         arrays = state.arrays
         if preds is not None and PREDICTION not in arrays:
-            self._create_prediction_arrays(group, preds, arrays[SAMPLE].shape[0],
+            self._create_prediction_arrays(state, preds, arrays[SAMPLE].shape[0],
                                            arrays[EPOCH].shape[0], arrays[COMMITTED].chunks[0])
-            state.refresh()
             arrays = state.arrays
             for key in (PREDICTION, CORRECT):
                 # predictions given only from this batch on: the earlier samples' chunks
@@ -760,7 +867,7 @@ class ActivationWriter:
             shape = tuple(size_n if d == SAMPLE else size_m if d == EPOCH else s
                           for d, s in zip(dims, arr.shape, strict=True))
             if shape != arr.shape:
-                grow.append((arr.async_array.resize, (shape,)))
+                grow.append((resizer(arr), (shape,)))
         # 2. ... fill them: labels and metadata of new samples, values, predictions ...
         # (1-D columns are appended from their in-memory copies, whole chunks from the
         # chunk the first new row falls in, so zarr need not read and decode it first)
