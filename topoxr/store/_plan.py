@@ -197,9 +197,12 @@ class _Pending:
     the 1-D columns are kept as parts and joined once, at the commit.
     """
 
-    def __init__(self, epoch: int, n_neurons: int) -> None:
+    def __init__(self, epoch: int, n_neurons: int, buffer: np.ndarray | None = None) -> None:
         self.epoch = epoch
-        self.values = np.empty((0, n_neurons), dtype=np.float32)
+        # the buffer of the layer's previous commit is reused: fresh memory would be
+        # faulted in page by page again (about as slow as copying it)
+        ok = buffer is not None and buffer.shape[1:] == (n_neurons,)
+        self.values = buffer if ok else np.empty((0, n_neurons), dtype=np.float32)
         self.rows = 0
         self.new_count = 0
         self._ids: list[np.ndarray] = []
@@ -208,6 +211,7 @@ class _Pending:
         self._meta: list[dict[str, np.ndarray]] = []
         self._new: list[np.ndarray] = []
         self._id_set: set[int] = set()
+        self._max_id = -(1 << 63)
         self._kinds: tuple | None = None
 
     @property
@@ -230,6 +234,8 @@ class _Pending:
             return not self.rows
         if self._signature(labels, preds, meta) != self._kinds:
             return False
+        if len(ids) and int(ids.min()) > self._max_id:  # the common case: ids increase
+            return True
         return self._id_set.isdisjoint(ids.tolist())
 
     def add(self, values, ids, labels, preds, meta, new_rows) -> None:
@@ -243,6 +249,8 @@ class _Pending:
         self._kinds = self._signature(labels, preds, meta)
         self._ids.append(ids.copy())
         self._id_set.update(ids.tolist())
+        if len(ids):
+            self._max_id = max(self._max_id, int(ids.max()))
         for parts, col in ((self._labels, labels), (self._preds, preds)):
             if col is not None:
                 parts.append(col.copy())

@@ -109,6 +109,15 @@ class _LayerState:
                             for name, arr in self.group.arrays()}
         return self._arrays
 
+    @property
+    def storage_dtype(self) -> str:
+        """The stored dtype of ``activation`` (``"float32"``, ``"float16"``), cached."""
+        if self._storage_dtype is None:
+            self._storage_dtype = str(np.dtype(self.arrays[ACTIVATION].dtype))
+        return self._storage_dtype
+
+    _storage_dtype: str | None = None
+
     def adopt(self, arrays: dict[str, zarr.Array]) -> None:
         """Take arrays just created (see ``_create_arrays``) without listing the store.
 

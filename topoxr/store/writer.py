@@ -173,6 +173,7 @@ class ActivationWriter:
             raise StoreError(f"buffer_bytes must be a non-negative integer, got {buffer_bytes!r}")
         self._buffer_bytes = int(buffer_bytes)
         self._pending: dict[str, _Pending] = {}
+        self._spare: dict[str, np.ndarray] = {}  # a committed buffer, reused per layer
         try:
             self._compressors = compressors_for(compressor)
             self._dtype = storage_dtype(dtype)
@@ -444,7 +445,10 @@ class ActivationWriter:
             logger.debug("layer %r: empty batch, nothing to write", layer)
             return 0
         ids = _as_ids(f"layer {layer!r}", ids)
-        uniq, counts = np.unique(ids, return_counts=True)
+        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():  # increasing ids are unique
+            uniq, counts = np.unique(ids, return_counts=True)
+        else:
+            uniq, counts = ids, np.ones(len(ids), dtype=np.int64)
         if (counts > 1).any():
             raise StoreError(
                 f"layer {layer!r}: duplicate sample ids in the batch: {uniq[counts > 1][:10].tolist()}"
@@ -490,7 +494,8 @@ class ActivationWriter:
                 return written
             pending = self._pending.get(layer)
             if pending is None:
-                pending = self._pending[layer] = _Pending(epoch, values.shape[1])
+                pending = self._pending[layer] = _Pending(epoch, values.shape[1],
+                                                          self._spare.pop(layer, None))
             pending.add(values, ids, labels, preds, meta, plan.new_rows)
         except StoreError:
             raise
@@ -540,6 +545,9 @@ class ActivationWriter:
             self._fail(err, f"committing {len(ids)} buffered samples of layer {layer!r} "
                             f"epoch {pending.epoch} ({_ids_text(ids)})")
         state.note_written(state.epoch_index(pending.epoch), state.positions(ids))
+        spare = sum(b.nbytes for b in self._spare.values())
+        if spare + pending.values.nbytes <= 4 * self._buffer_bytes:  # memory stays bounded
+            self._spare[layer] = pending.values
 
     def complete_epoch(self, epoch: int, layers: Iterable[str] | None = None) -> None:
         """Mark ``epoch`` complete for ``layers`` (default: all layers of this writer).
@@ -696,7 +704,7 @@ class ActivationWriter:
     def _check_range(self, layer: str, values: np.ndarray) -> None:
         """Refuse values that the layer's storage dtype would turn into infinities."""
         state = self._layers.get(layer)
-        dtype = self._dtype if state is None else str(state.arrays[ACTIVATION].dtype)
+        dtype = self._dtype if state is None else state.storage_dtype
         limit = DTYPES.get(dtype)
         if limit is None or limit >= DTYPES["float32"]:
             return
@@ -730,6 +738,8 @@ class ActivationWriter:
 
     def _release(self) -> None:
         self._closed = True
+        self._pending.clear()
+        self._spare.clear()
         self._lock.release()
 
     def _complete_written_epochs(self) -> None:
