@@ -1070,11 +1070,21 @@ def run_recording(
     first = next(iterator, None)
     if first is None:
         raise RecordingError("the data has no samples")
+    pooled = getattr(forward, "pool", None)
+    if isinstance(pooled, dict):
+        pooled.clear()  # the first batch comes whole: the plans are made from it
     outputs, final = forward(first.x)
     mask, token_ids = token_info(first.x)
     plans, neurons = _plan_layers(
         layers, outputs, reduce=reduce, specs=specs or {}, channel_axis=channel_axis,
         axis_rules=axis_rules or {}, mask=mask, token_ids=token_ids)
+    if isinstance(pooled, dict):
+        # The capture pools these layers itself, at once (no copy of whole maps); the
+        # background writer then gets (batch, channels, 1), as it makes of them itself.
+        pooled.update({layer: (plan.neuron_axis, plan.reduce) for layer, plan in plans.items()
+                       if plan.reduce in ("mean", "max") and not _is_sequence(plan)
+                       and np.ndim(outputs[layer]) > 2
+                       and not plan.attrs.get(ATTR_MASKED)})
     stored = stored_layers(store, model_name)
     reductions = {layer: plan.attrs for layer, plan in plans.items()}
     plain = [layer for layer, plan in plans.items() if plan.reduce != "tokens"]

@@ -337,18 +337,7 @@ def reduce_layer(
         return ReducedLayer(np.moveaxis(array, axis, 1))
     if reduce in ("mean", "max"):
         if m is None:
-            if axis == 1 and array.flags.c_contiguous:
-                # channels first (torch's convention): every channel's positions are
-                # contiguous, and numpy sums them pairwise (relative error ~1e-7 in
-                # float32), 3-4 times faster than reducing the moved axes in float64
-                flat = array.reshape(n, array.shape[1], -1)
-                vals = flat.max(axis=2) if reduce == "max" else flat.mean(
-                    axis=2, dtype=np.float32 if array.dtype == np.float32 else np.float64)
-                return ReducedLayer(np.asarray(vals, dtype=np.float32))
-            pos = tuple(range(1, array.ndim - 1))
-            vals = moved.mean(axis=pos, dtype=np.float64) if reduce == "mean" \
-                else moved.max(axis=pos)
-            return ReducedLayer(np.asarray(vals, dtype=np.float32))
+            return ReducedLayer(pool_positions(array, axis, reduce))
         if (m.sum(axis=1) == 0).any():
             raise RecordingError(f"layer {layer!r}: an input has an all-zero attention mask")
         if reduce == "mean":
@@ -376,6 +365,40 @@ def reduce_layer(
             tok = token_ids[rows, pos].astype(np.int64)
     return ReducedLayer(np.ascontiguousarray(moved[rows, pos, :]), source=rows,
                         token_position=pos.astype(np.int64), token_id=tok)
+
+
+def pool_positions(array: np.ndarray, neuron_axis: int, reduce: str) -> np.ndarray:
+    """Mean or max of every neuron over the other non-batch axes: ``(batch, neurons)``.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        A layer's output ``(batch, ...)`` with at least 3 dims.
+    neuron_axis : int
+        Axis of the neurons (channels), not 0.
+    reduce : {"mean", "max"}
+        The reduction over positions.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(batch, neurons)``: fresh memory, so the input may change afterwards.
+    """
+    array = np.asarray(array)
+    axis = neuron_axis % array.ndim
+    n = array.shape[0]
+    if axis == 1 and array.flags.c_contiguous:
+        # channels first (torch's convention): every channel's positions are contiguous,
+        # and numpy sums them pairwise (relative error ~1e-7 in float32), 3-4 times
+        # faster than reducing the moved axes in float64
+        flat = array.reshape(n, array.shape[1], -1)
+        vals = flat.max(axis=2) if reduce == "max" else flat.mean(
+            axis=2, dtype=np.float32 if array.dtype == np.float32 else np.float64)
+        return np.array(vals, dtype=np.float32)
+    moved = np.moveaxis(array, axis, -1)
+    pos = tuple(range(1, array.ndim - 1))
+    vals = moved.mean(axis=pos, dtype=np.float64) if reduce == "mean" else moved.max(axis=pos)
+    return np.array(vals, dtype=np.float32)
 
 
 def _norm_axis(layer: str, axis: int, ndim: int) -> int:

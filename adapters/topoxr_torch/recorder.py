@@ -12,7 +12,7 @@ import numpy as np
 
 from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr._optional import import_optional
-from topoxr.reduction import LayerSpec
+from topoxr.reduction import LayerSpec, pool_positions
 from topoxr.recording import (
     RecordingError,
     RecordResult,
@@ -108,9 +108,13 @@ class Capture:
     """
 
     def __init__(self, fn: Any, layers: list[str], specs: dict[str, LayerSpec],
-                 axes: dict[str, int], rules: dict[str, str]) -> None:
+                 axes: dict[str, int], rules: dict[str, str],
+                 pool: dict[str, tuple[int, str]] | None = None) -> None:
         self._fn = fn
         self.layers, self.specs, self.axes, self.rules = layers, specs, axes, rules
+        #: Layers pooled as they are captured, ``{layer: (neuron axis, "mean"|"max")}``:
+        #: their outputs come as ``(batch, channels, 1)`` (set by the recording loop).
+        self.pool = {} if pool is None else pool
 
     def __call__(self, x: Any) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Run one batch; return ``({layer: ndarray}, model output ndarray or None)``."""
@@ -159,6 +163,7 @@ def capture(
         by_module.setdefault(base, []).append((name, spec.call))
     device, dtype = _model_device_dtype(model)
     captured: dict[str, np.ndarray] = {}
+    pool: dict[str, tuple[int, str]] = {}
     calls: dict[str, int] = {}
     axes: dict[str, int] = {}
     rules: dict[str, str] = {}
@@ -210,7 +215,13 @@ def capture(
                         "another layer"
                     )
                 decide(name, base, tensor)
-                captured[name] = _to_numpy(tensor)
+                how = pool.get(name)
+                if how is not None and tensor.device.type == "cpu" \
+                        and tensor.dtype == torch.float32:
+                    # pooled now, from the tensor's own memory: no copy of the whole map
+                    captured[name] = pool_positions(tensor.detach().numpy(), *how)[:, :, None]
+                else:
+                    captured[name] = _to_numpy(tensor)
             _track(module, base, output)
 
         return hook
@@ -254,7 +265,7 @@ def capture(
             final = _final_tensor(out)
             return dict(captured), None if final is None else _to_numpy(final)
 
-        yield Capture(forward, names, specs, axes, rules)
+        yield Capture(forward, names, specs, axes, rules, pool)
     finally:
         for handle in handles:
             handle.remove()

@@ -370,3 +370,32 @@ def test_channel_axis_override_is_stated_in_the_store(store_path):
     assert ds.attrs["topoxr_reduced_axes"] == [2]
     want = hooked(model, ["0"], torch.from_numpy(x))["0"][0].max(2)
     np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=RTOL, atol=ATOL)
+
+
+class ConvThenInplace(torch.nn.Module):
+    """A conv whose output is changed in place right after its hook ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h.mul_(-3.0)  # in place: what the conv returned is gone
+        return torch.relu(h).sum((2, 3))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_pooled_as_captured_over_many_batches_equals_pooling_the_whole_maps(store_path, reduce):
+    """Batches after the first are pooled in the hook (no copy of the maps): same values."""
+    torch.manual_seed(8)
+    model = ConvThenInplace().eval()
+    x = np.random.default_rng(3).normal(size=(11, 2, 6, 5)).astype(np.float32)
+    topoxr_torch.record(model, x, store_path, layers={"conv": {"reduce": reduce}},
+                        batch_size=3, progress=False)
+    with torch.inference_mode():  # the conv's own output, before the in-place change
+        maps = model.conv(torch.from_numpy(x)).numpy()
+    ds = layer(store_path, "model", "conv")
+    assert ds.attrs["topoxr_reduced_axes"] == [2, 3] and ds.sizes["neuron"] == 4
+    want = maps.mean((2, 3)) if reduce == "mean" else maps.max((2, 3))
+    np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=1e-6, atol=1e-6)
