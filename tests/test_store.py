@@ -657,7 +657,8 @@ def test_a_store_with_a_compressed_mask_is_still_committed_to(store_path):
     assert ds.epoch_complete.values.tolist() == [True, True]
 
 
-def test_arrays_grow_ahead_of_the_data_and_close_trims_them(store_path):
+def test_arrays_grow_to_the_committed_data(store_path):
+    """Commits hold many batches, so arrays grow exactly to the data: nothing to trim."""
     def shapes():
         group = zarr.open_group(store_path, path="m/h", mode="r")
         return {name: (arr.metadata.dimension_names, arr.shape) for name, arr in group.arrays()}
@@ -676,8 +677,8 @@ def test_arrays_grow_ahead_of_the_data_and_close_trims_them(store_path):
                      prediction=np.arange(10) % 2, split=np.where(np.arange(10) < 5, "a", "b"),
                      epoch=epoch)
     writer.log_epoch(2, loss=0.5)
-    # while writing: every array has room for 16 samples and 4 epochs
-    assert lengths("sample") == {16} and lengths("epoch") == {4}
+    # while writing: every array holds exactly the 10 samples and 3 epochs
+    assert lengths("sample") == {10} and lengths("epoch") == {3}
     ds = open_store(store_path)["m/h"].to_dataset()
     assert dict(ds.sizes) == {"neuron": N_NEURONS, "sample": 10, "epoch": 3}
     assert ds.sample.values.tolist() == list(range(10))

@@ -12,16 +12,17 @@ How crash safety works:
   temporary file and renames it; object stores replace whole objects), so a killed
   writer never leaves a torn chunk and committed values that share a chunk with the
   batch being written are never lost.
-* Arrays grow ahead of the data, to the next power of two along ``sample`` and
-  ``epoch`` (so a long epoch or many epochs grow them only a logarithmic number of
-  times); :meth:`ActivationWriter.close` trims them to the data, and so does the next
-  writer after a crash.
+* ``write`` buffers consecutive batches of a layer and epoch and commits them together
+  (``buffer_bytes``), in whole chunks, so that every chunk is written once; arrays grow
+  exactly to the data at each commit, and :meth:`ActivationWriter.close` (or the next
+  writer after a crash) trims arrays a crashed commit left longer.
 * A batch is written in a fixed order: first every array is grown if needed (new
   coordinate slots hold a fill value that no sample id or epoch can take), then every array that
   is not a coordinate is filled (values, labels, metadata, predictions; concurrently),
   then the ``sample``/``epoch`` coordinates that define the logical lengths, and last
   the ``committed`` mask.  The mask chunk is a multiple of the first batch size, so a
-  batch becomes visible in a single atomic chunk write.  The mask is stored
+  commit of buffered batches becomes visible mask chunk by mask chunk, and each batch
+  (of that size) in a single atomic chunk write.  The mask is stored
   uncompressed, so on local and in-memory stores that write is one direct, atomic
   store call rather than a trip through zarr's codec pipeline.
 * Readers (:func:`open_store`) take the length all arrays agree on (cut before an

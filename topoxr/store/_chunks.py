@@ -34,11 +34,6 @@ def _writes_synchronously(store: Any) -> bool:
     return _writes_synchronously_type(type(store))
 
 
-def _capacity(length: int) -> int:
-    """Room for ``length`` rows: the next power of two."""
-    return 1 << (length - 1).bit_length() if length > 0 else 0
-
-
 def _whole_chunks(values: np.ndarray, start: int, stop: int, chunk: int, size: int,
                   fill: Any) -> tuple[int, int, np.ndarray]:
     """Rows ``start:stop`` of ``values`` widened to whole chunks of an array of ``size``.

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from topoxr._chunkio import resizer
+from topoxr._chunkio import create_group, resizer, update_group_attributes
 from topoxr._codecs import DEFAULT_COMPRESSOR, DTYPES, compressors_for, storage_dtype
 from topoxr._locking import WriterLock
 from topoxr.activations import reduce_units
@@ -32,7 +32,7 @@ from topoxr.conventions import (
     PREDICTION,
     SAMPLE,
 )
-from topoxr.store._chunks import _append, _capacity, _run_in_order, _write_mask_chunks
+from topoxr.store._chunks import _append, _run_in_order, _write_mask_chunks
 from topoxr.store._errors import StoreError, StoreWriteError
 from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
 from topoxr.store._plan import (
@@ -792,7 +792,7 @@ class ActivationWriter:
             raise StoreError(f"layer {layer!r} maps to node {name!r}, already used by another layer")
         n_neurons = reduced.values.shape[1]
         chunk, neuron_chunk = self._sample_chunk(n_neurons, batch)
-        group = self._model_group.create_group(name, attributes={
+        group = create_group(self._model_group, name, {
             **dict(layer_attrs or {}), ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
             _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
         })
@@ -826,7 +826,7 @@ class ActivationWriter:
         if preds is not None:
             specs.update(_prediction_specs(preds, 0, 0, mask_chunk))
         arrays = _create_arrays(group, specs, existing=())
-        group.update_attributes({_ATTR_READY: True})  # last: the layer is complete
+        update_group_attributes(group, {_ATTR_READY: True})  # last: the layer is complete
         state = _LayerState(
             name=layer, group=group, n_neurons=n_neurons, reduce=reduced.reduce,
             unit_coords=dict(reduced.unit_coords), sample_ids=np.zeros(0, dtype=np.int64),
@@ -861,12 +861,11 @@ class ActivationWriter:
         n, m = n0 + len(new), m0 + (e < 0)
         if e < 0:
             e = m - 1
-        # Room for n samples and m epochs: arrays grow in powers of two (so a long epoch
-        # 0 or many epochs grow them a logarithmic number of times); close() trims them.
-        size_n = arrays[SAMPLE].shape[0]
-        size_n = size_n if size_n >= n else _capacity(n)
-        size_m = arrays[EPOCH].shape[0]
-        size_m = size_m if size_m >= m else _capacity(m)
+        # Room for n samples and m epochs, exactly: a commit holds many batches (see
+        # buffer_bytes), so arrays grow a few times per run, and close() has nothing to
+        # trim (it still cuts arrays left longer by a crashed writer).
+        size_n = max(arrays[SAMPLE].shape[0], n)
+        size_m = max(arrays[EPOCH].shape[0], m)
         # Plan every write first (in memory), then run the four steps in one trip to
         # zarr's event loop; each step starts only after the previous one has finished.
         # 1. grow every array (the coordinates too: their new slots hold the fill value,
