@@ -333,6 +333,14 @@ def direct_creates(store: Any, spec: Mapping[str, Any]) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=64)
+def _zarr_dtype(dtype: str) -> Any:
+    """zarr's data type of a numpy dtype string (cached: zarr matches it against a registry)."""
+    from zarr.core.dtype import parse_dtype
+
+    return parse_dtype(np.dtype(dtype), zarr_format=3)
+
+
 def _metadata_bytes(metadata: Any) -> np.ndarray:
     return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].as_numpy_array()
 
@@ -348,7 +356,6 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> 
     """
     from zarr.codecs import BytesCodec
     from zarr.core.array import AsyncArray
-    from zarr.core.dtype import parse_dtype
     from zarr.storage import StorePath
 
     arrays: dict[str, zarr.Array] = {}
@@ -364,7 +371,7 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> 
         kwargs = {} if spec.get("fill_value") is None else {"fill_value": spec["fill_value"]}
         serializer = BytesCodec(endian=None) if dtype.itemsize == 1 else BytesCodec()
         metadata = AsyncArray._create_metadata_v3(
-            shape=shape, dtype=parse_dtype(dtype, zarr_format=3),
+            shape=shape, dtype=_zarr_dtype(dtype.str),
             chunk_shape=tuple(spec.get("chunks", shape)),
             codecs=[serializer, *spec.get("compressors", ())],
             dimension_names=spec.get("dimension_names"),

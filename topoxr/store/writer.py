@@ -127,7 +127,8 @@ class ActivationWriter:
         has no such data type that zarr-python reads.
     buffer_bytes : int, default 16 MiB
         Activations of one layer that :meth:`write` may hold in memory before committing
-        them (about ``4 * buffer_bytes`` over all layers). Consecutive batches of a
+        them (all layers together hold at most about ``8 * buffer_bytes``, buffers kept
+        for reuse included). Consecutive batches of a
         layer and epoch are committed together, in whole chunks: one commit per
         ``buffer_bytes`` instead of one per batch, each chunk written once (see "Commits"
         below). ``0`` commits every batch when :meth:`write` returns.
@@ -371,10 +372,11 @@ class ActivationWriter:
         layer_attrs: Mapping[str, Any] | None = None,
         **metadata: Any,
     ) -> int:
-        """Commit one batch of one layer.
+        """Check one batch of one layer and commit it (buffered, see "Commits").
 
         Every check runs before anything is written: a rejected batch leaves the store
-        exactly as it was.
+        exactly as it was (it may commit batches buffered before it that it conflicts
+        with, e.g. the same samples in another epoch).
 
         Parameters
         ----------
@@ -410,7 +412,8 @@ class ActivationWriter:
         Returns
         -------
         int
-            Number of samples written (0 when the whole batch was already committed).
+            Number of samples written or buffered for the next commit (0 when the whole
+            batch was already committed).
 
         Raises
         ------
