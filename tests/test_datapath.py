@@ -156,3 +156,31 @@ def test_naps_of_a_store_read_in_multi_chunk_blocks_matches_numpy(tmp_path):
     for g in range(3):
         np.testing.assert_allclose(nap.sel(label=g).values,
                                    values[:, labels == g, :].mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_direct_chunk_reads_equal_zarr_and_refuse_a_changed_byte(tmp_path):
+    """open_store reads default (bytes + crc32c) chunks itself: same values as zarr,
+    the fill value for an absent chunk, and a flipped byte is an error, never a value."""
+    import zarr
+
+    from topoxr._chunkio import direct_reads, read_region
+
+    path = str(tmp_path / "r.zarr")
+    rng = np.random.default_rng(4)
+    values = rng.standard_normal((40, 6)).astype(np.float32)
+    with ActivationWriter(path, model="m", chunk_samples=8) as writer:
+        for start in range(0, 40, 8):
+            writer.write("h", values[start:start + 8], sample=np.arange(start, start + 8))
+    arr = zarr.open_array(path + "/m/h/activation", mode="r")
+    assert direct_reads(arr)
+    for region in [(slice(0, 6), slice(0, 40), slice(0, 1)), (slice(1, 4), slice(5, 27), slice(0, 1))]:
+        np.testing.assert_array_equal(read_region(arr, region), arr[region])
+    chunk = tmp_path / "r.zarr" / "m" / "h" / "activation" / "c" / "0" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="crc32c"):
+        read_region(arr, (slice(0, 6), slice(0, 40), slice(0, 1)))
+    chunk.unlink()
+    got = read_region(arr, (slice(0, 6), slice(16, 24), slice(0, 1)))
+    assert np.isnan(got).all()  # as zarr reads an absent chunk; open_store names it

@@ -19,6 +19,7 @@ from topoxr._chunkio import (
     put_pieces,
     region_writer,
     run_jobs,
+    store_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _write_mask_chunks(arr: zarr.Array, column: np.ndarray, pos: np.ndarray, e: 
         pieces: list[Any] = [data]
         if checksum:  # as zarr's crc32c codec: the crc32c of the bytes, little-endian, last
             pieces.append(crc32c_bytes(data))
-        key = f"{arr.path}/{arr.metadata.encode_chunk_key((first // chunk, e))}"
+        key = store_key(arr.path, arr.metadata.encode_chunk_key((first // chunk, e)))
         put_pieces(arr.store, key, pieces)
 
 

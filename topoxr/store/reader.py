@@ -22,7 +22,7 @@ from topoxr.conventions import (
     PREDICTION,
     SAMPLE,
 )
-from topoxr._chunkio import read_array, read_blocks
+from topoxr._chunkio import read_array, read_blocks, read_region
 from topoxr.store._errors import StoreCorruptionError
 from topoxr.store._integrity import (
     Context,
@@ -211,7 +211,7 @@ class _CheckedActivation:
         if not all(isinstance(k, slice) for k in key):
             raise TypeError(f"unsupported selection {key!r}")  # dask is told fancy=False
         try:
-            block = np.asarray(self.array[key]).astype(self.dtype, copy=False)
+            block = read_region(self.array, key).astype(self.dtype, copy=False)
         except Exception as err:
             raise self.context.unreadable(self.array, key, err) from err
         missing = self._missing_chunk(key, block)
