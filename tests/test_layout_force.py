@@ -100,3 +100,5 @@ def test_refine_grid_knn_terms_keep_profile_neighbours_adjacent():
     np.testing.assert_array_equal(again, coords)
     with pytest.raises(ValueError, match="knn must have shape"):
         refine_grid(cells, shape, F, knn=knn[:10])
+    with pytest.raises(ValueError, match="neuron indices"):
+        refine_grid(cells, shape, F, knn=knn - 1)

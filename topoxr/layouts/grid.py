@@ -242,6 +242,8 @@ def refine_grid(
         knn = np.asarray(knn, dtype=np.intp)
         if knn.ndim != 2 or knn.shape[0] != n or knn.size == 0:
             raise LayoutInputError(f"knn must have shape ({n}, k), got {knn.shape}")
+        if knn.min() < 0 or knn.max() >= n:
+            raise LayoutInputError(f"knn must hold neuron indices in [0, {n})")
         # every listed pair both ways, as sorted keys i * (n + 1) + j with their counts
         src = np.repeat(np.arange(n, dtype=np.int64), knn.shape[1])
         dst = knn.ravel().astype(np.int64)
