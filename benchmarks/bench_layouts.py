@@ -6,9 +6,9 @@ Metrics come from :mod:`topoxr.quality` (trustworthiness/continuity with k = 10 
 cosine metric, dead neurons as in :mod:`topoxr.profiles`; smoothness of the 100 x 100
 interpolated maps of every profile column). Every method runs in this process, one after
 the other; RSS is sampled every 20 ms during the call (the whole process, so it includes
-what was loaded before: ``rss_before_mib``; importing umap-learn also loads TensorFlow
-when it is installed, about 1 GB). umap-learn's numba compilation is paid by a warm-up fit before
-timing. ``quick=True`` runs n = 128 and 512 only.
+what was loaded before: ``rss_before_mib``; :class:`~topoxr.layouts.UMAPLayout` imports
+umap-learn without its TensorFlow path). umap-learn's numba compilation is paid by a
+warm-up fit before timing. ``quick=True`` runs n = 128 and 512 only.
 
 Besides topoxr's scores, every row has the paper's own smoothness (``paper_smoothness``,
 :func:`topoxr.metrics.paper_smoothness`) and the sampled 10-NN overlap (``knn_overlap``).
@@ -43,6 +43,7 @@ METHODS = (
     "random", "pca", "mds", "tsne", "umap", "som", "graph", "force",
     "pca+force", "tsne+force", "umap+force", "som+force", "graph+force",
     "knnforce", "knnforce(grid=False)", "knnforce(swap_rounds=0,nudge=0)",
+    "knnforce(grid_neighbors=0)",
 )
 DEFAULT = "knnforce"
 #: Run first in every dataset (the targets' methods), so a cut-short run still has them.

@@ -8,7 +8,7 @@ from sklearn.base import clone
 from sklearn.manifold import trustworthiness
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from tests.conftest import requires_umap
+from tests.conftest import has_umap, requires_umap
 from topoxr.layouts import (
     DEFAULT_METHOD,
     ForceLayout,
@@ -32,12 +32,7 @@ from topoxr.layouts import (
 from topoxr.layouts.grid import grid_shape
 from topoxr.testing.profiles import clustered_profiles
 
-try:
-    import umap  # noqa: F401
-
-    HAS_UMAP = True
-except ImportError:
-    HAS_UMAP = False
+HAS_UMAP = has_umap  # found, not imported: umap-learn is imported when a UMAP is fitted
 
 # small, fast configurations of every estimator for the scikit-learn checks
 SMALL = [
@@ -267,3 +262,20 @@ def test_grid_snap_one_neuron_per_cell(method, monkeypatch):
     assert len(keys) == 700
     # order is kept: snapped x correlates strongly with the original x
     assert np.corrcoef(out[:, 0], pts[:, 0])[0, 1] > 0.95
+
+
+@pytest.mark.slow
+@requires_umap
+def test_umap_layout_does_not_import_tensorflow():
+    """umap-learn's ``import umap`` loads TensorFlow (ParametricUMAP) when it is installed;
+    UMAPLayout imports umap without that path, and it stays importable on request."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from topoxr.layouts import UMAPLayout\n"
+            "UMAPLayout(random_state=0, n_epochs=5).fit(np.random.default_rng(0).random((40, 4)))\n"
+            "print('tensorflow' in sys.modules, 'umap.parametric_umap' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["False", "False"], out.stdout + out.stderr[-2000:]

@@ -77,3 +77,28 @@ def test_refine_grid_rejects_shared_cells():
     F = np.eye(6)
     with pytest.raises(ValueError, match="own cell"):
         refine_grid(np.array([0, 0, 1, 2, 3, 4]), (3, 3), F)
+
+
+def test_refine_grid_knn_terms_keep_profile_neighbours_adjacent():
+    """With each neuron's profile-space neighbours given, the swaps, proposals and nudge
+    keep more of them next to it (sampled 10-NN overlap), one neuron per cell, seeded."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from topoxr.metrics import knn_overlap
+
+    X = clustered_profiles(600, 10, random_state=1)
+    F = X / np.linalg.norm(X, axis=1, keepdims=True)
+    knn = NearestNeighbors(n_neighbors=11).fit(F).kneighbors(F)[1][:, 1:]
+    _, cells, shape = snap_to_grid(np.random.default_rng(1).uniform(size=(600, 2)),
+                                   return_cells=True)
+    plain, _ = refine_grid(cells, shape, F, random_state=0)
+    coords, refined = refine_grid(cells, shape, F, knn=knn, random_state=0)
+    assert np.unique(refined).size == 600
+    assert knn_overlap(X, coords, 10, metric="cosine") > knn_overlap(
+        X, plain, 10, metric="cosine") + 0.02
+    again, _ = refine_grid(cells, shape, F, knn=knn, random_state=0)
+    np.testing.assert_array_equal(again, coords)
+    with pytest.raises(ValueError, match="knn must have shape"):
+        refine_grid(cells, shape, F, knn=knn[:10])
+    with pytest.raises(ValueError, match="neuron indices"):
+        refine_grid(cells, shape, F, knn=knn - 1)

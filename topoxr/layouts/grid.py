@@ -157,6 +157,10 @@ def refine_grid(
     max_jump: int = 3,
     batch: int = 16384,
     nudge: float = 0.8,
+    knn: np.ndarray | None = None,
+    knn_weight: float = 0.05,
+    knn_jumps: float = 0.3,
+    knn_nudge: float = 1.0,
     random_state: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Local swap optimisation of a one-neuron-per-cell grid, then a sub-cell nudge.
@@ -175,6 +179,15 @@ def refine_grid(
     similar ones (never outwards across the grid's border, so the map's hull stays the
     grid's box); the map keeps one neuron per cell.
 
+    With ``knn`` (each neuron's nearest neighbours in profile space) three things also
+    keep those neighbours next to it: a swap also gains ``knn_weight`` (times 1 / cell
+    distance) for every neighbour pair (``j`` among ``i``'s neighbours or ``i`` among
+    ``j``'s) that ends in adjacent cells; a fraction ``knn_jumps`` of the proposals aim at
+    a cell next to one of the proposer's neighbours instead of a random offset; and the
+    nudge adds ``knn_nudge`` for each such pair to the similarity it moves along. This
+    raises the share of profile-space neighbours that are map neighbours (see
+    :func:`topoxr.metrics.knn_overlap`) at little cost in smoothness.
+
     Parameters
     ----------
     cell_of : ndarray of int, shape (n,)
@@ -192,6 +205,13 @@ def refine_grid(
         (cells) and neurons proposing per round.
     nudge : float, default 0.8
         Strength of the final sub-cell move (0: cell centres).
+    knn : ndarray of int, shape (n, k), optional
+        Indices of each neuron's nearest profile-space neighbours (as
+        :attr:`KNNForceLayout.graph_ <topoxr.layouts.KNNForceLayout>` gives them).
+    knn_weight, knn_jumps, knn_nudge : float, default 0.05, 0.3, 1.0
+        Weight of a neighbour pair in adjacent cells in the swap gain, fraction of
+        proposals aimed next to a neighbour's cell, and weight of a neighbour pair in the
+        nudge; used only with ``knn``.
     random_state : int, RandomState, Generator or None
         Seed of the proposals.
 
@@ -218,11 +238,40 @@ def refine_grid(
     nbr = np.where(valid, nr * cols + nc, 0)
     weight = np.where(valid, w, 0.0).astype(np.float32)
 
-    def score(i, c, a, b):
-        """Similarity of neuron i (n: nobody) at cell c to its neighbours but a and b."""
+    if knn is not None:
+        knn = np.asarray(knn, dtype=np.intp)
+        if knn.ndim != 2 or knn.shape[0] != n or knn.size == 0:
+            raise LayoutInputError(f"knn must have shape ({n}, k), got {knn.shape}")
+        if knn.min() < 0 or knn.max() >= n:
+            raise LayoutInputError(f"knn must hold neuron indices in [0, {n})")
+        # every listed pair both ways, as sorted keys i * (n + 1) + j with their counts
+        src = np.repeat(np.arange(n, dtype=np.int64), knn.shape[1])
+        dst = knn.ravel().astype(np.int64)
+        pair_keys, pair_count = np.unique(np.concatenate([src * (n + 1) + dst,
+                                                          dst * (n + 1) + src]),
+                                          return_counts=True)
+        pair_count = pair_count.astype(np.float32)
+        ring = np.flatnonzero(np.abs(off).max(axis=1) == 1)  # the 8 adjacent cells
+    use_knn = knn is not None and knn_weight > 0
+
+    def linked(i, o):
+        """How often i and o (o with a trailing window axis; n: nobody) list each other."""
+        key = i[:, None].astype(np.int64) * (n + 1) + o
+        at = np.minimum(np.searchsorted(pair_keys, key), pair_keys.size - 1)
+        return np.where(pair_keys[at] == key, pair_count[at], np.float32(0.0))
+
+    def change(c, enter, leave):
+        """Score of ``enter`` (n: nobody) at cells c minus that of ``leave``, each against
+        the occupants of c's window but the two swapped neurons (similarity is linear:
+        one gather of the window serves both)."""
         o = occ[nbr[c]]
-        ww = weight[c] * ((o != a[:, None]) & (o != b[:, None]) & (o < n))
-        return np.einsum("mw,mw->m", np.einsum("mf,mwf->mw", Fz[i], Fz[o]), ww)
+        ww = weight[c] * ((o != enter[:, None]) & (o != leave[:, None]) & (o < n))
+        s = np.einsum("mw,mw->m", np.einsum("mf,mwf->mw", Fz[enter] - Fz[leave], Fz[o]), ww)
+        if use_knn:
+            o = o[:, ring]
+            s += np.float32(knn_weight) * np.einsum(
+                "mw,mw->m", linked(enter, o) - linked(leave, o), ww[:, ring])
+        return s
 
     batch = int(min(max(batch, 1), n))
     tol, quiet = max(1, batch // 500), 0
@@ -230,13 +279,21 @@ def refine_grid(
         a = rng.choice(n, batch, replace=False) if batch < n else rng.permutation(n)
         ca = cell_of[a]
         jump = rng.integers(-max_jump, max_jump + 1, size=(2, a.size))
-        cb = (np.clip(r_of[ca] + jump[0], 0, rows - 1) * cols
-              + np.clip(c_of[ca] + jump[1], 0, cols - 1))
+        base_r, base_c = r_of[ca], c_of[ca]
+        if knn is not None and knn_jumps > 0:
+            # some proposals: a cell next to one of the proposer's profile neighbours
+            aim = rng.random(a.size) < knn_jumps
+            target = cell_of[knn[a, rng.integers(0, knn.shape[1], a.size)]]
+            near = rng.integers(-1, 2, size=(2, a.size))
+            base_r = np.where(aim, r_of[target], base_r)
+            base_c = np.where(aim, c_of[target], base_c)
+            jump = np.where(aim, near, jump)
+        cb = (np.clip(base_r + jump[0], 0, rows - 1) * cols
+              + np.clip(base_c + jump[1], 0, cols - 1))
         move = cb != ca
         a, ca, cb = a[move], ca[move], cb[move]
         b = occ[cb]
-        gain = (score(a, cb, a, b) + score(b, ca, a, b)
-                - score(a, ca, a, b) - score(b, cb, a, b))
+        gain = change(cb, a, b) + change(ca, b, a)
         good = np.flatnonzero(gain > 1e-6)
         good = good[np.argsort(-gain[good], kind="stable")]
         a, ca, cb, b = a[good], ca[good], cb[good], b[good]
@@ -257,7 +314,10 @@ def refine_grid(
     if nudge > 0:
         o = occ[nbr[cell_of]]
         present = o < n
-        sim = np.einsum("if,iwf->iw", F, Fz[o]) * present
+        sim = np.einsum("if,iwf->iw", F, Fz[o])
+        if knn is not None and knn_nudge > 0:
+            sim += np.float32(knn_nudge) * linked(np.arange(n), o)
+        sim *= present
         count = np.maximum(present.sum(axis=1, keepdims=True), 1)
         rel = np.where(present, sim - sim.sum(axis=1, keepdims=True) / count, 0.0)
         unit = off[:, ::-1] / np.hypot(off[:, 0], off[:, 1])[:, None]  # (d_col, d_row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -10,6 +11,29 @@ from topoxr._optional import import_optional
 from topoxr.layouts._base import BaseLayout
 
 __all__ = ["MDSLayout", "TSNELayout", "UMAPLayout"]
+
+
+def _import_umap():
+    """umap-learn without its TensorFlow path.
+
+    ``import umap`` also imports ``umap.parametric_umap``, which loads TensorFlow when it
+    is installed (15-20 s and about 1 GB); topoxr needs only ``umap.UMAP``. The submodule
+    is blocked during the first import (umap-learn then defines its placeholder
+    ``ParametricUMAP``) and unblocked afterwards, so ``import umap.parametric_umap``
+    still works for whoever asks for it.
+    """
+    if "umap" in sys.modules:
+        return sys.modules["umap"]
+    blocked = "umap.parametric_umap" not in sys.modules
+    if blocked:
+        sys.modules["umap.parametric_umap"] = None  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImportWarning)
+            return import_optional("umap", extra="umap", purpose="UMAPLayout")
+    finally:
+        if blocked and sys.modules.get("umap.parametric_umap", 0) is None:
+            del sys.modules["umap.parametric_umap"]
 
 
 class TSNELayout(BaseLayout):
@@ -121,7 +145,7 @@ class UMAPLayout(BaseLayout):
         self.random_state = random_state
 
     def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-        umap = import_optional("umap", extra="umap", purpose="UMAPLayout")
+        umap = _import_umap()
         n = X.shape[0]
         if self.metric in ("cosine", "correlation"):
             data, metric = self._features(X), "euclidean"  # unit vectors: same neighbours
