@@ -208,13 +208,13 @@ def _child_write(p: dict) -> dict:
 
     def no_old_files() -> None:
         # both write new files: deleting the previous run's output is not timed
-        shutil.rmtree(store, ignore_errors=True)
         for path in saved:
             if os.path.exists(path):
                 os.unlink(path)
 
     best, peaks = _turns({"topoxr": topoxr_writer, "numpy_save": numpy_save}, REPEATS,
-                         prepare={"topoxr": no_old_files, "numpy_save": no_old_files})
+                         prepare={"topoxr": lambda: shutil.rmtree(store, ignore_errors=True),
+                                  "numpy_save": no_old_files})
     return {"bytes": nbytes, "seconds": best, "peak_rss_mb": peaks,
             "bytes_on_disk": {"topoxr": _du(store),
                               "numpy_save": sum(os.path.getsize(os.path.join(tmp, f))

@@ -139,7 +139,8 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
 
     n, m = snap.n, snap.m
     sample_ids, epochs, committed = snap.sample_ids, snap.epochs, snap.committed
-    act = read_array(arrays[ACTIVATION])  # decoded by zarrs where installed
+    # read by topoxr (bytes + crc32c on local stores) or decoded by zarrs where installed
+    act = read_array(arrays[ACTIVATION])
     checked = _CheckedActivation(act, committed, ctx)
     # Dask blocks of many whole zarr chunks (about 32 MiB) along sample, one epoch each
     # (a block across epochs scatters every chunk with a stride: measured 3x slower):
