@@ -847,7 +847,6 @@ class ActivationWriter:
                                    existing=state.arrays))
 
     def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
-        group = state.group
         arrays = state.arrays
         if preds is not None and PREDICTION not in arrays:
             self._create_prediction_arrays(state, preds, arrays[SAMPLE].shape[0],
