@@ -209,8 +209,6 @@ def _zarr_local(store: Any) -> bool:
 def _store_chunk(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> None:
     chunk = np.ascontiguousarray(chunk)
     key = store_key(arr.path, arr.metadata.encode_chunk_key(coords))
-    if getattr(arr.store, "read_only", False):
-        raise ValueError(f"store {arr.store} is read-only")
     put_pieces(arr.store, key, encode_pieces(arr, coords, chunk))
 
 
@@ -227,6 +225,27 @@ def _normalize(region: Sequence[Any], shape: tuple[int, ...]) -> tuple[list[tupl
             bounds.append((int(sel), int(sel) + 1))
             dropped.append(axis)
     return bounds, tuple(dropped)
+
+
+def _chunks_in(bounds: Sequence[tuple[int, int]], chunks: Sequence[int],
+               shape: Sequence[int]) -> Any:
+    """Every chunk a region touches: ``(coords, inside, cover, in_region, in_chunk)``.
+
+    ``bounds`` is the region's ``(start, stop)`` per dim; ``inside`` the part of the
+    chunk inside the array, ``cover`` the part the region covers (both ``(start,
+    stop)`` per dim), ``in_region`` and ``in_chunk`` the slices of ``cover`` relative
+    to the region and to the chunk.
+    """
+    grids = [range(lo // c, -(-hi // c)) for (lo, hi), c in zip(bounds, chunks, strict=True)]
+    for index in np.ndindex(*(len(g) for g in grids)):
+        coords = tuple(int(g[i]) for g, i in zip(grids, index, strict=True))
+        origin = [k * c for k, c in zip(coords, chunks, strict=True)]
+        inside = [(o, min(o + c, n)) for o, c, n in zip(origin, chunks, shape, strict=True)]
+        cover = [(max(lo, a), min(hi, b)) for (lo, hi), (a, b) in zip(bounds, inside, strict=True)]
+        in_region = tuple(slice(a - lo, b - lo)
+                          for (a, b), (lo, _) in zip(cover, bounds, strict=True))
+        in_chunk = tuple(slice(a - o, b - o) for (a, b), o in zip(cover, origin, strict=True))
+        yield coords, inside, cover, in_region, in_chunk
 
 
 class ChunkJob:
@@ -295,17 +314,8 @@ class DirectWriter:
         if dropped:
             block = np.expand_dims(block, dropped)
         fill = arr.metadata.fill_value
-        grids = [range(lo // c, -(-hi // c)) for (lo, hi), c in zip(bounds, chunks, strict=True)]
         jobs = []
-        for index in np.ndindex(*(len(g) for g in grids)):
-            coords = tuple(int(g[i]) for g, i in zip(grids, index, strict=True))
-            origin = [k * c for k, c in zip(coords, chunks, strict=True)]
-            # the part of the chunk inside the array, and the part the region covers
-            inside = [(o, min(o + c, n)) for o, c, n in zip(origin, chunks, shape, strict=True)]
-            cover = [(max(lo, a), min(hi, b))
-                     for (lo, hi), (a, b) in zip(bounds, inside, strict=True)]
-            src = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(cover, bounds, strict=True))
-            dst = tuple(slice(a - o, b - o) for (a, b), o in zip(cover, origin, strict=True))
+        for coords, inside, cover, src, dst in _chunks_in(bounds, chunks, shape):
             whole = cover == inside
             if whole and all(b - a == c for (a, b), c in zip(inside, chunks, strict=True)):
                 chunk = block[src]  # a view: made contiguous by the job, in parallel
@@ -553,14 +563,8 @@ def direct_reads(arr: zarr.Array) -> bool:
     For zarr's local store and arrays stored as ``bytes`` (this machine's byte order)
     followed by ``crc32c``: the activation arrays of this version's default.
     """
-    from zarr.codecs import BytesCodec, Crc32cCodec
-
-    codecs = tuple(arr.metadata.codecs) if arr.metadata.zarr_format == 3 else ()
-    if len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) \
-            or not isinstance(codecs[1], Crc32cCodec):
-        return False
-    endian = getattr(codecs[0].endian, "value", codecs[0].endian)
-    return (_zarr_local(arr.store) and endian in (None, sys.byteorder)
+    return (arr.metadata.zarr_format == 3 and _zarr_local(arr.store)
+            and _plain_chain(tuple(arr.metadata.codecs)) == ()
             and np.dtype(arr.dtype).kind in "biuf")
 
 
@@ -581,15 +585,9 @@ def read_region(arr: zarr.Array, region: Sequence[slice]) -> np.ndarray:
     dtype = np.dtype(arr.dtype)
     out = np.empty(tuple(hi - lo for lo, hi in bounds), dtype=dtype)
     root = arr.store.root
-    grids = [range(lo // c, -(-hi // c)) for (lo, hi), c in zip(bounds, chunks, strict=True)]
     nbytes = math.prod(chunks) * dtype.itemsize
 
-    def job(coords: tuple[int, ...]) -> None:
-        origin = [k * c for k, c in zip(coords, chunks, strict=True)]
-        cover = [(max(lo, o), min(hi, o + c))
-                 for (lo, hi), o, c in zip(bounds, origin, chunks, strict=True)]
-        dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(cover, bounds, strict=True))
-        src = tuple(slice(a - o, b - o) for (a, b), o in zip(cover, origin, strict=True))
+    def job(coords: tuple[int, ...], dst: tuple[slice, ...], src: tuple[slice, ...]) -> None:
         key = store_key(arr.path, arr.metadata.encode_chunk_key(coords))
         try:
             with open(root / key, "rb") as f:
@@ -602,8 +600,8 @@ def read_region(arr: zarr.Array, region: Sequence[slice]) -> np.ndarray:
             raise ValueError(f"chunk {key!r} fails its crc32c checksum or has the wrong size")
         out[dst] = data[:-4].view(dtype).reshape(chunks)[src]
 
-    run_jobs([functools.partial(job, tuple(int(g[i]) for g, i in zip(grids, index, strict=True)))
-              for index in np.ndindex(*(len(g) for g in grids))])
+    run_jobs([functools.partial(job, coords, in_region, in_chunk)
+              for coords, _, _, in_region, in_chunk in _chunks_in(bounds, chunks, arr.shape)])
     return out
 
 

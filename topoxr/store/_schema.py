@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -111,14 +111,13 @@ def _prediction_specs(preds: np.ndarray, n: int, m: int,
 
 
 def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
-                   existing: Mapping[str, zarr.Array] | Iterable[str] | None = None
-                   ) -> dict[str, zarr.Array]:
+                   existing: Mapping[str, zarr.Array] | None = None) -> dict[str, zarr.Array]:
     """Create arrays of a layer; return them (opened with the store's array config).
 
     ``specs`` maps names to :meth:`zarr.Group.create_array` arguments (``data`` given
     is written too). The arrays are then listed in ``activation``'s ``coordinates``
-    attribute, with ``existing`` (the layer's other arrays, names or the writer's opened
-    arrays; listed from the store when not given). On stores that write synchronously (local files, memory) numeric arrays
+    attribute, with ``existing`` (the writer's opened arrays of the layer; listed from
+    the store when not given). On stores that write synchronously (local files, memory) numeric arrays
     are created by :func:`topoxr._chunkio.create_arrays` (zarr's metadata, written in
     parallel: a tenth of the cost of zarr's ``create_array`` each); other stores and
     string arrays go through zarr's ``create_array``, concurrently.
@@ -142,7 +141,7 @@ def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
     if ACTIVATION not in fast:
         # through the writer's own array object where it has one: a later resize writes
         # that object's metadata, which must carry the new attribute
-        held = existing.get(ACTIVATION) if isinstance(existing, Mapping) else None
+        held = None if existing is None else existing.get(ACTIVATION)
         (held if held is not None else group[ACTIVATION]).update_attributes(coords)
     for name in checked:
         if name not in created:

@@ -828,7 +828,7 @@ class ActivationWriter:
         }
         if preds is not None:
             specs.update(_prediction_specs(preds, 0, 0, mask_chunk))
-        arrays = _create_arrays(group, specs, existing=())
+        arrays = _create_arrays(group, specs, existing={})
         update_group_attributes(group, {_ATTR_READY: True})  # last: the layer is complete
         state = _LayerState(
             name=layer, group=group, n_neurons=n_neurons, reduce=reduced.reduce,
