@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import datetime as _dt
 import logging
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -521,8 +522,7 @@ class ActivationWriter:
             committed before is intact, and this writer refuses further writes.
         """
         self._check_open()
-        for layer in list(self._pending):
-            self._flush_layer(layer)
+        self._flush_layers(list(self._pending))
 
     def _at_chunk_end(self, state: _LayerState, pending: _Pending) -> bool:
         """Whether the buffered rows end on a chunk boundary (or at the probe set's end)."""
@@ -536,21 +536,38 @@ class ActivationWriter:
 
     def _flush_layer(self, layer: str) -> None:
         """Commit the buffered batches of ``layer`` as one batch."""
-        pending = self._pending.pop(layer, None)
-        if pending is None or not pending.rows:
+        self._flush_layers([layer])
+
+    def _flush_layers(self, layers: Sequence[str]) -> None:
+        """Commit the buffered batches of each of ``layers`` as one batch, all together."""
+        flushed, commits = [], []
+        for layer in layers:
+            pending = self._pending.pop(layer, None)
+            if pending is None or not pending.rows:
+                continue
+            state = self._layers[layer]
+            values, ids, labels, preds, meta, new_rows = pending.merged()
+            plan = _Plan(new_rows=new_rows, write_rows=np.arange(len(ids)))
+            flushed.append((layer, state, pending, ids))
+            try:
+                commits.append(self._prepare_commit(state, plan, values, ids, labels, preds,
+                                                    meta, pending.epoch))
+            except Exception as err:
+                self._fail(err, f"committing {len(ids)} buffered samples of layer "
+                                f"{layer!r} epoch {pending.epoch} ({_ids_text(ids)})")
+        if not commits:
             return
-        state = self._layers[layer]
-        values, ids, labels, preds, meta, new_rows = pending.merged()
-        plan = _Plan(new_rows=new_rows, write_rows=np.arange(len(ids)))
         try:
-            self._commit(state, plan, values, ids, labels, preds, meta, pending.epoch)
+            _run_commits(commits)
         except Exception as err:
-            self._fail(err, f"committing {len(ids)} buffered samples of layer {layer!r} "
-                            f"epoch {pending.epoch} ({_ids_text(ids)})")
-        state.note_written(state.epoch_index(pending.epoch), state.positions(ids))
-        spare = sum(b.nbytes for b in self._spare.values())
-        if spare + pending.values.nbytes <= 4 * self._buffer_bytes:  # memory stays bounded
-            self._spare[layer] = pending.values
+            self._fail(err, "committing " + "; ".join(
+                f"{len(ids)} buffered samples of layer {layer!r} epoch {pending.epoch} "
+                f"({_ids_text(ids)})" for layer, _, pending, ids in flushed))
+        for layer, state, pending, ids in flushed:
+            state.note_written(state.epoch_index(pending.epoch), state.positions(ids))
+            spare = sum(b.nbytes for b in self._spare.values())
+            if spare + pending.values.nbytes <= 4 * self._buffer_bytes:  # memory stays bounded
+                self._spare[layer] = pending.values
 
     def complete_epoch(self, epoch: int, layers: Iterable[str] | None = None) -> None:
         """Mark ``epoch`` complete for ``layers`` (default: all layers of this writer).
@@ -847,6 +864,13 @@ class ActivationWriter:
                                    existing=state.arrays))
 
     def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
+        """Commit one batch (or the merged buffered batches) of one layer."""
+        return _run_commits([self._prepare_commit(state, plan, values, ids, labels, preds,
+                                                  meta, epoch)])[0]
+
+    def _prepare_commit(self, state, plan, values, ids, labels, preds, meta,
+                        epoch) -> _PreparedCommit:
+        """Plan a commit's writes in memory (see :func:`_run_commits`, which runs them)."""
         arrays = state.arrays
         if preds is not None and PREDICTION not in arrays:
             self._create_prediction_arrays(state, preds, arrays[SAMPLE].shape[0],
@@ -863,11 +887,14 @@ class ActivationWriter:
         n, m = n0 + len(new), m0 + (e < 0)
         if e < 0:
             e = m - 1
-        # Room for n samples and m epochs, exactly: a commit holds many batches (see
-        # buffer_bytes), so arrays grow a few times per run, and close() has nothing to
-        # trim (it still cuts arrays left longer by a crashed writer).
+        # Room for n samples and m epochs. The sample axis grows exactly: a commit holds
+        # many batches (see buffer_bytes), so it grows a few times per run. The epoch
+        # axis grows in powers of two: every epoch would otherwise rewrite the metadata
+        # of six arrays. close() trims what is left over.
         size_n = max(arrays[SAMPLE].shape[0], n)
-        size_m = max(arrays[EPOCH].shape[0], m)
+        size_m = arrays[EPOCH].shape[0]
+        if size_m < m:
+            size_m = 1 << (m - 1).bit_length()
         # Plan every write first (in memory), then run the four steps in one trip to
         # zarr's event loop; each step starts only after the previous one has finished.
         # 1. grow every array (the coordinates too: their new slots hold the fill value,
@@ -936,16 +963,44 @@ class ActivationWriter:
             mask = np.concatenate([mask, np.zeros((n0, 1), bool)], 1)
         if n > n0:
             mask = np.concatenate([mask, np.zeros((n - n0, m), bool)])
-        _run_in_order([grow, fill, coords])
-        _write_mask_chunks(arrays[COMMITTED], mask[:, e], pos, e, size_n)
-        # the store now holds the batch: mirror it in memory
-        mask[pos, e] = True
-        if m > m0:
-            state.epochs.append(epoch)
-            state.complete = np.append(state.complete, False)
-        if len(new):
-            state.add_samples(ids[new], all_ids)
-            state.labels = all_labels
-            state.metadata = all_metadata
-        state.mask = mask
-        return len(rows)
+
+        def mirror() -> None:  # the store now holds the batch: mirror it in memory
+            mask[pos, e] = True
+            if m > m0:
+                state.epochs.append(epoch)
+                state.complete = np.append(state.complete, False)
+            if len(new):
+                state.add_samples(ids[new], all_ids)
+                state.labels = all_labels
+                state.metadata = all_metadata
+            state.mask = mask
+
+        return _PreparedCommit(steps=(grow, fill, coords),
+                               mask=(arrays[COMMITTED], mask[:, e], pos, e, size_n),
+                               mirror=mirror, rows=len(rows))
+
+
+@dataclass
+class _PreparedCommit:
+    """The writes of one layer's commit, planned in memory (``_prepare_commit``)."""
+
+    steps: tuple[list, list, list]  # grow, fill, coordinates (see _commit's comments)
+    mask: tuple  # the arguments of _write_mask_chunks: the commit point
+    mirror: Callable[[], None]  # updates the layer's in-memory state once committed
+    rows: int
+
+
+def _run_commits(commits: Sequence[_PreparedCommit]) -> list[int]:
+    """Run the commits of several layers together; return the rows each committed.
+
+    Each of the three steps runs for every layer at once (one wait per step, not one
+    per layer and step); a layer's mask, its commit point, is written only after all
+    its other writes, as in a single commit. On an error no layer is mirrored in
+    memory but those whose mask was written (their batch is complete and committed).
+    """
+    _run_in_order([[op for c in commits for op in c.steps[k]] for k in range(3)])
+    for c in commits:
+        _write_mask_chunks(*c.mask)
+        c.mirror()
+    return [c.rows for c in commits]
+
