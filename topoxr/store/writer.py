@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import datetime as _dt
 import logging
 import re
@@ -980,7 +979,7 @@ class ActivationWriter:
                                mirror=mirror, rows=len(rows))
 
 
-@dataclass
+@dataclasses.dataclass
 class _PreparedCommit:
     """The writes of one layer's commit, planned in memory (``_prepare_commit``)."""
 
