@@ -376,6 +376,49 @@ def test_a_failed_flush_names_the_buffered_batches_and_loses_nothing_committed(
         assert again.missing("h", 1, range(4)).tolist() == [0, 1, 2, 3]
 
 
+
+def test_a_flush_of_several_layers_fails_at_every_write_without_tearing_a_batch(
+        tmp_path, monkeypatch):
+    """``flush`` commits every buffered layer in one set of steps; whichever write fails,
+    each layer's buffered batch is either committed whole, with its values, or missing."""
+    values = {"h": np.arange(12.0).reshape(4, 3) + 10, "g": np.arange(20.0).reshape(4, 5)}
+    budget = 0
+    while True:
+        store = str(tmp_path / f"run{budget}.zarr")
+        writer = topoxr.ActivationWriter(store, model="m")
+        for layer, vals in values.items():
+            writer.write(layer, np.zeros_like(vals), sample=np.arange(4))
+        writer.flush()
+        for layer, vals in values.items():  # epoch 1: a new epoch for both layers
+            writer.write(layer, vals[:2], sample=[0, 1], epoch=1)
+            writer.write(layer, vals[2:], sample=[2, 3], epoch=1)
+        failing = _FailingSets(budget=budget)
+        failing.install(monkeypatch)
+        try:
+            writer.flush()
+        except StoreWriteError as err:
+            failed = True
+            for layer in values:  # the message names every buffered batch
+                assert f"4 buffered samples of layer {layer!r} epoch 1 ([0, 1, 2, 3])" in str(err)
+        else:
+            failed = False
+        monkeypatch.undo()
+        writer.close()
+        tree = topoxr.open_store(store)
+        with topoxr.ActivationWriter(store, model="m") as again:
+            for layer, vals in values.items():
+                missing = again.missing(layer, 1, range(4)).tolist()
+                assert missing in ([], [0, 1, 2, 3]), (budget, layer, missing)
+                if not missing:
+                    act = tree[f"m/{layer}"].to_dataset().activation.sel(epoch=1)
+                    np.testing.assert_array_equal(act.values, vals.T)
+        if not failed:
+            assert failing.calls > 0  # the last budget let every write through
+            break
+        budget += 1
+    assert budget > 4  # the flush wrote several files before it could succeed
+
+
 _TMPFS_DRIVER = textwrap.dedent("""
     import json, shutil, subprocess, sys
     sys.path.insert(0, sys.argv[1])
