@@ -14,8 +14,9 @@ How crash safety works:
   batch being written are never lost.
 * ``write`` buffers consecutive batches of a layer and epoch and commits them together
   (``buffer_bytes``), in whole chunks, so that every chunk is written once; arrays grow
-  exactly to the data at each commit, and :meth:`ActivationWriter.close` (or the next
-  writer after a crash) trims arrays a crashed commit left longer.
+  exactly to the data along ``sample`` and in powers of two along ``epoch``, and
+  :meth:`ActivationWriter.close` (or the next writer after a crash) trims them. A flush
+  commits every buffered layer in one set of steps (each step for all layers at once).
 * A batch is written in a fixed order: first every array is grown if needed (new
   coordinate slots hold a fill value that no sample id or epoch can take), then every array that
   is not a coordinate is filled (values, labels, metadata, predictions; concurrently),
