@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -280,6 +281,14 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
             if dim in (SAMPLE, EPOCH):
                 lengths[dim] = min(lengths.get(dim, size), size)
     s_min, e_min = lengths.get(SAMPLE, 0), lengths.get(EPOCH, 0)
+    # Read in the reverse of the writer's order (coordinates, then a batch's mask, then
+    # 'epoch_complete'): whatever these reads find committed or complete was written
+    # after the coordinates it needs, so the coordinates read next include it.
+    try:
+        complete_all = np.asarray(arrays[EPOCH_COMPLETE][...]).astype(bool)
+        mask = np.asarray(arrays[COMMITTED][...])
+    except Exception:
+        complete_all = mask = None  # damaged: read again below, naming the chunk
     ids_all = ctx.read(arrays[SAMPLE]).astype(np.int64)
     eps_all = ctx.read(arrays[EPOCH]).astype(np.int64)
     n = _first(ids_all[:s_min] == SAMPLE_FILL, s_min)
@@ -290,8 +299,9 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
     if beyond.any():
         problems.append(f"'sample' holds {int(beyond.sum())} ids beyond the {s_min} samples "
                         "every array has (an array's shape was cut)")
-    mask = ctx.read(arrays[COMMITTED])
-    complete_all = ctx.read(arrays[EPOCH_COMPLETE]).astype(bool)
+    if mask is None:
+        complete_all = ctx.read(arrays[EPOCH_COMPLETE]).astype(bool)
+        mask = ctx.read(arrays[COMMITTED])
     late_s = mask[n:].any(axis=1) if mask.ndim == 2 else np.zeros(0, bool)
     late_e = mask[:, m:].any(axis=0) if mask.ndim == 2 else np.zeros(0, bool)
     if late_s.any():
@@ -327,8 +337,68 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
             if longer:
                 problems.append(f"arrays {shorter} have {size} entries along {dim!r}, "
                                 f"{longer} more")
-        raise StoreCorruptionError(f"{where} is damaged: " + "; ".join(problems))
+        raise _Contradiction(f"{where} is damaged: " + "; ".join(problems))
     return Snapshot(n, m, ctx.sample_ids, ctx.epochs, committed, complete, checked, ctx)
+
+
+class _Contradiction(StoreCorruptionError):
+    """Arrays of a layer contradict each other (see :func:`consistent_snapshot`)."""
+
+
+#: How often a contradicting layer is read again before it is called damaged.
+_REREADS = 3
+
+
+def consistent_snapshot(
+    group: zarr.Group,
+    arrays: Mapping[str, zarr.Array] | None = None,
+    *,
+    check_chunks: bool = True,
+) -> tuple[dict[str, zarr.Array], Snapshot]:
+    """Open a layer's arrays and read its :func:`snapshot`, even while a writer runs.
+
+    The arrays' metadata and the coordinates and mask are read one after another; a
+    writer that commits in between (it grows the arrays, fills them, writes the
+    coordinates and then the mask) can make what was read at different moments
+    contradict itself, e.g. a mask that has grown past a shape read just before. Such
+    a layer is read again, its metadata fresh, after a short wait (about as long as a
+    reading took, doubling each time); only a contradiction that is still there after
+    three such readings is reported as damage.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The layer group.
+    arrays : mapping, optional
+        Its arrays as already opened (:func:`layer_arrays`), for the first reading.
+    check_chunks : bool, default True
+        Also look for lost chunks of the small arrays (see :func:`snapshot`).
+
+    Returns
+    -------
+    arrays : dict
+        The arrays of the reading that was consistent (their shapes are its shapes).
+    snapshot : Snapshot
+
+    Raises
+    ------
+    StoreCorruptionError
+        As :func:`snapshot`, when the last reading still finds a contradiction.
+    """
+    current = dict(arrays) if arrays is not None else layer_arrays(group)
+    for attempt in range(_REREADS):
+        start = time.perf_counter()
+        try:
+            return current, snapshot(group, current, check_chunks=check_chunks)
+        except _Contradiction as err:
+            # wait about as long as a reading takes (a writer's commit takes as many
+            # trips to the store), doubling each time: milliseconds on a local disk
+            delay = max(time.perf_counter() - start, 0.005) * 2 ** attempt
+            logger.debug("%s; a writer may be committing: reading it again in %.3f s",
+                         err, delay)
+            time.sleep(delay)
+            current = layer_arrays(group)
+    return current, snapshot(group, current, check_chunks=check_chunks)
 
 
 def _first(flags: np.ndarray, default: int) -> int:

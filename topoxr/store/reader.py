@@ -29,8 +29,7 @@ from topoxr.store._integrity import (
     check_model_name,
     child_groups,
     chunk_coords,
-    layer_arrays,
-    snapshot,
+    consistent_snapshot,
 )
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import (
@@ -126,8 +125,7 @@ def _plain_dataset(group: zarr.Group) -> xr.Dataset:
 def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
     import dask.array as dsa
 
-    arrays = layer_arrays(group)
-    snap = _guarded(_where(group), lambda: snapshot(group, arrays))
+    arrays, snap = _guarded(_where(group), lambda: consistent_snapshot(group))
     ctx = snap.context
     if not snap.checked:
         logger.info("%s was written by an earlier topoxr without chunk checksums: damage to "

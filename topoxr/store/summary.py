@@ -15,7 +15,7 @@ from topoxr.conventions import (
     ATTR_MODEL,
 )
 from topoxr.store._errors import StoreError
-from topoxr.store._integrity import child_groups, children, layer_arrays, snapshot
+from topoxr.store._integrity import child_groups, children, consistent_snapshot
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import _ATTR_READY, _ATTR_REDUCE, _guarded, _where
 from topoxr.store.verify import ATTR_VERIFIED
@@ -77,8 +77,7 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
 
 
 def _layer_summary(group: zarr.Group) -> dict[str, Any]:
-    arrays = layer_arrays(group)
-    snap = _guarded(_where(group), lambda: snapshot(group, arrays))
+    arrays, snap = _guarded(_where(group), lambda: consistent_snapshot(group))
     epochs = [int(e) for e in snap.epochs]
     complete, committed = snap.complete, snap.committed
     return {

@@ -21,10 +21,10 @@ from topoxr.store._integrity import (
     children,
     chunk_coords,
     chunk_slices,
+    consistent_snapshot,
     layer_arrays,
     missing_chunks,
     region_of,
-    snapshot,
     stored_chunks,
 )
 from topoxr.store._location import _locate, _open_root_readonly
@@ -144,7 +144,7 @@ def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) 
             "to its chunks cannot be detected", kind="unverifiable"))
     snap = None
     try:
-        snap = snapshot(group, arrays)
+        arrays, snap = consistent_snapshot(group, arrays)
     except StoreError as err:
         report.problems.append(Problem(node, str(err)))
     except Exception as err:
