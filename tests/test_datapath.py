@@ -184,3 +184,103 @@ def test_direct_chunk_reads_equal_zarr_and_refuse_a_changed_byte(tmp_path):
     chunk.unlink()
     got = read_region(arr, (slice(0, 6), slice(16, 24), slice(0, 1)))
     assert np.isnan(got).all()  # as zarr reads an absent chunk; open_store names it
+
+
+def test_activation_chunks_are_stored_sample_major_as_the_batches_came(tmp_path):
+    """An activation chunk file holds the batch rows ``(sample, neuron)`` as given, then
+    their crc32c: zarr's ``transpose`` codec (order 2, 1, 0) states it, so zarr, plain
+    xarray and topoxr all read the ``(neuron, sample, epoch)`` values back."""
+    import google_crc32c
+
+    path = tmp_path / "r.zarr"
+    _write(path, [np.arange(0, 8), np.arange(8, 16)], chunk_samples=8)
+    arr = zarr.open_array(str(path / "m/h/activation"), mode="r")
+    assert [c.to_dict()["name"] for c in arr.metadata.codecs] == ["transpose", "bytes",
+                                                                 "crc32c"]
+    raw = (path / "m/h/activation/c/0/1/1").read_bytes()  # samples 8-15, epoch 1
+    rows = np.frombuffer(raw[:-4], dtype="<f4").reshape(8, N)
+    np.testing.assert_array_equal(rows, _values(np.arange(8, 16), 1))
+    assert raw[-4:] == google_crc32c.value(raw[:-4]).to_bytes(4, "little")
+    expected = np.stack([_values(np.arange(16), e).T for e in (0, 1)], axis=2)
+    np.testing.assert_array_equal(arr[...], expected)
+    np.testing.assert_array_equal(
+        xr.open_datatree(str(path), engine="zarr")["m/h"].activation.values, expected)
+    got = open_store(str(path))["m/h"].activation
+    np.testing.assert_array_equal(got.values, expected)
+    np.testing.assert_array_equal(got.isel(sample=slice(3, 13), neuron=slice(1, 4)).values,
+                                  expected[1:4, 3:13])
+
+
+def _as_neuron_major(path) -> None:
+    """Rewrite the activation arrays as the previous version stored them: chunks in
+    C order of ``(neuron, sample, epoch)``, no ``transpose`` codec (crc32c redone)."""
+    import json
+    from pathlib import Path
+
+    import google_crc32c
+
+    for doc in Path(path).rglob("activation/zarr.json"):
+        meta = json.loads(doc.read_text())
+        chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "transpose"]
+        doc.write_text(json.dumps(meta))
+        for file in (doc.parent / "c").rglob("*"):
+            if file.is_file():
+                raw = file.read_bytes()
+                stored = np.frombuffer(raw[:-4], dtype="<f4").reshape(chunk[::-1])
+                data = np.ascontiguousarray(stored.transpose(2, 1, 0)).tobytes()
+                file.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
+
+
+def test_a_store_of_the_neuron_major_layout_reads_and_resumes_in_it(tmp_path):
+    """Stores written before the sample-major layout read the same, and a writer of
+    today appends to their layers in their own layout."""
+    path = tmp_path / "old.zarr"
+    _write(path, [np.arange(0, 8), np.arange(8, 13)], chunk_samples=8)
+    expected = open_store(str(path))["m/h"].to_dataset().load()
+    _as_neuron_major(path)
+    arr = zarr.open_array(str(path / "m/h/activation"), mode="r")
+    assert "transpose" not in [c.to_dict()["name"] for c in arr.metadata.codecs]
+    xr.testing.assert_identical(open_store(str(path))["m/h"].to_dataset().load(), expected)
+    assert topoxr.verify(str(path)).ok
+    _write(path, [np.arange(0, 8), np.arange(8, 13)], epochs=(2,), chunk_samples=8)
+    assert "transpose" not in [c.to_dict()["name"] for c in
+                               zarr.open_array(str(path / "m/h/activation")).metadata.codecs]
+    _check(path, 13, epochs=(0, 1, 2))
+    np.testing.assert_array_equal(
+        xr.open_datatree(str(path), engine="zarr")["m/h"].activation.values,
+        open_store(str(path))["m/h"].activation.values)
+
+
+def test_direct_consolidation_writes_what_zarr_writes(tmp_path):
+    """The writer's consolidation (read and written directly on a local store) gives the
+    root document zarr.consolidate_metadata gives, for models, layers, layouts and
+    logged scalars; plain xarray opens the store with it."""
+    import json
+    import shutil
+    import warnings
+
+    from topoxr._chunkio import consolidate
+
+    path = tmp_path / "a.zarr"
+    _write(path, [np.arange(0, 8), np.arange(8, 13)], chunk_samples=8)
+    with ActivationWriter(str(path), model="other") as w:
+        w.write("x.y", np.ones((3, 2), np.float32), sample=[5, 6, 7])
+        w.log_epoch(0, loss=0.5)
+    from topoxr.layouts import save_layout
+
+    laid = topoxr.layout(topoxr.naps(open_store(str(path))["m/h"].to_dataset(), by="label"),
+                         method="random", random_state=0)
+    save_layout(str(path), "m", "h", laid, "r")
+    twin = tmp_path / "b.zarr"
+    shutil.copytree(path, twin)
+    consolidate(zarr.storage.LocalStore(str(path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(zarr.storage.LocalStore(str(twin)))
+    ours = json.loads((path / "zarr.json").read_text())
+    theirs = json.loads((twin / "zarr.json").read_text())
+    assert ours == theirs
+    assert len(ours["consolidated_metadata"]["metadata"]) > 20
+    tree = xr.open_datatree(str(path), engine="zarr")
+    assert tree["other/x.y"].activation.shape == (2, 3, 1)

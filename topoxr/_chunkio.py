@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -102,12 +103,15 @@ def _encode(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> Any:
 def _plain_chain(codecs: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """The bytes-to-bytes codecs between ``bytes`` and a final ``crc32c``, or None.
 
-    Chains of that form (every activation and coordinate array of this version: the
-    ``bytes`` serializer in the machine's byte order, optional compressors, then the
-    checksum) are encoded by :func:`encode_pieces` without zarr's copies.
+    Chains of that form (every activation and coordinate array of this version: an
+    optional ``transpose`` (see :func:`chunk_order`), the ``bytes`` serializer in the
+    machine's byte order, optional compressors, then the checksum) are encoded by
+    :func:`encode_pieces` without zarr's copies.
     """
-    from zarr.codecs import BytesCodec, Crc32cCodec
+    from zarr.codecs import BytesCodec, Crc32cCodec, TransposeCodec
 
+    if codecs and isinstance(codecs[0], TransposeCodec):
+        codecs = codecs[1:]
     if len(codecs) < 2 or not isinstance(codecs[0], BytesCodec):
         return None
     if not isinstance(codecs[-1], Crc32cCodec):
@@ -118,24 +122,46 @@ def _plain_chain(codecs: tuple[Any, ...]) -> tuple[Any, ...] | None:
     return tuple(codecs[1:-1])
 
 
+def chunk_order(arr: zarr.Array) -> tuple[int, ...] | None:
+    """The axis order in which ``arr``'s chunks are stored, where not C order of its dims.
+
+    This version stores ``activation`` chunks ``(neuron, sample, epoch)`` with zarr's
+    ``transpose`` codec of order ``(2, 1, 0)``: sample-major, the order in which batches
+    ``(sample, neuron)`` arrive, so that writing a chunk needs no transpose. Returns
+    that order, or None for arrays without a leading ``transpose`` codec.
+    """
+    from zarr.codecs import TransposeCodec
+
+    codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
+    if codecs and isinstance(codecs[0], TransposeCodec):
+        return tuple(int(i) for i in codecs[0].order)
+    return None
+
+
 def encode_pieces(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> list[Any]:
     """The stored bytes of one whole chunk of ``arr``, as buffer-like pieces in order.
 
-    For a ``bytes`` + compressors + ``crc32c`` chain the pieces are the (compressed)
-    bytes and their crc32c, little-endian, exactly as zarr's codecs write them but
-    without the copy zarr's ``crc32c`` codec makes to append the checksum; any other
-    chain is encoded by zarr's codecs, in one piece.
+    For a [``transpose``] + ``bytes`` + compressors + ``crc32c`` chain the pieces are
+    the (compressed) bytes and their crc32c, little-endian, exactly as zarr's codecs
+    write them but without the copy zarr's ``crc32c`` codec makes to append the
+    checksum; a chunk that is a view of data already in the stored order (a transposed
+    view of sample-major batches, see :func:`chunk_order`) is not copied at all. Any
+    other chain is encoded by zarr's codecs, in one piece.
     """
-    middle = _plain_chain(tuple(arr.metadata.codecs))
+    codecs = tuple(arr.metadata.codecs)
+    middle = _plain_chain(codecs)
     if middle is None or chunk.dtype.byteorder not in ("=", "|", "<" if
                                                       sys.byteorder == "little" else ">"):
-        return [_encode(arr, coords, chunk).as_buffer_like()]
-    data: Any = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+        return [_encode(arr, coords, np.ascontiguousarray(chunk)).as_buffer_like()]
+    order = chunk_order(arr)
+    stored = chunk if order is None else chunk.transpose(order)
+    data: Any = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
     if middle:
         prototype = default_buffer_prototype()
         spec = arr.metadata.get_chunk_spec(coords, arr.async_array.config, prototype)
         buf: Any = prototype.buffer.from_array_like(data)
-        spec = arr.metadata.codecs[0].resolve_metadata(spec)
+        for codec in codecs[: len(codecs) - len(middle) - 1]:  # transpose, bytes
+            spec = codec.resolve_metadata(spec)
         for codec in middle:
             buf = codec._encode_sync(buf, spec)
             spec = codec.resolve_metadata(spec)
@@ -207,7 +233,6 @@ def _zarr_local(store: Any) -> bool:
 
 
 def _store_chunk(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> None:
-    chunk = np.ascontiguousarray(chunk)
     key = store_key(arr.path, arr.metadata.encode_chunk_key(coords))
     put_pieces(arr.store, key, encode_pieces(arr, coords, chunk))
 
@@ -375,7 +400,8 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> 
     ``create_array`` would write); the files are written in parallel and the arrays
     opened from memory, with their ``config``. ``data``, where given, is then written
     as whole chunks. Supported keys: ``shape``/``data``, ``chunks``, ``dtype``,
-    ``fill_value``, ``compressors``, ``dimension_names``, ``attributes``, ``config``.
+    ``fill_value``, ``filters`` (array-to-array codecs), ``compressors``,
+    ``dimension_names``, ``attributes``, ``config``.
     """
     from zarr.codecs import BytesCodec
     from zarr.core.array import AsyncArray
@@ -396,7 +422,7 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> 
         metadata = AsyncArray._create_metadata_v3(
             shape=shape, dtype=_zarr_dtype(dtype.str),
             chunk_shape=tuple(spec.get("chunks", shape)),
-            codecs=[serializer, *spec.get("compressors", ())],
+            codecs=[*spec.get("filters", ()), serializer, *spec.get("compressors", ())],
             dimension_names=spec.get("dimension_names"),
             attributes=dict(spec.get("attributes", {})), **kwargs)
         path = store_key(group.path, name)
@@ -447,6 +473,64 @@ def update_group_attributes(group: zarr.Group, attributes: Mapping[str, Any]) ->
                                    attributes={**async_group.metadata.attributes, **attributes})
     put_pieces(group.store, store_key(group.path, "zarr.json"), [_metadata_bytes(metadata)])
     object.__setattr__(async_group, "metadata", metadata)
+
+
+def consolidate(store: Any) -> None:
+    """``zarr.consolidate_metadata(store)``, read and written directly on a local store.
+
+    zarr's own function opens every node of the hierarchy through its event loop (tens
+    of milliseconds for a few layers); on zarr's local store the ``zarr.json`` files
+    are read here (not descending into arrays' chunk folders), turned into zarr's
+    metadata objects, nested as zarr nests them and written as the root's metadata in
+    one atomic replacement: the same document zarr writes. Other stores, and
+    hierarchies with anything but Zarr v3 nodes, go through zarr.
+    """
+    import json
+    from pathlib import Path
+
+    from zarr.core.group import ConsolidatedMetadata, GroupMetadata
+    from zarr.core.metadata import ArrayV3Metadata
+
+    def through_zarr() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # consolidation is not in the v3 spec: known
+            zarr.consolidate_metadata(store)
+
+    if not _zarr_local(store):
+        through_zarr()
+        return
+    root = Path(store.root)
+    members: dict[str, Any] = {}
+    root_doc: dict[str, Any] | None = None
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        if "zarr.json" not in files:  # not a node (zarr lists nothing below it either)
+            dirs[:] = []
+            continue
+        with open(os.path.join(folder, "zarr.json"), "rb") as f:
+            doc = json.loads(f.read())
+        if doc.get("zarr_format") != 3:
+            through_zarr()
+            return
+        key = Path(folder).relative_to(root).as_posix()
+        if key == ".":
+            root_doc = doc
+        elif doc.get("node_type") == "array":
+            members[key] = ArrayV3Metadata.from_dict(doc)
+            dirs[:] = []  # its chunks
+        else:
+            doc.pop("consolidated_metadata", None)
+            members[key] = GroupMetadata.from_dict(
+                {**doc, "consolidated_metadata": {"kind": "inline", "must_understand": False,
+                                                  "metadata": {}}})
+    if root_doc is None or root_doc.get("node_type") != "group":
+        through_zarr()
+        return
+    ConsolidatedMetadata._flat_to_nested(members)
+    root_doc.pop("consolidated_metadata", None)
+    metadata = dataclasses.replace(GroupMetadata.from_dict(root_doc),
+                                   consolidated_metadata=ConsolidatedMetadata(metadata=members))
+    put_pieces(store, "zarr.json", [_metadata_bytes(metadata)])
 
 
 class DirectResize:
@@ -560,8 +644,9 @@ def read_array(arr: zarr.Array) -> zarr.Array:
 def direct_reads(arr: zarr.Array) -> bool:
     """Whether :func:`read_region` can read ``arr``'s chunk files itself.
 
-    For zarr's local store and arrays stored as ``bytes`` (this machine's byte order)
-    followed by ``crc32c``: the activation arrays of this version's default.
+    For zarr's local store and arrays stored as ``bytes`` (this machine's byte order),
+    optionally after a ``transpose``, followed by ``crc32c``: the activation arrays of
+    this version's default.
     """
     return (arr.metadata.zarr_format == 3 and _zarr_local(arr.store)
             and _plain_chain(tuple(arr.metadata.codecs)) == ()
@@ -572,8 +657,11 @@ def read_region(arr: zarr.Array, region: Sequence[slice]) -> np.ndarray:
     """``arr[region]`` (slices of step 1), reading and checking chunk files directly.
 
     Each chunk file is read whole, its crc32c compared with the stored one, and its
-    part of ``region`` copied into the result, the chunks in parallel; a missing
-    chunk reads as the fill value, as zarr reads it. Arrays that
+    part of ``region`` copied into the result, the chunks in parallel; a chunk the
+    region covers whole is read straight into the result, with no copy in between. A
+    missing chunk reads as the fill value, as zarr reads it. The result is laid out in
+    memory in the order the chunks are stored (:func:`chunk_order`: sample-major for
+    activations), and returned as a view in the array's dimension order. Arrays that
     :func:`direct_reads` does not accept are read by zarr. A chunk that fails its
     checksum or has the wrong size raises :class:`ValueError` naming it (the reader
     then asks zarr which chunks are damaged, see ``Context.unreadable``).
@@ -583,26 +671,40 @@ def read_region(arr: zarr.Array, region: Sequence[slice]) -> np.ndarray:
     bounds, _ = _normalize(tuple(region), arr.shape)
     chunks = arr.chunks
     dtype = np.dtype(arr.dtype)
-    out = np.empty(tuple(hi - lo for lo, hi in bounds), dtype=dtype)
+    order = chunk_order(arr) or tuple(range(arr.ndim))
+    stored_chunk = tuple(chunks[i] for i in order)
+    shape = tuple(hi - lo for lo, hi in bounds)
+    stored = np.empty(tuple(shape[i] for i in order), dtype=dtype)
     root = arr.store.root
     nbytes = math.prod(chunks) * dtype.itemsize
+    fill = arr.metadata.fill_value
 
     def job(coords: tuple[int, ...], dst: tuple[slice, ...], src: tuple[slice, ...]) -> None:
         key = store_key(arr.path, arr.metadata.encode_chunk_key(coords))
+        target = stored[tuple(dst[i] for i in order)]
+        whole = all(s.stop - s.start == c for s, c in zip(src, chunks, strict=True))
         try:
-            with open(root / key, "rb") as f:
+            with open(root / key, "rb", buffering=0) as f:
+                if whole and target.flags.c_contiguous:  # straight into the result
+                    data = target.reshape(-1).view(np.uint8)
+                    got = f.readinto(data)
+                    tail = f.read(5)
+                    if got != nbytes or len(tail) != 4 or crc32c_bytes(data) != tail:
+                        raise ValueError(f"chunk {key!r} fails its crc32c checksum or has "
+                                         "the wrong size")
+                    return
                 raw = f.read()
         except FileNotFoundError:
-            out[dst] = arr.metadata.fill_value
+            target[...] = fill
             return
         data = np.frombuffer(raw, dtype=np.uint8)
         if len(raw) != nbytes + 4 or crc32c_bytes(data[:-4]) != raw[-4:]:
             raise ValueError(f"chunk {key!r} fails its crc32c checksum or has the wrong size")
-        out[dst] = data[:-4].view(dtype).reshape(chunks)[src]
+        target[...] = data[:-4].view(dtype).reshape(stored_chunk)[tuple(src[i] for i in order)]
 
     run_jobs([functools.partial(job, coords, in_region, in_chunk)
               for coords, _, _, in_region, in_chunk in _chunks_in(bounds, chunks, arr.shape)])
-    return out
+    return stored.transpose(tuple(int(i) for i in np.argsort(order)))
 
 
 def read_blocks(chunks: tuple[int, ...], shape: tuple[int, ...], itemsize: int,

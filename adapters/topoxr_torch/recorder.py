@@ -12,7 +12,7 @@ import numpy as np
 
 from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr._optional import import_optional
-from topoxr.reduction import LayerSpec, pool_positions
+from topoxr.reduction import LayerSpec
 from topoxr.recording import (
     RecordingError,
     RecordResult,
@@ -40,6 +40,24 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype in (torch.bfloat16, torch.float16):
         tensor = tensor.float()
     return tensor.numpy()
+
+
+def _pool(tensor: torch.Tensor, neuron_axis: int, reduce: str) -> np.ndarray:
+    """Mean or max of every neuron over the other non-batch axes, ``(batch, neurons)``.
+
+    Computed by torch on the tensor's device, with its compute threads, from the
+    tensor's own memory (the maps are not copied; the mean accumulates in float32 or
+    wider), and returned as fresh float32 memory on the CPU: the same values as
+    :func:`topoxr.reduction.pool_positions` on the copied maps, to float32 rounding.
+    """
+    axis = neuron_axis % tensor.ndim
+    dims = tuple(d for d in range(1, tensor.ndim) if d != axis)
+    if reduce == "max":
+        pooled = tensor.amax(dim=dims).float()
+    else:
+        wide = tensor.dtype if tensor.dtype == torch.float64 else torch.float32
+        pooled = tensor.mean(dim=dims, dtype=wide).float()
+    return pooled.cpu().numpy() if pooled.device.type != "cpu" else pooled.numpy()
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[Any, Any]:
@@ -216,10 +234,9 @@ def capture(
                     )
                 decide(name, base, tensor)
                 how = pool.get(name)
-                if how is not None and tensor.device.type == "cpu" \
-                        and tensor.dtype == torch.float32:
-                    # pooled now, from the tensor's own memory: no copy of the whole map
-                    captured[name] = pool_positions(tensor.detach().numpy(), *how)[:, :, None]
+                if how is not None and tensor.is_floating_point():
+                    # pooled now, by torch, where the tensor lives: no copy of the map
+                    captured[name] = _pool(tensor.detach(), *how)[:, :, None]
                 else:
                     captured[name] = _to_numpy(tensor)
             _track(module, base, output)

@@ -555,13 +555,9 @@ def save_layout(
 
 def _consolidate(zstore: Any) -> None:
     """Refresh consolidated metadata, so plain ``xarray.open_datatree`` sees the layout."""
-    import warnings
+    from topoxr._chunkio import consolidate
 
-    import zarr
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr warns that consolidation is not in the spec
-        zarr.consolidate_metadata(zstore)
+    consolidate(zstore)
 
 
 def load_layout(

@@ -197,12 +197,14 @@ class _Pending:
     the 1-D columns are kept as parts and joined once, at the commit.
     """
 
-    def __init__(self, epoch: int, n_neurons: int, buffer: np.ndarray | None = None) -> None:
+    def __init__(self, epoch: int, n_neurons: int, buffer: np.ndarray | None = None,
+                 rows: int = 0) -> None:
         self.epoch = epoch
         # the buffer of the layer's previous commit is reused: fresh memory would be
-        # faulted in page by page again (about as slow as copying it)
+        # faulted in page by page again (about as slow as copying it); a new one is made
+        # for ``rows`` rows at once (growing it batch by batch would copy it again)
         ok = buffer is not None and buffer.shape[1:] == (n_neurons,)
-        self.values = buffer if ok else np.empty((0, n_neurons), dtype=np.float32)
+        self.values = buffer if ok else np.empty((rows, n_neurons), dtype=np.float32)
         self.rows = 0
         self.new_count = 0
         self._ids: list[np.ndarray] = []

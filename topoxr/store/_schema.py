@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec, TransposeCodec, ZstdCodec
 
 from topoxr.conventions import (
     ACTIVATION,
@@ -55,6 +55,11 @@ CHECKSUM = Crc32cCodec()
 #: Compressors of a checked array: zarr's default zstd (level 0, no zstd checksum), then
 #: the crc32c of the compressed bytes.
 _COMPRESSORS = (ZstdCodec(level=0, checksum=False), CHECKSUM)
+#: How ``activation`` chunks ``(neuron, sample, epoch)`` are laid out in their files:
+#: zarr's ``transpose`` codec, order ``(2, 1, 0)``, stores them sample-major, as the
+#: ``(sample, neuron)`` batches arrive (no transpose when writing; readers lay blocks
+#: out the same way, see ``topoxr._chunkio.read_region``). Any zarr reader applies it.
+SAMPLE_MAJOR = TransposeCodec(order=(2, 1, 0))
 _TARGET_CHUNK_BYTES = 1 << 20
 _MAX_CHUNK_BYTES = 16 << 20
 _ATTR_READY = "topoxr_ready"

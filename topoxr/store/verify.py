@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,6 +13,7 @@ import zarr
 
 from topoxr.conventions import ACTIVATION
 from topoxr.store._errors import StoreError
+from topoxr._chunkio import consolidate
 from topoxr.store._integrity import (
     Context,
     check_model_name,
@@ -208,9 +208,7 @@ def _record(loc: Any, report: VerifyReport) -> None:
             "damaged": sum(p.kind == "damaged" for p in report.problems),
             "unverifiable": sum(p.kind == "unverifiable" for p in report.problems),
         }})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(loc.store)
+        consolidate(loc.store)
     except Exception as err:
         logger.info("could not record the verification in %s (%s)", loc.url, err)
     finally:

@@ -6,14 +6,13 @@ import dataclasses
 import datetime as _dt
 import logging
 import re
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import zarr
 
-from topoxr._chunkio import create_group, resizer, update_group_attributes
+from topoxr._chunkio import consolidate, create_group, resizer, update_group_attributes
 from topoxr._codecs import DEFAULT_COMPRESSOR, DTYPES, compressors_for, storage_dtype
 from topoxr._locking import WriterLock
 from topoxr.activations import reduce_units
@@ -61,6 +60,7 @@ from topoxr.store._schema import (
     _TARGET_CHUNK_BYTES,
     MASK_CHUNK,
     SAMPLE_FILL,
+    SAMPLE_MAJOR,
     _check_required,
     _create_arrays,
     _fill,
@@ -497,8 +497,10 @@ class ActivationWriter:
                 return written
             pending = self._pending.get(layer)
             if pending is None:
-                pending = self._pending[layer] = _Pending(epoch, values.shape[1],
-                                                          self._spare.pop(layer, None))
+                row_bytes = 4 * values.shape[1]
+                pending = self._pending[layer] = _Pending(
+                    epoch, values.shape[1], self._spare.pop(layer, None),
+                    rows=max(batch, -(-self._buffer_bytes // row_bytes // batch) * batch))
             pending.add(values, ids, labels, preds, meta, plan.new_rows)
         except StoreError:
             raise
@@ -787,9 +789,7 @@ class ActivationWriter:
         _run_in_order([trims])
 
     def _consolidate(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(self._loc.store)
+        consolidate(self._loc.store)
 
     def _sample_chunk(self, n_neurons: int, batch: int) -> tuple[int, int]:
         itemsize = np.dtype(self._dtype).itemsize
@@ -819,6 +819,8 @@ class ActivationWriter:
         specs: dict[str, dict[str, Any]] = {
             ACTIVATION: dict(shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
                              dtype=self._dtype, fill_value=np.nan, config=_ACTIVATION_CONFIG,
+                             # stored sample-major: batches are written as they come
+                             filters=(SAMPLE_MAJOR,),
                              # the chosen codec, then the checksum (_schema._checked)
                              compressors=None if self._compressors is None
                              else (*self._compressors, CHECKSUM),
