@@ -190,14 +190,14 @@ def test_verify_passes_a_sound_store_and_info_says_so(small_store):
 def test_verify_names_a_damaged_chunk_and_exits_1(small_store):
     from pathlib import Path
 
-    chunk = Path(small_store) / "net" / "dense.0" / "activation" / "c" / "0" / "0" / "1"
+    chunk = Path(small_store) / "net" / "dense.0" / "activation" / "c.0.0.1"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     result = run_cli("verify", small_store, "--no-progress")
     assert result.returncode == 1
     line = result.stdout.splitlines()[0]
-    assert "array 'activation', chunk c/0/0/1" in line and "crc32c" in line
+    assert "array 'activation', chunk c.0.0.1" in line and "crc32c" in line
     assert "samples [0, 1, 2, 3], epochs [1]" in line
     problems = json.loads(run_cli("verify", small_store, "--json").stdout)["problems"]
     assert len(problems) == 1 and problems[0]["kind"] == "damaged"

@@ -175,7 +175,7 @@ def test_direct_chunk_reads_equal_zarr_and_refuse_a_changed_byte(tmp_path):
     assert direct_reads(arr)
     for region in [(slice(0, 6), slice(0, 40), slice(0, 1)), (slice(1, 4), slice(5, 27), slice(0, 1))]:
         np.testing.assert_array_equal(read_region(arr, region), arr[region])
-    chunk = tmp_path / "r.zarr" / "m" / "h" / "activation" / "c" / "0" / "2" / "0"
+    chunk = tmp_path / "r.zarr" / "m" / "h" / "activation" / "c.0.2.0"
     data = bytearray(chunk.read_bytes())
     data[5] ^= 0x10
     chunk.write_bytes(bytes(data))
@@ -197,7 +197,7 @@ def test_activation_chunks_are_stored_sample_major_as_the_batches_came(tmp_path)
     arr = zarr.open_array(str(path / "m/h/activation"), mode="r")
     assert [c.to_dict()["name"] for c in arr.metadata.codecs] == ["transpose", "bytes",
                                                                  "crc32c"]
-    raw = (path / "m/h/activation/c/0/1/1").read_bytes()  # samples 8-15, epoch 1
+    raw = (path / "m/h/activation/c.0.1.1").read_bytes()  # samples 8-15, epoch 1
     rows = np.frombuffer(raw[:-4], dtype="<f4").reshape(8, N)
     np.testing.assert_array_equal(rows, _values(np.arange(8, 16), 1))
     assert raw[-4:] == google_crc32c.value(raw[:-4]).to_bytes(4, "little")
@@ -211,34 +211,44 @@ def test_activation_chunks_are_stored_sample_major_as_the_batches_came(tmp_path)
                                   expected[1:4, 3:13])
 
 
-def _as_neuron_major(path) -> None:
-    """Rewrite the activation arrays as the previous version stored them: chunks in
-    C order of ``(neuron, sample, epoch)``, no ``transpose`` codec (crc32c redone)."""
+def _as_previous_layout(path) -> None:
+    """Rewrite a store as the previous version wrote it: chunk keys with ``/``
+    (``c/0/1/1``, nested folders) in every array, and activation chunks in C order of
+    ``(neuron, sample, epoch)`` with no ``transpose`` codec (crc32c redone)."""
     import json
     from pathlib import Path
 
     import google_crc32c
 
-    for doc in Path(path).rglob("activation/zarr.json"):
+    for doc in Path(path).rglob("zarr.json"):
         meta = json.loads(doc.read_text())
+        if meta.get("node_type") != "array":
+            continue
+        meta["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "/"}}
         chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        transposed = any(c["name"] == "transpose" for c in meta["codecs"])
         meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "transpose"]
         doc.write_text(json.dumps(meta))
-        for file in (doc.parent / "c").rglob("*"):
-            if file.is_file():
-                raw = file.read_bytes()
+        for file in doc.parent.glob("c.*"):
+            raw = file.read_bytes()
+            if transposed:
                 stored = np.frombuffer(raw[:-4], dtype="<f4").reshape(chunk[::-1])
                 data = np.ascontiguousarray(stored.transpose(2, 1, 0)).tobytes()
-                file.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
+                raw = data + google_crc32c.value(data).to_bytes(4, "little")
+            nested = doc.parent.joinpath(*file.name.split("."))
+            nested.parent.mkdir(parents=True, exist_ok=True)
+            nested.write_bytes(raw)
+            file.unlink()
 
 
-def test_a_store_of_the_neuron_major_layout_reads_and_resumes_in_it(tmp_path):
-    """Stores written before the sample-major layout read the same, and a writer of
-    today appends to their layers in their own layout."""
+def test_a_store_of_the_previous_layout_reads_and_resumes_in_it(tmp_path):
+    """Stores written before sample-major chunks and flat chunk keys read the same, pass
+    verify, and a writer of today appends to their layers in their own layout."""
     path = tmp_path / "old.zarr"
     _write(path, [np.arange(0, 8), np.arange(8, 13)], chunk_samples=8)
     expected = open_store(str(path))["m/h"].to_dataset().load()
-    _as_neuron_major(path)
+    _as_previous_layout(path)
+    assert (path / "m/h/activation/c/0/1/1").is_file() and not list(path.rglob("c.*"))
     arr = zarr.open_array(str(path / "m/h/activation"), mode="r")
     assert "transpose" not in [c.to_dict()["name"] for c in arr.metadata.codecs]
     xr.testing.assert_identical(open_store(str(path))["m/h"].to_dataset().load(), expected)
@@ -247,6 +257,8 @@ def test_a_store_of_the_neuron_major_layout_reads_and_resumes_in_it(tmp_path):
     assert "transpose" not in [c.to_dict()["name"] for c in
                                zarr.open_array(str(path / "m/h/activation")).metadata.codecs]
     _check(path, 13, epochs=(0, 1, 2))
+    assert (path / "m/h/activation/c/0/1/2").is_file() and not list(path.rglob("c.*"))
+    assert topoxr.verify(str(path)).ok
     np.testing.assert_array_equal(
         xr.open_datatree(str(path), engine="zarr")["m/h"].activation.values,
         open_store(str(path))["m/h"].activation.values)

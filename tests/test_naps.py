@@ -269,7 +269,7 @@ def test_store_reader_tells_nan_values_from_missing_chunks(tmp_path):
     label0 = ds.label.values[0]
     assert np.isfinite(nap.sel(label=label0).values).all()  # NaN skipped, not propagated
 
-    chunk = path / "model" / "hidden" / "activation" / "c" / "0" / "1" / "1"  # samples 8-15
+    chunk = path / "model" / "hidden" / "activation" / "c.0.1.1"  # samples 8-15
     assert chunk.is_file()
     chunk.unlink()
     layer = topoxr.open_store(str(path))["model/hidden"].to_dataset()

@@ -787,7 +787,7 @@ def _as_format_1(path):
             continue
         meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "crc32c"]
         doc.write_text(json.dumps(meta))
-        for chunk in (doc.parent / "c").rglob("*"):
+        for chunk in doc.parent.glob("c.*"):
             if chunk.is_file():
                 chunk.write_bytes(chunk.read_bytes()[:-4])
 

@@ -470,8 +470,7 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path, reference):
 # damaged stores
 # --------------------------------------------------------------------------------------
 def _chunk_file(store, layer, epoch_index=1, sample_chunk=1):
-    return Path(store) / script.MODEL / layer / "activation" / "c" / "0" / str(sample_chunk) / \
-        str(epoch_index)
+    return Path(store) / script.MODEL / layer / "activation" / f"c.0.{sample_chunk}.{epoch_index}"
 
 
 @pytest.fixture
@@ -510,14 +509,14 @@ def test_corrupted_chunk_gives_a_clear_error(damaged, damage):
         ds.activation.mean().compute()
     message = str(info.value)
     assert "layer 'conv'" in message and "epochs [2]" in message
-    assert "array 'activation', chunk c/0/0/2 (file net/conv/activation/c/0/0/2)" in message
+    assert "array 'activation', chunk c.0.0.2 (file net/conv/activation/c.0.0.2)" in message
     assert str(_affected_ids(0)[:10].tolist())[1:-1] in message
 
 
 def test_corrupted_coordinate_is_reported_on_open(damaged):
-    (Path(damaged) / "net" / "dense" / "committed" / "c" / "0" / "0").write_bytes(b"junk")
+    (Path(damaged) / "net" / "dense" / "committed" / "c.0.0").write_bytes(b"junk")
     with pytest.raises(StoreCorruptionError,
-                       match=r"layer 'dense'.*'committed', chunk c/0/0 .*fails its crc32c"):
+                       match=r"layer 'dense'.*'committed', chunk c\.0\.0 .*fails its crc32c"):
         open_store(damaged)
 
 

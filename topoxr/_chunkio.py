@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -150,10 +151,21 @@ def encode_pieces(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -
     """
     codecs = tuple(arr.metadata.codecs)
     middle = _plain_chain(codecs)
-    if middle is None or chunk.dtype.byteorder not in ("=", "|", "<" if
-                                                      sys.byteorder == "little" else ">"):
-        return [_encode(arr, coords, np.ascontiguousarray(chunk)).as_buffer_like()]
+    dtype = chunk.data.dtype if isinstance(chunk, Padded) else chunk.dtype
+    native = dtype.byteorder in ("=", "|", "<" if sys.byteorder == "little" else ">")
     order = chunk_order(arr)
+    if isinstance(chunk, Padded):
+        prefix = chunk.stored_prefix(order) if middle == () and native else None
+        if prefix is None:
+            chunk = chunk.whole()
+        else:  # the data's bytes, then a shared run of fill bytes: nothing materialised
+            data = np.ascontiguousarray(prefix).reshape(-1).view(np.uint8)
+            tail = _fill_run(dtype, chunk.fill, math.prod(chunk.shape) - prefix.size)
+            tail_bytes = tail.view(np.uint8)
+            crc = google_crc32c.extend(google_crc32c.value(data), tail_bytes)
+            return [data, tail_bytes, int(crc).to_bytes(4, "little")]
+    if middle is None or not native:
+        return [_encode(arr, coords, np.ascontiguousarray(chunk)).as_buffer_like()]
     stored = chunk if order is None else chunk.transpose(order)
     data: Any = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
     if middle:
@@ -197,7 +209,7 @@ def put_pieces(store: Any, key: str, pieces: Sequence[Any]) -> None:
         path = store.root / key
         # unique per process and call (uuid4 would cost a slow urandom call per chunk); a
         # stale name from a killed process is only ever truncated and replaced
-        tmp = path.with_suffix(f".{os.getpid()}-{next(_TMP_IDS)}.partial")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_TMP_IDS)}.partial")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             fd = os.open(tmp, flags, 0o666)
@@ -273,6 +285,58 @@ def _chunks_in(bounds: Sequence[tuple[int, int]], chunks: Sequence[int],
         yield coords, inside, cover, in_region, in_chunk
 
 
+class Padded:
+    """An edge chunk: ``data`` at ``where`` in a chunk of ``shape`` holding ``fill`` elsewhere.
+
+    Built by the job that stores it (in parallel, off the caller's thread); where the
+    data is the start of the chunk's stored bytes and nothing compresses them (an
+    activation chunk cut along ``sample``, stored sample-major), the fill is never
+    materialised: :func:`encode_pieces` stores the data's bytes, then a shared run of
+    fill bytes.
+    """
+
+    __slots__ = ("data", "where", "shape", "fill")
+
+    def __init__(self, data: np.ndarray, where: tuple[slice, ...], shape: tuple[int, ...],
+                 fill: Any) -> None:
+        self.data, self.where, self.shape, self.fill = data, where, shape, fill
+
+    def whole(self) -> np.ndarray:
+        """The chunk as one array."""
+        chunk = np.full(self.shape, self.fill, dtype=self.data.dtype)
+        chunk[self.where] = self.data
+        return chunk
+
+    def stored_prefix(self, order: tuple[int, ...] | None) -> np.ndarray | None:
+        """The data in stored order (axes permuted by ``order``), if its bytes are a
+        prefix of the chunk's stored bytes (else None)."""
+        order = order or tuple(range(len(self.shape)))
+        where = [self.where[i] for i in order]
+        shape = [self.shape[i] for i in order]
+        if any(w.start != 0 for w in where):
+            return None
+        partial = [i for i, (w, n) in enumerate(zip(where, shape, strict=True)) if w.stop != n]
+        # in C order: every axis after the last cut one whole, every axis before it one
+        # element long
+        if partial and any(w.stop != 1 for w in where[: partial[-1]]):
+            return None
+        return self.data.transpose(order)
+
+
+_FILL_RUNS: dict[tuple[str, bytes], np.ndarray] = {}
+
+
+def _fill_run(dtype: np.dtype, fill: Any, count: int) -> np.ndarray:
+    """``count`` elements of ``fill`` (read-only, shared: one run per dtype and value)."""
+    key = (dtype.str, np.asarray(fill, dtype=dtype).tobytes())
+    run = _FILL_RUNS.get(key)
+    if run is None or len(run) < count:
+        run = np.full(max(count, 0 if run is None else len(run)), fill, dtype=dtype)
+        run.flags.writeable = False
+        _FILL_RUNS[key] = run
+    return run[:count]
+
+
 class ChunkJob:
     """Encode and store one whole chunk (a job for :func:`run_jobs`).
 
@@ -344,9 +408,8 @@ class DirectWriter:
             whole = cover == inside
             if whole and all(b - a == c for (a, b), c in zip(inside, chunks, strict=True)):
                 chunk = block[src]  # a view: made contiguous by the job, in parallel
-            elif whole:  # an edge chunk: stored whole, padded with the fill value
-                chunk = np.full(chunks, fill, dtype=arr.dtype)
-                chunk[dst] = block[src]
+            elif whole:  # an edge chunk: stored whole, padded with the fill value by the job
+                chunk = Padded(block[src], dst, tuple(chunks), fill)
             else:
                 cached = None if cache is None else cache.get(coords)
                 if cached is not None:
@@ -389,8 +452,16 @@ def _zarr_dtype(dtype: str) -> Any:
     return parse_dtype(np.dtype(dtype), zarr_format=3)
 
 
-def _metadata_bytes(metadata: Any) -> np.ndarray:
-    return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].as_numpy_array()
+def _metadata_bytes(metadata: Any) -> bytes:
+    """The ``zarr.json`` of a Zarr v3 node's metadata: zarr's document, without indentation.
+
+    zarr writes ``json.dumps(metadata.to_dict(), allow_nan=True, indent=2)``; the
+    indentation alone makes Python use its pure-Python encoder (about ten times slower
+    than the C one, which runs without it). Readers parse the same document.
+    """
+    if metadata.zarr_format != 3:
+        return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    return json.dumps(metadata.to_dict(), allow_nan=True).encode()
 
 
 def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, zarr.Array]:
@@ -401,7 +472,7 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> 
     opened from memory, with their ``config``. ``data``, where given, is then written
     as whole chunks. Supported keys: ``shape``/``data``, ``chunks``, ``dtype``,
     ``fill_value``, ``filters`` (array-to-array codecs), ``compressors``,
-    ``dimension_names``, ``attributes``, ``config``.
+    ``chunk_key_encoding``, ``dimension_names``, ``attributes``, ``config``.
     """
     from zarr.codecs import BytesCodec
     from zarr.core.array import AsyncArray
@@ -424,6 +495,7 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> 
             chunk_shape=tuple(spec.get("chunks", shape)),
             codecs=[*spec.get("filters", ()), serializer, *spec.get("compressors", ())],
             dimension_names=spec.get("dimension_names"),
+            chunk_key_encoding=spec.get("chunk_key_encoding"),
             attributes=dict(spec.get("attributes", {})), **kwargs)
         path = store_key(group.path, name)
         jobs.append(functools.partial(put_pieces, group.store, store_key(path, "zarr.json"),
@@ -478,18 +550,17 @@ def update_group_attributes(group: zarr.Group, attributes: Mapping[str, Any]) ->
 def consolidate(store: Any) -> None:
     """``zarr.consolidate_metadata(store)``, read and written directly on a local store.
 
-    zarr's own function opens every node of the hierarchy through its event loop (tens
-    of milliseconds for a few layers); on zarr's local store the ``zarr.json`` files
-    are read here (not descending into arrays' chunk folders), turned into zarr's
-    metadata objects, nested as zarr nests them and written as the root's metadata in
-    one atomic replacement: the same document zarr writes. Other stores, and
-    hierarchies with anything but Zarr v3 nodes, go through zarr.
+    zarr's own function opens every node of the hierarchy through its event loop and
+    parses its metadata (tens of milliseconds for a few layers); on zarr's local store
+    the ``zarr.json`` files are read here (not descending into arrays' chunk folders)
+    and nested into the root's document as zarr nests them (an array's document as it
+    is, a group's with an empty inline ``consolidated_metadata``), written in one
+    atomic replacement: the document zarr writes
+    (``tests/test_datapath.py::test_direct_consolidation_writes_what_zarr_writes``).
+    Other stores, and hierarchies with anything but Zarr v3 arrays and groups, go
+    through zarr.
     """
-    import json
     from pathlib import Path
-
-    from zarr.core.group import ConsolidatedMetadata, GroupMetadata
-    from zarr.core.metadata import ArrayV3Metadata
 
     def through_zarr() -> None:
         with warnings.catch_warnings():
@@ -500,7 +571,8 @@ def consolidate(store: Any) -> None:
         through_zarr()
         return
     root = Path(store.root)
-    members: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    arrays: dict[str, Any] = {}
     root_doc: dict[str, Any] | None = None
     for folder, dirs, files in os.walk(root):
         dirs.sort()
@@ -509,28 +581,27 @@ def consolidate(store: Any) -> None:
             continue
         with open(os.path.join(folder, "zarr.json"), "rb") as f:
             doc = json.loads(f.read())
-        if doc.get("zarr_format") != 3:
+        kind = doc.get("node_type") if isinstance(doc, dict) else None
+        if doc.get("zarr_format") != 3 or kind not in ("array", "group"):
             through_zarr()
             return
         key = Path(folder).relative_to(root).as_posix()
+        doc.pop("consolidated_metadata", None)
         if key == ".":
             root_doc = doc
-        elif doc.get("node_type") == "array":
-            members[key] = ArrayV3Metadata.from_dict(doc)
+        elif kind == "array":
+            arrays[key] = doc
             dirs[:] = []  # its chunks
         else:
-            doc.pop("consolidated_metadata", None)
-            members[key] = GroupMetadata.from_dict(
-                {**doc, "consolidated_metadata": {"kind": "inline", "must_understand": False,
-                                                  "metadata": {}}})
-    if root_doc is None or root_doc.get("node_type") != "group":
+            groups[key] = {**doc, "consolidated_metadata": dict(_EMPTY_INLINE, metadata={})}
+    if root_doc is None or root_doc["node_type"] != "group":
         through_zarr()
         return
-    ConsolidatedMetadata._flat_to_nested(members)
-    root_doc.pop("consolidated_metadata", None)
-    metadata = dataclasses.replace(GroupMetadata.from_dict(root_doc),
-                                   consolidated_metadata=ConsolidatedMetadata(metadata=members))
-    put_pieces(store, "zarr.json", [_metadata_bytes(metadata)])
+    root_doc["consolidated_metadata"] = dict(_EMPTY_INLINE, metadata={**groups, **arrays})
+    put_pieces(store, "zarr.json", [json.dumps(root_doc, allow_nan=True).encode()])
+
+
+_EMPTY_INLINE = {"kind": "inline", "must_understand": False}
 
 
 class DirectResize:

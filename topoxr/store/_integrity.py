@@ -79,7 +79,7 @@ def chunk_slices(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[slice, ...]:
 
 
 def chunk_file(arr: zarr.Array, coords: tuple[int, ...]) -> str:
-    """Path of a chunk inside the store, e.g. ``mlp/hidden/activation/c/0/3/1``."""
+    """Path of a chunk inside the store, e.g. ``mlp/hidden/activation/c.0.3.1`` (``c/0/3/1`` in stores written before flat chunk keys)."""
     return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
 
 

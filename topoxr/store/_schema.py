@@ -60,6 +60,11 @@ _COMPRESSORS = (ZstdCodec(level=0, checksum=False), CHECKSUM)
 #: ``(sample, neuron)`` batches arrive (no transpose when writing; readers lay blocks
 #: out the same way, see ``topoxr._chunkio.read_region``). Any zarr reader applies it.
 SAMPLE_MAJOR = TransposeCodec(order=(2, 1, 0))
+#: Chunk keys of new arrays: zarr's default encoding with ``.`` as separator
+#: (``c.0.3.1``): every chunk file of an array sits in the array's folder, so a new
+#: chunk row or epoch creates no folders (on the machines measured, creating a folder
+#: cost as much as writing a chunk of a small layer). Any zarr reader follows it.
+CHUNK_KEYS = {"name": "default", "separator": "."}
 _TARGET_CHUNK_BYTES = 1 << 20
 _MAX_CHUNK_BYTES = 16 << 20
 _ATTR_READY = "topoxr_ready"
@@ -155,12 +160,14 @@ def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
 
 
 def _checked(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """``spec`` with the checksum codec last and every chunk stored (see ``CHECKSUM``).
+    """``spec`` with the checksum codec last, every chunk stored (see ``CHECKSUM``) and
+    flat chunk keys (see ``CHUNK_KEYS``).
 
     ``compressors=None`` in ``spec`` means no compression: the chunk is then only
     followed by its checksum.
     """
     out = dict(spec)
+    out.setdefault("chunk_key_encoding", CHUNK_KEYS)
     compressors = out.get("compressors", _COMPRESSORS)
     out["compressors"] = (CHECKSUM,) if compressors is None else compressors
     out["config"] = {**out.get("config", {}), **_ARRAY_CONFIG}
