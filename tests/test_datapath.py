@@ -296,3 +296,35 @@ def test_direct_consolidation_writes_what_zarr_writes(tmp_path):
     assert len(ours["consolidated_metadata"]["metadata"]) > 20
     tree = xr.open_datatree(str(path), engine="zarr")
     assert tree["other/x.y"].activation.shape == (2, 3, 1)
+
+
+@pytest.mark.parametrize("expected", [0, 5, 13, 40])
+def test_expected_samples_sizes_new_layers_up_front_and_close_trims(tmp_path, expected):
+    """Layers created for ``expected_samples`` hold that many slots (and one epoch) from
+    the start; readers see only what is committed, more samples than expected grow the
+    arrays as usual, and close() leaves every array exactly as long as the data."""
+    path = tmp_path / "e.zarr"
+    ids = np.arange(13)
+    with ActivationWriter(str(path), model="m", expected_samples=expected,
+                          buffer_bytes=0) as w:
+        w.write("h", _values(ids[:8], 0), sample=ids[:8], label=ids[:8] % 3,
+                prediction=ids[:8] % 3)
+        sizes = {name: arr.shape for name, arr in
+                 zarr.open_group(str(path / "m/h"), mode="r").arrays()}
+        assert sizes["activation"] == (N, max(expected, 8), 1)
+        assert sizes["sample"] == (max(expected, 8),) and sizes["epoch"] == (1,)
+        ds = open_store(str(path))["m/h"].to_dataset()
+        assert ds.sample.values.tolist() == list(range(8))
+        w.write("h", _values(ids[8:], 0), sample=ids[8:], label=ids[8:] % 3,
+                prediction=ids[8:] % 3)
+        w.write("h", _values(ids, 1), sample=ids, label=ids % 3, prediction=(ids + 1) % 3,
+                epoch=1)
+    _check(path, 13)
+    for name, arr in zarr.open_group(str(path / "m/h"), mode="r").arrays():
+        dims = arr.metadata.dimension_names
+        want = tuple(13 if d == "sample" else 2 if d == "epoch" else s
+                     for d, s in zip(dims, arr.shape, strict=True))
+        assert arr.shape == want, name
+    assert topoxr.verify(str(path)).ok
+    with pytest.raises(StoreError, match="expected_samples"):
+        ActivationWriter(str(tmp_path / "x.zarr"), model="m", expected_samples=-1)

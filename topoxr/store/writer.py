@@ -132,6 +132,12 @@ class ActivationWriter:
         layer and epoch are committed together, in whole chunks: one commit per
         ``buffer_bytes`` instead of one per batch, each chunk written once (see "Commits"
         below). ``0`` commits every batch when :meth:`write` returns.
+    expected_samples : int, optional
+        How many samples the layers this writer creates will hold (the probe set's
+        size, where known): their arrays are created that long and one epoch deep, so
+        that the first commit grows none of them (about ten metadata files per layer
+        fewer). A wrong guess costs nothing but that: arrays grow past it as usual and
+        ``close()`` trims them to the data (readers never see the unwritten part).
 
     Notes
     -----
@@ -168,7 +174,14 @@ class ActivationWriter:
         compressor: Any = DEFAULT_COMPRESSOR,
         dtype: str = "float32",
         buffer_bytes: int = BUFFER_BYTES,
+        expected_samples: int | None = None,
     ) -> None:
+        if expected_samples is not None and (
+                isinstance(expected_samples, bool)
+                or not isinstance(expected_samples, int | np.integer) or expected_samples < 0):
+            raise StoreError("expected_samples must be a non-negative integer or None, got "
+                             f"{expected_samples!r}")
+        self._expected_samples = 0 if expected_samples is None else int(expected_samples)
         if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int | np.integer) \
                 or buffer_bytes < 0:
             raise StoreError(f"buffer_bytes must be a non-negative integer, got {buffer_bytes!r}")
@@ -816,8 +829,12 @@ class ActivationWriter:
             _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
         })
         mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))
+        # created as long as the expected samples and one epoch deep (the first commit
+        # then grows nothing); the unfilled 'sample'/'epoch' coordinates keep the
+        # logical lengths at 0 until a commit fills them, and close() trims the rest
+        n0, m0 = self._expected_samples, 1
         specs: dict[str, dict[str, Any]] = {
-            ACTIVATION: dict(shape=(n_neurons, 0, 0), chunks=(neuron_chunk, chunk, 1),
+            ACTIVATION: dict(shape=(n_neurons, n0, m0), chunks=(neuron_chunk, chunk, 1),
                              dtype=self._dtype, fill_value=np.nan, config=_ACTIVATION_CONFIG,
                              # stored sample-major: batches are written as they come
                              filters=(SAMPLE_MAJOR,),
@@ -830,22 +847,22 @@ class ActivationWriter:
             **{key: dict(data=np.asarray(vals, dtype=np.int64), chunks=(n_neurons,),
                          dimension_names=(NEURON,))
                for key, vals in reduced.unit_coords.items()},
-            SAMPLE: dict(shape=(0,), chunks=(_COORD_CHUNK,), dtype="int64",
+            SAMPLE: dict(shape=(n0,), chunks=(_COORD_CHUNK,), dtype="int64",
                          fill_value=SAMPLE_FILL, dimension_names=(SAMPLE,)),
-            EPOCH: dict(shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="int64",
+            EPOCH: dict(shape=(m0,), chunks=(_EPOCH_CHUNK,), dtype="int64",
                         fill_value=_EPOCH_FILL, dimension_names=(EPOCH,)),
-            EPOCH_COMPLETE: dict(shape=(0,), chunks=(_EPOCH_CHUNK,), dtype="bool",
+            EPOCH_COMPLETE: dict(shape=(m0,), chunks=(_EPOCH_CHUNK,), dtype="bool",
                                  fill_value=False, dimension_names=(EPOCH,)),
             # uncompressed: it is the commit point, written once per batch
             # (_write_mask_chunks)
-            COMMITTED: dict(shape=(0, 0), chunks=(mask_chunk, 1), dtype="bool",
+            COMMITTED: dict(shape=(n0, m0), chunks=(mask_chunk, 1), dtype="bool",
                             fill_value=False, compressors=None, dimension_names=(SAMPLE, EPOCH)),
-            **{key: dict(shape=(0,), chunks=(_COORD_CHUNK,), dtype=_zarr_dtype(col),
+            **{key: dict(shape=(n0,), chunks=(_COORD_CHUNK,), dtype=_zarr_dtype(col),
                          fill_value=_fill(_kind(col)), dimension_names=(SAMPLE,))
                for key, col in (({LABEL: labels} if labels is not None else {}) | meta).items()},
         }
         if preds is not None:
-            specs.update(_prediction_specs(preds, 0, 0, mask_chunk))
+            specs.update(_prediction_specs(preds, n0, m0, mask_chunk))
         arrays = _create_arrays(group, specs, existing={})
         update_group_attributes(group, {_ATTR_READY: True})  # last: the layer is complete
         state = _LayerState(
