@@ -641,24 +641,32 @@ _POOL: list[ThreadPoolExecutor] = []
 def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
     """Run chunk jobs in parallel (codecs release the GIL); raise the first error.
 
-    Every job has finished, successfully or not, when this returns or raises: nothing
-    may still be writing when the caller hears of a failure.
+    The caller and the pool's threads each take the next job from one shared queue
+    until none is left: one task per thread, not one per job (a future per chunk cost
+    more than writing a small chunk). Every job has finished, successfully or not,
+    when this returns or raises: nothing may still be writing when the caller hears
+    of a failure.
     """
     if not jobs:
         return
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
                                         thread_name_prefix="topoxr-encode"))
-    futures = [_POOL[0].submit(job) for job in jobs[1:]]
+    pending = iter(jobs)  # next() on a list iterator is atomic: each job runs once
     errors: list[BaseException] = []
-    try:
-        jobs[0]()
-    except BaseException as err:
-        errors.append(err)
+
+    def drain() -> None:
+        for job in pending:
+            try:
+                job()
+            except BaseException as err:  # the others still run to their end
+                errors.append(err)
+
+    helpers = min(len(jobs) - 1, _POOL[0]._max_workers)
+    futures = [_POOL[0].submit(drain) for _ in range(helpers)]
+    drain()
     for future in futures:
-        err = future.exception()
-        if err is not None:
-            errors.append(err)
+        future.result()
     if errors:
         raise errors[0]
 

@@ -399,3 +399,22 @@ def test_pooled_as_captured_over_many_batches_equals_pooling_the_whole_maps(stor
     assert ds.attrs["topoxr_reduced_axes"] == [2, 3] and ds.sizes["neuron"] == 4
     want = maps.mean((2, 3)) if reduce == "mean" else maps.max((2, 3))
     np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_half_precision_maps_are_pooled_in_float32_as_captured(store_path, dtype, reduce):
+    """A half-precision conv (CPU) is pooled by torch from its own maps, accumulating
+    in float32: the stored channel values are those of the maps it returned."""
+    torch.manual_seed(9)
+    dt = getattr(torch, dtype)
+    model = ConvThenInplace().to(dt).eval()
+    x = np.random.default_rng(5).normal(size=(11, 2, 6, 5)).astype(np.float32)
+    topoxr_torch.record(model, x, store_path, layers={"conv": {"reduce": reduce}},
+                        batch_size=3, progress=False)
+    with torch.inference_mode():  # the conv's own output, before the in-place change
+        maps = model.conv(torch.from_numpy(x).to(dt)).float().numpy().astype(np.float64)
+    want = maps.mean((2, 3)) if reduce == "mean" else maps.max((2, 3))
+    ds = layer(store_path, "model", "conv")
+    assert ds.activation.dtype == np.float32
+    np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=1e-6, atol=1e-6)
