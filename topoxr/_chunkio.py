@@ -736,11 +736,11 @@ def read_region(arr: zarr.Array, region: Sequence[slice]) -> np.ndarray:
     """``arr[region]`` (slices of step 1), reading and checking chunk files directly.
 
     Each chunk file is read whole, its crc32c compared with the stored one, and its
-    part of ``region`` copied into the result, the chunks in parallel; a chunk the
-    region covers whole is read straight into the result, with no copy in between. A
-    missing chunk reads as the fill value, as zarr reads it. The result is laid out in
-    memory in the order the chunks are stored (:func:`chunk_order`: sample-major for
-    activations), and returned as a view in the array's dimension order. Arrays that
+    part of ``region`` copied into the result, the chunks in parallel. A missing chunk
+    reads as the fill value, as zarr reads it. The result is laid out in memory in the
+    order the chunks are stored (:func:`chunk_order`: sample-major for activations), so
+    that each chunk lands in one contiguous run, and is returned as a view in the
+    array's dimension order. Arrays that
     :func:`direct_reads` does not accept are read by zarr. A chunk that fails its
     checksum or has the wrong size raises :class:`ValueError` naming it (the reader
     then asks zarr which chunks are damaged, see ``Context.unreadable``).
@@ -761,17 +761,10 @@ def read_region(arr: zarr.Array, region: Sequence[slice]) -> np.ndarray:
     def job(coords: tuple[int, ...], dst: tuple[slice, ...], src: tuple[slice, ...]) -> None:
         key = store_key(arr.path, arr.metadata.encode_chunk_key(coords))
         target = stored[tuple(dst[i] for i in order)]
-        whole = all(s.stop - s.start == c for s, c in zip(src, chunks, strict=True))
         try:
+            # read whole, then copied: reading straight into the result (readinto) was
+            # measured slower here (13.5 against 9.4 ms per 32 MiB block)
             with open(root / key, "rb", buffering=0) as f:
-                if whole and target.flags.c_contiguous:  # straight into the result
-                    data = target.reshape(-1).view(np.uint8)
-                    got = f.readinto(data)
-                    tail = f.read(5)
-                    if got != nbytes or len(tail) != 4 or crc32c_bytes(data) != tail:
-                        raise ValueError(f"chunk {key!r} fails its crc32c checksum or has "
-                                         "the wrong size")
-                    return
                 raw = f.read()
         except FileNotFoundError:
             target[...] = fill
