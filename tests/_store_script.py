@@ -82,6 +82,7 @@ def record(
     complete: str = "explicit",
     buffer_bytes: int = 0,
     flush_every: int = 5,
+    expected_samples: int | None = None,
     out=None,
 ) -> None:
     """Run the whole recording (resuming whatever is already in ``store``).
@@ -105,7 +106,8 @@ def record(
 
     k = 0
     with ActivationWriter(store, model=MODEL, chunk_samples=plan.chunk_samples,
-                          attrs={"framework": "script"}, buffer_bytes=buffer_bytes) as writer:
+                          attrs={"framework": "script"}, buffer_bytes=buffer_bytes,
+                          expected_samples=expected_samples) as writer:
         for epoch in range(plan.epochs):
             for b, ids in enumerate(plan.batches):
                 for layer in LAYERS:
@@ -205,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", default=None)
     parser.add_argument("--buffer-bytes", type=int, default=0)
     parser.add_argument("--flush-every", type=int, default=5)
+    parser.add_argument("--expected-samples", type=int, default=None)
     args = parser.parse_args(argv)
     if args.mode == "read":
         return read_loop(args.store, args.until)
     record(args.store, delay=args.delay, die_after=args.die_after, complete=args.complete,
-           buffer_bytes=args.buffer_bytes, flush_every=args.flush_every, out=sys.stdout)
+           buffer_bytes=args.buffer_bytes, flush_every=args.flush_every,
+           expected_samples=args.expected_samples, out=sys.stdout)
     return 0
 
 

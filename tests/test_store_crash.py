@@ -129,16 +129,21 @@ def assert_consistent(store, writes, epochs_done):
 # SIGKILL
 # --------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("buffer_bytes", [0, 1 << 20], ids=["commit-per-write", "buffered"])
+@pytest.mark.parametrize(("buffer_bytes", "presize"), [(0, False), (1 << 20, False),
+                                                       (1 << 20, True)],
+                         ids=["commit-per-write", "buffered", "buffered-presized"])
 def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(tmp_path, reference,
-                                                                     buffer_bytes):
-    """Killed anywhere; a ``W`` line is printed once its write is committed (see script)."""
+                                                                     buffer_bytes, presize):
+    """Killed anywhere; a ``W`` line is printed once its write is committed (see script).
+    ``presize``: layers are created at the probe set's length (``expected_samples``), so
+    a kill leaves arrays longer than the data, which readers and the resume must cut."""
     rng = np.random.default_rng(SEED)
+    extra = ("--expected-samples", PLAN.n_samples) if presize else ()
     store = tmp_path / "run.zarr"
     targets = np.sort(rng.choice(np.arange(1, PLAN.total_writes), size=20, replace=True))
     kills = 0
     for target in targets:
-        proc = _start(store, "--buffer-bytes", buffer_bytes)
+        proc = _start(store, "--buffer-bytes", buffer_bytes, *extra)
         lines = []
         for line in proc.stdout:
             lines.append(line.strip())
@@ -157,7 +162,7 @@ def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(tmp_path, 
         writes, epochs = _reported(lines)
         assert_consistent(str(store), writes, epochs)
     assert kills >= 18, f"only {kills} of 20 runs were actually killed mid-recording"
-    final = _start(store, "--buffer-bytes", buffer_bytes)
+    final = _start(store, "--buffer-bytes", buffer_bytes, *extra)
     out, err = final.communicate(timeout=120)
     assert final.returncode == 0, err
     assert out.strip().endswith("DONE")
