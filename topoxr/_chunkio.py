@@ -456,8 +456,9 @@ def _metadata_bytes(metadata: Any) -> bytes:
     """The ``zarr.json`` of a Zarr v3 node's metadata: zarr's document, without indentation.
 
     zarr writes ``json.dumps(metadata.to_dict(), allow_nan=True, indent=2)``; the
-    indentation alone makes Python use its pure-Python encoder (about ten times slower
-    than the C one, which runs without it). Readers parse the same document.
+    indentation alone makes Python use its pure-Python encoder instead of the C one
+    (measured 3.6 times slower for one array's document, 6.4 times for a consolidated
+    one of 68 kB). Readers parse the same document.
     """
     if metadata.zarr_format != 3:
         return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
