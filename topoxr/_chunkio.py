@@ -331,7 +331,7 @@ def _fill_run(dtype: np.dtype, fill: Any, count: int) -> np.ndarray:
     key = (dtype.str, np.asarray(fill, dtype=dtype).tobytes())
     run = _FILL_RUNS.get(key)
     if run is None or len(run) < count:
-        run = np.full(max(count, 0 if run is None else len(run)), fill, dtype=dtype)
+        run = np.full(count, fill, dtype=dtype)
         run.flags.writeable = False
         _FILL_RUNS[key] = run
     return run[:count]
@@ -583,7 +583,7 @@ def consolidate(store: Any) -> None:
         with open(os.path.join(folder, "zarr.json"), "rb") as f:
             doc = json.loads(f.read())
         kind = doc.get("node_type") if isinstance(doc, dict) else None
-        if doc.get("zarr_format") != 3 or kind not in ("array", "group"):
+        if kind not in ("array", "group") or doc.get("zarr_format") != 3:
             through_zarr()
             return
         key = Path(folder).relative_to(root).as_posix()

@@ -510,10 +510,10 @@ class ActivationWriter:
                 return written
             pending = self._pending.get(layer)
             if pending is None:
-                row_bytes = 4 * values.shape[1]
+                batch_bytes = 4 * values.shape[1] * batch  # the buffer is float32
                 pending = self._pending[layer] = _Pending(
                     epoch, values.shape[1], self._spare.pop(layer, None),
-                    rows=max(batch, -(-self._buffer_bytes // row_bytes // batch) * batch))
+                    rows=max(1, -(-self._buffer_bytes // batch_bytes)) * batch)
             pending.add(values, ids, labels, preds, meta, plan.new_rows)
         except StoreError:
             raise
