@@ -229,10 +229,11 @@ def _store_tag() -> str:
     import topoxr
     from topoxr._codecs import DEFAULT_COMPRESSOR
     from topoxr.conventions import FORMAT_VERSION
-    from topoxr.store._schema import CHUNK_KEYS, SAMPLE_MAJOR
+    from topoxr.store._schema import _TARGET_CHUNK_BYTES, CHUNK_KEYS, SAMPLE_MAJOR
 
     # the layout too: an editable install keeps its version while the layout changes
-    layout = "".join(map(str, SAMPLE_MAJOR.order)) + CHUNK_KEYS["separator"]
+    layout = ("".join(map(str, SAMPLE_MAJOR.order)) + CHUNK_KEYS["separator"]
+              + f"{_TARGET_CHUNK_BYTES >> 10}k")
     return f"{FORMAT_VERSION}-{topoxr.__version__}-{DEFAULT_COMPRESSOR}-{layout}"
 
 

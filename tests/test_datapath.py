@@ -328,3 +328,32 @@ def test_expected_samples_sizes_new_layers_up_front_and_close_trims(tmp_path, ex
     assert topoxr.verify(str(path)).ok
     with pytest.raises(StoreError, match="expected_samples"):
         ActivationWriter(str(tmp_path / "x.zarr"), model="m", expected_samples=-1)
+
+
+@pytest.mark.parametrize(("neurons", "expected", "want_chunk", "want_chunks"), [
+    (512, None, 2048, 4),      # 4 MiB chunks of 8 batches (no guess: the last is padded)
+    (512, 8192, 2048, 4),      # the guess divides evenly: the same chunks
+    (64, 20_000, 10_240, 2),   # 16384 would leave a second chunk mostly fill: 2 even ones
+    (10, 20_000, 20_224, 1),   # one chunk (not 104,704 samples, 5x the data)
+    (64, 300, 512, 1),         # fewer samples than one batch of 256 past the first
+])
+def test_default_chunks_hold_4_mib_and_are_even_for_the_expected_samples(
+        tmp_path, neurons, expected, want_chunk, want_chunks):
+    """The default activation chunk is a multiple of the first batch near 4 MiB; where
+    the writer knows how many samples to expect, the chunks that size needs are made
+    even (whole batches), so the last is not mostly fill. Values read back exactly."""
+    path = tmp_path / "c.zarr"
+    n = expected or 8000
+    rng = np.random.default_rng(neurons)
+    values = rng.standard_normal((n, neurons), dtype=np.float32)
+    with ActivationWriter(str(path), model="m", expected_samples=expected) as w:
+        for start in range(0, n, 256):
+            w.write("h", values[start:start + 256], sample=np.arange(start, min(n, start + 256)))
+    arr = zarr.open_array(str(path / "m/h/activation"), mode="r")
+    assert arr.chunks == (neurons, want_chunk, 1)
+    assert want_chunk % 256 == 0 and -(-n // want_chunk) == want_chunks
+    assert len([f for f in os.listdir(path / "m/h/activation") if f.startswith("c.")]) \
+        == want_chunks
+    np.testing.assert_array_equal(arr[:, :, 0], values.T)
+    np.testing.assert_array_equal(open_store(str(path))["m/h"].activation.values[:, :, 0],
+                                  values.T)

@@ -113,7 +113,8 @@ def test_default_chunk_is_a_multiple_of_the_batch(store_path):
         writer.write("h", np.ones((32, 100)), sample=np.arange(32))
     chunks = store_summary(store_path)["models"]["m"]["layers"]["h"]["chunks"]
     assert chunks[0] == 100 and chunks[2] == 1
-    assert chunks[1] % 32 == 0 and 0.5 <= chunks[1] * 100 * 4 / 2**20 <= 1.0
+    from topoxr.store._schema import _TARGET_CHUNK_BYTES as target
+    assert chunks[1] % 32 == 0 and 0.5 <= chunks[1] * 100 * 4 / target <= 1.0
 
 
 def test_plain_xarray_opens_it_without_topoxr(store_path):

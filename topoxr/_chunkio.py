@@ -575,26 +575,33 @@ def consolidate(store: Any) -> None:
     groups: dict[str, Any] = {}
     arrays: dict[str, Any] = {}
     root_doc: dict[str, Any] | None = None
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        if "zarr.json" not in files:  # not a node (zarr lists nothing below it either)
-            dirs[:] = []
-            continue
-        with open(os.path.join(folder, "zarr.json"), "rb") as f:
-            doc = json.loads(f.read())
+    # Depth first, sorted like os.walk here: a node's zarr.json is read, and only a
+    # group's folder is listed (an array's folder holds its chunk files, possibly
+    # thousands: listing it would cost more than the rest together).
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with open(folder / "zarr.json", "rb") as f:
+                doc = json.loads(f.read())
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not a node (zarr lists nothing below it either)
         kind = doc.get("node_type") if isinstance(doc, dict) else None
         if kind not in ("array", "group") or doc.get("zarr_format") != 3:
             through_zarr()
             return
-        key = Path(folder).relative_to(root).as_posix()
+        key = folder.relative_to(root).as_posix()
         doc.pop("consolidated_metadata", None)
         if key == ".":
             root_doc = doc
         elif kind == "array":
             arrays[key] = doc
-            dirs[:] = []  # its chunks
+            continue
         else:
             groups[key] = {**doc, "consolidated_metadata": dict(_EMPTY_INLINE, metadata={})}
+        with os.scandir(folder) as entries:
+            children = sorted(e.name for e in entries if e.is_dir())
+        folders.extend(folder / name for name in reversed(children))
     if root_doc is None or root_doc["node_type"] != "group":
         through_zarr()
         return

@@ -47,6 +47,7 @@ from topoxr.reduction import (
     token_info,
 )
 from topoxr.store import ActivationWriter, open_store
+from topoxr.store._schema import _TARGET_CHUNK_BYTES
 
 __all__ = [
     "ADAPTER_GROUP",
@@ -78,12 +79,11 @@ logger = logging.getLogger(__name__)
 #: Entry-point group under which recording adapters register their import package.
 ADAPTER_GROUP = "topoxr.adapters"
 
-#: Size of the first write of a new layer (bytes of float32 values): the store sizes the
-#: layer's chunks from it, so it makes chunks of about this size, aligned with batches.
-WRITE_BYTES = 1 << 20
-#: Later writes cover several such chunks at once (zarr encodes them concurrently), which
-#: spreads the store's per-write bookkeeping over more samples.
-CHUNKS_PER_WRITE = 4
+#: Target bytes (float32 values) of one write of a layer after its first: the store's
+#: own chunk target, so that writes end about where the store's chunks end.
+WRITE_BYTES = _TARGET_CHUNK_BYTES
+#: Chunks of that size per later write.
+CHUNKS_PER_WRITE = 1
 
 #: ``forward(x) -> ({layer: array (batch, ...)}, model output (batch, ...) or None)``.
 ForwardFn = Callable[[Any], tuple[dict[str, np.ndarray], "np.ndarray | None"]]
@@ -718,9 +718,9 @@ class BackgroundWriter:
         How each layer is reduced.
     queue_size : int, default 4
         Batches that may wait in the queue.
-    write_bytes : int, default 1 MiB
+    write_bytes : int, default 4 MiB (the store's chunk target)
         Target size of one chunk per layer.
-    chunks_per_write : int, default 4
+    chunks_per_write : int, default 1
         Chunks per later write.
     """
 

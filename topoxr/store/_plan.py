@@ -90,8 +90,31 @@ class _Plan:
     write_rows: np.ndarray  # batch rows to write in this epoch
 
 
-def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite):
-    """Check a batch against the stored layer; return what to write, or None to skip."""
+def _split(state: _LayerState, ids: np.ndarray, increasing: bool
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(positions, new rows, known rows)`` of a batch's ids in the layer.
+
+    Two common cases are answered without a lookup: ids that are a run of the stored
+    ones (a later epoch), and increasing ids all past the stored ones (the first).
+    """
+    batch = len(ids)
+    start = state.run_start(ids)
+    if start >= 0:
+        every = np.arange(batch)
+        return every + start, every[:0], every
+    known = state.sample_ids
+    if increasing and (not len(known) or (state.increasing and ids[0] > known[-1])):
+        return np.full(batch, -1, dtype=np.int64), np.arange(batch), np.arange(0)
+    pos = state.positions(ids)
+    return pos, np.flatnonzero(pos < 0), np.flatnonzero(pos >= 0)
+
+
+def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite,
+                increasing: bool = False):
+    """Check a batch against the stored layer; return what to write, or None to skip.
+
+    ``increasing`` says that ``ids`` increase (the writer checked it).
+    """
     batch = len(ids)
     if state is None:
         return _Plan(new_rows=np.arange(batch), write_rows=np.arange(batch))
@@ -110,9 +133,7 @@ def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, 
         raise StoreError(
             f"{where} stores metadata columns {sorted(state.metadata)}, the batch has {sorted(meta)}"
         )
-    pos = state.positions(ids)
-    new = np.flatnonzero(pos < 0)
-    old = np.flatnonzero(pos >= 0)
+    pos, new, old = _split(state, ids, increasing)
     if len(new) and state.frozen:
         raise StoreError(
             f"{where}: sample ids {ids[new][:10].tolist()} are not in the probe set of its "
@@ -212,7 +233,7 @@ class _Pending:
         self._preds: list[np.ndarray] = []
         self._meta: list[dict[str, np.ndarray]] = []
         self._new: list[np.ndarray] = []
-        self._id_set: set[int] = set()
+        self._id_set: set[int] | None = None  # built when needed (see accepts)
         self._max_id = -(1 << 63)
         self._kinds: tuple | None = None
 
@@ -225,22 +246,29 @@ class _Pending:
         return self._ids[-1]
 
     @staticmethod
-    def _signature(labels, preds, meta) -> tuple:
+    def signature(labels, preds, meta) -> tuple:
+        """The kinds of a batch's columns: batches of one commit must agree on them."""
         return (None if labels is None else _kind(labels),
                 None if preds is None else _kind(preds),
-                tuple(sorted((k, _kind(v)) for k, v in meta.items())))
+                tuple(sorted((k, _kind(v)) for k, v in meta.items())) if meta else ())
 
-    def accepts(self, epoch, ids, labels, preds, meta, overwrite) -> bool:
-        """Whether a batch can join these (same epoch and columns, none of their ids)."""
+    def accepts(self, epoch: int, ids: np.ndarray, lowest: int, kinds: tuple,
+                overwrite: bool) -> bool:
+        """Whether a batch can join these (same epoch and columns, none of their ids).
+
+        ``lowest`` is the batch's smallest id and ``kinds`` its :meth:`signature`.
+        """
         if overwrite or epoch != self.epoch or not self.rows:
             return not self.rows
-        if self._signature(labels, preds, meta) != self._kinds:
+        if kinds != self._kinds:
             return False
-        if len(ids) and int(ids.min()) > self._max_id:  # the common case: ids increase
+        if lowest > self._max_id:  # the common case: ids increase
             return True
+        if self._id_set is None:  # built only when ids come back (a rare order)
+            self._id_set = set(np.concatenate(self._ids).tolist())
         return self._id_set.isdisjoint(ids.tolist())
 
-    def add(self, values, ids, labels, preds, meta, new_rows) -> None:
+    def add(self, values, ids, labels, preds, meta, new_rows, kinds: tuple) -> None:
         n = len(ids)
         if self.rows + n > len(self.values):
             grown = np.empty((max(2 * len(self.values), self.rows + n), self.values.shape[1]),
@@ -248,16 +276,17 @@ class _Pending:
             grown[: self.rows] = self.values[: self.rows]
             self.values = grown
         self.values[self.rows:self.rows + n] = values
-        self._kinds = self._signature(labels, preds, meta)
+        self._kinds = kinds
         self._ids.append(ids.copy())
-        self._id_set.update(ids.tolist())
-        if len(ids):
+        if self._id_set is not None:
+            self._id_set.update(ids.tolist())
+        if n:
             self._max_id = max(self._max_id, int(ids.max()))
         for parts, col in ((self._labels, labels), (self._preds, preds)):
             if col is not None:
                 parts.append(col.copy())
         self._meta.append({k: v.copy() for k, v in meta.items()})
-        self._new.append(np.asarray(new_rows, dtype=np.int64) + self.rows)
+        self._new.append(new_rows + self.rows if self.rows else new_rows)
         self.rows += n
         self.new_count += len(new_rows)
 

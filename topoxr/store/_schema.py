@@ -65,7 +65,7 @@ SAMPLE_MAJOR = TransposeCodec(order=(2, 1, 0))
 #: chunk row or epoch creates no folders (on the machines measured, creating a folder
 #: cost as much as writing a chunk of a small layer). Any zarr reader follows it.
 CHUNK_KEYS = {"name": "default", "separator": "."}
-_TARGET_CHUNK_BYTES = 1 << 20
+_TARGET_CHUNK_BYTES = 4 << 20
 _MAX_CHUNK_BYTES = 16 << 20
 _ATTR_READY = "topoxr_ready"
 _ATTR_REDUCE = "topoxr_reduce"

@@ -49,18 +49,33 @@ class _LayerState:
         """The probe set is fixed once any epoch is complete."""
         return bool(self.complete.any())
 
+    @property
+    def increasing(self) -> bool:
+        """Whether the stored sample ids increase."""
+        return self._increasing
+
+    def run_start(self, sample_ids: np.ndarray) -> int:
+        """Where ``sample_ids`` lie as one contiguous run of the stored ids, else -1."""
+        known = self.sample_ids
+        n, b = len(known), len(sample_ids)
+        if not n or not b:
+            return -1
+        # ids written in order (the common case): the run starts at the first id's
+        # offset from the first stored id
+        start = int(sample_ids[0]) - int(known[0])
+        if (0 <= start and start + b <= n and known[start] == sample_ids[0]
+                and np.array_equal(known[start:start + b], sample_ids)):
+            return start
+        return -1
+
     def positions(self, sample_ids: np.ndarray) -> np.ndarray:
         """Positions of ``sample_ids`` on the sample axis, -1 where unknown."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         known = self.sample_ids
         n = len(known)
-        if n and len(sample_ids):
-            # the common case, ids written in order: a contiguous run of the probe set
-            start = int(sample_ids[0]) - int(known[0])
-            if 0 <= start and start + len(sample_ids) <= n and known[start] == sample_ids[0]:
-                run = known[start : start + len(sample_ids)]
-                if np.array_equal(run, sample_ids):
-                    return np.arange(start, start + len(sample_ids), dtype=np.int64)
+        start = self.run_start(sample_ids)
+        if start >= 0:
+            return np.arange(start, start + len(sample_ids), dtype=np.int64)
         if not n:
             return np.full(len(sample_ids), -1, dtype=np.int64)
         if self._increasing:  # ids stored in increasing order: a vectorised lookup

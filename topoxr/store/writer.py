@@ -100,7 +100,9 @@ class ActivationWriter:
         Free text stored in the root attributes when the store is created.
     chunk_samples : int, optional
         Samples per chunk of ``activation``. By default a multiple of the first batch
-        size holding about 1 MiB, so batches of the same size never straddle chunks.
+        size holding about 4 MiB, so batches of the same size never straddle chunks
+        (with ``expected_samples``, as few such chunks as those samples need, made even
+        in size).
     storage_options : mapping, optional
         Passed to fsspec for URLs.
     attrs : mapping, optional
@@ -461,14 +463,16 @@ class ActivationWriter:
             logger.debug("layer %r: empty batch, nothing to write", layer)
             return 0
         ids = _as_ids(f"layer {layer!r}", ids)
-        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():  # increasing ids are unique
+        # increasing ids (the common case) are unique, and only the first can be the
+        # smallest int64, the reserved fill; other batches are sorted first
+        increasing = len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
+        lowest = int(ids[0])
+        if not increasing:
             uniq, counts = np.unique(ids, return_counts=True)
-        else:
-            uniq, counts = ids, np.ones(len(ids), dtype=np.int64)
-        if (counts > 1).any():
-            raise StoreError(
-                f"layer {layer!r}: duplicate sample ids in the batch: {uniq[counts > 1][:10].tolist()}"
-            )
+            if (counts > 1).any():
+                raise StoreError(f"layer {layer!r}: duplicate sample ids in the batch: "
+                                 f"{uniq[counts > 1][:10].tolist()}")
+            lowest = int(uniq[0])
         if not allow_nonfinite and not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).sum())
             raise StoreError(
@@ -486,15 +490,17 @@ class ActivationWriter:
             meta[key] = _as_1d(f"layer {layer!r}: metadata {key!r}", col, batch)
         epoch = _as_epoch(epoch)
 
-        if (ids == SAMPLE_FILL).any():
+        if lowest == SAMPLE_FILL:
             raise StoreError(f"layer {layer!r}: sample id {SAMPLE_FILL} is reserved")
 
         state = self._layers.get(layer)
         pending = self._pending.get(layer)
-        if pending is not None and not pending.accepts(epoch, ids, labels, preds, meta,
+        kinds = _Pending.signature(labels, preds, meta)
+        if pending is not None and not pending.accepts(epoch, ids, lowest, kinds,
                                                        overwrite):
             self._flush_layer(layer)
-        plan = _plan_batch(self, layer, state, reduced, ids, labels, preds, meta, epoch, overwrite)
+        plan = _plan_batch(self, layer, state, reduced, ids, labels, preds, meta, epoch,
+                           overwrite, increasing=increasing)
         if plan is None:  # every sample already committed with these values: resume skip
             state.note_written(state.epoch_index(epoch), state.positions(ids))
             return 0
@@ -514,7 +520,7 @@ class ActivationWriter:
                 pending = self._pending[layer] = _Pending(
                     epoch, values.shape[1], self._spare.pop(layer, None),
                     rows=max(1, -(-self._buffer_bytes // batch_bytes)) * batch)
-            pending.add(values, ids, labels, preds, meta, plan.new_rows)
+            pending.add(values, ids, labels, preds, meta, plan.new_rows, kinds)
         except StoreError:
             raise
         except Exception as err:
@@ -811,6 +817,11 @@ class ActivationWriter:
             chunk = self._chunk_samples
         else:
             chunk = batch * max(1, _TARGET_CHUNK_BYTES // max(1, batch * row_bytes))
+            if self._expected_samples:
+                # as few chunks as that size needs for the expected samples, of even
+                # sizes (whole batches): the last one is then not mostly fill
+                parts = -(-self._expected_samples // chunk)
+                chunk = min(chunk, batch * -(-self._expected_samples // (parts * batch)))
         neuron_chunk = n_neurons
         if chunk * row_bytes > _MAX_CHUNK_BYTES:
             neuron_chunk = max(1, _MAX_CHUNK_BYTES // (itemsize * chunk))
