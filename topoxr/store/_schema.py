@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 #: multiple of the first batch size near ``_MASK_TARGET``, so batches of one size never
 #: straddle two mask chunks and each becomes visible in a single atomic chunk write.
 MASK_CHUNK = 1 << 20
-_MASK_TARGET = 1 << 14
+#: Target samples per chunk of the mask, ``prediction`` and ``correct`` (1 << 14 before
+#: commits were buffered: each batch rewrote its chunks; a commit now covers many
+#: batches, and fewer, larger chunks mean fewer files per commit).
+_MASK_TARGET = 1 << 15
 _COORD_CHUNK = 1 << 16
 #: Chunk of the arrays along ``epoch`` (written once per epoch, so kept small)
 _EPOCH_CHUNK = 1 << 10

@@ -810,18 +810,22 @@ class ActivationWriter:
     def _consolidate(self) -> None:
         consolidate(self._loc.store)
 
+    def _even(self, chunk: int, batch: int) -> int:
+        """``chunk`` (samples), or for ``expected_samples``: as few chunks of at most that
+        size as they need, made even in whole batches, so the last is not mostly fill."""
+        if not self._expected_samples:
+            return chunk
+        parts = -(-self._expected_samples // chunk)
+        return min(chunk, batch * -(-self._expected_samples // (parts * batch)))
+
     def _sample_chunk(self, n_neurons: int, batch: int) -> tuple[int, int]:
         itemsize = np.dtype(self._dtype).itemsize
         row_bytes = itemsize * n_neurons
         if self._chunk_samples is not None:
             chunk = self._chunk_samples
         else:
-            chunk = batch * max(1, _TARGET_CHUNK_BYTES // max(1, batch * row_bytes))
-            if self._expected_samples:
-                # as few chunks as that size needs for the expected samples, of even
-                # sizes (whole batches): the last one is then not mostly fill
-                parts = -(-self._expected_samples // chunk)
-                chunk = min(chunk, batch * -(-self._expected_samples // (parts * batch)))
+            chunk = self._even(batch * max(1, _TARGET_CHUNK_BYTES // max(1, batch * row_bytes)),
+                               batch)
         neuron_chunk = n_neurons
         if chunk * row_bytes > _MAX_CHUNK_BYTES:
             neuron_chunk = max(1, _MAX_CHUNK_BYTES // (itemsize * chunk))
@@ -839,7 +843,9 @@ class ActivationWriter:
             **dict(layer_attrs or {}), ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
             _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
         })
-        mask_chunk = min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch)))
+        mask_chunk = self._even(min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch))),
+                                batch)
+        coord_chunk = self._even(_COORD_CHUNK, batch)
         # created as long as the expected samples and one epoch deep (the first commit
         # then grows nothing); the unfilled 'sample'/'epoch' coordinates keep the
         # logical lengths at 0 until a commit fills them, and close() trims the rest
@@ -858,7 +864,7 @@ class ActivationWriter:
             **{key: dict(data=np.asarray(vals, dtype=np.int64), chunks=(n_neurons,),
                          dimension_names=(NEURON,))
                for key, vals in reduced.unit_coords.items()},
-            SAMPLE: dict(shape=(n0,), chunks=(_COORD_CHUNK,), dtype="int64",
+            SAMPLE: dict(shape=(n0,), chunks=(coord_chunk,), dtype="int64",
                          fill_value=SAMPLE_FILL, dimension_names=(SAMPLE,)),
             EPOCH: dict(shape=(m0,), chunks=(_EPOCH_CHUNK,), dtype="int64",
                         fill_value=_EPOCH_FILL, dimension_names=(EPOCH,)),
@@ -868,7 +874,7 @@ class ActivationWriter:
             # (_write_mask_chunks)
             COMMITTED: dict(shape=(n0, m0), chunks=(mask_chunk, 1), dtype="bool",
                             fill_value=False, compressors=None, dimension_names=(SAMPLE, EPOCH)),
-            **{key: dict(shape=(n0,), chunks=(_COORD_CHUNK,), dtype=_zarr_dtype(col),
+            **{key: dict(shape=(n0,), chunks=(coord_chunk,), dtype=_zarr_dtype(col),
                          fill_value=_fill(_kind(col)), dimension_names=(SAMPLE,))
                for key, col in (({LABEL: labels} if labels is not None else {}) | meta).items()},
         }
