@@ -79,13 +79,21 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _medians(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Warm every variant up, then time them interleaved (load changes hit them all)."""
-    for fn in variants.values():
+def _medians(variants: dict[str, Callable[[], Any]], repeats: int,
+             prepare: dict[str, Callable[[], Any]] | None = None) -> dict[str, float]:
+    """Warm every variant up, then time them interleaved (load changes hit them all).
+
+    ``prepare[key]``, where given, runs untimed before every run of variant ``key``
+    (deleting the output of its previous run: not part of what is measured).
+    """
+    prepare = prepare or {}
+    for key, fn in variants.items():
+        prepare.get(key, lambda: None)()
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for key, fn in variants.items():
+            prepare.get(key, lambda: None)()
             times[key].append(_timed(fn))
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -225,12 +233,15 @@ def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
     model = fw.make_model(kind, seed=0, **model_kwargs)
     capture = fw.capture(fw.make_model(kind, seed=0, **model_kwargs), layers)
 
+    record_path = os.path.join(tmp, f"{fw.name}-{kind}-record.zarr")
+    direct_path = os.path.join(tmp, f"{fw.name}-{kind}-direct.zarr")
+
     def record() -> None:
-        path = os.path.join(tmp, f"{fw.name}-{kind}-record.zarr")
-        shutil.rmtree(path, ignore_errors=True)
+        path = record_path
         fw.adapter.record(model, (x, y), path, model_name=f"{kind}_{fw.name}", layers=layers,
                           batch_size=BATCH, progress=False)
 
+    shutil.rmtree(record_path, ignore_errors=True)
     record()  # warm-up (graph tracing), and it tells the store's chunking
     summary = store_summary(os.path.join(tmp, f"{fw.name}-{kind}-record.zarr"))
     stored = summary["models"][f"{kind}_{fw.name}"]["layers"]
@@ -244,9 +255,7 @@ def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
 
     def direct(whole: bool) -> Callable[[], None]:
         def run() -> None:
-            path = os.path.join(tmp, f"{fw.name}-{kind}-direct.zarr")
-            shutil.rmtree(path, ignore_errors=True)
-            _direct(fw, capture, x, y, path, layout, whole)
+            _direct(fw, capture, x, y, direct_path, layout, whole)
         return run
 
     variants = {
@@ -255,7 +264,11 @@ def _run_config(fw: Any, kind: str, x: np.ndarray, y: np.ndarray, repeats: int,
         "b_direct_whole_chunks": direct(True),
         "record": record,
     }
-    med = _medians(variants, repeats)
+    # the previous run's output is deleted before each timed run, untimed
+    med = _medians(variants, repeats, prepare={
+        "b_direct": lambda: shutil.rmtree(direct_path, ignore_errors=True),
+        "b_direct_whole_chunks": lambda: shutil.rmtree(direct_path, ignore_errors=True),
+        "record": lambda: shutil.rmtree(record_path, ignore_errors=True)})
     return {
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "record_over_b_direct": round(med["record"] / med["b_direct"], 3),

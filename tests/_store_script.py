@@ -83,6 +83,7 @@ def record(
     buffer_bytes: int = 0,
     flush_every: int = 5,
     expected_samples: int | None = None,
+    die_in_creation: int | None = None,
     out=None,
 ) -> None:
     """Run the whole recording (resuming whatever is already in ``store``).
@@ -90,8 +91,25 @@ def record(
     With ``buffer_bytes=0`` every ``write`` commits; otherwise the writer buffers and
     ``flush()`` runs after every ``flush_every`` writes: a ``W`` line is printed only
     once its write is committed (after its flush, epoch completion or scalar logging).
+    ``die_in_creation=k``: the process kills itself (SIGKILL) once the ``k``-th of the
+    three steps that write new layers' files at their first commit has run (1: the
+    groups, 2: their arrays; 3: the marks that they are complete).
     """
     from topoxr import ActivationWriter
+
+    if die_in_creation is not None:
+        import topoxr.store.writer as writer_module
+
+        steps = [0]
+        run_jobs = writer_module.run_jobs  # used by the writer for layer creation only
+
+        def run_then_die(jobs):
+            run_jobs(jobs)
+            steps[0] += 1
+            if steps[0] >= die_in_creation:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        writer_module.run_jobs = run_then_die
 
     unsaid: list[str] = []
 
@@ -208,12 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buffer-bytes", type=int, default=0)
     parser.add_argument("--flush-every", type=int, default=5)
     parser.add_argument("--expected-samples", type=int, default=None)
+    parser.add_argument("--die-in-creation", type=int, default=None)
     args = parser.parse_args(argv)
     if args.mode == "read":
         return read_loop(args.store, args.until)
     record(args.store, delay=args.delay, die_after=args.die_after, complete=args.complete,
            buffer_bytes=args.buffer_bytes, flush_every=args.flush_every,
-           expected_samples=args.expected_samples, out=sys.stdout)
+           expected_samples=args.expected_samples, die_in_creation=args.die_in_creation,
+           out=sys.stdout)
     return 0
 
 

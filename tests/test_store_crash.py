@@ -178,6 +178,36 @@ def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(
     assert_same_store(str(store), reference_presized if presize else reference)
 
 
+@pytest.mark.parametrize("buffer_bytes", [0, 1 << 20], ids=["commit-per-write", "buffered"])
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_killed_while_writing_new_layers_then_resume_equals_uninterrupted(
+        tmp_path, reference, step, buffer_bytes):
+    """New layers are written at their first commit, all together, in three steps
+    (groups, arrays, "ready" marks). Killed after each step: readers show no layer
+    that was not complete, and the resumed run ends with the uninterrupted store."""
+    store = tmp_path / "run.zarr"
+    proc = subprocess.run([sys.executable, SCRIPT, "write", str(store), "--buffer-bytes",
+                           str(buffer_bytes), "--die-in-creation", str(step)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    on_disk = sorted(name for name in os.listdir(store / "net") if (store / "net" / name).is_dir())
+    assert on_disk == (["conv", "dense"] if buffer_bytes else ["dense"])
+    summary = store_summary(str(store))
+    shown = summary["models"]["net"]["layers"]
+    assert summary["problems"] == []
+    if step < 3:  # created in part: not a layer yet, for every reader
+        assert shown == {}
+    else:  # complete, and empty: nothing was committed
+        assert sorted(shown) == on_disk
+        assert all(info["samples"] == 0 and info["problems"] == [] for info in shown.values())
+    assert topoxr.verify(str(store)).ok
+    final = subprocess.run([sys.executable, SCRIPT, "write", str(store), "--buffer-bytes",
+                            str(buffer_bytes)], capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert final.stdout.strip().endswith("DONE")
+    assert_same_store(str(store), reference)
+
+
 @pytest.mark.parametrize("die_after", [PLAN.total_writes // PLAN.epochs, 7])
 def test_killed_after_a_whole_epoch_without_explicit_completion(tmp_path, reference, die_after):
     """A run that completes epochs only at close(): the resumed run must complete them."""

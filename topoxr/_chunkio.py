@@ -465,7 +465,8 @@ def _metadata_bytes(metadata: Any) -> bytes:
     return json.dumps(metadata.to_dict(), allow_nan=True).encode()
 
 
-def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, zarr.Array]:
+def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
+                  jobs_out: list[Callable[[], None]] | None = None) -> dict[str, zarr.Array]:
     """Create numeric arrays in ``group`` (new names only) from ``create_array`` arguments.
 
     zarr builds each array's metadata (so its ``zarr.json`` is exactly what
@@ -474,6 +475,9 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> 
     as whole chunks. Supported keys: ``shape``/``data``, ``chunks``, ``dtype``,
     ``fill_value``, ``filters`` (array-to-array codecs), ``compressors``,
     ``chunk_key_encoding``, ``dimension_names``, ``attributes``, ``config``.
+
+    With ``jobs_out``, nothing is written: the jobs that write the metadata and the
+    data (in any order, see :func:`run_jobs`) are appended to it instead.
     """
     from zarr.codecs import BytesCodec
     from zarr.core.array import AsyncArray
@@ -504,20 +508,25 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]]) -> 
         arrays[name] = zarr.Array(AsyncArray(metadata=metadata,
                                              store_path=StorePath(group.store, path),
                                              config=spec.get("config")))
-    run_jobs(jobs)
     writes = [job for name, data in data_of.items() if data.size
               for job in DirectWriter(arrays[name], None)(
                   tuple(slice(None) for _ in data.shape), data)]
+    if jobs_out is not None:
+        jobs_out.extend(jobs + writes)
+        return arrays
+    run_jobs(jobs)
     run_jobs(writes)
     return arrays
 
 
-def create_group(parent: zarr.Group, name: str, attributes: Mapping[str, Any]) -> zarr.Group:
+def create_group(parent: zarr.Group, name: str, attributes: Mapping[str, Any],
+                 jobs_out: list[Callable[[], None]] | None = None) -> zarr.Group:
     """``parent.create_group(name, attributes=...)``, written directly on a local store.
 
     zarr's local store gets the group's ``zarr.json`` (built by zarr) in one atomic
     write, without a trip through zarr's event loop; a name already taken is refused
-    as zarr refuses it. Other stores go through zarr.
+    as zarr refuses it. Other stores go through zarr. With ``jobs_out`` (a local store
+    only), the write is appended to it as a job instead of being made.
     """
     from zarr.core.group import AsyncGroup, GroupMetadata
     from zarr.errors import ContainsGroupError
@@ -530,12 +539,22 @@ def create_group(parent: zarr.Group, name: str, attributes: Mapping[str, Any]) -
     if (store.root / path / "zarr.json").exists():
         raise ContainsGroupError(f"a node already exists at {path!r}")
     metadata = GroupMetadata(attributes=dict(attributes))
-    put_pieces(store, store_key(path, "zarr.json"), [_metadata_bytes(metadata)])
+    write = functools.partial(put_pieces, store, store_key(path, "zarr.json"),
+                              [_metadata_bytes(metadata)])
+    if jobs_out is None:
+        write()
+    else:
+        jobs_out.append(write)
     return zarr.Group(AsyncGroup(metadata, StorePath(store, path)))
 
 
-def update_group_attributes(group: zarr.Group, attributes: Mapping[str, Any]) -> None:
-    """``group.update_attributes(attributes)``, written directly on a local store."""
+def update_group_attributes(group: zarr.Group, attributes: Mapping[str, Any],
+                            jobs_out: list[Callable[[], None]] | None = None) -> None:
+    """``group.update_attributes(attributes)``, written directly on a local store.
+
+    With ``jobs_out`` (a local store only), the write is appended to it as a job
+    instead of being made (the group object has the new attributes at once).
+    """
     import dataclasses
 
     if not _zarr_local(group.store):
@@ -544,8 +563,18 @@ def update_group_attributes(group: zarr.Group, attributes: Mapping[str, Any]) ->
     async_group = group._async_group
     metadata = dataclasses.replace(async_group.metadata,
                                    attributes={**async_group.metadata.attributes, **attributes})
-    put_pieces(group.store, store_key(group.path, "zarr.json"), [_metadata_bytes(metadata)])
+    write = functools.partial(put_pieces, group.store, store_key(group.path, "zarr.json"),
+                              [_metadata_bytes(metadata)])
+    if jobs_out is None:
+        write()
+    else:
+        jobs_out.append(write)
     object.__setattr__(async_group, "metadata", metadata)
+
+
+def defers_creation(store: Any) -> bool:
+    """Whether nodes on ``store`` can be created by deferred jobs (see ``jobs_out``)."""
+    return _zarr_local(store)
 
 
 def consolidate(store: Any) -> None:

@@ -40,6 +40,11 @@ class _LayerState:
     _increasing: bool = True
     #: chunks last written per array, to complete partial chunks without reading them
     caches: dict[str, ChunkCache] = field(default_factory=dict)
+    #: a layer created in memory only: the jobs writing its files, in three steps
+    #: (group, arrays, the "ready" mark), run before its first commit
+    creation: tuple[list, list, list] | None = None
+    #: the arrays the layer was created with (those zarr creates are opened later)
+    array_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._increasing = bool(np.all(np.diff(self.sample_ids) > 0))

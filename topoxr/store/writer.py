@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from topoxr._chunkio import consolidate, create_group, resizer, update_group_attributes
+from topoxr._chunkio import (
+    consolidate,
+    create_group,
+    resizer,
+    run_jobs,
+    update_group_attributes,
+)
 from topoxr._codecs import DEFAULT_COMPRESSOR, DTYPES, compressors_for, storage_dtype
 from topoxr._locking import WriterLock
 from topoxr.activations import reduce_units
@@ -46,6 +52,7 @@ from topoxr.store._plan import (
 from topoxr.store._schema import (
     CHECKSUM,
     _ACTIVATION_CONFIG,
+    _ARRAY_CONFIG,
     _ATTR_METADATA,
     _ATTR_READY,
     _ATTR_REDUCE,
@@ -63,6 +70,7 @@ from topoxr.store._schema import (
     SAMPLE_MAJOR,
     _check_required,
     _create_arrays,
+    _creatable_later,
     _fill,
     _ids_text,
     _kind,
@@ -560,6 +568,7 @@ class ActivationWriter:
 
     def _flush_layers(self, layers: Sequence[str]) -> None:
         """Commit the buffered batches of each of ``layers`` as one batch, all together."""
+        self._create_pending(self._layers[layer] for layer in layers if layer in self._pending)
         flushed, commits = [], []
         for layer in layers:
             pending = self._pending.pop(layer, None)
@@ -839,10 +848,6 @@ class ActivationWriter:
             raise StoreError(f"layer {layer!r} maps to node {name!r}, already used by another layer")
         n_neurons = reduced.values.shape[1]
         chunk, neuron_chunk = self._sample_chunk(n_neurons, batch)
-        group = create_group(self._model_group, name, {
-            **dict(layer_attrs or {}), ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
-            _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
-        })
         mask_chunk = self._even(min(MASK_CHUNK, batch * max(1, _MASK_TARGET // max(1, batch))),
                                 batch)
         coord_chunk = self._even(_COORD_CHUNK, batch)
@@ -880,8 +885,20 @@ class ActivationWriter:
         }
         if preds is not None:
             specs.update(_prediction_specs(preds, n0, m0, mask_chunk))
-        arrays = _create_arrays(group, specs, existing={})
-        update_group_attributes(group, {_ATTR_READY: True})  # last: the layer is complete
+        # On a local store the files are written by the layer's first commit, with those
+        # of every other layer created since (see _create_pending): in three steps, the
+        # group, its arrays, then the mark that the layer is complete, as here.
+        phases: tuple[list, list, list] | None = (
+            ([], [], []) if _creatable_later(self._model_group.store, specs) else None)
+        group = create_group(self._model_group, name, {
+            **dict(layer_attrs or {}), ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
+            _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
+        }, jobs_out=None if phases is None else phases[0])
+        arrays = _create_arrays(group, specs, existing={},
+                                jobs_out=None if phases is None else phases[1])
+        # last: the layer is complete
+        update_group_attributes(group, {_ATTR_READY: True},
+                                jobs_out=None if phases is None else phases[2])
         state = _LayerState(
             name=layer, group=group, n_neurons=n_neurons, reduce=reduced.reduce,
             unit_coords=dict(reduced.unit_coords), sample_ids=np.zeros(0, dtype=np.int64),
@@ -889,8 +906,31 @@ class ActivationWriter:
             labels=None if labels is None else labels[:0], metadata={k: v[:0] for k, v in meta.items()},
         )
         state.adopt(arrays)
+        state.creation = phases
+        state.array_names = tuple(specs)
         self._layers[layer] = state
         return state
+
+    def _create_pending(self, states: Iterable[_LayerState]) -> None:
+        """Write the files of layers created in memory only (see ``_create_layer``).
+
+        The layers' groups, then their arrays, then their "ready" marks: each step for
+        all the layers at once, in parallel.
+        """
+        waiting = [state for state in states if state.creation is not None]
+        if not waiting:
+            return
+        try:
+            for step in range(3):
+                run_jobs([job for state in waiting for job in state.creation[step]])
+        except Exception as err:
+            self._fail(err, f"creating layers {[state.name for state in waiting]}")
+        for state in waiting:
+            state.creation = None
+            # arrays that zarr created (strings) are opened now that they exist
+            missing = {name: state.group[name].with_config(_ARRAY_CONFIG)
+                       for name in state.array_names if name not in state.arrays}
+            state.adopt(missing)
 
     @staticmethod
     def _create_prediction_arrays(state: _LayerState, preds: np.ndarray, n: int, m: int,
@@ -900,6 +940,7 @@ class ActivationWriter:
 
     def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
         """Commit one batch (or the merged buffered batches) of one layer."""
+        self._create_pending([state])
         return _run_commits([self._prepare_commit(state, plan, values, ids, labels, preds,
                                                   meta, epoch)])[0]
 
