@@ -613,7 +613,7 @@ def consolidate(store: Any) -> None:
         try:
             with open(folder / "zarr.json", "rb") as f:
                 doc = json.loads(f.read())
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             continue  # not a node (zarr lists nothing below it either)
         kind = doc.get("node_type") if isinstance(doc, dict) else None
         if kind not in ("array", "group") or doc.get("zarr_format") != 3:
