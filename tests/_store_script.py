@@ -84,6 +84,7 @@ def record(
     flush_every: int = 5,
     expected_samples: int | None = None,
     die_in_creation: int | None = None,
+    strings: bool = True,
     out=None,
 ) -> None:
     """Run the whole recording (resuming whatever is already in ``store``).
@@ -93,7 +94,9 @@ def record(
     once its write is committed (after its flush, epoch completion or scalar logging).
     ``die_in_creation=k``: the process kills itself (SIGKILL) once the ``k``-th of the
     three steps that write new layers' files at their first commit has run (1: the
-    groups, 2: their arrays; 3: the marks that they are complete).
+    groups, 2: their arrays; 3: the marks that they are complete). ``strings=False``
+    leaves out the string metadata column ``split`` (layers of numeric columns only are
+    the ones whose files are written at their first commit).
     """
     from topoxr import ActivationWriter
 
@@ -135,9 +138,10 @@ def record(
                     if layer == "conv":
                         values = values.reshape(len(ids), *CONV_SHAPE)
                         kwargs = {"channel_axis": 1, "reduce": "none"}
+                    if strings:
+                        kwargs["split"] = np.where(ids % 2 == 0, "even", "odd")
                     writer.write(layer, values, sample=ids, label=label_of(ids),
                                  prediction=prediction_of(ids, epoch), epoch=epoch,
-                                 split=np.where(ids % 2 == 0, "even", "odd"),
                                  weight=ids * 0.25, **kwargs)
                     k += 1
                     unsaid.append(f"W {k} {layer} {epoch} {b}")
@@ -227,13 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flush-every", type=int, default=5)
     parser.add_argument("--expected-samples", type=int, default=None)
     parser.add_argument("--die-in-creation", type=int, default=None)
+    parser.add_argument("--no-strings", action="store_true")
     args = parser.parse_args(argv)
     if args.mode == "read":
         return read_loop(args.store, args.until)
     record(args.store, delay=args.delay, die_after=args.die_after, complete=args.complete,
            buffer_bytes=args.buffer_bytes, flush_every=args.flush_every,
            expected_samples=args.expected_samples, die_in_creation=args.die_in_creation,
-           out=sys.stdout)
+           strings=not args.no_strings, out=sys.stdout)
     return 0
 
 

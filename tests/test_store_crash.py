@@ -57,6 +57,14 @@ def reference_presized(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def reference_numeric(tmp_path_factory):
+    """The store an uninterrupted run produces without the string column ``split``."""
+    path = str(tmp_path_factory.mktemp("reference") / "ref-numeric.zarr")
+    script.record(path, strings=False)
+    return path
+
+
 def _start(store, *args):
     return subprocess.Popen(
         [sys.executable, SCRIPT, "write", str(store), *map(str, args)],
@@ -181,13 +189,14 @@ def test_sigkill_at_20_random_points_then_resume_equals_uninterrupted(
 @pytest.mark.parametrize("buffer_bytes", [0, 1 << 20], ids=["commit-per-write", "buffered"])
 @pytest.mark.parametrize("step", [1, 2, 3])
 def test_killed_while_writing_new_layers_then_resume_equals_uninterrupted(
-        tmp_path, reference, step, buffer_bytes):
-    """New layers are written at their first commit, all together, in three steps
-    (groups, arrays, "ready" marks). Killed after each step: readers show no layer
-    that was not complete, and the resumed run ends with the uninterrupted store."""
+        tmp_path, reference_numeric, step, buffer_bytes):
+    """New layers (of numeric columns) are written at their first commit, all
+    together, in three steps (groups, arrays, "ready" marks). Killed after each step:
+    readers show no layer that was not complete, and the resumed run ends with the
+    uninterrupted store."""
     store = tmp_path / "run.zarr"
     proc = subprocess.run([sys.executable, SCRIPT, "write", str(store), "--buffer-bytes",
-                           str(buffer_bytes), "--die-in-creation", str(step)],
+                           str(buffer_bytes), "--die-in-creation", str(step), "--no-strings"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     on_disk = sorted(name for name in os.listdir(store / "net") if (store / "net" / name).is_dir())
@@ -202,10 +211,26 @@ def test_killed_while_writing_new_layers_then_resume_equals_uninterrupted(
         assert all(info["samples"] == 0 and info["problems"] == [] for info in shown.values())
     assert topoxr.verify(str(store)).ok
     final = subprocess.run([sys.executable, SCRIPT, "write", str(store), "--buffer-bytes",
-                            str(buffer_bytes)], capture_output=True, text=True, timeout=120)
+                            str(buffer_bytes), "--no-strings"], capture_output=True, text=True,
+                           timeout=120)
     assert final.returncode == 0, final.stderr
     assert final.stdout.strip().endswith("DONE")
-    assert_same_store(str(store), reference)
+    assert_same_store(str(store), reference_numeric)
+
+
+def test_layers_with_string_columns_are_written_at_once(tmp_path):
+    """A layer with a string column is created by zarr as its first batch arrives (its
+    files exist before any commit); layers of numeric columns wait for their commit."""
+    store = str(tmp_path / "s.zarr")
+    ids = np.arange(4)
+    with topoxr.ActivationWriter(store, model="m", buffer_bytes=1 << 20) as writer:
+        writer.write("text", np.ones((4, 3)), sample=ids, split=["a", "b", "a", "b"])
+        writer.write("numbers", np.ones((4, 3)), sample=ids, weight=ids * 0.5)
+        assert (tmp_path / "s.zarr" / "m" / "text" / "split" / "zarr.json").exists()
+        assert not (tmp_path / "s.zarr" / "m" / "numbers").exists()
+    tree = topoxr.open_store(store)
+    assert tree["m/text"].to_dataset().split.values.tolist() == ["a", "b", "a", "b"]
+    assert tree["m/numbers"].to_dataset().weight.values.tolist() == [0.0, 0.5, 1.0, 1.5]
 
 
 @pytest.mark.parametrize("die_after", [PLAN.total_writes // PLAN.epochs, 7])

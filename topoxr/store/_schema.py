@@ -124,11 +124,16 @@ def _prediction_specs(preds: np.ndarray, n: int, m: int,
 
 
 def _creatable_later(store: Any, specs: Mapping[str, Mapping[str, Any]]) -> bool:
-    """Whether :func:`_create_arrays` can defer creating ``specs`` (``jobs_out``)."""
+    """Whether :func:`_create_arrays` can defer creating ``specs`` (``jobs_out``).
+
+    Only arrays that topoxr writes itself: zarr's ``create_array`` (string arrays) can
+    raise while its own writes of parent metadata still run, so it is kept to the
+    layer's creation, where the writer waits for zarr's loop in the caller's thread.
+    """
     from topoxr._chunkio import defers_creation, direct_creates
 
-    return defers_creation(store) and ACTIVATION in specs and direct_creates(
-        store, _checked(specs[ACTIVATION]))
+    return defers_creation(store) and all(direct_creates(store, _checked(spec))
+                                          for spec in specs.values())
 
 
 def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
@@ -137,8 +142,7 @@ def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
     """Create arrays of a layer; return them (opened with the store's array config).
 
     With ``jobs_out`` (only where :func:`_creatable_later`), nothing is written: the
-    jobs that write the arrays are appended to it, and the arrays that zarr creates
-    (strings) are left out of the result: open them once the jobs have run.
+    jobs that write the arrays are appended to it.
 
     ``specs`` maps names to :meth:`zarr.Group.create_array` arguments (``data`` given
     is written too). The arrays are then listed in ``activation``'s ``coordinates``
@@ -160,15 +164,13 @@ def _create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
     if ACTIVATION in fast:  # the attribute is written with the array
         fast[ACTIVATION] = {**fast[ACTIVATION],
                             "attributes": {**fast[ACTIVATION].get("attributes", {}), **coords}}
-    if jobs_out is not None and ACTIVATION in checked and ACTIVATION not in fast:
-        raise ValueError("a layer whose activations zarr creates cannot be created later")
+    if jobs_out is not None and len(fast) != len(checked):
+        raise ValueError("only arrays that topoxr writes itself can be created later")
     created = create_arrays(group, fast, jobs_out)
+    if jobs_out is not None:
+        return created
     slow = [(functools.partial(create_array, group.store, name=f"{group.path}/{name}", **spec), ())
             for name, spec in checked.items() if name not in fast]
-    if jobs_out is not None:
-        if slow:
-            jobs_out.append(functools.partial(_run_in_order, [slow]))
-        return created
     _run_in_order([slow])
     if ACTIVATION not in fast:
         # through the writer's own array object where it has one: a later resize writes

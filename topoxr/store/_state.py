@@ -43,8 +43,6 @@ class _LayerState:
     #: a layer created in memory only: the jobs writing its files, in three steps
     #: (group, arrays, the "ready" mark), run before its first commit
     creation: tuple[list, list, list] | None = None
-    #: the arrays the layer was created with (those zarr creates are opened later)
-    array_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._increasing = bool(np.all(np.diff(self.sample_ids) > 0))

@@ -52,7 +52,6 @@ from topoxr.store._plan import (
 from topoxr.store._schema import (
     CHECKSUM,
     _ACTIVATION_CONFIG,
-    _ARRAY_CONFIG,
     _ATTR_METADATA,
     _ATTR_READY,
     _ATTR_REDUCE,
@@ -885,9 +884,10 @@ class ActivationWriter:
         }
         if preds is not None:
             specs.update(_prediction_specs(preds, n0, m0, mask_chunk))
-        # On a local store the files are written by the layer's first commit, with those
-        # of every other layer created since (see _create_pending): in three steps, the
-        # group, its arrays, then the mark that the layer is complete, as here.
+        # On a local store, for layers of numeric columns only, the files are written by
+        # the layer's first commit, with those of every other layer created since (see
+        # _create_pending): in three steps, the group, its arrays, then the mark that
+        # the layer is complete, as here. (String columns are created by zarr, at once.)
         phases: tuple[list, list, list] | None = (
             ([], [], []) if _creatable_later(self._model_group.store, specs) else None)
         group = create_group(self._model_group, name, {
@@ -907,7 +907,6 @@ class ActivationWriter:
         )
         state.adopt(arrays)
         state.creation = phases
-        state.array_names = tuple(specs)
         self._layers[layer] = state
         return state
 
@@ -927,10 +926,6 @@ class ActivationWriter:
             self._fail(err, f"creating layers {[state.name for state in waiting]}")
         for state in waiting:
             state.creation = None
-            # arrays that zarr created (strings) are opened now that they exist
-            missing = {name: state.group[name].with_config(_ARRAY_CONFIG)
-                       for name in state.array_names if name not in state.arrays}
-            state.adopt(missing)
 
     @staticmethod
     def _create_prediction_arrays(state: _LayerState, preds: np.ndarray, n: int, m: int,
