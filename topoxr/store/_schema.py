@@ -127,8 +127,8 @@ def _creatable_later(store: Any, specs: Mapping[str, Mapping[str, Any]]) -> bool
     """Whether :func:`_create_arrays` can defer creating ``specs`` (``jobs_out``).
 
     Only arrays that topoxr writes itself: zarr's ``create_array`` (string arrays) can
-    raise while its own writes of parent metadata still run, so it is kept to the
-    layer's creation, where the writer waits for zarr's loop in the caller's thread.
+    raise while its own writes of parent metadata still run, so layers with such
+    arrays keep being created at once, as before (not under a commit).
     """
     from topoxr._chunkio import defers_creation, direct_creates
 
