@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import dask.array as dsa
 import fsspec
@@ -659,9 +660,12 @@ def test_a_store_with_a_compressed_mask_is_still_committed_to(store_path):
 
 
 def test_arrays_grow_to_the_committed_data(store_path):
-    """The sample axis grows exactly to the data, the epoch axis in powers of two (each
-    new epoch would otherwise rewrite six arrays' metadata); readers see the logical
-    lengths throughout and close() trims the epoch axis."""
+    """The sample axis grows exactly to the data; the epoch axis makes room for
+    ``_EPOCH_ROOM`` epochs when a second one arrives, then doubles (each new epoch would
+    otherwise rewrite six arrays' metadata). Readers see the logical lengths throughout,
+    no chunk is stored for the room, and close() trims the epoch axis."""
+    from topoxr.store.writer import _EPOCH_ROOM
+
     def shapes():
         group = zarr.open_group(store_path, path="m/h", mode="r")
         return {name: (arr.metadata.dimension_names, arr.shape) for name, arr in group.arrays()}
@@ -670,27 +674,45 @@ def test_arrays_grow_to_the_committed_data(store_path):
         return {len_ for dims, shape in shapes().values()
                 for d, len_ in zip(dims, shape, strict=True) if d == dim}
 
+    def chunk_files(name):
+        return sorted(p.name for p in (Path(store_path) / "m" / "h" / name).iterdir()
+                      if p.name != "zarr.json")
+
     writer = ActivationWriter(store_path, model="m")
     for start in range(0, 10, 2):
         ids = np.arange(start, start + 2)
         writer.write("h", acts(ids), sample=ids, label=ids % 3, prediction=ids % 2,
                      split=np.where(ids < 5, "a", "b"))
+    writer.flush()
+    assert lengths("epoch") == {1}  # one epoch: no room made
     for epoch in (1, 2):
         writer.write("h", acts(range(10), epoch), sample=range(10), label=np.arange(10) % 3,
                      prediction=np.arange(10) % 2, split=np.where(np.arange(10) < 5, "a", "b"),
                      epoch=epoch)
     writer.log_epoch(2, loss=0.5)
-    # while writing: every array holds exactly the 10 samples, and room for 4 epochs
-    assert lengths("sample") == {10} and lengths("epoch") == {4}
+    # while writing: every array holds exactly the 10 samples, and room for the epochs
+    assert lengths("sample") == {10} and lengths("epoch") == {_EPOCH_ROOM}
+    assert len(chunk_files("committed")) == 3  # one mask chunk per written epoch
     ds = open_store(store_path)["m/h"].to_dataset()
     assert dict(ds.sizes) == {"neuron": N_NEURONS, "sample": 10, "epoch": 3}
     assert ds.sample.values.tolist() == list(range(10))
+    for epoch in range(3, _EPOCH_ROOM + 1):  # one past the room: it doubles
+        writer.write("h", acts(range(10), epoch), sample=range(10), label=np.arange(10) % 3,
+                     prediction=np.arange(10) % 2, split=np.where(np.arange(10) < 5, "a", "b"),
+                     epoch=epoch)
+    writer.flush()
+    assert lengths("epoch") == {2 * _EPOCH_ROOM}
+    assert len(open_store(store_path)["m/h"].epoch) == _EPOCH_ROOM + 1
     writer.close()
-    assert lengths("sample") == {10} and lengths("epoch") == {3}
+    assert lengths("sample") == {10} and lengths("epoch") == {_EPOCH_ROOM + 1}
+    assert len(chunk_files("committed")) == _EPOCH_ROOM + 1
     plain = xr.open_datatree(store_path, engine="zarr")["m/h"].to_dataset()
-    assert dict(plain.sizes) == {"neuron": N_NEURONS, "sample": 10, "epoch": 3}
+    assert dict(plain.sizes) == {"neuron": N_NEURONS, "sample": 10, "epoch": _EPOCH_ROOM + 1}
     np.testing.assert_array_equal(plain.activation.sel(epoch=2), acts(range(10), 2).T)
-    assert plain.loss.values[2] == 0.5
+    np.testing.assert_array_equal(plain.activation.sel(epoch=_EPOCH_ROOM),
+                                  acts(range(10), _EPOCH_ROOM).T)
+    assert plain.loss.values[2] == 0.5 and np.isnan(plain.loss.values[3])
+    assert plain.epoch_complete.values.all()
 
 
 # --------------------------------------------------------------------------------------

@@ -85,6 +85,9 @@ logger = logging.getLogger(__name__)
 
 #: Default ``buffer_bytes``: activations of one layer buffered before a commit.
 BUFFER_BYTES = 16 << 20
+#: Epochs a layer's arrays make room for when a second epoch arrives (then doubling):
+#: growing costs a metadata file per array, and no chunk is stored for empty epochs.
+_EPOCH_ROOM = 16
 
 
 class ActivationWriter:
@@ -960,12 +963,13 @@ class ActivationWriter:
             e = m - 1
         # Room for n samples and m epochs. The sample axis grows exactly: a commit holds
         # many batches (see buffer_bytes), so it grows a few times per run. The epoch
-        # axis grows in powers of two: every epoch would otherwise rewrite the metadata
-        # of six arrays. close() trims what is left over.
+        # axis grows in powers of two, to at least _EPOCH_ROOM epochs: every epoch would
+        # otherwise rewrite the metadata of six arrays (and doubling from one epoch,
+        # four times by the 16th). close() trims what is left over.
         size_n = max(arrays[SAMPLE].shape[0], n)
         size_m = arrays[EPOCH].shape[0]
         if size_m < m:
-            size_m = 1 << (m - 1).bit_length()
+            size_m = max(_EPOCH_ROOM, 1 << (m - 1).bit_length())
         # Plan every write first (in memory), then run the four steps in one trip to
         # zarr's event loop; each step starts only after the previous one has finished.
         # 1. grow every array (the coordinates too: their new slots hold the fill value,
