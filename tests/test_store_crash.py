@@ -535,6 +535,90 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path, reference):
     assert_same_store(str(final), reference)
 
 
+def _slow_failing_memory_fs(fail: str, slow: str) -> tuple[type, str]:
+    """A real fsspec memory filesystem under a protocol of its own whose write of the
+    key ending in ``fail`` raises "No space left on device" while the write of the key
+    ending in ``slow`` takes 0.5 s; it logs the writes and counts those in flight."""
+    import threading
+    import uuid
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    protocol = f"slowfail{uuid.uuid4().hex[:8]}"
+
+    class SlowFailingFS(MemoryFileSystem):
+        store: dict = {}  # noqa: RUF012 (fsspec's memory filesystem keeps its files here)
+        pseudo_dirs: list = [""]  # noqa: RUF012
+        armed = False
+        in_flight = 0
+        log: list = []  # noqa: RUF012
+        lock = threading.Lock()
+
+        def pipe_file(self, path, value, mode="overwrite", **kwargs):
+            cls = type(self)
+            with cls.lock:
+                cls.in_flight += 1
+            try:
+                if cls.armed and path.endswith(fail):
+                    cls.log.append("failed")
+                    raise OSError(errno.ENOSPC, "No space left on device", path)
+                if cls.armed and path.endswith(slow):
+                    time.sleep(0.5)
+                    cls.log.append("slow write done")
+                return super().pipe_file(path, value, mode=mode, **kwargs)
+            finally:
+                with cls.lock:
+                    cls.in_flight -= 1
+
+    SlowFailingFS.protocol = protocol
+    fsspec.register_implementation(protocol, SlowFailingFS, clobber=True)
+    return SlowFailingFS, protocol
+
+
+@pytest.mark.parametrize(("column", "fail", "slow", "n", "chunk_samples"), [
+    # one zarr setitem writes the label chunks of a large commit concurrently
+    ("label", "label/c.0", "label/c.1", 140_000, None),
+    # ... and the activation chunks, on stores that zarr writes
+    ("activation", "activation/c.0.0.0", "activation/c.0.1.0", 4096, 1024),
+])
+def test_nothing_of_a_failed_write_still_writes_when_the_error_is_raised(
+        column, fail, slow, n, chunk_samples):
+    """zarr raises the first failed write of a call while its other writes go on; the
+    writer waits for them before it reports the failure, so that a late write cannot
+    land in the store after the caller heard of the error (and resumed)."""
+    fs, protocol = _slow_failing_memory_fs(fail, slow)
+    url = f"{protocol}://run.zarr"
+    rng = np.random.default_rng(0)
+    values = rng.random((n + 10, 2), dtype=np.float32)
+    labels = np.arange(n + 10) % 3
+    first, rest = slice(0, 10), slice(10, n + 10)
+
+    def write(writer, rows):
+        writer.write("h", values[rows], sample=np.arange(n + 10)[rows], label=labels[rows])
+        writer.flush()
+
+    with pytest.raises(StoreWriteError, match="No space left on device"):
+        with topoxr.ActivationWriter(url, model="m", mode="w",
+                                     chunk_samples=chunk_samples) as writer:
+            write(writer, first)
+            fs.armed = True
+            try:
+                write(writer, rest)
+            finally:
+                fs.log.append(f"raised with {fs.in_flight} write(s) in flight")
+    assert fs.log == ["failed", "slow write done", "raised with 0 write(s) in flight"]
+    fs.armed = False
+    ds = open_store(url)["m/h"].to_dataset()  # the first batch is committed and intact
+    np.testing.assert_array_equal(ds.activation.isel(epoch=0).values.T, values[first])
+    with topoxr.ActivationWriter(url, model="m") as writer:  # resume
+        write(writer, rest)
+    ds = open_store(url)["m/h"].to_dataset()
+    np.testing.assert_array_equal(ds.activation.isel(epoch=0).values.T, values)
+    np.testing.assert_array_equal(ds.label.values, labels)
+    assert ds.committed.values.all()
+
+
 # --------------------------------------------------------------------------------------
 # damaged stores
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from topoxr._chunkio import (
     create_group,
     resizer,
     run_jobs,
+    settle_zarr_io,
     update_group_attributes,
 )
 from topoxr._codecs import DEFAULT_COMPRESSOR, DTYPES, compressors_for, storage_dtype
@@ -243,6 +244,7 @@ class ActivationWriter:
             self._lock.release()
             raise
         except Exception as err:
+            settle_zarr_io()  # nothing of the failed opening may still be writing
             self._lock.release()
             raise StoreWriteError(
                 f"opening {self._loc.url!r} for writing failed ({type(err).__name__}: {err}); "
@@ -779,8 +781,13 @@ class ActivationWriter:
             raise StoreError("this ActivationWriter is closed")
 
     def _fail(self, err: BaseException, what: str) -> None:
-        """Turn a storage failure into :class:`StoreWriteError`; the writer is unusable."""
+        """Turn a storage failure into :class:`StoreWriteError`; the writer is unusable.
+
+        zarr may still be writing other parts of the failed call: they are waited for
+        first (see :func:`topoxr._chunkio.settle_zarr_io`).
+        """
         self._failed = f"{type(err).__name__}: {err}"
+        settle_zarr_io()
         raise StoreWriteError(
             f"{what} to {self._loc.url!r} failed ({self._failed}); the batch is not "
             "committed, everything committed before is intact. Open a new ActivationWriter "
