@@ -708,30 +708,28 @@ def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
         raise errors[0]
 
 
-def settle_zarr_io(timeout: float = 60.0) -> None:
-    """Wait until no task is left running on zarr's event loop (after a storage failure).
+def settle_zarr_io(timeout: float = 30.0) -> None:
+    """Wait for the tasks running on zarr's event loop to end (after a storage failure).
 
     One zarr call gathers several writes (the chunks of a ``setitem``, an array's
     metadata and its parents') and raises the first failure without waiting for the
     others, which go on writing. Called before a failure is reported, so that nothing
     of a failed writer still writes when its caller hears of it (and, say, opens a new
-    writer that a late write would then overwrite). Tasks that other threads' zarr
-    calls started are waited for too; after ``timeout`` seconds a warning is logged and
-    the failure is reported anyway.
+    writer that a late write would then overwrite). The tasks running at the call are
+    waited for, those of other threads' zarr calls too; after ``timeout`` seconds a
+    warning is logged and the failure is reported anyway.
     """
     import asyncio
-    import time
 
     from zarr.core.sync import sync
 
     async def settle() -> int:
         me = asyncio.current_task()
-        deadline = time.monotonic() + timeout
-        while True:
-            others = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-            if not others or time.monotonic() >= deadline:
-                return len(others)
-            await asyncio.wait(others, timeout=deadline - time.monotonic())
+        running = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if not running:
+            return 0
+        _, left = await asyncio.wait(running, timeout=timeout)
+        return len(left)
 
     left = sync(settle())
     if left:
