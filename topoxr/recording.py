@@ -1080,7 +1080,9 @@ def run_recording(
         axis_rules=axis_rules or {}, mask=mask, token_ids=token_ids)
     if isinstance(pooled, dict):
         # The capture pools these layers itself, at once (no copy of whole maps); the
-        # background writer then gets (batch, channels, 1), as it makes of them itself.
+        # background writer then gets every pooled axis of length 1 (torch's capture:
+        # (batch, channels, 1); Keras's: the output's rank, keepdims), which its own
+        # pooling leaves as they are.
         pooled.update({layer: (plan.neuron_axis, plan.reduce) for layer, plan in plans.items()
                        if plan.reduce in ("mean", "max") and not _is_sequence(plan)
                        and np.ndim(outputs[layer]) > 2

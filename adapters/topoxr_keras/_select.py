@@ -50,6 +50,14 @@ class ProbeModel:
         How each axis was chosen.
     submodel : keras.Model
         ``keras.Model(model.inputs, [layer outputs..., model output])``.
+    pool : dict of str to (int, str)
+        Layers pooled as they are captured, ``{layer: (neuron axis, "mean"|"max")}``,
+        set by the recording loop after the first batch (as for the torch capture):
+        a second sub-model computes their mean or max over every axis but the batch
+        and the neuron axis inside the model's own graph (half precision accumulated
+        in float32), so whole maps are never copied out; they come with every pooled
+        axis of length 1 (``keepdims``), which the recording loop's own pooling then
+        leaves as they are.
     """
 
     def __init__(self, model: keras.Model, layers: list[str],
@@ -69,22 +77,51 @@ class ProbeModel:
         self.channel_axis, self.rules = {}, {}
         for name in layers:
             self.channel_axis[name], self.rules[name] = _axis_rule(model.get_layer(name))
-        self.submodel = keras.Model(model.inputs, [*outputs, *([final] if final is not None
-                                                                else [])],
+        self._inputs, self._outputs = model.inputs, outputs
+        self._final = [final] if final is not None else []
+        self.submodel = keras.Model(model.inputs, [*outputs, *self._final],
                                     name=f"{model.name}_topoxr_probe")
         self.input_rank = len(model.inputs[0].shape)
+        self.pool: dict[str, tuple[int, str]] = {}
+        self._pooling: tuple[tuple[tuple[str, tuple[int, str]], ...], keras.Model] | None = None
 
     def __call__(self, x: Any) -> tuple[dict[str, Any], Any]:
         """Run one batch; return ``({layer: ndarray}, model output or None)``."""
         import numpy as np
 
-        values = self.submodel.predict_on_batch(x)
+        values = self._model().predict_on_batch(x)
         if not isinstance(values, list | tuple):
             values = [values]
         values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
         outputs = dict(zip(self.layers, values, strict=False))
         final = values[-1] if self.has_final else None
         return outputs, final
+
+    def _model(self) -> keras.Model:
+        """The sub-model for the layers pooled now (built once per ``pool`` setting)."""
+        if not self.pool:
+            return self.submodel
+        key = tuple(sorted(self.pool.items()))
+        if self._pooling is None or self._pooling[0] != key:
+            outputs = [_pooled(out, *self.pool[name]) if name in self.pool else out
+                       for name, out in zip(self.layers, self._outputs, strict=True)]
+            self._pooling = key, keras.Model(self._inputs, [*outputs, *self._final],
+                                             name=f"{self.submodel.name}_pooled")
+        return self._pooling[1]
+
+
+def _pooled(output: Any, neuron_axis: int, reduce: str) -> Any:
+    """``output``'s mean or max over every axis but the batch and the neuron axis, those
+    axes kept with length 1 (a symbolic op of the probe's graph; half precision is
+    accumulated in float32)."""
+    rank = len(output.shape)
+    axis = neuron_axis % rank
+    dims = tuple(d for d in range(1, rank) if d != axis)
+    if reduce == "max":
+        return keras.ops.cast(keras.ops.max(output, axis=dims, keepdims=True), "float32")
+    if str(output.dtype) not in ("float64", "float32"):
+        output = keras.ops.cast(output, "float32")
+    return keras.ops.mean(output, axis=dims, keepdims=True)
 
 
 def _axis_rule(layer: Any) -> tuple[int, str]:

@@ -129,6 +129,39 @@ def test_channels_last_conv_is_pooled_per_channel(digits, store_path):
     np.testing.assert_allclose(stored, direct.mean(axis=(1, 2)).T, atol=1e-6)
 
 
+def _conv_model(dtype: str = "float32") -> keras.Model:
+    inputs = keras.Input((6, 5, 2))
+    maps = keras.layers.Conv2D(4, 3, padding="same", name="conv", dtype=dtype)(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D(dtype="float32")(maps)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(pooled))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_pooled_in_the_probe_over_many_batches_equals_pooling_the_whole_maps(
+        store_path, reduce, dtype):
+    """After the first batch the probe pools conv maps inside the model's graph (half
+    precision accumulated in float32) and returns no whole maps: the stored channel
+    values are those of the maps the layer returned."""
+    keras.utils.set_random_seed(4)
+    model = _conv_model(dtype)
+    x = np.random.default_rng(3).normal(size=(11, 6, 5, 2)).astype(np.float32)
+    topoxr_keras.record(model, x, store_path, layers={"conv": {"reduce": reduce}},
+                        batch_size=3, progress=False)
+    maps = np.asarray(keras.Model(model.inputs, model.get_layer("conv").output)
+                      .predict_on_batch(x)).astype(np.float64)
+    assert maps.shape == (11, 6, 5, 4)
+    ds = open_store(store_path)["model/conv"].to_dataset()
+    assert ds.attrs["topoxr_reduced_axes"] == [1, 2] and ds.sizes["neuron"] == 4
+    want = maps.mean((1, 2)) if reduce == "mean" else maps.max((1, 2))
+    np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=1e-6, atol=1e-6)
+    probe = topoxr_keras.probe_model(model, {"conv": {"reduce": reduce}})
+    assert probe.pool == {"conv": (3, reduce)}
+    outputs, _ = probe(x[:5])
+    assert outputs["conv"].shape == (5, 1, 1, 4)  # pooled in the graph: no maps copied
+    np.testing.assert_allclose(outputs["conv"][:, 0, 0], want[:5], rtol=1e-6, atol=1e-6)
+
+
 def test_unbuilt_sequential_is_refused(digits, store_path):
     x, _ = digits
     model = keras.Sequential([keras.layers.Dense(4, name="d")])
