@@ -356,6 +356,8 @@ def resnet18(n_classes: int = 10) -> Any:
     import torch
     from torch import nn
 
+    torch.manual_seed(0)  # before the layers are made: the same weights in every run
+
     class Block(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int) -> None:
             super().__init__()
@@ -380,7 +382,6 @@ def resnet18(n_classes: int = 10) -> Any:
         layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes)]
-    torch.manual_seed(0)
     return nn.Sequential(*layers).eval()
 
 
