@@ -731,7 +731,11 @@ def settle_zarr_io(timeout: float = 30.0) -> None:
         _, left = await asyncio.wait(running, timeout=timeout)
         return len(left)
 
-    left = sync(settle())
+    try:
+        left = sync(settle())
+    except Exception as err:  # the failure being reported matters more
+        logger.warning("could not wait for zarr's tasks after a storage failure: %s", err)
+        return
     if left:
         logger.warning("%d zarr tasks still running %.0f s after a storage failure", left,
                        timeout)
