@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
+import time
 
 import pytest
 
@@ -66,3 +68,51 @@ def quick_demo(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
+
+
+def _slow_failing_memory_fs(fail: str, slow: str) -> tuple[type, str]:
+    """A real fsspec memory filesystem under a protocol of its own whose write of the
+    key ending in ``fail`` raises "No space left on device" while the write of the key
+    ending in ``slow`` takes 0.5 s; it logs the writes and counts those in flight."""
+    import threading
+    import uuid
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    protocol = f"slowfail{uuid.uuid4().hex[:8]}"
+
+    class SlowFailingFS(MemoryFileSystem):
+        store: dict = {}  # noqa: RUF012 (fsspec's memory filesystem keeps its files here)
+        pseudo_dirs: list = [""]  # noqa: RUF012
+        armed = False
+        in_flight = 0
+        log: list = []  # noqa: RUF012
+        lock = threading.Lock()
+
+        def pipe_file(self, path, value, mode="overwrite", **kwargs):
+            cls = type(self)
+            with cls.lock:
+                cls.in_flight += 1
+            try:
+                if cls.armed and path.endswith(fail):
+                    cls.log.append("failed")
+                    raise OSError(errno.ENOSPC, "No space left on device", path)
+                if cls.armed and path.endswith(slow):
+                    time.sleep(0.5)
+                    cls.log.append("slow write done")
+                return super().pipe_file(path, value, mode=mode, **kwargs)
+            finally:
+                with cls.lock:
+                    cls.in_flight -= 1
+
+    SlowFailingFS.protocol = protocol
+    fsspec.register_implementation(protocol, SlowFailingFS, clobber=True)
+    return SlowFailingFS, protocol
+
+
+@pytest.fixture
+def slow_failing_fs():
+    """``make(fail, slow)``: a real fsspec memory filesystem under a protocol of its own
+    (see :func:`_slow_failing_memory_fs`); returns ``(its class, its protocol)``."""
+    return _slow_failing_memory_fs

@@ -150,6 +150,30 @@ def test_bad_input():
         attach(ds, "pca", profile="naps")
 
 
+def test_a_failed_save_leaves_a_layout_that_load_refuses(slow_failing_fs):
+    """A storage failure while saving a layout: ``StoreWriteError``, and the half-written
+    layout (``y`` never stored, which zarr would read back as its fill value) is refused
+    by ``load_layout`` instead of being returned; saving again repairs it and the
+    activations are untouched."""
+    fs, protocol = slow_failing_fs("layouts/pca-0/y/c/0/0", "no such key")
+    url = f"{protocol}://run.zarr"
+    write_store(make_activations(n_neurons=12, random_state=1), url, layer="dense1")
+    layer = topoxr.open_store(url)["model/dense1"].to_dataset().load()
+    laid = attach(layer, "pca", random_state=0)
+    fs.armed = True
+    with pytest.raises(topoxr.StoreWriteError, match="No space left on device"):
+        save_layout(url, "model", "dense1", laid, "pca-0")
+    assert fs.log == ["failed"]
+    fs.armed = False
+    with pytest.raises(StoreError, match="not saved completely"):
+        load_layout(url, "model", "dense1", "pca-0", onto=layer)
+    after = topoxr.open_store(url)["model/dense1"].to_dataset().load()
+    xr.testing.assert_identical(after.activation, layer.activation)
+    save_layout(url, "model", "dense1", laid, "pca-0")  # the lock was released
+    assert_layout_close(load_layout(url, "model", "dense1", "pca-0", onto=layer), laid,
+                        atol=0)
+
+
 def test_compute_layouts_matches_attach_on_every_scheduler(store):
     tree = topoxr.open_store(store)
     results = {sched: compute_layouts(tree, methods=["random", "pca"], seeds=[0, 1],

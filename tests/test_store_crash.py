@@ -535,47 +535,6 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path, reference):
     assert_same_store(str(final), reference)
 
 
-def _slow_failing_memory_fs(fail: str, slow: str) -> tuple[type, str]:
-    """A real fsspec memory filesystem under a protocol of its own whose write of the
-    key ending in ``fail`` raises "No space left on device" while the write of the key
-    ending in ``slow`` takes 0.5 s; it logs the writes and counts those in flight."""
-    import threading
-    import uuid
-
-    import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    protocol = f"slowfail{uuid.uuid4().hex[:8]}"
-
-    class SlowFailingFS(MemoryFileSystem):
-        store: dict = {}  # noqa: RUF012 (fsspec's memory filesystem keeps its files here)
-        pseudo_dirs: list = [""]  # noqa: RUF012
-        armed = False
-        in_flight = 0
-        log: list = []  # noqa: RUF012
-        lock = threading.Lock()
-
-        def pipe_file(self, path, value, mode="overwrite", **kwargs):
-            cls = type(self)
-            with cls.lock:
-                cls.in_flight += 1
-            try:
-                if cls.armed and path.endswith(fail):
-                    cls.log.append("failed")
-                    raise OSError(errno.ENOSPC, "No space left on device", path)
-                if cls.armed and path.endswith(slow):
-                    time.sleep(0.5)
-                    cls.log.append("slow write done")
-                return super().pipe_file(path, value, mode=mode, **kwargs)
-            finally:
-                with cls.lock:
-                    cls.in_flight -= 1
-
-    SlowFailingFS.protocol = protocol
-    fsspec.register_implementation(protocol, SlowFailingFS, clobber=True)
-    return SlowFailingFS, protocol
-
-
 @pytest.mark.parametrize(("column", "fail", "slow", "n", "chunk_samples"), [
     # one zarr setitem writes the label chunks of a large commit concurrently
     ("label", "label/c.0", "label/c.1", 140_000, None),
@@ -583,11 +542,11 @@ def _slow_failing_memory_fs(fail: str, slow: str) -> tuple[type, str]:
     ("activation", "activation/c.0.0.0", "activation/c.0.1.0", 4096, 1024),
 ])
 def test_nothing_of_a_failed_write_still_writes_when_the_error_is_raised(
-        column, fail, slow, n, chunk_samples):
+        slow_failing_fs, column, fail, slow, n, chunk_samples):
     """zarr raises the first failed write of a call while its other writes go on; the
     writer waits for them before it reports the failure, so that a late write cannot
     land in the store after the caller heard of the error (and resumed)."""
-    fs, protocol = _slow_failing_memory_fs(fail, slow)
+    fs, protocol = slow_failing_fs(fail, slow)
     url = f"{protocol}://run.zarr"
     rng = np.random.default_rng(0)
     values = rng.random((n + 10, 2), dtype=np.float32)

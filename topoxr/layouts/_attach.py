@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Child group of a layer that holds saved layouts.
 LAYOUTS_GROUP = "layouts"
+#: Attribute of a saved layout's group: True until all its arrays are written.
+ATTR_SAVING = "topoxr_saving"
 
 
 # --------------------------------------------------------------------------------------
@@ -512,9 +514,14 @@ def save_layout(
         ``overwrite`` is False.
     topoxr.StoreLockedError
         If a writer holds the store (saving waits for no one).
+    topoxr.StoreWriteError
+        If the storage fails: the layout's group stays marked as being saved, and
+        :func:`load_layout` refuses it until it is saved again (with ``overwrite``, the
+        layout saved before under this name is gone: it is replaced first).
     """
+    from topoxr._chunkio import settle_zarr_io
     from topoxr._locking import WriterLock
-    from topoxr.store import StoreError, safe_node_name
+    from topoxr.store import StoreError, StoreWriteError, safe_node_name
 
     if X not in laid.coords or Y not in laid.coords:
         raise StoreError(f"the object has no layout: coordinates {X!r}, {Y!r} are missing")
@@ -534,19 +541,31 @@ def save_layout(
                 raise StoreError(f"a layout named {name!r} exists; pass overwrite=True")
             del parent[safe]
         dims = tuple(str(d) for d in laid.coords[X].dims)
-        node = parent.create_group(safe, attributes={
-            "name": name, ATTR_LAYOUT: laid.attrs.get(ATTR_LAYOUT, "{}")})
-        for key in (X, Y):
-            values = np.asarray(laid.coords[key].transpose(*dims).values, dtype=np.float64)
-            arr = node.create_array(key, shape=values.shape, dtype="float64",
-                                    dimension_names=dims)
-            arr[...] = values
-        for dim in dims:
-            values = np.asarray(laid[dim].values)
-            arr = node.create_array(dim, shape=values.shape, dtype=values.dtype,
-                                    dimension_names=(dim,))
-            arr[...] = values
-        _consolidate(loc.store)
+        try:
+            # marked as being saved until every array is written: a failure in between
+            # leaves a layout that load_layout refuses, not one with missing values
+            node = parent.create_group(safe, attributes={
+                "name": name, ATTR_LAYOUT: laid.attrs.get(ATTR_LAYOUT, "{}"),
+                ATTR_SAVING: True})
+            for key in (X, Y):
+                values = np.asarray(laid.coords[key].transpose(*dims).values,
+                                    dtype=np.float64)
+                arr = node.create_array(key, shape=values.shape, dtype="float64",
+                                        dimension_names=dims)
+                arr[...] = values
+            for dim in dims:
+                values = np.asarray(laid[dim].values)
+                arr = node.create_array(dim, shape=values.shape, dtype=values.dtype,
+                                        dimension_names=(dim,))
+                arr[...] = values
+            node.update_attributes({ATTR_SAVING: False})
+            _consolidate(loc.store)
+        except Exception as err:
+            settle_zarr_io()  # nothing of it may still be writing once the lock is released
+            raise StoreWriteError(
+                f"saving layout {name!r} of {model}/{layer} to {loc.url!r} failed "
+                f"({type(err).__name__}: {err}); it is marked incomplete and load_layout "
+                "refuses it: save it again") from err
     finally:
         lock.release()
     logger.info("saved layout %r of %s/%s in %s", name, model, layer, loc.url)
@@ -587,7 +606,8 @@ def load_layout(
     Raises
     ------
     topoxr.StoreError
-        If the layer or the layout does not exist (the message lists saved layouts).
+        If the layer or the layout does not exist (the message lists saved layouts), or
+        the layout was not saved completely.
     """
     from topoxr.store import StoreError, safe_node_name
 
@@ -598,6 +618,9 @@ def load_layout(
         raise StoreError(f"no layout {name!r} saved for {model}/{layer}; saved: "
                          f"{sorted(saved)}")
     node = saved[safe]
+    if node.attrs.get(ATTR_SAVING):
+        raise StoreError(f"layout {name!r} of {model}/{layer} was not saved completely "
+                         "(saving failed or was interrupted): save it again")
     arrays = dict(node.arrays())
     dims = tuple(arrays[X].metadata.dimension_names)
     coords = {d: np.asarray(arrays[d][...]) for d in dims}
