@@ -174,6 +174,37 @@ def test_a_failed_save_leaves_a_layout_that_load_refuses(slow_failing_fs):
                         atol=0)
 
 
+@pytest.mark.parametrize("fails_in", ["the staging copy", "the final copy"])
+def test_a_failed_overwrite_loses_neither_layout(slow_failing_fs, caplog, fails_in):
+    """Replacing a saved layout fails half-way. While the new layout is written whole
+    under its staging name, the old one stays what load_layout returns; once the old
+    one is deleted, load_layout returns the complete staging copy of the new one (with
+    a warning) and never a half-written layout. Saving again tidies up."""
+    final = "layouts/pca-0/y/c/0"  # the new, shared layout's y is 1-D: one chunk c/0
+    fail = final if fails_in == "the final copy" else "layouts/pca-0~saving/y/c/0"
+    fs, protocol = slow_failing_fs(fail, "no such key")
+    url = f"{protocol}://run.zarr"
+    write_store(make_activations(n_neurons=12, random_state=1), url, layer="dense1")
+    layer = topoxr.open_store(url)["model/dense1"].to_dataset().load()
+    old = attach(layer, "pca", random_state=0)  # per epoch: x on (neuron, epoch)
+    new = attach(layer, "pca", random_state=0, share="all")  # x on neuron
+    save_layout(url, "model", "dense1", old, "pca-0")
+    fs.armed = True
+    with pytest.raises(topoxr.StoreWriteError, match="No space left on device"):
+        save_layout(url, "model", "dense1", new, "pca-0")
+    fs.armed = False
+    with caplog.at_level(logging.WARNING, logger="topoxr.layouts._attach"):
+        back = load_layout(url, "model", "dense1", "pca-0", onto=layer)
+    want = new if fails_in == "the final copy" else old
+    assert back.x.dims == want.x.dims
+    assert_layout_close(back, want, atol=0)
+    assert ("last save failed" in caplog.text) == (fails_in == "the final copy")
+    save_layout(url, "model", "dense1", new, "pca-0")
+    assert_layout_close(load_layout(url, "model", "dense1", "pca-0", onto=layer), new, atol=0)
+    kept = sorted(topoxr.open_store(url)["model/dense1/layouts"].children)
+    assert kept == ["pca-0"]  # no staging copy left
+
+
 def test_compute_layouts_matches_attach_on_every_scheduler(store):
     tree = topoxr.open_store(store)
     results = {sched: compute_layouts(tree, methods=["random", "pca"], seeds=[0, 1],

@@ -515,9 +515,12 @@ def save_layout(
     topoxr.StoreLockedError
         If a writer holds the store (saving waits for no one).
     topoxr.StoreWriteError
-        If the storage fails: the layout's group stays marked as being saved, and
-        :func:`load_layout` refuses it until it is saved again (with ``overwrite``, the
-        layout saved before under this name is gone: it is replaced first).
+        If the storage fails. Nothing saved before is lost: a layout replaced with
+        ``overwrite`` is first saved whole under a staging name (``<name>~saving``),
+        then the old one is deleted and the new one written in its place. A layout
+        whose saving failed stays marked as being saved; :func:`load_layout` then
+        loads the complete staging copy where there is one and refuses the layout
+        otherwise, until it is saved again.
     """
     from topoxr._chunkio import settle_zarr_io
     from topoxr._locking import WriterLock
@@ -536,40 +539,57 @@ def save_layout(
     try:
         parent = group.require_group(LAYOUTS_GROUP)
         safe = safe_node_name(name)
-        if safe in dict(parent.members()):
-            if not overwrite:
-                raise StoreError(f"a layout named {name!r} exists; pass overwrite=True")
-            del parent[safe]
-        dims = tuple(str(d) for d in laid.coords[X].dims)
+        staging = _staging_name(safe)
+        members = dict(parent.members())
+        replaces = safe in members
+        if replaces and not overwrite:
+            raise StoreError(f"a layout named {name!r} exists; pass overwrite=True")
         try:
-            # marked as being saved until every array is written: a failure in between
-            # leaves a layout that load_layout refuses, not one with missing values
-            node = parent.create_group(safe, attributes={
-                "name": name, ATTR_LAYOUT: laid.attrs.get(ATTR_LAYOUT, "{}"),
-                ATTR_SAVING: True})
-            for key in (X, Y):
-                values = np.asarray(laid.coords[key].transpose(*dims).values,
-                                    dtype=np.float64)
-                arr = node.create_array(key, shape=values.shape, dtype="float64",
-                                        dimension_names=dims)
-                arr[...] = values
-            for dim in dims:
-                values = np.asarray(laid[dim].values)
-                arr = node.create_array(dim, shape=values.shape, dtype=values.dtype,
-                                        dimension_names=(dim,))
-                arr[...] = values
-            node.update_attributes({ATTR_SAVING: False})
+            if staging in members:  # left by a save that failed
+                del parent[staging]
+            if replaces:  # the new layout whole first, so that a failure loses nothing
+                _write_layout(parent, staging, name, laid)
+                del parent[safe]
+            _write_layout(parent, safe, name, laid)
+            if replaces:
+                del parent[staging]
             _consolidate(loc.store)
         except Exception as err:
             settle_zarr_io()  # nothing of it may still be writing once the lock is released
             raise StoreWriteError(
                 f"saving layout {name!r} of {model}/{layer} to {loc.url!r} failed "
-                f"({type(err).__name__}: {err}); it is marked incomplete and load_layout "
-                "refuses it: save it again") from err
+                f"({type(err).__name__}: {err}); what was saved before is intact, the new "
+                "layout is marked incomplete (load_layout refuses it): save it again"
+            ) from err
     finally:
         lock.release()
     logger.info("saved layout %r of %s/%s in %s", name, model, layer, loc.url)
     return f"{safe_node_name(model)}/{safe_node_name(layer)}/{LAYOUTS_GROUP}/{safe}"
+
+
+def _staging_name(safe: str) -> str:
+    """Where a layout replacing ``safe`` is saved whole first (``~``: no layout's name)."""
+    return f"{safe}~saving"
+
+
+def _write_layout(parent: Any, node_name: str, name: str, laid: Any) -> None:
+    """Write the layout ``laid`` as group ``node_name`` of ``parent``, marked as being
+    saved until every array is written (a failure in between leaves a layout that
+    load_layout refuses, not one with values zarr would fill in)."""
+    dims = tuple(str(d) for d in laid.coords[X].dims)
+    node = parent.create_group(node_name, attributes={
+        "name": name, ATTR_LAYOUT: laid.attrs.get(ATTR_LAYOUT, "{}"), ATTR_SAVING: True})
+    for key in (X, Y):
+        values = np.asarray(laid.coords[key].transpose(*dims).values, dtype=np.float64)
+        arr = node.create_array(key, shape=values.shape, dtype="float64",
+                                dimension_names=dims)
+        arr[...] = values
+    for dim in dims:
+        values = np.asarray(laid[dim].values)
+        arr = node.create_array(dim, shape=values.shape, dtype=values.dtype,
+                                dimension_names=(dim,))
+        arr[...] = values
+    node.update_attributes({ATTR_SAVING: False})
 
 
 def _consolidate(zstore: Any) -> None:
@@ -614,10 +634,16 @@ def load_layout(
     _, group = _layer_group(store, model, layer, "r", storage_options)
     saved = dict(group[LAYOUTS_GROUP].members()) if LAYOUTS_GROUP in dict(group.members()) else {}
     safe = safe_node_name(name)
-    if safe not in saved:
+    node, staged = saved.get(safe), saved.get(_staging_name(safe))
+    if (node is None or node.attrs.get(ATTR_SAVING)) and staged is not None \
+            and not staged.attrs.get(ATTR_SAVING):
+        logger.warning("layout %r of %s/%s: its last save failed after the new layout was "
+                       "written whole; loading that copy (save it again to tidy up)",
+                       name, model, layer)
+        node = staged
+    if node is None:
         raise StoreError(f"no layout {name!r} saved for {model}/{layer}; saved: "
-                         f"{sorted(saved)}")
-    node = saved[safe]
+                         f"{sorted(k for k in saved if '~' not in k)}")
     if node.attrs.get(ATTR_SAVING):
         raise StoreError(f"layout {name!r} of {model}/{layer} was not saved completely "
                          "(saving failed or was interrupted): save it again")
