@@ -558,8 +558,8 @@ def save_layout(
             settle_zarr_io()  # nothing of it may still be writing once the lock is released
             raise StoreWriteError(
                 f"saving layout {name!r} of {model}/{layer} to {loc.url!r} failed "
-                f"({type(err).__name__}: {err}); what was saved before is intact, the new "
-                "layout is marked incomplete (load_layout refuses it): save it again"
+                f"({type(err).__name__}: {err}); nothing saved before is lost and "
+                "load_layout refuses an incomplete layout: save it again"
             ) from err
     finally:
         lock.release()
