@@ -105,7 +105,7 @@ def _split(state: _LayerState, ids: np.ndarray, increasing: bool
     known = state.sample_ids
     if increasing and (not len(known) or (state.increasing and ids[0] > known[-1])):
         return np.full(batch, -1, dtype=np.int64), np.arange(batch), np.arange(0)
-    pos = state.positions(ids)
+    pos = state.lookup(ids)  # (not a run: positions() would check that again)
     return pos, np.flatnonzero(pos < 0), np.flatnonzero(pos >= 0)
 
 

@@ -74,11 +74,15 @@ class _LayerState:
     def positions(self, sample_ids: np.ndarray) -> np.ndarray:
         """Positions of ``sample_ids`` on the sample axis, -1 where unknown."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        known = self.sample_ids
-        n = len(known)
         start = self.run_start(sample_ids)
         if start >= 0:
             return np.arange(start, start + len(sample_ids), dtype=np.int64)
+        return self.lookup(sample_ids)
+
+    def lookup(self, sample_ids: np.ndarray) -> np.ndarray:
+        """:meth:`positions` of int64 ids that are not one run of the stored ids."""
+        known = self.sample_ids
+        n = len(known)
         if not n:
             return np.full(len(sample_ids), -1, dtype=np.int64)
         if self._increasing:  # ids stored in increasing order: a vectorised lookup
