@@ -192,6 +192,12 @@ def capture(
     def decide(name: str, base: str, tensor: torch.Tensor) -> None:
         if name in axes or tensor.ndim <= 2:
             return
+        if not tracking:
+            # the modules that would decide it are no longer followed (see forward)
+            raise RecordingError(
+                f"layer {name!r} returned a {tensor.ndim}-D output after 2-D outputs in "
+                "earlier batches; a layer's output must keep its rank from batch to batch"
+            )
         known = axis_rule(modules[base])
         if known is not None:
             axes[name], rules[name] = known
@@ -239,7 +245,8 @@ def capture(
                     captured[name] = _pool(tensor.detach(), *how)[:, :, None]
                 else:
                     captured[name] = _to_numpy(tensor)
-            _track(module, base, output)
+            if tracking:
+                _track(module, base, output)
 
         return hook
 
@@ -257,16 +264,22 @@ def capture(
 
     states = {m: m.training for m in model.modules()}
     handles = []
+    # Hooks on every module of known axis semantics, followed until each recorded layer's
+    # axis is decided (the first forward pass): then removed, as they cost time per call.
+    trackers: list[Any] = []
+    tracking = True
     try:
         for base in by_module:
             handles.append(modules[base].register_forward_hook(make_hook(base)))
         if any(axis_rule(modules[base]) is None for base in by_module):
             for mname, module in modules.items():
                 if mname and mname not in by_module and axis_rule(module) is not None:
-                    handles.append(module.register_forward_hook(tracker(mname)))
+                    trackers.append(module.register_forward_hook(tracker(mname)))
+        handles.extend(trackers)
         model.eval()
 
         def forward(x: Any) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+            nonlocal tracking
             captured.clear()
             calls.clear()
             last_known.clear()
@@ -279,6 +292,11 @@ def capture(
                     f"layers {missing} did not run in the forward pass (calls seen: {ran}), "
                     "so there is nothing to record for them"
                 )
+            if tracking:  # every layer is decided now (a later change of rank is refused)
+                tracking = False
+                for handle in trackers:
+                    handle.remove()
+                last_known.clear()
             final = _final_tensor(out)
             return dict(captured), None if final is None else _to_numpy(final)
 

@@ -302,7 +302,9 @@ def test_shared_module_is_recorded_per_call(store_path):
     x = np.random.default_rng(1).normal(size=(9, 2, 5, 5)).astype(np.float32)
     with pytest.raises(RecordingError, match=r"ran more than once.*'relu:0' and 'relu:1'"):
         topoxr_torch.record(model, x, store_path, layers="relu", progress=False)
-    topoxr_torch.record(model, x, store_path, progress=False,
+    # batches of 4: the axis decided in the first pass (from conv/bn, followed by hooks
+    # removed after it) holds for the later batches too
+    topoxr_torch.record(model, x, store_path, progress=False, batch_size=4,
                         layers={"relu:0": {}, "relu": {"call": 1, "reduce": "max"}})
     raw = hooked(model, ["relu"], torch.from_numpy(x))["relu"]
     assert len(raw) == 2
@@ -312,6 +314,21 @@ def test_shared_module_is_recorded_per_call(store_path):
         assert ds.attrs["topoxr_neuron_axis"] == 1
         np.testing.assert_allclose(ds.activation.values[..., 0].T, fn(raw[call], axis=(2, 3)),
                                    rtol=RTOL, atol=ATOL)
+
+
+class RankChanger(torch.nn.Module):
+    """Returns 2-D outputs for batches of 4 and more, its 4-D input for smaller ones."""
+
+    def forward(self, x):
+        return x.flatten(1) if x.shape[0] >= 4 else x
+
+
+def test_a_layer_whose_output_changes_rank_between_batches_is_refused(store_path):
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), RankChanger()).eval()
+    x = np.random.default_rng(1).normal(size=(9, 2, 5, 5)).astype(np.float32)
+    with pytest.raises(RecordingError, match=r"layer '1' returned a 4-D output after 2-D"):
+        topoxr_torch.record(model, x, store_path, layers=["1"], batch_size=4, progress=False)
 
 
 def test_probe_recorder_resumes_from_a_checkpoint(store_path, caplog):
