@@ -357,3 +357,44 @@ def test_default_chunks_hold_4_mib_and_are_even_for_the_expected_samples(
     np.testing.assert_array_equal(arr[:, :, 0], values.T)
     np.testing.assert_array_equal(open_store(str(path))["m/h"].activation.values[:, :, 0],
                                   values.T)
+
+
+def test_equal_columns_of_several_layers_are_encoded_once_and_stored_exactly(tmp_path):
+    """The per-sample columns every layer stores (sample, label, prediction...) are
+    compressed once for equal chunks and reused; each array still holds its own values
+    exactly, as plain zarr reads them, and a chunk differing in one value is encoded
+    anew."""
+    from topoxr._chunkio import _ENCODED, EncodedMemo, encode_pieces
+
+    path = str(tmp_path / "m.zarr")
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 10, 600)
+    preds = {name: labels.copy() for name in ("a", "b", "c")}
+    preds["c"][123] = (preds["c"][123] + 1) % 10  # one prediction differs in layer c
+    with ActivationWriter(path, model="m") as writer:
+        for name, width in (("a", 3), ("b", 5), ("c", 2)):
+            writer.write(name, rng.standard_normal((600, width)), sample=np.arange(600),
+                         label=labels, prediction=preds[name])
+    root = zarr.open_group(path, mode="r")
+    for name in ("a", "b", "c"):
+        np.testing.assert_array_equal(root[f"m/{name}/label"][:], labels)
+        np.testing.assert_array_equal(root[f"m/{name}/prediction"][:, 0], preds[name])
+        np.testing.assert_array_equal(root[f"m/{name}/correct"][:, 0], preds[name] == labels)
+        assert root[f"m/{name}/label"].compressors  # a compressed column: memo applies
+    # the same bytes serve equal chunks; one changed value gives a fresh encoding
+    arr = root["m/a/label"]
+    chunk = np.asarray(arr[:])
+    chunk = np.concatenate([chunk, np.full(arr.chunks[0] - len(chunk), -1)])
+    first = encode_pieces(arr, (0,), chunk)
+    assert encode_pieces(root["m/b/label"], (0,), chunk.copy())[0] is first[0]
+    changed = chunk.copy()
+    changed[7] += 1
+    other = encode_pieces(arr, (0,), changed)
+    assert other[0] is not first[0] and bytes(other[0]) != bytes(first[0])
+    # a memo keeps no chunk above its size limit
+    small = EncodedMemo(max_chunk_bytes=16)
+    assert small.key((), np.dtype("int64"), (3,), np.zeros(24, np.uint8)) is None
+    assert len(_ENCODED._entries) <= _ENCODED.max_entries
+    writer = ActivationWriter(path, model="m")
+    writer.close()  # a closing writer frees the memo
+    assert not _ENCODED._entries

@@ -168,7 +168,11 @@ def encode_pieces(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -
         return [_encode(arr, coords, np.ascontiguousarray(chunk)).as_buffer_like()]
     stored = chunk if order is None else chunk.transpose(order)
     data: Any = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
-    if middle:
+    if not middle:
+        return [data, crc32c_bytes(data)]
+    key = _ENCODED.key(middle, dtype, stored.shape, data)
+    pieces = _ENCODED.get(key, data)
+    if pieces is None:
         prototype = default_buffer_prototype()
         spec = arr.metadata.get_chunk_spec(coords, arr.async_array.config, prototype)
         buf: Any = prototype.buffer.from_array_like(data)
@@ -177,8 +181,72 @@ def encode_pieces(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -
         for codec in middle:
             buf = codec._encode_sync(buf, spec)
             spec = codec.resolve_metadata(spec)
-        data = buf.as_numpy_array()
-    return [data, crc32c_bytes(data)]
+        encoded = buf.as_numpy_array()
+        pieces = [encoded, crc32c_bytes(encoded)]
+        _ENCODED.put(key, data, pieces)
+    return pieces
+
+
+class EncodedMemo:
+    """The encoded bytes of the last small chunks compressed, to reuse for equal chunks.
+
+    Every layer of a model stores its own copy of the per-sample columns (``sample``,
+    ``label``, ``prediction``, ``correct``...): a recording that commits several layers
+    at once encodes the same compressed chunk once per layer. Equal data through equal
+    codecs gives equal bytes, so the first encoding serves the others. A hit is an exact
+    match (dtype, shape, codecs and every byte, compared after a crc32c of the data
+    narrowed it down); only chunks of at most ``max_chunk_bytes`` are kept, at most
+    ``max_entries`` of them (copies of their data included: at most 32 MiB with the
+    defaults), it is cleared when a writer closes, and it is thread-safe.
+    """
+
+    def __init__(self, max_entries: int = 16, max_chunk_bytes: int = 1 << 20) -> None:
+        import threading
+
+        self.max_entries = max_entries
+        self.max_chunk_bytes = max_chunk_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, tuple[np.ndarray, list[Any]]] = OrderedDict()
+
+    def key(self, codecs: tuple[Any, ...], dtype: np.dtype, shape: tuple[int, ...],
+            data: np.ndarray) -> tuple | None:
+        """The memo key of ``data`` (raw bytes) through ``codecs``; None if too large."""
+        if data.nbytes > self.max_chunk_bytes:
+            return None
+        return (codecs, np.dtype(dtype).str, tuple(shape), google_crc32c.value(data))
+
+    def get(self, key: tuple | None, data: np.ndarray) -> list[Any] | None:
+        if key is None:
+            return None
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+        if hit is None or not np.array_equal(hit[0], data):
+            return None
+        return hit[1]
+
+    def put(self, key: tuple | None, data: np.ndarray, pieces: list[Any]) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._entries[key] = (data.copy(), pieces)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every entry (a writer that closes frees the memory they hold)."""
+        with self._lock:
+            self._entries.clear()
+
+
+_ENCODED = EncodedMemo()
+
+
+def clear_encoded_memo() -> None:
+    """Free the encoded chunks kept for reuse (see :class:`EncodedMemo`)."""
+    _ENCODED.clear()
 
 
 def crc32c_bytes(data: Any) -> bytes:

@@ -13,6 +13,7 @@ import numpy as np
 import zarr
 
 from topoxr._chunkio import (
+    clear_encoded_memo,
     consolidate,
     create_group,
     resizer,
@@ -798,6 +799,7 @@ class ActivationWriter:
         self._closed = True
         self._pending.clear()
         self._spare.clear()
+        clear_encoded_memo()
         self._lock.release()
 
     def _complete_written_epochs(self) -> None:
