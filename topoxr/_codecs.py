@@ -1,11 +1,12 @@
 """Codec and storage dtype of the ``activation`` arrays, chosen by name.
 
-The default, ``"lz4"`` (blosc lz4 with bit shuffle), comes from the measurements of
-``benchmarks/bench_datapath.py`` (``docs/benchmarks.md``, "Data path"): on rounded
-activations it stores as few bytes as zstd and encodes and decodes 2-4 times faster;
-zstd stores ReLU outputs with full-precision mantissas in about 35 % fewer bytes and is
-offered as ``"zstd"``. Every codec here is readable by plain zarr-python / xarray
-(numcodecs), and by the ``zarrs`` pipeline.
+The default, ``"none"`` (no compression), comes from the measurements of
+``benchmarks/bench_datapath.py`` (``docs/benchmarks.md``, "Data path"): full-precision
+float32 activations hardly compress with fast codecs, and no compression writes and
+reads fastest. ``"lz4"`` (blosc lz4 with bit shuffle) stores quantised or sparse
+activations in 2-3 times fewer bytes at about half the speed; ``"zstd"`` stores the
+fewest bytes and reads 3-5 times slower. Every codec here is readable by plain
+zarr-python / xarray (numcodecs), and by the ``zarrs`` pipeline.
 """
 
 from __future__ import annotations
