@@ -155,7 +155,7 @@ def test_a_failed_save_leaves_a_layout_that_load_refuses(slow_failing_fs):
     layout (``y`` never stored, which zarr would read back as its fill value) is refused
     by ``load_layout`` instead of being returned; saving again repairs it and the
     activations are untouched."""
-    fs, protocol = slow_failing_fs("layouts/pca-0/y/c/0/0", "no such key")
+    fs, protocol = slow_failing_fs("layouts/pca-0/y/c.0.0", "no such key")
     url = f"{protocol}://run.zarr"
     write_store(make_activations(n_neurons=12, random_state=1), url, layer="dense1")
     layer = topoxr.open_store(url)["model/dense1"].to_dataset().load()
@@ -180,8 +180,8 @@ def test_a_failed_overwrite_loses_neither_layout(slow_failing_fs, caplog, fails_
     under its staging name, the old one stays what load_layout returns; once the old
     one is deleted, load_layout returns the complete staging copy of the new one (with
     a warning) and never a half-written layout. Saving again tidies up."""
-    final = "layouts/pca-0/y/c/0"  # the new, shared layout's y is 1-D: one chunk c/0
-    fail = final if fails_in == "the final copy" else "layouts/pca-0~saving/y/c/0"
+    final = "layouts/pca-0/y/c.0"  # the new, shared layout's y is 1-D: one chunk c.0
+    fail = final if fails_in == "the final copy" else "layouts/pca-0~saving/y/c.0"
     fs, protocol = slow_failing_fs(fail, "no such key")
     url = f"{protocol}://run.zarr"
     write_store(make_activations(n_neurons=12, random_state=1), url, layer="dense1")
@@ -267,3 +267,46 @@ def test_save_and_load_layouts_in_the_store(store):
         save_layout(store, "model", "conv", laid, "x")
     with pytest.raises(StoreError, match="no layout"):
         save_layout(store, "model", "dense1", layer, "x")
+
+
+def test_a_damaged_or_missing_layout_chunk_is_refused_and_verify_names_it(tmp_path, caplog):
+    """A saved layout's arrays end in a crc32c and every chunk is stored: a changed byte
+    or a lost chunk is an error naming array and file (in load_layout, open_store and
+    verify), never positions read from damaged bytes or zarr's fill value; plain zarr
+    still reads an intact layout."""
+    import zarr
+
+    url = str(tmp_path / "run.zarr")
+    write_store(make_activations(n_neurons=12, random_state=1), url, layer="dense1")
+    layer = topoxr.open_store(url)["model/dense1"].to_dataset().load()
+    laid = attach(layer, "pca", random_state=0, share="all")
+    save_layout(url, "model", "dense1", laid, "pca-0")
+    report = topoxr.verify(url, record=False)
+    assert report.ok and report.chunks_read > 0
+    plain = zarr.open_group(url, mode="r")["model/dense1/layouts/pca-0"]
+    np.testing.assert_array_equal(plain["x"][:], laid["x"].values)  # plain zarr reads it
+    x_chunk = tmp_path / "run.zarr/model/dense1/layouts/pca-0/x/c.0"
+    good = x_chunk.read_bytes()
+    damaged = bytearray(good)
+    damaged[3] ^= 0x01
+    x_chunk.write_bytes(bytes(damaged))
+    with pytest.raises(topoxr.StoreCorruptionError,
+                       match=r"array 'x', chunk c\.0 .*fails its crc32c checksum"):
+        load_layout(url, "model", "dense1", "pca-0")
+    with pytest.raises(topoxr.StoreCorruptionError, match=r"array 'x'.*crc32c"):
+        topoxr.open_store(url)
+    problems = topoxr.verify(url, record=False).problems
+    assert [p.node for p in problems] == ["model/dense1/layouts/pca-0"]
+    assert "pca-0/x/c.0" in problems[0].what and "crc32c" in problems[0].what
+    x_chunk.write_bytes(good)
+    (tmp_path / "run.zarr/model/dense1/layouts/pca-0/y/c.0").unlink()
+    with pytest.raises(topoxr.StoreCorruptionError,
+                       match=r"array 'y', chunk c\.0 .*missing from the store"):
+        load_layout(url, "model", "dense1", "pca-0")
+    problems = topoxr.verify(url, record=False).problems
+    assert len(problems) == 1 and "y/c.0" in problems[0].what
+    assert "missing" in problems[0].what
+    save_layout(url, "model", "dense1", laid, "pca-0", overwrite=True)  # saving repairs
+    assert_layout_close(load_layout(url, "model", "dense1", "pca-0", onto=layer), laid,
+                        atol=0)
+    assert topoxr.verify(url, record=False).ok

@@ -31,6 +31,7 @@ __all__ = [
     "ATTR_FORMAT",
     "ATTR_LAYER",
     "ATTR_LAYOUT",
+    "ATTR_SAVING",
     "ATTR_MODEL",
     "CHANNEL",
     "COMMITTED",
@@ -72,6 +73,9 @@ ATTR_FORMAT = "topoxr_format_version"
 ATTR_MODEL = "topoxr_model"
 ATTR_LAYER = "topoxr_layer"
 ATTR_LAYOUT = "topoxr_layout"
+#: Attribute of a saved layout's group: True until all its arrays are written (readers
+#: skip such a group: its missing values would read as fill values).
+ATTR_SAVING = "topoxr_saving"
 FORMAT_VERSION = 2  # 2: every chunk ends in a crc32c checksum (1: no checksums)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
+from topoxr.conventions import ATTR_LAYOUT, ATTR_SAVING, EPOCH, NEURON, X, Y
 from topoxr.layouts._registry import DEFAULT_METHOD, get_estimator
 from topoxr.similarity import (
     ATTR_PROFILE,
@@ -46,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: Child group of a layer that holds saved layouts.
 LAYOUTS_GROUP = "layouts"
-#: Attribute of a saved layout's group: True until all its arrays are written.
-ATTR_SAVING = "topoxr_saving"
 
 
 # --------------------------------------------------------------------------------------
@@ -576,18 +574,20 @@ def _write_layout(parent: Any, node_name: str, name: str, laid: Any) -> None:
     """Write the layout ``laid`` as group ``node_name`` of ``parent``, marked as being
     saved until every array is written (a failure in between leaves a layout that
     load_layout refuses, not one with values zarr would fill in)."""
+    from topoxr.store import checked_array_spec
+
     dims = tuple(str(d) for d in laid.coords[X].dims)
     node = parent.create_group(node_name, attributes={
         "name": name, ATTR_LAYOUT: laid.attrs.get(ATTR_LAYOUT, "{}"), ATTR_SAVING: True})
-    for key in (X, Y):
-        values = np.asarray(laid.coords[key].transpose(*dims).values, dtype=np.float64)
-        arr = node.create_array(key, shape=values.shape, dtype="float64",
-                                dimension_names=dims)
-        arr[...] = values
-    for dim in dims:
-        values = np.asarray(laid[dim].values)
-        arr = node.create_array(dim, shape=values.shape, dtype=values.dtype,
-                                dimension_names=(dim,))
+    columns = [(key, np.asarray(laid.coords[key].transpose(*dims).values, dtype=np.float64),
+                dims, np.nan) for key in (X, Y)]
+    columns += [(dim, np.asarray(laid[dim].values), (dim,), None) for dim in dims]
+    for key, values, key_dims, fill in columns:
+        # one chunk, every chunk stored and ending in a crc32c, as the layers' arrays:
+        # a damaged or missing chunk is refused on reading, never read as other values
+        arr = node.create_array(key, **checked_array_spec(
+            shape=values.shape, chunks=tuple(max(1, n) for n in values.shape),
+            dtype=values.dtype, fill_value=fill, dimension_names=key_dims))
         arr[...] = values
     node.update_attributes({ATTR_SAVING: False})
 
@@ -629,7 +629,7 @@ def load_layout(
         If the layer or the layout does not exist (the message lists saved layouts), or
         the layout was not saved completely.
     """
-    from topoxr.store import StoreError, safe_node_name
+    from topoxr.store import Context, StoreError, read_whole, safe_node_name
 
     _, group = _layer_group(store, model, layer, "r", storage_options)
     saved = dict(group[LAYOUTS_GROUP].members()) if LAYOUTS_GROUP in dict(group.members()) else {}
@@ -649,9 +649,11 @@ def load_layout(
                          "(saving failed or was interrupted): save it again")
     arrays = dict(node.arrays())
     dims = tuple(arrays[X].metadata.dimension_names)
-    coords = {d: np.asarray(arrays[d][...]) for d in dims}
-    ds = xr.Dataset({X: (dims, np.asarray(arrays[X][...])), Y: (dims, np.asarray(arrays[Y][...]))},
-                    coords=coords, attrs={ATTR_LAYOUT: node.attrs.get(ATTR_LAYOUT, "{}")})
+    ctx = Context(f"layout {name!r} of {model}/{layer}")
+    values = {key: read_whole(arrays[key], ctx) for key in (X, Y, *dims)}
+    ds = xr.Dataset({X: (dims, values[X]), Y: (dims, values[Y])},
+                    coords={d: values[d] for d in dims},
+                    attrs={ATTR_LAYOUT: node.attrs.get(ATTR_LAYOUT, "{}")})
     if onto is None:
         return ds
     ds = ds.reindex({NEURON: onto[NEURON].values})

@@ -62,7 +62,10 @@ from topoxr.store._errors import StoreCorruptionError, StoreError, StoreWriteErr
 # used by other topoxr modules (layouts saved into a store)
 from topoxr.store._location import _locate as _locate
 from topoxr.store._location import safe_node_name as safe_node_name
+from topoxr.store._integrity import Context as Context
+from topoxr.store._integrity import read_whole as read_whole
 from topoxr.store._schema import MASK_CHUNK as MASK_CHUNK
+from topoxr.store._schema import checked_array_spec as checked_array_spec
 from topoxr.store._schema import SAMPLE_FILL as SAMPLE_FILL
 from topoxr.store.reader import open_store
 from topoxr.store.summary import store_summary

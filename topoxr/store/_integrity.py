@@ -182,6 +182,23 @@ def missing_chunks(arr: zarr.Array, region: tuple[slice, ...],
             if arr.metadata.encode_chunk_key(c) not in present]
 
 
+def read_whole(arr: zarr.Array, ctx: Context) -> np.ndarray:
+    """Every value of a small auxiliary array (a saved layout's), checked.
+
+    An array with checksums is written with every chunk stored, so a missing chunk is
+    damage (zarr would read the fill value in its place) and is refused, like a chunk
+    that fails its checksum or cannot be decoded: each named by :class:`Context`.
+    Arrays without checksums (layouts saved by an earlier topoxr) read as zarr reads them.
+    """
+    if has_checksums(arr):
+        lost = missing_chunks(arr, tuple(slice(None) for _ in arr.shape))
+        if lost:
+            raise StoreCorruptionError("; ".join(
+                ctx.damaged_chunk(arr, coords, "is missing from the store (zarr would read "
+                                  "the fill value in its place)") for coords in lost[:3]))
+    return ctx.read(arr)
+
+
 @dataclass
 class Snapshot:
     """A layer's lengths, coordinates and commit state, read once and checked."""

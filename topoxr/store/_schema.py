@@ -198,6 +198,15 @@ def _checked(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def checked_array_spec(**spec: Any) -> dict[str, Any]:
+    """Keyword arguments of ``zarr.Group.create_array`` for an array checked as the
+    layers' arrays are (see :func:`_checked`): zarr's default zstd then a crc32c, every
+    chunk stored, flat chunk keys. ``fill_value=None`` leaves zarr's default."""
+    if spec.get("fill_value", 0) is None:
+        del spec["fill_value"]
+    return _checked(spec)
+
+
 def has_checksums(arr: zarr.Array) -> bool:
     """Whether every chunk of ``arr`` ends in a checksum (arrays of format version >= 2)."""
     return any(isinstance(codec, Crc32cCodec) for codec in arr.compressors)

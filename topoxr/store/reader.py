@@ -13,6 +13,7 @@ import zarr
 
 from topoxr.conventions import (
     ACTIVATION,
+    ATTR_SAVING,
     COMMITTED,
     CORRECT,
     EPOCH,
@@ -30,6 +31,7 @@ from topoxr.store._integrity import (
     child_groups,
     chunk_coords,
     consistent_snapshot,
+    read_whole,
 )
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import (
@@ -102,17 +104,22 @@ def _subgroups(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Grou
     out = []
     for name, child in child_groups(group):
         path = f"{prefix}{name}"
+        if child.attrs.get(ATTR_SAVING):
+            logger.warning("%s was not saved completely (its saving failed or was "
+                           "interrupted): not shown; save it again", child.path)
+            continue
         out.append((path, child))
         out.extend(_subgroups(child, path + "/"))
     return out
 
 
 def _plain_dataset(group: zarr.Group) -> xr.Dataset:
-    """Read a small auxiliary group (e.g. saved layouts) eagerly."""
+    """Read a small auxiliary group (e.g. saved layouts) eagerly, every chunk checked."""
     variables = {}
+    ctx = Context(f"group {group.path!r}")
     for name, arr in group.arrays():
         dims = tuple(arr.metadata.dimension_names or [f"dim_{i}" for i in range(arr.ndim)])
-        values = _plain_strings(np.asarray(arr[...]))
+        values = _plain_strings(read_whole(arr, ctx))
         variables[name] = xr.Variable(dims, values, attrs=dict(arr.attrs))
     coord_names = [n for n, v in variables.items() if v.dims == (n,)]
     return xr.Dataset(

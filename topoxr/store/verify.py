@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from topoxr.conventions import ACTIVATION
+from topoxr.conventions import ACTIVATION, ATTR_SAVING
 from topoxr.store._errors import StoreError
 from topoxr._chunkio import consolidate
 from topoxr.store._integrity import (
@@ -123,6 +123,7 @@ def verify(store: Any, *, storage_options: Mapping[str, Any] | None = None,
             report.layers += 1
             try:
                 _verify_layer(report, node, group, bar)
+                _verify_auxiliary(report, node, group, bar)
             except Exception as err:
                 report.problems.append(Problem(node, f"unreadable ({type(err).__name__}: "
                                                      f"{err})"))
@@ -152,24 +153,9 @@ def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) 
                                              f"({type(err).__name__}: {err})"))
     ctx = snap.context if snap is not None else Context(where)
     for arr in arrays.values():
-        try:
-            present = stored_chunks(arr)
-            grid = list(chunk_coords(arr, tuple(slice(None) for _ in arr.shape)))
-        except Exception as err:
-            report.problems.append(Problem(node, f"array {arr.basename!r} is unreadable "
-                                                 f"({type(err).__name__}: {err})"))
-            continue
-        for coords in grid:
-            if arr.metadata.encode_chunk_key(coords) not in present:
-                continue
-            bar.update()
-            report.chunks_read += 1
-            try:
-                np.asarray(arr[chunk_slices(arr, coords)])
-            except Exception as err:
-                report.problems.append(Problem(node, ctx.damaged_chunk(
-                    arr, coords, f"cannot be read ({type(err).__name__}: {err})"
-                    if "checksum" not in str(err) else "fails its crc32c checksum")))
+        # a missing activation chunk is damage only where it holds committed values
+        # (checked below); the other arrays' missing chunks, by the snapshot
+        _read_every_chunk(report, node, ctx, arr, bar, missing_is_damage=False)
     if snap is None:
         return
     for name in ("sample", "epoch"):
@@ -188,6 +174,57 @@ def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) 
             if cells.any():
                 report.problems.append(Problem(node, ctx.damaged_chunk(
                     act, coords, "holds committed values but is missing from the store")))
+
+
+def _read_every_chunk(report: VerifyReport, node: str, ctx: Context, arr: zarr.Array,
+                      bar: Any, *, missing_is_damage: bool) -> None:
+    """Read every stored chunk of ``arr`` once; add a problem for each that fails (and,
+    with ``missing_is_damage``, for each chunk absent from the store)."""
+    try:
+        present = stored_chunks(arr)
+        grid = list(chunk_coords(arr, tuple(slice(None) for _ in arr.shape)))
+    except Exception as err:
+        report.problems.append(Problem(node, f"array {arr.basename!r} is unreadable "
+                                             f"({type(err).__name__}: {err})"))
+        return
+    for coords in grid:
+        if arr.metadata.encode_chunk_key(coords) not in present:
+            if missing_is_damage:
+                report.problems.append(Problem(node, ctx.damaged_chunk(
+                    arr, coords, "is missing from the store")))
+            continue
+        bar.update()
+        report.chunks_read += 1
+        try:
+            np.asarray(arr[chunk_slices(arr, coords)])
+        except Exception as err:
+            report.problems.append(Problem(node, ctx.damaged_chunk(
+                arr, coords, f"cannot be read ({type(err).__name__}: {err})"
+                if "checksum" not in str(err) else "fails its crc32c checksum")))
+
+
+def _verify_auxiliary(report: VerifyReport, node: str, group: zarr.Group, bar: Any) -> None:
+    """Check the groups below a layer (saved layouts): every chunk read, none missing."""
+    errors: list[str] = []
+    for name, child in child_groups(group, errors):
+        where = f"{node}/{name}"
+        if child.attrs.get(ATTR_SAVING):
+            report.problems.append(Problem(where, f"group {child.path!r} was not saved "
+                                                  "completely (saving failed or was "
+                                                  "interrupted): save it again or delete it"))
+            continue
+        ctx = Context(f"group {child.path!r}")
+        for _, arr in sorted(child.arrays()):
+            checked = has_checksums(arr)
+            if not checked:
+                report.problems.append(Problem(
+                    where, f"array {arr.basename!r} of group {child.path!r} was written "
+                    "without chunk checksums (an earlier topoxr): damage to its chunks "
+                    "cannot be detected", kind="unverifiable"))
+            # every chunk of a checked array is stored: a missing one is damage
+            _read_every_chunk(report, where, ctx, arr, bar, missing_is_damage=checked)
+        _verify_auxiliary(report, where, child, bar)
+    report.problems.extend(Problem(node, msg) for msg in errors)
 
 
 def _record(loc: Any, report: VerifyReport) -> None:
