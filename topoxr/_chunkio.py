@@ -216,6 +216,7 @@ class EncodedMemo:
         return (codecs, np.dtype(dtype).str, tuple(shape), google_crc32c.value(data))
 
     def get(self, key: tuple | None, data: np.ndarray) -> list[Any] | None:
+        """The stored pieces of a chunk equal to ``data`` under ``key``, else None."""
         if key is None:
             return None
         with self._lock:
@@ -227,6 +228,7 @@ class EncodedMemo:
         return hit[1]
 
     def put(self, key: tuple | None, data: np.ndarray, pieces: list[Any]) -> None:
+        """Keep ``pieces``, the stored bytes of ``data``, for equal chunks to come."""
         if key is None:
             return
         with self._lock:
