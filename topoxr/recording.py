@@ -986,7 +986,13 @@ def run_recording(
     Parameters
     ----------
     forward : callable
-        ``forward(x) -> ({layer: ndarray}, model_output or None)``.
+        ``forward(x) -> ({layer: ndarray}, model_output or None)``. Where it has a
+        ``pool`` dict, the layers whose plan pools conv maps are entered in it after the
+        first call, as ``{layer: (neuron axis, "mean" or "max")}``, and later calls return
+        them pooled, with every pooled axis of length 1. Where its
+        ``plans_from_one_sample`` is true, the first call gets only the first sample of
+        the first batch (the plans are made from it), and the whole first batch is then
+        run again, pooled: no layer's maps of a whole batch are ever copied out.
     batches : iterable of Batch
         From :func:`iter_array_batches` or :func:`number_batches`.
     store : str or ActivationWriter
@@ -1072,9 +1078,14 @@ def run_recording(
         raise RecordingError("the data has no samples")
     pooled = getattr(forward, "pool", None)
     if isinstance(pooled, dict):
-        pooled.clear()  # the first batch comes whole: the plans are made from it
-    outputs, final = forward(first.x)
-    mask, token_ids = token_info(first.x)
+        pooled.clear()  # the plans are made from whole outputs
+    # the plans need the outputs' shapes, not a whole batch of maps: where the adapter
+    # offers it, they are made from the first sample alone (its maps are small), and the
+    # first batch then runs like the others, pooled as it is captured
+    sample_first = bool(getattr(forward, "plans_from_one_sample", False)) and len(first) > 1
+    planned_on = take_inputs(first.x, slice(0, 1)) if sample_first else first.x
+    outputs, final = forward(planned_on)
+    mask, token_ids = token_info(planned_on)
     plans, neurons = _plan_layers(
         layers, outputs, reduce=reduce, specs=specs or {}, channel_axis=channel_axis,
         axis_rules=axis_rules or {}, mask=mask, token_ids=token_ids)
@@ -1116,7 +1127,7 @@ def run_recording(
             bg.set_targets(neurons, batch_size)
             batch: Batch | None = first
             while batch is not None:
-                if batch is not first:
+                if batch is not first or sample_first:
                     outputs, final = forward(batch.x)
                     mask, token_ids = token_info(batch.x)
                 preds = None

@@ -39,6 +39,10 @@ class ProbeModel:
 
     Attributes
     ----------
+    plans_from_one_sample : bool
+        True: :func:`topoxr.recording.run_recording` plans the layers from the first
+        sample alone (one call of the unpooled sub-model), then runs every batch, the
+        first included, through the pooled one: no batch of whole maps is copied out.
     layers : list of str
         The recorded layers.
     specs : dict of str to LayerSpec
@@ -59,6 +63,8 @@ class ProbeModel:
         axis of length 1 (``keepdims``), which the recording loop's own pooling then
         leaves as they are.
     """
+
+    plans_from_one_sample = True
 
     def __init__(self, model: keras.Model, layers: list[str],
                  output_keys: Mapping[str, Any],

@@ -101,7 +101,10 @@ def record(
 
     The neurons of each layer are the channels of its ``data_format`` (channels-last by
     default) or the last axis of other outputs; the store states it per layer
-    (``topoxr_neuron_axis``, ``topoxr_reduced_axes``, ``topoxr_axis_rule``).
+    (``topoxr_neuron_axis``, ``topoxr_reduced_axes``, ``topoxr_axis_rule``). The layers
+    are planned from the first sample alone (one call of the probe sub-model), then
+    every batch runs once through a sub-model that pools conv maps inside the graph, so
+    no batch of whole maps is copied out.
 
     Parameters
     ----------

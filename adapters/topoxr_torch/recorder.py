@@ -116,6 +116,9 @@ class Capture:
 
     Attributes
     ----------
+    plans_from_one_sample : bool
+        True: :func:`topoxr.recording.run_recording` plans the layers from the first
+        sample alone, so that no batch of whole maps is copied out.
     layers : list of str
         Recorded layer names (``"name:k"`` for call ``k`` of a shared module).
     specs : dict of str to LayerSpec
@@ -124,6 +127,8 @@ class Capture:
         Neuron axis of each layer's output and how it was chosen, filled by the first
         forward pass.
     """
+
+    plans_from_one_sample = True
 
     def __init__(self, fn: Any, layers: list[str], specs: dict[str, LayerSpec],
                  axes: dict[str, int], rules: dict[str, str],
@@ -387,6 +392,10 @@ def record(
     dtype: str = "float32",
 ) -> RecordResult:
     """Record the outputs of layers of a PyTorch model on some data into a store.
+
+    The model runs once on the first sample alone before the first batch (the layers'
+    plans are made from its outputs), then once per batch; conv maps are pooled as they
+    are captured, so no batch of whole maps is copied out.
 
     Which axis holds the neurons is decided per layer: the channels ``C`` of conv,
     pooling and batch-norm outputs ``(N, C, *spatial)``; the last axis ``H`` of every

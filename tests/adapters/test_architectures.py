@@ -317,10 +317,15 @@ def test_shared_module_is_recorded_per_call(store_path):
 
 
 class RankChanger(torch.nn.Module):
-    """Returns 2-D outputs for batches of 4 and more, its 4-D input for smaller ones."""
+    """Returns its input flattened to 2-D on its first call, as it is (4-D) after."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
 
     def forward(self, x):
-        return x.flatten(1) if x.shape[0] >= 4 else x
+        self.calls += 1
+        return x.flatten(1) if self.calls == 1 else x
 
 
 def test_a_layer_whose_output_changes_rank_between_batches_is_refused(store_path):
@@ -416,6 +421,34 @@ def test_pooled_as_captured_over_many_batches_equals_pooling_the_whole_maps(stor
     assert ds.attrs["topoxr_reduced_axes"] == [2, 3] and ds.sizes["neuron"] == 4
     want = maps.mean((2, 3)) if reduce == "mean" else maps.max((2, 3))
     np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=1e-6, atol=1e-6)
+
+
+class CountingConv(torch.nn.Module):
+    """A conv that notes the batch size of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(int(x.shape[0]))
+        return torch.relu(self.conv(x)).amax((2, 3))
+
+
+def test_layers_are_planned_from_one_sample_and_every_batch_is_pooled_as_captured(store_path):
+    """The plans come from the first sample alone; then every batch, the first included,
+    runs once and is pooled as it is captured (no batch of whole maps is copied out):
+    the values are those of pooling the whole maps."""
+    torch.manual_seed(10)
+    model = CountingConv().eval()
+    x = np.random.default_rng(6).normal(size=(11, 2, 6, 5)).astype(np.float32)
+    topoxr_torch.record(model, x, store_path, layers=["conv"], batch_size=3, progress=False)
+    assert model.sizes == [1, 3, 3, 3, 2]
+    with torch.inference_mode():
+        maps = model.conv(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(layer(store_path, "model", "conv").activation.values[..., 0].T,
+                               maps.mean((2, 3)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
