@@ -673,3 +673,32 @@ def test_a_grown_but_unfilled_coordinate_is_not_data(tmp_path, reference, coordi
     assert script.check_snapshot(store) > 0
     script.record(store)  # resume repairs and completes the three epochs
     assert_same_store(store, reference)
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_writer(tmp_path):
+    """A process killed between writing a file and renaming it leaves
+    ``<name>.<random>.partial`` beside the nodes, which zarr and plain xarray warn about
+    at every listing of the group; the next writer (holding the lock) deletes those in
+    the root, model and layer folders, and nothing committed changes."""
+    import warnings
+
+    store = tmp_path / "run.zarr"
+    values = np.arange(24, dtype=np.float32).reshape(8, 3)
+    with topoxr.ActivationWriter(store, model="m") as writer:
+        writer.write("h", values, sample=np.arange(8), label=np.arange(8) % 2)
+    left = [store / "zarr.3f2a9c0d.partial", store / "m" / "zarr.77e1.partial",
+            store / "m" / "h" / "zarr.b4c2.partial"]
+    for path in left:
+        path.write_bytes(b'{"zarr_format": 3, "node_')  # cut short by the kill
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zarr.open_group(store, mode="r", use_consolidated=False)["m"].members()
+    assert any("not recognized as a component" in str(w.message) for w in caught)
+    topoxr.ActivationWriter(store, model="m").close()
+    assert not any(path.exists() for path in left)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zarr.open_group(store, mode="r", use_consolidated=False)["m"].members()
+        tree = xr.open_datatree(store, engine="zarr")
+    assert not [w for w in caught if "not recognized" in str(w.message)]
+    np.testing.assert_array_equal(tree["m/h"]["activation"].values[..., 0].T, values)

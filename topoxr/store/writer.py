@@ -238,6 +238,8 @@ class ActivationWriter:
                                 lock_path=self._loc.lock_path)
         self._lock.acquire(break_lock=break_lock)
         try:
+            if existed and self._loc.local_dir is not None:
+                _remove_temporary_files(self._loc.local_dir)
             self._root = self._open_root(existed, description)
             self._model_group = self._open_model(mode, attrs)
             self._load_layers()
@@ -1062,6 +1064,40 @@ class ActivationWriter:
         return _PreparedCommit(steps=(grow, fill, coords),
                                mask=(arrays[COMMITTED], mask[:, e], pos, e, size_n),
                                mirror=mirror, rows=len(rows))
+
+
+def _remove_temporary_files(root: str) -> None:
+    """Delete what a killed writer left half-written in the store's group folders.
+
+    Every file is written as ``<name>.<random>.partial`` and renamed over its final
+    name (by zarr and by :func:`topoxr._chunkio.put_pieces`): a process killed in between
+    leaves the temporary file, which zarr and plain xarray then warn about whenever
+    they list the group (``... is not recognized as a component of a Zarr
+    hierarchy``). A writer holds the store's lock, so no other writer can be writing
+    one: those in the root, model and layer folders are deleted (array folders, which
+    no reader lists, are not searched).
+    """
+    import os
+
+    removed = 0
+    folders = [root]
+    for depth in range(3):  # the root, its models, their layers
+        children = []
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.endswith(".partial") and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed += 1
+                elif depth < 2 and entry.is_dir(follow_symlinks=False):
+                    children.append(entry.path)
+        folders = children
+    if removed:
+        logger.info("removed %d temporary file(s) left by a killed writer in %s", removed,
+                    root)
 
 
 @dataclasses.dataclass
