@@ -310,3 +310,30 @@ def test_a_damaged_or_missing_layout_chunk_is_refused_and_verify_names_it(tmp_pa
     assert_layout_close(load_layout(url, "model", "dense1", "pca-0", onto=layer), laid,
                         atol=0)
     assert topoxr.verify(url, record=False).ok
+
+
+def test_a_layout_saved_without_checksums_by_an_earlier_version_still_loads(tmp_path):
+    """Layouts saved before checksums (zarr's default codecs) load and open as before;
+    verify calls the layout unverifiable, in one line."""
+    import zarr
+
+    from topoxr._chunkio import consolidate
+
+    url = str(tmp_path / "run.zarr")
+    write_store(make_activations(n_neurons=12, random_state=1), url, layer="dense1")
+    layer = topoxr.open_store(url)["model/dense1"].to_dataset().load()
+    laid = attach(layer, "pca", random_state=0, share="all")
+    node = zarr.open_group(url, mode="r+")["model/dense1"].require_group("layouts") \
+        .create_group("old", attributes={"name": "old", "topoxr_layout": "{}"})
+    for key in ("x", "y", "neuron"):  # as the previous version wrote them
+        values = laid[key].values
+        node.create_array(key, shape=values.shape, dtype=values.dtype,
+                          dimension_names=("neuron",))[...] = values
+    consolidate(zarr.storage.LocalStore(url))
+    assert_layout_close(load_layout(url, "model", "dense1", "old", onto=layer), laid, atol=0)
+    np.testing.assert_array_equal(topoxr.open_store(url)["model/dense1/layouts/old"]["x"],
+                                  laid["x"].values)
+    problems = topoxr.verify(url, record=False).problems
+    assert [(p.node, p.kind) for p in problems] == [("model/dense1/layouts/old",
+                                                     "unverifiable")]
+    assert "['neuron', 'x', 'y']" in problems[0].what
