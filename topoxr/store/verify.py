@@ -215,16 +215,16 @@ def _verify_auxiliary(report: VerifyReport, node: str, group: zarr.Group, bar: A
             continue
         ctx = Context(f"group {child.path!r}")
         arrays = sorted(child.arrays())
-        unchecked = [name for name, arr in arrays if not has_checksums(arr)]
+        unchecked = [key for key, arr in arrays if not has_checksums(arr)]
         if unchecked:
             report.problems.append(Problem(
                 where, f"group {child.path!r} was written without chunk checksums (an "
                 f"earlier topoxr; arrays {unchecked}): damage to its chunks cannot be "
                 "detected", kind="unverifiable"))
-        for name, arr in arrays:
+        for key, arr in arrays:
             # every chunk of a checked array is stored: a missing one is damage
             _read_every_chunk(report, where, ctx, arr, bar,
-                              missing_is_damage=name not in unchecked)
+                              missing_is_damage=key not in unchecked)
         _verify_auxiliary(report, where, child, bar)
     report.problems.extend(Problem(node, msg) for msg in errors)
 
