@@ -218,6 +218,38 @@ def test_run_recording_writes_complete_epochs(store_path):
     assert layers["hidden"].epochs == [0, 1]
 
 
+def test_what_the_store_holds_is_read_per_model_and_checked(store_path):
+    """stored_layers reads one model's layers with open_store's checks, as open_store
+    reports them: equal values, damage of that model refused before anything is
+    written, damage of another model no obstacle to recording this one."""
+    import glob
+
+    from topoxr import StoreCorruptionError
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 30)
+    _record(store_path, x, y, epoch=0)
+    with ActivationWriter(store_path, model="other") as writer:
+        writer.write("h", x, sample=np.arange(30), label=y)
+    tree = open_store(store_path)
+    for name, info in stored_layers(store_path, "np").items():
+        ds = tree[f"np/{name}"].to_dataset()
+        assert info.n_neurons == ds.sizes["neuron"]
+        np.testing.assert_array_equal(info.sample_ids, ds["sample"].values)
+        np.testing.assert_array_equal(info.labels, ds["label"].values)
+        assert info.epochs == [0] and info.complete == [True]
+        assert info.attrs == dict(ds.attrs)
+    (lost,) = glob.glob(f"{store_path}/other/h/committed/c.*")
+    os.unlink(lost)
+    with pytest.raises(StoreCorruptionError):
+        open_store(store_path)
+    assert stored_layers(store_path, "np")["hidden"].epochs == [0]
+    _record(store_path, x * 2, y, epoch=1)  # the damage of "other" is not this model's
+    with pytest.raises(StoreCorruptionError, match="layer 'h' of model 'other'"):
+        stored_layers(store_path, "other")
+
+
 def test_check_against_store_allows_resuming_an_epoch():
     from topoxr.recording import StoredLayer
 

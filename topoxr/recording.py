@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from topoxr._codecs import DEFAULT_COMPRESSOR
-from topoxr.conventions import ATTR_LAYER, ATTR_MODEL, LABEL, SAMPLE
 from topoxr.reduction import (
     ATTR_MASKED,
     ATTR_NEURON_AXIS,
@@ -46,7 +45,8 @@ from topoxr.reduction import (
     resolve_layer_specs,
     token_info,
 )
-from topoxr.store import ActivationWriter, open_store
+from topoxr.store import ActivationWriter
+from topoxr.store.reader import read_model_layers
 from topoxr.store._schema import _TARGET_CHUNK_BYTES
 
 __all__ = [
@@ -435,28 +435,13 @@ def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, Stored
     """
     url = store.url if isinstance(store, ActivationWriter) else store
     try:
-        tree = open_store(url)
+        layers = read_model_layers(url, model)
     except FileNotFoundError:
         return {}
-    model_node = next((child for child in tree.children.values()
-                       if child.attrs.get(ATTR_MODEL) == model), None)
-    if model_node is None:
-        return {}
-    out = {}
-    for node in model_node.children.values():
-        ds = node.to_dataset()
-        if "activation" not in ds:
-            continue
-        out[str(ds.attrs.get(ATTR_LAYER, node.name))] = StoredLayer(
-            n_neurons=int(ds.sizes["neuron"]),
-            reduce=str(ds.attrs.get("topoxr_reduce", "mean")),
-            sample_ids=np.asarray(ds[SAMPLE].values, dtype=np.int64),
-            epochs=[int(e) for e in ds["epoch"].values],
-            complete=[bool(c) for c in ds["epoch_complete"].values],
-            labels=np.asarray(ds[LABEL].values) if LABEL in ds.coords else None,
-            attrs=dict(ds.attrs),
-        )
-    return out
+    return {name: StoredLayer(
+        n_neurons=info["n_neurons"], reduce=str(info["attrs"].get("topoxr_reduce", "mean")),
+        sample_ids=info["sample_ids"], epochs=info["epochs"], complete=info["complete"],
+        labels=info["labels"], attrs=info["attrs"]) for name, info in layers.items()}
 
 
 def completed_epochs(store: Any, model: str, layers: Sequence[str]) -> list[int]:

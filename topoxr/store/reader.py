@@ -13,6 +13,8 @@ import zarr
 
 from topoxr.conventions import (
     ACTIVATION,
+    ATTR_LAYER,
+    ATTR_MODEL,
     ATTR_SAVING,
     COMMITTED,
     CORRECT,
@@ -98,6 +100,68 @@ def open_store(
             for child_path, child in _subgroups(group):
                 nodes[f"/{model_name}/{layer_name}/{child_path}"] = _plain_dataset(child)
     return xr.DataTree.from_dict(nodes)
+
+
+def read_model_layers(store: Any, model: str, *,
+                      storage_options: Mapping[str, Any] | None = None
+                      ) -> dict[str, dict[str, Any]]:
+    """What a store holds for each layer of one model, without its activations.
+
+    Every layer is checked as :func:`open_store` checks it (the same consistent snapshot
+    of its coordinates, commit state and chunks); the activations' dask graph, the
+    other coordinates, saved layouts and the other models are not read. Recorders use
+    it to compare a run with what is stored before they write (about half the time of
+    opening the whole store for a model of 15 layers, more for stores of many models).
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Path or fsspec URL of the store.
+    model : str
+        The model's name.
+    storage_options : mapping, optional
+        Passed to fsspec for URLs.
+
+    Returns
+    -------
+    dict
+        ``{layer name: {"n_neurons", "attrs", "sample_ids", "epochs", "complete",
+        "labels"}}`` (``labels`` None where the layer has none); empty when the model
+        is not in the store.
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing exists at ``store``.
+    StoreError
+        If it is not a topoxr store, or (:class:`StoreCorruptionError`) a layer of the
+        model is damaged.
+    """
+    loc = _locate(store, storage_options)
+    root = _open_root_readonly(loc)
+    for model_name, model_group in child_groups(root):
+        if model_group.attrs.get(ATTR_MODEL) != model:
+            continue
+        check_model_name(model_name, model_group)
+        out: dict[str, dict[str, Any]] = {}
+        for layer_name, group in child_groups(model_group):
+            if not group.attrs.get(_ATTR_READY, False):
+                continue
+            arrays, snap = _guarded(_where(group),
+                                    lambda group=group: consistent_snapshot(group))
+            labels = None
+            if LABEL in arrays:
+                labels = _plain_strings(snap.context.read(arrays[LABEL], slice(0, snap.n)))
+            out[str(group.attrs.get(ATTR_LAYER, layer_name))] = {
+                "n_neurons": int(arrays[ACTIVATION].shape[0]),
+                "attrs": {k: v for k, v in group.attrs.items() if k != _ATTR_READY},
+                "sample_ids": np.asarray(snap.sample_ids, dtype=np.int64),
+                "epochs": [int(e) for e in snap.epochs],
+                "complete": [bool(c) for c in snap.complete],
+                "labels": labels,
+            }
+        return out
+    return {}
 
 
 def _subgroups(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Group]]:
