@@ -76,9 +76,10 @@ from topoxr.store._schema import (
     _ids_text,
     _kind,
     _logical_lengths,
+    _plain_strings,
     _prediction_specs,
-    _read_1d,
     _zarr_dtype,
+    read_together,
 )
 from topoxr.store._state import _layer_columns, _LayerState, _runs
 from topoxr.store.verify import ATTR_VERIFIED
@@ -308,9 +309,9 @@ class ActivationWriter:
         arrays = dict(group.arrays())
         _check_required(group, arrays, fix="open the writer with mode='w' to record the "
                                            "model again")
-        n, m = _logical_lengths(arrays)
-        sample_ids = np.asarray(arrays[SAMPLE][:n], dtype=np.int64)
-        epochs = [int(e) for e in arrays[EPOCH][:m]]
+        n, m, sample_ids, epoch_values = _logical_lengths(arrays)
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        epochs = [int(e) for e in epoch_values]
         # Repair lengths left longer than the logical length by a crash mid-batch. The
         # coordinates' tails are reset to their fill first: shrinking keeps the boundary
         # chunk, and a later growth must not bring back ids of an unfinished batch.
@@ -325,18 +326,24 @@ class ActivationWriter:
                 logger.info("repairing %s of layer %r left by an interrupted writer: %s -> %s",
                             arr.basename, layer, arr.shape, target)
                 arr.resize(target)
-        mask = np.asarray(arrays[COMMITTED][:n, :m], dtype=bool)
-        complete = np.asarray(arrays[EPOCH_COMPLETE][:m], dtype=bool)
-        labels = _read_1d(arrays[LABEL], n) if LABEL in arrays else None
-        meta_names = group.attrs.get(_ATTR_METADATA, [])
-        metadata = {k: _read_1d(arrays[k], n) for k in meta_names}
-        unit_names = group.attrs.get(_ATTR_UNIT_COORDS, [])
+        meta_names = list(group.attrs.get(_ATTR_METADATA, []))
+        unit_names = list(group.attrs.get(_ATTR_UNIT_COORDS, []))
+        columns = ([LABEL] if LABEL in arrays else []) + meta_names
+        # every other array the layer's state needs, in one trip to zarr's event loop
+        read = read_together(
+            [(arrays[COMMITTED], (slice(0, n), slice(0, m))),
+             (arrays[EPOCH_COMPLETE], slice(0, m))]
+            + [(arrays[key], slice(0, n)) for key in columns]
+            + [(arrays[key], slice(None)) for key in unit_names])
+        mask, complete = read[0].astype(bool), read[1].astype(bool)
+        values = dict(zip(columns, (_plain_strings(v) for v in read[2:2 + len(columns)]),
+                          strict=True))
         return _LayerState(
             name=layer, group=group, n_neurons=int(arrays[ACTIVATION].shape[0]),
             reduce=str(group.attrs.get(_ATTR_REDUCE, "mean")),
-            unit_coords={k: np.asarray(arrays[k][:]) for k in unit_names},
+            unit_coords=dict(zip(unit_names, read[2 + len(columns):], strict=True)),
             sample_ids=sample_ids, epochs=epochs, mask=mask, complete=complete,
-            labels=labels, metadata=metadata,
+            labels=values.get(LABEL), metadata={k: values[k] for k in meta_names},
         )
 
     # -- public API --------------------------------------------------------------------
