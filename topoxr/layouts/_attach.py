@@ -580,14 +580,14 @@ def _write_layout(parent: Any, node_name: str, name: str, laid: Any) -> None:
     node = parent.create_group(node_name, attributes={
         "name": name, ATTR_LAYOUT: laid.attrs.get(ATTR_LAYOUT, "{}"), ATTR_SAVING: True})
     columns = [(key, np.asarray(laid.coords[key].transpose(*dims).values, dtype=np.float64),
-                dims, np.nan) for key in (X, Y)]
-    columns += [(dim, np.asarray(laid[dim].values), (dim,), None) for dim in dims]
+                dims, {"fill_value": np.nan}) for key in (X, Y)]
+    columns += [(dim, np.asarray(laid[dim].values), (dim,), {}) for dim in dims]
     for key, values, key_dims, fill in columns:
         # one chunk, every chunk stored and ending in a crc32c, as the layers' arrays:
         # a damaged or missing chunk is refused on reading, never read as other values
         arr = node.create_array(key, **checked_array_spec(
             shape=values.shape, chunks=tuple(max(1, n) for n in values.shape),
-            dtype=values.dtype, fill_value=fill, dimension_names=key_dims))
+            dtype=values.dtype, dimension_names=key_dims, **fill))
         arr[...] = values
     node.update_attributes({ATTR_SAVING: False})
 

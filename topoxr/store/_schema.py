@@ -201,9 +201,7 @@ def _checked(spec: Mapping[str, Any]) -> dict[str, Any]:
 def checked_array_spec(**spec: Any) -> dict[str, Any]:
     """Keyword arguments of ``zarr.Group.create_array`` for an array checked as the
     layers' arrays are (see :func:`_checked`): zarr's default zstd then a crc32c, every
-    chunk stored, flat chunk keys. ``fill_value=None`` leaves zarr's default."""
-    if spec.get("fill_value", 0) is None:
-        del spec["fill_value"]
+    chunk stored, flat chunk keys."""
     return _checked(spec)
 
 

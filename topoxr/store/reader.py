@@ -93,9 +93,7 @@ def open_store(
     for model_name, model_group in child_groups(root):
         check_model_name(model_name, model_group)
         nodes[f"/{model_name}"] = xr.Dataset(attrs=dict(model_group.attrs))
-        for layer_name, group in child_groups(model_group):
-            if not group.attrs.get(_ATTR_READY, False):
-                continue
+        for layer_name, group in _ready_layers(model_group):
             nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(group, mask_uncommitted)
             for child_path, child in _subgroups(group):
                 nodes[f"/{model_name}/{layer_name}/{child_path}"] = _plain_dataset(child)
@@ -144,9 +142,7 @@ def read_model_layers(store: Any, model: str, *,
             continue
         check_model_name(model_name, model_group)
         out: dict[str, dict[str, Any]] = {}
-        for layer_name, group in child_groups(model_group):
-            if not group.attrs.get(_ATTR_READY, False):
-                continue
+        for layer_name, group in _ready_layers(model_group):
             arrays, snap = _guarded(_where(group),
                                     lambda group=group: consistent_snapshot(group))
             labels = None
@@ -154,7 +150,7 @@ def read_model_layers(store: Any, model: str, *,
                 labels = _plain_strings(snap.context.read(arrays[LABEL], slice(0, snap.n)))
             out[str(group.attrs.get(ATTR_LAYER, layer_name))] = {
                 "n_neurons": int(arrays[ACTIVATION].shape[0]),
-                "attrs": {k: v for k, v in group.attrs.items() if k != _ATTR_READY},
+                "attrs": _layer_attrs(group),
                 "sample_ids": np.asarray(snap.sample_ids, dtype=np.int64),
                 "epochs": [int(e) for e in snap.epochs],
                 "complete": [bool(c) for c in snap.complete],
@@ -162,6 +158,17 @@ def read_model_layers(store: Any, model: str, *,
             }
         return out
     return {}
+
+
+def _ready_layers(model_group: zarr.Group) -> list[tuple[str, zarr.Group]]:
+    """The layers of a model that a writer finished creating (others are invisible)."""
+    return [(name, group) for name, group in child_groups(model_group)
+            if group.attrs.get(_ATTR_READY, False)]
+
+
+def _layer_attrs(group: zarr.Group) -> dict[str, Any]:
+    """A layer's attributes as readers show them (without the writer's ready mark)."""
+    return {k: v for k, v in group.attrs.items() if k != _ATTR_READY}
 
 
 def _subgroups(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Group]]:
@@ -243,7 +250,7 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
     for key in group.attrs.get(_ATTR_SCALARS, []):
         if key in arrays:
             coords[key] = (EPOCH, read(key, slice(0, m)))
-    attrs = {k: v for k, v in group.attrs.items() if k != _ATTR_READY}
+    attrs = _layer_attrs(group)
     da = xr.DataArray(lazy, dims=(NEURON, SAMPLE, EPOCH), name=ACTIVATION)
     return xr.Dataset({ACTIVATION: da}, coords=coords, attrs=attrs)
 
