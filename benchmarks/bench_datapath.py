@@ -393,7 +393,10 @@ def _child_record_conv(p: dict) -> dict:
     The ratio of the target is taken at ``conv_samples``; the same turns at four times
     as many samples split what recording adds into a fixed part (creating the layers'
     arrays, the last commit, consolidation) and a part per sample, fitted through the
-    two sizes: ``added(n) = fixed + per_sample * n``.
+    two sizes: ``added(n) = fixed + per_sample * n``. At ``conv_samples`` two more
+    variants take turns, reported beside the target (``ratio_record_new_path``: a new
+    store path every run, nothing deleted until the turns end; ``ratio_record_tmpfs``:
+    the store on ``/dev/shm``), to show how much of the overhead is the file system's.
     """
     import torch
 
@@ -421,12 +424,46 @@ def _child_record_conv(p: dict) -> dict:
             topoxr_torch.record(model, (x, y), path, model_name="resnet18", layers=layers,
                                 batch_size=CONV_BATCH, progress=False)
 
+        variants: dict[str, Callable[[], Any]] = {"forward": forward, "record": record}
+        prepare = {"record": lambda: shutil.rmtree(path, ignore_errors=True)}
+        fresh = os.path.join(p["tmp"], "resnet-new-paths")
+        if n == sizes[0]:
+            # reported, not the target: where the file system's part of the overhead goes.
+            # (1) a new store path every run, none deleted until all turns are done: the
+            # target's runs replace the store deleted just before, and ext4 allocates
+            # inodes more slowly right after many were freed;
+            counter = iter(range(1 << 30))
+
+            def record_new_path(x: np.ndarray = x, y: np.ndarray = y) -> None:
+                topoxr_torch.record(model, (x, y), os.path.join(fresh, f"{next(counter)}.zarr"),
+                                    model_name="resnet18", layers=layers,
+                                    batch_size=CONV_BATCH, progress=False)
+
+            variants["record_new_path"] = record_new_path
+            # (2) the store in memory-backed files (tmpfs), where creating a file is cheap
+            shm = _tmpfs_dir()
+            if shm is not None:
+                shm_path = os.path.join(shm, "resnet.zarr")
+
+                def record_tmpfs(x: np.ndarray = x, y: np.ndarray = y) -> None:
+                    topoxr_torch.record(model, (x, y), shm_path, model_name="resnet18",
+                                        layers=layers, batch_size=CONV_BATCH, progress=False)
+
+                variants["record_tmpfs"] = record_tmpfs
+                prepare["record_tmpfs"] = lambda: shutil.rmtree(shm_path, ignore_errors=True)
         repeats = p["conv_repeats"] if n == sizes[0] else max(1, p["conv_repeats"] - 1)
-        best, peaks = _turns({"forward": forward, "record": record}, repeats,
-                             prepare={"record": lambda: shutil.rmtree(path, ignore_errors=True)})
+        try:
+            best, peaks = _turns(variants, repeats, prepare=prepare)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+            if "record_tmpfs" in variants:
+                shutil.rmtree(shm, ignore_errors=True)
         by_samples[n] = {"seconds": best, "peak_rss_mb": peaks, "bytes_on_disk": _du(path),
                          "added_seconds": round(best["record"] - best["forward"], 3),
                          "ratio": round(best["record"] / best["forward"], 3)}
+        for key in ("record_new_path", "record_tmpfs"):
+            if key in best:
+                by_samples[n][f"ratio_{key}"] = round(best[key] / best["forward"], 3)
     (n0, small), (n1, large) = by_samples.items()
     per_sample = (large["added_seconds"] - small["added_seconds"]) / (n1 - n0)
     fixed = small["added_seconds"] - per_sample * n0
@@ -436,9 +473,20 @@ def _child_record_conv(p: dict) -> dict:
             "layers": layers, "torch_threads": torch.get_num_threads(),
             "seconds": small["seconds"], "peak_rss_mb": small["peak_rss_mb"],
             "bytes_on_disk": small["bytes_on_disk"], "ratio": small["ratio"],
+            **{k: v for k, v in small.items() if k.startswith("ratio_record_")},
             "by_samples": by_samples,
             "added_fixed_seconds": round(fixed, 3),
             "added_per_sample_over_forward": round(per_sample / per_sample_forward, 3)}
+
+
+def _tmpfs_dir() -> str | None:
+    """A new folder in ``/dev/shm`` where that is a writable tmpfs, else None."""
+    try:
+        with open("/proc/mounts") as mounts:
+            tmpfs = any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts)
+        return tempfile.mkdtemp(prefix="topoxr-datapath-", dir="/dev/shm") if tmpfs else None
+    except OSError:
+        return None
 
 
 # -- codecs -----------------------------------------------------------------------------------
