@@ -186,6 +186,58 @@ def test_direct_chunk_reads_equal_zarr_and_refuse_a_changed_byte(tmp_path):
     assert np.isnan(got).all()  # as zarr reads an absent chunk; open_store names it
 
 
+def test_local_listings_equal_what_zarr_lists(tmp_path):
+    """The chunk and node listings that the checks walk on a local store themselves are
+    the keys and names zarr's own ``list_prefix`` / ``list_dir`` give: flat and nested
+    chunk keys, a killed writer's temporary file, a lost chunk and a stray folder."""
+    from zarr.core.sync import sync
+
+    from topoxr.store._integrity import children, stored_chunks
+
+    path = tmp_path / "r.zarr"
+    with ActivationWriter(str(path), model="m", chunk_samples=8) as writer:
+        for start in range(0, 24, 8):
+            writer.write("h", np.ones((8, 3), np.float32), sample=np.arange(start, start + 8),
+                         label=np.arange(start, start + 8) % 2)
+    root = zarr.open_group(str(path), mode="a")
+    nested = root.create_array("nested", shape=(4, 6), chunks=(2, 2), dtype="int32",
+                               chunk_key_encoding={"name": "default", "separator": "/"})
+    nested[...] = np.arange(24).reshape(4, 6)
+    (path / "m" / "h" / "sample" / "c.0.123-4.partial").write_bytes(b"torn")
+    (path / "m" / "h" / "activation" / "c.0.1.0").unlink()
+
+    def zarr_chunk_keys(arr: zarr.Array) -> set[str]:
+        prefix = f"{arr.path}/"
+
+        async def keys() -> set[str]:
+            return {k[len(prefix):] async for k in arr.store.list_prefix(prefix)
+                    if not k.endswith("zarr.json")}
+        return sync(keys())
+
+    store_root = zarr.open_group(str(path), mode="r", use_consolidated=False)  # nodes
+    layer = store_root["m/h"]  # opened from the root, as the reader opens them
+    arrays = [*(a for _, a in layer.arrays()), store_root["nested"]]
+    assert any("/" in key for key in stored_chunks(arrays[-1]))  # nested keys: c/0/1
+    for arr in arrays:
+        assert stored_chunks(arr) == zarr_chunk_keys(arr), arr.path
+    assert "c.0.1.0" not in stored_chunks(layer["activation"])
+    assert "c.0.123-4.partial" in stored_chunks(layer["sample"])  # as zarr lists it
+
+    async def zarr_names(group: zarr.Group) -> set[str]:
+        prefix = f"{group.path}/" if group.path else ""
+        return {k async for k in group.store.list_dir(prefix)}
+
+    groups = (store_root, store_root["m"], layer)
+    (path / "m" / "h" / "stray").mkdir()
+    for group in groups:
+        errors: list[str] = []
+        assert set(children(group, errors)) == (sync(zarr_names(group))
+                                                - {"zarr.json", "stray"}), group.path
+        # a folder without zarr.json among the nodes is named, not skipped
+        assert errors == (["m/h/stray/zarr.json is missing: the metadata of node 'm/h/stray' "
+                           "was deleted"] if group is layer else [])
+
+
 def test_activation_chunks_are_stored_sample_major_as_the_batches_came(tmp_path):
     """An activation chunk file holds the batch rows ``(sample, neuron)`` as given, then
     their crc32c: zarr's ``transpose`` codec (order 2, 1, 0) states it, so zarr, plain

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -162,9 +163,22 @@ def _reason(err: BaseException) -> str:
 
 
 def stored_chunks(arr: zarr.Array) -> set[str]:
-    """The keys of the chunks of ``arr`` present in the store (one listing)."""
+    """The keys of the chunks of ``arr`` present in the store (one listing).
+
+    The keys zarr's ``list_prefix`` gives below the array, relative to it, without
+    its ``zarr.json``. On zarr's local store (or a subclass) the array's folder is
+    walked here, without a trip through zarr's event loop (a tenth of the time).
+    """
     from zarr.core.sync import sync
 
+    if isinstance(arr.store, zarr.storage.LocalStore):
+        top = os.path.join(arr.store.root, arr.path)
+        found: set[str] = set()
+        for folder, _, files in os.walk(top):
+            rel = os.path.relpath(folder, top).replace(os.sep, "/")
+            found.update(name if rel == "." else f"{rel}/{name}"
+                         for name in files if not name.endswith("zarr.json"))
+        return found
     prefix = f"{arr.path}/"
 
     async def keys() -> set[str]:
@@ -230,7 +244,7 @@ def children(group: zarr.Group,
 
     # zarr's local store writes every file to "<stem>.<uuid>.partial" and renames it:
     # a reader listing a folder while a writer runs can see such a file; it is no node
-    listed = sorted(n for n in {k.rstrip("/") for k in sync(names())} - {"zarr.json"}
+    listed = sorted(n for n in {k.rstrip("/") for k in _list_dir(group, names)} - {"zarr.json"}
                     if not n.startswith(".") and not n.endswith(".partial"))
     try:  # the fast way, one concurrent trip; per child only when it does not add up
         with warnings.catch_warnings():
@@ -259,6 +273,19 @@ def children(group: zarr.Group,
                 raise
             errors.append(str(err))
     return out
+
+
+def _list_dir(group: zarr.Group, names: Any) -> list[str]:
+    """The names in ``group``'s folder: zarr's ``list_dir``, read here on a local store."""
+    from zarr.core.sync import sync
+
+    if isinstance(group.store, zarr.storage.LocalStore):
+        try:
+            with os.scandir(os.path.join(group.store.root, group.path)) as entries:
+                return [entry.name for entry in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    return sync(names())
 
 
 def layer_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
