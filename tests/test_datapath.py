@@ -382,6 +382,42 @@ def test_expected_samples_sizes_new_layers_up_front_and_close_trims(tmp_path, ex
         ActivationWriter(str(tmp_path / "x.zarr"), model="m", expected_samples=-1)
 
 
+def test_expected_epochs_grow_the_epoch_axis_once_and_leave_nothing_to_trim(tmp_path):
+    """A writer told how many epochs it adds grows the epoch axis of a stored layer once,
+    by exactly that many (not to 16, trimmed back at close); one more epoch than told
+    grows it as before. The store reads the same either way."""
+    path = tmp_path / "e.zarr"
+    ids = np.arange(10)
+
+    def epoch_lengths() -> set[int]:
+        layer = zarr.open_group(str(path / "m/h"), mode="r", use_consolidated=False)
+        return {arr.shape[arr.metadata.dimension_names.index("epoch")]
+                for _, arr in layer.arrays() if "epoch" in arr.metadata.dimension_names}
+
+    def write(w: ActivationWriter, epoch: int) -> None:
+        w.write("h", _values(ids, epoch), sample=ids, label=ids % 3,
+                prediction=(ids + epoch) % 3, epoch=epoch)
+        w.flush()
+
+    with ActivationWriter(str(path), model="m", expected_samples=10, expected_epochs=1) as w:
+        write(w, 0)
+        assert epoch_lengths() == {1}
+    with ActivationWriter(str(path), model="m", expected_epochs=2) as w:
+        write(w, 1)
+        assert epoch_lengths() == {3}  # the one stored and the two announced
+        write(w, 2)
+        assert epoch_lengths() == {3}
+        write(w, 3)  # one more than announced: room as usual
+        assert epoch_lengths() == {16}
+    assert epoch_lengths() == {4}
+    _check(path, 10, epochs=(0, 1, 2, 3))
+    tree = xr.open_datatree(str(path), engine="zarr")
+    assert tree["m/h"].activation.shape == (N, 10, 4)
+    assert topoxr.verify(str(path)).ok
+    with pytest.raises(StoreError, match="expected_epochs"):
+        ActivationWriter(str(tmp_path / "x.zarr"), model="m", expected_epochs=-1)
+
+
 @pytest.mark.parametrize(("neurons", "expected", "want_chunk", "want_chunks"), [
     (512, None, 2048, 4),      # 4 MiB chunks of 8 batches (no guess: the last is padded)
     (512, 8192, 2048, 4),      # the guess divides evenly: the same chunks

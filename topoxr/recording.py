@@ -1102,7 +1102,8 @@ def run_recording(
 
     owns = not isinstance(store, ActivationWriter)
     writer = ActivationWriter(store, model=model_name, attrs=attrs, compressor=compressor,
-                              dtype=dtype, expected_samples=n_samples) if owns else store
+                              dtype=dtype, expected_samples=n_samples,
+                              expected_epochs=1) if owns else store
     n_done = 0
     warned = False
     bar = tqdm(total=n_samples, desc=f"{description} {model_name} epoch {epoch}",

@@ -43,6 +43,8 @@ class _LayerState:
     #: a layer created in memory only: the jobs writing its files, in three steps
     #: (group, arrays, the "ready" mark), run before its first commit
     creation: tuple[list, list, list] | None = None
+    #: epochs the layer held when this writer opened it (0 for a layer it created)
+    epochs_at_open: int = 0
 
     def __post_init__(self) -> None:
         self._increasing = bool(np.all(np.diff(self.sample_ids) > 0))

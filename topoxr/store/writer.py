@@ -54,6 +54,7 @@ from topoxr.store._plan import (
 from topoxr.store._schema import (
     CHECKSUM,
     _ACTIVATION_CONFIG,
+    _ARRAY_CONFIG,
     _ATTR_METADATA,
     _ATTR_READY,
     _ATTR_REDUCE,
@@ -153,6 +154,12 @@ class ActivationWriter:
         that the first commit grows none of them (about ten metadata files per layer
         fewer). A wrong guess costs nothing but that: arrays grow past it as usual and
         ``close()`` trims them to the data (readers never see the unwritten part).
+    expected_epochs : int, optional
+        How many epochs this writer will add to each layer (``1`` for a recording of one
+        epoch): the epoch axis then grows once, by exactly that many, instead of to a
+        power of two (at least 16) that ``close()`` trims back, which rewrites the
+        metadata of six arrays per layer twice. More epochs than expected grow in powers
+        of two as usual.
 
     Notes
     -----
@@ -190,13 +197,15 @@ class ActivationWriter:
         dtype: str = "float32",
         buffer_bytes: int = BUFFER_BYTES,
         expected_samples: int | None = None,
+        expected_epochs: int | None = None,
     ) -> None:
-        if expected_samples is not None and (
-                isinstance(expected_samples, bool)
-                or not isinstance(expected_samples, int | np.integer) or expected_samples < 0):
-            raise StoreError("expected_samples must be a non-negative integer or None, got "
-                             f"{expected_samples!r}")
+        for name, value in (("expected_samples", expected_samples),
+                            ("expected_epochs", expected_epochs)):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | np.integer) or value < 0):
+                raise StoreError(f"{name} must be a non-negative integer or None, got {value!r}")
         self._expected_samples = 0 if expected_samples is None else int(expected_samples)
+        self._expected_epochs = 0 if expected_epochs is None else int(expected_epochs)
         if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int | np.integer) \
                 or buffer_bytes < 0:
             raise StoreError(f"buffer_bytes must be a non-negative integer, got {buffer_bytes!r}")
@@ -338,13 +347,17 @@ class ActivationWriter:
         mask, complete = read[0].astype(bool), read[1].astype(bool)
         values = dict(zip(columns, (_plain_strings(v) for v in read[2:2 + len(columns)]),
                           strict=True))
-        return _LayerState(
+        state = _LayerState(
             name=layer, group=group, n_neurons=int(arrays[ACTIVATION].shape[0]),
             reduce=str(group.attrs.get(_ATTR_REDUCE, "mean")),
             unit_coords=dict(zip(unit_names, read[2 + len(columns):], strict=True)),
             sample_ids=sample_ids, epochs=epochs, mask=mask, complete=complete,
             labels=values.get(LABEL), metadata={k: values[k] for k in meta_names},
         )
+        state.epochs_at_open = m
+        # the arrays just listed (and repaired), so that the first write lists none again
+        state.adopt({name: arr.with_config(_ARRAY_CONFIG) for name, arr in arrays.items()})
+        return state
 
     # -- public API --------------------------------------------------------------------
     @property
@@ -987,7 +1000,9 @@ class ActivationWriter:
         size_n = max(arrays[SAMPLE].shape[0], n)
         size_m = arrays[EPOCH].shape[0]
         if size_m < m:
-            size_m = max(_EPOCH_ROOM, 1 << (m - 1).bit_length())
+            budget = state.epochs_at_open + self._expected_epochs
+            size_m = (budget if self._expected_epochs and m <= budget
+                      else max(_EPOCH_ROOM, 1 << (m - 1).bit_length()))
         # Plan every write first (in memory), then run the four steps in one trip to
         # zarr's event loop; each step starts only after the previous one has finished.
         # 1. grow every array (the coordinates too: their new slots hold the fill value,
