@@ -188,10 +188,12 @@ def test_direct_chunk_reads_equal_zarr_and_refuse_a_changed_byte(tmp_path):
 
 def test_local_listings_equal_what_zarr_lists(tmp_path):
     """The chunk and node listings that the checks walk on a local store themselves are
-    the keys and names zarr's own ``list_prefix`` / ``list_dir`` give: flat and nested
-    chunk keys, a killed writer's temporary file, a lost chunk and a stray folder."""
+    the keys and names zarr's own ``list_prefix`` / ``list_dir`` give, and the nodes
+    read directly are zarr's ``members()``: flat and nested chunk keys, a killed
+    writer's temporary file, a lost chunk and a stray folder."""
     from zarr.core.sync import sync
 
+    from topoxr._chunkio import local_members
     from topoxr.store._integrity import children, stored_chunks
 
     path = tmp_path / "r.zarr"
@@ -228,7 +230,15 @@ def test_local_listings_equal_what_zarr_lists(tmp_path):
         return {k async for k in group.store.list_dir(prefix)}
 
     groups = (store_root, store_root["m"], layer)
+    for group in groups:  # the nodes read directly are the nodes zarr opens
+        ours, theirs = local_members(group), dict(group.members())
+        assert sorted(ours) == sorted(theirs), group.path
+        for name, node in theirs.items():
+            assert type(ours[name]) is type(node) and ours[name].path == node.path
+            assert ours[name].metadata.to_dict() == node.metadata.to_dict(), node.path
+    assert local_members(zarr.open_group(zarr.storage.MemoryStore(), mode="w")) is None
     (path / "m" / "h" / "stray").mkdir()
+    assert local_members(layer) is None  # a folder without zarr.json: zarr answers
     for group in groups:
         errors: list[str] = []
         assert set(children(group, errors)) == (sync(zarr_names(group))

@@ -711,6 +711,40 @@ def consolidate(store: Any) -> None:
 _EMPTY_INLINE = {"kind": "inline", "must_understand": False}
 
 
+def local_members(group: zarr.Group) -> dict[str, zarr.Array | zarr.Group] | None:
+    """``dict(group.members())``, read here on zarr's local store; None elsewhere.
+
+    Each child folder's ``zarr.json`` is read and turned into a node by zarr's own
+    builders (``_build_metadata_v3``, ``_build_node``), without a trip through zarr's
+    event loop: a third of the time for a layer of ten arrays. Folders whose name starts
+    with a dot are no nodes (as everywhere in topoxr). None, so that the caller asks
+    zarr, for another store or anything unexpected: a child folder without a readable
+    Zarr v3 ``zarr.json`` (zarr skips it with a warning, topoxr's checks name it), or a
+    folder changing under a running writer.
+    """
+    from zarr.core.group import _build_metadata_v3, _build_node
+
+    store = group.store
+    if not isinstance(store, zarr.storage.LocalStore):
+        return None
+    base = os.path.join(store.root, group.path)
+    out: dict[str, zarr.Array | zarr.Group] = {}
+    try:
+        with os.scandir(base) as entries:
+            names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        for name in names:
+            with open(os.path.join(base, name, "zarr.json"), "rb") as f:
+                doc = json.loads(f.read())
+            if not isinstance(doc, dict) or doc.get("zarr_format") != 3:
+                return None
+            node = _build_node(store=store, path=store_key(group.path, name),
+                               metadata=_build_metadata_v3(doc))
+            out[name] = zarr.Group(node) if isinstance(node, zarr.AsyncGroup) else zarr.Array(node)
+    except Exception:  # missing or damaged metadata, a race with a writer: zarr answers
+        return None
+    return out
+
+
 class DirectResize:
     """Resizes an array by writing its new ``zarr.json`` here (see :func:`region_writer`).
 

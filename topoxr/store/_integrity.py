@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from topoxr._chunkio import local_members
 from topoxr._codecs import DTYPES
 from topoxr.conventions import (
     ACTIVATION,
@@ -246,10 +247,12 @@ def children(group: zarr.Group,
     # a reader listing a folder while a writer runs can see such a file; it is no node
     listed = sorted(n for n in {k.rstrip("/") for k in _list_dir(group, names)} - {"zarr.json"}
                     if not n.startswith(".") and not n.endswith(".partial"))
-    try:  # the fast way, one concurrent trip; per child only when it does not add up
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            members = dict(group.members())
+    try:  # the fast way, read at once; per child only when it does not add up
+        members = local_members(group)
+        if members is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                members = dict(group.members())
         if sorted(members) == listed:
             return {name: members[name] for name in listed}
     except Exception:

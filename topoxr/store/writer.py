@@ -16,6 +16,7 @@ from topoxr._chunkio import (
     clear_encoded_memo,
     consolidate,
     create_group,
+    local_members,
     resizer,
     run_jobs,
     settle_zarr_io,
@@ -315,7 +316,9 @@ class ActivationWriter:
             self._layers[layer] = self._load_layer(layer, group)
 
     def _load_layer(self, layer: str, group: zarr.Group) -> _LayerState:
-        arrays = dict(group.arrays())
+        members = local_members(group)
+        arrays = (dict(group.arrays()) if members is None else
+                  {k: v for k, v in members.items() if isinstance(v, zarr.Array)})
         _check_required(group, arrays, fix="open the writer with mode='w' to record the "
                                            "model again")
         n, m, sample_ids, epoch_values = _logical_lengths(arrays)
