@@ -722,8 +722,10 @@ def local_members(group: zarr.Group) -> dict[str, zarr.Array | zarr.Group] | Non
     Zarr v3 ``zarr.json`` (zarr skips it with a warning, topoxr's checks name it), or a
     folder changing under a running writer.
     """
-    from zarr.core.group import _build_metadata_v3, _build_node
-
+    try:  # zarr's private builders: where a zarr version lacks them, zarr answers
+        from zarr.core.group import _build_metadata_v3, _build_node
+    except ImportError:
+        return None
     store = group.store
     if not isinstance(store, zarr.storage.LocalStore):
         return None
