@@ -396,7 +396,9 @@ def _child_record_conv(p: dict) -> dict:
     two sizes: ``added(n) = fixed + per_sample * n``. At ``conv_samples`` two more
     variants take turns, reported beside the target (``ratio_record_new_path``: a new
     store path every run, nothing deleted until the turns end; ``ratio_record_tmpfs``:
-    the store on ``/dev/shm``), to show how much of the overhead is the file system's.
+    the store on ``/dev/shm``), to show how much of the overhead is the file system's,
+    and ``ratio_record_later_epoch``: epoch 1 recorded into a store holding epoch 0 (a
+    training loop's case).
     """
     import torch
 
@@ -451,6 +453,24 @@ def _child_record_conv(p: dict) -> dict:
 
                 variants["record_tmpfs"] = record_tmpfs
                 prepare["record_tmpfs"] = lambda: shutil.rmtree(shm_path, ignore_errors=True)
+            # (3) the training-loop case: epoch 1 into a copy (untimed) of a store that
+            # holds epoch 0, so that the recording checks and loads the stored layers
+            seed = os.path.join(p["tmp"], "resnet-epoch0.zarr")
+            later = os.path.join(p["tmp"], "resnet-later.zarr")
+            topoxr_torch.record(model, (x, y), seed, model_name="resnet18", layers=layers,
+                                batch_size=CONV_BATCH, progress=False)
+
+            def record_later_epoch(x: np.ndarray = x, y: np.ndarray = y) -> None:
+                topoxr_torch.record(model, (x, y), later, model_name="resnet18",
+                                    layers=layers, batch_size=CONV_BATCH, progress=False,
+                                    epoch=1)
+
+            def copy_seed() -> None:
+                shutil.rmtree(later, ignore_errors=True)
+                shutil.copytree(seed, later)
+
+            variants["record_later_epoch"] = record_later_epoch
+            prepare["record_later_epoch"] = copy_seed
         repeats = p["conv_repeats"] if n == sizes[0] else max(1, p["conv_repeats"] - 1)
         try:
             best, peaks = _turns(variants, repeats, prepare=prepare)
@@ -461,7 +481,7 @@ def _child_record_conv(p: dict) -> dict:
         by_samples[n] = {"seconds": best, "peak_rss_mb": peaks, "bytes_on_disk": _du(path),
                          "added_seconds": round(best["record"] - best["forward"], 3),
                          "ratio": round(best["record"] / best["forward"], 3)}
-        for key in ("record_new_path", "record_tmpfs"):
+        for key in ("record_new_path", "record_tmpfs", "record_later_epoch"):
             if key in best:
                 by_samples[n][f"ratio_{key}"] = round(best[key] / best["forward"], 3)
     (n0, small), (n1, large) = by_samples.items()
