@@ -216,8 +216,9 @@ def test_local_listings_equal_what_zarr_lists(tmp_path):
                     if not k.endswith("zarr.json")}
         return sync(keys())
 
-    store_root = zarr.open_group(str(path), mode="r", use_consolidated=False)  # nodes
-    layer = store_root["m/h"]  # opened from the root, as the reader opens them
+    # nodes opened from the root, as the reader opens them
+    store_root = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    layer = store_root["m/h"]
     arrays = [*(a for _, a in layer.arrays()), store_root["nested"]]
     assert any("/" in key for key in stored_chunks(arrays[-1]))  # nested keys: c/0/1
     for arr in arrays:
