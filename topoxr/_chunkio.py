@@ -747,6 +747,12 @@ def local_members(group: zarr.Group) -> dict[str, zarr.Array | zarr.Group] | Non
     return out
 
 
+def group_members(group: zarr.Group) -> dict[str, zarr.Array | zarr.Group]:
+    """``dict(group.members())``: by :func:`local_members` where it can, else by zarr."""
+    members = local_members(group)
+    return dict(group.members()) if members is None else members
+
+
 class DirectResize:
     """Resizes an array by writing its new ``zarr.json`` here (see :func:`region_writer`).
 

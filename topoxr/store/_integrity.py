@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from topoxr._chunkio import local_members
+from topoxr._chunkio import group_members
 from topoxr._codecs import DTYPES
 from topoxr.conventions import (
     ACTIVATION,
@@ -239,20 +239,14 @@ def children(group: zarr.Group,
     from zarr.core.sync import sync
 
     prefix = f"{group.path}/" if group.path else ""
-
-    async def names() -> list[str]:
-        return [k async for k in group.store.list_dir(prefix)]
-
     # zarr's local store writes every file to "<stem>.<uuid>.partial" and renames it:
     # a reader listing a folder while a writer runs can see such a file; it is no node
-    listed = sorted(n for n in {k.rstrip("/") for k in _list_dir(group, names)} - {"zarr.json"}
+    listed = sorted(n for n in {k.rstrip("/") for k in _list_dir(group)} - {"zarr.json"}
                     if not n.startswith(".") and not n.endswith(".partial"))
     try:  # the fast way, read at once; per child only when it does not add up
-        members = local_members(group)
-        if members is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                members = dict(group.members())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            members = group_members(group)
         if sorted(members) == listed:
             return {name: members[name] for name in listed}
     except Exception:
@@ -278,7 +272,7 @@ def children(group: zarr.Group,
     return out
 
 
-def _list_dir(group: zarr.Group, names: Any) -> list[str]:
+def _list_dir(group: zarr.Group) -> list[str]:
     """The names in ``group``'s folder: zarr's ``list_dir``, read here on a local store."""
     from zarr.core.sync import sync
 
@@ -288,6 +282,11 @@ def _list_dir(group: zarr.Group, names: Any) -> list[str]:
                 return [entry.name for entry in entries]
         except (FileNotFoundError, NotADirectoryError):
             return []
+    prefix = f"{group.path}/" if group.path else ""
+
+    async def names() -> list[str]:
+        return [k async for k in group.store.list_dir(prefix)]
+
     return sync(names())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from topoxr._chunkio import (
     clear_encoded_memo,
     consolidate,
     create_group,
-    local_members,
+    group_members,
     resizer,
     run_jobs,
     settle_zarr_io,
@@ -316,9 +317,7 @@ class ActivationWriter:
             self._layers[layer] = self._load_layer(layer, group)
 
     def _load_layer(self, layer: str, group: zarr.Group) -> _LayerState:
-        members = local_members(group)
-        arrays = (dict(group.arrays()) if members is None else
-                  {k: v for k, v in members.items() if isinstance(v, zarr.Array)})
+        arrays = {k: v for k, v in group_members(group).items() if isinstance(v, zarr.Array)}
         _check_required(group, arrays, fix="open the writer with mode='w' to record the "
                                            "model again")
         n, m, sample_ids, epoch_values = _logical_lengths(arrays)
@@ -356,8 +355,8 @@ class ActivationWriter:
             unit_coords=dict(zip(unit_names, read[2 + len(columns):], strict=True)),
             sample_ids=sample_ids, epochs=epochs, mask=mask, complete=complete,
             labels=values.get(LABEL), metadata={k: values[k] for k in meta_names},
+            epochs_at_open=m,
         )
-        state.epochs_at_open = m
         # the arrays just listed (and repaired), so that the first write lists none again
         state.adopt({name: arr.with_config(_ARRAY_CONFIG) for name, arr in arrays.items()})
         return state
@@ -1102,8 +1101,6 @@ def _remove_temporary_files(root: str) -> None:
     one: those in the root, model and layer folders are deleted (array folders, which
     no reader lists, are not searched).
     """
-    import os
-
     removed = 0
     folders = [root]
     for depth in range(3):  # the root, its models, their layers
