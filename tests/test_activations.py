@@ -97,3 +97,28 @@ def test_bad_input(data, kwargs, match):
 def test_lists_are_accepted():
     out = reduce_units([[1, 2], [3, 4]])
     np.testing.assert_array_equal(out.values, [[1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", [((6, 5, 1, 1), 1), ((6, 1, 1, 5), -1),
+                                         ((6, 1, 5), 2), ((6, 5, 1), 1)])
+def test_pooling_one_position_keeps_every_value_and_its_neuron(reduce, dtype, shape, axis):
+    # maps an adapter pooled as it captured them reach the store with every pooled axis
+    # of length 1: pooling them again must return each value to the bit, in its neuron's
+    # column (NaN, infinities and signed zeros included), as fresh float32 memory
+    from topoxr.reduction import pool_positions
+
+    data = RNG.normal(size=shape).astype(dtype)
+    flat = data.reshape(-1)
+    flat[:4] = [np.nan, np.inf, -0.0, -np.inf]
+    out = pool_positions(data, axis, reduce)
+    expected = np.moveaxis(data, axis, 1).reshape(shape[0], -1).astype(np.float32)
+    assert out.dtype == np.float32 and out.shape == expected.shape
+    np.testing.assert_array_equal(out, expected)
+    assert np.array_equal(np.signbit(out), np.signbit(expected))
+    assert not np.shares_memory(out, data)
+    # the same as the general path, which pools maps of two equal positions
+    other = next(d for d in range(1, data.ndim) if d != axis % data.ndim)
+    np.testing.assert_array_equal(
+        pool_positions(np.concatenate([data, data], axis=other), axis, reduce), expected)

@@ -387,6 +387,10 @@ def pool_positions(array: np.ndarray, neuron_axis: int, reduce: str) -> np.ndarr
     array = np.asarray(array)
     axis = neuron_axis % array.ndim
     n = array.shape[0]
+    if array.size == n * array.shape[axis]:
+        # one position (e.g. maps an adapter pooled as it captured them, every pooled
+        # axis of length 1): its mean and max are the value itself, to the bit
+        return np.array(array.reshape(n, array.shape[axis]), dtype=np.float32)
     if axis == 1 and array.flags.c_contiguous:
         # channels first (torch's convention): every channel's positions are contiguous,
         # and numpy sums them pairwise (relative error ~1e-7 in float32), 3-4 times
