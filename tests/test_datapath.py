@@ -186,6 +186,65 @@ def test_direct_chunk_reads_equal_zarr_and_refuse_a_changed_byte(tmp_path):
     assert np.isnan(got).all()  # as zarr reads an absent chunk; open_store names it
 
 
+def test_small_arrays_decoded_directly_equal_zarr_and_a_changed_byte_is_named(tmp_path):
+    """Arrays decoded here without zarr's event loop (zstd, transpose, crc32c; several
+    chunks, short last ones) equal what zarr reads, whatever the selection; an absent
+    chunk reads as zarr's fill value; a flipped byte is an error that open_store and
+    the recorders' check name, never a value."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    from topoxr._chunkio import read_selection, reads_here
+    from topoxr.store._schema import read_together
+    from topoxr.store.reader import read_model_layers
+
+    path = tmp_path / "r.zarr"
+    rng = np.random.default_rng(7)
+    with ActivationWriter(str(path), model="m", chunk_samples=16, compressor="zstd",
+                          dtype="float16") as writer:
+        for epoch in range(3):
+            for start in range(0, 70, 10):
+                ids = np.arange(start, start + 10)
+                writer.write("h", rng.standard_normal((10, 4)), sample=ids, label=ids % 3,
+                             prediction=(ids + epoch) % 3, epoch=epoch,
+                             site=np.array([f"s{i % 2}" for i in ids]))
+    arrays = dict(zarr.open_group(str(path / "m" / "h"), mode="r").arrays())
+    assert arrays["activation"].nchunks > 5  # (4, 16, 1) chunks of a (4, 70, 3) array
+    # a 1-D array of several chunks, the last short, one of them absent
+    other = zarr.create_array(str(tmp_path / "other.zarr"), shape=(70,), chunks=(16,),
+                              dtype="int32", fill_value=-7,
+                              compressors=[ZstdCodec(), Crc32cCodec()])
+    other[:] = np.arange(70, dtype=np.int32) * 3
+    (tmp_path / "other.zarr" / "c" / "2").unlink()
+    assert not reads_here(arrays["site"])  # strings: read by zarr
+    for name, arr in {**arrays, "other": other}.items():
+        selections = [..., slice(0, 5), slice(3, None), slice(60, 70), slice(5, 5)]
+        if arr.ndim > 1:
+            selections += [(slice(0, 17), slice(1, 3)), (slice(2, 3), slice(15, 33))]
+        for selection in selections:
+            got, want = read_selection(arr, selection), np.asarray(arr[selection])
+            assert got.dtype == want.dtype and got.shape == want.shape, (name, selection)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {selection}")
+        assert reads_here(arr) == (name != "site")
+    assert (read_selection(other)[32:48] == -7).all()
+    # the writer's loading: what zarr must read in one trip, the rest here, in order
+    together = read_together([(arrays["site"], slice(0, 70)), (arrays["sample"], ...),
+                              (arrays["committed"], (slice(0, 70), slice(0, 3)))])
+    np.testing.assert_array_equal(together[0], np.asarray(arrays["site"][0:70]))
+    np.testing.assert_array_equal(together[1], arrays["sample"][...])
+    assert together[2].shape == (70, 3) and together[2].all()
+
+    chunk = path / "m" / "h" / "label" / "c.0"
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        read_selection(arrays["label"])
+    for read in (lambda: open_store(str(path)), lambda: read_model_layers(str(path), "m")):
+        with pytest.raises(topoxr.StoreCorruptionError,
+                           match=r"array 'label', chunk c\.0 .*checksum"):
+            read()
+
+
 def test_local_listings_equal_what_zarr_lists(tmp_path):
     """The chunk and node listings that the checks walk on a local store themselves are
     the keys and names zarr's own ``list_prefix`` / ``list_dir`` give, and the nodes

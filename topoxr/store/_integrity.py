@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from topoxr._chunkio import group_members
+from topoxr._chunkio import group_members, read_selection
 from topoxr._codecs import DTYPES
 from topoxr.conventions import (
     ACTIVATION,
@@ -151,7 +151,7 @@ class Context:
     def read(self, arr: zarr.Array, selection: Any = Ellipsis) -> np.ndarray:
         """``arr[selection]`` as numpy; a failure names the damaged chunk."""
         try:
-            return np.asarray(arr[selection])
+            return read_selection(arr, selection)
         except Exception as err:
             raise self.unreadable(arr, _as_region(arr, selection), err) from err
 
@@ -331,8 +331,8 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
     # 'epoch_complete'): whatever these reads find committed or complete was written
     # after the coordinates it needs, so the coordinates read next include it.
     try:
-        complete_all = np.asarray(arrays[EPOCH_COMPLETE][...]).astype(bool)
-        mask = np.asarray(arrays[COMMITTED][...])
+        complete_all = read_selection(arrays[EPOCH_COMPLETE]).astype(bool)
+        mask = read_selection(arrays[COMMITTED])
     except Exception:
         complete_all = mask = None  # damaged: read again below, naming the chunk
     ids_all = ctx.read(arrays[SAMPLE]).astype(np.int64)
