@@ -105,8 +105,9 @@ def test_lists_are_accepted():
                                          ((6, 1, 5), 2), ((6, 5, 1), 1)])
 def test_pooling_one_position_keeps_every_value_and_its_neuron(reduce, dtype, shape, axis):
     # maps an adapter pooled as it captured them reach the store with every pooled axis
-    # of length 1: pooling them again must return each value to the bit, in its neuron's
-    # column (NaN, infinities and signed zeros included), as fresh float32 memory
+    # of length 1: pooling them again (the background writer, then `write()`) must return
+    # each value to the bit, in its neuron's column (NaN, infinities and signed zeros
+    # included), as fresh float32 memory
     from topoxr.reduction import pool_positions
 
     data = RNG.normal(size=shape).astype(dtype)
@@ -118,7 +119,13 @@ def test_pooling_one_position_keeps_every_value_and_its_neuron(reduce, dtype, sh
     np.testing.assert_array_equal(out, expected)
     assert np.array_equal(np.signbit(out), np.signbit(expected))
     assert not np.shares_memory(out, data)
-    # the same as the general path, which pools maps of two equal positions
+    # the same as the general paths, which pool maps of two equal positions
     other = next(d for d in range(1, data.ndim) if d != axis % data.ndim)
-    np.testing.assert_array_equal(
-        pool_positions(np.concatenate([data, data], axis=other), axis, reduce), expected)
+    twice = np.concatenate([data, data], axis=other)
+    np.testing.assert_array_equal(pool_positions(twice, axis, reduce), expected)
+    # and the writer's pooling of such maps (``reduce_units``) gives the same values
+    for maps in (data, twice):
+        got = reduce_units(maps, channel_axis=axis, reduce=reduce)
+        np.testing.assert_array_equal(got.values, expected)
+        assert got.values.dtype == np.float32 and not np.shares_memory(got.values, data)
+        np.testing.assert_array_equal(got.unit_coords["channel"], np.arange(shape[axis]))

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 
 from topoxr.conventions import CHANNEL
+from topoxr.reduction import one_position
 
 __all__ = ["REDUCE_MODES", "ReducedBatch", "reduce_units"]
 
@@ -94,6 +95,9 @@ def reduce_units(
     n_channels = channels_first.shape[1]
     spatial_shape = channels_first.shape[2:]
     spatial_axes = tuple(range(2, channels_first.ndim))
+    one = one_position(array, axis) if reduce in ("mean", "max") else None
+    if one is not None:  # already pooled: the values themselves
+        return ReducedBatch(one, {CHANNEL: np.arange(n_channels)}, reduce)
     if reduce == "mean":
         values = channels_first.mean(axis=spatial_axes, dtype=np.float64)
         return ReducedBatch(

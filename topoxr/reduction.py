@@ -367,6 +367,19 @@ def reduce_layer(
                         token_position=pos.astype(np.int64), token_id=tok)
 
 
+def one_position(array: np.ndarray, neuron_axis: int) -> np.ndarray | None:
+    """Maps of one position as float32 ``(batch, neurons)``, or None for larger maps.
+
+    Every axis but the batch and the neurons of length 1 (e.g. maps an adapter pooled
+    as it captured them): their mean and their max are the values themselves, to the
+    bit, so they are copied rather than reduced (fresh memory).
+    """
+    n, width = array.shape[0], array.shape[neuron_axis]
+    if array.size != n * width:
+        return None
+    return np.array(array.reshape(n, width), dtype=np.float32)
+
+
 def pool_positions(array: np.ndarray, neuron_axis: int, reduce: str) -> np.ndarray:
     """Mean or max of every neuron over the other non-batch axes: ``(batch, neurons)``.
 
@@ -387,10 +400,9 @@ def pool_positions(array: np.ndarray, neuron_axis: int, reduce: str) -> np.ndarr
     array = np.asarray(array)
     axis = neuron_axis % array.ndim
     n = array.shape[0]
-    if array.size == n * array.shape[axis]:
-        # one position (e.g. maps an adapter pooled as it captured them, every pooled
-        # axis of length 1): its mean and max are the value itself, to the bit
-        return np.array(array.reshape(n, array.shape[axis]), dtype=np.float32)
+    one = one_position(array, axis)
+    if one is not None:
+        return one
     if axis == 1 and array.flags.c_contiguous:
         # channels first (torch's convention): every channel's positions are contiguous,
         # and numpy sums them pairwise (relative error ~1e-7 in float32), 3-4 times
