@@ -975,7 +975,7 @@ def _decodes_here(arr: zarr.Array) -> bool:
     )
 
     own = (BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec)
-    return (arr.metadata.zarr_format == 3 and _zarr_local(arr.store)
+    return (arr.metadata.zarr_format == 3 and _zarr_local(arr.store) and arr.ndim > 0
             and np.dtype(arr.dtype).kind in "biuf"
             and all(type(codec) in own for codec in arr.metadata.codecs))
 
@@ -1024,7 +1024,10 @@ def read_selection(arr: zarr.Array, selection: Any = Ellipsis) -> np.ndarray:
     if not reads_here(arr, selection):
         return np.asarray(arr[selection])
     bounds, _ = _normalize(_as_slices(selection, arr.ndim), arr.shape)
+    bounds = [(lo, max(lo, hi)) for lo, hi in bounds]  # a reversed slice selects nothing
     out = np.empty(tuple(hi - lo for lo, hi in bounds), dtype=np.dtype(arr.dtype))
+    if out.size == 0:
+        return out
     root = arr.store.root
     for coords, _, _, in_region, in_chunk in _chunks_in(bounds, arr.chunks, arr.shape):
         key = store_key(arr.path, arr.metadata.encode_chunk_key(coords))
