@@ -964,7 +964,8 @@ def read_region(arr: zarr.Array, region: Sequence[slice]) -> np.ndarray:
 def _decodes_here(arr: zarr.Array) -> bool:
     """Whether :func:`read_selection` decodes ``arr`` itself: numbers or booleans in a
     Zarr v3 array on zarr's local store, every codec one of zarr's own that decode
-    synchronously (no sharding, no strings)."""
+    synchronously (no sharding, no strings; a zarr without ``_decode_sync`` reads them
+    itself)."""
     from zarr.codecs import (
         BloscCodec,
         BytesCodec,
@@ -977,7 +978,8 @@ def _decodes_here(arr: zarr.Array) -> bool:
     own = (BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec)
     return (arr.metadata.zarr_format == 3 and _zarr_local(arr.store) and arr.ndim > 0
             and np.dtype(arr.dtype).kind in "biuf"
-            and all(type(codec) in own for codec in arr.metadata.codecs))
+            and all(type(codec) in own and hasattr(codec, "_decode_sync")
+                    for codec in arr.metadata.codecs))
 
 
 def _as_slices(selection: Any, ndim: int) -> tuple[slice, ...] | None:
