@@ -90,14 +90,24 @@ class ChunkCache:
         self._chunks.clear()
 
 
-def _encode(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> Any:
-    """Encode one whole chunk with the array's codec chain, as zarr's pipeline does."""
+def _codec_chain(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[Any, list[tuple[Any, Any]]]:
+    """zarr's buffer prototype and each codec of ``arr`` with the chunk spec it takes
+    (the spec of chunk ``coords``, resolved through the codecs before it)."""
     prototype = default_buffer_prototype()
     spec = arr.metadata.get_chunk_spec(coords, arr.async_array.config, prototype)
-    data: Any = prototype.nd_buffer.from_numpy_array(chunk)
+    chain = []
     for codec in arr.metadata.codecs:
-        data = codec._encode_sync(data, spec)
+        chain.append((codec, spec))
         spec = codec.resolve_metadata(spec)
+    return prototype, chain
+
+
+def _encode(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -> Any:
+    """Encode one whole chunk with the array's codec chain, as zarr's pipeline does."""
+    prototype, chain = _codec_chain(arr, coords)
+    data: Any = prototype.nd_buffer.from_numpy_array(chunk)
+    for codec, spec in chain:
+        data = codec._encode_sync(data, spec)
     return data
 
 
@@ -173,14 +183,11 @@ def encode_pieces(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -
     key = _ENCODED.key(middle, dtype, stored.shape, data)
     pieces = _ENCODED.get(key, data)
     if pieces is None:
-        prototype = default_buffer_prototype()
-        spec = arr.metadata.get_chunk_spec(coords, arr.async_array.config, prototype)
+        prototype, chain = _codec_chain(arr, coords)
         buf: Any = prototype.buffer.from_array_like(data)
-        for codec in codecs[: len(codecs) - len(middle) - 1]:  # transpose, bytes
-            spec = codec.resolve_metadata(spec)
-        for codec in middle:
+        first = len(codecs) - len(middle) - 1  # after transpose and bytes, before crc32c
+        for codec, spec in chain[first:first + len(middle)]:
             buf = codec._encode_sync(buf, spec)
-            spec = codec.resolve_metadata(spec)
         encoded = buf.as_numpy_array()
         pieces = [encoded, crc32c_bytes(encoded)]
         _ENCODED.put(key, data, pieces)
@@ -996,15 +1003,10 @@ def _as_slices(selection: Any, ndim: int) -> tuple[slice, ...] | None:
 def _decode_chunk(arr: zarr.Array, coords: tuple[int, ...], raw: bytes) -> np.ndarray:
     """One stored chunk decoded by the array's codecs, last to first, as zarr's pipeline
     decodes it (each codec gets the chunk spec it encoded with)."""
-    prototype = default_buffer_prototype()
-    spec = arr.metadata.get_chunk_spec(coords, arr.async_array.config, prototype)
-    staged = []
-    for codec in arr.metadata.codecs:
-        staged.append((codec, spec))
-        spec = codec.resolve_metadata(spec)
+    prototype, chain = _codec_chain(arr, coords)
     data: Any = prototype.buffer.from_bytes(raw)
-    for codec, codec_spec in reversed(staged):
-        data = codec._decode_sync(data, codec_spec)
+    for codec, spec in reversed(chain):
+        data = codec._decode_sync(data, spec)
     return data.as_numpy_array()
 
 
@@ -1023,9 +1025,10 @@ def read_selection(arr: zarr.Array, selection: Any = Ellipsis) -> np.ndarray:
     waits for its event loop (about 0.5 ms on a local store): most of reading a layer's
     small coordinates. Other arrays and selections are read by zarr.
     """
-    if not reads_here(arr, selection):
+    region = _as_slices(selection, arr.ndim)
+    if region is None or not _decodes_here(arr):
         return np.asarray(arr[selection])
-    bounds, _ = _normalize(_as_slices(selection, arr.ndim), arr.shape)
+    bounds, _ = _normalize(region, arr.shape)
     bounds = [(lo, max(lo, hi)) for lo, hi in bounds]  # a reversed slice selects nothing
     out = np.empty(tuple(hi - lo for lo, hi in bounds), dtype=np.dtype(arr.dtype))
     if out.size == 0:
