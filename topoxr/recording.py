@@ -829,6 +829,8 @@ class BackgroundWriter:
                 self._add(*item)
             except BaseException as err:
                 self._error = err
+            # consumed: not held while waiting for the next batch (see run_recording)
+            item = None
         if self._error is None:
             try:
                 for layer in list(self._pending):
@@ -1128,6 +1130,12 @@ def run_recording(
                             "derive them", UserWarning, stacklevel=3)
                 bg.submit({k: outputs[k] for k in layers}, batch.ids, batch.labels, preds,
                           batch.metadata, mask, token_ids)
+                # Held no longer than the writer thread needs them. Arrays of one batch
+                # still referenced during the next forward pass split the memory the
+                # framework frees and takes again at every batch: glibc's heap then grew
+                # by about 48 MB per batch of 64 recording a ResNet-18 (0.75 MB per sample,
+                # 3.5 GB for 4096 samples), and each batch's new pages cost time.
+                outputs = final = preds = mask = token_ids = None
                 n_done += len(batch)
                 bar.update(len(batch))
                 batch = next(iterator, None)

@@ -303,7 +303,9 @@ def capture(
                     handle.remove()
                 last_known.clear()
             final = _final_tensor(out)
-            return dict(captured), None if final is None else _to_numpy(final)
+            batch_outputs = dict(captured)
+            captured.clear()  # the caller holds the batch's arrays, not this closure
+            return batch_outputs, None if final is None else _to_numpy(final)
 
         yield Capture(forward, names, specs, axes, rules, pool)
     finally:
