@@ -557,3 +557,55 @@ def test_equal_columns_of_several_layers_are_encoded_once_and_stored_exactly(tmp
     writer = ActivationWriter(path, model="m")
     writer.close()  # a closing writer frees the memo
     assert not _ENCODED._entries
+
+
+def test_array_metadata_built_once_per_spec_is_zarrs_own_and_each_array_its_own(tmp_path):
+    """Arrays of one spec share the metadata zarr built once (the layers of a recording
+    repeat the same arrays), yet every ``zarr.json`` is the document zarr writes for
+    that spec, a spec differing in any one field gets its own, and attributes changed
+    on one array (zarr changes them in place) stay on that array."""
+    import json
+
+    from zarr.codecs import Crc32cCodec, TransposeCodec, ZstdCodec
+
+    from topoxr._chunkio import _METADATA, create_arrays
+
+    base = dict(shape=(5, 40, 1), chunks=(5, 16, 1), dtype="float32", fill_value=np.nan,
+                filters=(TransposeCodec(order=(2, 1, 0)),),
+                compressors=(ZstdCodec(level=1), Crc32cCodec()),
+                chunk_key_encoding={"name": "default", "separator": "."},
+                dimension_names=("neuron", "sample", "epoch"), attributes={"units": "a.u."})
+    changes = {"fill": {"fill_value": 0.0}, "dtype": {"dtype": "float64"},
+               "shape": {"shape": (6, 40, 1), "chunks": (6, 16, 1)},
+               "chunks": {"chunks": (5, 8, 1)}, "filters": {"filters": ()},
+               "codec": {"compressors": (ZstdCodec(level=3), Crc32cCodec())},
+               "names": {"dimension_names": ("neuron", "sample", "time")},
+               "attrs": {"attributes": {"units": "V"}},
+               "keys": {"chunk_key_encoding": {"name": "default", "separator": "/"}}}
+    specs = {"first": base, "again": dict(base),
+             **{name: {**base, **change} for name, change in changes.items()}}
+    _METADATA.clear()
+    group = zarr.open_group(str(tmp_path / "ours.zarr"), mode="w")
+    arrays = create_arrays(group, specs)
+    assert len(_METADATA) == len(specs) - 1  # "again" was served from the memo
+    theirs = zarr.open_group(str(tmp_path / "zarrs.zarr"), mode="w")
+    documents = {}
+    for name, spec in specs.items():
+        theirs.create_array(name, **spec)
+        ours = json.loads((tmp_path / "ours.zarr" / name / "zarr.json").read_text())
+        zarr_doc = json.loads((tmp_path / "zarrs.zarr" / name / "zarr.json").read_text())
+        assert ours == zarr_doc, name
+        documents[name] = ours
+    assert documents["first"] == documents["again"]
+    for name in changes:
+        assert documents[name] != documents["first"], name
+    # attributes changed on one array (in place, by zarr) stay on that array
+    arrays["first"].update_attributes({"note": "only here"})
+    assert "note" not in arrays["again"].attrs
+    later = create_arrays(group, {"later": dict(base)})["later"]
+    assert "note" not in later.attrs
+    assert "note" not in json.loads(
+        (tmp_path / "ours.zarr" / "later" / "zarr.json").read_text())["attributes"]
+    assert zarr.open_array(str(tmp_path / "ours.zarr" / "first")).attrs["note"] == "only here"
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr" / "again"))[:],
+                                  np.full((5, 40, 1), np.nan, np.float32))
