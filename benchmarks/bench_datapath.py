@@ -18,8 +18,10 @@ from the same bytes (``python -m benchmarks datapath [--quick]``):
   (``benchmarks.bench_adapters``). Target <= 1.2.
 * **record_conv**: the same for a ResNet-18-sized network on 64x64 inputs (built here,
   no torchvision), against its bare forward pass. Target: recording adds <= 10 %
-  (the ratio at ``conv_samples``; the same turns at four times as many samples split
-  what recording adds into a fixed part and a part per sample).
+  (the ratio of the best of ``conv_repeats`` turns at ``conv_samples``; also the median
+  over turns of each turn's ratio to the forward pass run just before it, and every
+  turn's seconds; the same turns at four times as many samples split what recording
+  adds into a fixed part and a part per sample).
 * **codecs**: bytes on disk against write and read speed of zstd levels, blosc
   (lz4/zstd with shuffle/bitshuffle) and no compression, on ReLU outputs (many exact
   zeros) and rounded normals, through zarr-python's codec pipeline and, where the
@@ -60,7 +62,7 @@ REPEATS = 3
 SIZES = {
     False: {"write_samples": 8192, "read_samples": 102_400, "read_epochs": 10,
             "codec_samples": 16_384, "mlp_samples": 20_000, "conv_samples": 1024,
-            "mlp_repeats": 5, "conv_repeats": 3},
+            "mlp_repeats": 5, "conv_repeats": 5},
     True: {"write_samples": 1024, "read_samples": 10_240, "read_epochs": 10,
            "codec_samples": 8192, "mlp_samples": 2000, "conv_samples": 128,
            "mlp_repeats": 1, "conv_repeats": 1},
@@ -106,12 +108,14 @@ class PeakRSS:
 
 
 def _turns(variants: dict[str, Callable[[], Any]], repeats: int,
-           prepare: dict[str, Callable[[], Any]] | None = None) -> tuple[dict, dict]:
+           prepare: dict[str, Callable[[], Any]] | None = None,
+           times_out: dict[str, list[float]] | None = None) -> tuple[dict, dict]:
     """Time the variants taking turns ``repeats`` times (after one warm-up each).
 
     ``prepare[key]``, where given, runs untimed before every run of variant ``key``
     (e.g. deleting the output of its previous run). Returns the best seconds and the
-    peak RSS (MB) of each variant's timed runs.
+    peak RSS (MB) of each variant's timed runs; ``times_out``, where given, receives
+    every timed run's seconds, in order.
     """
     import gc
 
@@ -130,6 +134,8 @@ def _turns(variants: dict[str, Callable[[], Any]], repeats: int,
                 fn()
                 times[key].append(time.perf_counter() - t0)
             peaks[key] = max(peaks[key], rss.mb)
+    if times_out is not None:
+        times_out.update(times)
     return {k: min(v) for k, v in times.items()}, peaks
 
 
@@ -471,14 +477,20 @@ def _child_record_conv(p: dict) -> dict:
 
             variants["record_later_epoch"] = record_later_epoch
             prepare["record_later_epoch"] = copy_seed
-        repeats = p["conv_repeats"] if n == sizes[0] else max(1, p["conv_repeats"] - 1)
+        repeats = p["conv_repeats"] if n == sizes[0] else max(1, p["conv_repeats"] - 2)
+        turns: dict[str, list[float]] = {}
         try:
-            best, peaks = _turns(variants, repeats, prepare=prepare)
+            best, peaks = _turns(variants, repeats, prepare=prepare, times_out=turns)
         finally:
             shutil.rmtree(fresh, ignore_errors=True)
             if "record_tmpfs" in variants:
                 shutil.rmtree(shm, ignore_errors=True)
         by_samples[n] = {"seconds": best, "peak_rss_mb": peaks, "bytes_on_disk": _du(path),
+                         "turn_seconds": {k: [round(t, 4) for t in v] for k, v in turns.items()},
+                         # each turn's record over the forward pass run just before it:
+                         # drifts of the machine's speed between turns cancel
+                         "median_turn_ratio": round(float(np.median(
+                             np.array(turns["record"]) / np.array(turns["forward"]))), 3),
                          "added_seconds": round(best["record"] - best["forward"], 3),
                          "ratio": round(best["record"] / best["forward"], 3)}
         for key in ("record_new_path", "record_tmpfs", "record_later_epoch"):
@@ -493,6 +505,7 @@ def _child_record_conv(p: dict) -> dict:
             "layers": layers, "torch_threads": torch.get_num_threads(),
             "seconds": small["seconds"], "peak_rss_mb": small["peak_rss_mb"],
             "bytes_on_disk": small["bytes_on_disk"], "ratio": small["ratio"],
+            "median_turn_ratio": small["median_turn_ratio"],
             **{k: v for k, v in small.items() if k.startswith("ratio_record_")},
             "by_samples": by_samples,
             "added_fixed_seconds": round(fixed, 3),
