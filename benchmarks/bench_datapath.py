@@ -31,7 +31,8 @@ from the same bytes (``python -m benchmarks datapath [--quick]``):
 Each measured section runs in a fresh child process (so peak RSS is its own, sampled
 every 10 ms by a thread); topoxr and its baseline take turns ``REPEATS`` times and the
 best time of each is kept (other work on a shared machine only adds time). Page caches
-are warm for both (each is run once before timing). The 1-minute load average before
+are warm for both (each is run once before timing); dirty pages are written back
+(``os.sync``) before every section, untimed. The 1-minute load average before
 and after every section is recorded. Scratch data lives in ``benchmarks/scratch/``; the
 2 GB store is written once and reused while the store format and codec are unchanged.
 """
@@ -645,6 +646,10 @@ def main(quick: bool = False, sections: tuple[str, ...] | None = None) -> dict:
                                    "bytes_on_disk": _du(store), "raw_bytes": _du(raw),
                                    "prepare_seconds": round(time.perf_counter() - t0, 1)}
         for name in chosen:
+            # the previous section's dirty pages (the codecs section writes about 1.3
+            # GB) are written back now, untimed, not during the next section's turns
+            if hasattr(os, "sync"):
+                os.sync()
             sys.stderr.write(f"  datapath: {name} (load {_load()})\n")
             result[name] = _run_child(name, params)
     finally:
