@@ -31,6 +31,7 @@ from topoxr.store._integrity import (
     Context,
     check_model_name,
     child_groups,
+    children,
     chunk_coords,
     consistent_snapshot,
     read_whole,
@@ -94,8 +95,12 @@ def open_store(
         check_model_name(model_name, model_group)
         nodes[f"/{model_name}"] = xr.Dataset(attrs=dict(model_group.attrs))
         for layer_name, group in _ready_layers(model_group):
-            nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(group, mask_uncommitted)
-            for child_path, child in _subgroups(group):
+            # listed once: its arrays start the snapshot, its groups are saved layouts
+            members = _guarded(_where(group), lambda group=group: children(group))
+            arrays = {k: v for k, v in members.items() if isinstance(v, zarr.Array)}
+            nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(group, mask_uncommitted,
+                                                                  arrays)
+            for child_path, child in _subgroups(group, members=members):
                 nodes[f"/{model_name}/{layer_name}/{child_path}"] = _plain_dataset(child)
     return xr.DataTree.from_dict(nodes)
 
@@ -171,9 +176,14 @@ def _layer_attrs(group: zarr.Group) -> dict[str, Any]:
     return {k: v for k, v in group.attrs.items() if k != _ATTR_READY}
 
 
-def _subgroups(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Group]]:
+def _subgroups(group: zarr.Group, prefix: str = "", *,
+               members: Mapping[str, zarr.Group | zarr.Array] | None = None
+               ) -> list[tuple[str, zarr.Group]]:
+    """The saved subgroups under ``group`` (``members``: its children, already listed)."""
     out = []
-    for name, child in child_groups(group):
+    listed = (child_groups(group) if members is None else
+              [(k, v) for k, v in members.items() if isinstance(v, zarr.Group)])
+    for name, child in listed:
         path = f"{prefix}{name}"
         if child.attrs.get(ATTR_SAVING):
             logger.warning("%s was not saved completely (its saving failed or was "
@@ -200,10 +210,11 @@ def _plain_dataset(group: zarr.Group) -> xr.Dataset:
     )
 
 
-def _layer_dataset(group: zarr.Group, mask_uncommitted: bool) -> xr.Dataset:
+def _layer_dataset(group: zarr.Group, mask_uncommitted: bool,
+                   arrays: Mapping[str, zarr.Array] | None = None) -> xr.Dataset:
     import dask.array as dsa
 
-    arrays, snap = _guarded(_where(group), lambda: consistent_snapshot(group))
+    arrays, snap = _guarded(_where(group), lambda: consistent_snapshot(group, arrays))
     ctx = snap.context
     if not snap.checked:
         logger.info("%s was written by an earlier topoxr without chunk checksums: damage to "
