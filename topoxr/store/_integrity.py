@@ -290,15 +290,20 @@ def _list_dir(group: zarr.Group) -> list[str]:
     return sync(names())
 
 
-def layer_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
-    """The arrays of a layer group (see :func:`children`)."""
-    return {k: v for k, v in children(group).items() if isinstance(v, zarr.Array)}
+def layer_arrays(group: zarr.Group, members: Mapping[str, Any] | None = None
+                 ) -> dict[str, zarr.Array]:
+    """The arrays of a layer group (see :func:`children`; ``members``: its children,
+    already listed)."""
+    members = children(group) if members is None else members
+    return {k: v for k, v in members.items() if isinstance(v, zarr.Array)}
 
 
-def child_groups(group: zarr.Group,
-                 errors: list[str] | None = None) -> list[tuple[str, zarr.Group]]:
-    """The subgroups of ``group``, sorted by name (see :func:`children`)."""
-    return [(k, v) for k, v in children(group, errors).items() if isinstance(v, zarr.Group)]
+def child_groups(group: zarr.Group, errors: list[str] | None = None, *,
+                 members: Mapping[str, Any] | None = None) -> list[tuple[str, zarr.Group]]:
+    """The subgroups of ``group``, sorted by name (see :func:`children`; ``members``:
+    its children, already listed)."""
+    members = children(group, errors) if members is None else members
+    return [(k, v) for k, v in members.items() if isinstance(v, zarr.Group)]
 
 
 def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,

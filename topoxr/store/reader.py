@@ -34,6 +34,7 @@ from topoxr.store._integrity import (
     children,
     chunk_coords,
     consistent_snapshot,
+    layer_arrays,
     read_whole,
 )
 from topoxr.store._location import _locate, _open_root_readonly
@@ -97,9 +98,8 @@ def open_store(
         for layer_name, group in _ready_layers(model_group):
             # listed once: its arrays start the snapshot, its groups are saved layouts
             members = _guarded(_where(group), lambda group=group: children(group))
-            arrays = {k: v for k, v in members.items() if isinstance(v, zarr.Array)}
-            nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(group, mask_uncommitted,
-                                                                  arrays)
+            nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(
+                group, mask_uncommitted, layer_arrays(group, members))
             for child_path, child in _subgroups(group, members=members):
                 nodes[f"/{model_name}/{layer_name}/{child_path}"] = _plain_dataset(child)
     return xr.DataTree.from_dict(nodes)
@@ -181,9 +181,7 @@ def _subgroups(group: zarr.Group, prefix: str = "", *,
                ) -> list[tuple[str, zarr.Group]]:
     """The saved subgroups under ``group`` (``members``: its children, already listed)."""
     out = []
-    listed = (child_groups(group) if members is None else
-              [(k, v) for k, v in members.items() if isinstance(v, zarr.Group)])
-    for name, child in listed:
+    for name, child in child_groups(group, members=members):
         path = f"{prefix}{name}"
         if child.attrs.get(ATTR_SAVING):
             logger.warning("%s was not saved completely (its saving failed or was "
