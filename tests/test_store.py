@@ -223,6 +223,26 @@ def test_conv_reduce_nchw_and_nhwc_agree(tmp_path, reduce):
     assert ds.attrs["topoxr_reduce"] == reduce
 
 
+@pytest.mark.parametrize("shape, axis", [((4, N_NEURONS), None), ((4, N_NEURONS, 1, 1), 1),
+                                         ((4, 1, 1, N_NEURONS), -1)])
+def test_a_batch_changed_after_write_is_stored_as_written(store_path, shape, axis):
+    # the writer buffers batches and may be handed views (a float32 (batch, neurons)
+    # array, or maps of one position, are not copied by reduce_units): what a caller
+    # does to its array after write() returns must not reach the store, whether the
+    # batch was still buffered or already committed
+    rng = np.random.default_rng(3)
+    sent = []
+    with ActivationWriter(store_path, model="m", buffer_bytes=4 * N_NEURONS * 8) as writer:
+        for start in range(0, 16, 4):
+            batch = rng.normal(size=shape).astype(np.float32)
+            sent.append(batch.reshape(4, N_NEURONS).copy())
+            writer.write("layer", batch, sample=np.arange(start, start + 4), channel_axis=axis)
+            batch[...] = np.nan  # the caller reuses its buffer
+    stored = open_store(store_path)["m/layer"].to_dataset()
+    np.testing.assert_array_equal(stored.activation.sel(epoch=0).values.T,
+                                  np.concatenate(sent))
+
+
 def test_conv_needs_channel_axis(store_path):
     with ActivationWriter(store_path, model="m") as writer:
         with pytest.raises(StoreError, match="pass channel_axis"):

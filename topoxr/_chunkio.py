@@ -283,15 +283,16 @@ def put_pieces(store: Any, key: str, pieces: Sequence[Any]) -> None:
     if _zarr_local(store):
         if store.read_only:
             raise ValueError(f"store {store} is read-only")
-        path = store.root / key
+        # plain strings, not pathlib: a store writes hundreds of small files at a commit
+        path = os.path.join(store.root, key)
         # unique per process and call (uuid4 would cost a slow urandom call per chunk); a
         # stale name from a killed process is only ever truncated and replaced
-        tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_TMP_IDS)}.partial")
+        tmp = f"{path}.{os.getpid()}-{next(_TMP_IDS)}.partial"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             fd = os.open(tmp, flags, 0o666)
         except FileNotFoundError:  # a new directory (a new chunk row or array)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(tmp, flags, 0o666)
         try:
             try:

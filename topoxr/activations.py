@@ -57,7 +57,9 @@ def reduce_units(
     Returns
     -------
     ReducedBatch
-        The float32 values and the per-neuron coordinates.
+        The float32 values and the per-neuron coordinates. Where no computation is
+        needed (float32 ``(batch, neurons)`` input, or maps of one position) the values
+        are a view of ``activations``, not a copy.
 
     Raises
     ------
@@ -95,8 +97,10 @@ def reduce_units(
     n_channels = channels_first.shape[1]
     spatial_shape = channels_first.shape[2:]
     spatial_axes = tuple(range(2, channels_first.ndim))
-    one = one_position(array, axis) if reduce in ("mean", "max") else None
-    if one is not None:  # already pooled: the values themselves
+    # already pooled: the values themselves, not copied (like a (batch, neurons) input:
+    # the writer copies them into its buffer)
+    one = one_position(array, axis, copy=False) if reduce in ("mean", "max") else None
+    if one is not None:
         return ReducedBatch(one, {CHANNEL: np.arange(n_channels)}, reduce)
     if reduce == "mean":
         values = channels_first.mean(axis=spatial_axes, dtype=np.float64)

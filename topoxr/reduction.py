@@ -367,16 +367,20 @@ def reduce_layer(
                         token_position=pos.astype(np.int64), token_id=tok)
 
 
-def one_position(array: np.ndarray, neuron_axis: int) -> np.ndarray | None:
+def one_position(array: np.ndarray, neuron_axis: int, *, copy: bool = True
+                 ) -> np.ndarray | None:
     """Maps of one position as float32 ``(batch, neurons)``, or None for larger maps.
 
     Every axis but the batch and the neurons of length 1 (e.g. maps an adapter pooled
     as it captured them): their mean and their max are the values themselves, to the
-    bit, so they are copied rather than reduced (fresh memory).
+    bit, so they are copied rather than reduced (fresh memory). With ``copy=False`` a
+    C-contiguous float32 input is returned as a view (the caller copies it itself).
     """
     n, width = array.shape[0], array.shape[neuron_axis]
     if array.size != n * width:
         return None
+    if not copy:
+        return np.ascontiguousarray(array.reshape(n, width), dtype=np.float32)
     return np.array(array.reshape(n, width), dtype=np.float32)
 
 

@@ -54,9 +54,13 @@ def _pool(tensor: torch.Tensor, neuron_axis: int, reduce: str) -> np.ndarray:
     dims = tuple(d for d in range(1, tensor.ndim) if d != axis)
     if reduce == "max":
         pooled = tensor.amax(dim=dims).float()
-    else:
-        wide = tensor.dtype if tensor.dtype == torch.float64 else torch.float32
-        pooled = tensor.mean(dim=dims, dtype=wide).float()
+    elif tensor.dtype in (torch.float32, torch.float64):
+        # the same values as with dtype= (checked bit for bit), and faster: with dtype=
+        # torch takes a slower path even where no conversion is needed (0.57 against
+        # 0.45 ms for a (64, 64, 32, 32) float32 output not in cache, 2 threads)
+        pooled = tensor.mean(dim=dims).float()
+    else:  # half precision and integers accumulate in float32
+        pooled = tensor.mean(dim=dims, dtype=torch.float32).float()
     return pooled.cpu().numpy() if pooled.device.type != "cpu" else pooled.numpy()
 
 
