@@ -973,13 +973,16 @@ def run_recording(
     Parameters
     ----------
     forward : callable
-        ``forward(x) -> ({layer: ndarray}, model_output or None)``. Where it has a
-        ``pool`` dict, the layers whose plan pools conv maps are entered in it after the
-        first call, as ``{layer: (neuron axis, "mean" or "max")}``, and later calls return
-        them pooled, with every pooled axis of length 1. Where its
-        ``plans_from_one_sample`` is true, the first call gets only the first sample of
-        the first batch (the plans are made from it), and the whole first batch is then
-        run again, pooled: no layer's maps of a whole batch are ever copied out.
+        ``forward(x) -> ({layer: ndarray}, model_output or None)``. The arrays it
+        returns are the recording's from then on (they are written later, on another
+        thread): it must not change them afterwards (it returns copies of buffers it
+        reuses). Where it has a ``pool`` dict, the layers whose plan pools conv maps
+        are entered in it after the first call, as ``{layer: (neuron axis, "mean" or
+        "max")}``, and later calls return them pooled, with every pooled axis of
+        length 1. Where its ``plans_from_one_sample`` is true, the first call gets
+        only the first sample of the first batch (the plans are made from it), and the
+        whole first batch is then run again, pooled: no layer's maps of a whole batch
+        are ever copied out.
     batches : iterable of Batch
         From :func:`iter_array_batches` or :func:`number_batches`.
     store : str or ActivationWriter

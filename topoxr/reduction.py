@@ -305,6 +305,8 @@ def reduce_layer(
     Returns
     -------
     ReducedLayer
+        Its values are a view of ``array`` for ``(batch, neurons)`` outputs and
+        ``reduce="none"``, fresh memory otherwise.
 
     Raises
     ------
@@ -337,6 +339,12 @@ def reduce_layer(
         return ReducedLayer(np.moveaxis(array, axis, 1))
     if reduce in ("mean", "max"):
         if m is None:
+            # maps the adapter pooled as it captured them are copied (pool_positions),
+            # although a view would give the same values: the background writer holds
+            # them for many batches, and views kept the framework's small tensors alive
+            # between its large ones, which split glibc's heap (a torch recording grew by
+            # 33 MB per batch, tests/adapters/test_torch.py::
+            # test_recording_memory_stays_flat_from_batch_to_batch)
             return ReducedLayer(pool_positions(array, axis, reduce))
         if (m.sum(axis=1) == 0).any():
             raise RecordingError(f"layer {layer!r}: an input has an all-zero attention mask")
