@@ -609,3 +609,51 @@ def test_array_metadata_built_once_per_spec_is_zarrs_own_and_each_array_its_own(
     assert zarr.open_array(str(tmp_path / "ours.zarr" / "first")).attrs["note"] == "only here"
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr" / "again"))[:],
                                   np.full((5, 40, 1), np.nan, np.float32))
+
+
+def test_batches_handed_over_are_buffered_without_a_copy_and_stored_exactly(tmp_path):
+    # write_handed_over (the background writer's joined batches): the layer's buffer
+    # takes the array itself when it holds no other batch; a later batch moves the rows
+    # into a buffer of full size; the buffer of a commit is reused by the next one. The
+    # store must hold every value as sent, through all of these.
+    rng = np.random.default_rng(11)
+    n = 6
+    sent: list[np.ndarray] = []
+    path = str(tmp_path / "s.zarr")
+
+    def batch(rows: int) -> np.ndarray:
+        values = rng.normal(size=(rows, n)).astype(np.float32)
+        sent.append(values.copy())
+        return values
+
+    done = 0
+    with ActivationWriter(path, model="m", buffer_bytes=64 * n * 4) as writer:
+        for k in range(3):  # three commits, each started by a handed-over batch
+            first = batch(32)
+            ids = np.arange(done, done + 32)
+            writer.write_handed_over("layer", first, sample=ids)
+            buffered = writer._pending["layer"].values
+            assert np.shares_memory(buffered, first)  # taken, not copied
+            done += 32
+            second = batch(16)
+            writer.write("layer", second, sample=np.arange(done, done + 16))
+            assert not np.shares_memory(writer._pending["layer"].values, second)
+            second[...] = np.nan  # the caller's own array: changing it changes nothing
+            done += 16
+            writer.flush()
+        # an array the buffer cannot take as it is (float64) is copied
+        wide = batch(8).astype(np.float64)
+        writer.write_handed_over("layer", wide, sample=np.arange(done, done + 8))
+        assert not np.shares_memory(writer._pending["layer"].values, wide)
+        done += 8
+        # pooled maps of one position (batch, channels, 1) handed over: a view is taken
+        maps = rng.normal(size=(8, n, 1)).astype(np.float32)
+        expected_maps = maps[:, :, 0].copy()
+        writer.write_handed_over("conv", maps, sample=np.arange(8), channel_axis=1)
+        assert np.shares_memory(writer._pending["conv"].values, maps)
+    stored = open_store(path)["m"]
+    np.testing.assert_array_equal(stored["layer"].activation.sel(epoch=0).values.T,
+                                  np.concatenate(sent))
+    np.testing.assert_array_equal(stored["layer"].sample, np.arange(done))
+    np.testing.assert_array_equal(stored["conv"].activation.sel(epoch=0).values.T,
+                                  expected_maps)

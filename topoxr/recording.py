@@ -884,7 +884,10 @@ class BackgroundWriter:
         plan = self._plans[layer]
         self._rows_written[layer] = self._rows_written.get(layer, 0) + pending.rows
         self.writes += 1
-        self.written += self._writer.write(
+        # batches joined here are new memory that only this thread holds: the writer's
+        # buffer may take them as they are (a single batch may be the forward's array)
+        write = self._writer.write_handed_over if len(parts) > 1 else self._writer.write
+        self.written += write(
             layer, values, sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
             channel_axis=1 if values.ndim > 2 else None, reduce=plan.label,
             layer_attrs=plan.attrs, **meta,

@@ -225,7 +225,9 @@ class _Pending:
         # faulted in page by page again (about as slow as copying it); a new one is made
         # for ``rows`` rows at once (growing it batch by batch would copy it again)
         ok = buffer is not None and buffer.shape[1:] == (n_neurons,)
-        self.values = buffer if ok else np.empty((rows, n_neurons), dtype=np.float32)
+        self._capacity = rows
+        self._width = n_neurons
+        self.values = buffer if ok else None  # made by the first add (see add)
         self.rows = 0
         self.new_count = 0
         self._ids: list[np.ndarray] = []
@@ -239,7 +241,7 @@ class _Pending:
 
     @property
     def nbytes(self) -> int:
-        return self.rows * self.values.shape[1] * self.values.itemsize
+        return self.rows * self._width * 4
 
     @property
     def last_ids(self) -> np.ndarray:
@@ -268,14 +270,27 @@ class _Pending:
             self._id_set = set(np.concatenate(self._ids).tolist())
         return self._id_set.isdisjoint(ids.tolist())
 
-    def add(self, values, ids, labels, preds, meta, new_rows, kinds: tuple) -> None:
+    def add(self, values, ids, labels, preds, meta, new_rows, kinds: tuple,
+            adopt: bool = False) -> None:
+        """Append a batch; ``adopt``: ``values`` is nobody else's (see ``write_handed_over``).
+
+        An adopted first batch becomes the buffer as it is; a later batch then moves
+        the rows into a buffer of the full size, the copy adopting saved until then
+        (none where the layer is committed before another batch comes).
+        """
         n = len(ids)
-        if self.rows + n > len(self.values):
-            grown = np.empty((max(2 * len(self.values), self.rows + n), self.values.shape[1]),
-                             dtype=np.float32)
-            grown[: self.rows] = self.values[: self.rows]
-            self.values = grown
-        self.values[self.rows:self.rows + n] = values
+        if (adopt and not self.rows and values.dtype == np.float32 and values.ndim == 2
+                and values.flags.c_contiguous and values.flags.writeable):
+            self.values = values
+        else:
+            if self.values is None:
+                self.values = np.empty((max(self._capacity, n), self._width), dtype=np.float32)
+            elif self.rows + n > len(self.values):
+                grown = np.empty((max(self._capacity, 2 * len(self.values), self.rows + n),
+                                  self._width), dtype=np.float32)
+                grown[: self.rows] = self.values[: self.rows]
+                self.values = grown
+            self.values[self.rows:self.rows + n] = values
         self._kinds = kinds
         self._ids.append(ids.copy())
         if self._id_set is not None:

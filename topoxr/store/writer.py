@@ -214,6 +214,9 @@ class ActivationWriter:
         self._buffer_bytes = int(buffer_bytes)
         self._pending: dict[str, _Pending] = {}
         self._spare: dict[str, np.ndarray] = {}  # a committed buffer, reused per layer
+        # an array handed over by its only holder (see write_handed_over): a new buffer
+        # may take it as it is instead of copying it
+        self._handed_over: Any = None
         try:
             self._compressors = compressors_for(compressor)
             self._dtype = storage_dtype(dtype)
@@ -557,7 +560,8 @@ class ActivationWriter:
                 pending = self._pending[layer] = _Pending(
                     epoch, values.shape[1], self._spare.pop(layer, None),
                     rows=max(1, -(-self._buffer_bytes // batch_bytes)) * batch)
-            pending.add(values, ids, labels, preds, meta, plan.new_rows, kinds)
+            pending.add(values, ids, labels, preds, meta, plan.new_rows, kinds,
+                        adopt=activations is self._handed_over)
         except StoreError:
             raise
         except Exception as err:
@@ -568,6 +572,20 @@ class ActivationWriter:
         elif sum(p.nbytes for p in self._pending.values()) >= 4 * self._buffer_bytes:
             self.flush()
         return batch
+
+    def write_handed_over(self, layer: str, activations: np.ndarray, **kwargs: Any) -> int:
+        """:meth:`write` of an array nobody else holds or changes any more.
+
+        The layer's buffer may then take ``activations`` as it is rather than copy it
+        (where it holds no other batch and the array is C-contiguous float32 ``(batch,
+        neurons)``, or a view of that shape): :class:`topoxr.recording.BackgroundWriter`
+        hands over the batches it joined. Everything else is as :meth:`write`.
+        """
+        self._handed_over = activations
+        try:
+            return self.write(layer, activations, **kwargs)
+        finally:
+            self._handed_over = None
 
     def flush(self) -> None:
         """Commit every buffered batch (see "Commits" in the class notes).
