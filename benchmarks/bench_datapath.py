@@ -397,10 +397,11 @@ def resnet18(n_classes: int = 10) -> Any:
 def _inode_create_us(folder: str, count: int = 200) -> float:
     """Microseconds to create one empty file in a new subfolder of ``folder`` (kept).
 
-    A probe of the file system's state: on ext4 without a journal (this benchmark's
-    machine), a new inode is not taken from those freed in the last 60 s (300 s while
-    their inode table block is not written back), and every allocation scans past them,
-    so creating files in a block group where many were just deleted is much slower.
+    A probe of the file system's state, untimed in the turns: on ext4 without a journal
+    (this benchmark's machine), a new inode is not taken from those freed in the last
+    60 s (300 s while their inode table block is not written back), and every
+    allocation scans past them, so creating files where many were just deleted is
+    slower (see docs/benchmarks.md, "Why creating files costs so much on this machine").
     """
     probe = tempfile.mkdtemp(prefix="inode-probe-", dir=folder)
     t0 = time.perf_counter()
@@ -412,20 +413,15 @@ def _inode_create_us(folder: str, count: int = 200) -> float:
 def _child_record_conv(p: dict) -> dict:
     """Recording against the bare forward pass, for two probe-set sizes.
 
-    Every recording writes a store of its own, under a folder of this section; nothing
-    is deleted until the section ends. The ratio of the target is taken at
-    ``conv_samples``; the same turns at four times as many samples split what recording
-    adds into a fixed part (creating the layers' arrays, the last commit, consolidation)
-    and a part per sample, fitted through the two sizes: ``added(n) = fixed + per_sample
-    * n``. At ``conv_samples`` two more variants take turns, reported beside the target
-    (``ratio_record_tmpfs``: the store on ``/dev/shm``; ``ratio_record_later_epoch``:
-    epoch 1 recorded into a copy, made untimed, of a store holding epoch 0, a training
-    loop's case). Last, reported too, the protocol of earlier versions of this
-    benchmark in turns of their own (``ratio_record_after_delete``): each recording
-    replaces the store of the previous one, deleted just before it (untimed). On ext4
-    without a journal that slows the recording's file creation (see
-    :func:`_inode_create_us`, whose figures are reported as ``inode_create_us``), which
-    is why it runs after every other turn of the section.
+    The ratio of the target is taken at ``conv_samples``; the same turns at four times
+    as many samples split what recording adds into a fixed part (creating the layers'
+    arrays, the last commit, consolidation) and a part per sample, fitted through the
+    two sizes: ``added(n) = fixed + per_sample * n``. At ``conv_samples`` two more
+    variants take turns, reported beside the target (``ratio_record_new_path``: a new
+    store path every run, nothing deleted until the turns end; ``ratio_record_tmpfs``:
+    the store on ``/dev/shm``), to show how much of the overhead is the file system's,
+    and ``ratio_record_later_epoch``: epoch 1 recorded into a store holding epoch 0 (a
+    training loop's case).
     """
     import torch
 
@@ -439,20 +435,19 @@ def _child_record_conv(p: dict) -> dict:
     # every module with an output of its own: the stem, each block, the pooled features
     # and the classifier (ReLU modules inside blocks are functional, so no hook fires twice)
     layers = [name for name, _ in model.named_children()]
-    folder = tempfile.mkdtemp(prefix="resnet-", dir=p["tmp"])
-    os.sync()  # the inode tables of earlier deletions written back: they count 60 s only
-    counter = iter(range(1 << 30))
-    outputs: list[str] = []
+    path = os.path.join(p["tmp"], "resnet.zarr")
+    by_samples: dict[int, dict[str, Any]] = {}
+    # the file system's state, probed (untimed) at the start and right after the last
+    # deletion of the store before a timed recording
+    inode_us: dict[str, Any] = {"section_start": _inode_create_us(p["tmp"]),
+                                "after_deleting_the_store": []}
 
-    def new_path() -> str:
-        outputs.append(os.path.join(folder, f"{next(counter)}.zarr"))
-        return outputs[-1]
-
-    inode_us = {"section_start": _inode_create_us(folder)}
-    by_samples: dict[str, dict[str, Any]] = {}
-    shm = _tmpfs_dir()
-
-    def one_size(n: int, key: str, extra: bool, after_delete: bool) -> None:
+    def delete_store() -> None:
+        existed = os.path.exists(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if existed:
+            inode_us["after_deleting_the_store"].append(_inode_create_us(p["tmp"], 100))
+    for n in sizes:
         x, y = x_all[:n], y_all[:n]
 
         def forward(x: np.ndarray = x) -> None:
@@ -460,80 +455,86 @@ def _child_record_conv(p: dict) -> dict:
                 for start in range(0, len(x), CONV_BATCH):
                     model(torch.from_numpy(x[start:start + CONV_BATCH]))
 
-        def record_into(path: str, x: np.ndarray = x, y: np.ndarray = y, **kw: Any) -> None:
+        def record(x: np.ndarray = x, y: np.ndarray = y) -> None:
             topoxr_torch.record(model, (x, y), path, model_name="resnet18", layers=layers,
-                                batch_size=CONV_BATCH, progress=False, **kw)
+                                batch_size=CONV_BATCH, progress=False)
 
-        variants: dict[str, Callable[[], Any]] = {"forward": forward}
-        prepare: dict[str, Callable[[], Any]] = {}
-        if after_delete:
-            replaced = os.path.join(folder, "replaced.zarr")
-            variants["record"] = lambda: record_into(replaced)
-            prepare["record"] = lambda: shutil.rmtree(replaced, ignore_errors=True)
-        else:
-            variants["record"] = lambda: record_into(new_path())
-        if extra:
+        variants: dict[str, Callable[[], Any]] = {"forward": forward, "record": record}
+        prepare = {"record": delete_store}
+        fresh = os.path.join(p["tmp"], "resnet-new-paths")
+        if n == sizes[0]:
+            # reported, not the target: where the file system's part of the overhead goes.
+            # (1) a new store path every run, none deleted until all turns are done: the
+            # target's runs replace the store deleted just before, and ext4 allocates
+            # inodes more slowly right after many were freed;
+            counter = iter(range(1 << 30))
+
+            def record_new_path(x: np.ndarray = x, y: np.ndarray = y) -> None:
+                topoxr_torch.record(model, (x, y), os.path.join(fresh, f"{next(counter)}.zarr"),
+                                    model_name="resnet18", layers=layers,
+                                    batch_size=CONV_BATCH, progress=False)
+
+            variants["record_new_path"] = record_new_path
+            # (2) the store in memory-backed files (tmpfs), where creating a file is cheap
+            shm = _tmpfs_dir()
             if shm is not None:
-                # the store in memory-backed files (tmpfs), where creating a file is cheap
                 shm_path = os.path.join(shm, "resnet.zarr")
-                variants["record_tmpfs"] = lambda: record_into(shm_path)
+
+                def record_tmpfs(x: np.ndarray = x, y: np.ndarray = y) -> None:
+                    topoxr_torch.record(model, (x, y), shm_path, model_name="resnet18",
+                                        layers=layers, batch_size=CONV_BATCH, progress=False)
+
+                variants["record_tmpfs"] = record_tmpfs
                 prepare["record_tmpfs"] = lambda: shutil.rmtree(shm_path, ignore_errors=True)
-            # the training-loop case: epoch 1 into a copy (untimed) of a store that holds
-            # epoch 0, so that the recording checks and loads the stored layers
-            seed = new_path()
-            record_into(seed)
-            later: list[str] = []
+            # (3) the training-loop case: epoch 1 into a copy (untimed) of a store that
+            # holds epoch 0, so that the recording checks and loads the stored layers
+            seed = os.path.join(p["tmp"], "resnet-epoch0.zarr")
+            later = os.path.join(p["tmp"], "resnet-later.zarr")
+            topoxr_torch.record(model, (x, y), seed, model_name="resnet18", layers=layers,
+                                batch_size=CONV_BATCH, progress=False)
+
+            def record_later_epoch(x: np.ndarray = x, y: np.ndarray = y) -> None:
+                topoxr_torch.record(model, (x, y), later, model_name="resnet18",
+                                    layers=layers, batch_size=CONV_BATCH, progress=False,
+                                    epoch=1)
 
             def copy_seed() -> None:
-                later.append(new_path())
-                shutil.copytree(seed, later[-1])
+                shutil.rmtree(later, ignore_errors=True)
+                shutil.copytree(seed, later)
 
-            variants["record_later_epoch"] = lambda: record_into(later[-1], epoch=1)
+            variants["record_later_epoch"] = record_later_epoch
             prepare["record_later_epoch"] = copy_seed
         repeats = p["conv_repeats"] if n == sizes[0] else max(1, p["conv_repeats"] - 2)
         turns: dict[str, list[float]] = {}
-        best, peaks = _turns(variants, repeats, prepare=prepare, times_out=turns)
-        out = {"samples": n, "seconds": best, "peak_rss_mb": peaks,
-               "bytes_on_disk": _du(outputs[-1] if not after_delete else replaced),
-               "turn_seconds": {k: [round(t, 4) for t in v] for k, v in turns.items()},
-               # each turn's record over the forward pass run just before it: drifts of
-               # the machine's speed between turns cancel
-               "median_turn_ratio": round(float(np.median(
-                   np.array(turns["record"]) / np.array(turns["forward"]))), 3),
-               "added_seconds": round(best["record"] - best["forward"], 3),
-               "ratio": round(best["record"] / best["forward"], 3)}
-        for variant in ("record_tmpfs", "record_later_epoch"):
-            if variant in best:
-                out[f"ratio_{variant}"] = round(best[variant] / best["forward"], 3)
-        by_samples[key] = out
-
-    try:
-        one_size(sizes[0], str(sizes[0]), extra=True, after_delete=False)
-        one_size(sizes[1], str(sizes[1]), extra=False, after_delete=False)
-        inode_us["before_after_delete_turns"] = _inode_create_us(folder)
-        one_size(sizes[0], f"{sizes[0]}_after_delete", extra=False, after_delete=True)
-        # right after one more deletion of a recording's store
-        shutil.rmtree(os.path.join(folder, "replaced.zarr"), ignore_errors=True)
-        inode_us["right_after_a_delete"] = _inode_create_us(folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        if shm is not None:
-            shutil.rmtree(shm, ignore_errors=True)
-    small, large = by_samples[str(sizes[0])], by_samples[str(sizes[1])]
-    replaced_turns = by_samples[f"{sizes[0]}_after_delete"]
-    per_sample = (large["added_seconds"] - small["added_seconds"]) / (sizes[1] - sizes[0])
-    fixed = small["added_seconds"] - per_sample * sizes[0]
-    per_sample_forward = large["seconds"]["forward"] / sizes[1]
-    return {"samples": sizes[0], "batch": CONV_BATCH, "input": [3, CONV_SIDE, CONV_SIDE],
+        try:
+            best, peaks = _turns(variants, repeats, prepare=prepare, times_out=turns)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+            if "record_tmpfs" in variants:
+                shutil.rmtree(shm, ignore_errors=True)
+        by_samples[n] = {"seconds": best, "peak_rss_mb": peaks, "bytes_on_disk": _du(path),
+                         "turn_seconds": {k: [round(t, 4) for t in v] for k, v in turns.items()},
+                         # each turn's record over the forward pass run just before it:
+                         # drifts of the machine's speed between turns cancel
+                         "median_turn_ratio": round(float(np.median(
+                             np.array(turns["record"]) / np.array(turns["forward"]))), 3),
+                         "added_seconds": round(best["record"] - best["forward"], 3),
+                         "ratio": round(best["record"] / best["forward"], 3)}
+        for key in ("record_new_path", "record_tmpfs", "record_later_epoch"):
+            if key in best:
+                by_samples[n][f"ratio_{key}"] = round(best[key] / best["forward"], 3)
+    (n0, small), (n1, large) = by_samples.items()
+    per_sample = (large["added_seconds"] - small["added_seconds"]) / (n1 - n0)
+    fixed = small["added_seconds"] - per_sample * n0
+    per_sample_forward = large["seconds"]["forward"] / n1
+    return {"samples": n0, "batch": CONV_BATCH, "input": [3, CONV_SIDE, CONV_SIDE],
             "parameters": int(sum(t.numel() for t in model.parameters())),
             "layers": layers, "torch_threads": torch.get_num_threads(),
             "seconds": small["seconds"], "peak_rss_mb": small["peak_rss_mb"],
             "bytes_on_disk": small["bytes_on_disk"], "ratio": small["ratio"],
             "median_turn_ratio": small["median_turn_ratio"],
-            **{k: v for k, v in small.items() if k.startswith("ratio_record_")},
-            "ratio_record_after_delete": replaced_turns["ratio"],
-            "median_turn_ratio_after_delete": replaced_turns["median_turn_ratio"],
             "inode_create_us": inode_us,
+            **{k: v for k, v in small.items() if k.startswith("ratio_record_")},
             "by_samples": by_samples,
             "added_fixed_seconds": round(fixed, 3),
             "added_per_sample_over_forward": round(per_sample / per_sample_forward, 3)}
