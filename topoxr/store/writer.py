@@ -580,6 +580,21 @@ class ActivationWriter:
         (where it holds no other batch and the array is C-contiguous float32 ``(batch,
         neurons)``, or a view of that shape): :class:`topoxr.recording.BackgroundWriter`
         hands over the batches it joined. Everything else is as :meth:`write`.
+
+        Parameters
+        ----------
+        layer : str
+            Layer name, as for :meth:`write`.
+        activations : numpy.ndarray
+            The batch; the caller must neither change nor reuse it afterwards (the store
+            may hold it until the layer's next commit, and reuse its memory then).
+        **kwargs
+            Every other argument of :meth:`write` (``sample=`` is required).
+
+        Returns
+        -------
+        int
+            As :meth:`write`: samples written or buffered.
         """
         self._handed_over = activations
         try:
