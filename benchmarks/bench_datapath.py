@@ -20,8 +20,12 @@ from the same bytes (``python -m benchmarks datapath [--quick]``):
   no torchvision), against its bare forward pass. Target: recording adds <= 10 %
   (the ratio of the best of ``conv_repeats`` turns at ``conv_samples``; also the median
   over turns of each turn's ratio to the forward pass run just before it, and every
-  turn's seconds; the same turns at four times as many samples split what recording
-  adds into a fixed part and a part per sample).
+  turn's seconds and minor page faults; the same turns at four times as many samples
+  split what recording adds into a fixed part and a part per sample). This child runs
+  with glibc's allocator pinned (``STEADY_ALLOCATOR``: no heap trimming), so that the
+  forward pass's maps do not land on fresh pages in some processes and not in others;
+  the forward pass and the recording under glibc's defaults are reported beside it
+  (``default_allocator``).
 * **codecs**: bytes on disk against write and read speed of zstd levels, blosc
   (lz4/zstd with shuffle/bitshuffle) and no compression, on ReLU outputs (many exact
   zeros) and rounded normals, through zarr-python's codec pipeline and, where the
@@ -108,15 +112,26 @@ class PeakRSS:
         return round(self.peak / MB, 1)
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _turns(variants: dict[str, Callable[[], Any]], repeats: int,
            prepare: dict[str, Callable[[], Any]] | None = None,
-           times_out: dict[str, list[float]] | None = None) -> tuple[dict, dict]:
+           times_out: dict[str, list[float]] | None = None,
+           faults_out: dict[str, list[int]] | None = None) -> tuple[dict, dict]:
     """Time the variants taking turns ``repeats`` times (after one warm-up each).
 
     ``prepare[key]``, where given, runs untimed before every run of variant ``key``
     (e.g. deleting the output of its previous run). Returns the best seconds and the
     peak RSS (MB) of each variant's timed runs; ``times_out``, where given, receives
-    every timed run's seconds, in order.
+    every timed run's seconds, in order, and ``faults_out`` its minor page faults (each
+    a fresh page of memory the kernel had to map and zero).
     """
     import gc
 
@@ -125,18 +140,23 @@ def _turns(variants: dict[str, Callable[[], Any]], repeats: int,
         prepare.get(key, lambda: None)()
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
+    faults: dict[str, list[int]] = {k: [] for k in variants}
     peaks: dict[str, float] = dict.fromkeys(variants, 0.0)
     for _ in range(repeats):
         for key, fn in variants.items():
             prepare.get(key, lambda: None)()
             gc.collect()
             with PeakRSS() as rss:
+                f0 = _minor_faults()
                 t0 = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - t0)
+                faults[key].append(_minor_faults() - f0)
             peaks[key] = max(peaks[key], rss.mb)
     if times_out is not None:
         times_out.update(times)
+    if faults_out is not None:
+        faults_out.update(faults)
     return {k: min(v) for k, v in times.items()}, peaks
 
 
@@ -421,14 +441,17 @@ def _child_record_conv(p: dict) -> dict:
     store path every run, nothing deleted until the turns end; ``ratio_record_tmpfs``:
     the store on ``/dev/shm``), to show how much of the overhead is the file system's,
     and ``ratio_record_later_epoch``: epoch 1 recorded into a store holding epoch 0 (a
-    training loop's case).
+    training loop's case). With ``p["slim"]``, only the forward pass and the target's
+    recording take turns, at ``conv_samples`` (the run beside it under glibc's default
+    allocator settings, see ``main``). Every turn's minor page faults are reported.
     """
     import torch
 
     import topoxr_torch
 
     model = resnet18()
-    sizes = (p["conv_samples"], 4 * p["conv_samples"])
+    slim = bool(p.get("slim"))
+    sizes = (p["conv_samples"],) if slim else (p["conv_samples"], 4 * p["conv_samples"])
     rng = np.random.default_rng(0)
     x_all = rng.standard_normal((sizes[-1], 3, CONV_SIDE, CONV_SIDE), dtype=np.float32)
     y_all = np.arange(sizes[-1]) % N_LABELS
@@ -462,7 +485,7 @@ def _child_record_conv(p: dict) -> dict:
         variants: dict[str, Callable[[], Any]] = {"forward": forward, "record": record}
         prepare = {"record": delete_store}
         fresh = os.path.join(p["tmp"], "resnet-new-paths")
-        if n == sizes[0]:
+        if n == sizes[0] and not slim:
             # reported, not the target: where the file system's part of the overhead goes.
             # (1) a new store path every run, none deleted until all turns are done: the
             # target's runs replace the store deleted just before, and ext4 allocates
@@ -506,14 +529,17 @@ def _child_record_conv(p: dict) -> dict:
             prepare["record_later_epoch"] = copy_seed
         repeats = p["conv_repeats"] if n == sizes[0] else max(1, p["conv_repeats"] - 2)
         turns: dict[str, list[float]] = {}
+        faults: dict[str, list[int]] = {}
         try:
-            best, peaks = _turns(variants, repeats, prepare=prepare, times_out=turns)
+            best, peaks = _turns(variants, repeats, prepare=prepare, times_out=turns,
+                                 faults_out=faults)
         finally:
             shutil.rmtree(fresh, ignore_errors=True)
             if "record_tmpfs" in variants:
                 shutil.rmtree(shm, ignore_errors=True)
         by_samples[n] = {"seconds": best, "peak_rss_mb": peaks, "bytes_on_disk": _du(path),
                          "turn_seconds": {k: [round(t, 4) for t in v] for k, v in turns.items()},
+                         "turn_minor_faults": faults,
                          # each turn's record over the forward pass run just before it:
                          # drifts of the machine's speed between turns cancel
                          "median_turn_ratio": round(float(np.median(
@@ -523,6 +549,11 @@ def _child_record_conv(p: dict) -> dict:
         for key in ("record_new_path", "record_tmpfs", "record_later_epoch"):
             if key in best:
                 by_samples[n][f"ratio_{key}"] = round(best[key] / best["forward"], 3)
+    if slim:
+        (n0, small), = by_samples.items()
+        return {"samples": n0, **{k: small[k] for k in (
+            "seconds", "peak_rss_mb", "turn_seconds", "turn_minor_faults",
+            "median_turn_ratio", "added_seconds", "ratio")}}
     (n0, small), (n1, large) = by_samples.items()
     per_sample = (large["added_seconds"] - small["added_seconds"]) / (n1 - n0)
     fixed = small["added_seconds"] - per_sample * n0
@@ -621,17 +652,29 @@ def _child(name: str, params: dict) -> None:
     sys.stdout.write(json.dumps(globals()[f"_child_{name}"](params), default=float) + "\n")
 
 
-def _run_child(name: str, params: dict) -> dict:
+def _run_child(name: str, params: dict, env: dict[str, str] | None = None) -> dict:
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
             f"from benchmarks.bench_datapath import _child; _child({name!r}, {params!r})")
     before = _load()
-    res, peak = run_sampled(code)
+    res, peak = run_sampled(code, env=env)
     res["child_peak_rss_mb"] = round(peak / MB, 1)
     res["load_average_before_after"] = [before, _load()]
     return res
 
 
 SECTIONS = ("codecs", "write", "read", "naps", "record_mlp", "record_conv")
+#: glibc's allocator settings of the ResNet section's main child: blocks up to 32 MiB
+#: (the largest threshold glibc takes) come from the heap, and the heap is never
+#: trimmed. Under the defaults, whether the forward pass's 16.7 MB maps land on pages
+#: the process already has or on fresh pages (mapped and zeroed by the kernel, about
+#: 130,000 minor faults per 1024 samples) depends on what else sits in the heap: the
+#: bare forward pass took 0 or 130,000-150,000 faults per turn from one process to
+#: the next, and a recording changed it for the forward passes after it. Pinned, both
+#: variants run on pages the process has (0 faults per bare pass), so the ratio measures
+#: what recording adds, not where the allocator happened to put the maps. The same
+#: turns under the defaults are reported beside it (``default_allocator``).
+STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                    "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 TARGETS = {"write": ">= 0.3 (throughput over np.save)",
            "read": ">= 0.5 (throughput over raw .npy)",
            "naps": ">= 0.5 (throughput over numpy out of core), peak RSS < 600 MB",
@@ -678,7 +721,12 @@ def main(quick: bool = False, sections: tuple[str, ...] | None = None) -> dict:
             if hasattr(os, "sync"):
                 os.sync()
             sys.stderr.write(f"  datapath: {name} (load {_load()})\n")
-            result[name] = _run_child(name, params)
+            if name == "record_conv":
+                result[name] = _run_child(name, params, env=STEADY_ALLOCATOR)
+                result[name]["allocator_env"] = STEADY_ALLOCATOR
+                result[name]["default_allocator"] = _run_child(name, params | {"slim": True})
+            else:
+                result[name] = _run_child(name, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["ratios"] = {name: {"ratio": result[name]["ratio"], "target": TARGETS[name]}
