@@ -666,10 +666,10 @@ SECTIONS = ("codecs", "write", "read", "naps", "record_mlp", "record_conv")
 #: glibc's allocator settings of the ResNet section's main child: blocks up to 32 MiB
 #: (the largest threshold glibc takes) come from the heap, and the heap is never
 #: trimmed. Under the defaults, whether the forward pass's 16.7 MB maps land on pages
-#: the process already has or on fresh pages (mapped and zeroed by the kernel, about
-#: 130,000 minor faults per 1024 samples) depends on what else sits in the heap: the
-#: bare forward pass took 0 or 130,000-150,000 faults per turn from one process to
-#: the next, and a recording changed it for the forward passes after it. Pinned, both
+#: the process already has or on fresh pages (mapped and zeroed by the kernel) depends
+#: on what else sits in the heap: the bare forward pass took 0 or 127,000-206,000
+#: minor faults per 1024 samples from one process to the next, and a recording could
+#: change it for the passes after it. Pinned, both
 #: variants run on pages the process has (0 faults per bare pass), so the ratio measures
 #: what recording adds, not where the allocator happened to put the maps. The same
 #: turns under the defaults are reported beside it (``default_allocator``).
