@@ -669,10 +669,10 @@ SECTIONS = ("codecs", "write", "read", "naps", "record_mlp", "record_conv")
 #: the process already has or on fresh pages (mapped and zeroed by the kernel) depends
 #: on what else sits in the heap: the bare forward pass took 0 or 127,000-206,000
 #: minor faults per 1024 samples from one process to the next, and a recording could
-#: change it for the passes after it. Pinned, both
-#: variants run on pages the process has (0 faults per bare pass), so the ratio measures
-#: what recording adds, not where the allocator happened to put the maps. The same
-#: turns under the defaults are reported beside it (``default_allocator``).
+#: change it for the passes after it. Pinned, both variants run on pages the process
+#: has (0 faults per bare pass), so the ratio measures what recording adds, not where
+#: the allocator happened to put the maps. The same turns under the defaults are
+#: reported beside it (``default_allocator``).
 STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
                     "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 TARGETS = {"write": ">= 0.3 (throughput over np.save)",
