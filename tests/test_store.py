@@ -538,6 +538,32 @@ def test_bad_input_is_refused_and_writes_nothing(any_store, case):
     assert ds.sample.values.tolist() == [0, 1, 20, 21]
 
 
+@pytest.mark.parametrize("dtype, bad, match", [
+    ("float32", np.nan, r"3 activation value\(s\) are NaN or inf"),
+    ("float32", -np.inf, r"3 activation value\(s\) are NaN or inf"),
+    ("float16", 7e4, "exceed 65504, the largest float16"),
+])
+@pytest.mark.parametrize("handed_over", [False, True])
+def test_a_refused_batch_leaves_the_buffered_batches_as_they_were(
+        store_path, dtype, bad, match, handed_over):
+    """Batches joining the write buffer are checked there, after the copy: a refused one
+    must not reach the buffer's rows, the ones before it nor the ones after it."""
+    good = [acts(np.arange(i, i + 4)) for i in (0, 4, 12)]
+    with ActivationWriter(store_path, model="m", dtype=dtype) as writer:
+        writer.write("h", good[0], sample=np.arange(0, 4), label=np.zeros(4, int))
+        writer.write("h", good[1], sample=np.arange(4, 8), label=np.zeros(4, int))
+        refused = acts(np.arange(8, 12))
+        refused[1:, 2] = bad  # three bad values in the batch's last rows
+        write = writer.write_handed_over if handed_over else writer.write
+        with pytest.raises(StoreError, match=match):
+            write("h", refused, sample=np.arange(8, 12), label=np.zeros(4, int))
+        writer.write("h", good[2], sample=np.arange(12, 16), label=np.zeros(4, int))
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert ds.sample.values.tolist() == [*range(8), *range(12, 16)]
+    expected = np.concatenate(good).astype(dtype).astype(np.float32)
+    np.testing.assert_array_equal(ds.activation.sel(epoch=0).values.T, expected)
+
+
 def test_nonfinite_values_are_stored_when_allowed(any_store):
     values = acts([0, 1, 2])
     values[0, 1], values[2, 0] = np.nan, -np.inf
