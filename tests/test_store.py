@@ -546,8 +546,8 @@ def test_bad_input_is_refused_and_writes_nothing(any_store, case):
 @pytest.mark.parametrize("handed_over", [False, True])
 def test_a_refused_batch_leaves_the_buffered_batches_as_they_were(
         store_path, dtype, bad, match, handed_over):
-    """Batches joining the write buffer are checked there, after the copy: a refused one
-    must not reach the buffer's rows, the ones before it nor the ones after it."""
+    """A batch refused by the value checks while others wait in the write buffer adds
+    nothing to it: the batches buffered before it and after it are stored exactly."""
     good = [acts(np.arange(i, i + 4)) for i in (0, 4, 12)]
     with ActivationWriter(store_path, model="m", dtype=dtype) as writer:
         writer.write("h", good[0], sample=np.arange(0, 4), label=np.zeros(4, int))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,23 +271,16 @@ class _Pending:
         return self._id_set.isdisjoint(ids.tolist())
 
     def add(self, values, ids, labels, preds, meta, new_rows, kinds: tuple,
-            adopt: bool = False,
-            check: Callable[[np.ndarray], None] | None = None) -> None:
+            adopt: bool = False) -> None:
         """Append a batch; ``adopt``: ``values`` is nobody else's (see ``write_handed_over``).
 
         An adopted first batch becomes the buffer as it is; a later batch then moves
         the rows into a buffer of the full size, the copy adopting saved until then
         (none where the layer is committed before another batch comes).
-
-        ``check``, where given, is called with the batch's rows once they are in the
-        buffer (still in the CPU's cache after the copy); if it raises, the batch is
-        not added and the buffer's earlier rows are as they were.
         """
         n = len(ids)
         if (adopt and not self.rows and values.dtype == np.float32 and values.ndim == 2
                 and values.flags.c_contiguous and values.flags.writeable):
-            if check is not None:
-                check(values)
             self.values = values
         else:
             if self.values is None:
@@ -298,8 +291,6 @@ class _Pending:
                 grown[: self.rows] = self.values[: self.rows]
                 self.values = grown
             self.values[self.rows:self.rows + n] = values
-            if check is not None:  # rows past self.rows are free: a refused batch is not kept
-                check(self.values[self.rows:self.rows + n])
         self._kinds = kinds
         self._ids.append(ids.copy())
         if self._id_set is not None:

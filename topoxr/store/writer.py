@@ -513,14 +513,13 @@ class ActivationWriter:
                 raise StoreError(f"layer {layer!r}: duplicate sample ids in the batch: "
                                  f"{uniq[counts > 1][:10].tolist()}")
             lowest = int(uniq[0])
-        # The values are checked where they are read anyway: a batch that joins the
-        # buffer is checked in it, right after the copy, while those rows are still in
-        # the CPU's cache (one pass over the batch in memory instead of two), and joins
-        # only if it passes; every other batch is checked here, before anything else.
-        state = self._layers.get(layer)
-        checked = state is None
-        if checked:
-            self._check_values(layer, values, allow_nonfinite)
+        if not allow_nonfinite and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise StoreError(
+                f"layer {layer!r}: {bad} activation value(s) are NaN or inf; "
+                "pass allow_nonfinite=True to store them"
+            )
+        self._check_range(layer, values)
         labels = None if label is None else _as_1d(f"layer {layer!r}: label", label, batch)
         preds = None if prediction is None else _as_1d(
             f"layer {layer!r}: prediction", prediction, batch)
@@ -534,6 +533,7 @@ class ActivationWriter:
         if lowest == SAMPLE_FILL:
             raise StoreError(f"layer {layer!r}: sample id {SAMPLE_FILL} is reserved")
 
+        state = self._layers.get(layer)
         pending = self._pending.get(layer)
         kinds = _Pending.signature(labels, preds, meta)
         if pending is not None and not pending.accepts(epoch, ids, lowest, kinds,
@@ -542,8 +542,6 @@ class ActivationWriter:
         plan = _plan_batch(self, layer, state, reduced, ids, labels, preds, meta, epoch,
                            overwrite, increasing=increasing)
         if plan is None:  # every sample already committed with these values: resume skip
-            if not checked:
-                self._check_values(layer, values, allow_nonfinite)
             state.note_written(state.epoch_index(epoch), state.positions(ids))
             return 0
         try:
@@ -552,8 +550,6 @@ class ActivationWriter:
                                            layer_attrs)
             if overwrite or len(plan.write_rows) != batch or not self._buffer_bytes:
                 # replacing or resuming (rare): committed at once, alone
-                if not checked:
-                    self._check_values(layer, values, allow_nonfinite)
                 self._flush_layer(layer)
                 written = self._commit(state, plan, values, ids, labels, preds, meta, epoch)
                 state.note_written(state.epoch_index(epoch), state.positions(ids))
@@ -565,9 +561,7 @@ class ActivationWriter:
                     epoch, values.shape[1], self._spare.pop(layer, None),
                     rows=max(1, -(-self._buffer_bytes // batch_bytes)) * batch)
             pending.add(values, ids, labels, preds, meta, plan.new_rows, kinds,
-                        adopt=activations is self._handed_over,
-                        check=None if checked else
-                        lambda rows: self._check_values(layer, rows, allow_nonfinite))
+                        adopt=activations is self._handed_over)
         except StoreError:
             raise
         except Exception as err:
@@ -818,17 +812,6 @@ class ActivationWriter:
         return f"<ActivationWriter {self._loc.url!r} model={self.model!r} {state}>"
 
     # -- internals ---------------------------------------------------------------------
-    def _check_values(self, layer: str, values: np.ndarray, allow_nonfinite: bool) -> None:
-        """Refuse NaN and inf (unless ``allow_nonfinite``) and values out of the storage
-        dtype's range."""
-        if not allow_nonfinite and not np.isfinite(values).all():
-            bad = int((~np.isfinite(values)).sum())
-            raise StoreError(
-                f"layer {layer!r}: {bad} activation value(s) are NaN or inf; "
-                "pass allow_nonfinite=True to store them"
-            )
-        self._check_range(layer, values)
-
     def _check_range(self, layer: str, values: np.ndarray) -> None:
         """Refuse values that the layer's storage dtype would turn into infinities."""
         state = self._layers.get(layer)
