@@ -257,16 +257,19 @@ def test_recording_memory_stays_flat_from_batch_to_batch(tmp_path):
     every batch; glibc then took fresh memory for each batch's maps: 64-80 MB per batch
     of 64 here (2.2-2.4 GB over the last 32 batches, in 3 of 3 runs before the fix),
     and 3.5 GB for 4096 samples of the benchmark's ResNet-18. The pooled activations
-    kept until the end are 2560 x 458 x 4 bytes (4.7 MB); the bound, 64 MB, is under
-    four of the 16.7 MB maps.
+    kept until the end are 2560 x 458 x 4 bytes (4.7 MB). With the fix the heap still
+    moves by a map now and then (16.7 MB steps, up and down: one clean-clone run grew by
+    five maps, 83 MB, from a dip at batch 8), so the growth is taken from the median of
+    batches 6-11 to the largest of the last 8, and bounded by 128 MB (under eight maps,
+    a seventeenth of the growth before the fix).
     """
     path = tmp_path / "memory.zarr"
     result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(path)],
                             capture_output=True, text=True, timeout=300, check=True)
     rss = np.array(json.loads(result.stdout.strip().splitlines()[-1])) / 2**20
     assert len(rss) == 41  # the one-sample planning pass, then 40 batches
-    growth = rss[-1] - rss[8]
-    assert growth < 64, (f"resident memory grew by {growth:.0f} MB over the last 32 "
-                         f"batches: {np.round(rss).astype(int).tolist()}")
+    growth = rss[-8:].max() - np.median(rss[6:12])
+    assert growth < 128, (f"resident memory grew by {growth:.0f} MB from batches 6-11 to "
+                          f"the last 8: {np.round(rss).astype(int).tolist()}")
     stored = open_store(path)["convnet"]
     assert stored["7"].activation.shape == (10, 64 * 40, 1)
