@@ -16,7 +16,6 @@ from topoxr.recording import (
     BackgroundWriter,
     LayerPlan,
     RecordingError,
-    available_adapters,
     check_against_store,
     get_adapter,
     iter_array_batches,

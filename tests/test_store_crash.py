@@ -297,7 +297,7 @@ def test_concurrent_reader_never_sees_a_torn_batch(tmp_path, reference):
     first.stdout.close()
     first.stderr.close()
     second = _start(store, "--delay", "0.005")
-    out, err = second.communicate(timeout=120)
+    _, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
     done.touch()
     rout, rerr = reader.communicate(timeout=120)

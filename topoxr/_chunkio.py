@@ -676,8 +676,6 @@ def update_group_attributes(group: zarr.Group, attributes: Mapping[str, Any],
     With ``jobs_out`` (a local store only), the write is appended to it as a job
     instead of being made (the group object has the new attributes at once).
     """
-    import dataclasses
-
     if not _zarr_local(group.store):
         group.update_attributes(dict(attributes))
         return
