@@ -424,7 +424,8 @@ def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, Stored
     Parameters
     ----------
     store : str or ActivationWriter
-        A path/URL (a store that does not exist yet holds nothing) or an open writer.
+        A path/URL (a store that does not exist yet holds nothing) or an open writer
+        (whose model name wins over ``model``, as in :func:`run_recording`).
     model : str
         The model name.
 
@@ -433,7 +434,9 @@ def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, Stored
     dict
         Original layer name -> :class:`StoredLayer`.
     """
-    url = store.url if isinstance(store, ActivationWriter) else store
+    url = store
+    if isinstance(store, ActivationWriter):
+        url, model = store.url, store.model
     try:
         layers = read_model_layers(url, model)
     except FileNotFoundError:
@@ -444,7 +447,8 @@ def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, Stored
         labels=info["labels"], attrs=info["attrs"]) for name, info in layers.items()}
 
 
-def completed_epochs(store: Any, model: str, layers: Sequence[str]) -> list[int]:
+def completed_epochs(store: Any, model: str, layers: Sequence[str], *,
+                     stored: Mapping[str, StoredLayer] | None = None) -> list[int]:
     """Epochs that the store holds complete for every one of ``layers`` of ``model``.
 
     A recorder restarted from a checkpoint uses it to skip what is already recorded.
@@ -452,20 +456,23 @@ def completed_epochs(store: Any, model: str, layers: Sequence[str]) -> list[int]
     Parameters
     ----------
     store : str or ActivationWriter
-        A path/URL or an open writer.
+        A path/URL or an open writer (whose model name wins over ``model``).
     model : str
         Model name.
     layers : sequence of str
         Layer names.
+    stored : mapping of str to StoredLayer, optional
+        What :func:`stored_layers` read from the store for this model; read here when
+        not given. A recorder that reads it once per epoch passes the same mapping here
+        and to :func:`run_recording`, which then need not read the store again.
 
     Returns
     -------
     list of int
         Sorted epochs (empty when the store or model does not exist).
     """
-    if isinstance(store, ActivationWriter):
-        model = store.model
-    stored = stored_layers(store, model)
+    if stored is None:
+        stored = stored_layers(store, model)
     done: set[int] | None = None
     for layer in layers:
         old = stored.get(layer)
@@ -964,6 +971,7 @@ def run_recording(
     description: str = "recording",
     compressor: Any = DEFAULT_COMPRESSOR,
     dtype: str = "float32",
+    stored: Mapping[str, StoredLayer] | None = None,
 ) -> RecordResult:
     """Record the outputs of ``layers`` over ``batches`` into a store.
 
@@ -1031,6 +1039,11 @@ def run_recording(
         path (see :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
     dtype : {"float32", "float16"}, default "float32"
         Storage dtype of the activations of layers created by this recording.
+    stored : mapping of str to StoredLayer, optional
+        What :func:`stored_layers` read from ``store`` for this model just before (a
+        recorder that checked :func:`completed_epochs` with it): the recording is
+        checked against it instead of reading the store again. The writer still loads
+        the layers under its lock and refuses writes that do not fit them.
 
     Returns
     -------
@@ -1091,7 +1104,8 @@ def run_recording(
                        if plan.reduce in ("mean", "max") and not _is_sequence(plan)
                        and np.ndim(outputs[layer]) > 2
                        and not plan.attrs.get(ATTR_MASKED)})
-    stored = stored_layers(store, model_name)
+    if stored is None:
+        stored = stored_layers(store, model_name)
     reductions = {layer: plan.attrs for layer, plan in plans.items()}
     plain = [layer for layer, plan in plans.items() if plan.reduce != "tokens"]
     check_against_store(

@@ -19,6 +19,7 @@ from topoxr.recording import (
     number_batches,
     prepare_arrays,
     run_recording,
+    stored_layers,
 )
 from topoxr_keras._select import ProbeModel, probe_model
 
@@ -279,7 +280,10 @@ class RecordActivations(keras.callbacks.Callback):
     def _record(self, epoch: int, logs: Mapping[str, Any]) -> None:
         if self._probe is None:
             raise RuntimeError("RecordActivations used outside model.fit")
-        if epoch in self.recorded_epochs:
+        # one read of the store per epoch: the skip and the recording's checks share it
+        stored = stored_layers(self.store, self.model_name)
+        if epoch in completed_epochs(self.store, self.model_name, self._probe.layers,
+                                     stored=stored):
             logger.info("epoch %d of model %r is already recorded; skipped", epoch,
                         self.model_name)
             return
@@ -295,5 +299,5 @@ class RecordActivations(keras.callbacks.Callback):
         _run(self._probe, batches, self.store, model_name=self.model_name, epoch=epoch,
              reduce=self.reduce, probe_ids=self.ids, probe_labels=self.y,
              n_samples=len(self.ids), batch_size=self.batch_size, progress=self.progress,
-             scalars=scalars, predict=self.predict)
+             scalars=scalars, predict=self.predict, stored=stored)
         self.recorded.append(epoch)

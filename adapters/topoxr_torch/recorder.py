@@ -21,6 +21,7 @@ from topoxr.recording import (
     number_batches,
     prepare_arrays,
     run_recording,
+    stored_layers,
 )
 from topoxr_torch._select import axis_rule, check_key, describe, first_tensor, resolve_specs
 
@@ -578,7 +579,9 @@ class ProbeRecorder:
         RecordResult or None
             What was recorded; ``None`` when the epoch was already complete (skipped).
         """
-        if epoch in self.recorded_epochs:
+        # one read of the store per epoch: the skip and the recording's checks share it
+        stored = stored_layers(self.store, self.model_name)
+        if epoch in completed_epochs(self.store, self.model_name, self._names, stored=stored):
             logger.info("epoch %d of model %r is already recorded; skipped", epoch,
                         self.model_name)
             return None
@@ -589,4 +592,4 @@ class ProbeRecorder:
                         epoch=epoch, reduce=self.reduce, probe_ids=self.ids,
                         probe_labels=self.y, n_samples=len(self.ids),
                         batch_size=self.batch_size, progress=self.progress,
-                        scalars=scalars, predict=self.predict)
+                        scalars=scalars, predict=self.predict, stored=stored)

@@ -16,7 +16,11 @@ keras = pytest.importorskip("keras")
 import topoxr_keras  # noqa: E402
 from topoxr import open_store  # noqa: E402
 from topoxr.recording import RecordingError  # noqa: E402
-from topoxr.testing.adapters import RecorderContract, store_snapshot  # noqa: E402
+from topoxr.testing.adapters import (  # noqa: E402
+    RecorderContract,
+    assert_unchanged,
+    store_snapshot,
+)
 from topoxr_keras import models  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
@@ -183,6 +187,24 @@ def test_callback_records_every_n_epochs(store_path):
     np.testing.assert_allclose(float(ds.loss.sel(epoch=2)), history["loss"][1], rtol=1e-6)
     assert np.isnan(float(ds.loss.sel(epoch=0)))
     assert not np.allclose(ds.activation.sel(epoch=0), ds.activation.sel(epoch=2))
+
+
+def test_callback_refuses_another_probe_set_before_writing(store_path):
+    """One read of the store per epoch serves the callback's skip and the recording's
+    checks: a probe set other than the stored one is refused with nothing written."""
+    x, y = models.load_digits_data()
+    model = models.make_model("mlp")
+    topoxr_keras.record(model, (x[:40], y[:40]), store_path, model_name="mlp", layers="out",
+                        progress=False)
+    before = store_snapshot(store_path)
+    callback = topoxr_keras.RecordActivations((x[40:80], y[40:80]), store_path,
+                                              model_name="mlp", layers="out",
+                                              sample_ids=np.arange(40, 80),
+                                              record_initial=False)
+    with pytest.raises(RecordingError, match="probe set differs"):
+        models.train(model, x[:100], y[:100], epochs=1, callbacks=[callback])
+    assert callback.recorded == []
+    assert_unchanged(before, store_path)
 
 
 def test_callback_refuses_bad_every():

@@ -15,7 +15,12 @@ torch = pytest.importorskip("torch")
 import topoxr_torch  # noqa: E402
 from topoxr import open_store  # noqa: E402
 from topoxr.recording import RecordingError  # noqa: E402
-from topoxr.testing.adapters import RecorderContract, store_snapshot  # noqa: E402
+from topoxr.store import ActivationWriter  # noqa: E402
+from topoxr.testing.adapters import (  # noqa: E402
+    RecorderContract,
+    assert_unchanged,
+    store_snapshot,
+)
 from topoxr_torch import models  # noqa: E402
 
 
@@ -180,6 +185,44 @@ def test_probe_recorder_inside_a_training_loop(store_path):
     np.testing.assert_allclose(ds.loss.sel(epoch=[1, 2]), [h["loss"] for h in history])
     assert model.training is False  # train() leaves eval mode; recording restored it
     assert not np.allclose(ds.activation.sel(epoch=0), ds.activation.sel(epoch=2))
+
+
+def test_probe_recorder_refuses_another_probe_set_before_writing(store_path):
+    """The recorder's one read of the store per epoch serves both the skip and the
+    recording's checks: a probe set other than the stored one is still refused, with
+    nothing written, at a new epoch and at an epoch already complete (not skipped)."""
+    x, y = models.load_digits_data()
+    model = models.make_model("mlp")
+    first = topoxr_torch.ProbeRecorder(model, (x[:40], y[:40]), store_path,
+                                       model_name="mlp", layers=["fc1", "out"])
+    first.record(0)
+    before = store_snapshot(store_path)
+    other = topoxr_torch.ProbeRecorder(model, (x[40:80], y[40:80]), store_path,
+                                       model_name="mlp", layers=["fc1", "out"],
+                                       sample_ids=np.arange(40, 80))
+    assert other.recorded_epochs == [0]
+    assert other.record(0) is None  # complete for these layers: skipped, not checked
+    with pytest.raises(RecordingError, match="probe set differs"):
+        other.record(1)
+    assert_unchanged(before, store_path)
+    assert first.record(1).samples == 40
+    assert first.recorded_epochs == [0, 1]
+
+
+def test_probe_recorder_into_an_open_writer_uses_the_writers_model(store_path):
+    x, y = models.load_digits_data()
+    model = models.make_model("mlp")
+    with ActivationWriter(store_path, model="kept") as writer:
+        probe = topoxr_torch.ProbeRecorder(model, (x[:30], y[:30]), writer,
+                                           model_name="ignored", layers="out")
+        probe.record(0)
+        assert probe.recorded_epochs == [0]
+        assert probe.record(0) is None
+        probe.record(1)
+        assert probe.recorded_epochs == [0, 1]
+    tree = open_store(store_path)
+    assert list(tree.children) == ["kept"]
+    np.testing.assert_array_equal(tree["kept/out"].epoch, [0, 1])
 
 
 def test_training_is_deterministic():
