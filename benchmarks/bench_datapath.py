@@ -244,12 +244,24 @@ def _child_write(p: dict) -> dict:
     best, peaks = _turns({"topoxr": topoxr_writer, "numpy_save": numpy_save}, REPEATS,
                          prepare={"topoxr": lambda: shutil.rmtree(store, ignore_errors=True),
                                   "numpy_save": no_old_files})
+    _check_written(store, acts, labels, preds)
     return {"bytes": nbytes, "seconds": best, "peak_rss_mb": peaks,
             "bytes_on_disk": {"topoxr": _du(store),
                               "numpy_save": sum(os.path.getsize(os.path.join(tmp, f))
                                                 for f in os.listdir(tmp) if f.endswith(".npy"))},
             "mb_per_s": {k: round(nbytes / v / 1e6, 1) for k, v in best.items()},
             "ratio": round(best["numpy_save"] / best["topoxr"], 3)}
+
+
+def _check_written(store: str, acts: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> None:
+    """The store holds the bytes ``np.save`` wrote (untimed): both did the same job."""
+    import topoxr
+
+    ds = topoxr.open_store(store)["bench/hidden"].to_dataset()
+    np.testing.assert_array_equal(ds.activation.transpose("neuron", "sample", "epoch").values,
+                                  acts)
+    np.testing.assert_array_equal(ds.label.values, labels)
+    np.testing.assert_array_equal(ds.prediction.transpose("sample", "epoch").values, preds)
 
 
 # -- the 2 GB store and its raw copy ------------------------------------------------------------
@@ -271,7 +283,7 @@ def _big_data(p: dict) -> tuple[Path, Path]:
     from topoxr import ActivationWriter
 
     n, m = p["read_samples"], p["read_epochs"]
-    base = SCRATCH / f"datapath-{NEURONS}x{n}x{m}-{_store_tag()}"
+    base = Path(p.get("scratch", SCRATCH)) / f"datapath-{NEURONS}x{n}x{m}-{_store_tag()}"
     store, raw = base / "store.zarr", base / "raw"
     if store.exists() and raw.exists():
         return store, raw
@@ -682,7 +694,8 @@ TARGETS = {"write": ">= 0.3 (throughput over np.save)",
            "record_conv": "<= 1.1 (time over the bare forward pass)"}
 
 
-def main(quick: bool = False, sections: tuple[str, ...] | None = None) -> dict:
+def main(quick: bool = False, sections: tuple[str, ...] | None = None, *,
+         sizes: dict[str, int] | None = None, scratch: str | Path | None = None) -> dict:
     """Run the data-path benchmark; see the module docstring.
 
     Parameters
@@ -692,6 +705,12 @@ def main(quick: bool = False, sections: tuple[str, ...] | None = None) -> dict:
     sections : tuple of str, optional
         Which sections to run (default all; the environment variable
         ``TOPOXR_BENCH_SECTIONS``, comma-separated, also selects).
+    sizes : dict of str to int, optional
+        Entries of ``SIZES`` to replace (the test suite runs every section at tiny
+        sizes); an unknown key is refused.
+    scratch : str or Path, optional
+        Folder for the scratch data and the cached 2 GB store (default
+        ``benchmarks/scratch``).
 
     Returns
     -------
@@ -701,18 +720,26 @@ def main(quick: bool = False, sections: tuple[str, ...] | None = None) -> dict:
     """
     chosen = sections or tuple(s for s in os.environ.get("TOPOXR_BENCH_SECTIONS", "").split(",")
                                if s) or SECTIONS
-    params: dict[str, Any] = dict(SIZES[quick])
-    SCRATCH.mkdir(exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="datapath-", dir=SCRATCH)
-    params["tmp"] = tmp
-    result: dict[str, Any] = {"sizes": dict(SIZES[quick]), "zarrs": _zarrs_available(),
-                              "repeats": REPEATS}
+    unknown = sorted(set(sizes or ()) - set(SIZES[quick]))
+    if unknown:
+        raise ValueError(f"unknown sizes {unknown}; known: {sorted(SIZES[quick])}")
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}; known: {list(SECTIONS)}")
+    params: dict[str, Any] = dict(SIZES[quick]) | dict(sizes or {})
+    scratch = Path(scratch) if scratch is not None else SCRATCH
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="datapath-", dir=scratch)
+    params |= {"tmp": tmp, "scratch": str(scratch)}
+    result: dict[str, Any] = {"sizes": {k: params[k] for k in SIZES[quick]},
+                              "zarrs": _zarrs_available(), "repeats": REPEATS}
     try:
         if {"read", "naps"} & set(chosen):
             t0 = time.perf_counter()
             store, raw = _big_data(params)
             params |= {"store": str(store), "raw": str(raw)}
-            result["big_store"] = {"path": str(store.relative_to(ROOT)),
+            result["big_store"] = {"path": str(store.relative_to(ROOT) if store.is_relative_to(
+                                       ROOT) else store),
                                    "bytes_on_disk": _du(store), "raw_bytes": _du(raw),
                                    "prepare_seconds": round(time.perf_counter() - t0, 1)}
         for name in chosen:

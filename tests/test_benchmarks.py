@@ -1,0 +1,67 @@
+"""The data-path benchmark's harness, run end to end at tiny sizes.
+
+``make bench`` is not part of CI; this keeps its harness working as the library
+changes: every section runs in its own child process on a real store on disk, each
+checks that topoxr and its baseline computed the same thing (the harness raises
+otherwise), and every ratio of issue 13's targets comes back. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+
+from benchmarks import bench_datapath  # noqa: E402
+
+TINY = {"write_samples": 512, "read_samples": 2048, "read_epochs": 2, "codec_samples": 512,
+        "mlp_samples": 512, "conv_samples": 64, "mlp_repeats": 1, "conv_repeats": 1}
+
+
+def _positive_seconds(section: dict) -> None:
+    assert section["seconds"], section
+    for name, seconds in section["seconds"].items():
+        assert math.isfinite(seconds) and seconds > 0, (name, seconds)
+
+
+@pytest.mark.slow
+def test_every_datapath_section_runs_and_checks_its_baseline(tmp_path):
+    result = bench_datapath.main(quick=True, sizes=TINY, scratch=tmp_path)
+    assert result["sizes"] == TINY
+    for name in bench_datapath.SECTIONS:
+        assert name in result, name
+    # each target section's ratio is a real measurement of both sides
+    assert set(result["ratios"]) == set(bench_datapath.TARGETS)
+    for name, entry in result["ratios"].items():
+        assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0, (name, entry)
+        assert entry["target"] == bench_datapath.TARGETS[name]
+    for name in ("write", "read", "naps"):
+        _positive_seconds(result[name])
+    write = result["write"]
+    assert write["bytes"] == 4 * bench_datapath.NEURONS * TINY["write_samples"] * (
+        bench_datapath.WRITE_EPOCHS)
+    assert write["bytes_on_disk"]["topoxr"] > write["bytes"]  # uncompressed, plus coords
+    assert result["read"]["bytes"] == 4 * bench_datapath.NEURONS * TINY["read_samples"] * (
+        TINY["read_epochs"])
+    conv = result["record_conv"]
+    assert sorted(int(n) for n in conv["by_samples"]) == [TINY["conv_samples"],
+                                                         4 * TINY["conv_samples"]]
+    _positive_seconds(conv)
+    assert set(conv["seconds"]) >= {"forward", "record", "record_new_path",
+                                    "record_later_epoch"}
+    assert conv["default_allocator"]["samples"] == TINY["conv_samples"]
+    assert conv["bytes_on_disk"] > 0
+    # the section's own scratch folder is removed; the cached read/NAPs store is kept
+    kept = [p.name for p in tmp_path.iterdir()]
+    assert len(kept) == 1 and kept[0].startswith(
+        f"datapath-{bench_datapath.NEURONS}x{TINY['read_samples']}x{TINY['read_epochs']}-")
+
+
+def test_datapath_refuses_unknown_sizes_and_sections(tmp_path):
+    with pytest.raises(ValueError, match="unknown sizes.*write_sample"):
+        bench_datapath.main(quick=True, sizes={"write_sample": 8}, scratch=tmp_path)
+    with pytest.raises(ValueError, match="unknown sections.*'recording'"):
+        bench_datapath.main(quick=True, sections=("recording",), scratch=tmp_path)
+    assert list(tmp_path.iterdir()) == []
