@@ -309,6 +309,34 @@ def test_local_listings_equal_what_zarr_lists(tmp_path):
                            "was deleted"] if group is layer else [])
 
 
+def test_arrays_read_from_identical_documents_keep_their_own_attributes(tmp_path):
+    """Layers repeat the same array documents; the nodes read from them share the
+    metadata zarr builds, but an attribute update on one array (zarr changes the dict
+    in place) reaches neither its twin in another layer nor a later reading."""
+    from topoxr._chunkio import local_members
+
+    path = tmp_path / "twins.zarr"
+    with ActivationWriter(str(path), model="m") as writer:
+        for layer in ("a", "b"):
+            writer.write(layer, np.ones((6, 3), np.float32), sample=np.arange(6),
+                         label=np.arange(6) % 2)
+    docs = {layer: (path / "m" / layer / "sample" / "zarr.json").read_bytes()
+            for layer in ("a", "b")}
+    assert docs["a"] == docs["b"]  # the case the shared metadata is for
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    first = {layer: local_members(root[f"m/{layer}"]) for layer in ("a", "b")}
+    before = dict(first["b"]["sample"].attrs)
+    first["a"]["sample"].update_attributes({"note": "only a"})
+    assert first["a"]["sample"].attrs["note"] == "only a"
+    assert dict(first["b"]["sample"].attrs) == before
+    again = {layer: local_members(root[f"m/{layer}"]) for layer in ("a", "b")}
+    assert again["a"]["sample"].attrs["note"] == "only a"  # read from its new document
+    assert dict(again["b"]["sample"].attrs) == before
+    for layer in ("a", "b"):  # and each node is what zarr itself opens
+        for name, node in again[layer].items():
+            assert node.metadata.to_dict() == root[f"m/{layer}/{name}"].metadata.to_dict()
+
+
 def test_activation_chunks_are_stored_sample_major_as_the_batches_came(tmp_path):
     """An activation chunk file holds the batch rows ``(sample, neuron)`` as given, then
     their crc32c: zarr's ``transpose`` codec (order 2, 1, 0) states it, so zarr, plain
