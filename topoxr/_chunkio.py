@@ -553,6 +553,14 @@ _METADATA: dict[tuple, tuple[Any, bytes]] = {}
 _METADATA_ENTRIES = 256
 
 
+def _with_own_attributes(metadata: Any, attributes: dict[str, Any]) -> Any:
+    """A shallow copy of shared (frozen) array metadata holding ``attributes``, a dict
+    of its own: zarr's ``update_attributes`` changes an array's attributes in place."""
+    metadata = copy.copy(metadata)
+    object.__setattr__(metadata, "attributes", attributes)
+    return metadata
+
+
 def _metadata_key(shape: tuple[int, ...], dtype: np.dtype,
                   spec: Mapping[str, Any]) -> tuple | None:
     """What decides an array's metadata in a :func:`create_arrays` spec (not its data,
@@ -620,9 +628,7 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
                     _METADATA.clear()
                 _METADATA[key] = known
         metadata, document = known
-        # each array its own attributes: zarr updates them in place (update_attributes)
-        metadata = copy.copy(metadata)
-        object.__setattr__(metadata, "attributes", dict(metadata.attributes))
+        metadata = _with_own_attributes(metadata, dict(metadata.attributes))
         path = store_key(group.path, name)
         jobs.append(functools.partial(put_pieces, group.store, store_key(path, "zarr.json"),
                                       [document]))
@@ -781,9 +787,7 @@ def _read_metadata(raw: bytes, doc: dict[str, Any], build: Callable[[dict], Any]
         if len(_READ_METADATA) >= _METADATA_ENTRIES:
             _READ_METADATA.clear()
         _READ_METADATA[raw] = known
-    metadata = copy.copy(known)
-    object.__setattr__(metadata, "attributes", doc.get("attributes", {}))
-    return metadata
+    return _with_own_attributes(known, doc.get("attributes", {}))
 
 
 def local_members(group: zarr.Group) -> dict[str, zarr.Array | zarr.Group] | None:
