@@ -20,7 +20,8 @@ from the same bytes (``python -m benchmarks datapath [--quick]``):
   no torchvision), against its bare forward pass. Target: recording adds <= 10 %
   (the ratio of the best of ``conv_repeats`` turns at ``conv_samples``; also the median
   over turns of each turn's ratio to the forward pass run just before it, and every
-  turn's seconds and minor page faults; the same turns at four times as many samples
+  turn's seconds, minor page faults and user/system CPU seconds; the recording's
+  capture alone, pooling but storing nothing; the same turns at four times as many samples
   split what recording adds into a fixed part and a part per sample). This child runs
   with glibc's allocator pinned (``STEADY_ALLOCATOR``: no heap trimming), so that the
   forward pass's maps do not land on fresh pages in some processes and not in others;
@@ -124,14 +125,17 @@ def _minor_faults() -> int:
 def _turns(variants: dict[str, Callable[[], Any]], repeats: int,
            prepare: dict[str, Callable[[], Any]] | None = None,
            times_out: dict[str, list[float]] | None = None,
-           faults_out: dict[str, list[int]] | None = None) -> tuple[dict, dict]:
+           faults_out: dict[str, list[int]] | None = None,
+           cpu_out: dict[str, list[list[float]]] | None = None) -> tuple[dict, dict]:
     """Time the variants taking turns ``repeats`` times (after one warm-up each).
 
     ``prepare[key]``, where given, runs untimed before every run of variant ``key``
     (e.g. deleting the output of its previous run). Returns the best seconds and the
     peak RSS (MB) of each variant's timed runs; ``times_out``, where given, receives
-    every timed run's seconds, in order, and ``faults_out`` its minor page faults (each
-    a fresh page of memory the kernel had to map and zero).
+    every timed run's seconds, in order, ``faults_out`` its minor page faults (each
+    a fresh page of memory the kernel had to map and zero) and ``cpu_out`` the CPU
+    seconds the process spent in it, ``[user, system]`` (every thread's, from
+    :func:`os.times`; system time is the kernel's work for it, e.g. creating files).
     """
     import gc
 
@@ -141,6 +145,7 @@ def _turns(variants: dict[str, Callable[[], Any]], repeats: int,
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     faults: dict[str, list[int]] = {k: [] for k in variants}
+    cpu: dict[str, list[list[float]]] = {k: [] for k in variants}
     peaks: dict[str, float] = dict.fromkeys(variants, 0.0)
     for _ in range(repeats):
         for key, fn in variants.items():
@@ -148,15 +153,20 @@ def _turns(variants: dict[str, Callable[[], Any]], repeats: int,
             gc.collect()
             with PeakRSS() as rss:
                 f0 = _minor_faults()
+                c0 = os.times()
                 t0 = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - t0)
+                c1 = os.times()
                 faults[key].append(_minor_faults() - f0)
+                cpu[key].append([round(c1.user - c0.user, 2), round(c1.system - c0.system, 2)])
             peaks[key] = max(peaks[key], rss.mb)
     if times_out is not None:
         times_out.update(times)
     if faults_out is not None:
         faults_out.update(faults)
+    if cpu_out is not None:
+        cpu_out.update(cpu)
     return {k: min(v) for k, v in times.items()}, peaks
 
 
@@ -442,20 +452,42 @@ def _inode_create_us(folder: str, count: int = 200) -> float:
     return round((time.perf_counter() - t0) / count * 1e6, 1)
 
 
+def _pooled_capture(model: Any, layers: list[str], x: np.ndarray) -> Callable[[], None]:
+    """A run of ``model`` over ``x`` through the recording's capture, nothing stored.
+
+    The capture pools the layers a recording pools (every 4-D output, the mean over its
+    positions, see :func:`topoxr.recording.run_recording`), decided here from one
+    sample, and returns ``(batch, neurons, 1)`` arrays that are dropped.
+    """
+    from topoxr_torch.recorder import capture
+
+    def run() -> None:
+        with capture(model, layers) as cap:
+            outputs, _ = cap(x[:1])
+            cap.pool.update({name: (cap.axes[name], "mean") for name, out in outputs.items()
+                             if out.ndim > 2})
+            for start in range(0, len(x), CONV_BATCH):
+                cap(x[start:start + CONV_BATCH])
+    return run
+
+
 def _child_record_conv(p: dict) -> dict:
     """Recording against the bare forward pass, for two probe-set sizes.
 
     The ratio of the target is taken at ``conv_samples``; the same turns at four times
     as many samples split what recording adds into a fixed part (creating the layers'
     arrays, the last commit, consolidation) and a part per sample, fitted through the
-    two sizes: ``added(n) = fixed + per_sample * n``. At ``conv_samples`` two more
-    variants take turns, reported beside the target (``ratio_record_new_path``: a new
-    store path every run, nothing deleted until the turns end; ``ratio_record_tmpfs``:
-    the store on ``/dev/shm``), to show how much of the overhead is the file system's,
-    and ``ratio_record_later_epoch``: epoch 1 recorded into a store holding epoch 0 (a
+    two sizes: ``added(n) = fixed + per_sample * n``. At ``conv_samples`` more
+    variants take turns, reported beside the target: ``ratio_capture_pooled``, the
+    recording's capture alone (hooks and pooling, nothing stored: the method's own
+    part of the overhead); ``ratio_record_new_path`` (a new store path every run,
+    nothing deleted until the turns end) and ``ratio_record_tmpfs`` (the store on
+    ``/dev/shm``), to show how much of the overhead is the file system's; and
+    ``ratio_record_later_epoch``: epoch 1 recorded into a store holding epoch 0 (a
     training loop's case). With ``p["slim"]``, only the forward pass and the target's
     recording take turns, at ``conv_samples`` (the run beside it under glibc's default
-    allocator settings, see ``main``). Every turn's minor page faults are reported.
+    allocator settings, see ``main``). Every turn's minor page faults and the process's
+    user and system CPU seconds are reported.
     """
     import torch
 
@@ -498,6 +530,10 @@ def _child_record_conv(p: dict) -> dict:
         prepare = {"record": delete_store}
         fresh = os.path.join(p["tmp"], "resnet-new-paths")
         if n == sizes[0] and not slim:
+            # reported, not the target: the recording's capture alone (its hooks pool
+            # every conv map as a recording does; nothing is stored), to split what
+            # recording adds into the pooling's part and the store's
+            variants["capture_pooled"] = _pooled_capture(model, layers, x)
             # reported, not the target: where the file system's part of the overhead goes.
             # (1) a new store path every run, none deleted until all turns are done: the
             # target's runs replace the store deleted just before, and ext4 allocates
@@ -542,9 +578,10 @@ def _child_record_conv(p: dict) -> dict:
         repeats = p["conv_repeats"] if n == sizes[0] else max(1, p["conv_repeats"] - 2)
         turns: dict[str, list[float]] = {}
         faults: dict[str, list[int]] = {}
+        cpu: dict[str, list[list[float]]] = {}
         try:
             best, peaks = _turns(variants, repeats, prepare=prepare, times_out=turns,
-                                 faults_out=faults)
+                                 faults_out=faults, cpu_out=cpu)
         finally:
             shutil.rmtree(fresh, ignore_errors=True)
             if "record_tmpfs" in variants:
@@ -552,19 +589,21 @@ def _child_record_conv(p: dict) -> dict:
         by_samples[n] = {"seconds": best, "peak_rss_mb": peaks, "bytes_on_disk": _du(path),
                          "turn_seconds": {k: [round(t, 4) for t in v] for k, v in turns.items()},
                          "turn_minor_faults": faults,
+                         "turn_cpu_user_system_seconds": cpu,
                          # each turn's record over the forward pass run just before it:
                          # drifts of the machine's speed between turns cancel
                          "median_turn_ratio": round(float(np.median(
                              np.array(turns["record"]) / np.array(turns["forward"]))), 3),
                          "added_seconds": round(best["record"] - best["forward"], 3),
                          "ratio": round(best["record"] / best["forward"], 3)}
-        for key in ("record_new_path", "record_tmpfs", "record_later_epoch"):
+        for key in ("capture_pooled", "record_new_path", "record_tmpfs", "record_later_epoch"):
             if key in best:
                 by_samples[n][f"ratio_{key}"] = round(best[key] / best["forward"], 3)
     if slim:
         (n0, small), = by_samples.items()
         return {"samples": n0, **{k: small[k] for k in (
             "seconds", "peak_rss_mb", "turn_seconds", "turn_minor_faults",
+            "turn_cpu_user_system_seconds",
             "median_turn_ratio", "added_seconds", "ratio")}}
     (n0, small), (n1, large) = by_samples.items()
     per_sample = (large["added_seconds"] - small["added_seconds"]) / (n1 - n0)
@@ -577,7 +616,8 @@ def _child_record_conv(p: dict) -> dict:
             "bytes_on_disk": small["bytes_on_disk"], "ratio": small["ratio"],
             "median_turn_ratio": small["median_turn_ratio"],
             "inode_create_us": inode_us,
-            **{k: v for k, v in small.items() if k.startswith("ratio_record_")},
+            **{k: v for k, v in small.items() if k.startswith(("ratio_record_",
+                                                                "ratio_capture_"))},
             "by_samples": by_samples,
             "added_fixed_seconds": round(fixed, 3),
             "added_per_sample_over_forward": round(per_sample / per_sample_forward, 3)}

@@ -49,8 +49,15 @@ def test_every_datapath_section_runs_and_checks_its_baseline(tmp_path):
     assert sorted(int(n) for n in conv["by_samples"]) == [TINY["conv_samples"],
                                                          4 * TINY["conv_samples"]]
     _positive_seconds(conv)
-    assert set(conv["seconds"]) >= {"forward", "record", "record_new_path",
+    assert set(conv["seconds"]) >= {"forward", "record", "capture_pooled", "record_new_path",
                                     "record_later_epoch"}
+    assert math.isfinite(conv["ratio_capture_pooled"]) and conv["ratio_capture_pooled"] > 0
+    # every timed turn's process CPU seconds, [user, system], one pair per turn
+    small = conv["by_samples"][str(TINY["conv_samples"])]  # JSON from the child: str keys
+    cpu = small["turn_cpu_user_system_seconds"]
+    for name, turns in small["turn_seconds"].items():
+        assert len(cpu[name]) == len(turns), name
+        assert all(len(pair) == 2 and min(pair) >= 0 for pair in cpu[name]), (name, cpu[name])
     assert conv["default_allocator"]["samples"] == TINY["conv_samples"]
     assert conv["bytes_on_disk"] > 0
     # the section's own scratch folder is removed; the cached read/NAPs store is kept
