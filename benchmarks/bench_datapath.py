@@ -452,23 +452,45 @@ def _inode_create_us(folder: str, count: int = 200) -> float:
     return round((time.perf_counter() - t0) / count * 1e6, 1)
 
 
-def _pooled_capture(model: Any, layers: list[str], x: np.ndarray) -> Callable[[], None]:
+def _pooled_capture(model: Any, layers: list[str], x: np.ndarray) -> Callable[..., Any]:
     """A run of ``model`` over ``x`` through the recording's capture, nothing stored.
 
     The capture pools the layers a recording pools (every 4-D output, the mean over its
     positions, see :func:`topoxr.recording.run_recording`), decided here from one
-    sample, and returns ``(batch, neurons, 1)`` arrays that are dropped.
+    sample, and returns ``(batch, neurons, 1)`` arrays, dropped; ``run(keep=True)``
+    returns them instead, joined per layer as ``(samples, neurons)`` (see
+    :func:`_check_captured_as_recorded`).
     """
     from topoxr_torch.recorder import capture
 
-    def run() -> None:
+    def run(keep: bool = False) -> dict[str, np.ndarray] | None:
+        kept: dict[str, list[np.ndarray]] = {name: [] for name in layers}
         with capture(model, layers) as cap:
             outputs, _ = cap(x[:1])
             cap.pool.update({name: (cap.axes[name], "mean") for name, out in outputs.items()
                              if out.ndim > 2})
             for start in range(0, len(x), CONV_BATCH):
-                cap(x[start:start + CONV_BATCH])
+                outputs, _ = cap(x[start:start + CONV_BATCH])
+                if keep:
+                    for name, out in outputs.items():
+                        kept[name].append(out.reshape(len(out), -1))
+        return {name: np.concatenate(parts) for name, parts in kept.items()} if keep else None
     return run
+
+
+def _check_captured_as_recorded(run: Callable[..., Any], store: str, model: str) -> None:
+    """The capture variant computes what the recording stored (untimed): every layer's
+    values equal the store's, so its time is the recording's capture and nothing else."""
+    import topoxr
+
+    tree = topoxr.open_store(store)[model]
+    captured = run(keep=True)
+    if sorted(captured) != sorted(tree.children):
+        raise RuntimeError(f"the capture variant ran layers {sorted(captured)}, the "
+                           f"recording stored {sorted(tree.children)}")
+    for name, values in captured.items():
+        stored = tree[name].to_dataset().activation.isel(epoch=0).transpose("sample", "neuron")
+        np.testing.assert_array_equal(stored.values, values, err_msg=f"layer {name!r}")
 
 
 def _child_record_conv(p: dict) -> dict:
@@ -480,7 +502,8 @@ def _child_record_conv(p: dict) -> dict:
     two sizes: ``added(n) = fixed + per_sample * n``. At ``conv_samples`` more
     variants take turns, reported beside the target: ``ratio_capture_pooled``, the
     recording's capture alone (hooks and pooling, nothing stored: the method's own
-    part of the overhead); ``ratio_record_new_path`` (a new store path every run,
+    part of the overhead; checked untimed to compute every value the recording
+    stored, :func:`_check_captured_as_recorded`); ``ratio_record_new_path`` (a new store path every run,
     nothing deleted until the turns end) and ``ratio_record_tmpfs`` (the store on
     ``/dev/shm``), to show how much of the overhead is the file system's; and
     ``ratio_record_later_epoch``: epoch 1 recorded into a store holding epoch 0 (a
@@ -586,6 +609,8 @@ def _child_record_conv(p: dict) -> dict:
             shutil.rmtree(fresh, ignore_errors=True)
             if "record_tmpfs" in variants:
                 shutil.rmtree(shm, ignore_errors=True)
+        if "capture_pooled" in variants:
+            _check_captured_as_recorded(variants["capture_pooled"], path, "resnet18")
         by_samples[n] = {"seconds": best, "peak_rss_mb": peaks, "bytes_on_disk": _du(path),
                          "turn_seconds": {k: [round(t, 4) for t in v] for k, v in turns.items()},
                          "turn_minor_faults": faults,
