@@ -503,9 +503,10 @@ def _child_record_conv(p: dict) -> dict:
     variants take turns, reported beside the target: ``ratio_capture_pooled``, the
     recording's capture alone (hooks and pooling, nothing stored: the method's own
     part of the overhead; checked untimed to compute every value the recording
-    stored, :func:`_check_captured_as_recorded`); ``ratio_record_new_path`` (a new store path every run,
-    nothing deleted until the turns end) and ``ratio_record_tmpfs`` (the store on
-    ``/dev/shm``), to show how much of the overhead is the file system's; and
+    stored, :func:`_check_captured_as_recorded`); ``ratio_record_new_path`` (a new
+    store path every run, nothing deleted until the turns end) and
+    ``ratio_record_tmpfs`` (the store on ``/dev/shm``), to show how much of the
+    overhead is the file system's; and
     ``ratio_record_later_epoch``: epoch 1 recorded into a store holding epoch 0 (a
     training loop's case). With ``p["slim"]``, only the forward pass and the target's
     recording take turns, at ``conv_samples`` (the run beside it under glibc's default
