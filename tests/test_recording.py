@@ -10,8 +10,9 @@ import textwrap
 
 import numpy as np
 import pytest
+import zarr
 
-from topoxr import ActivationWriter, open_store
+from topoxr import ActivationWriter, StoreError, open_store
 from topoxr.recording import (
     BackgroundWriter,
     LayerPlan,
@@ -277,9 +278,10 @@ def test_changed_labels_are_refused_before_writing(store_path):
 
 
 # -- background writer ----------------------------------------------------------------------
-@pytest.mark.parametrize(("chunks_per_write", "writes"), [(1, 4), (4, 3)])
-def test_background_writer_coalesces_into_whole_writes(store_path, chunks_per_write, writes):
-    with ActivationWriter(store_path, model="m") as writer:
+@pytest.mark.parametrize(("chunks_per_write", "writes"), [(1, 3), (4, 2)])
+def test_background_writer_coalesces_into_whole_writes(store_path, tmp_path, chunks_per_write,
+                                                       writes):
+    with ActivationWriter(store_path, model="m", expected_samples=100) as writer:
         with BackgroundWriter(writer, epoch=0, plans={"a": LayerPlan("mean", 1, "test")},
                               write_bytes=4 * 2 * 40, chunks_per_write=chunks_per_write) as bg:
             bg.set_targets({"a": 2}, batch_size=10)  # 40 rows per write
@@ -288,12 +290,30 @@ def test_background_writer_coalesces_into_whole_writes(store_path, chunks_per_wr
                 bg.submit({"a": np.stack([ids, -ids], 1).astype(np.float32)}, ids, None,
                           None, {})
         assert bg.written == 100
-        # The first batch at once, then up to the first chunk boundary (40), then
-        # chunks_per_write chunks at a time, and the rest at close.
+        # Up to the first chunk boundary (40), then chunks_per_write chunks at a time,
+        # and the rest at close.
         assert bg.writes == writes
     ds = open_store(store_path)["m/a"].to_dataset().load()
     np.testing.assert_array_equal(ds.activation.values[0, :, 0], np.arange(100))
     np.testing.assert_array_equal(ds.activation.values[1, :, 0], -np.arange(100))
+    # The layer's chunks are those of batches of 10 written one by one, although its
+    # first write joined four of them.
+    one_by_one = str(tmp_path / "one-by-one.zarr")
+    with ActivationWriter(one_by_one, model="m", expected_samples=100) as writer:
+        for start in range(0, 100, 10):
+            ids = np.arange(start, start + 10)
+            writer.write("a", np.stack([ids, -ids], 1).astype(np.float32), sample=ids)
+    for name in ("activation", "sample", "committed"):
+        assert (zarr.open_array(f"{store_path}/m/a/{name}").chunks
+                == zarr.open_array(f"{one_by_one}/m/a/{name}").chunks), name
+
+
+@pytest.mark.parametrize("bad", [0, -10, 2.5, True, "10"])
+def test_a_bad_batch_rows_is_refused_before_writing(store_path, bad):
+    with ActivationWriter(store_path, model="m") as writer:
+        with pytest.raises(StoreError, match="batch_rows must be a positive integer"):
+            writer.write("a", np.zeros((4, 3), np.float32), sample=np.arange(4), batch_rows=bad)
+        assert writer.layers == []
 
 
 def test_background_writer_errors_reach_the_caller(store_path):

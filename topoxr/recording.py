@@ -693,11 +693,14 @@ class BackgroundWriter:
 
     Batches go through a ``queue.Queue(maxsize=queue_size)``: memory stays bounded and a
     slow store slows the producer down instead of piling up. Each layer is reduced on the
-    thread by its :class:`LayerPlan` (:func:`topoxr.reduction.reduce_layer`). The first
-    batch of each layer is written at once (the store creates the layer, with the plan's
-    attributes, and sizes its chunks from it: whole batches adding up to about
-    ``write_bytes``); later batches are coalesced into writes that end on chunk
-    boundaries, ``chunks_per_write`` chunks at a time. The first error of the thread is
+    thread by its :class:`LayerPlan` (:func:`topoxr.reduction.reduce_layer`). Batches are
+    coalesced into writes that end on chunk boundaries (whole batches adding up to about
+    ``write_bytes``), ``chunks_per_write`` chunks at a time, and the rest at
+    :meth:`close`; the first write creates the layer in the store, with the plan's
+    attributes and chunks sized from the batch size (``batch_rows``), not from the rows
+    that write joins. (Per-token layers have their first batch written at once, see
+    :meth:`_due`.) A probe set smaller than a chunk is thus handed over whole, once, at
+    the end: no partial buffer is copied into another. The first error of the thread is
     raised in the caller at the next :meth:`submit` or at :meth:`close`.
 
     Parameters
@@ -735,6 +738,7 @@ class BackgroundWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._pending: dict[str, _Pending] = {}
         self._targets: dict[str, int] = {}
+        self._batch_size: int | None = None
         self._error: BaseException | None = None
         self._closed = False
         #: Samples written (per layer, summed) and number of write calls, for inspection.
@@ -745,23 +749,26 @@ class BackgroundWriter:
 
     def set_targets(self, neurons: Mapping[str, int], batch_size: int) -> None:
         """Rows per write for each layer: whole batches adding up to ``write_bytes``."""
+        self._batch_size = batch_size
         for layer, n in neurons.items():
             self._targets[layer] = batch_size * max(1, self._write_bytes // (batch_size * 4 * n))
 
     def _due(self, layer: str, pending_rows: int) -> bool:
         """Whether the pending rows of ``layer`` reach its next write boundary.
 
-        The first batch of a layer is written at once: the store creates the layer (slow,
-        better overlapped with compute) and sizes its chunks from that batch, which gives
-        the chunk of ``set_targets``. Later writes end on chunk boundaries: the rest of
-        the first chunk, then ``chunks_per_write`` chunks at a time.
+        Writes end on chunk boundaries (the chunk of ``set_targets``), ``chunks_per_write``
+        chunks at a time; the store sizes a layer's chunks from the batch size it is
+        told (``batch_rows``), so that its chunks are those of ``set_targets`` however
+        many batches its first write joins. A layer of per-token rows (as many rows per
+        batch as kept tokens) has its first batch written at once instead: the store
+        sizes its chunks from that batch.
         """
-        if layer not in self._rows_written:
+        if layer not in self._rows_written and _is_sequence(self._plans[layer]):
             return True
         chunk = self._targets.get(layer, 0)
         if chunk <= 0:
             return True
-        done = self._rows_written[layer]
+        done = self._rows_written.get(layer, 0)
         boundary = chunk if done < chunk else (done // chunk + self._chunks_per_write) * chunk
         return done + pending_rows >= boundary
 
@@ -897,7 +904,8 @@ class BackgroundWriter:
         self.written += write(
             layer, values, sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
             channel_axis=1 if values.ndim > 2 else None, reduce=plan.label,
-            layer_attrs=plan.attrs, **meta,
+            layer_attrs=plan.attrs,
+            batch_rows=None if _is_sequence(plan) else self._batch_size, **meta,
         )
 
 
