@@ -874,7 +874,6 @@ def consolidate(store: Any) -> None:
     Other stores, and hierarchies with anything but Zarr v3 arrays and groups, go
     through zarr.
     """
-    from pathlib import Path
 
     def through_zarr() -> None:
         with warnings.catch_warnings():
@@ -884,26 +883,32 @@ def consolidate(store: Any) -> None:
     if not _zarr_local(store):
         through_zarr()
         return
-    root = Path(store.root)
+    root = os.fspath(store.root)
     groups: dict[str, Any] = {}
     arrays: dict[str, Any] = {}
     root_doc: dict[str, Any] | None = None
+    parsed: dict[bytes, Any] = {}  # equal documents (every layer's "sample"...) parsed once
     # Depth first, sorted like os.walk here: a node's zarr.json is read, and only a
     # group's folder is listed (an array's folder holds its chunk files, possibly
-    # thousands: listing it would cost more than the rest together).
-    folders = [root]
+    # thousands: listing it would cost more than the rest together). Plain strings,
+    # not pathlib: a store has hundreds of nodes.
+    folders = [(root, ".")]
     while folders:
-        folder = folders.pop()
+        folder, key = folders.pop()
         try:
-            with open(folder / "zarr.json", "rb") as f:
-                doc = json.loads(f.read())
+            with open(os.path.join(folder, "zarr.json"), "rb") as f:
+                raw = f.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             continue  # not a node (zarr lists nothing below it either)
+        doc = parsed.get(raw)
+        if doc is None:
+            doc = json.loads(raw)
+            if isinstance(doc, dict) and doc.get("node_type") == "array":
+                parsed[raw] = doc  # nested as it is: one object may serve many arrays
         kind = doc.get("node_type") if isinstance(doc, dict) else None
         if kind not in ("array", "group") or doc.get("zarr_format") != 3:
             through_zarr()
             return
-        key = folder.relative_to(root).as_posix()
         doc.pop("consolidated_metadata", None)
         if key == ".":
             root_doc = doc
@@ -914,7 +919,8 @@ def consolidate(store: Any) -> None:
             groups[key] = {**doc, "consolidated_metadata": dict(_EMPTY_INLINE, metadata={})}
         with os.scandir(folder) as entries:
             children = sorted(e.name for e in entries if e.is_dir())
-        folders.extend(folder / name for name in reversed(children))
+        folders.extend((os.path.join(folder, name), name if key == "." else f"{key}/{name}")
+                       for name in reversed(children))
     if root_doc is None or root_doc["node_type"] != "group":
         through_zarr()
         return
