@@ -473,6 +473,8 @@ def start_linking(store: Any) -> None:
 def stop_linking(store: Any) -> None:
     """Write every file of ``store`` again, and forget the files written so far."""
     _LINKS.pop(os.fspath(store.root), None)
+
+
 _ZARR_LOCAL_SET_SYNC = zarr.storage.LocalStore.set_sync
 
 

@@ -167,8 +167,8 @@ class ActivationWriter:
     link_identical_files : bool, default True
         Local stores only (not with ``fsync``): a small file (64 KiB at most) whose bytes
         equal those of a file this writer wrote before becomes a hard link to it: one
-        inode for every layer's copy of the same coordinates and metadata (about 270 of
-        the 313 files of a 15-layer ResNet-18), which creating and deleting stores pays
+        inode for every layer's copy of the same coordinates and metadata (268 of the
+        313 files of a 15-layer ResNet-18), which creating and deleting stores pays
         for per inode (see "Hard links" below). ``False`` writes every file.
 
     Notes
