@@ -151,3 +151,19 @@ def test_no_links_with_fsync_or_when_turned_off(tmp_path, kwargs):
     _write(path, **kwargs)
     assert all(st.st_nlink == 1 for st in _files(path).values())
     np.testing.assert_array_equal(open_store(path)["m/c"].sample, np.arange(N))
+
+
+def test_damage_to_a_shared_file_is_reported_for_every_layer_that_holds_it(tmp_path):
+    """One inode serves every layer's copy: a flipped byte in it (as a disk would
+    damage it, in place) shows in each of those layers, loudly, not in one only."""
+    path = str(tmp_path / "run.zarr")
+    _write(path)
+    shared = os.path.join(path, "m", "a", "label", "c.0")
+    assert os.stat(shared).st_nlink >= 3
+    with open(shared, "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    report = verify(path)
+    damaged = {p.node for p in report.problems if "label" in p.what}
+    assert damaged == {"m/a", "m/b", "m/c"}
