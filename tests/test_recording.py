@@ -200,6 +200,27 @@ def _record(store, x, y=None, *, epoch=0, ids=None, weights=None, **kwargs):
         n_samples=len(x), batch_size=8, progress=False, **kwargs)
 
 
+def test_chunks_are_sized_from_the_batches_the_data_yields(store_path, tmp_path):
+    """Batches of 8 recorded with batch_size=256 (which sizes only the coalesced writes,
+    as for a loader with batches of its own): the layers' chunks are those of batches
+    of 8 written one by one, as when the first batch was written alone."""
+    x = np.random.default_rng(1).normal(size=(40, 5)).astype(np.float32)
+    ids = np.arange(40)
+    run_recording(_numpy_forward(np.eye(5, 4, dtype=np.float32)),
+                  iter_array_batches(x, ids, None, {}, 8), store_path, model_name="np",
+                  layers=["hidden"], probe_ids=ids, n_samples=40, batch_size=256,
+                  progress=False)
+    one_by_one = str(tmp_path / "one-by-one.zarr")
+    with ActivationWriter(one_by_one, model="np", expected_samples=40,
+                          expected_epochs=1) as writer:
+        for start in range(0, 40, 8):
+            writer.write("hidden", x[start:start + 8] @ np.eye(5, 4, dtype=np.float32),
+                         sample=ids[start:start + 8])
+    for name in ("activation", "sample", "committed"):
+        assert (zarr.open_array(f"{store_path}/np/hidden/{name}").chunks
+                == zarr.open_array(f"{one_by_one}/np/hidden/{name}").chunks), name
+
+
 def test_run_recording_writes_complete_epochs(store_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 5)).astype(np.float32)

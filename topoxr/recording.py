@@ -747,9 +747,15 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="topoxr-writer", daemon=True)
         self._thread.start()
 
-    def set_targets(self, neurons: Mapping[str, int], batch_size: int) -> None:
-        """Rows per write for each layer: whole batches adding up to ``write_bytes``."""
-        self._batch_size = batch_size
+    def set_targets(self, neurons: Mapping[str, int], batch_size: int, *,
+                    first_batch: int | None = None) -> None:
+        """Rows per write for each layer: whole batches adding up to ``write_bytes``.
+
+        ``first_batch``: the rows of the first batch (default ``batch_size``), the batch
+        size the store sizes a new layer's chunks from (``batch_rows``), as it did when
+        that batch was written alone.
+        """
+        self._batch_size = batch_size if first_batch is None else first_batch
         for layer, n in neurons.items():
             self._targets[layer] = batch_size * max(1, self._write_bytes // (batch_size * 4 * n))
 
@@ -1140,7 +1146,7 @@ def run_recording(
                unit="sample", disable=not progress, leave=False)
     try:
         with BackgroundWriter(writer, epoch=epoch, plans=plans, queue_size=queue_size) as bg:
-            bg.set_targets(neurons, batch_size)
+            bg.set_targets(neurons, batch_size, first_batch=len(first))
             batch: Batch | None = first
             while batch is not None:
                 if batch is not first or sample_first:
