@@ -618,20 +618,21 @@ def _child_record_conv(p: dict) -> dict:
         turns: dict[str, list[float]] = {}
         faults: dict[str, list[int]] = {}
         cpu: dict[str, list[list[float]]] = {}
-        best, peaks = _turns(variants, repeats, prepare=prepare, times_out=turns,
-                             faults_out=faults, cpu_out=cpu)
-        if "capture_pooled" in reported:
-            _check_captured_as_recorded(reported["capture_pooled"], path, "resnet18")
-        if reported:
-            block: tuple[dict, dict, dict] = ({}, {}, {})
-            try:
+        block: tuple[dict, dict, dict] = ({}, {}, {})
+        try:
+            best, peaks = _turns(variants, repeats, prepare=prepare, times_out=turns,
+                                 faults_out=faults, cpu_out=cpu)
+            if "capture_pooled" in reported:
+                _check_captured_as_recorded(reported["capture_pooled"], path, "resnet18")
+            if reported:
                 best_r, peaks_r = _turns({"forward": forward, **reported}, repeats,
                                          prepare=prepare, times_out=block[0],
                                          faults_out=block[1], cpu_out=block[2])
-            finally:
-                shutil.rmtree(fresh, ignore_errors=True)
-                if "record_tmpfs" in reported:
-                    shutil.rmtree(shm, ignore_errors=True)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+            if "record_tmpfs" in reported:
+                shutil.rmtree(shm, ignore_errors=True)
+        if reported:
             # the block's own forward pass is "forward_beside_reported": each reported
             # ratio is over it, timed in the same minutes
             for out, got in zip((turns, faults, cpu), block, strict=True):
