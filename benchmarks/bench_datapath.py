@@ -650,10 +650,8 @@ def _child_record_conv(p: dict) -> dict:
                              np.array(turns["record"]) / np.array(turns["forward"]))), 3),
                          "added_seconds": round(best["record"] - best["forward"], 3),
                          "ratio": round(best["record"] / best["forward"], 3)}
-        for key in ("capture_pooled", "record_new_path", "record_tmpfs", "record_later_epoch"):
-            if key in best:
-                by_samples[n][f"ratio_{key}"] = round(
-                    best[key] / best["forward_beside_reported"], 3)
+        for key in reported:
+            by_samples[n][f"ratio_{key}"] = round(best[key] / best["forward_beside_reported"], 3)
     if not slim:
         # untimed, after every timed turn: the capture variant computes what a recording
         # stores. Last, because keeping a whole pass's outputs raised the process's memory

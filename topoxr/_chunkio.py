@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -36,6 +37,7 @@ import math
 import os
 import sys
 import itertools
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -208,8 +210,6 @@ class EncodedMemo:
     """
 
     def __init__(self, max_entries: int = 16, max_chunk_bytes: int = 1 << 20) -> None:
-        import threading
-
         self.max_entries = max_entries
         self.max_chunk_bytes = max_chunk_bytes
         self._lock = threading.Lock()
@@ -363,8 +363,6 @@ class IdenticalFiles:
     """
 
     def __init__(self, max_bytes: int = 8 << 20) -> None:
-        import threading
-
         self.max_bytes = max_bytes
         self.disabled = False
         self._lock = threading.Lock()
@@ -378,8 +376,6 @@ class IdenticalFiles:
         claim)``: the caller writes the file and then passes ``claim`` to
         :meth:`written` (also when the write failed); ``claim`` is None where nothing
         is to be remembered (links refused here, or the remembered file changed)."""
-        import threading
-
         for _ in range(2):  # a second look after waiting for another thread's write
             if self.disabled:
                 return False, None
@@ -449,8 +445,6 @@ class IdenticalFiles:
         return True
 
     def _refused(self, content: bytes, err: OSError) -> bool:
-        import errno
-
         if err.errno == errno.EMLINK:  # that file has as many names as it can have
             self._forget(content)
         else:  # links not supported here (or not allowed): write every file

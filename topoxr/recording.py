@@ -738,7 +738,7 @@ class BackgroundWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._pending: dict[str, _Pending] = {}
         self._targets: dict[str, int] = {}
-        self._batch_size: int | None = None
+        self._first_batch_rows: int | None = None
         self._error: BaseException | None = None
         self._closed = False
         #: Samples written (per layer, summed) and number of write calls, for inspection.
@@ -755,7 +755,7 @@ class BackgroundWriter:
         size the store sizes a new layer's chunks from (``batch_rows``), as it did when
         that batch was written alone.
         """
-        self._batch_size = batch_size if first_batch is None else first_batch
+        self._first_batch_rows = batch_size if first_batch is None else first_batch
         for layer, n in neurons.items():
             self._targets[layer] = batch_size * max(1, self._write_bytes // (batch_size * 4 * n))
 
@@ -911,7 +911,7 @@ class BackgroundWriter:
             layer, values, sample=cat(1), label=cat(2), prediction=cat(3), epoch=self._epoch,
             channel_axis=1 if values.ndim > 2 else None, reduce=plan.label,
             layer_attrs=plan.attrs,
-            batch_rows=None if _is_sequence(plan) else self._batch_size, **meta,
+            batch_rows=None if _is_sequence(plan) else self._first_batch_rows, **meta,
         )
 
 
