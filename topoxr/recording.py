@@ -662,6 +662,15 @@ def _plan_layers(
     return plans, neurons
 
 
+def _pooled_by_capture(plan: LayerPlan, output: Any) -> tuple[int, str] | None:
+    """``(neuron axis, "mean" or "max")`` where a capture that pools (a ``pool`` dict,
+    see :func:`run_recording`) pools the layer's maps itself, else None."""
+    if (plan.reduce in ("mean", "max") and not _is_sequence(plan) and np.ndim(output) > 2
+            and not plan.attrs.get(ATTR_MASKED)):
+        return plan.neuron_axis, plan.reduce
+    return None
+
+
 def _is_sequence(plan: LayerPlan) -> bool:
     """A ``(batch, tokens, hidden)`` output: its neurons are hidden units, not channels."""
     return len(plan.attrs.get("topoxr_output_shape", ())) == 2 and plan.neuron_axis == 2
@@ -1004,10 +1013,15 @@ def run_recording(
         reuses). Where it has a ``pool`` dict, the layers whose plan pools conv maps
         are entered in it after the first call, as ``{layer: (neuron axis, "mean" or
         "max")}``, and later calls return them pooled, with every pooled axis of
-        length 1. Where its ``plans_from_one_sample`` is true, the first call gets
-        only the first sample of the first batch (the plans are made from it), and the
-        whole first batch is then run again, pooled: no layer's maps of a whole batch
-        are ever copied out.
+        length 1. Where its ``plans_in_first_batch`` is true (it then has a ``pool``
+        dict), its ``planner`` attribute is set for the first call: it calls
+        ``planner(layer, first_sample)`` with each layer's output for the batch's
+        first sample as the layer runs, and pools the layer at once (in this call and
+        the later ones) where that returns ``(neuron axis, "mean" or "max")``. Where
+        its ``plans_from_one_sample`` is true instead, the first call gets only the
+        first sample of the first batch (the plans are made from it), and the whole
+        first batch is then run again, pooled. Either way no layer's maps of a whole
+        batch are ever copied out.
     batches : iterable of Batch
         From :func:`iter_array_batches` or :func:`number_batches`.
     store : str or ActivationWriter
@@ -1099,25 +1113,53 @@ def run_recording(
     pooled = getattr(forward, "pool", None)
     if isinstance(pooled, dict):
         pooled.clear()  # the plans are made from whole outputs
-    # the plans need the outputs' shapes, not a whole batch of maps: where the adapter
-    # offers it, they are made from the first sample alone (its maps are small), and the
-    # first batch then runs like the others, pooled as it is captured
-    sample_first = bool(getattr(forward, "plans_from_one_sample", False)) and len(first) > 1
-    planned_on = take_inputs(first.x, slice(0, 1)) if sample_first else first.x
-    outputs, final = forward(planned_on)
-    mask, token_ids = token_info(planned_on)
-    plans, neurons = _plan_layers(
-        layers, outputs, reduce=reduce, specs=specs or {}, channel_axis=channel_axis,
-        axis_rules=axis_rules or {}, mask=mask, token_ids=token_ids)
-    if isinstance(pooled, dict):
-        # The capture pools these layers itself, at once (no copy of whole maps); the
-        # background writer then gets every pooled axis of length 1 (torch's capture:
-        # (batch, channels, 1); Keras's: the output's rank, keepdims), which its own
-        # pooling leaves as they are.
-        pooled.update({layer: (plan.neuron_axis, plan.reduce) for layer, plan in plans.items()
-                       if plan.reduce in ("mean", "max") and not _is_sequence(plan)
-                       and np.ndim(outputs[layer]) > 2
-                       and not plan.attrs.get(ATTR_MASKED)})
+    # the plans need the outputs' shapes, not a whole batch of maps: they are made from
+    # the first sample's outputs (their maps are small). An adapter that plans in the
+    # first batch (``plans_in_first_batch``) hands each layer's first sample to a
+    # planner as the layer runs and pools the rest of its output at once; one that
+    # plans from one sample (``plans_from_one_sample``) runs the first sample alone
+    # first. Either way the first batch is pooled as it is captured, as the others.
+    planning: dict[str, Any] = {"specs": specs or {}, "channel_axis": channel_axis,
+                                "axis_rules": axis_rules or {}}
+    in_batch = (bool(getattr(forward, "plans_in_first_batch", False))
+                and isinstance(pooled, dict))
+    rerun_first = False  # whether the first batch is still to be run (planned on one sample)
+    if in_batch:
+        plans, neurons = {}, {}
+        planning["mask"], planning["token_ids"] = token_info(
+            take_inputs(first.x, slice(0, 1)))
+
+        def planner(layer: str, first_sample: np.ndarray) -> tuple[int, str] | None:
+            plan, n = _plan_layers([layer], {layer: first_sample}, reduce=reduce,
+                                   **planning)
+            plans.update(plan)
+            neurons.update(n)
+            return _pooled_by_capture(plan[layer], first_sample)
+
+        forward.planner = planner  # type: ignore[attr-defined]
+        try:
+            outputs, final = forward(first.x)
+        finally:
+            forward.planner = None  # type: ignore[attr-defined]
+        unplanned = [layer for layer in layers if layer not in plans]
+        if unplanned:
+            raise RecordingError(f"layers {unplanned} were not planned in the first batch")
+        plans = {layer: plans[layer] for layer in layers}
+        neurons = {layer: neurons[layer] for layer in layers}
+    else:
+        rerun_first = (bool(getattr(forward, "plans_from_one_sample", False))
+                       and len(first) > 1)
+        planned_on = take_inputs(first.x, slice(0, 1)) if rerun_first else first.x
+        outputs, final = forward(planned_on)
+        planning["mask"], planning["token_ids"] = token_info(planned_on)
+        plans, neurons = _plan_layers(layers, outputs, reduce=reduce, **planning)
+        if isinstance(pooled, dict):
+            # The capture pools these layers itself, at once (no copy of whole maps); the
+            # background writer then gets every pooled axis of length 1 (torch's capture:
+            # (batch, channels, 1); Keras's: the output's rank, keepdims), which its own
+            # pooling leaves as they are.
+            pooled.update({layer: how for layer, plan in plans.items()
+                           if (how := _pooled_by_capture(plan, outputs[layer])) is not None})
     if stored is None:
         stored = stored_layers(store, model_name)
     reductions = {layer: plan.attrs for layer, plan in plans.items()}
@@ -1129,7 +1171,7 @@ def run_recording(
     for layer in set(plans) - set(plain):
         # Per-token ids are known up front only without a mask (every position is kept).
         t = int(np.shape(outputs[layer])[1])
-        ids = None if probe_ids is None or mask is not None else (
+        ids = None if probe_ids is None or planning["mask"] is not None else (
             probe_ids[:, None] * np.int64(t) + np.arange(t)).reshape(-1)
         lab = None if probe_labels is None or ids is None else np.repeat(probe_labels, t)
         check_against_store(stored, model=model_name, neurons={layer: neurons[layer]},
@@ -1148,8 +1190,9 @@ def run_recording(
         with BackgroundWriter(writer, epoch=epoch, plans=plans, queue_size=queue_size) as bg:
             bg.set_targets(neurons, batch_size, first_batch=len(first))
             batch: Batch | None = first
+            mask, token_ids = token_info(first.x)
             while batch is not None:
-                if batch is not first or sample_first:
+                if batch is not first or rerun_first:
                     outputs, final = forward(batch.x)
                     mask, token_ids = token_info(batch.x)
                 preds = None

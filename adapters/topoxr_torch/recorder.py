@@ -121,9 +121,15 @@ class Capture:
 
     Attributes
     ----------
-    plans_from_one_sample : bool
-        True: :func:`topoxr.recording.run_recording` plans the layers from the first
-        sample alone, so that no batch of whole maps is copied out.
+    plans_in_first_batch : bool
+        True: :func:`topoxr.recording.run_recording` sets :attr:`planner` for the
+        first batch; each layer's plan is then made from its output's first sample as
+        the layer runs, and the layer is pooled at once where the plan pools it. No
+        batch of whole maps is copied out, and the model runs once per batch.
+    planner : callable or None
+        ``planner(layer, first_sample) -> (neuron axis, "mean" | "max") or None``, set
+        by the recording loop for one call: where it returns a pair, the layer is
+        pooled so, in this call and the later ones (entered in :attr:`pool`).
     layers : list of str
         Recorded layer names (``"name:k"`` for call ``k`` of a shared module).
     specs : dict of str to LayerSpec
@@ -133,7 +139,7 @@ class Capture:
         forward pass.
     """
 
-    plans_from_one_sample = True
+    plans_in_first_batch = True
 
     def __init__(self, fn: Any, layers: list[str], specs: dict[str, LayerSpec],
                  axes: dict[str, int], rules: dict[str, str],
@@ -143,6 +149,7 @@ class Capture:
         #: Layers pooled as they are captured, ``{layer: (neuron axis, "mean"|"max")}``:
         #: their outputs come as ``(batch, channels, 1)`` (set by the recording loop).
         self.pool = {} if pool is None else pool
+        self.planner: Callable[[str, np.ndarray], tuple[int, str] | None] | None = None
 
     def __call__(self, x: Any) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Run one batch; return ``({layer: ndarray}, model output ndarray or None)``."""
@@ -191,6 +198,7 @@ def capture(
         by_module.setdefault(base, []).append((name, spec.call))
     device, dtype = _model_device_dtype(model)
     captured: dict[str, np.ndarray] = {}
+    cap: Capture | None = None  # what the block gets (its planner is read by the hooks)
     pool: dict[str, tuple[int, str]] = {}
     calls: dict[str, int] = {}
     axes: dict[str, int] = {}
@@ -249,6 +257,12 @@ def capture(
                         "another layer"
                     )
                 decide(name, base, tensor)
+                planner = cap.planner if cap is not None else None
+                if planner is not None and name not in pool:
+                    # planned from this batch's first sample, as the layer runs
+                    how = planner(name, _to_numpy(tensor[:1] if tensor.ndim else tensor))
+                    if how is not None:
+                        pool[name] = how
                 how = pool.get(name)
                 if how is not None and tensor.is_floating_point():
                     # pooled now, by torch, where the tensor lives: no copy of the map
@@ -312,7 +326,8 @@ def capture(
             captured.clear()  # the caller holds the batch's arrays, not this closure
             return batch_outputs, None if final is None else _to_numpy(final)
 
-        yield Capture(forward, names, specs, axes, rules, pool)
+        cap = Capture(forward, names, specs, axes, rules, pool)
+        yield cap
     finally:
         for handle in handles:
             handle.remove()
@@ -400,9 +415,9 @@ def record(
 ) -> RecordResult:
     """Record the outputs of layers of a PyTorch model on some data into a store.
 
-    The model runs once on the first sample alone before the first batch (the layers'
-    plans are made from its outputs), then once per batch; conv maps are pooled as they
-    are captured, so no batch of whole maps is copied out.
+    The model runs once per batch. The layers' plans are made in the first batch, each
+    from its output's first sample as the layer runs; conv maps are pooled as they are
+    captured, the first batch's too, so no batch of whole maps is copied out.
 
     Which axis holds the neurons is decided per layer: the channels ``C`` of conv,
     pooling and batch-norm outputs ``(N, C, *spatial)``; the last axis ``H`` of every

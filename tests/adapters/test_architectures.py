@@ -436,15 +436,20 @@ class CountingConv(torch.nn.Module):
         return torch.relu(self.conv(x)).amax((2, 3))
 
 
-def test_layers_are_planned_from_one_sample_and_every_batch_is_pooled_as_captured(store_path):
-    """The plans come from the first sample alone; then every batch, the first included,
-    runs once and is pooled as it is captured (no batch of whole maps is copied out):
-    the values are those of pooling the whole maps."""
+def test_layers_are_planned_in_the_first_batch_and_every_batch_is_pooled_as_captured(
+        store_path):
+    """The plans are made in the first batch, from each layer's first sample as the
+    layer runs; every batch, the first included, runs once and is pooled as it is
+    captured (no batch of whole maps is copied out): the values are those of pooling
+    the whole maps, and the stored plan is that of the whole output."""
     torch.manual_seed(10)
     model = CountingConv().eval()
     x = np.random.default_rng(6).normal(size=(11, 2, 6, 5)).astype(np.float32)
     topoxr_torch.record(model, x, store_path, layers=["conv"], batch_size=3, progress=False)
-    assert model.sizes == [1, 3, 3, 3, 2]
+    assert model.sizes == [3, 3, 3, 2]
+    attrs = layer(store_path, "model", "conv").attrs
+    assert list(attrs["topoxr_output_shape"]) == [4, 6, 5]
+    assert attrs["topoxr_neuron_axis"] == 1
     with torch.inference_mode():
         maps = model.conv(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(layer(store_path, "model", "conv").activation.values[..., 0].T,
