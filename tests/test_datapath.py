@@ -362,6 +362,25 @@ def test_activation_chunks_are_stored_sample_major_as_the_batches_came(tmp_path)
                                   expected[1:4, 3:13])
 
 
+@pytest.mark.parametrize("size", [0, 1, 7, 4096, (32 << 10) - 1, 32 << 10, (1 << 20) + 3])
+def test_chunk_checksums_are_those_of_zarrs_crc32c_codec(size):
+    """topoxr's checksums (the ``crc32c`` package: hardware crc32c, the GIL released from
+    32 KiB on) are the values of ``google_crc32c``, which zarr's ``crc32c`` codec uses,
+    for any length, unaligned starts and a checksum continued over a second buffer."""
+    import google_crc32c
+
+    from topoxr._chunkio import crc32c_bytes, crc32c_value
+
+    raw = np.random.default_rng(size).integers(0, 256, size + 3, dtype=np.uint8)
+    data = raw[3:]  # an unaligned start
+    assert crc32c_value(data) == google_crc32c.value(data.tobytes())
+    assert crc32c_bytes(data) == google_crc32c.value(data.tobytes()).to_bytes(4, "little")
+    assert crc32c_bytes(data.tobytes()) == crc32c_bytes(data)  # bytes as arrays
+    half = size // 2
+    assert crc32c_value(data[half:], crc32c_value(data[:half])) == google_crc32c.value(
+        data.tobytes())
+
+
 def _as_previous_layout(path) -> None:
     """Rewrite a store as the previous version wrote it: chunk keys with ``/``
     (``c/0/1/1``, nested folders) in every array, and activation chunks in C order of

