@@ -307,11 +307,7 @@ def put_pieces(store: Any, key: str, pieces: Sequence[Any]) -> None:
         tmp = _temporary_name(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            try:
-                fd = os.open(tmp, flags, 0o666)
-            except FileNotFoundError:  # a new directory (a new chunk row or array)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(tmp, flags, 0o666)
+            fd = _in_new_folder(lambda: os.open(tmp, flags, 0o666), path)
             try:
                 for piece in pieces:
                     view = memoryview(piece).cast("B")
@@ -340,6 +336,17 @@ _TMP_IDS = itertools.count()
 
 def _temporary_name(path: str) -> str:
     return f"{path}.{os.getpid()}-{next(_TMP_IDS)}.partial"
+
+
+def _in_new_folder(create: Callable[[], Any], path: str) -> Any:
+    """``create()``, a call that makes a file beside ``path``; where ``path``'s folder
+    does not exist yet (a new array or chunk row), the folder is made and the call
+    repeated."""
+    try:
+        return create()
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return create()
 
 
 #: Files of at most this many bytes may become hard links to an identical file of the
@@ -433,11 +440,7 @@ class IdenticalFiles:
             self._forget(content)
             return False
         try:
-            try:
-                os.link(source, path)
-            except FileNotFoundError:  # a new directory (a new array)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.link(source, path)
+            _in_new_folder(lambda: os.link(source, path), path)
         except FileExistsError:
             tmp = _temporary_name(path)
             try:
