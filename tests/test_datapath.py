@@ -707,3 +707,48 @@ def test_batches_handed_over_are_buffered_without_a_copy_and_stored_exactly(tmp_
     np.testing.assert_array_equal(stored["layer"].sample, np.arange(done))
     np.testing.assert_array_equal(stored["conv"].activation.sel(epoch=0).values.T,
                                   expected_maps)
+
+
+def test_light_jobs_run_on_the_callers_thread_and_every_job_ends_before_an_error():
+    """Jobs that declare fewer than ``LIGHT_JOB_BYTES`` bytes (small files: mostly
+    Python) run on the caller's thread, the others on the pool as well; every job runs
+    once, and the first error is raised only when every job has ended."""
+    import threading
+    import time
+
+    from topoxr._chunkio import LIGHT_JOB_BYTES, ChunkJob, Padded, light_job, run_jobs
+
+    caller = threading.get_ident()
+    ran: list[tuple[tuple[str, int], int]] = []
+    lock = threading.Lock()
+
+    def job(kind: str, i: int, sleep: float = 0.0, fail: bool = False):
+        def run() -> None:
+            time.sleep(sleep)
+            with lock:
+                ran.append(((kind, i), threading.get_ident()))
+            if fail:
+                raise OSError(f"no space left writing {kind} {i}")
+        return run
+
+    light = [light_job(job("light", i), 100) for i in range(20)]
+    unsized = [job("unsized", i, sleep=0.01) for i in range(6)]  # no nbytes: parallel
+    large = [light_job(job("large", i, sleep=0.01), LIGHT_JOB_BYTES) for i in range(4)]
+    run_jobs(large + light + unsized)
+    assert sorted(tag for tag, _ in ran) == sorted(
+        [("light", i) for i in range(20)] + [("unsized", i) for i in range(6)]
+        + [("large", i) for i in range(4)])
+    assert {ident for (kind, _), ident in ran if kind == "light"} == {caller}
+    assert {ident for (kind, _), ident in ran if kind != "light"} - {caller}  # the pool's
+
+    ran.clear()
+    slow = job("unsized", 0, sleep=0.2)
+    with pytest.raises(OSError, match="light 3"):
+        run_jobs([slow] + [light_job(job("light", i, fail=i == 3), 10) for i in range(5)])
+    assert ("unsized", 0) in [tag for tag, _ in ran]  # ended before the error was raised
+
+    # a chunk job declares its whole chunk's bytes, an edge chunk's padding included
+    data = np.zeros((10, 3), dtype=np.float32)
+    assert ChunkJob(None, (0, 0), data[:, :2]).nbytes == 10 * 2 * 4
+    edge = Padded(data, (slice(0, 10), slice(0, 3)), (64, 3), np.nan)
+    assert ChunkJob(None, (0, 0), edge).nbytes == 64 * 3 * 4
