@@ -709,15 +709,19 @@ def test_batches_handed_over_are_buffered_without_a_copy_and_stored_exactly(tmp_
                                   expected_maps)
 
 
-def test_light_jobs_run_on_the_callers_thread_and_every_job_ends_before_an_error():
-    """Jobs that declare fewer than ``LIGHT_JOB_BYTES`` bytes (small files: mostly
-    Python) run on the caller's thread, the others on the pool as well; every job runs
-    once, and the first error is raised only when every job has ended."""
+def test_light_jobs_run_on_the_callers_thread_and_every_job_ends_before_an_error(tmp_path):
+    """Light jobs (under ``LIGHT_JOB_BYTES`` to a store whose writes return at once:
+    small files, mostly Python) run on the caller's thread, the others on the pool as
+    well; every job runs once, and the first error is raised only when every job has
+    ended. Writes that ``fsync`` are never light."""
     import threading
     import time
 
     from topoxr._chunkio import LIGHT_JOB_BYTES, ChunkJob, Padded, light_job, run_jobs
+    from topoxr.store._durable import DurableLocalStore
 
+    quick = zarr.storage.LocalStore(str(tmp_path / "quick"))
+    durable = DurableLocalStore(str(tmp_path / "durable"))
     caller = threading.get_ident()
     ran: list[tuple[tuple[str, int], int]] = []
     lock = threading.Lock()
@@ -731,24 +735,33 @@ def test_light_jobs_run_on_the_callers_thread_and_every_job_ends_before_an_error
                 raise OSError(f"no space left writing {kind} {i}")
         return run
 
-    light = [light_job(job("light", i), 100) for i in range(20)]
-    unsized = [job("unsized", i, sleep=0.01) for i in range(6)]  # no nbytes: parallel
-    large = [light_job(job("large", i, sleep=0.01), LIGHT_JOB_BYTES) for i in range(4)]
-    run_jobs(large + light + unsized)
+    light = [light_job(job("light", i), 100, quick) for i in range(20)]
+    unmarked = [job("unmarked", i, sleep=0.01) for i in range(4)]  # e.g. decoding jobs
+    large = [light_job(job("large", i, sleep=0.01), LIGHT_JOB_BYTES, quick) for i in range(3)]
+    synced = [light_job(job("synced", i, sleep=0.01), 100, durable) for i in range(3)]
+    run_jobs(large + light + unmarked + synced)
     assert sorted(tag for tag, _ in ran) == sorted(
-        [("light", i) for i in range(20)] + [("unsized", i) for i in range(6)]
-        + [("large", i) for i in range(4)])
+        [("light", i) for i in range(20)] + [("unmarked", i) for i in range(4)]
+        + [("large", i) for i in range(3)] + [("synced", i) for i in range(3)])
     assert {ident for (kind, _), ident in ran if kind == "light"} == {caller}
     assert {ident for (kind, _), ident in ran if kind != "light"} - {caller}  # the pool's
 
     ran.clear()
-    slow = job("unsized", 0, sleep=0.2)
+    slow = job("unmarked", 0, sleep=0.2)
     with pytest.raises(OSError, match="light 3"):
-        run_jobs([slow] + [light_job(job("light", i, fail=i == 3), 10) for i in range(5)])
-    assert ("unsized", 0) in [tag for tag, _ in ran]  # ended before the error was raised
+        run_jobs([slow] + [light_job(job("light", i, fail=i == 3), 10, quick)
+                           for i in range(5)])
+    assert ("unmarked", 0) in [tag for tag, _ in ran]  # ended before the error was raised
 
-    # a chunk job declares its whole chunk's bytes, an edge chunk's padding included
+    # a chunk job counts its whole chunk's bytes, an edge chunk's padding included, and
+    # is light on zarr's own local store only, not on one that fsyncs
     data = np.zeros((10, 3), dtype=np.float32)
-    assert ChunkJob(None, (0, 0), data[:, :2]).nbytes == 10 * 2 * 4
-    edge = Padded(data, (slice(0, 10), slice(0, 3)), (64, 3), np.nan)
-    assert ChunkJob(None, (0, 0), edge).nbytes == 64 * 3 * 4
+    quick_array, durable_array = (
+        zarr.create_array(store, name="a", shape=(64, 3), chunks=(64, 3), dtype="float32")
+        for store in (quick, durable))
+    for arr, expected in ((quick_array, True), (durable_array, False)):
+        assert ChunkJob(arr, (0, 0), data[:, :2]).nbytes == 10 * 2 * 4
+        edge = ChunkJob(arr, (0, 0), Padded(data, (slice(0, 10), slice(0, 3)), (64, 3), 0))
+        assert edge.nbytes == 64 * 3 * 4 and edge.light is expected
+    big = np.zeros((LIGHT_JOB_BYTES // 4, 1), dtype=np.float32)
+    assert not ChunkJob(quick_array, (0, 0), big).light

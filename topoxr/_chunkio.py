@@ -602,11 +602,16 @@ class ChunkJob:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the whole chunk (before encoding), for :func:`run_jobs`."""
+        """Bytes of the whole chunk (before encoding)."""
         chunk = self.chunk
         if isinstance(chunk, Padded):
             return math.prod(chunk.shape) * chunk.data.itemsize
         return chunk.nbytes
+
+    @property
+    def light(self) -> bool:
+        """Whether :func:`run_jobs` runs this job on the caller's thread (see there)."""
+        return self.nbytes < LIGHT_JOB_BYTES and _quick_writes(self.arr.store)
 
     def __call__(self) -> None:
         _store_chunk(self.arr, self.coords, self.chunk)
@@ -807,7 +812,8 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
         metadata = _with_own_attributes(metadata, dict(metadata.attributes))
         path = store_key(group.path, name)
         jobs.append(light_job(functools.partial(
-            put_pieces, group.store, store_key(path, "zarr.json"), [document]), len(document)))
+            put_pieces, group.store, store_key(path, "zarr.json"), [document]),
+            len(document), group.store))
         arrays[name] = zarr.Array(AsyncArray(metadata=metadata,
                                              store_path=StorePath(group.store, path),
                                              config=spec.get("config")))
@@ -844,7 +850,7 @@ def create_group(parent: zarr.Group, name: str, attributes: Mapping[str, Any],
     metadata = GroupMetadata(attributes=dict(attributes))
     document = _metadata_bytes(metadata)
     write = light_job(functools.partial(put_pieces, store, store_key(path, "zarr.json"),
-                                        [document]), len(document))
+                                        [document]), len(document), store)
     if jobs_out is None:
         write()
     else:
@@ -868,7 +874,7 @@ def update_group_attributes(group: zarr.Group, attributes: Mapping[str, Any],
     document = _metadata_bytes(metadata)
     write = light_job(functools.partial(put_pieces, group.store,
                                         store_key(group.path, "zarr.json"), [document]),
-                      len(document))
+                      len(document), group.store)
     if jobs_out is None:
         write()
     else:
@@ -1039,7 +1045,7 @@ class DirectResize:
                        [_metadata_bytes(metadata)])
             object.__setattr__(async_array, "metadata", metadata)  # a frozen dataclass
 
-        return [light_job(job, 0)]
+        return [light_job(job, 0, self.arr.store)]
 
 
 def resizer(arr: zarr.Array) -> Any:
@@ -1052,20 +1058,22 @@ def resizer(arr: zarr.Array) -> Any:
 _POOL: list[ThreadPoolExecutor] = []
 
 
-#: Jobs that declare fewer bytes than this (an ``nbytes`` attribute: small chunks,
-#: metadata files) run on the caller's thread, one after the other (see run_jobs).
+#: Jobs of fewer bytes than this (small chunks, metadata files) on a store whose writes
+#: return at once run on the caller's thread, one after the other (see run_jobs).
 LIGHT_JOB_BYTES = 1 << 20
 
 
-def _light(job: Callable[[], None]) -> bool:
-    nbytes = getattr(job, "nbytes", None)
-    return nbytes is not None and nbytes < LIGHT_JOB_BYTES
+def _quick_writes(store: Any) -> bool:
+    """Whether a write to ``store`` returns at once: zarr's local store (the page cache,
+    no ``fsync``, see :func:`_zarr_local`) or its memory store."""
+    return _zarr_local(store) or type(store) is zarr.storage.MemoryStore
 
 
-def light_job(job: Callable[[], None], nbytes: int) -> Callable[[], None]:
-    """``job`` (a function or :func:`functools.partial`) marked as writing ``nbytes``
-    bytes, for :func:`run_jobs`; returned for chaining."""
-    job.nbytes = nbytes  # type: ignore[attr-defined]
+def light_job(job: Callable[[], None], nbytes: int, store: Any) -> Callable[[], None]:
+    """``job`` (a function or :func:`functools.partial`) writing ``nbytes`` bytes to
+    ``store``, marked for :func:`run_jobs` as light where it is (its ``light``
+    attribute); returned for chaining."""
+    job.light = nbytes < LIGHT_JOB_BYTES and _quick_writes(store)  # type: ignore[attr-defined]
     return job
 
 
@@ -1074,15 +1082,16 @@ def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
 
     The caller and the pool's threads each take the next job from one shared queue
     until none is left: one task per thread, not one per job (a future per chunk cost
-    more than writing a small chunk). Jobs declaring fewer than :data:`LIGHT_JOB_BYTES`
-    bytes (an ``nbytes`` attribute, see :func:`light_job`) run on the caller's thread
-    only, before it helps with the others: they are mostly Python (a few system calls
-    and a small checksum each), which threads would only take turns at, holding the
-    GIL in turn (a ResNet-18 recording's last commit, 15 layers and about 340 small
-    files: 42 against 58 ms on tmpfs, 57 against 68 ms on the disk, with the pool's
-    two threads taking every job). Every job has finished, successfully or not, when
-    this returns or raises: nothing may still be writing when the caller hears of a
-    failure.
+    more than writing a small chunk). Light jobs (a true ``light`` attribute: fewer
+    than :data:`LIGHT_JOB_BYTES` bytes to a store whose writes return at once, see
+    :func:`light_job` and :class:`ChunkJob`) run on the caller's thread only, while the
+    pool takes the others: they are mostly Python (a few system calls and a small
+    checksum each), at which threads would only take turns, holding the GIL in turn
+    (a ResNet-18 recording's writes replayed, 15 layers and about 340 small files:
+    44 against 62 ms on tmpfs with the pool's two threads taking every job; on a disk
+    slowed by deletions no difference). Writes that wait for the disk (``fsync``) are
+    never light. Every job has finished, successfully or not, when this returns or
+    raises: nothing may still be writing when the caller hears of a failure.
     """
     if not jobs:
         return
@@ -1095,7 +1104,7 @@ def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
             except BaseException as err:  # the others still run to their end
                 errors.append(err)
 
-    heavy = [job for job in jobs if not _light(job)]
+    heavy = [job for job in jobs if not getattr(job, "light", False)]
     futures = []
     pending = iter(heavy)  # next() on a list iterator is atomic: each job runs once
     if len(heavy) > 1:
@@ -1105,7 +1114,7 @@ def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
         futures = [_POOL[0].submit(drain, pending)
                    for _ in range(min(len(heavy) - 1, _POOL[0]._max_workers))]
     if len(heavy) < len(jobs):
-        drain([job for job in jobs if _light(job)] if heavy else jobs)
+        drain([job for job in jobs if getattr(job, "light", False)] if heavy else jobs)
     drain(pending)
     for future in futures:
         future.result()
