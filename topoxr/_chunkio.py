@@ -1097,24 +1097,26 @@ def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
         return
     errors: list[BaseException] = []
 
-    def drain(queue: Any) -> None:
-        for job in queue:
+    def drain(source: Any) -> None:
+        for job in source:
             try:
                 job()
             except BaseException as err:  # the others still run to their end
                 errors.append(err)
 
-    heavy = [job for job in jobs if not getattr(job, "light", False)]
+    light = [job for job in jobs if getattr(job, "light", False)]
+    heavy = [job for job in jobs if not getattr(job, "light", False)] if light else jobs
     futures = []
     pending = iter(heavy)  # next() on a list iterator is atomic: each job runs once
-    if len(heavy) > 1:
+    # helpers for the heavy jobs: all of them while the caller runs the light ones
+    helpers = len(heavy) - (0 if light else 1)
+    if helpers > 0:
         if not _POOL:
             _POOL.append(ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
                                             thread_name_prefix="topoxr-encode"))
         futures = [_POOL[0].submit(drain, pending)
-                   for _ in range(min(len(heavy) - 1, _POOL[0]._max_workers))]
-    if len(heavy) < len(jobs):
-        drain([job for job in jobs if getattr(job, "light", False)] if heavy else jobs)
+                   for _ in range(min(helpers, _POOL[0]._max_workers))]
+    drain(light)
     drain(pending)
     for future in futures:
         future.result()
