@@ -739,6 +739,7 @@ def test_light_jobs_run_on_the_callers_thread_and_every_job_ends_before_an_error
     unmarked = [job("unmarked", i, sleep=0.01) for i in range(4)]  # e.g. decoding jobs
     large = [light_job(job("large", i, sleep=0.01), LIGHT_JOB_BYTES, quick) for i in range(3)]
     synced = [light_job(job("synced", i, sleep=0.01), 100, durable) for i in range(3)]
+    assert all(j.light for j in light) and not any(j.light for j in large + synced)
     run_jobs(large + light + unmarked + synced)
     assert sorted(tag for tag, _ in ran) == sorted(
         [("light", i) for i in range(20)] + [("unmarked", i) for i in range(4)]
