@@ -1078,7 +1078,8 @@ def light_job(job: Callable[[], None], nbytes: int, store: Any) -> Callable[[], 
 
 
 def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
-    """Run chunk jobs in parallel (codecs release the GIL); raise the first error.
+    """Run chunk jobs, the heavy ones in parallel (codecs release the GIL); raise the
+    first error.
 
     The caller and the pool's threads each take the next job from one shared queue
     until none is left: one task per thread, not one per job (a future per chunk cost
@@ -1104,8 +1105,9 @@ def run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
             except BaseException as err:  # the others still run to their end
                 errors.append(err)
 
-    light = [job for job in jobs if getattr(job, "light", False)]
-    heavy = [job for job in jobs if not getattr(job, "light", False)] if light else jobs
+    marks = [bool(getattr(job, "light", False)) for job in jobs]  # each asked once
+    light = [job for job, mark in zip(jobs, marks, strict=True) if mark]
+    heavy = [job for job, mark in zip(jobs, marks, strict=True) if not mark] if light else jobs
     futures = []
     pending = iter(heavy)  # next() on a list iterator is atomic: each job runs once
     # helpers for the heavy jobs: all of them while the caller runs the light ones
