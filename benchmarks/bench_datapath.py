@@ -22,7 +22,10 @@ from the same bytes (``python -m benchmarks datapath [--quick]``):
   over turns of each turn's ratio to the forward pass run just before it, and every
   turn's seconds, minor page faults and user/system CPU seconds; the recording's
   capture alone, pooling but storing nothing; the same turns at four times as many samples
-  split what recording adds into a fixed part and a part per sample). This child runs
+  split what recording adds into a fixed part and a part per sample; ``parts``: the two
+  taking turns once more, each run split by timestamps of the model's calls into the
+  batches inside the model, the gaps between them and the time after the last one,
+  where a recording's store does its last work). This child runs
   with glibc's allocator pinned (``STEADY_ALLOCATOR``: no heap trimming), so that the
   forward pass's maps do not land on fresh pages in some processes and not in others;
   the forward pass and the recording under glibc's defaults are reported beside it
@@ -482,6 +485,53 @@ def _pooled_capture(model: Any, layers: list[str], x: np.ndarray) -> Callable[..
     return run
 
 
+def _recording_parts(model: Any, variants: dict[str, Callable[[], Any]], repeats: int,
+                     prepare: dict[str, Callable[[], Any]]) -> dict[str, dict[str, float]]:
+    """Where each variant's time goes, from two hooks on the whole model (reported).
+
+    The variants take turns through :func:`_turns`; every call of ``model`` is
+    timestamped as it starts and ends, which splits a run into the time
+    ``before_first`` batch, ``in_model`` (the batches inside the model, a recording's
+    hooks and pooling included), ``after_first_batch`` (from the end of the first batch
+    to the start of the second: a recording opens its store there),
+    ``between_later_batches`` and ``after_last`` batch (a recording's last flush,
+    commit and consolidation). In each run the parts add up to its ``total``. Returns
+    the median of each part over the timed runs (medians of parts need not add up
+    exactly to the median total), in seconds, and ``batches``.
+    """
+    stamps: list[float] = []
+    rows: dict[str, list[dict[str, float]]] = {key: [] for key in variants}
+
+    def split(key: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            stamps.clear()
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            starts, ends = np.array(stamps[0::2]), np.array(stamps[1::2])
+            gaps = starts[1:] - ends[:-1]
+            rows[key].append({
+                "total": t1 - t0, "before_first": starts[0] - t0,
+                "in_model": float((ends - starts).sum()),
+                "after_first_batch": float(gaps[:1].sum()),
+                "between_later_batches": float(gaps[1:].sum()),
+                "after_last": t1 - ends[-1], "batches": len(starts)})
+        return run
+
+    hooks = [model.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter())),
+             model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))]
+    try:
+        _turns({key: split(key, fn) for key, fn in variants.items()}, repeats,
+               prepare=prepare)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    timed = {key: runs[1:] for key, runs in rows.items()}  # the first: _turns' warm-up
+    return {key: {part: round(float(np.median([r[part] for r in runs])), 5)
+                  for part in runs[0] if part != "batches"} | {"batches": runs[0]["batches"]}
+            for key, runs in timed.items()}
+
+
 def _check_captured_as_recorded(run: Callable[..., Any], store: str, model: str) -> None:
     """The capture variant computes what the recording stored (untimed): every layer's
     values equal the store's, so its time is the recording's capture and nothing else."""
@@ -519,7 +569,9 @@ def _child_record_conv(p: dict) -> dict:
     training loop's case). With ``p["slim"]``, only the forward pass and the target's
     recording take turns, at ``conv_samples`` (the run beside it under glibc's default
     allocator settings, see ``main``). Every turn's minor page faults and the process's
-    user and system CPU seconds are reported.
+    user and system CPU seconds are reported, and (not slim) ``parts``: the forward
+    pass and the target's recording taking turns once more at ``conv_samples``, each
+    run split into parts by hooks on the whole model (:func:`_recording_parts`).
     """
     import torch
 
@@ -650,6 +702,11 @@ def _child_record_conv(p: dict) -> dict:
                              np.array(turns["record"]) / np.array(turns["forward"]))), 3),
                          "added_seconds": round(best["record"] - best["forward"], 3),
                          "ratio": round(best["record"] / best["forward"], 3)}
+        if n == sizes[0] and not slim:
+            # reported, last: the same two variants taking turns once more, split into
+            # parts by timestamps (hooks on the whole model, not on the target's turns)
+            by_samples[n]["parts"] = _recording_parts(
+                model, {"forward": forward, "record": record}, repeats, prepare)
         for key in reported:
             by_samples[n][f"ratio_{key}"] = round(best[key] / best["forward_beside_reported"], 3)
     if not slim:
@@ -683,6 +740,7 @@ def _child_record_conv(p: dict) -> dict:
             "inode_create_us": inode_us,
             **{k: v for k, v in small.items() if k.startswith(("ratio_record_",
                                                                 "ratio_capture_"))},
+            "parts": small["parts"],
             "by_samples": by_samples,
             "added_fixed_seconds": round(fixed, 3),
             "added_per_sample_over_forward": round(per_sample / per_sample_forward, 3)}

@@ -58,6 +58,17 @@ def test_every_datapath_section_runs_and_checks_its_baseline(tmp_path):
     for name, turns in small["turn_seconds"].items():
         assert len(cpu[name]) == len(turns), name
         assert all(len(pair) == 2 and min(pair) >= 0 for pair in cpu[name]), (name, cpu[name])
+    # the parts of a run, from timestamps of the model's calls, add up to the whole run:
+    # one batch per CONV_BATCH samples inside the model, and a recording's store does
+    # work after the last batch (its last commit), which the bare forward pass does not
+    batches = -(-TINY["conv_samples"] // bench_datapath.CONV_BATCH)
+    for name, parts in conv["parts"].items():
+        assert parts["batches"] == batches, (name, parts)
+        summed = sum(parts[k] for k in ("before_first", "in_model", "after_first_batch",
+                                        "between_later_batches", "after_last"))
+        assert parts["in_model"] > 0 and min(parts.values()) >= 0, (name, parts)
+        assert summed == pytest.approx(parts["total"], rel=0.05, abs=2e-4), (name, parts)
+    assert conv["parts"]["record"]["after_last"] > conv["parts"]["forward"]["after_last"]
     assert conv["default_allocator"]["samples"] == TINY["conv_samples"]
     assert conv["bytes_on_disk"] > 0
     # the section's own scratch folder is removed; the cached read/NAPs store is kept
