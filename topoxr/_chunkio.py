@@ -611,7 +611,7 @@ class ChunkJob:
     @property
     def light(self) -> bool:
         """Whether :func:`run_jobs` runs this job on the caller's thread (see there)."""
-        return self.nbytes < LIGHT_JOB_BYTES and _quick_writes(self.arr.store)
+        return _is_light(self.nbytes, self.arr.store)
 
     def __call__(self) -> None:
         _store_chunk(self.arr, self.coords, self.chunk)
@@ -1069,11 +1069,16 @@ def _quick_writes(store: Any) -> bool:
     return _zarr_local(store) or type(store) is zarr.storage.MemoryStore
 
 
+def _is_light(nbytes: int, store: Any) -> bool:
+    """Whether a job writing ``nbytes`` bytes to ``store`` is light (see run_jobs)."""
+    return nbytes < LIGHT_JOB_BYTES and _quick_writes(store)
+
+
 def light_job(job: Callable[[], None], nbytes: int, store: Any) -> Callable[[], None]:
     """``job`` (a function or :func:`functools.partial`) writing ``nbytes`` bytes to
     ``store``, marked for :func:`run_jobs` as light where it is (its ``light``
     attribute); returned for chaining."""
-    job.light = nbytes < LIGHT_JOB_BYTES and _quick_writes(store)  # type: ignore[attr-defined]
+    job.light = _is_light(nbytes, store)  # type: ignore[attr-defined]
     return job
 
 
