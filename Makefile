@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.topoxr-installed
 
-.PHONY: demo test bench docs clean install
+MIN_VENV := .venv-min
+
+.PHONY: demo test test-min bench docs clean install
 
 install: $(STAMP)
 
@@ -21,6 +23,19 @@ test: $(STAMP)
 	bash scripts/ensure-chromium.sh
 	$(PY) -m pytest
 
+# The core dependencies at their declared floors (scripts/min_versions.py), no extras:
+# every floor in pyproject.toml is a release the suite passed with; tests of the extras
+# (torch, keras, holoviews, panel, umap, distributed, Chromium) skip.
+test-min:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(MIN_VENV)/bin/python scripts/min_versions.py > $(MIN_VENV)/floors.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet --only-binary=:all: -r $(MIN_VENV)/floors.txt \
+		"pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "psutil>=5.9"
+	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -m pytest
+
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
@@ -28,4 +43,4 @@ docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) demo-output docs/_build
+	rm -rf $(VENV) $(MIN_VENV) demo-output docs/_build

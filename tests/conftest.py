@@ -22,6 +22,7 @@ has_keras, requires_keras = _importorskip("keras")
 has_holoviews, requires_holoviews = _importorskip("holoviews")
 has_umap, requires_umap = _importorskip("umap")
 has_distributed, requires_distributed = _importorskip("distributed")
+has_panel, requires_panel = _importorskip("panel")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import requires_holoviews, requires_panel
 from topoxr import ActivationWriter
 from topoxr.cli import main
 
@@ -160,9 +161,10 @@ def test_compare_writes_a_side_by_side_report(planted_store, tmp_path):
         (["naps", "{store}", "--by", "nope"], "nope"),
         (["layout", "{store}", "--method", "nope", "--no-progress"], "registered methods"),
         (["layout", "{store}", "--epoch", "99", "--no-progress"], "epoch 99 is not recorded"),
-        (["render", "{store}", "--layout", "missing", "--out", "{tmp}/x.html"], "no layout"),
+        pytest.param(["render", "{store}", "--layout", "missing", "--out", "{tmp}/x.html"],
+                     "no layout", marks=requires_holoviews),
         (["render", "{store}", "--out", "{tmp}/x.pdf"], ".html, .png or .gif"),
-        (["serve", "{tmp}/absent.zarr"], "no topoxr store"),
+        pytest.param(["serve", "{tmp}/absent.zarr"], "no topoxr store", marks=requires_panel),
     ],
 )
 def test_analysis_user_errors_are_one_line(planted_store, tmp_path, capsys, args, needle):

@@ -167,3 +167,36 @@ def test_damage_to_a_shared_file_is_reported_for_every_layer_that_holds_it(tmp_p
     report = verify(path)
     damaged = {p.node for p in report.problems if "label" in p.what}
     assert damaged == {"m/a", "m/b", "m/c"}
+
+
+def test_zarr_python_writes_into_one_layer_leave_the_other_layers_as_they_were(tmp_path):
+    """The links rest on zarr-python replacing a file by renaming a new one over its name
+    (its local store since zarr 3.1.3; topoxr requires a zarr that does): new values and
+    new attributes written with plain zarr into one layer's linked arrays must not show
+    in the other layers, whose files keep their inodes and bytes."""
+    path = str(tmp_path / "run.zarr")
+    _write(path)
+    before = _files(path)
+    for name in ("label/c.0", "label/zarr.json", "sample/zarr.json"):
+        assert before[f"m/a/{name}"].st_ino == before[f"m/b/{name}"].st_ino, name
+    others = {layer: open_store(path)[f"m/{layer}"].to_dataset().load() for layer in "bc"}
+    with open(os.path.join(path, "m", "b", "label", "c.0"), "rb") as f:
+        label_bytes = f.read()
+    label = zarr.open_array(f"{path}/m/a/label", mode="r+")  # a plain path: zarr's LocalStore
+    label[:] = 7
+    label.attrs["note"] = "relabelled"
+    zarr.open_array(f"{path}/m/a/sample", mode="r+").attrs["note"] = "checked"
+    after = _files(path)
+    np.testing.assert_array_equal(zarr.open_array(f"{path}/m/a/label", mode="r")[:], 7)
+    for name in ("label/c.0", "label/zarr.json", "sample/zarr.json"):
+        assert after[f"m/a/{name}"].st_ino != before[f"m/a/{name}"].st_ino, name
+        for layer in "bc":
+            assert after[f"m/{layer}/{name}"].st_ino == before[f"m/{layer}/{name}"].st_ino
+    with open(os.path.join(path, "m", "b", "label", "c.0"), "rb") as f:
+        assert f.read() == label_bytes
+    for layer, expected in others.items():
+        xr.testing.assert_identical(open_store(path)[f"m/{layer}"].to_dataset().load(), expected)
+        plain = xr.open_datatree(path, engine="zarr")[f"m/{layer}"].to_dataset()
+        np.testing.assert_array_equal(plain.label, np.arange(N) % 3)
+        assert "note" not in plain.label.attrs and "note" not in plain.sample.attrs
+    assert verify(path).ok

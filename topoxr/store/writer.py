@@ -173,12 +173,14 @@ class ActivationWriter:
 
     Notes
     -----
-    **Hard links.** topoxr and zarr-python never change a stored file in place: they
-    write a temporary file and rename it over the old name, which gives that name a new
-    file and leaves its other names as they were, so a linked file reads as if it were
-    a copy. A tool that writes into existing files in place (``zarrs``' own store,
-    fsspec's local files) would change every name of a linked file: change a store
-    only through topoxr or zarr-python, or write it with ``link_identical_files=False``.
+    **Hard links.** topoxr and zarr-python's local store (zarr 3.1.3 and later; topoxr
+    requires 3.1.6) never change a stored file in place: they write a temporary file and
+    rename it over the old name, which gives that name a new file and leaves its other
+    names as they were, so a linked file reads as if it were a copy. A tool that writes
+    into existing files in place (``zarrs``' own store, fsspec's local files, which
+    zarr-python uses for a ``file://`` URL) would change every name of a linked file:
+    change a store only through topoxr or through zarr-python with a plain path, or
+    write it with ``link_identical_files=False``.
     Copies (``cp -r``, ``shutil.copytree``, ``rsync`` without ``-H``) hold plain files.
 
     **Commits.** What a reader (or a resumed run) sees is always consistent: a batch is

@@ -1,0 +1,57 @@
+"""Print pip requirements that pin every core dependency of topoxr to its declared floor.
+
+``make test-min`` installs them into ``.venv-min`` and runs the test suite there, so a
+floor in ``pyproject.toml`` is a version the tests passed with, not a guess: a user whose
+environment already holds the oldest allowed release of a dependency gets a topoxr that
+imports and computes what the newest one does. Each floor ``name>=X.Y.Z`` becomes
+``name==X.Y.Z``, that very release (``>=3.1`` means 3.1.0, so a floor that needs a patch
+release names it); a dependency without a ``>=`` floor, or with any other specifier, is
+refused, so that none is left untested.
+
+Run with the Python that will install them: ``python scripts/min_versions.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+#: ``name[extras]>=version`` and an optional comment; nothing else is a floor we can pin
+FLOOR = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9_,.-]+\])?)"
+                   r"\s*>=\s*(?P<version>[0-9]+(\.[0-9]+)*)\s*$")
+
+
+def floors(pyproject: Path) -> list[str]:
+    """The pinned requirement of every entry of ``[project] dependencies``.
+
+    Parameters
+    ----------
+    pyproject : Path
+        The ``pyproject.toml`` to read.
+
+    Returns
+    -------
+    list of str
+        One ``name==version`` requirement per dependency, in the file's order.
+
+    Raises
+    ------
+    ValueError
+        If a dependency has no single ``>=`` floor (it could not be tested at its floor).
+    """
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    pinned = []
+    for requirement in dependencies:
+        match = FLOOR.match(requirement)
+        if match is None:
+            raise ValueError(f"dependency {requirement!r} has no single '>=' floor to test; "
+                             "write it as 'name>=version'")
+        pinned.append(f"{match['name']}=={match['version']}")
+    return pinned
+
+
+if __name__ == "__main__":
+    root = Path(__file__).resolve().parent.parent
+    sys.stdout.write("".join(f"{line}\n" for line in floors(root / "pyproject.toml")))
