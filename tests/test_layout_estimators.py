@@ -51,7 +51,14 @@ if HAS_UMAP:
     SMALL.append(UMAPLayout(n_epochs=5, random_state=0))
 
 
-@parametrize_with_checks(SMALL)
+def _listed(mark: pytest.MarkDecorator) -> pytest.MarkDecorator:
+    """``mark`` with its cases in a list: scikit-learn 1.8 (the floor) passes a generator
+    to ``pytest.mark.parametrize``, which pytest 9 deprecates and pytest 10 refuses."""
+    names, cases = mark.args
+    return pytest.mark.parametrize(names, list(cases), **mark.kwargs)
+
+
+@_listed(parametrize_with_checks(SMALL))
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 

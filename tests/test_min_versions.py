@@ -47,3 +47,14 @@ def test_extras_in_a_name_are_kept(tmp_path):
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text('[project]\ndependencies = ["dask[array]>=2024.12"]\n')
     assert _module().floors(pyproject) == ["dask[array]==2024.12"]
+
+
+def test_named_extras_are_pinned_after_the_core(tmp_path):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["numpy>=2.0"]\n'
+                         '[project.optional-dependencies]\n'
+                         'viz = ["panel>=1.9", "bokeh>=3.8"]\nkeras = ["keras>=3.5"]\n')
+    module = _module()
+    assert module.floors(pyproject, ["viz"]) == ["numpy==2.0", "panel==1.9", "bokeh==3.8"]
+    with pytest.raises(ValueError, match="no extra 'nope'"):
+        module.floors(pyproject, ["nope"])
