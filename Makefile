@@ -23,13 +23,13 @@ test: $(STAMP)
 	bash scripts/ensure-chromium.sh
 	$(PY) -m pytest
 
-# The core dependencies and the viz, umap and distributed extras at their declared floors
+# The core dependencies and every extra but torch at their declared floors
 # (scripts/min_versions.py): each of those floors in pyproject.toml is a release the suite
-# passed with. Tests that need torch, keras or Chromium's driver (playwright) skip.
+# passed with. Tests that need torch or Chromium's driver (playwright) skip.
 test-min:
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
-	$(MIN_VENV)/bin/python scripts/min_versions.py --extras viz umap distributed > $(MIN_VENV)/floors.txt
+	$(MIN_VENV)/bin/python scripts/min_versions.py --extras viz umap distributed keras fast > $(MIN_VENV)/floors.txt
 	$(MIN_VENV)/bin/python -m pip install --quiet --only-binary=:all: -r $(MIN_VENV)/floors.txt \
 		"pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "psutil>=5.9"
 	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
