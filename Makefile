@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # The core dependencies and every extra but torch at their declared floors
 # (scripts/min_versions.py): each of those floors in pyproject.toml is a release the suite
-# passed with. Tests that need torch or Chromium's driver (playwright) skip.
+# passed with. Tests that need torch, Chromium's driver (playwright) or sphinx skip.
 test-min:
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"

@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-#: ``name[extras]>=version`` and an optional comment; nothing else is a floor we can pin
+#: ``name[extras]>=version``: nothing else is a floor that can be pinned and tested
 FLOOR = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9_,.-]+\])?)"
                    r"\s*>=\s*(?P<version>[0-9]+(\.[0-9]+)*)\s*$")
 
