@@ -6,8 +6,8 @@ floor in ``pyproject.toml`` is a version the tests passed with, not a guess: a u
 environment already holds the oldest allowed release of a dependency gets a topoxr that
 imports and computes what the newest one does. Each floor ``name>=X.Y.Z`` becomes
 ``name==X.Y.Z``, that very release (``>=3.1`` means 3.1.0, so a floor that needs a patch
-release names it); a dependency without a ``>=`` floor, or with any other specifier, is
-refused, so that none is left untested.
+release names it; a ceiling ``,<Y`` is allowed and left out); a dependency without a
+``>=`` floor, or with any other specifier, is refused, so that none is left untested.
 
 Run with the Python that will install them: ``python scripts/min_versions.py``.
 """
@@ -21,9 +21,10 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-#: ``name[extras]>=version``: nothing else is a floor that can be pinned and tested
+#: ``name[extras]>=version``, optionally with a ceiling ``,<version``: nothing else is a
+#: floor that can be pinned and tested
 FLOOR = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9_,.-]+\])?)"
-                   r"\s*>=\s*(?P<version>[0-9]+(\.[0-9]+)*)\s*$")
+                   r"\s*>=\s*(?P<version>[0-9]+(\.[0-9]+)*)(\s*,\s*<\s*[0-9]+(\.[0-9]+)*)?\s*$")
 
 
 def floors(pyproject: Path, extras: Sequence[str] = ()) -> list[str]:
