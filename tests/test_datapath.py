@@ -625,7 +625,8 @@ def test_array_metadata_built_once_per_spec_is_zarrs_own_and_each_array_its_own(
                 compressors=(ZstdCodec(level=1), Crc32cCodec()),
                 chunk_key_encoding={"name": "default", "separator": "."},
                 dimension_names=("neuron", "sample", "epoch"), attributes={"units": "a.u."})
-    changes = {"fill": {"fill_value": 0.0}, "dtype": {"dtype": "float64"},
+    changes = {"fill": {"fill_value": 0.0}, "default_fill": {"fill_value": None},
+               "int": {"dtype": "int64", "fill_value": -1}, "dtype": {"dtype": "float64"},
                "shape": {"shape": (6, 40, 1), "chunks": (6, 16, 1)},
                "chunks": {"chunks": (5, 8, 1)}, "filters": {"filters": ()},
                "codec": {"compressors": (ZstdCodec(level=3), Crc32cCodec())},

@@ -95,8 +95,14 @@ class ChunkCache:
 def _codec_chain(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[Any, list[tuple[Any, Any]]]:
     """zarr's buffer prototype and each codec of ``arr`` with the chunk spec it takes
     (the spec of chunk ``coords``, resolved through the codecs before it)."""
+    from zarr.core.array_spec import ArraySpec
+
     prototype = default_buffer_prototype()
-    spec = arr.metadata.get_chunk_spec(coords, arr.async_array.config, prototype)
+    # every chunk of a regular grid is encoded at the grid's chunk shape (edge chunks
+    # too), as zarr's ``get_chunk_spec`` (zarr < 3.2) and ``_get_chunk_spec`` build it
+    meta = arr.metadata
+    spec = ArraySpec(shape=tuple(meta.chunks), dtype=meta.dtype, fill_value=meta.fill_value,
+                     config=arr.async_array.config, prototype=prototype)
     chain = []
     for codec in arr.metadata.codecs:
         chain.append((codec, spec))
@@ -763,6 +769,33 @@ def _metadata_key(shape: tuple[int, ...], dtype: np.dtype,
     return key
 
 
+def array_metadata(*, shape: tuple[int, ...], dtype: Any, chunk_shape: tuple[int, ...],
+                   codecs: Sequence[Any], dimension_names: Sequence[str] | None = None,
+                   chunk_key_encoding: Mapping[str, Any] | None = None,
+                   attributes: Mapping[str, Any] | None = None,
+                   fill_value: Any = None) -> Any:
+    """The ``ArrayV3Metadata`` that ``zarr.create_array`` builds for these arguments.
+
+    Built from the fields of the Zarr v3 specification (a ``regular`` chunk grid given
+    as its JSON), with zarr's defaults: the ``default`` chunk key encoding with ``/``
+    and the data type's default fill value. zarr's own helper for this,
+    ``AsyncArray._create_metadata_v3``, is private and changed its arguments in zarr
+    3.2 (``chunk_shape`` became ``chunk_grid``); the class's constructor takes the
+    same arguments from zarr 3.1 to 3.4.
+    """
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    return ArrayV3Metadata(
+        shape=tuple(shape), data_type=dtype,
+        chunk_grid={"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}},
+        chunk_key_encoding=(dict(chunk_key_encoding) if chunk_key_encoding is not None
+                            else {"name": "default", "separator": "/"}),
+        fill_value=dtype.default_scalar() if fill_value is None else fill_value,
+        codecs=tuple(codecs),
+        dimension_names=tuple(dimension_names) if dimension_names else None,
+        attributes=dict(attributes or {}))
+
+
 def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
                   jobs_out: list[Callable[[], None]] | None = None) -> dict[str, zarr.Array]:
     """Create numeric arrays in ``group`` (new names only) from ``create_array`` arguments.
@@ -796,7 +829,7 @@ def create_arrays(group: zarr.Group, specs: Mapping[str, Mapping[str, Any]],
         known = _METADATA.get(key) if key is not None else None
         if known is None:
             serializer = BytesCodec(endian=None) if dtype.itemsize == 1 else BytesCodec()
-            metadata = AsyncArray._create_metadata_v3(
+            metadata = array_metadata(
                 shape=shape, dtype=_zarr_dtype(dtype.str),
                 chunk_shape=tuple(spec.get("chunks", shape)),
                 codecs=[*spec.get("filters", ()), serializer, *spec.get("compressors", ())],
@@ -1043,9 +1076,22 @@ class DirectResize:
             metadata = async_array.metadata.update_shape(tuple(shape))
             put_pieces(self.arr.store, store_key(self.arr.path, "zarr.json"),
                        [_metadata_bytes(metadata)])
-            object.__setattr__(async_array, "metadata", metadata)  # a frozen dataclass
+            set_array_metadata(async_array, metadata)
 
         return [light_job(job, 0, self.arr.store)]
+
+
+def set_array_metadata(async_array: Any, metadata: Any) -> None:
+    """Give ``async_array`` (a frozen dataclass) new metadata, as zarr's own resize does.
+
+    zarr 3.2 and later also keep the chunk grid the metadata implies
+    (``_chunk_grid``), which its indexing reads: it is rebuilt with the metadata.
+    """
+    object.__setattr__(async_array, "metadata", metadata)
+    if hasattr(async_array, "_chunk_grid"):
+        from zarr.core.chunk_grids import ChunkGrid
+
+        object.__setattr__(async_array, "_chunk_grid", ChunkGrid.from_metadata(metadata))
 
 
 def resizer(arr: zarr.Array) -> Any:
