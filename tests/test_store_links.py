@@ -200,3 +200,31 @@ def test_zarr_python_writes_into_one_layer_leave_the_other_layers_as_they_were(t
         np.testing.assert_array_equal(plain.label, np.arange(N) % 3)
         assert "note" not in plain.label.attrs and "note" not in plain.sample.attrs
     assert verify(path).ok
+
+
+
+def test_rewriting_a_file_with_the_bytes_it_links_to_leaves_no_temporary_file(tmp_path):
+    """One writer recording several epochs writes each layer's ``epoch_complete`` chunk
+    again with bytes it wrote before, to a name that already is (a link to) the file it
+    remembers for them. Linking that name again by ``rename`` does nothing at all
+    (POSIX: renaming one name of a file onto another name of the same file is a no-op),
+    and the temporary name used to stay in the array folder, where no later writer
+    looks: one more file per layer and epoch."""
+    linked, plain = str(tmp_path / "linked.zarr"), str(tmp_path / "plain.zarr")
+    rng = np.random.default_rng(0)
+    batches = [(epoch, start, rng.standard_normal((N // 2, 4)).astype(np.float32))
+               for epoch in range(4) for start in (0, N // 2)]
+    for path, kwargs in ((linked, {}), (plain, {"link_identical_files": False})):
+        with ActivationWriter(path, model="m", **kwargs) as writer:
+            for epoch, start, values in batches:
+                ids = np.arange(start, start + N // 2)
+                for layer in "ab":
+                    writer.write(layer, values, sample=ids, label=ids % 3, epoch=epoch)
+    files = _files(linked)
+    assert not [name for name in files if name.endswith(".partial")]
+    assert set(files) == set(_files(plain))
+    assert files["m/a/epoch_complete/c.0"].st_ino == files["m/b/epoch_complete/c.0"].st_ino
+    assert verify(linked).ok
+    for layer in "ab":
+        xr.testing.assert_identical(open_store(linked)[f"m/{layer}"].to_dataset().load(),
+                                    open_store(plain)[f"m/{layer}"].to_dataset().load())

@@ -445,6 +445,8 @@ class IdenticalFiles:
         if now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != (ino, size, mtime):
             self._forget(content)
             return False
+        if source == path:  # the bytes are written again to where they are
+            return True
         try:
             _in_new_folder(lambda: os.link(source, path), path)
         except FileExistsError:
@@ -456,6 +458,12 @@ class IdenticalFiles:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 return self._refused(content, err)
+            # where ``path`` already was a name of ``source`` (bytes written again, by
+            # this writer, to where they are), the rename did nothing (POSIX: a rename
+            # between two names of one file is a no-op) and left ``tmp``: ``path``
+            # holds ``content`` either way
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         except OSError as err:
             return self._refused(content, err)
         with self._lock:
