@@ -183,6 +183,17 @@ def _du(path: str | Path) -> int:
     return sum(seen.values())
 
 
+def _entries(path: str | Path) -> dict[str, int]:
+    """Folders, file names and the files' distinct inodes under ``path`` (its own folder
+    counted): what creating it asked of the file system."""
+    folders, names, inodes = 0, 0, set()
+    for folder, _, files in os.walk(path):
+        folders += 1
+        names += len(files)
+        inodes.update(os.stat(os.path.join(folder, name)).st_ino for name in files)
+    return {"folders": folders, "file_names": names, "file_inodes": len(inodes)}
+
+
 def relu_activations(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """ReLU outputs: about half exact zeros, the rest full-precision float32."""
     return np.maximum(rng.standard_normal(shape, dtype=np.float32), np.float32(0))
@@ -401,8 +412,16 @@ def _child_record_mlp(p: dict) -> dict:
 
     x, y = _inputs(p["mlp_samples"])
     tmp = tempfile.mkdtemp(prefix="topoxr-datapath-mlp-", dir=p["tmp"])
+    # the file system's state before and after the turns (each deletes the last
+    # recording's store), untimed: a recording creates several times the files the
+    # hand-written writer does, so a slow state slows the recording alone
+    inode_us = {"section_start": _inode_create_us(p["tmp"])}
     with PeakRSS() as rss:
         res = _run_config(_Torch(), "mlp", x, y, p["mlp_repeats"], tmp)
+    inode_us["section_end"] = _inode_create_us(p["tmp"])
+    res["inode_create_us"] = inode_us
+    res["entries"] = {key: _entries(os.path.join(tmp, f"torch-mlp-{key}.zarr"))
+                      for key in ("record", "direct")}
     res["peak_rss_mb"] = rss.mb
     res["bytes_on_disk"] = _du(os.path.join(tmp, "torch-mlp-record.zarr"))
     res["ratio"] = res["record_over_b_direct_whole_chunks"]

@@ -45,6 +45,16 @@ def test_every_datapath_section_runs_and_checks_its_baseline(tmp_path):
     assert write["bytes_on_disk"]["topoxr"] > write["bytes"]  # uncompressed, plus coords
     assert result["read"]["bytes"] == 4 * bench_datapath.NEURONS * TINY["read_samples"] * (
         TINY["read_epochs"])
+    # what the MLP's recording and its hand-written baseline asked of the file system:
+    # the recording's layers share their per-sample files (hard links), so it has more
+    # file names than inodes; the baseline's are plain files
+    mlp = result["record_mlp"]
+    entries = mlp["entries"]
+    assert entries["record"]["file_names"] > entries["record"]["file_inodes"] > 0
+    assert entries["direct"]["file_names"] == entries["direct"]["file_inodes"] > 0
+    assert entries["record"]["folders"] > entries["direct"]["folders"] > 1
+    assert set(mlp["inode_create_us"]) == {"section_start", "section_end"}
+    assert min(mlp["inode_create_us"].values()) > 0
     conv = result["record_conv"]
     assert sorted(int(n) for n in conv["by_samples"]) == [TINY["conv_samples"],
                                                          4 * TINY["conv_samples"]]
