@@ -71,6 +71,7 @@ __all__ = [
     "resolve_layers",
     "run_recording",
     "stored_layers",
+    "stored_unless_recorded",
     "take_inputs",
 ]
 
@@ -480,6 +481,39 @@ def completed_epochs(store: Any, model: str, layers: Sequence[str], *,
                                                                strict=True) if c}
         done = epochs if done is None else done & epochs
     return sorted(done or ())
+
+
+def stored_unless_recorded(store: Any, model: str, layers: Sequence[str],
+                           epoch: int) -> dict[str, StoredLayer] | None:
+    """What :func:`stored_layers` reads, or None where ``epoch`` is already recorded.
+
+    A recorder calls it once per epoch, before recording: a run restarted from a
+    checkpoint skips the epochs the store holds complete for every one of ``layers``
+    (logged), and for the others the one read of the store serves the recording's
+    checks too (``stored=`` of :func:`run_recording`).
+
+    Parameters
+    ----------
+    store : str or ActivationWriter
+        A path/URL or an open writer (whose model name wins over ``model``).
+    model : str
+        Model name.
+    layers : sequence of str
+        The recorder's layer names.
+    epoch : int
+        The epoch about to be recorded.
+
+    Returns
+    -------
+    dict or None
+        Original layer name -> :class:`StoredLayer` (empty for a new store or model),
+        or None where the epoch is complete for every one of ``layers``.
+    """
+    stored = stored_layers(store, model)
+    if epoch in completed_epochs(store, model, layers, stored=stored):
+        logger.info("epoch %d of model %r is already recorded; skipped", epoch, model)
+        return None
+    return stored
 
 
 def check_against_store(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -19,12 +18,11 @@ from topoxr.recording import (
     number_batches,
     prepare_arrays,
     run_recording,
-    stored_layers,
+    stored_unless_recorded,
 )
 from topoxr_keras._select import ProbeModel, probe_model
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras")
-logger = logging.getLogger(__name__)
 
 __all__ = ["RecordActivations", "record"]
 
@@ -280,12 +278,9 @@ class RecordActivations(keras.callbacks.Callback):
     def _record(self, epoch: int, logs: Mapping[str, Any]) -> None:
         if self._probe is None:
             raise RuntimeError("RecordActivations used outside model.fit")
-        # one read of the store per epoch: the skip and the recording's checks share it
-        stored = stored_layers(self.store, self.model_name)
-        if epoch in completed_epochs(self.store, self.model_name, self._probe.layers,
-                                     stored=stored):
-            logger.info("epoch %d of model %r is already recorded; skipped", epoch,
-                        self.model_name)
+        stored = stored_unless_recorded(self.store, self.model_name, self._probe.layers,
+                                        epoch)
+        if stored is None:
             return
         scalars = {}
         for key, value in logs.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -21,12 +20,11 @@ from topoxr.recording import (
     number_batches,
     prepare_arrays,
     run_recording,
-    stored_layers,
+    stored_unless_recorded,
 )
 from topoxr_torch._select import axis_rule, check_key, describe, first_tensor, resolve_specs
 
 torch = import_optional("torch", extra="torch", purpose="topoxr_torch")
-logger = logging.getLogger(__name__)
 
 __all__ = ["Capture", "ProbeRecorder", "capture", "record"]
 
@@ -594,11 +592,8 @@ class ProbeRecorder:
         RecordResult or None
             What was recorded; ``None`` when the epoch was already complete (skipped).
         """
-        # one read of the store per epoch: the skip and the recording's checks share it
-        stored = stored_layers(self.store, self.model_name)
-        if epoch in completed_epochs(self.store, self.model_name, self._names, stored=stored):
-            logger.info("epoch %d of model %r is already recorded; skipped", epoch,
-                        self.model_name)
+        stored = stored_unless_recorded(self.store, self.model_name, self._names, epoch)
+        if stored is None:
             return None
         batches: Any = iter_array_batches(self.x, self.ids, self.y, self.metadata,
                                           self.batch_size)
