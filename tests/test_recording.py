@@ -350,3 +350,27 @@ def test_background_writer_errors_reach_the_caller(store_path):
                 bg.submit({"a": np.zeros((1, 5), np.float32)}, np.array([i]), None, None, {})
             bg.close()
         bg.close()  # closing again is harmless
+
+
+def test_stored_unless_recorded_skips_only_epochs_complete_for_every_layer(tmp_path, caplog):
+    """The recorders' once-per-epoch read: None (logged) where the epoch is complete for
+    every one of the recorder's layers, else what the store holds for the model."""
+    from topoxr.recording import stored_unless_recorded
+
+    path = str(tmp_path / "s.zarr")
+    assert stored_unless_recorded(path, "m", ["a"], 0) == {}  # no store yet
+    ids = np.arange(6)
+    with ActivationWriter(path, model="m") as writer:
+        for layer in ("a", "b"):
+            writer.write(layer, np.ones((6, 3), np.float32), sample=ids, epoch=0)
+        writer.write("a", np.ones((6, 3), np.float32), sample=ids, epoch=1)
+    with caplog.at_level("INFO", logger="topoxr.recording"):
+        assert stored_unless_recorded(path, "m", ["a", "b"], 0) is None
+    assert any("epoch 0 of model 'm' is already recorded" in r.message
+               for r in caplog.records)
+    stored = stored_unless_recorded(path, "m", ["a", "b"], 1)  # "b" lacks epoch 1
+    assert sorted(stored) == ["a", "b"]
+    assert list(stored["a"].epochs) == [0, 1] and list(stored["b"].epochs) == [0]
+    assert stored_unless_recorded(path, "m", ["a"], 1) is None
+    assert stored_unless_recorded(path, "m", ["a"], 2) is not None
+    assert stored_unless_recorded(path, "other", ["a"], 0) == {}
