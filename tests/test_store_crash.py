@@ -678,8 +678,9 @@ def test_a_grown_but_unfilled_coordinate_is_not_data(tmp_path, reference, coordi
 def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_writer(tmp_path):
     """A process killed between writing a file and renaming it leaves
     ``<name>.<random>.partial`` beside the nodes, which zarr and plain xarray warn about
-    at every listing of the group; the next writer (holding the lock) deletes those in
-    the root, model and layer folders, and nothing committed changes."""
+    at every listing of the group, or beside an array's chunks, where it keeps its bytes;
+    the next writer (holding the lock) deletes those in the root, model, layer and array
+    folders, and nothing committed changes."""
     import warnings
 
     store = tmp_path / "run.zarr"
@@ -690,12 +691,19 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_writer(tmp_p
             store / "m" / "h" / "zarr.b4c2.partial"]
     for path in left:
         path.write_bytes(b'{"zarr_format": 3, "node_')  # cut short by the kill
+    chunks = [store / "m" / "h" / "activation" / "c.0.0.0.4242-7.partial",
+              store / "m" / "h" / "label" / "c.0.4242-8.partial"]
+    for path in chunks:
+        path.write_bytes(bytes(1000))
+    left += chunks
+    kept = {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and p not in left}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         zarr.open_group(store, mode="r", use_consolidated=False)["m"].members()
     assert any("not recognized as a component" in str(w.message) for w in caught)
     topoxr.ActivationWriter(store, model="m").close()
     assert not any(path.exists() for path in left)
+    assert {p: p.read_bytes() for p in kept} == kept  # the chunks and metadata kept
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         zarr.open_group(store, mode="r", use_consolidated=False)["m"].members()
