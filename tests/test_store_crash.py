@@ -88,7 +88,13 @@ def _zarr_arrays(path):
 
 
 def assert_same_store(path, reference):
-    """Equal as raw Zarr (every array, its shape, chunks, values, attributes) and opened."""
+    """Equal as raw Zarr (every array, its shape, chunks, values, attributes) and opened,
+    and no temporary file of a killed writer left anywhere (the resuming writer deletes
+    them)."""
+    left = [os.path.relpath(os.path.join(folder, name), path)
+            for folder, _, names in os.walk(path) for name in names
+            if name.endswith(".partial")]
+    assert not left, left
     root, arrays = _zarr_arrays(path)
     ref_root, ref_arrays = _zarr_arrays(reference)
     assert sorted(arrays) == sorted(ref_arrays)
