@@ -205,6 +205,17 @@ class Batch:
 def n_inputs(x: Any) -> int:
     """Number of inputs in ``x``: an array, or a mapping/tuple of arrays batched alike.
 
+    Parameters
+    ----------
+    x : array_like, mapping or tuple
+        An array with the samples on its first axis, or a mapping (e.g. a tokenizer's
+        output) or tuple of such arrays, nested as the model takes them.
+
+    Returns
+    -------
+    int
+        The length of the first axis, the same for every entry.
+
     Raises
     ------
     RecordingError
@@ -229,7 +240,21 @@ def n_inputs(x: Any) -> int:
 
 
 def take_inputs(x: Any, sl: slice) -> Any:
-    """Slice inputs (an array, or a mapping/tuple of arrays) along their first axis."""
+    """Slice inputs (an array, or a mapping/tuple of arrays) along their first axis.
+
+    Parameters
+    ----------
+    x : array_like, mapping or tuple
+        Inputs as :func:`n_inputs` takes them.
+    sl : slice
+        The samples to take.
+
+    Returns
+    -------
+    array_like, mapping or tuple
+        ``x`` with every array sliced, of the same kind (a mapping stays a mapping with
+        the same keys, a tuple or list the same type).
+    """
     if isinstance(x, Mapping):
         return {k: take_inputs(v, sl) for k, v in x.items()}
     if isinstance(x, tuple | list) and not hasattr(x, "shape"):
@@ -333,7 +358,26 @@ def iter_array_batches(
     metadata: Mapping[str, np.ndarray],
     batch_size: int,
 ) -> Iterator[Batch]:
-    """Cut arrays prepared by :func:`prepare_arrays` into :class:`Batch` objects."""
+    """Cut arrays prepared by :func:`prepare_arrays` into :class:`Batch` objects.
+
+    Parameters
+    ----------
+    x : array_like, mapping or tuple
+        The inputs, as :func:`n_inputs` takes them.
+    ids : numpy.ndarray
+        The stable id of every sample, ``(n,)``.
+    labels : numpy.ndarray or None
+        The label of every sample, ``(n,)``.
+    metadata : mapping of str to numpy.ndarray
+        Further per-sample columns, each ``(n,)``.
+    batch_size : int
+        Samples per batch (the last may hold fewer).
+
+    Yields
+    ------
+    Batch
+        Consecutive slices of every argument, in order.
+    """
     batch_size = _check_batch_size(batch_size)
     for start in range(0, len(ids), batch_size):
         sl = slice(start, start + batch_size)
@@ -361,6 +405,11 @@ def number_batches(
         Whole-probe-set columns, sliced by position (labels only when batches carry none).
     n_samples : int, optional
         Known number of samples, to check the columns' lengths up front.
+
+    Yields
+    ------
+    Batch
+        Each batch with its inputs, ids, labels and metadata.
 
     Raises
     ------

@@ -119,7 +119,22 @@ class LayerSpec:
 
 
 def did_you_mean(unknown: Sequence[str], available: Sequence[str], *, what: str) -> str:
-    """A message for names that match nothing: the three closest names and the count."""
+    """A message for names that match nothing: the three closest names and the count.
+
+    Parameters
+    ----------
+    unknown : sequence of str
+        The names asked for that match no layer.
+    available : sequence of str
+        The model's layer names.
+    what : str
+        What the names are looked up in, for the message (e.g. ``"model"``).
+
+    Returns
+    -------
+    str
+        The message, naming each unknown name with up to three close matches.
+    """
     parts = []
     for name in unknown:
         close = difflib.get_close_matches(name, list(available), n=3, cutoff=0.4)
@@ -224,6 +239,11 @@ def token_info(x: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     A mapping input (tokenizer output) gives ``attention_mask`` and ``input_ids``; a
     2-D integer array (or a tuple of positional inputs starting with one) is taken as
     the token ids themselves.
+
+    Parameters
+    ----------
+    x : array_like, mapping or tuple
+        One batch of a model's inputs.
 
     Returns
     -------
@@ -470,7 +490,19 @@ def reduction_attrs(
 
 
 def describe_reduction(attrs: Mapping[str, Any]) -> str:
-    """A short phrase for a layer's reduction, from its attributes (for messages)."""
+    """A short phrase for a layer's reduction, from its attributes (for messages).
+
+    Parameters
+    ----------
+    attrs : mapping
+        A stored layer's attributes (see :func:`reduction_attrs`).
+
+    Returns
+    -------
+    str
+        E.g. ``"reduce='mean' over axes [2, 3], neurons on axis 1 ..."``, or just
+        ``"reduce='mean'"`` for a layer stored without its axes.
+    """
     reduce = attrs.get(_ATTR_REDUCE, "mean")
     if ATTR_NEURON_AXIS not in attrs:
         return f"reduce={reduce!r}"

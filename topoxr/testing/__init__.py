@@ -172,6 +172,16 @@ def raise_if_dask_computes(max_computes: int = 0) -> Iterator[None]:
     The check of xarray's and cf-xarray's test suites: it installs a counting
     synchronous scheduler, so a function that should stay lazy is caught computing.
 
+    Parameters
+    ----------
+    max_computes : int, default 0
+        Computes allowed inside the block.
+
+    Yields
+    ------
+    None
+        The block runs under the counting scheduler.
+
     Raises
     ------
     RuntimeError

@@ -513,7 +513,23 @@ def collect(
 ) -> MapCollection:
     """Resolve inputs, keys and colour limits into a :class:`MapCollection`.
 
-    Takes the same arguments as :func:`topomap` (except ``dynamic``).
+    Parameters
+    ----------
+    laid_naps, by, interpolate, method, extrapolate, resolution, contours, cmap, clim, \
+points, point_size, colorbar, frame_width, value_label
+        As for :func:`topomap` (which takes ``dynamic`` besides).
+
+    Returns
+    -------
+    MapCollection
+        Every frame's key and source, the colour limits and the style, before any
+        HoloViews object is made.
+
+    Raises
+    ------
+    ValueError
+        If models drawn side by side are grouped by different labels, or as
+        :func:`topomap` raises for its arguments.
     """
     interp_kwargs = {"resolution": resolution, "method": method, "extrapolate": extrapolate}
     sources, multi = _sources(laid_naps, interp_kwargs)
