@@ -96,7 +96,15 @@ class ModelSpec:
     reduce: tuple[tuple[str, str], ...] = ()
 
     def layer_settings(self) -> dict[str, dict[str, str]]:
-        """The recorders' ``layers=`` mapping: every layer, with its reduce if set."""
+        """The recorders' ``layers=`` mapping: every layer, with its reduce if set.
+
+        Returns
+        -------
+        dict of str to dict of str to str
+            ``{layer: settings}`` for every layer of :attr:`layers`, in order: the
+            settings are ``{"reduce": reduce}`` for a layer named in :attr:`reduce`, else
+            ``{}`` (the recording's default).
+        """
         reduce = dict(self.reduce)
         return {layer: ({"reduce": reduce[layer]} if layer in reduce else {})
                 for layer in self.layers}
@@ -153,7 +161,17 @@ class DemoResult:
     files: list[Path] = field(default_factory=list)
 
     def summary_text(self) -> str:
-        """A human-readable account of the run: the findings, layout quality and timings."""
+        """A human-readable account of the run: the findings, layout quality and timings.
+
+        Returns
+        -------
+        str
+            Lines joined by newlines (no final newline): one line per application found
+            in :attr:`findings`; after a blank line, when :attr:`quality` has rows, a table
+            of the layouts (model, layer, method, trustworthiness, smoothness, blob count,
+            seconds); after a blank line, the phase timings, then the CPU times when
+            :attr:`cpu` has any; then one ``wrote PATH`` line per file of :attr:`files`.
+        """
         lines = []
         for line in _finding_lines(self.findings):
             lines.append(line)

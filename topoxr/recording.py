@@ -846,6 +846,19 @@ class BackgroundWriter:
         ``first_batch``: the rows of the first batch (default ``batch_size``), the batch
         size the store sizes a new layer's chunks from (``batch_rows``), as it did when
         that batch was written alone.
+
+        Parameters
+        ----------
+        neurons : mapping of str to int
+            Neurons of each layer (values per row once reduced). Each layer's target
+            (its chunk, in rows) is the largest multiple of ``batch_size`` whose rows, at
+            4 bytes a value, fit in ``write_bytes``, and at least one batch. A layer left
+            out keeps its earlier target, or without one has every batch written at once.
+        batch_size : int
+            Rows per batch.
+        first_batch : int, optional
+            Rows of the first batch, passed to the store as ``batch_rows`` when a layer
+            (other than a per-token one) is created; default ``batch_size``.
         """
         self._first_batch_rows = batch_size if first_batch is None else first_batch
         for layer, n in neurons.items():
@@ -882,6 +895,28 @@ class BackgroundWriter:
     ) -> None:
         """Queue one batch of every layer; blocks while the queue is full.
 
+        The batch is reduced and written later, on the background thread.
+
+        Parameters
+        ----------
+        outputs : mapping of str to numpy.ndarray
+            Each layer's output for the batch, ``(batch, ...)``, before reduction (or as
+            the capture pooled it); every layer must have a plan.
+        ids : numpy.ndarray
+            Sample ids of the batch's rows, ``(batch,)``.
+        labels : numpy.ndarray or None
+            Label of each sample, or None.
+        predictions : numpy.ndarray or None
+            Prediction of each sample, or None.
+        metadata : mapping of str to numpy.ndarray
+            Per-sample columns, each ``(batch,)``.
+        mask : numpy.ndarray, optional
+            Attention mask ``(batch, T)`` of the inputs (1 = real token), applied to the
+            layers whose plan is masked.
+        token_ids : numpy.ndarray, optional
+            Token ids ``(batch, T)`` of the inputs, for the ``token_id`` coordinate of
+            per-token layers.
+
         Raises
         ------
         Exception
@@ -897,7 +932,22 @@ class BackgroundWriter:
                 self._raise_pending()
 
     def close(self, *, flush: bool = True) -> None:
-        """Write what is pending (unless ``flush=False``), stop the thread, raise its error."""
+        """Write what is pending (unless ``flush=False``), stop the thread, raise its error.
+
+        Waits for the thread to end. Closing again does nothing.
+
+        Parameters
+        ----------
+        flush : bool, default True
+            Write the batches still queued or pending. False drops them (what was
+            written already stays); the thread's error is then raised only where it had
+            failed already, or fails on the batch it is writing when ``close`` is called.
+
+        Raises
+        ------
+        Exception
+            The error that stopped the background thread, if any and not raised already.
+        """
         if self._closed:
             return
         self._closed = True

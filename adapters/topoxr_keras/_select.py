@@ -21,6 +21,17 @@ _CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], ProbeModel]] = \
 def layer_names(model: keras.Model) -> list[str]:
     """Return the names of the model's layers (``model.layers``), in model order.
 
+    Parameters
+    ----------
+    model : keras.Model
+        The model.
+
+    Returns
+    -------
+    list of str
+        The name of each layer of ``model.layers``: its top-level layers only (the
+        layers inside a nested model are not listed; the nested model is, by its name).
+
     Raises
     ------
     TypeError
@@ -190,6 +201,28 @@ def probe_model(
 
     The sub-model is built once per model and layer selection (and output keys) and
     reused, e.g. at every epoch of a training run.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A built model with defined inputs (Sequential with a ``keras.Input``, or
+        functional).
+    layers : str, sequence of str, or mapping
+        Layer names (as :func:`layer_names` lists them) or glob patterns, or
+        ``{name or pattern: settings}`` with per-layer ``reduce``, ``channel_axis``,
+        ``output_key``.
+    output_keys : mapping of str to str or int, optional
+        ``{layer: key}``: the entry to record of a layer whose output is a mapping (str)
+        or a tuple or list (int). Every layer named must be recorded; a layer's
+        ``output_key`` setting wins over its entry here.
+
+    Returns
+    -------
+    ProbeModel
+        The sub-model returning the chosen layers' outputs, in model order, and the
+        model's output: the same object on every call that resolves to the same layers,
+        settings and output keys of the same model (a new one each time for a model
+        that cannot be weakly referenced).
 
     Raises
     ------

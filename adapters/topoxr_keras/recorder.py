@@ -258,13 +258,37 @@ class RecordActivations(keras.callbacks.Callback):
         self._probe: ProbeModel | None = None
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
-        """Build the probe sub-model and record epoch 0."""
+        """Build the probe sub-model and record epoch 0.
+
+        Epoch 0 is recorded only with ``record_initial``, and skipped when the store
+        already holds it complete for every recorded layer.
+
+        Parameters
+        ----------
+        logs : mapping of str to object, optional
+            What Keras passes to ``on_train_begin``; not used (epoch 0 is recorded
+            without scalars).
+        """
         self._probe = probe_model(self.model, self.layers, output_keys=self.output_keys)
         if self.record_initial:
             self._record(0, {})
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        """Record after the epoch (labelled ``epoch + 1``) if it is due."""
+        """Record after the epoch (labelled ``epoch + 1``) if it is due.
+
+        It is due when ``epoch + 1`` is a multiple of ``every``; it is skipped when the
+        store already holds that epoch complete for every recorded layer.
+
+        Parameters
+        ----------
+        epoch : int
+            Index of the epoch that ended, from 0, as Keras counts it (``initial_epoch``
+            included).
+        logs : mapping of str to object, optional
+            The epoch's metrics, as Keras passes them (``loss``, ``accuracy``, ``val_loss``,
+            ...). Every entry whose key is a Python identifier and whose value converts to
+            a finite float is stored as a per-epoch scalar; the others are left out.
+        """
         if (epoch + 1) % self.every == 0:
             self._record(epoch + 1, logs or {})
 

@@ -20,6 +20,18 @@ def layer_names(model: torch.nn.Module) -> list[str]:
 
     The model itself (name ``""``) is not a layer.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+
+    Returns
+    -------
+    list of str
+        The names, e.g. ``"block.relu"``, in ``named_modules()`` order (each module
+        before its children, in registration order). A module registered under several
+        names is listed once, under the first.
+
     Raises
     ------
     TypeError

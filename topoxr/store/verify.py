@@ -66,7 +66,16 @@ class VerifyReport:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (``topoxr verify --json``)."""
+        """JSON-serialisable form (``topoxr verify --json``).
+
+        Returns
+        -------
+        dict of str to object
+            ``"store"`` (the store's URL), ``"ok"`` (:attr:`ok`), ``"layers"`` (the number
+            of layers checked), ``"chunks_read"`` and ``"problems"``: one dict per
+            :class:`Problem`, its fields ``node``, ``what`` and ``kind`` plus ``line`` (the
+            text of :meth:`Problem.line`).
+        """
         return {"store": self.store, "ok": self.ok, "layers": self.layers,
                 "chunks_read": self.chunks_read,
                 "problems": [asdict(p) | {"line": p.line()} for p in self.problems]}

@@ -449,11 +449,43 @@ class Report:
         return self
 
     def add_figure(self, obj: Any, *, caption: str | None = None) -> Report:
-        """Add a HoloViews figure (sliders kept) to the current section."""
+        """Add a HoloViews figure (sliders kept) to the current section.
+
+        Parameters
+        ----------
+        obj : HoloViews object
+            The figure, drawn as interactive bokeh plots. Passed on to :meth:`add` (with
+            ``still=False``), so a str or a table is added as :meth:`add` adds it.
+        caption : str, optional
+            Caption under the figure.
+
+        Returns
+        -------
+        Report
+            ``self``, to chain calls.
+
+        Raises
+        ------
+        TypeError
+            If ``obj`` is neither a HoloViews object, a str, a DataFrame nor a list of dicts.
+        """
         return self.add(obj, caption=caption)
 
     def add_text(self, text: str) -> Report:
-        """Add Markdown (or HTML, if it starts with ``<``) to the current section."""
+        """Add Markdown (or HTML, if it starts with ``<``) to the current section.
+
+        Parameters
+        ----------
+        text : str
+            Markdown, or HTML (kept as is) if it starts with ``<`` after any leading
+            whitespace. Without ``markdown-it-py``, each paragraph (split on blank lines) is
+            escaped into a plain ``<p>``.
+
+        Returns
+        -------
+        Report
+            ``self``, to chain calls.
+        """
         self._current().append(_Item("html", _markup(text)))
         return self
 

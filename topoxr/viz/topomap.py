@@ -303,7 +303,24 @@ class MapCollection:
         return self.by
 
     def key_values(self, dim: str) -> list:
-        """Sorted distinct values of a key dim over the frames."""
+        """Sorted distinct values of a key dim over the frames.
+
+        Parameters
+        ----------
+        dim : str
+            One of :attr:`key_dims`.
+
+        Returns
+        -------
+        list
+            The distinct values ``dim`` takes in the frames' keys, sorted; in no set order
+            when they cannot be compared with one another.
+
+        Raises
+        ------
+        ValueError
+            If ``dim`` is not one of :attr:`key_dims`.
+        """
         i = self.by.index(dim)
         vals = {k[i] for k in self.frames}
         try:
@@ -329,6 +346,15 @@ class MapCollection:
             Draw this frame's colour bar; default the collection's ``colorbar`` style.
             Views that place many maps side by side draw one bar per row (the limits are
             shared, so one bar describes the whole row).
+
+        Returns
+        -------
+        holoviews.Overlay
+            The frame's interpolated ``Image`` (when the style interpolates) with its
+            ``Contours`` (when the style asks for them) and its ``Points`` (when the style
+            asks for them, or without an image). For a key with no frame, the same overlay
+            filled with NaN and titled "(no samples)", drawn on the first source's layout
+            (or, with a ``model`` key dim, on that model's).
         """
         style = self.style if colorbar is None else {
             **self.style, "colorbar": bool(colorbar) and self.style["colorbar"]}
