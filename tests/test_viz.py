@@ -248,9 +248,11 @@ def test_report_is_self_contained_with_tables_and_sliders(viz, nap, tmp_path):
     report.add_table(pd.DataFrame({"method": ["pca", "umap"], "trust": [0.912345, 0.95]}),
                      title="Quality")
     report.add_table([{"layer": "hidden", "seconds": 1.5}])
+    report.add("Some **text**.", caption="a caption under text")  # kept, not dropped
     out = report.save(tmp_path / "r.html")
     page = out.read_text()
     assert "<h2>Quality</h2>" in page and "0.912" in page and "<em>test</em>" in page
+    assert "<strong>text</strong>" in page and "a caption under text" in page
     # offline: no script or stylesheet is loaded from anywhere
     assert not re.search(r"<script[^>]+src=", page)
     assert not re.search(r"<link[^>]+href=", page)

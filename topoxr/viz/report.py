@@ -375,7 +375,8 @@ class Report:
         Report
         """
         if isinstance(obj, str):
-            return self.add_text(obj)
+            self._current().append(_Item("html", _markup(obj), caption))
+            return self
         if _is_table(obj):
             return self.add_table(obj, caption=caption)
         if isinstance(obj, hv.core.dimension.ViewableElement | hv.core.dimension.ViewableTree
