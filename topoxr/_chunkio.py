@@ -461,8 +461,8 @@ class IdenticalFiles:
             # where ``path`` already was a name of ``source`` (bytes written again, by
             # this writer, to where they are), the rename did nothing (POSIX: a rename
             # between two names of one file is a no-op) and left ``tmp``: ``path``
-            # holds ``content`` either way
-            with contextlib.suppress(FileNotFoundError):
+            # holds ``content`` either way (a failure to remove ``tmp`` loses nothing)
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
         except OSError as err:
             return self._refused(content, err)
