@@ -413,8 +413,9 @@ def _child_record_mlp(p: dict) -> dict:
     x, y = _inputs(p["mlp_samples"])
     tmp = tempfile.mkdtemp(prefix="topoxr-datapath-mlp-", dir=p["tmp"])
     # the file system's state before and after the turns (each deletes the last
-    # recording's store), untimed: a recording creates several times the files the
-    # hand-written writer does, so a slow state slows the recording alone
+    # recording's store), untimed: a recording makes about twice the folders and inodes
+    # of the hand-written writer, and six times the file names (``entries``), so a slow
+    # state slows the recording more
     inode_us = {"section_start": _inode_create_us(p["tmp"])}
     with PeakRSS() as rss:
         res = _run_config(_Torch(), "mlp", x, y, p["mlp_repeats"], tmp)
