@@ -202,7 +202,6 @@ def test_zarr_python_writes_into_one_layer_leave_the_other_layers_as_they_were(t
     assert verify(path).ok
 
 
-
 def test_rewriting_a_file_with_the_bytes_it_links_to_leaves_no_temporary_file(tmp_path):
     """One writer recording several epochs writes each layer's ``epoch_complete`` chunk
     again with bytes it wrote before, to a name that already is (a link to) the file it
