@@ -451,7 +451,6 @@ def test_a_failed_flush_names_the_buffered_batches_and_loses_nothing_committed(
         assert again.missing("h", 1, range(4)).tolist() == [0, 1, 2, 3]
 
 
-
 def test_a_flush_of_several_layers_fails_at_every_write_without_tearing_a_batch(
         tmp_path, monkeypatch):
     """``flush`` commits every buffered layer in one set of steps; whichever write fails,
