@@ -374,3 +374,9 @@ def test_stored_unless_recorded_skips_only_epochs_complete_for_every_layer(tmp_p
     assert stored_unless_recorded(path, "m", ["a"], 1) is None
     assert stored_unless_recorded(path, "m", ["a"], 2) is not None
     assert stored_unless_recorded(path, "other", ["a"], 0) == {}
+    # an open writer's model wins over the name given, as in stored_layers
+    caplog.clear()
+    with ActivationWriter(path, model="m") as writer, \
+            caplog.at_level("INFO", logger="topoxr.recording"):
+        assert stored_unless_recorded(writer, "other", ["a", "b"], 0) is None
+    assert any("model 'm'" in r.message for r in caplog.records)

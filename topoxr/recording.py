@@ -558,6 +558,8 @@ def stored_unless_recorded(store: Any, model: str, layers: Sequence[str],
         Original layer name -> :class:`StoredLayer` (empty for a new store or model),
         or None where the epoch is complete for every one of ``layers``.
     """
+    if isinstance(store, ActivationWriter):
+        model = store.model  # as stored_layers reads it
     stored = stored_layers(store, model)
     if epoch in completed_epochs(store, model, layers, stored=stored):
         logger.info("epoch %d of model %r is already recorded; skipped", epoch, model)
