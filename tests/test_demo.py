@@ -126,3 +126,20 @@ def test_without_frameworks_the_demo_records_scikit_learn(tmp_path):
     html = result.report.read_text()
     assert "<h2>Class maps: mlp_sklearn / hidden" in html and "Bias" not in html
     assert "class maps (mlp_sklearn/hidden)" in result.summary_text()
+
+
+def test_summary_text_shows_only_the_sections_it_has(tmp_path):
+    from topoxr.demo import DemoResult
+
+    bare = DemoResult(out=tmp_path, store=tmp_path / "s.zarr", summary={})
+    assert bare.summary_text() == ""
+    timed = DemoResult(out=tmp_path, store=tmp_path / "s.zarr", summary={},
+                       timings={"record": 1.25}, files=[tmp_path / "report.html"])
+    assert timed.summary_text() == f"timings: record 1.2s\nwrote {tmp_path / 'report.html'}"
+    row = {"model": "m", "layer": "l", "method": "umap", "trustworthiness": 0.9,
+           "smoothness": 0.5, "blob_count": 2.0, "seconds": 1.0}
+    table = DemoResult(out=tmp_path, store=tmp_path / "s.zarr", summary={}, quality=[row],
+                       cpu={"layout": 2.0})
+    lines = table.summary_text().split("\n")
+    assert lines[0].startswith("model") and lines[1].startswith("m ")
+    assert lines[2:] == ["", "CPU time: layout 2.0s"]  # one blank line between sections

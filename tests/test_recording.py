@@ -330,6 +330,30 @@ def test_background_writer_coalesces_into_whole_writes(store_path, tmp_path, chu
                 == zarr.open_array(f"{one_by_one}/m/a/{name}").chunks), name
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_background_writer_writes_whole_chunks_at_the_stored_value_size(store_path, dtype):
+    """The write target is sized at the store's bytes per value: float16 chunks hold
+    twice the rows of float32 ones, and each write still fills whole chunks."""
+    n_neurons, batch, n = 1024, 64, 4096
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((n, n_neurons)).astype(np.float32)
+    with ActivationWriter(store_path, model="m", dtype=dtype) as writer:
+        assert writer.value_bytes("a") == np.dtype(dtype).itemsize
+        with BackgroundWriter(writer, epoch=0, plans={"a": LayerPlan("mean", 1, "test")}) as bg:
+            bg.set_targets({"a": n_neurons}, batch_size=batch)
+            for start in range(0, n, batch):
+                ids = np.arange(start, start + batch)
+                bg.submit({"a": values[start:start + batch]}, ids, None, None, {})
+        assert writer.value_bytes("a") == np.dtype(dtype).itemsize  # now stored
+    chunk_rows = zarr.open_array(f"{store_path}/m/a/activation").chunks[1]
+    assert chunk_rows == {"float32": 1024, "float16": 2048}[dtype]
+    assert bg.written == n
+    assert bg.writes == n // chunk_rows  # one write per chunk, none split
+    stored = open_store(store_path)["m/a"].to_dataset().activation.isel(epoch=0)
+    np.testing.assert_array_equal(stored.transpose("sample", "neuron").values,
+                                  values.astype(dtype).astype(np.float32))
+
+
 @pytest.mark.parametrize("bad", [0, -10, 2.5, True, "10"])
 def test_a_bad_batch_rows_is_refused_before_writing(store_path, bad):
     with ActivationWriter(store_path, model="m") as writer:

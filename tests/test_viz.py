@@ -435,6 +435,25 @@ def test_grids_one_colorbar_each_model_row_one(viz):
     assert with_bar == {(3, "torch"), (3, "keras")}
 
 
+def test_explicit_colorbar_overrides_the_style_and_views_keep_the_style(viz):
+    from topoxr.viz.topomap import collect
+
+    nap = make_laid_naps(n_neurons=20, n_labels=4, n_epochs=2)
+    col = collect(nap, by="label", colorbar=False, resolution=20)
+    key = next(iter(col.frames))
+    assert len(_bokeh_colorbars(viz, col.element(key))) == 0  # the style: no bar
+    assert len(_bokeh_colorbars(viz, col.element(key, colorbar=True))) == 1
+    on = collect(nap, by="label", resolution=20)
+    assert len(_bokeh_colorbars(viz, on.element(key, colorbar=False))) == 0
+    # the views draw their one bar only where the style has bars
+    assert len(_bokeh_colorbars(viz, viz.class_row(nap, colorbar=False, resolution=20))) == 0
+    assert len(_bokeh_colorbars(viz, viz.training_animation(nap, colorbar=False,
+                                                             resolution=20))) == 0
+    grid = viz.contrast_grid(make_laid_naps(20, 4, 2, by=["label", "correct"]),
+                             colorbar=False, resolution=20)
+    assert len(_bokeh_colorbars(viz, grid)) == 0
+
+
 def test_empty_grid_cells_draw_nothing_in_png(viz, tmp_path):
     from topoxr.viz.report import _grid_as_layout
 

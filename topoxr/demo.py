@@ -166,29 +166,31 @@ class DemoResult:
         Returns
         -------
         str
-            Lines joined by newlines (no final newline): one line per application found
-            in :attr:`findings`; after a blank line, when :attr:`quality` has rows, a table
-            of the layouts (model, layer, method, trustworthiness, smoothness, blob count,
-            seconds); after a blank line, the phase timings, then the CPU times when
-            :attr:`cpu` has any; then one ``wrote PATH`` line per file of :attr:`files`.
+            Lines joined by newlines (no final newline), in sections separated by a
+            blank line, each only where it has lines: one line per application found in
+            :attr:`findings`; a table of the layouts when :attr:`quality` has rows
+            (model, layer, method, trustworthiness, smoothness, blob count, seconds);
+            the phase timings when :attr:`timings` has any, then the CPU times when
+            :attr:`cpu` has any, then one ``wrote PATH`` line per file of :attr:`files`.
         """
-        lines = []
-        for line in _finding_lines(self.findings):
-            lines.append(line)
+        table = []
         if self.quality:
-            lines += ["", f"{'model':<18}{'layer':<8}{'method':<12}{'trust':>7}{'smooth':>8}"
-                          f"{'blobs':>7}{'sec':>7}"]
+            table.append(f"{'model':<18}{'layer':<8}{'method':<12}{'trust':>7}{'smooth':>8}"
+                         f"{'blobs':>7}{'sec':>7}")
             for row in self.quality:
-                lines.append(
+                table.append(
                     f"{row['model']:<18}{row['layer']:<8}{row['method']:<12}"
                     f"{row['trustworthiness']:>7.3f}{row['smoothness']:>8.3f}"
                     f"{row['blob_count']:>7.1f}{row['seconds']:>7.2f}"
                 )
-        lines += ["", "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())]
+        last = []
+        if self.timings:
+            last.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         if self.cpu:
-            lines += ["CPU time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.cpu.items())]
-        lines += [f"wrote {path}" for path in self.files]
-        return "\n".join(lines)
+            last.append("CPU time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.cpu.items()))
+        last += [f"wrote {path}" for path in self.files]
+        sections = (list(_finding_lines(self.findings)), table, last)
+        return "\n\n".join("\n".join(lines) for lines in sections if lines)
 
 
 def record_sklearn_mlp(

@@ -854,8 +854,10 @@ class BackgroundWriter:
         neurons : mapping of str to int
             Neurons of each layer (values per row once reduced). Each layer's target
             (its chunk, in rows) is the largest multiple of ``batch_size`` whose rows, at
-            4 bytes a value, fit in ``write_bytes``, and at least one batch. A layer left
-            out keeps its earlier target, or without one has every batch written at once.
+            the bytes a value takes in the store (:meth:`ActivationWriter.value_bytes`:
+            2 for ``float16``), fit in ``write_bytes``, and at least one batch. A layer
+            left out keeps its earlier target, or without one has every batch written at
+            once.
         batch_size : int
             Rows per batch.
         first_batch : int, optional
@@ -864,7 +866,8 @@ class BackgroundWriter:
         """
         self._first_batch_rows = batch_size if first_batch is None else first_batch
         for layer, n in neurons.items():
-            self._targets[layer] = batch_size * max(1, self._write_bytes // (batch_size * 4 * n))
+            row_bytes = self._writer.value_bytes(layer) * n
+            self._targets[layer] = batch_size * max(1, self._write_bytes // (batch_size * row_bytes))
 
     def _due(self, layer: str, pending_rows: int) -> bool:
         """Whether the pending rows of ``layer`` reach its next write boundary.

@@ -226,9 +226,17 @@ def probe_model(
 
     Raises
     ------
+    TypeError
+        If ``model`` is not a ``keras.Model``.
     RecordingError
-        Unknown names (the message lists the model's layers), layers whose output is not
-        a single tensor, or a model without defined inputs.
+        If no layer is requested; a name is not a string; a name or pattern matches no
+        layer (the message lists the model's layers); a layer's settings are not a
+        mapping or :class:`~topoxr.reduction.LayerSpec`, or hold an unknown key, an
+        unknown ``reduce``, a non-integer ``channel_axis`` or a ``call`` (Keras records
+        a layer's output, not one call of a shared layer); ``output_keys`` names a layer
+        that is not recorded; the model has no defined inputs; or a layer's output is
+        not a single tensor (a mapping, tuple or list without an output key, or a key
+        it does not hold).
     """
     resolved = resolve_layer_specs(layers, layer_names(model), what=f"keras model {model.name!r}")
     names = list(resolved)

@@ -93,6 +93,31 @@ def test_probe_model_built_once_per_selection():
     assert first.layers == ["fc1", "fc2"]
 
 
+@pytest.mark.parametrize(("layers", "output_keys", "match"), [
+    ([], None, "no layers requested"),
+    ([3], None, "layer names must be strings"),
+    (["fc9"], None, "fc1"),  # the message lists the model's layers
+    ({"fc1": 3}, None, "settings must be a mapping or LayerSpec"),
+    ({"fc1": {"pool": "mean"}}, None, "unknown settings"),
+    ({"fc1": {"reduce": "median"}}, None, "unknown reduce"),
+    ({"fc1": {"channel_axis": 1.5}}, None, "channel_axis must be an integer"),
+    ({"fc1": {"call": 1}}, None, "cannot record one call"),
+    (["fc1"], {"fc2": 0}, "not recorded layers"),
+    (["split"], None, "not a tensor"),
+    (["split"], {"split": 5}, "output key 5 not found"),
+])
+def test_probe_model_refusals_are_those_its_docstring_lists(layers, output_keys, match):
+    """Every case of ``probe_model``'s Raises section, each with its own message."""
+    model = _split_model() if "split" in str(layers) else models.make_model("mlp")
+    with pytest.raises(RecordingError, match=match):
+        topoxr_keras.probe_model(model, layers, output_keys=output_keys)
+
+
+def test_probe_model_refuses_what_is_no_keras_model():
+    with pytest.raises(TypeError, match=r"must be a keras\.Model"):
+        topoxr_keras.probe_model(object(), ["fc1"])
+
+
 def test_output_key_selects_one_output(digits, store_path):
     x, _ = digits
     model = _split_model()

@@ -398,6 +398,24 @@ class ActivationWriter:
         """Names of the layers of this model in the store."""
         return list(self._layers)
 
+    def value_bytes(self, layer: str) -> int:
+        """Bytes of one stored activation value of ``layer``.
+
+        Parameters
+        ----------
+        layer : str
+            A layer name, stored or not.
+
+        Returns
+        -------
+        int
+            The item size of the layer's stored dtype (2 for ``float16`` and
+            ``bfloat16``, 4 for ``float32``); for a layer not stored yet, that of the
+            ``dtype`` this writer creates layers with.
+        """
+        state = self._layers.get(layer)
+        return np.dtype(self._dtype if state is None else state.storage_dtype).itemsize
+
     def missing(self, layer: str, epoch: int, sample: Iterable[int]) -> np.ndarray:
         """Return the ids among ``sample`` not yet committed for ``layer`` at ``epoch``.
 

@@ -343,9 +343,10 @@ class MapCollection:
         key : tuple
             The frame's key (values of :attr:`key_dims`).
         colorbar : bool, optional
-            Draw this frame's colour bar; default the collection's ``colorbar`` style.
-            Views that place many maps side by side draw one bar per row (the limits are
-            shared, so one bar describes the whole row).
+            Whether this frame draws its colour bar; default the collection's
+            ``colorbar`` style. Given, it overrides the style for this frame. Views that
+            place many maps side by side draw one bar per row where the style has bars
+            (the limits are shared, so one bar describes the whole row).
 
         Returns
         -------
@@ -356,8 +357,7 @@ class MapCollection:
             filled with NaN and titled "(no samples)", drawn on the first source's layout
             (or, with a ``model`` key dim, on that model's).
         """
-        style = self.style if colorbar is None else {
-            **self.style, "colorbar": bool(colorbar) and self.style["colorbar"]}
+        style = self.style if colorbar is None else {**self.style, "colorbar": bool(colorbar)}
         if key not in self.frames:
             return self._empty(key, style)
         si, gi, ei = self.frames[key]

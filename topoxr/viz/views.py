@@ -217,7 +217,8 @@ def class_row(
             raise ValueError(f"order names groups that are not in the NAPs: {missing}")
     col.precompute()
     ncols = _row_length(len(ordered), max_cols)
-    maps = [col.element(k, colorbar=i == _bar_index(len(ordered), ncols))
+    bar_at = _bar_index(len(ordered), ncols)
+    maps = [col.element(k, colorbar=i == bar_at and col.style["colorbar"])
             .relabel(_key_title(keys, k)) for i, k in enumerate(ordered)]
     if examples is None:
         return _layout_opts(hv.Layout(maps).cols(ncols))
@@ -320,7 +321,8 @@ def _grid_space(col: Any, xkey: str, ykey: str, *, one_bar_per_row: bool,
         if auto_points:
             col.style["point_size"] = max(2, int(col.style["point_size"] * scale + 0.5))
     col.precompute()
-    frames = {k: col.element(k, colorbar=(k[xi], k[yi]) in bars) for k in col.frames}
+    frames = {k: col.element(k, colorbar=(k[xi], k[yi]) in bars and col.style["colorbar"])
+              for k in col.frames}
     hmap = hv.HoloMap(frames, kdims=list(col.by))
     return hmap.grid([xkey, ykey])
 
@@ -440,7 +442,7 @@ def training_animation(
     ncols = _row_length(len(ordered), max_cols)
     panels = []
     for i, g in enumerate(ordered):
-        bar = i == _bar_index(len(ordered), ncols)
+        bar = i == _bar_index(len(ordered), ncols) and col.style["colorbar"]
         frames = {(e,): col.element((*g, e), colorbar=bar)
                   .relabel(_key_title(keys, g) if keys else "")
                   for e in epochs if (*g, e) in col.frames}
