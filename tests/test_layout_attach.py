@@ -337,3 +337,114 @@ def test_a_layout_saved_without_checksums_by_an_earlier_version_still_loads(tmp_
     assert [(p.node, p.kind) for p in problems] == [("model/dense1/layouts/old",
                                                      "unverifiable")]
     assert "['neuron', 'x', 'y']" in problems[0].what
+
+
+# -- given profiles, estimator instances: matched by label, never changed -----------------------
+def test_given_profiles_are_matched_to_the_neurons_by_label():
+    ds = make_activations(n_neurons=16, n_samples=80, random_state=0)
+    ref = attach(ds, "pca", random_state=0)
+    prof = profiles(ds)
+    perm = np.random.default_rng(1).permutation(16)
+    laid = attach(ds, "pca", random_state=0, profile=prof.isel(neuron=perm))
+    np.testing.assert_array_equal(laid.x.values, ref.x.values)  # each neuron its own place
+    np.testing.assert_array_equal(laid.y.values, ref.y.values)
+    with pytest.raises(ProfileError, match=r"lack neurons \[0, 1, 2"):
+        attach(ds, "pca", profile=prof.assign_coords(neuron=prof.neuron.values + 100))
+    with pytest.raises(ProfileError, match="repeated neuron labels"):
+        attach(xr.concat([ds, ds], "neuron"), "pca")
+
+
+def test_per_epoch_profiles_are_matched_to_the_epochs_by_label():
+    ds = make_activations(n_neurons=16, n_samples=80, random_state=0)  # epochs 0, 1, 2
+    laid = attach(ds, "pca", random_state=0, align=False, profile={"epochs": [2, 1, 0]})
+    for e in range(3):
+        own = attach(ds.sel(epoch=[e]), "pca", random_state=0)
+        np.testing.assert_allclose(laid.x.sel(epoch=e).values, own.x.values)
+    with pytest.raises(ProfileError, match=r"hold epochs \[0, 1\], the object \[0, 1, 2\]"):
+        attach(ds, "pca", profile={"epochs": [0, 1]})
+    # one layout from a subset of the epochs is fine where it is shared
+    assert attach(ds, "pca", profile={"epochs": [0, 1]}, share="all").x.dims == ("neuron",)
+
+
+def test_profiles_of_several_models_at_once_are_refused():
+    a = profiles(make_activations(n_neurons=16, n_samples=80, random_state=0))
+    b = profiles(make_activations(n_neurons=16, n_samples=80, random_state=5))
+    both = xr.concat([a, b], dim="model").assign_coords(model=["A", "B"])
+    for prof in (both.isel(epoch=0, drop=True), both):
+        with pytest.raises(ProfileError, match=r"dims \['model'\] besides"):
+            attach(prof, "pca")
+
+
+def test_compute_layouts_takes_one_layers_profiles_only_for_one_layer(store):
+    tree = topoxr.open_store(store)
+    prof = profiles(tree["model/dense1"].to_dataset())
+    with pytest.raises(ProfileError, match="one layer's profiles"):
+        compute_layouts(tree, methods=["pca"], profile=prof, progress=False)
+    one = compute_layouts(tree, layers=["dense1"], methods=["pca"], profile=prof,
+                          progress=False)
+    ref = attach(tree["model/dense1"].to_dataset(), "pca", random_state=0)
+    np.testing.assert_allclose(one["model/dense1"].x.sel(layout="pca", seed=0).values,
+                               ref.x.transpose("epoch", "neuron").values)
+
+
+def test_quality_matches_profiles_and_maps_to_the_layout_by_neuron_label():
+    ds = make_activations(n_neurons=16, n_samples=80, random_state=0)
+    laid = attach(ds, "pca", random_state=0, share=2)
+    perm = np.random.default_rng(1).permutation(16)
+    ref = topoxr.quality(laid)
+    for kwargs in ({"profile": profiles(ds).isel(neuron=perm)},
+                   {"maps": naps(ds).isel(neuron=perm)}):
+        got = topoxr.quality(laid, **kwargs)
+        for name in ("trustworthiness", "spearman", "smoothness", "blob_count"):
+            np.testing.assert_allclose(got[name].values, ref[name].values, err_msg=name)
+    with pytest.raises(ProfileError, match="lack neurons"):
+        topoxr.quality(laid, profile=profiles(ds).assign_coords(neuron=np.arange(16) + 50))
+
+
+def test_an_estimator_instance_is_copied_and_keeps_its_own_settings():
+    from topoxr.layouts import PCALayout, RandomLayout
+
+    X = np.random.default_rng(0).normal(size=(20, 4)) + 3
+    est = PCALayout(metric="euclidean")
+    got = topoxr.layout(X, est)
+    assert est.get_params()["metric"] == "euclidean" and not hasattr(est, "n_features_in_")
+    np.testing.assert_allclose(got, PCALayout(metric="euclidean").fit_transform(X))
+    assert not np.allclose(got, PCALayout(metric="cosine").fit_transform(X))
+    seeded = RandomLayout(random_state=11)
+    np.testing.assert_array_equal(topoxr.layout(X, seeded), topoxr.layout(X, seeded))
+    np.testing.assert_array_equal(topoxr.layout(X, seeded),
+                                  RandomLayout(random_state=11).fit_transform(X))
+    with pytest.raises(ProfileError, match="set it in one place"):
+        topoxr.layout(X, est, metric="cosine")
+    with pytest.raises(ValueError, match="set the seed in one place"):
+        topoxr.layout(X, seeded, random_state=3)
+    # an instance left at its class's defaults takes the call's metric and seed
+    np.testing.assert_allclose(topoxr.layout(X, PCALayout(), metric="euclidean"), got)
+    ds = make_activations(n_neurons=16, n_samples=80, random_state=0)
+    laid = attach(ds, seeded)
+    desc = json.loads(laid.attrs["topoxr_layout"])
+    assert desc["random_state"] == 11 and desc["seeds"] == [11, 11, 11]
+    np.testing.assert_array_equal(attach(ds, seeded).x.values, laid.x.values)
+    assert seeded.get_params()["random_state"] == 11
+    tree_est = RandomLayout(random_state=4)
+    with pytest.raises(ValueError, match="random_state=None"):
+        compute_layouts(xr.DataTree.from_dict({"model/l": ds}), methods=[tree_est],
+                        progress=False)
+
+
+def test_a_neuron_with_a_constant_output_is_dead_for_the_estimators_too():
+    """Normalising a constant output leaves float32 rounding noise, not exact zeros: the
+    layout report calls it dead (at distance 1 from every neuron) and the estimators
+    must place it so, not by the direction of the noise."""
+    from topoxr.layouts import distance_matrix
+    from topoxr.layouts._base import features_for_metric
+    from topoxr.similarity import degenerate_rows
+
+    P = profiles(make_activations(n_neurons=16, n_samples=83, random_state=0)).isel(
+        epoch=0).values.astype(float)
+    P[0] = [0.0, 0.0, 0.0, 7.45e-09]  # what float32 normalisation left of a constant output
+    assert degenerate_rows(P, "cosine")[0][0]  # reported dead
+    for metric in ("cosine", "correlation"):
+        assert not features_for_metric(P, metric)[0].any()
+        D = distance_matrix(P, metric)
+        np.testing.assert_array_equal(D[0, 1:], 1.0)

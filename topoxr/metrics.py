@@ -37,7 +37,7 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
-from topoxr.similarity import FEATURE, profile_matrix, profiles
+from topoxr.similarity import FEATURE, _match_neurons, profile_matrix, profiles
 
 __all__ = [
     "QualityError",
@@ -590,10 +590,12 @@ def quality(
         attribute, else ``"cosine"``.
     profile : xarray.DataArray, optional
         Profiles to compare with; default :func:`topoxr.similarity.profiles` of
-        ``laid_out`` (its NAPs by label, or the NAPs themselves).
+        ``laid_out`` (its NAPs by label, or the NAPs themselves). Matched to
+        ``laid_out``'s neurons by label.
     maps : xarray.DataArray, optional
         Values to draw as maps for smoothness and blobs, dims ``(neuron, <group>,
         epoch)``; default: the NAPs by label (or ``laid_out`` itself if it is NAPs).
+        Matched to ``laid_out``'s neurons by label.
     resolution : int, default 100
         Grid of the interpolated maps.
     n_queries : int, "auto" or None, default "auto"
@@ -630,7 +632,10 @@ def quality(
     import dask
 
     profile, maps = dask.compute(profile, maps)
-    profile = profile.transpose(NEURON, FEATURE, ...)
+    # matched to the layout's neurons by label: the same neurons in another order are
+    # put in the layout's order, other labels are refused
+    profile = _match_neurons(profile, laid_out).transpose(NEURON, FEATURE, ...)
+    maps = _match_neurons(maps, laid_out)
     gdim = [d for d in maps.dims if d not in (NEURON, EPOCH)]
     if len(gdim) != 1:
         raise QualityError(f"maps need dims (neuron, <group>[, epoch]), got {maps.dims}")

@@ -265,6 +265,47 @@ def _finite_2d(X: Any) -> np.ndarray:
     return X
 
 
+def _neuron_labels(obj: Any, what: str) -> np.ndarray | None:
+    """The neuron labels of ``obj`` (None without a neuron coordinate); repeated labels
+    are refused, as a layout could not say which neuron a position belongs to."""
+    if NEURON not in obj.coords:
+        return None
+    labels = np.asarray(obj[NEURON].values)
+    uniq, counts = np.unique(labels, return_counts=True)
+    if (counts > 1).any():
+        raise ProfileError(f"{what} has repeated neuron labels "
+                           f"{uniq[counts > 1][:10].tolist()}: each neuron needs a label of "
+                           "its own (e.g. lay out each layer separately)")
+    return labels
+
+
+def _match_neurons(prof: xr.DataArray, obj: Any) -> xr.DataArray:
+    """``prof`` in ``obj``'s neuron order, matched by label (by position only where
+    neither has neuron labels)."""
+    if prof.sizes[NEURON] != obj.sizes[NEURON]:
+        raise ProfileError(f"profiles have {prof.sizes[NEURON]} neurons, the object "
+                           f"{obj.sizes[NEURON]}")
+    if prof is obj:
+        _neuron_labels(obj, "the object")
+        return prof
+    want = _neuron_labels(obj, "the object")
+    have = _neuron_labels(prof, "the profile matrix")
+    if want is None or have is None:
+        if want is not None or have is not None:
+            raise ProfileError("the object or the profiles have no neuron labels, so the "
+                               "profiles cannot be matched to the object's neurons")
+        return prof
+    if np.array_equal(want, have):
+        return prof
+    missing = np.setdiff1d(want, have)
+    if missing.size:
+        raise ProfileError(
+            f"the profiles lack neurons {missing[:10].tolist()} of the object (and hold "
+            f"{np.setdiff1d(have, want)[:10].tolist()} instead); profiles are matched "
+            "to neurons by label")
+    return prof.sel({NEURON: want})
+
+
 def degenerate_rows(
     X: Any, metric: str = "cosine", *, tol: float = DEFAULT_TOL
 ) -> tuple[np.ndarray, np.ndarray]:

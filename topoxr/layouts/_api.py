@@ -17,7 +17,7 @@ def layout(
     method: Any = None,
     *,
     random_state: int | None = None,
-    metric: str = "cosine",
+    metric: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Lay out the neurons of ``obj`` in 2-D.
@@ -31,15 +31,16 @@ def layout(
         returned as an array.
     method : str or estimator, optional
         A registered name (:func:`topoxr.layouts.available_methods`), a composition such
-        as ``"umap+force"``, or an estimator. Default:
+        as ``"umap+force"``, or an estimator (copied, never changed; its own ``metric``
+        and ``random_state`` are kept, see :func:`topoxr.layouts.attach`). Default:
         :data:`topoxr.layouts.DEFAULT_METHOD`.
     random_state : int, optional
         Seed. One rule everywhere: a single layout with ``random_state=s`` equals
         ``topoxr.layouts.get_estimator(method, random_state=s).fit_transform(X)``;
         per-epoch layouts use ``s`` for the first epoch and seeds drawn from it for the
         others (:func:`topoxr.layouts.draw_seeds`).
-    metric : {"cosine", "correlation", "euclidean"}, default "cosine"
-        Profile distance.
+    metric : {"cosine", "correlation", "euclidean"}, optional
+        Profile distance; default an estimator instance's own, else ``"cosine"``.
     **kwargs
         For labeled objects: the other arguments of :func:`topoxr.layouts.attach`
         (``profile``, ``share``, ``align``) and estimator parameters; for arrays:
@@ -72,13 +73,12 @@ def layout(
         from topoxr.layouts._attach import attach
 
         return attach(obj, method, random_state=random_state, metric=metric, **kwargs)
-    from topoxr.layouts._attach import _clean, _fit_one, draw_seeds
-    from topoxr.similarity import METRICS, ProfileError
+    from topoxr.layouts._attach import _clean, _fit_one, _seeds, _settings
+    from topoxr.similarity import ProfileError
 
-    if metric not in METRICS:
-        raise ProfileError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    metric, fixed = _settings(method, metric, random_state)
     X = np.asarray(obj)
     if X.ndim != 2:
         raise ProfileError(f"profiles must be a 2-D array (neuron, feature), got shape {X.shape}")
-    _, (seed,) = draw_seeds(random_state, 1)
+    _, (seed,) = _seeds(random_state, fixed, 1)
     return _fit_one(_clean(X), method, seed, metric, kwargs)

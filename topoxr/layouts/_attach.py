@@ -22,12 +22,13 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ATTR_LAYOUT, ATTR_SAVING, EPOCH, NEURON, X, Y
-from topoxr.layouts._registry import DEFAULT_METHOD, get_estimator
+from topoxr.layouts._registry import DEFAULT_METHOD, _copy_estimator, get_estimator
 from topoxr.similarity import (
     ATTR_PROFILE,
     FEATURE,
     METRICS,
     ProfileError,
+    _match_neurons,
     degenerate_rows,
     profiles,
     report_degenerate,
@@ -97,15 +98,77 @@ def _clean(X: np.ndarray) -> np.ndarray:
     return X
 
 
-def _build(method: Any, seed: int | None, metric: str, params: Mapping[str, Any]) -> Any:
-    probe = get_estimator(method, **params)
+def _build(method: Any, seed: Any, metric: str, params: Mapping[str, Any]) -> Any:
+    """The estimator of one layout: a name's, or a copy of an instance (never the
+    caller's object), with ``metric`` and ``seed`` set where it takes them."""
+    probe = get_estimator(method if isinstance(method, str) else _copy_estimator(method),
+                          **params)
     accepted = probe.get_params() if hasattr(probe, "get_params") else {}
     extra = {k: v for k, v in (("metric", metric), ("random_state", seed)) if k in accepted
              and k not in params}
-    return get_estimator(method, **extra, **params) if extra else probe
+    if not extra:
+        return probe
+    if isinstance(method, str):  # a composition hands metric and seed to its first step
+        return get_estimator(method, **extra, **params)
+    return probe.set_params(**extra)
 
 
-def _fit_one(X: np.ndarray, method: Any, seed: int | None, metric: str,
+def _own_settings(method: Any) -> dict[str, Any]:
+    """The ``metric`` and ``random_state`` an estimator instance was given: those that
+    differ from its class's defaults (as scikit-learn's ``repr`` shows them)."""
+    if isinstance(method, str) or not hasattr(method, "get_params"):
+        return {}
+    import inspect
+
+    try:
+        defaults = {k: p.default for k, p in
+                    inspect.signature(type(method).__init__).parameters.items()}
+    except (TypeError, ValueError):
+        defaults = {}
+    own = method.get_params(deep=False)
+    out = {}
+    for key in ("metric", "random_state"):
+        if key in own and own[key] is not None:
+            default = defaults.get(key, inspect.Parameter.empty)
+            if default is inspect.Parameter.empty or not _same(own[key], default):
+                out[key] = own[key]
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a is b or a == b)
+    except (TypeError, ValueError):  # e.g. arrays, whose == is not one bool
+        return False
+
+
+def _settings(method: Any, metric: str | None, random_state: Any) -> tuple[str, Any]:
+    """The metric of a layout of ``method`` and the seed an estimator instance fixes
+    (None: draw seeds from ``random_state``); a setting given both on the instance and
+    as an argument, with different values, is refused."""
+    own = _own_settings(method)
+    if metric is not None and "metric" in own and not _same(own["metric"], metric):
+        raise ProfileError(f"the estimator has metric={own['metric']!r} and metric={metric!r} "
+                           "was passed: set it in one place")
+    metric = metric if metric is not None else own.get("metric", "cosine")
+    if metric not in METRICS:
+        raise ProfileError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    fixed = own.get("random_state")
+    if fixed is not None and random_state is not None and not _same(fixed, random_state):
+        raise ValueError(f"the estimator has random_state={fixed!r} and random_state="
+                         f"{random_state!r} was passed: set the seed in one place")
+    return metric, fixed
+
+
+def _seeds(random_state: int | None, fixed: Any, n: int) -> tuple[Any, list[Any]]:
+    """The root seed and the ``n`` layouts' seeds: drawn from ``random_state``
+    (:func:`draw_seeds`), or the seed an estimator instance fixes, for every layout."""
+    if fixed is None:
+        return draw_seeds(random_state, n)
+    return fixed, [fixed] * n
+
+
+def _fit_one(X: np.ndarray, method: Any, seed: Any, metric: str,
              params: Mapping[str, Any]) -> np.ndarray:
     """One layout: validated profiles -> (n, 2) coordinates in the unit square."""
     est = _build(method, seed, metric, params)
@@ -119,14 +182,23 @@ def _method_name(method: Any) -> str:
     return method if isinstance(method, str) else type(method).__name__
 
 
-def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(params), default=repr))
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (objects JSON cannot hold become their ``repr``)."""
+    return json.loads(json.dumps(dict(value) if isinstance(value, Mapping) else value,
+                                 default=repr))
 
 
 # --------------------------------------------------------------------------------------
 # Profiles of an object, per epoch
 # --------------------------------------------------------------------------------------
 def _profiles_of(obj: Any, profile: Any) -> xr.DataArray:
+    """The profiles to lay ``obj``'s neurons out from, ``(neuron, feature[, epoch])``, in
+    ``obj``'s neuron order.
+
+    Given profiles (a DataArray) are matched to ``obj`` by neuron label, not position:
+    the same labels in another order are put in ``obj``'s order; other labels, repeated
+    labels or dimensions besides neuron, feature and epoch are refused.
+    """
     if isinstance(profile, xr.DataArray):
         prof = profile
     elif profile is None and isinstance(obj, xr.DataArray) and FEATURE in obj.dims:
@@ -140,10 +212,29 @@ def _profiles_of(obj: Any, profile: Any) -> xr.DataArray:
                         f"DataArray of profiles, got {type(profile).__name__}")
     if FEATURE not in prof.dims or NEURON not in prof.dims:
         raise ProfileError(f"profiles need dims ('neuron', 'feature'[, 'epoch']), got {prof.dims}")
-    if NEURON in obj.dims and prof.sizes[NEURON] != obj.sizes[NEURON]:
-        raise ProfileError(f"profiles have {prof.sizes[NEURON]} neurons, the object "
-                           f"{obj.sizes[NEURON]}")
+    extra = [d for d in prof.dims if d not in (NEURON, FEATURE, EPOCH)]
+    if extra:
+        raise ProfileError(
+            f"profiles have dims {extra} besides ('neuron', 'feature'[, 'epoch']): one "
+            "layout lays out one layer's neurons; select one entry of each (e.g. "
+            f".sel({extra[0]}=...)) or lay out each separately")
+    if NEURON in obj.dims:
+        prof = _match_neurons(prof, obj)
     return prof.transpose(NEURON, FEATURE, ...)
+
+
+def _match_epochs(prof: xr.DataArray, obj: Any) -> xr.DataArray:
+    """Per-epoch profiles in ``obj``'s epoch order, matched by label."""
+    want = np.asarray(obj[EPOCH].values)
+    have = np.asarray(prof[EPOCH].values)
+    if np.array_equal(want, have):
+        return prof
+    if len(np.unique(have)) != len(have) or set(want.tolist()) != set(have.tolist()):
+        raise ProfileError(
+            f"per-epoch profiles hold epochs {have.tolist()}, the object "
+            f"{want.tolist()}: one layout per epoch needs the profiles of every epoch of "
+            "the object (select the same epochs, or pass share='all' or an epoch label)")
+    return prof.sel({EPOCH: want})
 
 
 def _matrices(prof: xr.DataArray, share: Any) -> tuple[list[Any], list[np.ndarray]]:
@@ -183,7 +274,7 @@ def attach(
     *,
     random_state: int | None = None,
     profile: Any = None,
-    metric: str = "cosine",
+    metric: str | None = None,
     share: Any = None,
     align: bool = True,
     **params: Any,
@@ -198,18 +289,26 @@ def attach(
         ``(neuron, feature[, epoch])`` from :func:`topoxr.profiles` (used as it is).
     method : str or estimator, default :data:`topoxr.layouts._registry.DEFAULT_METHOD`
         A registered layout name (``"pca"``, ``"umap+force"``...; see
-        :func:`topoxr.layouts.available_methods`) or an estimator instance.
+        :func:`topoxr.layouts.available_methods`) or an estimator instance. An
+        instance is copied for every layout (it is never changed or fitted); its own
+        ``metric`` and ``random_state``, where they differ from its class's defaults,
+        are used, and passing a different one here as well is refused.
     random_state : int, optional
         Root seed. One seed per layout (epoch) is drawn from it up front with
         :func:`draw_seeds`: the first (or only) layout uses ``random_state`` itself, so
         it equals ``get_estimator(method, random_state=random_state)`` on the same
-        profiles. With None, fresh entropy is drawn and recorded.
+        profiles. With None, fresh entropy is drawn and recorded (or an estimator
+        instance's own ``random_state`` is used for every layout).
     profile : mapping or xarray.DataArray, optional
         Arguments of :func:`topoxr.profiles` (e.g. ``{"source": "activations",
         "n_samples": 500, "balanced": True}``), or precomputed profiles. Default: NAPs by
-        label (or the NAPs themselves when ``obj`` is NAPs).
-    metric : {"cosine", "correlation", "euclidean"}, default "cosine"
-        Profile distance handed to the estimator. Dead/constant neurons are reported
+        label (or the NAPs themselves when ``obj`` is NAPs). Precomputed profiles are
+        matched to ``obj``'s neurons by label (and, for one layout per epoch, to its
+        epochs by label); other labels, repeated labels or dimensions besides
+        ``neuron``, ``feature`` and ``epoch`` are refused.
+    metric : {"cosine", "correlation", "euclidean"}, optional
+        Profile distance handed to the estimator; default an estimator instance's own
+        ``metric``, else ``"cosine"``. Dead/constant neurons are reported
         (``dead_neurons``/``constant_neurons`` in the layout description).
     share : None, "all" or an epoch label, default None
         ``None``: one layout per epoch, ``x``/``y`` on ``(neuron, epoch)`` (with a
@@ -244,12 +343,14 @@ def attach(
     >>> laid.x.dims
     ('neuron', 'epoch')
     """
-    if metric not in METRICS:
-        raise ProfileError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    metric, fixed = _settings(method, metric, random_state)
     get_estimator(method, **params)  # fail early on an unknown method or parameter
     prof = _profiles_of(obj, profile)
+    if (share is None and EPOCH in prof.dims and prof.sizes[EPOCH] > 1
+            and EPOCH in obj.dims):
+        prof = _match_epochs(prof, obj)  # one layout per epoch, put on obj's epochs
     epochs, mats = _matrices(prof, share)
-    entropy, seeds = draw_seeds(random_state, len(mats))
+    entropy, seeds = _seeds(random_state, fixed, len(mats))
     dead = np.zeros(prof.sizes[NEURON], dtype=bool)
     constant = np.zeros_like(dead)
     for Xm in mats:
@@ -261,7 +362,7 @@ def attach(
     coords = [_fit_one(Xm, method, s, metric, params) for Xm, s in zip(mats, seeds, strict=True)]
     desc = {
         "method": _method_name(method), "params": _jsonable(params), "metric": metric,
-        "random_state": entropy, "seeds": seeds,
+        "random_state": _jsonable(entropy), "seeds": _jsonable(seeds),
         "share": share, "epochs": [e for e in epochs if e is not None],
         "profile": json.loads(prof.attrs.get(ATTR_PROFILE, "{}")), **rep,
     }
@@ -307,7 +408,7 @@ def compute_layouts(
     methods: Sequence[Any] = (DEFAULT_METHOD,),
     seeds: Sequence[int] = (0,),
     profile: Any = None,
-    metric: str = "cosine",
+    metric: str | None = None,
     align: bool = True,
     client: Any = None,
     scheduler: str | None = None,
@@ -333,7 +434,9 @@ def compute_layouts(
     seeds : sequence of int, default ``(0,)``
         One full set of layouts per seed.
     profile, metric, align, **params
-        As in :func:`attach`.
+        As in :func:`attach`; precomputed profiles (a DataArray) only with one layer
+        selected. Estimator instances among ``methods`` must leave ``random_state``
+        unset (every task's seed is drawn from ``seeds``), and share one ``metric``.
     client : distributed.Client, optional
         Run the profiles and the layout tasks on this cluster.
     scheduler : {"threads", "processes", "sync"}, optional
@@ -357,15 +460,29 @@ def compute_layouts(
 
     from topoxr.alignment import align_epochs
 
-    if metric not in METRICS:
-        raise ProfileError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
     methods = list(methods)
     seeds = [int(s) for s in seeds]
     if not methods or not seeds:
         raise ValueError("methods and seeds must not be empty")
+    metrics = set()
     for method in methods:
+        own_metric, fixed = _settings(method, metric, None)
+        if fixed is not None:
+            raise ValueError(f"the estimator {method!r} has its own random_state; "
+                             "compute_layouts draws every task's seed from seeds=, so pass "
+                             "an estimator with random_state=None")
+        metrics.add(own_metric)
         get_estimator(method, **params)
+    if len(metrics) > 1:
+        raise ProfileError(f"the methods' estimators have different metrics {sorted(metrics)}; "
+                           "lay them out with one metric per call")
+    metric = metrics.pop()
     nodes = _layer_nodes(tree, models, layers)
+    if isinstance(profile, xr.DataArray) and len(nodes) > 1:
+        raise ProfileError(
+            f"profile is one layer's profiles (a DataArray), and {len(nodes)} layers are "
+            "laid out: pass profiles() arguments as a mapping, or select one layer with "
+            "models=/layers=")
     if epochs is not None:
         sel = [epochs] if np.ndim(epochs) == 0 else list(epochs)
         nodes = [(m, l, ds.sel({EPOCH: sel})) for m, l, ds in nodes]

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.metrics import pairwise_distances
-from sklearn.preprocessing import normalize
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array
 
@@ -83,8 +82,12 @@ def features_for_metric(X: np.ndarray, metric: str) -> np.ndarray:
 
     Cosine: rows scaled to unit length (Euclidean distance between unit vectors is a
     monotone function of the cosine distance). Correlation: rows centred, then scaled to
-    unit length. Euclidean: unchanged. All-zero rows (dead neurons) stay zero, and rows
-    that are constant stay zero after centring under ``"correlation"``.
+    unit length. Euclidean: unchanged. Rows for which the metric is undefined are set to
+    exactly zero: dead neurons (rows of norm at most 1e-7 times the largest, e.g. a
+    constant output that normalisation left as rounding noise) and, under
+    ``"correlation"``, constant rows; the same rows that
+    :func:`topoxr.similarity.degenerate_rows` reports (see
+    :func:`topoxr.similarity.profile_matrix`).
 
     Parameters
     ----------
@@ -99,11 +102,11 @@ def features_for_metric(X: np.ndarray, metric: str) -> np.ndarray:
     """
     if metric == "euclidean":
         return X
-    if metric == "correlation":
-        X = X - X.mean(axis=1, keepdims=True)
-    elif metric != "cosine":
+    if metric not in ("cosine", "correlation"):
         raise LayoutInputError(f"unknown metric {metric!r}; use one of {METRICS}")
-    return normalize(X, norm="l2")
+    from topoxr.similarity import profile_matrix
+
+    return profile_matrix(X, metric)[0]
 
 
 def distance_matrix(X: np.ndarray, metric: str) -> np.ndarray:

@@ -121,8 +121,9 @@ def get_estimator(method: Any = None, **params: Any) -> Any:
     ----------
     method : str or estimator, optional
         A registered name (see :func:`available_methods`), a composition such as
-        ``"umap+force"`` or ``"knnforce+grid"``, or an estimator instance (returned with
-        ``params`` set on it). Defaults to :data:`DEFAULT_METHOD`.
+        ``"umap+force"`` or ``"knnforce+grid"``, or an estimator instance (returned as
+        it is, or, with ``params``, a copy with them set: the instance is never
+        changed). Defaults to :data:`DEFAULT_METHOD`.
     **params
         Estimator parameters. For a composition they go to the last step; ``metric``
         and ``random_state`` are also handed to the steps before it.
@@ -154,7 +155,7 @@ def get_estimator(method: Any = None, **params: Any) -> Any:
                 "method must be a layout name or an estimator with fit_transform, "
                 f"got {type(method).__name__}"
             )
-        return method.set_params(**params) if params else method
+        return _copy_estimator(method).set_params(**params) if params else method
     name = method.strip().lower()
     if not name:
         raise _unknown(method)
@@ -168,6 +169,31 @@ def get_estimator(method: Any = None, **params: Any) -> Any:
     shared = {k: params[k] for k in _SHARED_PARAMS if k in params}
     init = get_estimator("+".join(head), **_accepted(head, shared))
     return _load(REFINEMENTS[last])(init=init, **params)
+
+
+def _copy_estimator(estimator: Any) -> Any:
+    """An unfitted copy of ``estimator`` with the same parameters.
+
+    scikit-learn's :func:`~sklearn.base.clone` for objects with ``get_params``, else a
+    deep copy.
+
+    Parameters
+    ----------
+    estimator : object
+        An estimator with ``fit_transform``.
+
+    Returns
+    -------
+    object
+        A new estimator; fitting or changing it leaves ``estimator`` as it was.
+    """
+    if hasattr(estimator, "get_params"):
+        from sklearn.base import clone
+
+        return clone(estimator)
+    import copy
+
+    return copy.deepcopy(estimator)
 
 
 def _accepted(head: list[str], shared: dict[str, Any]) -> dict[str, Any]:
