@@ -15,6 +15,7 @@ import zarr
 
 import topoxr
 from topoxr import ActivationWriter, StoreError, open_store
+from topoxr._codecs import COMPRESSORS
 
 N = 6
 
@@ -77,6 +78,31 @@ def test_every_compressor_round_trips_and_plain_xarray_reads_it(tmp_path, compre
     names = {"none": [], None: [], "lz4": ["BloscCodec"], "blosc-zstd": ["BloscCodec"]}
     expected = [*names.get(compressor, ["ZstdCodec"]), "Crc32cCodec"]  # checksum last
     assert [type(c).__name__ for c in codecs] == expected
+
+
+@pytest.mark.parametrize("compressor", [*COMPRESSORS, None])
+def test_every_compressor_stores_small_chunks_exactly(tmp_path, compressor):
+    """Whole chunks of 8 samples (and a partial one), in two layers of equal values
+    (the second reuses the first's encoded chunks): blosc's codec object is not hashable
+    and made every commit of such chunks fail."""
+    path = tmp_path / "small.zarr"
+    batches = [np.arange(0, 16), np.arange(16, 20)]
+    with ActivationWriter(str(path), model="m", compressor=compressor, chunk_samples=8) as w:
+        for epoch in (0, 1):
+            for ids in batches:
+                for layer in ("h", "twin"):
+                    w.write(layer, _values(ids, epoch), sample=ids, label=ids % 3,
+                            prediction=(ids + epoch) % 3, epoch=epoch)
+    tree = open_store(str(path))
+    for layer in ("h", "twin"):
+        ds = tree[f"m/{layer}"].to_dataset()
+        for epoch in (0, 1):
+            np.testing.assert_array_equal(ds.activation.sel(epoch=epoch).values.T,
+                                          _values(np.arange(20), epoch))
+        np.testing.assert_array_equal(ds.prediction.sel(epoch=1).values, (np.arange(20) + 1) % 3)
+        arr = zarr.open_array(str(path / "m" / layer / "activation"), mode="r")
+        assert arr.chunks[1] == 8
+        np.testing.assert_array_equal(arr[:, :, 0], _values(np.arange(20), 0).T)
 
 
 def test_bad_storage_options_are_refused_before_anything_is_written(tmp_path):

@@ -179,6 +179,12 @@ def test_nan_activations_are_skipped():
         ({"by": ["label", "label"]}, "twice"),
         ({"by": "neuron"}, "no such coordinate|must be on"),
         ({"epochs": [7]}, "epochs"),
+        ({"epochs": []}, r"epochs=\[\] selects no epoch"),
+        ({"by": None}, "by must be a coordinate name or a list of names, got None"),
+        ({"by": 3}, "by must be a coordinate name or a list of names, got 3"),
+        ({"normalize": "no"}, "normalize must be True or False, got 'no'"),
+        ({"normalize": None}, "normalize must be True or False, got None"),
+        ({"correct_only": 1}, "correct_only must be True or False, got 1"),
     ],
 )
 def test_bad_grouping_is_named(kwargs, match):
@@ -277,3 +283,137 @@ def test_store_reader_tells_nan_values_from_missing_chunks(tmp_path):
         naps(layer).compute()
     # epochs whose chunks are all there stay readable
     assert naps(layer, epochs=[0, 2]).notnull().all()
+
+
+def _float_store(path, *, dtype="float32", chunk_samples=None, n_epochs=1, scale=10.0,
+                 offset=3.0):
+    """A store of 600 samples, 6 labels and predictions, written in batches of 50."""
+    rng = np.random.default_rng(1)
+    values = (rng.normal(size=(n_epochs, 600, 5)) * scale + offset).astype(np.float32)
+    labels = rng.integers(0, 6, 600)
+    preds = np.where(rng.random((n_epochs, 600)) < 0.7, labels, (labels + 1) % 6)
+    with ActivationWriter(str(path), model="m", dtype=dtype, chunk_samples=chunk_samples) as w:
+        for e in range(n_epochs):
+            for s in range(0, 600, 50):
+                w.write("h", values[e, s:s + 50], sample=np.arange(s, s + 50),
+                        label=labels[s:s + 50], prediction=preds[e, s:s + 50], epoch=e)
+    return values, labels
+
+
+def test_float16_activations_give_the_float64_means(tmp_path):
+    """float16 activations (a float16 store read by plain xarray) are summed in float64:
+    no overflow, no rounding of the sums, whatever the chunks; the NAPs are float32."""
+    path = tmp_path / "f16.zarr"
+    values, labels = _float_store(path, dtype="float16", scale=1.0, offset=300.0)
+    stored = values[0].astype(np.float16).astype(np.float64)  # what the store holds
+    ref = np.stack([stored[labels == k].mean(axis=0) for k in range(6)], axis=1)
+    plain = xr.open_datatree(str(path), engine="zarr")["m/h"].to_dataset()
+    assert plain.activation.dtype == np.float16
+    got = {}
+    for name, ds in (("eager", plain.load()), ("chunks 100", plain.chunk(sample=100)),
+                     ("chunks 300", plain.chunk(sample=300)),
+                     ("open_store", topoxr.open_store(str(path))["m/h"].to_dataset())):
+        nap = naps(ds, normalize=False).compute()
+        assert nap.dtype == np.float32, name
+        np.testing.assert_allclose(nap.values[:, :, 0], ref, rtol=2.0**-23, err_msg=name)
+        got[name] = nap.values
+    for name, values_ in got.items():
+        np.testing.assert_array_equal(values_, got["eager"], err_msg=name)
+
+
+@pytest.mark.parametrize("by", ["label", ["label", "prediction"]])
+def test_float32_naps_are_bit_identical_lazy_eager_and_in_any_chunks(tmp_path, by):
+    """The group sums are float64 whatever the input: a store read lazily, the same
+    data loaded, and any other chunking give the same float32 NAPs, bit for bit (float32
+    sums differed in the last digits, which chaotic layouts turn into other maps)."""
+    path = tmp_path / "f32.zarr"
+    _float_store(path, chunk_samples=64, n_epochs=3)
+
+    def layer():
+        return topoxr.open_store(str(path))["m/h"].to_dataset()
+
+    lazy = layer()
+    assert lazy.activation.chunks is not None
+    for normalize in (False, True):
+        ref = naps(lazy, by=by, normalize=normalize).compute()
+        assert ref.dtype == np.float32
+        for name, ds in (("compute", layer().compute()), ("load", layer().load()),
+                         ("chunks 7", layer().chunk(sample=7)),
+                         ("chunks 300", layer().chunk(sample=300)),
+                         ("chunks 13", layer().chunk(sample=13, epoch=1))):
+            other = naps(ds, by=by, normalize=normalize).compute()
+            np.testing.assert_array_equal(other.values, ref.values, err_msg=name)
+            np.testing.assert_array_equal(other["count"].values, ref["count"].values)
+
+
+def _recorded(path, ids, epochs, seed):
+    rng = np.random.default_rng(seed)
+    with ActivationWriter(str(path), model="m") as w:
+        for e in epochs:
+            w.write("h", rng.normal(size=(len(ids), 3)), sample=ids, label=ids % 2,
+                    prediction=(ids + e) % 2, epoch=e)
+    return topoxr.open_store(str(path))["m/h"].to_dataset()
+
+
+def test_missing_committed_or_correct_values_count_as_false(tmp_path):
+    """xr.concat of layers with different epochs (outer join) leaves NaN in 'committed'
+    and 'correct': those cells are not committed, not correct (NaN was True)."""
+    a = _recorded(tmp_path / "a.zarr", np.arange(6), [0, 1], seed=0)
+    b = _recorded(tmp_path / "b.zarr", np.arange(6, 10), [0], seed=1)  # no epoch 1
+    both = xr.concat([a, b], "sample", join="outer", coords="different", compat="equals")
+    assert np.isnan(both.committed.values[6:, 1].astype(float)).all()
+    nap = naps(both, normalize=False).compute()
+    assert nap["count"].values.tolist() == [[5, 3], [5, 3]]
+    for label in (0, 1):
+        np.testing.assert_allclose(
+            nap.sel(label=label, epoch=1).values,
+            a.activation.values[:, a.label.values == label, 1].mean(axis=1), rtol=1e-6)
+    right = naps(both, correct_only=True, normalize=False).compute()
+    ok = both.correct.values[:, 1].astype(float)
+    assert np.isnan(ok[6:]).all()
+    expected = [int(((both.label.values == k) & (ok == 1)).sum()) for k in (0, 1)]
+    assert right["count"].sel(epoch=1).values.tolist() == expected
+    # 'correct' missing for a committed cell: not counted as correct
+    correct = a.correct.values.astype(float)
+    first = int(np.flatnonzero(correct[:, 0] == 1)[0])
+    correct[first, 0] = np.nan
+    partial = a.assign_coords(correct=(("sample", "epoch"), correct))
+    before = naps(a, correct_only=True, normalize=False)["count"].sel(epoch=0)
+    after = naps(partial, correct_only=True, normalize=False)["count"].sel(epoch=0)
+    label = int(a.label.values[first])
+    assert int(after.sel(label=label)) == int(before.sel(label=label)) - 1
+
+
+def test_profiles_of_activations_skip_cells_missing_from_committed(tmp_path):
+    """The activation profiles choose committed samples only: NaN in 'committed' (an
+    outer xr.concat) is not committed, so no sample without values is chosen."""
+    from topoxr.similarity import profiles
+
+    a = _recorded(tmp_path / "a.zarr", np.arange(6), [0, 1], seed=0)
+    b = _recorded(tmp_path / "b.zarr", np.arange(6, 10), [0], seed=1)  # no epoch 1
+    both = xr.concat([a, b], "sample", join="outer", coords="different", compat="equals")
+    prof = profiles(both, source="activations", n_samples=10).compute()
+    assert prof.sizes["feature"] == 6  # the 6 samples committed at both epochs
+    assert np.isfinite(prof.values).all()
+
+
+def test_names_of_the_result_cannot_be_grouping_keys(tmp_path):
+    """'count' is the result's count coordinate and 'group' its stacked dimension: keys
+    of those names are refused with the reason (they gave wrong labels or xarray errors)."""
+    path = tmp_path / "g.zarr"
+    with ActivationWriter(str(path), model="m") as w:
+        w.write("h", np.arange(12, dtype=np.float32).reshape(6, 2), sample=np.arange(6),
+                label=[0, 1] * 3, group=["a", "a", "a", "b", "b", "b"])
+    layer = topoxr.open_store(str(path))["m/h"].to_dataset()
+    with pytest.raises(GroupingError, match=r"cannot group by 'group': naps\(\) names its "
+                                            r"stacked dimension of several keys 'group'"):
+        naps(layer, by=["label", "group"])
+    by_group = naps(layer, by="group", normalize=False)  # alone it is no clash
+    assert by_group["group"].values.tolist() == ["a", "b"]
+    np.testing.assert_allclose(by_group.sel(group="a").values[:, 0], [2.0, 3.0])
+    renamed = naps(layer.rename(group="site"), by=["label", "site"])
+    assert list(renamed.indexes["group"].names) == ["label", "site"]
+    counted = layer.assign_coords(count=("sample", [3, 3, 3, 7, 7, 7]))  # an older store
+    with pytest.raises(GroupingError, match=r"cannot group by 'count': naps\(\) names its "
+                                            r"per-group sample counts 'count'"):
+        naps(counted, by="count")

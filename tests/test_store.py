@@ -166,6 +166,107 @@ def test_predictions_without_labels(store_path):
     assert ds.prediction.sel(epoch=0).values.tolist() == [1, 0]
 
 
+def test_a_layer_without_labels_has_no_correct(store_path):
+    """Correctness needs labels: without them no 'correct' (it read as all False), neither
+    stored nor shown, also for a store of earlier writers that created it unwritten."""
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1], prediction=[1, 0], site=["a", "b"])
+        with pytest.raises(StoreError, match="predictions are <U1, the stored ones int64"):
+            writer.write("h", acts([2, 3]), sample=[2, 3], prediction=["x", "y"],
+                         site=["a", "b"])
+    group = zarr.open_group(store_path, mode="r")["m/h"]
+    assert "prediction" in group and "correct" not in group
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert "correct" not in ds.coords and ds.sample.values.tolist() == [0, 1]
+    from topoxr.grouping import GroupingError, naps
+
+    with pytest.raises(GroupingError, match="needs a 'correct' coordinate"):
+        naps(ds, by="site", correct_only=True)
+    # as earlier writers left it: 'correct' created, never written
+    from topoxr.store._schema import checked_array_spec
+
+    zarr.open_group(store_path, mode="r+")["m/h"].create_array(
+        "correct", **checked_array_spec(shape=(2, 1), chunks=(2, 1), dtype="bool",
+                                        fill_value=False, dimension_names=("sample", "epoch")))
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert "correct" not in ds.coords
+    assert ds.prediction.sel(epoch=0).values.tolist() == [1, 0]
+    with ActivationWriter(store_path, model="m") as writer:  # stored string predictions
+        writer.write("s", acts([0, 1]), sample=[0, 1], prediction=["x", "y"])
+    with (ActivationWriter(store_path, model="m") as writer,
+          pytest.raises(StoreError, match="predictions are int64, the stored ones strings")):
+        writer.write("s", acts([0, 1]), sample=[0, 1], prediction=[0, 1], epoch=1)
+    assert open_store(store_path)["m/s"].prediction.values.tolist() == [["x"], ["y"]]
+
+
+@pytest.mark.parametrize("first_with", [True, False], ids=["with first", "without first"])
+@pytest.mark.parametrize("reopen", [False, True], ids=["same writer", "new writer"])
+def test_predictions_in_every_batch_or_in_none(store_path, first_with, reopen):
+    """A batch without predictions for a layer that stores them (its samples read as
+    predicted -1, not correct), or with predictions for a layer committed without them
+    (the earlier epochs read as class -1; the other order left 'correct' chunks missing,
+    a store reported damaged), is refused before anything is written."""
+    ids, labels = np.arange(4), np.array([0, 1, 2, 0])
+    given = {"prediction": labels} if first_with else {}
+    writer = ActivationWriter(store_path, model="m")
+    writer.write("h", acts(ids), sample=ids, label=labels, **given)
+    writer.flush()
+    if reopen:
+        writer.close()
+        writer = ActivationWriter(store_path, model="m")
+    before = snapshot(store_path)
+    then = {} if first_with else {"prediction": labels}
+    match = ("stores predictions; the batch gives none" if first_with
+             else "was written without predictions; the batch now gives predictions")
+    with pytest.raises(StoreError, match=f"layer 'h' of model 'm' {match}"):
+        writer.write("h", acts(ids, 1), sample=ids, label=labels, epoch=1, **then)
+    with pytest.raises(StoreError, match=match):  # new samples of the same epoch too
+        writer.write("h", acts([9]), sample=[9], label=[1], **{k: v[:1] for k, v in then.items()})
+    assert snapshot(store_path) == before
+    writer.write("h", acts(ids, 1), sample=ids, label=labels, epoch=1, **given)  # usable
+    writer.close()
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert ds.sample.values.tolist() == ids.tolist() and ds.epoch.values.tolist() == [0, 1]
+    np.testing.assert_array_equal(ds.activation.sel(epoch=1).values.T, acts(ids, 1))
+    assert ("prediction" in ds.coords) == first_with
+    if first_with:
+        np.testing.assert_array_equal(ds.prediction.values, np.stack([labels, labels], 1))
+        assert ds.correct.values.all()
+
+
+def test_predictions_are_refused_for_a_layer_with_buffered_batches_without(store_path):
+    """Batches still in the write buffer count as written without predictions."""
+    with ActivationWriter(store_path, model="m") as writer:
+        writer.write("h", acts([0, 1]), sample=[0, 1], label=[0, 1])  # buffered
+        with pytest.raises(StoreError, match="was written without predictions"):
+            writer.write("h", acts([2, 3]), sample=[2, 3], label=[0, 1], prediction=[0, 1])
+        writer.write("h", acts([2, 3]), sample=[2, 3], label=[0, 1])
+    ds = open_store(store_path)["m/h"].to_dataset()
+    assert ds.sample.values.tolist() == [0, 1, 2, 3] and "prediction" not in ds.coords
+
+
+@pytest.mark.parametrize("column, values", [
+    ("label", [0.0, 1.0, 0.0]), ("label", [True, False, True]),
+    ("prediction", [0.0, 1.0, 0.0]), ("prediction", [True, False, False]),
+])
+def test_float_or_bool_labels_and_predictions_are_refused(store_path, column, values):
+    """They were accepted, and the store was then reported damaged as a whole (every
+    model unreadable): refused at write time, the store stays readable."""
+    with ActivationWriter(store_path, model="good") as writer:
+        writer.write("h", acts([0, 1, 2]), sample=[0, 1, 2], label=[0, 1, 0])
+    kinds = "labels" if column == "label" else "predictions"
+    with ActivationWriter(store_path, model="bad") as writer:
+        before = snapshot(store_path)
+        batch = {"label": [0, 1, 0], column: np.array(values)}
+        with pytest.raises(StoreError, match=f"layer 'h': {kinds} must be integers or "
+                                             f"strings .*, got {np.array(values).dtype}"):
+            writer.write("h", acts([0, 1, 2]), sample=[0, 1, 2], **batch)
+        assert snapshot(store_path) == before
+    tree = open_store(store_path)
+    assert tree["good/h"].label.values.tolist() == [0, 1, 0]
+    assert "h" not in tree["bad"].children
+
+
 def test_layer_names_are_made_safe_and_kept(any_store):
     with ActivationWriter(any_store, model="my model") as writer:
         writer.write("features.0/conv 1", acts([0, 1]), sample=[0, 1])
@@ -323,6 +424,8 @@ def test_log_epoch(store_path):
         writer.log_epoch(7, loss=9.0)  # no layer has epoch 7: nothing to attach it to
         with pytest.raises(StoreError, match="'sample' cannot be an epoch scalar name"):
             writer.log_epoch(0, sample=1.0)
+        with pytest.raises(StoreError, match="'count' cannot be an epoch scalar name"):
+            writer.log_epoch(0, count=1.0)
         with pytest.raises(StoreError, match="must be a real number"):
             writer.log_epoch(0, loss="low")
     ds = open_store(store_path)["m/h"].to_dataset()
@@ -490,12 +593,25 @@ BAD_WRITES = {
     "reserved sample id": (dict(sample=[10, np.iinfo(np.int64).min]), "is reserved"),
     "label type": (dict(label=["a", "b"]), "labels are <U1, the stored ones int64"),
     "no labels": (dict(label=None), "stores labels; the batch gives none"),
+    "no predictions": ({"prediction": None}, "stores predictions; the batch gives none"),
+    "float labels": ({"label": [0.0, 1.0]},
+                     "labels must be integers or strings .* got float64"),
+    "bool labels": ({"label": [True, False]}, "labels must be integers or strings .* got bool"),
+    "float predictions": ({"prediction": [0.0, 1.0]},
+                          "predictions must be integers or strings .* got float64"),
+    "bool predictions": ({"prediction": [True, False]},
+                         "predictions must be integers or strings .* got bool"),
+    "str predictions, int labels": ({"prediction": ["a", "b"]},
+                                    "labels are int64 and predictions <U1; 'correct' compares"),
+    "int predictions, str labels": ({"layer": "new", "label": ["a", "b"], "split": None},
+                                    "labels are <U1 and predictions int64; 'correct' compares"),
     "changed label": (dict(sample=[0, 10], label=[2, 0], activations=acts([0, 10]),
                            overwrite=True), r"labels of samples \[0\] differ"),
     "metadata columns": (dict(split=None, other=[1, 2]), "stores metadata columns"),
     "metadata type": (dict(split=[1, 2]), "metadata 'split' is int64"),
     "metadata values": (dict(split=[{"a": 1}, {"b": 2}]), "must hold str, int, float or bool"),
     "reserved column": (dict(x=[1, 2]), "'x' cannot be a metadata column name"),
+    "column named count": ({"count": [1, 2]}, "'count' cannot be a metadata column name"),
     "negative epoch": (dict(epoch=-1), "epoch must be >= 0"),
     "float epoch": (dict(epoch=1.5), "epoch must be an integer"),
     "bool epoch": (dict(epoch=True), "epoch must be an integer"),

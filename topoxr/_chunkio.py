@@ -223,10 +223,19 @@ class EncodedMemo:
 
     def key(self, codecs: tuple[Any, ...], dtype: np.dtype, shape: tuple[int, ...],
             data: np.ndarray) -> tuple | None:
-        """The memo key of ``data`` (raw bytes) through ``codecs``; None if too large."""
+        """The memo key of ``data`` (raw bytes) through ``codecs``; None if too large.
+
+        The codecs enter the key as their metadata (``to_dict()``, as JSON), which
+        defines what they write: codec objects need not be hashable (zarr's
+        ``BloscCodec`` holds a set). None, too, for codecs without such metadata.
+        """
         if data.nbytes > self.max_chunk_bytes:
             return None
-        return (codecs, np.dtype(dtype).str, tuple(shape), crc32c_value(data))
+        try:
+            described = json.dumps([codec.to_dict() for codec in codecs], sort_keys=True)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        return (described, np.dtype(dtype).str, tuple(shape), crc32c_value(data))
 
     def get(self, key: tuple | None, data: np.ndarray) -> list[Any] | None:
         """The stored pieces of a chunk equal to ``data`` under ``key``, else None."""

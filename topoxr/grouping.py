@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -74,12 +74,52 @@ def _as_activation(act: Any) -> tuple[xr.DataArray, dict[str, Any]]:
 
 
 def _by_keys(by: Hashable | Sequence[Hashable]) -> list[str]:
-    keys = [by] if isinstance(by, str) else list(by)  # type: ignore[arg-type]
+    if isinstance(by, str):
+        keys = [by]
+    elif isinstance(by, Iterable):
+        keys = list(by)
+    else:
+        raise GroupingError(f"by must be a coordinate name or a list of names, got {by!r}")
     if not keys:
         raise GroupingError("by must name at least one coordinate")
+    if any(k is None for k in keys):
+        raise GroupingError(f"by must name coordinates, got {keys!r}")
     if len(set(keys)) != len(keys):
         raise GroupingError(f"by names a coordinate twice: {keys}")
-    return [str(k) for k in keys]
+    keys = [str(k) for k in keys]
+    # names of naps' own output: a key of that name would be replaced by it
+    taken = [k for k in keys if k == COUNT or (k == GROUP and len(keys) > 1)]
+    if taken:
+        raise GroupingError(
+            f"cannot group by {taken[0]!r}: naps() names its "
+            + ("per-group sample counts" if taken[0] == COUNT
+               else "stacked dimension of several keys")
+            + f" {taken[0]!r}; rename that coordinate first, e.g. "
+            f"ds.rename({{{taken[0]!r}: 'my_{taken[0]}'}})")
+    return keys
+
+
+def _flag(value: Any, name: str) -> bool:
+    """``value`` of the bool argument ``name``; anything but True or False is refused."""
+    if not isinstance(value, bool | np.bool_):
+        raise GroupingError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _truth(coord: xr.DataArray) -> np.ndarray:
+    """A (sample, epoch) flag coordinate as bool; a missing value (NaN, None) is False.
+
+    ``committed`` or ``correct`` hold NaN where xarray had no value for a cell (e.g.
+    after :func:`xarray.concat` of layers with different epochs): not committed, not
+    known to be correct.
+    """
+    values = np.asarray(coord.transpose(SAMPLE, EPOCH).values)
+    if values.dtype.kind == "b":
+        return values
+    known = ~pd.isna(values)
+    out = np.zeros(values.shape, dtype=bool)
+    out[known] = values[known].astype(bool)
+    return out
 
 
 def _grouping_coord(da: xr.DataArray, key: str) -> np.ndarray:
@@ -104,9 +144,17 @@ def _grouping_coord(da: xr.DataArray, key: str) -> np.ndarray:
     return np.asarray(values)
 
 
-#: Samples per BLAS product inside a block; the products are accumulated in float64, so
-#: a large block (many zarr chunks) loses no precision to float32 accumulation.
+#: Most samples per BLAS product inside a block (fewer for wide layers or many groups,
+#: see `_piece_samples`); the products are accumulated in float64.
 _SUB_SAMPLES = 1 << 15
+#: Bytes of the float64 copy of one piece of a block and of its one-hot matrix: one
+#: buffer of that size per block, reused piece after piece, small enough to stay in cache.
+_PIECE_BYTES = 1 << 20
+
+
+def _piece_samples(n_neurons: int, n_groups: int) -> int:
+    """Samples per BLAS product: its float64 operands hold at most ``_PIECE_BYTES``."""
+    return max(1, min(_SUB_SAMPLES, _PIECE_BYTES // (8 * (n_neurons + n_groups))))
 
 
 _BLAS = {"lock": threading.Lock(), "users": 0, "limiter": None, "controller": None}
@@ -153,13 +201,15 @@ def _block_sums_unlimited(block: np.ndarray, codes: np.ndarray, n_groups: int) -
     out. Returns ``(2, neuron, 1, epoch, n_groups)`` float64: sums, then counts, with
     the epochs of the block kept apart (never folded into the group code, so partial
     results stay small however many epochs there are). Every epoch slice is reduced by
-    products with a one-hot matrix of the groups present in it (BLAS, in the block's
-    float dtype, ``_SUB_SAMPLES`` samples at a time), so each value is read once; NaN or
-    inf show up as non-finite sums, and only then is that piece reduced again group by
-    group with NaN skipped.
+    products with a one-hot matrix of the groups present in it (BLAS, a piece of
+    `_piece_samples` samples at a time, each cast to float64 first: sums of float16 would
+    overflow or round away, sums of float32 would depend on how the samples are chunked),
+    so each value is read once; NaN or inf show up as non-finite sums, and only then is
+    that piece reduced again group by group with NaN skipped.
     """
     n_neurons, _, n_epochs = block.shape
     out = np.zeros((2, n_neurons, 1, n_epochs, n_groups))
+    buffer = None
     for j in range(n_epochs):
         sums, counts = out[0, :, 0, j, :], out[1, :, 0, j, :]  # views
         c = codes[:, j]
@@ -167,12 +217,15 @@ def _block_sums_unlimited(block: np.ndarray, codes: np.ndarray, n_groups: int) -
         if not keep.any():
             continue
         vals = block[:, :, j] if keep.all() else block[:, keep, j]
-        if not np.issubdtype(vals.dtype, np.floating):
-            vals = vals.astype(np.float64)
         present, local = np.unique(c[keep], return_inverse=True)
-        for s0 in range(0, len(local), _SUB_SAMPLES):
-            v, loc = vals[:, s0:s0 + _SUB_SAMPLES], local[s0:s0 + _SUB_SAMPLES]
-            onehot = np.zeros((len(loc), len(present)), dtype=v.dtype)
+        step = _piece_samples(n_neurons, len(present))
+        if buffer is None or buffer.shape[1] < min(step, len(local)):
+            buffer = np.empty((n_neurons, min(step, len(local))))
+        for s0 in range(0, len(local), step):
+            loc = local[s0:s0 + step]
+            v = buffer[:, :len(loc)]  # float64, reused: no fresh memory per piece
+            np.copyto(v, vals[:, s0:s0 + step], casting="unsafe")
+            onehot = np.zeros((len(loc), len(present)))
             onehot[np.arange(len(loc)), loc] = 1
             with np.errstate(invalid="ignore", over="ignore"):
                 s = v @ onehot
@@ -181,7 +234,7 @@ def _block_sums_unlimited(block: np.ndarray, codes: np.ndarray, n_groups: int) -
             else:  # NaN or inf inside: per group, so inf * 0 cannot spoil the other groups
                 s = np.stack([np.nansum(v[:, loc == g], axis=1)
                               for g in range(len(present))], axis=1)
-                counts[:, present] += (~np.isnan(v)).astype(v.dtype) @ onehot
+                counts[:, present] += (~np.isnan(v)).astype(np.float64) @ onehot
             sums[:, present] += s
     return out
 
@@ -220,6 +273,13 @@ def _nan_if_zero(counts: Any) -> Any:
     return dsa.where(counts > 0, counts, np.nan)
 
 
+def _nap_dtype(dtype: np.dtype) -> type:
+    """The dtype of NAPs of activations of ``dtype`` (see :func:`naps`, "Returns")."""
+    dtype = np.dtype(dtype)
+    floating = np.issubdtype(dtype, np.floating) or "float" in dtype.name  # bfloat16...
+    return np.float32 if floating and dtype.itemsize <= 4 else np.float64
+
+
 def naps(
     act: Any,
     by: str | Sequence[str] = "label",
@@ -238,13 +298,14 @@ def naps(
     by : str or sequence of str, default "label"
         Coordinate(s) defining the groups: any coordinate on ``sample`` (``label``,
         metadata columns) or on ``("sample", "epoch")`` (``prediction``, ``correct``),
-        whose values may then differ from epoch to epoch.
+        whose values may then differ from epoch to epoch. ``"count"``, and ``"group"``
+        among several keys, are names of the result and cannot be keys.
     normalize : bool, default True
         Subtract, per neuron and epoch, the mean over groups (the paper's normalisation:
         a map then shows how a group differs from the others). Groups empty at an epoch
         do not enter that epoch's mean.
     epochs : label or list of labels, optional
-        Epochs to use (labels of the ``epoch`` coordinate); all by default.
+        Epochs to use (labels of the ``epoch`` coordinate, at least one); all by default.
     correct_only : bool, default False
         Use only samples whose prediction was correct (needs a ``correct`` coordinate).
 
@@ -260,11 +321,19 @@ def naps(
         input's attributes are kept; the attribute ``topoxr_nap`` records ``by`` and
         ``normalize`` (JSON). Lazy for dask input.
 
+        The dtype is float32 for activations of float32 or a narrower float type
+        (float16, bfloat16), float64 otherwise (float64, integers). The sums and counts
+        are accumulated in float64 whatever the input's dtype, so the same activations
+        give the same NAPs, bit for bit, whether they are read lazily or loaded, and
+        however they are chunked.
+
     Raises
     ------
     GroupingError
-        If ``by`` names no usable coordinate (the message lists those available), if
-        there is only one group (nothing to contrast), or if no committed sample is left.
+        If ``by`` names no usable coordinate (the message lists those available) or a
+        name of the result (``count``, ``group``), if ``epochs`` selects none, if
+        ``normalize`` or ``correct_only`` is not a bool, if there is only one group
+        (nothing to contrast), or if no committed sample is left.
     TypeError
         If ``act`` is not an xarray object.
 
@@ -273,7 +342,9 @@ def naps(
     Only committed samples count (the ``committed`` coordinate written by the store);
     activations that are NaN are skipped by the mean (``nanmean``), so a NaN inside a
     committed sample lowers that neuron's effective count but does not poison the group.
-    ``count`` counts samples, not non-NaN values.
+    ``count`` counts samples, not non-NaN values. A missing value (NaN) of ``committed``
+    or ``correct``, as :func:`xarray.concat` leaves where a layer lacks an epoch, counts
+    as False.
 
     Examples
     --------
@@ -290,8 +361,13 @@ def naps(
         raise GroupingError(f"activations need dims ('neuron', 'sample', 'epoch'); "
                             f"missing {missing}, got {da.dims}")
     keys = _by_keys(by)
+    normalize = _flag(normalize, "normalize")
+    correct_only = _flag(correct_only, "correct_only")
     if epochs is not None:
         sel = [epochs] if np.ndim(epochs) == 0 else list(epochs)
+        if not sel:
+            raise GroupingError("epochs=[] selects no epoch; pass at least one epoch label, "
+                                "or None for all")
         try:
             da = da.sel({EPOCH: sel})
         except KeyError as err:
@@ -301,11 +377,12 @@ def naps(
 
     valid = np.ones((n_samples, n_epochs), dtype=bool)
     if COMMITTED in da.coords:
-        valid &= da.coords[COMMITTED].transpose(SAMPLE, EPOCH).values.astype(bool)
+        valid &= _truth(da.coords[COMMITTED])
     if correct_only:
         if CORRECT not in da.coords:
-            raise GroupingError("correct_only=True needs a 'correct' coordinate (predictions)")
-        valid &= da.coords[CORRECT].transpose(SAMPLE, EPOCH).values.astype(bool)
+            raise GroupingError("correct_only=True needs a 'correct' coordinate (predictions and "
+                                "labels)")
+        valid &= _truth(da.coords[CORRECT])
 
     # Factorize every key over the valid cells, then combine into one group code.
     columns = [_grouping_coord(da, key) for key in keys]
@@ -332,8 +409,7 @@ def naps(
     counts = np.bincount(group_of_valid * n_epochs + epoch_idx[valid],
                          minlength=n_groups * n_epochs).reshape(n_groups, n_epochs)
 
-    means = _group_means(da.data, codes, n_groups).transpose(0, 2, 1)
-    means = means.astype(da.dtype if np.issubdtype(da.dtype, np.floating) else np.float64)
+    means = _group_means(da.data, codes, n_groups).transpose(0, 2, 1)  # float64
 
     gdim = keys[0] if len(keys) == 1 else GROUP
     coords: dict[str, Any] = {
@@ -349,6 +425,7 @@ def naps(
         # Empty groups are NaN and are skipped; the mean is over the groups present.
         out = out - out.mean(gdim, skipna=True)
         out.name = "nap"
+    out = out.astype(_nap_dtype(da.dtype))
     empty = counts == 0
     if empty.any():
         logger.info("%d (group, epoch) cells have no samples and are NaN", int(empty.sum()))

@@ -38,7 +38,7 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ACTIVATION, COMMITTED, CORRECT, EPOCH, LABEL, NEURON, SAMPLE
-from topoxr.grouping import ATTR_NAP, naps
+from topoxr.grouping import ATTR_NAP, _truth, naps
 
 __all__ = [
     "ATTR_PROFILE",
@@ -101,11 +101,12 @@ def _choose_samples(
     n, m = da.sizes[SAMPLE], da.sizes[EPOCH]
     ok = np.ones((n, m), dtype=bool)
     if COMMITTED in da.coords:
-        ok &= da.coords[COMMITTED].transpose(SAMPLE, EPOCH).values.astype(bool)
+        ok &= _truth(da.coords[COMMITTED])  # a missing value (NaN) is not committed
     if correct_only:
         if CORRECT not in da.coords:
-            raise ProfileError("correct_only=True needs a 'correct' coordinate (predictions)")
-        ok &= da.coords[CORRECT].transpose(SAMPLE, EPOCH).values.astype(bool)
+            raise ProfileError("correct_only=True needs a 'correct' coordinate (predictions "
+                               "and labels)")
+        ok &= _truth(da.coords[CORRECT])
     if balanced:
         if LABEL not in da.coords:
             raise ProfileError("balanced=True needs a 'label' coordinate")

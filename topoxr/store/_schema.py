@@ -93,6 +93,9 @@ _RESERVED = {
     "depth",
     "x",
     "y",
+    # names of the NAPs' own coordinates (topoxr.grouping.naps): a column of that name
+    # could not be grouped by
+    "count",
 }
 
 
@@ -109,19 +112,24 @@ def _fill(kind: str) -> Any:
     return {"U": "", "b": False, "f": np.nan, "i": -1}[kind]
 
 
-def _prediction_specs(preds: np.ndarray, n: int, m: int,
-                      chunk: int) -> dict[str, dict[str, Any]]:
+def _prediction_specs(preds: np.ndarray, n: int, m: int, chunk: int,
+                      correct: bool = True) -> dict[str, dict[str, Any]]:
     """How to create the ``prediction`` and ``correct`` arrays (for :func:`_create_arrays`).
 
     They are written with every batch, like the ``committed`` mask, and share its chunks
     along ``sample`` (``chunk``): a batch rewrites one such chunk, not 65536 rows.
+    ``correct=False`` (a layer without labels: correctness is unknown) leaves out
+    ``correct``.
     """
-    return {
+    specs = {
         PREDICTION: dict(shape=(n, m), chunks=(chunk, 1), dtype=_zarr_dtype(preds),
                          fill_value=_fill(_kind(preds)), dimension_names=(SAMPLE, EPOCH)),
         CORRECT: dict(shape=(n, m), chunks=(chunk, 1), dtype="bool",
                       fill_value=False, dimension_names=(SAMPLE, EPOCH)),
     }
+    if not correct:
+        del specs[CORRECT]
+    return specs
 
 
 def _creatable_later(store: Any, specs: Mapping[str, Mapping[str, Any]]) -> bool:

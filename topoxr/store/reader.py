@@ -255,6 +255,9 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool,
         coords[key] = (SAMPLE, _plain_strings(read(key, slice(0, n))))
     if PREDICTION in arrays:
         coords[PREDICTION] = ((SAMPLE, EPOCH), read(PREDICTION, slice(0, n), slice(0, m)))
+    if PREDICTION in arrays and LABEL in arrays and CORRECT in arrays:
+        # only with labels: a layer without them has no correctness to show (earlier
+        # writers created 'correct' anyway and never wrote it)
         coords[CORRECT] = ((SAMPLE, EPOCH), read(CORRECT, slice(0, n), slice(0, m)).astype(bool))
     for key in group.attrs.get(_ATTR_SCALARS, []):
         if key in arrays:

@@ -484,9 +484,12 @@ class ActivationWriter:
         sample : array_like of int
             Stable id of every input in the batch, unique within the batch.
         label : array_like, optional
-            Class label per sample (int or str).
+            Class label per sample: integers or strings (not floats or bools).
         prediction : array_like, optional
-            Model prediction per sample for this epoch; with ``label`` it gives ``correct``.
+            Model prediction per sample for this epoch, of the labels' kind (integers or
+            strings); with ``label`` it gives ``correct``. A layer stores predictions for
+            every batch or for none: a layer that stores them needs them in every batch,
+            and one with committed samples without them takes none.
         epoch : int, default 0
             Epoch label (0 = before training, or inference only).
         channel_axis : int, optional
@@ -521,8 +524,10 @@ class ActivationWriter:
         ------
         StoreError
             Naming the problem: shapes, lengths, duplicates, non-finite or non-numeric
-            values, a neuron count or probe set that differs from the stored layer, or
-            committed values that differ.
+            values, labels or predictions that are not integers or strings or not of one
+            kind, predictions missing for a layer that stores them (or given for one
+            written without them), a neuron count or probe set that differs from the
+            stored layer, or committed values that differ.
         StoreWriteError
             If the storage fails (disk full, network...): the batch is not committed,
             everything committed before is intact, and this writer refuses further
@@ -574,6 +579,11 @@ class ActivationWriter:
         labels = None if label is None else _as_1d(f"layer {layer!r}: label", label, batch)
         preds = None if prediction is None else _as_1d(
             f"layer {layer!r}: prediction", prediction, batch)
+        for what, col in (("labels", labels), ("predictions", preds)):
+            if col is not None and col.dtype.kind not in "iuU":
+                raise StoreError(
+                    f"layer {layer!r}: {what} must be integers or strings (class indices or "
+                    f"names), got {col.dtype}; cast class indices with .astype(int)")
         meta = {}
         for key, col in metadata.items():
             if key in _RESERVED or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
@@ -586,6 +596,7 @@ class ActivationWriter:
 
         state = self._layers.get(layer)
         pending = self._pending.get(layer)
+        self._check_predictions(layer, state, pending, labels, preds)
         kinds = _Pending.signature(labels, preds, meta)
         if pending is not None and not pending.accepts(epoch, ids, lowest, kinds,
                                                        overwrite):
@@ -864,6 +875,37 @@ class ActivationWriter:
         return f"<ActivationWriter {self._loc.url!r} model={self.model!r} {state}>"
 
     # -- internals ---------------------------------------------------------------------
+    def _check_predictions(self, layer: str, state: _LayerState | None,
+                           pending: _Pending | None, labels: np.ndarray | None,
+                           preds: np.ndarray | None) -> None:
+        """Refuse predictions the layer cannot store as given (before anything is written).
+
+        A layer stores predictions for all its batches or for none: samples committed
+        (or buffered) without them would read as predicted class -1 (or ``""``) and not
+        correct. ``correct`` compares predictions with labels, so both must be of one
+        kind (integers or strings), that of the predictions already stored too.
+        """
+        where = f"layer {layer!r} of model {self.model!r}"
+        stored = None if state is None else state.arrays.get(PREDICTION)
+        if state is not None and preds is None and stored is not None:
+            raise StoreError(f"{where} stores predictions; the batch gives none")
+        if preds is None:
+            return
+        if stored is None and state is not None and (
+                state.mask.any() or (pending is not None and pending.rows)):
+            raise StoreError(f"{where} was written without predictions; the batch now gives "
+                             "predictions")
+        # the stored labels where there are (the batch's must be of their kind, which
+        # _plan_batch checks), else the batch's
+        known = state.labels if state is not None and state.labels is not None else labels
+        if known is not None and _kind(known) != _kind(preds):
+            raise StoreError(f"{where}: labels are {known.dtype} and predictions "
+                             f"{preds.dtype}; 'correct' compares them, so both must be "
+                             "integers or both strings")
+        if stored is not None and _array_kind(stored) != _kind(preds):
+            kind = "strings" if _array_kind(stored) == "U" else stored.dtype
+            raise StoreError(f"{where}: predictions are {preds.dtype}, the stored ones {kind}")
+
     def _check_range(self, layer: str, values: np.ndarray) -> None:
         """Refuse values that the layer's storage dtype would turn into infinities."""
         state = self._layers.get(layer)
@@ -1009,8 +1051,9 @@ class ActivationWriter:
                          fill_value=_fill(_kind(col)), dimension_names=(SAMPLE,))
                for key, col in (({LABEL: labels} if labels is not None else {}) | meta).items()},
         }
-        if preds is not None:
-            specs.update(_prediction_specs(preds, n0, m0, mask_chunk))
+        if preds is not None:  # 'correct' only with labels to compare them with
+            specs.update(_prediction_specs(preds, n0, m0, mask_chunk,
+                                           correct=labels is not None))
         # On a local store, for layers of numeric columns only, the files are written by
         # the layer's first commit, with those of every other layer created since (see
         # _create_pending): in three steps, the group, its arrays, then the mark that
@@ -1057,8 +1100,9 @@ class ActivationWriter:
     @staticmethod
     def _create_prediction_arrays(state: _LayerState, preds: np.ndarray, n: int, m: int,
                                   chunk: int) -> None:
-        state.adopt(_create_arrays(state.group, _prediction_specs(preds, n, m, chunk),
-                                   existing=state.arrays))
+        state.adopt(_create_arrays(
+            state.group, _prediction_specs(preds, n, m, chunk, correct=state.labels is not None),
+            existing=state.arrays))
 
     def _commit(self, state, plan, values, ids, labels, preds, meta, epoch) -> int:
         """Commit one batch (or the merged buffered batches) of one layer."""
@@ -1077,7 +1121,7 @@ class ActivationWriter:
             for key in (PREDICTION, CORRECT):
                 # predictions given only from this batch on: the earlier samples' chunks
                 # are stored too (with the fill), so that a missing chunk means damage
-                if arrays[key].size:
+                if key in arrays and arrays[key].size:
                     arrays[key][...] = arrays[key].metadata.fill_value
         e = state.epoch_index(epoch)
         new = plan.new_rows
@@ -1179,6 +1223,12 @@ class ActivationWriter:
         return _PreparedCommit(steps=(grow, fill, coords),
                                mask=(arrays[COMMITTED], mask[:, e], pos, e, size_n),
                                mirror=mirror, rows=len(rows))
+
+
+def _array_kind(arr: zarr.Array) -> str:
+    """:func:`_kind` of a stored array's dtype (zarr's strings are object or StringDType)."""
+    kind = getattr(arr.dtype, "kind", "O")
+    return "U" if kind in "UOT" else _kind(np.empty(0, dtype=arr.dtype))
 
 
 def _remove_temporary_files(root: str) -> None:
