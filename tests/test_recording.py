@@ -404,3 +404,99 @@ def test_stored_unless_recorded_skips_only_epochs_complete_for_every_layer(tmp_p
             caplog.at_level("INFO", logger="topoxr.recording"):
         assert stored_unless_recorded(writer, "other", ["a", "b"], 0) is None
     assert any("model 'm'" in r.message for r in caplog.records)
+
+
+# -- default predictions -------------------------------------------------------------------
+def _one_column(sigmoid: bool, seed: int = 5):
+    """A numpy "model" with one output column: probabilities or logits, and its forward."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    w = rng.normal(size=(5, 1)).astype(np.float32)
+
+    def model(x):
+        z = x @ w
+        return 1 / (1 + np.exp(-z)) if sigmoid else z * 3
+
+    def forward(x):
+        return {"hidden": x @ np.eye(5, 4, dtype=np.float32)}, model(x)
+
+    return x, model, forward
+
+
+def _record_one_column(store, forward, x, y, **kwargs):
+    ids = np.arange(len(x))
+    run_recording(forward, iter_array_batches(x, ids, y, {}, 8), store, model_name="np",
+                  layers=["hidden"], probe_ids=ids, probe_labels=y, n_samples=len(x),
+                  batch_size=8, progress=False, **kwargs)
+    return open_store(store)["np/hidden"].to_dataset().load()
+
+
+@pytest.mark.parametrize("probabilities", [True, lambda: True], ids=["bool", "asked"])
+def test_one_column_known_to_be_probabilities_is_thresholded_at_one_half(store_path,
+                                                                        probabilities):
+    """A sigmoid's output: class 1 where it is over 0.5 (over 0 made every one class 1)."""
+    import warnings
+
+    x, model, forward = _one_column(sigmoid=True)
+    y = np.arange(40) % 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = _record_one_column(store_path, forward, x, y, probabilities=probabilities)
+    expected = (model(x)[:, 0] > 0.5).astype(np.int64)
+    assert 0 < expected.sum() < 40
+    np.testing.assert_array_equal(ds.prediction.values[:, 0], expected)
+    np.testing.assert_array_equal(ds.correct.values[:, 0], expected == y)
+
+
+def test_one_column_in_zero_one_not_known_as_probabilities_warns(store_path, tmp_path):
+    """Not known to come from a sigmoid: taken for logits (over 0), with a warning where
+    the first batch lies in [0, 1]; logits outside [0, 1] are thresholded at 0 silently."""
+    import warnings
+
+    x, model, forward = _one_column(sigmoid=True)
+    y = np.arange(40) % 2
+    with pytest.warns(UserWarning, match=r"looks like probabilities.*predict=") as record:
+        ds = _record_one_column(store_path, forward, x, y)
+    assert len([w for w in record if "looks like" in str(w.message)]) == 1  # once
+    np.testing.assert_array_equal(ds.prediction.values[:, 0], model(x)[:, 0] > 0)
+    x, model, forward = _one_column(sigmoid=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = _record_one_column(str(tmp_path / "logits.zarr"), forward, x, y)
+    expected = (model(x)[:, 0] > 0).astype(np.int64)
+    assert 0 < expected.sum() < 40
+    np.testing.assert_array_equal(ds.prediction.values[:, 0], expected)
+
+
+@pytest.mark.parametrize("labels", [np.array(["cat", "dog", "eel"]),
+                                    np.array(["cat", "dog", "eel"], dtype=object)],
+                         ids=["str", "object"])
+def test_labels_that_are_no_integers_get_no_default_predictions(store_path, labels):
+    """Class indices never equal class names: no predictions and no 'correct' are
+    stored, with one warning naming the labels' dtype and predict=."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5)).astype(np.float32)
+    y = labels[x[:, :3].argmax(1)]  # the labels of the classes the model predicts
+    with pytest.warns(UserWarning, match=rf"not integers \(dtype {labels.dtype}\).*predict=") \
+            as record:
+        _record(store_path, x, y)
+    assert len(record) == 1
+    ds = open_store(store_path)["np/out"].to_dataset().load()
+    assert "prediction" not in ds and "correct" not in ds
+    np.testing.assert_array_equal(ds.label, y)
+    np.testing.assert_allclose(ds.activation.values[..., 0], x[:, :3].T, rtol=1e-6)
+
+
+def test_no_default_predictions_says_why(store_path, tmp_path):
+    """An adapter that cannot tell which output holds the classes says why: no
+    predictions are stored (predict= still derives them)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5)).astype(np.float32)
+    y = x[:, :3].argmax(1)
+    why = "model 'np' has 2 outputs ['a', 'b'], and which one holds the classes is not known"
+    with pytest.warns(UserWarning, match=r"has 2 outputs \['a', 'b'\].*Pass predict="):
+        _record(store_path, x, y, no_default_predictions=why)
+    assert "prediction" not in open_store(store_path)["np/out"].to_dataset()
+    other = str(tmp_path / "predicted.zarr")
+    _record(other, x, y, no_default_predictions=why, predict=lambda out: out.argmax(1))
+    np.testing.assert_array_equal(open_store(other)["np/out"].prediction.values[:, 0], y)

@@ -35,6 +35,7 @@ from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr.reduction import (
     ATTR_MASKED,
     ATTR_NEURON_AXIS,
+    ATTR_OUTPUT_SHAPE,
     ATTR_REDUCED_AXES,
     REDUCE_CHOICES,
     LayerSpec,
@@ -756,6 +757,23 @@ def _pooled_by_capture(plan: LayerPlan, output: Any) -> tuple[int, str] | None:
     return None
 
 
+def _handed_axis(plan: LayerPlan, raw: np.ndarray) -> int:
+    """Neuron axis of a layer's array as the forward function handed it over.
+
+    The plan's, of the layer's output. A capture that pools the layer itself (see
+    :func:`_pooled_by_capture`) hands it over with the output's rank (Keras: every
+    pooled axis kept with length 1, the neurons where the output has them) or as
+    ``(batch, neurons, 1)`` (torch): of a lower rank than the output, its neurons on
+    axis 1 whichever axis held them in the output (``channel_axis=2`` of an
+    ``(N, C, H, W)`` map, or a channels-last one).
+    """
+    rank = len(plan.attrs.get(ATTR_OUTPUT_SHAPE, ())) + 1
+    if (raw.ndim < rank and plan.reduce in ("mean", "max") and not _is_sequence(plan)
+            and not plan.attrs.get(ATTR_MASKED)):
+        return 1
+    return plan.neuron_axis
+
+
 def _is_sequence(plan: LayerPlan) -> bool:
     """A ``(batch, tokens, hidden)`` output: its neurons are hidden units, not channels."""
     return len(plan.attrs.get("topoxr_output_shape", ())) == 2 and plan.neuron_axis == 2
@@ -765,6 +783,31 @@ def _token_sample_ids(ids: np.ndarray, source: np.ndarray, position: np.ndarray,
                       n_tokens: int) -> np.ndarray:
     """Stable id of token ``t`` of the input with id ``s``: ``s * T + t``."""
     return ids[source] * np.int64(n_tokens) + position
+
+
+def _check_padded_length(plans: Mapping[str, LayerPlan], outputs: Mapping[str, Any],
+                         padded: dict[str, int], ids: np.ndarray, model: str) -> None:
+    """Refuse a batch whose per-token layer is padded to another length than the first's.
+
+    Token ``t`` of input ``s`` is sample ``s * T + t`` (:func:`_token_sample_ids`), ``T``
+    the padded length: with another ``T`` per batch the ids collide. ``padded`` holds
+    each per-token layer's ``T`` of the first batch (entered at the first call).
+    """
+    for layer, plan in plans.items():
+        if plan.reduce != "tokens":
+            continue
+        n_tokens = int(np.shape(outputs[layer])[1])
+        first = padded.setdefault(layer, n_tokens)
+        if n_tokens != first:
+            raise RecordingError(
+                f"layer {layer!r} of model {model!r}: reduce='tokens' numbers token t of "
+                "input s as sample s * T + t, T the padded length of the layer's output, "
+                f"which is {first} in the first batch but {n_tokens} in the batch of samples "
+                f"{int(ids[0])}..{int(ids[-1])}: the token ids would collide. Pad every "
+                "batch to one length (e.g. the tokenizer's padding='max_length' with one "
+                "max_length, not each batch's longest sequence). The batches before this "
+                "one may be stored already, their epoch incomplete: record again under "
+                "another model name (or into a new store)")
 
 
 # --------------------------------------------------------------------------------------
@@ -1009,7 +1052,7 @@ class BackgroundWriter:
         for layer, raw in outputs.items():
             plan = self._plans[layer]
             raw = np.asarray(raw)
-            reduced = reduce_layer(raw, layer=layer, neuron_axis=plan.neuron_axis,
+            reduced = reduce_layer(raw, layer=layer, neuron_axis=_handed_axis(plan, raw),
                                    reduce=plan.reduce,
                                    mask=mask if plan.attrs.get(ATTR_MASKED) else None,
                                    token_ids=token_ids)
@@ -1086,26 +1129,98 @@ class RecordResult:
                 f"samples={self.samples}, store={self.store!r})")
 
 
-def _predictions(output: np.ndarray | None) -> np.ndarray | None:
+def _predictions(output: Any, threshold: float = 0.0) -> np.ndarray | None:
+    """Default predictions of a batch, or None where its output gives none.
+
+    The argmax of a ``(batch, classes)`` output; ``output > threshold`` of one column,
+    ``(batch, 1)`` or ``(batch,)`` (0 for logits, 0.5 for probabilities).
+    """
     if output is None:
         return None
     out = np.asarray(output)
     if out.ndim == 2 and out.shape[1] > 1:
         return out.argmax(axis=1).astype(np.int64)
-    if out.ndim == 2 and out.shape[1] == 1 or out.ndim == 1:
-        return (out.reshape(-1) > 0).astype(np.int64)
+    if _one_column(out):
+        return (out.reshape(-1) > threshold).astype(np.int64)
     return None
 
 
-def _batch_predictions(final: Any, predict: Callable[[Any], Any] | None,
-                       n: int) -> np.ndarray | None:
-    if predict is None:
-        return _predictions(final)
-    preds = np.asarray(predict(final))
-    if preds.shape != (n,):
-        raise RecordingError(f"predict= returned shape {preds.shape} for a batch of {n} "
-                             f"inputs; it must return one prediction per input, shape ({n},)")
-    return preds
+def _one_column(out: np.ndarray) -> bool:
+    return out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)
+
+
+class _PredictionRule:
+    """How each batch's predictions are derived; warns once where none are stored.
+
+    ``predict=`` where given. Otherwise the default (:func:`_predictions`), decided at
+    the first batch with labels: none where the adapter says why it cannot tell
+    (``unavailable``: several outputs) or the labels are not integers (class indices
+    never equal them); for one column, the threshold 0.5 where the output is known to
+    be a probability (``probabilities``, asked then: after the first forward pass),
+    else 0, with a warning where that column of the first batch lies in [0, 1].
+    """
+
+    def __init__(self, *, model: str, predict: Callable[[Any], Any] | None,
+                 probabilities: bool | Callable[[], bool],
+                 unavailable: str | None) -> None:
+        self._model = model
+        self._predict = predict
+        self._probabilities = probabilities
+        self._unavailable = unavailable
+        self._decided = False
+        self._why: str | None = None  # why no predictions are stored (warned once)
+        self._warned = False
+        self._threshold = 0.0
+
+    def __call__(self, final: Any, labels: np.ndarray, n: int) -> np.ndarray | None:
+        """The predictions of a batch of ``n`` inputs with ``labels``, or None."""
+        if self._predict is not None:
+            preds = np.asarray(self._predict(final))
+            if preds.shape != (n,):
+                raise RecordingError(
+                    f"predict= returned shape {preds.shape} for a batch of {n} inputs; it "
+                    f"must return one prediction per input, shape ({n},)")
+            return preds
+        if not self._decided:
+            self._decided = True
+            self._decide(final, labels)
+        preds = None if self._why is not None else _predictions(final, self._threshold)
+        if preds is None and self._why is None:
+            self._why = (f"no prediction can be derived from the output of model "
+                         f"{self._model!r} (shape {np.shape(final)})")
+        if preds is None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"labels were given but {self._why}; predictions and 'correct' are not "
+                "stored. Pass predict= to derive them", UserWarning, stacklevel=4)
+        return preds
+
+    def _decide(self, final: Any, labels: np.ndarray) -> None:
+        if self._unavailable is not None:
+            self._why = self._unavailable
+            return
+        if labels.dtype.kind not in "iu":
+            self._why = (
+                f"they are not integers (dtype {labels.dtype}), while the default "
+                f"predictions of model {self._model!r} are class indices (the argmax of "
+                "its output, or its one column thresholded), which never equal them")
+            return
+        out = None if final is None else np.asarray(final)
+        if out is None or not _one_column(out):
+            return
+        probabilities = self._probabilities
+        if callable(probabilities):
+            probabilities = probabilities()
+        if probabilities:
+            self._threshold = 0.5
+        elif out.size and bool(np.all((out >= 0) & (out <= 1))):
+            warnings.warn(
+                f"the output of model {self._model!r} is one column whose values in the "
+                "first batch all lie in [0, 1]: it looks like probabilities, but it is not "
+                "known to come from a sigmoid, so it is taken for logits and the "
+                "predictions are output > 0 (nearly all 1). Pass predict= to set the rule, "
+                "e.g. predict=lambda p: (p.reshape(-1) > 0.5).astype(int)",
+                UserWarning, stacklevel=5)
 
 
 def run_recording(
@@ -1121,6 +1236,8 @@ def run_recording(
     specs: Mapping[str, LayerSpec] | None = None,
     axis_rules: Mapping[str, str] | None = None,
     predict: Callable[[Any], Any] | None = None,
+    probabilities: bool | Callable[[], bool] = False,
+    no_default_predictions: str | None = None,
     probe_ids: np.ndarray | None = None,
     probe_labels: np.ndarray | None = None,
     n_samples: int | None = None,
@@ -1180,10 +1297,23 @@ def run_recording(
     specs : mapping of str to LayerSpec, optional
         Per-layer settings (``reduce``, ``channel_axis``).
     axis_rules : mapping of str to str, optional
-        How the adapter chose each layer's axis (stored as ``topoxr_axis_rule``).
+        How the adapter chose each layer's axis (stored as ``topoxr_axis_rule``); like
+        ``channel_axis``, it may be filled by the first call of ``forward`` (the torch
+        capture's ``rules``), so the mapping itself is read, never a copy.
     predict : callable, optional
-        ``predict(model_output) -> (batch,) predictions``; by default the argmax of a
-        ``(batch, classes)`` output (a sigmoid threshold for one column).
+        ``predict(model_output) -> (batch,) predictions``. By default (integer labels
+        only: the predictions are class indices) the argmax of a ``(batch, classes)``
+        output, softmax probabilities or logits alike, and for one column, ``(batch, 1)``
+        or ``(batch,)``, ``output > 0.5`` where ``probabilities`` says it is a
+        probability, else ``output > 0`` (logits).
+    probabilities : bool or callable, default False
+        Whether the model's output is known to be a probability (it ends in a sigmoid);
+        a callable is asked once, after the first forward pass (a capture that learns it
+        as the model runs).
+    no_default_predictions : str, optional
+        Why no default prediction can be derived from this model (e.g. ``"keras model
+        'm' has 2 outputs ..."``): without ``predict`` no predictions are stored, and the
+        warning gives this reason.
     probe_ids, probe_labels : numpy.ndarray, optional
         The whole probe set, when known before iterating (checked against the store).
     n_samples : int, optional
@@ -1226,8 +1356,11 @@ def run_recording(
     Warns
     -----
     UserWarning
-        Once, when labels are given but no prediction can be derived from the model's
-        output (pass ``predict=``).
+        Once, when labels are given but no default prediction can be derived
+        (``no_default_predictions``, labels that are not integers, or an output that is
+        neither ``(batch, classes)`` nor one column): pass ``predict=``. Once, when one
+        column not known to be a probability lies in [0, 1] in the first batch (it is
+        thresholded at 0 as logits; ``predict=`` sets the rule).
     """
     from tqdm.auto import tqdm
 
@@ -1258,7 +1391,9 @@ def run_recording(
     # plans from one sample (``plans_from_one_sample``) runs the first sample alone
     # first. Either way the first batch is pooled as it is captured, as the others.
     planning: dict[str, Any] = {"specs": specs or {}, "channel_axis": channel_axis,
-                                "axis_rules": axis_rules or {}}
+                                # the adapter's own mapping, not a copy: a capture fills it
+                                # as its layers run (an empty one is no default to drop)
+                                "axis_rules": {} if axis_rules is None else axis_rules}
     in_batch = (bool(getattr(forward, "plans_in_first_batch", False))
                 and isinstance(pooled, dict))
     rerun_first = False  # whether the first batch is still to be run (planned on one sample)
@@ -1321,7 +1456,9 @@ def run_recording(
                               dtype=dtype, expected_samples=n_samples,
                               expected_epochs=1) if owns else store
     n_done = 0
-    warned = False
+    padded: dict[str, int] = {}  # per-token layers: the padded length of the first batch
+    rule = _PredictionRule(model=model_name, predict=predict, probabilities=probabilities,
+                           unavailable=no_default_predictions)
     bar = tqdm(total=n_samples, desc=f"{description} {model_name} epoch {epoch}",
                unit="sample", disable=not progress, leave=False)
     try:
@@ -1333,16 +1470,9 @@ def run_recording(
                 if batch is not first or rerun_first:
                     outputs, final = forward(batch.x)
                     mask, token_ids = token_info(batch.x)
-                preds = None
-                if batch.labels is not None:
-                    preds = _batch_predictions(final, predict, len(batch))
-                    if preds is None and not warned:
-                        warned = True
-                        warnings.warn(
-                            f"labels were given but no prediction can be derived from the "
-                            f"output of model {model_name!r} (shape {np.shape(final)}); "
-                            "predictions and 'correct' are not stored. Pass predict= to "
-                            "derive them", UserWarning, stacklevel=3)
+                _check_padded_length(plans, outputs, padded, batch.ids, model_name)
+                preds = None if batch.labels is None else rule(final, batch.labels,
+                                                               len(batch))
                 bg.submit({k: outputs[k] for k in layers}, batch.ids, batch.labels, preds,
                           batch.metadata, mask, token_ids)
                 # Held no longer than the writer thread needs them. Arrays of one batch

@@ -60,7 +60,10 @@ class ProbeModel:
         Per-layer settings.
     channel_axis : dict of str to int
         Neuron axis of each layer's output: the channel axis of its ``data_format``
-        (-1 for channels-last), the ``axis`` of a normalisation layer, else the last.
+        (-1 for channels-last), the ``axis`` of a normalisation layer, the last axis of
+        Dense, Embedding, attention and RNN layers; a layer of none of these (an
+        activation, ``Add``...) has that of the layer of known axis it follows in the
+        graph; else the channel axis of keras's ``image_data_format``.
     rules : dict of str to str
         How each axis was chosen.
     submodel : keras.Model
@@ -92,8 +95,15 @@ class ProbeModel:
         self.specs = dict(specs or {})
         self.has_final = final is not None
         self.channel_axis, self.rules = {}, {}
-        for name in layers:
-            self.channel_axis[name], self.rules[name] = _axis_rule(model.get_layer(name))
+        for name, output in zip(layers, outputs, strict=True):
+            spec = self.specs.get(name)
+            try:
+                rule = _axis_rule(model.get_layer(name), output, name)
+            except RecordingError:
+                if spec is None or spec.channel_axis is None:
+                    raise
+                rule = int(spec.channel_axis), "channel_axis set by the user"
+            self.channel_axis[name], self.rules[name] = rule
         self._inputs, self._outputs = model.inputs, outputs
         self._final = [final] if final is not None else []
         self.submodel = keras.Model(model.inputs, [*outputs, *self._final],
@@ -141,16 +151,144 @@ def _pooled(output: Any, neuron_axis: int, reduce: str) -> Any:
     return keras.ops.mean(output, axis=dims, keepdims=True)
 
 
-def _axis_rule(layer: Any) -> tuple[int, str]:
-    """Neuron axis of a Keras layer's output and how it was chosen."""
-    data_format = getattr(layer, "data_format", None)
-    kind = type(layer).__name__
+#: Layers and ops that move axes: what follows them does not keep the neuron axis of
+#: what ran before them, even where the shape is the same (a square map transposed).
+_MOVES_AXES = frozenset({"Permute", "Reshape", "Transpose", "Swapaxes", "Moveaxis",
+                         "Flatten", "RepeatVector", "Squeeze", "ExpandDims"})
+#: How many layers or ops a layer of no axis semantics is followed back through.
+_MAX_FOLLOW = 200
+
+
+class _Disagree(Exception):
+    """The inputs of a merging layer or op have different neuron axes."""
+
+    def __init__(self, where: str, axes: dict[int, str]) -> None:
+        super().__init__(where)
+        self.where, self.axes = where, axes
+
+
+def _own_rule(op: Any, output: Any) -> tuple[int, str] | None:
+    """The neuron axis of ``output`` as the layer or op ``op`` that made it decides it:
+    its ``data_format``, a normalisation's ``axis``, the last axis of a Dense (of its
+    ``units``), Embedding, attention or RNN layer; ``None`` for the others."""
+    kind = type(op).__name__
+    data_format = getattr(op, "data_format", None)
     if data_format in ("channels_first", "channels_last"):
         return (1 if data_format == "channels_first" else -1), f"data_format of {kind}"
-    axis = getattr(layer, "axis", None)
+    axis = getattr(op, "axis", None)
     if isinstance(axis, int) and not isinstance(axis, bool) and "Normalization" in kind:
         return axis, f"axis of {kind}"
-    if keras.config.image_data_format() == "channels_first" and len(layer.output.shape) > 3:
+    units = getattr(op, "units", None) if isinstance(op, keras.layers.Dense) else None
+    if units is not None and output.shape[-1] == units:
+        return -1, f"last axis of {kind} (units)"
+    if isinstance(op, keras.layers.Embedding | keras.layers.MultiHeadAttention
+                  | keras.layers.RNN):
+        return -1, f"last axis of {kind} (hidden units)"
+    return None
+
+
+def _source(tensor: Any, memo: dict[int, Any], depth: int = 0) -> tuple[int, str] | None:
+    """``(neuron axis, how)`` of a symbolic tensor of the functional graph, as the layer
+    that made it decides it, or one it follows: through layers and ops that keep its
+    shape (activations, dropout, ``Add``, ``Concatenate``...), back to one of known axis.
+
+    Raises
+    ------
+    _Disagree
+        Where the inputs of a merging layer or op have different neuron axes.
+    """
+    key = id(tensor)
+    if key in memo:
+        return memo[key]
+    history = getattr(tensor, "_keras_history", None)
+    if history is None or depth > _MAX_FOLLOW or tensor.shape is None:
+        return None
+    op, node_index, tensor_index = history[0], history[1], history[2]
+    rank = len(tensor.shape)
+    found: tuple[int, str] | None = None
+    own = _own_rule(op, tensor)
+    if own is not None:
+        found = own[0] % rank, f"{op.name!r} ({own[1]})"
+    elif type(op).__name__ in _MOVES_AXES:
+        found = None
+    elif isinstance(op, keras.Model):
+        # a nested model: as the layer inside it that made its output
+        inner = getattr(op, "outputs", None) or []
+        if tensor_index < len(inner) and tuple(inner[tensor_index].shape) == tuple(tensor.shape):
+            found = _source(inner[tensor_index], memo, depth + 1)
+    else:
+        nodes = getattr(op, "_inbound_nodes", None) or []
+        if node_index < len(nodes):
+            found = _merge(op, tensor, nodes[node_index].input_tensors, memo, depth)
+    memo[key] = found
+    return found
+
+
+def _merge(op: Any, tensor: Any, inputs: Any, memo: dict[int, Any],
+           depth: int) -> tuple[int, str] | None:
+    """The neuron axis of ``tensor``, made by ``op`` (of no axis semantics) from
+    ``inputs``, as those of its inputs of its shape have it (they must agree); a
+    ``Concatenate`` may change the size of its axis."""
+    shape = tuple(tensor.shape)
+    rank = len(shape)
+    along = getattr(op, "axis", None) if isinstance(op, keras.layers.Concatenate) else None
+    along = along % rank if isinstance(along, int) else None
+    axes: dict[int, str] = {}
+    for x in inputs:
+        xs = tuple(getattr(x, "shape", None) or ())
+        if len(xs) != rank or any(a != b for i, (a, b) in enumerate(zip(xs, shape, strict=True))
+                                  if i not in (0, along)):
+            continue  # another shape (a broadcast gate): not what the output holds
+        found = _source(x, memo, depth + 1)
+        if found is not None:
+            axes.setdefault(found[0], found[1])
+    if len(axes) > 1:
+        raise _Disagree(f"{op.name!r} ({type(op).__name__})", axes)
+    return next(iter(axes.items()), None)
+
+
+def _axis_rule(layer: Any, output: Any = None, name: str | None = None) -> tuple[int, str]:
+    """Neuron axis of a Keras layer's output and how it was chosen.
+
+    By the layer's own semantics (``data_format``, a normalisation's ``axis``, Dense,
+    Embedding, attention and RNN layers: the last axis); else, for a layer of none
+    (activations, dropout, ``Add``, ``Concatenate``...), as the layer of known axis it
+    follows in the functional graph through layers and ops that keep the output's shape
+    (all inputs that do must agree); else by keras's ``image_data_format``.
+
+    Parameters
+    ----------
+    layer : keras.layers.Layer
+        The layer.
+    output : KerasTensor, optional
+        The output recorded (``layer.output`` by default).
+    name : str, optional
+        The layer's name in messages (``layer.name`` by default).
+
+    Raises
+    ------
+    RecordingError
+        Where inputs followed disagree (say, a channels-first conv added to a Dense
+        output); the message names the layer and the ``channel_axis`` setting.
+    """
+    output = layer.output if output is None else output
+    kind = type(layer).__name__
+    own = _own_rule(layer, output)
+    if own is not None:
+        return own
+    try:
+        found = _source(output, {})
+    except _Disagree as err:
+        name = layer.name if name is None else name
+        what = ", ".join(f"axis {axis} as {how}" for axis, how in err.axes.items())
+        at = "" if err.where.startswith(f"{layer.name!r} ") else f" (at {err.where})"
+        raise RecordingError(
+            f"layer {name!r} ({kind}) follows inputs whose neuron axes disagree{at}: "
+            f"{what}; set its neuron axis with {{{name!r}: {{'channel_axis': k}}}}"
+        ) from None
+    if found is not None:
+        return found[0], f"as {found[1]}, which it follows"
+    if keras.config.image_data_format() == "channels_first" and len(output.shape) > 3:
         return 1, f"keras image_data_format channels_first ({kind})"
     return -1, f"last axis of {kind} (channels-last / hidden units)"
 

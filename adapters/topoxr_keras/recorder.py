@@ -31,10 +31,42 @@ def _is_tf_dataset(data: Any) -> bool:
     return type(data).__module__.startswith("tensorflow") and hasattr(data, "element_spec")
 
 
+def _shuffled(dataset: Any) -> str | None:
+    """The class of a shuffling dataset in a ``tf.data`` pipeline, or None.
+
+    Walks from ``dataset`` to its inputs (``_inputs()``, or ``_input_dataset``): what
+    ``Dataset.shuffle`` returns is a ``_ShuffleDataset`` (TensorFlow 2.21), and so is
+    part of ``Dataset.list_files`` (``shuffle=True`` by default). A pipeline whose inputs
+    cannot be listed (a private API) is taken as it comes.
+    """
+    seen: set[int] = set()
+    todo = [dataset]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = type(node).__name__
+        if "Shuffle" in name:
+            return name
+        try:
+            inputs = node._inputs()
+        except Exception:  # noqa: BLE001 - a private API: no inputs where it fails
+            inputs = [getattr(node, "_input_dataset", None)]
+        todo.extend(d for d in inputs if d is not None and hasattr(d, "element_spec"))
+    return None
+
+
 def _dataset_batches(
     dataset: Any, probe: ProbeModel, batch_size: int
 ) -> tuple[Iterator[tuple[Any, Any]], Any]:
     """Split a ``tf.data.Dataset`` of ``x`` or ``(x, y, ...)`` into (x, y) batches."""
+    shuffled = _shuffled(dataset)
+    if shuffled is not None:
+        raise RecordingError(
+            f"the tf.data.Dataset shuffles (a {shuffled} in its pipeline): a probe set must "
+            "come in the same order every time, each sample once; build it without "
+            ".shuffle() (and Dataset.list_files with shuffle=False)")
     spec = dataset.element_spec
     x_spec = spec[0] if isinstance(spec, tuple) else spec
     if isinstance(x_spec, Mapping):
@@ -111,7 +143,9 @@ def record(
         A Sequential or functional model with defined inputs.
     data : array_like, tuple or tf.data.Dataset
         ``x`` or ``(x, y)`` arrays, or a dataset of ``x`` or ``(x, y, ...)`` elements,
-        batched or not (unbatched ones are batched by ``batch_size``).
+        batched or not (unbatched ones are batched by ``batch_size``). A dataset must
+        yield its samples in one order every time: one with a ``.shuffle()`` anywhere in
+        its pipeline is refused.
     store : str or ActivationWriter
         A path or fsspec URL, or an open :class:`topoxr.ActivationWriter`.
     model_name : str, default "model"
@@ -128,8 +162,8 @@ def record(
     batch_size : int, default 256
         Batch size for array data.
     labels : array_like, optional
-        Labels, when ``data`` has none; with labels, predictions (argmax of the model
-        output) and ``correct`` are stored.
+        Labels, when ``data`` has none; with labels, predictions and ``correct`` are
+        stored (see ``predict``).
     metadata : mapping of str to array_like, optional
         Per-sample columns stored as coordinates.
     progress : bool, default True
@@ -141,7 +175,17 @@ def record(
     scalars : mapping of str to float, optional
         Per-epoch values (loss, accuracy) stored as coordinates on ``epoch``.
     predict : callable, optional
-        ``predict(output) -> (batch,)`` predictions from the model's output (numpy).
+        ``predict(output) -> (batch,)`` predictions from the model's output (numpy; of
+        a model with several outputs, the first of ``model.outputs``: for a mapping of
+        outputs, its alphabetically first key). By default, with integer labels (class
+        indices) and one model output: the argmax of a ``(batch, classes)`` output,
+        logits or softmax probabilities alike; of one column, ``(batch, 1)`` or
+        ``(batch,)``, ``output > 0.5`` where the output layer's ``activation`` is
+        ``keras.activations.sigmoid`` (``Dense(1, activation="sigmoid")``), else
+        ``output > 0`` (logits; a warning says when such a column lies in [0, 1] in
+        the first batch). Labels that are not integers (class names) and models with
+        several outputs get no default predictions: ``predict=`` sets them. A warning
+        says when labels are given but no prediction is stored.
     compressor : str, zarr codec or None, default "none"
         Codec of the activations of layers created by this recording (see
         :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
@@ -157,24 +201,65 @@ def record(
     RecordingError
         Unknown layer names (with the closest names), outputs that are not single
         tensors, labels or metadata whose length differs from the data, a probe set or
-        layer sizes that differ from what the store holds. Nothing is written then.
+        layer sizes that differ from what the store holds, a ``tf.data`` pipeline that
+        shuffles. Nothing is written then.
+
+    Warns
+    -----
+    UserWarning
+        Once, when labels are given but no prediction is stored (see ``predict``), or a
+        one-column output not known to be a probability lies in [0, 1].
     """
     probe = probe_model(model, layers, output_keys=output_keys)
     batches, ids, probe_labels, n = _batches(
         data, probe, labels=labels, metadata=metadata, sample_ids=sample_ids,
         batch_size=batch_size)
-    return _run(probe, batches, store, model_name=model_name, epoch=epoch, reduce=reduce,
-                probe_ids=ids, probe_labels=probe_labels, n_samples=n, batch_size=batch_size,
-                progress=progress, scalars=scalars, predict=predict,
+    return _run(model, probe, batches, store, model_name=model_name, epoch=epoch,
+                reduce=reduce, probe_ids=ids, probe_labels=probe_labels, n_samples=n,
+                batch_size=batch_size, progress=progress, scalars=scalars, predict=predict,
                 compressor=compressor, dtype=dtype)
 
 
-def _run(probe: ProbeModel, batches: Any, store: Any, **kwargs: Any) -> RecordResult:
+def _run(model: keras.Model, probe: ProbeModel, batches: Any, store: Any,
+         **kwargs: Any) -> RecordResult:
     return run_recording(
         probe, batches, store, layers=probe.layers, specs=probe.specs,
         channel_axis=probe.channel_axis, axis_rules=probe.rules,
         attrs={"framework": "keras", "keras_backend": keras.backend.backend()},
-        description="keras", **kwargs)
+        description="keras", probabilities=_ends_in_sigmoid(model),
+        no_default_predictions=_several_outputs(model), **kwargs)
+
+
+def _ends_in_sigmoid(model: keras.Model) -> bool:
+    """Whether the model's (first) output comes from a layer whose ``activation`` is
+    ``keras.activations.sigmoid`` (``Dense(1, activation="sigmoid")``,
+    ``Activation("sigmoid")``), also as the output of a nested model."""
+    for _ in range(32):  # nested models, each the operation of its parent's output
+        outputs = getattr(model, "outputs", None)
+        if not outputs:
+            return False
+        history = getattr(outputs[0], "_keras_history", None)
+        layer = getattr(history, "operation", None)
+        if getattr(layer, "activation", None) is keras.activations.sigmoid:
+            return True
+        if not isinstance(layer, keras.Model):
+            return False
+        model = layer
+    return False
+
+
+def _several_outputs(model: keras.Model) -> str | None:
+    """Why no default prediction is derived from a model with several outputs, or None."""
+    outputs = getattr(model, "outputs", None) or []
+    if len(outputs) < 2:
+        return None
+    names = list(getattr(model, "output_names", None) or [t.name for t in outputs])
+    return (
+        f"keras model {model.name!r} has {len(outputs)} outputs {names}, and which one holds "
+        "the classes is not known; predict= gets the first of model.outputs "
+        f"({names[0]!r}). To compare another output with the labels, record "
+        "keras.Model(model.inputs, <that output>), which shares the model's layers and "
+        "weights")
 
 
 class RecordActivations(keras.callbacks.Callback):
@@ -315,8 +400,8 @@ class RecordActivations(keras.callbacks.Callback):
             if key.isidentifier() and math.isfinite(value):
                 scalars[key] = value
         batches = iter_array_batches(self.x, self.ids, self.y, self.metadata, self.batch_size)
-        _run(self._probe, batches, self.store, model_name=self.model_name, epoch=epoch,
-             reduce=self.reduce, probe_ids=self.ids, probe_labels=self.y,
+        _run(self.model, self._probe, batches, self.store, model_name=self.model_name,
+             epoch=epoch, reduce=self.reduce, probe_ids=self.ids, probe_labels=self.y,
              n_samples=len(self.ids), batch_size=self.batch_size, progress=self.progress,
              scalars=scalars, predict=self.predict, stored=stored)
         self.recorded.append(epoch)

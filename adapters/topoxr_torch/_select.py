@@ -11,8 +11,8 @@ from topoxr.recording import RecordingError
 
 torch = import_optional("torch", extra="torch", purpose="topoxr_torch")
 
-__all__ = ["axis_rule", "check_key", "describe", "first_tensor", "layer_names",
-           "resolve_specs", "select_layers"]
+__all__ = ["axis_rule", "check_key", "describe", "final_state", "first_tensor", "layer_names",
+           "neuron_count", "resolve_specs", "select_layers", "sequence_first"]
 
 
 def layer_names(model: torch.nn.Module) -> list[str]:
@@ -96,7 +96,7 @@ CHANNEL_FIRST = _types(
 LAST_AXIS = _types(
     "Linear", "Bilinear", "LayerNorm", "RMSNorm", "Embedding", "EmbeddingBag",
     "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
-    "TransformerEncoder", "TransformerDecoder",
+    "TransformerEncoder", "TransformerDecoder", "Transformer", "RNNBase",
 )
 
 
@@ -106,8 +106,13 @@ def axis_rule(module: torch.nn.Module) -> tuple[int, str] | None:
     Conv, pooling and batch/instance/group-norm outputs ``(N, C, *spatial)`` keep the
     channels (axis 1); Linear, LayerNorm, embeddings, attention and Hugging Face's
     ``Conv1D`` (a linear layer) keep the last axis. Other modules (activations, dropout,
-    containers) are decided by the recorder from the module that ran before them, else
-    by their output's rank (4-D and more: axis 1; 3-D: the last axis).
+    containers) are decided by the recorder from the output they follow (their input,
+    or for a container the output of a module inside it), else by their output's rank
+    (4-D and more: axis 1; 3-D: the last axis).
+
+    The rule is matched by type, subclasses included: the recorder checks it against the
+    module's own sizes (:func:`neuron_count`) before using it, as a subclass may return
+    another layout (torchvision's ``LayerNorm2d`` returns ``(N, C, H, W)``).
     """
     if isinstance(module, CHANNEL_FIRST):
         return 1, f"channels of {type(module).__name__} (N, C, *spatial)"
@@ -115,6 +120,76 @@ def axis_rule(module: torch.nn.Module) -> tuple[int, str] | None:
                                          and hasattr(module, "nf")):
         return -1, f"last axis of {type(module).__name__} (hidden units)"
     return None
+
+
+def neuron_count(module: torch.nn.Module) -> tuple[int, str] | None:
+    """The number of neurons a module's own sizes give its output, and which size says so.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A module of known semantics (:func:`axis_rule` is not ``None``).
+
+    Returns
+    -------
+    (int, str) or None
+        E.g. ``(64, "out_channels")`` of a conv, ``(8, "normalized_shape[-1]")`` of a
+        LayerNorm, ``(32, "out_features")`` of a Linear; ``None`` for modules whose
+        output size no attribute states (pooling, dropout, upsampling).
+    """
+    for attr in ("out_channels", "num_features", "num_channels", "out_features",
+                 "embedding_dim", "embed_dim", "d_model", "nf"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, attr
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, tuple | list) and shape and isinstance(shape[-1], int):
+        return int(shape[-1]), "normalized_shape[-1]"
+    attention = _self_attention(module)
+    if attention is not None and isinstance(getattr(attention, "embed_dim", None), int):
+        return int(attention.embed_dim), "embed_dim of its self-attention"
+    return None
+
+
+#: Modules with a ``batch_first`` setting (``False`` by default): their (first) output is
+#: ``(T, N, ...)`` unless it is ``True``.
+SEQUENCE_MODULES = _types(
+    "RNNBase", "MultiheadAttention", "Transformer", "TransformerEncoderLayer",
+    "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
+)
+_RNN = _types("RNNBase")
+
+
+def _self_attention(module: torch.nn.Module) -> Any:
+    """The self-attention of a transformer layer, or of the first layer of a stack."""
+    layers = getattr(module, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers):
+        module = layers[0]
+    return getattr(module, "self_attn", None)
+
+
+def sequence_first(module: torch.nn.Module) -> bool:
+    """Whether a module's first output is sequence-first, ``(T, N, ...)``.
+
+    True for RNNs, attention and transformer modules built with ``batch_first=False``
+    (torch's default), whose batch is axis 1 of their output.
+    """
+    if not isinstance(module, SEQUENCE_MODULES):
+        return False
+    owner = module if hasattr(module, "batch_first") else _self_attention(module)
+    return getattr(owner, "batch_first", True) is False
+
+
+def final_state(module: torch.nn.Module, output: Any, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the final hidden state ``h_n`` (or ``c_n``) an RNN returned.
+
+    Those are ``(num_layers * num_directions, N, H)``: their first axis is no batch.
+    """
+    if not isinstance(module, _RNN) or not isinstance(output, tuple | list):
+        return False
+    return any(state is tensor or (isinstance(state, tuple | list)
+                                   and any(part is tensor for part in state))
+               for state in output[1:])
 
 
 def first_tensor(output: Any, key: str | int | None = None) -> torch.Tensor | None:

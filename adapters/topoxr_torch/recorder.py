@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -181,7 +182,29 @@ def capture(
         ``forward(x) -> ({layer: ndarray}, model output ndarray or None)``, run under
         :func:`torch.inference_mode`, outputs moved to the CPU; dict inputs are passed
         as keyword arguments, tuples as positional ones.
+
+    Notes
+    -----
+    A layer's neuron axis is decided in the first forward pass: by its type, where its
+    output has the size the module's own parameters give (``out_channels``,
+    ``normalized_shape``...); else as the output it follows (an activation's input, or
+    for a container the output it returns, that of a module of known axis); else by its
+    output's rank. A sequence-first output ``(T, N, ...)`` of torch's RNN, attention and
+    transformer modules built with ``batch_first=False`` (and of modules following one) is
+    recorded as ``(N, T, ...)``.
+
+    Raises
+    ------
+    RecordingError
+        From ``forward``: a layer's output whose first axis is not the batch of the input
+        (an RNN's final state ``h_n``, a sequence-first output where the batch size equals
+        the sequence length), or whose type's rule does not fit its sizes with no other
+        axis of that size (set ``channel_axis``).
     """
+    import weakref
+
+    from topoxr_torch._select import final_state, neuron_count, sequence_first
+
     resolved = resolve_specs(model, layers)
     names = list(resolved)
     specs = {name: spec for name, (_, spec) in resolved.items()}
@@ -201,11 +224,87 @@ def capture(
     calls: dict[str, int] = {}
     axes: dict[str, int] = {}
     rules: dict[str, str] = {}
-    # The last module of known axis semantics that finished, for modules of unknown
-    # semantics (activations, dropout, containers): (axis, ndim, size on axis, name).
-    last_known: list[tuple[int, int, int, str]] = []
+    # Layers whose output is sequence-first, (T, N, ...): recorded as (N, T, ...).
+    transposed: set[str] = set()
+    batch: list[int | None] = [None]  # the batch size of the input being run
+    # The first forward pass follows the neuron axis from output to output: the outputs
+    # of modules of known semantics, and of the modules that follow one (an activation
+    # whose input is such an output, a container that returns one). By the output's
+    # memory, shape and strides, while it lives (it is not kept): {view: (weak reference,
+    # neuron axis, shape, strides, module name, sequence first, order)}.
+    followed: dict[tuple[Any, ...], tuple[Any, int, tuple[int, ...], tuple[int, ...], str,
+                                          bool, int]] = {}
+    newest: list[tuple[Any, int, tuple[int, ...], tuple[int, ...], str, bool, int]] = []
+    starts: dict[str, int] = {}  # each container's call: the order its first output gets
+    order = [0]
 
-    def decide(name: str, base: str, tensor: torch.Tensor) -> None:
+    def view(tensor: torch.Tensor) -> tuple[Any, ...]:
+        try:
+            return tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride()
+        except (RuntimeError, NotImplementedError):  # no storage (a tensor subclass)
+            return (id(tensor),)
+
+    def lookup(tensor: Any) -> tuple[Any, ...] | None:
+        """What is followed of ``tensor`` (it is, or views as it is, a followed output)."""
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        entry = followed.get(view(tensor))
+        return entry if entry is not None and entry[0]() is not None else None
+
+    def note(tensor: torch.Tensor, axis: int, base: str, seq: bool) -> None:
+        try:
+            ref = weakref.ref(tensor)
+        except TypeError:
+            return
+        entry = (ref, axis, tuple(tensor.shape), tuple(tensor.stride()), base, seq, order[0])
+        order[0] += 1
+        followed[view(tensor)] = entry
+        newest[:] = [entry]
+
+    def follow(module: Any, base: str, tensor: torch.Tensor, args: Any, kwargs: Any,
+               main: bool) -> tuple[int | None, str, bool] | None:
+        """``(neuron axis, how, sequence first)`` of ``tensor``, one of ``module``'s
+        outputs (``main``: its first), as the module's type or the output it follows
+        decides it; ``None`` where neither does; ``(None, why, False)`` where the type's
+        rule does not fit the module's own sizes and no other axis has them."""
+        kind = type(module).__name__
+        known = axis_rule(module) if main else None
+        count = neuron_count(module) if known is not None else None
+        seq = main and sequence_first(module)
+        misfit = ""
+        if known is not None:
+            size = int(tensor.shape[known[0] % tensor.ndim])
+            if count is None or size == count[0]:
+                return known[0], known[1], seq
+            misfit = (f"; the rule of its type, the {known[1]}, does not fit: that axis has "
+                      f"size {size}, its {count[1]} is {count[0]}")
+        if next(module.children(), None) is not None:  # a container
+            entry, how = lookup(tensor), "as {source!r} inside it, whose output it returns"
+            start = starts.get(base, order[0])
+            if entry is None and newest and newest[0][6] >= start:
+                # the last followed output of this call: a residual sum `f(x) + x` has its
+                # shape and strides (a transpose has not)
+                last = newest[0]
+                if last[2] == tuple(tensor.shape) and last[3] == tuple(tensor.stride()):
+                    entry, how = last, ("as {source!r}, the last module of known axis that "
+                                        "ran inside it (same shape and strides)")
+        else:
+            entry = lookup(first_tensor([*args, *kwargs.values()]))
+            how = "as its input, the output of {source!r}"
+        if entry is not None:
+            axis, size = entry[1], entry[2][entry[1]]
+            if (len(entry[2]) == tensor.ndim and tensor.shape[axis] == size
+                    and (count is None or size == count[0])):
+                return axis, how.format(source=entry[4]) + misfit, entry[5] or seq
+        if known is None:
+            return None
+        axis = 1 if tensor.ndim >= 4 else tensor.ndim - 1
+        if tensor.shape[axis] == count[0]:  # type: ignore[index]
+            return axis, f"axis {axis} of a {tensor.ndim}-D output of {kind}{misfit}", seq
+        return None, misfit[2:], False
+
+    def decide(name: str, module: Any, base: str, tensor: torch.Tensor, args: Any,
+               kwargs: Any, main: bool) -> None:
         if name in axes or tensor.ndim <= 2:
             return
         if not tracking:
@@ -214,28 +313,46 @@ def capture(
                 f"layer {name!r} returned a {tensor.ndim}-D output after 2-D outputs in "
                 "earlier batches; a layer's output must keep its rank from batch to batch"
             )
-        known = axis_rule(modules[base])
-        if known is not None:
-            axes[name], rules[name] = known
-            return
-        if last_known:
-            axis, ndim, size, source = last_known[-1]
-            if ndim == tensor.ndim and tensor.shape[axis] == size:
-                axes[name] = axis
-                rules[name] = f"as the output of {source!r}, which ran before it"
-                return
-        kind = type(modules[base]).__name__
-        if tensor.ndim >= 4:  # torch's image convention (N, C, *spatial)
-            axes[name], rules[name] = 1, f"channels of a {tensor.ndim}-D output of {kind}"
+        kind = type(module).__name__
+        how = follow(module, base, tensor, args, kwargs, main)
+        if how is None:
+            seq = False
+            if tensor.ndim >= 4:  # torch's image convention (N, C, *spatial)
+                axis, rule = 1, f"channels of a {tensor.ndim}-D output of {kind}"
+            else:
+                axis, rule = -1, f"last axis of a 3-D output of {kind} (hidden units)"
         else:
-            axes[name], rules[name] = -1, f"last axis of a 3-D output of {kind} (hidden units)"
+            found, rule, seq = how
+            if found is None and specs[name].channel_axis is None:
+                raise RecordingError(
+                    f"layer {name!r} ({kind}) returned shape {tuple(tensor.shape)}: {rule}, "
+                    "and no axis the recorder knows for its output has that size; set the "
+                    f"neuron axis with {{'{name}': {{'channel_axis': k}}}}"
+                )
+            axis = -1 if found is None else found  # None: the user's channel_axis wins
+        n = batch[0]
+        if seq and tensor.ndim == 3 and n is not None:
+            shape = tuple(tensor.shape)
+            if shape[0] == shape[1] == n:
+                raise RecordingError(
+                    f"layer {name!r} ({kind}) returned shape {shape} and its output is "
+                    f"sequence-first (batch_first=False): the batch of {n} inputs may be "
+                    f"axis 0 or 1, as the sequence has {n} steps too; record with a "
+                    "batch_size other than the sequence length, or build the module with "
+                    "batch_first=True"
+                )
+            if shape[1] == n:
+                transposed.add(name)
+                rule += "; its sequence-first output (T, N, ...) recorded as (N, T, ...)"
+        axes[name], rules[name] = axis, rule
 
     def make_hook(base: str) -> Any:
         targets = by_module[base]
 
-        def hook(module: Any, args: Any, output: Any) -> None:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
             index = calls.get(base, 0)
             calls[base] = index + 1
+            main = first_tensor(output)
             for name, call in targets:
                 if call is None and index > 0:
                     raise RecordingError(
@@ -254,7 +371,28 @@ def capture(
                         f"one with output_keys={{{name!r}: <key or index>}} or choose "
                         "another layer"
                     )
-                decide(name, base, tensor)
+                kind = type(module).__name__
+                if final_state(module, output, tensor):
+                    raise RecordingError(
+                        f"layer {name!r} ({kind}): the recorded output, of shape "
+                        f"{tuple(tensor.shape)}, is the RNN's final state h_n (or c_n), "
+                        "(num_layers * num_directions, N, H), whose first axis is no batch; "
+                        "record its output sequence instead (the default output) with "
+                        f"{{'{name}': {{'reduce': 'last'}}}} (for a one-direction RNN its "
+                        "last step is h_n of the last layer)"
+                    )
+                decide(name, module, base, tensor, args, kwargs, tensor is main)
+                if name in transposed:
+                    tensor = tensor.transpose(0, 1)
+                n = batch[0]
+                if n is not None and tensor.ndim and tensor.shape[0] != n:
+                    raise RecordingError(
+                        f"layer {name!r} ({kind}) returned shape {tuple(tensor.shape)} for a "
+                        f"batch of {n} inputs: its first axis is not the batch, so its rows "
+                        "are no samples; record a layer whose output has the batch first "
+                        "(torch's RNN, attention and transformer modules built with "
+                        "batch_first=False are read as (T, N, ...))"
+                    )
                 planner = cap.planner if cap is not None else None
                 if planner is not None and name not in pool:
                     # planned from this batch's first sample, as the layer runs
@@ -268,35 +406,46 @@ def capture(
                 else:
                     captured[name] = _to_numpy(tensor)
             if tracking:
-                _track(module, base, output)
+                _track(module, base, args, kwargs, output)
 
         return hook
 
-    def _track(module: Any, base: str, output: Any) -> None:
-        known = axis_rule(module)
-        if known is None or not isinstance(output, torch.Tensor) or output.ndim <= 2:
+    def _track(module: Any, base: str, args: Any, kwargs: Any, output: Any) -> None:
+        tensor = first_tensor(output)
+        if tensor is None or tensor.ndim <= 2:
             return
-        axis = known[0] % output.ndim
-        last_known[:] = [(axis, output.ndim, int(output.shape[axis]), base)]
+        how = follow(module, base, tensor, args, kwargs, True)
+        if how is not None and how[0] is not None:
+            note(tensor, how[0] % tensor.ndim, base, how[2])
 
     def tracker(base: str) -> Any:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            _track(module, base, output)
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            _track(module, base, args, kwargs, output)
+        return hook
+
+    def starter(base: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            starts[base] = order[0]
         return hook
 
     states = {m: m.training for m in model.modules()}
     handles = []
-    # Hooks on every module of known axis semantics, followed until each recorded layer's
-    # axis is decided (the first forward pass): then removed, as they cost time per call.
+    # Hooks on every module, following the neuron axis from output to output until each
+    # recorded layer's axis is decided (the first forward pass): then removed, as they
+    # cost time per call.
     trackers: list[Any] = []
     tracking = True
     try:
         for base in by_module:
-            handles.append(modules[base].register_forward_hook(make_hook(base)))
-        if any(axis_rule(modules[base]) is None for base in by_module):
-            for mname, module in modules.items():
-                if mname and mname not in by_module and axis_rule(module) is not None:
-                    trackers.append(module.register_forward_hook(tracker(mname)))
+            handles.append(modules[base].register_forward_hook(make_hook(base),
+                                                               with_kwargs=True))
+        for mname, module in modules.items():
+            if not mname or isinstance(module, torch.jit.ScriptModule):
+                continue
+            if next(module.children(), None) is not None:
+                trackers.append(module.register_forward_pre_hook(starter(mname)))
+            if mname not in by_module:
+                trackers.append(module.register_forward_hook(tracker(mname), with_kwargs=True))
         handles.extend(trackers)
         model.eval()
 
@@ -304,9 +453,14 @@ def capture(
             nonlocal tracking
             captured.clear()
             calls.clear()
-            last_known.clear()
+            if tracking:  # a first pass that failed left nothing to follow
+                followed.clear()
+                newest.clear()
             with torch.inference_mode():
-                out = _call(model, _as_input(x, device, dtype))
+                inputs = _as_input(x, device, dtype)
+                first = first_tensor(inputs)
+                batch[0] = int(first.shape[0]) if first is not None and first.ndim else None
+                out = _call(model, inputs)
             missing = [n for n in names if n not in captured]
             if missing:
                 ran = {n: calls.get(resolved[n][0], 0) for n in missing}
@@ -318,7 +472,8 @@ def capture(
                 tracking = False
                 for handle in trackers:
                     handle.remove()
-                last_known.clear()
+                followed.clear()
+                newest.clear()
             final = _final_tensor(out)
             batch_outputs = dict(captured)
             captured.clear()  # the caller holds the batch's arrays, not this closure
@@ -333,6 +488,41 @@ def capture(
             module.train(training)
 
 
+def _check_loader(loader: Any) -> None:
+    """Refuse a DataLoader that does not yield every sample, in one order, every time.
+
+    The samples are numbered by their position in the loader's batches, so a sampler
+    that draws them in random order (torch's ``RandomSampler``, ``SubsetRandomSampler``,
+    ``WeightedRandomSampler``, or any sampler with ``shuffle=True`` such as a shuffling
+    ``DistributedSampler``), also under a ``batch_sampler``, or ``drop_last=True``
+    (which leaves out the last incomplete batch) would give a sample another id, or
+    none, from one recording to the next.
+
+    Raises
+    ------
+    RecordingError
+        Naming the sampler's class, or ``drop_last``.
+    """
+    data = torch.utils.data
+    randomised = (data.RandomSampler, data.SubsetRandomSampler, data.WeightedRandomSampler)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (loader.sampler, getattr(batch_sampler, "sampler", None)):
+        shuffle = getattr(sampler, "shuffle", False)
+        shuffles = isinstance(shuffle, bool | np.bool_) and bool(shuffle)
+        if isinstance(sampler, randomised) or shuffles:
+            raise RecordingError(
+                f"the DataLoader draws its samples in random order ({type(sampler).__name__}"
+                f"{' with shuffle=True' if shuffles else ''}): a probe set must come "
+                "in the same order every time, each sample once; use shuffle=False and no "
+                "random sampler (torch.utils.data.Subset takes a fixed part of a dataset)"
+            )
+    if getattr(loader, "drop_last", False) or getattr(batch_sampler, "drop_last", False):
+        raise RecordingError(
+            "the DataLoader drops its last incomplete batch (drop_last=True): a probe set "
+            "must yield every sample every time; use drop_last=False"
+        )
+
+
 def _batches(
     data: Any,
     *,
@@ -344,11 +534,7 @@ def _batches(
     """Turn arrays or a DataLoader into numbered batches; also the probe ids if known."""
     loader_cls = torch.utils.data.DataLoader
     if isinstance(data, loader_cls):
-        if isinstance(data.sampler, torch.utils.data.RandomSampler):
-            raise RecordingError(
-                "the DataLoader shuffles (shuffle=True): a probe set must come in the same "
-                "order every time; use shuffle=False"
-            )
+        _check_loader(data)
         try:
             n = len(data.dataset)  # type: ignore[arg-type]
         except TypeError:
@@ -432,8 +618,12 @@ def record(
         ``x`` or ``(x, y)``: ``x`` an array or tensor, a mapping of them (tokenizer
         output, passed as keyword arguments; its ``attention_mask`` masks the token
         reductions and its ``input_ids`` give ``token_id``), or inside ``(x, y)`` /
-        ``(x,)`` a tuple of them (positional arguments); or a non-shuffling DataLoader
-        yielding ``x``, ``(x, y, ...)`` or mappings (a ``labels`` entry is taken as y).
+        ``(x,)`` a tuple of them (positional arguments); or a DataLoader yielding ``x``,
+        ``(x, y, ...)`` or mappings (a ``labels`` entry is taken as y) that yields every
+        sample, in one order, every time: one with ``shuffle=True``, a random sampler
+        (``RandomSampler``, ``SubsetRandomSampler``, ``WeightedRandomSampler``, any
+        sampler with ``shuffle=True`` such as a shuffling ``DistributedSampler``; also
+        under a ``batch_sampler``) or ``drop_last=True`` is refused.
     store : str or ActivationWriter
         A path or fsspec URL, or an open :class:`topoxr.ActivationWriter` (whose model
         name is used).
@@ -446,12 +636,14 @@ def record(
         (``none``). Sequence outputs ``(N, T, H)``: ``mean`` / ``max`` over tokens
         (masked), ``first`` (CLS), ``last`` (last non-padding token), ``none``, or
         ``tokens``: every token its own sample (id ``input_id * T + position``, with
-        coordinates ``input``, ``token_position``, ``token_id``; padding dropped).
+        coordinates ``input``, ``token_position``, ``token_id``; padding dropped): every
+        batch must then be padded to one length ``T`` (a DataLoader padding each batch
+        to its longest sequence is refused at the first batch of another length).
     batch_size : int, default 256
         Batch size for array data.
     labels : array_like, optional
         Labels, when ``data`` has none; with labels, predictions and ``correct`` are
-        stored.
+        stored (see ``predict``).
     metadata : mapping of str to array_like, optional
         Per-sample columns stored as coordinates.
     progress : bool, default True
@@ -464,10 +656,18 @@ def record(
     scalars : mapping of str to float, optional
         Per-epoch values (loss, accuracy) stored as coordinates on ``epoch``.
     predict : callable, optional
-        ``predict(output) -> (batch,)`` predictions from the model's output as numpy
-        (``.logits`` of a ModelOutput, else its first tensor); by default the argmax of
-        a ``(batch, classes)`` output. A warning says when labels are given but no
-        prediction can be derived.
+        ``predict(output) -> (batch,)`` predictions from the model's output as numpy:
+        its ``logits`` entry (a ModelOutput), else its first tensor (a tuple or list's
+        first, a mapping's first in its own order: of several outputs, the first is
+        taken for the one with the classes). By default, with integer labels (class
+        indices): the argmax of a ``(batch, classes)`` output, logits or softmax
+        probabilities alike; of one column, ``(batch, 1)`` or ``(batch,)``,
+        ``output > 0.5`` where it is the output of an ``nn.Sigmoid`` (the model's last
+        module, or what ``forward`` returns), else ``output > 0`` (logits; a warning
+        says when such a column lies in [0, 1] in the first batch, as after
+        ``torch.sigmoid`` in ``forward``). Labels that are not integers (class names)
+        get no default predictions: ``predict=`` may return names. A warning says when
+        labels are given but no prediction is stored.
     compressor : str, zarr codec or None, default "none"
         Codec of the activations of layers created by this recording (see
         :class:`topoxr.ActivationWriter`): ``"none"``, ``"lz4"``, ``"zstd"``, ...
@@ -484,12 +684,21 @@ def record(
         Unknown layer names (with the closest names), a setting that cannot apply to a
         layer, outputs that are not tensors, labels or metadata whose length differs from
         the data, a probe set, reduction or layer sizes that differ from what the store
-        holds for the model. Nothing is written then.
+        holds for the model, a DataLoader that shuffles or drops its last batch. Nothing
+        is written then. A per-token layer (``reduce="tokens"``) whose padded length
+        differs from the first batch's is refused at that batch: the batches before it
+        may be stored already, their epoch incomplete.
+
+    Warns
+    -----
+    UserWarning
+        Once, when labels are given but no prediction is stored (see ``predict``), or a
+        one-column output not known to be a probability lies in [0, 1].
     """
     batches, ids, probe_labels, n = _batches(
         data, labels=labels, metadata=metadata, sample_ids=sample_ids, batch_size=batch_size)
     with capture(model, layers, output_keys=output_keys) as forward:
-        return _run(forward, batches, store, model_name=model_name, epoch=epoch,
+        return _run(model, forward, batches, store, model_name=model_name, epoch=epoch,
                     reduce=reduce, probe_ids=ids, probe_labels=probe_labels, n_samples=n,
                     batch_size=batch_size, progress=progress, scalars=scalars,
                     predict=predict, compressor=compressor, dtype=dtype)
@@ -498,11 +707,60 @@ def record(
 record.__doc__ = (record.__doc__ or "").format(layers=_LAYERS_DOC)
 
 
-def _run(forward: Capture, batches: Any, store: Any, **kwargs: Any) -> RecordResult:
-    return run_recording(
-        forward, batches, store, layers=forward.layers, specs=forward.specs,
-        channel_axis=forward.axes, axis_rules=forward.rules, attrs={"framework": "torch"},
-        description="torch", **kwargs)
+def _run(model: torch.nn.Module, forward: Capture, batches: Any, store: Any,
+         **kwargs: Any) -> RecordResult:
+    sigmoid = _SigmoidOutput(model)
+    try:
+        return run_recording(
+            forward, batches, store, layers=forward.layers, specs=forward.specs,
+            channel_axis=forward.axes, axis_rules=forward.rules,
+            attrs={"framework": "torch"}, description="torch", probabilities=sigmoid,
+            **kwargs)
+    finally:
+        sigmoid.close()
+
+
+class _SigmoidOutput:
+    """Whether the model's output is the output of an ``nn.Sigmoid``: a probability.
+
+    Learnt in the model's first forward pass by hooks on the model and on its
+    ``nn.Sigmoid`` modules, removed after it: the output predictions come from
+    (:func:`_final_tensor`) is a probability where it is the very tensor the last
+    ``nn.Sigmoid`` to run returned (``nn.Sequential(..., nn.Sigmoid())``, or a
+    ``forward`` returning ``self.sigmoid(...)``). A ``torch.sigmoid`` call in
+    ``forward`` is not seen: only a ``TorchFunctionMode`` would see it, and one turns
+    off fast paths such as ``nn.MultiheadAttention``'s, so the first batch would be
+    computed otherwise than the rest.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.found = False
+        self._last: weakref.ref[torch.Tensor] | None = None
+        self._handles = [module.register_forward_hook(self._sigmoid)
+                         for module in model.modules() if isinstance(module, torch.nn.Sigmoid)]
+        if self._handles:  # without any nn.Sigmoid there is nothing to learn
+            self._handles.append(model.register_forward_hook(self._check))
+
+    def __call__(self) -> bool:
+        """Whether the first forward pass returned an ``nn.Sigmoid``'s output."""
+        return self.found
+
+    def _sigmoid(self, module: Any, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self._last = weakref.ref(output)
+
+    def _check(self, module: Any, args: Any, output: Any) -> None:
+        final = _final_tensor(output)
+        last = None if self._last is None else self._last()
+        self.found = final is not None and last is final
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks (at the end of the first forward pass, or of the recording)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._last = None
 
 
 class ProbeRecorder:
@@ -598,7 +856,7 @@ class ProbeRecorder:
         batches: Any = iter_array_batches(self.x, self.ids, self.y, self.metadata,
                                           self.batch_size)
         with capture(self.model, self.layers, output_keys=self.output_keys) as forward:
-            return _run(forward, batches, self.store, model_name=self.model_name,
+            return _run(self.model, forward, batches, self.store, model_name=self.model_name,
                         epoch=epoch, reduce=self.reduce, probe_ids=self.ids,
                         probe_labels=self.y, n_samples=len(self.ids),
                         batch_size=self.batch_size, progress=self.progress,

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import topoxr  # noqa: E402
 import topoxr_torch  # noqa: E402
-from topoxr import open_store  # noqa: E402
+from topoxr.testing.adapters import stored_layer  # noqa: E402
 from topoxr.recording import RecordingError  # noqa: E402
 
 RTOL = ATOL = 1e-5
@@ -43,13 +43,6 @@ def hooked(model, names, x):
     for h in handles:
         h.remove()
     return out
-
-
-def layer(store, model, name):
-    """The stored layer whose original name is ``name`` (node names are made safe)."""
-    nodes = open_store(store)[model].children.values()
-    node = next(n for n in nodes if n.attrs.get("topoxr_layer") == name)
-    return node.to_dataset().load()
 
 
 def tokens(n, t, vocab, seed=0, pad_from=None):
@@ -80,7 +73,7 @@ def test_bert_layer_records_hidden_units_as_masked_mean(bert, store_path):
     raw = {k: np.concatenate(v) for k, v in hooked(bert, names, x).items()}
     m = x["attention_mask"][:, :, None].astype(np.float64)
     for name, hidden in zip(names, (128, 256), strict=True):
-        ds = layer(store_path, "bert", name)
+        ds = stored_layer(store_path, "bert", name)
         assert ds.sizes["neuron"] == hidden
         want = (raw[name] * m).sum(1) / m.sum(1)
         np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=RTOL, atol=ATOL)
@@ -95,7 +88,7 @@ def test_minimal_reproduction_linear_on_sequences(store_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Linear(32, 32))
     x = np.random.default_rng(0).normal(size=(50, 7, 4)).astype(np.float32)
     topoxr_torch.record(model, x, store_path, layers="1", progress=False)
-    ds = layer(store_path, "model", "1")
+    ds = stored_layer(store_path, "model", "1")
     assert ds.sizes["neuron"] == 32  # not 7, the token count
     want = hooked(model, ["1"], torch.from_numpy(x))["1"][0].mean(1)
     np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=RTOL, atol=ATOL)
@@ -114,17 +107,17 @@ def test_sequence_classifier_first_token_and_predictions(store_path):
                                 "bert.encoder.layer.0": {"reduce": "last"},
                                 "classifier": {}})
     raw = hooked(model, ["bert.encoder.layer.1", "bert.encoder.layer.0", "classifier"], x)
-    first = layer(store_path, "cls", "bert.encoder.layer.1")
+    first = stored_layer(store_path, "cls", "bert.encoder.layer.1")
     np.testing.assert_allclose(first.activation.values[..., 0].T,
                                raw["bert.encoder.layer.1"][0][:, 0, :], rtol=RTOL, atol=ATOL)
     assert first.attrs["topoxr_reduce"] == "first"
     last_pos = x["attention_mask"].sum(1) - 1
-    last = layer(store_path, "cls", "bert.encoder.layer.0")
+    last = stored_layer(store_path, "cls", "bert.encoder.layer.0")
     np.testing.assert_allclose(last.activation.values[..., 0].T,
                                raw["bert.encoder.layer.0"][0][np.arange(20), last_pos],
                                rtol=RTOL, atol=ATOL)
     logits = raw["classifier"][0]
-    head = layer(store_path, "cls", "classifier")
+    head = stored_layer(store_path, "cls", "classifier")
     assert head.sizes["neuron"] == 3
     np.testing.assert_array_equal(head.prediction.values[:, 0], logits.argmax(1))
     np.testing.assert_array_equal(head.correct.values[:, 0], logits.argmax(1) == y)
@@ -152,7 +145,7 @@ def test_per_token_recording_gives_token_samples_and_naps(store_path):
     topoxr_torch.record(model, (x, y), store_path, model_name="tok", progress=False,
                         layers={"encoder.layer.0": {"reduce": "tokens"}}, batch_size=64,
                         predict=lambda out: out[:, 0, :].argmax(1))
-    ds = layer(store_path, "tok", "encoder.layer.0")
+    ds = stored_layer(store_path, "tok", "encoder.layer.0")
     assert ds.sizes["sample"] == 3200
     assert ds.sizes["neuron"] == 32
     np.testing.assert_array_equal(ds.sample.values, np.arange(3200))  # input * 16 + position
@@ -177,7 +170,7 @@ def test_per_token_recording_drops_padding(store_path, bert):
     x = tokens(10, 16, 60, seed=3, pad_from=3)
     topoxr_torch.record(bert, x, store_path, model_name="b", progress=False,
                         layers="encoder.layer.0", reduce="tokens")
-    ds = layer(store_path, "b", "encoder.layer.0")
+    ds = stored_layer(store_path, "b", "encoder.layer.0")
     rows, pos = np.nonzero(x["attention_mask"])
     assert ds.sizes["sample"] == len(rows)
     np.testing.assert_array_equal(np.sort(ds.sample.values), np.sort(rows * 16 + pos))
@@ -191,14 +184,14 @@ def test_other_reduction_is_refused_naming_both(bert, store_path):
     x = tokens(8, 16, 60, seed=4)
     topoxr_torch.record(bert, x, store_path, model_name="b", layers="encoder.layer.0",
                         progress=False)
-    before = layer(store_path, "b", "encoder.layer.0")
+    before = stored_layer(store_path, "b", "encoder.layer.0")
     with pytest.raises(RecordingError,
                        match=r"recorded with reduce='mean' over axes \[1\].*asks for "
                              r"reduce='first'") as err:
         topoxr_torch.record(bert, x, store_path, model_name="b", epoch=1, progress=False,
                             layers={"encoder.layer.0": {"reduce": "first"}})
     assert "architecture" not in str(err.value)
-    after = layer(store_path, "b", "encoder.layer.0")
+    after = stored_layer(store_path, "b", "encoder.layer.0")
     np.testing.assert_array_equal(after.epoch, before.epoch)
 
 
@@ -216,12 +209,12 @@ def test_gpt2_last_token_mlp_and_lm_head_prediction_warning(store_path):
     assert len([w for w in record if "no prediction" in str(w.message)]) == 1  # once
     raw = hooked(model, ["transformer.h.1", "transformer.h.0.mlp.c_fc"], x)
     last = x["attention_mask"].sum(1) - 1
-    ds = layer(store_path, "gpt", "transformer.h.1")
+    ds = stored_layer(store_path, "gpt", "transformer.h.1")
     np.testing.assert_allclose(ds.activation.values[..., 0].T,
                                raw["transformer.h.1"][0][np.arange(12), last],
                                rtol=RTOL, atol=ATOL)
     assert "prediction" not in ds
-    fc = layer(store_path, "gpt", "transformer.h.0.mlp.c_fc")
+    fc = stored_layer(store_path, "gpt", "transformer.h.0.mlp.c_fc")
     assert fc.sizes["neuron"] == 4 * 32  # HF Conv1D is a linear layer: hidden units
     m = x["attention_mask"][:, :, None].astype(np.float64)
     np.testing.assert_allclose(fc.activation.values[..., 0].T,
@@ -233,7 +226,7 @@ def test_gpt2_last_token_mlp_and_lm_head_prediction_warning(store_path):
         topoxr_torch.record(model, (x, y), store_path, model_name="gpt2", progress=False,
                             layers="transformer.h.1",
                             predict=lambda logits: logits[np.arange(len(logits)), -1].argmax(1))
-    got = layer(store_path, "gpt2", "transformer.h.1")
+    got = stored_layer(store_path, "gpt2", "transformer.h.1")
     with torch.no_grad():
         logits = model(**{k: torch.from_numpy(v) for k, v in x.items()}).logits.numpy()
     np.testing.assert_array_equal(got.prediction.values[:, 0], logits[:, -1].argmax(1))
@@ -247,7 +240,7 @@ def test_gpt2_model_tuple_input(store_path):
     ids = tokens(6, 8, 40, seed=6)["input_ids"]
     topoxr_torch.record(model, ((ids,),), store_path, model_name="g", progress=False,
                         layers={"h.0": {"reduce": "tokens"}})
-    ds = layer(store_path, "g", "h.0")
+    ds = stored_layer(store_path, "g", "h.0")
     np.testing.assert_array_equal(ds.token_id.values, ids.reshape(-1))
     raw = hooked(model, ["h.0"], torch.from_numpy(ids))["h.0"][0]
     np.testing.assert_allclose(ds.activation.values[..., 0].T, raw.reshape(-1, 32),
@@ -267,15 +260,15 @@ def test_vit_patch_conv_keeps_channels_and_blocks_keep_hidden(store_path):
                         layers={names[0]: {}, names[1]: {},
                                 names[2]: {"reduce": "first"}})
     raw = hooked(model, names, torch.from_numpy(x))
-    conv = layer(store_path, "vit", names[0])
+    conv = stored_layer(store_path, "vit", names[0])
     assert conv.sizes["neuron"] == 32 and conv.attrs["topoxr_reduced_axes"] == [2, 3]
     np.testing.assert_allclose(conv.activation.values[..., 0].T,
                                raw[names[0]][0].mean((2, 3)), rtol=RTOL, atol=ATOL)
-    patches = layer(store_path, "vit", names[1])  # (N, 16 patches, 32): hidden units
+    patches = stored_layer(store_path, "vit", names[1])  # (N, 16 patches, 32): hidden units
     assert patches.sizes["neuron"] == 32 and patches.attrs["topoxr_neuron_axis"] == 2
     np.testing.assert_allclose(patches.activation.values[..., 0].T,
                                raw[names[1]][0].mean(1), rtol=RTOL, atol=ATOL)
-    cls = layer(store_path, "vit", names[2])
+    cls = stored_layer(store_path, "vit", names[2])
     assert cls.sizes["neuron"] == 32
     np.testing.assert_allclose(cls.activation.values[..., 0].T, raw[names[2]][0][:, 0],
                                rtol=RTOL, atol=ATOL)
@@ -309,7 +302,7 @@ def test_shared_module_is_recorded_per_call(store_path):
     raw = hooked(model, ["relu"], torch.from_numpy(x))["relu"]
     assert len(raw) == 2
     for call, fn in ((0, np.mean), (1, np.max)):
-        ds = layer(store_path, "model", f"relu:{call}")
+        ds = stored_layer(store_path, "model", f"relu:{call}")
         assert ds.sizes["neuron"] == 6  # channels, decided from the conv/bn before it
         assert ds.attrs["topoxr_neuron_axis"] == 1
         np.testing.assert_allclose(ds.activation.values[..., 0].T, fn(raw[call], axis=(2, 3)),
@@ -343,7 +336,7 @@ def test_probe_recorder_resumes_from_a_checkpoint(store_path, caplog):
     probe = topoxr_torch.ProbeRecorder(model, x, store_path, layers="0")
     for epoch in range(3):
         probe.record(epoch)
-    before = layer(store_path, "model", "0")
+    before = stored_layer(store_path, "model", "0")
     # restart: a new process would build a new recorder on the same store
     again = topoxr_torch.ProbeRecorder(model, x, store_path, layers="0", progress=True)
     assert again.recorded_epochs == [0, 1, 2]
@@ -355,7 +348,7 @@ def test_probe_recorder_resumes_from_a_checkpoint(store_path, caplog):
     assert result.samples == 30
     assert any("already recorded" in r.message for r in caplog.records)
     assert any(" s" in r.message and "epoch 3" in r.message for r in caplog.records)
-    after = layer(store_path, "model", "0")
+    after = stored_layer(store_path, "model", "0")
     np.testing.assert_array_equal(after.epoch, [0, 1, 2, 3])
     np.testing.assert_array_equal(after.activation.values[..., :3], before.activation.values)
     want = hooked(model, ["0"], torch.from_numpy(x))["0"][0]
@@ -372,7 +365,7 @@ def test_dataloader_of_mappings(store_path, bert):
     with pytest.warns(UserWarning, match="no prediction"):
         topoxr_torch.record(bert, loader, store_path, model_name="b", layers="encoder.layer.0",
                             progress=False)
-    ds = layer(store_path, "b", "encoder.layer.0")
+    ds = stored_layer(store_path, "b", "encoder.layer.0")
     np.testing.assert_array_equal(ds.label.values, y)
     raw = hooked(bert, ["encoder.layer.0"], x)["encoder.layer.0"][0]
     m = x["attention_mask"][:, :, None].astype(np.float64)
@@ -386,7 +379,7 @@ def test_channel_axis_override_is_stated_in_the_store(store_path):
     x = np.random.default_rng(3).normal(size=(10, 5, 4)).astype(np.float32)
     topoxr_torch.record(model, x, store_path, progress=False,
                         layers={"0": {"channel_axis": 1, "reduce": "max"}})
-    ds = layer(store_path, "model", "0")
+    ds = stored_layer(store_path, "model", "0")
     assert ds.sizes["neuron"] == 5  # the user asked for axis 1
     assert ds.attrs["topoxr_axis_rule"] == "channel_axis set by the user"
     assert ds.attrs["topoxr_reduced_axes"] == [2]
@@ -417,7 +410,7 @@ def test_pooled_as_captured_over_many_batches_equals_pooling_the_whole_maps(stor
                         batch_size=3, progress=False)
     with torch.inference_mode():  # the conv's own output, before the in-place change
         maps = model.conv(torch.from_numpy(x)).numpy()
-    ds = layer(store_path, "model", "conv")
+    ds = stored_layer(store_path, "model", "conv")
     assert ds.attrs["topoxr_reduced_axes"] == [2, 3] and ds.sizes["neuron"] == 4
     want = maps.mean((2, 3)) if reduce == "mean" else maps.max((2, 3))
     np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=1e-6, atol=1e-6)
@@ -447,12 +440,12 @@ def test_layers_are_planned_in_the_first_batch_and_every_batch_is_pooled_as_capt
     x = np.random.default_rng(6).normal(size=(11, 2, 6, 5)).astype(np.float32)
     topoxr_torch.record(model, x, store_path, layers=["conv"], batch_size=3, progress=False)
     assert model.sizes == [3, 3, 3, 2]
-    attrs = layer(store_path, "model", "conv").attrs
+    attrs = stored_layer(store_path, "model", "conv").attrs
     assert list(attrs["topoxr_output_shape"]) == [4, 6, 5]
     assert attrs["topoxr_neuron_axis"] == 1
     with torch.inference_mode():
         maps = model.conv(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(layer(store_path, "model", "conv").activation.values[..., 0].T,
+    np.testing.assert_allclose(stored_layer(store_path, "model", "conv").activation.values[..., 0].T,
                                maps.mean((2, 3)), rtol=1e-6, atol=1e-6)
 
 
@@ -470,6 +463,6 @@ def test_half_precision_maps_are_pooled_in_float32_as_captured(store_path, dtype
     with torch.inference_mode():  # the conv's own output, before the in-place change
         maps = model.conv(torch.from_numpy(x).to(dt)).float().numpy().astype(np.float64)
     want = maps.mean((2, 3)) if reduce == "mean" else maps.max((2, 3))
-    ds = layer(store_path, "model", "conv")
+    ds = stored_layer(store_path, "model", "conv")
     assert ds.activation.dtype == np.float32
     np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=1e-6, atol=1e-6)

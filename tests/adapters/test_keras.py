@@ -293,3 +293,105 @@ def test_train_and_record_for_the_demo(store_path):
     np.testing.assert_array_equal(ds.sample, np.arange(n - 40, n))
     np.testing.assert_array_equal(ds.epoch, [0, 1])
     assert np.isfinite(ds.loss.sel(epoch=1))
+
+
+# -- default predictions ------------------------------------------------------------------
+def _binary_probe(n=60):
+    x = np.random.default_rng(1).normal(size=(n, 4)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64)
+
+
+def _sigmoid_model(how: str) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu", name="fc")(inputs)
+    if how == "dense":
+        out = keras.layers.Dense(1, activation="sigmoid", name="out")(h)
+    elif how == "activation":
+        out = keras.layers.Activation("sigmoid", name="act")(keras.layers.Dense(1)(h))
+    else:  # the sigmoid is the last layer of a nested model
+        head = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, activation="sigmoid")],
+                                name="head")
+        out = head(h)
+    return keras.Model(inputs, out)
+
+
+@pytest.mark.parametrize("how", ["dense", "activation", "nested"])
+def test_sigmoid_output_predictions_are_thresholded_at_one_half(store_path, how):
+    """Dense(1, activation="sigmoid"): class 1 where the probability is over 0.5; over 0
+    (for logits) made every prediction 1."""
+    import warnings
+
+    x, y = _binary_probe()
+    model = _sigmoid_model(how)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        topoxr_keras.record(model, (x, y), store_path, layers="fc", batch_size=16,
+                            progress=False)
+    expected = (model.predict_on_batch(x)[:, 0] > 0.5).astype(np.int64)
+    assert 0 < expected.sum() < len(y)
+    ds = open_store(store_path)["model/fc"].to_dataset().load()
+    np.testing.assert_array_equal(ds.prediction.values[:, 0], expected)
+    np.testing.assert_array_equal(ds.correct.values[:, 0], expected == y)
+
+
+def test_one_column_logits_are_thresholded_at_zero(store_path):
+    import warnings
+
+    x, y = _binary_probe()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="fc"),
+                              keras.layers.Dense(1, name="out")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        topoxr_keras.record(model, (x, y), store_path, layers="fc", progress=False)
+    expected = (model.predict_on_batch(x)[:, 0] > 0).astype(np.int64)
+    assert 0 < expected.sum() < len(y)
+    ds = open_store(store_path)["model/fc"].to_dataset()
+    np.testing.assert_array_equal(ds.prediction.values[:, 0], expected)
+
+
+@pytest.mark.parametrize("outputs", ["dict", "list"])
+def test_a_model_with_several_outputs_gets_no_default_predictions(store_path, tmp_path,
+                                                                  outputs):
+    """Of {'main': ..., 'aux': ...} model.outputs[0] is 'aux' (sorted keys): predictions
+    from it were stored silently, compared with the labels of 'main'."""
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, name="fc")(inputs)
+    main, aux = keras.layers.Dense(5, name="main")(h), keras.layers.Dense(2, name="aux")(h)
+    model = keras.Model(inputs, {"main": main, "aux": aux} if outputs == "dict" else
+                        [main, aux])
+    x = np.random.default_rng(0).normal(size=(9, 6)).astype(np.float32)
+    y = np.asarray(model.predict_on_batch(x)["main" if outputs == "dict" else 0]).argmax(1)
+    names = r"\['aux', 'main'\]" if outputs == "dict" else r"\['main', 'aux'\]"
+    with pytest.warns(UserWarning, match=rf"has 2 outputs {names}.*Pass predict="):
+        topoxr_keras.record(model, (x, y), store_path, layers=["fc"], progress=False)
+    ds = open_store(store_path)["model/fc"].to_dataset().load()
+    assert "prediction" not in ds and "correct" not in ds
+    np.testing.assert_array_equal(ds.label, y)
+    direct = keras.Model(model.inputs, model.get_layer("fc").output).predict_on_batch(x)
+    np.testing.assert_allclose(ds.activation.values[..., 0].T, direct, rtol=1e-5, atol=1e-6)
+    # the workaround the warning names: a model of the classifier's output alone
+    single = str(tmp_path / "single.zarr")
+    topoxr_keras.record(keras.Model(model.inputs, main), (x, y), single, layers=["fc"],
+                        progress=False)
+    assert bool(open_store(single)["model/fc"].correct.all())
+
+
+# -- tf.data pipelines that shuffle ---------------------------------------------------------
+@pytest.mark.parametrize("pipeline", ["shuffle", "shuffle-map-batch-prefetch", "zip"])
+def test_shuffling_tf_data_is_refused_before_writing(store_path, pipeline):
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices(x)
+    if pipeline == "shuffle":
+        data = data.shuffle(10)
+    elif pipeline == "zip":
+        data = tf.data.Dataset.zip((data, tf.data.Dataset.range(10).shuffle(10)))
+    else:
+        data = data.shuffle(10).map(lambda v: v * 1.0).batch(4).prefetch(2)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="fc")])
+    with pytest.raises(RecordingError, match=r"shuffles \(a _ShuffleDataset.*\.shuffle\(\)"):
+        topoxr_keras.record(model, data, store_path, layers=["fc"], progress=False)
+    assert store_snapshot(store_path) == {}

@@ -316,3 +316,274 @@ def test_recording_memory_stays_flat_from_batch_to_batch(tmp_path):
                           f"the last 8: {np.round(rss).astype(int).tolist()}")
     stored = open_store(path)["convnet"]
     assert stored["7"].activation.shape == (10, 64 * 40, 1)
+
+
+# -- what the capture decided and pooled reaches the store ----------------------------------
+def test_stored_axis_rule_is_the_one_the_capture_decided(store_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(2),
+                              torch.nn.Linear(25, 6))
+    x = torch.randn(5, 3, 7, 7)
+    topoxr_torch.record(net, x, store_path, layers=["0", "1", "3"], progress=False)
+    with topoxr_torch.recorder.capture(net, ["0", "1", "3"]) as cap:
+        cap(x)
+    tree = open_store(store_path)
+    for name in ("0", "1", "3"):
+        assert tree[f"model/{name}"].to_dataset().attrs["topoxr_axis_rule"] == cap.rules[name]
+    assert "Conv2d" in cap.rules["0"]
+    with torch.no_grad():
+        conv = net[0](x)
+        fc = net(x)
+    np.testing.assert_allclose(tree["model/0"].activation.values[..., 0].T,
+                               conv.mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tree["model/3"].activation.values[..., 0].T,
+                               fc.mean(1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+class _ChannelsLast(torch.nn.Module):
+    """A conv map (N, C, H, W), then a Linear over its channels last (N, H, W, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_maps_pooled_by_the_capture_keep_their_neuron_axis(store_path, reduce):
+    """The capture pools a map over every axis but the neurons' and hands (N, neurons, 1)
+    over: the neurons are then on axis 1 whichever axis held them in the map (a
+    channel_axis=2 or 3 of (N, C, H, W), or a channels-last output), not one neuron
+    holding the whole map's mean, nor a refusal after the model group was made."""
+    torch.manual_seed(0)
+    net = _ChannelsLast()
+    x = torch.randn(6, 3, 9, 7)  # conv: (6, 8, 7, 5)
+    for name, layers in (("h", {"conv": {"channel_axis": 2}}),
+                         ("w", {"conv": {"channel_axis": 3}}), ("last", ["fc"])):
+        topoxr_torch.record(net, x, store_path, model_name=name, layers=layers, reduce=reduce,
+                            progress=False)
+    with torch.no_grad():
+        conv = net.conv(x)
+        fc = net.fc(conv.permute(0, 2, 3, 1))
+
+    def pool(t, dims):
+        return (t.mean(dims) if reduce == "mean" else t.amax(dims)).numpy()
+
+    tree = open_store(store_path)
+    for path, expected in (("h/conv", pool(conv, (1, 3))), ("w/conv", pool(conv, (1, 2))),
+                           ("last/fc", pool(fc, (1, 2)))):
+        stored = tree[path].activation.isel(epoch=0).transpose("sample", "neuron").values
+        assert stored.shape == expected.shape, path
+        np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+# -- default predictions ------------------------------------------------------------------
+class _SigmoidHead(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 8)
+        self.fc2 = torch.nn.Linear(8, 1)
+        self.act = torch.nn.Sigmoid()
+        self.how = how
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.how == "gate":  # an nn.Sigmoid inside, logits out
+            return self.fc2(h * self.act(h))
+        if self.how == "functional":
+            return torch.sigmoid(self.fc2(h))
+        return self.act(self.fc2(h))
+
+
+def _binary_probe(n=60):
+    torch.manual_seed(1)
+    x = torch.randn(n, 4)
+    return x, (x[:, 0] > 0).long().numpy()
+
+
+@pytest.mark.parametrize("kind", ["sequential", "module"])
+def test_sigmoid_output_predictions_are_thresholded_at_one_half(store_path, kind):
+    """A binary classifier ending in nn.Sigmoid: class 1 where the probability is over
+    0.5; over 0 (for logits) made every prediction 1."""
+    import warnings
+
+    x, y = _binary_probe()
+    torch.manual_seed(0)
+    net = (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1),
+                               torch.nn.Sigmoid())
+           if kind == "sequential" else _SigmoidHead("module"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        topoxr_torch.record(net, (x, y), store_path, layers=["0" if kind == "sequential"
+                                                             else "fc1"],
+                            batch_size=16, progress=False)
+    with torch.no_grad():
+        expected = (net(x)[:, 0] > 0.5).long().numpy()
+    assert 0 < expected.sum() < len(y)
+    ds = store_snapshot(store_path)
+    (layer,) = ds.values()
+    np.testing.assert_array_equal(layer.prediction.values[:, 0], expected)
+    np.testing.assert_array_equal(layer.correct.values[:, 0], expected == y)
+    assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_one_column_not_known_as_a_probability_is_taken_for_logits(tmp_path):
+    """torch.sigmoid in forward is not seen: logits' threshold 0 and a warning, as the
+    column lies in [0, 1]; an nn.Sigmoid inside the model whose output is not the model's
+    does not make logits probabilities (threshold 0, no warning)."""
+    import warnings
+
+    x, y = _binary_probe()
+    torch.manual_seed(0)
+    net = _SigmoidHead("functional")
+    with pytest.warns(UserWarning, match=r"looks like probabilities.*predict="):
+        topoxr_torch.record(net, (x, y), str(tmp_path / "f.zarr"), layers="fc1",
+                            progress=False)
+    got = open_store(str(tmp_path / "f.zarr"))["model/fc1"].prediction.values[:, 0]
+    np.testing.assert_array_equal(got, np.ones(len(y)))
+    torch.manual_seed(0)
+    net = _SigmoidHead("gate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        topoxr_torch.record(net, (x, y), str(tmp_path / "g.zarr"), layers="fc1",
+                            progress=False)
+    with torch.no_grad():
+        expected = (net(x)[:, 0] > 0).long().numpy()
+    assert 0 < expected.sum() < len(y)
+    got = open_store(str(tmp_path / "g.zarr"))["model/fc1"].prediction.values[:, 0]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_string_labels_get_no_default_predictions(store_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x = torch.randn(12, 4)
+    with torch.no_grad():
+        out = net(x).numpy()
+    y = np.array(["cat", "dog", "eel"])[out.argmax(1)]  # the names of the predicted classes
+    with pytest.warns(UserWarning, match=r"not integers \(dtype <U3\).*predict="):
+        topoxr_torch.record(net, (x, y), store_path, layers=["0"], progress=False)
+    ds = open_store(store_path)["model/0"].to_dataset().load()
+    assert "prediction" not in ds and "correct" not in ds
+    np.testing.assert_array_equal(ds.label, y)
+    np.testing.assert_allclose(ds.activation.values[..., 0].T, out, rtol=1e-5, atol=1e-6)
+    named = store_path.replace(".zarr", "-named.zarr")  # predict= returns class names
+    topoxr_torch.record(net, (x, y), named, layers=["0"], progress=False,
+                        predict=lambda logits: np.array(["cat", "dog", "eel"])[logits.argmax(1)])
+    assert bool(open_store(named)["model/0"].correct.all())
+
+
+# -- data loaders that do not yield every sample in one order -----------------------------
+def _loaders():
+    data = torch.utils.data
+    ds = data.TensorDataset(torch.randn(10, 4))
+    return {
+        "SubsetRandomSampler": {"batch_size": 4,
+                                "sampler": data.SubsetRandomSampler(range(10))},
+        "WeightedRandomSampler": {"batch_size": 4,
+                                  "sampler": data.WeightedRandomSampler([1.0] * 10, 10)},
+        "RandomSampler": {  # under a batch sampler
+            "batch_sampler": data.BatchSampler(data.RandomSampler(ds), 4, False)},
+        "DistributedSampler with shuffle=True": {
+            "batch_size": 4,
+            "sampler": data.distributed.DistributedSampler(ds, num_replicas=1, rank=0)},
+    }, ds
+
+
+@pytest.mark.parametrize("name", list(_loaders()[0]))
+def test_random_samplers_are_refused_before_writing(store_path, name):
+    kwargs, ds = _loaders()
+    loader = torch.utils.data.DataLoader(ds, **kwargs[name])
+    with pytest.raises(RecordingError, match=rf"random order \({name}\).*shuffle=False"):
+        topoxr_torch.record(torch.nn.Sequential(torch.nn.Linear(4, 6)), loader, store_path,
+                            layers=["0"], progress=False)
+    assert store_snapshot(store_path) == {}
+
+
+def test_a_distributed_sampler_without_shuffle_is_recorded(store_path):
+    data = torch.utils.data
+    torch.manual_seed(0)
+    x = torch.randn(10, 4)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    ds = data.TensorDataset(x)
+    loader = data.DataLoader(ds, batch_size=4, sampler=data.distributed.DistributedSampler(
+        ds, num_replicas=1, rank=0, shuffle=False))
+    topoxr_torch.record(net, loader, store_path, layers=["0"], progress=False)
+    with torch.no_grad():
+        expected = net(x).numpy()
+    np.testing.assert_allclose(open_store(store_path)["model/0"].activation.values[..., 0].T,
+                               expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("how", ["loader", "batch_sampler"])
+def test_drop_last_is_refused_before_writing(store_path, labels, how):
+    """drop_last leaves the last 2 of 10 samples out: refused up front, with or without
+    labels=, rather than 8 samples at epoch 0 and a wrong count at epoch 1."""
+    data = torch.utils.data
+    ds = data.TensorDataset(torch.randn(10, 4))
+    loader = (data.DataLoader(ds, batch_size=4, drop_last=True) if how == "loader" else
+              data.DataLoader(ds, batch_sampler=data.BatchSampler(
+                  data.SequentialSampler(ds), 4, drop_last=True)))
+    with pytest.raises(RecordingError, match=r"drop_last=True.*every sample.*drop_last=False"):
+        topoxr_torch.record(torch.nn.Sequential(torch.nn.Linear(4, 3)), loader, store_path,
+                            layers=["0"], labels=np.arange(10) % 2 if labels else None,
+                            progress=False)
+    assert store_snapshot(store_path) == {}
+
+
+# -- per-token layers need one padded length ------------------------------------------------
+class _TokenNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 6)
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc(self.emb(input_ids)).mean(1)
+
+
+def _padded(length=None):
+    """A collate function padding to ``length``, or to each batch's longest sequence."""
+    def collate(rows):
+        t = length or max(map(len, rows))
+        ids = torch.zeros(len(rows), t, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.as_tensor(row)
+            mask[i, :len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+    return collate
+
+
+def test_tokens_of_batches_padded_to_other_lengths_are_refused(store_path, tmp_path):
+    """Token t of input s is sample s * T + t: with T = 6 in the first batch and 3 in the
+    second, input 2's token 0 and input 4's token 0 would both be 12. Refused at the
+    second batch, before it is written (a StoreError half-way before); padded to one
+    length, the same data is recorded."""
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 20, n) for n in (6, 2, 3, 1, 3, 2, 3, 1)]
+    torch.manual_seed(0)
+    net = _TokenNet()
+    layers = {"fc": {"reduce": "tokens"}}
+    loader = torch.utils.data.DataLoader(seqs, batch_size=4, collate_fn=_padded())
+    with pytest.raises(RecordingError, match=r"padded length.*6 in the first batch but 3 in "
+                                             r"the batch of samples 4\.\.7.*max_length"):
+        topoxr_torch.record(net, loader, store_path, layers=layers, progress=False)
+    # what stays: at most the first batch (written at once for per-token layers)
+    for ds in store_snapshot(store_path).values():
+        assert set(ds.input.values.tolist()) <= {0, 1, 2, 3}
+        assert not bool(ds.epoch_complete.any())
+    fixed = str(tmp_path / "fixed.zarr")
+    loader = torch.utils.data.DataLoader(seqs, batch_size=4, collate_fn=_padded(6))
+    topoxr_torch.record(net, loader, fixed, layers=layers, progress=False)
+    ds = open_store(fixed)["model/fc"].to_dataset().load()
+    src = np.repeat(np.arange(8), [len(s) for s in seqs])
+    pos = np.concatenate([np.arange(len(s)) for s in seqs])
+    np.testing.assert_array_equal(ds.sample, src * 6 + pos)
+    with torch.no_grad():
+        expected = net.fc(net.emb(torch.as_tensor(np.concatenate(seqs)))).numpy()
+    np.testing.assert_allclose(ds.activation.values[..., 0].T, expected, rtol=1e-5, atol=1e-6)

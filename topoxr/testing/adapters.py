@@ -25,7 +25,7 @@ import xarray as xr
 from topoxr.recording import RecordingError
 from topoxr.store import ActivationWriter, open_store
 
-__all__ = ["RecorderContract", "store_snapshot"]
+__all__ = ["RecorderContract", "store_snapshot", "stored_layer"]
 
 #: Neurons per layer of the digits networks (``topoxr_*.models``).
 MLP_SIZES = {"fc1": 64, "relu1": 64, "fc2": 32, "relu2": 32, "out": 10}
@@ -35,6 +35,29 @@ CNN_SIZES = {"conv1": 8, "conv2": 16, "fc1": 32, "out": 10}
 def _layer(store: str, path: str) -> xr.Dataset:
     """One layer's dataset, loaded (reads are done once, eagerly)."""
     return open_store(store)[path].to_dataset().load()
+
+
+def stored_layer(store: str, model: str, name: str) -> xr.Dataset:
+    """The layer a recording named ``name`` (its original name: node names are made
+    safe, e.g. ``"encoder.layer.0"``), of ``model`` in ``store``, loaded.
+
+    Parameters
+    ----------
+    store : str
+        The store's path or URL.
+    model : str
+        The model's node name.
+    name : str
+        The layer's name as the recorder was given it (its ``topoxr_layer`` attribute).
+
+    Returns
+    -------
+    xarray.Dataset
+        The layer's dataset, read into memory.
+    """
+    nodes = open_store(store)[model].children.values()
+    node = next(n for n in nodes if n.attrs.get("topoxr_layer") == name)
+    return node.to_dataset().load()
 
 
 def store_snapshot(store: str) -> dict[str, xr.Dataset]:
