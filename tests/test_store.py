@@ -1031,3 +1031,67 @@ def test_a_store_being_created_is_reported_as_such(tmp_path):
         lock.release()
     with pytest.raises(StoreError, match="not a topoxr store"):
         open_store(str(path))
+
+
+# -- a lazy view and a writer that replaces what it reads -----------------------------------
+def _written(path, values, ids, *, mode="a", epoch=0, overwrite=False):
+    with ActivationWriter(path, model="m", mode=mode) as w:
+        w.write("h", values, sample=ids, label=ids % 2, epoch=epoch, overwrite=overwrite)
+
+
+@pytest.mark.parametrize("url", ["local", "memory"])
+def test_a_view_refuses_to_read_a_layer_replaced_or_overwritten_since(tmp_path, url):
+    """open_store reads coordinates at once and activations when computed: a layer
+    replaced (mode='w') or overwritten (overwrite=True) in between would give the new
+    values under the old coordinates; the view says so instead."""
+    from topoxr import naps
+    from topoxr.store import StoreChangedError
+
+    path = str(tmp_path / "s.zarr") if url == "local" else f"memory://changed-{tmp_path.name}"
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    ids = np.arange(6)
+    _written(path, x, ids)
+    old = open_store(path)["m/h"].to_dataset()
+    _written(path, x[::-1] * 10, ids[::-1], mode="w")  # the same ids, other values
+    with pytest.raises(StoreChangedError, match=r"layer 'h' of model 'm' was replaced"):
+        old.activation.load()
+    with pytest.raises(StoreChangedError):
+        naps(old, normalize=False).compute()
+    new = open_store(path)["m/h"].to_dataset()  # opened again: the new values, in place
+    np.testing.assert_array_equal(  # sample k was written as row 5 - k of x[::-1]
+        new.activation.isel(epoch=0).sel(sample=ids).transpose("sample", "neuron"), x * 10)
+    # values overwritten in place (overwrite=True) are caught the same way
+    view = open_store(path)["m/h"].to_dataset()
+    _written(path, x + 100, ids, overwrite=True)
+    with pytest.raises(StoreChangedError, match="overwritten"):
+        view.activation.load()
+    np.testing.assert_array_equal(
+        open_store(path)["m/h"].to_dataset().activation.isel(epoch=0).sel(sample=ids)
+        .transpose("sample", "neuron"), x + 100)
+
+
+def test_a_view_reads_on_while_a_writer_only_appends(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    _written(path, x, np.arange(6))
+    view = open_store(path)["m/h"].to_dataset()
+    _written(path, x + 1, np.arange(6), epoch=1)  # a new epoch: the view keeps its own
+    np.testing.assert_array_equal(view.activation.isel(epoch=0).transpose("sample", "neuron"),
+                                  x)
+    assert view.sizes == {"neuron": 2, "sample": 6, "epoch": 1}
+
+
+def test_a_layer_of_an_earlier_version_without_a_token_is_checked_once_overwritten(tmp_path):
+    from topoxr.store import StoreChangedError
+
+    path = str(tmp_path / "s.zarr")
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    _written(path, x, np.arange(6))
+    group = zarr.open_group(path, path="m/h", mode="r+", use_consolidated=False)
+    del group.attrs["topoxr_generation"]  # as earlier versions wrote layers
+    view = open_store(path)["m/h"].to_dataset()
+    np.testing.assert_array_equal(view.activation.isel(epoch=0).transpose("sample", "neuron"),
+                                  x)
+    _written(path, x * 2, np.arange(6), overwrite=True)
+    with pytest.raises(StoreChangedError):
+        view.activation.load()

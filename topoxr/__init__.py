@@ -17,6 +17,7 @@ from topoxr.recording import RecordingError, available_adapters, get_adapter
 from topoxr.similarity import distances, profiles
 from topoxr.store import (
     ActivationWriter,
+    StoreChangedError,
     StoreCorruptionError,
     StoreError,
     StoreWriteError,
@@ -33,6 +34,7 @@ except ImportError:  # not installed: running from a source tree
 __all__ = [
     "ActivationWriter",
     "RecordingError",
+    "StoreChangedError",
     "StoreCorruptionError",
     "StoreError",
     "StoreLockedError",

@@ -1068,6 +1068,20 @@ def local_members(group: zarr.Group) -> dict[str, zarr.Array | zarr.Group] | Non
     return out
 
 
+def read_group_attributes(store: Any, path: str) -> dict[str, Any]:
+    """The attributes of the group at ``path`` as the store holds them now (not a
+    cached ``zarr.Group``'s); ``FileNotFoundError`` where there is no such group.
+
+    A local store's ``zarr.json`` is read directly (about 20 us); other stores through
+    zarr.
+    """
+    if _zarr_local(store):
+        with open(os.path.join(store.root, store_key(path, "zarr.json")), "rb") as f:
+            return dict(json.loads(f.read()).get("attributes", {}))
+    # zarr's GroupNotFoundError is a FileNotFoundError
+    return zarr.open_group(store, path=path, mode="r", use_consolidated=False).attrs.asdict()
+
+
 def group_members(group: zarr.Group) -> dict[str, zarr.Array | zarr.Group]:
     """``dict(group.members())``: by :func:`local_members` where it can, else by zarr."""
     members = local_members(group)

@@ -30,7 +30,11 @@ How crash safety works:
   unfilled coordinate slot) and the mask as a snapshot and hide everything not
   committed.  A reader running beside a writer therefore never sees a torn batch.  A
   committed chunk that is missing or does not decode raises
-  :class:`StoreCorruptionError` naming layer, epochs and samples.
+  :class:`StoreCorruptionError` naming layer, epochs and samples.  A layer that a
+  writer replaced (``mode="w"``) or overwrote (``overwrite=True``) after the view was
+  opened raises :class:`StoreChangedError` when the view's activations are read: each
+  layer holds a token (``topoxr_generation``) that the writer renews before it changes
+  committed values, and every read compares it with the view's.
 * A writer opened on an existing model resumes: it repairs lengths left inconsistent
   by a crash (and unfilled coordinate slots), skips batches that are already committed
   (after checking that their values are identical) and writes the rest.
@@ -57,7 +61,12 @@ Modules, one job each:
 from __future__ import annotations
 
 from topoxr._locking import StoreLockedError
-from topoxr.store._errors import StoreCorruptionError, StoreError, StoreWriteError
+from topoxr.store._errors import (
+    StoreChangedError,
+    StoreCorruptionError,
+    StoreError,
+    StoreWriteError,
+)
 
 # used by other topoxr modules (layouts saved into a store)
 from topoxr.store._location import _locate as _locate
@@ -74,6 +83,7 @@ from topoxr.store.writer import ActivationWriter
 
 __all__ = [
     "ActivationWriter",
+    "StoreChangedError",
     "StoreCorruptionError",
     "StoreError",
     "StoreLockedError",

@@ -21,3 +21,13 @@ class StoreWriteError(StoreError):
 
 class StoreCorruptionError(StoreError):
     """A committed chunk of the store is unreadable or missing."""
+
+
+class StoreChangedError(StoreError):
+    """A layer read lazily was replaced or overwritten after the view was opened.
+
+    A view of :func:`topoxr.open_store` reads its activations when they are computed; a
+    writer that since replaced the layer (``mode="w"``) or overwrote its values
+    (``overwrite=True``) would have them read with the coordinates of before. Open the
+    store again.
+    """

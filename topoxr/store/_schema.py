@@ -76,6 +76,11 @@ _ATTR_REDUCE = "topoxr_reduce"
 _ATTR_UNIT_COORDS = "topoxr_unit_coords"
 _ATTR_METADATA = "topoxr_metadata"
 _ATTR_SCALARS = "topoxr_epoch_scalars"
+#: A token of the layer's values: new when a writer creates the layer, and replaced
+#: before a writer overwrites committed values (``overwrite=True``), so that a view
+#: opened before can tell (see ``reader._CheckedActivation``). Layers written by
+#: earlier versions have none until one is overwritten.
+_ATTR_GENERATION = "topoxr_generation"
 _RESERVED = {
     ACTIVATION,
     SAMPLE,

@@ -25,8 +25,8 @@ from topoxr.conventions import (
     PREDICTION,
     SAMPLE,
 )
-from topoxr._chunkio import read_array, read_blocks, read_region
-from topoxr.store._errors import StoreCorruptionError
+from topoxr._chunkio import read_array, read_blocks, read_group_attributes, read_region
+from topoxr.store._errors import StoreChangedError, StoreCorruptionError
 from topoxr.store._integrity import (
     Context,
     check_model_name,
@@ -40,6 +40,7 @@ from topoxr.store._integrity import (
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import (
     _ATTR_METADATA,
+    _ATTR_GENERATION,
     _ATTR_READY,
     _ATTR_SCALARS,
     _ATTR_UNIT_COORDS,
@@ -172,8 +173,9 @@ def _ready_layers(model_group: zarr.Group) -> list[tuple[str, zarr.Group]]:
 
 
 def _layer_attrs(group: zarr.Group) -> dict[str, Any]:
-    """A layer's attributes as readers show them (without the writer's ready mark)."""
-    return {k: v for k, v in group.attrs.items() if k != _ATTR_READY}
+    """A layer's attributes as readers show them (without the writer's ready mark and
+    the token of its values, which only the reads compare)."""
+    return {k: v for k, v in group.attrs.items() if k not in (_ATTR_READY, _ATTR_GENERATION)}
 
 
 def _subgroups(group: zarr.Group, prefix: str = "", *,
@@ -226,7 +228,7 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool,
     sample_ids, epochs, committed = snap.sample_ids, snap.epochs, snap.committed
     # read by topoxr (bytes + crc32c on local stores) or decoded by zarrs where installed
     act = read_array(arrays[ACTIVATION])
-    checked = _CheckedActivation(act, committed, ctx)
+    checked = _CheckedActivation(act, committed, ctx, _Generation(group))
     # Dask blocks of many whole zarr chunks (about 32 MiB) along sample, one epoch each
     # (a block across epochs scatters every chunk with a stride: measured 3x slower):
     # each task decodes its chunks in one parallel call (zarrs' threads or zarr's), and
@@ -267,6 +269,33 @@ def _layer_dataset(group: zarr.Group, mask_uncommitted: bool,
     return xr.Dataset({ACTIVATION: da}, coords=coords, attrs=attrs)
 
 
+class _Generation:
+    """The token of a layer's values when a view was opened (``_ATTR_GENERATION``), to
+    tell at every read whether a writer has replaced or overwritten the layer since."""
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.store = group.store
+        self.path = group.path
+        self.where = _where(group)
+        self.token = group.attrs.get(_ATTR_GENERATION)
+
+    def check(self) -> None:
+        """Raise :class:`StoreChangedError` where the layer's token is not the view's."""
+        try:
+            now = read_group_attributes(self.store, self.path).get(_ATTR_GENERATION)
+        except FileNotFoundError:
+            now = _GONE
+        if now != self.token:
+            what = ("was deleted" if now is _GONE else
+                    "was replaced (mode='w') or its values overwritten (overwrite=True)")
+            raise StoreChangedError(
+                f"{self.where} {what} after this view was opened: its activations would "
+                "be read with the coordinates of before; open the store again")
+
+
+_GONE = object()
+
+
 class _CheckedActivation:
     """``activation`` as dask sees it: unreadable or missing chunks become clear errors.
 
@@ -276,8 +305,10 @@ class _CheckedActivation:
     translated the same way.
     """
 
-    def __init__(self, array: zarr.Array, committed: np.ndarray, context: Context) -> None:
+    def __init__(self, array: zarr.Array, committed: np.ndarray, context: Context,
+                 generation: _Generation | None = None) -> None:
         self.array = array
+        self.generation = generation
         self.committed = committed
         self.context = context
         self.sample_ids = context.sample_ids
@@ -302,7 +333,12 @@ class _CheckedActivation:
         try:
             block = read_region(self.array, key).astype(self.dtype, copy=False)
         except Exception as err:
+            if self.generation is not None:
+                self.generation.check()  # a layer replaced meanwhile is no damage
             raise self.context.unreadable(self.array, key, err) from err
+        if self.generation is not None:
+            # after the read: a writer replaces the token before it changes values
+            self.generation.check()
         missing = self._missing_chunk(key, block)
         if missing is not None:
             coords = next(chunk_coords(self.array, missing))

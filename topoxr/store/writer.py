@@ -7,6 +7,7 @@ import datetime as _dt
 import logging
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,7 @@ from topoxr.store._schema import (
     _ACTIVATION_CONFIG,
     _ARRAY_CONFIG,
     _ATTR_METADATA,
+    _ATTR_GENERATION,
     _ATTR_READY,
     _ATTR_REDUCE,
     _ATTR_SCALARS,
@@ -614,6 +616,10 @@ class ActivationWriter:
             if overwrite or len(plan.write_rows) != batch or not self._buffer_bytes:
                 # replacing or resuming (rare): committed at once, alone
                 self._flush_layer(layer)
+                if overwrite and state.creation is None and state.epoch_index(epoch) >= 0:
+                    # committed values may change: views opened before must tell (a new
+                    # token, written before the values)
+                    update_group_attributes(state.group, {_ATTR_GENERATION: uuid.uuid4().hex})
                 written = self._commit(state, plan, values, ids, labels, preds, meta, epoch)
                 state.note_written(state.epoch_index(epoch), state.positions(ids))
                 return written
@@ -1063,6 +1069,7 @@ class ActivationWriter:
         group = create_group(self._model_group, name, {
             **dict(layer_attrs or {}), ATTR_LAYER: layer, _ATTR_REDUCE: reduced.reduce,
             _ATTR_UNIT_COORDS: list(reduced.unit_coords), _ATTR_METADATA: list(meta),
+            _ATTR_GENERATION: uuid.uuid4().hex,
         }, jobs_out=None if phases is None else phases[0])
         arrays = _create_arrays(group, specs, existing={},
                                 jobs_out=None if phases is None else phases[1])
