@@ -90,10 +90,12 @@ class ProbeModel:
             )
         outputs = [_layer_output(model.get_layer(name), output_keys.get(name))
                    for name in layers]
-        final = model.outputs[0] if len(model.outputs) else None
+        # every output of the model: predict= gets them as the model returns them
+        self._final = list(model.outputs)
+        self._structure = model.output if len(self._final) > 1 else None
         self.layers = layers
         self.specs = dict(specs or {})
-        self.has_final = final is not None
+        self.has_final = bool(self._final)
         self.channel_axis, self.rules = {}, {}
         for name, output in zip(layers, outputs, strict=True):
             spec = self.specs.get(name)
@@ -105,7 +107,6 @@ class ProbeModel:
                 rule = int(spec.channel_axis), "channel_axis set by the user"
             self.channel_axis[name], self.rules[name] = rule
         self._inputs, self._outputs = model.inputs, outputs
-        self._final = [final] if final is not None else []
         self.submodel = keras.Model(model.inputs, [*outputs, *self._final],
                                     name=f"{model.name}_topoxr_probe")
         self.input_rank = len(model.inputs[0].shape)
@@ -113,7 +114,11 @@ class ProbeModel:
         self._pooling: tuple[tuple[tuple[str, tuple[int, str]], ...], keras.Model] | None = None
 
     def __call__(self, x: Any) -> tuple[dict[str, Any], Any]:
-        """Run one batch; return ``({layer: ndarray}, model output or None)``."""
+        """Run one batch; return ``({layer: ndarray}, model output or None)``.
+
+        The model output is an array for a model with one output; for several, the
+        outputs as the model returns them (a dict by name, or a list), as arrays.
+        """
         import numpy as np
 
         values = self._model().predict_on_batch(x)
@@ -121,8 +126,12 @@ class ProbeModel:
             values = [values]
         values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
         outputs = dict(zip(self.layers, values, strict=False))
-        final = values[-1] if self.has_final else None
-        return outputs, final
+        finals = values[len(self.layers):]
+        if not self.has_final:
+            return outputs, None
+        if self._structure is None:
+            return outputs, finals[0]
+        return outputs, keras.tree.pack_sequence_as(self._structure, finals)
 
     def _model(self) -> keras.Model:
         """The sub-model for the layers pooled now (built once per ``pool`` setting)."""

@@ -176,8 +176,8 @@ def record(
         Per-epoch values (loss, accuracy) stored as coordinates on ``epoch``.
     predict : callable, optional
         ``predict(output) -> (batch,)`` predictions from the model's output (numpy; of
-        a model with several outputs, the first of ``model.outputs``: for a mapping of
-        outputs, its alphabetically first key). By default, with integer labels (class
+        a model with several outputs, all of them as the model returns them: a dict by
+        name, or a list). By default, with integer labels (class
         indices) and one model output: the argmax of a ``(batch, classes)`` output,
         logits or softmax probabilities alike; of one column, ``(batch, 1)`` or
         ``(batch,)``, ``output > 0.5`` where the output layer's ``activation`` is
@@ -256,10 +256,8 @@ def _several_outputs(model: keras.Model) -> str | None:
     names = list(getattr(model, "output_names", None) or [t.name for t in outputs])
     return (
         f"keras model {model.name!r} has {len(outputs)} outputs {names}, and which one holds "
-        "the classes is not known; predict= gets the first of model.outputs "
-        f"({names[0]!r}). To compare another output with the labels, record "
-        "keras.Model(model.inputs, <that output>), which shares the model's layers and "
-        "weights")
+        "the classes is not known; predict= gets them all as the model returns them (a "
+        "dict by name or a list), e.g. predict=lambda out: out['main'].argmax(1)")
 
 
 class RecordActivations(keras.callbacks.Callback):
