@@ -448,3 +448,23 @@ def test_a_neuron_with_a_constant_output_is_dead_for_the_estimators_too():
         assert not features_for_metric(P, metric)[0].any()
         D = distance_matrix(P, metric)
         np.testing.assert_array_equal(D[0, 1:], 1.0)
+
+
+def test_quality_says_which_profiles_it_compared_with_and_warns_of_others(caplog):
+    ds = make_activations(n_neurons=16, n_samples=80, random_state=0)
+    on_naps = attach(ds, "pca", random_state=0, share=2)
+    with caplog.at_level(logging.WARNING, logger="topoxr.metrics"):
+        q = topoxr.quality(on_naps)
+    assert "fitted on profiles" not in caplog.text
+    assert json.loads(q.attrs["profile"]) == json.loads(profiles(ds).attrs["topoxr_profile"])
+    args = {"source": "activations", "n_samples": 40, "random_state": 0}
+    on_acts = attach(ds, "pca", random_state=0, share=2, profile=args)
+    with caplog.at_level(logging.WARNING, logger="topoxr.metrics"):
+        q = topoxr.quality(on_acts)  # the default: NAPs by label, not what it was fitted on
+    assert "fitted on profiles" in caplog.text and '"source": "activations"' in caplog.text
+    assert json.loads(q.attrs["profile"])["source"] == "naps"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="topoxr.metrics"):
+        q = topoxr.quality(on_acts, profile=profiles(ds, **args))
+    assert "fitted on profiles" not in caplog.text
+    assert json.loads(q.attrs["profile"])["source"] == "activations"

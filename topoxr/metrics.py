@@ -37,7 +37,7 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
-from topoxr.similarity import FEATURE, _match_neurons, profile_matrix, profiles
+from topoxr.similarity import ATTR_PROFILE, FEATURE, _match_neurons, profile_matrix, profiles
 
 __all__ = [
     "QualityError",
@@ -614,18 +614,35 @@ def quality(
         ``smoothness_shrink``, ``smoothness_paper`` (:func:`paper_smoothness`, the
         paper's own measure, same shared colour limits for a layer's maps),
         ``blob_count``, ``blob_area``, each on ``epoch`` (if the input has one); attrs
-        ``k``, ``metric``.
+        ``k``, ``metric``, ``resolution``, ``n_queries`` and ``profile``: the description
+        of the profiles compared with (JSON, as :func:`topoxr.profiles` records it;
+        ``null`` for given profiles without one).
+
+    Notes
+    -----
+    A warning is logged (logger ``topoxr.metrics``) when the profiles compared with are
+    described otherwise than those the layout was fitted on (the ``profile`` of its
+    ``topoxr_layout`` attribute), e.g. a layout of activation profiles scored against
+    the default NAPs by label.
     """
     from topoxr.interpolate import GridInterpolator
     from topoxr.grouping import naps as compute_naps
     from topoxr.similarity import _is_nap
 
     xy = _layout_xy(laid_out)
+    desc = json.loads(laid_out.attrs.get(ATTR_LAYOUT, "{}") or "{}")
     if metric is None:
-        desc = json.loads(laid_out.attrs.get(ATTR_LAYOUT, "{}") or "{}")
         metric = desc.get("metric", "cosine")
     if profile is None:
         profile = profiles(laid_out)
+    used = json.loads(profile.attrs[ATTR_PROFILE]) if ATTR_PROFILE in profile.attrs else None
+    fitted = desc.get("profile")
+    if used is not None and fitted and used != fitted:
+        logger.warning(
+            "the layout was fitted on profiles %s, and quality compares the positions with "
+            "profiles %s: the scores measure how well it keeps the latter; pass "
+            "profile=topoxr.profiles(obj, ...) with the layout's to score what it was "
+            "fitted on", json.dumps(fitted), json.dumps(used))
     if maps is None:
         maps = laid_out if _is_nap(laid_out) else compute_naps(laid_out, by="label")
     # One pass over the data for both (they are the same NAPs by default), not one per epoch.
@@ -682,7 +699,8 @@ def quality(
         coords = {EPOCH: profile[EPOCH].values}
     return xr.Dataset(data, coords=coords, attrs={"k": int(k_used), "metric": metric,
                                                   "resolution": int(resolution),
-                                                  "n_queries": str(n_queries)})
+                                                  "n_queries": str(n_queries),
+                                                  "profile": json.dumps(used)})
 
 
 def _map_stack(maps: Any, steps: Any, func: str, what: str) -> np.ndarray:
