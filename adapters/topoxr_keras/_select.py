@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from topoxr._optional import import_optional
-from topoxr.reduction import LayerSpec, resolve_layer_specs
 from topoxr.recording import RecordingError
+from topoxr.reduction import LayerSpec, resolve_layer_specs
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras")
 
@@ -63,7 +63,8 @@ class ProbeModel:
         (-1 for channels-last), the ``axis`` of a normalisation layer, the last axis of
         Dense, Embedding, attention and RNN layers; a layer of none of these (an
         activation, ``Add``...) has that of the layer of known axis it follows in the
-        graph; else the channel axis of keras's ``image_data_format``.
+        graph; else the channel axis of keras's ``image_data_format``, unless the model
+        has layers of the other ``data_format`` (then refused, see :func:`_axis_rule`).
     rules : dict of str to str
         How each axis was chosen.
     submodel : keras.Model
@@ -100,7 +101,7 @@ class ProbeModel:
         for name, output in zip(layers, outputs, strict=True):
             spec = self.specs.get(name)
             try:
-                rule = _axis_rule(model.get_layer(name), output, name)
+                rule = _axis_rule(model.get_layer(name), output, name, model=model)
             except RecordingError:
                 if spec is None or spec.channel_axis is None:
                     raise
@@ -256,14 +257,19 @@ def _merge(op: Any, tensor: Any, inputs: Any, memo: dict[int, Any],
     return next(iter(axes.items()), None)
 
 
-def _axis_rule(layer: Any, output: Any = None, name: str | None = None) -> tuple[int, str]:
+def _axis_rule(layer: Any, output: Any = None, name: str | None = None, *,
+               model: Any = None) -> tuple[int, str]:
     """Neuron axis of a Keras layer's output and how it was chosen.
 
     By the layer's own semantics (``data_format``, a normalisation's ``axis``, Dense,
     Embedding, attention and RNN layers: the last axis); else, for a layer of none
     (activations, dropout, ``Add``, ``Concatenate``...), as the layer of known axis it
     follows in the functional graph through layers and ops that keep the output's shape
-    (all inputs that do must agree); else by keras's ``image_data_format``.
+    (all inputs that do must agree); else by keras's ``image_data_format``. That last
+    guess is refused for an output of three or more axes where ``model`` (when given)
+    has layers of the other ``data_format``: following the graph stopped at a layer or
+    op that changes the shape (a ``Lambda`` cropping a channels-first map, say), and
+    what comes after it may hold the channels on either axis.
 
     Parameters
     ----------
@@ -274,11 +280,15 @@ def _axis_rule(layer: Any, output: Any = None, name: str | None = None) -> tuple
     name : str, optional
         The layer's name in messages (``layer.name`` by default).
 
+    model : keras.Model, optional
+        The model the layer belongs to, for the check of the last guess.
+
     Raises
     ------
     RecordingError
         Where inputs followed disagree (say, a channels-first conv added to a Dense
-        output); the message names the layer and the ``channel_axis`` setting.
+        output), or where the guess by ``image_data_format`` is refused (see above);
+        the message names the layer and the ``channel_axis`` setting.
     """
     output = layer.output if output is None else output
     kind = type(layer).__name__
@@ -297,9 +307,35 @@ def _axis_rule(layer: Any, output: Any = None, name: str | None = None) -> tuple
         ) from None
     if found is not None:
         return found[0], f"as {found[1]}, which it follows"
-    if keras.config.image_data_format() == "channels_first" and len(output.shape) > 3:
+    rank = len(output.shape)
+    first = keras.config.image_data_format() == "channels_first" and rank > 3
+    if rank >= 3 and model is not None:
+        other = "channels_last" if first else "channels_first"
+        against = [f"{op.name!r} ({type(op).__name__})" for op in _all_layers(model)
+                   if getattr(op, "data_format", None) == other]
+        if against:
+            name = layer.name if name is None else name
+            shown = ", ".join(against[:3]) + (f" and {len(against) - 3} more"
+                                               if len(against) > 3 else "")
+            raise RecordingError(
+                f"layer {name!r} ({kind}) has no neuron axis of its own and cannot be "
+                "followed back to a layer that has one (a layer or op before it changes "
+                f"the shape or moves axes); keras's image_data_format "
+                f"({keras.config.image_data_format()}) would put the neurons on axis "
+                f"{1 if first else -1}, but the model also has {other} layers ({shown}); "
+                f"set its neuron axis with {{{name!r}: {{'channel_axis': k}}}}"
+            )
+    if first:
         return 1, f"keras image_data_format channels_first ({kind})"
     return -1, f"last axis of {kind} (channels-last / hidden units)"
+
+
+def _all_layers(model: Any) -> Iterator[Any]:
+    """Every layer of ``model``, those of nested models included."""
+    for op in getattr(model, "layers", None) or []:
+        yield op
+        if isinstance(op, keras.Model):
+            yield from _all_layers(op)
 
 
 def _has_inputs(model: keras.Model) -> bool:

@@ -106,6 +106,51 @@ def test_inputs_whose_axes_disagree_are_refused_unless_channel_axis_is_set(store
                                rtol=RTOL, atol=ATOL)
 
 
+def test_a_guess_after_a_shape_changing_lambda_is_refused_in_a_mixed_model(store_path):
+    """A ``Lambda`` cropping a channels-first conv map (a shape change the graph is not
+    followed through) and the activation after it: keras's image_data_format
+    (channels-last) would record the 5 columns as neurons, while the model's conv is
+    channels-first. Refused, naming the layers and ``channel_axis``, nothing stored;
+    with ``channel_axis=1`` the 5 channels are recorded."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((3, 9, 8))
+    conv = L.Conv2D(5, 3, data_format="channels_first", name="conv")(inputs)  # (5, 7, 6)
+    crop = L.Lambda(lambda t: t[:, :, 1:, 1:], name="crop")(conv)  # (5, 6, 5)
+    act = L.Activation("relu", name="act")(crop)
+    model = keras.Model(inputs, L.Dense(2)(L.Flatten()(act)))
+    x = np.random.default_rng(3).normal(size=(4, 3, 9, 8)).astype(np.float32)
+    for name in ("crop", "act"):
+        with pytest.raises(RecordingError, match=rf"layer '{name}' \(\w+\) has no neuron axis "
+                                                 r".*channels_last.*axis -1.*channels_first "
+                                                 r"layers \('conv' \(Conv2D\)\).*'channel_axis'"):
+            topoxr_keras.record(model, x, store_path, layers=[name], progress=False)
+        assert not os.path.exists(store_path)
+    topoxr_keras.record(model, x, store_path, layers={n: {"channel_axis": 1}
+                                                      for n in ("crop", "act")},
+                        progress=False)
+    for name in ("crop", "act"):
+        ds = stored_layer(store_path, "model", name)
+        assert ds.attrs["topoxr_axis_rule"] == "channel_axis set by the user"
+        np.testing.assert_allclose(values(ds), direct(model, name, x).mean((2, 3)),
+                                   rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_a_guess_in_a_model_of_one_convention_is_kept(store_path):
+    """The same crop in a channels-last model: the guess (the last axis) is the
+    convention of every layer, and recorded as before."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((9, 8, 3))
+    conv = L.Conv2D(5, 3, name="conv")(inputs)  # (7, 6, 5)
+    crop = L.Lambda(lambda t: t[:, 1:, 1:, :], name="crop")(conv)  # (6, 5, 5)
+    model = keras.Model(inputs, L.Dense(2)(L.Flatten()(crop)))
+    x = np.random.default_rng(4).normal(size=(4, 9, 8, 3)).astype(np.float32)
+    topoxr_keras.record(model, x, store_path, layers=["crop"], progress=False)
+    ds = stored_layer(store_path, "model", "crop")
+    assert ds.attrs["topoxr_axis_rule"] == "last axis of Lambda (channels-last / hidden units)"
+    np.testing.assert_allclose(values(ds), direct(model, "crop", x).mean((1, 2)),
+                               rtol=RTOL, atol=ATOL)
+
+
 @pytest.fixture
 def channels_first_default():
     """keras's ``image_data_format`` set to channels_first for the test."""
