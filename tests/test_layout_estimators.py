@@ -203,6 +203,46 @@ def test_zero_profiles_are_orthogonal_to_everything():
     np.testing.assert_allclose(D[0, 3], 0.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "correlation"])
+def test_knnforce_neighbour_graph_keeps_the_distances_of_dead_neurons(metric):
+    """The attraction graph's neighbours are the nearest under the library's distances
+    (``distance_matrix``: a dead neuron is at 1 from every other): a Euclidean search on
+    the zeroed features had put dead neurons at 0.5 from every live one, nearer than
+    most live neighbours. Profiles with negative values, so that some live neurons are
+    farther than 1 apart and dead ones belong among their neighbours."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 5))
+    dead = [3, 11, 12, 25, 30, 39]
+    X[dead] = 0.0 if metric == "cosine" else 2.5  # constant rows under correlation
+    k = 15
+    est = KNNForceLayout(n_neighbors=k, metric=metric, n_epochs=5, swap_rounds=0, nudge=0,
+                         random_state=0).fit(X)
+    idx, dist = est.graph_
+    D = distance_matrix(X, metric)
+    assert idx.shape == dist.shape == (40, k)
+    for i in range(40):
+        assert i not in idx[i] and len(set(idx[i])) == k
+        np.testing.assert_allclose(dist[i], D[i, idx[i]], atol=1e-9)
+        np.testing.assert_allclose(dist[i], np.sort(np.delete(D[i], i))[:k], atol=1e-9)
+    # ties at distance 1: a dead neuron's neighbours are the other dead ones first
+    for i in dead:
+        assert set(idx[i][:len(dead) - 1]) == set(dead) - {i}
+    # dead neurons are among live neurons' neighbours only where those are farther
+    live = np.setdiff1d(np.arange(40), dead)
+    took_dead = np.isin(idx[live], dead)
+    assert took_dead.any()
+    assert (dist[live][took_dead] == 1.0).all()
+
+
+def test_knnforce_graph_of_profiles_all_dead_or_all_but_one():
+    for n_live in (0, 1):
+        X = np.zeros((8, 3))
+        X[:n_live] = 1.0
+        idx, dist = KNNForceLayout(n_neighbors=5, n_epochs=5, random_state=0).fit(X).graph_
+        assert (dist == 1.0).all()
+        assert all(i not in row and len(set(row)) == 5 for i, row in enumerate(idx))
+
+
 @pytest.mark.parametrize("method", ["pca", "random", "knnforce", "som", "graph", "force"])
 def test_identical_profiles_give_finite_layout(method):
     X = np.tile([1.0, 2.0, 3.0], (12, 1))
