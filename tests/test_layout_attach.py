@@ -445,9 +445,11 @@ def test_a_neuron_with_a_constant_output_is_dead_for_the_estimators_too():
     P[0] = [0.0, 0.0, 0.0, 7.45e-09]  # what float32 normalisation left of a constant output
     assert degenerate_rows(P, "cosine")[0][0]  # reported dead
     for metric in ("cosine", "correlation"):
-        assert not features_for_metric(P, metric)[0].any()
+        F = features_for_metric(P, metric)
+        # the degenerate direction (one extra column), not the noise's direction
+        assert not F[0, :-1].any() and F[0, -1] == 1.0 and not F[1:, -1].any()
         D = distance_matrix(P, metric)
-        np.testing.assert_array_equal(D[0, 1:], 1.0)
+        np.testing.assert_allclose(D[0, 1:], 1.0, atol=1e-12)
 
 
 def test_quality_says_which_profiles_it_compared_with_and_warns_of_others(caplog):

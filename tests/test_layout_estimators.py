@@ -29,6 +29,7 @@ from topoxr.layouts import (
     to_unit_square,
 )
 from topoxr.layouts.grid import grid_shape
+from topoxr.similarity import pairwise_distances
 from topoxr.testing.profiles import clustered_profiles
 
 HAS_UMAP = has_umap  # found, not imported: umap-learn is imported when a UMAP is fitted
@@ -196,20 +197,24 @@ def test_zero_profiles_are_reported_and_placed(clusters):
         assert np.isfinite(Y).all() and Y.min() >= 0 and Y.max() <= 1
 
 
-def test_zero_profiles_are_orthogonal_to_everything():
-    X = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+def test_zero_profiles_are_orthogonal_to_live_ones_and_together():
+    """The convention of ``topoxr.similarity.pairwise_distances``: a zero profile is at
+    1 from every live one and at 0 from another zero profile."""
+    X = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
     D = distance_matrix(X, "cosine")
-    np.testing.assert_allclose(D[1], [1.0, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(D[1], [1.0, 0.0, 0.0, 1.0, 1.0], atol=1e-12)
     np.testing.assert_allclose(D[0, 3], 0.0, atol=1e-12)
+    np.testing.assert_allclose(D, pairwise_distances(X, "cosine")[0], atol=1e-12)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "correlation"])
 def test_knnforce_neighbour_graph_keeps_the_distances_of_dead_neurons(metric):
     """The attraction graph's neighbours are the nearest under the library's distances
-    (``distance_matrix``: a dead neuron is at 1 from every other): a Euclidean search on
-    the zeroed features had put dead neurons at 0.5 from every live one, nearer than
-    most live neighbours. Profiles with negative values, so that some live neurons are
-    farther than 1 apart and dead ones belong among their neighbours."""
+    (``distance_matrix``: a dead neuron is at 1 from every live one, 0 from other dead
+    ones): a Euclidean search on zeroed features had put dead neurons at 0.5 from every
+    live one, nearer than most live neighbours. Profiles with negative values, so that
+    some live neurons are farther than 1 apart and dead ones belong among their
+    neighbours."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 5))
     dead = [3, 11, 12, 25, 30, 39]
@@ -224,14 +229,15 @@ def test_knnforce_neighbour_graph_keeps_the_distances_of_dead_neurons(metric):
         assert i not in idx[i] and len(set(idx[i])) == k
         np.testing.assert_allclose(dist[i], D[i, idx[i]], atol=1e-9)
         np.testing.assert_allclose(dist[i], np.sort(np.delete(D[i], i))[:k], atol=1e-9)
-    # ties at distance 1: a dead neuron's neighbours are the other dead ones first
+    # a dead neuron's nearest neighbours are the other dead ones, at 0
     for i in dead:
         assert set(idx[i][:len(dead) - 1]) == set(dead) - {i}
+        np.testing.assert_allclose(dist[i][:len(dead) - 1], 0.0, atol=1e-12)
     # dead neurons are among live neurons' neighbours only where those are farther
     live = np.setdiff1d(np.arange(40), dead)
     took_dead = np.isin(idx[live], dead)
     assert took_dead.any()
-    assert (dist[live][took_dead] == 1.0).all()
+    np.testing.assert_allclose(dist[live][took_dead], 1.0, atol=1e-12)
 
 
 def test_knnforce_graph_of_profiles_all_dead_or_all_but_one():
@@ -239,7 +245,8 @@ def test_knnforce_graph_of_profiles_all_dead_or_all_but_one():
         X = np.zeros((8, 3))
         X[:n_live] = 1.0
         idx, dist = KNNForceLayout(n_neighbors=5, n_epochs=5, random_state=0).fit(X).graph_
-        assert (dist == 1.0).all()
+        np.testing.assert_allclose(dist[n_live:], 0.0, atol=1e-12)  # dead among dead
+        np.testing.assert_allclose(dist[:n_live], 1.0, atol=1e-12)  # the live one
         assert all(i not in row and len(set(row)) == 5 for i, row in enumerate(idx))
 
 

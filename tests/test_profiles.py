@@ -119,10 +119,14 @@ def test_constant_neurons_under_correlation():
     assert constant.tolist() == [False, True, False, False, False]
     D, _ = pairwise_distances(X, "correlation")
     assert D[1, 0] == 1.0 and D[1, 3] == 0.0
-    # the Euclidean geometry handed to layouts agrees: zero rows at distance 1 from unit rows
+    # the Euclidean geometry handed to layouts and quality metrics agrees for every pair,
+    # degenerate rows included (zero rows were at 1 from unit rows: cosine distance 0.5)
     Y, _ = profile_matrix(X, "correlation")
-    assert np.allclose(np.linalg.norm(Y[1] - Y[0]), 1.0)
-    assert np.allclose(cdist(Y[[0, 2, 4]], Y[[0, 2, 4]]) ** 2 / 2, D[np.ix_([0, 2, 4], [0, 2, 4])])
+    np.testing.assert_allclose(cdist(Y, Y) ** 2 / 2, D, atol=1e-12)
+    for metric in ("cosine", "correlation"):
+        Y, _ = profile_matrix(X, metric)
+        np.testing.assert_allclose(cdist(Y, Y) ** 2 / 2, pairwise_distances(X, metric)[0],
+                                   atol=1e-12)
 
 
 def test_bad_profiles_are_refused():

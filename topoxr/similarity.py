@@ -19,12 +19,13 @@ most ``tol`` times the largest norm of the layer is *degenerate*; then, by defin
   profile) and ``constant_neurons`` (constant, non-zero profile) attributes.
 
 The same convention holds for the Euclidean coordinates of :func:`profile_matrix`
-(used by :mod:`topoxr.quality`): rows are L2-normalised (centred first for correlation)
-and degenerate rows become zero, so the Euclidean distance between rows is
-``sqrt(2 * cosine distance)`` for live neurons, exactly 1 between a live and a
-degenerate neuron and 0 between degenerate ones: Euclidean methods see the same
-neighbourhoods as the cosine distances. Layout estimators receive the raw profiles and
-the metric (:func:`topoxr.layouts.attach.attach`) and handle zero rows themselves.
+(used by :mod:`topoxr.quality` and, through
+:func:`topoxr.layouts._base.features_for_metric`, by the layout estimators): rows are
+L2-normalised (centred first for correlation) and degenerate rows become a unit vector
+along one extra column, the same for all of them, so the Euclidean distance between any
+two rows is ``sqrt(2 * d)``, ``d`` the distance defined here (1 between a live and a
+degenerate neuron, 0 between degenerate ones): Euclidean methods see the same
+neighbourhoods as the cosine distances.
 """
 
 from __future__ import annotations
@@ -347,8 +348,11 @@ def profile_matrix(
 
     For ``"cosine"`` rows are L2-normalised, for ``"correlation"`` centred and then
     normalised, for ``"euclidean"`` kept. Degenerate rows (see
-    :func:`degenerate_rows`) become exactly zero, at Euclidean distance 1 from every
-    normalised row. Columns that are NaN for every neuron are dropped.
+    :func:`degenerate_rows`) become a unit vector along one extra column (added only
+    where there are any, zero for every other row): the Euclidean distance between any
+    two rows is then ``sqrt(2 * d)`` with ``d`` the distance of
+    :func:`pairwise_distances`, 1 between a live and a degenerate neuron and 0 between
+    degenerate ones. Columns that are NaN for every neuron are dropped.
 
     Parameters
     ----------
@@ -361,7 +365,8 @@ def profile_matrix(
     Returns
     -------
     matrix : numpy.ndarray, shape (n, f')
-        Float64 coordinates for Euclidean methods.
+        Float64 coordinates for Euclidean methods (for cosine and correlation, one
+        column more than the kept columns where some rows are degenerate).
     info : dict
         ``{"dead": bool array, "constant": bool array}``.
 
@@ -380,6 +385,10 @@ def profile_matrix(
     norms = np.linalg.norm(Y, axis=1)
     Y[~bad] /= norms[~bad, None]
     Y[bad] = 0.0
+    if bad.any():
+        # a direction of their own, orthogonal to every live row: zero rows would be
+        # at Euclidean distance 1 from live rows, which is cosine distance 0.5
+        Y = np.hstack([Y, bad[:, None].astype(np.float64)])
     return Y, {"dead": dead, "constant": constant}
 
 

@@ -82,12 +82,12 @@ def features_for_metric(X: np.ndarray, metric: str) -> np.ndarray:
 
     Cosine: rows scaled to unit length (Euclidean distance between unit vectors is a
     monotone function of the cosine distance). Correlation: rows centred, then scaled to
-    unit length. Euclidean: unchanged. Rows for which the metric is undefined are set to
-    exactly zero: dead neurons (rows of norm at most 1e-7 times the largest, e.g. a
-    constant output that normalisation left as rounding noise) and, under
-    ``"correlation"``, constant rows; the same rows that
-    :func:`topoxr.similarity.degenerate_rows` reports (see
-    :func:`topoxr.similarity.profile_matrix`).
+    unit length. Euclidean: unchanged. Rows for which the metric is undefined, dead
+    neurons (rows of norm at most 1e-7 times the largest, e.g. a constant output that
+    normalisation left as rounding noise) and, under ``"correlation"``, constant rows
+    (the rows :func:`topoxr.similarity.degenerate_rows` reports), become a unit vector
+    along one extra column shared by all of them: at cosine distance 1 from every live
+    neuron and 0 from each other (see :func:`topoxr.similarity.profile_matrix`).
 
     Parameters
     ----------
@@ -112,10 +112,11 @@ def features_for_metric(X: np.ndarray, metric: str) -> np.ndarray:
 def distance_matrix(X: np.ndarray, metric: str) -> np.ndarray:
     """Dense pairwise distances between profiles, with zero-norm rows handled.
 
-    Under ``"cosine"`` (and ``"correlation"``) a zero profile has no direction: it is
-    given distance 1 (orthogonal) to every other neuron and 0 to itself, which is what
-    scikit-learn's :func:`~sklearn.metrics.pairwise.cosine_distances` does. No epsilon
-    is added to the data.
+    Under ``"cosine"`` (and ``"correlation"``) a zero (or constant) profile has no
+    direction: it is at distance 1 (orthogonal) from every live neuron and 0 from the
+    other degenerate ones, the convention of :func:`topoxr.similarity.pairwise_distances`
+    (scikit-learn's :func:`~sklearn.metrics.pairwise.cosine_distances` puts two zero
+    profiles at 1 instead). No epsilon is added to the data.
 
     Parameters
     ----------
@@ -130,11 +131,8 @@ def distance_matrix(X: np.ndarray, metric: str) -> np.ndarray:
     if metric == "precomputed":
         return X
     if metric in ("cosine", "correlation"):
-        U = features_for_metric(X, metric)
+        U = features_for_metric(X, metric)  # unit rows, degenerate ones included
         D = 1.0 - U @ U.T
-        zero = ~np.any(U, axis=1)
-        D[zero, :] = 1.0
-        D[:, zero] = 1.0
     else:
         D = pairwise_distances(X, metric=metric)
     np.fill_diagonal(D, 0.0)

@@ -218,13 +218,10 @@ def knn_graph(X: np.ndarray, n_neighbors: int, metric: str, features: np.ndarray
 
     Notes
     -----
-    Under ``"cosine"`` and ``"correlation"`` a neuron whose feature row is zero (dead, or
-    constant under ``"correlation"``, see :func:`~topoxr.layouts._base.features_for_metric`)
-    has no direction: it is at distance 1 from every other neuron, as in
-    :func:`~topoxr.layouts._base.distance_matrix` (a Euclidean search on the features
-    would put it at 0.5 from every live neuron and 0 from the other dead ones). Ties at
-    distance 1 are broken towards live neighbours for a live neuron and towards the other
-    dead neurons for a dead one, so that the dead neurons keep together.
+    The features of :func:`~topoxr.layouts._base.features_for_metric` give a dead
+    neuron (and, under ``"correlation"``, a constant one) a direction of its own, shared
+    with the other degenerate neurons: it is at distance 1 from every live neuron and 0
+    from the other degenerate ones, as in :func:`topoxr.similarity.pairwise_distances`.
     """
     n = X.shape[0]
     k = int(min(n_neighbors, n - 1))
@@ -233,53 +230,22 @@ def knn_graph(X: np.ndarray, n_neighbors: int, metric: str, features: np.ndarray
         np.fill_diagonal(D, np.inf)
         idx = np.argpartition(D, k - 1, axis=1)[:, :k]
         dist = np.take_along_axis(D, idx, axis=1)
-    elif metric in ("cosine", "correlation") and not features.any(axis=1).all():
-        idx, dist = _directionless_knn(features, k)
     else:
-        idx, dist = _nearest_others(features, k)
+        from sklearn.neighbors import NearestNeighbors
+
+        nn = NearestNeighbors(n_neighbors=k + 1).fit(features)
+        dist, idx = nn.kneighbors(features)
+        # drop each point itself (duplicates may come first: remove by identity, not rank)
+        self_mask = idx == np.arange(n)[:, None]
+        drop = np.where(self_mask.any(axis=1), self_mask.argmax(axis=1), k)
+        keep = np.ones_like(idx, dtype=bool)
+        keep[np.arange(n), drop] = False
+        idx = idx[keep].reshape(n, k)
+        dist = dist[keep].reshape(n, k)
         if metric in ("cosine", "correlation"):
             dist = dist**2 / 2.0  # chord length of unit vectors -> cosine distance
     order = np.argsort(dist, axis=1, kind="stable")
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1)
-
-
-def _nearest_others(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and Euclidean distances of each row's ``k`` nearest other rows."""
-    from sklearn.neighbors import NearestNeighbors
-
-    n = features.shape[0]
-    if k == 0:
-        return np.zeros((n, 0), dtype=np.intp), np.zeros((n, 0))
-    dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features)
-    # drop each point itself (duplicates may come first: remove by identity, not rank)
-    self_mask = idx == np.arange(n)[:, None]
-    drop = np.where(self_mask.any(axis=1), self_mask.argmax(axis=1), k)
-    keep = np.ones_like(idx, dtype=bool)
-    keep[np.arange(n), drop] = False
-    return idx[keep].reshape(n, k), dist[keep].reshape(n, k)
-
-
-def _directionless_knn(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`knn_graph` under a cosine metric where some rows of ``features`` are zero
-    (see its Notes): cosine distances, not yet sorted."""
-    n = features.shape[0]
-    dead = ~features.any(axis=1)
-    live, gone = np.flatnonzero(~dead), np.flatnonzero(dead)
-    idx, dist = np.empty((n, k), dtype=np.intp), np.empty((n, k))
-    # a live neuron: its nearest live ones, then dead ones at 1 (kept first on ties)
-    near, chord = _nearest_others(features[live], max(0, min(k, len(live) - 1)))
-    fill = gone[:k]
-    cand_idx = np.concatenate([live[near], np.broadcast_to(fill, (len(live), len(fill)))], 1)
-    cand_dist = np.concatenate([chord**2 / 2.0, np.ones((len(live), len(fill)))], 1)
-    first = np.argsort(cand_dist, axis=1, kind="stable")[:, :k]
-    idx[live] = np.take_along_axis(cand_idx, first, axis=1)
-    dist[live] = np.take_along_axis(cand_dist, first, axis=1)
-    # a dead neuron: every other one at 1; the other dead ones first, then live ones
-    others = np.concatenate([gone, live[:k]])
-    steps = np.arange(k)[None, :]
-    idx[gone] = others[steps + (steps >= np.arange(len(gone))[:, None])]
-    dist[gone] = 1.0
-    return idx, dist
 
 
 def fuzzy_weights(dist: np.ndarray, n_iter: int = 64) -> np.ndarray:
