@@ -269,6 +269,43 @@ def test_save_and_load_layouts_in_the_store(store):
         save_layout(store, "model", "dense1", layer, "x")
 
 
+def test_a_layout_in_another_order_is_saved_in_the_layers_order(tmp_path):
+    """A layout whose neurons (or per-epoch epochs) come in another order is saved in
+    the layer's order, matched by label: saved as given, its group did not align with
+    the layer's and ``open_store`` refused the whole store. Layouts of other neurons,
+    repeated neurons, or some epochs only are refused, and nothing is saved."""
+    path = str(tmp_path / "run.zarr")
+    write_store(make_activations(n_neurons=12, random_state=1), path, layer="dense1")
+    layer = topoxr.open_store(path)["model/dense1"].to_dataset()
+    laid = attach(layer, "pca", random_state=0)  # x, y on (neuron, epoch)
+    order = np.random.default_rng(3).permutation(12)
+    shuffled = laid.isel(neuron=order, epoch=[2, 0, 1])
+    save_layout(path, "model", "dense1", shuffled, "pca-0")
+    tree = topoxr.open_store(path)  # refused before
+    saved = tree["model/dense1/layouts/pca-0"].to_dataset()
+    assert saved.neuron.values.tolist() == layer.neuron.values.tolist()
+    assert saved.epoch.values.tolist() == layer.epoch.values.tolist()
+    back = load_layout(path, "model", "dense1", "pca-0", onto=layer)
+    assert_layout_close(back, laid, atol=0)
+    shared = attach(layer, "pca", random_state=0, share="all").isel(neuron=order)
+    save_layout(path, "model", "dense1", shared, "pca-1")
+    back = load_layout(path, "model", "dense1", "pca-1", onto=layer)
+    np.testing.assert_array_equal(back.x.sel(neuron=order).values, shared.x.values)
+    refused = {
+        "other neurons": (laid.assign_coords(neuron=laid.neuron.values + 100),
+                          r"neurons \[100, .*\] that layer 'dense1' does not have"),
+        "repeated neurons": (laid.assign_coords(neuron=np.r_[0, np.arange(11)]),
+                             "repeats neuron labels"),
+        "some epochs": (laid.isel(epoch=[0, 2]),
+                        r"exactly the epochs of layer 'dense1' \[0, 1, 2\].*missing \[1\]"),
+    }
+    for name, (bad, match) in refused.items():
+        with pytest.raises(StoreError, match=match):
+            save_layout(path, "model", "dense1", bad, f"bad-{name.replace(' ', '-')}")
+    tree = topoxr.open_store(path)
+    assert sorted(tree["model/dense1/layouts"].children) == ["pca-0", "pca-1"]
+
+
 def test_a_damaged_or_missing_layout_chunk_is_refused_and_verify_names_it(tmp_path, caplog):
     """A saved layout's arrays end in a crc32c and every chunk is stored: a changed byte
     or a lost chunk is an error naming array and file (in load_layout, open_store and

@@ -625,8 +625,11 @@ def save_layout(
     Raises
     ------
     topoxr.StoreError
-        If the layer does not exist, the neuron count differs, or the name is taken and
-        ``overwrite`` is False.
+        If the layer does not exist; the layout's neurons (by ``neuron`` label, in any
+        order) are not the layer's, or repeat; a per-epoch layout does not cover exactly
+        the layer's epochs; or the name is taken and ``overwrite`` is False. The layout
+        is saved in the layer's neuron and epoch order (a layout in another order made
+        the whole store unopenable: its group did not align with the layer's).
     topoxr.StoreLockedError
         If a writer holds the store (saving waits for no one).
     topoxr.StoreWriteError
@@ -644,10 +647,7 @@ def save_layout(
     if X not in laid.coords or Y not in laid.coords:
         raise StoreError(f"the object has no layout: coordinates {X!r}, {Y!r} are missing")
     loc, group = _layer_group(store, model, layer, "r+", storage_options)
-    n_store = group["activation"].shape[0]
-    if laid.sizes[NEURON] != n_store:
-        raise StoreError(f"the layout has {laid.sizes[NEURON]} neurons, layer {layer!r} has "
-                         f"{n_store}")
+    laid = _in_stored_order(laid, group, layer)
     lock_path = "" if loc.fs is None else loc.fs_path.rstrip("/") + ".topoxr-lock"
     lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=lock_path)
     lock.acquire()
@@ -685,6 +685,40 @@ def save_layout(
 def _staging_name(safe: str) -> str:
     """Where a layout replacing ``safe`` is saved whole first (``~``: no layout's name)."""
     return f"{safe}~saving"
+
+
+def _in_stored_order(laid: Any, group: Any, layer: str) -> Any:
+    """``laid`` with its neurons (and, per epoch, its epochs) in the order of the stored
+    layer ``group``, matched by label; other or repeated labels are refused."""
+    from topoxr.store import StoreError
+    from topoxr.store._schema import _ids_text, _logical_lengths
+
+    neurons = np.asarray(group[NEURON][...])
+    if laid.sizes.get(NEURON) != len(neurons):
+        raise StoreError(f"the layout has {laid.sizes.get(NEURON, 0)} neurons, layer "
+                         f"{layer!r} has {len(neurons)}")
+    if NEURON in laid.indexes:
+        labels = np.asarray(laid[NEURON].values)
+        if len(np.unique(labels)) != len(labels):
+            raise StoreError(f"the layout repeats neuron labels; layer {layer!r} has each once")
+        other = np.setdiff1d(labels, neurons)
+        if len(other):
+            raise StoreError(f"the layout holds neurons {_ids_text(other)} that layer "
+                             f"{layer!r} does not have")
+        laid = laid.sel({NEURON: neurons})
+    if EPOCH in laid.coords[X].dims:
+        _, _, _, epochs = _logical_lengths(dict(group.arrays()))
+        have = np.asarray(laid[EPOCH].values)
+        missing, extra = np.setdiff1d(epochs, have), np.setdiff1d(have, epochs)
+        if len(missing) or len(extra) or len(have) != len(epochs):
+            raise StoreError(
+                f"a per-epoch layout must cover exactly the epochs of layer {layer!r} "
+                f"{_ids_text(epochs)}; it has {_ids_text(have)} (missing "
+                f"{_ids_text(missing)}, not stored {_ids_text(extra)}); lay out every "
+                "epoch, or save one shared layout (x, y on 'neuron' only)"
+            )
+        laid = laid.sel({EPOCH: epochs})
+    return laid
 
 
 def _write_layout(parent: Any, node_name: str, name: str, laid: Any) -> None:
