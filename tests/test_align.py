@@ -127,3 +127,22 @@ def test_assert_layout_close_up_to_rotation():
     assert_layout_close(b, a, up_to_rotation=True, atol=1e-8)
     with pytest.raises(AssertionError):
         assert_layout_close(b, a)
+
+
+@pytest.mark.parametrize("where", ["laid", "reference"])
+def test_align_refuses_repeated_neuron_labels(where):
+    # two layers concatenated, each numbered 0..n-1: a label names two neurons
+    rng = np.random.default_rng(5)
+    n = 12
+
+    def laid_out(ids):
+        pts = rng.random((len(ids), 2))
+        return xr.DataArray(np.zeros(len(ids)), dims="neuron",
+                            coords={"neuron": ids, "x": ("neuron", pts[:, 0]),
+                                    "y": ("neuron", pts[:, 1])})
+
+    twice = laid_out(np.r_[np.arange(n), np.arange(n)])
+    once = laid_out(np.arange(n))
+    laid, reference = (twice, once) if where == "laid" else (once, twice)
+    with pytest.raises(AlignmentError, match=rf"{where} has repeated neuron labels \[0, 1"):
+        align(laid, reference)

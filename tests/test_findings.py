@@ -105,3 +105,109 @@ def test_maps_without_a_layout_are_refused():
     nap = _laid([(k,) for k in range(4)], CLASS, ["label"]).drop_vars(["x", "y"])
     with pytest.raises(ValueError, match="no layout"):
         findings.class_map_findings(nap)
+
+
+def _griddata_map(values: np.ndarray, resolution: int = 64) -> np.ndarray:
+    """The linear map the findings draw, computed with scipy on the neurons' box."""
+    from scipy.interpolate import griddata
+
+    gx, gy = np.meshgrid(np.linspace(X.min(), X.max(), resolution),
+                         np.linspace(Y.min(), Y.max(), resolution))
+    return griddata((X, Y), values, (gx, gy), method="linear")
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def _error_pair(epochs: int | None = None):
+    groups = [(0, 0), (1, 1), (2, 2), (0, 1), (2, 1)]
+    values = [CLASS[0], CLASS[1], CLASS[2], CLASS[1] + 0.3 * CLASS[0], CLASS[2]]
+    cvalues = [CLASS[0], CLASS[1], CLASS[2], CLASS[1], CLASS[2]]
+    if epochs:
+        values = [np.stack([v] * epochs, axis=-1) for v in values]
+        cvalues = [np.stack([v] * epochs, axis=-1) for v in cvalues]
+    by_prediction = _laid(groups, values, ["label", "prediction"], epochs=epochs)
+    by_prediction = by_prediction.assign_coords(count=("group", [10, 10, 10, 3, 1]))
+    by_correct = _laid([(0, True), (1, True), (2, True), (0, False), (2, False)], cvalues,
+                       ["label", "correct"], epochs=epochs)
+    return by_prediction, by_correct
+
+
+def test_error_findings_match_neurons_by_label_and_refuse_other_layouts():
+    by_prediction, by_correct = _error_pair()
+    found = findings.error_findings(by_prediction, by_correct)
+    first = next(p for p in found["pairs"] if p["label"] == 0)
+    assert first["r_true"] == pytest.approx(
+        _pearson(_griddata_map(CLASS[1] + 0.3 * CLASS[0]), _griddata_map(CLASS[0])), abs=1e-9)
+    # the same neurons in another order: matched by label, same answer
+    perm = np.random.default_rng(3).permutation(N)
+    again = findings.error_findings(by_prediction, by_correct.isel(neuron=perm))
+    assert again["pairs"] == found["pairs"]
+    assert again["correct_vs_wrong"] == found["correct_vs_wrong"]
+    # other neuron labels
+    with pytest.raises(ValueError, match="same neurons"):
+        findings.error_findings(by_prediction, by_correct.assign_coords(neuron=np.arange(N) + 100))
+    # a subset of the neurons
+    with pytest.raises(ValueError, match="same neurons"):
+        findings.error_findings(by_prediction, by_correct.isel(neuron=slice(0, N - 5)))
+    # the same neurons laid out elsewhere
+    rng = np.random.default_rng(4)
+    moved = by_correct.assign_coords(x=("neuron", rng.random(N)), y=("neuron", rng.random(N)))
+    with pytest.raises(ValueError, match="same layout"):
+        findings.error_findings(by_prediction, moved)
+
+
+def test_error_findings_refuse_per_epoch_layouts_that_differ_at_the_epoch_used():
+    by_prediction, by_correct = _error_pair(epochs=2)
+    xs = np.stack([X, X], axis=1)
+    ys = np.stack([Y, Y], axis=1)
+    per_epoch = {"x": (("neuron", "epoch"), xs), "y": (("neuron", "epoch"), ys)}
+    by_prediction = by_prediction.assign_coords(per_epoch)
+    same = findings.error_findings(by_prediction, by_correct.assign_coords(per_epoch))
+    assert same == findings.error_findings(by_prediction.isel(epoch=-1),
+                                           by_correct.isel(epoch=-1))
+    moved = xs.copy()
+    moved[:, -1] = np.random.default_rng(5).random(N)
+    other = by_correct.assign_coords(x=(("neuron", "epoch"), moved),
+                                     y=(("neuron", "epoch"), ys))
+    with pytest.raises(ValueError, match="same layout"):
+        findings.error_findings(by_prediction, other)
+    with pytest.raises(ValueError, match="epoch"):
+        findings.error_findings(by_prediction, by_correct.assign_coords(epoch=[0, 5]))
+
+
+def test_max_pair_is_none_when_no_pair_correlates():
+    # one class with a map, two empty at the last epoch (NaN NAPs): no pair has a correlation
+    empty = np.full(N, np.nan)
+    found = findings.class_map_findings(_laid([("cat",), ("dog",), ("eel",)],
+                                              [CLASS[0], empty, empty], ["label"]))
+    assert found["max_pair"] is None
+    assert np.isnan(found["mean_correlation"])
+    # with a finite pair, the most alike pair of two different classes
+    alike = findings.class_map_findings(
+        _laid([(k,) for k in range(3)], [CLASS[0], CLASS[1], CLASS[1] + 0.1 * CLASS[2]],
+              ["label"]))
+    assert alike["max_pair"]["groups"] == [1, 2]
+    assert alike["max_pair"]["correlation"] == pytest.approx(
+        _pearson(_griddata_map(CLASS[1]), _griddata_map(CLASS[1] + 0.1 * CLASS[2])), abs=1e-9)
+
+
+@pytest.mark.parametrize("levels", [("female", "male"), (1, 2), (True,), (0, 1, 2)])
+def test_bias_findings_refuse_an_attribute_that_is_not_boolean(levels):
+    groups = [(k, m) for k in range(2) for m in levels]
+    nap = _laid(groups, [CLASS[k] + (CLASS[3] if m == levels[-1] else 0) for k, m in groups],
+                ["label", "sex"])
+    with pytest.raises(ValueError, match="boolean"):
+        findings.bias_findings(nap, nap, attribute="sex")
+
+
+def test_bias_findings_accept_a_zero_one_attribute():
+    groups = [(k, m) for k in range(2) for m in (0, 1)]
+    marked = [CLASS[k] + (CLASS[3] if m else 0) for k, m in groups]
+    nap = _laid(groups, marked, ["label", "marked"])
+    found = findings.bias_findings(nap, nap, attribute="marked")
+    for k in range(2):
+        expected = 1 - _pearson(_griddata_map(CLASS[k] + CLASS[3]), _griddata_map(CLASS[k]))
+        assert found["biased"]["effect"][k] == pytest.approx(expected, abs=1e-9)

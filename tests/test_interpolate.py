@@ -142,6 +142,47 @@ def test_dataarray_layout_constructor():
         GridInterpolator.from_layout(da.drop_vars("x"))
 
 
+def test_from_layout_refuses_a_per_epoch_layout():
+    rng = np.random.default_rng(8)
+    n, epochs = 12, 3
+    xs, ys = rng.random((n, epochs)), rng.random((n, epochs))
+    da = xr.DataArray(rng.normal(size=(n, epochs)), dims=("neuron", "epoch"),
+                      coords={"neuron": np.arange(n), "epoch": np.arange(epochs),
+                              "x": (("neuron", "epoch"), xs), "y": (("neuron", "epoch"), ys)})
+    with pytest.raises(InterpolationError, match=r"one epoch.*sel\(epoch="):
+        GridInterpolator.from_layout(da, resolution=20)
+    one = GridInterpolator.from_layout(da.sel(epoch=1), resolution=20)
+    assert one.n_neurons == n
+    values = da.sel(epoch=1).values
+    got = one(values)
+    np.testing.assert_allclose(got, _griddata(xs[:, 1], ys[:, 1], values, one, "linear"),
+                               atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("border", ["mean", 0.0])
+def test_box_extrapolation_fills_the_given_bounds(border):
+    rng = np.random.default_rng(9)
+    x, y = 0.2 + 0.6 * rng.random(50), 0.2 + 0.6 * rng.random(50)
+    values = np.sin(6 * x) + y
+    interp = GridInterpolator(x, y, resolution=50, extrapolate="box", border=border,
+                              bounds=(0, 1, 0, 1))
+    got = interp(values)
+    assert interp.bounds == (0.0, 1.0, 0.0, 1.0)
+    assert interp.mask.all() and np.isfinite(got).all()
+    if border == 0.0:  # the helper points sit on the grid's corners
+        assert got[0, 0] == got[0, -1] == got[-1, 0] == got[-1, -1] == 0.0
+    # bounds inside the neurons' box: the helpers stay around the neurons
+    inner = GridInterpolator(x, y, resolution=20, extrapolate="box", border=border,
+                             bounds=(0.4, 0.6, 0.4, 0.6))
+    assert np.isfinite(inner(values)).all()
+    # without bounds the grid is the neurons' box enlarged by margin * extent
+    pad = 0.1 * max(np.ptp(x), np.ptp(y))
+    default = GridInterpolator(x, y, resolution=20, extrapolate="box", margin=0.1)
+    np.testing.assert_allclose(default.bounds, [x.min() - pad, x.max() + pad,
+                                                y.min() - pad, y.max() + pad], atol=1e-12)
+    assert np.isfinite(default(values)).all()
+
+
 @pytest.mark.parametrize(
     ("x", "y", "match"),
     [

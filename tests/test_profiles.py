@@ -152,3 +152,30 @@ def test_distances_without_epoch_and_from_raw_activations():
     np.testing.assert_allclose(d.values, cdist(prof.values, prof.values), atol=1e-6)
     with pytest.raises(TypeError):
         distances(np.ones((3, 3)))
+
+
+def test_epochs_select_the_epochs_of_nap_input():
+    ds = make_activations(n_neurons=12, n_samples=80, n_labels=4)
+    nap = naps(ds, by="label")
+    for epochs, kept in (([2], [2]), (1, [1]), ([2, 0], [2, 0])):
+        prof = profiles(nap, epochs=epochs)
+        assert prof["epoch"].values.tolist() == kept
+        np.testing.assert_array_equal(prof.values, nap.sel(epoch=kept).values)
+    # the same epochs as the NAPs computed from the activations
+    np.testing.assert_allclose(profiles(nap, epochs=[2]).values,
+                               profiles(ds, epochs=[2]).values, atol=1e-6)
+    with pytest.raises(ProfileError, match=r"not all in \[0, 1, 2\]"):
+        profiles(nap, epochs=[7])
+    with pytest.raises(ProfileError, match="no epoch dimension"):
+        profiles(nap.isel(epoch=0), epochs=[0])
+
+
+@pytest.mark.parametrize("source", ["naps", "activations"])
+def test_an_empty_epoch_selection_is_refused(source):
+    ds = make_activations(n_neurons=12, n_samples=80)
+    for obj in (ds, naps(ds)):
+        with pytest.raises((ProfileError, ValueError), match="selects no epoch"):
+            profiles(obj, source=source, epochs=[])
+    if source == "activations":
+        with pytest.raises(ProfileError, match=r"not all in \[0, 1, 2\]"):
+            profiles(ds, source=source, epochs=[9])

@@ -220,3 +220,60 @@ def test_knn_overlap_perfect_random_and_sampled():
     sampled = knn_overlap(P, P + rng.normal(scale=0.05, size=P.shape), k=10, n_queries=100)
     full = knn_overlap(P, P + rng.normal(scale=0.05, size=P.shape), k=10, n_queries=None)
     assert 0.3 < sampled <= 1.0 and 0.3 < full <= 1.0
+
+
+def _labelled_pair(n=60, f=6, seed=0):
+    """Profiles (neuron, feature) and a layout (neuron, coord), labelled 100..100+n."""
+    X, _ = _clustered(n=n, f=f, seed=seed)
+    E = X[:, :2] + np.random.default_rng(seed + 1).normal(scale=0.5, size=(n, 2))
+    ids = np.arange(100, 100 + n)
+    prof = xr.DataArray(X, dims=("neuron", "feature"), coords={"neuron": ids})
+    pos = xr.DataArray(E, dims=("neuron", "coord"), coords={"neuron": ids, "coord": ["x", "y"]})
+    return X, E, prof, pos
+
+
+def test_array_metrics_match_labelled_inputs_by_neuron_label():
+    from scipy.spatial.distance import pdist
+    from scipy.stats import spearmanr
+
+    from topoxr.metrics import knn_overlap
+
+    X, E, prof, pos = _labelled_pair()
+    perm = np.random.default_rng(2).permutation(len(X))
+    shuffled = prof.isel(neuron=perm).transpose("feature", "neuron")  # other order, other dims
+    k = 5
+    assert trustworthiness(shuffled, pos, k) == pytest.approx(
+        sk_trustworthiness(X, E, n_neighbors=k), abs=1e-12)
+    assert continuity(shuffled, pos, k) == pytest.approx(
+        sk_trustworthiness(E, X, n_neighbors=k), abs=1e-12)
+    assert rank_correlation(shuffled, pos) == pytest.approx(
+        spearmanr(pdist(X), pdist(E)).statistic, abs=1e-12)
+    assert knn_overlap(shuffled, pos, k) == knn_overlap(X, E, k)
+    # the layout shuffled instead: the profiles' order is the layout's
+    assert trustworthiness(prof, pos.isel(neuron=perm), k) == pytest.approx(
+        sk_trustworthiness(X[perm], E[perm], n_neighbors=k), abs=1e-12)
+
+
+def test_array_metrics_refuse_labelled_inputs_of_other_neurons():
+    _, _, prof, pos = _labelled_pair()
+    with pytest.raises(QualityError, match="lack neurons"):
+        trustworthiness(prof.assign_coords(neuron=prof.neuron.values + 1000), pos, 5)
+    with pytest.raises(QualityError, match="repeated neuron labels"):
+        rank_correlation(prof.assign_coords(neuron=np.zeros(prof.sizes["neuron"], int)), pos)
+
+
+def test_array_metrics_pair_a_plain_array_by_position():
+    X, E, prof, pos = _labelled_pair()
+    perm = np.random.default_rng(3).permutation(len(X))
+    # one side without neuron labels: rows are paired by position (documented)
+    assert trustworthiness(prof.isel(neuron=perm), E[perm], 5) == pytest.approx(
+        sk_trustworthiness(X[perm], E[perm], n_neighbors=5), abs=1e-12)
+    assert trustworthiness(X, pos, 5) == pytest.approx(
+        sk_trustworthiness(X, E, n_neighbors=5), abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_quality_refuses_k_below_one(k):
+    laid = attach(make_activations(n_neurons=20), "pca", random_state=0)
+    with pytest.raises(QualityError, match="k must be >= 1"):
+        quality(laid, k=k)

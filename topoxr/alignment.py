@@ -185,9 +185,10 @@ def align(
         Object with the reference ``x``, ``y`` on ``neuron``.
     match : {"shared", "activity"}, default "shared"
         ``"shared"``: neurons with the same ``neuron`` label in both objects (layers of
-        one model, epochs of one layer). ``"activity"``: neurons of different models,
-        matched one to one by the correlation of the objects' values
-        (:func:`match_neurons`), e.g. NAPs over the same labels.
+        one model, epochs of one layer); each label must name one neuron in each object.
+        ``"activity"``: neurons of different models, matched one to one by the
+        correlation of the objects' values (:func:`match_neurons`), e.g. NAPs over the
+        same labels.
     rescale : bool, default True
         Scale the aligned layout into the unit square (see :func:`procrustes`).
 
@@ -200,10 +201,18 @@ def align(
     Raises
     ------
     AlignmentError
-        Without layouts or with fewer than two shared/matched neurons.
+        Without layouts, with fewer than two shared/matched neurons, or (for
+        ``match="shared"``) with repeated neuron labels in ``laid`` or ``reference``.
     """
+    from topoxr.similarity import ProfileError, _neuron_labels
+
     P, Q = _xy(laid), _xy(reference)
     if match == "shared":
+        for obj, what in ((laid, "laid"), (reference, "reference")):
+            try:  # a repeated label would be matched to one of its neurons only
+                _neuron_labels(obj, what)
+            except ProfileError as err:
+                raise AlignmentError(str(err)) from err
         ids_l = np.asarray(laid[NEURON].values)
         ids_r = np.asarray(reference[NEURON].values)
         common, pos_l, pos_r = np.intersect1d(ids_l, ids_r, return_indices=True)

@@ -49,21 +49,26 @@ def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
+def _positions(nap: xr.DataArray) -> np.ndarray:
+    """The fixed layout ``(neuron, 2)`` of laid-out NAPs."""
+    if X not in nap.coords or Y not in nap.coords:
+        raise ValueError("the NAPs have no layout: coordinates 'x' and 'y' on 'neuron' are "
+                         "missing (lay them out first)")
+    if nap[X].dims != (NEURON,) or nap[Y].dims != (NEURON,):
+        raise ValueError(f"the findings need one fixed layout ('x' on 'neuron'), got 'x' on "
+                         f"{nap[X].dims}")
+    return np.stack([np.asarray(nap[X].values, float), np.asarray(nap[Y].values, float)], 1)
+
+
 def _maps(nap: xr.DataArray, resolution: int) -> np.ndarray:
     """Interpolated maps ``(group, [epoch,] ny, nx)`` of laid-out NAPs on a fixed layout."""
     from topoxr.interpolate import GridInterpolator
 
-    if X not in nap.coords or Y not in nap.coords:
-        raise ValueError("the NAPs have no layout: coordinates 'x' and 'y' on 'neuron' are "
-                         "missing (lay them out first)")
-    if nap[X].dims != (NEURON,):
-        raise ValueError(f"the findings need one fixed layout ('x' on 'neuron'), got 'x' on "
-                         f"{nap[X].dims}")
+    pos = _positions(nap)
     gdim = _groups(nap)[0]
     order = [gdim, *([EPOCH] if EPOCH in nap.dims else []), NEURON]
     values = np.asarray(nap.transpose(*order).values, dtype=np.float64)
-    interp = GridInterpolator(np.asarray(nap[X].values, float), np.asarray(nap[Y].values, float),
-                              resolution=resolution)
+    interp = GridInterpolator(pos[:, 0], pos[:, 1], resolution=resolution)
     flat = values.reshape(-1, values.shape[-1])
     out = np.full((len(flat), *interp.shape), np.nan)
     ok = np.isfinite(flat).all(axis=1)
@@ -97,6 +102,34 @@ def _last(nap: xr.DataArray) -> xr.DataArray:
     return nap.isel({EPOCH: -1}) if EPOCH in nap.dims else nap
 
 
+def _on_same_layout(ref: xr.DataArray, other: xr.DataArray, names: tuple[str, str],
+                    ) -> xr.DataArray:
+    """``other`` with ``ref``'s neurons in ``ref``'s order, refused unless it holds the same
+    neurons (by label) at the same positions, at the same epoch."""
+    from topoxr.similarity import _neuron_labels
+
+    want, have = _neuron_labels(ref, names[0]), _neuron_labels(other, names[1])
+    if ref.sizes[NEURON] != other.sizes[NEURON] or (want is None) != (have is None) or (
+            want is not None and np.setdiff1d(want, have).size):
+        detail = ("" if want is None or have is None else
+                  f"; {names[0]} only: {np.setdiff1d(want, have)[:10].tolist()}, "
+                  f"{names[1]} only: {np.setdiff1d(have, want)[:10].tolist()}")
+        raise ValueError(f"{names[0]} and {names[1]} must hold the same neurons, matched by "
+                         f"their 'neuron' labels (both labelled, or neither): "
+                         f"{ref.sizes[NEURON]} and {other.sizes[NEURON]} neurons{detail}")
+    if want is not None and not np.array_equal(want, have):
+        other = other.sel({NEURON: want})
+    if EPOCH in ref.coords and EPOCH in other.coords and ref[EPOCH].values.tolist() != \
+            other[EPOCH].values.tolist():
+        raise ValueError(f"{names[0]} and {names[1]} end at different epochs "
+                         f"({_plain(ref[EPOCH].values)} and {_plain(other[EPOCH].values)}); "
+                         "the findings compare the maps of the last epoch")
+    if not np.allclose(_positions(ref), _positions(other), rtol=1e-6, atol=1e-9):
+        raise ValueError(f"{names[0]} and {names[1]} must be on the same layout: the same "
+                         "neurons have other x/y positions (attach one layout to both)")
+    return other
+
+
 def class_map_findings(
     laid_naps: xr.DataArray, *, resolution: int = 64, threshold: float = 0.5
 ) -> dict[str, Any]:
@@ -116,8 +149,10 @@ def class_map_findings(
     dict
         ``mean_correlation`` (mean over pairs of classes of the correlation of their
         maps: near 1, all classes look alike; near 0 or below, distinct), ``max_pair``
-        (the most alike pair and its correlation), and per class ``blob_count`` and
-        ``blob_area`` (mean blob area as a fraction of the map).
+        (the most alike pair of two classes and its correlation; None when there are
+        fewer than two classes or no pair has a finite correlation, e.g. classes with
+        empty or constant maps), and per class ``blob_count`` and ``blob_area`` (mean
+        blob area as a fraction of the map).
     """
     from topoxr.metrics import blobs
 
@@ -133,12 +168,15 @@ def class_map_findings(
     finite = upper[np.isfinite(upper)]
     found = blobs(maps, threshold=threshold)
     names = [_name(g) for g in groups]
-    best = np.unravel_index(np.nanargmax(np.where(np.isfinite(corr), corr, -np.inf)), corr.shape)
+    max_pair = None
+    if finite.size:
+        best = np.unravel_index(np.argmax(np.where(np.isfinite(corr), corr, -np.inf)),
+                                corr.shape)
+        max_pair = {"groups": [names[best[0]], names[best[1]]], "correlation": float(corr[best])}
     return {
         "key": keys[0] if len(keys) == 1 else keys,
         "mean_correlation": float(finite.mean()) if finite.size else float("nan"),
-        "max_pair": {"groups": [names[best[0]], names[best[1]]],
-                     "correlation": float(corr[best])} if n > 1 else None,
+        "max_pair": max_pair,
         "blob_count": dict(zip(names, found["count"].astype(int).tolist(), strict=True)),
         "blob_area": dict(zip(names, np.round(found["area"], 4).tolist(), strict=True)),
         "mean_blob_count": float(found["count"].mean()),
@@ -164,7 +202,9 @@ def error_findings(
     by_prediction : xarray.DataArray
         Laid-out NAPs grouped by ``["label", "prediction"]``.
     by_correct : xarray.DataArray
-        The same layer's NAPs grouped by ``["label", "correct"]`` on the same layout.
+        The same layer's NAPs grouped by ``["label", "correct"]`` on the same layout: the
+        same neurons (matched by their ``neuron`` labels, in any order) at the same
+        ``x``/``y`` positions at the last epoch, which the findings use.
     resolution : int, default 64
         Grid of the maps.
 
@@ -175,6 +215,13 @@ def error_findings(
         ``mean_r_predicted`` (weighted by the pairs' sample counts), ``closer_to_predicted``
         (share of wrong samples whose map is closer to the predicted class) and, per class,
         ``correct_vs_wrong`` (correlation of its correct and wrong maps).
+
+    Raises
+    ------
+    ValueError
+        If the NAPs are not grouped by those keys, have no fixed layout, hold other
+        neurons than each other (or repeated neuron labels), place them at other
+        positions, or end at different epochs.
     """
     pred, corr_ = _last(by_prediction), _last(by_correct)
     _, pkeys, pgroups = _groups(pred)
@@ -182,6 +229,7 @@ def error_findings(
     if set(pkeys) != {"label", "prediction"} or set(ckeys) != {"label", "correct"}:
         raise ValueError(f"error_findings needs NAPs by ['label', 'prediction'] and by "
                          f"['label', 'correct'], got {pkeys} and {ckeys}")
+    corr_ = _on_same_layout(pred, corr_, ("by_prediction", "by_correct"))
     pmaps, cmaps = _maps(pred, resolution), _maps(corr_, resolution)
     li, pi = pkeys.index("label"), pkeys.index("prediction")
     cl, cc = ckeys.index("label"), ckeys.index("correct")
@@ -242,7 +290,8 @@ def bias_findings(
         Laid-out NAPs grouped by ``["label", attribute]`` of the model trained on biased
         data and of the same model trained without the bias.
     attribute : str
-        The boolean sample attribute (e.g. ``"marked"``).
+        The boolean sample attribute (e.g. ``"marked"``): its levels in the NAPs must be
+        exactly False and True (or 0 and 1).
     resolution : int, default 64
         Grid of the maps.
 
@@ -251,6 +300,12 @@ def bias_findings(
     dict
         ``effect`` per class for ``biased`` and ``control``, their means, and ``ratio``
         (biased mean over control mean).
+
+    Raises
+    ------
+    ValueError
+        If the NAPs are not grouped by ``["label", attribute]``, have no fixed layout, or
+        the attribute does not have exactly the two levels False and True (0 and 1).
     """
     out: dict[str, Any] = {"attribute": attribute}
     for name, nap in (("biased", biased), ("control", control)):
@@ -258,8 +313,14 @@ def bias_findings(
         _, keys, groups = _groups(nap)
         if set(keys) != {"label", attribute}:
             raise ValueError(f"bias_findings needs NAPs by ['label', {attribute!r}], got {keys}")
-        maps = _maps(nap, resolution)
         li, ai = keys.index("label"), keys.index(attribute)
+        levels = sorted({g[ai] for g in groups}, key=str)
+        if len(levels) != 2 or not all(isinstance(v, bool | int | float) and v in (0, 1)
+                                       for v in levels):
+            raise ValueError(f"bias_findings needs a boolean attribute with the two levels "
+                             f"False and True (or 0 and 1); {attribute!r} of {name} has "
+                             f"levels {levels} (recode it as True/False first)")
+        maps = _maps(nap, resolution)
         with_, without = {}, {}
         for i, g in enumerate(groups):
             (with_ if bool(g[ai]) else without)[g[li]] = maps[i]

@@ -61,8 +61,9 @@ class GridInterpolator:
         ``plot_topomap``). ``"hull"``: nothing is drawn there (NaN), the honest default.
         ``"local"``: the hull is enlarged by ``margin`` (relative to the layout's extent)
         with helper points whose value is ``border``; pixels outside the enlarged hull
-        are NaN. ``"box"``: helper points on the border of the grid's box, so every pixel
-        gets a value.
+        are NaN. ``"box"``: helper points on the border of a box around the neurons (their
+        bounding box enlarged by ``margin``, and by ``bounds`` when given), so every pixel
+        of the grid gets a value.
     border : "mean" or float, default "mean"
         Value of the helper points of ``"local"``/``"box"`` extrapolation: the mean of
         the ``n_border_neighbors`` nearest neurons, or a constant (e.g. ``0``).
@@ -131,7 +132,14 @@ class GridInterpolator:
         self.n_neurons = len(points)
         self.points = points
 
-        extra = _helper_points(points, extrapolate, margin) if extrapolate != "hull" else None
+        if bounds is not None:
+            bounds = tuple(map(float, bounds))
+            if len(bounds) != 4 or not (bounds[0] < bounds[1] and bounds[2] < bounds[3]):
+                raise ValueError(
+                    f"bounds must be (xmin, xmax, ymin, ymax) with xmin < xmax and "
+                    f"ymin < ymax, got {bounds}")
+        extra = (_helper_points(points, extrapolate, margin, bounds)
+                 if extrapolate != "hull" else None)
         all_points = points if extra is None else np.vstack([points, extra])
         try:
             self.triangulation = Delaunay(all_points)
@@ -144,9 +152,7 @@ class GridInterpolator:
         if bounds is None:
             lo, hi = all_points.min(axis=0), all_points.max(axis=0)
             bounds = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
-        xmin, xmax, ymin, ymax = map(float, bounds)
-        if not (xmin < xmax and ymin < ymax):
-            raise ValueError(f"bounds must satisfy xmin < xmax and ymin < ymax, got {bounds}")
+        xmin, xmax, ymin, ymax = bounds
         self.bounds = (xmin, xmax, ymin, ymax)
         self.xs = np.linspace(xmin, xmax, nx)
         self.ys = np.linspace(ymin, ymax, ny)
@@ -316,8 +322,10 @@ class GridInterpolator:
         Parameters
         ----------
         obj : xarray.DataArray or xarray.Dataset
-            An object with layout coordinates :data:`topoxr.conventions.X` and
-            :data:`topoxr.conventions.Y` on the ``neuron`` dimension.
+            An object with one layout: coordinates :data:`topoxr.conventions.X` and
+            :data:`topoxr.conventions.Y` on ``("neuron",)``. For a per-epoch layout
+            (``x`` on ``("neuron", "epoch")``) select one epoch first, e.g.
+            ``GridInterpolator.from_layout(obj.sel(epoch=e))``.
         **kwargs
             Passed to :class:`GridInterpolator`.
 
@@ -329,10 +337,18 @@ class GridInterpolator:
         ------
         topoxr.conventions.ConventionError
             If the layout coordinates are missing.
+        InterpolationError
+            If ``x`` or ``y`` is not on ``("neuron",)`` alone (a per-epoch layout).
         """
         from topoxr import conventions as cv
 
         cv.validate(obj, dims=(cv.NEURON,), coords=(cv.X, cv.Y))
+        for name in (cv.X, cv.Y):
+            if obj[name].dims != (cv.NEURON,):
+                raise InterpolationError(
+                    f"from_layout needs one layout with {name!r} on ('neuron',), got "
+                    f"{name!r} on {obj[name].dims}; for a per-epoch layout select one epoch "
+                    f"first, e.g. GridInterpolator.from_layout(obj.sel(epoch=e))")
         return cls(obj[cv.X].values, obj[cv.Y].values, **kwargs)
 
     def __repr__(self) -> str:
@@ -434,12 +450,16 @@ def _parse_points(x: Any, y: Any) -> np.ndarray:
     return np.column_stack([xa, ya])
 
 
-def _helper_points(points: np.ndarray, extrapolate: str, margin: float) -> np.ndarray:
+def _helper_points(points: np.ndarray, extrapolate: str, margin: float,
+                   bounds: tuple[float, ...] | None = None) -> np.ndarray:
     lo, hi = points.min(axis=0), points.max(axis=0)
     extent = float(np.max(hi - lo)) or 1.0
     pad = margin * extent
     if extrapolate == "box":
         lo, hi = lo - pad, hi + pad
+        if bounds is not None:  # the box holds the grid, so every pixel gets a value
+            lo = np.minimum(lo, [bounds[0], bounds[2]])
+            hi = np.maximum(hi, [bounds[1], bounds[3]])
         t = np.linspace(0.0, 1.0, 9)[:-1]  # 8 points per side, corners included once
         bottom = np.column_stack([lo[0] + t * (hi[0] - lo[0]), np.full_like(t, lo[1])])
         right = np.column_stack([np.full_like(t, hi[0]), lo[1] + t * (hi[1] - lo[1])])

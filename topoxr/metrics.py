@@ -1,8 +1,9 @@
 """How good is a layout? Neighbourhood preservation and map smoothness.
 
 Array-level functions work on numpy arrays (``X``: profiles ``(n, f)``, ``embedding``:
-positions ``(n, 2)``, ``maps``: images ``(..., ny, nx)``); :func:`quality` applies them to
-a laid-out xarray object, per epoch.
+positions ``(n, 2)``, ``maps``: images ``(..., ny, nx)``), paired row by row; two
+DataArrays with a ``neuron`` dim are paired by neuron label instead. :func:`quality`
+applies them to a laid-out xarray object, per epoch.
 
 * :func:`trustworthiness` / :func:`continuity`: are the map's neighbours neighbours in
   profile space (and vice versa)? Same definition as
@@ -37,7 +38,14 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
-from topoxr.similarity import ATTR_PROFILE, FEATURE, _match_neurons, profile_matrix, profiles
+from topoxr.similarity import (
+    ATTR_PROFILE,
+    FEATURE,
+    ProfileError,
+    _match_neurons,
+    profile_matrix,
+    profiles,
+)
 
 __all__ = [
     "QualityError",
@@ -67,7 +75,26 @@ class QualityError(ValueError):
     """Inputs of a quality metric are inconsistent or unusable."""
 
 
+def _by_neuron(obj: Any) -> Any:
+    """An xarray object with a ``neuron`` dim as rows, anything else as it is."""
+    if isinstance(obj, xr.DataArray) and NEURON in obj.dims:
+        return obj.transpose(NEURON, ...)
+    return obj
+
+
 def _check_pair(X: Any, embedding: Any, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Profiles and positions as arrays with one row per neuron, in the same order.
+
+    Two DataArrays with a ``neuron`` dim are matched by neuron label (``X`` put in the
+    embedding's order; other labels are refused); otherwise rows are paired by position.
+    """
+    X, embedding = _by_neuron(X), _by_neuron(embedding)
+    if all(isinstance(a, xr.DataArray) and NEURON in a.dims for a in (X, embedding)):
+        try:
+            X = _match_neurons(X, embedding)
+        except ProfileError as err:
+            raise QualityError(f"X (the profiles) and the embedding (the object) are "
+                               f"matched by neuron label: {err}") from err
     E = np.asarray(embedding, dtype=np.float64)
     if E.ndim != 2:
         raise QualityError(f"embedding must be 2-D (n, d), got shape {E.shape}")
@@ -132,10 +159,14 @@ def neighborhood_preservation(
 
     Parameters
     ----------
-    X : array_like, shape (n, f)
-        Profiles (high-dimensional space).
-    embedding : array_like, shape (n, 2)
-        The layout.
+    X : array_like or xarray.DataArray, shape (n, f)
+        Profiles (high-dimensional space). One row per neuron: a DataArray with a
+        ``neuron`` dim has its neurons as rows whatever its dim order.
+    embedding : array_like or xarray.DataArray, shape (n, 2)
+        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
+        dim, their neurons are matched by label (``X`` taken in the embedding's order;
+        other or repeated labels are refused). Otherwise (numpy arrays, or one side
+        without a ``neuron`` dim) rows are paired by position.
     k : int, default 10
         Neighbourhood size; ``1 <= k < n / 2``.
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
@@ -152,6 +183,14 @@ def neighborhood_preservation(
     -------
     trustworthiness, continuity : float
         In ``[0, 1]``; 1 means every neighbourhood is preserved.
+
+    Raises
+    ------
+    QualityError
+        For rows that do not pair up (counts, or neuron labels of labelled inputs),
+        ``k`` out of range, a bad ``n_queries``, or NaN or inf positions.
+    topoxr.similarity.ProfileError
+        For NaN or inf profiles or an unknown metric.
     """
     from sklearn.metrics import pairwise_distances
 
@@ -192,10 +231,14 @@ def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float
 
     Parameters
     ----------
-    X : array_like of shape (n_neurons, n_features)
-        Neuron profiles.
-    embedding : array_like of shape (n_neurons, 2)
-        The layout.
+    X : array_like or xarray.DataArray of shape (n_neurons, n_features)
+        Neuron profiles. One row per neuron: a DataArray with a ``neuron`` dim has its
+        neurons as rows whatever its dim order.
+    embedding : array_like or xarray.DataArray of shape (n_neurons, 2)
+        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
+        dim, their neurons are matched by label (``X`` taken in the embedding's order;
+        other or repeated labels are refused). Otherwise (numpy arrays, or one side
+        without a ``neuron`` dim) rows are paired by position.
     k : int, default 10
         Neighbourhood size.
     **kwargs
@@ -206,6 +249,11 @@ def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float
     -------
     float
         Between 0 and 1 (higher is better; about 0.5 for a random layout).
+
+    Raises
+    ------
+    QualityError, topoxr.similarity.ProfileError
+        See :func:`neighborhood_preservation`.
 
     Examples
     --------
@@ -224,10 +272,14 @@ def continuity(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float:
 
     Parameters
     ----------
-    X : array_like of shape (n_neurons, n_features)
-        Neuron profiles.
-    embedding : array_like of shape (n_neurons, 2)
-        The layout.
+    X : array_like or xarray.DataArray of shape (n_neurons, n_features)
+        Neuron profiles. One row per neuron: a DataArray with a ``neuron`` dim has its
+        neurons as rows whatever its dim order.
+    embedding : array_like or xarray.DataArray of shape (n_neurons, 2)
+        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
+        dim, their neurons are matched by label (``X`` taken in the embedding's order;
+        other or repeated labels are refused). Otherwise (numpy arrays, or one side
+        without a ``neuron`` dim) rows are paired by position.
     k : int, default 10
         Neighbourhood size.
     **kwargs
@@ -238,6 +290,11 @@ def continuity(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float:
     -------
     float
         Between 0 and 1 (higher is better).
+
+    Raises
+    ------
+    QualityError, topoxr.similarity.ProfileError
+        See :func:`neighborhood_preservation`.
     """
     return neighborhood_preservation(X, embedding, k, **kwargs)[1]
 
@@ -254,10 +311,14 @@ def rank_correlation(
 
     Parameters
     ----------
-    X : array_like, shape (n, f)
-        Profiles.
-    embedding : array_like, shape (n, 2)
-        The layout.
+    X : array_like or xarray.DataArray, shape (n, f)
+        Profiles. One row per neuron: a DataArray with a ``neuron`` dim has its
+        neurons as rows whatever its dim order.
+    embedding : array_like or xarray.DataArray, shape (n, 2)
+        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
+        dim, their neurons are matched by label (``X`` taken in the embedding's order;
+        other or repeated labels are refused). Otherwise (numpy arrays, or one side
+        without a ``neuron`` dim) rows are paired by position.
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
         Profile distance. Cosine is evaluated as the (monotone) chord distance of
         normalised profiles, which gives the same ranks.
@@ -271,6 +332,14 @@ def rank_correlation(
     -------
     float
         In ``[-1, 1]``; NaN when one of the distance sets is constant.
+
+    Raises
+    ------
+    QualityError
+        For rows that do not pair up (counts, or neuron labels of labelled inputs),
+        fewer than 3 neurons, or NaN or inf positions.
+    topoxr.similarity.ProfileError
+        For NaN or inf profiles or an unknown metric.
     """
     from scipy.spatial.distance import pdist
     from scipy.stats import spearmanr
@@ -470,10 +539,14 @@ def knn_overlap(
 
     Parameters
     ----------
-    X : array_like, shape (n, f)
-        Profiles.
-    embedding : array_like, shape (n, 2)
-        The layout.
+    X : array_like or xarray.DataArray, shape (n, f)
+        Profiles. One row per neuron: a DataArray with a ``neuron`` dim has its
+        neurons as rows whatever its dim order.
+    embedding : array_like or xarray.DataArray, shape (n, 2)
+        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
+        dim, their neurons are matched by label (``X`` taken in the embedding's order;
+        other or repeated labels are refused). Otherwise (numpy arrays, or one side
+        without a ``neuron`` dim) rows are paired by position.
     k : int, default 10
         Neighbourhood size; ``1 <= k < n / 2``.
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
@@ -487,6 +560,14 @@ def knn_overlap(
     -------
     float
         In ``[0, 1]``; ``k / (n - 1)`` is expected from a random layout.
+
+    Raises
+    ------
+    QualityError
+        For rows that do not pair up (counts, or neuron labels of labelled inputs),
+        ``k`` out of range, or NaN or inf positions.
+    topoxr.similarity.ProfileError
+        For NaN or inf profiles or an unknown metric.
 
     Examples
     --------
@@ -583,8 +664,8 @@ def quality(
         per-epoch layouts), e.g. the result of :func:`topoxr.layouts.attach`: NAPs or
         activations.
     k : int, default 10
-        Neighbourhood size of trustworthiness and continuity (reduced to ``(n-1)//2`` for
-        tiny layers, recorded in the attributes).
+        Neighbourhood size of trustworthiness and continuity, at least 1 (reduced to
+        ``(n-1)//2`` for tiny layers, recorded in the attributes).
     metric : str, optional
         Profile distance; default: the layout's metric from its ``topoxr_layout``
         attribute, else ``"cosine"``.
@@ -618,6 +699,13 @@ def quality(
         of the profiles compared with (JSON, as :func:`topoxr.profiles` records it;
         ``null`` for given profiles without one).
 
+    Raises
+    ------
+    QualityError
+        For ``k < 1``, an object without a layout, or maps without one group dim.
+    topoxr.similarity.ProfileError
+        For profiles or maps that hold other neurons than ``laid_out`` (matched by label).
+
     Notes
     -----
     A warning is logged (logger ``topoxr.metrics``) when the profiles compared with are
@@ -629,6 +717,8 @@ def quality(
     from topoxr.grouping import naps as compute_naps
     from topoxr.similarity import _is_nap
 
+    if not k >= 1:
+        raise QualityError(f"k must be >= 1, got k={k}")
     xy = _layout_xy(laid_out)
     desc = json.loads(laid_out.attrs.get(ATTR_LAYOUT, "{}") or "{}")
     if metric is None:

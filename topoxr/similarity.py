@@ -139,6 +139,23 @@ def _choose_samples(
     return chosen
 
 
+def _select_epochs(da: xr.DataArray, epochs: Any) -> xr.DataArray:
+    """``da`` at the epochs ``epochs`` (a label or a list of labels; None: all)."""
+    if epochs is None:
+        return da
+    sel = [epochs] if np.ndim(epochs) == 0 else list(epochs)
+    if not sel:
+        raise ProfileError("epochs=[] selects no epoch; pass at least one epoch label, or "
+                           "None for all")
+    if EPOCH not in da.dims:
+        raise ProfileError(f"epochs={epochs!r} was given but the input has no epoch "
+                           f"dimension (dims {da.dims})")
+    try:
+        return da.sel({EPOCH: sel})
+    except KeyError as err:
+        raise ProfileError(f"epochs {sel} not all in {da[EPOCH].values.tolist()}") from err
+
+
 def profiles(
     obj: Any,
     *,
@@ -157,7 +174,8 @@ def profiles(
     ----------
     obj : xarray.DataArray or xarray.Dataset
         Activations ``(neuron, sample, epoch)`` (or a Dataset holding them), or NAPs as
-        returned by :func:`topoxr.naps` (then used as they are, whatever ``source``).
+        returned by :func:`topoxr.naps` (then used as they are, whatever ``source``,
+        ``by`` and ``normalize``; ``epochs`` still selects their epochs).
     source : {"naps", "activations"}, default "naps"
         ``"naps"``: the neuron's NAP values across groups (see ``by``, ``normalize``);
         ``"activations"``: its raw activations over a random subset of samples.
@@ -171,7 +189,7 @@ def profiles(
     correct_only : bool, default False
         Only samples predicted correctly (at that epoch).
     epochs : label or list of labels, optional
-        Epochs to use; all by default.
+        Epochs to use, for activations and NAPs alike; all by default.
     random_state : int, optional
         Seed of the sample subset.
 
@@ -187,7 +205,11 @@ def profiles(
     Raises
     ------
     ProfileError
-        For an unknown ``source``, or when no eligible sample is left.
+        For an unknown ``source``, when no eligible sample is left, or when ``epochs``
+        selects no epoch, names epochs the input does not have, or is given for NAPs
+        without an epoch dimension.
+    topoxr.grouping.GroupingError
+        From :func:`topoxr.naps` for NAP profiles of activations (e.g. ``epochs=[]``).
 
     Examples
     --------
@@ -199,7 +221,7 @@ def profiles(
     if source not in ("naps", "activations"):
         raise ProfileError(f"source must be 'naps' or 'activations', got {source!r}")
     if _is_nap(obj):
-        prof = _nap_profiles(obj)
+        prof = _nap_profiles(_select_epochs(obj, epochs))
         desc = {"source": "naps", **json.loads(obj.attrs.get(ATTR_NAP, "{}"))}
     elif source == "naps":
         nap = naps(obj, by=by, normalize=normalize, epochs=epochs, correct_only=correct_only)
@@ -214,9 +236,7 @@ def profiles(
             da = obj
         else:
             raise TypeError(f"profiles() needs an xarray object, got {type(obj).__name__}")
-        if epochs is not None:
-            da = da.sel({EPOCH: [epochs] if np.ndim(epochs) == 0 else list(epochs)})
-        da = da.transpose(NEURON, SAMPLE, EPOCH)
+        da = _select_epochs(da, epochs).transpose(NEURON, SAMPLE, EPOCH)
         if int(n_samples) < 1:
             raise ProfileError(f"n_samples must be >= 1, got {n_samples}")
         chosen = _choose_samples(da, int(n_samples), balanced, correct_only,
