@@ -53,6 +53,21 @@ def test_distinct_classes_correlate_less_than_alike_ones():
     assert 0 < d["mean_blob_area"] < 0.5
 
 
+def test_mean_blob_area_is_the_area_of_one_blob():
+    """Maps without blobs do not count in the mean area of a blob (the demo reports "N
+    blobs per map, each X% of the map"): with one class of blobs and one flat class, the
+    mean is that of the blobs, not half of it."""
+    one = findings.class_map_findings(_laid([(0,)], [CLASS[0]], ["label"]))
+    both = findings.class_map_findings(_laid([(0,), (1,)], [CLASS[0], np.zeros(N)], ["label"]))
+    assert both["blob_count"][1] == 0 and both["blob_count"][0] == one["blob_count"][0] >= 1
+    counts = np.array(list(both["blob_count"].values()))
+    areas = np.array(list(both["blob_area"].values()))
+    assert both["mean_blob_area"] == pytest.approx((counts * areas).sum() / counts.sum(), abs=1e-4)
+    assert both["mean_blob_area"] == pytest.approx(one["mean_blob_area"])
+    flat = findings.class_map_findings(_laid([(0,), (1,)], [np.zeros(N), np.zeros(N)], ["label"]))
+    assert np.isnan(flat["mean_blob_area"])
+
+
 def test_wrong_samples_that_look_like_the_predicted_class():
     groups = [(0, 0), (1, 1), (2, 2), (0, 1), (2, 1)]
     values = [CLASS[0], CLASS[1], CLASS[2], CLASS[1] + 0.1 * CLASS[0], CLASS[2]]

@@ -151,8 +151,10 @@ def class_map_findings(
         maps: near 1, all classes look alike; near 0 or below, distinct), ``max_pair``
         (the most alike pair of two classes and its correlation; None when there are
         fewer than two classes or no pair has a finite correlation, e.g. classes with
-        empty or constant maps), and per class ``blob_count`` and ``blob_area`` (mean
-        blob area as a fraction of the map).
+        empty or constant maps), per class ``blob_count`` and ``blob_area`` (mean
+        blob area as a fraction of the map, 0 for a map without blobs), and over all
+        maps ``mean_blob_count`` and ``mean_blob_area``, the mean area of one blob (maps
+        without blobs do not count; NaN when no map has one).
     """
     from topoxr.metrics import blobs
 
@@ -180,7 +182,9 @@ def class_map_findings(
         "blob_count": dict(zip(names, found["count"].astype(int).tolist(), strict=True)),
         "blob_area": dict(zip(names, np.round(found["area"], 4).tolist(), strict=True)),
         "mean_blob_count": float(found["count"].mean()),
-        "mean_blob_area": float(found["area"].mean()),
+        # the mean area of one blob: "N blobs per map, each X% of the map"
+        "mean_blob_area": (float((found["count"] * found["area"]).sum() / found["count"].sum())
+                           if found["count"].sum() else float("nan")),
     }
 
 
