@@ -136,3 +136,27 @@ def test_serve_answers_http(store):
 def _bar_images(obj):
     return [im for im in obj.traverse(lambda x: x, [hv.Image])
             if hv.Store.lookup_options("bokeh", im, "plot").kwargs.get("colorbar")]
+
+
+def test_player_runs_in_epoch_order_and_opens_on_the_highest_epoch(tmp_path):
+    """Epochs written 0, 9, 3: the player offers them in order and opens on 9."""
+    import topoxr
+    from topoxr.grouping import naps
+    from topoxr.viz.app import build_app
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 40)
+    path = str(tmp_path / "run.zarr")
+    with topoxr.ActivationWriter(path, model="mlp", mode="w") as writer:
+        for epoch in (0, 9, 3):
+            acts = rng.normal(size=(40, 12)) + np.eye(12)[labels] * (1 + epoch)
+            writer.write("hidden", acts.astype(np.float32), sample=np.arange(40),
+                         label=labels, epoch=epoch)
+            writer.complete_epoch(epoch)
+    app = build_app(path, resolution=20)
+    assert app.epoch.options == [0, 3, 9] and app.epoch.value == 9
+    expected = naps(app._node().to_dataset(), by="label").sel(epoch=9).compute()
+    shown = [_points(o).dimension_values("nap") for o in app.view.object]
+    assert len(shown) == expected.sizes["label"]
+    for lab in expected.label.values:
+        assert any(np.allclose(v, expected.sel(label=lab).values, rtol=1e-5) for v in shown)

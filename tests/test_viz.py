@@ -106,9 +106,9 @@ def test_default_by_is_every_varying_key_and_epoch_defaults_to_last(viz, nap):
     by_label = viz.topomap(nap, by="label")
     np.testing.assert_allclose(_points(by_label[3]).dimension_values("nap"),
                                nap.sel(label=3).isel(epoch=-1).values)
-    # limits are shared by the maps drawn: here the last epoch's
-    m_last = float(np.nanmax(np.abs(nap.isel(epoch=-1).values)))
-    assert _image(by_label[0]).vdims[0].range == (-m_last, m_last)
+    # limits are those of the whole layer, every epoch included
+    m = float(np.nanmax(np.abs(nap.values)))
+    assert _image(by_label[0]).vdims[0].range == (-m, m)
     single = viz.topomap(nap.sel(label=1, epoch=2))
     assert isinstance(single, hv.Overlay)
 
@@ -605,3 +605,255 @@ def test_report_stills_and_players_are_light_and_keyed(viz, nap, tmp_path):
     assert page.count('class="frame"') == 6 and 'data-value="2"' in page
     assert page.count('<section class="topoxr-section">') == 2
     assert path.stat().st_size < 1_000_000
+
+
+# -- maps from real stores: epoch order, colour limits, HTML widgets, GIF geometry ---------
+
+
+def _write_store(path, *, labels, epochs, scales=None, n_neurons=16, seed=0, **metadata):
+    """A real store of one layer, written epoch by epoch in the order given; its dataset.
+
+    Each class drives its own neurons harder, so class maps differ; ``scales`` multiplies
+    each epoch's activations.
+    """
+    import topoxr
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    codes = np.unique(labels, return_inverse=True)[1]
+    drive = np.eye(n_neurons)[codes % n_neurons] + np.eye(n_neurons)[(3 * codes + 1) % n_neurons]
+    with topoxr.ActivationWriter(str(path), model="mlp", mode="w") as writer:
+        for i, epoch in enumerate(epochs):
+            acts = rng.normal(size=(len(labels), n_neurons)) + (1 + i) * drive
+            if scales is not None:
+                acts = acts * scales[i]
+            writer.write("hidden", acts.astype(np.float32), sample=np.arange(len(labels)),
+                         label=labels, epoch=epoch, **metadata)
+            writer.complete_epoch(epoch)
+    return topoxr.open_store(str(path))["mlp/hidden"].to_dataset()
+
+
+def _laid(ds, by="label", *, normalize=True):
+    """NAPs of a stored layer grouped ``by``, on one PCA layout of its class NAPs."""
+    from topoxr.grouping import naps
+    from topoxr.layouts import attach
+
+    by_label = naps(ds, by="label", normalize=normalize).compute()
+    layout = attach(by_label, "pca", random_state=0, share=int(by_label.epoch.max()))
+    nap = by_label if by == "label" else naps(ds, by=by, normalize=normalize).compute()
+    return nap.assign_coords(x=layout.x.variable, y=layout.y.variable)
+
+
+@pytest.fixture(scope="module")
+def unordered(tmp_path_factory):
+    """Class NAPs of a store whose epochs were written in the order 0, 9, 3."""
+    labels = np.random.default_rng(1).integers(0, 4, 60)
+    ds = _write_store(tmp_path_factory.mktemp("order") / "run.zarr", labels=labels,
+                      epochs=(0, 9, 3))
+    laid = _laid(ds)
+    assert laid.epoch.values.tolist() == [0, 9, 3]  # as stored
+    return laid
+
+
+def _drawn_epoch(points, nap, label):
+    """The epoch whose NAPs of ``label`` the points carry."""
+    hits = [e for e in nap.epoch.values.tolist()
+            if np.allclose(points.dimension_values("nap"), nap.sel(label=label, epoch=e).values)]
+    assert len(hits) == 1
+    return hits[0]
+
+
+def test_last_epoch_is_the_highest_and_animations_run_in_epoch_order(viz, unordered):
+    last = int(unordered.epoch.max())
+    assert _drawn_epoch(_points(viz.topomap(unordered, by="label")[2]), unordered, 2) == last
+    row = viz.class_row(unordered, order=None)
+    assert _drawn_epoch(_points(row.values()[0]), unordered, 0) == last
+    grid = viz.compare_models({"a": unordered, "b": unordered}, resolution=20)
+    assert _drawn_epoch(_points(grid[(1, "a")]), unordered, 1) == last
+    # the clustering of the default epoch is that of the highest epoch
+    assert viz.cluster_order(unordered) == viz.cluster_order(unordered, epoch=last)
+    ascending = sorted(unordered.epoch.values.tolist())
+    epochs, frames = viz.animation_frames(unordered, progress=False, resolution=20)
+    assert epochs == ascending and len(frames) == len(ascending)
+    anim = viz.training_animation(unordered, resolution=20)
+    assert all([k[0] for k in h.data] == ascending for h in anim)
+
+
+def test_gif_image_covers_its_pixels_as_the_maps_do(viz, unordered, monkeypatch):
+    """imshow's extent is the pixels' edges: the GIF's image lies where HoloViews puts it."""
+    from matplotlib.axes import Axes
+
+    extents = []
+    imshow = Axes.imshow
+
+    def recording_imshow(self, *args, **kwargs):
+        extents.append(kwargs.get("extent"))
+        return imshow(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", recording_imshow)
+    viz.animation_frames(unordered, progress=False, resolution=10, order=None)
+    image = _image(viz.topomap(unordered, by="label", resolution=10)[0])
+    left, bottom, right, top = image.bounds.lbrt()
+    assert len(extents) == 4 * 3  # every class at every epoch, one fixed layout
+    for extent in extents:
+        np.testing.assert_allclose(extent, (left, right, bottom, top))
+
+
+def test_default_colour_limits_span_every_group_and_epoch_of_the_layer(viz, tmp_path):
+    labels = np.random.default_rng(2).integers(0, 3, 60)
+    preds = np.where(np.arange(60) % 4 == 0, (labels + 1) % 3, labels)
+    ds = _write_store(tmp_path / "run.zarr", labels=labels, epochs=(0, 1, 2),
+                      scales=(3.0, 1.0, 1.0), prediction=preds)
+    laid = _laid(ds, normalize=False)
+    m = float(np.nanmax(np.abs(laid.values)))
+    m_last = float(np.nanmax(np.abs(laid.sel(epoch=2).values)))
+    assert m_last < m  # the largest NAP is not at the last epoch
+    assert _image(viz.topomap(laid, by="label")[0]).vdims[0].range == (-m, m)
+    for epoch in (0, 1, 2):  # rows of different epochs share one scale
+        row = viz.class_row(laid, epoch=epoch, order=None)
+        assert {_image(o).vdims[0].range for o in row} == {(-m, m)}
+    contrast = _laid(ds, by=["label", "correct"], normalize=False)
+    mc = float(np.nanmax(np.abs(contrast.values)))
+    grid = viz.contrast_grid(contrast, epoch=1)
+    assert {_image(c).vdims[0].range for c in grid.values()} == {(-mc, mc)}
+    other = laid * 0.5
+    models = viz.compare_models({"a": laid, "b": other})
+    assert _image(models[(0, "a")]).vdims[0].range == (-m, m)
+    assert _image(models[(0, "b")]).vdims[0].range == (-m / 2, m / 2)
+
+
+def test_clim_accepts_numpy_numbers_and_refuses_empty_or_endless_limits(viz, nap):
+    for clim, expected in [(np.float32(0.5), (-0.5, 0.5)), (np.int64(2), (-2.0, 2.0)),
+                           ((np.float32(-0.25), 1), (-0.25, 1.0))]:
+        assert _image(viz.topomap(nap, by="label", clim=clim)[0]).vdims[0].range == expected
+    for bad in (0, -0.3, np.nan, np.inf, (0.2, np.nan), (1, np.inf), (2, 1), (1, 1),
+                np.float64(0.0)):
+        with pytest.raises(ValueError, match="clim"):
+            viz.topomap(nap, by="label", clim=bad)
+    for bad in (True, (1, 2, 3), object()):
+        with pytest.raises((TypeError, ValueError), match="clim"):
+            viz.topomap(nap, by="label", clim=bad)
+
+
+@pytest.fixture(scope="module")
+def sparse_contrast(tmp_path_factory):
+    """(label, correct) NAPs of a real store in which label 0 is always predicted right and
+    label 3 too: (0, False) and (3, False) never occur."""
+    labels = np.random.default_rng(3).integers(0, 4, 80)
+    preds = np.where((np.arange(80) % 3 == 0) & (labels % 3 != 0), (labels + 1) % 4, labels)
+    ds = _write_store(tmp_path_factory.mktemp("sparse") / "run.zarr", labels=labels,
+                      epochs=(0,), prediction=preds)
+    laid = _laid(ds, by=["label", "correct"])
+    groups = {(int(lab), bool(c)) for lab, c in laid.indexes["group"]}
+    assert (0, False) not in groups and (3, False) not in groups and (1, False) in groups
+    return laid
+
+
+def test_to_bokeh_opens_on_the_map_its_widgets_name(viz, sparse_contrast):
+    from bokeh.models import Div, Select, Slider, Title
+
+    hmap = viz.topomap(sparse_contrast, by=["label", "correct"], resolution=20)
+    model = viz.to_bokeh(hmap)
+    slider = next(iter(model.select({"type": Slider})))
+    select = next(iter(model.select({"type": Select})))
+    label = sorted({k[0] for k in hmap.data})[slider.value]
+    (title,) = [t.text for t in model.select({"type": Title})]
+    assert title.endswith(f"label: {label}, correct: {select.value}")
+    divs = [d.text for d in model.select({"type": Div})]
+    assert f"<b>label:</b> {label}" in divs and f"<b>correct:</b> {select.value}" in divs
+
+
+def _browser_page(playwright, html_path):
+    """A headless Chromium page showing ``html_path``; its list of errors."""
+    from tests.test_browser import CHROMIUM_ARGS, _chromium
+
+    executable = _chromium()
+    browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(html_path.as_uri())
+    page.wait_for_function("window.Bokeh && Bokeh.documents.length > 0", timeout=20_000)
+    return browser, page, errors
+
+
+#: In the page: set widgets by name, then what the map shows (title, image, neuron values).
+_SHOWN_JS = """async ([values]) => {
+  const doc = Bokeh.documents[0];
+  for (const [name, value] of Object.entries(values)) {
+    doc.get_model_by_name(name).value = value;
+  }
+  await new Promise(resolve => setTimeout(resolve, 150));  // callbacks run asynchronously
+  const models = [...doc.all_models];
+  const title = models.filter(m => m.type === 'Title').map(m => m.text);
+  const data = models.filter(m => m.type === 'ColumnDataSource').map(m => m.data);
+  const image = Array.from(data.find(d => 'image' in d).image[0]);
+  const nap = Array.from(data.find(d => 'nap' in d).nap);
+  const labels = models.filter(m => m.type === 'Div').map(m => m.text);
+  return {title, image: image.map(v => Number.isNaN(v) ? null : v),
+          nap: nap.map(v => Number.isNaN(v) ? null : v), labels};
+}"""
+
+
+def _shows(shown, overlay):
+    """Whether the page's map has the image and neuron values of ``overlay``."""
+    image = np.array([np.nan if v is None else v for v in shown["image"]], float)
+    nap = np.array([np.nan if v is None else v for v in shown["nap"]], float)
+    expected = _image(overlay).dimension_values("nap", flat=False)  # rows: y ascending
+    return (np.allclose(image, expected.ravel(), equal_nan=True, rtol=1e-5)
+            and np.allclose(nap, _points(overlay).dimension_values("nap"), rtol=1e-5))
+
+
+@pytest.mark.browser
+def test_html_widgets_always_name_the_map_shown_even_without_samples(viz, sparse_contrast,
+                                                                     tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    hmap = viz.topomap(sparse_contrast, by=["label", "correct"], resolution=20)
+    page_path = viz.save_html(hmap, tmp_path / "contrast.html")
+    labels = sorted({k[0] for k in hmap.data})
+    with sync_api.sync_playwright() as p:
+        browser, page, errors = _browser_page(p, page_path)
+        try:
+            opened = page.evaluate(_SHOWN_JS, [{}])
+            slider = page.evaluate("Bokeh.documents[0].get_model_by_name('slider-label').value")
+            correct = page.evaluate("Bokeh.documents[0].get_model_by_name('select-correct')"
+                                    ".value")
+            assert opened["title"][0].endswith(f"label: {labels[slider]}, correct: {correct}")
+            assert _shows(opened, hmap[(labels[slider], correct == "True")])
+            two_wrong = page.evaluate(_SHOWN_JS, [{"slider-label": labels.index(2),
+                                                   "select-correct": "False"}])
+            assert two_wrong["title"][0].endswith("label: 2, correct: False")
+            assert _shows(two_wrong, hmap[(2, False)])
+            # (3, False) never occurs: the widgets say so, and the map is empty
+            three_wrong = page.evaluate(_SHOWN_JS, [{"slider-label": labels.index(3)}])
+            assert "<b>label:</b> 3" in three_wrong["labels"]
+            assert "label: 3, correct: False" in three_wrong["title"][0]
+            assert "no samples" in three_wrong["title"][0]
+            assert all(v is None for v in three_wrong["image"] + three_wrong["nap"])
+            three_right = page.evaluate(_SHOWN_JS, [{"select-correct": "True"}])
+            assert three_right["title"][0].endswith("label: 3, correct: True")
+            assert _shows(three_right, hmap[(3, True)])
+            assert errors == [], errors
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+def test_html_select_finds_the_maps_of_non_ascii_labels(viz, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    names = np.array(["cat", "café", "dog", "Ölfass"])
+    labels = names[np.random.default_rng(4).integers(0, 4, 60)]
+    ds = _write_store(tmp_path / "run.zarr", labels=labels, epochs=(0, 1))
+    hmap = viz.topomap(_laid(ds), by="label", resolution=20)
+    page_path = viz.save_html(hmap, tmp_path / "names.html")
+    with sync_api.sync_playwright() as p:
+        browser, page, errors = _browser_page(p, page_path)
+        try:
+            for name in ["dog", "café", "cat", "Ölfass", "dog"]:
+                shown = page.evaluate(_SHOWN_JS, [{"select-label": name}])
+                assert shown["title"][0].endswith(f"label: {name}"), (name, shown["title"])
+                assert _shows(shown, hmap[name]), name
+            assert errors == [], errors
+        finally:
+            browser.close()

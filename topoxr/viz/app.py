@@ -14,8 +14,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from topoxr import conventions as cv
 from topoxr._optional import import_optional
 
@@ -123,10 +121,13 @@ class TopomapApp:
         self._update_layer_options()
 
     def _update_layer_options(self) -> None:
+        from topoxr.viz.topomap import _ascending_epochs
+
         ds = self._node().ds
         layouts = self._saved_layouts() + [COMPUTED_PREFIX + m for m in self.methods]
         groupings = _groupings(ds)
-        epochs = [int(e) for e in ds[cv.EPOCH].values]
+        # the player runs forwards in training and opens on the last epoch, the highest
+        epochs = [int(e) for e in _ascending_epochs(ds[cv.EPOCH]).values]
         with _hold(self):
             self.layout.options = layouts
             self.layout.value = layouts[0]
@@ -159,12 +160,13 @@ class TopomapApp:
         node = self._node()
         name = str(self.layout.value)
         if name.startswith(COMPUTED_PREFIX):
-            from topoxr.layouts._attach import attach
             from topoxr.grouping import naps
+            from topoxr.layouts._attach import attach
+            from topoxr.viz.topomap import _ascending_epochs
 
             base = naps(node.to_dataset(), by=cv.LABEL if cv.LABEL in node.ds.coords
                         else next(iter(self._group_keys.values()))[0]).compute()
-            last = base[cv.EPOCH].values[-1].item()
+            last = _ascending_epochs(base[cv.EPOCH]).values[-1].item()
             laid = attach(base, name.removeprefix(COMPUTED_PREFIX),
                           random_state=self.random_state, share=last)
             coords = laid.coords.to_dataset()[[cv.X, cv.Y]]
@@ -184,9 +186,9 @@ class TopomapApp:
 
         nap = self.naps()
         keys = self._group_keys[self.grouping.value]
-        # colour limits of the whole layer (all epochs), so that the player is comparable
-        top = float(np.nanmax(np.abs(nap.values))) if np.isfinite(nap.values).any() else 1.0
-        kwargs = {"epoch": self.epoch.value, "resolution": self.resolution, "clim": top or 1.0}
+        # the views' colour limits are those of the whole layer (all epochs): the player
+        # shows real changes, not rescaling
+        kwargs = {"epoch": self.epoch.value, "resolution": self.resolution}
         # grids as titled layouts (as in the HTML report): one colour bar, blank empty cells
         if keys == [cv.LABEL, cv.CORRECT]:
             return _grid_as_layout(contrast_grid(nap, **kwargs))

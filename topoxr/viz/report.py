@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +43,17 @@ if (toggle.active) {
 }
 """
 
+# Widgets name a frame by their positions in the sorted values of each key dim, "2,0":
+# no value is ever encoded to match across Python and JS. A combination of values that
+# has no frame shows the blank frame (every changing value NaN), titled with its key.
 _SWAP_JS = """
-const parts = widgets.map((w, i) => kinds[i] === 'slider' ? values[i][w.value] : w.value);
-const idx = lookup[JSON.stringify(parts.map(String))];
-for (let i = 0; i < labels.length; i++) {
-  labels[i].text = '<b>' + names[i] + ':</b> ' + parts[i];
-}
-if (idx === undefined) { return; }
-const frame = frames[idx];
+const pos = widgets.map((w, i) => kinds[i] === 'slider' ? w.value : w.options.indexOf(w.value));
+for (let i = 0; i < labels.length; i++) { labels[i].text = texts[i][pos[i]]; }
+const idx = lookup[pos.join(',')];
+const frame = idx === undefined ? blank : frames[idx];
+if (frame === null) { return; }
+const key = names.map((n, i) => n + ': ' + values[i][pos[i]]).join(', ') + ' (no samples)';
+const escape = (text) => text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 for (let s = 0; s < sources.length; s++) {
   const cols = frame.data[s];
   if (cols !== null) {
@@ -59,7 +63,9 @@ for (let s = 0; s < sources.length; s++) {
   }
 }
 for (let t = 0; t < titles.length; t++) {
-  if (frame.titles[t] !== null) { titles[t].text = frame.titles[t]; }
+  if (frame.titles[t] !== null) {
+    titles[t].text = idx !== undefined ? frame.titles[t] : (divs[t] ? escape(key) : key);
+  }
 }
 """
 
@@ -101,6 +107,15 @@ def _compact_sources(state: Any, source_type: Any) -> None:
             source.data = {**data, **changed}
 
 
+def _nan_like(column: Any) -> Any:
+    """A float column with every value NaN (other columns as they are)."""
+    if isinstance(column, list):
+        return [_nan_like(c) for c in column]
+    if isinstance(column, np.ndarray) and column.dtype.kind == "f":
+        return np.full(column.shape, np.nan, dtype=column.dtype)
+    return column
+
+
 def _has_float64(column: Any) -> bool:
     if isinstance(column, np.ndarray):
         return column.dtype == np.float64
@@ -126,7 +141,10 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
     -------
     bokeh.models.UIElement
         A bokeh model; with sliders (and a play button for ``epoch``) when the object
-        has key dimensions.
+        has key dimensions. It opens on the first frame, the widgets set to its key. A
+        combination of widget values that has no frame (e.g. ``(3, False)`` of a
+        ``(label, correct)`` collection where every 3 is correct) shows an empty map
+        (every value NaN) titled with that key and "(no samples)".
 
     Raises
     ------
@@ -186,20 +204,29 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
         for data, ttl in raw
     ]
     values = [[_plain(v) for v in _unique([k[i] for k in keys])] for i in range(len(dims))]
-    lookup = {_key_string(k): n for n, k in enumerate(keys)}
+    # each frame's widget positions: the index of its key's values in `values`
+    positions = [[values[i].index(_plain(v)) for i, v in enumerate(k)] for k in keys]
+    lookup = {",".join(map(str, p)): n for n, p in enumerate(positions)}
+    blank = None
+    if len(keys) < math.prod(len(vs) for vs in values):  # combinations without a frame
+        blank = {"data": [None if d is None else {c: _nan_like(col) for c, col in d.items()}
+                          for d in frames[0]["data"]],
+                 "titles": ["" if changed else None for changed in title_changes]}
+    names = [str(d.pprint_label) if hasattr(d, "pprint_label") else str(d) for d in dims]
+    texts = [[f"<b>{html.escape(names[i])}:</b> {html.escape(str(v))}" for v in vs]
+             for i, vs in enumerate(values)]
     widgets: list[Any] = []
     kinds: list[str] = []
     labels: list[Any] = []
     controls: list[Any] = []
     for i, dim in enumerate(dims):
-        name = dim.pprint_label if hasattr(dim, "pprint_label") else str(dim)
-        label = Div(text=f"<b>{html.escape(name)}:</b> {html.escape(str(values[i][0]))}",
-                    width=160)
+        start = positions[0][i]  # the widgets open on the first frame, which is shown
+        label = Div(text=texts[i][start], width=160)
         vals = values[i]
         numeric = all(isinstance(v, int | float | np.number) and not isinstance(v, bool)
                       for v in vals)
         if numeric and len(vals) > 1:
-            w = Slider(start=0, end=len(vals) - 1, value=0, step=1, title=None,
+            w = Slider(start=0, end=len(vals) - 1, value=start, step=1, title=None,
                        show_value=False, width=260, name=f"slider-{dim.name}")
             kinds.append("slider")
             widget_row = [label, w]
@@ -210,7 +237,7 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
                     code=_PLAY_JS))
                 widget_row.append(toggle)
         else:
-            w = Select(options=[str(v) for v in vals], value=str(vals[0]), width=160,
+            w = Select(options=[str(v) for v in vals], value=str(vals[start]), width=160,
                        name=f"select-{dim.name}")
             kinds.append("select")
             widget_row = [label, w]
@@ -220,8 +247,9 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
     callback = CustomJS(
         args={"widgets": widgets, "kinds": kinds, "values": [[str(v) for v in vs]
                                                              for vs in values],
-              "lookup": lookup, "frames": frames, "sources": sources, "titles": titles,
-              "labels": labels, "names": [str(d.pprint_label) for d in dims]},
+              "lookup": lookup, "frames": frames, "blank": blank, "sources": sources,
+              "titles": titles, "divs": [isinstance(t, Div) for t in titles],
+              "labels": labels, "texts": texts, "names": names},
         code=_SWAP_JS,
     )
     for w in widgets:
@@ -258,12 +286,6 @@ def _unique(seq: Iterable[Any]) -> list[Any]:
         return sorted(out)
     except TypeError:
         return out
-
-
-def _key_string(key: Sequence[Any]) -> str:
-    import json
-
-    return json.dumps([str(_plain(k)) for k in key], separators=(",", ":"))
 
 
 _CSS = """
@@ -896,7 +918,7 @@ def save_gif(
     max_cols: int = 5,
     progress: bool = True,
 ) -> Path:
-    """Save the training process as an animated GIF: one frame per epoch.
+    """Save the training process as an animated GIF: one frame per epoch, in ascending order.
 
     Each frame shows the maps of every group side by side (dendrogram order of the last
     epoch, rows of at most ``max_cols`` maps), with colour limits shared by all groups
@@ -947,6 +969,18 @@ def save_gif(
     return path
 
 
+def _pixel_edges(interp: Any) -> tuple[float, float, float, float]:
+    """matplotlib's ``extent`` of an interpolated grid: the outer edges of its pixels.
+
+    The values lie at the pixel centres ``interp.xs``, ``interp.ys``; the image reaches
+    half a pixel beyond them, as the maps' ``hv.Image`` does (its bounds are what
+    :func:`topoxr.viz.still.still_figure` draws with).
+    """
+    hx = (interp.xs[-1] - interp.xs[0]) / (len(interp.xs) - 1) / 2
+    hy = (interp.ys[-1] - interp.ys[0]) / (len(interp.ys) - 1) / 2
+    return (interp.xs[0] - hx, interp.xs[-1] + hx, interp.ys[0] - hy, interp.ys[-1] + hy)
+
+
 def animation_frames(
     laid_naps: Any,
     *,
@@ -963,6 +997,8 @@ def animation_frames(
 ) -> tuple[list[Any], list[Any]]:
     """The frames of the training process, one image per epoch (what :func:`save_gif` writes).
 
+    The epochs run in ascending order, whatever order they are stored in.
+
     Each frame shows the maps of every group as titled panels (dendrogram order of the last
     epoch, rows of at most ``max_cols`` maps), colour limits shared by all groups and
     epochs, one colour bar. Drawn straight from the maps with matplotlib.
@@ -977,7 +1013,7 @@ def animation_frames(
     Returns
     -------
     epochs : list
-        The epoch of each frame.
+        The epoch of each frame, ascending.
     frames : list of PIL.Image.Image
         RGB images.
     """
@@ -1012,15 +1048,14 @@ def animation_frames(
         fig, axes = plt.subplots(
             nrows, ncols, figsize=(panel_inches * ncols + 0.9, (panel_inches + 0.3) * nrows
                                    + 0.4), squeeze=False, dpi=dpi)
-        interp = src.interpolator(ei)
+        extent = _pixel_edges(src.interpolator(ei))
         x, y = src.positions(ei)
-        xmin, xmax, ymin, ymax = interp.bounds
         for ax in axes.flat[n:]:
             ax.set_axis_off()
         image = None
         for ax, g in zip(axes.flat, ordered, strict=False):
             gi = index[g]
-            image = ax.imshow(maps[gi, ei], origin="lower", extent=(xmin, xmax, ymin, ymax),
+            image = ax.imshow(maps[gi, ei], origin="lower", extent=extent,
                               cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             if points:
                 ax.scatter(x, y, c=src.values[gi, ei], cmap=cmap, vmin=lo, vmax=hi, s=8,

@@ -17,6 +17,7 @@ matplotlib) plotting options; it never calls ``hv.extension`` and never shows an
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,16 +113,10 @@ class _Source:
             return self.interpolator(ei)(self.values[gi, ei])
         return self._cache[(gi, ei)]
 
-    def max_abs(self, pairs: Iterable[tuple[int, int]] | None = None) -> float:
-        """Largest absolute NAP over the given (group, epoch) pairs (default: all)."""
-        vals = self.values
-        if pairs is not None:
-            idx = list(pairs)
-            if idx:
-                g, e = np.array(idx).T
-                vals = self.values[g, e]
-        finite = vals[np.isfinite(vals)]
-        return float(np.abs(finite).max()) if finite.size else 1.0
+    def max_abs(self) -> float:
+        """Largest absolute NAP over every group and epoch (0 when none is finite)."""
+        finite = self.values[np.isfinite(self.values)]
+        return float(np.abs(finite).max()) if finite.size else 0.0
 
 
 def group_keys(nap: xr.DataArray) -> list[str]:
@@ -148,6 +143,18 @@ def group_keys(nap: xr.DataArray) -> list[str]:
     if isinstance(index, pd.MultiIndex):
         return [str(n) for n in index.names]
     return [str(dim)]
+
+
+def _ascending_epochs(obj: Any) -> Any:
+    """``obj`` (a DataArray or Dataset) with its epochs in ascending order.
+
+    Epochs are kept in the order they were written; the maps read them by epoch label, so
+    that "the last epoch" is the highest one (the trained network) and animations and
+    sliders run forwards in training.
+    """
+    if cv.EPOCH not in obj.dims or obj.indexes[cv.EPOCH].is_monotonic_increasing:
+        return obj
+    return obj.sortby(cv.EPOCH)
 
 
 def _normalise(nap: Any) -> xr.DataArray:
@@ -179,6 +186,7 @@ def _normalise(nap: Any) -> xr.DataArray:
             nap = nap.expand_dims(cv.EPOCH, axis=-1)
         else:
             nap = nap.expand_dims({cv.EPOCH: [0]}, axis=-1)
+    nap = _ascending_epochs(nap)
     group_dims = [d for d in nap.dims if d not in (cv.NEURON, cv.EPOCH)]
     if len(group_dims) > 1:  # several group dims: stack them, keep what occurs
         nap = nap.stack(group=group_dims)
@@ -486,7 +494,7 @@ def _frames(
 ) -> dict[tuple, tuple[int, int, int]]:
     frames: dict[tuple, tuple[int, int, int]] = {}
     for si, src in enumerate(sources):
-        # epoch not in by: draw the last epoch (the trained network)
+        # epoch not in by: draw the last epoch, the highest (the trained network)
         epoch_idx = range(len(src.epochs)) if cv.EPOCH in by else [len(src.epochs) - 1]
         for gi, gvals in enumerate(src.groups):
             gmap = dict(zip(src.keys, gvals, strict=True))
@@ -556,7 +564,10 @@ points, point_size, colorbar, frame_width, value_label
     ValueError
         If models drawn side by side are grouped by different labels, or as
         :func:`topomap` raises for its arguments.
+    TypeError
+        If ``clim`` is neither None, a str, a number nor a pair of numbers.
     """
+    limits = _parse_clim(clim)
     interp_kwargs = {"resolution": resolution, "method": method, "extrapolate": extrapolate}
     sources, multi = _sources(laid_naps, interp_kwargs)
     keys0 = sources[0].keys
@@ -567,24 +578,12 @@ points, point_size, colorbar, frame_width, value_label
         )
     by_list = _resolve_by(by, sources, multi)
     frames = _frames(sources, by_list, multi)
-    drawn = [[(gi, ei) for si2, gi, ei in frames.values() if si2 == si]
-             for si in range(len(sources))]
-    tops = [s.max_abs(pairs) for s, pairs in zip(sources, drawn, strict=True)]
-    if clim is None:  # per layer: symmetric around zero, shared by every map drawn of it
-        clims = [(-m, m) for m in tops]
-    elif isinstance(clim, str):
-        if clim != "shared":
-            raise ValueError(f'clim must be None, "shared", a number or (low, high), got {clim!r}')
-        m = max(tops)
-        clims = [(-m, m)] * len(sources)
-    elif isinstance(clim, int | float):
-        clims = [(-abs(float(clim)), abs(float(clim)))] * len(sources)
-    else:
-        lo, hi = (float(c) for c in clim)
-        if not lo < hi:
-            raise ValueError(f"clim must satisfy low < high, got {clim!r}")
-        clims = [(lo, hi)] * len(sources)
-    clims = [(lo, hi) if hi > lo else (-1.0, 1.0) for lo, hi in clims]
+    if isinstance(limits, tuple):
+        clims = [limits] * len(sources)
+    else:  # symmetric around zero, over every group and epoch of the layer (or of all layers)
+        tops = [s.max_abs() for s in sources]
+        tops = [max(tops)] * len(sources) if limits == "shared" else tops
+        clims = [(-m, m) if m > 0 else (-1.0, 1.0) for m in tops]
     style = {"interpolate": interpolate, "contours": contours, "cmap": cmap, "points": points,
              "point_size": point_size, "colorbar": colorbar, "frame_width": frame_width,
              "value_label": value_label}
@@ -593,6 +592,29 @@ points, point_size, colorbar, frame_width, value_label
             s.interpolator(0)
     return MapCollection(sources=sources, multi=multi, by=by_list, frames=frames,
                          clims=clims, style=style)
+
+
+def _parse_clim(clim: Any) -> tuple[float, float] | str | None:
+    """``clim`` as given to :func:`collect`: None, ``"shared"`` or finite ``(low, high)``."""
+    usage = 'clim must be None, "shared", a positive number c for (-c, c) or (low, high)'
+    if clim is None or isinstance(clim, str):
+        if clim not in (None, "shared"):
+            raise ValueError(f"{usage}, got {clim!r}")
+        return clim
+    if isinstance(clim, bool | np.bool_):
+        raise TypeError(f"{usage}, got {clim!r}")
+    if isinstance(clim, numbers.Real):
+        c = float(clim)
+        if not (np.isfinite(c) and c > 0):
+            raise ValueError(f"a number clim must be positive and finite, got {clim!r}")
+        return (-c, c)
+    try:
+        lo, hi = (float(v) for v in clim)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{usage}, got {clim!r}") from err
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"clim (low, high) must be finite with low < high, got {clim!r}")
+    return (lo, hi)
 
 
 def topomap(
@@ -628,8 +650,9 @@ def topomap(
         Key dimensions of the collection, any of the group keys, ``"epoch"`` and (for
         several models) ``"model"``, e.g. ``["label"]``, ``["label", "epoch"]``,
         ``["model", "label"]``. Default: every key that varies. When ``"epoch"`` is not
-        in ``by``, the last epoch is drawn. Keys that vary but are left out raise an
-        error (select a value first).
+        in ``by``, the last epoch (the highest, whatever order the epochs are stored
+        in) is drawn; an ``epoch`` key runs in ascending order. Keys that vary but are
+        left out raise an error (select a value first).
     interpolate : bool, default True
         Draw the interpolated image; False draws only the neurons (the paper's scatter).
     method : {"linear", "cubic", "nearest"}, default "linear"
@@ -647,8 +670,10 @@ def topomap(
         A diverging colormap (blue negative, white zero, red positive).
     clim : None, "shared", float or (float, float), optional
         Colour limits. Default: ``(-m, m)`` with ``m`` the largest absolute NAP of the
-        layer over all its groups and epochs, so every map of a layer is comparable.
-        ``"shared"``: one ``m`` for all models; a number ``c``: ``(-c, c)``.
+        layer over all its groups and epochs (those drawn or not), so every map of a
+        layer is comparable; ``(-1, 1)`` if every NAP is zero or NaN. ``"shared"``: one
+        ``m`` for all models; a positive, finite number ``c`` (numpy numbers too):
+        ``(-c, c)``; finite ``(low, high)`` with ``low < high``: those.
     points : bool, default True
         Overlay the neurons (hover shows neuron id, value and layer).
     point_size, colorbar, frame_width
@@ -672,7 +697,9 @@ def topomap(
     ------
     ValueError
         For an unknown key in ``by``, keys that leave several maps per frame, or bad
-        options.
+        options (``clim`` zero, negative, not finite, or with ``low >= high``).
+    TypeError
+        If ``clim`` is neither None, a str, a number nor a pair of numbers.
     topoxr.conventions.ConventionError
         If ``neuron`` or the layout coordinates ``x``/``y`` are missing.
 

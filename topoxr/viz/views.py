@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from topoxr import conventions as cv
 from topoxr.viz.topomap import (
     _HAS_MPL,
     MODEL,
+    MapCollection,
     _normalise,
     collect,
     group_keys,
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 def _last_epoch(nap: xr.DataArray, epoch: Any) -> xr.DataArray:
+    """NAPs (normalised: epochs ascending) at ``epoch``, default the last, the highest."""
     if cv.EPOCH not in nap.dims:
         return nap
     if epoch is None:
@@ -50,6 +53,30 @@ def _last_epoch(nap: xr.DataArray, epoch: Any) -> xr.DataArray:
     if epoch not in set(nap[cv.EPOCH].values.tolist()):
         raise ValueError(f"epoch {epoch!r} not in the NAPs' epochs {nap[cv.EPOCH].values.tolist()}")
     return nap.sel({cv.EPOCH: epoch})
+
+
+def _at_epoch(col: MapCollection, epoch: Any, *, drop_empty: bool = False) -> MapCollection:
+    """The frames of one epoch (default: each model's last, its highest), keyed without it.
+
+    The colour limits stay the collection's, those of every epoch, so that maps of a layer
+    drawn at different epochs share one scale. ``drop_empty`` leaves out the groups without
+    samples (all NaN) at that epoch.
+    """
+    wanted = []
+    for src in col.sources:
+        epochs = src.epochs.tolist()
+        if epoch is not None and epoch not in epochs:
+            raise ValueError(f"epoch {epoch!r} not in the NAPs' epochs {epochs}")
+        wanted.append(len(epochs) - 1 if epoch is None else epochs.index(epoch))
+    keep = [i for i, d in enumerate(col.by) if d != cv.EPOCH]
+    frames = {
+        tuple(key[i] for i in keep): (si, gi, ei) for key, (si, gi, ei) in col.frames.items()
+        if ei == wanted[si]
+        and not (drop_empty and np.isnan(col.sources[si].values[gi, ei]).all())
+    }
+    if not frames:
+        raise ValueError("every group of the NAPs is empty (all NaN) at the epoch drawn")
+    return dataclasses.replace(col, by=[col.by[i] for i in keep], frames=frames)
 
 
 def cluster_order(
@@ -63,7 +90,7 @@ def cluster_order(
     laid_naps : xarray.DataArray
         NAPs with dims ``("neuron", <group dim>[, "epoch"])``.
     epoch : optional
-        Epoch whose NAPs are clustered (default: the last one).
+        Epoch whose NAPs are clustered (default: the last one, the highest).
     method, metric : str
         Passed to :func:`scipy.cluster.hierarchy.linkage` (optimal leaf ordering on).
 
@@ -175,14 +202,15 @@ def class_row(
 
     Rows longer than ``max_cols`` maps wrap (10 classes: two rows of 5), each example
     input staying above its map. The colour limits are shared by every map, so only the
-    last map of the first row draws the colour bar.
+    last map of the first row draws the colour bar; by default they are those of every
+    group and epoch of the layer, so that rows drawn at different epochs compare.
 
     Parameters
     ----------
     laid_naps : xarray.DataArray
         Laid-out NAPs (see :func:`topoxr.viz.topomap`).
     epoch : optional
-        Epoch to draw (default: the last).
+        Epoch to draw (default: the last, the highest).
     order : "cluster", None or sequence, default "cluster"
         ``"cluster"``: dendrogram order of the NAPs (the paper's); None: as stored; or an
         explicit sequence of group keys (plain values for a single key).
@@ -200,14 +228,14 @@ def class_row(
         The maps in order, titled by their key; with ``examples``, each row of examples
         lies above its row of maps (``hv.Empty`` pads a short last row).
     """
-    nap = _last_epoch(_normalise(laid_naps), epoch)
+    nap = _normalise(laid_naps)
     keys = group_keys(nap)
     if not keys:
         raise ValueError("class_row needs NAPs with a group dim (e.g. 'label')")
-    col = collect(nap, by=keys, **topomap_kwargs)
+    col = _at_epoch(collect(nap, by=[*keys, cv.EPOCH], **topomap_kwargs), epoch)
     frames = list(col.frames)
     if order == "cluster":
-        ordered = cluster_order(nap)
+        ordered = cluster_order(nap, epoch=epoch)
     elif order is None:
         ordered = frames
     else:
@@ -273,23 +301,12 @@ def _grid(laid_naps: xr.DataArray, xkey: str, ykey: str, epoch: Any,
             f"{what} needs NAPs grouped by ['{ykey}', '{xkey}'] (e.g. topoxr.naps(act, "
             f"by=['label', '{xkey if xkey != 'label' else ykey}'])), got groups {keys}"
         )
-    by = [xkey, ykey] + ([cv.EPOCH] if epoch == "all" else [])
-    if epoch != "all":
-        nap = _drop_empty_groups(_last_epoch(nap, epoch))
-    return _grid_space(collect(nap, by=by, **topomap_kwargs), xkey, ykey,
-                       one_bar_per_row=False, auto_width="frame_width" not in topomap_kwargs,
+    col = collect(nap, by=[xkey, ykey, cv.EPOCH], **topomap_kwargs)
+    if epoch != "all":  # groups without samples at that epoch: their cell stays empty
+        col = _at_epoch(col, epoch, drop_empty=True)
+    return _grid_space(col, xkey, ykey, one_bar_per_row=False,
+                       auto_width="frame_width" not in topomap_kwargs,
                        auto_points="point_size" not in topomap_kwargs)
-
-
-def _drop_empty_groups(nap: xr.DataArray) -> xr.DataArray:
-    """Drop the groups without samples (all NaN): their cell of a grid stays empty."""
-    gdims = [d for d in nap.dims if d not in (cv.NEURON, cv.EPOCH)]
-    if not gdims:
-        return nap
-    occurs = np.flatnonzero(nap.notnull().any([d for d in nap.dims if d != gdims[0]]).values)
-    if occurs.size == 0:
-        raise ValueError("every group of the NAPs is empty (all NaN) at the epoch drawn")
-    return nap.isel({gdims[0]: occurs})
 
 
 #: Widest a grid of maps gets by default (pixels of maps per row in the HTML report).
@@ -473,13 +490,10 @@ def compare_models(
     holoviews.GridSpace
         Keyed by (group key, ``model``).
     """
-    if isinstance(models, Mapping):
-        items = {k: v for k, v in models.items()}
-        if epoch != "all":
-            items = {k: _last_epoch(_normalise(v), epoch) for k, v in items.items()}
-    else:
-        items = [v if epoch == "all" else _last_epoch(_normalise(v), epoch) for v in models]
-    col = collect(items, by=None, **topomap_kwargs)
+    col = collect(models if isinstance(models, Mapping) else list(models), by=None,
+                  **topomap_kwargs)
+    if epoch != "all":
+        col = _at_epoch(col, epoch)
     keys = col.sources[0].keys
     if len(keys) != 1:
         raise ValueError(f"compare_models needs NAPs grouped by one key, got {keys}")
