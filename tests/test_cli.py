@@ -234,3 +234,129 @@ def test_serve_refuses_ports_out_of_range(small_store, port):
     result = run_cli("serve", small_store, "--port", port)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--port" in result.stderr
+
+
+# --------------------------------------------------------------------------------------
+# arguments checked before anything is written (audit of the command line)
+# --------------------------------------------------------------------------------------
+def _files(root) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (to show that nothing changed)."""
+    from pathlib import Path
+
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def planted_copy(planted_store, tmp_path):
+    """A copy of the planted store, for the commands that could change it."""
+    import shutil
+
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(planted_store, path)
+    return str(path)
+
+
+def test_compare_refuses_an_out_that_is_not_html_or_lies_in_a_store(planted_copy, tmp_path,
+                                                                      capsys):
+    before = _files(planted_copy)
+    png = tmp_path / "cmp.png"
+    layer_meta = f"{planted_copy}/net_a/hidden/zarr.json"
+    inside = f"{planted_copy}/net_a/report.html"
+    for out, needle in ((png, ".html"), (layer_meta, ".html"), (inside, "Zarr store")):
+        assert main(["compare", planted_copy, "--models", "net_a", "net_b",
+                     "--layer", "hidden", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert not png.exists()
+    assert _files(planted_copy) == before  # the layer's metadata untouched, nothing added
+    assert run_cli("verify", planted_copy, "--no-progress").returncode == 0
+
+
+def test_compare_refuses_more_than_two_layers_as_a_usage_error(planted_copy, tmp_path, capsys):
+    out = tmp_path / "cmp.html"
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", planted_copy, "--models", "net_a", "net_b",
+              "--layer", "hidden", "hidden", "hidden", "--out", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: topoxr compare" in err and "--layer" in err and "3" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", ["png", "gif"])
+def test_render_refuses_several_layers_for_a_png_or_gif(planted_store, tmp_path, capsys,
+                                                        suffix):
+    out = tmp_path / f"maps.{suffix}"
+    with pytest.raises(SystemExit) as exit_:
+        main(["render", planted_store, "--out", str(out), "--no-progress"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "net_a/hidden" in err and "net_b/hidden" in err and f".{suffix}" in err, err
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("k", ["0", "-3"])
+def test_layout_refuses_k_below_one_before_saving(planted_copy, capsys, k):
+    before = _files(planted_copy)
+    with pytest.raises(SystemExit) as exit_:
+        main(["layout", planted_copy, "--model", "net_a", "--method", "pca", "--k", k,
+              "--no-progress"])
+    assert exit_.value.code == 2
+    assert "--k" in capsys.readouterr().err
+    assert _files(planted_copy) == before
+
+
+def test_layout_prints_the_k_it_used(planted_copy, capsys):
+    from topoxr import open_store
+    from topoxr.grouping import naps
+    from topoxr.layouts import load_layout
+    from topoxr.metrics import quality
+
+    assert main(["layout", planted_copy, "--model", "net_a", "--method", "pca", "--k", "50",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    nap = naps(open_store(planted_copy)["net_a/hidden"].to_dataset()).compute()
+    laid = load_layout(planted_copy, "net_a", "hidden", "pca", onto=nap)
+    score = quality(laid.isel(epoch=[-1]), k=50)
+    used = score.attrs["k"]
+    assert used < 50  # 24 neurons: fewer neighbours than asked for
+    assert (f"trustworthiness {float(score['trustworthiness'].values[0]):.3f} (k={used})"
+            in out), out
+
+
+def test_a_failing_layout_saves_nothing_and_names_the_layer(tmp_path, capsys):
+    import json as json_
+
+    path = str(tmp_path / "two.zarr")
+    rng = np.random.default_rng(0)
+    with ActivationWriter(path, model="net") as writer:
+        for epoch in range(2):
+            labels = np.arange(20) % 4
+            writer.write("first", rng.normal(size=(20, 8)), sample=np.arange(20), label=labels,
+                         epoch=epoch)
+            writer.write("second", rng.normal(size=(20, 3)), sample=np.arange(20),
+                         label=labels, epoch=epoch)
+    assert main(["layout", path, "--layer", "first", "--method", "pca", "--name", "main",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    before = _files(path)
+    assert main(["layout", path, "--method", "random", "--name", "main", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "net/second" in err and "net/first" not in err, err
+    assert _files(path) == before  # the saved 'main' layout of net/first is untouched
+    meta = json_.loads((tmp_path / "two.zarr/net/first/layouts/main/zarr.json").read_text())
+    assert json_.loads(meta["attributes"]["topoxr_layout"])["method"] == "pca"
+
+
+def test_layers_and_models_are_selected_by_the_names_info_prints(tmp_path, capsys):
+    path = str(tmp_path / "names.zarr")
+    with ActivationWriter(path, model="my net") as writer:
+        writer.write("out layer", np.arange(24, dtype=float).reshape(4, 6),
+                     sample=np.arange(4), label=[0, 1, 0, 1], epoch=0)
+    assert main(["info", path]) == 0
+    info = capsys.readouterr().out
+    assert "model my net" in info and "layer out layer" in info
+    for model, layer in (("my net", "out layer"), ("my_net", "out_layer")):
+        assert main(["naps", path, "--model", model, "--layer", layer]) == 0
+        assert capsys.readouterr().out.startswith("my_net/out_layer: 6 neurons")

@@ -143,3 +143,141 @@ def test_summary_text_shows_only_the_sections_it_has(tmp_path):
     lines = table.summary_text().split("\n")
     assert lines[0].startswith("model") and lines[1].startswith("m ")
     assert lines[2:] == ["", "CPU time: layout 2.0s"]  # one blank line between sections
+
+
+# --------------------------------------------------------------------------------------
+# the demo's output folder, its planted mark and its numbers (audit of the demo)
+# --------------------------------------------------------------------------------------
+def _files(root) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (to show that nothing changed)."""
+    from pathlib import Path
+
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def _small_store(path) -> None:
+    from topoxr import ActivationWriter
+
+    with ActivationWriter(path, model="precious") as writer:
+        writer.write("h", np.arange(48, dtype=float).reshape(8, 6), sample=np.arange(8),
+                     label=np.arange(8) % 2, epoch=0)
+
+
+@pytest.mark.parametrize("inside", ["", "sub", "sub/deeper"])
+def test_the_demo_refuses_an_output_folder_in_a_zarr_store(tmp_path, inside):
+    from topoxr import StoreError, verify
+    from topoxr.demo import run_demo
+
+    store = tmp_path / "mine.zarr"
+    _small_store(store)
+    before = _files(store)
+    with pytest.raises(StoreError, match="Zarr store") as err:
+        run_demo(store / inside, quick=True, frameworks=set(), progress=False)
+    assert str(store) in str(err.value)
+    assert _files(store) == before  # nothing written, no folder created
+    assert not (store / "sub").exists()
+    assert verify(store, record=False).ok
+
+
+def test_the_demo_cli_refuses_a_store_as_its_output_folder(tmp_path, capsys):
+    from topoxr.cli import main
+
+    store = tmp_path / "mine.zarr"
+    _small_store(store)
+    before = _files(store)
+    assert main(["demo", "--quick", "--no-progress", "--out", str(store)]) == 1
+    err = capsys.readouterr().err
+    assert "Zarr store" in err and "Traceback" not in err
+    assert _files(store) == before
+
+
+def test_the_demo_does_not_replace_a_store_another_process_writes(tmp_path):
+    import subprocess
+    import sys
+
+    from topoxr import StoreLockedError, store_summary
+    from topoxr.demo import run_demo
+
+    out = tmp_path / "out"
+    store = out / "activations.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, numpy as np, topoxr
+w = topoxr.ActivationWriter({str(store)!r}, model="precious", mode="w")
+w.write("h", np.ones((8, 6), "float32"), sample=np.arange(8), epoch=0); w.flush()
+print("HOLDING", flush=True)
+sys.stdin.read()  # until the test closes stdin
+w.write("h", np.ones((8, 6), "float32"), sample=np.arange(8, 16), epoch=0)
+w.close(); print("CLOSED", flush=True)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "HOLDING"
+        with pytest.raises(StoreLockedError, match="not replacing"):
+            run_demo(out, quick=True, frameworks=set(), progress=False)
+        assert list(store_summary(store)["models"]) == ["precious"]
+    finally:
+        stdout, _ = holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and "CLOSED" in stdout
+    summary = store_summary(store)
+    assert list(summary["models"]) == ["precious"] and not summary["problems"]
+    assert summary["models"]["precious"]["layers"]["h"]["samples"] == 16
+    assert not (out / "report.html").exists()
+
+
+def test_the_mark_lies_on_pixels_that_no_digit_inks():
+    """The planted attribute must not be confounded with the class: on scikit-learn's
+    bundled digits, every pixel of the mark is blank in every image."""
+    from sklearn.datasets import load_digits
+
+    from topoxr.digits import add_mark, digits_probe, plant_bias
+
+    images = load_digits().images / 16.0
+    area = add_mark(np.zeros((1, 64)), np.array([True])).reshape(8, 8) > 0
+    assert area.any()  # a mark to see
+    assert (images[:, area] == 0).all()
+    flat = images.reshape(len(images), 64)
+    marked = add_mark(flat, np.ones(len(flat), dtype=bool)).reshape(-1, 8, 8)
+    assert (marked[:, area] == 1).all()
+    assert np.array_equal(marked[:, ~area], images[:, ~area])  # nothing else changes
+    probe = plant_bias(digits_probe(seed=0), seed=0)
+    ink = (probe["images_probe"][:, area] > 0).any(axis=1)
+    assert np.array_equal(ink, probe["marked_probe"])  # the mark is all that inks there
+
+
+@pytest.fixture(scope="module")
+def sklearn_demo(tmp_path_factory):
+    """The demo without PyTorch or Keras (``frameworks=set()``) and the log records."""
+    import logging
+
+    from topoxr.demo import run_demo
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("topoxr")
+    logger.addHandler(handler)
+    try:
+        result = run_demo(tmp_path_factory.mktemp("sk") / "out", quick=True, progress=False,
+                          frameworks=set())
+    finally:
+        logger.removeHandler(handler)
+    return result, records
+
+
+@pytest.mark.slow
+def test_the_demo_says_why_it_records_scikit_learn(sklearn_demo):
+    _, records = sklearn_demo
+    lines = [r.getMessage() for r in records if "scikit-learn" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "frameworks" in lines[0]  # the caller chose none
+    assert "not installed" not in lines[0]  # torch is installed here: not the reason
+
+
+@pytest.mark.slow
+def test_the_quality_table_counts_the_blobs_of_the_findings(sklearn_demo):
+    from topoxr.layouts._registry import DEFAULT_METHOD
+
+    result, _ = sklearn_demo
+    row, = [r for r in result.quality if r["method"] == DEFAULT_METHOD]
+    cm = result.findings["class_maps"]["mlp_sklearn/hidden"]
+    assert row["blob_count"] == pytest.approx(cm["mean_blob_count"])

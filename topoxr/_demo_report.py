@@ -151,11 +151,13 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
         report.add_section(
             "Bias: a planted attribute",
             viz.attribute_grid(b[ATTRIBUTE], ATTRIBUTE, **kw), still=True,
-            text=("The biased MLP's training data carries a corner mark (the sensitive "
-                  "attribute) on 90% of the digits 0-4 and 10% of the digits 5-9; the control "
-                  "MLP (same architecture and initial weights) sees the mark on half of every "
-                  "class. In the probe set every class is marked on every other sample. Maps of "
-                  "the biased MLP by class, marked (top) and unmarked (bottom). **The mark "
+            text=("The biased MLP's training data carries a mark (the sensitive attribute: "
+                  "three pixels that no digit inks, the top-left corner and the middle of "
+                  "both side edges, at full intensity) on 90% of the digits 0-4 and 10% of "
+                  "the digits 5-9; the control MLP (same architecture and initial weights) "
+                  "sees the mark on half of every class. In the probe set every class is "
+                  "marked on every other sample. Maps of the biased MLP by class, marked "
+                  "(top) and unmarked (bottom). **The mark "
                   f"changes the class maps by {_fmt(bias['biased']['mean_effect'])} (1 - r, mean "
                   f"over classes) in the biased MLP and by {_fmt(bias['control']['mean_effect'])} "
                   f"in the control ({bias['ratio']:.1f}x).** It pulls "

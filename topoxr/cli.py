@@ -3,7 +3,9 @@
 Exit status: 0 on success, 1 when the command fails (a missing store, an unknown layer,
 bad data), 2 on usage errors. User errors are printed as one line on stderr, without a
 traceback; ``--debug`` shows the traceback. Every ``--out`` file gets its missing parent
-folders created (one rule for all subcommands).
+folders created, and none may lie inside a Zarr store (one rule for all subcommands).
+Models and layers are selected by their original names (as ``info`` prints them) or
+their node names in the store.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ logger = logging.getLogger("topoxr")
 
 class CommandError(Exception):
     """A user error, reported as one line."""
+
+
+class UsageError(CommandError):
+    """Arguments that do not fit together, found after parsing: a usage error (exit 2)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -114,16 +120,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 def _layer_nodes(path: str, models: Sequence[str] | None, layers: Sequence[str] | None):
     """The (model, layer, Dataset) triples of a store matching the selection."""
-    from topoxr.conventions import ACTIVATION
+    from topoxr.conventions import ACTIVATION, ATTR_LAYER, ATTR_MODEL
     from topoxr.store import open_store
 
     tree = open_store(path)
-    available = [(str(m), str(l)) for m, node in tree.children.items()
+    # (node name, original name) of every model and layer
+    available = [((str(m), str(node.attrs.get(ATTR_MODEL, m))),
+                  (str(l), str(leaf.attrs.get(ATTR_LAYER, l))))
+                 for m, node in tree.children.items()
                  for l, leaf in node.children.items() if ACTIVATION in leaf.data_vars]
-    chosen = [(m, l) for m, l in available
-              if (not models or m in models) and (not layers or l in layers)]
+    chosen = [(m[0], l[0]) for m, l in available
+              if (not models or set(m) & set(models)) and (not layers or set(l) & set(layers))]
     if not chosen:
-        names = ", ".join(f"{m}/{l}" for m, l in available) or "none"
+        names = ", ".join(f"{m[0]}/{l[0]}" for m, l in available) or "none"
         raise CommandError(
             f"no layer matches --model {models or 'any'} --layer {layers or 'any'}; "
             f"the store has: {names}"
@@ -194,17 +203,24 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     method = args.method or DEFAULT_METHOD
     name = args.name or method
     table = []
+    # every layout first: a layer that fails leaves the store as it was
     for model, layer, ds in tqdm(nodes, desc="layouts", disable=args.no_progress):
-        nap = naps(ds, by=_by(args.by)).compute()
-        share = "all" if args.epoch == "all" else _epoch_of(ds, args.epoch)
-        laid = attach(nap, method, random_state=args.seed, share=share)
+        try:
+            nap = naps(ds, by=_by(args.by)).compute()
+            share = "all" if args.epoch == "all" else _epoch_of(ds, args.epoch)
+            laid = attach(nap, method, random_state=args.seed, share=share)
+            score = quality(laid.isel(epoch=[-1]), k=args.k)
+        except _user_errors() as err:
+            raise CommandError(f"{model}/{layer}: {_message(err)}; no layout saved") from err
+        table.append((model, layer, laid, score))
+    for model, layer, laid, _ in table:
         save_layout(args.path, model, layer, laid, name)
-        score = quality(laid.isel(epoch=[-1]), k=args.k)
-        table.append((model, layer, float(score["trustworthiness"].values[0]),
-                      float(score["smoothness"].values[0])))
     sys.stdout.write(f"saved layout {name!r} ({method}, seed {args.seed})\n")
-    for model, layer, trust, smooth in table:
-        sys.stdout.write(f"  {model}/{layer}: trustworthiness {trust:.3f}, smoothness {smooth:.3f}\n")
+    for model, layer, _, score in table:
+        sys.stdout.write(f"  {model}/{layer}: trustworthiness "
+                         f"{float(score['trustworthiness'].values[0]):.3f} "
+                         f"(k={score.attrs['k']}), "
+                         f"smoothness {float(score['smoothness'].values[0]):.3f}\n")
     return 0
 
 
@@ -240,9 +256,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
     suffix = out.rsplit(".", 1)[-1].lower() if "." in out else ""
     if suffix not in ("html", "png", "gif"):
         raise CommandError("--out must end in .html, .png or .gif")
-    out = _output(out)
     by = _by(args.by)
     nodes = _layer_nodes(args.path, args.model, args.layer)
+    if suffix != "html" and len(nodes) > 1:
+        names = ", ".join(f"{m}/{l}" for m, l, _ in nodes)
+        raise UsageError(f"a .{suffix} shows one layer and --model/--layer select "
+                         f"{len(nodes)} ({names}): select one, or write an .html report")
+    out = _output(out)
     import_optional("holoviews", extra="viz", purpose="topoxr render")
     from topoxr.viz import Report, save_gif, save_png, topomap
 
@@ -255,10 +275,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
             report.add_section(f"{model} / {layer}", topomap(nap, by=[*keys, "epoch"]))
         report.save(out)
     elif suffix == "png":
-        model, layer, nap = laid[0]
+        (_, _, nap), = laid
         save_png(topomap(nap.isel(epoch=-1), by=keys), out)
     else:
-        model, layer, nap = laid[0]
+        (_, _, nap), = laid
         save_gif(nap, out, progress=not args.no_progress)
     sys.stdout.write(f"wrote {out}\n")
     return 0
@@ -267,17 +287,18 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from topoxr._optional import import_optional
 
+    if len(args.layer) > 2:
+        raise UsageError(f"--layer takes one layer, or one per model (two); got "
+                         f"{len(args.layer)}: {' '.join(args.layer)}")
+    if not args.out.lower().endswith(".html"):
+        raise CommandError("--out must name an .html file")
+    out = _output(args.out)
     import_optional("holoviews", extra="viz", purpose="topoxr compare")
     from topoxr.alignment import align
     from topoxr.viz import Report, compare_models
 
-    if len(args.models) != 2:
-        raise CommandError("--models takes exactly two model names")
-    a, b = args.models
-    layer_a = args.layer[0]
-    layer_b = args.layer[1] if len(args.layer) > 1 else args.layer[0]
-    (_, _, ds_a), = _layer_nodes(args.path, [a], [layer_a])
-    (_, _, ds_b), = _layer_nodes(args.path, [b], [layer_b])
+    (a, layer_a, ds_a), = _layer_nodes(args.path, args.models[:1], args.layer[:1])
+    (b, layer_b, ds_b), = _layer_nodes(args.path, args.models[1:], args.layer[-1:])
     nap_a = _laid_naps(args.path, a, layer_a, ds_a, "label", None, args.seed)
     nap_b = _laid_naps(args.path, b, layer_b, ds_b, "label", None, args.seed)
     nap_b = align(nap_b, nap_a, match="activity")
@@ -286,8 +307,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     report.add_section("Side by side (last epoch)", compare_models({a: nap_a, b: nap_b}),
                        text=f"{b} is aligned onto {a} by matching neurons on their activity. "
                             f"{json.dumps(note) if note else ''}")
-    report.save(_output(args.out))
-    sys.stdout.write(f"wrote {args.out}\n")
+    report.save(out)
+    sys.stdout.write(f"wrote {out}\n")
     return 0
 
 
@@ -305,12 +326,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _output(path: str) -> str:
-    """An output file path, its missing parent folders created (the rule for every --out)."""
+    """An output file path, its missing parent folders created (the rule for every --out).
+
+    A folder, or a path inside a Zarr store (whose files it would replace or add to), is
+    refused.
+    """
     import os
+
+    from topoxr.demo import zarr_store_holding
 
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CommandError(f"--out {path!r} is a folder; name a file")
+    store = zarr_store_holding(parent)
+    if store is not None:
+        raise CommandError(f"--out {path!r} lies inside the Zarr store {str(store)!r}; "
+                           "write it outside any store")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as err:
@@ -319,6 +350,16 @@ def _output(path: str) -> str:
     if not os.access(parent, os.W_OK):
         raise CommandError(f"cannot write --out {path!r}: the folder {parent!r} is not writable")
     return path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -398,14 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", default="last",
                    help="epoch whose NAPs define the layout: an epoch, 'last' (default) or 'all'")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--k", type=int, default=10, help="neighbours for trustworthiness (default: 10)")
+    p.add_argument("--k", type=_positive_int, default=10,
+                   help="neighbours for trustworthiness, at least 1 (default: 10; small "
+                   "layers use fewer: the k used is printed)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_layout)
 
     p = sub.add_parser("render", help="draw maps to HTML, PNG or GIF",
                        description="Draw topographic maps of the selected layers.")
     _selection_options(p)
-    p.add_argument("--out", required=True, help="output file: .html (report), .png or .gif")
+    p.add_argument("--out", required=True,
+                   help="output file: .html (report of every selected layer), or .png or .gif "
+                   "(one layer)")
     p.add_argument("--by", default="label", help="grouping, comma separated (default: label)")
     p.add_argument("--layout", help="name of a saved layout (default: compute the default)")
     p.add_argument("--seed", type=int, default=0, help="seed of a computed layout (default: 0)")
@@ -418,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="store path or fsspec URL")
     p.add_argument("--models", nargs=2, required=True, metavar=("A", "B"), help="two models")
     p.add_argument("--layer", nargs="+", required=True, metavar="LAYER",
-                   help="layer name, or one per model")
-    p.add_argument("--out", default="compare.html", help="output report (default: compare.html)")
+                   help="layer name, or one per model (at most two)")
+    p.add_argument("--out", default="compare.html",
+                   help="output report, an .html file (default: compare.html)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_cmd_compare)
 
@@ -430,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     p.add_argument("--show", action="store_true", help="open a browser tab")
     p.set_defaults(func=_cmd_serve)
+    for p in sub.choices.values():  # for usage errors found after parsing
+        p.set_defaults(subparser=p)
     return parser
 
 
@@ -464,14 +512,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
+    except UsageError as err:
+        args.subparser.error(str(err))  # usage and message on stderr, exit status 2
     except KeyboardInterrupt:
         sys.stderr.write("topoxr: interrupted\n")
         return 130
     except _user_errors() as err:
         if args.debug:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        sys.stderr.write(f"topoxr {args.command}: error: {_one_line(message)}\n")
+        sys.stderr.write(f"topoxr {args.command}: error: {_one_line(_message(err))}\n")
         return 1
     except Exception as err:  # never a traceback for a user; --debug shows it
         if args.debug:
@@ -479,6 +528,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"topoxr {args.command}: error: {type(err).__name__}: "
                          f"{_one_line(err)} (run with --debug for the traceback)\n")
         return 1
+
+
+def _message(err: BaseException) -> object:
+    """What an error says (a KeyError's message without its quotes)."""
+    return err.args[0] if isinstance(err, KeyError) and err.args else err
 
 
 def _one_line(message: object) -> str:

@@ -7,9 +7,10 @@
 2. the paper's networks are trained: its MLP (one hidden layer of 128 ReLU units,
    dropout) and its shallow CNN (two convolutions of 128 channels) in PyTorch and, from
    the same initial weights, in Keras, and a small transformer reading each digit as 8 row
-   tokens; two more MLPs are trained on data with a planted bias (a corner mark tied to
-   the classes 0-4) and on the same data without the tie (the control). The probe set is
-   recorded before training (epoch 0) and after every epoch into ``DIR/activations.zarr``;
+   tokens; two more MLPs are trained on data with a planted bias (a mark on pixels that
+   no digit inks, tied to the classes 0-4) and on the same data without the tie (the
+   control). The probe set is recorded before training (epoch 0) and after every epoch
+   into ``DIR/activations.zarr``;
 3. every hidden layer is laid out with topoxr's default method (and, for the layout
    quality table, with the paper's ``graph+force``), NAPs are computed by class, by
    (class, correct), by (class, prediction) and by (class, mark);
@@ -294,6 +295,7 @@ def _record(store: Path, data: dict[str, np.ndarray], spec: ModelSpec, *, epochs
 
 def _record_all(store: Path, plan: list[ModelSpec], data: dict[str, Any], *, epochs: int,
                 seed: int, progress: bool) -> None:
+    """Train and record every network of ``plan``; scikit-learn's MLP if it is empty."""
     from tqdm.auto import tqdm
 
     variants = {"clean": data}
@@ -312,7 +314,6 @@ def _record_all(store: Path, plan: list[ModelSpec], data: dict[str, Any], *, epo
         logger.info("demo: trained and recorded %s in %.1f s", spec.name,
                     time.perf_counter() - started)
     if not plan:
-        logger.warning("neither torch nor keras is installed: recording scikit-learn's MLP")
         record_sklearn_mlp(store, data, epochs=epochs, seed=seed, progress=progress)
 
 
@@ -358,7 +359,8 @@ def run_demo(
     Parameters
     ----------
     out : str or Path, default "demo-output"
-        Output folder; the store is ``out/activations.zarr`` (replaced if present).
+        Output folder, outside any Zarr store; the store is ``out/activations.zarr``
+        (that of an earlier run is replaced, unless a writer holds it).
     seed : int, default 0
         Seed of every random step; the same seed gives the same numbers.
     quick : bool, default False
@@ -377,24 +379,34 @@ def run_demo(
     Raises
     ------
     topoxr.StoreError
-        If ``out/activations.zarr`` exists and is not a topoxr store (it is not replaced).
+        If ``out`` is a Zarr store or lies inside one (a folder holding ``zarr.json``,
+        ``.zgroup`` or ``.zarray``, or below one), or if ``out/activations.zarr`` exists
+        and is not a topoxr store. Nothing is written.
+    topoxr.StoreLockedError
+        If a writer holds ``out/activations.zarr`` (it is not replaced).
     """
     from topoxr.store import StoreError, open_store, store_summary
 
     start = _clock()
     out = Path(out)
+    holder = zarr_store_holding(out)
+    if holder is not None:
+        where = ("is a Zarr store" if holder == out.absolute()
+                 else f"lies inside the Zarr store {holder}")
+        raise StoreError(f"the demo's output folder {out} {where}; the demo writes a store and "
+                         "a report of its own: choose a folder outside any store")
     out.mkdir(parents=True, exist_ok=True)
     store = out / "activations.zarr"
     if store.exists():
-        try:
-            store_summary(str(store))
-        except StoreError as err:
-            raise StoreError(f"{store} exists and is not a topoxr store; not replacing it") from err
-        shutil.rmtree(store)
+        _remove_old_store(store)
     timings: dict[str, float] = {}
     epochs = 5 if quick else 10
     data = digits_probe(seed=seed)
-    plan = demo_plan(quick, frameworks)
+    chosen = _frameworks() if frameworks is None else frameworks
+    plan = demo_plan(quick, chosen)
+    if not plan:
+        logger.warning("%s: recording scikit-learn's MLP",
+                       _why_no_plan(frameworks, chosen, quick))
 
     cpu: dict[str, float] = {}
     t0 = _clock()
@@ -429,6 +441,67 @@ def run_demo(
     quality_file.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     result.files.append(quality_file)
     return result
+
+
+def zarr_store_holding(path: str | Path) -> Path | None:
+    """The Zarr store that a local path is, or lies inside, if any.
+
+    Parameters
+    ----------
+    path : str or Path
+        A local path; it need not exist.
+
+    Returns
+    -------
+    Path or None
+        The absolute path of the outermost folder, ``path`` itself or one of its parents,
+        that holds Zarr metadata (``zarr.json``, ``.zgroup`` or ``.zarray``): the store's
+        root, not a group inside it; None if there is none.
+    """
+    path = Path(path).absolute()
+    for folder in reversed((path, *path.parents)):
+        if any((folder / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
+            return folder
+    return None
+
+
+def _remove_old_store(store: Path) -> None:
+    """Delete the store of an earlier run, holding its writer lock while doing so.
+
+    Raises :class:`topoxr.StoreLockedError` if a writer holds it and
+    :class:`topoxr.StoreError` if it is not a topoxr store; nothing is deleted then.
+    """
+    from topoxr._locking import StoreLockedError, WriterLock
+    from topoxr.store import StoreError, store_summary
+    from topoxr.store._location import _locate
+
+    loc = _locate(str(store))
+    lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=loc.lock_path)
+    try:
+        lock.acquire()
+    except StoreLockedError as err:
+        raise StoreLockedError(f"{store} is being written by another writer; not replacing "
+                               "it (choose another output folder, or wait for that writer "
+                               "to close)") from err
+    try:
+        try:
+            store_summary(str(store))
+        except StoreError as err:
+            raise StoreError(f"{store} exists and is not a topoxr store; not replacing it"
+                             ) from err
+        shutil.rmtree(store)
+    finally:
+        lock.release()
+
+
+def _why_no_plan(frameworks: set[str] | None, chosen: set[str], quick: bool) -> str:
+    """Why the demo has no network to train (``frameworks`` as given, ``chosen`` as used)."""
+    if frameworks is not None and not frameworks:
+        return "no framework was asked for (frameworks=set())"
+    if not chosen:
+        return "neither torch nor keras is installed with its topoxr adapter"
+    return (f"no network of the {'quick ' if quick else ''}demo is trained with "
+            + ", ".join(sorted(chosen)))
 
 
 def _cpus() -> int | None:
@@ -497,7 +570,8 @@ def _analyse(tree: Any, *, seed: int, progress: bool) -> dict[str, Any]:
                 warnings.simplefilter("ignore")  # numba chatter on tiny layers
                 laid = attach(by_label, method, random_state=seed, share=last)
             seconds = time.perf_counter() - started
-            scores = quality(laid.sel({EPOCH: [last]}), k=5)
+            # the maps' grid of the findings, so that both count the same blobs
+            scores = quality(laid.sel({EPOCH: [last]}), k=5, resolution=MAP_RESOLUTION)
             rows.append({
                 "model": model, "layer": layer, "method": method,
                 "neurons": int(ds.sizes["neuron"]),

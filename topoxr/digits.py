@@ -6,7 +6,7 @@ imports the demo:
 
 - :func:`load_digits_data`: the 1797 digits as flat ``(N, 64)`` inputs in [0, 1];
 - :func:`digits_probe`: a training set and a fixed, class-balanced probe set;
-- :func:`plant_bias`: a known, planted bias (a corner mark tied to some classes);
+- :func:`plant_bias`: a known, planted bias (a mark tied to some classes);
 - :data:`DIGITS_LAYERS`: the layers of the example networks, named the same in both
   frameworks.
 
@@ -34,9 +34,11 @@ DIGITS_LAYERS = {
     "transformer": ["embed", "ffn", "pool", "out"],
 }
 
-#: Pixels of the planted mark: the 2 x 2 top-left corner of the 8 x 8 image, which is
-#: blank in every digit of the data set.
-MARK = (slice(0, 2), slice(0, 2))
+#: Pixels of the planted mark, as ``(rows, columns)`` of the 8 x 8 image: the top-left
+#: corner and the middle of the left and right edges, the only pixels that are blank in
+#: every one of the 1797 digits: no digit, of any class, carries the mark unless it is
+#: planted.
+MARK = ((0, 4, 4), (0, 0, 7))
 #: Classes the biased training data ties the mark to.
 BIAS_CLASSES = (0, 1, 2, 3, 4)
 
@@ -107,7 +109,7 @@ def add_mark(x: np.ndarray, marked: np.ndarray) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        The inputs, marked samples with the corner at full intensity.
+        The inputs, marked samples with the mark's pixels at full intensity.
 
     Raises
     ------
@@ -120,7 +122,8 @@ def add_mark(x: np.ndarray, marked: np.ndarray) -> np.ndarray:
         raise ValueError(f"add_mark needs inputs (N, 64) and marks (N,), got {x.shape} and "
                          f"{marked.shape}")
     images = x.reshape(-1, 8, 8).copy()
-    images[(marked, *MARK)] = 1.0
+    rows, cols = MARK
+    images[np.flatnonzero(marked)[:, None], rows, cols] = 1.0
     return images.reshape(len(x), 64)
 
 
@@ -128,13 +131,15 @@ def plant_bias(
     data: dict[str, np.ndarray], *, tied: Sequence[int] = BIAS_CLASSES, strength: float = 0.9,
     biased: bool = True, seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Plant a known bias: a sensitive attribute (a corner mark) that training ties to classes.
+    """Plant a known bias: a sensitive attribute (a mark) that training ties to classes.
 
-    In the biased training set, a sample of a ``tied`` class carries the mark with
-    probability ``strength`` and any other sample with probability ``1 - strength``; in
-    the control set (``biased=False``) every sample carries it with probability 0.5, so
-    the mark says nothing about the class. In the probe set every class carries it on
-    every other sample, whatever ``biased`` is, so both models are probed alike.
+    The mark (:data:`MARK`) sets pixels that are blank in every digit, so no digit carries
+    it unless it is planted. In the biased training set, a sample of a ``tied`` class
+    carries the mark with probability ``strength`` and any other sample with probability
+    ``1 - strength``; in the control set (``biased=False``) every sample carries it with
+    probability 0.5, so the mark says nothing about the class. In the probe set every
+    class carries it on every other sample, whatever ``biased`` is, so both models are
+    probed alike.
 
     Parameters
     ----------
