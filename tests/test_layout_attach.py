@@ -507,3 +507,53 @@ def test_quality_says_which_profiles_it_compared_with_and_warns_of_others(caplog
         q = topoxr.quality(on_acts, profile=profiles(ds, **args))
     assert "fitted on profiles" not in caplog.text
     assert json.loads(q.attrs["profile"])["source"] == "activations"
+
+
+def test_saving_a_layout_clears_the_verification_record(tmp_path):
+    """A layout saved after ``verify`` adds files that verify never read: the record
+    ("verified: no problems") is dropped, as a writer drops it; a refused save keeps it."""
+    url = str(tmp_path / "run.zarr")
+    write_store(make_activations(n_neurons=12, random_state=1), url, layer="dense1")
+    layer = topoxr.open_store(url)["model/dense1"].to_dataset().load()
+    laid = attach(layer, "pca", random_state=0, share="all")
+    assert topoxr.verify(url).ok
+    recorded = topoxr.store_summary(url)["verified"]
+    assert recorded["problems"] == 0
+    with pytest.raises(StoreError, match="neurons"):  # refused: nothing written
+        save_layout(url, "model", "dense1", laid.isel(neuron=slice(1, None)), "pca-0")
+    assert topoxr.store_summary(url)["verified"] == recorded
+    save_layout(url, "model", "dense1", laid, "pca-0")
+    assert topoxr.store_summary(url)["verified"] is None
+    x_chunk = tmp_path / "run.zarr/model/dense1/layouts/pca-0/x/c.0"
+    damaged = bytearray(x_chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    x_chunk.write_bytes(bytes(damaged))
+    assert topoxr.store_summary(url)["verified"] is None  # `topoxr info` claims nothing
+    report = topoxr.verify(url)
+    assert topoxr.store_summary(url)["verified"]["problems"] == len(report.problems) == 1
+
+
+def test_layout_names_that_map_to_the_same_node_are_refused(tmp_path):
+    """"x y" and "x_y" share the node name x_y: saving the second would replace the
+    first, and load_layout("x y") would return the other layout. Saving a different name
+    onto a taken node is refused (overwrite replaces the same name only), and
+    load_layout checks the name saved in the node."""
+    url = str(tmp_path / "run.zarr")
+    write_store(make_activations(n_neurons=12, random_state=1), url, layer="dense1")
+    layer = topoxr.open_store(url)["model/dense1"].to_dataset().load()
+    first = attach(layer, "pca", random_state=0, share="all")
+    second = attach(layer, "random", random_state=0, share="all")
+    save_layout(url, "model", "dense1", first, "x y")
+    files = {p: p.read_bytes() for p in (tmp_path / "run.zarr").rglob("*") if p.is_file()}
+    for overwrite in (True, False):
+        with pytest.raises(StoreError, match=r"'x_y'.*node 'x_y'.*layout 'x y'"):
+            save_layout(url, "model", "dense1", second, "x_y", overwrite=overwrite)
+    assert {p: p.read_bytes() for p in (tmp_path / "run.zarr").rglob("*")
+            if p.is_file()} == files  # nothing written
+    assert_layout_close(load_layout(url, "model", "dense1", "x y", onto=layer), first,
+                        atol=0)
+    with pytest.raises(StoreError, match=r"no layout 'x_y'.*'x y'"):
+        load_layout(url, "model", "dense1", "x_y")
+    save_layout(url, "model", "dense1", second, "x y")  # the same name: replaced
+    assert_layout_close(load_layout(url, "model", "dense1", "x y", onto=layer), second,
+                        atol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -715,3 +716,181 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_writer(tmp_p
         tree = xr.open_datatree(store, engine="zarr")
     assert not [w for w in caught if "not recognized" in str(w.message)]
     np.testing.assert_array_equal(tree["m/h"]["activation"].values[..., 0].T, values)
+
+
+# --------------------------------------------------------------------------------------
+# inspection and maintenance: verify, store_summary, a writer opening a damaged layer
+# --------------------------------------------------------------------------------------
+def _edit_attributes(doc: Path, change) -> None:
+    meta = json.loads(doc.read_text())
+    change(meta["attributes"])
+    doc.write_text(json.dumps(meta))
+
+
+def _files_below(path: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("edit", ["dropped", "false"])
+def test_a_layer_that_lost_its_ready_mark_but_holds_data_is_damage_not_deleted(damaged, edit):
+    """A writer marks a layer ready (``topoxr_ready``) before its first commit, so a
+    layer without the mark that holds committed data lost the attribute: verify and
+    store_summary report it, and a writer refuses to open the model instead of deleting
+    the layer as one half-created by a crashed writer (it did, and nothing said so)."""
+    layer = Path(damaged) / script.MODEL / "dense"
+    _edit_attributes(layer / "zarr.json", (lambda a: a.pop("topoxr_ready")) if edit == "dropped"
+                     else (lambda a: a.update(topoxr_ready=False)))
+    committed = int(zarr.open_array(layer / "committed", mode="r")[:].sum())
+    assert committed > 0
+    place = "layer 'dense' of model 'net'"
+    problems = topoxr.verify(str(damaged), record=False).problems
+    assert [p.node for p in problems] == ["net/dense"]
+    assert place in problems[0].what and "topoxr_ready" in problems[0].what
+    assert f"{committed} committed" in problems[0].what
+    summary = store_summary(damaged)
+    assert len(summary["problems"]) == 1 and place in summary["problems"][0]
+    assert summary["models"]["net"]["layers"]["dense"]["problems"]
+    before = _files_below(Path(damaged))
+    with pytest.raises(StoreCorruptionError, match=f"{place}.*topoxr_ready"):
+        topoxr.ActivationWriter(str(damaged), model="net")
+    after = _files_below(Path(damaged))
+    assert {p: b for p, b in after.items() if p.is_relative_to(layer)} == \
+        {p: b for p, b in before.items() if p.is_relative_to(layer)}  # nothing deleted
+
+
+def test_a_layer_half_created_by_a_killed_writer_is_still_removed_silently(tmp_path):
+    """The real thing: a writer killed after creating a layer's arrays, before its first
+    commit (a layer with string labels is created when its first batch is written).
+    Without the ready mark (the state a kill a moment earlier leaves) and with nothing
+    committed, verify and store_summary do not count it and the next writer removes it,
+    as before."""
+    store = tmp_path / "run.zarr"
+    code = textwrap.dedent(f"""
+        import os, numpy as np, topoxr
+        w = topoxr.ActivationWriter({str(store)!r}, model="m")
+        w.write("h", np.ones((4, 3), "f4"), sample=np.arange(4))
+        w.flush()
+        w.write("late", np.ones((4, 2), "f4"), sample=np.arange(4), label=np.array(list("abab")))
+        os.kill(os.getpid(), 9)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=False, timeout=120)
+    late = store / "m" / "late"
+    assert (late / "committed" / "zarr.json").exists()
+    assert not list((late / "committed").glob("c*")) and not list((late / "sample").glob("c*"))
+    _edit_attributes(late / "zarr.json", lambda a: a.pop("topoxr_ready"))
+    assert topoxr.verify(str(store), record=False).ok
+    summary = store_summary(store)
+    assert summary["problems"] == [] and list(summary["models"]["m"]["layers"]) == ["h"]
+    with topoxr.ActivationWriter(str(store), model="m") as writer:
+        assert writer.layers == ["h"]
+    assert not late.exists()
+    assert open_store(store)["m/h"].activation.shape == (3, 4, 1)
+
+
+def _open_fifo_once_read(path: Path, timeout: float = 120.0) -> int:
+    """Open the FIFO ``path`` for writing as soon as a reader has opened it."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as err:
+            if err.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+            continue
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return fd
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
+def test_verify_records_no_verdict_over_a_store_a_writer_changed_during_the_run(tmp_path,
+                                                                              caplog):
+    """verify reads without the lock (writers may run) and records its outcome under it.
+    A real second writer appends an epoch and closes while verify reads (verify is held
+    on one activation chunk, made a FIFO that gets the chunk's bytes once the writer has
+    closed); verify never read the new epoch, so it records nothing. A byte then changed
+    in the new epoch's chunk is found by the next verify. It recorded "problems 0"."""
+    import threading
+
+    store = tmp_path / "run.zarr"
+    rng = np.random.default_rng(0)
+
+    def append(epoch):
+        with topoxr.ActivationWriter(str(store), model="m", chunk_samples=4) as writer:
+            writer.write("h", rng.normal(size=(8, 3)).astype(np.float32),
+                         sample=np.arange(8), label=np.arange(8) % 2, epoch=epoch)
+            writer.complete_epoch(epoch)
+
+    append(0)
+    assert topoxr.verify(str(store)).ok
+    assert store_summary(store)["verified"]["problems"] == 0  # nothing changed: recorded
+    chunks = store / "m" / "h" / "activation"
+    before = {p.name for p in chunks.iterdir()}
+    held = chunks / "c.0.0.0"
+    data = held.read_bytes()
+    held.unlink()
+    os.mkfifo(held)
+    outcome = {}
+    reader = threading.Thread(target=lambda: outcome.update(report=topoxr.verify(str(store))))
+    caplog.set_level(logging.WARNING, logger="topoxr.store")
+    reader.start()
+    fd = _open_fifo_once_read(held)  # verify is reading the chunk
+    try:
+        append(1)  # the second writer: not refused, verify holds no lock while reading
+    finally:
+        os.write(fd, data)
+        os.close(fd)
+        reader.join(120)
+    assert not reader.is_alive() and outcome["report"].ok  # what it read is intact
+    assert "changed while verify read it" in caplog.text
+    held.unlink()
+    held.write_bytes(data)
+    assert store_summary(store)["verified"] is None  # ... but it did not read epoch 1
+    new = sorted(chunks / name for name in {p.name for p in chunks.iterdir()} - before)
+    assert new and store_summary(store)["models"]["m"]["layers"]["h"]["epochs"] == [0, 1]
+    flipped = bytearray(new[0].read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    new[0].write_bytes(bytes(flipped))
+    report = topoxr.verify(str(store))
+    assert [new[0].name in p.what for p in report.problems] == [True]
+    assert store_summary(store)["verified"]["problems"] == 1
+
+
+def test_store_summary_reports_a_model_whose_name_attribute_is_not_its_node(damaged):
+    """open_store and verify call such a model damaged (check_model_name); `topoxr info`
+    said all was well."""
+    _edit_attributes(Path(damaged) / script.MODEL / "zarr.json",
+                     lambda a: a.update(topoxr_model="other"))
+    with pytest.raises(StoreCorruptionError) as refused:
+        open_store(damaged)
+    verified = [p.what for p in topoxr.verify(str(damaged), record=False).problems]
+    assert verified == [str(refused.value)]
+    assert store_summary(damaged)["problems"] == verified
+
+
+def _flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("rel", "damage"), [
+    ("committed/c.0.1", "flip"), ("sample/c.0", "flip"), ("epoch_complete/c.0", "flip"),
+    ("epoch/c.0", "flip"), ("activation/zarr.json", "truncate"), ("label/zarr.json", "truncate"),
+    ("activation/c.0.1.1", "flip"),
+])
+def test_verify_reports_each_damaged_file_once(damaged, rel, damage):
+    """One damaged file, one problem (and one recorded): a flipped chunk of the
+    coordinates or the mask, or a cut array ``zarr.json``, was reported twice."""
+    path = Path(damaged) / script.MODEL / "dense" / rel
+    if damage == "flip":
+        _flip_middle(path)
+    else:
+        path.write_bytes(path.read_bytes()[:10])
+    report = topoxr.verify(str(damaged))
+    named = f"{script.MODEL}/dense/{rel}"
+    assert [named in p.what for p in report.problems] == [True], \
+        [p.line() for p in report.problems]
+    assert store_summary(damaged)["verified"]["problems"] == 1

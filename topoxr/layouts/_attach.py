@@ -627,9 +627,13 @@ def save_layout(
     topoxr.StoreError
         If the layer does not exist; the layout's neurons (by ``neuron`` label, in any
         order) are not the layer's, or repeat; a per-epoch layout does not cover exactly
-        the layer's epochs; or the name is taken and ``overwrite`` is False. The layout
-        is saved in the layer's neuron and epoch order (a layout in another order made
-        the whole store unopenable: its group did not align with the layer's).
+        the layer's epochs; the name is taken and ``overwrite`` is False; or another
+        layout's name maps to the same node name (``"x y"`` and ``"x_y"`` are both
+        ``x_y``; ``overwrite`` replaces a layout of the same name only). Nothing is
+        written then. The layout is saved in the layer's neuron and epoch order (a
+        layout in another order made the whole store unopenable: its group did not
+        align with the layer's). Saving drops the store's record of the last
+        :func:`topoxr.verify`, as a writer does: the new files were not verified.
     topoxr.StoreLockedError
         If a writer holds the store (saving waits for no one).
     topoxr.StoreWriteError
@@ -656,10 +660,17 @@ def save_layout(
         safe = safe_node_name(name)
         staging = _staging_name(safe)
         members = dict(parent.members())
+        for node in (safe, staging):
+            other = members[node].attrs.get("name", name) if node in members else name
+            if other != name:
+                raise StoreError(f"layout name {name!r} maps to node {safe!r}, already used "
+                                 f"by layout {other!r} of {model}/{layer}; choose another "
+                                 "name")
         replaces = safe in members
         if replaces and not overwrite:
             raise StoreError(f"a layout named {name!r} exists; pass overwrite=True")
         try:
+            _drop_verified(loc.store)  # the store changes: its verification is outdated
             if staging in members:  # left by a save that failed
                 del parent[staging]
             if replaces:  # the new layout whole first, so that a failure loses nothing
@@ -680,6 +691,17 @@ def save_layout(
         lock.release()
     logger.info("saved layout %r of %s/%s in %s", name, model, layer, loc.url)
     return f"{safe_node_name(model)}/{safe_node_name(layer)}/{LAYOUTS_GROUP}/{safe}"
+
+
+def _drop_verified(zstore: Any) -> None:
+    """Remove the root's record of the last verification, as a writer does on opening."""
+    import zarr
+
+    from topoxr.store.verify import ATTR_VERIFIED
+
+    root = zarr.open_group(zstore, mode="r+", use_consolidated=False)
+    if ATTR_VERIFIED in root.attrs:
+        del root.attrs[ATTR_VERIFIED]
 
 
 def _staging_name(safe: str) -> str:
@@ -777,8 +799,9 @@ def load_layout(
     Raises
     ------
     topoxr.StoreError
-        If the layer or the layout does not exist (the message lists saved layouts), or
-        the layout was not saved completely.
+        If the layer or the layout does not exist (the message lists saved layouts, or
+        names the layout of another name saved under the same node name), or the layout
+        was not saved completely.
     """
     from topoxr.store import Context, StoreError, read_whole, safe_node_name
 
@@ -792,6 +815,9 @@ def load_layout(
                        "written whole; loading that copy (save it again to tidy up)",
                        name, model, layer)
         node = staged
+    if node is not None and node.attrs.get("name", name) != name:
+        raise StoreError(f"no layout {name!r} saved for {model}/{layer}: its node "
+                         f"{node.basename!r} holds layout {node.attrs['name']!r}")
     if node is None:
         raise StoreError(f"no layout {name!r} saved for {model}/{layer}; saved: "
                          f"{sorted(k for k in saved if '~' not in k)}")

@@ -14,11 +14,16 @@ from topoxr.conventions import (
     ATTR_LAYER,
     ATTR_MODEL,
 )
-from topoxr.store._errors import StoreError
-from topoxr.store._integrity import child_groups, children, consistent_snapshot
+from topoxr.store._errors import StoreCorruptionError, StoreError
+from topoxr.store._integrity import (
+    check_model_name,
+    child_groups,
+    children,
+    consistent_snapshot,
+)
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import _ATTR_READY, _ATTR_REDUCE, _guarded, _where
-from topoxr.store.verify import ATTR_VERIFIED
+from topoxr.store.verify import ATTR_VERIFIED, unready_layer_damage
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,19 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
         "checksums", "problems"}}}}, "problems"}``, JSON-serialisable. ``verified`` is
         the outcome of the last :func:`topoxr.verify` (None: never verified since the
         store was last written); ``problems`` lists the damage found without reading
-        activations (a damaged layer's entry then holds only ``name`` and ``problems``).
+        activations (a damaged layer's entry then holds only ``name`` and ``problems``),
+        as :func:`topoxr.open_store` refuses it: damaged metadata or coordinates,
+        contradicting arrays, a model or layer whose name attribute does not give its
+        node name; and a layer that lost its ``topoxr_ready`` mark but holds committed
+        data. A layer half-created by a crashed writer (not ready, nothing committed) is
+        left out.
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing exists at ``store``.
+    StoreError
+        If it is not a topoxr store, or its root metadata is damaged.
     """
     loc = _locate(store, storage_options)
     root = _open_root_readonly(loc)
@@ -56,12 +73,21 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
     }
     problems: list[str] = []
     for model_name, model_group in child_groups(root, problems):
+        try:
+            check_model_name(model_name, model_group)
+        except StoreError as err:
+            problems.append(str(err))
         layers: dict[str, Any] = {}
         members = children(model_group, problems)
         for layer_name, group in sorted(members.items()):
-            if not isinstance(group, zarr.Group) or not group.attrs.get(_ATTR_READY, False):
+            if not isinstance(group, zarr.Group):
                 continue
             try:
+                if not group.attrs.get(_ATTR_READY, False):
+                    damage = unready_layer_damage(group)
+                    if damage is None:
+                        continue  # half-created by a crashed writer: the next one removes it
+                    raise StoreCorruptionError(damage)
                 layers[layer_name] = _layer_summary(group)
             except StoreError as err:
                 problems.append(f"{model_name}/{layer_name}: {err}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -11,15 +13,16 @@ from typing import Any
 import numpy as np
 import zarr
 
-from topoxr.conventions import ACTIVATION, ATTR_SAVING
+from topoxr.conventions import ACTIVATION, ATTR_SAVING, COMMITTED, SAMPLE
 from topoxr.store._errors import StoreError
-from topoxr._chunkio import consolidate
+from topoxr._chunkio import consolidate, read_selection
 from topoxr.store._integrity import (
     Context,
     check_model_name,
     child_groups,
     children,
     chunk_coords,
+    chunk_file,
     chunk_slices,
     consistent_snapshot,
     layer_arrays,
@@ -28,9 +31,9 @@ from topoxr.store._integrity import (
     stored_chunks,
 )
 from topoxr.store._location import _locate, _open_root_readonly
-from topoxr.store._schema import _ATTR_READY, _ids_text, _where, has_checksums
+from topoxr.store._schema import SAMPLE_FILL, _ATTR_READY, _ids_text, _where, has_checksums
 
-__all__ = ["ATTR_VERIFIED", "Problem", "VerifyReport", "verify"]
+__all__ = ["ATTR_VERIFIED", "Problem", "VerifyReport", "unready_layer_damage", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,11 @@ def verify(store: Any, *, storage_options: Mapping[str, Any] | None = None,
         Show a progress bar over the chunks.
     record : bool, default True
         Store the outcome in the root attribute ``topoxr_verified`` (shown by
-        ``topoxr info``), unless a writer holds the store.
+        ``topoxr info``). Nothing is recorded while a writer holds the store, nor when
+        the store changed while it was read (a writer wrote to it, a layout was saved):
+        the outcome would then vouch for data it never read. It is logged instead
+        (INFO, WARNING). A record thus says that at its time every chunk of the store
+        was read and checked.
 
     Returns
     -------
@@ -113,6 +120,7 @@ def verify(store: Any, *, storage_options: Mapping[str, Any] | None = None,
 
     loc = _locate(store, storage_options)
     root = _open_root_readonly(loc)
+    before = _fingerprint(loc.store) if record else None
     report = VerifyReport(store=loc.url)
     layers: list[tuple[str, zarr.Group]] = []
     errors: list[str] = []
@@ -124,30 +132,115 @@ def verify(store: Any, *, storage_options: Mapping[str, Any] | None = None,
             report.problems.append(Problem(model_name, str(err)))
         members = children(model_group, errors)
         for layer_name, group in sorted(members.items()):
-            if isinstance(group, zarr.Group) and group.attrs.get(_ATTR_READY, False):
-                layers.append((f"{model_name}/{layer_name}", group))
+            if not isinstance(group, zarr.Group):
+                continue
+            node = f"{model_name}/{layer_name}"
+            if group.attrs.get(_ATTR_READY, False):
+                layers.append((node, group))
+            elif (damage := unready_layer_damage(group)) is not None:
+                report.problems.append(Problem(node, damage))
     report.problems.extend(Problem(msg.split("/zarr.json")[0], msg) for msg in errors)
     with tqdm(total=None, desc="verify", unit="chunk", disable=not progress) as bar:
         for node, group in layers:
             report.layers += 1
             try:
-                _verify_layer(report, node, group, bar)
-                _verify_auxiliary(report, node, group, bar)
+                # listed once: a damaged child is one problem
+                damaged: list[str] = []
+                members = children(group, damaged)
+                report.problems.extend(Problem(node, msg) for msg in damaged)
+                if not damaged:
+                    _verify_layer(report, node, group, layer_arrays(group, members), bar)
+                _verify_auxiliary(report, node, group, bar, members=members)
             except Exception as err:
                 report.problems.append(Problem(node, f"unreadable ({type(err).__name__}: "
                                                      f"{err})"))
     if record:
-        _record(loc, report)
+        _record(loc, report, before)
     return report
 
 
-def _verify_layer(report: VerifyReport, node: str, group: zarr.Group, bar: Any) -> None:
+def unready_layer_damage(group: zarr.Group) -> str | None:
+    """The damage of a layer group that lacks its "ready" mark but holds committed data.
+
+    A writer marks a layer ready (attribute ``topoxr_ready``) after creating its arrays
+    and before its first commit, and stores chunks of ``committed`` and ``sample`` only
+    when it commits. A layer without the mark and without such data was left
+    half-created by a crashed writer (the next writer removes it); one with such data
+    lost its mark (an edited or replaced ``zarr.json``): damage, never to be deleted.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        A layer group.
+
+    Returns
+    -------
+    str or None
+        A message naming the layer, what it holds and what to do; None for a ready
+        layer and for one holding nothing committed.
+    """
+    mark = group.attrs.get(_ATTR_READY)
+    if mark:
+        return None
+    held = []
+    for key, fill, what in ((COMMITTED, False, "committed cells"),
+                            (SAMPLE, SAMPLE_FILL, "sample ids")):
+        path = f"{group.path}/{key}"
+        if not _chunk_keys(group.store, path):
+            continue
+        try:
+            values = read_selection(zarr.open_array(group.store, path=path, mode="r"))
+        except Exception as err:
+            held.append(f"{key!r} chunks that cannot be read ({type(err).__name__}: {err})")
+            continue
+        if count := int(np.count_nonzero(values != fill)):
+            held.append(f"{count} {what}")
+    if not held:
+        return None
+    state = "is missing" if mark is None else f"is {mark!r}"
+    return (f"{_where(group)} is damaged: its attribute {_ATTR_READY!r} {state}, but it "
+            f"holds {' and '.join(held)} (a writer sets the attribute before a layer's "
+            "first commit): this is no layer half-created by a crashed writer, and it is "
+            f"not deleted. If its arrays are intact, set {_ATTR_READY!r} to true in its "
+            "zarr.json and run `topoxr verify`; otherwise delete the layer (or record the "
+            "model again with mode='w')")
+
+
+def _chunk_keys(store: Any, path: str) -> list[str]:
+    """The chunk keys stored below the array at ``path`` (none where it has no folder)."""
+    from zarr.core.sync import sync
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list_prefix(f"{path}/")
+                if not k.endswith("zarr.json") and not k.endswith(".partial")]
+
+    return sync(keys())
+
+
+def _fingerprint(store: Any) -> str:
+    """A digest of what a writer changes in ``store``: its keys, and the bytes of every
+    key but the activation chunks (a writer rewrites those only with the ``committed``
+    mask of a commit, or with the layer's ``topoxr_generation`` when it overwrites)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def digest() -> str:
+        keys = sorted([k async for k in store.list()])
+        read = [k for k in keys
+                if k.endswith("zarr.json") or f"/{ACTIVATION}/" not in f"/{k}"]
+        values = await asyncio.gather(*(store.get(k, default_buffer_prototype())
+                                        for k in read))
+        out = hashlib.sha256("\n".join(keys).encode())
+        for key, value in zip(read, values, strict=True):
+            out.update(key.encode() + b"\0" + (b"" if value is None else value.to_bytes()))
+        return out.hexdigest()
+
+    return sync(digest())
+
+
+def _verify_layer(report: VerifyReport, node: str, group: zarr.Group,
+                  arrays: dict[str, zarr.Array], bar: Any) -> None:
     where = _where(group)
-    try:
-        arrays = layer_arrays(group)
-    except StoreError as err:
-        report.problems.append(Problem(node, str(err)))
-        return
     if not all(has_checksums(a) for a in arrays.values()):
         report.problems.append(Problem(
             node, f"{where} was written without chunk checksums (an earlier topoxr): damage "
@@ -207,15 +300,20 @@ def _read_every_chunk(report: VerifyReport, node: str, ctx: Context, arr: zarr.A
         try:
             np.asarray(arr[chunk_slices(arr, coords)])
         except Exception as err:
+            named = f"(file {chunk_file(arr, coords)})"
+            if any(named in p.what for p in report.problems if p.node == node):
+                continue  # reported already (the snapshot of the layer read it first)
             report.problems.append(Problem(node, ctx.damaged_chunk(
                 arr, coords, f"cannot be read ({type(err).__name__}: {err})"
                 if "checksum" not in str(err) else "fails its crc32c checksum")))
 
 
-def _verify_auxiliary(report: VerifyReport, node: str, group: zarr.Group, bar: Any) -> None:
-    """Check the groups below a layer (saved layouts): every chunk read, none missing."""
+def _verify_auxiliary(report: VerifyReport, node: str, group: zarr.Group, bar: Any, *,
+                      members: dict[str, Any] | None = None) -> None:
+    """Check the groups below a layer (saved layouts): every chunk read, none missing
+    (``members``: the children of ``group``, listed and their damage reported already)."""
     errors: list[str] = []
-    for name, child in child_groups(group, errors):
+    for name, child in child_groups(group, errors, members=members):
         where = f"{node}/{name}"
         if child.attrs.get(ATTR_SAVING):
             report.problems.append(Problem(where, f"group {child.path!r} was not saved "
@@ -238,8 +336,9 @@ def _verify_auxiliary(report: VerifyReport, node: str, group: zarr.Group, bar: A
     report.problems.extend(Problem(node, msg) for msg in errors)
 
 
-def _record(loc: Any, report: VerifyReport) -> None:
-    """Store the outcome in the root attributes, if no writer holds the store."""
+def _record(loc: Any, report: VerifyReport, before: str | None) -> None:
+    """Store the outcome in the root attributes, if no writer holds the store and the
+    store is what it was before verify read it (``before``: its :func:`_fingerprint`)."""
     from topoxr._locking import StoreLockedError, WriterLock
 
     lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=loc.lock_path)
@@ -249,6 +348,11 @@ def _record(loc: Any, report: VerifyReport) -> None:
         logger.info("%s is being written: the verification is not recorded", loc.url)
         return
     try:
+        if _fingerprint(loc.store) != before:
+            logger.warning("%s changed while verify read it (a writer or a saved layout "
+                           "wrote to it): the outcome is not recorded; run verify again",
+                           loc.url)
+            return
         root = zarr.open_group(loc.store, mode="r+", use_consolidated=False)
         root.update_attributes({ATTR_VERIFIED: {
             "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

@@ -336,9 +336,23 @@ class ActivationWriter:
         return self._root.create_group(name, attributes={ATTR_MODEL: self.model, **(attrs or {})})
 
     def _load_layers(self) -> None:
+        """Load the model's layers; remove those half-created by a crashed writer.
+
+        Raises
+        ------
+        StoreCorruptionError
+            If a layer lacks its ready mark but holds committed data (it lost the
+            attribute): it is not deleted (see :func:`topoxr.store.verify.unready_layer_damage`).
+        """
+        from topoxr.store._errors import StoreCorruptionError
+        from topoxr.store.verify import unready_layer_damage
+
         for name, group in list(self._model_group.groups()):
             layer = group.attrs.get(ATTR_LAYER, name)
             if not group.attrs.get(_ATTR_READY, False):
+                damage = unready_layer_damage(group)
+                if damage is not None:
+                    raise StoreCorruptionError(damage)
                 logger.warning("removing layer %r left half-created by a crashed writer", layer)
                 del self._model_group[name]
                 continue
