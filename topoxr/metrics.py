@@ -231,14 +231,10 @@ def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float
 
     Parameters
     ----------
-    X : array_like or xarray.DataArray of shape (n_neurons, n_features)
-        Neuron profiles. One row per neuron: a DataArray with a ``neuron`` dim has its
-        neurons as rows whatever its dim order.
-    embedding : array_like or xarray.DataArray of shape (n_neurons, 2)
-        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
-        dim, their neurons are matched by label (``X`` taken in the embedding's order;
-        other or repeated labels are refused). Otherwise (numpy arrays, or one side
-        without a ``neuron`` dim) rows are paired by position.
+    X, embedding : array_like or xarray.DataArray
+        Neuron profiles ``(n_neurons, n_features)`` and the layout ``(n_neurons, 2)``,
+        paired as in :func:`neighborhood_preservation` (by neuron label where both are
+        DataArrays with a ``neuron`` dim, else row by row).
     k : int, default 10
         Neighbourhood size.
     **kwargs
@@ -272,14 +268,10 @@ def continuity(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float:
 
     Parameters
     ----------
-    X : array_like or xarray.DataArray of shape (n_neurons, n_features)
-        Neuron profiles. One row per neuron: a DataArray with a ``neuron`` dim has its
-        neurons as rows whatever its dim order.
-    embedding : array_like or xarray.DataArray of shape (n_neurons, 2)
-        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
-        dim, their neurons are matched by label (``X`` taken in the embedding's order;
-        other or repeated labels are refused). Otherwise (numpy arrays, or one side
-        without a ``neuron`` dim) rows are paired by position.
+    X, embedding : array_like or xarray.DataArray
+        Neuron profiles ``(n_neurons, n_features)`` and the layout ``(n_neurons, 2)``,
+        paired as in :func:`neighborhood_preservation` (by neuron label where both are
+        DataArrays with a ``neuron`` dim, else row by row).
     k : int, default 10
         Neighbourhood size.
     **kwargs
@@ -311,14 +303,10 @@ def rank_correlation(
 
     Parameters
     ----------
-    X : array_like or xarray.DataArray, shape (n, f)
-        Profiles. One row per neuron: a DataArray with a ``neuron`` dim has its
-        neurons as rows whatever its dim order.
-    embedding : array_like or xarray.DataArray, shape (n, 2)
-        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
-        dim, their neurons are matched by label (``X`` taken in the embedding's order;
-        other or repeated labels are refused). Otherwise (numpy arrays, or one side
-        without a ``neuron`` dim) rows are paired by position.
+    X, embedding : array_like or xarray.DataArray
+        Profiles ``(n, f)`` and the layout ``(n, 2)``, paired as in
+        :func:`neighborhood_preservation` (by neuron label where both are DataArrays
+        with a ``neuron`` dim, else row by row).
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
         Profile distance. Cosine is evaluated as the (monotone) chord distance of
         normalised profiles, which gives the same ranks.
@@ -539,14 +527,10 @@ def knn_overlap(
 
     Parameters
     ----------
-    X : array_like or xarray.DataArray, shape (n, f)
-        Profiles. One row per neuron: a DataArray with a ``neuron`` dim has its
-        neurons as rows whatever its dim order.
-    embedding : array_like or xarray.DataArray, shape (n, 2)
-        The layout. When ``X`` and ``embedding`` are both DataArrays with a ``neuron``
-        dim, their neurons are matched by label (``X`` taken in the embedding's order;
-        other or repeated labels are refused). Otherwise (numpy arrays, or one side
-        without a ``neuron`` dim) rows are paired by position.
+    X, embedding : array_like or xarray.DataArray
+        Profiles ``(n, f)`` and the layout ``(n, 2)``, paired as in
+        :func:`neighborhood_preservation` (by neuron label where both are DataArrays
+        with a ``neuron`` dim, else row by row).
     k : int, default 10
         Neighbourhood size; ``1 <= k < n / 2``.
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
