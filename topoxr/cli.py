@@ -333,7 +333,7 @@ def _output(path: str) -> str:
     """
     import os
 
-    from topoxr.demo import zarr_store_holding
+    from topoxr.store._location import zarr_store_holding
 
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):

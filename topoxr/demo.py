@@ -386,6 +386,7 @@ def run_demo(
         If a writer holds ``out/activations.zarr`` (it is not replaced).
     """
     from topoxr.store import StoreError, open_store, store_summary
+    from topoxr.store._location import zarr_store_holding
 
     start = _clock()
     out = Path(out)
@@ -441,28 +442,6 @@ def run_demo(
     quality_file.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     result.files.append(quality_file)
     return result
-
-
-def zarr_store_holding(path: str | Path) -> Path | None:
-    """The Zarr store that a local path is, or lies inside, if any.
-
-    Parameters
-    ----------
-    path : str or Path
-        A local path; it need not exist.
-
-    Returns
-    -------
-    Path or None
-        The absolute path of the outermost folder, ``path`` itself or one of its parents,
-        that holds Zarr metadata (``zarr.json``, ``.zgroup`` or ``.zarray``): the store's
-        root, not a group inside it; None if there is none.
-    """
-    path = Path(path).absolute()
-    for folder in reversed((path, *path.parents)):
-        if any((folder / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
-            return folder
-    return None
 
 
 def _remove_old_store(store: Path) -> None:

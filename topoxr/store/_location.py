@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zarr
@@ -99,6 +100,28 @@ def _open_root_readonly(loc: _Location) -> zarr.Group:
             f"(its attributes have no {ATTR_FORMAT!r})"
         )
     return root
+
+
+def zarr_store_holding(path: str | Path) -> Path | None:
+    """The Zarr store that a local path is, or lies inside, if any.
+
+    Parameters
+    ----------
+    path : str or Path
+        A local path; it need not exist.
+
+    Returns
+    -------
+    Path or None
+        The absolute path of the outermost folder, ``path`` itself or one of its parents,
+        that holds Zarr metadata (``zarr.json``, ``.zgroup`` or ``.zarray``): the store's
+        root, not a group inside it; None if there is none.
+    """
+    path = Path(path).absolute()
+    for folder in reversed((path, *path.parents)):
+        if any((folder / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
+            return folder
+    return None
 
 
 def safe_node_name(name: str) -> str:
