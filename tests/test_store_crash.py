@@ -735,8 +735,9 @@ def _files_below(path: Path) -> dict[Path, bytes]:
 def test_a_layer_that_lost_its_ready_mark_but_holds_data_is_damage_not_deleted(damaged, edit):
     """A writer marks a layer ready (``topoxr_ready``) before its first commit, so a
     layer without the mark that holds committed data lost the attribute: verify and
-    store_summary report it, and a writer refuses to open the model instead of deleting
-    the layer as one half-created by a crashed writer (it did, and nothing said so)."""
+    store_summary report it, open_store refuses it (it left the layer out without a
+    word, and naps with it), and a writer refuses to open the model instead of deleting the
+    layer as one half-created by a crashed writer (it did, and nothing said so)."""
     layer = Path(damaged) / script.MODEL / "dense"
     _edit_attributes(layer / "zarr.json", (lambda a: a.pop("topoxr_ready")) if edit == "dropped"
                      else (lambda a: a.update(topoxr_ready=False)))
@@ -750,6 +751,8 @@ def test_a_layer_that_lost_its_ready_mark_but_holds_data_is_damage_not_deleted(d
     summary = store_summary(damaged)
     assert len(summary["problems"]) == 1 and place in summary["problems"][0]
     assert summary["models"]["net"]["layers"]["dense"]["problems"]
+    with pytest.raises(StoreCorruptionError, match=f"{place}.*topoxr_ready"):
+        open_store(damaged)
     before = _files_below(Path(damaged))
     with pytest.raises(StoreCorruptionError, match=f"{place}.*topoxr_ready"):
         topoxr.ActivationWriter(str(damaged), model="net")

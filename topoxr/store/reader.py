@@ -167,9 +167,21 @@ def read_model_layers(store: Any, model: str, *,
 
 
 def _ready_layers(model_group: zarr.Group) -> list[tuple[str, zarr.Group]]:
-    """The layers of a model that a writer finished creating (others are invisible)."""
-    return [(name, group) for name, group in child_groups(model_group)
-            if group.attrs.get(_ATTR_READY, False)]
+    """The layers of a model that a writer finished creating (others are invisible).
+
+    A layer without the ready mark that holds committed data lost the mark (a writer
+    sets it before the first commit): it is damage, raised as
+    :class:`StoreCorruptionError`, not a layer to leave out without a word.
+    """
+    from topoxr.store.verify import unready_layer_damage
+
+    ready = []
+    for name, group in child_groups(model_group):
+        if group.attrs.get(_ATTR_READY, False):
+            ready.append((name, group))
+        elif (damage := unready_layer_damage(group)) is not None:
+            raise StoreCorruptionError(damage)
+    return ready
 
 
 def _layer_attrs(group: zarr.Group) -> dict[str, Any]:
