@@ -28,7 +28,8 @@ import zarr
 
 import topoxr
 from topoxr import open_store, store_summary
-from topoxr.store import StoreCorruptionError, StoreWriteError
+from topoxr.conventions import FORMAT_VERSION
+from topoxr.store import StoreCorruptionError, StoreError, StoreWriteError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _store_script as script  # noqa: E402
@@ -729,6 +730,25 @@ def _edit_attributes(doc: Path, change) -> None:
 
 def _files_below(path: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("version", "error", "match"), [
+    (FORMAT_VERSION + 997, StoreError, "store format 999, written by a newer topoxr"),
+    ("2", StoreCorruptionError, r"'topoxr_format_version' is '2', not a store format"),
+])
+def test_a_store_of_an_unknown_format_is_refused_before_anything_is_read(damaged, version,
+                                                                         error, match):
+    """The root's ``topoxr_format_version`` was written and never read: a store of a
+    newer format (whose bytes may mean something else) was read, verified and appended
+    to as if it were this one. Every entry point refuses it, and changes nothing."""
+    _edit_attributes(Path(damaged) / "zarr.json",
+                     lambda a: a.update(topoxr_format_version=version))
+    before = _files_below(Path(damaged))
+    for entry in (open_store, store_summary, lambda p: topoxr.verify(p, record=True),
+                  lambda p: topoxr.ActivationWriter(p, model="net")):
+        with pytest.raises(error, match=match):
+            entry(str(damaged))
+    assert _files_below(Path(damaged)) == before
 
 
 @pytest.mark.parametrize("edit", ["dropped", "false"])

@@ -13,6 +13,7 @@ import zarr
 
 from topoxr.conventions import (
     ATTR_FORMAT,
+    FORMAT_VERSION,
 )
 from topoxr.store._errors import StoreCorruptionError, StoreError
 
@@ -99,7 +100,27 @@ def _open_root_readonly(loc: _Location) -> zarr.Group:
             f"{loc.url!r} is a Zarr group but not a topoxr store "
             f"(its attributes have no {ATTR_FORMAT!r})"
         )
+    _check_format(root, loc.url)
     return root
+
+
+def _check_format(root: zarr.Group, url: str) -> None:
+    """Refuse a store of a format this topoxr does not know (a newer one, or none).
+
+    Its bytes may mean something else (format 2 added a checksum to every chunk), so
+    nothing is read from it, and a writer changes nothing in it.
+    """
+    version = root.attrs.get(ATTR_FORMAT)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise StoreCorruptionError(
+            f"{url!r}: the root attribute {ATTR_FORMAT!r} is {version!r}, not a store format "
+            f"(an integer, 1 to {FORMAT_VERSION} for this topoxr): the root metadata "
+            "(zarr.json) is damaged")
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{url!r} is in topoxr store format {version}, written by a newer topoxr; this "
+            f"one reads formats 1 to {FORMAT_VERSION}: upgrade topoxr to read or extend it "
+            "(nothing was read or changed)")
 
 
 def zarr_store_holding(path: str | Path) -> Path | None:
