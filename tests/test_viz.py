@@ -784,7 +784,8 @@ _SHOWN_JS = """async ([values]) => {
   for (const [name, value] of Object.entries(values)) {
     doc.get_model_by_name(name).value = value;
   }
-  await new Promise(resolve => setTimeout(resolve, 150));  // callbacks run asynchronously
+  // the callbacks run asynchronously (a promise); half a second leaves a loaded machine room
+  await new Promise(resolve => setTimeout(resolve, 500));
   const models = [...doc.all_models];
   const title = models.filter(m => m.type === 'Title').map(m => m.text);
   const data = models.filter(m => m.type === 'ColumnDataSource').map(m => m.data);
