@@ -185,11 +185,14 @@ def unready_layer_damage(group: zarr.Group) -> str | None:
     held = []
     for key, fill, what in ((COMMITTED, False, "committed cells"),
                             (SAMPLE, SAMPLE_FILL, "sample ids")):
-        path = f"{group.path}/{key}"
-        if not _chunk_keys(group.store, path):
+        try:
+            arr = zarr.open_array(group.store, path=f"{group.path}/{key}", mode="r")
+        except Exception:  # not created yet (a writer died creating the layer)
+            continue
+        if not stored_chunks(arr):
             continue
         try:
-            values = read_selection(zarr.open_array(group.store, path=path, mode="r"))
+            values = read_selection(arr)
         except Exception as err:
             held.append(f"{key!r} chunks that cannot be read ({type(err).__name__}: {err})")
             continue
@@ -204,17 +207,6 @@ def unready_layer_damage(group: zarr.Group) -> str | None:
             f"not deleted. If its arrays are intact, set {_ATTR_READY!r} to true in its "
             "zarr.json and run `topoxr verify`; otherwise delete the layer (or record the "
             "model again with mode='w')")
-
-
-def _chunk_keys(store: Any, path: str) -> list[str]:
-    """The chunk keys stored below the array at ``path`` (none where it has no folder)."""
-    from zarr.core.sync import sync
-
-    async def keys() -> list[str]:
-        return [k async for k in store.list_prefix(f"{path}/")
-                if not k.endswith("zarr.json") and not k.endswith(".partial")]
-
-    return sync(keys())
 
 
 def _fingerprint(store: Any) -> str:
