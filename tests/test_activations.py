@@ -133,3 +133,27 @@ def test_pooling_one_position_keeps_every_value_and_its_neuron(reduce, dtype, sh
         assert got.values.dtype == np.float32
         assert np.shares_memory(got.values, data) == (maps is data and dtype == np.float32)
         np.testing.assert_array_equal(got.unit_coords["channel"], np.arange(shape[axis]))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max", "first", "last", "tokens"])
+def test_token_reductions_leave_padding_out_whatever_it_holds(reduce):
+    # padded positions hold anything a model leaves there (here inf and NaN): the masked
+    # reductions must never read them, and the first and last real tokens are found on
+    # both sides (left padding puts padding at position 0)
+    from topoxr.reduction import reduce_layer
+
+    n, t, h = 4, 6, 3
+    out = RNG.normal(size=(n, t, h)).astype(np.float32)
+    mask = np.zeros((n, t), np.int64)
+    mask[0, :] = 1                      # no padding
+    mask[1, :4] = 1                     # right padding
+    mask[2, 2:] = 1                     # left padding
+    mask[3, 1:5] = 1                    # both
+    out[mask == 0] = np.inf
+    out[3, 0] = np.nan
+    got = reduce_layer(out, layer="seq", neuron_axis=2, reduce=reduce, mask=mask).values
+    real = [out[i, mask[i] == 1] for i in range(n)]
+    want = {"mean": [r.mean(0) for r in real], "max": [r.max(0) for r in real],
+            "first": [r[0] for r in real], "last": [r[-1] for r in real],
+            "tokens": np.concatenate(real)}[reduce]
+    np.testing.assert_allclose(got, np.asarray(want, dtype=np.float32), rtol=1e-5, atol=1e-6)

@@ -739,7 +739,7 @@ def _plan_layers(
         n = reduced.values.shape[1] if reduced.values.ndim == 2 else int(
             np.prod(reduced.values.shape[1:]))
         sequence = out.ndim == 3 and axis % 3 == 2
-        masked = mask is not None and sequence and mode in ("mean", "max", "last", "tokens")
+        masked = mask is not None and sequence and mode in ("mean", "max", "first", "last", "tokens")
         attrs = reduction_attrs(out.shape, neuron_axis=axis, reduce=mode, masked=masked,
                                 rule=rule)
         attrs["topoxr_reduce"] = mode

@@ -8,8 +8,9 @@ the last axis of everything else, or the user's ``channel_axis``) and says how i
 * conv maps ``(N, C, *spatial)``: ``mean`` / ``max`` over positions, or ``none`` (every
   unit a neuron);
 * sequences ``(N, T, H)`` (neurons on the last axis): ``mean`` (masked by the attention
-  mask when one is given), ``max`` (masked too), ``first`` (the CLS token), ``last`` (the
-  last non-padding token), ``none``, or ``tokens``: every token its own sample.
+  mask when one is given), ``max`` (masked too), ``first`` (the first non-padding token:
+  the CLS token of BERT-like models, also under left padding), ``last`` (the last
+  non-padding token), ``none``, or ``tokens``: every token its own sample.
 
 Per-token samples get stable ids: token ``t`` of the input with sample id ``s`` is sample
 ``s * T + t`` (``T`` the padded sequence length of the layer's output), with the
@@ -295,6 +296,11 @@ def _masked(mask: np.ndarray | None, n: int, t: int, layer: str) -> np.ndarray |
     return mask.astype(bool)
 
 
+def _check_some_token(mask: np.ndarray, layer: str) -> None:
+    if (mask.sum(axis=1) == 0).any():
+        raise RecordingError(f"layer {layer!r}: an input has an all-zero attention mask")
+
+
 def reduce_layer(
     array: np.ndarray,
     *,
@@ -318,7 +324,7 @@ def reduce_layer(
         One of :data:`REDUCE_CHOICES`.
     mask : numpy.ndarray, optional
         Attention mask ``(batch, T)`` (1 = real token); used by ``mean``, ``max``,
-        ``last`` and ``tokens`` on sequence outputs.
+        ``first``, ``last`` and ``tokens`` on sequence outputs.
     token_ids : numpy.ndarray, optional
         Token ids ``(batch, T)``, for the ``token_id`` coordinate of ``tokens``.
 
@@ -366,21 +372,25 @@ def reduce_layer(
             # 33 MB per batch, tests/adapters/test_torch.py::
             # test_recording_memory_stays_flat_from_batch_to_batch)
             return ReducedLayer(pool_positions(array, axis, reduce))
-        if (m.sum(axis=1) == 0).any():
-            raise RecordingError(f"layer {layer!r}: an input has an all-zero attention mask")
+        _check_some_token(m, layer)
         if reduce == "mean":
-            w = m[:, :, None].astype(np.float64)
-            vals = (moved * w).sum(axis=1, dtype=np.float64) / w.sum(axis=1)
+            # padded positions are left out, not weighted by 0 (an inf there would make
+            # the mean NaN)
+            vals = (np.where(m[:, :, None], moved, 0).sum(axis=1, dtype=np.float64)
+                    / m.sum(axis=1, keepdims=True))
         else:
             vals = np.where(m[:, :, None], moved, -np.inf).max(axis=1)
         return ReducedLayer(np.asarray(vals, dtype=np.float32))
     if reduce == "first":
-        return ReducedLayer(np.ascontiguousarray(moved[:, 0, :]))
+        if m is None:
+            return ReducedLayer(np.ascontiguousarray(moved[:, 0, :]))
+        # the first real token: with left padding, position 0 is padding
+        _check_some_token(m, layer)
+        return ReducedLayer(np.ascontiguousarray(moved[np.arange(n), np.argmax(m, axis=1), :]))
     if reduce == "last":
         if m is None:
             return ReducedLayer(np.ascontiguousarray(moved[:, -1, :]))
-        if (m.sum(axis=1) == 0).any():
-            raise RecordingError(f"layer {layer!r}: an input has an all-zero attention mask")
+        _check_some_token(m, layer)
         last = t - 1 - np.argmax(m[:, ::-1], axis=1)
         return ReducedLayer(np.ascontiguousarray(moved[np.arange(n), last, :]))
     # tokens

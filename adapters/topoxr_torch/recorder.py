@@ -634,8 +634,8 @@ def record(
     reduce : {{"mean", "max", "none", "first", "last", "tokens"}}, default "mean"
         Default for every layer. Conv outputs: mean or max over positions, or every unit
         (``none``). Sequence outputs ``(N, T, H)``: ``mean`` / ``max`` over tokens
-        (masked), ``first`` (CLS), ``last`` (last non-padding token), ``none``, or
-        ``tokens``: every token its own sample (id ``input_id * T + position``, with
+        (masked), ``first`` (first non-padding token: CLS), ``last`` (last non-padding
+        token), ``none``, or ``tokens``: every token its own sample (id ``input_id * T + position``, with
         coordinates ``input``, ``token_position``, ``token_id``; padding dropped): every
         batch must then be padded to one length ``T`` (a DataLoader padding each batch
         to its longest sequence is refused at the first batch of another length).

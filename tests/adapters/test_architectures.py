@@ -123,6 +123,28 @@ def test_sequence_classifier_first_token_and_predictions(store_path):
     np.testing.assert_array_equal(head.correct.values[:, 0], logits.argmax(1) == y)
 
 
+def test_left_padded_inputs_take_their_first_and_last_real_tokens(bert, store_path):
+    # left padding (as for decoder models): position 0 of a short input is padding, and
+    # its first real token (the CLS of a BERT input) sits further right
+    x = tokens(12, 16, 60, seed=5, pad_from=3)
+    x = {k: v[:, ::-1].copy() for k, v in x.items()}
+    mask = x["attention_mask"].astype(bool)
+    assert not mask[:, 0].all()
+    names = {"encoder.layer.0": {"reduce": "first"}, "encoder.layer.1": {"reduce": "last"}}
+    topoxr_torch.record(bert, x, store_path, model_name="b", layers=names, batch_size=5,
+                        progress=False)
+    raw = hooked(bert, list(names), x)
+    rows = np.arange(12)
+    first = stored_layer(store_path, "b", "encoder.layer.0")
+    np.testing.assert_allclose(first.activation.values[..., 0].T,
+                               raw["encoder.layer.0"][0][rows, mask.argmax(1)],
+                               rtol=RTOL, atol=ATOL)
+    assert first.attrs["topoxr_masked"] is True
+    last = stored_layer(store_path, "b", "encoder.layer.1")
+    np.testing.assert_allclose(last.activation.values[..., 0].T,
+                               raw["encoder.layer.1"][0][:, -1], rtol=RTOL, atol=ATOL)
+
+
 def test_a_setting_that_cannot_apply_names_the_layer(store_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
     x = np.zeros((4, 1, 6, 6), np.float32)
