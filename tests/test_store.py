@@ -498,12 +498,39 @@ def test_differing_values_are_refused_unless_overwrite(any_store):
     with ActivationWriter(any_store, model="m") as writer:
         before = snapshot(any_store)
         with pytest.raises(StoreError, match=r"samples \[1\] are committed for epoch 0 with "
-                                             "different values; pass overwrite=True"):
+                                             r"different values \(largest difference 1,.*"
+                                             "pass overwrite=True"):
             writer.write("h", changed, sample=[0, 1, 2])
         assert snapshot(any_store) == before
         assert writer.write("h", changed, sample=[0, 1, 2], overwrite=True) == 3
     ds = open_store(any_store)["m/h"].to_dataset()
     np.testing.assert_array_equal(ds.activation.sel(epoch=0), changed.T)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_values_written_again_within_rounding_are_the_same_model(store_path, dtype):
+    # a resumed recording computes committed samples again, in batches of another size or
+    # on another device: float32 sums in another order differ in their last bits. Within
+    # RESUME_TOLERANCE of the largest stored value they are the same model (the stored
+    # values are kept); further off they are another model, refused naming the difference
+    from topoxr.store import RESUME_TOLERANCE, StoredValuesDifferError
+
+    with ActivationWriter(store_path, model="m", dtype=dtype) as writer:
+        writer.write("h", acts([0, 1, 2]), sample=[0, 1, 2])
+    before = snapshot(store_path)
+    scale = float(np.abs(acts([0, 1, 2])).max())
+    near = acts([0, 1, 2]) + np.float32(0.5 * RESUME_TOLERANCE * scale)
+    with ActivationWriter(store_path, model="m") as writer:
+        assert writer.write("h", near, sample=[0, 1, 2]) == 0
+    assert snapshot(store_path) == before
+    far = acts([0, 1, 2])
+    far[2, 0] += np.float32(20 * RESUME_TOLERANCE * scale)
+    with ActivationWriter(store_path, model="m") as writer:
+        with pytest.raises(StoredValuesDifferError,
+                           match=r"samples \[2\] are committed for epoch 0 with different "
+                                 r"values \(largest difference 0\.00\d+"):
+            writer.write("h", far, sample=[0, 1, 2])
+    assert snapshot(store_path) == before
 
 
 def test_mode_w_replaces_only_this_model(any_store):

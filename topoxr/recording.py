@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from topoxr._codecs import DEFAULT_COMPRESSOR
+from topoxr.conventions import ATTR_LAYER, ATTR_MODEL
 from topoxr.reduction import (
     ATTR_MASKED,
     ATTR_NEURON_AXIS,
@@ -62,6 +63,7 @@ __all__ = [
     "StoredLayer",
     "available_adapters",
     "check_against_store",
+    "check_recorded_epoch",
     "completed_epochs",
     "get_adapter",
     "iter_array_batches",
@@ -539,8 +541,8 @@ def stored_unless_recorded(store: Any, model: str, layers: Sequence[str],
 
     A recorder calls it once per epoch, before recording: a run restarted from a
     checkpoint skips the epochs the store holds complete for every one of ``layers``
-    (logged), and for the others the one read of the store serves the recording's
-    checks too (``stored=`` of :func:`run_recording`).
+    (after :func:`check_recorded_epoch`), and for the others the one read of the store
+    serves the recording's checks too (``stored=`` of :func:`run_recording`).
 
     Parameters
     ----------
@@ -563,9 +565,98 @@ def stored_unless_recorded(store: Any, model: str, layers: Sequence[str],
         model = store.model  # as stored_layers reads it
     stored = stored_layers(store, model)
     if epoch in completed_epochs(store, model, layers, stored=stored):
-        logger.info("epoch %d of model %r is already recorded; skipped", epoch, model)
         return None
     return stored
+
+
+def check_recorded_epoch(record: Callable[[Iterable[Batch], str, Mapping[str, StoredLayer]], Any],
+                         batches: Iterable[Batch], store: Any, *, model: str,
+                         layers: Sequence[str], epoch: int, hint: str = "") -> None:
+    """Check that the model being recorded is the one that recorded ``epoch``, before a
+    recorder skips it.
+
+    An epoch the store holds complete is skipped by a run restarted from a checkpoint,
+    where the model is the one that recorded it. Another run into the same store and
+    model name (a new seed, a second ``fit`` numbering its epochs from 0 again) is not:
+    skipping would keep the other run's values under this run's name without a word.
+    The first batch is recorded into a scratch store in memory, checked against what
+    ``store`` holds (as any recording is: probe set, labels, reductions), and its values
+    compared with the stored ones (within :data:`topoxr.store.RESUME_TOLERANCE`).
+    Nothing is written to ``store``.
+
+    Parameters
+    ----------
+    record : callable
+        ``record(batches, scratch_url, stored)``: the recorder's recording of ``batches``
+        as ``epoch`` into the store at ``scratch_url`` (:func:`run_recording` without
+        scalars), checked against ``stored`` (what ``store`` holds).
+    batches : iterable of Batch
+        The probe set's batches; only the first is used.
+    store : str or ActivationWriter
+        The store holding the epoch (an open writer's model name wins over ``model``).
+    model : str
+        Model name.
+    layers : sequence of str
+        The recorder's layer names.
+    epoch : int
+        The epoch the store holds complete.
+    hint : str, optional
+        What the adapter adds to the error (e.g. how its epochs are numbered).
+
+    Raises
+    ------
+    RecordingError
+        If the model gives other values for the first batch than the store holds, or
+        the recording does not fit the store.
+    """
+    import uuid
+
+    import fsspec
+
+    from topoxr.store import open_store
+    from topoxr.store._plan import _same_values
+
+    first = next(iter(batches), None)
+    if first is None:
+        return
+    url = store.url if isinstance(store, ActivationWriter) else store
+    if isinstance(store, ActivationWriter):
+        model = store.model
+    scratch = f"memory://topoxr-check-{uuid.uuid4().hex}.zarr"
+    try:
+        record([first], scratch, stored_layers(store, model))
+        fresh = _layer_nodes(open_store(scratch), None)  # the scratch store's one model
+        held = _layer_nodes(open_store(url), model)
+        for layer in layers:
+            new = fresh[layer].activation.isel(epoch=0)
+            old = held[layer].activation.sel(epoch=epoch, sample=new.sample.values)
+            old_values = np.asarray(old.transpose("sample", "neuron").values)
+            new_values = np.asarray(new.transpose("sample", "neuron").values, np.float32)
+            same, largest, scale = _same_values(old_values, new_values, old_values.dtype)
+            if not same.all():
+                bad = new.sample.values[~same.all(axis=1)]
+                raise RecordingError(
+                    f"epoch {epoch} of model {model!r} is already recorded, and the model "
+                    f"now gives other values for the same probe samples (layer {layer!r}, "
+                    f"samples {bad[:10].tolist()}: largest difference {largest:.3g}, where "
+                    f"the stored values reach {scale:.3g}). It is not the model that "
+                    "recorded them (another training run, or weights changed since): "
+                    f"record it under another model_name or into another store{hint}")
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(scratch):
+            fs.rm(scratch, recursive=True)
+    logger.info("epoch %d of model %r is already recorded (its first batch checked); "
+                "skipped", epoch, model)
+
+
+def _layer_nodes(tree: Any, model: str | None) -> dict[str, Any]:
+    """The layer nodes of ``model`` (None: of any model) in an opened store, by original
+    layer name."""
+    return {layer.attrs[ATTR_LAYER]: layer.to_dataset()
+            for node in tree.children.values()
+            if model is None or node.attrs.get(ATTR_MODEL) == model
+            for layer in node.children.values() if ATTR_LAYER in layer.attrs}
 
 
 def check_against_store(

@@ -16,6 +16,7 @@ from topoxr.reduction import LayerSpec
 from topoxr.recording import (
     RecordingError,
     RecordResult,
+    check_recorded_epoch,
     completed_epochs,
     iter_array_batches,
     number_batches,
@@ -769,6 +770,8 @@ class ProbeRecorder:
     Epochs already complete in the store are skipped (logged), so a run restarted from
     a checkpoint resumes recording where it stopped: create the recorder again and call
     :meth:`record` from epoch ``k`` on (:attr:`recorded_epochs` says which are stored).
+    Before skipping an epoch, its first batch is recorded again and compared with the
+    store: another run into the same store and model name is refused, not skipped.
 
     Parameters
     ----------
@@ -849,15 +852,30 @@ class ProbeRecorder:
         -------
         RecordResult or None
             What was recorded; ``None`` when the epoch was already complete (skipped).
+
+        Raises
+        ------
+        topoxr.RecordingError
+            When the epoch is already complete but the model gives other values for the
+            first probe batch than the store holds (another run, or changed weights).
         """
         stored = stored_unless_recorded(self.store, self.model_name, self._names, epoch)
-        if stored is None:
-            return None
         batches: Any = iter_array_batches(self.x, self.ids, self.y, self.metadata,
                                           self.batch_size)
         with capture(self.model, self.layers, output_keys=self.output_keys) as forward:
-            return _run(self.model, forward, batches, self.store, model_name=self.model_name,
-                        epoch=epoch, reduce=self.reduce, probe_ids=self.ids,
-                        probe_labels=self.y, n_samples=len(self.ids),
-                        batch_size=self.batch_size, progress=self.progress,
-                        scalars=scalars, predict=self.predict, stored=stored)
+            def run(batches: Any, store: Any, stored: Any, scalars: Mapping[str, float],
+                    progress: bool) -> Any:
+                return _run(self.model, forward, batches, store,
+                            model_name=self.model_name, epoch=epoch, reduce=self.reduce,
+                            probe_ids=self.ids, probe_labels=self.y,
+                            n_samples=len(self.ids), batch_size=self.batch_size,
+                            progress=progress, scalars=scalars, predict=self.predict,
+                            stored=stored)
+
+            if stored is None:
+                check_recorded_epoch(
+                    lambda first, scratch, held: run(first, scratch, held, {}, False),
+                    batches, self.store, model=self.model_name, layers=self._names,
+                    epoch=epoch)
+                return None
+            return run(batches, self.store, stored, scalars, self.progress)

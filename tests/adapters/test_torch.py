@@ -189,8 +189,8 @@ def test_probe_recorder_inside_a_training_loop(store_path):
 
 def test_probe_recorder_refuses_another_probe_set_before_writing(store_path):
     """The recorder's one read of the store per epoch serves both the skip and the
-    recording's checks: a probe set other than the stored one is still refused, with
-    nothing written, at a new epoch and at an epoch already complete (not skipped)."""
+    recording's checks: a probe set other than the stored one is refused, with nothing
+    written, at a new epoch and at an epoch already complete (not skipped)."""
     x, y = models.load_digits_data()
     model = models.make_model("mlp")
     first = topoxr_torch.ProbeRecorder(model, (x[:40], y[:40]), store_path,
@@ -201,12 +201,37 @@ def test_probe_recorder_refuses_another_probe_set_before_writing(store_path):
                                        model_name="mlp", layers=["fc1", "out"],
                                        sample_ids=np.arange(40, 80))
     assert other.recorded_epochs == [0]
-    assert other.record(0) is None  # complete for these layers: skipped, not checked
-    with pytest.raises(RecordingError, match="probe set differs"):
-        other.record(1)
+    for epoch in (0, 1):  # complete for these layers (checked before skipping), and new
+        with pytest.raises(RecordingError, match="probe set differs"):
+            other.record(epoch)
     assert_unchanged(before, store_path)
     assert first.record(1).samples == 40
     assert first.recorded_epochs == [0, 1]
+
+
+def test_probe_recorder_skips_a_recorded_epoch_only_for_the_model_that_recorded_it(
+        store_path):
+    """A run restarted from a checkpoint skips the epochs the store holds (in batches of
+    another size too: the values agree within rounding), while another training run into
+    the same store and model name is refused, not skipped: it would have kept the first
+    run's values under the second run's name."""
+    x, y = models.load_digits_data()
+    model = models.make_model("mlp")
+    first = topoxr_torch.ProbeRecorder(model, (x[:100], y[:100]), store_path,
+                                       model_name="mlp", layers=["fc1", "out"], batch_size=64)
+    first.record(0)
+    before = store_snapshot(store_path)
+    resumed = topoxr_torch.ProbeRecorder(model, (x[:100], y[:100]), store_path,
+                                         model_name="mlp", layers=["fc1", "out"], batch_size=7)
+    assert resumed.record(0) is None
+    assert_unchanged(before, store_path)
+    other = models.make_model("mlp", seed=1)  # another seed: another run
+    again = topoxr_torch.ProbeRecorder(other, (x[:100], y[:100]), store_path,
+                                       model_name="mlp", layers=["fc1", "out"], batch_size=64)
+    with pytest.raises(RecordingError, match=r"epoch 0 of model 'mlp' is already recorded, "
+                                             r"and the model now gives other values"):
+        again.record(0)
+    assert_unchanged(before, store_path)
 
 
 def test_probe_recorder_into_an_open_writer_uses_the_writers_model(store_path):

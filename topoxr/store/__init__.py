@@ -64,9 +64,11 @@ from topoxr._locking import StoreLockedError
 from topoxr.store._errors import (
     StoreChangedError,
     StoreCorruptionError,
+    StoredValuesDifferError,
     StoreError,
     StoreWriteError,
 )
+from topoxr.store._plan import RESUME_TOLERANCE
 
 # used by other topoxr modules (layouts saved into a store)
 from topoxr.store._location import _locate as _locate
@@ -82,12 +84,14 @@ from topoxr.store.verify import VerifyReport, verify
 from topoxr.store.writer import ActivationWriter
 
 __all__ = [
+    "RESUME_TOLERANCE",
     "ActivationWriter",
     "StoreChangedError",
     "StoreCorruptionError",
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "StoredValuesDifferError",
     "VerifyReport",
     "open_store",
     "store_summary",

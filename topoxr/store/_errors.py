@@ -19,6 +19,15 @@ class StoreWriteError(StoreError):
     """
 
 
+class StoredValuesDifferError(StoreError):
+    """Values written again for committed cells differ from the stored ones.
+
+    A resumed recording writes samples the store may already hold: it is the same model
+    only where it gives the same values (within rounding, see
+    :data:`topoxr.store.RESUME_TOLERANCE`). Nothing of the batch is written.
+    """
+
+
 class StoreCorruptionError(StoreError):
     """A committed chunk of the store is unreadable or missing."""
 

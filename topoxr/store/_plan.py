@@ -12,7 +12,7 @@ import numpy as np
 from topoxr.conventions import (
     ACTIVATION,
 )
-from topoxr.store._errors import StoreError
+from topoxr.store._errors import StoreError, StoredValuesDifferError
 from topoxr.store._schema import _kind
 from topoxr.store._state import _LayerState, _runs
 
@@ -46,6 +46,13 @@ def _as_epoch(epoch: Any) -> int:
 
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
+#: How far values written again for committed cells may lie from the stored ones, as a
+#: fraction of the largest stored value of the batch's cells: a resumed recording of the
+#: same model computes them again, in batches of another size or on another device, and
+#: float32 sums in another order differ in their last bits (6e-8 between batches of 1
+#: and 64 of the digits MLP). Another model (other weights, another training run)
+#: differs by far more. Within it the stored values are kept.
+RESUME_TOLERANCE = 1e-4
 #: Longest node name (bytes): most file systems refuse longer file names.
 _MAX_NAME_BYTES = 255
 
@@ -183,21 +190,39 @@ def _plan_batch(writer, layer, state, reduced, ids, labels, preds, meta, epoch, 
     done_rows = old[committed]
     stored = _read_values(state, pos[done_rows], e)
     fresh = reduced.values[done_rows]
-    stored_dtype = state.arrays[ACTIVATION].dtype
-    if np.dtype(stored_dtype).itemsize < 4:  # compare as stored (rounded to float16)
+    stored_dtype = np.dtype(state.arrays[ACTIVATION].dtype)
+    if stored_dtype.itemsize < 4:  # compare as stored (rounded to float16)
         fresh = fresh.astype(stored_dtype).astype(np.float32)
-    same = (stored == fresh) | (np.isnan(stored) & np.isnan(fresh))
+    same, largest, scale = _same_values(stored, fresh, stored_dtype)
     if not same.all():
         bad = ids[done_rows][~same.all(axis=1)]
-        raise StoreError(
+        raise StoredValuesDifferError(
             f"{where}: samples {bad[:10].tolist()} are committed for epoch {epoch} with "
-            "different values; pass overwrite=True to replace them"
+            f"different values (largest difference {largest:.3g}, where the stored values "
+            f"reach {scale:.3g}): these are not the values of the model that recorded "
+            "them; pass overwrite=True to replace them"
         )
     rest = np.setdiff1d(np.arange(batch), done_rows)
     if not len(rest):
         logger.debug("%s epoch %s: batch already committed, skipped", where, epoch)
         return None
     return _Plan(new_rows=new, write_rows=rest)
+
+
+def _same_values(stored: np.ndarray, fresh: np.ndarray, stored_dtype: np.dtype
+                 ) -> tuple[np.ndarray, float, float]:
+    """Which of ``fresh`` agree with ``stored`` within :data:`RESUME_TOLERANCE` (NaN
+    with NaN, an infinity with itself), the largest difference and the scale."""
+    finite = np.isfinite(stored)
+    scale = float(np.abs(stored[finite]).max()) if finite.any() else 0.0
+    tol = RESUME_TOLERANCE * scale
+    if stored_dtype.itemsize < 4:  # both rounded to float16: one step of it apart at most
+        tol = tol + np.finfo(stored_dtype).eps * np.abs(stored)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(fresh.astype(np.float64) - stored)
+        same = (diff <= tol) | (stored == fresh) | (np.isnan(stored) & np.isnan(fresh))
+    largest = float(np.max(np.where(same, 0.0, np.nan_to_num(diff, nan=np.inf)), initial=0.0))
+    return same, largest, scale
 
 
 def _read_values(state: _LayerState, pos: np.ndarray, e: int) -> np.ndarray:
