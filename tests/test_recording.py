@@ -168,11 +168,31 @@ def test_prepare_arrays_ids_labels_metadata():
     ({"data": np.zeros((4, 2)), "metadata": {"m": [1, 2]}}, "metadata 'm' has 2"),
     ({"data": np.zeros((0, 2))}, "no samples"),
     ({"data": [1, 2, 3]}, "data must be x or a pair"),
+    # refused before the model runs, as the store would refuse them at the first write
+    ({"data": (np.zeros((4, 2)), [0.5, 1.0, 0.0, 1.0])},
+     r"labels must be integers or strings \(class indices or names\), got float64"),
+    ({"data": (np.zeros((4, 2)), [True, False, True, True])}, "got bool"),
+    ({"data": np.zeros((4, 2)), "metadata": {"row": [1, 2, 3, 4]}},
+     r"metadata \['row'\] cannot name columns"),
+    ({"data": np.zeros((4, 2)), "metadata": {"a b": [1, 2, 3, 4]}}, "cannot name columns"),
+    ({"data": ({"input_ids": np.zeros((4, 2)), "labels": [0] * 4}, [0] * 4)},
+     "labels are given twice: in the inputs' 'labels' entry"),
 ])
 def test_prepare_arrays_errors(kwargs, message):
     data = kwargs.pop("data")
     with pytest.raises(RecordingError, match=message):
         prepare_arrays(data, **kwargs)
+
+
+def test_labels_inside_a_mapping_and_labels_of_one_column_are_the_labels():
+    # a tokenizer batch carrying its labels (Hugging Face's convention) and (n, 1) labels
+    # (keras.datasets' CIFAR) are labels, not an input nor an error
+    batch = {"input_ids": np.ones((4, 3), np.int64), "labels": np.array([2, 0, 1, 2])}
+    x, y, _, _ = prepare_arrays(batch)
+    assert sorted(x) == ["input_ids"]
+    np.testing.assert_array_equal(y, [2, 0, 1, 2])
+    _, y, _, _ = prepare_arrays((np.zeros((4, 2)), np.array([[3], [1], [0], [3]])))
+    np.testing.assert_array_equal(y, [3, 1, 0, 3])
 
 
 def test_number_batches_running_ids_and_length_check():
@@ -479,6 +499,33 @@ def test_labels_that_are_no_integers_get_no_default_predictions(store_path, labe
     assert "prediction" not in ds and "correct" not in ds
     np.testing.assert_array_equal(ds.label, y)
     np.testing.assert_allclose(ds.activation.values[..., 0], x[:, :3].T, rtol=1e-6)
+
+
+def test_outputs_that_hold_no_scores_get_no_default_predictions(store_path):
+    """A model returning class indices (integers) has no argmax or threshold to take:
+    no predictions (its values thresholded at 0 gave 0 or 1, never a class above 1)."""
+    x = np.random.default_rng(0).normal(size=(30, 5)).astype(np.float32)
+    y = x[:, :3].argmax(1)
+
+    def forward(x):
+        return {"hidden": x[:, :4]}, x[:, :3].argmax(1)  # (batch,) int64 class indices
+
+    with pytest.warns(UserWarning, match=r"holds int64 values, not scores.*predict=lambda out"):
+        run_recording(forward, iter_array_batches(x, np.arange(30), y, {}, 8), store_path,
+                      model_name="np", layers=["hidden"], progress=False)
+    assert "prediction" not in open_store(store_path)["np/hidden"].to_dataset()
+
+
+def test_one_column_with_labels_other_than_zero_and_one_gets_no_default_predictions(
+        store_path):
+    """One logit thresholded predicts 0 or 1: with labels -1/+1 'correct' was never true
+    for the -1 samples. No predictions, and a warning naming the labels."""
+    x, _, forward = _one_column(sigmoid=False)
+    y = np.where(x[:, 0] > 0, 1, -1)
+    with pytest.warns(UserWarning, match=r"predictions \(the column thresholded\) are 0 or 1, "
+                                         r"while the labels hold \[-1\]"):
+        ds = _record_one_column(store_path, forward, x, y)
+    assert "prediction" not in ds and "correct" not in ds
 
 
 def test_no_default_predictions_says_why(store_path, tmp_path):

@@ -38,6 +38,7 @@ from topoxr.reduction import (
     ATTR_NEURON_AXIS,
     ATTR_OUTPUT_SHAPE,
     ATTR_REDUCED_AXES,
+    DEFAULT_MASK,
     REDUCE_CHOICES,
     LayerSpec,
     RecordingError,
@@ -45,11 +46,12 @@ from topoxr.reduction import (
     reduce_layer,
     reduction_attrs,
     resolve_layer_specs,
+    second_sequence,
     token_info,
 )
 from topoxr.store import ActivationWriter
 from topoxr.store.reader import read_model_layers
-from topoxr.store._schema import _TARGET_CHUNK_BYTES
+from topoxr.store._schema import _TARGET_CHUNK_BYTES, valid_column_name
 
 __all__ = [
     "ADAPTER_GROUP",
@@ -289,9 +291,11 @@ def prepare_arrays(
         ``x`` or ``(x, y)``; ``x`` has the samples on its first axis: an array, a tensor,
         a mapping of them (tokenizer output: ``input_ids``, ``attention_mask``, ...) or,
         inside ``(x, y)`` or ``(x,)``, a tuple of them (positional model inputs). ``x`` is
-        returned as given, so the framework converts it.
+        returned as given, so the framework converts it; a mapping's ``labels`` entry (a
+        tokenizer batch with its labels) is taken as the labels, not as an input.
     labels : array_like, optional
-        Labels when ``data`` has none. Giving both is an error.
+        Labels when ``data`` has none, class indices (integers, ``(n,)`` or ``(n, 1)``)
+        or names (strings). Giving both is an error.
     metadata : mapping of str to array_like, optional
         Per-sample columns (str, int, float or bool).
     sample_ids : array_like of int, optional
@@ -304,7 +308,8 @@ def prepare_arrays(
     Raises
     ------
     RecordingError
-        For lengths that differ, duplicate or non-integer ids, or labels given twice.
+        For lengths that differ, duplicate or non-integer ids, labels given twice, labels
+        that are neither integers nor strings, or metadata names the store cannot take.
     """
     if isinstance(data, tuple | list) and not hasattr(data, "shape"):
         if len(data) == 2:
@@ -317,20 +322,53 @@ def prepare_arrays(
             )
     else:
         x, y = data, None
+    if isinstance(x, Mapping) and "labels" in x:
+        # a tokenizer's batch with its labels (Hugging Face's convention): labels, not an
+        # input (the DataLoader path takes them out the same way)
+        if y is not None or labels is not None:
+            raise RecordingError("labels are given twice: in the inputs' 'labels' entry and "
+                                 "as data=(x, y) or labels=")
+        y = x["labels"]
+        x = {k: v for k, v in x.items() if k != "labels"}
     if y is not None and labels is not None:
         raise RecordingError("labels are given twice: in data=(x, y) and as labels=")
     y = labels if y is None else y
     n = n_inputs(x)
     if n == 0:
         raise RecordingError("the data has no samples")
-    y_arr = None if y is None else _column("labels", _to_numpy(y), n)
+    y_arr = None if y is None else _labels_column(_to_numpy(y), n)
     if sample_ids is None:
         ids = np.arange(n, dtype=np.int64)
     else:
         ids = _check_ids(_column("sample_ids", sample_ids, n))
     meta = {str(k): _column(f"metadata {k!r}", _to_numpy(v), n)
             for k, v in (metadata or {}).items()}
+    bad = [key for key in meta if not valid_column_name(key)]
+    if bad:
+        raise RecordingError(f"metadata {bad} cannot name columns: a column name is a Python "
+                             "identifier and none of the store's own names (label, sample, "
+                             "row, x, ...)")
     return x, y_arr, ids, meta
+
+
+def _labels_column(values: Any, n: int) -> np.ndarray:
+    """Labels as one value per sample: class indices (integers) or names (strings).
+
+    ``(n, 1)`` labels (keras.datasets' CIFAR) are taken as ``(n,)``. Floats and booleans
+    are refused here, before the model runs, as the store refuses them.
+    """
+    arr = np.asarray(values)
+    if arr.ndim == 2 and arr.shape[1] == 1 and arr.shape[0] == n:
+        arr = arr[:, 0]
+    arr = _column("labels", arr, n)
+    if arr.dtype.kind == "O" and all(isinstance(v, str) for v in arr.tolist()):
+        arr = arr.astype(str)
+    if arr.dtype.kind not in "iuU":
+        raise RecordingError(
+            f"labels must be integers or strings (class indices or names), got {arr.dtype}; "
+            "cast class indices with .astype(int), and give other per-sample values (a "
+            "regression target, a flag) as metadata=")
+    return arr
 
 
 def _to_numpy(values: Any) -> Any:
@@ -776,12 +814,15 @@ class LayerPlan:
         How the axis was chosen, stored as ``topoxr_axis_rule``.
     attrs : dict
         The layer attributes stored at creation and compared on resume.
+    mask_key : str or None
+        The key of the inputs' attention mask the layer's tokens follow (None: none).
     """
 
     reduce: str
     neuron_axis: int
     rule: str
     attrs: dict[str, Any] = field(default_factory=dict)
+    mask_key: str | None = None
 
     @property
     def label(self) -> str:
@@ -797,10 +838,10 @@ def _plan_layers(
     specs: Mapping[str, LayerSpec],
     channel_axis: int | Mapping[str, int],
     axis_rules: Mapping[str, str],
-    mask: np.ndarray | None,
-    token_ids: np.ndarray | None,
+    inputs: Any,
 ) -> tuple[dict[str, LayerPlan], dict[str, int]]:
-    """Decide each layer's plan from its first batch; check the plan can apply."""
+    """Decide each layer's plan from its first batch (``inputs``: the batch's inputs, for
+    the attention masks); check the plan can apply."""
     plans, neurons = {}, {}
     for layer in layers:
         if layer not in outputs:
@@ -822,6 +863,9 @@ def _plan_layers(
             if mode in ("first", "last"):
                 mode = "none"  # a (batch, neurons) output has nothing to reduce
             axis, rule = 1, "(batch, neurons) output"
+        sequence = out.ndim == 3 and axis % 3 == 2
+        mask_key = _mask_key(layer, spec, inputs, sequence and mode in _MASKED_MODES)
+        mask, token_ids = token_info(inputs, mask_key)
         try:
             reduced = reduce_layer(out, layer=layer, neuron_axis=axis, reduce=mode,
                                    mask=mask, token_ids=token_ids)
@@ -829,14 +873,43 @@ def _plan_layers(
             raise RecordingError(str(err)) from None
         n = reduced.values.shape[1] if reduced.values.ndim == 2 else int(
             np.prod(reduced.values.shape[1:]))
-        sequence = out.ndim == 3 and axis % 3 == 2
-        masked = mask is not None and sequence and mode in ("mean", "max", "first", "last", "tokens")
+        masked = mask is not None and sequence and mode in _MASKED_MODES
         attrs = reduction_attrs(out.shape, neuron_axis=axis, reduce=mode, masked=masked,
                                 rule=rule)
         attrs["topoxr_reduce"] = mode
-        plans[layer] = LayerPlan(mode, axis % out.ndim, rule, attrs)
+        plans[layer] = LayerPlan(mode, axis % out.ndim, rule, attrs, mask_key)
         neurons[layer] = n
     return plans, neurons
+
+
+#: Reductions of a sequence output that follow its attention mask.
+_MASKED_MODES = ("mean", "max", "first", "last", "tokens")
+
+
+def _mask_key(layer: str, spec: LayerSpec, inputs: Any, masks: bool) -> str | None:
+    """The key of the attention mask ``layer``'s tokens follow (None: none).
+
+    Where the inputs hold a second token sequence (an encoder-decoder model's
+    ``decoder_input_ids``...), the tokens of a layer could follow either mask, and the
+    wrong one gives values that look right: the layer must say (``mask=``).
+    """
+    if spec.mask is False:
+        return None
+    if isinstance(spec.mask, str):
+        if not isinstance(inputs, Mapping) or spec.mask not in inputs:
+            have = sorted(map(str, inputs)) if isinstance(inputs, Mapping) else []
+            raise RecordingError(f"layer {layer!r}: mask {spec.mask!r} is not among the "
+                                 f"inputs ({have or 'not a mapping'})")
+        return spec.mask
+    second = second_sequence(inputs)
+    if masks and second:
+        raise RecordingError(
+            f"layer {layer!r}: the inputs hold two token sequences (an encoder's, with "
+            f"attention_mask, and a decoder's: {second}), and which one this layer's "
+            "tokens belong to is not known. Say it per layer: {'mask': 'attention_mask'} "
+            "for encoder layers, {'mask': 'decoder_attention_mask'} for decoder layers, "
+            "or {'mask': False} for none")
+    return DEFAULT_MASK
 
 
 def _pooled_by_capture(plan: LayerPlan, output: Any) -> tuple[int, str] | None:
@@ -874,6 +947,15 @@ def _token_sample_ids(ids: np.ndarray, source: np.ndarray, position: np.ndarray,
                       n_tokens: int) -> np.ndarray:
     """Stable id of token ``t`` of the input with id ``s``: ``s * T + t``."""
     return ids[source] * np.int64(n_tokens) + position
+
+
+def _token_inputs(x: Any, mask_keys: set[str | None]) -> tuple[Any, Any]:
+    """The attention mask and token ids of a batch (:func:`token_info`), or, where the
+    layers follow several masks, ``{mask key: mask}`` and ``{mask key: token ids}``."""
+    if len(mask_keys) <= 1:
+        return token_info(x, next(iter(mask_keys), DEFAULT_MASK))
+    pairs = {key: token_info(x, key) for key in mask_keys}
+    return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
 
 
 def _check_padded_length(plans: Mapping[str, LayerPlan], outputs: Mapping[str, Any],
@@ -1049,12 +1131,13 @@ class BackgroundWriter:
             Prediction of each sample, or None.
         metadata : mapping of str to numpy.ndarray
             Per-sample columns, each ``(batch,)``.
-        mask : numpy.ndarray, optional
+        mask : numpy.ndarray or mapping, optional
             Attention mask ``(batch, T)`` of the inputs (1 = real token), applied to the
-            layers whose plan is masked.
-        token_ids : numpy.ndarray, optional
+            layers whose plan is masked; or ``{mask key: mask}`` where layers follow
+            several (:attr:`LayerPlan.mask_key`).
+        token_ids : numpy.ndarray or mapping, optional
             Token ids ``(batch, T)`` of the inputs, for the ``token_id`` coordinate of
-            per-token layers.
+            per-token layers (a mapping as ``mask``).
 
         Raises
         ------
@@ -1143,10 +1226,13 @@ class BackgroundWriter:
         for layer, raw in outputs.items():
             plan = self._plans[layer]
             raw = np.asarray(raw)
+            layer_mask = mask.get(plan.mask_key) if isinstance(mask, Mapping) else mask
+            layer_ids = (token_ids.get(plan.mask_key) if isinstance(token_ids, Mapping)
+                         else token_ids)
             reduced = reduce_layer(raw, layer=layer, neuron_axis=_handed_axis(plan, raw),
                                    reduce=plan.reduce,
-                                   mask=mask if plan.attrs.get(ATTR_MASKED) else None,
-                                   token_ids=token_ids)
+                                   mask=layer_mask if plan.attrs.get(ATTR_MASKED) else None,
+                                   token_ids=layer_ids)
             values = reduced.values
             if raw.ndim > 2 and plan.reduce in ("mean", "max") and not _is_sequence(plan):
                 # (batch, channel, 1): the store's pooling of one position is the identity
@@ -1245,10 +1331,12 @@ class _PredictionRule:
 
     ``predict=`` where given. Otherwise the default (:func:`_predictions`), decided at
     the first batch with labels: none where the adapter says why it cannot tell
-    (``unavailable``: several outputs) or the labels are not integers (class indices
-    never equal them); for one column, the threshold 0.5 where the output is known to
-    be a probability (``probabilities``, asked then: after the first forward pass),
-    else 0, with a warning where that column of the first batch lies in [0, 1].
+    (``unavailable``: several outputs), the labels are not integers (class indices
+    never equal them), or the output holds no scores (integers); for one column, none
+    where the first batch's labels are other than 0 and 1, else the threshold 0.5 where
+    the output is known to be a probability (``probabilities``, asked then: after the
+    first forward pass), else 0, with a warning where that column of the first batch
+    lies in [0, 1].
     """
 
     def __init__(self, *, model: str, predict: Callable[[Any], Any] | None,
@@ -1297,7 +1385,20 @@ class _PredictionRule:
                 "its output, or its one column thresholded), which never equal them")
             return
         out = None if final is None else np.asarray(final)
+        if out is not None and out.dtype.kind not in "fc":
+            self._why = (
+                f"the output of model {self._model!r} holds {out.dtype} values, not scores: "
+                "no argmax or threshold of them is a prediction (where they are class "
+                "indices already, pass predict=lambda out: out)")
+            return
         if out is None or not _one_column(out):
+            return
+        others = np.setdiff1d(labels, [0, 1])
+        if len(others):
+            self._why = (
+                f"the output of model {self._model!r} is one column, whose default "
+                "predictions (the column thresholded) are 0 or 1, while the labels hold "
+                f"{others[:5].tolist()}: 'correct' would be wrong for those")
             return
         probabilities = self._probabilities
         if callable(probabilities):
@@ -1490,8 +1591,7 @@ def run_recording(
     rerun_first = False  # whether the first batch is still to be run (planned on one sample)
     if in_batch:
         plans, neurons = {}, {}
-        planning["mask"], planning["token_ids"] = token_info(
-            take_inputs(first.x, slice(0, 1)))
+        planning["inputs"] = take_inputs(first.x, slice(0, 1))
 
         def planner(layer: str, first_sample: np.ndarray) -> tuple[int, str] | None:
             plan, n = _plan_layers([layer], {layer: first_sample}, reduce=reduce,
@@ -1515,7 +1615,7 @@ def run_recording(
                        and len(first) > 1)
         planned_on = take_inputs(first.x, slice(0, 1)) if rerun_first else first.x
         outputs, final = forward(planned_on)
-        planning["mask"], planning["token_ids"] = token_info(planned_on)
+        planning["inputs"] = planned_on
         plans, neurons = _plan_layers(layers, outputs, reduce=reduce, **planning)
         if isinstance(pooled, dict):
             # The capture pools these layers itself, at once (no copy of whole maps); the
@@ -1535,7 +1635,7 @@ def run_recording(
     for layer in set(plans) - set(plain):
         # Per-token ids are known up front only without a mask (every position is kept).
         t = int(np.shape(outputs[layer])[1])
-        ids = None if probe_ids is None or planning["mask"] is not None else (
+        ids = None if probe_ids is None or plans[layer].attrs.get(ATTR_MASKED) else (
             probe_ids[:, None] * np.int64(t) + np.arange(t)).reshape(-1)
         lab = None if probe_labels is None or ids is None else np.repeat(probe_labels, t)
         check_against_store(stored, model=model_name, neurons={layer: neurons[layer]},
@@ -1556,11 +1656,12 @@ def run_recording(
         with BackgroundWriter(writer, epoch=epoch, plans=plans, queue_size=queue_size) as bg:
             bg.set_targets(neurons, batch_size, first_batch=len(first))
             batch: Batch | None = first
-            mask, token_ids = token_info(first.x)
+            mask_keys = {plan.mask_key for plan in plans.values()}
+            mask, token_ids = _token_inputs(first.x, mask_keys)
             while batch is not None:
                 if batch is not first or rerun_first:
                     outputs, final = forward(batch.x)
-                    mask, token_ids = token_info(batch.x)
+                    mask, token_ids = _token_inputs(batch.x, mask_keys)
                 _check_padded_length(plans, outputs, padded, batch.ids, model_name)
                 preds = None if batch.labels is None else rule(final, batch.labels,
                                                                len(batch))

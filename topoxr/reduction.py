@@ -37,6 +37,7 @@ __all__ = [
     "ATTR_NEURON_AXIS",
     "ATTR_OUTPUT_SHAPE",
     "ATTR_REDUCED_AXES",
+    "DEFAULT_MASK",
     "REDUCE_CHOICES",
     "TOKEN_COLUMNS",
     "LayerSpec",
@@ -46,6 +47,7 @@ __all__ = [
     "reduce_layer",
     "reduction_attrs",
     "resolve_layer_specs",
+    "second_sequence",
     "token_info",
 ]
 
@@ -84,12 +86,17 @@ class LayerSpec:
         the same as the name suffix ``"relu:1"``.
     output_key : str or int, optional
         Entry of a tuple (int) or mapping (str) output to record.
+    mask : str or False, optional
+        Which attention mask of a mapping input the layer's tokens follow: its key
+        (``"attention_mask"``, the default, or ``"decoder_attention_mask"`` for the
+        decoder layers of an encoder-decoder model), or ``False`` for none.
     """
 
     reduce: str | None = None
     channel_axis: int | None = None
     call: int | None = None
     output_key: str | int | None = None
+    mask: str | bool | None = None
 
     @classmethod
     def from_value(cls, layer: str, value: Any) -> LayerSpec:
@@ -101,7 +108,7 @@ class LayerSpec:
         if not isinstance(value, Mapping):
             raise RecordingError(f"layer {layer!r}: settings must be a mapping or LayerSpec, "
                              f"got {type(value).__name__}")
-        known = {"reduce", "channel_axis", "call", "output_key"}
+        known = {"reduce", "channel_axis", "call", "output_key", "mask"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise RecordingError(f"layer {layer!r}: unknown settings {unknown}; "
@@ -116,6 +123,10 @@ class LayerSpec:
                 raise RecordingError(f"layer {layer!r}: {name} must be an integer, got {v!r}")
         if spec.call is not None and spec.call < 0:
             raise RecordingError(f"layer {layer!r}: call must be >= 0, got {spec.call}")
+        if spec.mask is not None and spec.mask is not False and not (
+                isinstance(spec.mask, str) and spec.mask):
+            raise RecordingError(f"layer {layer!r}: mask must be the key of an attention mask "
+                                 f"among the inputs, or False, got {spec.mask!r}")
         return spec
 
 
@@ -234,25 +245,36 @@ def _np(values: Any) -> np.ndarray:
     return np.asarray(values)
 
 
-def token_info(x: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+#: The attention mask a layer's tokens follow by default: a tokenizer's.
+DEFAULT_MASK = "attention_mask"
+
+
+def token_info(x: Any, mask_key: str | None = DEFAULT_MASK
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The attention mask and token ids of one batch of inputs, where they are known.
 
-    A mapping input (tokenizer output) gives ``attention_mask`` and ``input_ids``; a
-    2-D integer array (or a tuple of positional inputs starting with one) is taken as
+    A mapping input (tokenizer output) gives its ``mask_key`` entry and the token ids
+    beside it: ``attention_mask`` with ``input_ids``, ``decoder_attention_mask`` with
+    ``decoder_input_ids`` (any ``<prefix>attention_mask`` with ``<prefix>input_ids``).
+    A 2-D integer array (or a tuple of positional inputs starting with one) is taken as
     the token ids themselves.
 
     Parameters
     ----------
     x : array_like, mapping or tuple
         One batch of a model's inputs.
+    mask_key : str or None, default "attention_mask"
+        The mask's key in a mapping input; None: no mask (the default token ids).
 
     Returns
     -------
     mask, token_ids : numpy.ndarray of shape (batch, T) or None
     """
     if isinstance(x, Mapping):
-        mask = x.get("attention_mask")
-        ids = x.get("input_ids")
+        mask = None if mask_key is None else x.get(mask_key)
+        prefix = (mask_key[: -len(DEFAULT_MASK)]
+                  if mask_key is not None and mask_key.endswith(DEFAULT_MASK) else "")
+        ids = x.get(prefix + "input_ids")
         return (None if mask is None else _np(mask)), (None if ids is None else _np(ids))
     if isinstance(x, tuple | list) and x and not hasattr(x, "shape"):
         x = x[0]
@@ -263,6 +285,13 @@ def token_info(x: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
         if arr.dtype.kind in "iu":
             return None, arr
     return None, None
+
+
+def second_sequence(x: Any) -> list[str]:
+    """The keys of a mapping input that belong to a second token sequence (an
+    encoder-decoder model's ``decoder_input_ids``, ``decoder_attention_mask``...)."""
+    return sorted(str(k) for k in x if str(k).startswith("decoder_")) if isinstance(
+        x, Mapping) else []
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,6 +103,12 @@ _RESERVED = {
     # could not be grouped by
     "count",
 }
+
+
+def valid_column_name(key: str) -> bool:
+    """Whether ``key`` can name a metadata column or an epoch scalar of a layer: a Python
+    identifier that is none of the format's own names."""
+    return key not in _RESERVED and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) is not None
 
 
 def _kind(arr: np.ndarray) -> str:

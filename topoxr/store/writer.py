@@ -6,7 +6,6 @@ import dataclasses
 import datetime as _dt
 import logging
 import os
-import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -71,7 +70,7 @@ from topoxr.store._schema import (
     _EPOCH_FILL,
     _MASK_TARGET,
     _MAX_CHUNK_BYTES,
-    _RESERVED,
+    valid_column_name,
     _TARGET_CHUNK_BYTES,
     MASK_CHUNK,
     SAMPLE_FILL,
@@ -588,8 +587,9 @@ class ActivationWriter:
         if not allow_nonfinite and not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).sum())
             raise StoreError(
-                f"layer {layer!r}: {bad} activation value(s) are NaN or inf; "
-                "pass allow_nonfinite=True to store them"
+                f"layer {layer!r}: {bad} activation value(s) are NaN or inf (a model that "
+                "diverged or overflowed?); they are refused unless written with "
+                "ActivationWriter.write(..., allow_nonfinite=True)"
             )
         self._check_range(layer, values)
         labels = None if label is None else _as_1d(f"layer {layer!r}: label", label, batch)
@@ -602,7 +602,7 @@ class ActivationWriter:
                     f"names), got {col.dtype}; cast class indices with .astype(int)")
         meta = {}
         for key, col in metadata.items():
-            if key in _RESERVED or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            if not valid_column_name(key):
                 raise StoreError(f"layer {layer!r}: {key!r} cannot be a metadata column name")
             meta[key] = _as_1d(f"layer {layer!r}: metadata {key!r}", col, batch)
         epoch = _as_epoch(epoch)
@@ -818,7 +818,7 @@ class ActivationWriter:
         epoch = _as_epoch(epoch)
         values: dict[str, float] = {}
         for key, value in scalars.items():
-            if key in _RESERVED or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            if not valid_column_name(key):
                 raise StoreError(f"{key!r} cannot be an epoch scalar name")
             if isinstance(value, bool) or not isinstance(value, int | float | np.number):
                 raise StoreError(f"epoch scalar {key!r} must be a real number, got {value!r}")
