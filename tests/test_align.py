@@ -89,6 +89,23 @@ def test_match_neurons_recovers_a_permutation_between_models():
     assert (nap.preferred.values[rows_a] == other.preferred.values[rows_b]).all()
 
 
+def test_match_neurons_pairs_profiles_whatever_the_order_of_their_dims():
+    # profiles are flattened per neuron: (label, epoch) and (epoch, label) columns must be
+    # the same cells (they were paired by position)
+    ds = make_activations(n_neurons=16, n_samples=60)
+    nap = naps(ds, normalize=False)  # (neuron, label, epoch)
+    perm = np.random.default_rng(3).permutation(16)
+    other = nap.isel(neuron=perm).assign_coords(neuron=np.arange(100, 116))
+    want_a, want_b = match_neurons(nap, other)
+    for dims in (("neuron", "epoch", "label"), ("epoch", "label", "neuron")):
+        rows_a, rows_b = match_neurons(nap, other.transpose(*dims))
+        np.testing.assert_array_equal(rows_a, want_a)
+        np.testing.assert_array_equal(rows_b, want_b)
+        assert (perm[rows_b] == rows_a).all()
+    with pytest.raises(AlignmentError, match="same dims"):
+        match_neurons(nap, other.isel(epoch=0))
+
+
 def test_align_models_by_activity():
     ds = make_activations(n_neurons=16, n_samples=60)
     nap = naps(ds).isel(epoch=-1)
@@ -113,6 +130,15 @@ def test_align_epochs_removes_flips_between_epochs():
     out = align_epochs(laid, rescale=False)
     for e in range(3):
         np.testing.assert_allclose(out.x.isel(epoch=e).values, pts[:, 0], atol=1e-9)
+    # rescaled, every epoch lies in the unit square, the first too (it was left as given),
+    # so epochs that are rotations of the first coincide
+    scaled = align_epochs(laid.assign_coords(x=laid.x * 100, y=laid.y * 100))
+    for e in range(3):
+        np.testing.assert_allclose(scaled.x.isel(epoch=e).values, scaled.x.isel(epoch=0).values,
+                                   atol=1e-9)
+        np.testing.assert_allclose(scaled.y.isel(epoch=e).values, scaled.y.isel(epoch=0).values,
+                                   atol=1e-9)
+    assert float(scaled.x.max()) <= 1 + 1e-12 and float(scaled.x.min()) >= -1e-12
     # a shared layout is returned unchanged
     xr.testing.assert_identical(align_epochs(base), base)
     with pytest.raises(AlignmentError, match="no layout"):

@@ -848,6 +848,56 @@ def test_a_store_with_a_compressed_mask_is_still_committed_to(store_path):
     assert ds.epoch_complete.values.tolist() == [True, True]
 
 
+@pytest.mark.parametrize("finish", [False, True], ids=["writing", "closed"])
+def test_a_partial_epoch_over_many_prediction_chunks_is_no_damage(store_path, finish):
+    """Predictions are written where batches are committed: an epoch still being written
+    (or left partial by a crash) over more samples than one chunk of 'prediction' and
+    'correct' has chunks nobody wrote yet. That is no damage (the store was refused
+    whole, every model and layer, and a recorder could not resume); a chunk that holds
+    committed predictions and is gone still is."""
+    from topoxr import StoreCorruptionError, verify
+
+    ids = np.arange(26)
+    writer = ActivationWriter(store_path, model="m", buffer_bytes=0, expected_samples=4,
+                              expected_epochs=3)
+    writer.write("h", acts(ids[:3], 1), sample=ids[:3], label=ids[:3] % 2,
+                 prediction=ids[:3] % 3 % 2, epoch=1)
+    writer.write("h", acts(ids), sample=ids, label=ids % 2, prediction=ids % 3 % 2, epoch=0)
+    writer.flush()
+    if finish:
+        writer.close()
+    try:
+        chunks = sorted(p.name for p in (Path(store_path) / "m" / "h" / "prediction").iterdir())
+        assert len(chunks) < 2 * 7 + 1  # 26 samples in chunks of 4, 2 epochs: some unwritten
+        ds = open_store(store_path)["m/h"].to_dataset()
+        assert int(ds.committed.sum()) == 29
+        np.testing.assert_array_equal(ds.prediction.sel(epoch=0), ids % 3 % 2)
+        np.testing.assert_array_equal(ds.prediction.sel(epoch=1)[:3], ids[:3] % 3 % 2)
+        np.testing.assert_array_equal(ds.correct.sel(epoch=0), ids % 3 % 2 == ids % 2)
+        if finish:
+            assert verify(store_path).ok
+            (Path(store_path) / "m" / "h" / "prediction" / "c.0.1").unlink()  # committed
+            with pytest.raises(StoreCorruptionError, match=r"'prediction', chunk c\.0\.1"):
+                open_store(store_path)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("column", ["label", "metadata"])
+def test_unsigned_values_beyond_int64_are_refused_not_wrapped(store_path, column):
+    # labels and metadata are stored as int64: 2**64-1 read back as -1 (the label fill)
+    big = np.array([2**63 + 5, 1, 2**64 - 1, 7], dtype=np.uint64)
+    kwargs = {"label": big} if column == "label" else {"tag": big}
+    with ActivationWriter(store_path, model="m") as writer:
+        with pytest.raises(StoreError, match=r"holds 18446744073709551615, above the largest "
+                                             r"value the store keeps \(int64"):
+            writer.write("h", acts(range(4)), sample=range(4), **kwargs)
+        ok = {"label": big % 1000} if column == "label" else {"tag": big % 1000}
+        writer.write("h", acts(range(4)), sample=range(4), **ok)
+    ds = open_store(store_path)["m/h"].to_dataset()
+    np.testing.assert_array_equal(ds["label" if column == "label" else "tag"], big % 1000)
+
+
 def test_arrays_grow_to_the_committed_data(store_path):
     """The sample axis grows exactly to the data; the epoch axis makes room for
     ``_EPOCH_ROOM`` epochs when a second one arrives, then doubles (each new epoch would

@@ -150,8 +150,12 @@ def match_neurons(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
 
     if not isinstance(a, xr.DataArray) or not isinstance(b, xr.DataArray):
         raise TypeError("match_neurons needs two DataArrays with a 'neuron' dimension")
+    if set(a.dims) != set(b.dims) or NEURON not in a.dims:
+        raise AlignmentError(f"match_neurons needs two DataArrays of the same dims with "
+                             f"'neuron' among them, got {a.dims} and {b.dims}")
     a, b = xr.align(a.drop_vars([X, Y], errors="ignore"),
                     b.drop_vars([X, Y], errors="ignore"), join="inner", exclude=[NEURON])
+    b = b.transpose(*a.dims)  # the profiles are flattened: both in one order of dims
     A = np.asarray(a.transpose(NEURON, ...).values, dtype=np.float64).reshape(a.sizes[NEURON], -1)
     B = np.asarray(b.transpose(NEURON, ...).values, dtype=np.float64).reshape(b.sizes[NEURON], -1)
     keep = np.isfinite(A).all(axis=0) & np.isfinite(B).all(axis=0)
@@ -258,6 +262,8 @@ def align_epochs(laid: Any, *, rescale: bool = True) -> Any:
     ys = laid.coords[Y].transpose(NEURON, EPOCH).values
     P = np.stack([xs, ys], axis=-1)  # (neuron, epoch, 2)
     out = P.copy()
+    if rescale:  # as every later epoch (each fitted to the one before, then rescaled)
+        out[:, 0] = _unit_square(P[:, 0])
     reflections = []
     for e in range(1, P.shape[1]):
         out[:, e], info = procrustes(P[:, e], out[:, e - 1], rescale=rescale)

@@ -377,7 +377,7 @@ def snapshot(group: zarr.Group, arrays: Mapping[str, zarr.Array], *,
                         "lost or damaged)")
     checked = all(has_checksums(a) for a in arrays.values())
     if check_chunks and checked:
-        problems.extend(_lost_chunks(ctx, _declared(group, arrays), n, m))
+        problems.extend(_lost_chunks(ctx, _declared(group, arrays), n, m, committed))
     if problems:
         for dim, size in ((SAMPLE, s_min), (EPOCH, e_min)):
             shorter = [k for k, a in arrays.items()
@@ -470,17 +470,28 @@ def _declared(group: zarr.Group, arrays: Mapping[str, zarr.Array]) -> dict[str, 
     return {k: v for k, v in arrays.items() if k in listed}
 
 
-def _lost_chunks(ctx: Context, arrays: Mapping[str, zarr.Array], n: int, m: int) -> list[str]:
-    """Chunks of the small arrays inside the logical lengths that are not in the store."""
+def _lost_chunks(ctx: Context, arrays: Mapping[str, zarr.Array], n: int, m: int,
+                 committed: np.ndarray) -> list[str]:
+    """Chunks of the small arrays inside the logical lengths that are not in the store.
+
+    A ``(sample, epoch)`` array (``prediction``, ``correct``) is written where batches are
+    committed, so its chunk is lost only where ``committed`` marks a cell of it, as for
+    ``activation``: an epoch still being written (or left partial by a crash) over more
+    samples than one chunk has chunks nobody wrote yet.
+    """
     out = []
     for name, arr in arrays.items():
         if name == ACTIVATION:
             continue  # checked where read (see reader._CheckedActivation) and by verify
         if name == COMMITTED or (name == CORRECT and LABEL not in arrays):
             continue  # mask: checked on complete epochs; correct: only with labels
-        region = region_of(arr, n, m)
+        lost = missing_chunks(arr, region_of(arr, n, m))
+        if tuple(arr.metadata.dimension_names or ()) == (SAMPLE, EPOCH):
+            size_s, size_e = arr.chunks
+            lost = [c for c in lost if committed[c[0] * size_s:(c[0] + 1) * size_s,
+                                                 c[1] * size_e:(c[1] + 1) * size_e].any()]
         out.extend(ctx.damaged_chunk(arr, c, "is missing from the store", where=False)
-                   for c in missing_chunks(arr, region)[:3])
+                   for c in lost[:3])
     return out
 
 

@@ -31,6 +31,10 @@ def _as_1d(name: str, values: Any, n: int) -> np.ndarray:
         arr = arr.astype(str)
     if arr.dtype.kind not in "biufU":
         raise StoreError(f"{name} must hold str, int, float or bool values, got {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _INT64_MAX:
+        # stored as int64: they would wrap to negative numbers (2**64-1 to -1, the fill)
+        raise StoreError(f"{name} holds {int(arr.max())}, above the largest value the store "
+                         f"keeps (int64: {_INT64_MAX})")
     return arr
 
 
