@@ -116,6 +116,138 @@ def _output_keys(layers: list[str], output_keys: Mapping[str, Any] | None) -> di
     return keys
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share their memory (one is a view of the other)."""
+    try:
+        return (a.device == b.device
+                and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # no storage (a tensor subclass)
+        return False
+
+
+def _followed_axis(axis: int, shape: tuple[int, ...], strides: tuple[int, ...], seq: bool,
+                   tensor: torch.Tensor, source: torch.Tensor | None
+                   ) -> tuple[int, bool] | None:
+    """The axis of ``tensor`` holding the neurons of the followed output of ``shape`` and
+    ``strides`` (its neuron axis ``axis``, sequence-first or not: ``seq``), and whether
+    ``tensor`` is sequence-first; None where ``tensor`` does not keep them.
+
+    ``source`` is the module's input that is that output, or for a container's output
+    that is a view of it, the tensor both view (None for a container's output that is
+    the followed output itself or has its shape and strides). The
+    output keeps the input's neuron axis where its shape is the input's (for a view of
+    the input, its strides too). A view of the input of its rank but another shape or
+    strides (a permute, a transpose, a crop) holds the neurons at its one axis of the
+    same size and stride; a view of another rank (a flatten) is not followed. A copy of
+    another shape keeps them where it is no permutation of the input (its sizes,
+    sorted, differ) and the neurons' size is at the same axes
+    (a crop of positions, a pooling): a permuted copy is not followed, as which of its
+    axes holds the neurons is not known (a channels-last map permuted back with as many
+    columns as channels had its columns taken for the channels).
+    """
+    out_shape = tuple(tensor.shape)
+    if source is not None and _same_storage(tensor, source):  # a view of the input
+        out_strides = tuple(tensor.stride())
+        if out_shape == shape and all(a == b for a, b, n in zip(out_strides, strides, shape,
+                                                                  strict=True) if n > 1):
+            return axis, seq
+        size, stride = shape[axis], strides[axis]
+        hits = [d for d, (n, st) in enumerate(zip(out_shape, out_strides, strict=True))
+                if n == size and st == stride]
+        if size <= 1 or len(hits) != 1 or len(out_shape) != len(shape):
+            return None
+        # still sequence-first where the view keeps the first two axes (T, N) as they were
+        keeps = seq and len(out_shape) >= 2 and all(
+            (out_shape[d], out_strides[d]) == (shape[d], strides[d]) for d in (0, 1))
+        return hits[0], keeps
+    if out_shape == shape:
+        return axis, seq
+    if len(out_shape) != len(shape) or sorted(out_shape) == sorted(shape):
+        return None
+    size = shape[axis]
+    if ({d for d, n in enumerate(out_shape) if n == size}
+            != {d for d, n in enumerate(shape) if n == size}):
+        return None
+    return axis, seq
+
+
+#: Reductions of a sequence output that follow the inputs' attention mask.
+_MASKED_REDUCTIONS = ("mean", "max", "first", "last", "tokens")
+
+
+def _host_array(value: Any) -> np.ndarray | None:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, torch.Tensor) and not value.is_nested:
+        return value.detach().cpu().numpy()
+    return None
+
+
+def _positional_mask_length(x: Any) -> int | None:
+    """``T`` where ``x`` are positional inputs whose second looks like the attention
+    mask of the first, ``(batch, T)`` integer token ids; else None.
+
+    An attention mask is known only by its key in a mapping (``attention_mask``, which
+    masks the token reductions): a tuple passes it to the model, but the recording cannot
+    know it from, say, token type ids, so the token reductions would take the padding in.
+    It looks like one where it has the ids' shape and holds only 0 and 1.
+    """
+    if isinstance(x, Mapping) or not isinstance(x, tuple | list) or len(x) < 2:
+        return None
+    ids, mask = _host_array(x[0]), _host_array(x[1])
+    if (ids is None or mask is None or ids.ndim != 2 or ids.dtype.kind not in "iu"
+            or mask.shape != ids.shape or mask.dtype.kind not in "biuf"):
+        return None
+    return int(ids.shape[1]) if bool(np.isin(mask, (0, 1)).all()) else None
+
+
+def _refuse_positional_mask(name: str, spec: LayerSpec, reduce: str, tensor: torch.Tensor,
+                            axis: int, length: int) -> None:
+    """Refuse a token reduction of ``name``'s ``(N, T, H)`` output over positional inputs
+    whose second looks like an attention mask (see :func:`_positional_mask_length`).
+
+    A warning would let values reduced over padding into the store, where they look
+    right (``topoxr_masked`` false is easily missed), and the store's layer cannot be
+    recorded again with other values under its name: refused before anything is written.
+    """
+    mode = spec.reduce or reduce
+    if spec.channel_axis is not None:
+        axis = spec.channel_axis
+    if (tensor.ndim != 3 or axis % 3 != 2 or int(tensor.shape[1]) != length
+            or mode not in _MASKED_REDUCTIONS or getattr(spec, "mask", None) is False):
+        return
+    raise RecordingError(
+        f"layer {name!r}: reduce={mode!r} over its {length} tokens, and the second "
+        f"positional input looks like an attention mask of the first (the token ids: the "
+        f"same shape, only 0 and 1), but a positional input cannot be known as one, so the "
+        "padding would be reduced with the real tokens. Pass the inputs as a mapping, "
+        "{'input_ids': ids, 'attention_mask': mask} (passed as keyword arguments; its "
+        "attention_mask masks the token reductions), or record this layer with "
+        "reduce='none'; if the second input is no attention mask, pass the inputs as a "
+        f"mapping of the forward's parameter names, or set {{{name!r}: {{'mask': False}}}} "
+        "to reduce over every token")
+
+
+def _nested_message(name: str, kind: str, base: str, modules: Mapping[str, Any]) -> str:
+    """Why a layer whose output is a nested tensor is refused, and what to record."""
+    encoder = next((owner for owner in _owners(base)
+                    if type(modules.get(owner)).__name__ == "TransformerEncoder"), None)
+    where = (f"record {encoder!r} (the TransformerEncoder, whose output is padded again), "
+             "or build it with enable_nested_tensor=False" if encoder is not None else
+             "record a module whose output is padded again (the TransformerEncoder), or "
+             "build the TransformerEncoder with enable_nested_tensor=False")
+    return (f"layer {name!r} ({kind}) returned a nested tensor: torch's nested-tensor fast "
+            "path (nn.TransformerEncoder with a src_key_padding_mask, in eval mode without "
+            "autograd) runs its layers on the real tokens of each input only, with no "
+            f"padded (batch, tokens, hidden) shape to record; {where}")
+
+
+def _owners(name: str) -> list[str]:
+    """The names of the modules holding ``name``, innermost first."""
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
+
+
 class Capture:
     """The forward function of :func:`capture`, with what it learnt about the layers.
 
@@ -162,6 +294,7 @@ def capture(
     layers: Any,
     *,
     output_keys: Mapping[str, str | int] | None = None,
+    reduce: str = "mean",
 ) -> Iterator[Capture]:
     """Hook ``layers`` of ``model`` for the duration of the block.
 
@@ -176,13 +309,19 @@ def capture(
         Names, patterns or ``{name: settings}`` (see :func:`record`).
     output_keys : mapping, optional
         ``{layer or pattern: key}`` for layers returning a tuple or mapping.
+    reduce : str, default "mean"
+        The recording's reduction of the layers whose settings give none: token
+        reductions over a positional attention mask are refused (see Raises).
 
     Yields
     ------
     Capture
         ``forward(x) -> ({layer: ndarray}, model output ndarray or None)``, run under
-        :func:`torch.inference_mode`, outputs moved to the CPU; dict inputs are passed
-        as keyword arguments, tuples as positional ones.
+        :func:`torch.no_grad`, outputs moved to the CPU; dict inputs are passed as
+        keyword arguments, tuples as positional ones. Not under
+        :func:`torch.inference_mode`: what a module makes in the first forward pass (the
+        weights of ``nn.LazyLinear``, a table it keeps) would stay an inference tensor,
+        which never trains, when a recording is the model's first forward pass.
 
     Notes
     -----
@@ -190,6 +329,13 @@ def capture(
     output has the size the module's own parameters give (``out_channels``,
     ``normalized_shape``...); else as the output it follows (an activation's input, or
     for a container the output it returns, that of a module of known axis); else by its
+    output's rank. An output follows its input where it has the input's shape (a view of
+    the input: its strides too); a view of its rank but another shape or strides (a
+    module that permutes, transposes or crops) where one of its axes has the size and
+    stride of the input's neuron axis; a copy of another shape where it is no
+    permutation of the input and the neurons' size stays at the same axes (a crop or
+    pooling of positions). A
+    permuted copy, or a module whose input is no output followed, is decided by its
     output's rank. A sequence-first output ``(T, N, ...)`` of torch's RNN, attention and
     transformer modules built with ``batch_first=False`` (and of modules following one) is
     recorded as ``(N, T, ...)``.
@@ -200,7 +346,14 @@ def capture(
         From ``forward``: a layer's output whose first axis is not the batch of the input
         (an RNN's final state ``h_n``, a sequence-first output where the batch size equals
         the sequence length), or whose type's rule does not fit its sizes with no other
-        axis of that size (set ``channel_axis``).
+        axis of that size (set ``channel_axis``); a layer whose output is a nested tensor
+        (the layers inside an ``nn.TransformerEncoder`` on torch's fast path: record the
+        encoder, or build it with ``enable_nested_tensor=False``); a token reduction
+        (``mean``, ``max``, ``first``, ``last``, ``tokens``) of a sequence layer when the
+        inputs are positional and the second looks like an attention mask of the first,
+        the token ids (only 0 and 1, of their shape): the mask is not known as one, and
+        the tokens would be reduced over the padding (pass the inputs as a mapping with
+        ``input_ids`` and ``attention_mask``).
     """
     import weakref
 
@@ -228,14 +381,19 @@ def capture(
     # Layers whose output is sequence-first, (T, N, ...): recorded as (N, T, ...).
     transposed: set[str] = set()
     batch: list[int | None] = [None]  # the batch size of the input being run
+    # The padded length T of positional inputs (token ids, attention mask, ...) in the
+    # first pass, where the mask cannot be known as one: token reductions are refused.
+    positional_mask: list[int | None] = [None]
     # The first forward pass follows the neuron axis from output to output: the outputs
     # of modules of known semantics, and of the modules that follow one (an activation
     # whose input is such an output, a container that returns one). By the output's
     # memory, shape and strides, while it lives (it is not kept): {view: (weak reference,
-    # neuron axis, shape, strides, module name, sequence first, order)}.
+    # neuron axis, shape, strides, module name, sequence first, order, weak reference to
+    # the tensor whose memory it is: itself, or the base it views, which lives as long
+    # as any view of it)}.
     followed: dict[tuple[Any, ...], tuple[Any, int, tuple[int, ...], tuple[int, ...], str,
-                                          bool, int]] = {}
-    newest: list[tuple[Any, int, tuple[int, ...], tuple[int, ...], str, bool, int]] = []
+                                          bool, int, Any]] = {}
+    newest: list[tuple[Any, int, tuple[int, ...], tuple[int, ...], str, bool, int, Any]] = []
     starts: dict[str, int] = {}  # each container's call: the order its first output gets
     order = [0]
 
@@ -247,7 +405,7 @@ def capture(
 
     def lookup(tensor: Any) -> tuple[Any, ...] | None:
         """What is followed of ``tensor`` (it is, or views as it is, a followed output)."""
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.is_nested:
             return None
         entry = followed.get(view(tensor))
         return entry if entry is not None and entry[0]() is not None else None
@@ -255,9 +413,11 @@ def capture(
     def note(tensor: torch.Tensor, axis: int, base: str, seq: bool) -> None:
         try:
             ref = weakref.ref(tensor)
+            root = ref if tensor._base is None else weakref.ref(tensor._base)
         except TypeError:
             return
-        entry = (ref, axis, tuple(tensor.shape), tuple(tensor.stride()), base, seq, order[0])
+        entry = (ref, axis, tuple(tensor.shape), tuple(tensor.stride()), base, seq, order[0],
+                 root)
         order[0] += 1
         followed[view(tensor)] = entry
         newest[:] = [entry]
@@ -282,21 +442,30 @@ def capture(
         if next(module.children(), None) is not None:  # a container
             entry, how = lookup(tensor), "as {source!r} inside it, whose output it returns"
             start = starts.get(base, order[0])
+            source = None
             if entry is None and newest and newest[0][6] >= start:
                 # the last followed output of this call: a residual sum `f(x) + x` has its
-                # shape and strides (a transpose has not)
+                # shape and strides (a transpose copied has not); a view of it (a
+                # transpose, a flatten) holds its neurons where their size and stride are
                 last = newest[0]
+                root = tensor._base  # the tensor it views (alive as long as the view)
                 if last[2] == tuple(tensor.shape) and last[3] == tuple(tensor.stride()):
                     entry, how = last, ("as {source!r}, the last module of known axis that "
                                         "ran inside it (same shape and strides)")
+                elif root is not None and last[7]() is root:
+                    entry, source, how = last, root, (
+                        "as {source!r}, the last module of known axis that ran inside it, "
+                        "returning a view of its output")
         else:
-            entry = lookup(first_tensor([*args, *kwargs.values()]))
+            source = first_tensor([*args, *kwargs.values()])
+            entry = lookup(source)
             how = "as its input, the output of {source!r}"
         if entry is not None:
-            axis, size = entry[1], entry[2][entry[1]]
-            if (len(entry[2]) == tensor.ndim and tensor.shape[axis] == size
-                    and (count is None or size == count[0])):
-                return axis, how.format(source=entry[4]) + misfit, entry[5] or seq
+            found = _followed_axis(entry[1], entry[2], entry[3], entry[5], tensor, source)
+            if found is not None and (count is None or tensor.shape[found[0]] == count[0]):
+                if found[0] != entry[1]:
+                    how += f" (its axis {entry[1]} is axis {found[0]} of this view)"
+                return found[0], how.format(source=entry[4]) + misfit, found[1] or seq
         if known is None:
             return None
         axis = 1 if tensor.ndim >= 4 else tensor.ndim - 1
@@ -373,6 +542,8 @@ def capture(
                         "another layer"
                     )
                 kind = type(module).__name__
+                if tensor.is_nested:
+                    raise RecordingError(_nested_message(name, kind, base, modules))
                 if final_state(module, output, tensor):
                     raise RecordingError(
                         f"layer {name!r} ({kind}): the recorded output, of shape "
@@ -385,6 +556,9 @@ def capture(
                 decide(name, module, base, tensor, args, kwargs, tensor is main)
                 if name in transposed:
                     tensor = tensor.transpose(0, 1)
+                if tracking and positional_mask[0] is not None and tensor.ndim == 3:
+                    _refuse_positional_mask(name, specs[name], reduce, tensor,
+                                            axes[name], positional_mask[0])
                 n = batch[0]
                 if n is not None and tensor.ndim and tensor.shape[0] != n:
                     raise RecordingError(
@@ -413,7 +587,8 @@ def capture(
 
     def _track(module: Any, base: str, args: Any, kwargs: Any, output: Any) -> None:
         tensor = first_tensor(output)
-        if tensor is None or tensor.ndim <= 2:
+        # a nested tensor (torch's TransformerEncoder fast path) has no shape to follow
+        if tensor is None or tensor.is_nested or tensor.ndim <= 2:
             return
         how = follow(module, base, tensor, args, kwargs, True)
         if how is not None and how[0] is not None:
@@ -457,7 +632,11 @@ def capture(
             if tracking:  # a first pass that failed left nothing to follow
                 followed.clear()
                 newest.clear()
-            with torch.inference_mode():
+                positional_mask[0] = _positional_mask_length(x)
+            # no_grad, not inference_mode: tensors made in inference mode stay inference
+            # tensors, and a recording may be a model's first forward pass (the weights
+            # of lazy modules, tables a module keeps): they would never train after it
+            with torch.no_grad():
                 inputs = _as_input(x, device, dtype)
                 first = first_tensor(inputs)
                 batch[0] = int(first.shape[0]) if first is not None and first.ndim else None
@@ -524,6 +703,29 @@ def _check_loader(loader: Any) -> None:
         )
 
 
+def _loader_samples(loader: Any) -> int | None:
+    """How many samples ``loader`` yields per pass, where its sampler says; else None.
+
+    That is the length of its sampler (the batch sampler's, where it has one), not of
+    its dataset: a ``DistributedSampler`` replica, or a sampler given as a list of
+    indices, yields part of the dataset. A batch sampler without a ``sampler`` (a list
+    of index lists, a custom class) or a sampler without a length gives None: the probe
+    set is then known only once the loader has run, and checked against the store as it
+    is written. An ``IterableDataset`` has no sampler of its own: its length, if any.
+    """
+    data = torch.utils.data
+    if isinstance(loader.dataset, data.IterableDataset):
+        sampler: Any = loader.dataset
+    else:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        sampler = (loader.sampler if batch_sampler is None
+                   else getattr(batch_sampler, "sampler", None))
+    try:
+        return None if sampler is None else len(sampler)
+    except TypeError:
+        return None
+
+
 def _batches(
     data: Any,
     *,
@@ -536,10 +738,7 @@ def _batches(
     loader_cls = torch.utils.data.DataLoader
     if isinstance(data, loader_cls):
         _check_loader(data)
-        try:
-            n = len(data.dataset)  # type: ignore[arg-type]
-        except TypeError:
-            n = None
+        n = _loader_samples(data)
 
         def split(loader: Any) -> Iterator[tuple[Any, Any]]:
             for item in loader:
@@ -619,12 +818,16 @@ def record(
         ``x`` or ``(x, y)``: ``x`` an array or tensor, a mapping of them (tokenizer
         output, passed as keyword arguments; its ``attention_mask`` masks the token
         reductions and its ``input_ids`` give ``token_id``), or inside ``(x, y)`` /
-        ``(x,)`` a tuple of them (positional arguments); or a DataLoader yielding ``x``,
-        ``(x, y, ...)`` or mappings (a ``labels`` entry is taken as y) that yields every
-        sample, in one order, every time: one with ``shuffle=True``, a random sampler
-        (``RandomSampler``, ``SubsetRandomSampler``, ``WeightedRandomSampler``, any
-        sampler with ``shuffle=True`` such as a shuffling ``DistributedSampler``; also
-        under a ``batch_sampler``) or ``drop_last=True`` is refused.
+        ``(x,)`` a tuple of them (positional arguments: a second one that looks like an
+        attention mask of the first, the token ids, is not known as one, so token
+        reductions of sequence layers are then refused; pass a mapping); or a DataLoader
+        yielding ``x``, ``(x, y, ...)`` or mappings (a ``labels`` entry is taken as y)
+        that yields its samples in one order, every time: one with ``shuffle=True``, a
+        random sampler (``RandomSampler``, ``SubsetRandomSampler``,
+        ``WeightedRandomSampler``, any sampler with ``shuffle=True`` such as a shuffling
+        ``DistributedSampler``; also under a ``batch_sampler``) or ``drop_last=True`` is
+        refused. Its samples are those its sampler yields (a ``DistributedSampler``
+        replica, a list of indices: part of the dataset), numbered by their position.
     store : str or ActivationWriter
         A path or fsspec URL, or an open :class:`topoxr.ActivationWriter` (whose model
         name is used).
@@ -636,10 +839,11 @@ def record(
         Default for every layer. Conv outputs: mean or max over positions, or every unit
         (``none``). Sequence outputs ``(N, T, H)``: ``mean`` / ``max`` over tokens
         (masked), ``first`` (first non-padding token: CLS), ``last`` (last non-padding
-        token), ``none``, or ``tokens``: every token its own sample (id ``input_id * T + position``, with
-        coordinates ``input``, ``token_position``, ``token_id``; padding dropped): every
-        batch must then be padded to one length ``T`` (a DataLoader padding each batch
-        to its longest sequence is refused at the first batch of another length).
+        token), ``none``, or ``tokens``: every token its own sample (id
+        ``input_id * T + position``, with coordinates ``input``, ``token_position``,
+        ``token_id``; padding dropped): every batch must then be padded to one length
+        ``T`` (a DataLoader padding each batch to its longest sequence is refused at the
+        first batch of another length).
     batch_size : int, default 256
         Batch size for array data.
     labels : array_like, optional
@@ -685,10 +889,12 @@ def record(
         Unknown layer names (with the closest names), a setting that cannot apply to a
         layer, outputs that are not tensors, labels or metadata whose length differs from
         the data, a probe set, reduction or layer sizes that differ from what the store
-        holds for the model, a DataLoader that shuffles or drops its last batch. Nothing
-        is written then. A per-token layer (``reduce="tokens"``) whose padded length
-        differs from the first batch's is refused at that batch: the batches before it
-        may be stored already, their epoch incomplete.
+        holds for the model, a DataLoader that shuffles or drops its last batch, a layer
+        whose output is a nested tensor (inside an ``nn.TransformerEncoder`` on torch's
+        fast path), a token reduction of a sequence layer over positional inputs whose
+        second looks like an attention mask. Nothing is written then. A per-token layer
+        (``reduce="tokens"``) whose padded length differs from the first batch's is
+        refused at that batch: the batches before it may be stored already, their epoch incomplete.
 
     Warns
     -----
@@ -698,7 +904,7 @@ def record(
     """
     batches, ids, probe_labels, n = _batches(
         data, labels=labels, metadata=metadata, sample_ids=sample_ids, batch_size=batch_size)
-    with capture(model, layers, output_keys=output_keys) as forward:
+    with capture(model, layers, output_keys=output_keys, reduce=reduce) as forward:
         return _run(model, forward, batches, store, model_name=model_name, epoch=epoch,
                     reduce=reduce, probe_ids=ids, probe_labels=probe_labels, n_samples=n,
                     batch_size=batch_size, progress=progress, scalars=scalars,
@@ -862,7 +1068,8 @@ class ProbeRecorder:
         stored = stored_unless_recorded(self.store, self.model_name, self._names, epoch)
         batches: Any = iter_array_batches(self.x, self.ids, self.y, self.metadata,
                                           self.batch_size)
-        with capture(self.model, self.layers, output_keys=self.output_keys) as forward:
+        with capture(self.model, self.layers, output_keys=self.output_keys,
+                     reduce=self.reduce) as forward:
             def run(batches: Any, store: Any, stored: Any, scalars: Mapping[str, float],
                     progress: bool) -> Any:
                 return _run(self.model, forward, batches, store,

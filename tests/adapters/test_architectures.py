@@ -467,8 +467,8 @@ def test_layers_are_planned_in_the_first_batch_and_every_batch_is_pooled_as_capt
     assert attrs["topoxr_neuron_axis"] == 1
     with torch.inference_mode():
         maps = model.conv(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(stored_layer(store_path, "model", "conv").activation.values[..., 0].T,
-                               maps.mean((2, 3)), rtol=1e-6, atol=1e-6)
+    stored = stored_layer(store_path, "model", "conv").activation.values[..., 0].T
+    np.testing.assert_allclose(stored, maps.mean((2, 3)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -488,3 +488,115 @@ def test_half_precision_maps_are_pooled_in_float32_as_captured(store_path, dtype
     ds = stored_layer(store_path, "model", "conv")
     assert ds.activation.dtype == np.float32
     np.testing.assert_allclose(ds.activation.values[..., 0].T, want, rtol=1e-6, atol=1e-6)
+
+
+# -- torch's TransformerEncoder: nested tensors inside, on its fast path -------------------
+class PaddedEncoder(torch.nn.Module):
+    """Embeddings, a TransformerEncoder with a key padding mask, a head on token 0. In
+    eval mode without autograd, torch runs the encoder's layers on nested tensors."""
+
+    def __init__(self, nested=True):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 16)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+        return self.head(h[:, 0])
+
+
+def test_a_transformer_encoder_on_nested_tensors_is_recorded_around_its_layers(
+        store_path, tmp_path):
+    """Outside the encoder and its own (padded) output are recorded (the first pass's
+    hooks read the shape of every module's output, and a nested tensor has none: every
+    recording of such a model failed inside torch); a layer inside, whose output is
+    nested, is refused naming the encoder and enable_nested_tensor=False; built so, the
+    layer is recorded."""
+    import os
+
+    torch.manual_seed(10)
+    model = PaddedEncoder().eval()
+    x = tokens(12, 7, 30, seed=10, pad_from=2)
+    x["attention_mask"][0] = 1  # one full row: every batch is padded to 7
+    x["input_ids"][0] = np.arange(1, 8)
+    names = {"emb": {}, "enc": {}, "head": {}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The PyTorch API of nested tensors")
+        topoxr_torch.record(model, x, store_path, layers=names, batch_size=5, progress=False)
+        raw = {k: np.concatenate(v) for k, v in hooked(model, list(names), x).items()}
+    m = x["attention_mask"][:, :, None].astype(np.float64)
+    for name in ("emb", "enc"):
+        ds = stored_layer(store_path, "model", name)
+        assert ds.sizes["neuron"] == 16 and ds.attrs["topoxr_masked"] is True, name
+        np.testing.assert_allclose(ds.activation.values[..., 0].T,
+                                   (raw[name] * m).sum(1) / m.sum(1), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    head = stored_layer(store_path, "model", "head")
+    np.testing.assert_allclose(head.activation.values[..., 0].T, raw["head"],
+                               rtol=RTOL, atol=ATOL)
+
+    refused = str(tmp_path / "refused.zarr")
+    with warnings.catch_warnings(), pytest.raises(
+            RecordingError, match=r"layer 'enc\.layers\.0'.*nested tensor.*'enc'.*"
+                                  r"enable_nested_tensor=False"):
+        warnings.filterwarnings("ignore", "The PyTorch API of nested tensors")
+        topoxr_torch.record(model, x, refused, layers=["enc.layers.0", "head"],
+                            batch_size=5, progress=False)
+    assert not os.path.exists(refused)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+    padded = PaddedEncoder(nested=False).eval()
+    padded.load_state_dict(model.state_dict())
+    plain = str(tmp_path / "plain.zarr")
+    topoxr_torch.record(padded, x, plain, layers=["enc.layers.0"], batch_size=5,
+                        progress=False)
+    layer = np.concatenate(hooked(padded, ["enc.layers.0"], x)["enc.layers.0"])
+    np.testing.assert_allclose(stored_layer(plain, "model", "enc.layers.0")
+                               .activation.values[..., 0].T,
+                               (layer * m).sum(1) / m.sum(1), rtol=1e-4, atol=1e-5)
+
+
+# -- positional inputs: an attention mask is not known as one --------------------------
+def test_token_reductions_over_a_positional_attention_mask_are_refused(bert, store_path,
+                                                                       tmp_path):
+    """((input_ids, attention_mask),) calls bert(input_ids, attention_mask), but the mask
+    cannot be known as one: the mean and last token were taken over the padding
+    (topoxr_masked False), silently. Refused before writing, naming the mapping to pass;
+    the mapping gives the masked values, and a positional mask is fine for layers with
+    no token reduction (the pooler's (N, H)), with reduce="none", and where the layer
+    says it follows no mask ({"mask": False}: the mean over every token)."""
+    import os
+
+    x = tokens(9, 8, 60, seed=11, pad_from=2)
+    ids, mask = x["input_ids"], x["attention_mask"]
+    for reduce in ("mean", "last", "tokens"):
+        with pytest.raises(RecordingError, match=r"layer 'encoder\.layer\.0'.*second "
+                                                 r"positional input.*attention_mask"):
+            topoxr_torch.record(bert, ((ids, mask),), store_path, progress=False,
+                                layers={"encoder.layer.0": {"reduce": reduce}})
+        assert not os.path.exists(store_path)
+    topoxr_torch.record(bert, x, store_path, layers={"encoder.layer.0": {"reduce": "last"}},
+                        progress=False)
+    raw = hooked(bert, ["encoder.layer.0", "pooler"], x)
+    last = raw["encoder.layer.0"][0][np.arange(9), mask.sum(1) - 1]
+    ds = stored_layer(store_path, "model", "encoder.layer.0")
+    assert ds.attrs["topoxr_masked"] is True
+    np.testing.assert_allclose(ds.activation.values[..., 0].T, last, rtol=RTOL, atol=ATOL)
+    positional = str(tmp_path / "positional.zarr")
+    topoxr_torch.record(bert, ((ids, mask),), positional, progress=False,
+                        layers={"pooler": {}, "encoder.layer.0.output.dense": {"reduce": "none"},
+                                "encoder.layer.0": {"mask": False}})  # said: every token
+    unmasked = stored_layer(positional, "model", "encoder.layer.0")
+    assert unmasked.attrs["topoxr_masked"] is False
+    np.testing.assert_allclose(unmasked.activation.values[..., 0].T,
+                               raw["encoder.layer.0"][0].mean(1), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(stored_layer(positional, "model", "pooler")
+                               .activation.values[..., 0].T, raw["pooler"][0],
+                               rtol=RTOL, atol=ATOL)
+    dense = hooked(bert, ["encoder.layer.0.output.dense"], x)["encoder.layer.0.output.dense"]
+    units = stored_layer(positional, "model", "encoder.layer.0.output.dense")
+    assert units.sizes["neuron"] == 8 * 128  # every (token, unit), the padding's too
+    want = dense[0][:, units.position.values, units.channel.values]
+    np.testing.assert_allclose(units.activation.values[..., 0].T, want, rtol=RTOL, atol=ATOL)

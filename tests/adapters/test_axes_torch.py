@@ -252,3 +252,104 @@ def test_an_output_whose_first_axis_is_not_the_batch_is_refused(store_path):
                                              r"\(3, 6, 4\) for a batch of 6 inputs"):
         topoxr_torch.record(model, x, store_path, layers=["0", "1"], progress=False)
     assert not os.path.exists(store_path)
+
+
+# -- a module that permutes its input is not followed by a size coincidence -------------
+class Permute(nn.Module):
+    def __init__(self, *dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+class Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+class PermuteCopy(Permute):
+    def forward(self, x):
+        return x.permute(*self.dims).contiguous()
+
+
+def channels_last_block(c, permute=Permute):
+    """A ConvNeXt-like block: conv, channels-last LayerNorm, Linear and GELU, back to
+    (N, C, H, W), a ReLU."""
+    return nn.Sequential(nn.Conv2d(2, c, 1), permute(0, 2, 3, 1), nn.LayerNorm(c),
+                         nn.Linear(c, c), nn.GELU(), permute(0, 3, 1, 2), nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize("permute", [Permute, PermuteCopy])
+@pytest.mark.parametrize("width", [6, 8])
+def test_a_permuted_output_keeps_its_channels_whatever_its_sizes(store_path, width, permute):
+    """The back-permuted map (N, 8, 5, W) and the ReLU after it keep their 8 channels
+    (axis 1). With W == C == 8 the map was recorded along W, as its input's neuron axis
+    (3, the channels last) has size 8 there too: silently the mean over the wrong axes."""
+    torch.manual_seed(7)
+    model = channels_last_block(8, permute)
+    x = np.random.default_rng(7).normal(size=(5, 2, 5, width)).astype(np.float32)
+    names = ["4", "5", "6"]
+    topoxr_torch.record(model, x, store_path, layers=names, progress=False)
+    raw = hooked(model, names, x)
+    for name, axis in (("4", 3), ("5", 1), ("6", 1)):
+        ds = stored_layer(store_path, "model", name)
+        assert ds.attrs["topoxr_neuron_axis"] == axis, (name, ds.attrs["topoxr_axis_rule"])
+        other = tuple(d for d in (1, 2, 3) if d != axis)
+        np.testing.assert_allclose(values(ds), raw[name].mean(other), rtol=RTOL, atol=ATOL,
+                                   err_msg=name)
+
+
+class TransposingBlock(nn.Module):
+    """A block returning its Linear's output transposed (a view of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 8)
+
+    def forward(self, x):
+        return self.fc(x).transpose(1, 2)
+
+
+@pytest.mark.parametrize("block", [False, True])
+@pytest.mark.parametrize("steps", [5, 8])
+def test_a_transpose_module_moves_the_hidden_units(store_path, steps, block):
+    """A Linear's (N, T, 8) output transposed by a module to (N, 8, T) (or a block
+    returning it so): its hidden units are axis 1 then, and the ReLU after it keeps them.
+    With T == 8 the transpose was taken to keep them last (the token axis recorded as
+    neurons); with T == 5 the rank's rule took the 5 steps for neurons."""
+    torch.manual_seed(8)
+    model = (nn.Sequential(nn.Identity(), TransposingBlock(), nn.ReLU()) if block else
+             nn.Sequential(nn.Linear(3, 8), Transpose(), nn.ReLU())).eval()
+    x = np.random.default_rng(8).normal(size=(4, steps, 3)).astype(np.float32)
+    _layers_1_and_2_keep_axis_1(model, x, store_path, 8)
+
+
+def _layers_1_and_2_keep_axis_1(model, x, store_path, neurons):
+    """Layers "1" and "2" of ``model`` recorded with their ``neurons`` on axis 1: the mean
+    over axis 2 of each output, as a plain hook sees it."""
+    names = ["1", "2"]
+    topoxr_torch.record(model, x, store_path, layers=names, progress=False)
+    raw = hooked(model, names, x)
+    for name in names:
+        ds = stored_layer(store_path, "model", name)
+        assert ds.sizes["neuron"] == neurons and ds.attrs["topoxr_neuron_axis"] == 1, name
+        np.testing.assert_allclose(values(ds), raw[name].mean(2), rtol=RTOL, atol=ATOL,
+                                   err_msg=name)
+
+
+class Chomp(nn.Module):
+    """A TCN's Chomp1d: the last positions of a (N, C, L) conv output dropped."""
+
+    def forward(self, x):
+        return x[:, :, :-2].contiguous()
+
+
+def test_a_module_cropping_positions_keeps_the_channels_it_follows(store_path):
+    """A Conv1d's (N, 6, 12) output cropped to (N, 6, 10) (a copy), then a ReLU: both keep
+    the conv's 6 channels, not the 10 positions a 3-D output's rank would give."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv1d(3, 6, 3, padding=1), Chomp(), nn.ReLU()).eval()
+    x = np.random.default_rng(9).normal(size=(4, 3, 12)).astype(np.float32)
+    _layers_1_and_2_keep_axis_1(model, x, store_path, 6)

@@ -612,3 +612,108 @@ def test_tokens_of_batches_padded_to_other_lengths_are_refused(store_path, tmp_p
     with torch.no_grad():
         expected = net.fc(net.emb(torch.as_tensor(np.concatenate(seqs)))).numpy()
     np.testing.assert_allclose(ds.activation.values[..., 0].T, expected, rtol=1e-5, atol=1e-6)
+
+
+# -- a recording that is the model's first forward pass leaves it trainable -----------------
+class _CachedTable(torch.nn.Module):
+    """Builds a table on its first forward pass and keeps it (as rotary embeddings do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.table = None
+
+    def forward(self, x):
+        if self.table is None:
+            self.table = torch.linspace(0.5, 1.0, 3)
+        return self.fc(x) * self.table
+
+
+def _sgd_steps(net, x, y, steps=3):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+
+
+def test_recording_a_models_first_forward_pass_leaves_it_trainable(store_path):
+    """A LazyLinear materialises its weight in the first forward pass, here the
+    recording's: the weight must train afterwards (under inference_mode it became an
+    inference tensor, got no gradient and never changed, without an error), and a tensor
+    a module keeps from its first pass must not break the training's backward pass. The
+    stored epochs are the model's outputs before and after the training steps."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.arange(32) % 3
+    net = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    probe = topoxr_torch.ProbeRecorder(net, (x.numpy(), y.numpy()), store_path,
+                                       model_name="lazy", layers=["0"])
+    probe.record(0)
+    assert not net[0].weight.is_inference()
+    before = net[0].weight.detach().clone()
+    with torch.no_grad():
+        want0 = net[0](x).numpy()
+    _sgd_steps(net, x, y)
+    assert net[0].weight.grad is not None
+    assert not torch.equal(before, net[0].weight.detach())
+    probe.record(1)
+    with torch.no_grad():
+        want1 = net[0](x).numpy()
+    ds = open_store(store_path)["lazy/0"].to_dataset().load()
+    for epoch, want in ((0, want0), (1, want1)):
+        got = ds.activation.sel(epoch=epoch).transpose("sample", "neuron")
+        np.testing.assert_allclose(got.values[np.argsort(got.sample.values)], want,
+                                   rtol=1e-5, atol=1e-6)
+    cached = _CachedTable()
+    topoxr_torch.ProbeRecorder(cached, (x.numpy(), y.numpy()), store_path, model_name="cache",
+                               layers=["fc"]).record(0)
+    assert not cached.table.is_inference()
+    before = cached.fc.weight.detach().clone()
+    _sgd_steps(cached, x, y)  # raised "Inference tensors cannot be saved for backward"
+    assert not torch.equal(before, cached.fc.weight.detach())
+
+
+# -- a sampler that yields part of the dataset -------------------------------------------
+def _partial_loaders(ds):
+    data = torch.utils.data
+    return {
+        "DistributedSampler": (data.DataLoader(ds, batch_size=2, sampler=(
+            data.distributed.DistributedSampler(ds, num_replicas=2, rank=1, shuffle=False))),
+            [1, 3, 5, 7, 9]),
+        "index list": (data.DataLoader(ds, batch_size=2, sampler=[8, 6, 4, 2, 0]),
+                       [8, 6, 4, 2, 0]),
+        "BatchSampler": (data.DataLoader(ds, batch_sampler=data.BatchSampler(
+            [9, 0, 5], batch_size=2, drop_last=False)), [9, 0, 5]),
+    }
+
+
+@pytest.mark.parametrize("name", ["DistributedSampler", "index list", "BatchSampler"])
+def test_a_sampler_yielding_part_of_the_dataset_records_every_epoch(store_path, name):
+    """The samples are the ones the sampler yields (one DistributedSampler replica,
+    indices), numbered by position; the probe set was taken as the whole dataset, so
+    epoch 0 stored 5 of 10 samples and every later epoch was refused."""
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 4), torch.arange(10) % 3
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    loader, order = _partial_loaders(torch.utils.data.TensorDataset(x, y))[name]
+    for epoch in (0, 1):
+        result = topoxr_torch.record(net, loader, store_path, layers=["0"], epoch=epoch,
+                                     progress=False)
+        assert result.samples == len(order)
+        with torch.no_grad():
+            net[0].weight.add_(0.5)  # another epoch, other values
+    ds = open_store(store_path)["model/0"].to_dataset().load()
+    np.testing.assert_array_equal(ds.epoch, [0, 1])
+    assert bool(ds.epoch_complete.all())
+    np.testing.assert_array_equal(ds.sample, np.arange(len(order)))
+    np.testing.assert_array_equal(ds.label, y[order].numpy())
+    with torch.no_grad():
+        weight = net[0].weight.detach().numpy()
+        bias = net[0].bias.detach().numpy()
+    xs = x[order].numpy()
+    for epoch, shift in ((0, 1.0), (1, 0.5)):  # the weight each epoch was recorded with
+        want = xs @ (weight - shift).T + bias
+        got = ds.activation.sel(epoch=epoch).transpose("sample", "neuron").values
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
