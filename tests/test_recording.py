@@ -357,7 +357,9 @@ def test_background_writer_writes_whole_chunks_at_the_stored_value_size(store_pa
     n_neurons, batch, n = 1024, 64, 4096
     rng = np.random.default_rng(0)
     values = rng.standard_normal((n, n_neurons)).astype(np.float32)
-    with ActivationWriter(store_path, model="m", dtype=dtype) as writer:
+    # as run_recording opens it: the probe set's size known (without it, a chunk holds 16
+    # first batches at most)
+    with ActivationWriter(store_path, model="m", dtype=dtype, expected_samples=n) as writer:
         assert writer.value_bytes("a") == np.dtype(dtype).itemsize
         with BackgroundWriter(writer, epoch=0, plans={"a": LayerPlan("mean", 1, "test")}) as bg:
             bg.set_targets({"a": n_neurons}, batch_size=batch)

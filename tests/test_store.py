@@ -109,13 +109,20 @@ def test_open_is_lazy_and_chunks_follow_the_encoding(any_store):
     assert arr.metadata.dimension_names == DIMS
 
 
-def test_default_chunk_is_a_multiple_of_the_batch(store_path):
+@pytest.mark.parametrize("batch", [32, 1024])
+def test_default_chunk_is_a_multiple_of_the_batch(store_path, batch):
+    # about 4 MiB where 16 batches or fewer fill it; 16 batches where more would (how many
+    # samples will come is not known, and a chunk is stored whole)
     with ActivationWriter(store_path, model="m") as writer:
-        writer.write("h", np.ones((32, 100)), sample=np.arange(32))
+        writer.write("h", np.ones((batch, 100)), sample=np.arange(batch))
     chunks = store_summary(store_path)["models"]["m"]["layers"]["h"]["chunks"]
     assert chunks[0] == 100 and chunks[2] == 1
     from topoxr.store._schema import _TARGET_CHUNK_BYTES as target
-    assert chunks[1] % 32 == 0 and 0.5 <= chunks[1] * 100 * 4 / target <= 1.0
+    assert chunks[1] % batch == 0
+    if batch == 32:
+        assert chunks[1] == 16 * 32
+    else:
+        assert 0.5 <= chunks[1] * 100 * 4 / target <= 1.0
 
 
 def test_plain_xarray_opens_it_without_topoxr(store_path):
@@ -533,6 +540,23 @@ def test_values_written_again_within_rounding_are_the_same_model(store_path, dty
     assert snapshot(store_path) == before
 
 
+def test_a_model_of_another_framework_is_refused_not_relabelled(store_path):
+    # a torch recording into a Keras model of the same name rewrote its framework to
+    # "torch" and added its epochs to the Keras network's layers
+    with ActivationWriter(store_path, model="net", attrs={"framework": "keras"}) as writer:
+        writer.write("dense", acts(range(4)), sample=range(4))
+    with pytest.raises(StoreError, match=r"model 'net' in .* was recorded with "
+                                         r"framework='keras'; this writer records "
+                                         r"framework='torch'"):
+        ActivationWriter(store_path, model="net", attrs={"framework": "torch"})
+    group = zarr.open_group(store_path, path="net", mode="r")
+    assert group.attrs["framework"] == "keras"
+    with ActivationWriter(store_path, model="net", attrs={"framework": "keras",
+                                                         "note": "resumed"}) as writer:
+        writer.write("dense", acts(range(4), 1), sample=range(4), epoch=1)
+    assert zarr.open_group(store_path, path="net", mode="r").attrs["note"] == "resumed"
+
+
 def test_mode_w_replaces_only_this_model(any_store):
     with ActivationWriter(any_store, model="a") as writer:
         writer.write("h", acts([0, 1]), sample=[0, 1])
@@ -896,6 +920,22 @@ def test_unsigned_values_beyond_int64_are_refused_not_wrapped(store_path, column
         writer.write("h", acts(range(4)), sample=range(4), **ok)
     ds = open_store(store_path)["m/h"].to_dataset()
     np.testing.assert_array_equal(ds["label" if column == "label" else "tag"], big % 1000)
+
+
+def test_a_small_layer_of_unknown_length_is_not_stored_in_4_mib_chunks(store_path):
+    """Without expected_samples the chunks were sized to 4 MiB from the first batch, and a
+    chunk is stored whole however few samples come: 5 samples of 2 neurons took 4 MiB an
+    epoch (1030 epochs: 4.1 GB). A chunk now holds 16 batches at most."""
+    with ActivationWriter(store_path, model="m") as writer:
+        for epoch in range(20):
+            writer.write("h", acts(range(5), epoch, n=2), sample=range(5), epoch=epoch)
+    folder = Path(store_path) / "m" / "h" / "activation"
+    on_disk = sum(f.stat().st_size for f in folder.iterdir())
+    assert zarr.open_array(str(folder), mode="r").chunks == (2, 80, 1)
+    assert on_disk < 20 * 16 * 5 * 2 * 4 + 4096
+    ds = open_store(store_path)["m/h"].to_dataset()
+    np.testing.assert_array_equal(ds.activation.values,
+                                  np.stack([acts(range(5), e, n=2).T for e in range(20)], -1))
 
 
 def test_arrays_grow_to_the_committed_data(store_path):

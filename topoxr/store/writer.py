@@ -99,6 +99,11 @@ BUFFER_BYTES = 16 << 20
 _EPOCH_ROOM = 16
 
 
+#: Batches per ``activation`` chunk at most, where the writer is not told how many samples
+#: will come (``expected_samples``) and sizes the chunks from the first batch.
+_UNKNOWN_SAMPLES_BATCHES = 16
+
+
 class ActivationWriter:
     """Stream layer activations of one model into a topoxr Zarr store.
 
@@ -121,11 +126,14 @@ class ActivationWriter:
         Samples per chunk of ``activation``. By default a multiple of the first batch
         size holding about 4 MiB, so batches of the same size never straddle chunks
         (with ``expected_samples``, as few such chunks as those samples need, made even
-        in size).
+        in size; without it, 16 batches at most: a chunk is stored whole, however few
+        samples come).
     storage_options : mapping, optional
         Passed to fsspec for URLs.
     attrs : mapping, optional
-        Extra attributes for the model group (e.g. ``{"framework": "torch"}``).
+        Extra attributes for the model group (e.g. ``{"framework": "torch"}``); they
+        replace the stored ones, but a model recorded with another ``framework`` is
+        refused.
     break_lock : bool, default False
         Take over the lock object of a remote store whose writer is known to be gone.
     fsync : bool, default False
@@ -328,6 +336,15 @@ class ActivationWriter:
                 raise StoreError(
                     f"node {name!r} in {self._loc.url!r} is not the model {self.model!r}"
                 )
+            stored = group.attrs.get("framework")
+            if attrs and "framework" in attrs and stored is not None and (
+                    attrs["framework"] != stored):
+                # another framework's model: its layers may share names and sizes with
+                # this one's, and epochs of two networks would sit in one layer
+                raise StoreError(
+                    f"model {self.model!r} in {self._loc.url!r} was recorded with "
+                    f"framework={stored!r}; this writer records framework="
+                    f"{attrs['framework']!r}: record it under another model name")
             if attrs:
                 group.update_attributes(dict(attrs))
             logger.info("resuming model %r in %s", self.model, self._loc.url)
@@ -1021,8 +1038,13 @@ class ActivationWriter:
         if self._chunk_samples is not None:
             chunk = self._chunk_samples
         else:
-            chunk = self._even(batch * max(1, _TARGET_CHUNK_BYTES // max(1, batch * row_bytes)),
-                               batch)
+            batches = max(1, _TARGET_CHUNK_BYTES // max(1, batch * row_bytes))
+            if not self._expected_samples:
+                # how many samples will come is not known: a chunk is stored whole however
+                # few of its samples come (uncompressed, 4 MiB an epoch for 5 samples of
+                # a 2-neuron layer), so it holds a few batches at most
+                batches = min(batches, _UNKNOWN_SAMPLES_BATCHES)
+            chunk = self._even(batch * batches, batch)
         neuron_chunk = n_neurons
         if chunk * row_bytes > _MAX_CHUNK_BYTES:
             neuron_chunk = max(1, _MAX_CHUNK_BYTES // (itemsize * chunk))
