@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
 from topoxr._optional import import_optional
-from topoxr.recording import RecordingError
-from topoxr.reduction import LayerSpec, resolve_layer_specs
+from topoxr.recording import Batch, RecordingError
+from topoxr.reduction import DEFAULT_MASK, LayerSpec, resolve_layer_specs, token_info
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras")
 
 __all__ = ["ProbeModel", "layer_names", "probe_model"]
 
-_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], ProbeModel]] = \
-    weakref.WeakKeyDictionary()
+#: Per model: the model's graph as the cached probes saw it (the ids of its input and
+#: output tensors, which the probes hold, so they stay unique) and a probe per selection.
+#: A model whose graph changed (``Sequential.pop()``/``add()`` rebuilds it) drops them.
+_CACHE: weakref.WeakKeyDictionary[
+    Any, tuple[tuple[Any, ...], dict[tuple[Any, ...], ProbeModel]]] = weakref.WeakKeyDictionary()
+
+#: The key under which a batch whose token reductions follow a Keras mask holds the
+#: model's inputs, beside the masks (see :meth:`ProbeModel.follow_masks`).
+INPUTS_KEY = "topoxr_keras_inputs"
+#: Reductions of a sequence output ``(N, T, H)`` that follow a mask.
+_MASKED_MODES = ("mean", "max", "first", "last", "tokens")
 
 
 def layer_names(model: keras.Model) -> list[str]:
@@ -45,8 +58,18 @@ def layer_names(model: keras.Model) -> list[str]:
 class ProbeModel:
     """A sub-model returning the chosen layers' outputs and the model's output.
 
-    Built once per model and layer selection by :func:`probe_model`; it shares the
-    model's weights, so it stays valid while the model trains.
+    Built once per model graph and layer selection by :func:`probe_model`; it shares
+    the model's weights, so it stays valid while the model trains.
+
+    Parameters
+    ----------
+    model : keras.Model
+        The model, with defined inputs.
+    chosen : mapping of str to (Layer, int, LayerSpec)
+        ``{recorded name: (layer, node index, settings)}`` in model order: the node is
+        the layer's call in ``model`` that is recorded (see :func:`probe_model`).
+    output_keys : mapping of str to str or int
+        ``{recorded name: key}`` of layers whose output is a tuple, list or mapping.
 
     Attributes
     ----------
@@ -60,13 +83,18 @@ class ProbeModel:
         Per-layer settings.
     channel_axis : dict of str to int
         Neuron axis of each layer's output: the channel axis of its ``data_format``
-        (-1 for channels-last), the ``axis`` of a normalisation layer, the last axis of
-        Dense, Embedding, attention and RNN layers; a layer of none of these (an
-        activation, ``Add``...) has that of the layer of known axis it follows in the
-        graph; else the channel axis of keras's ``image_data_format``, unless the model
-        has layers of the other ``data_format`` (then refused, see :func:`_axis_rule`).
+        (-1 for channels-last; that of the wrapped layer for ``TimeDistributed``, one
+        axis further), the ``axis`` of a normalisation layer, the last axis of Dense,
+        Embedding, attention and RNN layers (``Bidirectional`` included); a layer of
+        none of these (an activation, ``Add``...) has that of the layer of known axis
+        it follows in the graph; else the channel axis of keras's
+        ``image_data_format``, unless the model has layers of the other
+        ``data_format`` (then refused, see :func:`_axis_rule`).
     rules : dict of str to str
         How each axis was chosen.
+    masks : dict of str to KerasTensor or None
+        The Keras mask of each layer's output (``Embedding(mask_zero=True)``,
+        ``Masking`` and the layers that pass their mask on), or None.
     submodel : keras.Model
         ``keras.Model(model.inputs, [layer outputs..., model output])``.
     pool : dict of str to (int, str)
@@ -81,47 +109,46 @@ class ProbeModel:
 
     plans_from_one_sample = True
 
-    def __init__(self, model: keras.Model, layers: list[str],
-                 output_keys: Mapping[str, Any],
-                 specs: Mapping[str, LayerSpec] | None = None) -> None:
-        if not model.built or not _has_inputs(model):
-            raise RecordingError(
-                f"keras model {model.name!r} has no defined inputs; build it with a "
-                "keras.Input (Sequential([keras.Input(shape), ...]) or the functional API)"
-            )
-        outputs = [_layer_output(model.get_layer(name), output_keys.get(name))
-                   for name in layers]
+    def __init__(self, model: keras.Model, chosen: Mapping[str, tuple[Any, int, LayerSpec]],
+                 output_keys: Mapping[str, Any]) -> None:
+        _check_inputs(model)
+        layers = list(chosen)
+        outputs = [_layer_output(layer, output_keys.get(name), node, name)
+                   for name, (layer, node, _) in chosen.items()]
         # every output of the model: predict= gets them as the model returns them
         self._final = list(model.outputs)
         self._structure = model.output if len(self._final) > 1 else None
         self.layers = layers
-        self.specs = dict(specs or {})
+        self.specs = {name: spec for name, (_, _, spec) in chosen.items()}
         self.has_final = bool(self._final)
         self.channel_axis, self.rules = {}, {}
-        for name, output in zip(layers, outputs, strict=True):
-            spec = self.specs.get(name)
+        for (name, (layer, _, spec)), output in zip(chosen.items(), outputs, strict=True):
             try:
-                rule = _axis_rule(model.get_layer(name), output, name, model=model)
+                rule = _axis_rule(layer, output, name, model=model)
             except RecordingError:
-                if spec is None or spec.channel_axis is None:
+                if spec.channel_axis is None:
                     raise
                 rule = int(spec.channel_axis), "channel_axis set by the user"
             self.channel_axis[name], self.rules[name] = rule
+        self.masks = {name: getattr(output, "_keras_mask", None)
+                      for name, output in zip(layers, outputs, strict=True)}
         self._inputs, self._outputs = model.inputs, outputs
+        self._ranks = _input_ranks(model)
         self.submodel = keras.Model(model.inputs, [*outputs, *self._final],
                                     name=f"{model.name}_topoxr_probe")
-        self.input_rank = len(model.inputs[0].shape)
         self.pool: dict[str, tuple[int, str]] = {}
         self._pooling: tuple[tuple[tuple[str, tuple[int, str]], ...], keras.Model] | None = None
+        self._mask_models: dict[tuple[int, ...], keras.Model] = {}
 
     def __call__(self, x: Any) -> tuple[dict[str, Any], Any]:
         """Run one batch; return ``({layer: ndarray}, model output or None)``.
 
         The model output is an array for a model with one output; for several, the
-        outputs as the model returns them (a dict by name, or a list), as arrays.
+        outputs as the model returns them (a dict by name, or a list), as arrays. A
+        batch from :meth:`follow_masks` is run on the inputs it holds.
         """
-        import numpy as np
-
+        if isinstance(x, Mapping) and INPUTS_KEY in x:
+            x = x[INPUTS_KEY]
         values = self._model().predict_on_batch(x)
         if not isinstance(values, list | tuple):
             values = [values]
@@ -134,6 +161,73 @@ class ProbeModel:
             return outputs, finals[0]
         return outputs, keras.tree.pack_sequence_as(self._structure, finals)
 
+    def input_rank(self, key: str | int | None = None) -> int:
+        """Rank (batch axis included) of the model input of name or position ``key``
+        (the first input for None or a key the model does not know)."""
+        return self._ranks.get(key, self._ranks[0]) if key is not None else self._ranks[0]
+
+    def follow_masks(self, batches: Iterable[Batch], reduce: str
+                     ) -> tuple[Iterable[Batch], dict[str, LayerSpec]]:
+        """``batches`` and the layer settings to record them with, the Keras masks of
+        the layers' outputs their attention masks.
+
+        A sequence output ``(N, T, H)`` (its neurons on the last axis) reduced by
+        ``mean``, ``max``, ``first``, ``last`` or ``tokens`` leaves out the padding
+        steps its Keras mask marks (``Embedding(mask_zero=True)``, ``Masking``, and the
+        layers that pass the mask on: RNNs with ``return_sequences``, Dense...), as the
+        model's own ``GlobalAveragePooling1D`` does. For such layers each batch also
+        runs a sub-model of the model's inputs and their masks (built once; it runs
+        only the ops the masks depend on) and becomes a mapping: the inputs under
+        :data:`INPUTS_KEY` (which :meth:`__call__` runs), the entries of mapping inputs
+        as they are, and per mask ``keras_mask<i>_attention_mask`` with the token ids
+        as ``keras_mask<i>_input_ids`` (where the inputs are token ids); each such
+        layer's ``mask`` setting names its mask (:class:`~topoxr.reduction.LayerSpec`),
+        so the recording loop applies it to that layer alone. A layer whose ``mask``
+        setting is given keeps it.
+
+        Parameters
+        ----------
+        batches : iterable of Batch
+            The probe set's batches.
+        reduce : str
+            The recording's default reduce mode (a layer's own ``reduce`` wins).
+
+        Returns
+        -------
+        batches : iterable of Batch
+            ``batches`` themselves where no reduction follows a Keras mask.
+        specs : dict of str to LayerSpec
+            :attr:`specs`, with the ``mask`` of the layers that follow a Keras mask.
+        """
+        follow = [name for name in self.layers
+                  if self.masks[name] is not None and self._follows_mask(name, reduce)]
+        if not follow:
+            return batches, dict(self.specs)
+        tensors = list({id(self.masks[n]): self.masks[n] for n in follow}.values())
+        prefixes = {id(t): f"keras_mask{i}_" for i, t in enumerate(tensors)}
+        specs = dict(self.specs)
+        for name in follow:
+            mask_key = prefixes[id(self.masks[name])] + DEFAULT_MASK
+            specs[name] = dataclasses.replace(specs.get(name) or LayerSpec(), mask=mask_key)
+        key = tuple(prefixes)
+        if key not in self._mask_models:
+            self._mask_models[key] = keras.Model(self._inputs, tensors,
+                                                 name=f"{self.submodel.name}_masks")
+        return _with_masks(batches, self._mask_models[key], list(prefixes.values())), specs
+
+    def _follows_mask(self, name: str, reduce: str) -> bool:
+        """Whether the recording loop's reduction of ``name`` follows a mask: of a
+        ``(N, T, H)`` output, neurons on its last axis, over its steps; not where the
+        layer's ``mask`` setting is given (its own key, or False)."""
+        spec = self.specs.get(name) or LayerSpec()
+        if spec.mask is not None:
+            return False
+        output = self._outputs[self.layers.index(name)]
+        if len(output.shape) != 3:
+            return False
+        axis = self.channel_axis[name] if spec.channel_axis is None else spec.channel_axis
+        return int(axis) % 3 == 2 and (spec.reduce or reduce) in _MASKED_MODES
+
     def _model(self) -> keras.Model:
         """The sub-model for the layers pooled now (built once per ``pool`` setting)."""
         if not self.pool:
@@ -145,6 +239,37 @@ class ProbeModel:
             self._pooling = key, keras.Model(self._inputs, [*outputs, *self._final],
                                              name=f"{self.submodel.name}_pooled")
         return self._pooling[1]
+
+
+def _with_masks(batches: Iterable[Batch], masks: keras.Model,
+                prefixes: list[str]) -> Iterator[Batch]:
+    """Each batch as a mapping holding its inputs and the Keras masks ``masks``
+    computes, under ``prefixes`` (see :meth:`ProbeModel.follow_masks`)."""
+    for batch in batches:
+        values = masks.predict_on_batch(batch.x)
+        if not isinstance(values, list | tuple):
+            values = [values]
+        _, token_ids = token_info(batch.x)
+        x = dict(batch.x) if isinstance(batch.x, Mapping) else {}
+        x[INPUTS_KEY] = batch.x
+        for prefix, value in zip(prefixes, values, strict=True):
+            x[prefix + DEFAULT_MASK] = np.asarray(keras.ops.convert_to_numpy(value)).astype(bool)
+            if token_ids is not None:
+                x[prefix + "input_ids"] = token_ids
+        yield dataclasses.replace(batch, x=x)
+
+
+def _input_ranks(model: keras.Model) -> dict[str | int, int]:
+    """Rank of each model input, by position, by name and by key of a dict of inputs."""
+    ranks: dict[str | int, int] = {}
+    for i, tensor in enumerate(model.inputs):
+        ranks[i] = len(tensor.shape)
+        ranks.setdefault(str(getattr(tensor, "name", i)), len(tensor.shape))
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, Mapping):
+        ranks.update({str(k): len(t.shape) for k, t in struct.items()
+                      if hasattr(t, "shape")})
+    return ranks
 
 
 def _pooled(output: Any, neuron_axis: int, reduce: str) -> Any:
@@ -180,8 +305,19 @@ class _Disagree(Exception):
 def _own_rule(op: Any, output: Any) -> tuple[int, str] | None:
     """The neuron axis of ``output`` as the layer or op ``op`` that made it decides it:
     its ``data_format``, a normalisation's ``axis``, the last axis of a Dense (of its
-    ``units``), Embedding, attention or RNN layer; ``None`` for the others."""
+    ``units``), Embedding, attention, RNN or ``Bidirectional`` layer; that of the layer
+    a ``TimeDistributed`` wraps, one axis further; ``None`` for the others."""
     kind = type(op).__name__
+    if isinstance(op, keras.layers.TimeDistributed):
+        # the wrapped layer's rule on one step's output, one axis further (the time axis)
+        inner = _own_rule(op.layer, types.SimpleNamespace(
+            shape=(output.shape[0], *output.shape[2:])))
+        if inner is None:
+            return None
+        axis, how = inner
+        return (axis + 1 if axis >= 0 else axis), f"{how} inside {kind}"
+    if isinstance(op, keras.layers.Bidirectional):
+        return -1, f"last axis of {kind} (hidden units)"
     data_format = getattr(op, "data_format", None)
     if data_format in ("channels_first", "channels_last"):
         return (1 if data_format == "channels_first" else -1), f"data_format of {kind}"
@@ -331,41 +467,116 @@ def _axis_rule(layer: Any, output: Any = None, name: str | None = None, *,
 
 
 def _all_layers(model: Any) -> Iterator[Any]:
-    """Every layer of ``model``, those of nested models included."""
+    """Every layer of ``model``, those of nested models and wrappers included."""
     for op in getattr(model, "layers", None) or []:
-        yield op
-        if isinstance(op, keras.Model):
-            yield from _all_layers(op)
+        yield from _with_inner(op)
 
 
-def _has_inputs(model: keras.Model) -> bool:
+def _with_inner(op: Any) -> Iterator[Any]:
+    """``op``, and the layers inside it: of a nested model, of a wrapper
+    (``TimeDistributed``, ``Bidirectional``)."""
+    yield op
+    if isinstance(op, keras.Model):
+        yield from _all_layers(op)
+    for name in ("layer", "forward_layer", "backward_layer"):
+        inner = getattr(op, name, None)
+        if isinstance(inner, keras.layers.Layer) and inner is not op:
+            yield from _with_inner(inner)
+
+
+def _check_inputs(model: keras.Model) -> None:
     try:
-        return bool(model.inputs)
+        defined = model.built and bool(model.inputs)
     except (AttributeError, ValueError):
-        return False
-
-
-def _layer_output(layer: Any, key: Any) -> Any:
-    try:
-        output = layer.output
-    except (AttributeError, ValueError) as err:
+        defined = False
+    if not defined:
         raise RecordingError(
-            f"layer {layer.name!r} has no single output tensor to record ({err})"
+            f"keras model {model.name!r} has no defined inputs; build it with a "
+            "keras.Input (Sequential([keras.Input(shape), ...]) or the functional API)"
+        )
+
+
+def _model_calls(model: keras.Model) -> dict[int, list[int]]:
+    """``{id(layer): [node index, ...]}``: the calls of each layer in ``model``'s graph.
+
+    A layer's ``_inbound_nodes`` hold every call it was ever given: those of another
+    model that uses it too, and those of a ``Sequential`` built again after ``pop()``
+    or ``add()``. The calls of ``model`` are the nodes met going from its outputs back
+    to its inputs; their indices are in the order the calls were made.
+    """
+    inputs = {id(t) for t in model.inputs}
+    calls: dict[int, set[int]] = {}
+    todo, seen = list(model.outputs), set()
+    while todo:
+        tensor = todo.pop()
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            continue
+        op, node_index = history[0], history[1]
+        if (id(op), node_index) in seen:
+            continue
+        seen.add((id(op), node_index))
+        calls.setdefault(id(op), set()).add(node_index)
+        nodes = getattr(op, "_inbound_nodes", None) or []
+        if id(tensor) not in inputs and node_index < len(nodes):
+            todo.extend(nodes[node_index].input_tensors)
+    return {k: sorted(v) for k, v in calls.items()}
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
+def _pick_call(layer: Any, name: str, calls: list[int], call: int | None,
+               model: keras.Model) -> int:
+    """The node index of the call of ``layer`` recorded as ``name`` (see
+    :func:`probe_model`)."""
+    numbered = ("calls are numbered from 0 in the order the model was built, e.g. "
+                "shared(a) before shared(b)")
+    if not calls:
+        raise RecordingError(
+            f"layer {name!r} is not called in keras model {model.name!r} (not on a path "
+            "from its inputs to its outputs)")
+    if call is None:
+        if len(calls) > 1:
+            raise RecordingError(
+                f"layer {layer.name!r} is called {_times(len(calls))} in keras model "
+                f"{model.name!r} (a shared layer), and each call has its own output: record "
+                f"each call as its own layer, e.g. '{layer.name}:0' and '{layer.name}:1', "
+                f"or pick one with {{'{layer.name}': {{'call': 1}}}} ({numbered})")
+        return calls[0]
+    if call >= len(calls):
+        raise RecordingError(
+            f"layer {name!r}: layer {layer.name!r} is called {_times(len(calls))} in keras "
+            f"model {model.name!r}, so it has no call {call} ({numbered})")
+    return calls[call]
+
+
+def _layer_output(layer: Any, key: Any, node: int = 0, name: str | None = None) -> Any:
+    """The output of call ``node`` of ``layer`` (its entry ``key``), refused where it
+    is not one tensor; ``name`` is the recorded name, for messages."""
+    name = layer.name if name is None else name
+    try:
+        values = layer._inbound_nodes[node].output_tensors
+    except (AttributeError, IndexError) as err:
+        raise RecordingError(
+            f"layer {name!r} has no single output tensor to record ({err})"
         ) from None
+    output = values[0] if isinstance(values, list) and len(values) == 1 else values
     if key is not None:
         try:
             output = output[key]
         except (KeyError, IndexError, TypeError):
             raise RecordingError(
-                f"layer {layer.name!r}: output key {key!r} not found in {_describe(output)}"
+                f"layer {name!r}: output key {key!r} not found in {_describe(output)}"
             ) from None
     if isinstance(output, Mapping | list | tuple) and key is None:
         raise RecordingError(
-            f"layer {layer.name!r} returns {_describe(output)}, not a tensor; pick one with "
-            f"output_keys={{{layer.name!r}: <key or index>}} or choose another layer"
+            f"layer {name!r} returns {_describe(output)}, not a tensor; pick one with "
+            f"output_keys={{{name!r}: <key or index>}} or choose another layer"
         )
     if not keras.utils.is_keras_tensor(output):
-        raise RecordingError(f"layer {layer.name!r} returns {_describe(output)}, not a tensor")
+        raise RecordingError(f"layer {name!r} returns {_describe(output)}, not a tensor")
     return output
 
 
@@ -382,8 +593,9 @@ def probe_model(
 ) -> ProbeModel:
     """Resolve ``layers`` (names or globs) and return the cached probe sub-model.
 
-    The sub-model is built once per model and layer selection (and output keys) and
-    reused, e.g. at every epoch of a training run.
+    The sub-model is built once per model graph and layer selection (and output keys)
+    and reused, e.g. at every epoch of a training run. A model whose graph changed
+    since (``Sequential.pop()`` or ``add()``) gets a new one.
 
     Parameters
     ----------
@@ -393,19 +605,25 @@ def probe_model(
     layers : str, sequence of str, or mapping
         Layer names (as :func:`layer_names` lists them) or glob patterns, or
         ``{name or pattern: settings}`` with per-layer ``reduce``, ``channel_axis``,
-        ``output_key``.
+        ``call``, ``output_key``. A layer called more than once in the model (a shared
+        layer: one ``Dense`` applied to two inputs, a siamese encoder, a layer applied
+        to its own output) has one output per call: record call ``k`` as
+        ``"name:k"`` (or ``{"name": {"call": k}}``), calls numbered from 0 in the
+        order the model was built. The calls of another model that uses the same
+        layer are not counted.
     output_keys : mapping of str to str or int, optional
         ``{layer: key}``: the entry to record of a layer whose output is a mapping (str)
-        or a tuple or list (int). Every layer named must be recorded; a layer's
-        ``output_key`` setting wins over its entry here.
+        or a tuple or list (int). Every layer named must be recorded (by its recorded
+        name, ``"name:k"``, or the layer's name); a layer's ``output_key`` setting wins
+        over its entry here.
 
     Returns
     -------
     ProbeModel
         The sub-model returning the chosen layers' outputs, in model order, and the
         model's output: the same object on every call that resolves to the same layers,
-        settings and output keys of the same model (a new one each time for a model
-        that cannot be weakly referenced).
+        settings and output keys of the same model graph (a new one each time for a
+        model that cannot be weakly referenced).
 
     Raises
     ------
@@ -415,26 +633,45 @@ def probe_model(
         If no layer is requested; a name is not a string; a name or pattern matches no
         layer (the message lists the model's layers); a layer's settings are not a
         mapping or :class:`~topoxr.reduction.LayerSpec`, or hold an unknown key, an
-        unknown ``reduce``, a non-integer ``channel_axis`` or a ``call`` (Keras records
-        a layer's output, not one call of a shared layer); ``output_keys`` names a layer
-        that is not recorded; the model has no defined inputs; or a layer's output is
-        not a single tensor (a mapping, tuple or list without an output key, or a key
-        it does not hold).
+        unknown ``reduce``, or a ``channel_axis`` or ``call`` that is not an integer;
+        a layer called more than once in the model is named without a call, or with a
+        call it does not have (the message says how often it is called);
+        ``output_keys`` names a layer that is not recorded; the model has no defined
+        inputs; or a layer's output is not a single tensor (a mapping, tuple or list
+        without an output key, or a key it does not hold).
     """
-    resolved = resolve_layer_specs(layers, layer_names(model), what=f"keras model {model.name!r}")
+    resolved = resolve_layer_specs(layers, layer_names(model), what=f"keras model {model.name!r}",
+                                   calls=True)
     names = list(resolved)
+    bases = {base for base, _ in resolved.values()}
     specs = {name: spec for name, (_, spec) in resolved.items()}
-    keys = dict(output_keys or {})
-    keys.update({n: sp.output_key for n, sp in specs.items() if sp.output_key is not None})
-    unknown = [k for k in keys if k not in names]
+    given = dict(output_keys or {})
+    unknown = [k for k in given if k not in names and k not in bases]
     if unknown:
         raise RecordingError(f"output_keys names {unknown}, which are not recorded layers {names}")
-    cache_key = (tuple(names), tuple(sorted((k, repr(v)) for k, v in keys.items())),
+    keys = {name: given[name] if name in given else given[base]
+            for name, (base, _) in resolved.items() if name in given or base in given}
+    keys.update({n: sp.output_key for n, sp in specs.items() if sp.output_key is not None})
+    _check_inputs(model)
+    calls = _model_calls(model)
+    chosen = {}
+    for name, (base, spec) in resolved.items():
+        layer = model.get_layer(base)
+        chosen[name] = (layer, _pick_call(layer, name, calls.get(id(layer), []), spec.call,
+                                          model), spec)
+    # what the probe is built from: the model's graph (its input and output tensors: a
+    # Sequential built again after pop() or add() has new ones) and the recorded calls
+    graph = (tuple(map(id, model.inputs)), tuple(map(id, model.outputs)))
+    cache_key = (tuple((name, id(layer), node) for name, (layer, node, _) in chosen.items()),
+                 tuple(sorted((k, repr(v)) for k, v in keys.items())),
                  tuple(sorted((k, repr(v)) for k, v in specs.items())))
     try:
-        per_model = _CACHE.setdefault(model, {})
+        held, per_model = _CACHE.get(model, (None, {}))
     except TypeError:  # not weak-referenceable: build without caching
-        return ProbeModel(model, names, keys, specs)
+        return ProbeModel(model, chosen, keys)
+    if held != graph:
+        per_model = {}  # the probes of the model's former graph are dropped
+        _CACHE[model] = graph, per_model
     if cache_key not in per_model:
-        per_model[cache_key] = ProbeModel(model, names, keys, specs)
+        per_model[cache_key] = ProbeModel(model, chosen, keys)
     return per_model[cache_key]

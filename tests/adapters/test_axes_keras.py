@@ -175,3 +175,26 @@ def test_dense_on_a_map_keeps_its_units_under_a_channels_first_default(
         assert ds.sizes["neuron"] == 3 and ds.attrs["topoxr_neuron_axis"] == 3, name
         np.testing.assert_allclose(values(ds), direct(model, name, x).mean((1, 2)),
                                    rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+def test_time_distributed_conv_follows_the_wrapped_layers_data_format(store_path, data_format):
+    """TimeDistributed(Conv2D(data_format="channels_first")) outputs (N, T, C, H, W): its
+    8 channels are on axis 2, not the last axis (the 7 columns were stored as neurons)."""
+    keras.utils.set_random_seed(5)
+    first = data_format == "channels_first"
+    inputs = keras.Input((4, 3, 6, 7) if first else (4, 6, 7, 3))
+    conv = L.TimeDistributed(L.Conv2D(8, 3, padding="same", data_format=data_format),
+                             name="td")(inputs)
+    act = L.Activation("relu", name="act")(conv)
+    model = keras.Model(inputs, L.Dense(2)(L.Flatten()(act)))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, 4, 3, 6, 7) if first else (5, 4, 6, 7, 3)).astype(np.float32)
+    topoxr_keras.record(model, x, store_path, layers=["td", "act"], progress=False)
+    axes = (1, 3, 4) if first else (1, 2, 3)
+    for name in ("td", "act"):
+        ds = stored_layer(store_path, "model", name)
+        assert ds.sizes["neuron"] == 8, name
+        assert ds.attrs["topoxr_neuron_axis"] == (2 if first else 4), name
+        np.testing.assert_allclose(values(ds), direct(model, name, x).mean(axes),
+                                   rtol=RTOL, atol=ATOL, err_msg=name)

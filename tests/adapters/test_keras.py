@@ -20,6 +20,7 @@ from topoxr.testing.adapters import (  # noqa: E402
     RecorderContract,
     assert_unchanged,
     store_snapshot,
+    stored_layer,
 )
 from topoxr_keras import models  # noqa: E402
 
@@ -101,7 +102,8 @@ def test_probe_model_built_once_per_selection():
     ({"fc1": {"pool": "mean"}}, None, "unknown settings"),
     ({"fc1": {"reduce": "median"}}, None, "unknown reduce"),
     ({"fc1": {"channel_axis": 1.5}}, None, "channel_axis must be an integer"),
-    ({"fc1": {"call": 1}}, None, "cannot record one call"),
+    ({"fc1": {"call": 1}}, None, r"'fc1' is called once in keras model .* no call 1"),
+    ({"fc1": {"call": -1}}, None, "call must be >= 0"),
     (["fc1"], {"fc2": 0}, "not recorded layers"),
     (["split"], None, "not a tensor"),
     (["split"], {"split": 5}, "output key 5 not found"),
@@ -399,3 +401,314 @@ def test_shuffling_tf_data_is_refused_before_writing(store_path, pipeline):
     with pytest.raises(RecordingError, match=r"shuffles \(a _ShuffleDataset.*\.shuffle\(\)"):
         topoxr_keras.record(model, data, store_path, layers=["fc"], progress=False)
     assert store_snapshot(store_path) == {}
+
+
+# -- every check below compares the stored values, per sample id and neuron, with a plain
+# keras.Model(inputs, layer output) of the same model and numpy -----------------------------
+def _values(store, model, name, epoch=None):
+    """``{sample id: row of neurons}`` of a stored layer (at ``epoch``, or its only one)."""
+    ds = stored_layer(store, model, name)
+    act = ds.activation.sel(epoch=epoch) if epoch is not None else ds.activation.isel(epoch=0)
+    act = act.transpose("sample", "neuron").values
+    return dict(zip(ds.sample.values.tolist(), act, strict=True))
+
+
+def _assert_rows(store, model, name, want, *, ids=None, epoch=None):
+    """The stored rows of ``name`` equal ``want`` (row i: sample id ``ids[i]``)."""
+    got = _values(store, model, name, epoch)
+    ids = range(len(want)) if ids is None else ids
+    assert sorted(got) == sorted(int(i) for i in ids)
+    for i, row in zip(ids, want, strict=True):
+        np.testing.assert_allclose(got[int(i)], row, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{name} sample {i}")
+
+
+def _plain(model, layer_output, x):
+    """A layer output's values from a plain sub-model (the independent computation)."""
+    return np.asarray(keras.Model(model.inputs, layer_output).predict_on_batch(x))
+
+
+def _small_classifier():
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="h"),
+                              keras.layers.Dense(2, name="out")])
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    x = np.random.default_rng(7).normal(size=(96, 6)).astype(np.float32)
+    return model, x, (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+
+
+# -- a second fit, and a fit from initial_epoch ---------------------------------------------
+def test_a_second_fit_numbered_from_0_again_is_refused_not_skipped(store_path):
+    """Keras numbers the epochs of every fit from 0: a fine-tuning fit after a first one
+    found epochs 0..2 stored and skipped them without a word (then stored the state after
+    5 epochs as 'epoch 3'). Its first epoch is checked against the store instead and the
+    fit stops, naming initial_epoch; the store keeps the first fit's values."""
+    model, x, y = _small_classifier()
+    probe = (x[:30], y[:30])
+    first = topoxr_keras.RecordActivations(probe, store_path, layers="h")
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[first])
+    assert first.recorded == [0, 1, 2]
+    before = store_snapshot(store_path)
+    _assert_rows(store_path, "model", "h", _plain(model, model.get_layer("h").output, x[:30]),
+                 epoch=2)
+    second = topoxr_keras.RecordActivations(probe, store_path, layers="h")
+    with pytest.raises(RecordingError, match=r"epoch 0 of model 'model' is already recorded.*"
+                                             r"other values.*initial_epoch="):
+        model.fit(x, y, epochs=3, verbose=0, callbacks=[second])
+    assert second.recorded == []
+    assert_unchanged(before, store_path)
+    # without the initial state, the first due epoch (1) is checked the same way
+    third = topoxr_keras.RecordActivations(probe, store_path, layers="h",
+                                           record_initial=False)
+    with pytest.raises(RecordingError, match=r"epoch 1 .* already recorded.*initial_epoch="):
+        model.fit(x, y, epochs=3, verbose=0, callbacks=[third])
+    assert_unchanged(before, store_path)
+
+
+def test_a_fit_from_initial_epoch_labels_its_starting_state_with_that_epoch(store_path):
+    """fit(initial_epoch=2) of a model trained for 2 epochs stored its trained weights
+    as 'epoch 0'; its starting state is epoch 2 now, and the epochs after it follow."""
+    model, x, y = _small_classifier()
+    model.fit(x, y, epochs=2, verbose=0)
+    start = _plain(model, model.get_layer("h").output, x[:30])
+    callback = topoxr_keras.RecordActivations((x[:30], y[:30]), store_path, layers="h")
+    model.fit(x, y, epochs=4, initial_epoch=2, verbose=0, callbacks=[callback])
+    assert callback.recorded == [2, 3, 4]
+    assert callback.recorded_epochs == [2, 3, 4]
+    _assert_rows(store_path, "model", "h", start, epoch=2)
+    _assert_rows(store_path, "model", "h", _plain(model, model.get_layer("h").output, x[:30]),
+                 epoch=4)
+    assert not np.allclose(start, _plain(model, model.get_layer("h").output, x[:30]))
+
+
+# -- shared layers --------------------------------------------------------------------------
+def _shared_models():
+    """Models in which a layer is called twice, and how each call is computed."""
+    L = keras.layers
+    keras.utils.set_random_seed(3)
+    a, b = keras.Input((4,)), keras.Input((4,))
+    shared = L.Dense(3, name="shared")
+    two_inputs = keras.Model([a, b], L.Dense(2)(L.Concatenate()([shared(a), shared(b)])))
+    encoder = keras.Sequential([keras.Input((4,)), L.Dense(3, name="e1")], name="encoder")
+    a, b = keras.Input((4,)), keras.Input((4,))
+    siamese = keras.Model([a, b], L.Dense(2)(L.Subtract()([encoder(a), encoder(b)])))
+    i = keras.Input((3,))
+    square = L.Dense(3, name="sq")
+    chain = keras.Model(i, L.Dense(2)(square(square(i))))
+    return {"shared": two_inputs, "encoder": siamese, "sq": chain}
+
+
+@pytest.mark.parametrize("name", ["shared", "encoder", "sq"])
+def test_a_shared_layer_is_refused_unless_a_call_is_picked(tmp_path, name):
+    """A layer called twice (a shared Dense on two inputs, a siamese encoder, a layer
+    applied to its own output) was recorded at its first call only, silently. Named
+    alone it is refused, naming the layer and its calls; 'name:0' and 'name:1' record
+    each call's own output."""
+    model = _shared_models()[name]
+    rng = np.random.default_rng(0)
+    x = ([rng.normal(size=(9, 4)).astype(np.float32) for _ in range(2)]
+         if len(model.inputs) == 2 else rng.normal(size=(9, 3)).astype(np.float32))
+    data = (tuple(x),) if isinstance(x, list) else x
+    refused = str(tmp_path / "refused.zarr")
+    with pytest.raises(RecordingError, match=rf"layer '{name}' is called 2 times in keras "
+                                             rf"model .*'{name}:0' and '{name}:1'"):
+        topoxr_keras.record(model, data, refused, layers=[name], progress=False)
+    assert store_snapshot(refused) == {}
+    store = str(tmp_path / "calls.zarr")
+    topoxr_keras.record(model, data, store, layers=[f"{name}:0", f"{name}:1"], batch_size=4,
+                        progress=False)
+    layer = model.get_layer(name)
+    if name == "sq":
+        w, bias = layer.get_weights()
+        want = [x @ w + bias, (x @ w + bias) @ w + bias]
+    elif name == "shared":
+        w, bias = layer.get_weights()
+        want = [x[0] @ w + bias, x[1] @ w + bias]
+    else:
+        want = [np.asarray(layer.predict_on_batch(x[0])), np.asarray(layer.predict_on_batch(x[1]))]
+    for call in (0, 1):
+        _assert_rows(store, "model", f"{name}:{call}", want[call])
+    assert not np.allclose(want[0], want[1])
+    # {"call": k} is the same as "name:k"; a call the layer does not have is refused
+    topoxr_keras.record(model, data, str(tmp_path / "setting.zarr"),
+                        layers={name: {"call": 1}}, progress=False)
+    _assert_rows(str(tmp_path / "setting.zarr"), "model", f"{name}:1", want[1])
+    with pytest.raises(RecordingError, match=rf"'{name}' is called 2 times .* no call 2"):
+        topoxr_keras.record(model, data, refused, layers=f"{name}:2", progress=False)
+
+
+def test_a_layer_also_called_by_another_model_records_its_call_in_this_one(store_path):
+    """A layer first used in another model: its first call is not this model's
+    (a raw ValueError 'not connected to inputs' before); the call of this model is
+    recorded, and the other model's call does not count."""
+    L = keras.layers
+    keras.utils.set_random_seed(5)
+    reused = L.Dense(3, name="reused")
+    i1 = keras.Input((4,))
+    keras.Model(i1, reused(i1))
+    i2 = keras.Input((4,))
+    model = keras.Model(i2, L.Dense(2)(reused(L.Dense(4, name="pre")(i2))))
+    x = np.random.default_rng(5).normal(size=(7, 4)).astype(np.float32)
+    topoxr_keras.record(model, x, store_path, layers=["reused"], progress=False)
+    w, bias = reused.get_weights()
+    _assert_rows(store_path, "model", "reused",
+                 _plain(model, model.get_layer("pre").output, x) @ w + bias)
+
+
+# -- the probe of a model whose graph changed ------------------------------------------------
+def test_a_sequential_changed_by_pop_and_add_gets_a_new_probe(tmp_path):
+    """probe_model cached per model and layer selection and kept the removed head: the
+    predictions stored after pop()/add() were the argmax of the old 3-class output."""
+    L = keras.layers
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((6,)), L.Dense(5, name="h"), L.Dense(3, name="out")])
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    y = rng.integers(0, 4, 40)
+    first = str(tmp_path / "v1.zarr")
+    topoxr_keras.record(model, (x, y), first, layers="h", progress=False)
+    old = topoxr_keras.probe_model(model, "h")
+    model.pop()
+    model.add(L.Dense(4, name="out2"))
+    new = topoxr_keras.probe_model(model, "h")
+    assert new is not old
+    assert topoxr_keras.probe_model(model, "h") is new  # cached for the new graph
+    second = str(tmp_path / "v2.zarr")
+    topoxr_keras.record(model, (x, y), second, layers="h", progress=False)
+    ds = stored_layer(second, "model", "h")
+    out = np.asarray(model.predict_on_batch(x))
+    assert out.shape == (40, 4)
+    np.testing.assert_array_equal(ds.prediction.isel(epoch=0).values,
+                                  out[ds.sample.values].argmax(1))
+    _assert_rows(second, "model", "h", _plain(model, model.get_layer("h").output, x))
+
+
+# -- tf.data pipelines --------------------------------------------------------------------------
+def _unordered_pipeline(kind):
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).normal(size=(12, 6)).astype(np.float32)
+    a = tf.data.Dataset.from_tensor_slices(x[:6])
+    b = tf.data.Dataset.from_tensor_slices(x[6:])
+    whole = tf.data.Dataset.from_tensor_slices(x)
+    if kind == "sample_from_datasets":
+        return tf.data.Dataset.sample_from_datasets([a, b], [0.5, 0.5])
+    if kind == "choose_from_datasets":
+        choice = tf.data.Dataset.random(seed=1).map(lambda v: v % 2).take(12)
+        return tf.data.Dataset.choose_from_datasets([a, b], choice)
+    if kind == "map":
+        return whole.map(lambda v: v * 1.0, num_parallel_calls=2, deterministic=False)
+    if kind == "interleave":
+        return whole.batch(3).interleave(tf.data.Dataset.from_tensors, num_parallel_calls=2,
+                                         deterministic=False)
+    if kind == "batch":
+        return whole.batch(4, num_parallel_calls=2, deterministic=False)
+    options = tf.data.Options()
+    options.deterministic = False
+    return whole.map(lambda v: v * 1.0, num_parallel_calls=2).with_options(options)
+
+
+@pytest.mark.parametrize(("kind", "match"), [
+    ("sample_from_datasets", r"draws at random \(a _RandomDataset"),
+    ("choose_from_datasets", r"draws at random \(a RandomDataset"),
+    ("map", r"_ParallelMapDataset with deterministic=False"),
+    ("interleave", r"ParallelInterleaveDataset\w* with deterministic=False"),
+    ("batch", r"_ParallelBatchDataset with deterministic=False"),
+    ("options", r"tf\.data\.Options\.deterministic = False"),
+])
+def test_tf_data_of_random_order_is_refused_before_writing(store_path, kind, match):
+    """Only .shuffle() was refused: a probe set sampled from datasets, or run with
+    deterministic=False, gave other samples under the same ids at every epoch."""
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="fc")])
+    with pytest.raises(RecordingError, match=match + r".*same order every time"):
+        topoxr_keras.record(model, _unordered_pipeline(kind), store_path, layers=["fc"],
+                            progress=False)
+    assert store_snapshot(store_path) == {}
+
+
+def test_tf_data_chosen_in_a_fixed_order_is_recorded(store_path):
+    """choose_from_datasets with a choice dataset of fixed order is not random."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(1).normal(size=(12, 6)).astype(np.float32)
+    a = tf.data.Dataset.from_tensor_slices(x[0::2])
+    b = tf.data.Dataset.from_tensor_slices(x[1::2])
+    data = tf.data.Dataset.choose_from_datasets([a, b], tf.data.Dataset.range(2).repeat(6))
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="fc")])
+    topoxr_keras.record(model, data, store_path, layers=["fc"], progress=False)
+    _assert_rows(store_path, "model", "fc", _plain(model, model.get_layer("fc").output, x))
+
+
+@pytest.mark.timeout(120)
+def test_an_infinite_tf_data_is_refused_at_once(store_path):
+    """A .repeat() without a count was counted forever."""
+    import tensorflow as tf
+
+    x = np.zeros((8, 6), np.float32)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="fc")])
+    with pytest.raises(RecordingError, match=r"infinite.*\.repeat\(\)"):
+        topoxr_keras.record(model, tf.data.Dataset.from_tensor_slices(x).repeat(), store_path,
+                            layers=["fc"], progress=False)
+    assert store_snapshot(store_path) == {}
+
+
+@pytest.mark.parametrize("inputs", ["dict", "tuple", "dict-with-labels"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_tf_data_of_several_inputs_with_labels(tmp_path, inputs, batched):
+    """({"a": .., "b": ..}, y) was refused as 'yields mappings', ((x1, x2), y) raised a raw
+    AttributeError; model.fit takes both, and so does record, with (N, 1) labels. A
+    mapping's 'labels' entry is the labels, as for arrays."""
+    import tensorflow as tf
+
+    L = keras.layers
+    keras.utils.set_random_seed(2)
+    a, b = keras.Input((4,), name="a"), keras.Input((3,), name="b")
+    hidden = L.Dense(5, name="hidden")(L.Concatenate()([a, b]))
+    model = keras.Model([a, b] if inputs == "tuple" else {"a": a, "b": b},
+                        L.Dense(3, name="out")(hidden))
+    rng = np.random.default_rng(2)
+    xa, xb = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(20, 3)).astype(
+        np.float32)
+    y = rng.integers(0, 3, (20, 1))  # as keras.datasets.cifar10 gives them
+    x = (xa, xb) if inputs == "tuple" else {"a": xa, "b": xb}
+    data = tf.data.Dataset.from_tensor_slices(
+        {**x, "labels": y} if inputs == "dict-with-labels" else (x, y))
+    if batched:
+        data = data.batch(6)
+    store = str(tmp_path / "tf.zarr")
+    topoxr_keras.record(model, data, store, layers=["hidden"], batch_size=7, progress=False)
+    _assert_rows(store, "model", "hidden", _plain(model, model.get_layer("hidden").output, x))
+    ds = stored_layer(store, "model", "hidden")
+    np.testing.assert_array_equal(ds.label.values, y[ds.sample.values, 0])
+    out = np.asarray(model.predict_on_batch(x))
+    np.testing.assert_array_equal(ds.prediction.isel(epoch=0).values,
+                                  out[ds.sample.values].argmax(1))
+
+
+def test_labels_of_shape_n_by_1_are_read_as_n(tmp_path):
+    """keras.datasets CIFAR labels have shape (N, 1): refused as 'must be one-dimensional'
+    with a tf.data.Dataset (in its elements, or as labels=); arrays and the callback's
+    probe set take them too."""
+    import tensorflow as tf
+
+    model, x, y = _small_classifier()
+    y2 = y[:, None]
+    out = np.asarray(model.predict_on_batch(x[:30])).argmax(1)
+    for how in ("data", "labels", "tf.data", "tf.data labels="):
+        store = str(tmp_path / f"{how}.zarr")
+        data = {"data": (x[:30], y2[:30]), "labels": x[:30],
+                "tf.data": tf.data.Dataset.from_tensor_slices((x[:30], y2[:30])).batch(8),
+                "tf.data labels=": tf.data.Dataset.from_tensor_slices(x[:30])}[how]
+        labels = y2[:30] if how in ("labels", "tf.data labels=") else None
+        topoxr_keras.record(model, data, store, labels=labels, layers="h", progress=False)
+        ds = stored_layer(store, "model", "h")
+        np.testing.assert_array_equal(ds.label.values, y[ds.sample.values])
+        np.testing.assert_array_equal(ds.prediction.isel(epoch=0).values, out[ds.sample.values])
+        _assert_rows(store, "model", "h", _plain(model, model.get_layer("h").output, x[:30]))
+    store = str(tmp_path / "callback.zarr")
+    callback = topoxr_keras.RecordActivations((x[:30], y2[:30]), store, layers="h")
+    model.fit(x, y2, epochs=1, verbose=0, callbacks=[callback])
+    ds = stored_layer(store, "model", "h")
+    np.testing.assert_array_equal(ds.label.values, y[ds.sample.values])
+    _assert_rows(store, "model", "h", _plain(model, model.get_layer("h").output, x[:30]),
+                 epoch=1)

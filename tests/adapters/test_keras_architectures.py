@@ -77,11 +77,11 @@ def test_keras_sequence_model_tokens_and_masked_mean(store_path):
     np.testing.assert_array_equal(tok.token_id.values[order], x["input_ids"][rows, pos])
     np.testing.assert_allclose(tok.activation.values[:, order, 0].T,
                                emb[x["input_ids"][rows, pos]], rtol=RTOL, atol=ATOL)
-    with pytest.raises(RecordingError, match="cannot record one call"):
+    with pytest.raises(RecordingError, match=r"'dense' is called once .* no call 1"):
         topoxr_keras.record(model, x, store_path, layers={"dense": {"call": 1}},
                             progress=False)
     with pytest.raises(RecordingError, match="did you mean 'dense'"):
-        topoxr_keras.record(model, x, store_path, layers="dense:0", progress=False)
+        topoxr_keras.record(model, x, store_path, layers="dens:0", progress=False)
 
 
 def test_callback_resumes_after_a_restart(store_path, caplog):
@@ -106,10 +106,110 @@ def test_callback_resumes_after_a_restart(store_path, caplog):
                                          progress=True)
     with caplog.at_level("INFO"):
         model.fit(x, y, epochs=4, initial_epoch=2, verbose=0, callbacks=[cb2])
-    assert cb2.recorded == [3, 4]  # epoch 0 was not recorded again
+    # its starting state is epoch 2, stored by the first fit: checked against the store
+    # and skipped (before, the state before a fit was labelled epoch 0 whatever its epoch)
+    assert cb2.recorded == [3, 4]
     assert cb2.recorded_epochs == [0, 1, 2, 3, 4]
-    assert any("already recorded" in r.message for r in caplog.records)
+    assert any("epoch 2 of model 'model' is already recorded (its first batch checked)"
+               in r.getMessage() for r in caplog.records)
     after = layer(store_path, "model", "h")
     np.testing.assert_array_equal(after.activation.values[..., :3], before.activation.values)
     np.testing.assert_allclose(after.activation.values[..., 4].T, direct(model, "h", x[:20]),
                                rtol=RTOL, atol=ATOL)
+
+
+def _padded_ids(n=24, t=9, vocab=30, seed=0):
+    """Token ids with 0 as padding: some inputs padded at the end, some at the start
+    (keras.utils.pad_sequences pads at the start by default)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, t + 1, n)
+    ids = np.zeros((n, t), np.int32)
+    for i, length in enumerate(lengths):
+        tokens = rng.integers(1, vocab, length)
+        if i % 2:
+            ids[i, t - length:] = tokens
+        else:
+            ids[i, :length] = tokens
+    return ids
+
+
+def _masked_reduction(out, mask, reduce):
+    """The reduction of (N, T, H) ``out`` over the steps ``mask`` marks, in numpy."""
+    n = len(out)
+    if reduce == "mean":
+        w = mask[:, :, None].astype(np.float64)
+        return (out * w).sum(1) / w.sum(1)
+    if reduce == "max":
+        return np.where(mask[:, :, None], out, -np.inf).max(1)
+    steps = np.arange(mask.shape[1])
+    first = np.where(mask, steps, mask.shape[1]).min(1)
+    last = np.where(mask, steps, -1).max(1)
+    return out[np.arange(n), first if reduce == "first" else last]
+
+
+@pytest.mark.filterwarnings("ignore:Layer 'conv' .* does not support masking:UserWarning")
+@pytest.mark.parametrize("reduce", ["mean", "max", "first", "last", "tokens"])
+def test_keras_masks_leave_padding_out_of_token_reductions(store_path, reduce):
+    """Embedding(mask_zero=True) -> LSTM: the model's own pooling leaves the padding steps
+    out, the recorded reductions used them (mean over all T, 'first' at a padding step of
+    a pre-padded input, 'tokens' stored padding as samples). Each layer now follows its
+    Keras mask; a Conv1D beside them, which drops the mask, is reduced over every step."""
+    keras.utils.set_random_seed(5)
+    L = keras.layers
+    ids_in = keras.Input((9,), dtype="int32")
+    emb = L.Embedding(30, 8, mask_zero=True, name="emb")(ids_in)
+    lstm = L.LSTM(6, return_sequences=True, name="lstm")(emb)
+    conv = L.Conv1D(4, 3, padding="same", name="conv")(emb)
+    pooled = L.Concatenate()([L.GlobalAveragePooling1D()(lstm), L.GlobalMaxPooling1D()(conv)])
+    model = keras.Model(ids_in, L.Dense(3, name="out")(pooled))
+    x = _padded_ids()
+    mask = x != 0
+    assert mask[0, -1] == 0 and mask[1, 0] == 0  # padded at the end and at the start
+    topoxr_keras.record(model, x, store_path, model_name="seq", batch_size=10,
+                        progress=False, layers={"emb": {"reduce": reduce},
+                                                "lstm": {"reduce": reduce}, "conv": {}})
+    for name in ("emb", "lstm"):
+        out = direct(model, name, x).astype(np.float64)
+        ds = layer(store_path, "seq", name)
+        assert ds.attrs["topoxr_masked"] is True, name
+        got = ds.activation.isel(epoch=0).transpose("sample", "neuron").values
+        if reduce == "tokens":
+            rows, steps = np.nonzero(mask)
+            want_ids = rows * x.shape[1] + steps
+            order = np.argsort(want_ids)
+            np.testing.assert_array_equal(ds.sample.values, want_ids[order])
+            np.testing.assert_array_equal(ds.token_id.values, x[rows, steps][order])
+            np.testing.assert_allclose(got, out[rows, steps][order], rtol=RTOL, atol=ATOL,
+                                       err_msg=name)
+        else:
+            np.testing.assert_array_equal(ds.sample.values, np.arange(len(x)))
+            np.testing.assert_allclose(got, _masked_reduction(out, mask, reduce), rtol=RTOL,
+                                       atol=ATOL, err_msg=name)
+    conv_ds = layer(store_path, "seq", "conv")
+    assert conv_ds.attrs["topoxr_masked"] is False
+    np.testing.assert_allclose(conv_ds.activation.isel(epoch=0).transpose("sample", "neuron"),
+                               direct(model, "conv", x).mean(1), rtol=RTOL, atol=ATOL)
+
+
+def test_a_masking_layer_masks_the_rnn_after_it_in_the_callback(store_path):
+    """keras.layers.Masking on float steps, a GRU after it, recorded by the callback:
+    the GRU's mean leaves the masked steps out at every epoch."""
+    keras.utils.set_random_seed(6)
+    L = keras.layers
+    inputs = keras.Input((7, 3))
+    gru = L.GRU(5, return_sequences=True, name="gru")(L.Masking(0.0, name="masking")(inputs))
+    model = keras.Model(inputs, L.Dense(2, name="out")(L.GlobalAveragePooling1D()(gru)))
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(16, 7, 3)).astype(np.float32)
+    x[np.arange(16) % 3 == 0, 4:] = 0.0  # padded steps
+    y = rng.integers(0, 2, 16)
+    cb = topoxr_keras.RecordActivations((x, y), store_path, layers="gru", batch_size=5)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    mask = np.any(x != 0, axis=-1)
+    assert not mask.all()
+    ds = layer(store_path, "model", "gru")
+    assert ds.attrs["topoxr_masked"] is True
+    got = ds.activation.sel(epoch=1).transpose("sample", "neuron").values
+    want = _masked_reduction(direct(model, "gru", x).astype(np.float64), mask, "mean")
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
