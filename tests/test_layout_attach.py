@@ -557,3 +557,76 @@ def test_layout_names_that_map_to_the_same_node_are_refused(tmp_path):
     save_layout(url, "model", "dense1", second, "x y")  # the same name: replaced
     assert_layout_close(load_layout(url, "model", "dense1", "x y", onto=layer), second,
                         atol=0)
+
+
+def test_activation_profiles_draw_their_samples_with_the_layout_seed():
+    """attach(random_state=s) with activation profiles draws the sample subset with s:
+    the same call gives the same layout, recorded with that seed, equal to the layout
+    of the profiles drawn with random_state=s by hand; without a seed, the entropy drawn
+    is recorded and reproduces the layout."""
+    ds = make_activations(n_neurons=20, n_samples=200)
+    args = {"source": "activations", "n_samples": 30}
+    a = attach(ds, "pca", random_state=0, profile=args)
+    b = attach(ds, "pca", random_state=0, profile=args)
+    assert_layout_close(a, b, atol=0)
+    desc = json.loads(a.attrs["topoxr_layout"])
+    assert desc["profile"]["random_state"] == 0
+    by_hand = attach(ds, "pca", random_state=0, profile=profiles(ds, **args, random_state=0))
+    assert_layout_close(a, by_hand, atol=0)
+    other = attach(ds, "pca", random_state=1, profile=args)
+    assert json.loads(other.attrs["topoxr_layout"])["profile"]["random_state"] == 1
+    assert not np.allclose(other.x.values, a.x.values)
+    own = attach(ds, "pca", random_state=0, profile={**args, "random_state": 5})
+    assert json.loads(own.attrs["topoxr_layout"])["profile"]["random_state"] == 5
+    fresh = attach(ds, "random", profile=args)
+    root = json.loads(fresh.attrs["topoxr_layout"])["random_state"]
+    assert json.loads(fresh.attrs["topoxr_layout"])["profile"]["random_state"] == root
+    assert_layout_close(attach(ds, "random", random_state=root, profile=args), fresh, atol=0)
+
+
+def test_compute_layouts_draws_activation_samples_with_each_seed_as_attach(store):
+    tree = topoxr.open_store(store)
+    args = {"source": "activations", "n_samples": 15}
+    out = compute_layouts(tree, layers=["dense1"], methods=["pca"], seeds=[0, 3],
+                          profile=args, progress=False)["model/dense1"]
+    layer = tree["model/dense1"].to_dataset()
+    desc = json.loads(out.attrs["topoxr_layout"])
+    for seed in (0, 3):
+        laid = attach(layer, "pca", random_state=seed, profile=args)
+        np.testing.assert_allclose(out.x.sel(layout="pca", seed=seed).values,
+                                   laid.x.transpose("epoch", "neuron").values)
+        assert desc["profile"][str(seed)] == json.loads(laid.attrs["topoxr_layout"])["profile"]
+    # NAP profiles do not depend on the seed: one description, as before
+    naps_desc = json.loads(compute_layouts(tree, layers=["dense1"], methods=["pca"],
+                                           seeds=[0, 3], progress=False)
+                           ["model/dense1"].attrs["topoxr_layout"])["profile"]
+    assert naps_desc["source"] == "naps"
+
+
+def test_compute_layouts_lays_out_the_selected_epochs_of_given_profiles_as_attach(store):
+    """epochs= selects the epochs of given profiles too, and profiles that hold several
+    epochs but not the layer's (selected) ones are refused, as attach refuses them."""
+    tree = topoxr.open_store(store)
+    layer = tree["model/dense1"].to_dataset()
+    prof = profiles(layer)
+    out = compute_layouts(tree, layers=["dense1"], epochs=[1], profile=prof,
+                          methods=["pca"], progress=False)["model/dense1"]
+    assert out.epoch.values.tolist() == [1]
+    want = attach(layer.sel(epoch=[1]), "pca", random_state=0, profile=prof.sel(epoch=[1]))
+    np.testing.assert_allclose(out.x.sel(layout="pca", seed=0, epoch=1).values,
+                               want.x.values)
+    two = compute_layouts(tree, layers=["dense1"], epochs=[2, 0], profile=prof,
+                          methods=["pca"], progress=False)["model/dense1"]
+    ref = attach(layer.sel(epoch=[2, 0]), "pca", random_state=0,
+                 profile=prof.sel(epoch=[2, 0]))
+    np.testing.assert_allclose(two.x.sel(layout="pca", seed=0).values,
+                               ref.x.transpose("epoch", "neuron").values)
+    partial = prof.sel(epoch=[0, 1])
+    with pytest.raises(ProfileError, match="per-epoch profiles hold epochs"):
+        attach(layer, "pca", profile=partial)
+    with pytest.raises(ProfileError, match="per-epoch profiles hold epochs"):
+        compute_layouts(tree, layers=["dense1"], profile=partial, methods=["pca"],
+                        progress=False)
+    with pytest.raises(ProfileError, match=r"selects epochs \[2\]"):
+        compute_layouts(tree, layers=["dense1"], epochs=[1, 2], profile=partial,
+                        methods=["pca"], progress=False)

@@ -120,6 +120,18 @@ def test_to_unit_square_keeps_aspect_ratio():
     assert d_out == pytest.approx(d_in)
 
 
+def test_to_unit_square_of_spans_beyond_the_float_range():
+    """Finite coordinates whose span overflows (1e308 - (-1e308)) still map into the unit
+    square, as the same points scaled down by a power of two do."""
+    pts = np.array([[1e308, 0.0], [-1e308, 0.0], [0.0, 1.0], [-1.7e308, 1.2e308]])
+    out = to_unit_square(pts)
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    np.testing.assert_array_equal(out, to_unit_square(pts / 2.0**1000))
+    # x spans 2.7e308 (the longer side), y spans 1.2e308 and is centred
+    want = np.array([[2.7, 0.75], [0.7, 0.75], [1.7, 0.75], [0.0, 1.95]]) / 2.7
+    np.testing.assert_allclose(out, want, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["random", "pca", "knnforce", "som"])
 def test_output_fills_unit_square(clusters, method):
     Y = get_estimator(method, random_state=0).fit_transform(clusters)
@@ -250,12 +262,176 @@ def test_knnforce_graph_of_profiles_all_dead_or_all_but_one():
         assert all(i not in row and len(set(row)) == 5 for i, row in enumerate(idx))
 
 
-@pytest.mark.parametrize("method", ["pca", "random", "knnforce", "som", "graph", "force"])
-def test_identical_profiles_give_finite_layout(method):
-    X = np.tile([1.0, 2.0, 3.0], (12, 1))
-    Y = get_estimator(method, random_state=0, **(
-        {"n_steps": 20, "progress": False} if method == "force" else {})).fit_transform(X)
+#: Methods that once crashed the Python process (SIGSEGV in scikit-learn's Barnes-Hut
+#: t-SNE, from a NaN PCA start) on identical profiles: fitted in a child process, so
+#: that a crash fails the test instead of ending the test run.
+_CRASHED = ("tsne",)
+
+_IDENTICAL = {
+    "identical": np.tile([1.0, 2.0, 3.0], (12, 1)),
+    "all dead": np.zeros((12, 3)),
+}
+
+
+def _fit_in_child(method: str, X: np.ndarray) -> np.ndarray:
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, numpy as np\n"
+            "from topoxr.layouts import get_estimator\n"
+            "X = np.array(json.loads(sys.argv[2]))\n"
+            "Y = get_estimator(sys.argv[1], random_state=0).fit_transform(X)\n"
+            "print(json.dumps(Y.tolist()))\n")
+    out = subprocess.run([sys.executable, "-c", code, method, json.dumps(X.tolist())],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, (f"{method!r} ended the process with return code "
+                                 f"{out.returncode}: {out.stderr[-2000:]}")
+    return np.array(json.loads(out.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("profiles", sorted(_IDENTICAL))
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=requires_umap) if "umap" in m else m for m in available_methods()])
+def test_identical_profiles_give_finite_layout(method, profiles):
+    """Every registered method (and the paper's refinements) gives a layout of finite
+    coordinates in the unit square when every profile is the same; the methods that
+    give each neuron a spot of its own (docs/user-guide/layouts.md) do so here too."""
+    X = _IDENTICAL[profiles]
+    if any(part in _CRASHED for part in method.split("+")):
+        Y = _fit_in_child(method, X)
+    else:
+        Y = get_estimator(method, random_state=0).fit_transform(X)
+    assert Y.shape == (12, 2)
     assert np.isfinite(Y).all() and Y.min() >= 0 and Y.max() <= 1
+    if method.split("+")[-1] in ("random", "som", "graph", "force", "knnforce", "grid"):
+        assert len(np.unique(Y, axis=0)) == 12, Y  # a spot of its own for every neuron
+
+
+def test_tsne_of_a_layer_of_dead_neurons_does_not_crash():
+    """The audit's case: topoxr.layout of a layer whose every neuron is dead."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, topoxr\n"
+            "from topoxr.testing import make_activations\n"
+            "ds = make_activations(n_neurons=10, n_dead=10)\n"
+            "for method in ('tsne', 'tsne+force'):\n"
+            "    out = topoxr.layout(ds, method, random_state=0)\n"
+            "    assert np.isfinite(out.x.values).all() and np.isfinite(out.y.values).all()\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], (
+        f"return code {out.returncode}: {out.stderr[-2000:]}")
+
+
+def test_tsne_starts_from_scikit_learns_pca_start_where_it_is_defined(clusters):
+    """The PCA start topoxr computes (to check it) is scikit-learn's own: the layout is
+    the one of ``TSNE(init="pca")`` on the same unit-length profiles (60 neurons:
+    perplexity lowered to 59 / 3)."""
+    from sklearn.manifold import TSNE
+
+    from topoxr.layouts._base import features_for_metric
+
+    X = clusters[:60]
+    got = TSNELayout(max_iter=300, random_state=0).fit_transform(X)
+    want = TSNE(perplexity=59 / 3, max_iter=300, init="pca", metric="euclidean",
+                random_state=np.random.RandomState(0)).fit_transform(
+        features_for_metric(X, "cosine"))
+    np.testing.assert_array_equal(got, to_unit_square(want))
+
+
+def test_tsne_refuses_fewer_steps_than_scikit_learn_runs():
+    """max_iter below scikit-learn's minimum (250) was silently raised to 250."""
+    X = np.random.default_rng(0).normal(size=(30, 6))
+    with pytest.raises(LayoutInputError, match="at least 250"):
+        TSNELayout(max_iter=249, random_state=0).fit(X)
+    assert np.isfinite(TSNELayout(max_iter=250, random_state=0).fit_transform(X)).all()
+
+
+def test_knnforce_refuses_zero_epochs():
+    """n_epochs=0 silently ran the default 500 epochs."""
+    X = np.random.default_rng(0).normal(size=(30, 6))
+    for bad in (0, -3):
+        with pytest.raises(LayoutInputError, match="n_epochs must be >= 1"):
+            KNNForceLayout(n_epochs=bad, random_state=0).fit(X)
+    one = KNNForceLayout(n_epochs=1, grid=False, spreading=0, random_state=0).fit_transform(X)
+    assert not np.array_equal(
+        one, KNNForceLayout(grid=False, spreading=0, random_state=0).fit_transform(X))
+
+
+def test_init_estimator_keeps_its_own_metric():
+    """An init estimator's own metric is kept (it was replaced by the refinement's); a
+    default one takes the refinement's; 'precomputed' on one side only is refused."""
+    X = np.random.default_rng(0).normal(size=(30, 6)) + 2.0
+    euclidean = PCALayout(metric="euclidean").fit_transform(X)
+    cosine = PCALayout(metric="cosine").fit_transform(X)
+    assert not np.allclose(euclidean, cosine)
+    for refine in (ForceLayout(init=PCALayout(metric="euclidean"), n_steps=1),
+                   GridSnap(init=PCALayout(metric="euclidean")),
+                   ForceLayout(init=PCALayout(), n_steps=1, metric="euclidean")):
+        np.testing.assert_array_equal(refine.fit(X).init_embedding_, euclidean)
+    np.testing.assert_array_equal(
+        ForceLayout(init=PCALayout(), n_steps=1).fit(X).init_embedding_, cosine)
+    D = distance_matrix(X, "euclidean")
+    with pytest.raises(LayoutInputError, match="precomputed"):
+        ForceLayout(init=PCALayout(metric="euclidean"), n_steps=1,
+                    metric="precomputed").fit(D)
+    start = ForceLayout(init=PCALayout(metric="precomputed"), n_steps=1,
+                        metric="precomputed").fit(D).init_embedding_
+    np.testing.assert_array_equal(start, PCALayout(metric="precomputed").fit_transform(D))
+
+
+def test_graph_joins_identical_profiles_and_keeps_the_live_neurons_edges():
+    """12 dead neurons of 40: 66 of 780 pairs (8.5 %) are at distance 0, the paper's
+    threshold (7.5th percentile) is 0 and no pair is below it. The graph must still join
+    the live neurons below the percentile of the other distances, computed here
+    independently (scipy's cosine distances, the dead-neuron convention by hand)."""
+    import networkx as nx
+    from scipy.spatial.distance import cdist
+
+    from topoxr import profiles
+    from topoxr.testing import make_activations
+
+    ds = make_activations(n_neurons=40, n_dead=12, n_epochs=1, n_samples=200)
+    P = profiles(ds).isel(epoch=0).values
+    live = np.arange(28)
+    assert not P[28:].any() and np.linalg.norm(P[live], axis=1).min() > 0
+    D = np.ones((40, 40))
+    D[np.ix_(live, live)] = cdist(P[live], P[live], "cosine")
+    D[28:, 28:] = 0.0
+    np.fill_diagonal(D, 0.0)
+    iu = np.triu_indices(40, 1)
+    pairs = D[iu]
+    threshold = np.percentile(pairs[pairs > 1e-12], 7.5)
+    want = {(int(i), int(j)) for i, j, d in zip(*iu, pairs, strict=True)
+            if d < threshold or d <= 1e-12}
+    graph = SpringLayout(random_state=0).fit(P).graph_
+    got = {tuple(sorted(e)) for e in graph.edges()}
+    assert want <= got
+    expected = nx.Graph(list(want))
+    expected.add_nodes_from(range(40))
+    # the only other edges join the components, one per component but the largest
+    assert len(got - want) == nx.number_connected_components(expected) - 1
+    assert nx.is_connected(graph)
+    assert {e for e in want if e[0] < 28 and e[1] < 28}  # live neurons keep their edges
+    assert max(d for _, d in graph.degree()) < 39  # no star around one neuron
+    # live neurons that prefer the same label are joined far more often than by chance
+    pref = ds.preferred.values
+    same = [pref[i] == pref[j] for i, j in got if i < 28 and j < 28]
+    assert np.mean(same) > 0.8
+
+
+def test_graph_threshold_is_the_papers_without_zero_distances(clusters):
+    from topoxr.layouts.graph import threshold_graph
+
+    D = distance_matrix(clusters[:80], "cosine")
+    iu = np.triu_indices(80, 1)
+    adj = D < np.percentile(D[iu], 7.5)
+    np.fill_diagonal(adj, False)
+    edges = {tuple(sorted(e)) for e in threshold_graph(D).edges()}
+    assert {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(adj, 1)), strict=True)} <= edges
 
 
 def test_precomputed_distances(clusters):

@@ -102,3 +102,39 @@ def test_refine_grid_knn_terms_keep_profile_neighbours_adjacent():
         refine_grid(cells, shape, F, knn=knn[:10])
     with pytest.raises(ValueError, match="neuron indices"):
         refine_grid(cells, shape, F, knn=knn - 1)
+
+
+def _tied_profiles():
+    """NAP profiles of 40 neurons, 8 of them dead, plus exact copies, multiples (the same
+    direction: cosine distance 0) and copies with noise at 1e-12 of live neurons."""
+    from topoxr import profiles
+    from topoxr.testing import make_activations
+
+    P = profiles(make_activations(n_neurons=40, n_dead=8, n_epochs=1)).isel(epoch=0).values
+    noise = 1e-12 * np.random.default_rng(0).normal(size=(3, P.shape[1]))
+    return np.vstack([P, P[:3], 2.5 * P[3:6], P[6:9] + noise])
+
+
+@pytest.mark.parametrize("method", ["force", "pca+force", "tsne+force", "graph+force",
+                                    "knnforce"])
+def test_force_layouts_keep_neurons_with_identical_profiles_apart(method):
+    """Identical profiles feel identical forces: once two such neurons share a position
+    they never leave it, and the map's interpolation then draws only one of them. Every
+    neuron must have a position of its own, about as far from its nearest neighbour as
+    neurons usually are, and show in the interpolated map."""
+    from topoxr.interpolate import GridInterpolator
+    from topoxr.layouts import get_estimator
+
+    X = _tied_profiles()
+    n = X.shape[0]
+    Y = get_estimator(method, random_state=0).fit_transform(X)
+    assert len(np.unique(Y, axis=0)) == n
+    d = np.linalg.norm(Y[:, None] - Y[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    nearest = d.min(axis=1)
+    tied = np.r_[32:40, 40:49, 0:9]  # dead neurons, and the live ones with copies
+    assert nearest[tied].min() > 0.2 * np.median(nearest), (nearest[tied], np.median(nearest))
+    seen = np.nanmax(GridInterpolator(Y[:, 0], Y[:, 1], resolution=100)(np.eye(n)),
+                     axis=(1, 2))
+    assert (seen > 0.1).all(), np.flatnonzero(seen <= 0.1)
+

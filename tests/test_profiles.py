@@ -67,6 +67,19 @@ def test_activation_profiles_are_seeded_balanced_subsets(backend):
                                    ds.activation.sel(sample=chosen).isel(epoch=e).values)
 
 
+def test_unseeded_activation_profiles_record_the_seed_they_drew():
+    """Without random_state the subset is drawn with fresh entropy, which the
+    description records (it recorded None): that seed draws the same subset again."""
+    ds = make_activations(n_samples=60)
+    a = profiles(ds, source="activations", n_samples=10)
+    seed = json.loads(a.attrs["topoxr_profile"])["random_state"]
+    assert isinstance(seed, int)
+    again = profiles(ds, source="activations", n_samples=10, random_state=seed)
+    xr.testing.assert_identical(a, again)
+    b = profiles(ds, source="activations", n_samples=10)
+    assert json.loads(b.attrs["topoxr_profile"])["random_state"] != seed
+
+
 def test_correct_only_profiles_use_correct_samples_per_epoch(caplog):
     ds = make_activations(n_samples=40)
     with caplog.at_level(logging.WARNING, logger="topoxr.similarity"):

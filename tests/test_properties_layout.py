@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from topoxr.layouts import PCALayout, get_estimator, snap_to_grid
+from topoxr.layouts import PCALayout, get_estimator, snap_to_grid, to_unit_square
 from topoxr.testing.profiles import clustered_profiles
 
 FAST = {
@@ -63,6 +63,24 @@ def test_finite_coordinates_in_unit_square(X, method, metric):
     assert Y.shape == (X.shape[0], 2)
     assert np.isfinite(Y).all()
     assert Y.min() >= 0.0 and Y.max() <= 1.0
+
+
+@settings(settings.get_profile("layout"))
+@given(coords=arrays(np.float64, st.tuples(st.integers(1, 20), st.just(2)),
+                     elements=st.floats(allow_nan=False, allow_infinity=False)),
+       shift=st.integers(-60, 60))
+@example(coords=np.array([[1e308, 0.0], [-1e308, 0.0], [0.0, 1.0]]), shift=-1)
+def test_to_unit_square_of_any_finite_coordinates(coords, shift):
+    """Finite coordinates of any size, up to the largest floats (whose span overflows),
+    give coordinates in the unit square that do not change when the input is scaled by a
+    power of two (where that scaling is exact)."""
+    out = to_unit_square(coords)
+    assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+    with np.errstate(over="ignore", under="ignore"):
+        scaled = np.ldexp(coords, shift)
+        exact = np.isfinite(scaled).all() and np.array_equal(np.ldexp(scaled, -shift), coords)
+    if exact:
+        np.testing.assert_array_equal(to_unit_square(scaled), out)
 
 
 @settings(settings.get_profile("layout"))

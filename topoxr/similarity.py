@@ -191,7 +191,8 @@ def profiles(
     epochs : label or list of labels, optional
         Epochs to use, for activations and NAPs alike; all by default.
     random_state : int, optional
-        Seed of the sample subset.
+        Seed of the sample subset. None draws fresh entropy, which the description
+        (attribute ``topoxr_profile``) records, so the same subset can be drawn again.
 
     Returns
     -------
@@ -239,6 +240,9 @@ def profiles(
         da = _select_epochs(da, epochs).transpose(NEURON, SAMPLE, EPOCH)
         if int(n_samples) < 1:
             raise ProfileError(f"n_samples must be >= 1, got {n_samples}")
+        if random_state is None:  # drawn here, so that the description can record it
+            # (kept below 2**63: the description is JSON, read by other languages too)
+            random_state = int(np.random.SeedSequence().entropy) % (1 << 63)
         chosen = _choose_samples(da, int(n_samples), balanced, correct_only,
                                  np.random.default_rng(random_state))
         drop = [c for c in da.coords if SAMPLE in da.coords[c].dims

@@ -22,7 +22,13 @@ import numpy as np
 import xarray as xr
 
 from topoxr.conventions import ATTR_LAYOUT, ATTR_SAVING, EPOCH, NEURON, X, Y
-from topoxr.layouts._registry import DEFAULT_METHOD, _copy_estimator, get_estimator
+from topoxr.layouts._registry import (
+    DEFAULT_METHOD,
+    _copy_estimator,
+    _own_settings,
+    _same,
+    get_estimator,
+)
 from topoxr.similarity import (
     ATTR_PROFILE,
     FEATURE,
@@ -113,35 +119,6 @@ def _build(method: Any, seed: Any, metric: str, params: Mapping[str, Any]) -> An
     return probe.set_params(**extra)
 
 
-def _own_settings(method: Any) -> dict[str, Any]:
-    """The ``metric`` and ``random_state`` an estimator instance was given: those that
-    differ from its class's defaults (as scikit-learn's ``repr`` shows them)."""
-    if isinstance(method, str) or not hasattr(method, "get_params"):
-        return {}
-    import inspect
-
-    try:
-        defaults = {k: p.default for k, p in
-                    inspect.signature(type(method).__init__).parameters.items()}
-    except (TypeError, ValueError):
-        defaults = {}
-    own = method.get_params(deep=False)
-    out = {}
-    for key in ("metric", "random_state"):
-        if key in own and own[key] is not None:
-            default = defaults.get(key, inspect.Parameter.empty)
-            if default is inspect.Parameter.empty or not _same(own[key], default):
-                out[key] = own[key]
-    return out
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a is b or a == b)
-    except (TypeError, ValueError):  # e.g. arrays, whose == is not one bool
-        return False
-
-
 def _settings(method: Any, metric: str | None, random_state: Any) -> tuple[str, Any]:
     """The metric of a layout of ``method`` and the seed an estimator instance fixes
     (None: draw seeds from ``random_state``); a setting given both on the instance and
@@ -166,6 +143,31 @@ def _seeds(random_state: int | None, fixed: Any, n: int) -> tuple[Any, list[Any]
     if fixed is None:
         return draw_seeds(random_state, n)
     return fixed, [fixed] * n
+
+
+def _root_seed(random_state: int | None, fixed: Any) -> Any:
+    """The root seed of a layout, drawn once: ``random_state``, fresh entropy when it is
+    None, or the seed an estimator instance fixes. ``draw_seeds(root, n)`` gives the
+    seeds ``draw_seeds(random_state, n)`` would have drawn with that entropy."""
+    if fixed is not None:
+        return fixed
+    return draw_seeds(random_state, 0)[0]
+
+
+def _seeded(profile: Any, root: Any) -> Any:
+    """``profile`` with the sample subset of activation profiles seeded by ``root``.
+
+    A mapping of :func:`topoxr.profiles` arguments with ``source="activations"`` and no
+    ``random_state`` of its own gets ``random_state=root`` (None for a root that is not
+    an int, such as a RandomState an estimator holds: :func:`topoxr.profiles` then draws
+    fresh entropy and records it), so a layout with ``random_state=s`` draws the same
+    samples every time. Anything else is returned as it is.
+    """
+    if (isinstance(profile, Mapping) and profile.get("source", "naps") == "activations"
+            and "random_state" not in profile):
+        seed = int(root) if isinstance(root, (int, np.integer)) else None
+        return {**profile, "random_state": seed}
+    return profile
 
 
 def _fit_one(X: np.ndarray, method: Any, seed: Any, metric: str,
@@ -221,6 +223,14 @@ def _profiles_of(obj: Any, profile: Any) -> xr.DataArray:
     if NEURON in obj.dims:
         prof = _match_neurons(prof, obj)
     return prof.transpose(NEURON, FEATURE, ...)
+
+
+def _per_epoch(prof: xr.DataArray, obj: Any, share: Any) -> xr.DataArray:
+    """Profiles with several epochs, for one layout per epoch, in ``obj``'s epochs
+    (refused unless they hold exactly ``obj``'s epochs); others as they are."""
+    if share is None and EPOCH in prof.dims and prof.sizes[EPOCH] > 1 and EPOCH in obj.dims:
+        return _match_epochs(prof, obj)  # one layout per epoch, put on obj's epochs
+    return prof
 
 
 def _match_epochs(prof: xr.DataArray, obj: Any) -> xr.DataArray:
@@ -302,10 +312,13 @@ def attach(
     profile : mapping or xarray.DataArray, optional
         Arguments of :func:`topoxr.profiles` (e.g. ``{"source": "activations",
         "n_samples": 500, "balanced": True}``), or precomputed profiles. Default: NAPs by
-        label (or the NAPs themselves when ``obj`` is NAPs). Precomputed profiles are
-        matched to ``obj``'s neurons by label (and, for one layout per epoch, to its
-        epochs by label); other labels, repeated labels or dimensions besides
-        ``neuron``, ``feature`` and ``epoch`` are refused.
+        label (or the NAPs themselves when ``obj`` is NAPs). Activation profiles
+        (``"source": "activations"``) without a ``random_state`` of their own draw
+        their random subset of samples with the root seed (``random_state``, or the
+        entropy drawn for it), so the same ``random_state`` gives the same samples and
+        the same layout. Precomputed profiles are matched to ``obj``'s neurons by label
+        (and, for one layout per epoch, to its epochs by label); other labels, repeated
+        labels or dimensions besides ``neuron``, ``feature`` and ``epoch`` are refused.
     metric : {"cosine", "correlation", "euclidean"}, optional
         Profile distance handed to the estimator; default an estimator instance's own
         ``metric``, else ``"cosine"``. Dead/constant neurons are reported
@@ -345,12 +358,10 @@ def attach(
     """
     metric, fixed = _settings(method, metric, random_state)
     get_estimator(method, **params)  # fail early on an unknown method or parameter
-    prof = _profiles_of(obj, profile)
-    if (share is None and EPOCH in prof.dims and prof.sizes[EPOCH] > 1
-            and EPOCH in obj.dims):
-        prof = _match_epochs(prof, obj)  # one layout per epoch, put on obj's epochs
+    root = _root_seed(random_state, fixed)
+    prof = _per_epoch(_profiles_of(obj, _seeded(profile, root)), obj, share)
     epochs, mats = _matrices(prof, share)
-    entropy, seeds = _seeds(random_state, fixed, len(mats))
+    entropy, seeds = _seeds(root, fixed, len(mats))
     dead = np.zeros(prof.sizes[NEURON], dtype=bool)
     constant = np.zeros_like(dead)
     for Xm in mats:
@@ -429,14 +440,17 @@ def compute_layouts(
     models, layers : iterable of str, optional
         Node names to include (default: all).
     epochs : label or list of labels, optional
-        Epochs to lay out (default: all).
+        Epochs to lay out (default: all); precomputed profiles are cut to them as well.
     methods : sequence of str or estimators, default ``(DEFAULT_METHOD,)``
     seeds : sequence of int, default ``(0,)``
         One full set of layouts per seed.
     profile, metric, align, **params
         As in :func:`attach`; precomputed profiles (a DataArray) only with one layer
-        selected. Estimator instances among ``methods`` must leave ``random_state``
-        unset (every task's seed is drawn from ``seeds``), and share one ``metric``.
+        selected, and with several epochs only when they hold every (selected) epoch
+        of the layer, as :func:`attach` requires. Activation profiles without a
+        ``random_state`` draw their samples with each seed, as :func:`attach` does.
+        Estimator instances among ``methods`` must leave ``random_state`` unset (every
+        task's seed is drawn from ``seeds``), and share one ``metric``.
     client : distributed.Client, optional
         Run the profiles and the layout tasks on this cluster.
     scheduler : {"threads", "processes", "sync"}, optional
@@ -452,8 +466,20 @@ def compute_layouts(
         Nodes ``/<model>/<layer>`` holding a Dataset with ``x``, ``y`` of dims
         ``("layout", "seed", "epoch", "neuron")`` (no ``epoch`` for layers without one)
         and the layer's neuron coordinates; attrs ``topoxr_layout`` (JSON: metric,
-        params, profile, seeds per seed). Method names are the ``layout`` coordinate
-        (not ``method``, which would clash with the ``method`` argument of ``.sel``).
+        params, profile, seeds per seed; ``profile`` is one description, or one per
+        seed, keyed by seed, where the seeds draw their own samples). Method names are
+        the ``layout`` coordinate (not ``method``, which would clash with the ``method``
+        argument of ``.sel``).
+
+    Raises
+    ------
+    ValueError
+        For empty ``methods`` or ``seeds``, no matching layer, an unknown method, or an
+        estimator instance with its own ``random_state``.
+    topoxr.similarity.ProfileError
+        For methods of different metrics, precomputed profiles given for several
+        layers, or precomputed profiles that lack an epoch of ``epochs`` or hold
+        several epochs but not exactly the layer's (selected) ones.
     """
     import dask
     from tqdm.auto import tqdm
@@ -486,20 +512,37 @@ def compute_layouts(
     if epochs is not None:
         sel = [epochs] if np.ndim(epochs) == 0 else list(epochs)
         nodes = [(m, l, ds.sel({EPOCH: sel})) for m, l, ds in nodes]
+        if isinstance(profile, xr.DataArray) and EPOCH in profile.dims:
+            missing = [e for e in sel if e not in profile[EPOCH].values.tolist()]
+            if missing:
+                raise ProfileError(
+                    f"epochs={sel!r} selects epochs {missing} that the given profiles do "
+                    f"not hold (they hold {profile[EPOCH].values.tolist()})")
+            profile = profile.sel({EPOCH: sel})
 
     # The NAP reductions read chunks and release the GIL: threads serve them best, and a
     # process pool would only add start-up and pickling, so "processes" is kept for the
     # layout tasks (pure Python/numpy estimators that hold the GIL).
     get = client if client is not None else ("threads" if scheduler == "processes"
                                               else scheduler)
-    lazy_profiles = [_profiles_of(ds, profile) for _, _, ds in nodes]
+    # activation profiles draw their samples with each seed, as attach does
+    variants = [_seeded(profile, seed) for seed in seeds]
+    by_seed = any(v is not profile for v in variants)
+    if not by_seed:
+        variants = [profile]
+    lazy_profiles = [_per_epoch(_profiles_of(ds, v), ds, None)
+                     for _, _, ds in nodes for v in variants]
     computed = dask.compute(*lazy_profiles, scheduler=get)
-    per_layer = [_matrices(p, None) for p in computed]
+    per_profile = [_matrices(p, None) for p in computed]
+
+    def _variant(li: int, si: int) -> int:
+        return li * len(variants) + (si if by_seed else 0)
 
     tasks, index = [], []
-    for li, (_, mats) in enumerate(per_layer):
+    for li in range(len(nodes)):
         for mi, method in enumerate(methods):
             for si, seed in enumerate(seeds):
+                _, mats = per_profile[_variant(li, si)]
                 _, task_seeds = draw_seeds(seed, len(mats))
                 for ei, (Xm, ts) in enumerate(zip(mats, task_seeds, strict=True)):
                     key = f"topoxr-layout-{li}-{mi}-{si}-{ei}"
@@ -510,7 +553,7 @@ def compute_layouts(
 
     out: dict[str, xr.Dataset] = {}
     for li, (model, layer, ds) in enumerate(nodes):
-        ep_labels, mats = per_layer[li]
+        ep_labels, mats = per_profile[_variant(li, 0)]
         n = mats[0].shape[0]
         P = np.empty((len(methods), len(seeds), len(ep_labels), n, 2))
         for (lj, mi, si, ei), coords in zip(index, results, strict=True):
@@ -534,8 +577,11 @@ def compute_layouts(
         coords = {"layout": [_method_name(m) for m in methods], "seed": seeds, **neuron_coords}
         if has_epoch:
             coords[EPOCH] = ep_labels
+        described = [json.loads(computed[_variant(li, si)].attrs.get(ATTR_PROFILE, "{}"))
+                     for si in range(len(seeds))]
         desc = {"metric": metric, "params": _jsonable(params),
-                "profile": json.loads(computed[li].attrs.get(ATTR_PROFILE, "{}")),
+                "profile": ({str(s): d for s, d in zip(seeds, described, strict=True)}
+                            if by_seed else described[0]),
                 "seeds": {str(s): draw_seeds(s, len(mats))[1] for s in seeds}}
         out[f"/{model}/{layer}"] = xr.Dataset(
             {X: (dims, data[..., 0]), Y: (dims, data[..., 1])}, coords=coords,

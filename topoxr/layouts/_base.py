@@ -67,6 +67,11 @@ def to_unit_square(coords: np.ndarray) -> np.ndarray:
         raise LayoutInputError(f"coordinates must have shape (n, 2), got {coords.shape}")
     if not np.isfinite(coords).all():
         raise LayoutInputError("the layout produced non-finite coordinates")
+    if coords.size:
+        # a power of two puts every value in [-1, 1] exactly (no rounding), so the result
+        # is the same, but a span such as 1e308 - (-1e308) no longer overflows to inf
+        _, exponent = np.frexp(np.abs(coords).max())
+        coords = np.ldexp(coords, -int(exponent))
     lo = coords.min(axis=0)
     span = coords.max(axis=0) - lo
     scale = span.max()

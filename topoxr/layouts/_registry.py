@@ -210,12 +210,49 @@ def _accepted(head: list[str], shared: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in shared.items() if k in accepted}
 
 
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a is b or a == b)
+    except (TypeError, ValueError):  # e.g. arrays, whose == is not one bool
+        return False
+
+
+def _own_settings(method: Any) -> dict[str, Any]:
+    """The ``metric`` and ``random_state`` an estimator instance was given: those that
+    differ from its class's defaults (as scikit-learn's ``repr`` shows them)."""
+    if isinstance(method, str) or not hasattr(method, "get_params"):
+        return {}
+    import inspect
+
+    try:
+        defaults = {k: p.default for k, p in
+                    inspect.signature(type(method).__init__).parameters.items()}
+    except (TypeError, ValueError):
+        defaults = {}
+    own = method.get_params(deep=False)
+    out = {}
+    for key in _SHARED_PARAMS:
+        if key in own and own[key] is not None:
+            default = defaults.get(key, inspect.Parameter.empty)
+            if default is inspect.Parameter.empty or not _same(own[key], default):
+                out[key] = own[key]
+    return out
+
+
 def initial_positions(init: Any, X: np.ndarray, n: int, metric: str, rng) -> np.ndarray | None:
     """Resolve ``init`` (None, name, estimator or array) into (n, 2) positions or None.
 
-    A name or estimator is fitted on ``X`` with ``metric``; an estimator without a seed
-    gets one drawn from ``rng``. Shared by the refinements (force, grid) so that neither
-    imports the other.
+    A name or estimator is fitted on ``X``; an estimator without a seed gets one drawn
+    from ``rng``. Its metric is ``metric`` (the refinement's), unless the estimator was
+    given a metric of its own (one that differs from its class's default): that one is
+    kept. Shared by the refinements (force, grid) so that neither imports the other.
+
+    Raises
+    ------
+    LayoutInputError
+        If exactly one of ``metric`` and the estimator's own metric is
+        ``"precomputed"``: one of them would read a distance matrix as profiles, or
+        profiles as distances.
     """
     from topoxr.layouts._base import LayoutInputError
 
@@ -226,8 +263,15 @@ def initial_positions(init: Any, X: np.ndarray, n: int, metric: str, rng) -> np.
 
         est = get_estimator(init) if isinstance(init, str) else clone(init)
         params = est.get_params() if hasattr(est, "get_params") else {}
+        own = _own_settings(est).get("metric")
+        if own is not None and (own == "precomputed") != (metric == "precomputed"):
+            raise LayoutInputError(
+                f"the init estimator {est!r} has metric={own!r} and the refinement "
+                f"metric={metric!r}: one of them is 'precomputed', so one would read a "
+                "distance matrix as profiles or profiles as distances; give both the "
+                "same kind of metric")
         update = {}
-        if "metric" in params:
+        if "metric" in params and own is None:
             update["metric"] = metric
         if "random_state" in params and params["random_state"] is None:
             update["random_state"] = rng.randint(np.iinfo(np.int32).max)
@@ -237,5 +281,6 @@ def initial_positions(init: Any, X: np.ndarray, n: int, metric: str, rng) -> np.
     else:
         pos = np.asarray(init, dtype=np.float64)
     if pos.shape != (n, 2) or not np.isfinite(pos).all():
-        raise LayoutInputError(f"init positions must be finite with shape ({n}, 2), got {pos.shape}")
+        raise LayoutInputError(
+            f"init positions must be finite with shape ({n}, 2), got {pos.shape}")
     return pos.copy()

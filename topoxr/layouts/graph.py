@@ -16,6 +16,13 @@ def threshold_graph(D: np.ndarray, percentile: float = 7.5):
     of all pairwise distances (each pair counted once). Every smaller connected component
     is then linked to the largest one by an edge between its closest pair of neurons.
 
+    Pairs at distance zero (identical profiles; dead neurons, which topoxr puts at
+    distance 0 from each other) are always joined, and the percentile is taken over the
+    other pairs only. Without zero distances this is the paper's rule; with them, the
+    paper's threshold is 0 as soon as 7.5 % of the pairs are at 0 (about 27 % dead
+    neurons), no pair is below it, and the component joining draws a star around one
+    neuron. "Zero" allows for rounding: at most ``1e-12`` times the largest distance.
+
     Parameters
     ----------
     D : ndarray of shape (n, n)
@@ -36,8 +43,11 @@ def threshold_graph(D: np.ndarray, percentile: float = 7.5):
         raise LayoutInputError(f"percentile must be in (0, 100], got {percentile}")
     n = D.shape[0]
     iu = np.triu_indices(n, k=1)
-    threshold = np.percentile(D[iu], percentile)
-    adj = D < threshold
+    pairs = D[iu]
+    zero = 1e-12 * float(pairs.max()) if pairs.size else 0.0
+    apart = pairs[pairs > zero]
+    threshold = np.percentile(apart, percentile) if apart.size else 0.0
+    adj = (D < threshold) | (D <= zero)
     np.fill_diagonal(adj, False)
     n_comp, comp = connected_components(csr_matrix(adj), directed=False)
     graph = nx.Graph()
@@ -59,8 +69,10 @@ class SpringLayout(BaseLayout):
     """The paper's "graph" layout: co-activation graph + Fruchterman-Reingold springs.
 
     Neurons closer than the ``percentile``-th percentile of all profile distances are
-    connected; smaller components are joined to the largest by their closest pair (see
-    :func:`threshold_graph`); networkx's :func:`~networkx.spring_layout` draws the graph.
+    connected, and so are neurons with identical profiles (the percentile is then taken
+    over the other pairs); smaller components are joined to the largest by their closest
+    pair (see :func:`threshold_graph`); networkx's :func:`~networkx.spring_layout` draws
+    the graph.
 
     Parameters
     ----------

@@ -353,9 +353,10 @@ class GridSnap(BaseLayout):
     solver : {"auto", "exact", "split"}, default "auto"
         Assignment solver, the ``method`` of :func:`snap_to_grid`.
     metric : {"cosine", "correlation", "euclidean", "precomputed"}, default "cosine"
-        Handed to ``init``.
+        Handed to ``init``, unless an ``init`` estimator has a metric of its own (one
+        that differs from its class's default), which is kept.
     random_state : int, RandomState instance or None, default None
-        Handed to ``init``.
+        Handed to ``init`` (an estimator with a seed of its own keeps it).
 
     Attributes
     ----------

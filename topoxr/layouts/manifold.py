@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 from topoxr._optional import import_optional
-from topoxr.layouts._base import BaseLayout
+from topoxr.layouts._base import BaseLayout, LayoutInputError
 
 __all__ = ["MDSLayout", "TSNELayout", "UMAPLayout"]
 
@@ -44,7 +44,7 @@ class TSNELayout(BaseLayout):
     perplexity : float, default 30.0
         Effective number of neighbours; lowered to ``(n_neurons - 1) / 3`` for small layers.
     max_iter : int, default 1000
-        Optimisation steps.
+        Optimisation steps, at least 250 (scikit-learn's minimum; fewer are refused).
     metric : {"cosine", "correlation", "euclidean", "precomputed"}, default "cosine"
         Metric of the profiles, or ``"precomputed"`` when ``X`` holds distances.
     random_state : int, RandomState instance or None, default None
@@ -55,12 +55,21 @@ class TSNELayout(BaseLayout):
     embedding_ : ndarray of shape (n_neurons, 2)
         Coordinates in ``[0, 1]^2``.
 
+    Raises
+    ------
+    LayoutInputError
+        (a ``ValueError``) when fitting with ``max_iter`` below 250, scikit-learn's
+        minimum (its first 250 steps are the early-exaggeration phase).
+
     Notes
     -----
     Cost: ``O(n log n)`` per step after an ``O(n^2)``-time nearest-neighbour search on
     small inputs (scikit-learn computes a neighbour graph of ``3 * perplexity``
     neighbours). The PCA initialisation is used for profiles, a random one for
-    precomputed distances (scikit-learn's rule).
+    precomputed distances (scikit-learn's rule) and for profiles whose first principal
+    component has no spread, e.g. when every profile is the same (all neurons dead):
+    scikit-learn scales its PCA start by that spread, which gives NaN there, and its
+    Barnes-Hut step then crashes the Python process.
     """
 
     def __init__(
@@ -80,21 +89,51 @@ class TSNELayout(BaseLayout):
         from sklearn.manifold import TSNE
 
         n = X.shape[0]
+        if not self.max_iter >= _TSNE_MIN_ITER:
+            raise LayoutInputError(
+                f"max_iter must be at least {_TSNE_MIN_ITER} for t-SNE (scikit-learn's "
+                f"minimum: its first {_TSNE_MIN_ITER} steps are the early-exaggeration "
+                f"phase), got max_iter={self.max_iter}")
         perplexity = float(min(self.perplexity, (n - 1) / 3.0))
         precomputed = self.metric == "precomputed"
         if self.metric in ("cosine", "correlation"):
             data, metric = self._features(X), "euclidean"  # unit vectors: same neighbours
         else:
             data, metric = X, self.metric
+        init: str | np.ndarray = "random"
+        if not precomputed and data.shape[1] >= 2:
+            init = _pca_start(data, rng)
         tsne = TSNE(
             n_components=2,
             perplexity=perplexity,
-            max_iter=max(int(self.max_iter), 250),
+            max_iter=int(self.max_iter),
             metric=metric,
-            init="random" if precomputed or data.shape[1] < 2 else "pca",
+            init=init,
             random_state=rng,
         )
         return tsne.fit_transform(data)
+
+
+#: Fewest t-SNE steps scikit-learn accepts.
+_TSNE_MIN_ITER = 250
+
+
+def _pca_start(data: np.ndarray, rng: np.random.RandomState) -> str | np.ndarray:
+    """scikit-learn's PCA start of t-SNE, or ``"random"`` where it would be NaN.
+
+    The same computation as ``TSNE(init="pca")``: the first two principal components,
+    in float32, scaled so that the first has standard deviation 1e-4. When that
+    component has no spread (every profile the same) the scaling divides by zero; the
+    random start (Gaussian, standard deviation 1e-4) is used then.
+    """
+    from sklearn.decomposition import PCA
+
+    if not np.ptp(data, axis=0).any():
+        return "random"  # every profile the same: no principal component at all
+    start = PCA(n_components=2, random_state=rng).fit_transform(data).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        start = start / np.std(start[:, 0]) * 1e-4
+    return start if np.isfinite(start).all() else "random"
 
 
 class UMAPLayout(BaseLayout):
@@ -186,6 +225,8 @@ class MDSLayout(BaseLayout):
     -----
     Cost: ``O(n^2)`` memory and time per iteration; practical up to a few thousand neurons.
     Not one of the paper's methods; a classical reference for distance preservation.
+    Like PCA, MDS gives neurons with the same profile the same position; when every
+    profile is the same (all distances zero) every neuron is put at the centre.
     """
 
     def __init__(self, *, max_iter: int = 300, metric: str = "cosine", random_state=None) -> None:
@@ -197,6 +238,10 @@ class MDSLayout(BaseLayout):
         from sklearn.manifold import MDS
 
         D = self._distances(X)
+        if not D.any():
+            # every profile the same: all at one point is the exact (zero-stress) answer;
+            # SMACOF would divide by the zero sum of distances at every iteration
+            return np.zeros((X.shape[0], 2))
         mds = MDS(
             n_components=2,
             metric="precomputed",
