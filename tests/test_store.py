@@ -557,6 +557,19 @@ def test_a_model_of_another_framework_is_refused_not_relabelled(store_path):
     assert zarr.open_group(store_path, path="net", mode="r").attrs["note"] == "resumed"
 
 
+def test_an_infinity_agrees_only_with_itself_in_float16_layers_too():
+    # the float16 allowance (one step of float16 at the stored value) was inf at an inf
+    from topoxr.store._plan import _same_values
+
+    stored = np.array([[np.inf, -np.inf, 1.0]], np.float32)
+    for dtype in (np.dtype("float32"), np.dtype("float16")):
+        same, largest, _ = _same_values(stored, np.array([[1.0, np.inf, 1.0]], np.float32),
+                                        dtype)
+        assert same.tolist() == [[False, False, True]] and largest == np.inf
+        same, _, _ = _same_values(stored, stored.copy(), dtype)
+        assert same.all()
+
+
 def test_mode_w_replaces_only_this_model(any_store):
     with ActivationWriter(any_store, model="a") as writer:
         writer.write("h", acts([0, 1]), sample=[0, 1])

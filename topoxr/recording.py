@@ -507,6 +507,8 @@ class StoredLayer:
     labels: np.ndarray | None
     #: The layer's attributes (its reduction: ``topoxr_reduce``, ``topoxr_neuron_axis``...).
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: The dtype of the stored values (``float32``, or ``float16`` stored to save bytes).
+    dtype: str = "float32"
 
 
 def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, StoredLayer]:
@@ -535,7 +537,8 @@ def stored_layers(store: str | ActivationWriter, model: str) -> dict[str, Stored
     return {name: StoredLayer(
         n_neurons=info["n_neurons"], reduce=str(info["attrs"].get("topoxr_reduce", "mean")),
         sample_ids=info["sample_ids"], epochs=info["epochs"], complete=info["complete"],
-        labels=info["labels"], attrs=info["attrs"]) for name, info in layers.items()}
+        labels=info["labels"], attrs=info["attrs"], dtype=info["dtype"])
+        for name, info in layers.items()}
 
 
 def completed_epochs(store: Any, model: str, layers: Sequence[str], *,
@@ -662,15 +665,26 @@ def check_recorded_epoch(record: Callable[[Iterable[Batch], str, Mapping[str, St
         model = store.model
     scratch = f"memory://topoxr-check-{uuid.uuid4().hex}.zarr"
     try:
-        record([first], scratch, stored_layers(store, model))
+        stored = stored_layers(store, model)
+        record([first], scratch, stored)
         fresh = _layer_nodes(open_store(scratch), None)  # the scratch store's one model
         held = _layer_nodes(open_store(url), model)
         for layer in layers:
             new = fresh[layer].activation.isel(epoch=0)
+            missing = np.setdiff1d(new.sample.values, held[layer].sample.values)
+            if len(missing):  # the tokens of a masked per-token layer are known only now
+                raise RecordingError(
+                    f"epoch {epoch} of model {model!r} is already recorded, but layer "
+                    f"{layer!r} now gives samples the store does not hold "
+                    f"({missing[:10].tolist()}): the probe set (or its attention mask) "
+                    "differs from the one recorded")
             old = held[layer].activation.sel(epoch=epoch, sample=new.sample.values)
             old_values = np.asarray(old.transpose("sample", "neuron").values)
             new_values = np.asarray(new.transpose("sample", "neuron").values, np.float32)
-            same, largest, scale = _same_values(old_values, new_values, old_values.dtype)
+            dtype = np.dtype(stored[layer].dtype)  # read back as float32 either way
+            if dtype.itemsize < 4:  # compared as stored, as the writer compares them
+                new_values = new_values.astype(dtype).astype(np.float32)
+            same, largest, scale = _same_values(old_values, new_values, dtype)
             if not same.all():
                 bad = new.sample.values[~same.all(axis=1)]
                 raise RecordingError(

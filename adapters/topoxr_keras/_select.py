@@ -244,17 +244,27 @@ class ProbeModel:
 def _with_masks(batches: Iterable[Batch], masks: keras.Model,
                 prefixes: list[str]) -> Iterator[Batch]:
     """Each batch as a mapping holding its inputs and the Keras masks ``masks``
-    computes, under ``prefixes`` (see :meth:`ProbeModel.follow_masks`)."""
+    computes, under ``prefixes`` (see :meth:`ProbeModel.follow_masks`).
+
+    The token ids of the inputs (:func:`~topoxr.reduction.token_info`) stay under
+    ``input_ids`` for the layers that follow no Keras mask, as they were before the
+    batch became a mapping. A mask gets them as its own only where the model has one
+    input: with several, which input a mask comes from is not known, and the ids of
+    another input would be stored as its tokens' ``token_id``.
+    """
+    single = len(masks.inputs) == 1
     for batch in batches:
         values = masks.predict_on_batch(batch.x)
         if not isinstance(values, list | tuple):
             values = [values]
         _, token_ids = token_info(batch.x)
         x = dict(batch.x) if isinstance(batch.x, Mapping) else {}
+        if not isinstance(batch.x, Mapping) and token_ids is not None:
+            x["input_ids"] = token_ids
         x[INPUTS_KEY] = batch.x
         for prefix, value in zip(prefixes, values, strict=True):
             x[prefix + DEFAULT_MASK] = np.asarray(keras.ops.convert_to_numpy(value)).astype(bool)
-            if token_ids is not None:
+            if token_ids is not None and single:
                 x[prefix + "input_ids"] = token_ids
         yield dataclasses.replace(batch, x=x)
 

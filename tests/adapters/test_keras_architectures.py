@@ -50,6 +50,43 @@ def test_keras_applications_record_channels(store_path, app, names):
             assert ds.attrs["topoxr_reduced_axes"] == [1, 2]
 
 
+def test_token_ids_stay_with_their_layers_beside_a_keras_mask(store_path):
+    """A layer following a Keras mask made every batch a mapping: the layers beside it
+    lost their token_id (and a store recorded without that layer could not go on), and
+    with two inputs the mask's tokens got the first input's ids. Each layer keeps the
+    ids of one input model; with several inputs a mask's tokens get none."""
+    keras.utils.set_random_seed(3)
+    ids = keras.Input((6,), dtype="int32", name="ids")
+    raw = keras.layers.Embedding(30, 4, name="raw")(ids)
+    masked = keras.layers.Embedding(30, 4, mask_zero=True, name="emb")(ids)
+    out = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling1D()(
+        keras.layers.Add()([raw, masked])))
+    model = keras.Model(ids, out)
+    rng = np.random.default_rng(3)
+    x = rng.integers(1, 30, (8, 6)).astype(np.int32)
+    x[:, 4:] = 0
+    layers = {"raw": {"reduce": "tokens"}, "emb": {"reduce": "tokens"}}
+    topoxr_keras.record(model, x, store_path, layers=layers, progress=False)
+    for name, keep in (("raw", np.ones_like(x, bool)), ("emb", x != 0)):
+        tok = layer(store_path, "model", name)
+        rows, pos = np.nonzero(keep)
+        order = np.argsort(tok.sample.values)
+        np.testing.assert_array_equal(tok.token_id.values[order], x[rows, pos], err_msg=name)
+
+    a = keras.Input((5,), dtype="int32", name="a")
+    b = keras.Input((5,), dtype="int32", name="b")
+    eb = keras.layers.Embedding(30, 4, mask_zero=True, name="eb")(b)
+    two = keras.Model([a, b], keras.layers.GlobalAveragePooling1D()(eb))
+    xa = rng.integers(1, 30, (6, 5)).astype(np.int32)
+    xb = rng.integers(1, 30, (6, 5)).astype(np.int32)
+    xb[:, 3:] = 0
+    other = store_path.replace(".zarr", "-two.zarr")
+    topoxr_keras.record(two, ((xa, xb),), other, layers={"eb": {"reduce": "tokens"}},
+                        progress=False)
+    tok = layer(other, "model", "eb")
+    assert tok.sizes["sample"] == int((xb != 0).sum()) and "token_id" not in tok.coords
+
+
 def test_keras_sequence_model_tokens_and_masked_mean(store_path):
     keras.utils.set_random_seed(1)
     ids = keras.Input((12,), dtype="int32", name="input_ids")

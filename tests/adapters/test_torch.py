@@ -234,6 +234,51 @@ def test_probe_recorder_skips_a_recorded_epoch_only_for_the_model_that_recorded_
     assert_unchanged(before, store_path)
 
 
+def test_the_check_before_a_skip_compares_float16_stores_as_stored(store_path):
+    """A float16 layer reads back as float32: the fresh values are rounded to float16
+    before the comparison, as the writer rounds them (the same model was refused, its
+    rounding error 2.3e-4 above 1e-4 of the layer's scale)."""
+    x, y = models.load_digits_data()
+    model = models.make_model("mlp")
+    topoxr_torch.record(model, (x[:100], y[:100]), store_path, model_name="mlp",
+                        layers=["fc1", "out"], dtype="float16", progress=False)
+    probe = topoxr_torch.ProbeRecorder(model, (x[:100], y[:100]), store_path,
+                                       model_name="mlp", layers=["fc1", "out"], batch_size=7)
+    assert probe.record(0) is None
+
+
+class TokenModel(torch.nn.Module):
+    """Embeddings of ``input_ids`` (keyword inputs, as a tokenizer's batch is passed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 6)
+
+    def forward(self, input_ids, attention_mask):
+        return self.emb(input_ids)
+
+
+def test_the_check_before_a_skip_refuses_other_tokens_clearly(store_path):
+    """Per-token samples of a masked layer are known only once the batch has run: tokens
+    the store does not hold (another attention mask) are refused with a RecordingError,
+    not a KeyError of the comparison."""
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    ids = np.arange(1, 17).reshape(4, 4) % 20
+    mask = np.array([[1, 1, 1, 0]] * 4)
+    x = {"input_ids": ids, "attention_mask": mask}
+    topoxr_torch.ProbeRecorder(model, x, store_path, layers={"emb": {"reduce": "tokens"}}
+                               ).record(0)
+    again = topoxr_torch.ProbeRecorder(model, x, store_path,
+                                       layers={"emb": {"reduce": "tokens"}})
+    assert again.record(0) is None
+    other = {"input_ids": ids, "attention_mask": np.ones((4, 4), np.int64)}
+    with pytest.raises(RecordingError, match=r"layer 'emb' now gives samples the store does "
+                                             r"not hold \(\[3, 7, 11, 15\]\)"):
+        topoxr_torch.ProbeRecorder(model, other, store_path,
+                                   layers={"emb": {"reduce": "tokens"}}).record(0)
+
+
 def test_probe_recorder_into_an_open_writer_uses_the_writers_model(store_path):
     x, y = models.load_digits_data()
     model = models.make_model("mlp")

@@ -221,11 +221,12 @@ def _same_values(stored: np.ndarray, fresh: np.ndarray, stored_dtype: np.dtype
     scale = float(np.abs(stored[finite]).max()) if finite.any() else 0.0
     tol = RESUME_TOLERANCE * scale
     if stored_dtype.itemsize < 4:  # both rounded to float16: one step of it apart at most
-        tol = tol + np.finfo(stored_dtype).eps * np.abs(stored)
+        tol = tol + np.finfo(stored_dtype).eps * np.where(finite, np.abs(stored), 0)
     with np.errstate(invalid="ignore"):
         diff = np.abs(fresh.astype(np.float64) - stored)
         same = (diff <= tol) | (stored == fresh) | (np.isnan(stored) & np.isnan(fresh))
-    largest = float(np.max(np.where(same, 0.0, np.nan_to_num(diff, nan=np.inf)), initial=0.0))
+    largest = float(np.max(np.where(same, 0.0, np.nan_to_num(diff, nan=np.inf, posinf=np.inf)),
+                           initial=0.0))
     return same, largest, scale
 
 

@@ -129,9 +129,9 @@ def read_model_layers(store: Any, model: str, *,
     Returns
     -------
     dict
-        ``{layer name: {"n_neurons", "attrs", "sample_ids", "epochs", "complete",
-        "labels"}}`` (``labels`` None where the layer has none); empty when the model
-        is not in the store.
+        ``{layer name: {"n_neurons", "dtype", "attrs", "sample_ids", "epochs",
+        "complete", "labels"}}`` (``dtype``: of the stored values; ``labels`` None where
+        the layer has none); empty when the model is not in the store.
 
     Raises
     ------
@@ -156,6 +156,7 @@ def read_model_layers(store: Any, model: str, *,
                 labels = _plain_strings(snap.context.read(arrays[LABEL], slice(0, snap.n)))
             out[str(group.attrs.get(ATTR_LAYER, layer_name))] = {
                 "n_neurons": int(arrays[ACTIVATION].shape[0]),
+                "dtype": str(arrays[ACTIVATION].dtype),
                 "attrs": _layer_attrs(group),
                 "sample_ids": np.asarray(snap.sample_ids, dtype=np.int64),
                 "epochs": [int(e) for e in snap.epochs],
