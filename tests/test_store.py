@@ -120,7 +120,7 @@ def test_default_chunk_is_a_multiple_of_the_batch(store_path, batch):
     from topoxr.store._schema import _TARGET_CHUNK_BYTES as target
     assert chunks[1] % batch == 0
     if batch == 32:
-        assert chunks[1] == 16 * 32
+        assert chunks[1] == 1024  # 16 batches would be 512 samples
     else:
         assert 0.5 <= chunks[1] * 100 * 4 / target <= 1.0
 
@@ -938,14 +938,15 @@ def test_unsigned_values_beyond_int64_are_refused_not_wrapped(store_path, column
 def test_a_small_layer_of_unknown_length_is_not_stored_in_4_mib_chunks(store_path):
     """Without expected_samples the chunks were sized to 4 MiB from the first batch, and a
     chunk is stored whole however few samples come: 5 samples of 2 neurons took 4 MiB an
-    epoch (1030 epochs: 4.1 GB). A chunk now holds 16 batches at most."""
+    epoch (1030 epochs: 4.1 GB). A chunk now holds 16 batches at most, or 1024 samples
+    where that is more."""
     with ActivationWriter(store_path, model="m") as writer:
         for epoch in range(20):
             writer.write("h", acts(range(5), epoch, n=2), sample=range(5), epoch=epoch)
     folder = Path(store_path) / "m" / "h" / "activation"
     on_disk = sum(f.stat().st_size for f in folder.iterdir())
-    assert zarr.open_array(str(folder), mode="r").chunks == (2, 80, 1)
-    assert on_disk < 20 * 16 * 5 * 2 * 4 + 4096
+    assert zarr.open_array(str(folder), mode="r").chunks == (2, 1025, 1)
+    assert on_disk < 20 * 1025 * 2 * 4 + 4096
     ds = open_store(store_path)["m/h"].to_dataset()
     np.testing.assert_array_equal(ds.activation.values,
                                   np.stack([acts(range(5), e, n=2).T for e in range(20)], -1))

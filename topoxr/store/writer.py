@@ -102,6 +102,8 @@ _EPOCH_ROOM = 16
 #: Batches per ``activation`` chunk at most, where the writer is not told how many samples
 #: will come (``expected_samples``) and sizes the chunks from the first batch.
 _UNKNOWN_SAMPLES_BATCHES = 16
+#: ... but no fewer samples than this (within the 4 MiB target).
+_UNKNOWN_SAMPLES_ROWS = 1024
 
 
 class ActivationWriter:
@@ -126,8 +128,8 @@ class ActivationWriter:
         Samples per chunk of ``activation``. By default a multiple of the first batch
         size holding about 4 MiB, so batches of the same size never straddle chunks
         (with ``expected_samples``, as few such chunks as those samples need, made even
-        in size; without it, 16 batches at most: a chunk is stored whole, however few
-        samples come).
+        in size; without it, 16 batches at most, or 1024 samples where that is more:
+        a chunk is stored whole, however few samples come).
     storage_options : mapping, optional
         Passed to fsspec for URLs.
     attrs : mapping, optional
@@ -1042,8 +1044,10 @@ class ActivationWriter:
             if not self._expected_samples:
                 # how many samples will come is not known: a chunk is stored whole however
                 # few of its samples come (uncompressed, 4 MiB an epoch for 5 samples of
-                # a 2-neuron layer), so it holds a few batches at most
-                batches = min(batches, _UNKNOWN_SAMPLES_BATCHES)
+                # a 2-neuron layer), so it holds a few batches at most, but not fewer
+                # samples than _UNKNOWN_SAMPLES_ROWS (batches of 1 made a file per 16)
+                batches = min(batches, max(_UNKNOWN_SAMPLES_BATCHES,
+                                           -(-_UNKNOWN_SAMPLES_ROWS // batch)))
             chunk = self._even(batch * batches, batch)
         neuron_chunk = n_neurons
         if chunk * row_bytes > _MAX_CHUNK_BYTES:
