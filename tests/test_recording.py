@@ -221,6 +221,29 @@ def _record(store, x, y=None, *, epoch=0, ids=None, weights=None, **kwargs):
         n_samples=len(x), batch_size=8, progress=False, **kwargs)
 
 
+def test_layers_whose_nodes_collide_are_refused_before_anything_is_written(store_path):
+    """A second call "dense:1" is stored as node dense_1, Keras's name of its second Dense
+    layer: the writer refused the second when it first wrote it, after the first was
+    stored. Refused before writing, also against the layers already stored."""
+    x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+
+    def forward(x):
+        return {"dense:1": x, "dense_1": 2 * x, "other": x[:, :2]}, None
+
+    def run(layers):
+        run_recording(forward, iter_array_batches(x, np.arange(10), None, {}, 4), store_path,
+                      model_name="m", layers=layers, progress=False)
+
+    with pytest.raises(RecordingError, match=r"layers 'dense:1' and 'dense_1' of model 'm' "
+                                             r"would both be stored as node 'dense_1'"):
+        run(["dense:1", "dense_1"])
+    assert not os.path.exists(store_path)
+    run(["dense:1"])
+    with pytest.raises(RecordingError, match="would both be stored as node 'dense_1'"):
+        run(["other", "dense_1"])
+    assert sorted(open_store(store_path)["m"].children) == ["dense_1"]
+
+
 def test_chunks_are_sized_from_the_batches_the_data_yields(store_path, tmp_path):
     """Batches of 8 recorded with batch_size=256 (which sizes only the coalesced writes,
     as for a loader with batches of its own): the layers' chunks are those of batches

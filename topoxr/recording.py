@@ -963,6 +963,28 @@ def _token_sample_ids(ids: np.ndarray, source: np.ndarray, position: np.ndarray,
     return ids[source] * np.int64(n_tokens) + position
 
 
+def _check_node_names(layers: Sequence[str], stored: Mapping[str, StoredLayer],
+                      model: str) -> None:
+    """Refuse layers whose store nodes would collide, before anything is written.
+
+    A layer's node is its name made safe for every store (``"dense:1"``, a module's
+    second call, becomes ``dense_1``, which Keras names its second Dense layer): the
+    writer refuses the second of two such layers only when it first writes it, after
+    the first is stored.
+    """
+    from topoxr.store import safe_node_name
+
+    owner: dict[str, str] = {}
+    for layer in [*stored, *layers]:
+        node = safe_node_name(layer)
+        other = owner.setdefault(node, layer)
+        if other != layer:
+            raise RecordingError(
+                f"layers {other!r} and {layer!r} of model {model!r} would both be stored as "
+                f"node {node!r} (names are made safe for every store: ':' becomes '_'); "
+                "record one of them under another model name, or leave it out")
+
+
 def _token_inputs(x: Any, mask_keys: set[str | None]) -> tuple[Any, Any]:
     """The attention mask and token ids of a batch (:func:`token_info`), or, where the
     layers follow several masks, ``{mask key: mask}`` and ``{mask key: token ids}``."""
@@ -1640,6 +1662,7 @@ def run_recording(
                            if (how := _pooled_by_capture(plan, outputs[layer])) is not None})
     if stored is None:
         stored = stored_layers(store, model_name)
+    _check_node_names(layers, stored, model_name)
     reductions = {layer: plan.attrs for layer, plan in plans.items()}
     plain = [layer for layer, plan in plans.items() if plan.reduce != "tokens"]
     check_against_store(

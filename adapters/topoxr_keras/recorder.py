@@ -74,12 +74,13 @@ def _unordered(dataset: Any) -> str | None:
         if getattr(node, "_deterministic", None) == "false":
             return (f"runs a {name} with deterministic=False: {_FIXED_ORDER}; build it "
                     "with deterministic=True (or None)")
-        if name in ("_ParallelInterleaveDataset", "_VariantDataset"):
+        found = _functions_unordered(node)
+        if found is None and name in ("_ParallelInterleaveDataset", "_VariantDataset"):
             found = _graph_unordered(node)
-            if found is not None:
-                return (f"{found} (in a {name} of its pipeline): {_FIXED_ORDER}; build it "
-                        "without (deterministic=True; no .shuffle(), Dataset.random or "
-                        "random choices)")
+        if found is not None:
+            return (f"{found} (in a {name} of its pipeline): {_FIXED_ORDER}; build it "
+                    "without (deterministic=True; no .shuffle(), Dataset.random or "
+                    "random choices)")
         try:
             inputs = node._inputs()
         except Exception:  # noqa: BLE001 - a private API: no inputs where it fails
@@ -106,16 +107,55 @@ def _graph_unordered(dataset: Any) -> str | None:
         return None
     nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
     for node in nodes:
-        if "Dataset" not in node.op:
+        found = _op_unordered(
+            node.op, node.attr["deterministic"].s if "deterministic" in node.attr else None,
+            "sloppy" in node.attr and node.attr["sloppy"].b)
+        if found is not None:
+            return found
+    return None
+
+
+def _functions_unordered(dataset: Any) -> str | None:
+    """What in the functions a stage of a pipeline runs (``interleave``, ``flat_map``,
+    ``group_by_window``... build datasets in them) may change its order, or None.
+
+    Each run of the function builds its dataset anew: a shuffle inside gives another
+    order in every process, though one process may see the same order each time. The
+    functions' own graphs are read (not the pipeline's constants).
+    """
+    try:
+        functions = dataset._functions()
+    except Exception:  # noqa: BLE001 - a private API: nothing found where it fails
+        return None
+    for function in functions:
+        try:
+            ops = function.function.graph.get_operations()
+        except Exception:  # noqa: BLE001 - a private API
             continue
-        if "Shuffle" in node.op:
-            return f"shuffles (a {node.op})"
-        if node.op.startswith("RandomDataset"):
-            return f"draws at random (a {node.op}: Dataset.random as a choice dataset?)"
-        if "deterministic" in node.attr and node.attr["deterministic"].s == b"false":
-            return f"runs a {node.op} with deterministic=False"
-        if "sloppy" in node.attr and node.attr["sloppy"].b:
-            return f"runs a {node.op} with sloppy=True"
+        for op in ops:
+            def attr(key: str) -> Any:
+                try:
+                    return op.get_attr(key)
+                except (ValueError, TypeError):
+                    return None
+            found = _op_unordered(op.type, attr("deterministic"), bool(attr("sloppy")))
+            if found is not None:
+                return found + " inside a function the pipeline runs"
+    return None
+
+
+def _op_unordered(op: str, deterministic: Any, sloppy: bool) -> str | None:
+    """Why a dataset op of a graph may change the order, or None."""
+    if "Dataset" not in op:
+        return None
+    if "Shuffle" in op:
+        return f"shuffles (a {op})"
+    if op.startswith("RandomDataset"):
+        return f"draws at random (a {op}: Dataset.random as a choice dataset?)"
+    if deterministic == b"false":
+        return f"runs a {op} with deterministic=False"
+    if sloppy:
+        return f"runs a {op} with sloppy=True"
     return None
 
 

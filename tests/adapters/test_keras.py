@@ -603,6 +603,13 @@ def _unordered_pipeline(kind):
                                          deterministic=False)
     if kind == "batch":
         return whole.batch(4, num_parallel_calls=2, deterministic=False)
+    # a shuffle inside a function the pipeline runs: another order in every process,
+    # though one process may see the same order at every pass
+    if kind == "shuffle_in_interleave":
+        return tf.data.Dataset.range(2).interleave(lambda i: whole.take(6).shuffle(6),
+                                                   cycle_length=2)
+    if kind == "shuffle_in_flat_map":
+        return tf.data.Dataset.range(2).flat_map(lambda i: whole.take(6).shuffle(6))
     options = tf.data.Options()
     options.deterministic = False
     return whole.map(lambda v: v * 1.0, num_parallel_calls=2).with_options(options)
@@ -614,6 +621,10 @@ def _unordered_pipeline(kind):
     ("map", r"_ParallelMapDataset with deterministic=False"),
     ("interleave", r"ParallelInterleaveDataset\w* with deterministic=False"),
     ("batch", r"_ParallelBatchDataset with deterministic=False"),
+    ("shuffle_in_interleave", r"shuffles \(a ShuffleDataset\w*\) inside a function the "
+                              r"pipeline runs \(in a _InterleaveDataset"),
+    ("shuffle_in_flat_map", r"shuffles \(a ShuffleDataset\w*\) inside a function the "
+                            r"pipeline runs \(in a _FlatMapDataset"),
     ("options", r"tf\.data\.Options\.deterministic = False"),
 ])
 def test_tf_data_of_random_order_is_refused_before_writing(store_path, kind, match):
