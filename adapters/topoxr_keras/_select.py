@@ -202,6 +202,8 @@ class ProbeModel:
         follow = [name for name in self.layers
                   if self.masks[name] is not None and self._follows_mask(name, reduce)]
         if not follow:
+            if len(self.submodel.inputs) > 1:
+                return _without_token_ids(batches), dict(self.specs)
             return batches, dict(self.specs)
         tensors = list({id(self.masks[n]): self.masks[n] for n in follow}.values())
         prefixes = {id(t): f"keras_mask{i}_" for i, t in enumerate(tensors)}
@@ -259,7 +261,7 @@ def _with_masks(batches: Iterable[Batch], masks: keras.Model,
             values = [values]
         _, token_ids = token_info(batch.x)
         x = dict(batch.x) if isinstance(batch.x, Mapping) else {}
-        if not isinstance(batch.x, Mapping) and token_ids is not None:
+        if not isinstance(batch.x, Mapping) and token_ids is not None and single:
             x["input_ids"] = token_ids
         x[INPUTS_KEY] = batch.x
         for prefix, value in zip(prefixes, values, strict=True):
@@ -267,6 +269,16 @@ def _with_masks(batches: Iterable[Batch], masks: keras.Model,
             if token_ids is not None and single:
                 x[prefix + "input_ids"] = token_ids
         yield dataclasses.replace(batch, x=x)
+
+
+def _without_token_ids(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """The batches of a model of several positional inputs, whose token ids are not
+    known: each as a mapping holding its inputs under :data:`INPUTS_KEY` (which
+    :meth:`ProbeModel.__call__` runs), so that no input is taken for the token ids of
+    every layer (the first one was, whichever input a layer's tokens come from)."""
+    for batch in batches:
+        yield (batch if isinstance(batch.x, Mapping)
+               else dataclasses.replace(batch, x={INPUTS_KEY: batch.x}))
 
 
 def _input_ranks(model: keras.Model) -> dict[str | int, int]:

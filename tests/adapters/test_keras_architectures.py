@@ -53,8 +53,9 @@ def test_keras_applications_record_channels(store_path, app, names):
 def test_token_ids_stay_with_their_layers_beside_a_keras_mask(store_path):
     """A layer following a Keras mask made every batch a mapping: the layers beside it
     lost their token_id (and a store recorded without that layer could not go on), and
-    with two inputs the mask's tokens got the first input's ids. Each layer keeps the
-    ids of one input model; with several inputs a mask's tokens get none."""
+    with two inputs the tokens got the first input's ids, whichever input they come
+    from. Each layer keeps the ids of a one-input model; with several positional inputs
+    no layer gets any."""
     keras.utils.set_random_seed(3)
     ids = keras.Input((6,), dtype="int32", name="ids")
     raw = keras.layers.Embedding(30, 4, name="raw")(ids)
@@ -76,15 +77,20 @@ def test_token_ids_stay_with_their_layers_beside_a_keras_mask(store_path):
     a = keras.Input((5,), dtype="int32", name="a")
     b = keras.Input((5,), dtype="int32", name="b")
     eb = keras.layers.Embedding(30, 4, mask_zero=True, name="eb")(b)
-    two = keras.Model([a, b], keras.layers.GlobalAveragePooling1D()(eb))
+    rb = keras.layers.Embedding(30, 4, name="rb")(b)
+    pooled = keras.layers.GlobalAveragePooling1D()
+    two = keras.Model([a, b], keras.layers.Add()([pooled(eb), pooled(rb)]))
     xa = rng.integers(1, 30, (6, 5)).astype(np.int32)
     xb = rng.integers(1, 30, (6, 5)).astype(np.int32)
     xb[:, 3:] = 0
-    other = store_path.replace(".zarr", "-two.zarr")
-    topoxr_keras.record(two, ((xa, xb),), other, layers={"eb": {"reduce": "tokens"}},
-                        progress=False)
-    tok = layer(other, "model", "eb")
-    assert tok.sizes["sample"] == int((xb != 0).sum()) and "token_id" not in tok.coords
+    for i, names in enumerate((["eb", "rb"], ["rb"])):  # with a Keras mask and without
+        other = store_path.replace(".zarr", f"-two{i}.zarr")
+        topoxr_keras.record(two, ((xa, xb),), other, progress=False,
+                            layers={name: {"reduce": "tokens"} for name in names})
+        if "eb" in names:
+            assert layer(other, "model", "eb").sizes["sample"] == int((xb != 0).sum())
+        for name in names:  # which input the tokens come from is not known: no ids
+            assert "token_id" not in layer(other, "model", name).coords, (names, name)
 
 
 def test_keras_sequence_model_tokens_and_masked_mean(store_path):
