@@ -65,9 +65,30 @@ def test_datatree_maps_over_layer_nodes(tmp_path):
     assert "trustworthiness" in q["model/dense1"].data_vars
 
 
+def test_datatree_nodes_keep_the_coordinates_they_inherit():
+    # an epoch coordinate on the group above the layer node was dropped from the results
+    ds = make_activations(n_neurons=8, n_epochs=2).assign_coords(epoch=[5, 6])
+    tree = xr.DataTree.from_dict({"/model": xr.Dataset(coords={"epoch": [5, 6]}),
+                                  "/model/dense": ds.drop_vars("epoch")})
+    out = tree.topo.naps()
+    np.testing.assert_array_equal(out["model/dense"]["epoch"].values, [5, 6])
+    np.testing.assert_allclose(out["model/dense"]["nap"].values, topoxr.naps(ds).values)
+
+
 def test_tree_without_layers_is_refused():
     with pytest.raises(ValueError, match="no layer node"):
         xr.DataTree.from_dict({"/a": xr.Dataset()}).topo.naps()
+
+
+def test_write_store_keeps_sample_metadata_and_refuses_other_neuron_labels(tmp_path):
+    # custom neuron labels came back as 0..n-1, and sample metadata was dropped
+    ds = make_activations(n_neurons=4, n_samples=12)
+    ds = ds.assign_coords(split=("sample", np.where(np.arange(12) < 6, "a", "b")))
+    path = write_store(ds, str(tmp_path / "s.zarr"))
+    back = topoxr.open_store(path)["model/hidden"]
+    np.testing.assert_array_equal(back["split"].values, ds["split"].values)
+    with pytest.raises(ValueError, match="come back renumbered"):
+        write_store(ds.assign_coords(neuron=np.arange(10, 14)), str(tmp_path / "t.zarr"))
 
 
 def test_plot_delegates_to_viz_topomap():

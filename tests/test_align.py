@@ -155,6 +155,28 @@ def test_assert_layout_close_up_to_rotation():
         assert_layout_close(b, a)
 
 
+def test_assert_layout_close_matches_neurons_and_epochs_by_label():
+    """The helper compared epochs and neurons by position: per-epoch layouts of epochs
+    [5, 6] passed against those of [0, 1], the same layout stored in another order
+    failed, and two all-NaN layouts passed. One neuron compared with itself raised an
+    AlignmentError up to rotation."""
+    ds = make_activations(n_neurons=10)
+    a = attach(ds, "pca", random_state=0, metric="euclidean")  # x, y on (neuron, epoch)
+    assert a.x.dims == ("neuron", "epoch")
+    perm = np.random.default_rng(0).permutation(10)
+    assert_layout_close(a.isel(neuron=perm, epoch=[2, 0, 1]), a)
+    assert_layout_close(a.isel(neuron=perm), a, up_to_rotation=True)
+    with pytest.raises(AssertionError, match="different 'epoch' labels"):
+        assert_layout_close(a.assign_coords(epoch=a.epoch + 5), a)
+    with pytest.raises(AssertionError, match="different neurons"):
+        assert_layout_close(a.assign_coords(neuron=a.neuron + 100), a)
+    nan = a.assign_coords(x=a.x * np.nan, y=a.y * np.nan)
+    with pytest.raises(AssertionError, match="NaN or infinite positions"):
+        assert_layout_close(nan, nan)
+    one = a.isel(neuron=[3], epoch=0)
+    assert_layout_close(one.assign_coords(x=one.x + 2), one, up_to_rotation=True)
+
+
 @pytest.mark.parametrize("where", ["laid", "reference"])
 def test_align_refuses_repeated_neuron_labels(where):
     # two layers concatenated, each numbered 0..n-1: a label names two neurons

@@ -55,3 +55,11 @@ def test_validate_only_coordinates():
     with pytest.raises(ConventionError, match=r"missing coordinate\(s\) \['y'\]") as info:
         validate(_da(x=("neuron", [0.1, 0.2])), coords=("x", "y"))
     assert "dimension" not in str(info.value)
+
+
+def test_validate_takes_one_name_given_as_a_string():
+    # a string was iterated by character: dims="neuron" missed 'n', 'e', 'u'...
+    da = xr.DataArray(np.zeros((2, 3)), dims=("neuron", "sample"), coords={"sample": [0, 1, 2]})
+    validate(da, dims="neuron", coords="sample")
+    with pytest.raises(ConventionError, match=r"missing dimension\(s\) \['epoch'\]"):
+        validate(da, dims="epoch")

@@ -281,3 +281,24 @@ def test_the_quality_table_counts_the_blobs_of_the_findings(sklearn_demo):
     row, = [r for r in result.quality if r["method"] == DEFAULT_METHOD]
     cm = result.findings["class_maps"]["mlp_sklearn/hidden"]
     assert row["blob_count"] == pytest.approx(cm["mean_blob_count"])
+
+
+@pytest.mark.parametrize("n_probe", [5, 15, 0, -10, 360.0])
+def test_a_probe_size_the_classes_cannot_share_is_refused(n_probe):
+    # any size became 10 per class or its floor: n_probe=5, 0 and -10 gave 10 samples
+    from topoxr.digits import digits_probe
+
+    with pytest.raises(ValueError, match="n_probe must be a positive multiple of 10"):
+        digits_probe(n_probe)
+    assert len(digits_probe(20)["probe_ids"]) == 20
+
+
+def test_synthetic_layers_hold_every_label_and_chunk_as_asked():
+    # fewer samples than labels left labels out, and chunks={} gave numpy, not dask
+    import dask.array as dsa
+
+    from topoxr.testing import make_activations
+
+    with pytest.raises(ValueError, match="cannot hold every one of n_labels=5"):
+        make_activations(n_samples=3, n_labels=5)
+    assert isinstance(make_activations(chunks={}).activation.data, dsa.Array)

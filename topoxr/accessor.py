@@ -187,7 +187,8 @@ class TopoTreeAccessor(TopoAccessor):
         for node in self._obj.subtree:
             if ACTIVATION not in node.data_vars:
                 continue
-            result = func(node.to_dataset(inherit=False), *args, **kwargs)
+            # with the coordinates the node inherits (an epoch coordinate of the group)
+            result = func(node.to_dataset(inherit=True), *args, **kwargs)
             if isinstance(result, xr.DataArray):
                 result = result.to_dataset(name=result.name or "result")
             out[node.path] = result

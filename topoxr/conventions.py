@@ -91,9 +91,9 @@ def validate(obj: Any, *, dims: tuple[str, ...] = DIMS, coords: tuple[str, ...] 
     obj : xarray.DataArray or xarray.Dataset
         The object to check.
     dims : tuple of str, default ``("neuron", "sample", "epoch")``
-        Dimensions the object must have.
+        Dimensions the object must have (a single name may be given as a string).
     coords : tuple of str, default ``()``
-        Coordinates the object must have.
+        Coordinates the object must have (a single name may be given as a string).
 
     Raises
     ------
@@ -110,6 +110,9 @@ def validate(obj: Any, *, dims: tuple[str, ...] = DIMS, coords: tuple[str, ...] 
     ...
     topoxr.conventions.ConventionError: missing coordinate(s) ['label']; ...
     """
+    # one name given as a string is one name, not its characters
+    dims = (dims,) if isinstance(dims, str) else tuple(dims)
+    coords = (coords,) if isinstance(coords, str) else tuple(coords)
     problems = []
     missing_dims = [d for d in dims if d not in obj.dims]
     if missing_dims:

@@ -65,7 +65,7 @@ def digits_probe(n_probe: int = 360, *, seed: int = 0) -> dict[str, np.ndarray]:
     Parameters
     ----------
     n_probe : int, default 360
-        Size of the probe set (``n_probe // 10`` samples per class).
+        Size of the probe set: a multiple of 10 (``n_probe // 10`` samples per class).
     seed : int, default 0
         Seed of the split.
 
@@ -79,10 +79,15 @@ def digits_probe(n_probe: int = 360, *, seed: int = 0) -> dict[str, np.ndarray]:
     Raises
     ------
     ValueError
-        If ``n_probe`` leaves no sample of some class for training.
+        If ``n_probe`` is not a positive multiple of 10 (the probe would have another
+        size), or leaves no sample of some class for training.
     """
+    if isinstance(n_probe, bool) or not isinstance(n_probe, int | np.integer) or (
+            n_probe < 10 or n_probe % 10):
+        raise ValueError(f"n_probe must be a positive multiple of 10 (the same number of "
+                         f"samples of each of the 10 classes), got {n_probe!r}")
     x, y = load_digits_data()
-    per_class = max(1, n_probe // 10)
+    per_class = int(n_probe) // 10
     smallest = int(np.bincount(y).min())
     if per_class >= smallest:
         raise ValueError(f"n_probe={n_probe} takes {per_class} samples per class; the "

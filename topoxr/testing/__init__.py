@@ -77,6 +77,9 @@ def make_activations(
     """
     if min(n_neurons, n_samples, n_epochs, n_labels) < 1:
         raise ValueError("n_neurons, n_samples, n_epochs and n_labels must all be >= 1")
+    if n_samples < n_labels:
+        raise ValueError(f"n_samples={n_samples} cannot hold every one of n_labels={n_labels} "
+                         "labels")
     if not 0 <= n_dead <= n_neurons:
         raise ValueError(f"n_dead must be between 0 and n_neurons={n_neurons}, got {n_dead}")
     rng = np.random.default_rng(random_state)
@@ -97,7 +100,7 @@ def make_activations(
     wrong = (labels[:, None] + 1 + rng.integers(0, max(1, n_labels - 1), (n_samples, n_epochs)))
     prediction = np.where(hit, labels[:, None], wrong % n_labels)
     data: Any = values.astype(np.float32)
-    if chunks:
+    if chunks is not None:
         import dask.array as dsa
 
         dims = (NEURON, SAMPLE, EPOCH)
@@ -117,12 +120,29 @@ def make_activations(
     return xr.Dataset({ACTIVATION: act}, coords=coords, attrs={ATTR_LAYER: "synthetic"})
 
 
-def _xy(obj: Any) -> np.ndarray:
+def _layout_coords(obj: Any) -> tuple[xr.DataArray, xr.DataArray]:
     if X not in obj.coords or Y not in obj.coords:
         raise AssertionError(f"object has no layout: coordinates {X!r} and {Y!r} are missing")
-    xs = obj.coords[X].transpose(NEURON, ...).values
-    ys = obj.coords[Y].transpose(NEURON, ...).values
-    return np.stack([xs, ys], axis=-1)
+    xs, ys = obj.coords[X], obj.coords[Y]
+    if NEURON not in xs.dims or set(xs.dims) != set(ys.dims):
+        raise AssertionError(f"the layout's {X!r} and {Y!r} are not on the neurons alike: "
+                             f"{xs.dims} and {ys.dims}")
+    return xs, ys
+
+
+def _matched(actual: xr.DataArray, desired: xr.DataArray) -> xr.DataArray:
+    """``actual`` in ``desired``'s order of dims and labels: the same neurons (and epochs,
+    or any other dim of the layout) by label, in any order; other labels fail."""
+    if set(actual.dims) != set(desired.dims):
+        raise AssertionError(f"the layouts are on other dims: {actual.dims} and {desired.dims}")
+    for dim in desired.dims:
+        have, want = actual[dim].values, desired[dim].values
+        if len(set(have.tolist())) != len(have) or sorted(have.tolist()) != sorted(want.tolist()):
+            what = "neurons" if dim == NEURON else f"{dim!r} labels"
+            raise AssertionError(f"the layouts are of different {what}: {have.tolist()[:10]} "
+                                 f"and {want.tolist()[:10]}")
+    return actual.transpose(*desired.dims).sel({dim: desired[dim].values
+                                                for dim in desired.dims})
 
 
 def assert_layout_close(
@@ -135,33 +155,46 @@ def assert_layout_close(
 ) -> None:
     """Assert that two laid-out objects place the same neurons at the same positions.
 
+    Neurons are matched by label, in any order, and so are the labels of any other dim
+    of the layout (``epoch`` of a per-epoch layout): the same labels are required.
+
     Parameters
     ----------
     actual, desired : xarray.DataArray or xarray.Dataset
-        Objects with ``x`` and ``y`` coordinates on ``neuron``.
+        Objects with ``x`` and ``y`` coordinates on ``neuron`` (and possibly ``epoch``).
     atol, rtol : float
         Tolerances of :func:`numpy.testing.assert_allclose`.
     up_to_rotation : bool, default False
-        Align ``actual`` onto ``desired`` with orthogonal Procrustes first, so layouts
-        that differ only by a rotation, reflection or translation compare equal.
+        Align ``actual`` onto ``desired`` with orthogonal Procrustes first (per epoch),
+        so layouts that differ only by a rotation, reflection or translation compare
+        equal; a layout of one neuron is compared up to translation.
 
     Raises
     ------
     AssertionError
-        If neurons differ or positions are not close.
+        If neurons or other labels differ, a layout holds NaN or infinite positions, or
+        positions are not close.
     """
-    np.testing.assert_array_equal(actual[NEURON].values, desired[NEURON].values,
-                                  err_msg="the layouts are of different neurons")
-    a, d = _xy(actual), _xy(desired)
-    if a.shape != d.shape:
-        raise AssertionError(f"layout shapes differ: {a.shape} != {d.shape}")
+    (ax, ay), (dx, dy) = _layout_coords(actual), _layout_coords(desired)
+    dims = (NEURON, *[d for d in dx.dims if d != NEURON])
+    dx, dy = dx.transpose(*dims), dy.transpose(*dims)
+    ax, ay = _matched(ax, dx), _matched(ay, dy)
+    a = np.stack([ax.values, ay.values], axis=-1).astype(np.float64)
+    d = np.stack([dx.values, dy.values], axis=-1).astype(np.float64)
+    for name, pos in (("actual", a), ("desired", d)):
+        if not np.isfinite(pos).all():
+            raise AssertionError(f"the {name} layout holds NaN or infinite positions")
     if up_to_rotation:
         from topoxr.alignment import procrustes
 
         a2 = a.reshape(a.shape[0], -1, 2)
         d2 = d.reshape(d.shape[0], -1, 2)
-        a = np.stack([procrustes(a2[:, i], d2[:, i], rescale=False)[0]
-                      for i in range(a2.shape[1])], axis=1).reshape(a.shape)
+        if a2.shape[0] < 2:  # one neuron: nothing to rotate
+            a2 = a2 - a2.mean(axis=0) + d2.mean(axis=0)
+        else:
+            a2 = np.stack([procrustes(a2[:, i], d2[:, i], rescale=False)[0]
+                           for i in range(a2.shape[1])], axis=1)
+        a = a2.reshape(a.shape)
     np.testing.assert_allclose(a, d, atol=atol, rtol=rtol, err_msg="layouts differ")
 
 
@@ -214,8 +247,10 @@ def write_store(
 ) -> str:
     """Record a synthetic layer (e.g. from :func:`make_activations`) into a real store.
 
-    Every epoch is written in batches with :class:`topoxr.ActivationWriter`, with labels
-    and predictions, as a training loop would.
+    Every epoch is written in batches with :class:`topoxr.ActivationWriter`, with labels,
+    predictions and the other per-sample coordinates (metadata columns), as a training
+    loop would. The store numbers neurons ``0..n-1``: other neuron labels are refused,
+    and coordinates on ``neuron`` (``preferred``) are not stored.
 
     Parameters
     ----------
@@ -239,15 +274,21 @@ def write_store(
     """
     from topoxr.store import ActivationWriter
 
+    neurons = ds[NEURON].values
+    if not np.array_equal(neurons, np.arange(len(neurons))):
+        raise ValueError(f"the store numbers neurons 0..{len(neurons) - 1}; this layer's are "
+                         f"{neurons.tolist()[:10]}: they would come back renumbered")
     values = np.asarray(ds[ACTIVATION].transpose(NEURON, SAMPLE, EPOCH).values)
     ids = ds[SAMPLE].values
     labels = ds[LABEL].values if LABEL in ds.coords else None
     preds = ds[PREDICTION].transpose(SAMPLE, EPOCH).values if PREDICTION in ds.coords else None
+    metadata = {str(name): ds.coords[name].values for name in ds.coords
+                if ds.coords[name].dims == (SAMPLE,) and name not in (SAMPLE, LABEL)}
     with ActivationWriter(store, model=model, mode="w", chunk_samples=chunk_samples) as w:
         for e, epoch in enumerate(ds[EPOCH].values.tolist()):
             for start in range(0, len(ids), batch_size):
                 sl = slice(start, start + batch_size)
-                kwargs: dict[str, Any] = {}
+                kwargs: dict[str, Any] = {k: v[sl] for k, v in metadata.items()}
                 if labels is not None:
                     kwargs["label"] = labels[sl]
                 if preds is not None:
