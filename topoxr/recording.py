@@ -39,6 +39,7 @@ from topoxr.reduction import (
     ATTR_OUTPUT_SHAPE,
     ATTR_REDUCED_AXES,
     DEFAULT_MASK,
+    MASKED_REDUCTIONS,
     REDUCE_CHOICES,
     LayerSpec,
     RecordingError,
@@ -878,7 +879,7 @@ def _plan_layers(
                 mode = "none"  # a (batch, neurons) output has nothing to reduce
             axis, rule = 1, "(batch, neurons) output"
         sequence = out.ndim == 3 and axis % 3 == 2
-        mask_key = _mask_key(layer, spec, inputs, sequence and mode in _MASKED_MODES)
+        mask_key = _mask_key(layer, spec, inputs, sequence and mode in MASKED_REDUCTIONS)
         mask, token_ids = token_info(inputs, mask_key)
         try:
             reduced = reduce_layer(out, layer=layer, neuron_axis=axis, reduce=mode,
@@ -887,17 +888,13 @@ def _plan_layers(
             raise RecordingError(str(err)) from None
         n = reduced.values.shape[1] if reduced.values.ndim == 2 else int(
             np.prod(reduced.values.shape[1:]))
-        masked = mask is not None and sequence and mode in _MASKED_MODES
+        masked = mask is not None and sequence and mode in MASKED_REDUCTIONS
         attrs = reduction_attrs(out.shape, neuron_axis=axis, reduce=mode, masked=masked,
                                 rule=rule)
         attrs["topoxr_reduce"] = mode
         plans[layer] = LayerPlan(mode, axis % out.ndim, rule, attrs, mask_key)
         neurons[layer] = n
     return plans, neurons
-
-
-#: Reductions of a sequence output that follow its attention mask.
-_MASKED_MODES = ("mean", "max", "first", "last", "tokens")
 
 
 def _mask_key(layer: str, spec: LayerSpec, inputs: Any, masks: bool) -> str | None:

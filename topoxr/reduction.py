@@ -38,6 +38,7 @@ __all__ = [
     "ATTR_OUTPUT_SHAPE",
     "ATTR_REDUCED_AXES",
     "DEFAULT_MASK",
+    "MASKED_REDUCTIONS",
     "REDUCE_CHOICES",
     "TOKEN_COLUMNS",
     "LayerSpec",
@@ -54,6 +55,9 @@ __all__ = [
 #: Every reduce mode; ``first``, ``last`` and ``tokens`` apply to sequence outputs only.
 REDUCE_CHOICES = ("mean", "max", "none", "first", "last", "tokens")
 _SEQUENCE_ONLY = ("first", "last", "tokens")
+#: Reductions of a sequence output ``(N, T, H)`` over its tokens: they follow the layer's
+#: attention mask, where it has one.
+MASKED_REDUCTIONS = ("mean", "max", "first", "last", "tokens")
 #: Per-sample coordinates added by ``reduce="tokens"``.
 TOKEN_COLUMNS = ("input", "token_position", "token_id")
 

@@ -12,7 +12,13 @@ import numpy as np
 
 from topoxr._optional import import_optional
 from topoxr.recording import Batch, RecordingError
-from topoxr.reduction import DEFAULT_MASK, LayerSpec, resolve_layer_specs, token_info
+from topoxr.reduction import (
+    DEFAULT_MASK,
+    MASKED_REDUCTIONS,
+    LayerSpec,
+    resolve_layer_specs,
+    token_info,
+)
 
 keras = import_optional("keras", extra="keras", purpose="topoxr_keras")
 
@@ -27,8 +33,6 @@ _CACHE: weakref.WeakKeyDictionary[
 #: The key under which a batch whose token reductions follow a Keras mask holds the
 #: model's inputs, beside the masks (see :meth:`ProbeModel.follow_masks`).
 INPUTS_KEY = "topoxr_keras_inputs"
-#: Reductions of a sequence output ``(N, T, H)`` that follow a mask.
-_MASKED_MODES = ("mean", "max", "first", "last", "tokens")
 
 
 def layer_names(model: keras.Model) -> list[str]:
@@ -228,7 +232,7 @@ class ProbeModel:
         if len(output.shape) != 3:
             return False
         axis = self.channel_axis[name] if spec.channel_axis is None else spec.channel_axis
-        return int(axis) % 3 == 2 and (spec.reduce or reduce) in _MASKED_MODES
+        return int(axis) % 3 == 2 and (spec.reduce or reduce) in MASKED_REDUCTIONS
 
     def _model(self) -> keras.Model:
         """The sub-model for the layers pooled now (built once per ``pool`` setting)."""

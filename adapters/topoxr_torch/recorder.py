@@ -12,7 +12,7 @@ import numpy as np
 
 from topoxr._codecs import DEFAULT_COMPRESSOR
 from topoxr._optional import import_optional
-from topoxr.reduction import LayerSpec
+from topoxr.reduction import MASKED_REDUCTIONS, LayerSpec
 from topoxr.recording import (
     RecordingError,
     RecordResult,
@@ -171,10 +171,6 @@ def _followed_axis(axis: int, shape: tuple[int, ...], strides: tuple[int, ...], 
     return axis, seq
 
 
-#: Reductions of a sequence output that follow the inputs' attention mask.
-_MASKED_REDUCTIONS = ("mean", "max", "first", "last", "tokens")
-
-
 def _host_array(value: Any) -> np.ndarray | None:
     if isinstance(value, np.ndarray):
         return value
@@ -214,7 +210,7 @@ def _refuse_positional_mask(name: str, spec: LayerSpec, reduce: str, tensor: tor
     if spec.channel_axis is not None:
         axis = spec.channel_axis
     if (tensor.ndim != 3 or axis % 3 != 2 or int(tensor.shape[1]) != length
-            or mode not in _MASKED_REDUCTIONS or getattr(spec, "mask", None) is False):
+            or mode not in MASKED_REDUCTIONS or spec.mask is False):
         return
     raise RecordingError(
         f"layer {name!r}: reduce={mode!r} over its {length} tokens, and the second "
