@@ -793,3 +793,24 @@ def test_light_jobs_run_on_the_callers_thread_and_every_job_ends_before_an_error
         assert edge.nbytes == 64 * 3 * 4 and edge.light is expected
     big = np.zeros((LIGHT_JOB_BYTES // 4, 1), dtype=np.float32)
     assert not ChunkJob(quick_array, (0, 0), big).light
+
+
+def test_runs_of_one_commit_into_one_chunk_all_land_for_layers_split_by_neuron(tmp_path):
+    """A commit whose samples leave a gap inside one sample chunk writes it in two runs,
+    the second completing the chunk the first left in the writer's chunk cache. A layer
+    whose chunks are split along ``neuron`` into three 16 MiB pieces overflowed the 32 MiB
+    cache within the commit: the first run's pieces were evicted, rebuilt from NaN by
+    the second run, and stored so, under a ``committed`` mask that said they were there."""
+    n_neurons = 3 * 2**20  # 4 samples a chunk: three neuron pieces of 16 MiB each
+    rng = np.random.default_rng(0)
+    first = rng.random((4, n_neurons), dtype=np.float32)
+    path = str(tmp_path / "wide.zarr")
+    with topoxr.ActivationWriter(path, model="m", chunk_samples=4) as writer:
+        writer.write("wide", first, sample=np.arange(4), epoch=0)
+        writer.write("wide", first[[3, 0, 2]] + 1, sample=[3, 0, 2], epoch=1)
+    assert zarr.open_array(f"{path}/m/wide/activation", mode="r").chunks[0] < n_neurons
+    act = topoxr.open_store(path)["m/wide"].activation
+    for sample in (0, 2, 3):
+        np.testing.assert_array_equal(act.sel(sample=sample, epoch=1).values,
+                                      first[sample] + 1)
+    assert np.isnan(act.sel(sample=1, epoch=1).values).all()

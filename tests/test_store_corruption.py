@@ -122,6 +122,10 @@ def _cases(store: Path) -> list[tuple[str, str, object]]:
                     edited = json.loads(data)
                     edited["attributes"][key] = edited["attributes"][key] + "X"
                     cases.append((f"rename-{key}", str(rel), ("json", edited)))
+    # a whole node's folder gone (removed by hand, or an incomplete copy): a model, a
+    # layer, or one array of a layer (its labels, a metadata column, an epoch scalar)
+    for folder in sorted(p.relative_to(store) for p in store.rglob("*") if p.is_dir()):
+        cases.append(("delete-folder", str(folder / "zarr.json"), ("rmtree", None)))
     return cases
 
 
@@ -159,6 +163,8 @@ def _apply(store: Path, rel: str, damage: tuple[str, object]) -> None:
         target.unlink()
     elif kind == "json":
         target.write_text(json.dumps(arg))
+    elif kind == "rmtree":
+        shutil.rmtree(target.parent)
 
 
 def _same(expected: dict[str, xr.Dataset], got: dict[str, xr.Dataset]) -> bool:
@@ -224,3 +230,42 @@ def test_every_damage_is_detected_or_harmless(original, tmp_path):
     assert not unverified, f"damage that topoxr.verify missed: {unverified}"
     assert outcome["detected"] + outcome["harmless"] == len(cases) > 400
 
+
+
+def _tree_bytes(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+
+def test_a_node_lost_outside_topoxr_is_named_by_readers_and_refused_by_writers(tmp_path):
+    """A layer's ``label`` folder removed by hand: the layer used to open without its
+    labels, and ``verify`` passed; the store's listing of its nodes now shows the loss."""
+    import zarr
+
+    from topoxr.store import StoreCorruptionError, store_summary
+
+    store = tmp_path / "store.zarr"
+    _write(store)
+    shutil.rmtree(store / "net" / "dense" / "label")
+    before = _tree_bytes(store)
+    with pytest.raises(StoreCorruptionError, match=r"'net/dense/label' is listed .* missing"):
+        open_store(str(store))
+    report = topoxr.verify(str(store), record=False)
+    assert [p.node for p in report.problems] == ["net/dense"]
+    assert "net/dense/label" in store_summary(str(store))["problems"][0]
+    with pytest.raises(StoreCorruptionError, match="zarr.consolidate_metadata"):
+        ActivationWriter(str(store), model="net")
+    assert _tree_bytes(store) == before  # the writer changed nothing, the listing is kept
+    # the way out the message names, for a deletion on purpose
+    zarr.consolidate_metadata(str(store))
+    dense = open_store(str(store))["net/dense"]
+    assert "label" not in dense.coords and dense["activation"].shape == (5, 24, 2)
+    assert topoxr.verify(str(store), record=False).ok
+
+
+def test_a_deleted_model_is_named_once(tmp_path):
+    store = tmp_path / "store.zarr"
+    _write(store)
+    shutil.rmtree(store / "net")
+    with pytest.raises(StoreError, match=r"'net' is listed") as err:
+        open_store(str(store))
+    assert "net/dense" not in str(err.value)  # named once, not with every node below

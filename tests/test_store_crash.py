@@ -648,9 +648,27 @@ def test_stored_nan_is_not_mistaken_for_a_missing_chunk(tmp_path):
     assert np.isnan(values[:, :4]).all() and (values[:, 4:] == 1).all()
 
 
-def test_a_layer_with_a_missing_array_is_reported(damaged):
-    """What a writer killed while deleting a model (mode="w") can leave."""
+@pytest.mark.parametrize("listing", ["dropped", "kept"])
+def test_a_layer_with_a_missing_array_is_reported(damaged, listing):
+    """What a writer killed while deleting a model (mode="w") can leave: it drops the
+    store's listing of its nodes (the consolidated metadata) before deleting anything.
+    With the listing kept, the folder was removed outside topoxr, and is named so."""
+    if listing == "dropped":
+        zarr.open_group(str(damaged), mode="r+", use_consolidated=False).update_attributes({})
     shutil.rmtree(Path(damaged) / "net" / "dense" / "activation")
+    if listing == "kept":
+        lost = r"'net/dense/activation' is listed in the store's consolidated metadata"
+        with pytest.raises(StoreCorruptionError, match=lost):
+            open_store(damaged)
+        with pytest.raises(StoreCorruptionError, match=lost):
+            topoxr.ActivationWriter(str(damaged), model="net")
+        with pytest.raises(StoreCorruptionError, match=lost):  # another model's writer
+            topoxr.ActivationWriter(str(damaged), model="other", mode="w")
+        # mode="w" replaces the model that lost the node: allowed, as after a crash
+        with topoxr.ActivationWriter(str(damaged), model="net", mode="w") as writer:
+            writer.write("dense", np.ones((2, 3)), sample=[0, 1])
+        assert open_store(damaged)["net/dense"].sizes["neuron"] == 3
+        return
     damaged_layer = r"layer 'dense' of model 'net' is damaged: array\(s\) \['activation'\]"
     with pytest.raises(StoreCorruptionError, match=damaged_layer):
         open_store(damaged)

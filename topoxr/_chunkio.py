@@ -70,26 +70,63 @@ def direct_writes(arr: zarr.Array) -> bool:
 
 
 class ChunkCache:
-    """Decoded copies of the chunks of one array last written, bounded in bytes."""
+    """Decoded copies of the chunks of one array last written, bounded in bytes.
+
+    Within one step of writes (see ``topoxr.store._chunks._run_in_order``) several runs
+    of positions may touch one chunk, each completing it from the copy the run before
+    left here; only the step's last job of the chunk is stored (see
+    :func:`last_per_chunk`). So no chunk touched in the current step is evicted, and
+    one written to its end (``put(..., done=True)``) is dropped only when the step ends
+    (:meth:`end_step`): evicting it earlier would make the next run of the step rebuild
+    the chunk from the fill value and lose the earlier runs' values. Their memory is
+    held by the step's jobs anyway.
+    """
 
     def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self._chunks: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._touched: set[tuple[int, ...]] = set()  # put in the current step
+        self._done: set[tuple[int, ...]] = set()  # to drop when the step ends
 
     def get(self, coords: tuple[int, ...]) -> np.ndarray | None:
         return self._chunks.get(coords)
 
-    def put(self, coords: tuple[int, ...], chunk: np.ndarray) -> None:
+    def put(self, coords: tuple[int, ...], chunk: np.ndarray, *, done: bool = False) -> None:
+        """Keep ``chunk``; ``done``: written to its end, dropped when the step ends."""
         self._chunks[coords] = chunk
         self._chunks.move_to_end(coords)
-        while len(self._chunks) > 1 and sum(c.nbytes for c in self._chunks.values()) > self.max_bytes:
-            self._chunks.popitem(last=False)
+        self._touched.add(coords)
+        if done:
+            self._done.add(coords)
+        else:
+            self._done.discard(coords)
+        self._evict()
 
     def drop(self, coords: tuple[int, ...]) -> None:
         self._chunks.pop(coords, None)
+        self._touched.discard(coords)
+        self._done.discard(coords)
+
+    def end_step(self) -> None:
+        """The step's jobs are made: drop the chunks done, let the others be evicted."""
+        for coords in self._done:
+            self._chunks.pop(coords, None)
+        self._done.clear()
+        self._touched.clear()
+        self._evict()
+
+    def _evict(self) -> None:
+        total = sum(c.nbytes for c in self._chunks.values())
+        for coords in list(self._chunks):  # the oldest first
+            if total <= self.max_bytes or len(self._chunks) <= 1:
+                break
+            if coords not in self._touched:
+                total -= self._chunks.pop(coords).nbytes
 
     def clear(self) -> None:
         self._chunks.clear()
+        self._touched.clear()
+        self._done.clear()
 
 
 def _codec_chain(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[Any, list[tuple[Any, Any]]]:
@@ -704,10 +741,12 @@ class DirectWriter:
                 chunk[dst] = block[src]
             if cache is not None:
                 # a chunk written up to its end is done: later writes go to the next ones
-                if whole or all(b == ib for (_, b), (_, ib) in zip(cover, inside, strict=True)):
+                # (a whole chunk at once: no other run of the step touches it)
+                if whole:
                     cache.drop(coords)
                 else:
-                    cache.put(coords, chunk)
+                    cache.put(coords, chunk, done=all(
+                        b == ib for (_, b), (_, ib) in zip(cover, inside, strict=True)))
             jobs.append(ChunkJob(arr, coords, chunk))
         return jobs
 

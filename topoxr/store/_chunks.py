@@ -139,6 +139,9 @@ def _run_in_order(steps: list[list[tuple[Any, tuple[Any, ...]]]]) -> None:
         # several runs of a batch may touch one chunk: only its last job is complete
         jobs = last_per_chunk([job for func, args in step if isinstance(func, direct)
                                for job in func(*args)])
+        for cache in {id(f.cache): f.cache for f, _ in step
+                      if isinstance(f, DirectWriter) and f.cache is not None}.values():
+            cache.end_step()
         ops = [(func, args) for func, args in step if not isinstance(func, direct)]
         errors: list[BaseException] = []
         if ops:

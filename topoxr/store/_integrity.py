@@ -19,7 +19,9 @@ mask) plus one listing of each small array's chunk keys.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import logging
 import os
 import time
@@ -558,3 +560,86 @@ def check_model_name(node: str, group: zarr.Group) -> None:
     if not isinstance(name, str) or safe_node_name(name) != node:
         raise StoreCorruptionError(f"model {node!r} is damaged: its attribute {ATTR_MODEL!r} "
                                    f"({name!r}) does not match the node {node!r}")
+
+
+#: how deep :func:`lost_nodes` looks: models, their layers and the layers' arrays
+_LISTED_DEPTH = 3
+
+
+def _store_bytes(store: Any, key: str) -> bytes | None:
+    """The bytes of ``key`` in ``store``, None where it does not exist."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    if isinstance(store, zarr.storage.LocalStore):
+        try:
+            with open(os.path.join(store.root, key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    value = sync(store.get(key, default_buffer_prototype()))
+    return None if value is None else value.to_bytes()
+
+
+def _exist(store: Any, keys: list[str]) -> list[bool]:
+    from zarr.core.sync import sync
+
+    if isinstance(store, zarr.storage.LocalStore):
+        return [os.path.isfile(os.path.join(store.root, key)) for key in keys]
+
+    async def exist() -> list[bool]:
+        return list(await asyncio.gather(*(store.exists(key) for key in keys)))
+
+    return sync(exist())
+
+
+def lost_nodes(root: zarr.Group) -> list[str]:
+    """Models, layers and layer arrays that the store's own listing holds but the store lacks.
+
+    A topoxr writer removes the root's consolidated metadata (the listing of every node
+    that plain ``xarray.open_datatree`` reads) before it changes anything, and writes it
+    again when it closes; saving a layout and recording a verification write it again
+    too, and remove no model, layer or array. A node the listing holds was therefore in
+    the store when the listing was written, and no topoxr writer removed it since: if it
+    is missing now, it was deleted or lost outside topoxr (a folder removed by hand, an
+    incomplete copy). What it held would otherwise vanish without a word: readers list
+    the folders, so that a layer without its folder is not shown at all, and one without
+    its ``label`` folder is shown without labels.
+
+    Parameters
+    ----------
+    root : zarr.Group
+        The store's root group.
+
+    Returns
+    -------
+    list of str
+        The paths of the missing nodes, sorted (empty where the store has no listing,
+        while a writer runs or after one crashed, and where the listing changed while
+        it was checked: a writer started).
+    """
+    doc = _store_bytes(root.store, "zarr.json")
+    if doc is None or b'"consolidated_metadata"' not in doc:
+        return []
+    try:
+        listing = (json.loads(doc).get("consolidated_metadata") or {}).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return []  # a damaged root document is reported where it is read
+    paths = sorted(p for p in listing if 0 < p.count("/") + 1 <= _LISTED_DEPTH)
+    missing = [p for p, ok in zip(paths, _exist(root.store, [f"{p}/zarr.json" for p in paths]),
+                                  strict=True) if not ok]
+    if missing and _store_bytes(root.store, "zarr.json") != doc:
+        return []  # a writer started meanwhile (it drops the listing before it deletes)
+    # a missing model or layer is named once, not with every node below it
+    return [p for p in missing if not any(p.startswith(f"{q}/") for q in missing)]
+
+
+def lost_nodes_message(url: str, lost: list[str]) -> str:
+    """The error for :func:`lost_nodes`, naming the nodes and the ways out."""
+    shown = ", ".join(repr(p) for p in lost[:5]) + (f" and {len(lost) - 5} more"
+                                                    if len(lost) > 5 else "")
+    return (f"{url!r} is damaged: {shown} {'is' if len(lost) == 1 else 'are'} listed in the "
+            "store's consolidated metadata (written when its last writer closed) but missing "
+            "from the store: deleted or lost outside topoxr, with all it held. Restore the store from a copy; if the nodes were deleted on purpose, "
+            f"write the listing again with zarr.consolidate_metadata({url!r}) (nothing was "
+            "changed)")

@@ -35,6 +35,8 @@ from topoxr.store._integrity import (
     chunk_coords,
     consistent_snapshot,
     layer_arrays,
+    lost_nodes,
+    lost_nodes_message,
     read_whole,
 )
 from topoxr.store._location import _locate, _open_root_readonly
@@ -92,6 +94,8 @@ def open_store(
     """
     loc = _locate(store, storage_options)
     root = _open_root_readonly(loc)
+    if lost := lost_nodes(root):
+        raise StoreCorruptionError(lost_nodes_message(loc.url, lost))
     nodes: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=dict(root.attrs))}
     for model_name, model_group in child_groups(root):
         check_model_name(model_name, model_group)

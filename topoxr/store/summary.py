@@ -20,6 +20,8 @@ from topoxr.store._integrity import (
     child_groups,
     children,
     consistent_snapshot,
+    lost_nodes,
+    lost_nodes_message,
 )
 from topoxr.store._location import _locate, _open_root_readonly
 from topoxr.store._schema import _ATTR_READY, _ATTR_REDUCE, _guarded, _where
@@ -72,6 +74,8 @@ def store_summary(store: Any, *, storage_options: Mapping[str, Any] | None = Non
         "models": {},
     }
     problems: list[str] = []
+    if lost := lost_nodes(root):
+        problems.append(lost_nodes_message(loc.url, lost))
     for model_name, model_group in child_groups(root, problems):
         try:
             check_model_name(model_name, model_group)

@@ -26,6 +26,8 @@ from topoxr.store._integrity import (
     chunk_slices,
     consistent_snapshot,
     layer_arrays,
+    lost_nodes,
+    lost_nodes_message,
     missing_chunks,
     region_of,
     stored_chunks,
@@ -124,6 +126,9 @@ def verify(store: Any, *, storage_options: Mapping[str, Any] | None = None,
     report = VerifyReport(store=loc.url)
     layers: list[tuple[str, zarr.Group]] = []
     errors: list[str] = []
+    for path in lost_nodes(root):
+        report.problems.append(Problem("/".join(path.split("/")[:2]),
+                                       lost_nodes_message(loc.url, [path])))
     models = child_groups(root, errors)
     for model_name, model_group in models:
         try:

@@ -44,7 +44,8 @@ from topoxr.conventions import (
     SAMPLE,
 )
 from topoxr.store._chunks import _append, _run_in_order, _write_mask_chunks
-from topoxr.store._errors import StoreError, StoreWriteError
+from topoxr.store._errors import StoreCorruptionError, StoreError, StoreWriteError
+from topoxr.store._integrity import lost_nodes, lost_nodes_message
 from topoxr.store._location import _locate, _open_root_readonly, safe_node_name
 from topoxr.store._plan import (
     _as_1d,
@@ -289,7 +290,7 @@ class ActivationWriter:
             if link_identical_files and self._loc.local_dir is not None and not fsync:
                 start_linking(self._loc.store)
                 self._linking = True
-            self._root = self._open_root(existed, description)
+            self._root = self._open_root(existed, description, mode)
             self._model_group = self._open_model(mode, attrs)
             self._load_layers()
         except StoreError:
@@ -308,7 +309,7 @@ class ActivationWriter:
             raise
 
     # -- opening ---------------------------------------------------------------------
-    def _open_root(self, existed: bool, description: str | None) -> zarr.Group:
+    def _open_root(self, existed: bool, description: str | None, mode: str) -> zarr.Group:
         if not existed:
             attrs = {
                 ATTR_FORMAT: FORMAT_VERSION,
@@ -319,6 +320,12 @@ class ActivationWriter:
             # which would leave the flock on a directory nobody uses any more
             return zarr.create_group(self._loc.store, attributes=attrs, overwrite=False)
         root = zarr.open_group(self._loc.store, mode="r+", use_consolidated=False)
+        own = safe_node_name(self.model)
+        lost = [p for p in lost_nodes(root)  # mode="w" deletes its own model's nodes anyway
+                if mode != "w" or (p != own and not p.startswith(f"{own}/"))]
+        if lost:
+            # dropping the listing below would erase the only record of what was lost
+            raise StoreCorruptionError(lost_nodes_message(self._loc.url, lost))
         # Consolidated metadata would be stale as soon as we write: drop it now, it is
         # written again by close().
         root.update_attributes({})
@@ -362,7 +369,6 @@ class ActivationWriter:
             If a layer lacks its ready mark but holds committed data (it lost the
             attribute): it is not deleted (see :func:`topoxr.store.verify.unready_layer_damage`).
         """
-        from topoxr.store._errors import StoreCorruptionError
         from topoxr.store.verify import unready_layer_damage
 
         for name, group in list(self._model_group.groups()):
