@@ -101,3 +101,67 @@ def test_plot_delegates_to_viz_topomap():
     direct = topomap(laid, by=["label", "epoch"], interpolate=False)
     assert type(via_accessor) is type(direct)
     assert list(via_accessor.keys()) == list(direct.keys())
+
+
+def _cosine_nap_distances(ds: xr.Dataset) -> np.ndarray:
+    """Cosine distances of the NAP-by-label profiles, per epoch, computed with scipy."""
+    from scipy.spatial.distance import cdist
+
+    nap = topoxr.naps(ds).transpose("neuron", "label", "epoch").values
+    return np.stack([cdist(nap[..., e], nap[..., e], "cosine") for e in range(nap.shape[-1])],
+                    axis=-1)
+
+
+def test_distances_of_a_dataset_and_of_a_tree_are_those_of_each_layer(tmp_path):
+    # .topo.distances() raised TypeError on a Dataset or a DataTree (similarity.distances
+    # took only DataArrays), though the accessor promises to map over layer nodes
+    ds = make_activations(n_neurons=8, n_samples=20, n_epochs=2).drop_vars("preferred")
+    expected = ds.activation.topo.distances()
+    xr.testing.assert_identical(ds.topo.distances(), expected)
+    np.testing.assert_allclose(expected.values, _cosine_nap_distances(ds), atol=1e-6)
+    xr.testing.assert_identical(ds.topo.distances("correlation"),
+                                ds.activation.topo.distances("correlation"))
+
+    path = write_store(ds, str(tmp_path / "run.zarr"), layer="dense1")
+    tree = topoxr.open_store(path)
+    out = tree.topo.distances()
+    assert [n.path for n in out.leaves] == ["/model/dense1"]
+    layer = tree["model/dense1"].to_dataset(inherit=True)
+    xr.testing.assert_allclose(out["model/dense1"]["distance"],
+                               layer.activation.topo.distances(), atol=1e-12)
+    np.testing.assert_allclose(out["model/dense1"]["distance"].values,
+                               _cosine_nap_distances(ds), atol=1e-6)
+
+    # two layers: each node gets the distances of its own activations
+    other = make_activations(n_neurons=6, n_samples=20, n_epochs=2, random_state=5)
+    two = xr.DataTree.from_dict({"/m/a": ds, "/m/b": other})
+    out2 = two.topo.distances()
+    for name, layer_ds in (("m/a", ds), ("m/b", other)):
+        xr.testing.assert_identical(out2[name]["distance"].variable,
+                                    layer_ds.activation.topo.distances().variable)
+
+
+def test_distances_of_a_dataset_without_activations_is_refused_by_name():
+    from topoxr.similarity import ProfileError
+
+    ds = make_activations(n_neurons=8, n_samples=20, n_epochs=2)
+    prof = topoxr.profiles(ds).to_dataset()
+    with pytest.raises(ProfileError, match=r"'activation' variable.*'profile'"):
+        prof.topo.distances()
+
+
+def test_tree_plot_is_refused_with_the_way_to_plot_one_layer(tmp_path):
+    # tree.topo.plot() raised topomap's "laid-out NAPs must be an xarray.DataArray ...,
+    # got DataTree", while the class docstring said every method maps over layer nodes
+    from topoxr.accessor import TopoTreeAccessor
+
+    path = write_store(make_activations(n_neurons=12), str(tmp_path / "run.zarr"))
+    laid = topoxr.open_store(path).topo.layout("pca", random_state=0)
+    with pytest.raises(TypeError, match=r"one layer.*\['model/hidden'\]\['nap'\]"):
+        laid.topo.plot()
+    assert "but ``plot``" in TopoTreeAccessor.__doc__
+    # the way the message gives draws that layer's maps
+    pytest.importorskip("holoviews")
+    maps = laid.topo.naps()["model/hidden"]["nap"].topo.plot(by=["label", "epoch"],
+                                                             interpolate=False)
+    assert len(maps.keys()) == 4 * 3

@@ -145,6 +145,23 @@ def test_align_epochs_removes_flips_between_epochs():
         align_epochs(ds)
 
 
+def test_align_epochs_chains_epochs_in_label_order_whatever_order_they_are_held_in():
+    """Epochs held as [2, 0, 1] were chained by position: epoch 0 fitted onto epoch 2."""
+    ds = make_activations(n_neurons=20)
+    rng = np.random.default_rng(5)
+    per_epoch = rng.normal(size=(20, 3, 2))  # unrelated layouts: the chain order matters
+    laid = ds.assign_coords(x=(("neuron", "epoch"), per_epoch[..., 0]),
+                            y=(("neuron", "epoch"), per_epoch[..., 1]))
+    shuffled = [2, 0, 1]
+    for rescale in (False, True):
+        want = align_epochs(laid, rescale=rescale).isel(epoch=shuffled)
+        got = align_epochs(laid.isel(epoch=shuffled), rescale=rescale)
+        for coord in ("x", "y"):
+            np.testing.assert_allclose(got[coord].transpose("neuron", "epoch").values,
+                                       want[coord].transpose("neuron", "epoch").values,
+                                       atol=1e-12)
+
+
 def test_assert_layout_close_up_to_rotation():
     ds = make_activations(n_neurons=10)
     a = attach(ds, "pca", random_state=0, share="all", metric="euclidean")

@@ -151,7 +151,10 @@ def test_compare_writes_a_side_by_side_report(planted_store, tmp_path):
     out = tmp_path / "compare.html"
     assert main(["compare", planted_store, "--models", "net_a", "net_b", "--layer", "hidden",
                  "--out", str(out)]) == 0
-    assert "net_a/hidden vs net_b/hidden" in out.read_text()
+    html = out.read_text()
+    assert "net_a/hidden vs net_b/hidden" in html
+    # the alignment's note (rotation, matched neurons, RMSD) is in the section's text
+    assert '"rmsd"' in html.replace("&quot;", '"') and '"n_matched"' in html.replace("&quot;", '"')
 
 
 @pytest.mark.parametrize(
@@ -360,3 +363,21 @@ def test_layers_and_models_are_selected_by_the_names_info_prints(tmp_path, capsy
     for model, layer in (("my net", "out layer"), ("my_net", "out_layer")):
         assert main(["naps", path, "--model", model, "--layer", layer]) == 0
         assert capsys.readouterr().out.startswith("my_net/out_layer: 6 neurons")
+
+
+def test_the_last_epoch_is_the_highest_whatever_the_order_epochs_were_recorded_in(tmp_path):
+    """Epochs recorded as 0, 9, 3: `topoxr layout --epoch last` (the default) shared the
+    layout of epoch 3, the last written, and `info` printed the span 0..3."""
+    from topoxr.layouts import load_layout
+
+    path = str(tmp_path / "order.zarr")
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    with ActivationWriter(path, model="m") as writer:
+        for epoch in (0, 9, 3):
+            writer.write("dense", rng.normal(size=(30, 8)), sample=np.arange(30),
+                         label=labels, epoch=epoch)
+    assert main(["layout", path, "--method", "pca", "--no-progress"]) == 0
+    laid = load_layout(path, "m", "dense", "pca")
+    assert json.loads(laid.attrs["topoxr_layout"])["share"] == 9
+    assert "3 epochs (0..9)" in run_cli("info", path).stdout

@@ -269,6 +269,28 @@ def test_save_and_load_layouts_in_the_store(store):
         save_layout(store, "model", "dense1", layer, "x")
 
 
+def test_a_per_epoch_layout_loads_onto_one_selected_epoch(tmp_path):
+    """``onto=nap.sel(epoch=2)`` (epoch a scalar coordinate) raised xarray's "dimension
+    'epoch' already exists as a scalar variable"; it now takes that epoch's layout."""
+    path = str(tmp_path / "run.zarr")
+    write_store(make_activations(n_neurons=12, random_state=1), path, layer="dense1")
+    nap = topoxr.naps(topoxr.open_store(path)["model/dense1"].to_dataset())
+    laid = attach(nap, "pca", random_state=0)  # x, y on (neuron, epoch)
+    save_layout(path, "model", "dense1", laid, "per-epoch")
+    one = load_layout(path, "model", "dense1", "per-epoch", onto=nap.sel(epoch=2))
+    assert one.x.dims == ("neuron",)
+    np.testing.assert_array_equal(one.x.values, laid.x.sel(epoch=2).values)
+    np.testing.assert_array_equal(one.y.values, laid.y.sel(epoch=2).values)
+    listed = load_layout(path, "model", "dense1", "per-epoch", onto=nap.sel(epoch=[2, 0]))
+    np.testing.assert_array_equal(listed.x.transpose("neuron", "epoch").values,
+                                  laid.x.sel(epoch=[2, 0]).transpose("neuron", "epoch").values)
+    with pytest.raises(StoreError, match=r"holds epochs \[0, 1, 2\], not \[7\]"):
+        load_layout(path, "model", "dense1", "per-epoch",
+                    onto=nap.sel(epoch=[2]).assign_coords(epoch=[7]))
+    with pytest.raises(StoreError, match="no epoch coordinate"):
+        load_layout(path, "model", "dense1", "per-epoch", onto=nap.isel(epoch=0, drop=True))
+
+
 def test_a_layout_in_another_order_is_saved_in_the_layers_order(tmp_path):
     """A layout whose neurons (or per-epoch epochs) come in another order is saved in
     the layer's order, matched by label: saved as given, its group did not align with

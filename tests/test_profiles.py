@@ -192,3 +192,39 @@ def test_an_empty_epoch_selection_is_refused(source):
     if source == "activations":
         with pytest.raises(ProfileError, match=r"not all in \[0, 1, 2\]"):
             profiles(ds, source=source, epochs=[9])
+
+
+def test_balanced_sampling_names_too_few_samples_for_the_labels():
+    # with n_samples=3 < 4 labels the error blamed a label without eligible samples
+    ds = make_activations(n_samples=40, n_labels=4)
+    with pytest.raises(ProfileError, match="n_samples=3 is fewer than the 4 labels"):
+        profiles(ds, source="activations", n_samples=3, balanced=True, random_state=1)
+    # 4 samples for 4 labels: one of each
+    p = profiles(ds, source="activations", n_samples=4, balanced=True, random_state=1)
+    for e in range(ds.sizes["epoch"]):
+        labels = ds.label.sel(sample=p["feature_sample"].values[:, e]).values
+        assert sorted(labels.tolist()) == [0, 1, 2, 3]
+
+
+def test_balanced_sampling_names_the_label_without_eligible_samples():
+    ds = make_activations(n_samples=40, n_labels=4)
+    committed = ds.committed.values.copy()
+    committed[ds.label.values == 2, 1] = False  # label 2 has nothing committed at epoch 1
+    ds = ds.assign_coords(committed=(("sample", "epoch"), committed), epoch=[10, 11, 12])
+    with pytest.raises(ProfileError, match=r"label 2 has no eligible.*at epoch 11"):
+        profiles(ds, source="activations", n_samples=8, balanced=True, random_state=1)
+
+
+def test_distances_of_a_layer_dataset_use_its_activations():
+    # distances() refused Datasets (TypeError), so Dataset.topo.distances() always failed
+    ds = make_activations(n_neurons=10, n_samples=24, n_labels=4)
+    got = distances(ds)
+    xr.testing.assert_identical(got, distances(ds.activation))
+    nap = naps(ds).transpose("neuron", "label", "epoch").values
+    for e in range(ds.sizes["epoch"]):
+        np.testing.assert_allclose(got.isel(epoch=e).values,
+                                   cdist(nap[..., e], nap[..., e], "cosine"), atol=1e-6)
+    with pytest.raises(ProfileError, match=r"'activation' variable"):
+        distances(ds.rename(activation="act"))
+    with pytest.raises(TypeError, match="DataTree"):
+        distances(xr.DataTree.from_dict({"/m/l": ds}))

@@ -277,3 +277,106 @@ def test_quality_refuses_k_below_one(k):
     laid = attach(make_activations(n_neurons=20), "pca", random_state=0)
     with pytest.raises(QualityError, match="k must be >= 1"):
         quality(laid, k=k)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, np.float64(4.0), True])
+def test_n_queries_must_be_a_positive_integer(bad):
+    # 0 and negative values raised numpy/sklearn errors, 2.5 was truncated to 2
+    from topoxr.metrics import knn_overlap
+
+    X, _ = _clustered(n=60)
+    E = X[:, :2]
+    with pytest.raises(QualityError, match="n_queries"):
+        neighborhood_preservation(X, E, 5, n_queries=bad)
+    with pytest.raises(QualityError, match="n_queries"):
+        knn_overlap(X, E, 5, n_queries=bad)
+    with pytest.raises(QualityError, match="n_queries"):
+        knn_overlap(X, E, 5, n_queries="auto")  # knn_overlap has no "auto"
+
+
+def test_n_queries_accepts_numpy_integers_and_none():
+    from topoxr.metrics import knn_overlap
+
+    X, _ = _clustered(n=60)
+    E = X[:, :2] + np.random.default_rng(1).normal(scale=2, size=(60, 2))
+    assert neighborhood_preservation(X, E, 5, n_queries=np.int64(20)) == \
+        neighborhood_preservation(X, E, 5, n_queries=20)
+    assert knn_overlap(X, E, 5, n_queries=np.int32(20)) == knn_overlap(X, E, 5, n_queries=20)
+    t, _ = neighborhood_preservation(X, E, 5, n_queries=None)
+    assert t == pytest.approx(sk_trustworthiness(X, E, n_neighbors=5))
+    assert knn_overlap(X, E, 5, n_queries=None) == knn_overlap(X, E, 5, n_queries=1000)
+
+
+@pytest.mark.parametrize("strengths", [(2, 2), (3, 1), (1, 2, 2), (-1, 2), (1, np.inf)])
+def test_smoothness_refuses_strengths_without_a_range(strengths):
+    # strengths=(2, 2) rescaled the strengths by 0/0 and returned NaN scores
+    img = np.sin(np.mgrid[0:40, 0:40][1] / 6.0)
+    with pytest.raises(QualityError, match="strengths"):
+        smoothness(img[None], strengths=strengths)
+
+
+def test_smoothness_of_two_strengths_is_the_mean_of_the_curve_ends():
+    # area under a straight segment over a range rescaled to [0, 1]
+    img = np.sin(np.mgrid[0:40, 0:40][1] / 6.0)
+    res = smoothness(img[None], strengths=(2, 5))
+    assert res["blur"][0] == pytest.approx(res["blur_curve"][0].mean())
+    assert np.isfinite(res["score"]).all()
+
+
+@pytest.mark.parametrize("clim", [(1, -1), (0.5, 0.5), (-1, np.nan), (0, np.inf), (1,)])
+def test_paper_smoothness_refuses_colour_limits_without_a_range(clim):
+    # clim=(1, -1) gave NaN areas
+    from topoxr.metrics import paper_smoothness
+
+    img = np.sin(np.mgrid[0:40, 0:40][1] / 6.0)
+    with pytest.raises(QualityError, match="clim"):
+        paper_smoothness(img[None], clim=clim)
+
+
+def test_paper_smoothness_with_explicit_limits_equal_to_the_default():
+    from topoxr.metrics import paper_smoothness
+
+    img = np.sin(np.mgrid[0:40, 0:40][1] / 6.0) * 0.7
+    m = np.abs(img).max()
+    np.testing.assert_array_equal(paper_smoothness(img[None], clim=(-m, m))["area"],
+                                  paper_smoothness(img[None])["area"])
+
+
+def _scipy_blob_counts(imgs: np.ndarray, threshold: float = 0.5) -> list[float]:
+    """Blob counts with scipy.ndimage.label (4-connected), shared max, NaN never strong."""
+    from scipy.ndimage import label
+
+    vmax = np.nanmax(np.abs(imgs))
+    counts = []
+    for img in imgs:
+        filled = np.nan_to_num(img, nan=0.0)
+        counts.append(float(label(filled >= threshold * vmax)[1]
+                            + label(filled <= -threshold * vmax)[1]))
+    return counts
+
+
+def test_blobs_of_an_empty_map_are_nan():
+    img = np.zeros((20, 20))
+    img[2:6, 2:6] = 1.0
+    out = blobs(np.stack([img, np.full((20, 20), np.nan)]))
+    assert out["count"][0] == 1 and np.isnan(out["count"][1]) and np.isnan(out["area"][1])
+
+
+def test_quality_blob_means_skip_groups_empty_at_an_epoch():
+    # a group with no sample at an epoch (all-NaN map) counted as 0 blobs of area 0,
+    # while the smoothness scores skipped it
+    from topoxr.interpolate import GridInterpolator
+    from topoxr.testing.maps import make_laid_naps
+
+    nap = make_laid_naps(n_neurons=30, n_labels=4, n_epochs=2, empty=(0, 1))
+    q = quality(nap, k=3, resolution=30)
+    interp = GridInterpolator(nap.x.values, nap.y.values, resolution=30)
+    for e in range(2):
+        imgs = interp(nap.isel(epoch=e).transpose("label", "neuron").values)
+        present = [i for i in range(4) if np.isfinite(imgs[i]).any()]
+        assert len(present) == (3 if e == 1 else 4)
+        counts = _scipy_blob_counts(imgs)
+        assert q.blob_count.values[e] == pytest.approx(np.mean([counts[i] for i in present]))
+        assert np.isfinite(q.blob_area.values[e])
+        assert q.blob_area.values[e] == pytest.approx(
+            np.mean(blobs(imgs[present])["area"]))

@@ -3,7 +3,9 @@
 Every method is a one-line delegation to a public function, so the accessor holds no
 state and adds no behaviour: ``obj.topo.naps(by="label")`` is
 ``topoxr.naps(obj, by="label")``. On a DataTree, methods map over the layer nodes
-(nodes holding an ``activation`` variable) and return a DataTree with the same paths.
+(nodes holding an ``activation`` variable) and return a DataTree with the same paths;
+the exception is :meth:`TopoAccessor.plot`, which draws one layer and is refused on a
+tree (select one layer's laid-out NAPs first).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class TopoAccessor:
     def distances(self, metric: str = "cosine", **kwargs: Any) -> Any:
         """Pairwise profile distances; see :func:`topoxr.similarity.distances`.
 
+        On a DataArray of profiles or NAPs, their distances; on activations, a Dataset
+        holding ``activation`` (a layer node), or a DataTree (every layer node), the
+        distances of their default profiles (:func:`topoxr.similarity.profiles`: NAPs by
+        label).
+
         Parameters
         ----------
         metric : {"cosine", "correlation", "euclidean"}, default "cosine"
@@ -78,7 +85,13 @@ class TopoAccessor:
         Returns
         -------
         xarray.DataArray or xarray.DataTree
-            Square distance matrices.
+            Square distance matrices (a tree of them, one node per layer, on a DataTree).
+
+        Raises
+        ------
+        topoxr.similarity.ProfileError
+            For a Dataset without an ``activation`` variable, and as
+            :func:`topoxr.similarity.distances`.
         """
         from topoxr.similarity import distances
 
@@ -178,9 +191,35 @@ class TopoDatasetAccessor(TopoAccessor):
 
 @xr.register_datatree_accessor("topo")
 class TopoTreeAccessor(TopoAccessor):
-    """``DataTree.topo``: every method maps over the layer nodes of a store's tree."""
+    """``DataTree.topo``: every method but ``plot`` maps over the layer nodes of a store's
+    tree (nodes holding an ``activation`` variable). ``plot`` draws one layer, so on a tree
+    it raises a TypeError that says how to select a layer's NAPs."""
 
     __slots__ = ()
+
+    def plot(self, **kwargs: Any) -> Any:
+        """Refused: a map shows one layer, so select one layer's laid-out NAPs first.
+
+        Parameters
+        ----------
+        **kwargs
+            Arguments of :func:`topoxr.viz.topomap` (not used).
+
+        Raises
+        ------
+        TypeError
+            Always; the message names the tree's layer nodes and how to plot one of them,
+            e.g. ``tree.topo.layout().topo.naps()["model/layer"]["nap"].topo.plot()``.
+        """
+        layers = [node.path for node in self._obj.subtree if node.data_vars]
+        example = layers[0].lstrip("/") if layers else "model/layer"
+        raise TypeError(
+            "DataTree.topo.plot() is not supported: a topographic map shows the NAPs of one "
+            "layer, and .topo.plot() does not map over the layer nodes as the other "
+            f"methods do. Select one layer's laid-out NAPs, e.g. "
+            f"tree.topo.layout().topo.naps()[{example!r}]['nap'].topo.plot() "
+            f"(nodes with data: {layers[:10]}{' ...' if len(layers) > 10 else ''})"
+        )
 
     def _apply(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> xr.DataTree:
         out: dict[str, Any] = {}

@@ -10,6 +10,7 @@ their activity (:func:`scipy.optimize.linear_sum_assignment`), then aligned the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from typing import Any
@@ -239,8 +240,9 @@ def align(
 def align_epochs(laid: Any, *, rescale: bool = True) -> Any:
     """Align per-epoch layouts so that each epoch follows the previous one.
 
-    Epoch ``t`` is aligned onto the (already aligned) epoch ``t - 1`` by orthogonal
-    Procrustes on all neurons, so an animation over epochs does not flip or spin.
+    Each epoch is aligned onto the (already aligned) epoch before it, in the order of
+    the epoch labels (not the order the object holds them in), by orthogonal Procrustes
+    on all neurons, so an animation over epochs does not flip or spin.
 
     Parameters
     ----------
@@ -262,11 +264,14 @@ def align_epochs(laid: Any, *, rescale: bool = True) -> Any:
     ys = laid.coords[Y].transpose(NEURON, EPOCH).values
     P = np.stack([xs, ys], axis=-1)  # (neuron, epoch, 2)
     out = P.copy()
+    # in the order of the epochs' labels, whatever order the object holds them in
+    order = np.argsort(np.asarray(laid.coords[X].transpose(NEURON, EPOCH)[EPOCH].values),
+                       kind="stable")
     if rescale:  # as every later epoch (each fitted to the one before, then rescaled)
-        out[:, 0] = _unit_square(P[:, 0])
+        out[:, order[0]] = _unit_square(P[:, order[0]])
     reflections = []
-    for e in range(1, P.shape[1]):
-        out[:, e], info = procrustes(P[:, e], out[:, e - 1], rescale=rescale)
+    for before, e in itertools.pairwise(order):
+        out[:, e], info = procrustes(P[:, e], out[:, before], rescale=rescale)
         reflections.append(info["reflection"])
     note = {"match": "previous_epoch", "reflections": reflections}
     return _with_xy(laid, out, note, dims=(NEURON, EPOCH))

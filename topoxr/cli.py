@@ -49,7 +49,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             if "epochs" not in layer:  # damaged: its problems are listed below
                 lines.append(f"    layer {layer['name']:<24} damaged")
                 continue
-            epochs = layer["epochs"]
+            epochs = sorted(layer["epochs"])  # as recorded, not necessarily in order
             span = f"{epochs[0]}..{epochs[-1]}" if epochs else "none"
             text = (
                 f"    layer {layer['name']:<24} {layer['neurons']:>6} neurons "
@@ -120,7 +120,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 def _layer_nodes(path: str, models: Sequence[str] | None, layers: Sequence[str] | None):
     """The (model, layer, Dataset) triples of a store matching the selection."""
-    from topoxr.conventions import ACTIVATION, ATTR_LAYER, ATTR_MODEL
+    from topoxr.conventions import ACTIVATION, ATTR_LAYER, ATTR_MODEL, EPOCH
     from topoxr.store import open_store
 
     tree = open_store(path)
@@ -137,7 +137,9 @@ def _layer_nodes(path: str, models: Sequence[str] | None, layers: Sequence[str] 
             f"no layer matches --model {models or 'any'} --layer {layers or 'any'}; "
             f"the store has: {names}"
         )
-    return [(m, l, tree[f"{m}/{l}"].to_dataset()) for m, l in chosen]
+    # epochs in ascending order, whatever order they were recorded in: "last" is the
+    # highest epoch, and maps and reports walk them in training order
+    return [(m, l, tree[f"{m}/{l}"].to_dataset().sortby(EPOCH)) for m, l in chosen]
 
 
 def _by(text: str) -> str | list[str]:
@@ -150,7 +152,7 @@ def _by(text: str) -> str | list[str]:
 def _epoch_of(ds: Any, epoch: str) -> int:
     from topoxr.conventions import EPOCH
 
-    epochs = [int(e) for e in ds[EPOCH].values]
+    epochs = sorted(int(e) for e in ds[EPOCH].values)
     if epoch == "last":
         return epochs[-1]
     try:
@@ -302,7 +304,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     nap_a = _laid_naps(args.path, a, layer_a, ds_a, "label", None, args.seed)
     nap_b = _laid_naps(args.path, b, layer_b, ds_b, "label", None, args.seed)
     nap_b = align(nap_b, nap_a, match="activity")
-    note = json.loads(nap_b.attrs.get("topoxr_layout", "{}")).get("alignment", {})
+    note = json.loads(nap_b.attrs.get("topoxr_layout", "{}")).get("aligned", {})
     report = Report(f"topoxr compare: {a}/{layer_a} vs {b}/{layer_b}")
     report.add_section("Side by side (last epoch)", compare_models({a: nap_a, b: nap_b}),
                        text=f"{b} is aligned onto {a} by matching neurons on their activity. "

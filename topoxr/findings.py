@@ -61,7 +61,12 @@ def _positions(nap: xr.DataArray) -> np.ndarray:
 
 
 def _maps(nap: xr.DataArray, resolution: int) -> np.ndarray:
-    """Interpolated maps ``(group, [epoch,] ny, nx)`` of laid-out NAPs on a fixed layout."""
+    """Interpolated maps ``(group, [epoch,] ny, nx)`` of laid-out NAPs on a fixed layout.
+
+    A NaN neuron value spoils only the pixels of the triangles touching that neuron
+    (:class:`topoxr.interpolate.GridInterpolator`), so a map keeps its other pixels; only
+    a group without any value at an epoch (empty there) gives an all-NaN map.
+    """
     from topoxr.interpolate import GridInterpolator
 
     pos = _positions(nap)
@@ -69,12 +74,7 @@ def _maps(nap: xr.DataArray, resolution: int) -> np.ndarray:
     order = [gdim, *([EPOCH] if EPOCH in nap.dims else []), NEURON]
     values = np.asarray(nap.transpose(*order).values, dtype=np.float64)
     interp = GridInterpolator(pos[:, 0], pos[:, 1], resolution=resolution)
-    flat = values.reshape(-1, values.shape[-1])
-    out = np.full((len(flat), *interp.shape), np.nan)
-    ok = np.isfinite(flat).all(axis=1)
-    if ok.any():
-        out[ok] = interp(flat[ok])
-    return out.reshape(*values.shape[:-1], *interp.shape)
+    return interp(values)
 
 
 def map_correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -98,8 +98,14 @@ def map_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denom) if denom > 0 else float("nan")
 
 
+def _in_epoch_order(nap: xr.DataArray) -> xr.DataArray:
+    """``nap`` with its epochs in ascending order (they are held as recorded)."""
+    return nap.sortby(EPOCH) if EPOCH in nap.dims and EPOCH in nap.coords else nap
+
+
 def _last(nap: xr.DataArray) -> xr.DataArray:
-    return nap.isel({EPOCH: -1}) if EPOCH in nap.dims else nap
+    """``nap`` at its last epoch: the highest, whatever order the epochs are held in."""
+    return _in_epoch_order(nap).isel({EPOCH: -1}) if EPOCH in nap.dims else nap
 
 
 def _on_same_layout(ref: xr.DataArray, other: xr.DataArray, names: tuple[str, str],
@@ -151,10 +157,15 @@ def class_map_findings(
         maps: near 1, all classes look alike; near 0 or below, distinct), ``max_pair``
         (the most alike pair of two classes and its correlation; None when there are
         fewer than two classes or no pair has a finite correlation, e.g. classes with
-        empty or constant maps), per class ``blob_count`` and ``blob_area`` (mean
-        blob area as a fraction of the map, 0 for a map without blobs), and over all
-        maps ``mean_blob_count`` and ``mean_blob_area``, the mean area of one blob (maps
-        without blobs do not count; NaN when no map has one).
+        empty or constant maps), per class ``blob_count`` (an int) and ``blob_area``
+        (mean blob area as a fraction of the map, 0 for a map without blobs), and over
+        all maps ``mean_blob_count`` and ``mean_blob_area``, the mean area of one blob
+        (maps without blobs do not count; NaN when no map has one).
+
+        A class without samples at the last epoch has an empty (all-NaN) map: its
+        ``blob_count`` and ``blob_area`` are NaN (floats) and it does not enter the
+        means (``mean_blob_count`` is NaN when no class has a map). A NaN value of some
+        neurons only blanks the pixels next to them: the class keeps its map.
     """
     from topoxr.metrics import blobs
 
@@ -175,16 +186,21 @@ def class_map_findings(
         best = np.unravel_index(np.argmax(np.where(np.isfinite(corr), corr, -np.inf)),
                                 corr.shape)
         max_pair = {"groups": [names[best[0]], names[best[1]]], "correlation": float(corr[best])}
+    count, area = found["count"], found["area"]
+    has_map = np.isfinite(count)
     return {
         "key": keys[0] if len(keys) == 1 else keys,
         "mean_correlation": float(finite.mean()) if finite.size else float("nan"),
         "max_pair": max_pair,
-        "blob_count": dict(zip(names, found["count"].astype(int).tolist(), strict=True)),
-        "blob_area": dict(zip(names, np.round(found["area"], 4).tolist(), strict=True)),
-        "mean_blob_count": float(found["count"].mean()),
+        "blob_count": dict(zip(names, [int(c) if ok else float("nan")
+                                       for c, ok in zip(count, has_map, strict=True)],
+                               strict=True)),
+        "blob_area": dict(zip(names, np.round(area, 4).tolist(), strict=True)),
+        "mean_blob_count": float(count[has_map].mean()) if has_map.any() else float("nan"),
         # the mean area of one blob: "N blobs per map, each X% of the map"
-        "mean_blob_area": (float((found["count"] * found["area"]).sum() / found["count"].sum())
-                           if found["count"].sum() else float("nan")),
+        "mean_blob_area": (float((count[has_map] * area[has_map]).sum()
+                                 / count[has_map].sum())
+                           if count[has_map].sum() else float("nan")),
     }
 
 
@@ -276,7 +292,7 @@ def _counts(nap: xr.DataArray) -> np.ndarray:
         return np.ones(nap.sizes[gdim])
     cnt = nap["count"]
     if EPOCH in cnt.dims:
-        cnt = cnt.isel({EPOCH: -1})
+        cnt = _last(cnt)
     return np.asarray(cnt.values, float)
 
 
@@ -345,7 +361,8 @@ def training_findings(
     """How much the maps change from one epoch to the next, and when they settle.
 
     The change at epoch ``e`` is ``1 - r``, with ``r`` the correlation of all class maps
-    of epoch ``e`` with those of epoch ``e - 1`` (one fixed layout, so pixels are the
+    of epoch ``e`` with those of the epoch before it (epochs in ascending order, whatever
+    order ``laid_naps`` holds them in; one fixed layout, so pixels are the
     same neurons). The organisation has settled at the first epoch from which every
     later change stays below ``settle`` times the largest change.
 
@@ -366,6 +383,7 @@ def training_findings(
     """
     if EPOCH not in laid_naps.dims or laid_naps.sizes[EPOCH] < 2:
         raise ValueError("training_findings needs NAPs with at least two epochs")
+    laid_naps = _in_epoch_order(laid_naps)  # the changes from one epoch to the next
     maps = _maps(laid_naps, resolution)  # (group, epoch, ny, nx)
     epochs = [_plain(e) for e in laid_naps[EPOCH].values]
     per_epoch = np.moveaxis(maps, 1, 0)  # (epoch, group, ny, nx)

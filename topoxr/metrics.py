@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
+import warnings
 from typing import Any
 
 import numpy as np
@@ -109,6 +111,20 @@ def _check_pair(X: Any, embedding: Any, k: int, metric: str) -> tuple[np.ndarray
     return Xp, E
 
 
+def _check_n_queries(n_queries: Any, *, auto: bool) -> int | str | None:
+    """``n_queries`` checked: None, ``"auto"`` (where ``auto``) or a positive integer."""
+    if n_queries is None or (auto and isinstance(n_queries, str) and n_queries == "auto"):
+        return n_queries
+    allowed = "a positive int, 'auto' or None" if auto else "a positive int or None"
+    if isinstance(n_queries, bool) or not isinstance(n_queries, numbers.Integral):
+        raise QualityError(f"n_queries must be {allowed} (None: every neuron), got "
+                           f"{n_queries!r}; round it to a whole number of query neurons")
+    if n_queries < 1:
+        raise QualityError(f"n_queries must be {allowed} (None: every neuron), got "
+                           f"{n_queries}; pass at least 1 query neuron")
+    return int(n_queries)
+
+
 def _knn(A: np.ndarray, k: int, queries: np.ndarray | None) -> np.ndarray:
     """Indices of the k nearest neighbours of every query row, self excluded."""
     from sklearn.neighbors import NearestNeighbors
@@ -172,10 +188,11 @@ def neighborhood_preservation(
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
         Distance in profile space (dead/constant neurons as in :mod:`topoxr.profiles`).
     n_queries : int, "auto" or None, default "auto"
-        Estimate both from this many random query neurons (an unbiased estimate of the
-        exact value: the metrics are means over neurons) instead of all ``n``. ``None``:
-        exact, over all neurons (time ``O(n^2)``, memory ``O(n)`` per block). ``"auto"``:
-        exact up to :data:`AUTO_EXACT` neurons, else :data:`AUTO_QUERIES` queries.
+        Estimate both from this many random query neurons, a positive integer (numpy
+        integers too), instead of all ``n`` (an unbiased estimate of the exact value:
+        the metrics are means over neurons). ``None``: exact, over all neurons (time
+        ``O(n^2)``, memory ``O(n)`` per block). ``"auto"``: exact up to
+        :data:`AUTO_EXACT` neurons, else :data:`AUTO_QUERIES` queries.
     random_state : int, optional
         Seed of the query subset.
 
@@ -188,19 +205,19 @@ def neighborhood_preservation(
     ------
     QualityError
         For rows that do not pair up (counts, or neuron labels of labelled inputs),
-        ``k`` out of range, a bad ``n_queries``, or NaN or inf positions.
+        ``k`` out of range, an ``n_queries`` that is not a positive integer, ``"auto"``
+        or None, or NaN or inf positions.
     topoxr.similarity.ProfileError
         For NaN or inf profiles or an unknown metric.
     """
     from sklearn.metrics import pairwise_distances
 
+    n_queries = _check_n_queries(n_queries, auto=True)
     Xp, E = _check_pair(X, embedding, k, metric)
     n = E.shape[0]
     queries = None
     if n_queries == "auto":
         n_queries = None if n <= AUTO_EXACT else AUTO_QUERIES
-    elif isinstance(n_queries, str):
-        raise QualityError(f"n_queries must be an int, 'auto' or None, got {n_queries!r}")
     if n_queries is not None and n_queries < n:
         rng = np.random.default_rng(random_state)
         queries = np.sort(rng.choice(n, int(n_queries), replace=False))
@@ -401,7 +418,7 @@ def smoothness(
     maps : array_like, shape (..., ny, nx)
         Interpolated maps (e.g. from :class:`topoxr.interpolate.GridInterpolator`).
     strengths : tuple of int, default 1..10
-        Degradation strengths.
+        Degradation strengths: at least two, non-negative and strictly increasing.
 
     Returns
     -------
@@ -409,6 +426,12 @@ def smoothness(
         ``"blur"``, ``"shrink"`` (areas, shape ``maps.shape[:-2]``), ``"score"`` (their
         mean), ``"blur_curve"``/``"shrink_curve"`` (``(..., len(strengths))``). A map
         without any finite pixel gives NaN.
+
+    Raises
+    ------
+    QualityError
+        For maps of fewer than two dims, or ``strengths`` that are fewer than two, not
+        finite, negative or not strictly increasing (they would not span a range).
 
     Examples
     --------
@@ -419,6 +442,11 @@ def smoothness(
     True
     """
     arr = _map_stack(maps, strengths, "smoothness", "strengths")
+    t = np.asarray(strengths, dtype=float)
+    if t.ndim != 1 or not np.isfinite(t).all() or (t < 0).any() or (np.diff(t) <= 0).any():
+        raise QualityError(f"strengths must be finite, non-negative and strictly increasing "
+                           f"(the curve's area is taken over their range), got "
+                           f"{tuple(strengths)}; e.g. the default {STRENGTHS}")
     lead = arr.shape[:-2]
     flat = arr.reshape(-1, *arr.shape[-2:])
     curves = np.full((2, len(flat), len(strengths)), np.nan)
@@ -430,7 +458,6 @@ def smoothness(
             curves[0, m, s_i] = _relative_change(img, mask, _nan_blur(img, mask, float(s)))
             curves[1, m, s_i] = _relative_change(img, mask,
                                                  _shrink_enlarge(img, mask, float(s) + 1.0))
-    t = np.asarray(strengths, dtype=float)
     t = (t - t[0]) / (t[-1] - t[0])
     areas = np.trapezoid(curves, t, axis=-1)
     return {
@@ -473,8 +500,9 @@ def paper_smoothness(
     maps : array_like, shape (..., ny, nx)
         Interpolated maps; NaN outside the hull.
     clim : (float, float), optional
-        Colour limits; default symmetric ``(-m, m)`` with ``m`` the largest absolute value
-        over all maps (the shared limits of a layer's maps).
+        Colour limits, finite with ``low < high``; default symmetric ``(-m, m)`` with
+        ``m`` the largest absolute value over all maps (the shared limits of a layer's
+        maps; NaN areas when every map is zero or NaN).
     radii : tuple of float
         Blur radii in pixels.
 
@@ -482,6 +510,13 @@ def paper_smoothness(
     -------
     dict
         ``"area"`` (shape ``maps.shape[:-2]``) and ``"curve"`` (``(..., len(radii))``).
+        A map without any finite pixel gives NaN.
+
+    Raises
+    ------
+    QualityError
+        For maps of fewer than two dims, fewer than two radii, or a ``clim`` that is not
+        a finite pair with ``low < high``.
 
     Examples
     --------
@@ -496,8 +531,16 @@ def paper_smoothness(
     arr = _map_stack(maps, radii, "paper_smoothness", "radii")
     if clim is None:
         m = float(np.nanmax(np.abs(arr))) if np.isfinite(arr).any() else 0.0
-        clim = (-m, m)
-    lo, hi = float(clim[0]), float(clim[1])
+        lo, hi = -m, m
+    else:
+        try:
+            lo, hi = (float(c) for c in clim)
+        except (TypeError, ValueError) as err:
+            raise QualityError(f"clim must be a pair of numbers (low, high), got {clim!r}"
+                               ) from err
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+            raise QualityError(f"clim must be finite with low < high, got {clim!r}; e.g. "
+                               "(-m, m), or None for the maps' own symmetric limits")
     lead = arr.shape[:-2]
     flat = arr.reshape(-1, *arr.shape[-2:])
     curves = np.full((len(flat), len(radii)), np.nan)
@@ -536,7 +579,8 @@ def knn_overlap(
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
         Profile distance.
     n_queries : int or None, default 2048
-        Neurons sampled (seeded) as queries; None: all.
+        Neurons sampled (seeded) as queries, a positive integer (numpy integers too; all
+        when at least ``n``); None: all.
     random_state : int, optional
         Seed of the sample.
 
@@ -549,7 +593,8 @@ def knn_overlap(
     ------
     QualityError
         For rows that do not pair up (counts, or neuron labels of labelled inputs),
-        ``k`` out of range, or NaN or inf positions.
+        ``k`` out of range, ``n_queries`` not a positive integer or None, or NaN or inf
+        positions.
     topoxr.similarity.ProfileError
         For NaN or inf profiles or an unknown metric.
 
@@ -559,6 +604,7 @@ def knn_overlap(
     >>> knn_overlap(P, P, k=5)
     1.0
     """
+    n_queries = _check_n_queries(n_queries, auto=False)
     Xp, E = _check_pair(X, embedding, k, metric)
     n = E.shape[0]
     queries = None
@@ -588,7 +634,9 @@ def blobs(maps: Any, *, threshold: float = 0.5) -> dict[str, np.ndarray]:
     -------
     dict
         ``"count"``: number of positive plus negative regions per map; ``"area"``: their
-        mean area as a fraction of the map's finite pixels (0 when there is none).
+        mean area as a fraction of the map's finite pixels (0 when there is none). A map
+        without any finite pixel (an empty group) has no blobs to count: NaN for both,
+        as :func:`smoothness` gives it, so that means over maps (``np.nanmean``) skip it.
     """
     from scipy.ndimage import label
 
@@ -604,7 +652,10 @@ def blobs(maps: Any, *, threshold: float = 0.5) -> dict[str, np.ndarray]:
     area = np.zeros(len(flat))
     for m, img in enumerate(flat):
         valid = np.isfinite(img)
-        if vmax == 0 or not valid.any():
+        if not valid.any():
+            count[m] = area[m] = np.nan
+            continue
+        if vmax == 0:
             continue
         filled = np.where(valid, img, 0.0)
         sizes: list[int] = []
@@ -678,7 +729,9 @@ def quality(
         (:func:`knn_overlap`), ``smoothness`` (mean over groups), ``smoothness_blur``,
         ``smoothness_shrink``, ``smoothness_paper`` (:func:`paper_smoothness`, the
         paper's own measure, same shared colour limits for a layer's maps),
-        ``blob_count``, ``blob_area``, each on ``epoch`` (if the input has one); attrs
+        ``blob_count``, ``blob_area`` (:func:`blobs`), each on ``epoch`` (if the input
+        has one). Map scores are means over the groups that have a map at that epoch: a
+        group without samples there (all-NaN map) is skipped, not counted as 0; attrs
         ``k``, ``metric``, ``resolution``, ``n_queries`` and ``profile``: the description
         of the profiles compared with (JSON, as :func:`topoxr.profiles` records it;
         ``null`` for given profiles without one).
@@ -697,8 +750,8 @@ def quality(
     ``topoxr_layout`` attribute), e.g. a layout of activation profiles scored against
     the default NAPs by label.
     """
-    from topoxr.interpolate import GridInterpolator
     from topoxr.grouping import naps as compute_naps
+    from topoxr.interpolate import GridInterpolator
     from topoxr.similarity import _is_nap
 
     if not k >= 1:
@@ -758,12 +811,13 @@ def quality(
         bl = blobs(img)
         for name, value in (("trustworthiness", t), ("continuity", c), ("spearman", r),
                             ("knn_overlap", ov),
-                            ("smoothness", np.nanmean(sm["score"])),
-                            ("smoothness_paper", np.nanmean(paper)),
-                            ("smoothness_blur", np.nanmean(sm["blur"])),
-                            ("smoothness_shrink", np.nanmean(sm["shrink"])),
-                            ("blob_count", float(np.mean(bl["count"]))),
-                            ("blob_area", float(np.mean(bl["area"])))):
+                            ("smoothness", _nanmean(sm["score"])),
+                            ("smoothness_paper", _nanmean(paper)),
+                            ("smoothness_blur", _nanmean(sm["blur"])),
+                            ("smoothness_shrink", _nanmean(sm["shrink"])),
+                            # groups empty at this epoch (all-NaN maps) are NaN: skipped
+                            ("blob_count", _nanmean(bl["count"])),
+                            ("blob_area", _nanmean(bl["area"]))):
             records[name].append(float(value))
     if epochs[0] is None:
         data = {name: ((), v[0]) for name, v in records.items()}
@@ -775,6 +829,13 @@ def quality(
                                                   "resolution": int(resolution),
                                                   "n_queries": str(n_queries),
                                                   "profile": json.dumps(used)})
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the finite values (maps of groups empty at an epoch are NaN); NaN if none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice"
+        return float(np.nanmean(values))
 
 
 def _map_stack(maps: Any, steps: Any, func: str, what: str) -> np.ndarray:

@@ -113,11 +113,22 @@ def _choose_samples(
             raise ProfileError("balanced=True needs a 'label' coordinate")
         labels = np.asarray(da.coords[LABEL].values)
         classes = np.unique(labels)
-        per_epoch_min = min(int((ok[labels == c, e]).sum()) for c in classes for e in range(m))
-        per_class = min(n_samples // len(classes), per_epoch_min)
-        if per_class < 1:
-            raise ProfileError(f"balanced sampling impossible: some label has no eligible "
-                               f"sample at some epoch (labels {classes.tolist()})")
+        if n_samples < len(classes):
+            raise ProfileError(
+                f"balanced sampling needs at least one sample per label: n_samples={n_samples} "
+                f"is fewer than the {len(classes)} labels {classes.tolist()[:20]}; pass "
+                f"n_samples >= {len(classes)} or balanced=False")
+        per_epoch = np.array([[int((ok[labels == c, e]).sum()) for e in range(m)]
+                              for c in classes]).reshape(len(classes), m)
+        if (per_epoch < 1).any():
+            c_i, e_i = np.argwhere(per_epoch < 1)[0]
+            what = "committed" + (", correctly predicted" if correct_only else "")
+            raise ProfileError(
+                f"balanced sampling impossible: label {_plain(classes[c_i])!r} has no eligible "
+                f"({what}) sample at epoch {_plain(da[EPOCH].values[e_i])!r} (labels "
+                f"{classes.tolist()[:20]}); pass balanced=False, or select epochs where "
+                "every label has samples")
+        per_class = min(n_samples // len(classes), int(per_epoch.min()))
         k = per_class * len(classes)
     else:
         k = min(n_samples, int(ok.sum(axis=0).min()))
@@ -137,6 +148,10 @@ def _choose_samples(
             pos = rng.choice(np.flatnonzero(ok[:, e]), k, replace=False)
         chosen[:, e] = np.sort(pos)
     return chosen
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def _select_epochs(da: xr.DataArray, epochs: Any) -> xr.DataArray:
@@ -206,7 +221,9 @@ def profiles(
     Raises
     ------
     ProfileError
-        For an unknown ``source``, when no eligible sample is left, or when ``epochs``
+        For an unknown ``source``, when no eligible sample is left, for
+        ``balanced=True`` with ``n_samples`` below the number of labels or a label
+        without an eligible sample at some epoch, or when ``epochs``
         selects no epoch, names epochs the input does not have, or is given for NAPs
         without an epoch dimension.
     topoxr.grouping.GroupingError
@@ -486,8 +503,10 @@ def distances(
 
     Parameters
     ----------
-    profiles : xarray.DataArray
-        Output of :func:`profiles` (dims ``("neuron", "feature"[, "epoch"])``), or NAPs.
+    profiles : xarray.DataArray or xarray.Dataset
+        Output of :func:`profiles` (dims ``("neuron", "feature"[, "epoch"])``), or NAPs,
+        or activations (then profiled with :func:`profiles`' defaults), or a Dataset
+        holding an ``activation`` variable (a layer node, treated as its activations).
     metric : {"cosine", "correlation", "euclidean"}, default "cosine"
     tol : float, default 1e-7
         Relative norm under which a profile counts as zero (see the module notes).
@@ -502,7 +521,11 @@ def distances(
     Raises
     ------
     ProfileError
-        For an unknown metric or NaN/inf profiles.
+        For an unknown metric, NaN/inf profiles, or a Dataset without an ``activation``
+        variable.
+    TypeError
+        For anything but a DataArray or Dataset (a DataTree: use its ``.topo`` accessor,
+        which maps over the layer nodes).
 
     Examples
     --------
@@ -512,8 +535,21 @@ def distances(
     ('neuron', 'neuron_other', 'epoch')
     """
     _check_metric(metric)
+    if isinstance(profiles, xr.DataTree):
+        raise TypeError("distances() takes one layer, not a DataTree: use "
+                        "tree.topo.distances() for every layer node, or pass one node, e.g. "
+                        "distances(tree['model/layer'].to_dataset())")
+    if isinstance(profiles, xr.Dataset):
+        # a layer node: its activations, profiled as profiles() does by default
+        if ACTIVATION not in profiles.data_vars:
+            raise ProfileError(
+                f"distances() of a Dataset uses its {ACTIVATION!r} variable, and this Dataset "
+                f"has none (variables {sorted(map(str, profiles.data_vars))}); pass the "
+                "DataArray of profiles, NAPs or activations instead, e.g. distances(ds[name])")
+        profiles = globals()["profiles"](profiles)
     if not isinstance(profiles, xr.DataArray):
-        raise TypeError(f"distances() needs a DataArray of profiles, got {type(profiles).__name__}")
+        raise TypeError(f"distances() needs a DataArray of profiles (or NAPs, activations, a "
+                        f"Dataset holding {ACTIVATION!r}), got {type(profiles).__name__}")
     if FEATURE not in profiles.dims:
         profiles = globals()["profiles"](profiles)
     prof = profiles.transpose(NEURON, FEATURE, ...)

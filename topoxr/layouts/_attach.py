@@ -882,8 +882,17 @@ def load_layout(
     ds = ds.reindex({NEURON: onto[NEURON].values})
     if bool(ds[X].isnull().any()):
         raise StoreError("the saved layout does not cover every neuron of `onto`")
-    if EPOCH in dims and EPOCH in onto.dims:
-        ds = ds.sel({EPOCH: onto[EPOCH].values})
+    if EPOCH in dims:  # a layout per epoch: the epochs of `onto`, one or several
+        if EPOCH not in onto.coords:
+            raise StoreError(f"layout {name!r} of {model}/{layer} has one layout per epoch; "
+                             "`onto` has no epoch coordinate to take them by: select "
+                             "epochs of an object that has one")
+        wanted = onto[EPOCH].values
+        missing = sorted(set(np.atleast_1d(wanted).tolist()) - set(ds[EPOCH].values.tolist()))
+        if missing:
+            raise StoreError(f"layout {name!r} of {model}/{layer} holds epochs "
+                             f"{ds[EPOCH].values.tolist()}, not {missing} of `onto`")
+        ds = ds.sel({EPOCH: wanted})  # a scalar epoch of `onto` gives x, y on neuron
     out = onto.assign_coords({X: ds[X].variable, Y: ds[Y].variable})
     out.attrs = {**onto.attrs, ATTR_LAYOUT: ds.attrs[ATTR_LAYOUT]}
     return out
