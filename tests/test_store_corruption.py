@@ -33,6 +33,7 @@ import xarray as xr
 
 import topoxr
 from topoxr import ActivationWriter, StoreError, open_store
+from topoxr.layouts import save_layout
 
 pytestmark = pytest.mark.slow
 
@@ -254,12 +255,48 @@ def test_a_node_lost_outside_topoxr_is_named_by_readers_and_refused_by_writers(t
     assert "net/dense/label" in store_summary(str(store))["problems"][0]
     with pytest.raises(StoreCorruptionError, match="zarr.consolidate_metadata"):
         ActivationWriter(str(store), model="net")
-    assert _tree_bytes(store) == before  # the writer changed nothing, the listing is kept
+    laid = xr.Dataset(coords={"neuron": np.arange(5), "x": ("neuron", np.arange(5.0)),
+                              "y": ("neuron", np.zeros(5))})
+    with pytest.raises(StoreCorruptionError, match="'net/dense/label' is listed"):
+        save_layout(str(store), "net", "dense", laid, "line")
+    # verify records its outcome by writing the listing again: not over a loss
+    assert not topoxr.verify(str(store)).ok and not topoxr.verify(str(store)).ok
+    assert _tree_bytes(store) == before  # nothing changed, the listing is kept
     # the way out the message names, for a deletion on purpose
     zarr.consolidate_metadata(str(store))
     dense = open_store(str(store))["net/dense"]
     assert "label" not in dense.coords and dense["activation"].shape == (5, 24, 2)
     assert topoxr.verify(str(store), record=False).ok
+
+
+def test_a_listing_survives_a_writer_ended_by_an_error_and_covers_saved_layouts(tmp_path):
+    """A writer left by an exception (a training run interrupted) released the store
+    without its listing, so a folder deleted afterwards went unnoticed and the next
+    writer's listing made the loss permanent; a saved layout's folder was not listed."""
+    from topoxr.store import StoreCorruptionError
+
+    store = tmp_path / "store.zarr"
+    _write(store)
+    with pytest.raises(KeyboardInterrupt), ActivationWriter(str(store), model="net") as w:
+        w.write("dense", np.ones((8, 5)), sample=SAMPLES[:8], label=SAMPLES[:8] % 3,
+                prediction=SAMPLES[:8] % 3, epoch=2,
+                split=np.where(SAMPLES[:8] % 2, "train", "test"))
+        raise KeyboardInterrupt
+    shutil.rmtree(store / "net" / "dense" / "label")
+    with pytest.raises(StoreCorruptionError, match="'net/dense/label' is listed"):
+        open_store(str(store))
+    with pytest.raises(StoreCorruptionError, match="'net/dense/label' is listed"):
+        ActivationWriter(str(store), model="net")
+    other = tmp_path / "layouts.zarr"
+    _write(other)
+    laid = xr.Dataset(coords={"neuron": np.arange(5), "x": ("neuron", np.arange(5.0)),
+                              "y": ("neuron", np.zeros(5))})
+    save_layout(str(other), "net", "dense", laid, "line")
+    save_layout(str(other), "net", "dense", laid, "line")  # replaced: nothing is lost
+    assert topoxr.verify(str(other), record=False).ok
+    shutil.rmtree(other / "net" / "dense" / "layouts" / "line")
+    with pytest.raises(StoreCorruptionError, match="'net/dense/layouts/line' is listed"):
+        open_store(str(other))
 
 
 def test_a_deleted_model_is_named_once(tmp_path):

@@ -669,6 +669,10 @@ def test_a_layer_with_a_missing_array_is_reported(damaged, listing):
             writer.write("dense", np.ones((2, 3)), sample=[0, 1])
         assert open_store(damaged)["net/dense"].sizes["neuron"] == 3
         return
+    # what a reader sees while a writer replaces the model: a hint that it may be that
+    with topoxr.ActivationWriter(str(damaged), model="other"):
+        with pytest.raises(StoreCorruptionError, match="a writer holds the store now"):
+            open_store(damaged)
     damaged_layer = r"layer 'dense' of model 'net' is damaged: array\(s\) \['activation'\]"
     with pytest.raises(StoreCorruptionError, match=damaged_layer):
         open_store(damaged)

@@ -690,9 +690,12 @@ def save_layout(
         loads the complete staging copy where there is one and refuses the layout
         otherwise, until it is saved again.
     """
+    import zarr
+
     from topoxr._chunkio import settle_zarr_io
     from topoxr._locking import WriterLock
-    from topoxr.store import StoreError, StoreWriteError, safe_node_name
+    from topoxr.store import StoreCorruptionError, StoreError, StoreWriteError, safe_node_name
+    from topoxr.store._integrity import lost_nodes, lost_nodes_message
 
     if X not in laid.coords or Y not in laid.coords:
         raise StoreError(f"the object has no layout: coordinates {X!r}, {Y!r} are missing")
@@ -702,6 +705,9 @@ def save_layout(
     lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=lock_path)
     lock.acquire()
     try:
+        root = zarr.open_group(loc.store, mode="r", use_consolidated=False)
+        if lost := lost_nodes(root):  # saving rewrites the listing: the loss would vanish
+            raise StoreCorruptionError(lost_nodes_message(loc.url, lost))
         parent = group.require_group(LAYOUTS_GROUP)
         safe = safe_node_name(name)
         staging = _staging_name(safe)
@@ -716,7 +722,10 @@ def save_layout(
         if replaces and not overwrite:
             raise StoreError(f"a layout named {name!r} exists; pass overwrite=True")
         try:
-            _drop_verified(loc.store)  # the store changes: its verification is outdated
+            # the store changes: its verification is outdated, and its listing is
+            # dropped before anything is deleted (as a writer does), so that a reader
+            # that finds a listed layout missing meanwhile knows a writer is at work
+            _drop_listing(loc.store)
             if staging in members:  # left by a save that failed
                 del parent[staging]
             if replaces:  # the new layout whole first, so that a failure loses nothing
@@ -739,13 +748,15 @@ def save_layout(
     return f"{safe_node_name(model)}/{safe_node_name(layer)}/{LAYOUTS_GROUP}/{safe}"
 
 
-def _drop_verified(zstore: Any) -> None:
-    """Remove the root's record of the last verification, as a writer does on opening."""
+def _drop_listing(zstore: Any) -> None:
+    """Remove the root's listing of nodes (consolidated metadata) and its record of the
+    last verification, as a writer does on opening (both written again at the end)."""
     import zarr
 
     from topoxr.store.verify import ATTR_VERIFIED
 
     root = zarr.open_group(zstore, mode="r+", use_consolidated=False)
+    root.update_attributes({})  # rewrites zarr.json without the listing
     if ATTR_VERIFIED in root.attrs:
         del root.attrs[ATTR_VERIFIED]
 

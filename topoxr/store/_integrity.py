@@ -562,10 +562,6 @@ def check_model_name(node: str, group: zarr.Group) -> None:
                                    f"({name!r}) does not match the node {node!r}")
 
 
-#: how deep :func:`lost_nodes` looks: models, their layers and the layers' arrays
-_LISTED_DEPTH = 3
-
-
 def _store_bytes(store: Any, key: str) -> bytes | None:
     """The bytes of ``key`` in ``store``, None where it does not exist."""
     from zarr.core.buffer import default_buffer_prototype
@@ -594,17 +590,18 @@ def _exist(store: Any, keys: list[str]) -> list[bool]:
 
 
 def lost_nodes(root: zarr.Group) -> list[str]:
-    """Models, layers and layer arrays that the store's own listing holds but the store lacks.
+    """Nodes (models, layers, arrays, saved layouts) that the store's own listing holds but
+    the store lacks.
 
-    A topoxr writer removes the root's consolidated metadata (the listing of every node
-    that plain ``xarray.open_datatree`` reads) before it changes anything, and writes it
-    again when it closes; saving a layout and recording a verification write it again
-    too, and remove no model, layer or array. A node the listing holds was therefore in
-    the store when the listing was written, and no topoxr writer removed it since: if it
-    is missing now, it was deleted or lost outside topoxr (a folder removed by hand, an
-    incomplete copy). What it held would otherwise vanish without a word: readers list
-    the folders, so that a layer without its folder is not shown at all, and one without
-    its ``label`` folder is shown without labels.
+    A topoxr writer, and :func:`topoxr.layouts.save_layout`, remove the root's
+    consolidated metadata (the listing of every node that plain ``xarray.open_datatree``
+    reads) before they delete or change anything, and write it again when they finish;
+    recording a verification writes it again only where nothing is lost. A node the
+    listing holds was therefore in the store when the listing was written, and no topoxr
+    writer removed it since: if it is missing now, it was deleted or lost outside topoxr
+    (a folder removed by hand, an incomplete copy). What it held would otherwise vanish
+    without a word: readers list the folders, so that a layer without its folder is not
+    shown at all, and one without its ``label`` folder is shown without labels.
 
     Parameters
     ----------
@@ -614,9 +611,10 @@ def lost_nodes(root: zarr.Group) -> list[str]:
     Returns
     -------
     list of str
-        The paths of the missing nodes, sorted (empty where the store has no listing,
-        while a writer runs or after one crashed, and where the listing changed while
-        it was checked: a writer started).
+        The paths of the missing nodes, sorted, each missing node named once (not with
+        the nodes below it). Empty where the store has no listing (while a writer runs,
+        after one was killed or failed), and where the listing changed while it was
+        checked (a writer started).
     """
     doc = _store_bytes(root.store, "zarr.json")
     if doc is None or b'"consolidated_metadata"' not in doc:
@@ -625,7 +623,7 @@ def lost_nodes(root: zarr.Group) -> list[str]:
         listing = (json.loads(doc).get("consolidated_metadata") or {}).get("metadata") or {}
     except (ValueError, AttributeError):
         return []  # a damaged root document is reported where it is read
-    paths = sorted(p for p in listing if 0 < p.count("/") + 1 <= _LISTED_DEPTH)
+    paths = sorted(p for p in listing if p)
     missing = [p for p, ok in zip(paths, _exist(root.store, [f"{p}/zarr.json" for p in paths]),
                                   strict=True) if not ok]
     if missing and _store_bytes(root.store, "zarr.json") != doc:

@@ -97,16 +97,24 @@ def open_store(
     if lost := lost_nodes(root):
         raise StoreCorruptionError(lost_nodes_message(loc.url, lost))
     nodes: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=dict(root.attrs))}
-    for model_name, model_group in child_groups(root):
-        check_model_name(model_name, model_group)
-        nodes[f"/{model_name}"] = xr.Dataset(attrs=dict(model_group.attrs))
-        for layer_name, group in _ready_layers(model_group):
-            # listed once: its arrays start the snapshot, its groups are saved layouts
-            members = _guarded(_where(group), lambda group=group: children(group))
-            nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(
-                group, mask_uncommitted, layer_arrays(group, members))
-            for child_path, child in _subgroups(group, members=members):
-                nodes[f"/{model_name}/{layer_name}/{child_path}"] = _plain_dataset(child)
+    try:
+        for model_name, model_group in child_groups(root):
+            check_model_name(model_name, model_group)
+            nodes[f"/{model_name}"] = xr.Dataset(attrs=dict(model_group.attrs))
+            for layer_name, group in _ready_layers(model_group):
+                # listed once: its arrays start the snapshot, its groups are saved layouts
+                members = _guarded(_where(group), lambda group=group: children(group))
+                nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(
+                    group, mask_uncommitted, layer_arrays(group, members))
+                for child_path, child in _subgroups(group, members=members):
+                    nodes[f"/{model_name}/{layer_name}/{child_path}"] = _plain_dataset(child)
+    except StoreCorruptionError as err:
+        if loc.is_locked():  # a writer replacing a model deletes its nodes one by one
+            raise StoreCorruptionError(
+                f"{err} (a writer holds the store now: if it is replacing this model, "
+                "mode='w', this is its work in progress, not damage; open the store again "
+                "once it has finished)") from err
+        raise
     return xr.DataTree.from_dict(nodes)
 
 

@@ -345,6 +345,12 @@ def _record(loc: Any, report: VerifyReport, before: str | None) -> None:
         logger.info("%s is being written: the verification is not recorded", loc.url)
         return
     try:
+        if lost_nodes(_open_root_readonly(loc)):
+            # recording rewrites the listing from the folders there are: the record of
+            # what was lost would go with it
+            logger.warning("%s has lost nodes (reported): the outcome is not recorded",
+                           loc.url)
+            return
         if _fingerprint(loc.store) != before:
             logger.warning("%s changed while verify read it (a writer or a saved layout "
                            "wrote to it): the outcome is not recorded; run verify again",

@@ -903,6 +903,9 @@ class ActivationWriter:
         try:  # the batches accepted before the error are committed (resume skips them)
             if self._failed is None and not self._closed:
                 self.flush()
+                # the store's listing again, so that a node lost before the next writer
+                # opens is still detected (see topoxr.store._integrity.lost_nodes)
+                self._consolidate()
         except Exception as err:  # the caller's exception is the one that propagates
             logger.warning("committing the buffered batches after an error failed: %s", err)
         finally:

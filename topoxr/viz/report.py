@@ -144,7 +144,11 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
         has key dimensions. It opens on the first frame, the widgets set to its key. A
         combination of widget values that has no frame (e.g. ``(3, False)`` of a
         ``(label, correct)`` collection where every 3 is correct) shows an empty map
-        (every value NaN) titled with that key and "(no samples)".
+        (every value NaN) titled with that key and "(no samples)". So does each map of
+        a layout or grid that has no frame for the widgets' key while others do (e.g.
+        ``compare_models(..., epoch="all")`` of a model recorded over fewer epochs):
+        that map alone is emptied and titled with its own title, the key and
+        "(no samples)".
 
     Raises
     ------
@@ -183,11 +187,36 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
     titles = [*plot.state.select({"type": Title}), *plot.state.select({"type": Div})]
     first = {i: {k: v for k, v in s.data.items()} for i, s in enumerate(sources)}
     first_titles = [t.text for t in titles]
+    names = [str(d.pprint_label) if hasattr(d, "pprint_label") else str(d) for d in dims]
+    cells = _cell_plots(plot, sources, titles)
+    # HoloViews hides the glyphs of a cell without a map at a key and leaves its previous
+    # frame: such a cell is blanked below, its glyphs drawn as where it has a map
+    shown: dict[int, bool] = {}
     raw = []
     for key in keys:
         plot.update(key)
-        raw.append(([dict(s.data) for s in sources], [t.text for t in titles]))
+        data = [dict(s.data) for s in sources]
+        texts = [t.text for t in titles]
+        missing_text = ", ".join(f"{n}: {_plain(v)}" for n, v in zip(names, key, strict=True))
+        for c in cells:
+            if c.plot.current_frame is not None:
+                shown.update((id(r), r.visible) for r in c.renderers)
+            else:  # this cell has no map at this key
+                for i in c.sources:
+                    data[i] = {name: _nan_like(col) for name, col in data[i].items()}
+                for j in c.titles:
+                    texts[j] = (f"{c.label} \u2014 " if c.label else "") + missing_text \
+                        + " (no samples)"
+        raw.append((data, texts))
     plot.update(keys[0])
+    for c in cells:  # the page opens on the first frame: its blank cells as stored there
+        if c.plot.current_frame is None:
+            for i in c.sources:
+                sources[i].data = raw[0][0][i]
+            for j in c.titles:
+                titles[j].text = raw[0][1][j]
+            for r in c.renderers:
+                r.visible = shown.get(id(r), True)
     # keep only the columns that change between frames
     changing = [
         sorted({c for data, _ in raw for c, col in data[i].items()
@@ -212,7 +241,6 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
         blank = {"data": [None if d is None else {c: _nan_like(col) for c, col in d.items()}
                           for d in frames[0]["data"]],
                  "titles": ["" if changed else None for changed in title_changes]}
-    names = [str(d.pprint_label) if hasattr(d, "pprint_label") else str(d) for d in dims]
     texts = [[f"<b>{html.escape(names[i])}:</b> {html.escape(str(v))}" for v in vs]
              for i, vs in enumerate(values)]
     widgets: list[Any] = []
@@ -255,6 +283,46 @@ def to_bokeh(obj: Any, *, max_frames: int = 500, interval_ms: int = 700) -> Any:
     for w in widgets:
         w.js_on_change("value", callback)
     return column(plot.state, *controls)
+
+
+@dataclass
+class _Cell:
+    """One map of a rendered layout: its HoloViews plot and its bokeh models."""
+
+    plot: Any  # the cell's (overlay) element plot; ``current_frame`` is None without a map
+    label: str  # the cell's title, as the layout draws it
+    sources: list[int]  # positions of its data sources in ``to_bokeh``'s ``sources``
+    titles: list[int]  # positions of its title in ``to_bokeh``'s ``titles``
+    renderers: list[Any]  # its glyph renderers, hidden by HoloViews where it has no map
+
+
+def _cell_plots(plot: Any, sources: list[Any], titles: list[Any]) -> list[_Cell]:
+    """The maps (element or overlay plots with their own figure) of a rendered plot.
+
+    Each cell of a layout is its own collection: where it has no frame for a key of the
+    layout (a model with fewer epochs than the other), HoloViews leaves its previous
+    frame on the figure and hides its glyphs.
+    """
+    from bokeh.models import ColumnDataSource, GlyphRenderer
+    from holoviews.plotting.plot import GenericElementPlot
+
+    source_at = {id(s): i for i, s in enumerate(sources)}
+    title_at = {id(t): j for j, t in enumerate(titles)}
+    cells = []
+    for sub in plot.traverse(lambda p: p, [lambda p: isinstance(p, GenericElementPlot)
+                                           and not p.overlaid]):
+        figure = sub.handles.get("plot")
+        if figure is None:
+            continue
+        title = getattr(figure, "title", None)
+        last = sub.hmap.last if len(sub.hmap) else None
+        cells.append(_Cell(
+            plot=sub, label=str(getattr(last, "label", "") or ""),
+            sources=[source_at[id(s)] for s in figure.select({"type": ColumnDataSource})
+                     if id(s) in source_at],
+            titles=[title_at[id(title)]] if id(title) in title_at else [],
+            renderers=list(figure.select({"type": GlyphRenderer}))))
+    return cells
 
 
 def _sample_dynamic(dmap: Any, max_frames: int) -> Any:
@@ -772,8 +840,10 @@ def save_png(
 
     A collection keyed by labels is drawn whole, every key as a titled panel: one key
     (e.g. ``label``) gives rows of at most five maps, two keys a grid (e.g. classes by
-    ``correct``). An ``epoch`` key is drawn at its last epoch (the trained network); pass
-    ``hmap.select(epoch=e)`` for another one.
+    ``correct``). An ``epoch`` key is drawn at its last epoch (the trained network): each
+    panel at its own last epoch, so a model recorded over fewer epochs than another is
+    drawn at its last one, and where the panels' epochs differ each title names its
+    epoch; pass ``hmap.select(epoch=e)`` for another one.
 
     Parameters
     ----------
@@ -812,36 +882,86 @@ def save_png(
 
 
 def _holomap_as_panels(hmap: Any) -> Any:
-    """A HoloMap as what a still image can show: every non-epoch key a titled panel."""
+    """A HoloMap as what a still image can show: every non-epoch key a titled panel.
+
+    An ``epoch`` key is drawn at its last epoch: every combination of the other keys at
+    its own last (highest) one, so that a model recorded over fewer epochs than another
+    is drawn at its last epoch rather than left out. Where the panels show different
+    epochs, each title names its epoch (``label 0, B, epoch 1``).
+    """
     from topoxr.viz.views import MAX_COLS, _layout_opts, _row_length
 
     names = [d.name for d in hmap.kdims]
+    notes: dict[tuple, str] = {}
     if cv.EPOCH in names:
-        last = max(k[names.index(cv.EPOCH)] for k in hmap.data)
+        frames, epochs = _at_own_last_epoch(hmap)
         keep = [d for d in hmap.kdims if d.name != cv.EPOCH]
-        frames = {tuple(v for d, v in zip(names, k, strict=True) if d != cv.EPOCH): el
-                  for k, el in hmap.data.items() if k[names.index(cv.EPOCH)] == last}
         if not keep:
             return next(iter(frames.values()))
         hmap = hv.HoloMap(frames, kdims=keep)
         names = [d.name for d in keep]
+        notes = _epoch_notes(epochs)
+        if len(names) == 2:
+            return _grid_as_layout(hmap.grid(names), epochs=epochs)
     if len(hmap) == 1 and len(names) == 1:
         key, el = next(iter(hmap.data.items()))
-        return el.relabel(f"{names[0]} {key[0]}")
+        return el.relabel(f"{names[0]} {key[0]}{notes.get(key, '')}")
     if len(names) == 2:
         return _grid_as_layout(hmap.grid(names))
-    panels = [el.relabel(", ".join(f"{d} {v}" for d, v in zip(names, k, strict=True)))
+    panels = [el.relabel(", ".join(f"{d} {v}" for d, v in zip(names, k, strict=True))
+                         + notes.get(k, ""))
               for k, el in hmap.data.items()]
     return _layout_opts(hv.Layout(panels).cols(_row_length(len(panels), MAX_COLS)))
 
 
-def _grid_as_layout(grid: Any, *, last_frame: bool = True) -> Any:
-    """A GridSpace as a Layout of titled cells, top row first.
+def _at_own_last_epoch(hmap: Any) -> tuple[dict[tuple, Any], dict[tuple, Any]]:
+    """Each combination of a HoloMap's other keys at its own last (highest) epoch.
 
-    Both backends draw it: HoloViews' grid plots give every cell the same width, so a
-    cell with a colour bar would overlap its neighbour and shift the axes, and
-    matplotlib draws grid cells too small. Cells without a map (combinations that never
-    occur, or maps without samples) are left blank, with no title.
+    Returns
+    -------
+    frames : dict
+        ``{other key: element}``, the key without its epoch value.
+    epochs : dict
+        ``{other key: the epoch drawn}``.
+    """
+    at = [d.name for d in hmap.kdims].index(cv.EPOCH)
+    frames: dict[tuple, Any] = {}
+    epochs: dict[tuple, Any] = {}
+    for key, el in hmap.data.items():
+        rest = key[:at] + key[at + 1:]
+        if rest not in epochs or key[at] > epochs[rest]:
+            frames[rest], epochs[rest] = el, key[at]
+    return frames, epochs
+
+
+def _epoch_notes(epochs: Mapping[Any, Any]) -> dict[Any, str]:
+    """``", epoch 2"`` for each panel's title where the panels show different epochs.
+
+    Panels that all show the same (last) epoch are titled without it, as documented: an
+    epoch key is drawn at its last epoch.
+    """
+    if len({_plain(e) for e in epochs.values()}) <= 1:
+        return {}
+    return {k: f", {cv.EPOCH} {_plain(e)}" for k, e in epochs.items()}
+
+
+def _grid_cells(grid: Any, *, last_frame: bool = True,
+                epochs: Mapping[tuple, Any] | None = None
+                ) -> tuple[list[tuple[Any, str | None]], int]:
+    """The cells of a GridSpace in reading order, top row first, each with its title.
+
+    A cell without a map (a combination that never occurs, or a map without samples) is
+    ``hv.Empty()`` with no title. With ``last_frame``, a cell that is a HoloMap is drawn
+    at its last frame: one keyed by ``epoch`` at its own last epoch. ``epochs`` gives the
+    epoch each cell shows where the cells are already frames. Where the cells show
+    different epochs, each title names its epoch.
+
+    Returns
+    -------
+    cells : list of (element, title)
+        The cells, row after row.
+    ncols : int
+        Cells per row.
     """
     xdim, ydim = (d.name for d in grid.kdims)
     keys = list(grid.keys())
@@ -849,18 +969,46 @@ def _grid_as_layout(grid: Any, *, last_frame: bool = True) -> Any:
     ys = _unique(k[1] for k in keys)
     if ydim != cv.LABEL:  # top row first: correct over wrong; label rows read 0 downwards
         ys = ys[::-1]
-    cells = []
+    shown: dict[tuple, Any] = {}
+    chosen: dict[tuple, Any] = {}
+    for key, cell in grid.data.items():
+        if last_frame and isinstance(cell, hv.HoloMap):
+            if len(cell) and [d.name for d in cell.kdims] == [cv.EPOCH]:
+                frames, cell_epochs = _at_own_last_epoch(cell)
+                cell, shown[key] = frames[()], cell_epochs[()]
+            else:
+                cell = cell.last
+        elif epochs is not None and key in epochs:
+            shown[key] = epochs[key]
+        if cell is not None and not _is_blank(cell):
+            chosen[key] = cell
+    notes = _epoch_notes({k: e for k, e in shown.items() if k in chosen})
+    cells: list[tuple[Any, str | None]] = []
     for y in ys:
         for x in xs:
-            cell = grid.data.get((x, y))
-            if cell is not None and last_frame and isinstance(cell, hv.HoloMap):
-                cell = cell.last
-            if cell is None or _is_blank(cell):
-                cells.append(hv.Empty())
+            cell = chosen.get((x, y))
+            if cell is None:
+                cells.append((hv.Empty(), None))
             else:
-                cell = cell.relabel(_cell_title(xdim, x, ydim, y))
-                cells.append(cell.opts(fontsize={"title": "9pt"}, backend="bokeh"))
-    layout = hv.Layout(cells).cols(len(xs))
+                cells.append((cell, _cell_title(xdim, x, ydim, y) + notes.get((x, y), "")))
+    return cells, len(xs)
+
+
+def _grid_as_layout(grid: Any, *, last_frame: bool = True,
+                    epochs: Mapping[tuple, Any] | None = None) -> Any:
+    """A GridSpace as a Layout of titled cells, top row first.
+
+    Both backends draw it: HoloViews' grid plots give every cell the same width, so a
+    cell with a colour bar would overlap its neighbour and shift the axes, and
+    matplotlib draws grid cells too small. Cells without a map (combinations that never
+    occur, or maps without samples) are left blank, with no title. See
+    :func:`_grid_cells` for ``last_frame`` and ``epochs``.
+    """
+    cells, ncols = _grid_cells(grid, last_frame=last_frame, epochs=epochs)
+    items = [cell if title is None
+             else cell.relabel(title).opts(fontsize={"title": "9pt"}, backend="bokeh")
+             for cell, title in cells]
+    layout = hv.Layout(items).cols(ncols)
     layout = layout.opts(shared_axes=False, show_title=False, backend="bokeh")
     return layout.opts(sublabel_format="", backend="matplotlib")
 
@@ -954,7 +1102,7 @@ def save_gif(
     Raises
     ------
     ValueError
-        If ``fps`` is not positive.
+        If ``fps`` is not positive, or ``order`` names a group that is not in the NAPs.
     """
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -1016,12 +1164,18 @@ def animation_frames(
         The epoch of each frame, ascending.
     frames : list of PIL.Image.Image
         RGB images.
+
+    Raises
+    ------
+    ValueError
+        If the NAPs hold several models, or ``order`` names a group that is not in
+        them (as :func:`topoxr.viz.class_row`).
     """
     plt = import_optional("matplotlib.pyplot", extra="viz", purpose="GIF export")
     image_mod = import_optional("PIL.Image", extra="viz", purpose="GIF export")
     from tqdm.auto import tqdm
 
-    from topoxr.viz.views import _key_title, _row_length, cluster_order
+    from topoxr.viz.views import _explicit_order, _key_title, _row_length, cluster_order
 
     col = collect(laid_naps, by=None, method=method, resolution=resolution, cmap=cmap)
     if col.multi:
@@ -1033,7 +1187,7 @@ def animation_frames(
     elif order is None or not src.keys:
         ordered = list(src.groups)
     else:
-        ordered = [k if isinstance(k, tuple) else (k,) for k in order]
+        ordered = _explicit_order(order, src.groups)
     if groups is not None:
         wanted = {g if isinstance(g, tuple) else (g,) for g in groups}
         ordered = [g for g in ordered if g in wanted]

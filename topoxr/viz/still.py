@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from topoxr import conventions as cv
 from topoxr._optional import import_optional
 from topoxr.viz.topomap import hv
 
@@ -33,41 +32,17 @@ def _cells(obj: Any) -> tuple[list[tuple[Any, str | None]], int]:
     Built without HoloViews' relabelling and option machinery, which costs more than
     drawing the panel.
     """
-    from topoxr.viz.report import _cell_title, _holomap_as_panels, _unique
+    from topoxr.viz.report import _grid_cells, _holomap_as_panels
 
     if isinstance(obj, hv.HoloMap) and not isinstance(obj, hv.GridSpace):
         obj = _holomap_as_panels(obj)
-    if isinstance(obj, hv.GridSpace):
-        xdim, ydim = (d.name for d in obj.kdims)
-        xs = _unique(k[0] for k in obj.data)
-        ys = _unique(k[1] for k in obj.data)
-        if ydim != cv.LABEL:  # the order of topoxr.viz.report._grid_as_layout
-            ys = ys[::-1]
-        cells: list[tuple[Any, str | None]] = []
-        for y in ys:
-            for x in xs:
-                cell = obj.data.get((x, y))
-                if isinstance(cell, hv.HoloMap):
-                    cell = cell.last
-                blank = cell is None or _blank(cell)
-                cells.append((hv.Empty() if blank else cell,
-                              None if blank else _cell_title(xdim, x, ydim, y)))
-        return cells, len(xs)
+    if isinstance(obj, hv.GridSpace):  # as topoxr.viz.report._grid_as_layout draws it
+        return _grid_cells(obj)
     if isinstance(obj, hv.Layout):
         items = [_holomap_as_panels(el) if isinstance(el, hv.HoloMap) else el
                  for el in obj.values()]
         return [(el, None) for el in items], int(obj._max_cols or len(items))
     return [(obj, None)], 1
-
-
-def _blank(cell: Any) -> bool:
-    """Whether a map has no finite value (a combination without samples)."""
-    for el in (cell if isinstance(cell, hv.Overlay) else [cell]):
-        if isinstance(el, hv.Points | hv.Image) and el.vdims:
-            values = el.dimension_values(el.vdims[0])
-            if np.isfinite(np.asarray(values, dtype=float)).any():
-                return False
-    return True
 
 
 def _parts(el: Any) -> dict[str, Any]:
@@ -107,7 +82,8 @@ def still_figure(obj: Any, *, panel_inches: float = 1.7, dpi: int = 80, cmap: st
     obj : HoloViews object
         A map (overlay), a layout of maps (e.g. :func:`topoxr.viz.class_row`), a
         ``GridSpace`` (grids, models side by side) or a ``HoloMap`` (drawn as panels; an
-        ``epoch`` key at its last epoch).
+        ``epoch`` key at its last epoch, each panel at its own, titled with it where the
+        panels' epochs differ, as :func:`topoxr.viz.save_png` draws it).
     panel_inches : float, default 1.7
         Size of each panel.
     dpi : int, default 80

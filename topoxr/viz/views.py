@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -185,6 +185,37 @@ def _example_element(image: np.ndarray, title: str) -> Any:
     return el
 
 
+def _explicit_order(order: Sequence[Hashable], groups: Iterable[tuple]) -> list[tuple]:
+    """An explicit group order as key tuples, refused where it names an unknown group.
+
+    Parameters
+    ----------
+    order : sequence
+        Group keys: tuples, or plain values for a single key.
+    groups : iterable of tuple
+        The keys of the groups of the NAPs.
+
+    Returns
+    -------
+    list of tuple
+
+    Raises
+    ------
+    ValueError
+        If ``order`` names a group that is not in the NAPs.
+    """
+    ordered = [k if isinstance(k, tuple) else (k,) for k in order]
+    known = list(dict.fromkeys(groups))
+    missing = [k for k in ordered if k not in set(known)]
+    if missing:
+        shown = [k[0] if len(k) == 1 else k for k in known]
+        raise ValueError(
+            f"order names groups that are not in the NAPs: {missing}; name groups among "
+            f"{shown}, or pass order=None (as stored) or order='cluster'"
+        )
+    return ordered
+
+
 def _key_title(keys: list[str], key: tuple) -> str:
     return ", ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True))
 
@@ -227,6 +258,11 @@ def class_row(
     holoviews.Layout
         The maps in order, titled by their key; with ``examples``, each row of examples
         lies above its row of maps (``hv.Empty`` pads a short last row).
+
+    Raises
+    ------
+    ValueError
+        If the NAPs have no group dim, or ``order`` names a group that is not in them.
     """
     nap = _normalise(laid_naps)
     keys = group_keys(nap)
@@ -239,10 +275,7 @@ def class_row(
     elif order is None:
         ordered = frames
     else:
-        ordered = [k if isinstance(k, tuple) else (k,) for k in order]
-        missing = [k for k in ordered if k not in col.frames]
-        if missing:
-            raise ValueError(f"order names groups that are not in the NAPs: {missing}")
+        ordered = _explicit_order(order, col.frames)
     col.precompute()
     ncols = _row_length(len(ordered), max_cols)
     bar_at = _bar_index(len(ordered), ncols)
@@ -444,6 +477,11 @@ def training_animation(
     holoviews.Layout
         One :class:`holoviews.HoloMap` per group, each keyed by ``epoch``; exported,
         they share one epoch slider and player.
+
+    Raises
+    ------
+    ValueError
+        If ``order`` names a group that is not in the NAPs (as :func:`class_row`).
     """
     nap = _normalise(laid_naps)
     keys = group_keys(nap)
@@ -453,7 +491,7 @@ def training_animation(
     elif order is None or not keys:
         ordered = list(dict.fromkeys(k[:-1] for k in col.frames))
     else:
-        ordered = [k if isinstance(k, tuple) else (k,) for k in order]
+        ordered = _explicit_order(order, (k[:-1] for k in col.frames))
     col.precompute()
     epochs = col.key_values(cv.EPOCH)
     ncols = _row_length(len(ordered), max_cols)
