@@ -418,6 +418,13 @@ def capture(
         followed[view(tensor)] = entry
         newest[:] = [entry]
 
+    def inherits_sequence_first(tensor: torch.Tensor, args: Any, kwargs: Any) -> bool:
+        """Whether ``tensor`` keeps the ``(T, N)`` leading axes of a sequence-first input
+        (a ``Linear`` or ``LayerNorm`` after an RNN or attention with batch_first=False)."""
+        entry = lookup(first_tensor([*args, *kwargs.values()]))
+        return (entry is not None and entry[5] and tensor.ndim >= 2
+                and tuple(tensor.shape[:2]) == entry[2][:2])
+
     def follow(module: Any, base: str, tensor: torch.Tensor, args: Any, kwargs: Any,
                main: bool) -> tuple[int | None, str, bool] | None:
         """``(neuron axis, how, sequence first)`` of ``tensor``, one of ``module``'s
@@ -432,7 +439,8 @@ def capture(
         if known is not None:
             size = int(tensor.shape[known[0] % tensor.ndim])
             if count is None or size == count[0]:
-                return known[0], known[1], seq
+                return known[0], known[1], seq or (main and inherits_sequence_first(
+                    tensor, args, kwargs))
             misfit = (f"; the rule of its type, the {known[1]}, does not fit: that axis has "
                       f"size {size}, its {count[1]} is {count[0]}")
         if next(module.children(), None) is not None:  # a container

@@ -209,6 +209,45 @@ def test_sequence_first_output_with_as_many_steps_as_inputs_is_refused(store_pat
     assert not os.path.exists(store_path)
 
 
+class SequenceFirstHead(nn.Module):
+    """A Linear and a LayerNorm on the (T, N, 6) output of a batch_first=False LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(5, 6)
+        self.fc = nn.Linear(6, 3)
+        self.norm = nn.LayerNorm(3)
+
+    def forward(self, x):
+        o, _ = self.lstm(x.transpose(0, 1))  # (T, N, 6)
+        return self.norm(self.fc(o)).mean(0)  # fc, norm: (T, N, 3)
+
+
+def test_modules_of_their_own_rule_after_a_sequence_first_output_keep_its_axes(store_path):
+    """A Linear after a sequence-first LSTM was read as (N, T, 3): refused where T != N
+    ("its first axis is not the batch"), and with T == N its steps stored as samples."""
+    torch.manual_seed(5)
+    model = SequenceFirstHead().eval()
+    x = np.random.default_rng(5).normal(size=(16, 8, 5)).astype(np.float32)  # N=16, T=8
+    layers = {"fc": {"reduce": "last"}, "norm": {}}
+    topoxr_torch.record(model, x, store_path, layers=layers, batch_size=4, progress=False)
+    raw = hooked(model, list(layers), x)
+    fc, norm = (stored_layer(store_path, "model", name) for name in layers)
+    np.testing.assert_allclose(values(fc), raw["fc"][-1], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(values(norm), raw["norm"].mean(0), rtol=RTOL, atol=ATOL)
+    assert "recorded as (N, T, ...)" in fc.attrs["topoxr_axis_rule"]
+
+
+def test_a_sequence_first_head_with_as_many_steps_as_inputs_is_refused(tmp_path):
+    torch.manual_seed(5)
+    model = SequenceFirstHead().eval()
+    x = np.random.default_rng(5).normal(size=(16, 8, 5)).astype(np.float32)
+    path = str(tmp_path / "run.zarr")
+    with pytest.raises(RecordingError, match=r"layer 'fc'.*\(8, 8, 3\).*batch_first"):
+        topoxr_torch.record(model, x, path, layers=["fc"], batch_size=8, progress=False)
+    assert not os.path.exists(path)
+
+
 class Recurrent(nn.Module):
     def __init__(self):
         super().__init__()
