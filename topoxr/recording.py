@@ -72,6 +72,8 @@ __all__ = [
     "iter_array_batches",
     "n_inputs",
     "number_batches",
+    "positional_mask_length",
+    "positional_mask_message",
     "prepare_arrays",
     "resolve_layer_specs",
     "resolve_layers",
@@ -266,6 +268,84 @@ def take_inputs(x: Any, sl: slice) -> Any:
     if isinstance(x, tuple | list) and not hasattr(x, "shape"):
         return type(x)(take_inputs(v, sl) for v in x)
     return x[sl]
+
+
+def positional_mask_length(inputs: Any) -> int | None:
+    """``T`` where ``inputs`` are positional inputs whose second looks like the attention
+    mask of the first, ``(batch, T)`` integer token ids; else None.
+
+    An attention mask is known only by its key in a mapping (``attention_mask``, which
+    masks the token reductions, see :func:`~topoxr.reduction.token_info`): a tuple passes
+    it to the model, but the recording cannot know it from, say, token type ids, so the
+    token reductions would take the padding in. It looks like one where it has the ids'
+    shape and holds only 0 and 1 (booleans, integers or floats). The adapters refuse a
+    token reduction of a layer whose ``(N, T, H)`` output has the ids' ``T`` over such
+    inputs (:func:`positional_mask_message`).
+
+    Parameters
+    ----------
+    inputs : tuple or list of numpy.ndarray
+        One batch of a model's positional inputs, its first two converted to numpy by the
+        adapter (an entry that is no numpy array is taken for neither ids nor mask).
+
+    Returns
+    -------
+    int or None
+        The ids' length ``T``; None for a mapping, fewer than two inputs, or inputs that
+        do not look so.
+    """
+    if isinstance(inputs, Mapping) or not isinstance(inputs, tuple | list) or len(inputs) < 2:
+        return None
+    ids, mask = inputs[0], inputs[1]
+    if (not isinstance(ids, np.ndarray) or not isinstance(mask, np.ndarray) or ids.ndim != 2
+            or ids.dtype.kind not in "iu" or mask.shape != ids.shape
+            or mask.dtype.kind not in "biuf"):
+        return None
+    return int(ids.shape[1]) if bool(np.isin(mask, (0, 1)).all()) else None
+
+
+def positional_mask_message(
+    layer: str, reduce: str, length: int, *,
+    mapping: str = ("passed as keyword arguments; its attention_mask masks the token "
+                    "reductions"),
+    not_a_mask: str = "pass the inputs as a mapping of the forward's parameter names, or ",
+) -> str:
+    """Why a token reduction of ``layer`` over positional inputs whose second looks like
+    an attention mask is refused (see :func:`positional_mask_length`), and the ways out.
+
+    A warning would let values reduced over padding into the store, where they look
+    right (``topoxr_masked`` false is easily missed), and the store's layer cannot be
+    recorded again with other values under its name: the adapters refuse it before
+    anything is written.
+
+    Parameters
+    ----------
+    layer : str
+        The recorded layer's name.
+    reduce : str
+        Its reduce mode (one of :data:`~topoxr.reduction.MASKED_REDUCTIONS`).
+    length : int
+        The token ids' length ``T``.
+    mapping : str, optional
+        How the framework passes a mapping of inputs to the model (the default: torch's
+        keyword arguments), put in parentheses after ``{'input_ids': ids,
+        'attention_mask': mask}``.
+    not_a_mask : str, optional
+        What to do besides ``{'mask': False}`` where the second input is no attention
+        mask, ending in ``"or "`` (empty: only that).
+
+    Returns
+    -------
+    str
+    """
+    return (
+        f"layer {layer!r}: reduce={reduce!r} over its {length} tokens, and the second "
+        f"positional input looks like an attention mask of the first (the token ids: the "
+        f"same shape, only 0 and 1), but a positional input cannot be known as one, so the "
+        "padding would be reduced with the real tokens. Pass the inputs as a mapping, "
+        f"{{'input_ids': ids, 'attention_mask': mask}} ({mapping}), or record this layer "
+        "with reduce='none'; if the second input is no attention mask, "
+        f"{not_a_mask}set {{{layer!r}: {{'mask': False}}}} to reduce over every token")
 
 
 def _column(name: str, values: Any, n: int | None) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -11,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from topoxr._optional import import_optional
-from topoxr.recording import Batch, RecordingError
+from topoxr.recording import (
+    Batch,
+    RecordingError,
+    positional_mask_length,
+    positional_mask_message,
+    take_inputs,
+)
 from topoxr.reduction import (
     DEFAULT_MASK,
     MASKED_REDUCTIONS,
@@ -189,6 +196,12 @@ class ProbeModel:
         so the recording loop applies it to that layer alone. A layer whose ``mask``
         setting is given keeps it.
 
+        Positional inputs whose second looks like an attention mask of the first (see
+        :func:`topoxr.recording.positional_mask_length`) are refused, before anything is
+        written, for the token reductions of the layers that follow no Keras mask: a
+        positional input is not known as the attention mask, so their padding would be
+        reduced with the real tokens (:meth:`_refuse_positional_mask`).
+
         Parameters
         ----------
         batches : iterable of Batch
@@ -202,9 +215,16 @@ class ProbeModel:
             ``batches`` themselves where no reduction follows a Keras mask.
         specs : dict of str to LayerSpec
             :attr:`specs`, with the ``mask`` of the layers that follow a Keras mask.
+
+        Raises
+        ------
+        RecordingError
+            Where the first batch's positional inputs look like token ids and their
+            attention mask, and a layer that follows no Keras mask reduces its tokens.
         """
         follow = [name for name in self.layers
                   if self.masks[name] is not None and self._follows_mask(name, reduce)]
+        batches = self._refuse_positional_mask(batches, reduce, follow)
         if not follow:
             if len(self.submodel.inputs) > 1:
                 return _without_token_ids(batches), dict(self.specs)
@@ -226,13 +246,77 @@ class ProbeModel:
         ``(N, T, H)`` output, neurons on its last axis, over its steps; not where the
         layer's ``mask`` setting is given (its own key, or False)."""
         spec = self.specs.get(name) or LayerSpec()
-        if spec.mask is not None:
-            return False
+        return spec.mask is None and self._reduces_tokens(name, reduce)
+
+    def _reduces_tokens(self, name: str, reduce: str) -> bool:
+        """Whether ``name``'s output is ``(N, T, H)``, neurons on its last axis, reduced
+        over its steps by a mode that follows an attention mask."""
+        spec = self.specs.get(name) or LayerSpec()
         output = self._outputs[self.layers.index(name)]
         if len(output.shape) != 3:
             return False
         axis = self.channel_axis[name] if spec.channel_axis is None else spec.channel_axis
         return int(axis) % 3 == 2 and (spec.reduce or reduce) in MASKED_REDUCTIONS
+
+    def _refuse_positional_mask(self, batches: Iterable[Batch], reduce: str,
+                                follow: list[str]) -> Iterable[Batch]:
+        """``batches`` (the first one read, then put back), refused where the first
+        batch's positional inputs look like token ids and their attention mask
+        (:func:`topoxr.recording.positional_mask_length`) and a layer that follows no
+        Keras mask (not in ``follow``) reduces its ``(N, T, H)`` output, ``T`` the ids'
+        length, over its tokens: the recording loop knows an attention mask only as
+        the ``attention_mask`` entry of a mapping, so its padding would be reduced with
+        the real tokens, and ``topoxr_masked`` false is easily missed in the store. A
+        layer whose ``mask`` setting is False, or that is recorded with ``reduce="none"``,
+        is not refused.
+
+        The first batch is read before anything is written (``run_recording`` reads it
+        again); where no sequence length is known from the graph (``keras.Input((None,))``)
+        the probe runs on the batch's first sample for the layers' lengths.
+        """
+        if len(self._inputs) < 2:
+            return batches
+        candidates = [name for name in self.layers if name not in follow
+                      and (self.specs.get(name) or LayerSpec()).mask is not False
+                      and self._reduces_tokens(name, reduce)]
+        if not candidates:
+            return batches
+        iterator = iter(batches)
+        first = next(iterator, None)
+        if first is None:  # no samples: the recording loop says so
+            return iterator
+        batches = itertools.chain([first], iterator)
+        x = first.x
+        if isinstance(x, Mapping) or not isinstance(x, tuple | list) or len(x) < 2:
+            return batches
+        length = positional_mask_length([_host_array(v) for v in x[:2]])
+        if length is None:
+            return batches
+        lengths = {name: self._outputs[self.layers.index(name)].shape[1]
+                   for name in candidates}
+        if any(t is None for t in lengths.values()):
+            values = self.submodel.predict_on_batch(take_inputs(x, slice(0, 1)))
+            values = values if isinstance(values, list | tuple) else [values]
+            lengths = {name: np.shape(values[self.layers.index(name)])[1]
+                       for name in candidates}
+        for name in candidates:
+            if lengths[name] is not None and int(lengths[name]) == length:
+                spec = self.specs.get(name) or LayerSpec()
+                raise RecordingError(positional_mask_message(
+                    name, spec.reduce or reduce, length,
+                    mapping=self._mapping_hint(name), not_a_mask=""))
+        return batches
+
+    def _mapping_hint(self, name: str) -> str:
+        """How a mapping of inputs reaches this Keras model, and how its attention mask
+        is known, for the refusal of :meth:`_refuse_positional_mask`."""
+        names = [str(getattr(t, "name", i)) for i, t in enumerate(self._inputs)]
+        return (
+            f"a mapping is matched to the model's inputs by their names, here {names}: "
+            "name them so, keras.Input(..., name='input_ids') and keras.Input(..., "
+            "name='attention_mask'), and the attention_mask masks the token reductions; "
+            "or key the mapping by the names the inputs have and name the mask's key, "
+            f"{{{name!r}: {{'mask': {names[1]!r}}}}}")
 
     def _model(self) -> keras.Model:
         """The sub-model for the layers pooled now (built once per ``pool`` setting)."""
@@ -283,6 +367,18 @@ def _without_token_ids(batches: Iterable[Batch]) -> Iterator[Batch]:
     for batch in batches:
         yield (batch if isinstance(batch.x, Mapping)
                else dataclasses.replace(batch, x={INPUTS_KEY: batch.x}))
+
+
+def _host_array(value: Any) -> np.ndarray | None:
+    """``value`` as a numpy array (a tensor of any backend), or None where it is none."""
+    if isinstance(value, np.ndarray):
+        return value
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        return None
+    try:
+        return np.asarray(keras.ops.convert_to_numpy(value))
+    except Exception:  # noqa: BLE001 - a ragged or sparse tensor: no ids or mask
+        return None
 
 
 def _input_ranks(model: keras.Model) -> dict[str | int, int]:

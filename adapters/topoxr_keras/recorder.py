@@ -308,7 +308,10 @@ def record(
         ``last`` and ``tokens`` leave its padding steps out, as the model's own
         pooling does (``topoxr_masked`` is true in the store); each layer follows its
         own mask, and a layer's ``mask`` setting (a key of mapping inputs, or False)
-        wins.
+        wins. An attention mask among the inputs is known only in a dict, as its
+        ``attention_mask`` entry (a dict is matched to the model's inputs by their
+        names); positional inputs ``(ids, mask)`` are refused for these reductions of
+        layers no Keras mask masks, unless their ``mask`` setting is False.
     batch_size : int, default 256
         Batch size for array data.
     labels : array_like, optional
@@ -353,7 +356,9 @@ def record(
         call, outputs that are not single tensors, labels or metadata whose length
         differs from the data, a probe set or layer sizes that differ from what the
         store holds, a ``tf.data`` pipeline whose order is not fixed or that is
-        infinite. Nothing is written then.
+        infinite, positional inputs whose second looks like an attention mask of the
+        first (the ids' shape, only 0 and 1) with a token reduction of a layer no Keras
+        mask masks (see ``reduce``). Nothing is written then.
 
     Warns
     -----

@@ -20,6 +20,8 @@ from topoxr.recording import (
     completed_epochs,
     iter_array_batches,
     number_batches,
+    positional_mask_length,
+    positional_mask_message,
     prepare_arrays,
     run_recording,
     stored_unless_recorded,
@@ -181,20 +183,10 @@ def _host_array(value: Any) -> np.ndarray | None:
 
 def _positional_mask_length(x: Any) -> int | None:
     """``T`` where ``x`` are positional inputs whose second looks like the attention
-    mask of the first, ``(batch, T)`` integer token ids; else None.
-
-    An attention mask is known only by its key in a mapping (``attention_mask``, which
-    masks the token reductions): a tuple passes it to the model, but the recording cannot
-    know it from, say, token type ids, so the token reductions would take the padding in.
-    It looks like one where it has the ids' shape and holds only 0 and 1.
-    """
+    mask of the first (see :func:`topoxr.recording.positional_mask_length`)."""
     if isinstance(x, Mapping) or not isinstance(x, tuple | list) or len(x) < 2:
         return None
-    ids, mask = _host_array(x[0]), _host_array(x[1])
-    if (ids is None or mask is None or ids.ndim != 2 or ids.dtype.kind not in "iu"
-            or mask.shape != ids.shape or mask.dtype.kind not in "biuf"):
-        return None
-    return int(ids.shape[1]) if bool(np.isin(mask, (0, 1)).all()) else None
+    return positional_mask_length([_host_array(v) for v in x[:2]])
 
 
 def _refuse_positional_mask(name: str, spec: LayerSpec, reduce: str, tensor: torch.Tensor,
@@ -212,16 +204,7 @@ def _refuse_positional_mask(name: str, spec: LayerSpec, reduce: str, tensor: tor
     if (tensor.ndim != 3 or axis % 3 != 2 or int(tensor.shape[1]) != length
             or mode not in MASKED_REDUCTIONS or spec.mask is False):
         return
-    raise RecordingError(
-        f"layer {name!r}: reduce={mode!r} over its {length} tokens, and the second "
-        f"positional input looks like an attention mask of the first (the token ids: the "
-        f"same shape, only 0 and 1), but a positional input cannot be known as one, so the "
-        "padding would be reduced with the real tokens. Pass the inputs as a mapping, "
-        "{'input_ids': ids, 'attention_mask': mask} (passed as keyword arguments; its "
-        "attention_mask masks the token reductions), or record this layer with "
-        "reduce='none'; if the second input is no attention mask, pass the inputs as a "
-        f"mapping of the forward's parameter names, or set {{{name!r}: {{'mask': False}}}} "
-        "to reduce over every token")
+    raise RecordingError(positional_mask_message(name, mode, length))
 
 
 def _nested_message(name: str, kind: str, base: str, modules: Mapping[str, Any]) -> str:
