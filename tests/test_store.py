@@ -676,6 +676,9 @@ BAD_WRITES = {
     "metadata values": (dict(split=[{"a": 1}, {"b": 2}]), "must hold str, int, float or bool"),
     "reserved column": (dict(x=[1, 2]), "'x' cannot be a metadata column name"),
     "column named count": ({"count": [1, 2]}, "'count' cannot be a metadata column name"),
+    # the recorders' names for write's label= and sample=: they became metadata columns
+    "labels= as for a recorder": ({"labels": [1, 2]}, "takes label=, not labels="),
+    "sample_ids= as for a recorder": ({"sample_ids": [1, 2]}, "takes sample=, not sample_ids="),
     "negative epoch": (dict(epoch=-1), "epoch must be >= 0"),
     "float epoch": (dict(epoch=1.5), "epoch must be an integer"),
     "bool epoch": (dict(epoch=True), "epoch must be an integer"),

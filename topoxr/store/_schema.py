@@ -82,6 +82,10 @@ _ATTR_SCALARS = "topoxr_epoch_scalars"
 #: opened before can tell (see ``reader._CheckedActivation``). Layers written by
 #: earlier versions have none until one is overwritten.
 _ATTR_GENERATION = "topoxr_generation"
+#: Names a caller of ``ActivationWriter.write`` may give for its own arguments (the
+#: recorders take ``labels=`` and ``sample_ids=``): the argument each stands for.
+_WRITE_ARGUMENTS = {"labels": "label", "predictions": "prediction", "sample_ids": "sample",
+                    "samples": "sample", "epochs": "epoch"}
 _RESERVED = {
     ACTIVATION,
     SAMPLE,
@@ -102,7 +106,19 @@ _RESERVED = {
     # names of the NAPs' own coordinates (topoxr.grouping.naps): a column of that name
     # could not be grouped by
     "count",
+    # the recorders' names of what ActivationWriter.write takes as label=, prediction=,
+    # sample=, epoch=: passed to write, they became metadata columns without a word
+    *_WRITE_ARGUMENTS,
 }
+
+
+def column_name_hint(key: str) -> str:
+    """Why ``key`` is refused as a column name, where it is a known slip: the recorders
+    take ``labels=``/``sample_ids=``, ``ActivationWriter.write`` takes ``label=``/``sample=``."""
+    if key in _WRITE_ARGUMENTS:
+        return (f": ActivationWriter.write takes {_WRITE_ARGUMENTS[key]}=, not {key}= (the "
+                "recorders' name; it stores every other keyword as a metadata column)")
+    return ""
 
 
 def valid_column_name(key: str) -> bool:

@@ -71,6 +71,7 @@ from topoxr.store._schema import (
     _EPOCH_FILL,
     _MASK_TARGET,
     _MAX_CHUNK_BYTES,
+    column_name_hint,
     valid_column_name,
     _TARGET_CHUNK_BYTES,
     MASK_CHUNK,
@@ -628,7 +629,8 @@ class ActivationWriter:
         meta = {}
         for key, col in metadata.items():
             if not valid_column_name(key):
-                raise StoreError(f"layer {layer!r}: {key!r} cannot be a metadata column name")
+                raise StoreError(f"layer {layer!r}: {key!r} cannot be a metadata column name"
+                                 f"{column_name_hint(key)}")
             meta[key] = _as_1d(f"layer {layer!r}: metadata {key!r}", col, batch)
         epoch = _as_epoch(epoch)
 
