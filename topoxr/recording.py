@@ -52,7 +52,7 @@ from topoxr.reduction import (
 )
 from topoxr.store import ActivationWriter
 from topoxr.store.reader import read_model_layers
-from topoxr.store._schema import _TARGET_CHUNK_BYTES, valid_column_name
+from topoxr.store._schema import _TARGET_CHUNK_BYTES, epoch_scalar_values, valid_column_name
 
 __all__ = [
     "ADAPTER_GROUP",
@@ -1672,6 +1672,7 @@ def run_recording(
     if reduce not in REDUCE_CHOICES:
         raise RecordingError(
             f"unknown reduce mode {reduce!r}; choose one of {list(REDUCE_CHOICES)}")
+    scalars = epoch_scalar_values(scalars or {}, RecordingError)
     if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
         raise RecordingError(f"epoch must be an integer >= 0, got {epoch!r}")
     epoch = int(epoch)
@@ -1790,9 +1791,11 @@ def run_recording(
                 n_done += len(batch)
                 bar.update(len(batch))
                 batch = next(iterator, None)
-        writer.complete_epoch(epoch, list(layers))
+        # the scalars before the epoch is complete: a complete epoch is skipped by a
+        # resumed run, which would never store scalars lost in between
         if scalars:
-            writer.log_epoch(epoch, **{k: float(v) for k, v in scalars.items()})
+            writer.log_epoch(epoch, **scalars)
+        writer.complete_epoch(epoch, list(layers))
         written = bg.written
     except BaseException as err:
         if owns:

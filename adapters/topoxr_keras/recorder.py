@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -553,7 +554,28 @@ class RecordActivations(keras.callbacks.Callback):
         """
         if self._starting:
             self._starting = False
+            self._warn_if_left_incomplete(epoch)
             self._record(epoch, {})
+
+    def _warn_if_left_incomplete(self, epoch: int) -> None:
+        """Warn where an earlier run left ``epoch`` incomplete: it is now completed from
+        the state this fit starts from, without that run's logs (loss, accuracy) unless
+        it stored them before it stopped (they are stored before an epoch is marked
+        complete)."""
+        from topoxr.store import StoreError
+        from topoxr.store.reader import read_model_layers
+
+        try:
+            layers = read_model_layers(self.store, self.model_name)
+        except (FileNotFoundError, StoreError):  # nothing yet, or damage: _record says so
+            return
+        if any(epoch in info["epochs"] and not info["complete"][info["epochs"].index(epoch)]
+               for info in layers.values()):
+            warnings.warn(
+                f"epoch {epoch} of model {self.model_name!r} was left incomplete by an "
+                "earlier run (stopped while recording it); it is completed from the state "
+                "this fit starts from, without that run's logs (loss, ...) unless it had "
+                "stored them", UserWarning, stacklevel=3)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Record after the epoch (labelled ``epoch + 1``) if it is due.

@@ -723,3 +723,59 @@ def test_labels_of_shape_n_by_1_are_read_as_n(tmp_path):
     np.testing.assert_array_equal(ds.label.values, y[ds.sample.values])
     _assert_rows(store, "model", "h", _plain(model, model.get_layer("h").output, x[:30]),
                  epoch=1)
+
+
+_KILLED_WHILE_COMPLETING = r'''
+import os, signal, sys
+import keras
+import topoxr_keras
+from topoxr.store import ActivationWriter
+from topoxr_keras import models
+
+x, y = models.load_digits_data()
+model = models.make_model("mlp")
+
+
+class Checkpoint(keras.callbacks.Callback):  # before the recording, as a user's would be
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.save_weights(sys.argv[2])
+
+
+complete = ActivationWriter.complete_epoch
+
+
+def killed(self, epoch, *args, **kwargs):  # the process dies as epoch 2 is completed
+    if epoch == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return complete(self, epoch, *args, **kwargs)
+
+
+ActivationWriter.complete_epoch = killed
+callback = topoxr_keras.RecordActivations((x[:40], y[:40]), sys.argv[1], model_name="mlp",
+                                          layers=["fc1"])
+models.train(model, x[:200], y[:200], epochs=3, callbacks=[Checkpoint(), callback])
+'''
+
+
+def test_a_fit_resumed_from_a_checkpoint_keeps_the_killed_runs_logs_and_says_so(tmp_path):
+    """Killed while recording epoch 2, after its checkpoint: the resumed fit completed
+    epoch 2 without the first run's loss and accuracy (NaN), and said nothing."""
+    store, weights = str(tmp_path / "run.zarr"), str(tmp_path / "ckpt.weights.h5")
+    result = subprocess.run([sys.executable, "-c", _KILLED_WHILE_COMPLETING, store, weights],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr
+    x, y = models.load_digits_data()
+    model = models.make_model("mlp")
+    model.load_weights(weights)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    callback = topoxr_keras.RecordActivations((x[:40], y[:40]), store, model_name="mlp",
+                                              layers=["fc1"])
+    with pytest.warns(UserWarning, match="epoch 2 of model 'mlp' was left incomplete"):
+        model.fit(x[:200], y[:200], epochs=3, initial_epoch=2, verbose=0,
+                  callbacks=[callback])
+    ds = open_store(store)["mlp/fc1"].to_dataset()
+    assert ds.epoch.values.tolist() == [0, 1, 2, 3]
+    assert bool(ds.epoch_complete.all())
+    assert np.isfinite(ds["loss"].sel(epoch=[1, 2, 3]).values).all()

@@ -762,3 +762,58 @@ def test_a_sampler_yielding_part_of_the_dataset_records_every_epoch(store_path, 
         want = xs @ (weight - shift).T + bias
         got = ds.activation.sel(epoch=epoch).transpose("sample", "neuron").values
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+_KILLED_WHILE_LOGGING = r'''
+import os, signal, sys
+import topoxr_torch
+from topoxr.store import ActivationWriter
+from topoxr_torch.models import load_digits_data, make_model
+
+x, y = load_digits_data()
+recorder = topoxr_torch.ProbeRecorder(make_model("mlp", seed=0), (x[:64], y[:64]),
+                                      sys.argv[1], model_name="mlp", layers=["fc1"])
+recorder.record(0, loss=1.0)
+log_epoch = ActivationWriter.log_epoch
+
+def killed(self, epoch, **scalars):  # the process dies as it stores epoch 1's scalars
+    if epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return log_epoch(self, epoch, **scalars)
+
+ActivationWriter.log_epoch = killed
+recorder.record(1, loss=2.0)
+'''
+
+
+def test_scalars_are_stored_before_the_epoch_is_marked_complete(store_path):
+    """A process killed between completing an epoch and storing its scalars left the
+    epoch complete without its loss, and the resumed run skipped it (loss NaN for good).
+    The scalars now come first: the epoch stays incomplete and is recorded again."""
+    result = subprocess.run([sys.executable, "-c", _KILLED_WHILE_LOGGING, store_path],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr
+    x, y = models.load_digits_data()
+    recorder = topoxr_torch.ProbeRecorder(models.make_model("mlp", seed=0), (x[:64], y[:64]),
+                                          store_path, model_name="mlp", layers=["fc1"])
+    assert recorder.record(1, loss=2.0) is not None  # recorded, not skipped
+    ds = open_store(store_path)["mlp/fc1"].to_dataset()
+    np.testing.assert_array_equal(ds["loss"].values, [1.0, 2.0])
+    assert ds["epoch_complete"].values.tolist() == [True, True]
+
+
+@pytest.mark.parametrize(("scalars", "match"), [
+    ({"loss": None}, "epoch scalar 'loss' must be a real number"),
+    ({"label": 0.5}, "'label' cannot be an epoch scalar name"),
+])
+def test_bad_scalars_are_refused_before_the_epoch_is_recorded(store_path, scalars, match):
+    """They were refused after the epoch was marked complete: the resumed run skipped it."""
+    x, y = models.load_digits_data()
+    recorder = topoxr_torch.ProbeRecorder(models.make_model("mlp", seed=0), (x[:64], y[:64]),
+                                          store_path, model_name="mlp", layers=["fc1"])
+    recorder.record(0, loss=1.0)
+    with pytest.raises(RecordingError, match=match):
+        recorder.record(1, **scalars)
+    assert open_store(store_path)["mlp/fc1"].sizes["epoch"] == 1
+    recorder.record(1, loss=0.5)
+    np.testing.assert_array_equal(open_store(store_path)["mlp/fc1"]["loss"].values, [1.0, 0.5])

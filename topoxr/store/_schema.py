@@ -112,6 +112,24 @@ _RESERVED = {
 }
 
 
+def epoch_scalar_values(scalars: Mapping[str, Any], error: type[Exception]) -> dict[str, float]:
+    """``scalars`` as floats, checked as :meth:`ActivationWriter.log_epoch` stores them.
+
+    Raises
+    ------
+    error
+        If a name is reserved or not an identifier, or a value is not a real number.
+    """
+    values: dict[str, float] = {}
+    for key, value in scalars.items():
+        if not valid_column_name(key):
+            raise error(f"{key!r} cannot be an epoch scalar name{column_name_hint(key)}")
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise error(f"epoch scalar {key!r} must be a real number, got {value!r}")
+        values[key] = float(value)
+    return values
+
+
 def column_name_hint(key: str) -> str:
     """Why ``key`` is refused as a column name, where it is a known slip: the recorders
     take ``labels=``/``sample_ids=``, ``ActivationWriter.write`` takes ``label=``/``sample=``."""

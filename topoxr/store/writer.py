@@ -72,6 +72,7 @@ from topoxr.store._schema import (
     _MASK_TARGET,
     _MAX_CHUNK_BYTES,
     column_name_hint,
+    epoch_scalar_values,
     valid_column_name,
     _TARGET_CHUNK_BYTES,
     MASK_CHUNK,
@@ -611,11 +612,15 @@ class ActivationWriter:
                                  f"{uniq[counts > 1][:10].tolist()}")
             lowest = int(uniq[0])
         if not allow_nonfinite and not np.isfinite(values).all():
-            bad = int((~np.isfinite(values)).sum())
+            finite = np.isfinite(values)
+            rows = np.flatnonzero(~finite.reshape(len(values), -1).all(axis=1))
             raise StoreError(
-                f"layer {layer!r}: {bad} activation value(s) are NaN or inf (a model that "
-                "diverged or overflowed?); they are refused unless written with "
-                "ActivationWriter.write(..., allow_nonfinite=True)"
+                f"layer {layer!r}: {int((~finite).sum())} activation value(s) are NaN or inf "
+                f"at epoch {epoch!r}, samples {_ids_text(ids[rows])} (a model that diverged "
+                "or overflowed?); nothing of the batch is written. The recorders refuse "
+                "them: record the epochs before the model diverged. ActivationWriter.write"
+                "(..., allow_nonfinite=True) stores them (naps and layouts then skip them "
+                "as missing values)"
             )
         self._check_range(layer, values)
         labels = None if label is None else _as_1d(f"layer {layer!r}: label", label, batch)
@@ -843,13 +848,7 @@ class ActivationWriter:
         """
         self._check_open()
         epoch = _as_epoch(epoch)
-        values: dict[str, float] = {}
-        for key, value in scalars.items():
-            if not valid_column_name(key):
-                raise StoreError(f"{key!r} cannot be an epoch scalar name")
-            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-                raise StoreError(f"epoch scalar {key!r} must be a real number, got {value!r}")
-            values[key] = float(value)
+        values = epoch_scalar_values(scalars, StoreError)
         self.flush()
         for state in self._layers.values():
             e = state.epoch_index(epoch)
