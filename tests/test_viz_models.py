@@ -236,3 +236,65 @@ def test_animation_frames_and_gif_refuse_an_order_naming_a_group_not_in_the_naps
     assert not (tmp_path / "training.gif").exists()
     epochs, frames = viz.animation_frames(nap, order=[(1,), 2], progress=False)
     assert epochs == [0, 1] and len(frames) == 2
+
+
+def _scaled_model(scale: float, rng: np.random.Generator, n: int = 80) -> xr.DataArray:
+    """Laid NAPs of two groups whose values span about ``scale`` (a model's own limits)."""
+    import json
+
+    x, y = rng.random(n), rng.random(n)
+    nap = (x - 0.5)[:, None, None] * np.array([[1.0], [-1.0]]) * scale
+    return xr.DataArray(
+        nap, dims=("neuron", "marked", "epoch"), name="nap",
+        coords={"neuron": np.arange(n), "marked": [False, True], "epoch": [3],
+                "x": ("neuron", x), "y": ("neuron", y)},
+        attrs={"topoxr_nap": json.dumps({"by": ["marked"], "normalize": True,
+                                         "correct_only": False})})
+
+
+def _bars_and_maps(fig):
+    """``[(bar range, [clims of the maps beside it])]``: maps whose extent overlaps it."""
+    fig.canvas.draw()  # the boxes the maps are drawn in
+    maps = [ax for ax in fig.axes if ax.images]
+    bars = [ax for ax in fig.axes if not ax.images and ax.get_ylabel()]
+    out = []
+    for bar in bars:
+        b = bar.get_position()
+        beside = [tuple(float(c) for c in ax.images[0].get_clim()) for ax in maps
+                  if ax.get_position().y0 < b.y1 and b.y0 < ax.get_position().y1]
+        out.append((tuple(float(c) for c in bar.get_ylim()), beside))
+    return maps, out
+
+
+@pytest.mark.parametrize("scales", [[10.0, 0.01], [0.01, 10.0], [10.0, 1.0, 0.01]])
+def test_still_colour_bars_sit_beside_the_rows_whose_limits_they_show(viz, scales):
+    import matplotlib.pyplot as plt
+
+    from topoxr.viz.still import still_figure
+
+    rng = np.random.default_rng(0)
+    models = {f"m{i}": _scaled_model(s, rng) for i, s in enumerate(scales)}
+    fig = still_figure(viz.compare_models(models, resolution=32))
+    maps, bars = _bars_and_maps(fig)
+    plt.close(fig)
+    assert len(bars) == len(scales)  # each model's own limits: one bar each
+    for shown, beside in bars:
+        assert beside, shown
+        for clim in beside:
+            np.testing.assert_allclose(clim, shown, rtol=1e-9)
+    # every map is beside a bar
+    assert sum(len(beside) for _, beside in bars) == len(maps) == 2 * len(scales)
+    # limits shared across the models: one bar beside every row
+    fig = still_figure(viz.compare_models(models, resolution=32, clim="shared"))
+    maps, bars = _bars_and_maps(fig)
+    plt.close(fig)
+    assert len(bars) == 1
+    (shown, beside), = bars
+    assert len(beside) == len(maps) == 2 * len(scales)
+    for clim in beside:
+        np.testing.assert_allclose(clim, shown, rtol=1e-9)
+    # one model: one row, its bar beside it
+    fig = still_figure(viz.compare_models({"m": models["m0"]}, resolution=32))
+    maps, bars = _bars_and_maps(fig)
+    plt.close(fig)
+    assert len(bars) == 1 and len(bars[0][1]) == len(maps) == 2

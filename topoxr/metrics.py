@@ -243,8 +243,14 @@ def neighborhood_preservation(
 def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float:
     """Trustworthiness of a layout: are the map's neighbours neighbours in profile space?
 
-    Same value as :func:`sklearn.manifold.trustworthiness` (without ties), in memory
-    ``O(n)`` per query block.
+    Same value as :func:`sklearn.manifold.trustworthiness` where no two profile
+    distances from a neuron tie, in memory ``O(n)`` per query block. Tied neurons rank
+    as close as the closest of them (a neuron's rank is 1 + the number of neurons
+    strictly closer): dead neurons, whose identical profiles lie at distance 0 from each
+    other, count as each other's neighbours wherever they are placed. scikit-learn
+    breaks ties by index instead. So a random layout of a layer with many dead neurons
+    scores above 0.5 (0.64 for the 64-neuron layer of ``docs/concepts.md``, 15 of them
+    dead).
 
     Parameters
     ----------

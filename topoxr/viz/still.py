@@ -118,6 +118,7 @@ def still_figure(obj: Any, *, panel_inches: float = 1.7, dpi: int = 80, cmap: st
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, dpi=dpi)
     mappables: dict[tuple, Any] = {}
     labels: dict[tuple, str] = {}
+    users: dict[tuple, list[Any]] = {}  # the axes of the maps drawn with each range
     for ax, part in zip(axes.flat, parts + [None] * (nrows * ncols - n), strict=True):
         ax.set_axis_off()
         if part is None:
@@ -142,6 +143,7 @@ def still_figure(obj: Any, *, panel_inches: float = 1.7, dpi: int = 80, cmap: st
                                edgecolors="black", linewidths=0.3)
                 mappables.setdefault((lo, hi), m)
             labels.setdefault((lo, hi), part["vlabel"])
+            users.setdefault((lo, hi), []).append(ax)
             if "ranges" in part:
                 ax.set_xlim(*part["ranges"][0])
                 ax.set_ylim(*part["ranges"][1])
@@ -152,14 +154,49 @@ def still_figure(obj: Any, *, panel_inches: float = 1.7, dpi: int = 80, cmap: st
                         top=1 - (0.45 if title else 0.25) / height, wspace=0.06, hspace=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    span = 0.7 / max(bars, 1)
-    for i, (clim, mappable) in enumerate(mappables.items()):
-        cax = fig.add_axes((right + 0.1 / width, 0.15 + i * (span + 0.05), 0.12 / width,
-                            span - 0.05 if bars > 1 else 0.65))
+    extents = _bar_extents({clim: users[clim] for clim in mappables})
+    for clim, mappable in mappables.items():
+        y0, y1 = extents[clim]
+        cax = fig.add_axes((right + 0.1 / width, y0, 0.12 / width, y1 - y0))
         bar = fig.colorbar(mappable, cax=cax)
         bar.set_label(labels.get(clim, ""), fontsize=7)
         bar.ax.tick_params(labelsize=6)
     return fig
+
+
+def _bar_extents(users: dict[tuple, list[Any]]) -> dict[tuple, tuple[float, float]]:
+    """The vertical extent (figure fraction) of the colour bar of each range.
+
+    Each bar spans the maps drawn with its range (from the lowest to the highest of their
+    axes), so it sits beside the row, or rows, it belongs to whatever the order the ranges
+    were met in. Ranges whose maps share rows (two ranges in one row) split the rows'
+    extent between them, top to bottom in the order of their highest map.
+    """
+    spans: dict[tuple, tuple[float, float]] = {}
+    for clim, axes in users.items():
+        boxes = []
+        for ax in axes:
+            ax.apply_aspect()  # the box the map is drawn in, not its grid slot
+            boxes.append(ax.get_position())
+        spans[clim] = (min(b.y0 for b in boxes), max(b.y1 for b in boxes))
+    # ranges top first; a range overlapping the group above joins it
+    order = sorted(spans, key=lambda c: -spans[c][1])
+    clusters: list[list[tuple]] = []
+    for clim in order:
+        if clusters and spans[clim][1] > min(spans[c][0] for c in clusters[-1]):
+            clusters[-1].append(clim)
+        else:
+            clusters.append([clim])
+    extents: dict[tuple, tuple[float, float]] = {}
+    for cluster in clusters:
+        bottom = min(spans[c][0] for c in cluster)
+        top = max(spans[c][1] for c in cluster)
+        step = (top - bottom) / len(cluster)
+        for i, clim in enumerate(cluster):
+            hi = top - i * step
+            pad = 0.05 * step if len(cluster) > 1 else 0.0
+            extents[clim] = (hi - step + pad, hi - pad)
+    return extents
 
 
 def still_png(obj: Any, **kwargs: Any) -> bytes:
