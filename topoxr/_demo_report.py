@@ -13,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from topoxr.demo import ANIMATION_RESOLUTION, ATTRIBUTE, MAP_RESOLUTION
+from topoxr.demo import (
+    ANIMATION_RESOLUTION,
+    ATTRIBUTE,
+    MAP_RESOLUTION,
+    _blob_text,
+    _error_claim,
+    _most_alike,
+    _pinned_correlation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,75 @@ _DESCRIPTION = (
 
 def _fmt(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.2f}"
+
+
+def _pinned_note(cm: dict[str, Any], what: str = "classes") -> str:
+    """Why the mean correlation over all pairs of maps is not shown as distinctness."""
+    g = len(cm["blob_count"])
+    return (f"The mean correlation over all pairs of {what} ({_fmt(cm['mean_correlation'])}) "
+            f"is not a distinctness measure: the NAPs are normalised over the {g} {what}, so "
+            f"it sits near -1/({g} - 1) = {_fmt(_pinned_correlation(g))} whatever the "
+            "network does.")
+
+
+#: Column names of the layout quality table in the report (quality.json keeps the keys).
+_QUALITY_COLUMNS = {"blob_count": "blobs per map", "blob_area": "mean blob area per map"}
+
+
+def on_shared_layout(reference: Any, other: Any) -> tuple[Any, dict[str, Any]]:
+    """Draw ``other``'s NAPs on ``reference``'s layout through matched neurons.
+
+    The neurons of the two layers are matched one to one by the correlation of their
+    NAPs (:func:`topoxr.alignment.match_neurons`, over every group and epoch); each
+    neuron of ``other`` is placed where its match sits in ``reference``. Both rows of a
+    side-by-side figure then share one layout, so what differs between them is the
+    activity, not the layout.
+
+    Parameters
+    ----------
+    reference, other : xarray.DataArray
+        Laid-out NAPs of two models' layers (same grouping), one layout each on
+        ``neuron``.
+
+    Returns
+    -------
+    other_on_reference : xarray.DataArray
+        ``other``'s matched neurons (its values, labels and coordinates) at the ``x``,
+        ``y`` of their matches in ``reference``; the layout attrs are ``reference``'s,
+        with a ``"shared"`` note.
+    info : dict
+        ``n_matched`` and ``median_r`` (median over matched pairs of the correlation of
+        their NAPs over the groups at the last epoch; NaN without a finite one).
+    """
+    import json
+
+    import xarray as xr
+
+    from topoxr.alignment import match_neurons
+    from topoxr.conventions import ATTR_LAYOUT, EPOCH, NEURON, X, Y
+
+    rows_o, rows_r = match_neurons(other, reference)
+    ref = reference.isel({NEURON: rows_r})
+    out = other.isel({NEURON: rows_o})
+    out = out.assign_coords({X: (NEURON, ref[X].values, dict(out[X].attrs)),
+                             Y: (NEURON, ref[Y].values, dict(out[Y].attrs))})
+    a, b = out.drop_vars([X, Y]), ref.drop_vars([X, Y])
+    if EPOCH in a.dims:
+        a, b = a.sortby(EPOCH).isel({EPOCH: -1}), b.sortby(EPOCH).isel({EPOCH: -1})
+    a, b = xr.align(a, b, join="inner", exclude=[NEURON])  # the same groups, in one order
+    A = np.asarray(a.transpose(NEURON, ...).values, float).reshape(len(rows_o), -1)
+    B = np.asarray(b.transpose(*a.dims).values, float).reshape(len(rows_r), -1)
+    r = np.full(len(rows_o), np.nan)
+    for i, (u, v) in enumerate(zip(A, B, strict=True)):
+        ok = np.isfinite(u) & np.isfinite(v)
+        if ok.sum() > 1 and np.std(u[ok]) > 0 and np.std(v[ok]) > 0:
+            r[i] = np.corrcoef(u[ok], v[ok])[0, 1]
+    info = {"n_matched": len(rows_o),
+            "median_r": float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan")}
+    desc = json.loads(reference.attrs.get(ATTR_LAYOUT, "{}") or "{}")
+    desc["shared"] = {"match": "activity", **info}
+    out.attrs = {**other.attrs, ATTR_LAYOUT: json.dumps(desc)}
+    return out, info
 
 
 def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray], *,
@@ -79,12 +156,9 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
         text = ("One map per class, in dendrogram order (classes with similar maps side by "
                 "side), each under an example input of its class.")
         if cm:
-            text += (f" **Mean correlation between class maps: {_fmt(cm['mean_correlation'])}** "
-                     f"(1: all classes alike; 0: unrelated); most alike: classes "
-                     f"{cm['max_pair']['groups'][0]} and {cm['max_pair']['groups'][1]} "
-                     f"({_fmt(cm['max_pair']['correlation'])}). **{cm['mean_blob_count']:.1f} "
-                     f"blobs per map**, each {100 * cm['mean_blob_area']:.1f}% of the map "
-                     "(regions beyond half the layer's largest |NAP|).")
+            text += (f" **{_most_alike(cm).capitalize()}; {_blob_text(cm)}** (blobs: "
+                     "regions beyond half the layer's largest |NAP|; maps without blobs "
+                     f"left out of the area). {_pinned_note(cm)}")
         row = viz.class_row(maps[key]["label"], examples=examples, **kw)
         report.add_section(f"Class maps: {key[0]} / {key[1]}", text=text)
         if key == featured:  # drawn once: the report's picture and maps.png
@@ -104,33 +178,34 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
             text=("The transformer reads a digit as 8 row tokens; this layer was recorded per "
                   "token (every row of every probe digit its own sample, "
                   "`reduce=\"tokens\"`), so its neurons can be mapped by the row they see: "
-                  "one map per row position, top row first. **Mean correlation between the "
-                  f"rows' maps: {_fmt(tok['mean_correlation'])}; "
-                  f"{tok['mean_blob_count']:.1f} blobs per map.** The pooled layer "
+                  f"one map per row position, top row first. **{_most_alike(tok, 'rows').capitalize()}; "
+                  f"{_blob_text(tok)}.** {_pinned_note(tok, 'rows')} The pooled layer "
                   "(`pool`, the mean over rows) has the class maps above."))
     report.add_table([
         {"layer": layer, "neurons": int(maps[tuple(layer.split("/"))]["label"].sizes["neuron"]),
-         "mean correlation": cm["mean_correlation"], "blobs per map": cm["mean_blob_count"],
-         "blob area": cm["mean_blob_area"], "accuracy": found["accuracy"][layer.split("/")[0]]}
+         "most alike classes": (" and ".join(map(str, cm["max_pair"]["groups"]))
+                                if cm["max_pair"] else None),
+         "their correlation": cm["max_pair"]["correlation"] if cm["max_pair"] else None,
+         "blobs per map": cm["mean_blob_count"], "mean area of one blob": cm["mean_blob_area"],
+         "accuracy": found["accuracy"][layer.split("/")[0]]}
         for layer, cm in found["class_maps"].items()
     ], title="Class maps of every layer",
-        caption="Distinctness (mean correlation between class maps; lower is more distinct) "
-                "and blobs of the class maps of every recorded layer, last epoch; probe "
-                "accuracy of the model.")
+        caption="Class maps of every recorded layer, last epoch: the most alike pair of "
+                "classes and the correlation of their maps; blobs per map and the mean area "
+                "of one blob (fraction of the map, maps without blobs left out; the layout "
+                "quality table's mean blob area per map is another statistic); probe "
+                "accuracy of the model. The mean correlation over all pairs of classes is "
+                "left out: normalised NAPs pin it near -1/(G - 1) for G classes (-0.11 for "
+                "10).")
 
     # 2. errors ------------------------------------------------------------------------
     err = found["errors"].get(f"{featured[0]}/{featured[1]}")
     text = "Per class, samples the network got right (top) and wrong (bottom), last epoch."
     if err and err["wrong_samples"]:
-        text += (f" **{err['wrong_samples']} wrong probes: their maps correlate "
+        text += (f" {err['wrong_samples']} wrong probes: their maps correlate "
                  f"{_fmt(err['mean_r_predicted'])} with the correct maps of the class predicted "
-                 f"and {_fmt(err['mean_r_true'])} with those of their true class; "
-                 f"{100 * err['closer_to_predicted']:.0f}% are closer to the predicted "
-                 "class.** "
-                 + ("Most wrong samples look to this layer like the class they were taken for."
-                    if err["closer_to_predicted"] > 0.5 else
-                    "Most wrong samples still look to this layer like their own class: the "
-                    "confusion arises later in the network."))
+                 f"and {_fmt(err['mean_r_true'])} with those of their true class (means "
+                 f"weighted by samples). **{_error_claim(err)}.**")
     report.add_section(f"Errors: correct vs wrong ({name})",
                        viz.contrast_grid(maps[featured]["correct"], **kw), text=text, still=True)
     report.add_section(f"Errors: confusion grid ({name})",
@@ -196,21 +271,27 @@ def write_report(out: Path, analysis: dict[str, Any], data: dict[str, np.ndarray
 
     # frameworks side by side ----------------------------------------------------------
     if ("mlp_torch", "relu1") in maps and ("mlp_keras", "relu1") in maps:
-        from topoxr.alignment import align
-
         torch_naps = maps[("mlp_torch", "relu1")]["label"]
-        keras_naps = align(maps[("mlp_keras", "relu1")]["label"], torch_naps, match="activity")
+        keras_naps, twins = on_shared_layout(torch_naps, maps[("mlp_keras", "relu1")]["label"])
         report.add_section("PyTorch and Keras side by side (mlp / relu1)",
                            viz.compare_models({"PyTorch": torch_naps, "Keras": keras_naps}, **kw),
                            still=True,
                            text="The paper's MLP (identical initial weights) trained in both "
-                                "frameworks; the Keras layout is aligned onto the PyTorch one "
-                                "by matching neurons on their activity (linear assignment, "
-                                "then Procrustes).")
-    report.add_section("Layout quality and time", analysis["quality"],
+                                "frameworks, drawn on one layout: each Keras neuron sits where "
+                                "the PyTorch neuron it is matched with sits (one-to-one "
+                                "matching on the correlation of their class NAPs), so the rows "
+                                "differ only where the activity differs. **Median correlation "
+                                f"of the {twins['n_matched']} matched twins' NAPs (last epoch): "
+                                f"{_fmt(twins['median_r'])}.**")
+    report.add_section("Layout quality and time",
+                       [{_QUALITY_COLUMNS.get(k, k): v for k, v in row.items()}
+                        for row in analysis["quality"]],
                        text="Trustworthiness and continuity (k = 5), Spearman correlation of "
                             "profile and map distances, smoothness (lower is smoother), blobs "
-                            "per class map and their area, seconds per layout on this machine.")
+                            "per class map, the mean blob area per map (each map's mean blob "
+                            "area, averaged over the maps, a map without blobs counting 0: not "
+                            "the mean area of one blob of the class-maps table), seconds per "
+                            "layout on this machine.")
     built = time.perf_counter()
     files = [report.save(out / "report.html")]
     saved = time.perf_counter()

@@ -14,10 +14,10 @@
 3. every hidden layer is laid out with topoxr's default method (and, for the layout
    quality table, with the paper's ``graph+force``), NAPs are computed by class, by
    (class, correct), by (class, prediction) and by (class, mark);
-4. each of the paper's applications gets its number (:mod:`topoxr.findings`): how
-   distinct the class maps are and their blobs; whether wrong samples look like their
-   class or the one predicted; the mark's effect on the maps against the control; how
-   much the maps change per epoch and when they settle;
+4. each of the paper's applications gets its number (:mod:`topoxr.findings`): which
+   classes' maps are most alike and the maps' blobs; how many wrong samples look more
+   like their class or the one predicted; the mark's effect on the maps against the
+   control; how much the maps change per epoch and when they settle;
 5. ``DIR/report.html`` (self-contained, works offline), ``DIR/quality.json`` (every
    number), ``DIR/maps.png`` and ``DIR/training.gif`` are written.
 
@@ -613,6 +613,78 @@ def _bias_behaviour(biased: Any, control: Any) -> dict[str, Any]:
     return out
 
 
+#: Fewer wrong samples than this (over all confusions of a layer): the errors finding
+#: reports how many are closer to which class, and states no direction ("most ...").
+MIN_WRONG_FOR_DIRECTION = 20
+
+
+def _pinned_correlation(n_groups: int) -> float:
+    """Where normalised NAPs pin the mean correlation over all pairs of group maps.
+
+    The NAPs are centred over the groups (each neuron's mean over groups subtracted), so
+    at every pixel the ``G`` group maps sum to about zero and the mean pairwise
+    correlation sits near ``-1 / (G - 1)`` whatever the network does: it does not
+    measure how distinct the groups are.
+    """
+    return -1.0 / (n_groups - 1) if n_groups > 1 else float("nan")
+
+
+def _most_alike(cm: dict[str, Any], what: str = "classes") -> str:
+    """``most alike: classes 3 and 8 (r 0.41)``, from :func:`topoxr.findings.class_map_findings`."""
+    pair = cm.get("max_pair")
+    if not pair:
+        return f"no two {what} with a finite map correlation"
+    a, b = pair["groups"]
+    return f"most alike: {what} {a} and {b} (r {pair['correlation']:.2f})"
+
+
+def _blob_text(cm: dict[str, Any]) -> str:
+    """Blobs per map and the mean area of one blob (count-weighted, maps without blobs
+    left out: not the quality table's mean blob area per map)."""
+    area = cm["mean_blob_area"]
+    one = (f"mean area of one blob {100 * area:.1f}% of the map" if np.isfinite(area)
+           else "no blobs")
+    return f"{cm['mean_blob_count']:.1f} blobs per map, {one}"
+
+
+def _error_counts(err: dict[str, Any]) -> tuple[int, int, int]:
+    """Wrong samples closer to the predicted class, closer to their own class, and
+    compared (pairs whose two correlations are finite), from the confusion pairs."""
+    closer_pred = closer_true = compared = 0
+    for p in err.get("pairs", []):
+        r_true, r_pred = p.get("r_true"), p.get("r_predicted")
+        if r_true is None or r_pred is None or not (np.isfinite(r_true)
+                                                    and np.isfinite(r_pred)):
+            continue
+        compared += p["count"]
+        closer_pred += p["count"] if r_pred > r_true else 0
+        closer_true += p["count"] if r_true > r_pred else 0
+    return closer_pred, closer_true, compared
+
+
+def _error_claim(err: dict[str, Any]) -> str:
+    """What the errors finding measured, as counts; a direction ("most ...") only from
+    :data:`MIN_WRONG_FOR_DIRECTION` compared wrong samples on.
+
+    Each confusion (a (true label, prediction) pair) has one map, the NAP of its samples;
+    a wrong sample counts for the class its confusion's map is closer to.
+    """
+    closer_pred, closer_true, compared = _error_counts(err)
+    pairs = len(err.get("pairs", []))
+    text = (f"{closer_true} of {compared} wrong probes are in confusions whose map is closer "
+            f"to their own class, {closer_pred} in ones closer to the class predicted "
+            f"({pairs} confusion{'s' if pairs != 1 else ''}: (true, predicted) pairs, one map "
+            "each)")
+    if compared < MIN_WRONG_FOR_DIRECTION:
+        return text + (f"; too few (under {MIN_WRONG_FOR_DIRECTION}) to say which is "
+                       "typical")
+    if closer_true > compared / 2:
+        return text + "; most are in confusions closer to their own class"
+    if closer_pred > compared / 2:
+        return text + "; most are in confusions closer to the class predicted"
+    return text + "; neither is a majority"
+
+
 def _finding_lines(found: dict[str, Any]) -> list[str]:
     """One line per application, for the terminal and the report."""
     if not found:
@@ -621,15 +693,12 @@ def _finding_lines(found: dict[str, Any]) -> list[str]:
     featured = found.get("featured")
     cm = found.get("class_maps", {}).get(featured)
     if cm:
-        lines.append(f"class maps ({featured}): mean correlation between class maps "
-                     f"{cm['mean_correlation']:.2f}, {cm['mean_blob_count']:.1f} blobs per map "
-                     f"of {100 * cm['mean_blob_area']:.1f}% of the map each")
+        lines.append(f"class maps ({featured}): {_most_alike(cm)}; {_blob_text(cm)}")
     err = found.get("errors", {}).get(featured)
     if err and err["wrong_samples"]:
-        lines.append(f"errors ({featured}): {err['wrong_samples']} wrong probes; their maps "
-                     f"correlate {err['mean_r_predicted']:.2f} with the predicted class, "
-                     f"{err['mean_r_true']:.2f} with the true class "
-                     f"({100 * err['closer_to_predicted']:.0f}% closer to the predicted)")
+        lines.append(f"errors ({featured}): wrong probes' maps correlate "
+                     f"{err['mean_r_predicted']:.2f} with the predicted class, "
+                     f"{err['mean_r_true']:.2f} with their own (mean); {_error_claim(err)}")
     bias = found.get("bias")
     if bias:
         lines.append(f"bias: the mark changes the class maps by {bias['biased']['mean_effect']:.2f} "

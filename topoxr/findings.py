@@ -154,7 +154,10 @@ def class_map_findings(
     -------
     dict
         ``mean_correlation`` (mean over pairs of classes of the correlation of their
-        maps: near 1, all classes look alike; near 0 or below, distinct), ``max_pair``
+        maps; for NAPs normalised over the groups, as :func:`topoxr.naps` makes them by
+        default, the maps sum to about zero at every pixel, which pins this mean near
+        ``-1 / (G - 1)`` for ``G`` classes whatever the network does: then it tells
+        nothing of how distinct the classes are, and ``max_pair`` does), ``max_pair``
         (the most alike pair of two classes and its correlation; None when there are
         fewer than two classes or no pair has a finite correlation, e.g. classes with
         empty or constant maps), per class ``blob_count`` (an int) and ``blob_area``
@@ -233,7 +236,9 @@ def error_findings(
     dict
         ``pairs`` (one record per wrong pair, with ``count``), ``mean_r_true``,
         ``mean_r_predicted`` (weighted by the pairs' sample counts), ``closer_to_predicted``
-        (share of wrong samples whose map is closer to the predicted class) and, per class,
+        (share of wrong samples in confusions whose map, the NAP of that (true, predicted)
+        pair, is closer to the predicted class's map than to the true class's; single
+        samples' maps are not compared) and, per class,
         ``correct_vs_wrong`` (correlation of its correct and wrong maps).
 
     Raises
