@@ -236,6 +236,10 @@ def test_animation_frames_and_gif_refuse_an_order_naming_a_group_not_in_the_naps
     assert not (tmp_path / "training.gif").exists()
     epochs, frames = viz.animation_frames(nap, order=[(1,), 2], progress=False)
     assert epochs == [0, 1] and len(frames) == 2
+    # groups= naming a group the NAPs lack was dropped without a word
+    with pytest.raises(ValueError, match=_UNKNOWN):
+        viz.animation_frames(nap, groups=[0, 9], progress=False)
+    assert len(viz.animation_frames(nap, groups=[0, 2], progress=False)[1]) == 2
 
 
 def _scaled_model(scale: float, rng: np.random.Generator, n: int = 80) -> xr.DataArray:

@@ -1189,7 +1189,7 @@ def animation_frames(
     else:
         ordered = _explicit_order(order, src.groups)
     if groups is not None:
-        wanted = {g if isinstance(g, tuple) else (g,) for g in groups}
+        wanted = set(_explicit_order(groups, src.groups))  # unknown groups are refused
         ordered = [g for g in ordered if g in wanted]
     index = {g: i for i, g in enumerate(src.groups)}
     maps = src.all_maps()
