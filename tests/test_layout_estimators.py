@@ -361,6 +361,57 @@ def test_knnforce_refuses_zero_epochs():
         one, KNNForceLayout(grid=False, spreading=0, random_state=0).fit_transform(X))
 
 
+@pytest.mark.parametrize("dead", [1, 3])
+def test_force_keeps_a_relu_layer_with_dead_neurons_spread(dead):
+    """With non-negative profiles, a dead neuron (cosine distance 1 from every live one
+    by convention) sat at d_max, where the global term repels in proportion to the
+    layout distance: it flew off (1e20) and the live neurons, scaled into the unit
+    square, all landed on one point."""
+    X = np.random.default_rng(0).random((30, 8))  # a ReLU layer's profiles
+    X[-dead:] = 0
+    for seed in range(3):
+        xy = ForceLayout(random_state=seed).fit_transform(X)
+        live = xy[:-dead]
+        assert len(np.unique(np.round(live, 6), axis=0)) == len(live)
+        assert np.ptp(live, axis=0).min() > 0.3  # spread over the square, not a point
+
+
+def test_force_refuses_a_layout_that_diverges():
+    """A neuron pushed off without bound is refused, not scaled into a collapsed map."""
+    X = np.random.default_rng(0).random((30, 8))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        ForceLayout(global_repulsion=50.0, random_state=0).fit(X)
+
+
+def test_layout_parameters_without_meaning_are_refused():
+    """UMAP ran n_neighbors=0 as 2; SOM's sigma=0 divided by zero (16 of 36 cells NaN,
+    every neuron on one circle)."""
+    X = np.random.default_rng(0).random((30, 6))
+    if has_umap:
+        for bad in (0, 1, -3):
+            with pytest.raises(LayoutInputError, match="n_neighbors must be >= 2"):
+                UMAPLayout(n_neighbors=bad, random_state=0).fit(X)
+    for name in ("sigma", "learning_rate"):
+        for bad in (0, -1.0):
+            with pytest.raises(LayoutInputError, match=f"{name} must be > 0"):
+                SOMLayout(**{name: bad}, random_state=0).fit(X)
+
+
+def test_an_estimator_with_a_random_state_object_lays_out_the_same_each_call():
+    """attach copied the estimator but handed it the caller's RandomState, which then
+    advanced: the same call gave another layout (difference 1.0)."""
+    from topoxr.layouts import attach
+    from topoxr.testing import make_activations
+
+    ds = make_activations(n_neurons=20, n_samples=40, n_epochs=1, n_labels=4)
+    state = np.random.RandomState(0)
+    est = KNNForceLayout(random_state=state)
+    before = state.get_state()[1].copy()
+    first, second = attach(ds, est), attach(ds, est)
+    np.testing.assert_array_equal(first.x.values, second.x.values)
+    np.testing.assert_array_equal(state.get_state()[1], before)  # the caller's untouched
+
+
 def test_init_estimator_keeps_its_own_metric():
     """An init estimator's own metric is kept (it was replaced by the refinement's); a
     default one takes the refinement's; 'precomputed' on one side only is refused."""

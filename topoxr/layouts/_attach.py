@@ -13,6 +13,7 @@ nodes of the layer.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -109,6 +110,10 @@ def _build(method: Any, seed: Any, metric: str, params: Mapping[str, Any]) -> An
     caller's object), with ``metric`` and ``seed`` set where it takes them."""
     probe = get_estimator(method if isinstance(method, str) else _copy_estimator(method),
                           **params)
+    if isinstance(seed, np.random.RandomState):
+        # a copy for every layout, as scikit-learn's clone makes: the caller's generator
+        # would advance with every layout, and the same call give another layout
+        seed = copy.deepcopy(seed)
     accepted = probe.get_params() if hasattr(probe, "get_params") else {}
     extra = {k: v for k, v in (("metric", metric), ("random_state", seed)) if k in accepted
              and k not in params}

@@ -68,6 +68,12 @@ def _separate_ties(pos: np.ndarray, rng: np.random.RandomState, size: float) -> 
     return _jitter(pos, rng, scale, tied)
 
 
+#: |position| beyond which a force layout counts as diverged (its starts lie in a square
+#: of side 1 or ``init_scale``; a run that keeps its neurons together stays within a few
+#: hundred)
+_DIVERGED = 1e8
+
+
 class ForceLayout(BaseLayout):
     """The paper's force-directed particle optimisation ("PSO"), faithful to its reference.
 
@@ -83,7 +89,11 @@ class ForceLayout(BaseLayout):
     - a tanh schedule over ``t`` in ``[-3, 6]``: ``g = (1 - tanh t) / 2``,
       ``l = (1 + tanh t) / 2`` moves the weight from the global to the local term.
 
-    Each step moves every neuron by the mean of its pairwise forces. From a random start
+    Each step moves every neuron by the mean of its pairwise forces. Neurons whose
+    profile has no direction (dead; constant under ``"correlation"``) feel and exert no
+    global force (a departure from the reference: at distance 1 from everyone, often
+    ``d_max``, they were repelled without bound), and ``d_max`` is over live pairs; a run
+    whose positions pass 1e8 is refused. From a random start
     (``init=None``) both terms act (``a_g = 1.5``, ``b_g = 0.5``); when refining another
     layout (``init`` given) the reference switches the global term off
     (``a_g = b_g = 0``), so the refinement is a pure local spreading pass. Override with
@@ -186,6 +196,16 @@ class ForceLayout(BaseLayout):
         self.random_state = random_state
         self.progress = progress
 
+    def _degenerate(self, X: np.ndarray) -> np.ndarray:
+        """Neurons whose profile has no direction under the metric (dead; constant under
+        ``"correlation"``); none for Euclidean or precomputed distances."""
+        if self.metric not in ("cosine", "correlation"):
+            return np.zeros(X.shape[0], dtype=bool)
+        from topoxr.similarity import degenerate_rows
+
+        dead, constant = degenerate_rows(X, self.metric)
+        return dead | constant
+
     def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
         from tqdm.auto import tqdm
 
@@ -216,10 +236,22 @@ class ForceLayout(BaseLayout):
 
         # as the reference: the global term is computed from the unclipped distances
         D = self._distances(X)
-        dmax = max(float(D.max()), self.min_distance)
+        # ... but not for neurons whose profile has no direction (dead, or constant under
+        # "correlation"): the convention puts them at distance 1 from every live neuron,
+        # which under cosine is d_max for non-negative profiles (a ReLU layer), where the
+        # global term repels in proportion to the layout distance: from everyone at
+        # once, such a neuron flew off without bound (1e20) and the live neurons, scaled
+        # into the unit square, collapsed onto one point. Their activity says nothing:
+        # no global term for them, only the local spreading.
+        degenerate = self._degenerate(X)
+        live = ~degenerate
+        dmax = max(float(D[np.ix_(live, live)].max()) if live.any() else 0.0,
+                   self.min_distance)
         f_glob = (a_g * (1.0 - (D / dmax) ** 3) - b_g * np.exp(-D / self.global_scale)).astype(
             np.float32
         )
+        f_glob[degenerate, :] = 0.0
+        f_glob[:, degenerate] = 0.0
         del D
         t = np.linspace(-3.0, 6.0, int(self.n_steps))
         g_coef = (1.0 - np.tanh(t)) / 2.0
@@ -259,8 +291,14 @@ class ForceLayout(BaseLayout):
             dy *= f
             pos[:, 0] += dx.mean(axis=1, dtype=np.float64)
             pos[:, 1] += dy.mean(axis=1, dtype=np.float64)
-            if not np.isfinite(pos).all():
-                raise FloatingPointError(f"force layout diverged at step {step}")
+            if not np.isfinite(pos).all() or np.abs(pos).max() > _DIVERGED:
+                raise FloatingPointError(
+                    f"force layout diverged at step {step}: a neuron's position passed "
+                    f"{_DIVERGED:g} (the global term repels pairs whose profile distance "
+                    "is near the largest, in proportion to their layout distance; a neuron "
+                    "that far from every other flies off and the others collapse onto one "
+                    "point once scaled); start from a layout (init='umap' or 'pca') or "
+                    "use another method")
             if not use_global or l_coef[step] >= g_coef[step]:
                 pos = _separate_ties(pos, rng, size)
         return pos

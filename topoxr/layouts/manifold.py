@@ -186,6 +186,9 @@ class UMAPLayout(BaseLayout):
     def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
         umap = _import_umap()
         n = X.shape[0]
+        if isinstance(self.n_neighbors, bool) or not self.n_neighbors >= 2:
+            raise LayoutInputError(f"n_neighbors must be >= 2, got {self.n_neighbors!r} "
+                                   "(values above the number of neurons - 1 are lowered)")
         if self.metric in ("cosine", "correlation"):
             data, metric = self._features(X), "euclidean"  # unit vectors: same neighbours
         else:

@@ -68,6 +68,10 @@ class SOMLayout(BaseLayout):
     def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
         if self.n_epochs < 1:
             raise LayoutInputError(f"n_epochs must be >= 1, got {self.n_epochs}")
+        for name in ("sigma", "learning_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not value > 0:
+                raise LayoutInputError(f"{name} must be > 0, got {value!r}")
         F = self._features(X)
         n, d = F.shape
         side = max(int(np.sqrt(n)) + 1, 2)
