@@ -483,6 +483,11 @@ def test_direct_consolidation_writes_what_zarr_writes(tmp_path):
     laid = topoxr.layout(topoxr.naps(open_store(str(path))["m/h"].to_dataset(), by="label"),
                          method="random", random_state=0)
     save_layout(str(path), "m", "h", laid, "r")
+    # layouts on a second layer too: listed in os.walk's order (each layer's layouts
+    # right after it), zarr rebuilt the tree wrongly and plain xarray failed to open it
+    other = open_store(str(path))["other/x.y"].to_dataset()
+    save_layout(str(path), "other", "x.y", other.assign_coords(
+        x=("neuron", [0.0, 1.0]), y=("neuron", [1.0, 0.0])), "line")
     twin = tmp_path / "b.zarr"
     shutil.copytree(path, twin)
     consolidate(zarr.storage.LocalStore(str(path)))
@@ -492,9 +497,14 @@ def test_direct_consolidation_writes_what_zarr_writes(tmp_path):
     ours = json.loads((path / "zarr.json").read_text())
     theirs = json.loads((twin / "zarr.json").read_text())
     assert ours == theirs
+    # in zarr's own order too (zarr rebuilds the tree from it)
+    assert list(ours["consolidated_metadata"]["metadata"]) == list(
+        theirs["consolidated_metadata"]["metadata"])
     assert len(ours["consolidated_metadata"]["metadata"]) > 20
     tree = xr.open_datatree(str(path), engine="zarr")
     assert tree["other/x.y"].activation.shape == (2, 3, 1)
+    assert "line" in tree["other/x.y/layouts"].children
+    assert "r" in tree["m/h/layouts"].children
 
 
 @pytest.mark.parametrize("expected", [0, 5, 13, 40])

@@ -652,3 +652,25 @@ def test_compute_layouts_lays_out_the_selected_epochs_of_given_profiles_as_attac
     with pytest.raises(ProfileError, match=r"selects epochs \[2\]"):
         compute_layouts(tree, layers=["dense1"], epochs=[1, 2], profile=partial,
                         methods=["pca"], progress=False)
+
+
+def test_a_store_recorded_further_after_a_per_epoch_layout_was_saved_still_opens(tmp_path):
+    """A layout per epoch saved at epochs [0, 1], then epoch 2 recorded (a training run
+    resumed): open_store refused the whole store ("not aligned with its parents")."""
+    path = str(tmp_path / "run.zarr")
+    rng = np.random.default_rng(0)
+    with topoxr.ActivationWriter(path, model="m") as writer:
+        for epoch in (0, 1):
+            writer.write("a", rng.normal(size=(6, 3)), sample=np.arange(6), epoch=epoch)
+    layer = topoxr.open_store(path)["m/a"].to_dataset()
+    xy = rng.random((2, 3, 2))
+    save_layout(path, "m", "a", layer.assign_coords(
+        x=(("neuron", "epoch"), xy[0]), y=(("neuron", "epoch"), xy[1])), "per-epoch")
+    with topoxr.ActivationWriter(path, model="m") as writer:
+        writer.write("a", rng.normal(size=(6, 3)), sample=np.arange(6), epoch=2)
+    saved = topoxr.open_store(path)["m/a/layouts/per-epoch"].to_dataset()
+    assert saved.epoch.values.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(saved.x.sel(epoch=[0, 1]).transpose("neuron", "epoch"),
+                                  xy[0])
+    assert np.isnan(saved.x.sel(epoch=2)).all()
+    assert load_layout(path, "m", "a", "per-epoch").epoch.values.tolist() == [0, 1]

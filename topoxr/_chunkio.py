@@ -1039,7 +1039,13 @@ def consolidate(store: Any) -> None:
     if root_doc is None or root_doc["node_type"] != "group":
         through_zarr()
         return
-    root_doc["consolidated_metadata"] = dict(_EMPTY_INLINE, metadata={**groups, **arrays})
+    # in zarr's own order, by depth, then by path: zarr (3.1) rebuilds the tree from this
+    # order, and with a layout group listed right after its layer (os.walk's order), a
+    # second layer's layouts made it list that layer twice and lose the first's:
+    # plain xarray.open_datatree failed on any store with layouts on two layers
+    nodes = {**groups, **arrays}
+    root_doc["consolidated_metadata"] = dict(_EMPTY_INLINE, metadata={
+        key: nodes[key] for key in sorted(nodes, key=lambda k: (k.count("/"), k))})
     put_pieces(store, "zarr.json", [json.dumps(root_doc, allow_nan=True).encode()])
 
 

@@ -104,10 +104,11 @@ def open_store(
             for layer_name, group in _ready_layers(model_group):
                 # listed once: its arrays start the snapshot, its groups are saved layouts
                 members = _guarded(_where(group), lambda group=group: children(group))
-                nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(
+                layer = nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(
                     group, mask_uncommitted, layer_arrays(group, members))
                 for child_path, child in _subgroups(group, members=members):
-                    nodes[f"/{model_name}/{layer_name}/{child_path}"] = _plain_dataset(child)
+                    nodes[f"/{model_name}/{layer_name}/{child_path}"] = _on_layer_epochs(
+                        _plain_dataset(child), layer)
     except StoreCorruptionError as err:
         if loc.is_locked():  # a writer replacing a model deletes its nodes one by one
             raise StoreCorruptionError(
@@ -217,6 +218,25 @@ def _subgroups(group: zarr.Group, prefix: str = "", *,
         out.append((path, child))
         out.extend(_subgroups(child, path + "/"))
     return out
+
+
+def _on_layer_epochs(saved: xr.Dataset, layer: xr.Dataset) -> xr.Dataset:
+    """A saved group's dataset (a layout per epoch) on its layer's epochs, NaN at the
+    epochs recorded after it was saved.
+
+    A tree node must align with its parent: a per-epoch layout saved before the layer
+    was recorded further (a training run resumed) had fewer epochs than the layer, and
+    ``open_store`` refused the whole store. Epochs the layer lacks are left as they are
+    (the tree then refuses, naming the group: that is no state a writer leaves).
+    """
+    if EPOCH not in saved.dims or EPOCH not in saved.coords or EPOCH not in layer.coords:
+        return saved
+    have, want = saved[EPOCH].values, layer[EPOCH].values
+    if np.array_equal(have, want) or not set(have.tolist()) <= set(want.tolist()):
+        return saved
+    logger.info("%s holds epochs %s of its layer's %s: NaN at the others",
+                saved.attrs.get("name", "a saved group"), have.tolist(), want.tolist())
+    return saved.reindex({EPOCH: want})
 
 
 def _plain_dataset(group: zarr.Group) -> xr.Dataset:
