@@ -638,6 +638,6 @@ def lost_nodes_message(url: str, lost: list[str]) -> str:
                                                     if len(lost) > 5 else "")
     return (f"{url!r} is damaged: {shown} {'is' if len(lost) == 1 else 'are'} listed in the "
             "store's consolidated metadata (written when its last writer closed) but missing "
-            "from the store: deleted or lost outside topoxr, with all it held. Restore the store from a copy; if the nodes were deleted on purpose, "
-            f"write the listing again with zarr.consolidate_metadata({url!r}) (nothing was "
-            "changed)")
+            "from the store: deleted or lost outside topoxr, with all it held. Restore the "
+            "store from a copy; if the nodes were deleted on purpose, write the listing "
+            f"again with zarr.consolidate_metadata({url!r}) (nothing was changed)")
