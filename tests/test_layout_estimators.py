@@ -377,10 +377,17 @@ def test_force_keeps_a_relu_layer_with_dead_neurons_spread(dead):
 
 
 def test_force_refuses_a_layout_that_diverges():
-    """A neuron pushed off without bound is refused, not scaled into a collapsed map."""
-    X = np.random.default_rng(0).random((30, 8))
+    """A neuron pushed off without bound is refused, not scaled into a collapsed map:
+    here a ReLU neuron that fires on one sample of raw activation profiles, nearly d_max
+    from every other (the others ended within 0.04 of each other, without an error)."""
+    rng = np.random.default_rng(0)
+    X = np.maximum(rng.normal(size=(30, 100)), 0)
+    X[0] = 0
+    X[0, 5] = 0.3
     with pytest.raises(FloatingPointError, match="diverged"):
-        ForceLayout(global_repulsion=50.0, random_state=0).fit(X)
+        ForceLayout(random_state=0).fit(X)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        ForceLayout(global_repulsion=50.0, random_state=0).fit(rng.random((30, 8)))
 
 
 def test_layout_parameters_without_meaning_are_refused():

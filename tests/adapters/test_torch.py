@@ -802,6 +802,21 @@ def test_scalars_are_stored_before_the_epoch_is_marked_complete(store_path):
     assert ds["epoch_complete"].values.tolist() == [True, True]
 
 
+def test_scalars_given_as_tensors_or_arrays_are_stored(store_path):
+    """A loss tensor passed straight from the training loop (stored before the check up
+    front of this session, which refused it)."""
+    torch = pytest.importorskip("torch")
+    x, y = models.load_digits_data()
+    recorder = topoxr_torch.ProbeRecorder(models.make_model("mlp", seed=0), (x[:64], y[:64]),
+                                          store_path, model_name="mlp", layers=["fc1"])
+    recorder.record(0, loss=torch.tensor(0.25), accuracy=np.array(0.5), step=np.int64(3))
+    ds = open_store(store_path)["mlp/fc1"].to_dataset()
+    assert (float(ds["loss"][0]), float(ds["accuracy"][0]), float(ds["step"][0])) == (
+        0.25, 0.5, 3.0)
+    with pytest.raises(RecordingError, match="must be a real number"):
+        recorder.record(1, loss=True)
+
+
 @pytest.mark.parametrize(("scalars", "match"), [
     ({"loss": None}, "epoch scalar 'loss' must be a real number"),
     ({"label": 0.5}, "'label' cannot be an epoch scalar name"),

@@ -124,9 +124,15 @@ def epoch_scalar_values(scalars: Mapping[str, Any], error: type[Exception]) -> d
     for key, value in scalars.items():
         if not valid_column_name(key):
             raise error(f"{key!r} cannot be an epoch scalar name{column_name_hint(key)}")
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        # a number, or anything holding one number that float() takes (a 0-d or
+        # one-element array or tensor: a training loop's loss); not a bool or a string
+        try:
+            number = None if isinstance(value, bool | np.bool_ | str | bytes) else float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None:
             raise error(f"epoch scalar {key!r} must be a real number, got {value!r}")
-        values[key] = float(value)
+        values[key] = number
     return values
 
 
