@@ -270,7 +270,9 @@ def take_inputs(x: Any, sl: slice) -> Any:
     return x[sl]
 
 
-def positional_mask_length(inputs: Any) -> int | None:
+def positional_mask_length(inputs: Any,
+                           to_numpy: Callable[[Any], np.ndarray | None] | None = None
+                           ) -> int | None:
     """``T`` where ``inputs`` are positional inputs whose second looks like the attention
     mask of the first, ``(batch, T)`` integer token ids; else None.
 
@@ -284,9 +286,11 @@ def positional_mask_length(inputs: Any) -> int | None:
 
     Parameters
     ----------
-    inputs : tuple or list of numpy.ndarray
-        One batch of a model's positional inputs, its first two converted to numpy by the
-        adapter (an entry that is no numpy array is taken for neither ids nor mask).
+    inputs : tuple or list
+        One batch of a model's positional inputs (a mapping is named inputs: None).
+    to_numpy : callable, optional
+        The adapter's conversion of a framework tensor to numpy (None where it holds no
+        plain array); without it, only numpy arrays are taken for ids and mask.
 
     Returns
     -------
@@ -296,7 +300,8 @@ def positional_mask_length(inputs: Any) -> int | None:
     """
     if isinstance(inputs, Mapping) or not isinstance(inputs, tuple | list) or len(inputs) < 2:
         return None
-    ids, mask = inputs[0], inputs[1]
+    ids, mask = (inputs[0], inputs[1]) if to_numpy is None else (to_numpy(inputs[0]),
+                                                                 to_numpy(inputs[1]))
     if (not isinstance(ids, np.ndarray) or not isinstance(mask, np.ndarray) or ids.ndim != 2
             or ids.dtype.kind not in "iu" or mask.shape != ids.shape
             or mask.dtype.kind not in "biuf"):

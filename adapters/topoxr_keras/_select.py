@@ -287,9 +287,7 @@ class ProbeModel:
             return iterator
         batches = itertools.chain([first], iterator)
         x = first.x
-        if isinstance(x, Mapping) or not isinstance(x, tuple | list) or len(x) < 2:
-            return batches
-        length = positional_mask_length([_host_array(v) for v in x[:2]])
+        length = positional_mask_length(x, _host_array)
         if length is None:
             return batches
         lengths = {name: self._outputs[self.layers.index(name)].shape[1]

@@ -554,28 +554,7 @@ class RecordActivations(keras.callbacks.Callback):
         """
         if self._starting:
             self._starting = False
-            self._warn_if_left_incomplete(epoch)
-            self._record(epoch, {})
-
-    def _warn_if_left_incomplete(self, epoch: int) -> None:
-        """Warn where an earlier run left ``epoch`` incomplete: it is now completed from
-        the state this fit starts from, without that run's logs (loss, accuracy) unless
-        it stored them before it stopped (they are stored before an epoch is marked
-        complete)."""
-        from topoxr.store import StoreError
-        from topoxr.store.reader import read_model_layers
-
-        try:
-            layers = read_model_layers(self.store, self.model_name)
-        except (FileNotFoundError, StoreError):  # nothing yet, or damage: _record says so
-            return
-        if any(epoch in info["epochs"] and not info["complete"][info["epochs"].index(epoch)]
-               for info in layers.values()):
-            warnings.warn(
-                f"epoch {epoch} of model {self.model_name!r} was left incomplete by an "
-                "earlier run (stopped while recording it); it is completed from the state "
-                "this fit starts from, without that run's logs (loss, ...) unless it had "
-                "stored them", UserWarning, stacklevel=3)
+            self._record(epoch, {}, starting=True)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Record after the epoch (labelled ``epoch + 1``) if it is due.
@@ -604,11 +583,20 @@ class RecordActivations(keras.callbacks.Callback):
             raise RuntimeError("recorded_epochs is known once training has started")
         return completed_epochs(self.store, self.model_name, self._probe.layers)
 
-    def _record(self, epoch: int, logs: Mapping[str, Any]) -> None:
+    def _record(self, epoch: int, logs: Mapping[str, Any], *, starting: bool = False) -> None:
         probe = self._probe
         if probe is None:
             raise RuntimeError("RecordActivations used outside model.fit")
         stored = stored_unless_recorded(self.store, self.model_name, probe.layers, epoch)
+        if starting and stored and any(
+                epoch in info.epochs and not info.complete[info.epochs.index(epoch)]
+                for info in stored.values()):
+            # an earlier run stopped while recording it: completed from this fit's start
+            warnings.warn(
+                f"epoch {epoch} of model {self.model_name!r} was left incomplete by an "
+                "earlier run (stopped while recording it); it is completed from the state "
+                "this fit starts from, without that run's logs (loss, ...) unless it had "
+                "stored them", UserWarning, stacklevel=3)
         scalars = {}
         for key, value in logs.items():
             try:

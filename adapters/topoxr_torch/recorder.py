@@ -181,18 +181,11 @@ def _host_array(value: Any) -> np.ndarray | None:
     return None
 
 
-def _positional_mask_length(x: Any) -> int | None:
-    """``T`` where ``x`` are positional inputs whose second looks like the attention
-    mask of the first (see :func:`topoxr.recording.positional_mask_length`)."""
-    if isinstance(x, Mapping) or not isinstance(x, tuple | list) or len(x) < 2:
-        return None
-    return positional_mask_length([_host_array(v) for v in x[:2]])
-
-
 def _refuse_positional_mask(name: str, spec: LayerSpec, reduce: str, tensor: torch.Tensor,
                             axis: int, length: int) -> None:
     """Refuse a token reduction of ``name``'s ``(N, T, H)`` output over positional inputs
-    whose second looks like an attention mask (see :func:`_positional_mask_length`).
+    whose second looks like an attention mask (see
+    :func:`topoxr.recording.positional_mask_length`).
 
     A warning would let values reduced over padding into the store, where they look
     right (``topoxr_masked`` false is easily missed), and the store's layer cannot be
@@ -619,7 +612,7 @@ def capture(
             if tracking:  # a first pass that failed left nothing to follow
                 followed.clear()
                 newest.clear()
-                positional_mask[0] = _positional_mask_length(x)
+                positional_mask[0] = positional_mask_length(x, _host_array)
             # no_grad, not inference_mode: tensors made in inference mode stay inference
             # tensors, and a recording may be a model's first forward pass (the weights
             # of lazy modules, tables a module keeps): they would never train after it
