@@ -404,6 +404,45 @@ def test_layout_parameters_without_meaning_are_refused():
                 SOMLayout(**{name: bad}, random_state=0).fit(X)
 
 
+@pytest.mark.parametrize("make, name, bad", [
+    (ForceLayout, "n_steps", 2.5),  # ran int(2.5) = 2 steps
+    (ForceLayout, "n_steps", True),
+    (ForceLayout, "local_scale", 0.0),
+    (ForceLayout, "global_scale", -2.0),
+    (ForceLayout, "min_distance", float("nan")),
+    (ForceLayout, "local_repulsion", -15.0),
+    (ForceLayout, "global_attraction", float("inf")),
+    (KNNForceLayout, "learning_rate", -1.0),  # ran, moving neighbours apart
+    (KNNForceLayout, "learning_rate", 0.0),
+    (KNNForceLayout, "negative_sample_rate", -5),
+    (KNNForceLayout, "min_dist", 2.0),
+    (KNNForceLayout, "min_dist", -0.1),
+    (KNNForceLayout, "n_epochs", 2.5),
+    (KNNForceLayout, "n_neighbors", 7.5),
+    (KNNForceLayout, "swap_rounds", -1),
+    (KNNForceLayout, "grid_neighbors", 2.5),
+    (KNNForceLayout, "nudge", -1.0),
+    (KNNForceLayout, "spreading", float("nan")),
+    (SOMLayout, "n_epochs", 0.5),
+    (SOMLayout, "collision_radius", -0.2),
+])
+def test_numeric_parameters_out_of_range_are_refused_by_name(make, name, bad):
+    """A parameter outside its meaning ran silently (a fractional step count rounded
+    down, a negative learning rate reversing every move)."""
+    X = np.random.default_rng(0).random((30, 6))
+    with pytest.raises(LayoutInputError, match=rf"^{name} must be .*got {bad!r}$"):
+        make(**{name: bad}, random_state=0).fit(X)
+
+
+def test_numpy_numbers_are_taken_as_parameters():
+    X = np.random.default_rng(0).random((30, 6))
+    knn = KNNForceLayout(n_neighbors=np.int64(5), n_epochs=np.int32(20), min_dist=np.float32(0.1),
+                         random_state=0).fit_transform(X)
+    plain = KNNForceLayout(n_neighbors=5, n_epochs=20, min_dist=0.1, random_state=0).fit_transform(X)
+    np.testing.assert_allclose(knn, plain, atol=1e-6)
+    assert ForceLayout(n_steps=np.int64(5), random_state=0).fit_transform(X).shape == (30, 2)
+
+
 def test_an_estimator_with_a_random_state_object_lays_out_the_same_each_call():
     """attach copied the estimator but handed it the caller's RandomState, which then
     advanced: the same call gave another layout (difference 1.0)."""

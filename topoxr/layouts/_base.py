@@ -9,6 +9,8 @@ validates its input and sets the fitted attribute ``embedding_``.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ __all__ = [
     "METRICS",
     "BaseLayout",
     "LayoutInputError",
+    "check_parameter",
     "distance_matrix",
     "features_for_metric",
     "to_unit_square",
@@ -37,6 +40,49 @@ METRICS = ("cosine", "correlation", "euclidean", "precomputed")
 
 class LayoutInputError(ValueError):
     """The profiles or distances given to a layout estimator are not usable."""
+
+
+def check_parameter(name: str, value: Any, *, low: float | None = None,
+                    high: float | None = None, low_open: bool = False, integer: bool = False,
+                    optional: bool = False) -> None:
+    """Refuse a numeric estimator parameter outside its range, naming it.
+
+    Parameters
+    ----------
+    name : str
+        The parameter's name, as the estimator takes it.
+    value : object
+        Its value.
+    low, high : float, optional
+        Bounds; ``low`` is inclusive unless ``low_open``, ``high`` is inclusive.
+    low_open : bool, default False
+        Whether ``low`` itself is refused (``learning_rate > 0``).
+    integer : bool, default False
+        Whether only whole numbers (Python or numpy integers) are taken.
+    optional : bool, default False
+        Whether None (the estimator's default) is taken.
+
+    Raises
+    ------
+    LayoutInputError
+        For a bool, a non-number, NaN or infinity, a float where an integer is
+        needed, or a value out of range.
+    """
+    if value is None and optional:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    ok = (isinstance(value, kind) and not isinstance(value, bool | np.bool_)
+          and math.isfinite(value)
+          and (low is None or (value > low if low_open else value >= low))
+          and (high is None or value <= high))
+    if not ok:
+        bounds = [f"{'>' if low_open else '>='} {low:g}" if low is not None else "",
+                  f"<= {high:g}" if high is not None else ""]
+        rule = " and ".join(b for b in bounds if b)
+        what = ("an integer" if integer else "a finite number") + (
+            ", or None for the default" if optional else "")
+        raise LayoutInputError(f"{name} must be {rule} ({what}), got {value!r}" if rule
+                               else f"{name} must be {what}, got {value!r}")
 
 
 def to_unit_square(coords: np.ndarray) -> np.ndarray:

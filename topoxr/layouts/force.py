@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from topoxr.layouts._base import BaseLayout, LayoutInputError
+from topoxr.layouts._base import BaseLayout, LayoutInputError, check_parameter
 from topoxr.layouts._registry import initial_positions
 
 __all__ = ["ForceLayout", "KNNForceLayout"]
@@ -213,8 +213,13 @@ class ForceLayout(BaseLayout):
         from tqdm.auto import tqdm
 
         n = X.shape[0]
-        if self.n_steps < 1:
-            raise LayoutInputError(f"n_steps must be >= 1, got {self.n_steps}")
+        check_parameter("n_steps", self.n_steps, low=1, integer=True)
+        for name in ("global_attraction", "global_repulsion"):
+            check_parameter(name, getattr(self, name), low=0, optional=True)
+        for name in ("local_attraction", "local_repulsion"):
+            check_parameter(name, getattr(self, name), low=0)
+        for name in ("global_scale", "local_scale", "min_distance", "init_scale"):
+            check_parameter(name, getattr(self, name), low=0, low_open=True)
         init = initial_positions(self.init, X, n, self.metric, rng)
         self.init_embedding_ = init
         if init is None:
@@ -497,11 +502,16 @@ class KNNForceLayout(BaseLayout):
 
     def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
         n = X.shape[0]
-        if self.n_neighbors < 1:
-            raise LayoutInputError(f"n_neighbors must be >= 1, got {self.n_neighbors}")
-        if self.n_epochs is not None and not self.n_epochs >= 1:
-            raise LayoutInputError(
-                f"n_epochs must be >= 1, or None for the default, got {self.n_epochs}")
+        check_parameter("n_neighbors", self.n_neighbors, low=1, integer=True)
+        check_parameter("n_epochs", self.n_epochs, low=1, integer=True, optional=True)
+        # as umap-learn: 0 <= min_dist <= spread (1 here), a positive learning rate
+        check_parameter("min_dist", self.min_dist, low=0, high=1)
+        check_parameter("learning_rate", self.learning_rate, low=0, low_open=True)
+        check_parameter("negative_sample_rate", self.negative_sample_rate, low=0)
+        check_parameter("swap_rounds", self.swap_rounds, low=0, integer=True)
+        check_parameter("grid_neighbors", self.grid_neighbors, low=0, integer=True)
+        for name in ("nudge", "spreading"):
+            check_parameter(name, getattr(self, name), low=0)
         F = None if self.metric == "precomputed" else self._features(X)
         idx, dist = knn_graph(X, self.n_neighbors, self.metric, F)
         self.graph_ = (idx, dist)

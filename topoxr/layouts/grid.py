@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from topoxr.layouts._base import BaseLayout, LayoutInputError, to_unit_square
+from topoxr.layouts._base import BaseLayout, LayoutInputError, check_parameter, to_unit_square
 from topoxr.layouts._registry import initial_positions
 
 __all__ = ["MAX_GRID_ASPECT", "GridSnap", "grid_shape", "refine_grid", "snap_to_grid"]
@@ -382,8 +382,7 @@ class GridSnap(BaseLayout):
         self.random_state = random_state
 
     def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-        if self.slack < 0:
-            raise LayoutInputError(f"slack must be >= 0, got {self.slack}")
+        check_parameter("slack", self.slack, low=0)
         pos = initial_positions(self.init, X, X.shape[0], self.metric, rng)
         self.init_embedding_ = pos
         return snap_to_grid(pos, slack=self.slack, method=self.solver)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from topoxr.layouts._base import BaseLayout, LayoutInputError
+from topoxr.layouts._base import BaseLayout, check_parameter
 
 __all__ = ["SOMLayout"]
 
@@ -66,12 +66,10 @@ class SOMLayout(BaseLayout):
         self.random_state = random_state
 
     def _embed(self, X: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-        if self.n_epochs < 1:
-            raise LayoutInputError(f"n_epochs must be >= 1, got {self.n_epochs}")
+        check_parameter("n_epochs", self.n_epochs, low=1, integer=True)
+        check_parameter("collision_radius", self.collision_radius, low=0)
         for name in ("sigma", "learning_rate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not value > 0:
-                raise LayoutInputError(f"{name} must be > 0, got {value!r}")
+            check_parameter(name, getattr(self, name), low=0, low_open=True)
         F = self._features(X)
         n, d = F.shape
         side = max(int(np.sqrt(n)) + 1, 2)
