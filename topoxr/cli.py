@@ -201,6 +201,9 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     from topoxr.grouping import naps
     from topoxr.metrics import quality
 
+    from topoxr.store._location import _locate
+
+    _locate(args.path).refuse_writing("save a layout into it")  # before any work
     nodes = _layer_nodes(args.path, args.model, args.layer)
     method = args.method or DEFAULT_METHOD
     name = args.name or method

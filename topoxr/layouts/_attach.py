@@ -632,6 +632,8 @@ def _layer_group(store: Any, model: str, layer: str, mode: str,
     from topoxr.store import StoreError, _locate, safe_node_name
 
     loc = _locate(store, storage_options)
+    if mode != "r":
+        loc.refuse_writing("save a layout into it")
     root = zarr.open_group(loc.store, mode=mode, use_consolidated=False)
     path = f"{safe_node_name(model)}/{safe_node_name(layer)}"
     try:
@@ -702,12 +704,15 @@ def save_layout(
     from topoxr.store import StoreCorruptionError, StoreError, StoreWriteError, safe_node_name
     from topoxr.store._integrity import lost_nodes, lost_nodes_message
 
+    if not hasattr(laid, "coords"):
+        raise TypeError(f"laid must be the DataArray or Dataset a layout was attached to "
+                        f"(save_layout(store, model, layer, laid, name)), got "
+                        f"{type(laid).__name__}")
     if X not in laid.coords or Y not in laid.coords:
         raise StoreError(f"the object has no layout: coordinates {X!r}, {Y!r} are missing")
     loc, group = _layer_group(store, model, layer, "r+", storage_options)
     laid = _in_stored_order(laid, group, layer)
-    lock_path = "" if loc.fs is None else loc.fs_path.rstrip("/") + ".topoxr-lock"
-    lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=lock_path)
+    lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=loc.lock_path)
     lock.acquire()
     try:
         root = zarr.open_group(loc.store, mode="r", use_consolidated=False)

@@ -27,6 +27,15 @@ class _Location:
     local_dir: str | None
     fs: Any
     fs_path: str
+    #: why nothing may be written into the store (None: it may be), e.g. a zip archive
+    read_only: str | None = None
+
+    def refuse_writing(self, what: str) -> None:
+        """Raise :class:`StoreError` where the store cannot be written (``what``: the
+        operation, e.g. ``"record into it"``)."""
+        if self.read_only is not None:
+            raise StoreError(f"{self.url!r} is {self.read_only}: topoxr reads it but cannot "
+                             f"{what}; unzip it into a folder first (nothing was changed)")
 
     def exists(self) -> bool:
         if self.local_dir is not None:
@@ -67,6 +76,9 @@ def _locate(store: Any, storage_options: Mapping[str, Any] | None = None) -> _Lo
     if not isinstance(store, str | os.PathLike):
         raise StoreError(f"store must be a path or an fsspec URL, got {type(store).__name__}")
     url = os.fspath(store)
+    zipped = _zip_archive(url)
+    if zipped is not None:
+        return _zip_location(zipped)
     if "://" not in url or url.startswith("file://"):
         local = os.path.abspath(url.removeprefix("file://"))
         return _Location(url=local, store=zarr.storage.LocalStore(local), local_dir=local,
@@ -74,6 +86,47 @@ def _locate(store: Any, storage_options: Mapping[str, Any] | None = None) -> _Lo
     fs, fs_path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     zstore = zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}))
     return _Location(url=url, store=zstore, local_dir=None, fs=fs, fs_path=fs_path)
+
+
+def _zip_archive(url: str) -> str | None:
+    """The local path of the zip archive ``url`` names, None where it names none.
+
+    A store zipped whole (``shutil.make_archive``, ``zip -r``, the layout zarr's
+    ``ZipStore`` writes) is named by the path of its ``.zip`` file or by an fsspec
+    ``zip::`` URL over a local file. A zip on a remote file system, or a folder inside
+    the archive, is refused: zarr's own zip store reads local files, and fsspec's zip
+    file system lists nested folders wrongly under zarr (every layer showed up as a
+    child named after the model).
+    """
+    import os
+    import zipfile
+
+    if url.startswith(("zip::", "zip://")):
+        inside, _, outer = url.removeprefix("zip::").removeprefix("zip://").partition("::")
+        if not outer:
+            outer, inside = inside, ""
+        if inside.strip("/") or ("://" in outer and not outer.startswith("file://")):
+            raise StoreError(
+                f"{url!r}: topoxr reads a zipped store from the local path of its .zip file "
+                "(the archive's root is the store's root); copy a remote archive here first")
+        return os.path.abspath(outer.removeprefix("file://"))
+    if "://" in url and not url.startswith("file://"):
+        return None
+    local = os.path.abspath(url.removeprefix("file://"))
+    return local if os.path.isfile(local) and zipfile.is_zipfile(local) else None
+
+
+def _zip_location(path: str) -> _Location:
+    """A read-only location over the zip archive at ``path`` (zarr's ``ZipStore``)."""
+    import os
+
+    import fsspec
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no zip archive at {path!r}")
+    return _Location(url=path, store=zarr.storage.ZipStore(path, mode="r"), local_dir=None,
+                     fs=fsspec.filesystem("file"), fs_path=path,
+                     read_only="a zip archive")
 
 
 def _is_topoxr_root(group: zarr.Group) -> bool:

@@ -338,6 +338,9 @@ def _record(loc: Any, report: VerifyReport, before: str | None) -> None:
     store is what it was before verify read it (``before``: its :func:`_fingerprint`)."""
     from topoxr._locking import StoreLockedError, WriterLock
 
+    if loc.read_only is not None:
+        logger.info("%s is %s: the verification is not recorded", loc.url, loc.read_only)
+        return
     lock = WriterLock(loc.url, local_dir=loc.local_dir, fs=loc.fs, lock_path=loc.lock_path)
     try:
         lock.acquire()

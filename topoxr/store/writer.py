@@ -263,6 +263,7 @@ class ActivationWriter:
         self.model = model
         self._chunk_samples = None if chunk_samples is None else int(chunk_samples)
         self._loc = _locate(store, storage_options)
+        self._loc.refuse_writing("record into it")
         if fsync:
             if self._loc.local_dir is None:
                 raise StoreError("fsync=True is for local paths: an object store keeps each "
