@@ -394,6 +394,13 @@ def capture(
         followed[view(tensor)] = entry
         newest[:] = [entry]
 
+    def sequence_first_source(n: int) -> str | None:
+        """The module whose sequence-first output of this pass had leading axes (n, n)."""
+        for entry in followed.values():
+            if entry[5] and entry[2][:2] == (n, n):
+                return entry[4]
+        return None
+
     def inherits_sequence_first(tensor: torch.Tensor, args: Any, kwargs: Any) -> bool:
         """Whether ``tensor`` keeps the ``(T, N)`` leading axes of a sequence-first input
         (a ``Linear`` or ``LayerNorm`` after an RNN or attention with batch_first=False)."""
@@ -481,6 +488,20 @@ def capture(
                 )
             axis = -1 if found is None else found  # None: the user's channel_axis wins
         n = batch[0]
+        if (not seq and tensor.ndim == 3 and n is not None
+                and tensor.shape[0] == tensor.shape[1] == n):
+            source = sequence_first_source(n)
+            if source is not None and lookup(first_tensor([*args, *kwargs.values()])) is None:
+                # the axes of its input are not known (an op that is no module, `out * 2`,
+                # came between): it may keep the (T, N) axes of that output, with T == N
+                raise RecordingError(
+                    f"layer {name!r} ({kind}) returned shape {tuple(tensor.shape)} after the "
+                    f"sequence-first output (T, N, ...) of {source!r} (batch_first=False) "
+                    f"had shape ({n}, {n}, ...), and an operation that is no module came "
+                    f"between them: the batch of {n} inputs may be its axis 0 or 1; record "
+                    "with a batch_size other than the sequence length, or build the "
+                    "modules with batch_first=True"
+                )
         if seq and tensor.ndim == 3 and n is not None:
             shape = tuple(tensor.shape)
             if shape[0] == shape[1] == n:

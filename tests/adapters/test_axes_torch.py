@@ -248,6 +248,45 @@ def test_a_sequence_first_head_with_as_many_steps_as_inputs_is_refused(tmp_path)
     assert not os.path.exists(path)
 
 
+class SequenceFirstThroughAnOp(nn.Module):
+    """A Linear on the (T, N, 6) output of a batch_first=False LSTM, an elementwise op
+    (no module) between them, or a transpose back to batch-first (``batch_first_again``)."""
+
+    def __init__(self, batch_first_again: bool = False):
+        super().__init__()
+        self.batch_first_again = batch_first_again
+        self.lstm = nn.LSTM(5, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        o, _ = self.lstm(x.transpose(0, 1))  # (T, N, 6)
+        if self.batch_first_again:
+            return self.fc(o.transpose(0, 1).contiguous() * 2.0).mean(1)  # fc: (N, T, 3)
+        return self.fc(o * 2.0).mean(0)  # fc: (T, N, 3), its input no module's output
+
+
+@pytest.mark.parametrize("batch_first_again", [False, True])
+def test_a_module_after_an_op_on_a_sequence_first_output_with_as_many_steps_as_inputs_is_refused(
+        tmp_path, batch_first_again):
+    """``fc(lstm_out * 2)`` with T == N: the op hides where the output came from, and
+    its (T, N, 3) steps were stored as samples (error 0.12 against the per-input
+    values); either reading is possible from the shapes, so it is refused."""
+    torch.manual_seed(5)
+    model = SequenceFirstThroughAnOp(batch_first_again).eval()
+    x = np.random.default_rng(5).normal(size=(16, 8, 5)).astype(np.float32)  # N=16, T=8
+    path = str(tmp_path / "run.zarr")
+    with pytest.raises(RecordingError, match=r"layer 'fc'.*\(8, 8, 3\) after the sequence-first "
+                                             r"output.*'lstm'.*batch_size other than"):
+        topoxr_torch.record(model, x, path, layers=["fc"], batch_size=8, progress=False)
+    assert not os.path.exists(path)
+    if batch_first_again:  # with T != N the batch-first reading is the one that fits
+        topoxr_torch.record(model, x, path, layers={"fc": {"reduce": "last"}}, batch_size=4,
+                            progress=False)
+        raw = hooked(model, ["fc"], x)["fc"]  # (N, T, 3)
+        np.testing.assert_allclose(values(stored_layer(path, "model", "fc")), raw[:, -1],
+                                   rtol=RTOL, atol=ATOL)
+
+
 class Recurrent(nn.Module):
     def __init__(self):
         super().__init__()
