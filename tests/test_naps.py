@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ import zarr
 
 import topoxr
 from topoxr.grouping import GroupingError, naps
+from topoxr.similarity import ProfileError
 from topoxr.store import ActivationWriter, StoreCorruptionError
 from topoxr.testing import make_activations, raise_if_dask_computes, write_store
 
@@ -417,3 +419,154 @@ def test_names_of_the_result_cannot_be_grouping_keys(tmp_path):
     with pytest.raises(GroupingError, match=r"cannot group by 'count': naps\(\) names its "
                                             r"per-group sample counts 'count'"):
         naps(counted, by="count")
+
+
+def test_stored_inf_stays_in_its_group_and_the_others_normalise_finite(tmp_path):
+    """An inf stored with allow_nonfinite=True: the normalised NAPs subtract the mean of
+    the finite group means, so the inf group stays +inf (or -inf) and the other groups
+    are finite (an inf in the mean over groups made them all -inf or NaN)."""
+    rng = np.random.default_rng(3)
+    vals = rng.normal(size=(12, 3)).astype(np.float32)  # (sample, neuron)
+    lab = np.array([0, 1, 2] * 4)
+    vals[0, 1] = np.inf  # label 0, neuron 1
+    vals[4, 2] = -np.inf  # label 1, neuron 2
+    vals[5, 0] = np.nan  # label 2, neuron 0: skipped
+    path = str(tmp_path / "inf.zarr")
+    with ActivationWriter(path, model="m") as w:
+        w.write("h", vals, sample=np.arange(12), label=lab, allow_nonfinite=True)
+    layer = topoxr.open_store(path)["m/h"].to_dataset()
+    v = vals.astype(np.float64)
+    raw = np.stack([np.nanmean(v[lab == k], axis=0) for k in range(3)], axis=1)  # (neuron, label)
+    centre = np.array([row[np.isfinite(row)].mean() for row in raw])
+    expected = raw - centre[:, None]
+    for name, ds in (("lazy", layer), ("loaded", layer.load())):
+        nap = naps(ds).compute()
+        got = nap.isel(epoch=0).values
+        assert got[1, 0] == np.inf and got[2, 1] == -np.inf, name
+        assert np.isfinite(np.delete(got[1], 0)).all() and np.isfinite(np.delete(got[2], 1)).all()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(naps(ds, normalize=False).compute().isel(epoch=0).values,
+                                   raw, rtol=1e-6, err_msg=name)
+
+
+def test_refusal_of_nonfinite_values_says_what_naps_and_layouts_do(tmp_path):
+    """The writer's refusal said naps and layouts "skip them as missing values": naps
+    keep an inf in its group's mean, and distances and layouts refuse such profiles."""
+    vals = np.ones((6, 5), dtype=np.float32)
+    vals[0, 1] = np.inf
+    lab = np.array([0, 1] * 3)
+    with ActivationWriter(str(tmp_path / "r.zarr"), model="m") as w:
+        with pytest.raises(topoxr.StoreError, match="naps skip NaN values as missing but keep "
+                                                    "an inf in its group's mean") as err:
+            w.write("h", vals, sample=np.arange(6), label=lab)
+        assert "skip them as missing" not in str(err.value)
+        w.write("h", vals, sample=np.arange(6), label=lab, allow_nonfinite=True)
+    layer = topoxr.open_store(str(tmp_path / "r.zarr"))["m/h"].to_dataset()
+    assert np.isposinf(naps(layer, normalize=False).compute().values[1, 0, 0])
+    with pytest.raises(ProfileError, match=r"NaN or inf for neuron position\(s\) \[1\]"):
+        topoxr.distances(layer)
+
+
+@pytest.mark.parametrize("coord", ["correct", "committed"])
+def test_flags_that_are_not_true_or_false_are_refused(coord):
+    """'correct' or 'committed' of strings ("False" read as True), or of numbers other than
+    0 and 1, are refused by name; bool, 0/1 and 0/1 with NaN or None are read as flags."""
+    ds = make_activations(n_samples=20, n_neurons=3, n_epochs=2, n_labels=2)
+    flags = ds.correct.values
+    kw = {"correct_only": True} if coord == "correct" else {}
+    for bad in (np.where(flags, "True", "False"), flags.astype(int) * 2,
+                np.where(flags, "True", None).astype(object)):
+        with pytest.raises(GroupingError, match=rf"coordinate '{coord}' must hold True/False"):
+            naps(ds.assign_coords({coord: (("sample", "epoch"), bad)}), **kw)
+    act, lab = ds.activation.values, ds.label.values
+    expected = np.stack([np.stack([act[:, (lab == k) & flags[:, e], e].mean(axis=1)
+                                   for e in range(2)], axis=1) for k in (0, 1)], axis=1)
+    with_none = np.where(flags, True, None).astype(object)  # None: missing, so False
+    for good in (flags, flags.astype(int), flags.astype(float), with_none):
+        nap = naps(ds.assign_coords({coord: (("sample", "epoch"), good)}), normalize=False, **kw)
+        np.testing.assert_allclose(nap.values, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("values", [
+    np.array([1 + 5j, 2 + 5j, 3 - 5j, 4 - 5j]),
+    np.array([1, 2, 3, 4], dtype="m8[s]"),
+    np.array(["1", "2", "3", "4"]),
+])
+def test_activations_that_are_not_real_numbers_are_refused(values):
+    ds = xr.Dataset({"activation": (("neuron", "sample", "epoch"), values.reshape(1, 4, 1))},
+                    coords={"label": ("sample", [0, 1, 0, 1]), "epoch": [0]})
+    with pytest.raises(GroupingError, match=r"real numbers .* got dtype " + re.escape(str(values.dtype))):
+        naps(ds, normalize=False)
+    ints = ds.copy(data={"activation": np.arange(4).reshape(1, 4, 1)})  # integers are fine
+    np.testing.assert_array_equal(naps(ints, normalize=False).values.ravel(), [1.0, 2.0])
+
+
+_BAD_ARGUMENTS = {
+    "epochs=True": r"epochs must be an epoch label or a list of labels, got True \(a bool",
+    "epochs=slice": r"got slice\(0, 2, None\) .*naps\(ds.sel\(epoch=slice\(0, 2\)\)\)",
+    "epochs=[1, 1]": r"epochs names epoch\(s\) \[1\] more than once: \[1, 1\]",
+    "extra dim": r"only dims \('neuron', 'sample', 'epoch'\), got \('layer', 'neuron', "
+                 r"'sample', 'epoch'\); select one position of \['layer'\]",
+    "mixed key": r"coordinate 'kind': its values mix types \['int', 'str'\]",
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_ARGUMENTS))
+def test_bad_arguments_are_refused_by_name(case):
+    """Arguments that reached numpy, pandas or xarray errors (or ran silently: epochs
+    [1, 1] duplicated the epoch) are refused with what is wrong."""
+    ds = make_activations(n_samples=20, n_neurons=4, n_epochs=3, n_labels=2)
+    calls = {
+        "epochs=True": lambda: naps(ds, epochs=True),
+        "epochs=slice": lambda: naps(ds, epochs=slice(0, 2)),
+        "epochs=[1, 1]": lambda: naps(ds, epochs=[1, 1]),
+        "extra dim": lambda: naps(xr.concat([ds.activation] * 2, "layer")),
+        "mixed key": lambda: naps(ds.assign_coords(
+            kind=("sample", np.array([1, "a"] * 10, dtype=object))), by="kind"),
+    }
+    with pytest.raises(GroupingError, match=_BAD_ARGUMENTS[case]):
+        calls[case]()
+    # the same selection given right: the mean of the chosen epochs' samples
+    nap = naps(ds, epochs=[1, 2], normalize=False)
+    lab, act = ds.label.values, ds.activation.values
+    np.testing.assert_allclose(nap.sel(label=1).values, act[:, lab == 1][:, :, 1:].mean(axis=1),
+                               rtol=1e-5)
+
+
+def test_datatree_root_points_to_a_layer_node(tmp_path):
+    """A store's root node (no activations) is refused with the path of a layer node to
+    select; that node gives the layer's NAPs."""
+    ds = make_activations(n_samples=20, n_neurons=4, n_epochs=2, n_labels=2)
+    path = str(tmp_path / "run.zarr")
+    write_store(ds, path)
+    tree = topoxr.open_store(path)
+    with pytest.raises(GroupingError, match=r"select a layer node, e\.g\. "
+                                            r"naps\(tree\['model/hidden'\]\)"):
+        naps(tree)
+    nap = naps(tree["model/hidden"], normalize=False).compute()
+    lab, act = ds.label.values, ds.activation.values
+    np.testing.assert_allclose(nap.sel(label=0).values, act[:, lab == 0].mean(axis=1),
+                               rtol=1e-5)
+
+
+def test_flags_on_sample_only_hold_for_every_epoch(tmp_path):
+    """A 'correct' or 'committed' coordinate on 'sample' only broadcasts over the epochs
+    (correct_only and committed filtering failed: "Dimensions {'epoch'} do not exist")."""
+    ds = make_activations(n_samples=20, n_neurons=3, n_epochs=2, n_labels=2)
+    path = str(tmp_path / "run.zarr")
+    write_store(ds, path)
+    layer = topoxr.open_store(path)["model/hidden"].to_dataset().drop_vars("committed")
+    act, lab = ds.activation.values, ds.label.values
+    flag = ds.correct.values[:, 0]
+
+    def expected(keep):
+        return np.stack([act[:, keep & (lab == k)].mean(axis=1) for k in (0, 1)], axis=1)
+
+    right = naps(layer.assign_coords(correct=("sample", flag)), correct_only=True,
+                 normalize=False).compute()
+    np.testing.assert_allclose(right.values, expected(flag), rtol=1e-5)
+    assert right["count"].values.tolist() == [[int((flag & (lab == k)).sum())] * 2
+                                              for k in (0, 1)]
+    first = np.arange(20) < 12
+    done = naps(layer.assign_coords(committed=("sample", first)), normalize=False).compute()
+    np.testing.assert_allclose(done.values, expected(first), rtol=1e-5)

@@ -58,6 +58,16 @@ class GroupingError(ValueError):
 def _as_activation(act: Any) -> tuple[xr.DataArray, dict[str, Any]]:
     """Return the activation DataArray and the attributes to carry over."""
     if isinstance(act, xr.DataTree):
+        if ACTIVATION not in act.data_vars:
+            layers = [node.relative_to(act) for node in act.subtree
+                      if ACTIVATION in node.data_vars]
+            example = layers[0] if layers else "model/layer"
+            raise GroupingError(
+                f"naps() takes one layer, and the DataTree node {act.path!r} holds no "
+                f"{ACTIVATION!r}: select a layer node, e.g. naps(tree[{example!r}])"
+                + (f"; its layer nodes: {layers[:10]}{' ...' if len(layers) > 10 else ''}"
+                   if layers else "")
+                + " (or use tree.topo.naps() for every layer)")
         act = act.to_dataset()
     if isinstance(act, xr.Dataset):
         if ACTIVATION not in act.data_vars:
@@ -107,19 +117,69 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _truth(coord: xr.DataArray) -> np.ndarray:
-    """A (sample, epoch) flag coordinate as bool; a missing value (NaN, None) is False.
+    """A flag coordinate (``committed``, ``correct``) as bool; a missing value is False.
 
     ``committed`` or ``correct`` hold NaN where xarray had no value for a cell (e.g.
     after :func:`xarray.concat` of layers with different epochs): not committed, not
-    known to be correct.
+    known to be correct. Returns (sample, epoch) for a coordinate on ("sample",
+    "epoch") and (sample, 1) for one on "sample" only, which broadcasts over the epochs.
+
+    Raises
+    ------
+    GroupingError
+        If the coordinate is not on "sample" (and "epoch"), or holds anything but True
+        and False: bool, or 0 and 1 (integers, floats, Python objects) with NaN or None
+        for a missing value. Strings are refused: ``"False"`` would read as True.
     """
-    values = np.asarray(coord.transpose(SAMPLE, EPOCH).values)
+    name = coord.name
+    if SAMPLE not in coord.dims or not set(coord.dims) <= {SAMPLE, EPOCH}:
+        raise GroupingError(f"coordinate {name!r} must be on ('sample',) or ('sample', "
+                            f"'epoch'), got dims {coord.dims}")
+    values = np.asarray(coord.transpose(SAMPLE, ...).values)
+    if values.ndim == 1:
+        values = values[:, None]
     if values.dtype.kind == "b":
         return values
-    known = ~pd.isna(values)
+    known = ~pd.isna(values) if values.dtype.kind in "fO" else np.ones(values.shape, bool)
+    given = values[known]
+    if values.dtype.kind == "O":
+        kinds = {type(v) for v in given.tolist()}
+        numeric = all(issubclass(t, int | float | np.bool_ | np.number) for t in kinds)
+    else:
+        numeric = values.dtype.kind in "iuf"
+    if not numeric or not np.isin(given, (0, 1)).all():
+        shown = pd.unique(given.ravel())[:5].tolist() if given.size else []
+        raise GroupingError(
+            f"coordinate {name!r} must hold True/False (bool, or 0/1 with NaN for missing "
+            f"values), got dtype {values.dtype} with values {shown}; convert it first, e.g. "
+            f"ds.assign_coords({name}=ds[{name!r}] == 'True') for strings")
     out = np.zeros(values.shape, dtype=bool)
-    out[known] = values[known].astype(bool)
+    out[known] = given.astype(bool)
     return out
+
+
+def _epoch_labels(epochs: Any) -> list[Any]:
+    """The list of epoch labels that ``epochs`` (one label or a list of them) selects."""
+    if isinstance(epochs, xr.DataArray | xr.Variable | pd.Index | pd.Series):
+        epochs = np.asarray(epochs)  # e.g. ds.epoch[1:]
+    if isinstance(epochs, str | bytes) or np.ndim(epochs) == 0:
+        sel = [epochs.item() if isinstance(epochs, np.ndarray) else epochs]
+    else:
+        sel = list(epochs.ravel()) if isinstance(epochs, np.ndarray) else list(epochs)
+    if not sel:
+        raise GroupingError("epochs=[] selects no epoch; pass at least one epoch label, "
+                            "or None for all")
+    for label in sel:
+        if isinstance(label, bool | np.bool_ | slice) or not isinstance(label, Hashable):
+            raise GroupingError(
+                f"epochs must be an epoch label or a list of labels, got {epochs!r} (a "
+                f"{type(label).__name__} is not an epoch label); for a range of epochs "
+                "select it first, e.g. naps(ds.sel(epoch=slice(0, 2)))")
+    if len(set(sel)) != len(sel):
+        seen: set[Any] = set()
+        twice = [x for x in sel if x in seen or seen.add(x)]
+        raise GroupingError(f"epochs names epoch(s) {twice} more than once: {epochs!r}")
+    return sel
 
 
 def _grouping_coord(da: xr.DataArray, key: str) -> np.ndarray:
@@ -302,8 +362,13 @@ def naps(
         among several keys, are names of the result and cannot be keys.
     normalize : bool, default True
         Subtract, per neuron and epoch, the mean over groups (the paper's normalisation:
-        a map then shows how a group differs from the others). Groups empty at an epoch
-        do not enter that epoch's mean.
+        a map then shows how a group differs from the others). Only the groups whose
+        mean is finite for that neuron at that epoch enter it: a group empty at an epoch
+        (NaN for every neuron) is left out of that epoch's mean; a group whose values of
+        one neuron are all NaN is left out of that neuron's mean only, so that neuron's
+        other groups are centred on fewer groups than the other neurons' are; and a
+        group whose mean is inf for a neuron (an inf activation, see Notes) stays inf
+        and is left out of that neuron's mean, so the other groups stay finite.
     epochs : label or list of labels, optional
         Epochs to use (labels of the ``epoch`` coordinate, at least one); all by default.
     correct_only : bool, default False
@@ -322,18 +387,28 @@ def naps(
         ``normalize`` (JSON). Lazy for dask input.
 
         The dtype is float32 for activations of float32 or a narrower float type
-        (float16, bfloat16), float64 otherwise (float64, integers). The sums and counts
-        are accumulated in float64 whatever the input's dtype, so the same activations
-        give the same NAPs, bit for bit, whether they are read lazily or loaded, and
-        however they are chunked.
+        (float16, bfloat16), float64 otherwise (float64, integers, bool). The sums and
+        counts are accumulated in float64 whatever the input's dtype. For float32 and
+        narrower activations the rounding of those sums is far below float32 resolution,
+        so the NAPs are in practice the same, bit for bit, whether the activations are
+        read lazily or loaded and however they are chunked. For float64 and integer
+        activations the NAPs are float64 and the sums' order, which follows the chunks,
+        can change the last bits (relative differences of about 1e-16).
 
     Raises
     ------
     GroupingError
         If ``by`` names no usable coordinate (the message lists those available) or a
-        name of the result (``count``, ``group``), if ``epochs`` selects none, if
-        ``normalize`` or ``correct_only`` is not a bool, if there is only one group
-        (nothing to contrast), or if no committed sample is left.
+        name of the result (``count``, ``group``), or a coordinate whose values mix
+        types that do not compare (``1`` and ``"a"``); if ``epochs`` selects none, is not
+        a label or a list of labels (a bool, a slice) or repeats a label; if
+        ``normalize`` or ``correct_only`` is not a bool; if ``committed`` or ``correct``
+        holds anything but True/False (bool, or 0/1 with NaN for missing values; strings
+        are refused) or is not on ``sample`` (and ``epoch``); if the activations have
+        other dims than neuron, sample and epoch, or are not real numbers (complex,
+        timedelta, strings); if ``act`` is a DataTree node without activations (select a
+        layer node, e.g. ``tree["model/layer"]``); if there is only one group (nothing
+        to contrast), or if no committed sample is left.
     TypeError
         If ``act`` is not an xarray object.
 
@@ -342,9 +417,12 @@ def naps(
     Only committed samples count (the ``committed`` coordinate written by the store);
     activations that are NaN are skipped by the mean (``nanmean``), so a NaN inside a
     committed sample lowers that neuron's effective count but does not poison the group.
-    ``count`` counts samples, not non-NaN values. A missing value (NaN) of ``committed``
-    or ``correct``, as :func:`xarray.concat` leaves where a layer lacks an epoch, counts
-    as False.
+    ``count`` counts samples, not non-NaN values. An inf activation (stored with
+    ``ActivationWriter.write(..., allow_nonfinite=True)``) is kept: its group's NAP is
+    inf for that neuron (NaN if the group holds both +inf and -inf), and the other
+    groups are unaffected. A missing value (NaN) of ``committed`` or ``correct``, as
+    :func:`xarray.concat` leaves where a layer lacks an epoch, counts as False; either
+    may be on ``sample`` only, and then holds for every epoch.
 
     Examples
     --------
@@ -360,14 +438,19 @@ def naps(
     if missing:
         raise GroupingError(f"activations need dims ('neuron', 'sample', 'epoch'); "
                             f"missing {missing}, got {da.dims}")
+    extra = [d for d in da.dims if d not in (NEURON, SAMPLE, EPOCH)]
+    if extra:
+        raise GroupingError(
+            f"activations must have only dims ('neuron', 'sample', 'epoch'), got {da.dims}; "
+            f"select one position of {extra} first, e.g. .isel({extra[0]}=0)")
+    if da.dtype.kind not in "biuf" and "float" not in da.dtype.name:  # bfloat16: kind V
+        raise GroupingError(
+            f"activations must be real numbers (bool, integer or float), got dtype {da.dtype}")
     keys = _by_keys(by)
     normalize = _flag(normalize, "normalize")
     correct_only = _flag(correct_only, "correct_only")
     if epochs is not None:
-        sel = [epochs] if np.ndim(epochs) == 0 else list(epochs)
-        if not sel:
-            raise GroupingError("epochs=[] selects no epoch; pass at least one epoch label, "
-                                "or None for all")
+        sel = _epoch_labels(epochs)
         try:
             da = da.sel({EPOCH: sel})
         except KeyError as err:
@@ -393,7 +476,18 @@ def naps(
     for key in keys:
         if frame[key].isna().any():
             raise GroupingError(f"coordinate {key!r} has missing values (NaN) in committed samples")
-    uniques = frame.drop_duplicates().sort_values(keys, kind="stable").reset_index(drop=True)
+    uniques = frame.drop_duplicates()
+    try:
+        uniques = uniques.sort_values(keys, kind="stable").reset_index(drop=True)
+    except TypeError as err:  # values of types that do not compare, e.g. 1 and "a"
+        for key in keys:
+            kinds = sorted({type(v).__name__ for v in uniques[key]})
+            if len(kinds) > 1:
+                raise GroupingError(
+                    f"cannot order the groups of coordinate {key!r}: its values mix types "
+                    f"{kinds}; give them one type first, e.g. "
+                    f"ds.assign_coords({key}=ds[{key!r}].astype(str))") from err
+        raise GroupingError(f"cannot order the groups of {keys}: {err}") from err
     n_groups = len(uniques)
     if n_groups < 2:
         only = uniques.iloc[0].to_dict() if n_groups else {}
@@ -422,8 +516,9 @@ def naps(
         out = out.assign_coords(xr.Coordinates.from_pandas_multiindex(index, GROUP))
     out = out.assign_coords({COUNT: ((gdim, EPOCH), counts)})
     if normalize:
-        # Empty groups are NaN and are skipped; the mean is over the groups present.
-        out = out - out.mean(gdim, skipna=True)
+        # The mean over the groups whose mean is finite: empty groups (NaN) are skipped,
+        # and so is a group holding an inf, which would make every group -inf or NaN.
+        out = out - out.where(np.isfinite(out)).mean(gdim, skipna=True)
         out.name = "nap"
     out = out.astype(_nap_dtype(da.dtype))
     empty = counts == 0

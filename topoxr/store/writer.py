@@ -620,8 +620,10 @@ class ActivationWriter:
                 f"at epoch {epoch!r}, samples {_ids_text(ids[rows])} (a model that diverged "
                 "or overflowed?); nothing of the batch is written. The recorders refuse "
                 "them: record the epochs before the model diverged. ActivationWriter.write"
-                "(..., allow_nonfinite=True) stores them (naps and layouts then skip them "
-                "as missing values)"
+                "(..., allow_nonfinite=True) stores them: naps skip NaN values as missing "
+                "but keep an inf in its group's mean (that group's NAP is then inf for the "
+                "neuron), and distances and layouts refuse profiles holding NaN or inf, "
+                "naming the neurons"
             )
         self._check_range(layer, values)
         labels = None if label is None else _as_1d(f"layer {layer!r}: label", label, batch)
