@@ -160,3 +160,48 @@ def test_player_runs_in_epoch_order_and_opens_on_the_highest_epoch(tmp_path):
     assert len(shown) == expected.sizes["label"]
     for lab in expected.label.values:
         assert any(np.allclose(v, expected.sel(label=lab).values, rtol=1e-5) for v in shown)
+
+
+@pytest.fixture(scope="module")
+def bare_store(tmp_path_factory):
+    """A store with a recorded layer and no saved layout."""
+    ds = make_activations(n_neurons=16, n_samples=48, n_epochs=2, n_labels=3, random_state=0)
+    path = str(tmp_path_factory.mktemp("bare") / "run.zarr")
+    write_store(ds, path, model="mlp", layer="hidden")
+    return path
+
+
+def test_bad_resolution_and_methods_are_refused_up_front(bare_store):
+    from topoxr.viz.app import build_app
+
+    for bad in (0, -5, 1, 2.5, "80", True, None):
+        with pytest.raises(ValueError, match=rf"resolution must be an integer of at least 2, "
+                                             rf"got {bad!r}"):
+            build_app(bare_store, resolution=bad)
+    for bad in (("nonexistent",), ("pca", "nonexistent"), ("pca+nonexistent",)):
+        with pytest.raises(ValueError, match=r"methods: unknown layout method "
+                                             r"'(pca\+)?nonexistent'"):
+            build_app(bare_store, methods=bad)
+    with pytest.raises(TypeError, match=r"methods must hold layout method names .*got 3"):
+        build_app(bare_store, methods=("pca", 3))
+    # a single name is one method (not its letters), compositions are accepted
+    app = build_app(bare_store, methods="pca", resolution=np.int64(20))
+    assert app.layout.options == ["compute: pca"] and app.resolution == 20
+    assert isinstance(app.view.object, hv.Layout)
+    app = build_app(bare_store, methods=("pca", "pca+grid"), resolution=20)
+    assert app.layout.options == ["compute: pca", "compute: pca+grid"]
+
+
+def test_no_methods_needs_a_saved_layout_for_every_layer(bare_store, store):
+    from topoxr.viz.app import build_app
+
+    with pytest.raises(ValueError, match=r"methods is empty and no layout is saved for "
+                                         r"layer\(s\) \['mlp/hidden'\]"):
+        build_app(bare_store, methods=())
+    # with a saved layout the app shows it, and offers nothing to compute
+    app = build_app(store, methods=(), resolution=20)
+    assert app.layout.options == ["circle"] and app.layout.value == "circle"
+    pts = _points(app.view.object)
+    angle = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    np.testing.assert_allclose(np.sort(pts.dimension_values("x")),
+                               np.sort(0.5 + 0.4 * np.cos(angle)))

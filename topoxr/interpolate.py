@@ -15,6 +15,7 @@ This module is part of the core (numpy and scipy only); :mod:`topoxr.viz` and
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -50,7 +51,8 @@ class GridInterpolator:
     x, y : array_like of shape (n_neurons,)
         Neuron positions (a layout, usually in the unit square).
     resolution : int or (int, int), default 100
-        Number of grid points along x and y (``(nx, ny)`` for a non-square grid).
+        Number of grid points along x and y (``(nx, ny)`` for a non-square grid): integers
+        of at least 2.
     method : {"linear", "cubic", "nearest"}, default "linear"
         ``"linear"``: barycentric interpolation on the Delaunay triangles (the paper's
         choice, identical to ``griddata(..., method="linear")``); ``"cubic"``: C1
@@ -66,15 +68,19 @@ class GridInterpolator:
         of the grid gets a value.
     border : "mean" or float, default "mean"
         Value of the helper points of ``"local"``/``"box"`` extrapolation: the mean of
-        the ``n_border_neighbors`` nearest neurons, or a constant (e.g. ``0``).
+        the ``n_border_neighbors`` nearest neuron positions, or a finite constant (e.g.
+        ``0``; numpy numbers are accepted).
     margin : float, default 0.05
         Relative distance by which the helper points of ``"local"``/``"box"`` lie outside
-        the neurons' bounding box or hull. Ignored for ``"hull"``.
+        the neurons' bounding box or hull: a finite number, positive for
+        ``"local"``/``"box"`` (it is ignored for ``"hull"``, but must not be negative).
     bounds : (xmin, xmax, ymin, ymax), optional
-        Extent of the grid. Default: the bounding box of the neurons (plus the helper
-        points for ``"local"``/``"box"``).
+        Extent of the grid, finite with ``xmin < xmax`` and ``ymin < ymax``. Default: the
+        bounding box of the neurons (plus the helper points for ``"local"``/``"box"``). A
+        grid that misses the hull gives all-NaN maps.
     n_border_neighbors : int, default 3
-        Neighbours averaged for ``border="mean"``.
+        Neighbours averaged for ``border="mean"``: an integer of at least 1 (more than
+        the number of distinct neuron positions means all of them).
 
     Attributes
     ----------
@@ -85,7 +91,8 @@ class GridInterpolator:
     shape : (int, int)
         ``(ny, nx)``: the last two dimensions of every result.
     triangulation : scipy.spatial.Delaunay
-        The one triangulation (of the neurons, plus helper points when extrapolating).
+        The one triangulation, of the distinct neuron positions (in order of first
+        appearance), then the helper points when extrapolating.
 
     Raises
     ------
@@ -93,7 +100,25 @@ class GridInterpolator:
         If positions contain NaN/inf, differ in length, or fewer than three of them span
         a triangle (all points equal or on a line).
     ValueError
-        For an unknown ``method``/``extrapolate`` or a bad ``resolution``.
+        For an unknown ``method``/``extrapolate``, or a ``resolution``, ``border``,
+        ``margin``, ``bounds`` or ``n_border_neighbors`` outside the values above.
+
+    Notes
+    -----
+    **Neurons at the same position.** Neurons whose positions are exactly equal form one
+    point of the triangulation, whose value is the mean of theirs (NaN if any of them is
+    NaN). The map does not depend on the order of the neurons, and :attr:`weights` gives
+    each of them the same share.
+
+    **NaN values.** A NaN value blanks exactly the pixels whose interpolation uses it:
+    for ``"linear"`` and ``"cubic"`` the pixels whose triangle has that neuron (or a
+    helper point whose ``border="mean"`` value it spoils) as a vertex with a nonzero
+    barycentric weight, the same pixels for both methods; for ``"nearest"`` the pixels
+    nearest to it. A pixel lying exactly on a neuron, or on an edge between two neurons,
+    keeps their value even when the third vertex of its triangle is NaN. For
+    ``"cubic"``, the gradients at the other neurons are estimated from the finite
+    values alone (the Clough-Tocher interpolant of the neurons with a value); it treats
+    ``inf`` the same way as NaN.
 
     Examples
     --------
@@ -122,8 +147,9 @@ class GridInterpolator:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if extrapolate not in _EXTRAPOLATE:
             raise ValueError(f"extrapolate must be one of {_EXTRAPOLATE}, got {extrapolate!r}")
-        if not (border == "mean" or isinstance(border, int | float)):
-            raise ValueError(f'border must be "mean" or a number, got {border!r}')
+        border = _parse_border(border)
+        margin = _parse_margin(margin, extrapolate)
+        n_border_neighbors = _parse_n_border_neighbors(n_border_neighbors)
         nx, ny = _parse_resolution(resolution)
         points = _parse_points(x, y)
         self.method: Method = method
@@ -131,16 +157,15 @@ class GridInterpolator:
         self.border = border
         self.n_neurons = len(points)
         self.points = points
+        # neurons at one position are one node, valued by their mean
+        nodes, self._merge = _merge_duplicates(points)
+        self._n_nodes = len(nodes)
 
         if bounds is not None:
-            bounds = tuple(map(float, bounds))
-            if len(bounds) != 4 or not (bounds[0] < bounds[1] and bounds[2] < bounds[3]):
-                raise ValueError(
-                    f"bounds must be (xmin, xmax, ymin, ymax) with xmin < xmax and "
-                    f"ymin < ymax, got {bounds}")
-        extra = (_helper_points(points, extrapolate, margin, bounds)
+            bounds = _parse_bounds(bounds)
+        extra = (_helper_points(nodes, extrapolate, margin, bounds)
                  if extrapolate != "hull" else None)
-        all_points = points if extra is None else np.vstack([points, extra])
+        all_points = nodes if extra is None else np.vstack([nodes, extra])
         try:
             self.triangulation = Delaunay(all_points)
         except QhullError as err:  # all points equal or collinear
@@ -164,29 +189,31 @@ class GridInterpolator:
         inside = simplex >= 0
         self.mask = inside.reshape(self.shape)
         self._inside = np.flatnonzero(inside)
+        self._simplex = simplex
 
-        # helper points' values as a linear (or constant) function of the neurons' values
+        # helper points' values as a linear (or constant) function of the nodes' values
         n_extra = 0 if extra is None else len(extra)
         helper_op = None
         helper_const = 0.0
         if n_extra:
             if border == "mean":
-                k = int(min(max(n_border_neighbors, 1), self.n_neurons))
-                _, idx = cKDTree(points).query(extra, k=k)
+                k = min(n_border_neighbors, self._n_nodes)
+                _, idx = cKDTree(nodes).query(extra, k=k)
                 idx = np.asarray(idx).reshape(n_extra, k)
                 rows = np.repeat(np.arange(n_extra), k)
                 helper_op = sparse.csr_array(
                     (np.full(n_extra * k, 1.0 / k), (rows, idx.ravel())),
-                    shape=(n_extra, self.n_neurons),
+                    shape=(n_extra, self._n_nodes),
                 )
             else:
-                helper_op = sparse.csr_array((n_extra, self.n_neurons))
+                helper_op = sparse.csr_array((n_extra, self._n_nodes))
                 helper_const = float(border)
         self._helper_op = helper_op
         self._helper_const = helper_const
 
         self._weights: sparse.csr_array | None = None
         self._weights_inside: sparse.csr_array | None = None
+        self._support: sparse.csr_array | None = None  # cubic's NaN rule, built once
         self._offset: np.ndarray | None = None
         if method == "linear":
             self._weights, self._offset = self._linear_weights(simplex)
@@ -225,17 +252,33 @@ class GridInterpolator:
     def _fold_helpers(
         self, full: sparse.csr_array
     ) -> tuple[sparse.csr_array, np.ndarray | None]:
-        """Express weights on helper points through the neurons they copy."""
-        n = self.n_neurons
-        if self._helper_op is None:
-            return sparse.csr_array(full), None
-        on_neurons = full[:, :n]
-        on_helpers = full[:, n:]
-        weights = sparse.csr_array(on_neurons + on_helpers @ self._helper_op)
+        """Express weights on helper points and shared positions through the neurons.
+
+        Exact zeros are dropped, so that only the neurons that contribute to a pixel can
+        make it NaN (``0 * nan`` would).
+        """
+        n = self._n_nodes
         offset = None
-        if self._helper_const:
-            offset = self._helper_const * np.asarray(on_helpers.sum(axis=1)).ravel()
+        if self._helper_op is None:
+            weights = sparse.csr_array(full)
+        else:
+            on_nodes = full[:, :n]
+            on_helpers = full[:, n:]
+            weights = sparse.csr_array(on_nodes + on_helpers @ self._helper_op)
+            if self._helper_const:
+                offset = self._helper_const * np.asarray(on_helpers.sum(axis=1)).ravel()
+        if self._merge is not None:
+            weights = sparse.csr_array(weights @ self._merge)
+        weights.eliminate_zeros()
         return weights, offset
+
+    def _node_values(self, flat: np.ndarray) -> np.ndarray:
+        """Values of the triangulation's points: nodes (mean of their neurons), helpers."""
+        if self._merge is not None:
+            flat = self._merge @ flat
+        if self._helper_op is not None:
+            flat = np.vstack([flat, self._helper_op @ flat + self._helper_const])
+        return flat
 
     # -- public API ------------------------------------------------------------------
     @property
@@ -245,7 +288,10 @@ class GridInterpolator:
 
     @property
     def weights(self) -> sparse.csr_array | None:
-        """Sparse ``(ny * nx, n_neurons)`` interpolation matrix (None for ``"cubic"``)."""
+        """Sparse ``(ny * nx, n_neurons)`` interpolation matrix (None for ``"cubic"``).
+
+        Only nonzero weights are stored; neurons at one position share its weight equally.
+        """
         return self._weights
 
     def __call__(self, values: Any) -> np.ndarray:
@@ -254,9 +300,10 @@ class GridInterpolator:
         Parameters
         ----------
         values : array_like of shape (..., n_neurons)
-            One value per neuron for any number of leading (group, epoch, ...) dims. NaN
-            values spoil only the pixels whose triangle touches that neuron (linear), so
-            an empty group (all NaN) gives an all-NaN map.
+            One value per neuron for any number of leading (group, epoch, ...) dims. A
+            NaN value blanks only the pixels whose interpolation uses that neuron (see
+            Notes of :class:`GridInterpolator`; the same pixels for ``"linear"`` and
+            ``"cubic"``), so an empty group (all NaN) gives an all-NaN map.
 
         Returns
         -------
@@ -294,26 +341,55 @@ class GridInterpolator:
         from scipy.interpolate import CloughTocher2DInterpolator
 
         n_maps = flat.shape[1]
-        if self._helper_op is not None:
-            helper_vals = self._helper_op @ flat + self._helper_const
-            flat = np.vstack([flat, helper_vals])
-        result = np.full((self._inside.size, n_maps), np.nan)
+        n_in = self._inside.size
+        result = np.full((n_in, n_maps), np.nan)
+        if n_in == 0:  # the grid misses the hull: all NaN, as for "linear"
+            return result
+        flat = self._node_values(flat)
+        pixels = self._grid[self._inside]
+        missing = ~np.isfinite(flat)  # (n_points, n_maps)
         # columns with NaN would spoil the global gradient estimate of the others
-        finite = np.isfinite(flat).all(axis=0)
+        finite = ~missing.any(axis=0)
         if finite.any():
             ct = CloughTocher2DInterpolator(self.triangulation, flat[:, finite])
-            result[:, finite] = ct(self._grid[self._inside]).reshape(self._inside.size, -1)
-        for j in np.flatnonzero(~finite):
-            col = flat[:, j]
-            ok = np.isfinite(col)
-            if ok.all() or ok.sum() < 3:
+            result[:, finite] = ct(pixels).reshape(n_in, -1)
+        bad = np.flatnonzero(~finite)
+        if not bad.size:
+            return result
+        # pixels whose triangle has a missing vertex with nonzero weight are NaN (as for
+        # "linear"); elsewhere, the interpolant of the points with a value (its gradients
+        # estimated from them alone). One triangulation per pattern of missing points.
+        support = self._support_inside()
+        patterns, which = np.unique(missing[:, bad].T, axis=0, return_inverse=True)
+        which = np.asarray(which).ravel()
+        for p, pattern in enumerate(patterns):
+            cols = bad[which == p]
+            keep = (support @ pattern.astype(np.float64)) == 0
+            ok = ~pattern
+            if ok.sum() < 3 or not keep.any():
                 continue
-            try:  # interpolate from the neurons whose value is known
-                ct = CloughTocher2DInterpolator(self.triangulation.points[ok], col[ok])
-            except QhullError:
+            try:
+                ct = CloughTocher2DInterpolator(self.triangulation.points[ok],
+                                                flat[np.ix_(ok, cols)])
+            except QhullError:  # the points with a value are all on one line
                 continue
-            result[:, j] = ct(self._grid[self._inside])
+            result[np.ix_(keep, cols)] = ct(pixels[keep]).reshape(int(keep.sum()), -1)
         return result
+
+    def _support_inside(self) -> sparse.csr_array:
+        """``(n_inside, n_points)``: the triangle vertices with nonzero weight per pixel."""
+        if self._support is not None:
+            return self._support
+        inside = self._inside
+        bary = self._bary[inside]
+        vertices = self.triangulation.simplices[self._simplex[inside]]
+        nonzero = bary != 0
+        rows = np.repeat(np.arange(inside.size), 3).reshape(-1, 3)
+        self._support = sparse.csr_array(
+            (np.ones(int(nonzero.sum())), (rows[nonzero], vertices[nonzero])),
+            shape=(inside.size, self.triangulation.points.shape[0]),
+        )
+        return self._support
 
     @classmethod
     def from_layout(cls, obj: xr.DataArray | xr.Dataset, **kwargs: Any) -> GridInterpolator:
@@ -421,19 +497,96 @@ def _rasterise(tri: Delaunay, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarra
     return simplex, bary
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def _parse_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(resolution, int | np.integer):
-        nx = ny = int(resolution)
+    if _is_int(resolution):
+        nx = ny = int(resolution)  # type: ignore[call-overload]
     else:
-        try:
-            nx, ny = (int(r) for r in resolution)
-        except (TypeError, ValueError) as err:
+        pair = (tuple(resolution) if isinstance(resolution, tuple | list | np.ndarray)
+                else None)
+        if pair is None or len(pair) != 2 or not all(_is_int(r) for r in pair):
             raise ValueError(
-                f"resolution must be an int or a pair (nx, ny), got {resolution!r}"
-            ) from err
+                f"resolution must be an int or a pair of ints (nx, ny), got {resolution!r}"
+            )
+        nx, ny = (int(r) for r in pair)
     if nx < 2 or ny < 2:
         raise ValueError(f"resolution must be at least 2 along each axis, got {(nx, ny)}")
     return nx, ny
+
+
+def _parse_border(border: Any) -> str | float:
+    if isinstance(border, str) and border == "mean":
+        return border
+    if not _is_real(border) or not np.isfinite(float(border)):
+        raise ValueError(f'border must be "mean" or a finite number, got {border!r}')
+    return float(border)
+
+
+def _parse_margin(margin: Any, extrapolate: str) -> float:
+    if not _is_real(margin) or not np.isfinite(float(margin)) or float(margin) < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    if extrapolate != "hull" and float(margin) == 0:
+        raise ValueError(
+            f"margin must be positive for extrapolate={extrapolate!r} (the helper points "
+            f"must lie outside the neurons), got {margin!r}")
+    return float(margin)
+
+
+def _parse_n_border_neighbors(n: Any) -> int:
+    if not _is_int(n) or int(n) < 1:
+        raise ValueError(f"n_border_neighbors must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+def _parse_bounds(bounds: Any) -> tuple[float, float, float, float]:
+    try:
+        if isinstance(bounds, str | bytes):
+            raise TypeError("a string")
+        values = tuple(float(b) for b in bounds)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"bounds must be four numbers (xmin, xmax, ymin, ymax), got {bounds!r}"
+        ) from err
+    if len(values) != 4 or not np.isfinite(values).all() or not (
+            values[0] < values[1] and values[2] < values[3]):
+        raise ValueError(
+            f"bounds must be four finite numbers (xmin, xmax, ymin, ymax) with xmin < xmax "
+            f"and ymin < ymax, got {bounds!r}")
+    return values  # type: ignore[return-value]
+
+
+def _merge_duplicates(points: np.ndarray) -> tuple[np.ndarray, sparse.csr_array | None]:
+    """Distinct positions (in order of first appearance) and the mean over each.
+
+    Returns
+    -------
+    nodes : ndarray, shape (n_nodes, 2)
+        ``points`` itself when all positions differ.
+    merge : scipy.sparse.csr_array of shape (n_nodes, n_neurons), or None
+        Row ``i`` averages the neurons at ``nodes[i]``; None when all positions differ.
+    """
+    _, first, inverse, counts = np.unique(points, axis=0, return_index=True,
+                                          return_inverse=True, return_counts=True)
+    if first.size == len(points):
+        return points, None
+    order = np.argsort(first)  # unique rows in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    node = rank[np.asarray(inverse).ravel()]
+    merge = sparse.csr_array(
+        (1.0 / counts[np.asarray(inverse).ravel()], (node, np.arange(len(points)))),
+        shape=(first.size, len(points)),
+    )
+    logger.debug("GridInterpolator: %d neurons share %d positions",
+                 len(points), first.size)
+    return points[np.sort(first)], merge
 
 
 def _parse_points(x: Any, y: Any) -> np.ndarray:

@@ -50,13 +50,15 @@ class TopomapApp:
     ----------
     path : str or Path
         A topoxr store.
-    methods : sequence of str, default ("pca",)
-        Layout methods offered for on-demand computation (registered names, see
+    methods : str or sequence of str, default ("pca",)
+        Layout methods offered for on-demand computation (registered names or
+        compositions such as ``"pca+force"``, see
         :func:`topoxr.layouts.available_methods`), besides the layouts saved in the store.
+        May be empty when every layer has a saved layout.
     random_state : int, default 0
         Seed of computed layouts.
     resolution : int, default 80
-        Grid size of the maps.
+        Grid size of the maps: an integer of at least 2.
 
     Attributes
     ----------
@@ -66,6 +68,15 @@ class TopomapApp:
         The epoch player.
     view : panel.pane.HoloViews
         The maps shown for the current selection.
+
+    Raises
+    ------
+    ValueError
+        If the store has no recorded layer, ``resolution`` is not an integer of at least
+        2, ``methods`` names an unknown layout method, or ``methods`` is empty and a
+        layer has no saved layout (nothing could be drawn for it).
+    TypeError
+        If ``methods`` is not a name or a sequence of names.
     """
 
     def __init__(self, path: str | Path, *, methods: Any = ("pca",), random_state: int = 0,
@@ -73,16 +84,24 @@ class TopomapApp:
         pn = import_optional("panel", extra="viz", purpose="topoxr serve")
         from topoxr.store import open_store
 
+        self.methods = _check_methods(methods)
+        self.resolution = _check_resolution(resolution)
         self.path = str(path)
         self.tree = open_store(self.path)
-        self.methods = list(methods)
         self.random_state = random_state
-        self.resolution = resolution
         self._naps: dict[tuple, Any] = {}
         self._layouts: dict[tuple, Any] = {}
         models = [m for m in self.tree.children if self._layers(m)]
         if not models:
             raise ValueError(f"the store {self.path!r} holds no recorded layer")
+        if not self.methods:
+            bare = [f"{m}/{layer}" for m in models for layer in self._layers(m)
+                    if not self._saved_layouts(f"{m}/{layer}")]
+            if bare:
+                raise ValueError(
+                    f"methods is empty and no layout is saved for layer(s) {bare} of "
+                    f"{self.path!r}: nothing to draw there; pass methods=('pca',) (or another "
+                    "layout method) or save a layout first")
         self.model = pn.widgets.Select(label="Model", options=models, value=models[0])
         self.layer = pn.widgets.Select(label="Layer")
         self.layout = pn.widgets.Select(label="Layout")
@@ -107,8 +126,8 @@ class TopomapApp:
     def _node(self) -> Any:
         return self.tree[f"{self.model.value}/{self.layer.value}"]
 
-    def _saved_layouts(self) -> list[str]:
-        node = self._node()
+    def _saved_layouts(self, key: str | None = None) -> list[str]:
+        node = self._node() if key is None else self.tree[key]
         if _LAYOUTS_NODE not in node.children:
             return []
         return list(node.children[_LAYOUTS_NODE].children)
@@ -223,6 +242,38 @@ class TopomapApp:
                       sizing_mode="stretch_width")
 
 
+def _check_methods(methods: Any) -> list[str]:
+    """The layout methods as a list, each a name that :func:`get_estimator` knows."""
+    from topoxr.layouts import get_estimator
+
+    names = [methods] if isinstance(methods, str) else methods
+    try:
+        names = list(names)
+    except TypeError as err:
+        raise TypeError(
+            f"methods must be a layout method name or a sequence of them, got {methods!r}"
+        ) from err
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"methods must hold layout method names (str), got {name!r} in {methods!r}")
+        try:
+            get_estimator(name)
+        except ValueError as err:
+            raise ValueError(f"methods: {err}") from err
+    return names
+
+
+def _check_resolution(resolution: Any) -> int:
+    """``resolution`` as an int of at least 2."""
+    import numbers
+
+    if (not isinstance(resolution, numbers.Integral) or isinstance(resolution, bool)
+            or int(resolution) < 2):
+        raise ValueError(f"resolution must be an integer of at least 2, got {resolution!r}")
+    return int(resolution)
+
+
 class _hold:
     """Suspend redraws while several widgets change together."""
 
@@ -254,7 +305,10 @@ def build_app(path: str | Path, **kwargs: Any) -> Any:
     Raises
     ------
     ValueError
-        If the store has no recorded layer.
+        If the store has no recorded layer, or for a bad ``resolution`` or ``methods``
+        (see :class:`TopomapApp`).
+    TypeError
+        If ``methods`` is not a name or a sequence of names.
     """
     return TopomapApp(path, **kwargs)
 
