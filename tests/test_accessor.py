@@ -165,3 +165,73 @@ def test_tree_plot_is_refused_with_the_way_to_plot_one_layer(tmp_path):
     maps = laid.topo.naps()["model/hidden"]["nap"].topo.plot(by=["label", "epoch"],
                                                              interpolate=False)
     assert len(maps.keys()) == 4 * 3
+
+
+def _two_layer_tree():
+    a = make_activations(n_neurons=12, n_samples=40, random_state=0)
+    b = make_activations(n_neurons=12, n_samples=40, random_state=1)
+    tree = xr.DataTree.from_dict({"/": xr.Dataset(attrs={"topoxr_format_version": 2}),
+                                  "/m": xr.Dataset(attrs={"topoxr_model": "m"}),
+                                  "/m/a": a, "/m/b": b})
+    return tree, a, b
+
+
+def test_one_layers_object_is_not_given_to_every_layer_of_a_tree():
+    """tree.topo.layout(profile=profiles(a)) laid out layer b from a's profiles (b got
+    exactly a's layout) and tree.topo.quality(profile=...) scored b against a's."""
+    tree, a, b = _two_layer_tree()
+    with pytest.raises(TypeError, match=r"profile is one DataArray for a tree of 2 layer "
+                                        r"nodes.*tree\['m/a'\]\.topo\.layout"):
+        tree.topo.layout("pca", random_state=0, share="all", profile=topoxr.profiles(a))
+    laid = tree.topo.layout("pca", random_state=0, share="all")
+    with pytest.raises(TypeError, match="profile is one DataArray"):
+        laid.topo.quality(k=3, profile=topoxr.profiles(a))
+    # a tree of one layer takes it; a tree argument gives each layer its own node
+    one = xr.DataTree.from_dict({"/m/a": a})
+    assert_layout_close(one.topo.layout("pca", random_state=0, share="all",
+                                        profile=topoxr.profiles(a))["m/a"].to_dataset(),
+                        topoxr.layouts.attach(a, "pca", random_state=0, share="all"), atol=0)
+    ref = tree.topo.layout("random", random_state=3, share="all")
+    aligned = laid.topo.align(ref)  # failed: "the object has no layout"
+    for name in ("m/a", "m/b"):
+        expected = topoxr.align(laid[name].to_dataset(), ref[name].to_dataset())
+        xr.testing.assert_identical(aligned[name].to_dataset(), expected)
+
+
+def test_a_tree_argument_without_the_layers_node_is_refused():
+    tree, a, _ = _two_layer_tree()
+    laid = tree.topo.layout("pca", random_state=0, share="all")
+    partial = xr.DataTree.from_dict({"/m/a": laid["m/a"].to_dataset()})
+    with pytest.raises(ValueError, match=r"argument 1 is a DataTree without a node 'm/b'"):
+        laid.topo.align(partial)
+
+
+def test_an_error_in_one_layer_of_a_tree_names_the_node():
+    tree, a, _ = _two_layer_tree()
+    small = make_activations(n_neurons=3, n_samples=40)
+    bad = xr.DataTree.from_dict({"/m/a": a, "/m/small": small})
+    with pytest.raises(ValueError) as info:
+        bad.topo.layout("pca", random_state=0)
+    assert "in the layer node 'm/small' of the tree" in info.value.__notes__
+
+
+def test_a_subtree_gives_paths_relative_to_itself_and_keeps_the_groups_attributes():
+    """Results were keyed by absolute paths (tree['m'].topo.naps() had a child 'm', not
+    'a' and 'b') and the root and model groups lost their attributes."""
+    tree, a, b = _two_layer_tree()
+    out = tree.topo.naps()
+    assert out.attrs == {"topoxr_format_version": 2}
+    assert out["m"].attrs == {"topoxr_model": "m"}
+    sub = tree["m"].topo.naps()
+    assert sorted(sub.children) == ["a", "b"]
+    assert sub.attrs == {"topoxr_model": "m"}
+    xr.testing.assert_identical(sub["b"].to_dataset(), topoxr.naps(b).to_dataset())
+    leaf = tree["m/a"].topo.naps()
+    xr.testing.assert_identical(leaf.to_dataset(), topoxr.naps(a).to_dataset())
+
+
+def test_align_with_match_but_no_reference_says_a_reference_is_needed():
+    ds = make_activations(n_neurons=16)
+    laid = ds.topo.layout("pca", random_state=0)
+    with pytest.raises(TypeError, match=r"match= .*pass the reference"):
+        laid.topo.align(match="activity")

@@ -88,6 +88,14 @@ def test_unit_coordinates_name_the_spatial_axes(spatial, names):
     (np.ones((2, 3, 4)), dict(channel_axis=0), "channel_axis=0 is not a non-batch axis"),
     (np.ones((2, 3, 4)), dict(channel_axis=-3), "channel_axis=-3 is not a non-batch axis"),
     (np.ones((2, 3, 4)), dict(channel_axis=3), "channel_axis=3 is not a non-batch axis"),
+    # were truncated by int(): 1.9 read axis 1, True axis 1, -1.5 axis -1
+    (np.ones((2, 3, 4, 5)), dict(channel_axis=1.9), "channel_axis must be an integer, got 1.9"),
+    (np.ones((2, 3, 4, 5)), dict(channel_axis=True), "channel_axis must be an integer, got True"),
+    (np.ones((2, 3, 4, 5)), dict(channel_axis="1"), "channel_axis must be an integer, got '1'"),
+    (np.ones((2, 3, 4, 5)), dict(channel_axis=-1.5), "channel_axis must be an integer"),
+    # was ignored for (batch, neurons) input
+    (np.ones((2, 3)), dict(channel_axis=5), r"channel_axis=5 is not the neuron axis"),
+    (np.ones((2, 3)), dict(channel_axis=0), r"channel_axis=0 is not the neuron axis"),
 ])
 def test_bad_input(data, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -157,3 +165,9 @@ def test_token_reductions_leave_padding_out_whatever_it_holds(reduce):
             "first": [r[0] for r in real], "last": [r[-1] for r in real],
             "tokens": np.concatenate(real)}[reduce]
     np.testing.assert_allclose(got, np.asarray(want, dtype=np.float32), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [1, -1, np.int64(1), np.int32(-1), None])
+def test_the_neuron_axis_of_dense_input_may_be_given(axis):
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(reduce_units(values, channel_axis=axis).values, values)

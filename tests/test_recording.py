@@ -129,6 +129,29 @@ def test_resolve_layers_exact_glob_and_order():
     assert resolve_layers(["head[0]"], AVAILABLE) == ["head[0]"]  # exact wins over a glob
 
 
+def test_patterns_that_match_one_layer_join_their_settings_in_any_order():
+    """The last pattern's settings replaced the earlier's: {"fc*": max, "*": {}} recorded
+    fc1 with the default mean, and {"fc*": max, "*1": none} fc1 with "none" (the other
+    order: "max"), without a word."""
+    from topoxr.reduction import resolve_layer_specs
+
+    for requested in ({"fc*": {"reduce": "max"}, "*": {}}, {"*": {}, "fc*": {"reduce": "max"}}):
+        specs = resolve_layer_specs(requested, AVAILABLE)
+        assert specs["fc1"][1].reduce == "max" and specs["out"][1].reduce is None
+    joined = resolve_layer_specs({"fc*": {"reduce": "max"}, "*1": {"channel_axis": 1}},
+                                 AVAILABLE)
+    assert (joined["fc1"][1].reduce, joined["fc1"][1].channel_axis) == ("max", 1)
+    assert (joined["fc2"][1].reduce, joined["fc2"][1].channel_axis) == ("max", None)
+    for requested in ({"fc*": {"reduce": "max"}, "*1": {"reduce": "none"}},
+                      {"*1": {"reduce": "none"}, "fc*": {"reduce": "max"}}):
+        with pytest.raises(RecordingError, match=r"layer 'fc1' matches the patterns .*"
+                                                 r"set its \['reduce'\] differently"):
+            resolve_layer_specs(requested, AVAILABLE)
+    # an exact name's settings still win over any pattern's
+    exact = resolve_layer_specs({"fc1": {"reduce": "none"}, "fc*": {"reduce": "max"}}, AVAILABLE)
+    assert exact["fc1"][1].reduce == "none" and exact["fc2"][1].reduce == "max"
+
+
 @pytest.mark.parametrize("requested", [["fc3"], "conv*", []])
 def test_resolve_layers_errors_give_the_layer_count(requested):
     with pytest.raises(RecordingError, match=rf"{len(AVAILABLE)} layers"):

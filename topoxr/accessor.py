@@ -3,8 +3,10 @@
 Every method is a one-line delegation to a public function, so the accessor holds no
 state and adds no behaviour: ``obj.topo.naps(by="label")`` is
 ``topoxr.naps(obj, by="label")``. On a DataTree, methods map over the layer nodes
-(nodes holding an ``activation`` variable) and return a DataTree with the same paths;
-the exception is :meth:`TopoAccessor.plot`, which draws one layer and is refused on a
+(nodes holding an ``activation`` variable) and return a DataTree with the same paths,
+relative to the node they are called on, and the attributes of the groups above the
+layers; a DataTree argument gives each layer its node at the same path, and a single
+DataArray or Dataset argument is refused on a tree of several layers. The exception is :meth:`TopoAccessor.plot`, which draws one layer and is refused on a
 tree (select one layer's laid-out NAPs first).
 """
 
@@ -154,6 +156,10 @@ class TopoAccessor:
         from topoxr.alignment import align, align_epochs
 
         if reference is None:
+            if "match" in kwargs:
+                raise TypeError("match= chooses how neurons are matched to a reference's; "
+                                "pass the reference: .topo.align(reference, match=...) "
+                                "(without one, epochs are aligned onto each other)")
             return self._apply(align_epochs, **kwargs)
         return self._apply(align, reference, **kwargs)
 
@@ -211,8 +217,9 @@ class TopoTreeAccessor(TopoAccessor):
             Always; the message names the tree's layer nodes and how to plot one of them,
             e.g. ``tree.topo.layout().topo.naps()["model/layer"]["nap"].topo.plot()``.
         """
-        layers = [node.path for node in self._obj.subtree if node.data_vars]
-        example = layers[0].lstrip("/") if layers else "model/layer"
+        layers = [node.relative_to(self._obj) for node in self._obj.subtree
+                  if ACTIVATION in node.data_vars]
+        example = layers[0] if layers else "model/layer"
         raise TypeError(
             "DataTree.topo.plot() is not supported: a topographic map shows the NAPs of one "
             "layer, and .topo.plot() does not map over the layer nodes as the other "
@@ -222,15 +229,59 @@ class TopoTreeAccessor(TopoAccessor):
         )
 
     def _apply(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> xr.DataTree:
+        """``func`` on every layer node, as a tree with the paths relative to this one.
+
+        An xarray argument is matched to the layers: a DataTree gives each layer its node
+        at the same relative path (``tree.topo.align(reference_tree)``); a DataArray or
+        Dataset serves a tree of one layer only, as one layer's ``profile=`` or ``maps=``
+        would otherwise be used for every layer. An error raised for one layer carries a
+        note naming the node. The groups above the layers keep their attributes.
+        """
+        tree = self._obj
+        layers = [node for node in tree.subtree if ACTIVATION in node.data_vars]
+        if not layers:
+            raise ValueError("the tree has no layer node (no node holds an 'activation')")
+        paths = [node.relative_to(tree) for node in layers]
+        named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
+        named += list(kwargs.items())
+        for name, value in named:
+            if isinstance(value, xr.DataArray | xr.Dataset) and len(layers) > 1:
+                raise TypeError(
+                    f"{name} is one {type(value).__name__} for a tree of {len(layers)} layer "
+                    f"nodes: each layer would be given it. Pass a DataTree holding a node "
+                    f"for each layer at the same paths ({paths[:3]}"
+                    f"{' ...' if len(paths) > 3 else ''}), or call the method on one layer, "
+                    f"e.g. tree[{paths[0]!r}].topo.{func.__name__}(...)")
         out: dict[str, Any] = {}
-        for node in self._obj.subtree:
-            if ACTIVATION not in node.data_vars:
-                continue
-            # with the coordinates the node inherits (an epoch coordinate of the group)
-            result = func(node.to_dataset(inherit=True), *args, **kwargs)
+        for node, path in zip(layers, paths, strict=True):
+            node_args = [_node_of(value, path, f"argument {i + 1}")
+                         for i, value in enumerate(args)]
+            node_kwargs = {key: _node_of(value, path, key) for key, value in kwargs.items()}
+            try:
+                # with the coordinates the node inherits (an epoch coordinate of the group)
+                result = func(node.to_dataset(inherit=True), *node_args, **node_kwargs)
+            except Exception as err:
+                err.add_note(f"in the layer node {path!r} of the tree")
+                raise
             if isinstance(result, xr.DataArray):
                 result = result.to_dataset(name=result.name or "result")
-            out[node.path] = result
-        if not out:
-            raise ValueError("the tree has no layer node (no node holds an 'activation')")
-        return xr.DataTree.from_dict(out)
+            out["/" if path == "." else path] = result
+        result_tree = xr.DataTree.from_dict(out)
+        for node in result_tree.subtree:
+            path = node.relative_to(result_tree)
+            if ("/" if path == "." else path) not in out:  # a group above the layers
+                node.attrs = dict(tree[path].attrs) if path != "." else dict(tree.attrs)
+        return result_tree
+
+
+def _node_of(value: Any, path: str, name: str) -> Any:
+    """The part of argument ``value`` for the layer at ``path``: a DataTree's node there."""
+    if not isinstance(value, xr.DataTree):
+        return value
+    try:
+        node = value if path == "." else value[path]
+    except KeyError:
+        raise ValueError(f"{name} is a DataTree without a node {path!r}, the layer it is "
+                         "matched with (a tree argument gives each layer its node at the "
+                         "same path)") from None
+    return node.to_dataset(inherit=True)

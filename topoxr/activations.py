@@ -64,8 +64,9 @@ def reduce_units(
     Raises
     ------
     ValueError
-        For non-numeric data, an unknown ``reduce`` mode, a missing or invalid
-        ``channel_axis``, or fewer than two dimensions.
+        For non-numeric data, an unknown ``reduce`` mode, a missing ``channel_axis``
+        or one that is no integer or no non-batch axis (for ``(batch, neurons)``
+        input: 1 or -1, where it is given), or fewer than two dimensions.
     """
     array = np.asarray(activations)
     if reduce not in REDUCE_MODES and not (reduce in _PRE_REDUCED and array.ndim == 2):
@@ -81,7 +82,13 @@ def reduce_units(
         raise ValueError(
             f"activations must have shape (batch, neurons, ...), got shape {array.shape}"
         )
+    if channel_axis is not None and (isinstance(channel_axis, bool | np.bool_)
+                                     or not isinstance(channel_axis, int | np.integer)):
+        raise ValueError(f"channel_axis must be an integer, got {channel_axis!r}")
     if array.ndim == 2:
+        if channel_axis is not None and int(channel_axis) not in (1, -1):
+            raise ValueError(f"channel_axis={channel_axis} is not the neuron axis of "
+                             f"(batch, neurons) activations of shape {array.shape} (1 or -1)")
         return ReducedBatch(np.ascontiguousarray(array, dtype=np.float32), {}, reduce)
     if channel_axis is None:
         raise ValueError(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -181,7 +181,10 @@ def resolve_layer_specs(
     requested : str, sequence of str, or mapping of str to settings
         Exact names or :mod:`fnmatch` patterns; a mapping gives per-layer settings
         (a mapping like ``{"reduce": "first"}``, a :class:`LayerSpec`, or ``{}``/``None``).
-        Exact names win over patterns, and an exact name's settings over a pattern's.
+        Exact names win over patterns, and an exact name's settings over a pattern's. A
+        layer several patterns match takes the settings of each (``{"*": {}, "conv*":
+        {"reduce": "max"}}``); two patterns that set one of its settings differently are
+        refused.
     available : sequence of str
         The layer names the framework reports, in model order.
     what : str
@@ -210,6 +213,7 @@ def resolve_layer_specs(
     avail = set(available)
     order = {name: i for i, name in enumerate(available)}
     chosen: dict[str, tuple[str, LayerSpec, bool]] = {}
+    matched_by: dict[str, str] = {}  # the pattern that chose a layer
     unknown = []
     for pattern, value in items:
         if not isinstance(pattern, str):
@@ -230,8 +234,25 @@ def resolve_layer_specs(
             unknown.append(pattern)
         for hit in hits:
             name = hit if spec.call is None else f"{hit}:{spec.call}"
-            if name not in chosen or not chosen[name][2]:
-                chosen[name] = (hit, spec, False)
+            if name in chosen and chosen[name][2]:
+                continue  # named exactly: its own settings win over any pattern's
+            joined = spec
+            if name in chosen:  # matched by an earlier pattern too: their settings join
+                earlier = chosen[name][1]
+                clash = [f.name for f in fields(LayerSpec)
+                         if None not in (getattr(earlier, f.name), getattr(spec, f.name))
+                         and getattr(earlier, f.name) != getattr(spec, f.name)]
+                if clash:
+                    raise RecordingError(
+                        f"layer {name!r} matches the patterns {matched_by[name]!r} and "
+                        f"{pattern!r}, which set its {clash} differently ({earlier} and "
+                        f"{spec}); name it with its own settings, e.g. {{{name!r}: ...}}, or "
+                        "make the patterns match apart")
+                joined = replace(earlier, **{f.name: getattr(spec, f.name)
+                                             for f in fields(LayerSpec)
+                                             if getattr(spec, f.name) is not None})
+            chosen[name] = (hit, joined, False)
+            matched_by.setdefault(name, pattern)
     if unknown:
         raise RecordingError(did_you_mean(unknown, available, what=what))
     ordered = sorted(chosen, key=lambda n: (order[chosen[n][0]], n))
