@@ -228,3 +228,39 @@ def test_distances_of_a_layer_dataset_use_its_activations():
         distances(ds.rename(activation="act"))
     with pytest.raises(TypeError, match="DataTree"):
         distances(xr.DataTree.from_dict({"/m/l": ds}))
+
+
+@pytest.mark.parametrize("tol", [-1.0, np.nan, 1.0, 2.0, np.inf, True, "1e-7"])
+def test_tol_outside_zero_to_one_is_refused(tol):
+    # tol=-1 or NaN found no dead neuron ever, tol=2 or inf made every neuron dead
+    X = np.random.default_rng(0).normal(size=(6, 4))
+    for func in (degenerate_rows, profile_matrix, pairwise_distances):
+        for metric in ("cosine", "euclidean"):
+            with pytest.raises(ProfileError, match="tol"):
+                func(X, metric, tol=tol)
+    with pytest.raises(ProfileError, match="tol"):
+        distances(profiles(make_activations(n_neurons=6)), tol=tol)
+
+
+def test_tol_zero_marks_exactly_the_zero_rows_dead():
+    X = np.random.default_rng(0).normal(size=(6, 4))
+    X[2] = 0.0
+    X[4] = 1e-300  # tiny, not zero: live at tol=0, dead at the default
+    dead, _ = degenerate_rows(X, "cosine", tol=0.0)
+    np.testing.assert_array_equal(dead, np.linalg.norm(X, axis=1) == 0)
+    assert degenerate_rows(X, "cosine")[0].tolist() == [False, False, True, False, True,
+                                                        False]
+    with pytest.raises(ProfileError, match="tol"):
+        degenerate_rows(X, "cosine", tol=1.0)
+
+
+@pytest.mark.parametrize("source", ["activations", "nap input"])
+def test_an_epoch_named_twice_is_refused(source):
+    # epochs=[2, 2] returned profiles with two slices labelled epoch 2
+    ds = make_activations(n_neurons=8, n_samples=50, n_epochs=3, random_state=0)
+    obj = naps(ds) if source == "nap input" else ds
+    kwargs = {"source": "activations", "random_state": 0} if source == "activations" else {}
+    with pytest.raises(ProfileError, match=r"epoch\(s\) \[2\] more than once"):
+        profiles(obj, epochs=[2, 0, 2], **kwargs)
+    got = profiles(obj, epochs=[2, 0], **kwargs)
+    assert got.epoch.values.tolist() == [2, 0]

@@ -380,3 +380,225 @@ def test_quality_blob_means_skip_groups_empty_at_an_epoch():
         assert np.isfinite(q.blob_area.values[e])
         assert q.blob_area.values[e] == pytest.approx(
             np.mean(blobs(imgs[present])["area"]))
+
+
+# --------------------------------------------------------------------------------------
+# Ties in the map: collapsed neurons
+# --------------------------------------------------------------------------------------
+def _midrank_continuity(X, E, k):
+    """Continuity from full distance matrices, neuron by neuron: a profile neighbour's
+    map rank is 1 + those strictly closer on the map + half those as close on the map
+    but not as close in profile space (tied in both: indistinguishable, not counted)."""
+    from scipy.spatial.distance import cdist
+
+    n = len(X)
+    DX, DE = cdist(X, X), cdist(E, E)
+    np.fill_diagonal(DX, np.inf)
+    np.fill_diagonal(DE, np.inf)
+    pen = 0.0
+    for i in range(n):
+        # profile neighbours; any choice among profile ties gives the same penalty here
+        for j in np.argsort(DX[i], kind="stable")[:k]:
+            map_tied = DE[i] == DE[i, j]
+            both = map_tied & (DX[i] == DX[i, j])
+            rank = 1 + np.sum(DE[i] < DE[i, j]) + (map_tied.sum() - both.sum()) / 2
+            pen += max(rank - k, 0)
+    return 1.0 - 2.0 * pen / (n * k * (2.0 * n - 3.0 * k - 1.0))
+
+
+def _four_spots(n):
+    return np.repeat(np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]), n // 4,
+                     axis=0)
+
+
+@pytest.mark.parametrize("layout", ["one spot", "four spots", "dead on one spot"])
+def test_continuity_ranks_neurons_tied_on_the_map_at_their_mid_rank(layout):
+    # every neuron on one spot scored continuity 1.0 (tied map distances all ranked 1),
+    # four spots 0.70; sklearn with the spaces swapped (ties by index) gives 0.514, 0.515
+    rng = np.random.default_rng(0)
+    n, k = 200, 10
+    X = rng.normal(size=(n, 8))
+    E = np.zeros((n, 2)) if layout == "one spot" else _four_spots(n)
+    if layout == "dead on one spot":
+        # 30 dead neurons (tied in profile space) on one spot with 20 live ones: ties
+        # with the dead count among the live only
+        X[:30] = 0.0
+        E = rng.random((n, 2))
+        E[:50] = 5.0
+    c = continuity(X, E, k, n_queries=None)
+    assert c == pytest.approx(_midrank_continuity(X, E, k), abs=1e-12)
+    if layout != "dead on one spot":
+        assert c == pytest.approx(sk_trustworthiness(E, X, n_neighbors=k), abs=0.01)
+        assert c < 0.53  # no better than random: the profiles are unrelated to the spots
+    # a layout that is the profiles themselves stays perfect, duplicates included
+    dup = np.repeat(X[:50, :2], 4, axis=0)
+    assert continuity(dup, dup, k, n_queries=None) == 1.0
+    perm = rng.permutation(n)
+    assert continuity(X[perm], E[perm], k, n_queries=None) == pytest.approx(c, abs=1e-12)
+    if layout == "dead on one spot":
+        return  # the choice among tied profile neighbours (dead) depends on order
+    # without map ties the mid-rank is the rank: sklearn's value, exactly
+    U = E + rng.normal(scale=0.3, size=E.shape)
+    assert continuity(X, U, k, n_queries=None) == pytest.approx(
+        _midrank_continuity(X, U, k), abs=1e-12)
+    assert continuity(X, U, k, n_queries=None) == pytest.approx(
+        sk_trustworthiness(U, X, n_neighbors=k), abs=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["one spot", "four spots"])
+def test_trustworthiness_of_tied_map_neighbours_does_not_depend_on_neuron_order(layout):
+    # profiles along a curve, neurons in curve order: the map neighbours sklearn picks
+    # among collapsed neurons depend on that order (0.32 in this order, 0.49 shuffled,
+    # for one spot). Now: the mean over the choices, i.e. over neuron orders
+    rng = np.random.default_rng(0)
+    n, k = 120, 5
+    t = np.sort(rng.random(n)) * 6
+    X = np.stack([np.cos(t), np.sin(t), t], axis=1) + rng.normal(scale=0.01, size=(n, 3))
+    E = np.zeros((n, 2)) if layout == "one spot" else _four_spots(n)
+    got = trustworthiness(X, E, k, n_queries=None)
+    perm = rng.permutation(n)
+    assert trustworthiness(X[perm], E[perm], k, n_queries=None) == pytest.approx(got,
+                                                                               abs=1e-12)
+    orders = [rng.permutation(n) for _ in range(200)]
+    sk = np.array([sk_trustworthiness(X[o], E[o], n_neighbors=k) for o in orders])
+    assert got == pytest.approx(sk.mean(), abs=4 * sk.std() / np.sqrt(len(sk)) + 1e-3)
+    # the same rule on a query subset (all neurons but one)
+    assert trustworthiness(X, E, k, n_queries=n - 1) == pytest.approx(got, abs=0.01)
+
+
+# --------------------------------------------------------------------------------------
+# quality(): epochs of the profiles, the layout and the maps
+# --------------------------------------------------------------------------------------
+def _laid_three_epochs(**kwargs):
+    ds = make_activations(n_neurons=30, n_samples=60, n_epochs=3, random_state=0)
+    return attach(ds, "pca", random_state=0, metric="euclidean", **kwargs)
+
+
+def test_quality_scores_every_epoch_against_a_profile_without_epoch_shared_layout():
+    # a profile without epoch dim: the map scores were pooled over all epochs (one
+    # number, shared colour limits over epochs) while trust used the one profile
+    from topoxr import naps
+    from topoxr.interpolate import GridInterpolator
+    from topoxr.similarity import profiles
+
+    laid = _laid_three_epochs(share=2)
+    assert laid.x.dims == ("neuron",)
+    last = profiles(laid).isel(epoch=-1)
+    q = quality(laid, profile=last, k=5, resolution=30)
+    assert q.smoothness.dims == ("epoch",)
+    np.testing.assert_array_equal(q.epoch.values, laid.epoch.values)
+    pts = np.stack([laid.x.values, laid.y.values], axis=1)
+    nap = naps(laid, by="label")
+    interp = GridInterpolator(pts[:, 0], pts[:, 1], resolution=30)
+    for e in range(3):
+        imgs = interp(nap.isel(epoch=e).transpose("label", "neuron").values)
+        assert q.smoothness.values[e] == pytest.approx(np.nanmean(smoothness(imgs)["score"]))
+        assert q.blob_count.values[e] == pytest.approx(np.nanmean(blobs(imgs)["count"]))
+        assert q.trustworthiness.values[e] == pytest.approx(
+            sk_trustworthiness(last.values, pts, n_neighbors=5), abs=1e-12)
+
+
+def test_quality_scores_every_epoch_of_a_per_epoch_layout_against_one_profile():
+    # raised "embedding must be 2-D (n, d), got shape (30, 2, 3)"
+    from topoxr.similarity import profiles
+
+    laid = _laid_three_epochs()
+    assert "epoch" in laid.x.dims
+    last = profiles(laid).isel(epoch=-1)
+    q = quality(laid, profile=last, k=5, resolution=30)
+    np.testing.assert_array_equal(q.epoch.values, laid.epoch.values)
+    for e in range(3):
+        pts = np.stack([laid.x.isel(epoch=e).values, laid.y.isel(epoch=e).values], axis=1)
+        assert q.trustworthiness.values[e] == pytest.approx(
+            sk_trustworthiness(last.values, pts, n_neighbors=5), abs=1e-12)
+        assert q.continuity.values[e] == pytest.approx(
+            sk_trustworthiness(pts, last.values, n_neighbors=5), abs=1e-12)
+
+
+def test_quality_refuses_inputs_that_lack_an_epoch_scored():
+    from topoxr import naps
+
+    laid = _laid_three_epochs()
+    with pytest.raises(QualityError, match=r"the maps lack epoch\(s\) \[2\]"):
+        quality(laid, maps=naps(laid, by="label").isel(epoch=[0, 1]), k=5, resolution=30)
+
+
+# --------------------------------------------------------------------------------------
+# Parameters refused by name
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -1, 1, 2, 2.5, True, np.float64(100.0)])
+def test_rank_correlation_refuses_n_pairs_that_is_not_an_integer_of_at_least_3(bad):
+    # 0, -1 and 2.5 raised numpy errors, 1 gave NaN, 2 gave -1.0
+    X, _ = _clustered(n=40)
+    with pytest.raises(QualityError, match="n_pairs"):
+        rank_correlation(X, X[:, :2], n_pairs=bad)
+    laid = _laid_three_epochs(share=2)
+    with pytest.raises(QualityError, match="n_pairs"):
+        quality(laid, n_pairs=bad, k=5, resolution=30)
+    # integers (numpy ones too) are taken: all 780 pairs, scipy's value
+    from scipy.spatial.distance import pdist
+    from scipy.stats import spearmanr
+
+    E = X[:, :2] + np.random.default_rng(2).normal(size=(40, 2))
+    assert rank_correlation(X, E, n_pairs=np.int64(780)) == pytest.approx(
+        spearmanr(pdist(X), pdist(E)).statistic, abs=1e-12)
+    assert np.isfinite(rank_correlation(X, E, n_pairs=3))
+
+
+@pytest.mark.parametrize("bad", [2.5, True, np.float64(3.0)])
+def test_k_must_be_an_integer(bad):
+    # k=2.5 raised sklearn's InvalidParameterError, k=True ran as k=1
+    from topoxr.metrics import knn_overlap
+
+    X, _ = _clustered(n=40)
+    for func in (neighborhood_preservation, trustworthiness, continuity, knn_overlap):
+        with pytest.raises(QualityError, match="k must be an int"):
+            func(X, X[:, :2], bad)
+    with pytest.raises(QualityError, match="k must be an int"):
+        quality(_laid_three_epochs(share=2), k=bad)
+    E = X[:, :2] + np.random.default_rng(2).normal(size=(40, 2))
+    assert trustworthiness(X, E, np.int64(3), n_queries=None) == pytest.approx(
+        sk_trustworthiness(X, E, n_neighbors=3), abs=1e-12)
+
+
+def _sine_map():
+    return np.sin(np.mgrid[0:30, 0:30][1] / 5.0)
+
+
+def test_map_scores_refuse_infinite_values_and_keep_nan_as_outside():
+    # one inf pixel set the shared maximum to inf: blobs counted 0 instead of 2
+    from topoxr.metrics import paper_smoothness
+
+    img = _sine_map()
+    bad = img.copy()
+    bad[3, 4] = np.inf
+    for func in (blobs, smoothness, paper_smoothness):
+        with pytest.raises(QualityError, match=r"1 infinite value\(s\).*index \(0, 3, 4\)"):
+            func(bad[None])
+        with pytest.raises(QualityError, match="infinite"):
+            func(-bad[None])
+    holed = img.copy()
+    holed[3, 4] = np.nan
+    assert blobs(holed[None])["count"].tolist() == _scipy_blob_counts(holed[None])
+    assert blobs(img[None])["count"].tolist() == [2.0]
+
+
+@pytest.mark.parametrize("radii", [(-1, 2), (3, 1, 0.5), (1, np.nan), (1, 1), (2, np.inf),
+                                   ("a", "b")])
+def test_paper_smoothness_refuses_radii_without_a_growing_blur(radii):
+    # negative, NaN and decreasing radii returned numbers
+    from scipy.ndimage import gaussian_filter
+
+    from topoxr.metrics import _bwr, paper_smoothness
+
+    with pytest.raises(QualityError, match="radii"):
+        paper_smoothness(_sine_map()[None], radii=radii)
+    # increasing radii (from 0, no blur) are taken: the area of the blur curve
+    img = _sine_map() * 0.8
+    out = paper_smoothness(img[None], radii=(0, 1, 2.5))
+    m = np.abs(img).max()
+    rgb = _bwr((img + m) / (2 * m))
+    curve = [np.abs(rgb - gaussian_filter(rgb, (r, r, 0), mode="nearest")).sum() / rgb.sum()
+             for r in (0, 1, 2.5)]
+    np.testing.assert_allclose(out["curve"][0], curve)
+    assert out["area"][0] == pytest.approx(np.trapezoid(curve))

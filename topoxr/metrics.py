@@ -7,7 +7,8 @@ applies them to a laid-out xarray object, per epoch.
 
 * :func:`trustworthiness` / :func:`continuity`: are the map's neighbours neighbours in
   profile space (and vice versa)? Same definition as
-  :func:`sklearn.manifold.trustworthiness`, computed in blocks of query neurons so that
+  :func:`sklearn.manifold.trustworthiness` (ties aside: resolved without regard to
+  neuron order, see :func:`neighborhood_preservation`), computed in blocks of query neurons so that
   memory is ``O(block * n)``, never ``n x n``; ``n_queries`` estimates them from a random
   subset of neurons for very large layers.
 * :func:`rank_correlation`: Spearman correlation between profile distances and map
@@ -106,9 +107,21 @@ def _check_pair(X: Any, embedding: Any, k: int, metric: str) -> tuple[np.ndarray
     if not np.isfinite(E).all():
         raise QualityError("embedding holds NaN or inf")
     n = E.shape[0]
+    _check_k(k)
     if not 1 <= k < n / 2:
         raise QualityError(f"k must satisfy 1 <= k < n/2 = {n / 2}, got k={k}")
     return Xp, E
+
+
+def _check_k(k: Any) -> None:
+    """``k`` is a whole number of neighbours (numpy integers too), not a float or a bool."""
+    _whole_number("k", k, "a number of neighbours")
+
+
+def _whole_number(name: str, value: Any, what: str) -> None:
+    """Refuse a float, a bool or a non-number where a count is meant (numpy ints pass)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise QualityError(f"{name} must be an int ({what}), got {name}={value!r}")
 
 
 def _check_n_queries(n_queries: Any, *, auto: bool) -> int | str | None:
@@ -125,41 +138,112 @@ def _check_n_queries(n_queries: Any, *, auto: bool) -> int | str | None:
     return int(n_queries)
 
 
-def _knn(A: np.ndarray, k: int, queries: np.ndarray | None) -> np.ndarray:
-    """Indices of the k nearest neighbours of every query row, self excluded."""
+def _check_n_pairs(n_pairs: Any) -> int:
+    """``n_pairs`` checked: an integer (numpy integers too) of at least 3."""
+    _whole_number("n_pairs", n_pairs, "a number of neuron pairs")
+    if n_pairs < 3:
+        raise QualityError(f"n_pairs must be at least 3 (a rank correlation of fewer pairs "
+                           f"is meaningless: two pairs always give +-1), got n_pairs={n_pairs}")
+    return int(n_pairs)
+
+
+def _knn(A: np.ndarray, k: int, queries: np.ndarray | None, *,
+         n_more: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and indices of the ``k + n_more`` nearest neighbours of every query row.
+
+    Self excluded, nearest first. The search structure is chosen for ``k`` neighbours
+    whatever ``n_more``, so the first ``k`` are those of a plain ``k``-neighbour search.
+    """
     from sklearn.neighbors import NearestNeighbors
 
+    m = k + n_more
     nn = NearestNeighbors(n_neighbors=k).fit(A)
     if queries is None:
-        return nn.kneighbors(return_distance=False)
-    ind = nn.kneighbors(A[queries], n_neighbors=k + 1, return_distance=False)
-    out = np.empty((len(queries), k), dtype=np.int64)
-    for r, (q, row) in enumerate(zip(queries, ind, strict=True)):
-        row = row[row != q]
-        out[r] = row[:k]
-    return out
+        return nn.kneighbors(n_neighbors=m)
+    dist, ind = nn.kneighbors(A[queries], n_neighbors=m + 1)
+    out_d = np.empty((len(queries), m))
+    out_i = np.empty((len(queries), m), dtype=np.int64)
+    for r, q in enumerate(queries):
+        keep = ind[r] != q
+        out_i[r] = ind[r][keep][:m]
+        out_d[r] = dist[r][keep][:m]
+    return out_d, out_i
 
 
-def _rank_excess(D: np.ndarray, nbrs: np.ndarray, k: int) -> float:
-    """Sum over rows of max(rank - k, 0) of the given neighbours in distance rows ``D``.
+def _rank_excess(dist: np.ndarray, nbrs: np.ndarray, k: int, *,
+                 other: Any = None) -> float:
+    """Sum over rows of max(rank - k, 0) of the given neighbours in distance rows ``dist``.
 
     ``rank`` of j in row i is 1 + the number of points strictly closer to i than j.
+    With ``other`` (a function of row positions giving those rows' distances in the
+    other space, self at inf), half the number of points exactly as close as j is added
+    (the mid-rank, the mean of the ranks tied points share), leaving out points that tie
+    with j in the other space too (indistinguishable from j as seen from i).
     """
-    b = D.shape[0]
-    T = np.take_along_axis(D, nbrs, axis=1)  # (b, k) distances of the neighbours
+    b = dist.shape[0]
+    average = other is not None
+    T = np.take_along_axis(dist, nbrs, axis=1)  # (b, k) distances of the neighbours
     tmax = T.max(axis=1)
-    below = D < tmax[:, None]
-    m = int(np.count_nonzero(below))
-    if m <= D.size // 16:  # few candidates: count among them only
-        rows, cols = np.nonzero(below)
-        vals = D[rows, cols]
-        counts = np.empty((b, k))
+    cand = dist <= tmax[:, None] if average else dist < tmax[:, None]
+    m = int(np.count_nonzero(cand))
+    less = np.empty((b, k))
+    upto = np.empty((b, k)) if average else less
+    if m <= dist.size // 16:  # few candidates: count among them only
+        rows, cols = np.nonzero(cand)
+        vals = dist[rows, cols]
         for c in range(k):
-            counts[:, c] = np.bincount(rows, weights=vals < T[rows, c], minlength=b)
+            less[:, c] = np.bincount(rows, weights=vals < T[rows, c], minlength=b)
+            if average:
+                upto[:, c] = np.bincount(rows, weights=vals <= T[rows, c], minlength=b)
     else:
-        counts = np.stack([np.count_nonzero(D < T[:, c : c + 1], axis=1) for c in range(k)],
-                          axis=1)
-    return float(np.maximum(counts + 1 - k, 0).sum())
+        for c in range(k):
+            less[:, c] = np.count_nonzero(dist < T[:, c : c + 1], axis=1)
+            if average:
+                upto[:, c] = np.count_nonzero(dist <= T[:, c : c + 1], axis=1)
+    if not average:
+        return float(np.maximum(less + 1 - k, 0).sum())
+    tied = upto - less - 1.0  # other points exactly as close as j (j itself left out)
+    sel = np.flatnonzero((tied > 0).any(axis=1))
+    if sel.size:  # tied in both spaces: not counted
+        d_other = other(sel)
+        d_sel = dist[sel]
+        t_other = np.take_along_axis(d_other, nbrs[sel], axis=1)
+        for c in range(k):
+            both = (d_sel == T[sel, c : c + 1]) & (d_other == t_other[:, c : c + 1])
+            tied[sel, c] -= np.count_nonzero(both, axis=1) - 1.0
+    # exactly ``less`` where nothing ties
+    return float(np.maximum(less + tied / 2.0 + 1 - k, 0).sum())
+
+
+def _distances_from(A: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Distances from ``A[rows]`` to every row of ``A``, self at inf (as in the blocks)."""
+    from sklearn.metrics import pairwise_distances
+
+    D = pairwise_distances(A[rows], A)
+    D[np.arange(len(rows)), rows] = np.inf
+    return D
+
+
+def _tied_trust_excess(DX: np.ndarray, E: np.ndarray, rows: np.ndarray, k: int) -> float:
+    """Trustworthiness penalty of query ``rows`` whose k-th map neighbour ties with others.
+
+    The expected penalty over every way of choosing the k map neighbours among the tied
+    neurons: the neurons strictly closer on the map than the k-th count fully, each of
+    the ``t`` neurons at exactly the k-th distance with weight ``r / t`` (``r`` places
+    left). Ranks in profile space (``DX``, self at inf) are 1 + the number strictly
+    closer, as everywhere in trustworthiness.
+    """
+    from scipy.spatial.distance import cdist
+    from scipy.stats import rankdata
+
+    d = cdist(E[rows], E)
+    d[np.arange(len(rows)), rows] = np.inf
+    dk = np.partition(d, k - 1, axis=1)[:, k - 1 : k]
+    sure, tied = d < dk, d == dk
+    w = sure + tied * ((k - sure.sum(axis=1, keepdims=True))
+                       / tied.sum(axis=1, keepdims=True))
+    rank = rankdata(DX, method="min", axis=1)
+    return float((w * np.maximum(rank - k, 0)).sum())
 
 
 def neighborhood_preservation(
@@ -173,6 +257,27 @@ def neighborhood_preservation(
 ) -> tuple[float, float]:
     """Trustworthiness and continuity in one pass.
 
+    Ties between distances are resolved without regard to neuron order:
+
+    * Map ties, trustworthiness: when neurons tie with the k-th map neighbour of a
+      neuron (e.g. collapsed onto one spot), the penalty is its mean over every choice
+      of the k map neighbours among them (each of ``t`` tied neurons counts with weight
+      ``r / t`` for the ``r`` places left). scikit-learn takes those its neighbour
+      search returns first, which depends on neuron order.
+    * Map ties, continuity: a profile neighbour's map rank is its mid-rank,
+      ``1 + (number strictly closer) + (number of others exactly as close) / 2``, the
+      mean of the ranks the tied neurons share (the standard treatment of ties in rank
+      statistics). A layout that puts every neuron on one spot scores about 0.5, as a
+      random one does, not 1. Neurons tied with the neighbour in profile space too
+      (identical as seen from the neuron, e.g. dead neurons placed together) are not
+      counted: a layout identical to the profiles scores 1, duplicates included.
+    * Profile ties, trustworthiness: a map neighbour's profile rank is
+      ``1 + (number strictly closer)`` (see :func:`trustworthiness`: dead neurons count
+      as each other's neighbours).
+
+    Without ties both equal :func:`sklearn.manifold.trustworthiness` (continuity with the
+    two spaces swapped).
+
     Parameters
     ----------
     X : array_like or xarray.DataArray, shape (n, f)
@@ -184,7 +289,7 @@ def neighborhood_preservation(
         other or repeated labels are refused). Otherwise (numpy arrays, or one side
         without a ``neuron`` dim) rows are paired by position.
     k : int, default 10
-        Neighbourhood size; ``1 <= k < n / 2``.
+        Neighbourhood size, an integer (numpy integers too) with ``1 <= k < n / 2``.
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
         Distance in profile space (dead/constant neurons as in :mod:`topoxr.profiles`).
     n_queries : int, "auto" or None, default "auto"
@@ -205,7 +310,7 @@ def neighborhood_preservation(
     ------
     QualityError
         For rows that do not pair up (counts, or neuron labels of labelled inputs),
-        ``k`` out of range, an ``n_queries`` that is not a positive integer, ``"auto"``
+        ``k`` not an integer or out of range, an ``n_queries`` that is not a positive integer, ``"auto"``
         or None, or NaN or inf positions.
     topoxr.similarity.ProfileError
         For NaN or inf profiles or an unknown metric.
@@ -221,8 +326,12 @@ def neighborhood_preservation(
     if n_queries is not None and n_queries < n:
         rng = np.random.default_rng(random_state)
         queries = np.sort(rng.choice(n, int(n_queries), replace=False))
-    nb_E = _knn(E, k, queries)
-    nb_X = _knn(Xp, k, queries)
+    d_E, nb_E = _knn(E, k, queries, n_more=1)
+    # queries whose k-th map neighbour is as close as the next one (collapsed neurons):
+    # which of the tied neurons sklearn returns depends on their order
+    tied_E = d_E[:, k - 1] == d_E[:, k]
+    nb_E = nb_E[:, :k]
+    nb_X = _knn(Xp, k, queries)[1]
     q_idx = np.arange(n) if queries is None else queries
     block = max(1, _BLOCK_BYTES // (8 * n))
     trust_pen = cont_pen = 0.0
@@ -231,11 +340,17 @@ def neighborhood_preservation(
         local = np.arange(len(rows))
         DX = pairwise_distances(Xp[rows], Xp)
         DX[local, rows] = np.inf
-        trust_pen += _rank_excess(DX, nb_E[start : start + block], k)
+        tied = tied_E[start : start + block]
+        if tied.any():
+            trust_pen += _tied_trust_excess(DX[tied], E, rows[tied], k)
+            trust_pen += _rank_excess(DX[~tied], nb_E[start : start + block][~tied], k)
+        else:
+            trust_pen += _rank_excess(DX, nb_E[start : start + block], k)
         del DX
         DE = pairwise_distances(E[rows], E)
         DE[local, rows] = np.inf
-        cont_pen += _rank_excess(DE, nb_X[start : start + block], k)
+        cont_pen += _rank_excess(DE, nb_X[start : start + block], k,
+                                 other=lambda sel, rows=rows: _distances_from(Xp, rows[sel]))
     scale = 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)) * (n / len(q_idx))
     return 1.0 - trust_pen * scale, 1.0 - cont_pen * scale
 
@@ -250,7 +365,10 @@ def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float
     other, count as each other's neighbours wherever they are placed. scikit-learn
     breaks ties by index instead. So a random layout of a layer with many dead neurons
     scores above 0.5 (0.64 for the 64-neuron layer of ``docs/concepts.md``, 15 of them
-    dead).
+    dead). Ties in the map are another matter: where neurons tie with a neuron's k-th
+    map neighbour (neurons collapsed onto one spot), the score is its mean over every
+    choice of k map neighbours among them (see :func:`neighborhood_preservation`), so
+    it does not depend on neuron order: a fully collapsed layout scores about 0.5.
 
     Parameters
     ----------
@@ -287,7 +405,16 @@ def trustworthiness(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float
 def continuity(X: Any, embedding: Any, k: int = 10, **kwargs: Any) -> float:
     """Continuity of a layout: are profile-space neighbours neighbours on the map?
 
-    Trustworthiness with the roles of the two spaces swapped.
+    Trustworthiness with the roles of the two spaces swapped: for each neuron, its k
+    nearest neighbours in profile space are ranked by map distance, and ranks beyond k
+    are penalised. Neurons at exactly the same map distance (e.g. collapsed onto one
+    spot) share their mid-rank, ``1 + (number strictly closer) + (number of others
+    exactly as close) / 2``, whatever their order: a layout with every neuron on one spot
+    scores about 0.5 (0.512 for 200 random profiles, k = 10), as a random layout does.
+    Neurons that tie with the neighbour in profile space as well are left out of that
+    count (see :func:`neighborhood_preservation`).
+    Without map ties the value equals :func:`sklearn.manifold.trustworthiness` with the
+    two spaces swapped (scikit-learn breaks ties by order instead).
 
     Parameters
     ----------
@@ -335,7 +462,8 @@ def rank_correlation(
         normalised profiles, which gives the same ranks.
     n_pairs : int, default 200_000
         All pairs are used when there are at most this many, otherwise a seeded random
-        sample of this many pairs.
+        sample of this many pairs. An integer (numpy integers too) of at least 3: a rank
+        correlation of fewer pairs is meaningless (two pairs always give +-1).
     random_state : int, optional
         Seed of the pair sample.
 
@@ -348,13 +476,15 @@ def rank_correlation(
     ------
     QualityError
         For rows that do not pair up (counts, or neuron labels of labelled inputs),
-        fewer than 3 neurons, or NaN or inf positions.
+        fewer than 3 neurons, NaN or inf positions, or ``n_pairs`` that is not an
+        integer of at least 3.
     topoxr.similarity.ProfileError
         For NaN or inf profiles or an unknown metric.
     """
     from scipy.spatial.distance import pdist
     from scipy.stats import spearmanr
 
+    n_pairs = _check_n_pairs(n_pairs)
     Xp, E = _check_pair(X, embedding, 1, metric)
     n = E.shape[0]
     if n * (n - 1) // 2 <= n_pairs:
@@ -422,7 +552,8 @@ def smoothness(
     Parameters
     ----------
     maps : array_like, shape (..., ny, nx)
-        Interpolated maps (e.g. from :class:`topoxr.interpolate.GridInterpolator`).
+        Interpolated maps (e.g. from :class:`topoxr.interpolate.GridInterpolator`); NaN
+        outside the hull, no +-inf.
     strengths : tuple of int, default 1..10
         Degradation strengths: at least two, non-negative and strictly increasing.
 
@@ -436,8 +567,9 @@ def smoothness(
     Raises
     ------
     QualityError
-        For maps of fewer than two dims, or ``strengths`` that are fewer than two, not
-        finite, negative or not strictly increasing (they would not span a range).
+        For maps of fewer than two dims or holding +-inf (NaN marks pixels outside the
+        hull), or ``strengths`` that are fewer than two, not finite, negative or not
+        strictly increasing (they would not span a range).
 
     Examples
     --------
@@ -504,13 +636,14 @@ def paper_smoothness(
     Parameters
     ----------
     maps : array_like, shape (..., ny, nx)
-        Interpolated maps; NaN outside the hull.
+        Interpolated maps; NaN outside the hull, no +-inf.
     clim : (float, float), optional
         Colour limits, finite with ``low < high``; default symmetric ``(-m, m)`` with
         ``m`` the largest absolute value over all maps (the shared limits of a layer's
         maps; NaN areas when every map is zero or NaN).
     radii : tuple of float
-        Blur radii in pixels.
+        Blur radii in pixels: at least two, finite, non-negative and strictly increasing
+        (the curve of growing blur, as the reference's).
 
     Returns
     -------
@@ -521,7 +654,8 @@ def paper_smoothness(
     Raises
     ------
     QualityError
-        For maps of fewer than two dims, fewer than two radii, or a ``clim`` that is not
+        For maps of fewer than two dims or holding +-inf, ``radii`` that are fewer than
+        two, not finite, negative or not strictly increasing, or a ``clim`` that is not
         a finite pair with ``low < high``.
 
     Examples
@@ -535,6 +669,16 @@ def paper_smoothness(
     from scipy.ndimage import gaussian_filter
 
     arr = _map_stack(maps, radii, "paper_smoothness", "radii")
+    try:
+        r = np.asarray(radii, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise QualityError(f"radii must be numbers (blur radii in pixels), got {radii!r}"
+                           ) from err
+    if r.ndim != 1 or not np.isfinite(r).all() or (r < 0).any() or (np.diff(r) <= 0).any():
+        raise QualityError(f"radii must be finite, non-negative and strictly increasing "
+                           f"(blur radii in pixels, a curve of growing blur), got "
+                           f"{tuple(radii)}; e.g. the default "
+                           f"{tuple(0.5 * p + 0.5 for p in range(10))}")
     if clim is None:
         m = float(np.nanmax(np.abs(arr))) if np.isfinite(arr).any() else 0.0
         lo, hi = -m, m
@@ -581,7 +725,7 @@ def knn_overlap(
         :func:`neighborhood_preservation` (by neuron label where both are DataArrays
         with a ``neuron`` dim, else row by row).
     k : int, default 10
-        Neighbourhood size; ``1 <= k < n / 2``.
+        Neighbourhood size, an integer (numpy integers too) with ``1 <= k < n / 2``.
     metric : {"euclidean", "cosine", "correlation"}, default "euclidean"
         Profile distance.
     n_queries : int or None, default 2048
@@ -599,8 +743,8 @@ def knn_overlap(
     ------
     QualityError
         For rows that do not pair up (counts, or neuron labels of labelled inputs),
-        ``k`` out of range, ``n_queries`` not a positive integer or None, or NaN or inf
-        positions.
+        ``k`` not an integer or out of range, ``n_queries`` not a positive integer or
+        None, or NaN or inf positions.
     topoxr.similarity.ProfileError
         For NaN or inf profiles or an unknown metric.
 
@@ -617,7 +761,7 @@ def knn_overlap(
     if n_queries is not None and n_queries < n:
         queries = np.sort(np.random.default_rng(random_state).choice(n, int(n_queries),
                                                                      replace=False))
-    a, b = _knn(Xp, k, queries), _knn(E, k, queries)
+    a, b = _knn(Xp, k, queries)[1], _knn(E, k, queries)[1]
     hits = sum(np.intersect1d(r, s).size for r, s in zip(a, b, strict=True))
     return float(hits / (k * a.shape[0]))
 
@@ -632,7 +776,8 @@ def blobs(maps: Any, *, threshold: float = 0.5) -> dict[str, np.ndarray]:
     Parameters
     ----------
     maps : array_like, shape (..., ny, nx)
-        Interpolated maps; NaN pixels are never strong.
+        Interpolated maps; NaN pixels (outside the hull) are never strong; +-inf values
+        are refused (they would set the maximum, leaving no finite pixel strong).
     threshold : float, default 0.5
         Fraction of the largest absolute value.
 
@@ -643,12 +788,16 @@ def blobs(maps: Any, *, threshold: float = 0.5) -> dict[str, np.ndarray]:
         mean area as a fraction of the map's finite pixels (0 when there is none). A map
         without any finite pixel (an empty group) has no blobs to count: NaN for both,
         as :func:`smoothness` gives it, so that means over maps (``np.nanmean``) skip it.
+
+    Raises
+    ------
+    QualityError
+        For maps of fewer than two dims or holding +-inf, or a ``threshold`` outside
+        ``(0, 1]``.
     """
     from scipy.ndimage import label
 
-    arr = np.asarray(maps, dtype=np.float64)
-    if arr.ndim < 2:
-        raise QualityError(f"maps must have shape (..., ny, nx), got {arr.shape}")
+    arr = _map_array(maps, "blobs")
     if not 0 < threshold <= 1:
         raise QualityError(f"threshold must be in (0, 1], got {threshold}")
     lead = arr.shape[:-2]
@@ -698,6 +847,14 @@ def quality(
 ) -> xr.Dataset:
     """Every quality metric of a laid-out object, per epoch.
 
+    The epochs scored are those of ``profile`` where it has an epoch dim, else those of
+    the layout (a per-epoch layout), else those of ``maps``. An input without an epoch
+    dim is used at every epoch: a profile without one, e.g. one epoch's
+    (``profiles(obj).isel(epoch=-1)``) or a reference, is compared with the layout at
+    every epoch, and the maps of every epoch are scored with it, one value per epoch
+    (they are never pooled over epochs). To score one epoch only, keep a length-1 epoch
+    dim: ``profile=profiles(obj).isel(epoch=[-1])``.
+
     Parameters
     ----------
     laid_out : xarray.DataArray or xarray.Dataset
@@ -705,15 +862,16 @@ def quality(
         per-epoch layouts), e.g. the result of :func:`topoxr.layouts.attach`: NAPs or
         activations.
     k : int, default 10
-        Neighbourhood size of trustworthiness and continuity, at least 1 (reduced to
-        ``(n-1)//2`` for tiny layers, recorded in the attributes).
+        Neighbourhood size of trustworthiness and continuity, an integer of at least 1
+        (reduced to ``(n-1)//2`` for tiny layers, recorded in the attributes).
     metric : str, optional
         Profile distance; default: the layout's metric from its ``topoxr_layout``
         attribute, else ``"cosine"``.
     profile : xarray.DataArray, optional
-        Profiles to compare with; default :func:`topoxr.similarity.profiles` of
-        ``laid_out`` (its NAPs by label, or the NAPs themselves). Matched to
-        ``laid_out``'s neurons by label.
+        Profiles to compare with, dims ``(neuron, feature[, epoch])``; default
+        :func:`topoxr.similarity.profiles` of ``laid_out`` (its NAPs by label, or the
+        NAPs themselves). Matched to ``laid_out``'s neurons by label. Without an epoch
+        dim, used at every epoch of the layout and maps (see above).
     maps : xarray.DataArray, optional
         Values to draw as maps for smoothness and blobs, dims ``(neuron, <group>,
         epoch)``; default: the NAPs by label (or ``laid_out`` itself if it is NAPs).
@@ -736,7 +894,8 @@ def quality(
         ``smoothness_shrink``, ``smoothness_paper`` (:func:`paper_smoothness`, the
         paper's own measure, same shared colour limits for a layer's maps),
         ``blob_count``, ``blob_area`` (:func:`blobs`), each on ``epoch`` (if the input
-        has one). Map scores are means over the groups that have a map at that epoch: a
+        has one, see above). Map scores are means over the groups that have a map at
+        that epoch (never over epochs): a
         group without samples there (all-NaN map) is skipped, not counted as 0; attrs
         ``k``, ``metric``, ``resolution``, ``n_queries`` and ``profile``: the description
         of the profiles compared with (JSON, as :func:`topoxr.profiles` records it;
@@ -745,7 +904,9 @@ def quality(
     Raises
     ------
     QualityError
-        For ``k < 1``, an object without a layout, or maps without one group dim.
+        For ``k`` not an integer or below 1, ``n_pairs`` not an integer of at least 3, an
+        object without a layout, maps without one group dim, or inputs with epoch dims
+        that lack epochs scored (see above).
     topoxr.similarity.ProfileError
         For profiles or maps that hold other neurons than ``laid_out`` (matched by label).
 
@@ -760,8 +921,10 @@ def quality(
     from topoxr.interpolate import GridInterpolator
     from topoxr.similarity import _is_nap
 
+    _check_k(k)
     if not k >= 1:
         raise QualityError(f"k must be >= 1, got k={k}")
+    n_pairs = _check_n_pairs(n_pairs)
     xy = _layout_xy(laid_out)
     desc = json.loads(laid_out.attrs.get(ATTR_LAYOUT, "{}") or "{}")
     if metric is None:
@@ -790,7 +953,7 @@ def quality(
     if len(gdim) != 1:
         raise QualityError(f"maps need dims (neuron, <group>[, epoch]), got {maps.dims}")
     maps = maps.transpose(NEURON, gdim[0], ...)
-    epochs = profile[EPOCH].values if EPOCH in profile.dims else [None]
+    epochs = _scored_epochs(profile, xy, maps)
     n = profile.sizes[NEURON]
     k_used = max(1, min(int(k), int(np.ceil(n / 2)) - 1))
     records: dict[str, list[float]] = {name: [] for name in (
@@ -798,9 +961,8 @@ def quality(
         "smoothness_blur", "smoothness_shrink", "smoothness_paper", "blob_count",
         "blob_area")}
     for epoch in epochs:
-        sel = {} if epoch is None else {EPOCH: epoch}
-        P = np.asarray(profile.sel(sel).values)
-        xy_e = xy.sel(sel) if EPOCH in xy.dims and epoch is not None else xy
+        P = np.asarray(_at_epoch(profile, epoch).values)
+        xy_e = _at_epoch(xy, epoch)
         pts = np.stack([xy_e[X].values, xy_e[Y].values], axis=1)
         t, c = neighborhood_preservation(P, pts, k_used, metric=metric, n_queries=n_queries,
                                          random_state=random_state)
@@ -809,8 +971,7 @@ def quality(
                          n_queries=None if n_queries == "auto" and n <= AUTO_EXACT
                          else (AUTO_QUERIES if n_queries == "auto" else n_queries),
                          random_state=random_state)
-        vals = np.asarray(maps.sel(sel) if EPOCH in maps.dims and epoch is not None
-                          else maps).T  # (groups, neurons)
+        vals = np.asarray(_at_epoch(maps, epoch)).T  # (groups, neurons)
         img = GridInterpolator(pts[:, 0], pts[:, 1], resolution=resolution)(vals)
         sm = smoothness(img)
         paper = paper_smoothness(img)["area"]
@@ -830,11 +991,46 @@ def quality(
         coords: dict[str, Any] = {}
     else:
         data = {name: ((EPOCH,), np.asarray(v)) for name, v in records.items()}
-        coords = {EPOCH: profile[EPOCH].values}
+        coords = {EPOCH: np.asarray(epochs)}
     return xr.Dataset(data, coords=coords, attrs={"k": int(k_used), "metric": metric,
                                                   "resolution": int(resolution),
                                                   "n_queries": str(n_queries),
                                                   "profile": json.dumps(used)})
+
+
+def _scored_epochs(profile: xr.DataArray, xy: xr.Dataset, maps: xr.DataArray) -> Any:
+    """The epochs :func:`quality` scores, checked to be in every input that has epochs.
+
+    The profiles' epochs where they have an epoch dim, else the layout's (per-epoch
+    layouts), else the maps'; ``[None]`` when none has one. An input without an epoch
+    dim is the same at every epoch.
+    """
+    sources = [(name, obj) for name, obj in (("the profiles", profile),
+                                            ("the layout (x, y)", xy), ("the maps", maps))
+               if EPOCH in obj.dims]
+    if not sources:
+        return [None]
+    first, ref = sources[0]
+    epochs = ref[EPOCH].values
+    for name, obj in sources[1:]:
+        have = obj[EPOCH].values
+        missing = [_plain(e) for e in epochs if e not in have]
+        if missing:
+            raise QualityError(
+                f"quality scores the epochs of {first} {[_plain(e) for e in epochs]}, and "
+                f"{name} lack epoch(s) {missing} (they have {[_plain(e) for e in have]}); "
+                "pass inputs with the same epochs, or one without an epoch dim (used at "
+                "every epoch)")
+    return epochs
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _at_epoch(obj: Any, epoch: Any) -> Any:
+    """``obj`` at ``epoch`` where it has an epoch dim, else ``obj`` itself (broadcast)."""
+    return obj.sel({EPOCH: epoch}) if epoch is not None and EPOCH in obj.dims else obj
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -844,11 +1040,24 @@ def _nanmean(values: np.ndarray) -> float:
         return float(np.nanmean(values))
 
 
-def _map_stack(maps: Any, steps: Any, func: str, what: str) -> np.ndarray:
-    """``maps`` as float64 ``(..., ny, nx)``, checked, for a degradation curve of ``steps``."""
+def _map_array(maps: Any, func: str) -> np.ndarray:
+    """``maps`` as float64 ``(..., ny, nx)``: NaN (outside the hull) allowed, inf refused."""
     arr = np.asarray(maps, dtype=np.float64)
     if arr.ndim < 2:
         raise QualityError(f"maps must have shape (..., ny, nx), got {arr.shape}")
+    inf = np.isinf(arr)
+    if inf.any():
+        first = tuple(int(i) for i in np.argwhere(inf)[0])
+        raise QualityError(
+            f"{func}: maps hold {int(inf.sum())} infinite value(s) (the first at index "
+            f"{first}); NaN marks pixels without a value (outside the hull), but +-inf is "
+            "no activity value: check the values drawn (e.g. overflowed activations)")
+    return arr
+
+
+def _map_stack(maps: Any, steps: Any, func: str, what: str) -> np.ndarray:
+    """``maps`` as float64 ``(..., ny, nx)``, checked, for a degradation curve of ``steps``."""
+    arr = _map_array(maps, func)
     if len(steps) < 2:
         raise QualityError(f"{func} needs at least two {what}")
     return arr

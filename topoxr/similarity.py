@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,6 +166,11 @@ def _select_epochs(da: xr.DataArray, epochs: Any) -> xr.DataArray:
     if EPOCH not in da.dims:
         raise ProfileError(f"epochs={epochs!r} was given but the input has no epoch "
                            f"dimension (dims {da.dims})")
+    repeated = [_plain(e) for i, e in enumerate(sel) if e in sel[:i]]
+    if repeated:
+        raise ProfileError(f"epochs={sel!r} names epoch(s) {list(dict.fromkeys(repeated))} "
+                           "more than once: each epoch is one slice of the profiles, so "
+                           "name it once")
     try:
         return da.sel({EPOCH: sel})
     except KeyError as err:
@@ -204,7 +210,7 @@ def profiles(
     correct_only : bool, default False
         Only samples predicted correctly (at that epoch).
     epochs : label or list of labels, optional
-        Epochs to use, for activations and NAPs alike; all by default.
+        Epochs to use, for activations and NAPs alike, each named once; all by default.
     random_state : int, optional
         Seed of the sample subset. None draws fresh entropy, which the description
         (attribute ``topoxr_profile``) records, so the same subset can be drawn again.
@@ -224,8 +230,8 @@ def profiles(
         For an unknown ``source``, when no eligible sample is left, for
         ``balanced=True`` with ``n_samples`` below the number of labels or a label
         without an eligible sample at some epoch, or when ``epochs``
-        selects no epoch, names epochs the input does not have, or is given for NAPs
-        without an epoch dimension.
+        selects no epoch, names epochs the input does not have or an epoch twice, or is
+        given for NAPs without an epoch dimension.
     topoxr.grouping.GroupingError
         From :func:`topoxr.naps` for NAP profiles of activations (e.g. ``epochs=[]``).
 
@@ -349,6 +355,19 @@ def _match_neurons(prof: xr.DataArray, obj: Any) -> xr.DataArray:
     return prof.sel({NEURON: want})
 
 
+def _check_tol(tol: Any) -> None:
+    """``tol`` checked: a real number with ``0 <= tol < 1`` (a fraction of the largest norm)."""
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise ProfileError(f"tol must be a number (a fraction of the largest profile norm), "
+                           f"got tol={tol!r}")
+    if not (np.isfinite(tol) and 0 <= tol < 1):
+        raise ProfileError(
+            f"tol must be finite with 0 <= tol < 1, got tol={tol!r}: a profile counts as "
+            "zero when its norm is at most tol times the largest norm, so a negative or NaN "
+            "tol finds no dead neuron ever and tol >= 1 makes every neuron dead; e.g. the "
+            f"default {DEFAULT_TOL}")
+
+
 def degenerate_rows(
     X: Any, metric: str = "cosine", *, tol: float = DEFAULT_TOL
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -361,16 +380,24 @@ def degenerate_rows(
     metric : {"cosine", "correlation", "euclidean"}
         Euclidean distance is defined everywhere, but dead neurons are still reported.
     tol : float, default 1e-7
-        Relative tolerance: a row whose norm is at most ``tol`` times the largest row
-        norm counts as zero.
+        Relative tolerance, ``0 <= tol < 1``: a row whose norm is at most ``tol`` times
+        the largest row norm counts as zero (at ``tol >= 1`` every row would, the
+        largest one too).
 
     Returns
     -------
     dead, constant : numpy.ndarray of bool, shape (n,)
         ``dead``: the profile is (numerically) all zero. ``constant``: not dead, but
         constant across features (only flagged for ``metric="correlation"``).
+
+    Raises
+    ------
+    ProfileError
+        For NaN or inf values, an unknown metric, or ``tol`` that is not a finite
+        number in ``[0, 1)``.
     """
     _check_metric(metric)
+    _check_tol(tol)
     X = _finite_2d(X)
     norms = np.linalg.norm(X, axis=1)
     scale = norms.max() if len(norms) else 0.0
@@ -509,7 +536,8 @@ def distances(
         holding an ``activation`` variable (a layer node, treated as its activations).
     metric : {"cosine", "correlation", "euclidean"}, default "cosine"
     tol : float, default 1e-7
-        Relative norm under which a profile counts as zero (see the module notes).
+        Relative norm under which a profile counts as zero (see the module notes),
+        ``0 <= tol < 1``.
 
     Returns
     -------
@@ -521,8 +549,8 @@ def distances(
     Raises
     ------
     ProfileError
-        For an unknown metric, NaN/inf profiles, or a Dataset without an ``activation``
-        variable.
+        For an unknown metric, NaN/inf profiles, a Dataset without an ``activation``
+        variable, or ``tol`` outside ``[0, 1)``.
     TypeError
         For anything but a DataArray or Dataset (a DataTree: use its ``.topo`` accessor,
         which maps over the layer nodes).
@@ -535,6 +563,7 @@ def distances(
     ('neuron', 'neuron_other', 'epoch')
     """
     _check_metric(metric)
+    _check_tol(tol)
     if isinstance(profiles, xr.DataTree):
         raise TypeError("distances() takes one layer, not a DataTree: use "
                         "tree.topo.distances() for every layer node, or pass one node, e.g. "
