@@ -584,6 +584,32 @@ def test_still_figure_draws_titled_panels_blank_cells_and_one_bar_per_range(viz)
     assert still_png(row)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("cmap", ["PuOr", "viridis"])
+def test_still_figures_draw_the_maps_in_their_own_colormap(viz, nap, cmap):
+    """Still images drew every map in RdBu_r whatever cmap it was made with, so a
+    report's still read against colours the interactive figure never showed."""
+    import matplotlib.pyplot as plt
+    from holoviews.plotting.util import process_cmap
+    from matplotlib.colors import to_hex
+
+    from topoxr.viz.still import still_figure
+
+    expected = process_cmap(cmap, ncolors=256)
+    maps = viz.topomap(nap.isel(epoch=[-1]), by="label", cmap=cmap)
+    for fig in (still_figure(maps), still_figure(viz.class_row(nap, cmap=cmap))):
+        drawn = [m for ax in fig.axes for m in (*ax.get_images(), *ax.collections)
+                 if getattr(m, "get_cmap", None) and m.get_array() is not None]
+        assert drawn
+        for mappable in drawn:
+            colours = [to_hex(mappable.get_cmap()(i / 255)) for i in (0, 128, 255)]
+            assert colours == [expected[0], expected[128], expected[255]]
+        plt.close(fig)
+    fig = still_figure(maps, cmap="RdBu_r")  # the caller's choice still wins
+    image = fig.axes[0].get_images()[0]
+    assert to_hex(image.get_cmap()(0.0)) == process_cmap("RdBu_r", ncolors=256)[0]
+    plt.close(fig)
+
+
 def test_report_stills_and_players_are_light_and_keyed(viz, nap, tmp_path):
     report = viz.Report("Stills")
     report.add_section("Grid", viz.class_row(nap), still=True)

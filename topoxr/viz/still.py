@@ -48,7 +48,7 @@ def _cells(obj: Any) -> tuple[list[tuple[Any, str | None]], int]:
 def _parts(el: Any) -> dict[str, Any]:
     """Image, points and styling of one panel (an overlay of our maps, or an input)."""
     parts: dict[str, Any] = {"title": str(el.label or ""), "image": None, "points": None,
-                             "clim": None, "input": False, "vlabel": ""}
+                             "clim": None, "input": False, "vlabel": "", "cmap": None}
     for item in (el if isinstance(el, hv.Overlay) else [el]):
         if isinstance(item, hv.Image):
             vdim = item.vdims[0]
@@ -56,6 +56,7 @@ def _parts(el: Any) -> dict[str, Any]:
                               item.bounds.lbrt())
             parts["input"] = vdim.name == "input"
             parts["clim"] = vdim.range if not parts["input"] else None
+            parts["cmap"] = parts["cmap"] or _cmap_of(item)
             parts["vlabel"] = vdim.pprint_label
             parts["title"] = parts["title"] or str(item.label or "")
         elif isinstance(item, hv.RGB):
@@ -67,14 +68,34 @@ def _parts(el: Any) -> dict[str, Any]:
                                np.asarray(item.dimension_values(2), float))
             parts["clim"] = parts["clim"] or vdim.range
             parts["vlabel"] = parts["vlabel"] or vdim.pprint_label
+            parts["cmap"] = parts["cmap"] or _cmap_of(item)
             x_range, y_range = item.kdims[0].range, item.kdims[1].range
             if None not in (*x_range, *y_range):
                 parts["ranges"] = (x_range, y_range)
     return parts
 
 
-def still_figure(obj: Any, *, panel_inches: float = 1.7, dpi: int = 80, cmap: str = "RdBu_r",
-                 point_size: float = 6.0, title: str | None = None) -> Any:
+def _cmap_of(item: Any) -> Any:
+    """The colormap ``item`` was styled with (``.opts(cmap=...)``), None where none."""
+    try:
+        return hv.Store.lookup_options(hv.Store.current_backend, item, "style").kwargs.get(
+            "cmap")
+    except Exception:  # no options registered for the backend
+        return None
+
+
+def _matplotlib_cmap(cmap: Any) -> Any:
+    """A matplotlib colormap for a HoloViews one (a name of any of its palettes, or a list
+    of colours)."""
+    from holoviews.plotting.util import process_cmap
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(process_cmap(cmap, ncolors=256))
+
+
+def still_figure(obj: Any, *, panel_inches: float = 1.7, dpi: int = 80,
+                 cmap: str | None = None, point_size: float = 6.0,
+                 title: str | None = None) -> Any:
     """Draw a view as one matplotlib figure, every map a titled panel.
 
     Parameters
@@ -88,8 +109,9 @@ def still_figure(obj: Any, *, panel_inches: float = 1.7, dpi: int = 80, cmap: st
         Size of each panel.
     dpi : int, default 80
         Resolution.
-    cmap : str, default "RdBu_r"
-        Colormap of the maps.
+    cmap : str, optional
+        Colormap of the maps; by default each map's own (``topomap(..., cmap=...)``),
+        as the interactive figure and :func:`topoxr.viz.save_png` draw it.
     point_size : float, default 6
         Marker area of the neurons.
     title : str, optional
@@ -132,14 +154,15 @@ def still_figure(obj: Any, *, panel_inches: float = 1.7, dpi: int = 80, cmap: st
                       interpolation="nearest")
         else:
             lo, hi = part["clim"] or (-1.0, 1.0)
+            colours = _matplotlib_cmap(cmap or part["cmap"] or "RdBu_r")
             if part["image"] is not None:
                 img, (l, b, r, t) = part["image"]
-                m = ax.imshow(img, origin="lower", extent=(l, r, b, t), cmap=cmap, vmin=lo,
-                              vmax=hi, interpolation="nearest")
+                m = ax.imshow(img, origin="lower", extent=(l, r, b, t), cmap=colours,
+                              vmin=lo, vmax=hi, interpolation="nearest")
                 mappables.setdefault((lo, hi), m)
             if part["points"] is not None:
                 x, y, v = part["points"]
-                m = ax.scatter(x, y, c=v, cmap=cmap, vmin=lo, vmax=hi, s=point_size,
+                m = ax.scatter(x, y, c=v, cmap=colours, vmin=lo, vmax=hi, s=point_size,
                                edgecolors="black", linewidths=0.3)
                 mappables.setdefault((lo, hi), m)
             labels.setdefault((lo, hi), part["vlabel"])
