@@ -182,6 +182,32 @@ def test_contours_are_symmetric_levels(viz, nap):
     assert any(isinstance(el, hv.Contours) for el in overlay)
 
 
+@pytest.mark.parametrize("contours, match", [
+    (1, "at least 2"), (-2, "at least 2"),  # failed inside numpy ("zero-size array")
+    ("yes", "True/False, a number of levels"), (1.5, "True/False, a number of levels"),
+    ([], "at least one"), ([0.1, float("nan")], "finite"),
+])
+def test_bad_contours_are_refused_by_name(viz, nap, contours, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        viz.topomap(nap, by="label", contours=contours)
+
+
+@pytest.mark.parametrize("name", ["interpolate", "points", "colorbar", "dynamic"])
+def test_switches_take_only_bools(viz, nap, name):
+    """interpolate="no" and dynamic="no" read as True (a DynamicMap came back)."""
+    with pytest.raises(TypeError, match=rf"{name} must be True or False, got 'no'"):
+        viz.topomap(nap, by="label", **{name: "no"})
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_a_number_of_contours_draws_the_levels_of_the_colour_range_but_zero(viz, nap, n):
+    overlay = viz.topomap(nap.isel(label=0, epoch=-1), contours=n, clim=1.0)
+    lines = next(el for el in overlay if isinstance(el, hv.Contours))
+    drawn = sorted({round(float(v), 6) for v in lines.dimension_values(lines.vdims[0])})
+    expected = [round(v, 6) for v in np.linspace(-1, 1, n + 2)[1:-1] if abs(v) > 1e-9]
+    assert set(drawn) <= set(expected) and drawn
+
+
 def test_method_cubic_and_nearest(viz, nap):
     for method in ("cubic", "nearest"):
         img = _image(viz.topomap(nap, by="label", method=method)[0])
@@ -248,9 +274,14 @@ def test_report_is_self_contained_with_tables_and_sliders(viz, nap, tmp_path):
     report.add_table(pd.DataFrame({"method": ["pca", "umap"], "trust": [0.912345, 0.95]}),
                      title="Quality")
     report.add_table([{"layer": "hidden", "seconds": 1.5}])
+    # cells read as rounded, not as other numbers: 0.99951 showed as "1", 1234.5 as
+    # "1.23e+03", NaN as an empty cell
+    report.add_table([{"method": "pca", "trust": 0.99951, "seconds": 1234.5,
+                       "smoothness": float("nan")}])
     report.add("Some **text**.", caption="a caption under text")  # kept, not dropped
     out = report.save(tmp_path / "r.html")
     page = out.read_text()
+    assert all(f"<td>{cell}</td>" in page for cell in ("1.000", "1,234.5", "n/a"))
     assert "<h2>Quality</h2>" in page and "0.912" in page and "<em>test</em>" in page
     assert "<strong>text</strong>" in page and "a caption under text" in page
     # offline: no script or stylesheet is loaded from anywhere

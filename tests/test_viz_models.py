@@ -237,9 +237,46 @@ def test_animation_frames_and_gif_refuse_an_order_naming_a_group_not_in_the_naps
     epochs, frames = viz.animation_frames(nap, order=[(1,), 2], progress=False)
     assert epochs == [0, 1] and len(frames) == 2
     # groups= naming a group the NAPs lack was dropped without a word
-    with pytest.raises(ValueError, match=_UNKNOWN):
+    with pytest.raises(ValueError, match=_UNKNOWN.replace("order", "groups")):
         viz.animation_frames(nap, groups=[0, 9], progress=False)
     assert len(viz.animation_frames(nap, groups=[0, 2], progress=False)[1]) == 2
+
+
+def test_an_order_naming_a_group_twice_or_given_as_a_string_is_refused(viz, tmp_path):
+    """class_row(order=[0, 0, 1]) drew label 0 twice, and order="alpha" was read letter
+    by letter (with one-letter string labels, silently as an order)."""
+    nap = make_laid_naps(12, 3, 2)
+    with pytest.raises(ValueError, match=r"order names groups more than once: \[\(0,\)\]"):
+        viz.class_row(nap, order=[0, 0, 1])
+    with pytest.raises(ValueError, match="order names groups more than once"):
+        viz.training_animation(nap, order=[1, 1])
+    letters = nap.assign_coords(label=["a", "l", "p"])
+    with pytest.raises(ValueError, match="order must be a sequence of group keys, got the "
+                                         "string 'alp'"):
+        viz.class_row(letters, order="alp")
+    with pytest.raises(ValueError, match=r"^groups names groups that are not in the NAPs"):
+        viz.save_gif(nap, tmp_path / "t.gif", groups=[5], progress=False)
+    assert not (tmp_path / "t.gif").exists()
+
+
+def test_layers_of_one_model_in_a_list_are_each_named_model_and_layer(viz):
+    """The first layer was named after the model alone ('m', then 'm/L2'); a third
+    input of the same model and layer failed with "the labels [] vary too"."""
+    a = make_laid_naps(12, 3, 1).assign_attrs(topoxr_model="m", topoxr_layer="L1")
+    b = make_laid_naps(10, 3, 1, random_state=1).assign_attrs(topoxr_model="m",
+                                                              topoxr_layer="L2")
+    maps = viz.topomap([a, b], by=["label", "model"])
+    assert sorted({k[1] for k in maps.keys()}) == ["m/L1", "m/L2"]
+    points = next(el for el in maps[(0, "m/L2")] if isinstance(el, hv.Points))
+    assert len(points) == 10  # the L2 panel draws L2's neurons
+    with pytest.raises(ValueError, match=r"several inputs are named \['m/L1'\].*mapping"):
+        viz.topomap([a, b, a], by=["label", "model"])
+
+
+def test_a_group_held_twice_is_named_as_such(viz):
+    nap = make_laid_naps(12, 3, 1).assign_coords(label=[1, 1, 2])
+    with pytest.raises(ValueError, match=r"the group \{'label': 1\} appears more than once"):
+        viz.topomap(nap, by="label")
 
 
 def _scaled_model(scale: float, rng: np.random.Generator, n: int = 80) -> xr.DataArray:

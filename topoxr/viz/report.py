@@ -380,6 +380,16 @@ class _Item:
     caption: str | None = None
 
 
+def _table_number(value: float) -> str:
+    """A float cell of a report table: three decimals, no exponent from 0.01 on."""
+    magnitude = abs(value)
+    if value == 0 or 0.01 <= magnitude < 1000:
+        return f"{value:.3f}"
+    if magnitude >= 1000:
+        return f"{value:,.1f}"
+    return f"{value:.2e}"
+
+
 @dataclass
 class Report:
     """A self-contained HTML report of topographic maps, tables and text.
@@ -581,7 +591,7 @@ class Report:
         return self
 
     def add_table(self, data: Any, *, title: str | None = None, caption: str | None = None,
-                  float_format: str = "{:.3g}") -> Report:
+                  float_format: str | None = None) -> Report:
         """Add a table: a pandas DataFrame, a list of dicts or a dict of columns.
 
         Parameters
@@ -592,8 +602,11 @@ class Report:
             Starts a new section with this heading.
         caption : str, optional
             Caption under the table.
-        float_format : str, default "{:.3g}"
-            Format of floating point cells.
+        float_format : str, optional
+            Format of floating point cells (e.g. ``"{:.3g}"``). By default three decimals
+            (``0.9995`` shows as ``1.000``, not ``1``), a thousands separator from 1,000
+            (``1,234.5``, not ``1.23e+03``) and scientific notation below 0.01; a
+            missing value (NaN) shows as ``n/a``.
 
         Returns
         -------
@@ -614,8 +627,9 @@ class Report:
                 f"got {type(data).__name__}"
             )
         table = df.to_html(classes="topoxr", border=0, index=not isinstance(
-            df.index, pd.RangeIndex), float_format=lambda v: float_format.format(v),
-            na_rep="", escape=True)
+            df.index, pd.RangeIndex),
+            float_format=_table_number if float_format is None else float_format.format,
+            na_rep="n/a", escape=True)
         self._current().append(_Item("html", table, caption))
         return self
 
@@ -1189,7 +1203,7 @@ def animation_frames(
     else:
         ordered = _explicit_order(order, src.groups)
     if groups is not None:
-        wanted = set(_explicit_order(groups, src.groups))  # unknown groups are refused
+        wanted = set(_explicit_order(groups, src.groups, "groups"))  # unknown: refused
         ordered = [g for g in ordered if g in wanted]
     index = {g: i for i, g in enumerate(src.groups)}
     maps = src.all_maps()

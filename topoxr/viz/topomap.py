@@ -277,13 +277,18 @@ def _sources(laid_naps: Any, interp_kwargs: dict[str, Any]) -> tuple[list[_Sourc
     if isinstance(laid_naps, list | tuple):
         if not laid_naps:
             raise ValueError("no NAPs given: the list is empty")
-        names: list[Hashable] = []
-        for i, da in enumerate(laid_naps):
-            attrs = getattr(da, "attrs", {})
-            name = attrs.get(cv.ATTR_MODEL) or f"model {i}"
-            if name in names:  # same model, several layers
-                name = f"{name}/{attrs.get(cv.ATTR_LAYER, i)}"
-            names.append(name)
+        attrs = [getattr(da, "attrs", {}) for da in laid_naps]
+        models = [a.get(cv.ATTR_MODEL) or f"model {i}" for i, a in enumerate(attrs)]
+        # a model given with several layers: each of them named model/layer
+        names: list[Hashable] = [
+            f"{m}/{a.get(cv.ATTR_LAYER, i)}" if models.count(m) > 1 else m
+            for i, (m, a) in enumerate(zip(models, attrs, strict=True))]
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"several inputs are named {twice} (by their model and layer attributes): "
+                "their maps could not be told apart; pass a mapping {name: laid NAPs} "
+                "to name each")
         pairs = zip(names, laid_naps, strict=True)
         return [_make_source(n, d, interp_kwargs) for n, d in pairs], True
     src = _make_source(None, laid_naps, interp_kwargs)
@@ -519,6 +524,12 @@ def _frames(
                     ]
                     if multi and MODEL not in by:
                         varying = [MODEL, *varying]
+                    if not varying:
+                        raise ValueError(
+                            f"several maps share the key {dict(zip(by, key, strict=True))}: "
+                            f"the group {gmap} appears more than once in "
+                            f"{'model ' + repr(src.name) if multi else 'the NAPs'} (a group "
+                            "coordinate holding a value twice)")
                     raise ValueError(
                         f"several maps share the key {dict(zip(by, key, strict=True))}: the "
                         f"labels {varying} vary too; add them to `by` or select one value "
@@ -568,6 +579,10 @@ points, point_size, colorbar, frame_width, value_label
         If ``clim`` is neither None, a str, a number nor a pair of numbers.
     """
     limits = _parse_clim(clim)
+    contours = _parse_contours(contours)
+    for name, value in (("interpolate", interpolate), ("points", points),
+                        ("colorbar", colorbar)):
+        _check_flag(name, value)
     interp_kwargs = {"resolution": resolution, "method": method, "extrapolate": extrapolate}
     sources, multi = _sources(laid_naps, interp_kwargs)
     keys0 = sources[0].keys
@@ -617,6 +632,33 @@ def _parse_clim(clim: Any) -> tuple[float, float] | str | None:
     return (lo, hi)
 
 
+def _check_flag(name: str, value: Any) -> None:
+    """Refuse a non-bool switch: ``interpolate="no"`` would read as True."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _parse_contours(contours: Any) -> bool | int | list[float]:
+    """``contours`` checked: a bool, a number of levels (at least 2), or finite levels."""
+    if isinstance(contours, bool | np.bool_):
+        return bool(contours)
+    if isinstance(contours, numbers.Integral):
+        if contours < 2:
+            raise ValueError(
+                f"contours={contours}: a number of levels must be at least 2 (levels "
+                "evenly spaced inside the colour range, the one at zero left out: one "
+                "level would draw no line); pass explicit levels for others")
+        return int(contours)
+    try:
+        levels = [float(v) for v in contours]
+    except (TypeError, ValueError) as err:
+        raise TypeError("contours must be True/False, a number of levels or a sequence of "
+                        f"levels, got {contours!r}") from err
+    if not levels or not np.isfinite(levels).all():
+        raise ValueError(f"contour levels must be finite numbers, at least one, got {contours!r}")
+    return levels
+
+
 def topomap(
     laid_naps: Any,
     *,
@@ -664,8 +706,9 @@ def topomap(
     resolution : int, default 100
         Grid size of the image (the paper's 100 x 100).
     contours : bool, int or sequence of float, default False
-        Draw contour lines: True for 6 levels, an int for that many levels symmetric
-        around zero, or explicit levels.
+        Draw contour lines: True for 6 levels; an int ``n >= 2`` for ``n`` levels evenly
+        spaced inside the colour range, symmetric around zero, the level at zero (odd
+        ``n``) left out, so ``n - 1`` lines; or explicit levels (finite numbers).
     cmap : str, default "RdBu_r"
         A diverging colormap (blue negative, white zero, red positive).
     clim : None, "shared", float or (float, float), optional
@@ -716,6 +759,7 @@ def topomap(
         point_size=point_size, colorbar=colorbar, frame_width=frame_width,
         value_label=value_label,
     )
+    _check_flag("dynamic", dynamic)
     return to_holoviews(col, dynamic=dynamic)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -185,7 +186,8 @@ def _example_element(image: np.ndarray, title: str) -> Any:
     return el
 
 
-def _explicit_order(order: Sequence[Hashable], groups: Iterable[tuple]) -> list[tuple]:
+def _explicit_order(order: Sequence[Hashable], groups: Iterable[tuple],
+                    name: str = "order") -> list[tuple]:
     """An explicit group order as key tuples, refused where it names an unknown group.
 
     Parameters
@@ -195,6 +197,9 @@ def _explicit_order(order: Sequence[Hashable], groups: Iterable[tuple]) -> list[
     groups : iterable of tuple
         The keys of the groups of the NAPs.
 
+    name : str, default "order"
+        The argument's name, for messages (``groups`` of :func:`topoxr.viz.save_gif`).
+
     Returns
     -------
     list of tuple
@@ -202,17 +207,26 @@ def _explicit_order(order: Sequence[Hashable], groups: Iterable[tuple]) -> list[
     Raises
     ------
     ValueError
-        If ``order`` names a group that is not in the NAPs.
+        If ``order`` is a string (it would be read letter by letter), names a group
+        that is not in the NAPs, or names one more than once (its map drawn twice).
     """
+    if isinstance(order, str | bytes):
+        raise ValueError(f"{name} must be a sequence of group keys, got the string {order!r}"
+                         + (" (or None: as stored, 'cluster': by similarity)"
+                            if name == "order" else ""))
     ordered = [k if isinstance(k, tuple) else (k,) for k in order]
     known = list(dict.fromkeys(groups))
     missing = [k for k in ordered if k not in set(known)]
     if missing:
         shown = [k[0] if len(k) == 1 else k for k in known]
         raise ValueError(
-            f"order names groups that are not in the NAPs: {missing}; name groups among "
-            f"{shown}, or pass order=None (as stored) or order='cluster'"
+            f"{name} names groups that are not in the NAPs: {missing}; name groups among "
+            f"{shown}" + (", or pass order=None (as stored) or order='cluster'"
+                          if name == "order" else "")
         )
+    twice = [k for k, n in Counter(ordered).items() if n > 1]
+    if twice:
+        raise ValueError(f"{name} names groups more than once: {twice}")
     return ordered
 
 
