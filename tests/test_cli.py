@@ -381,3 +381,125 @@ def test_the_last_epoch_is_the_highest_whatever_the_order_epochs_were_recorded_i
     laid = load_layout(path, "m", "dense", "pca")
     assert json.loads(laid.attrs["topoxr_layout"])["share"] == 9
     assert "3 epochs (0..9)" in run_cli("info", path).stdout
+
+
+def _epochs_store(path: str, incomplete: bool = True, labels: bool = True) -> str:
+    """Epochs 0-2 of 40 samples each and (``incomplete``) an epoch 3 of 8 noisy ones."""
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 4
+    centres = rng.normal(size=(4, 12)) * 3
+    with ActivationWriter(path, model="m") as writer:
+        for epoch in range(3):
+            values = centres[y] * (1 + epoch) + rng.normal(size=(40, 12))
+            extra = {"label": y} if labels else {"prediction": y}
+            writer.write("h", values, sample=np.arange(40), epoch=epoch, **extra)
+            writer.complete_epoch(epoch)
+        if incomplete:
+            extra = {"label": y[:8]} if labels else {"prediction": y[:8]}
+            writer.write("h", rng.normal(size=(8, 12)) * 50, sample=np.arange(8), epoch=3,
+                         **extra)
+    return path
+
+
+def test_layout_prints_the_quality_of_the_epoch_it_laid_out(tmp_path, capsys):
+    """`layout --epoch 2` printed the trustworthiness of the last epoch's NAPs on that
+    layout, not of epoch 2's."""
+    from topoxr import naps, quality
+    from topoxr.layouts import load_layout
+
+    path = _epochs_store(str(tmp_path / "s.zarr"), incomplete=False)
+    assert main(["layout", path, "--method", "pca", "--epoch", "0", "--k", "4",
+                 "--no-progress"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    laid = load_layout(path, "m", "h", "pca", onto=naps(topoxr_open(path)["m/h"]))
+    expected = quality(laid.sel(epoch=[0]), k=4)
+    assert f"at epoch 0, trustworthiness {float(expected['trustworthiness'][0]):.3f}" in line
+
+
+def topoxr_open(path):
+    from topoxr import open_store
+
+    return open_store(path)
+
+
+def test_last_is_the_last_complete_epoch_and_an_incomplete_one_is_named(tmp_path, capsys):
+    """The default --epoch last laid out (and render drew) epoch 3, of 8 samples of
+    noise, without a word."""
+    from topoxr.layouts import load_layout
+
+    path = _epochs_store(str(tmp_path / "s.zarr"))
+    assert main(["layout", path, "--method", "pca", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "epoch 3 is incomplete; using epoch 2, the last complete one" in captured.err
+    assert "at epoch 2," in captured.out
+    assert json.loads(load_layout(path, "m", "h", "pca").attrs["topoxr_layout"])["share"] == 2
+    assert main(["layout", path, "--method", "pca", "--name", "e3", "--epoch", "3",
+                 "--no-progress"]) == 0  # asked for: taken
+    assert json.loads(load_layout(path, "m", "h", "e3").attrs["topoxr_layout"])["share"] == 3
+
+
+@requires_holoviews
+def test_render_draws_the_last_complete_epoch_and_lays_out_unlabelled_layers(tmp_path, capsys):
+    png = tmp_path / "maps.png"
+    path = _epochs_store(str(tmp_path / "s.zarr"))
+    assert main(["render", path, "--out", str(png)]) == 0
+    assert "using epoch 2" in capsys.readouterr().err
+    # a layer with predictions only: render by prediction (needed labels before)
+    bare = _epochs_store(str(tmp_path / "p.zarr"), incomplete=False, labels=False)
+    assert main(["render", bare, "--by", "prediction", "--out", str(png)]) == 0, \
+        capsys.readouterr().err
+
+
+def test_a_model_or_layer_that_matches_nothing_is_refused_beside_one_that_does(
+        planted_store, capsys):
+    assert main(["naps", planted_store, "--layer", "hidden", "--layer", "typo"]) == 1
+    assert "--layer 'typo' matches nothing" in capsys.readouterr().err
+    assert main(["naps", planted_store, "--model", "net_a", "--model", "net_c"]) == 1
+    assert "--model 'net_c' matches nothing" in capsys.readouterr().err
+
+
+def test_info_exits_1_when_the_recorded_verification_found_problems(small_store):
+    from pathlib import Path
+
+    chunk = Path(small_store) / "net" / "dense.0" / "activation" / "c.0.0.1"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert run_cli("verify", small_store, "--no-progress").returncode == 1
+    result = run_cli("info", small_store)
+    assert "1 problem(s)" in result.stdout and result.returncode == 1
+
+
+@requires_holoviews
+def test_compare_names_the_layer_that_failed(planted_store, tmp_path, capsys):
+    path = _epochs_store(str(tmp_path / "s.zarr"), incomplete=False)
+    with ActivationWriter(path, model="tiny") as writer:
+        writer.write("h", np.random.default_rng(0).normal(size=(40, 4)), sample=np.arange(40),
+                     label=np.arange(40) % 4, epoch=0)
+    assert main(["compare", path, "--models", "m", "tiny", "--layer", "h",
+                 "--out", str(tmp_path / "new" / "c.html")]) == 1
+    assert "tiny/h: a layout needs at least 5 neurons" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # a failed command leaves no folder behind
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--seed", "-1"], "argument --seed: a seed is an integer from 0"),
+    (["--name", ""], "--name must not be empty"),
+])
+def test_layout_options_without_meaning_are_usage_errors(planted_copy, capsys, args, needle):
+    before = _files(planted_copy)
+    with pytest.raises(SystemExit) as exit_:
+        main(["layout", planted_copy, "--method", "pca", "--no-progress", *args])
+    assert exit_.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert _files(planted_copy) == before
+
+
+def test_out_through_a_link_into_a_store_is_refused(planted_copy, tmp_path, capsys):
+    import os
+
+    link = tmp_path / "link"
+    os.symlink(os.path.join(planted_copy, "net_a"), link)
+    assert main(["naps", planted_copy, "--out", str(link / ".." / "escaped.csv")]) == 1
+    assert "inside the Zarr store" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(planted_copy, "escaped.csv"))

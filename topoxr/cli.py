@@ -79,7 +79,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         sys.stdout.write(format_summary(summary) + "\n")
-    return 1 if summary["problems"] else 0
+    verified = summary.get("verified") or {}
+    return 1 if summary["problems"] or verified.get("problems") else 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -131,6 +132,14 @@ def _layer_nodes(path: str, models: Sequence[str] | None, layers: Sequence[str] 
                  for l, leaf in node.children.items() if ACTIVATION in leaf.data_vars]
     chosen = [(m[0], l[0]) for m, l in available
               if (not models or set(m) & set(models)) and (not layers or set(l) & set(layers))]
+    unmatched = ([f"--model {v!r}" for v in models or ()
+                  if not any(v in m for m, _ in available)]
+                 + [f"--layer {v!r}" for v in layers or ()
+                    if not any(v in l for m, l in available
+                               if not models or set(m) & set(models))])
+    if chosen and unmatched:
+        names = ", ".join(f"{m[0]}/{l[0]}" for m, l in available)
+        raise CommandError(f"{', '.join(unmatched)} matches nothing; the store has: {names}")
     if not chosen:
         names = ", ".join(f"{m[0]}/{l[0]}" for m, l in available) or "none"
         raise CommandError(
@@ -149,16 +158,39 @@ def _by(text: str) -> str | list[str]:
     return keys[0] if len(keys) == 1 else keys
 
 
-def _epoch_of(ds: Any, epoch: str) -> int:
+def _last_epoch(ds: Any, where: str, *, say: bool = True) -> int:
+    """The highest complete epoch (said on stderr, where ``say``, if a later one is
+    incomplete)."""
+    from topoxr.conventions import EPOCH
+
+    epochs = [int(e) for e in ds[EPOCH].values]
+    complete = (ds["epoch_complete"].values.astype(bool) if "epoch_complete" in ds.coords
+                else [True] * len(epochs))
+    done = sorted(e for e, ok in zip(epochs, complete, strict=True) if ok)
+    last = max(epochs)
+    if done and done[-1] == last:
+        return last
+    if done:
+        if say:
+            sys.stderr.write(f"{where}: epoch {last} is incomplete; using epoch {done[-1]}, "
+                             f"the last complete one (--epoch {last} uses it anyway)\n")
+        return done[-1]
+    if say:
+        sys.stderr.write(f"{where}: no epoch is complete yet; using epoch {last}, the last\n")
+    return last
+
+
+def _epoch_of(ds: Any, epoch: str, where: str = "") -> int:
     from topoxr.conventions import EPOCH
 
     epochs = sorted(int(e) for e in ds[EPOCH].values)
     if epoch == "last":
-        return epochs[-1]
+        return _last_epoch(ds, where)
     try:
         value = int(epoch)
     except ValueError:
-        raise CommandError(f"--epoch must be an integer or 'last', got {epoch!r}") from None
+        raise CommandError(
+            f"--epoch must be an integer, 'last' or 'all', got {epoch!r}") from None
     if value not in epochs:
         raise CommandError(f"epoch {value} is not recorded; epochs: {epochs}")
     return value
@@ -206,15 +238,20 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     _locate(args.path).refuse_writing("save a layout into it")  # before any work
     nodes = _layer_nodes(args.path, args.model, args.layer)
     method = args.method or DEFAULT_METHOD
+    if args.name is not None and not args.name.strip():
+        raise UsageError("--name must not be empty (default: the method)")
     name = args.name or method
     table = []
     # every layout first: a layer that fails leaves the store as it was
     for model, layer, ds in tqdm(nodes, desc="layouts", disable=args.no_progress):
         try:
             nap = naps(ds, by=_by(args.by)).compute()
-            share = "all" if args.epoch == "all" else _epoch_of(ds, args.epoch)
+            share = ("all" if args.epoch == "all"
+                     else _epoch_of(ds, args.epoch, f"{model}/{layer}"))
             laid = attach(nap, method, random_state=args.seed, share=share)
-            score = quality(laid.isel(epoch=[-1]), k=args.k)
+            # the epoch the layout was computed from (with "all": the last complete one)
+            scored = share if share != "all" else _last_epoch(ds, f"{model}/{layer}")
+            score = quality(laid.sel(epoch=[scored]), k=args.k)
         except _user_errors() as err:
             raise CommandError(f"{model}/{layer}: {_message(err)}; no layout saved") from err
         table.append((model, layer, laid, score))
@@ -222,8 +259,8 @@ def _cmd_layout(args: argparse.Namespace) -> int:
         save_layout(args.path, model, layer, laid, name)
     sys.stdout.write(f"saved layout {name!r} ({method}, seed {args.seed})\n")
     for model, layer, _, score in table:
-        sys.stdout.write(f"  {model}/{layer}: trustworthiness "
-                         f"{float(score['trustworthiness'].values[0]):.3f} "
+        sys.stdout.write(f"  {model}/{layer}: at epoch {int(score['epoch'].values[0])}, "
+                         f"trustworthiness {float(score['trustworthiness'].values[0]):.3f} "
                          f"(k={score.attrs['k']}), "
                          f"smoothness {float(score['smoothness'].values[0]):.3f}\n")
     return 0
@@ -243,8 +280,11 @@ def _laid_naps(path: str, model: str, layer: str, ds: Any, by: Any, layout: str 
             raise CommandError(
                 f"no layout {layout!r} saved for {model}/{layer}; run `topoxr layout` first"
             ) from err
-    labelled = nap if by == "label" else naps(ds, by="label").compute()
-    laid = attach(labelled, random_state=seed, share=int(ds["epoch"].values[-1]))
+    # the default layout is laid out on class NAPs (the paper's), on the grouping drawn
+    # where the layer has no labels
+    labelled = (nap if by == "label" or "label" not in ds.coords
+                else naps(ds, by="label").compute())
+    laid = attach(labelled, random_state=seed, share=_last_epoch(ds, f"{model}/{layer}"))
     if labelled is nap:
         return laid
     from topoxr.conventions import ATTR_LAYOUT
@@ -267,7 +307,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         names = ", ".join(f"{m}/{l}" for m, l, _ in nodes)
         raise UsageError(f"a .{suffix} shows one layer and --model/--layer select "
                          f"{len(nodes)} ({names}): select one, or write an .html report")
-    out = _output(out)
+    out = _output(out, create=False)
     import_optional("holoviews", extra="viz", purpose="topoxr render")
     from topoxr.viz import Report, save_gif, save_png, topomap
 
@@ -278,13 +318,14 @@ def _cmd_render(args: argparse.Namespace) -> int:
         report = Report(args.title or f"topoxr: {args.path}")
         for model, layer, nap in laid:
             report.add_section(f"{model} / {layer}", topomap(nap, by=[*keys, "epoch"]))
-        report.save(out)
-    elif suffix == "png":
-        (_, _, nap), = laid
-        save_png(topomap(nap.isel(epoch=-1), by=keys), out)
+        report.save(_output(out))
+    elif suffix == "png":  # the last complete epoch, as a computed layout takes
+        (model, layer, nap), = laid
+        epoch = _last_epoch(nodes[0][2], f"{model}/{layer}", say=args.layout is not None)
+        save_png(topomap(nap.sel(epoch=[epoch]), by=keys), _output(out))
     else:
         (_, _, nap), = laid
-        save_gif(nap, out, progress=not args.no_progress)
+        save_gif(nap, _output(out), progress=not args.no_progress)
     sys.stdout.write(f"wrote {out}\n")
     return 0
 
@@ -297,22 +338,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                          f"{len(args.layer)}: {' '.join(args.layer)}")
     if not args.out.lower().endswith(".html"):
         raise CommandError("--out must name an .html file")
-    out = _output(args.out)
+    out = _output(args.out, create=False)
     import_optional("holoviews", extra="viz", purpose="topoxr compare")
     from topoxr.alignment import align
     from topoxr.viz import Report, compare_models
 
     (a, layer_a, ds_a), = _layer_nodes(args.path, args.models[:1], args.layer[:1])
     (b, layer_b, ds_b), = _layer_nodes(args.path, args.models[1:], args.layer[-1:])
-    nap_a = _laid_naps(args.path, a, layer_a, ds_a, "label", None, args.seed)
-    nap_b = _laid_naps(args.path, b, layer_b, ds_b, "label", None, args.seed)
+    laid_ab = []
+    for model, layer, ds in ((a, layer_a, ds_a), (b, layer_b, ds_b)):
+        try:
+            nap = _laid_naps(args.path, model, layer, ds, "label", None, args.seed)
+        except _user_errors() as err:
+            raise CommandError(f"{model}/{layer}: {_message(err)}") from err
+        # drawn at the last complete epoch, the one its layout was computed from
+        last = _last_epoch(ds, f"{model}/{layer}", say=False)
+        laid_ab.append(nap.sel(epoch=nap["epoch"] <= last))
+    nap_a, nap_b = laid_ab
     nap_b = align(nap_b, nap_a, match="activity")
     note = json.loads(nap_b.attrs.get("topoxr_layout", "{}")).get("aligned", {})
     report = Report(f"topoxr compare: {a}/{layer_a} vs {b}/{layer_b}")
     report.add_section("Side by side (last epoch)", compare_models({a: nap_a, b: nap_b}),
                        text=f"{b} is aligned onto {a} by matching neurons on their activity. "
                             f"{json.dumps(note) if note else ''}")
-    report.save(out)
+    report.save(_output(out))
     sys.stdout.write(f"wrote {out}\n")
     return 0
 
@@ -330,23 +379,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output(path: str) -> str:
+def _output(path: str, *, create: bool = True) -> str:
     """An output file path, its missing parent folders created (the rule for every --out).
 
-    A folder, or a path inside a Zarr store (whose files it would replace or add to), is
-    refused.
+    A folder, or a path inside a Zarr store (whose files it would replace or add to, also
+    through a symbolic link), is refused. With ``create=False`` only checked: a command
+    checks its output first and creates its folders when it writes, so that a command
+    that fails leaves no new folder behind.
     """
     import os
 
     from topoxr.store._location import zarr_store_holding
 
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(os.path.realpath(path))
     if os.path.isdir(path):
         raise CommandError(f"--out {path!r} is a folder; name a file")
     store = zarr_store_holding(parent)
     if store is not None:
         raise CommandError(f"--out {path!r} lies inside the Zarr store {str(store)!r}; "
                            "write it outside any store")
+    if not create:
+        return path
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as err:
@@ -364,6 +417,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**32 - 1, got {value}")
     return value
 
 
@@ -420,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         "neurons and write an HTML report with a number for each finding.",
     )
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     p.add_argument("--quick", action="store_true", help="5 epochs instead of 10, no CNN, no Keras (well under a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_demo)
@@ -443,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="label", help="grouping of the NAP profiles (default: label)")
     p.add_argument("--epoch", default="last",
                    help="epoch whose NAPs define the layout: an epoch, 'last' (default) or 'all'")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     p.add_argument("--k", type=_positive_int, default=10,
                    help="neighbours for trustworthiness, at least 1 (default: 10; small "
                    "layers use fewer: the k used is printed)")
@@ -458,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(one layer)")
     p.add_argument("--by", default="label", help="grouping, comma separated (default: label)")
     p.add_argument("--layout", help="name of a saved layout (default: compute the default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a computed layout (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of a computed layout (default: 0)")
     p.add_argument("--title", help="report title")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_render)
@@ -471,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer name, or one per model (at most two)")
     p.add_argument("--out", default="compare.html",
                    help="output report, an .html file (default: compare.html)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("serve", help="browse a store in a live panel app",
