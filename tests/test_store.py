@@ -1229,3 +1229,24 @@ def test_a_layer_of_an_earlier_version_without_a_token_is_checked_once_overwritt
     _written(path, x * 2, np.arange(6), overwrite=True)
     with pytest.raises(StoreChangedError):
         view.activation.load()
+
+
+def test_write_store_adds_a_layer_with_mode_a_and_replaces_the_model_by_default(tmp_path):
+    """write_store always replaced the model: a second layer written into it took the
+    first one's place without a word."""
+    from topoxr.testing import make_activations, write_store
+
+    path = str(tmp_path / "two.zarr")
+    a = make_activations(n_neurons=6, n_samples=20, n_epochs=2, random_state=0)
+    b = make_activations(n_neurons=4, n_samples=20, n_epochs=2, random_state=1)
+    write_store(a, path, layer="a")
+    write_store(b, path, layer="b", mode="a")
+    tree = open_store(path)
+    assert sorted(tree["model"].children) == ["a", "b"]
+    np.testing.assert_allclose(tree["model/a"].activation.values,
+                               a.activation.transpose("neuron", "sample", "epoch").values,
+                               rtol=1e-6)
+    write_store(b, path, layer="b")  # the default replaces the model, as documented
+    assert sorted(open_store(path)["model"].children) == ["b"]
+    with pytest.raises(ValueError, match="mode must be 'w'"):
+        write_store(b, path, layer="b", mode="r+")

@@ -244,6 +244,7 @@ def write_store(
     batch_size: int = 16,
     chunk_samples: int | None = None,
     complete: bool = True,
+    mode: str = "w",
 ) -> str:
     """Record a synthetic layer (e.g. from :func:`make_activations`) into a real store.
 
@@ -266,6 +267,9 @@ def write_store(
         Passed to the writer.
     complete : bool, default True
         Mark every epoch complete.
+    mode : {"w", "a"}, default "w"
+        ``"w"`` replaces ``model`` in the store, with every layer it had; ``"a"`` adds the
+        layer to it (write a model of several layers with ``"a"`` after the first).
 
     Returns
     -------
@@ -284,7 +288,10 @@ def write_store(
     preds = ds[PREDICTION].transpose(SAMPLE, EPOCH).values if PREDICTION in ds.coords else None
     metadata = {str(name): ds.coords[name].values for name in ds.coords
                 if ds.coords[name].dims == (SAMPLE,) and name not in (SAMPLE, LABEL)}
-    with ActivationWriter(store, model=model, mode="w", chunk_samples=chunk_samples) as w:
+    if mode not in ("w", "a"):
+        raise ValueError(f"mode must be 'w' (replace the model) or 'a' (add the layer to "
+                         f"it), got {mode!r}")
+    with ActivationWriter(store, model=model, mode=mode, chunk_samples=chunk_samples) as w:
         for e, epoch in enumerate(ds[EPOCH].values.tolist()):
             for start in range(0, len(ids), batch_size):
                 sl = slice(start, start + batch_size)
