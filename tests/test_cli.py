@@ -503,3 +503,26 @@ def test_out_through_a_link_into_a_store_is_refused(planted_copy, tmp_path, caps
     assert main(["naps", planted_copy, "--out", str(link / ".." / "escaped.csv")]) == 1
     assert "inside the Zarr store" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(planted_copy, "escaped.csv"))
+
+
+def test_a_damaged_saved_layout_stops_no_command_and_layout_saves_it_again(tmp_path, capsys):
+    """A changed byte in one saved layout made every command fail on every layer, and
+    `topoxr layout --name` (the repair) failed too."""
+    from pathlib import Path
+
+    from topoxr import open_store, verify
+    from topoxr.layouts import load_layout
+
+    path = _epochs_store(str(tmp_path / "s.zarr"), incomplete=False)
+    assert main(["layout", path, "--method", "pca", "--name", "ep", "--no-progress"]) == 0
+    chunk = Path(path) / "m" / "h" / "layouts" / "ep" / "x" / "c.0"
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=r"saved beside the recording.*save it again"):
+        open_store(path)  # still loud where the tree holds the saved layouts
+    capsys.readouterr()
+    assert main(["naps", path]) == 0
+    assert main(["layout", path, "--method", "pca", "--name", "ep", "--no-progress"]) == 0
+    assert verify(path, record=False).ok
+    assert np.isfinite(load_layout(path, "m", "h", "ep")["x"].values).all()

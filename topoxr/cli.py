@@ -124,7 +124,10 @@ def _layer_nodes(path: str, models: Sequence[str] | None, layers: Sequence[str] 
     from topoxr.conventions import ACTIVATION, ATTR_LAYER, ATTR_MODEL, EPOCH
     from topoxr.store import open_store
 
-    tree = open_store(path)
+    # saved layouts unread: none of the commands needs them in the tree (render reads
+    # its --layout with load_layout), and a damaged one would stop every command, and
+    # `topoxr layout` from saving it again
+    tree = open_store(path, saved_groups=False)
     # (node name, original name) of every model and layer
     available = [((str(m), str(node.attrs.get(ATTR_MODEL, m))),
                   (str(l), str(leaf.attrs.get(ATTR_LAYER, l))))

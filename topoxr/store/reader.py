@@ -59,6 +59,7 @@ def open_store(
     *,
     storage_options: Mapping[str, Any] | None = None,
     mask_uncommitted: bool = True,
+    saved_groups: bool = True,
 ) -> xr.DataTree:
     """Open a topoxr store as a lazy, dask-backed :class:`xarray.DataTree`.
 
@@ -71,6 +72,11 @@ def open_store(
     mask_uncommitted : bool, default True
         Replace values that are not committed (a batch a crashed writer did not finish,
         epochs still being written) by NaN, lazily.
+    saved_groups : bool, default True
+        Read the groups saved beside a layer's recording (saved layouts, e.g.
+        ``/<model>/<layer>/layouts/<name>``) as its child nodes, every chunk checked:
+        a damaged one is an error. False leaves them out, unread (a layout is saved
+        again, replacing a damaged one, without them).
 
     Returns
     -------
@@ -106,9 +112,20 @@ def open_store(
                 members = _guarded(_where(group), lambda group=group: children(group))
                 layer = nodes[f"/{model_name}/{layer_name}"] = _layer_dataset(
                     group, mask_uncommitted, layer_arrays(group, members))
+                if not saved_groups:
+                    continue
                 for child_path, child in _subgroups(group, members=members):
+                    try:
+                        saved = _plain_dataset(child)
+                    except StoreCorruptionError as err:
+                        raise StoreCorruptionError(
+                            f"{err}. It is a group saved beside the recording (a saved "
+                            "layout), not recorded data: save it again (save_layout(..., "
+                            "overwrite=True), `topoxr layout --name NAME`) or delete its "
+                            f"folder {child.path!r}; open_store(..., saved_groups=False) "
+                            "reads the store without it") from err
                     nodes[f"/{model_name}/{layer_name}/{child_path}"] = _on_layer_epochs(
-                        _plain_dataset(child), layer)
+                        saved, layer)
     except StoreCorruptionError as err:
         if loc.is_locked():  # a writer replacing a model deletes its nodes one by one
             raise StoreCorruptionError(
