@@ -339,3 +339,16 @@ def test_still_colour_bars_sit_beside_the_rows_whose_limits_they_show(viz, scale
     maps, bars = _bars_and_maps(fig)
     plt.close(fig)
     assert len(bars) == 1 and len(bars[0][1]) == len(maps) == 2
+
+
+def test_compare_models_refuses_one_array_and_single_group_models_by_name(viz):
+    """A bare DataArray was iterated along `neuron` ("missing dimension(s) ['neuron']"),
+    and models of one group failed with "'label' is not in list"."""
+    nap = make_laid_naps(12, 3, 2)
+    with pytest.raises(TypeError, match="models must be a dict"):
+        viz.compare_models(nap)
+    one = nap.isel(label=[0])
+    with pytest.raises(ValueError, match="fewer than two groups of 'label'"):
+        viz.compare_models({"a": one, "b": one})
+    grid = viz.compare_models({"a": nap, "b": nap})
+    assert sorted({k[1] for k in grid.keys()}) == ["a", "b"]

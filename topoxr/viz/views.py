@@ -542,6 +542,9 @@ def compare_models(
     holoviews.GridSpace
         Keyed by (group key, ``model``).
     """
+    if not isinstance(models, Mapping | list | tuple):
+        raise TypeError(f"models must be a dict {{name: laid NAPs}} or a list of laid NAPs, "
+                        f"got {type(models).__name__} (one model: use topomap or class_row)")
     col = collect(models if isinstance(models, Mapping) else list(models), by=None,
                   **topomap_kwargs)
     if epoch != "all":
@@ -549,6 +552,9 @@ def compare_models(
     keys = col.sources[0].keys
     if len(keys) != 1:
         raise ValueError(f"compare_models needs NAPs grouped by one key, got {keys}")
+    if len(col.sources[0].groups) < 2 or any(len(s.groups) < 2 for s in col.sources):
+        raise ValueError(f"compare_models draws a row of group maps per model; a model has "
+                         f"fewer than two groups of {keys[0]!r}")
     return _grid_space(col, keys[0], MODEL, one_bar_per_row=True,
                        auto_width="frame_width" not in topomap_kwargs,
                        auto_points="point_size" not in topomap_kwargs)
