@@ -674,3 +674,12 @@ def test_a_store_recorded_further_after_a_per_epoch_layout_was_saved_still_opens
                                   xy[0])
     assert np.isnan(saved.x.sel(epoch=2)).all()
     assert load_layout(path, "m", "a", "per-epoch").epoch.values.tolist() == [0, 1]
+
+
+def test_saved_layouts_in_the_tree_show_no_writer_state(tmp_path):
+    """The tree showed the saving mark (topoxr_saving: False) among a layout's attrs."""
+    url = write_store(make_activations(n_neurons=12, random_state=1), str(tmp_path / "s.zarr"))
+    laid = attach(topoxr.open_store(url)["model/hidden"].to_dataset(), "pca", random_state=0)
+    save_layout(url, "model", "hidden", laid, "pca")
+    node = topoxr.open_store(url)["model/hidden/layouts/pca"]
+    assert sorted(node.attrs) == ["name", "topoxr_layout"]

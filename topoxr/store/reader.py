@@ -268,7 +268,8 @@ def _plain_dataset(group: zarr.Group) -> xr.Dataset:
     return xr.Dataset(
         {k: v for k, v in variables.items() if k not in coord_names},
         coords={k: variables[k] for k in coord_names},
-        attrs=dict(group.attrs),
+        # without the saving mark, a writer's state (as a layer's ready mark)
+        attrs={k: v for k, v in group.attrs.items() if k != ATTR_SAVING},
     )
 
 
