@@ -438,7 +438,8 @@ def test_numpy_numbers_are_taken_as_parameters():
     X = np.random.default_rng(0).random((30, 6))
     knn = KNNForceLayout(n_neighbors=np.int64(5), n_epochs=np.int32(20), min_dist=np.float32(0.1),
                          random_state=0).fit_transform(X)
-    plain = KNNForceLayout(n_neighbors=5, n_epochs=20, min_dist=0.1, random_state=0).fit_transform(X)
+    plain = KNNForceLayout(n_neighbors=5, n_epochs=20, min_dist=0.1,
+                           random_state=0).fit_transform(X)
     np.testing.assert_allclose(knn, plain, atol=1e-6)
     assert ForceLayout(n_steps=np.int64(5), random_state=0).fit_transform(X).shape == (30, 2)
 

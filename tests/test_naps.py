@@ -495,7 +495,8 @@ def test_flags_that_are_not_true_or_false_are_refused(coord):
 def test_activations_that_are_not_real_numbers_are_refused(values):
     ds = xr.Dataset({"activation": (("neuron", "sample", "epoch"), values.reshape(1, 4, 1))},
                     coords={"label": ("sample", [0, 1, 0, 1]), "epoch": [0]})
-    with pytest.raises(GroupingError, match=r"real numbers .* got dtype " + re.escape(str(values.dtype))):
+    with pytest.raises(GroupingError,
+                       match=r"real numbers .* got dtype " + re.escape(str(values.dtype))):
         naps(ds, normalize=False)
     ints = ds.copy(data={"activation": np.arange(4).reshape(1, 4, 1)})  # integers are fine
     np.testing.assert_array_equal(naps(ints, normalize=False).values.ravel(), [1.0, 2.0])

@@ -6,8 +6,9 @@ state and adds no behaviour: ``obj.topo.naps(by="label")`` is
 (nodes holding an ``activation`` variable) and return a DataTree with the same paths,
 relative to the node they are called on, and the attributes of the groups above the
 layers; a DataTree argument gives each layer its node at the same path, and a single
-DataArray or Dataset argument is refused on a tree of several layers. The exception is :meth:`TopoAccessor.plot`, which draws one layer and is refused on a
-tree (select one layer's laid-out NAPs first).
+DataArray or Dataset argument is refused on a tree of several layers. The exception is
+:meth:`TopoAccessor.plot`, which draws one layer and is refused on a tree (select one
+layer's laid-out NAPs first).
 """
 
 from __future__ import annotations

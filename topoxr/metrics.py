@@ -310,8 +310,8 @@ def neighborhood_preservation(
     ------
     QualityError
         For rows that do not pair up (counts, or neuron labels of labelled inputs),
-        ``k`` not an integer or out of range, an ``n_queries`` that is not a positive integer, ``"auto"``
-        or None, or NaN or inf positions.
+        ``k`` not an integer or out of range, an ``n_queries`` that is not a positive
+        integer, ``"auto"`` or None, or NaN or inf positions.
     topoxr.similarity.ProfileError
         For NaN or inf profiles or an unknown metric.
     """
