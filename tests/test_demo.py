@@ -405,3 +405,22 @@ def test_the_keras_twin_is_drawn_on_the_torch_layout(tmp_path):
     np.testing.assert_array_equal(drawn["neuron"].values, keras_naps["neuron"].values[rows_k])
     assert -1 <= info["median_r"] <= 1
     assert json.loads(drawn.attrs["topoxr_layout"])["shared"]["n_matched"] == 128
+
+
+@pytest.mark.slow
+def test_error_counts_are_probes_not_token_rows(demo_run):
+    """quality.json gave transformer_torch/ffn 112 "wrong samples" for 14 wrong digits
+    (each of 8 row tokens counted); error counts now come from layers of one row per
+    probe, and each equals the probes predicted wrong at the last epoch."""
+    import xarray as xr
+
+    out, _ = demo_run
+    errors = json.loads((out / "quality.json").read_text())["findings"]["errors"]
+    tree = xr.open_datatree(out / "activations.zarr", engine="zarr")
+    assert errors
+    for key, err in errors.items():
+        ds = tree[key].to_dataset()
+        assert "token_position" not in ds.coords, key
+        last = ds.sel(epoch=int(ds.epoch.max()))
+        wrong = int(((last.prediction != last.label) & last.committed).sum())
+        assert err["wrong_samples"] == wrong, key

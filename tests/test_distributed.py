@@ -64,3 +64,31 @@ def test_layouts_with_the_processes_scheduler_equal_local(store):
     xr.testing.assert_identical(
         compute_layouts(tree, scheduler="processes", **kwargs)["model/dense1"].to_dataset(),
         compute_layouts(tree, scheduler="sync", **kwargs)["model/dense1"].to_dataset())
+
+
+def test_two_calls_at_once_on_one_cluster_each_get_their_own_layouts(client):
+    """Task keys were positions only (topoxr-layout-0-0-0-0): two calls sharing the
+    scheduler at once got each other's results (20 of 40 in a threaded run)."""
+    import threading
+
+    trees = [xr.DataTree.from_dict({"/m/l": make_activations(n_neurons=20 + 5 * i,
+                                                             n_samples=60, random_state=i)})
+             for i in range(2)]
+    kwargs = dict(methods=["pca", "random"], seeds=[0, 1], progress=False)
+    expected = [compute_layouts(t, scheduler="sync", **kwargs)["m/l"].to_dataset()
+                for t in trees]
+    for _ in range(4):
+        got: list = [None, None]
+        barrier = threading.Barrier(2)
+
+        def run(i):
+            barrier.wait()
+            got[i] = compute_layouts(trees[i], client=client, **kwargs)["m/l"].to_dataset()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(2):
+            xr.testing.assert_identical(got[i], expected[i])

@@ -1250,3 +1250,17 @@ def test_write_store_adds_a_layer_with_mode_a_and_replaces_the_model_by_default(
     assert sorted(open_store(path)["model"].children) == ["b"]
     with pytest.raises(ValueError, match="mode must be 'w'"):
         write_store(b, path, layer="b", mode="r+")
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5])
+def test_write_store_refuses_a_batch_size_below_one_and_changes_nothing(tmp_path, batch_size):
+    """batch_size=-3 wrote nothing and emptied the model; 0 deleted it, then failed in
+    range()."""
+    from topoxr.testing import make_activations, write_store
+
+    path = str(tmp_path / "s.zarr")
+    write_store(make_activations(n_neurons=4, n_samples=10, n_epochs=1), path, layer="keep")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        write_store(make_activations(n_neurons=4, n_samples=10, n_epochs=1), path,
+                    layer="other", batch_size=batch_size)
+    assert sorted(open_store(path)["model"].children) == ["keep"]

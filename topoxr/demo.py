@@ -576,8 +576,11 @@ def _analyse(tree: Any, *, seed: int, progress: bool) -> dict[str, Any]:
         key = f"{model}/{layer}"
         if model not in ("mlp_biased", "mlp_control"):
             found["class_maps"][key] = findings.class_map_findings(views["label"])
-            found["errors"][key] = findings.error_findings(views["prediction"],
-                                                           views["correct"])
+            if "token_position" not in views:  # a per-token layer counts token rows, not
+                # probes (112 "wrong samples" for 14 wrong digits of 8 rows): its
+                # model's pooled layer gives the errors
+                found["errors"][key] = findings.error_findings(views["prediction"],
+                                                               views["correct"])
         if "token_position" in views:
             found.setdefault("tokens", {})[key] = findings.class_map_findings(
                 views["token_position"])

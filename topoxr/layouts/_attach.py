@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -544,13 +545,17 @@ def compute_layouts(
         return li * len(variants) + (si if by_seed else 0)
 
     tasks, index = [], []
+    # keys unique to this call: a scheduler shared by two calls at once (one cluster,
+    # one or several clients) hands a task's result to every submission of its key, so
+    # keys made of positions alone gave one call the other call's layouts
+    call = uuid.uuid4().hex[:12]
     for li in range(len(nodes)):
         for mi, method in enumerate(methods):
             for si, seed in enumerate(seeds):
                 _, mats = per_profile[_variant(li, si)]
                 _, task_seeds = draw_seeds(seed, len(mats))
                 for ei, (Xm, ts) in enumerate(zip(mats, task_seeds, strict=True)):
-                    key = f"topoxr-layout-{li}-{mi}-{si}-{ei}"
+                    key = f"topoxr-layout-{call}-{li}-{mi}-{si}-{ei}"
                     tasks.append(dask.delayed(_fit_one, pure=True)(
                         Xm, method, ts, metric, dict(params), dask_key_name=key))
                     index.append((li, mi, si, ei))

@@ -266,7 +266,9 @@ def write_store(
     chunk_samples : int, optional
         Passed to the writer.
     complete : bool, default True
-        Mark every epoch complete.
+        Call ``complete_epoch`` after each epoch. The writer also marks every fully
+        written epoch complete when it closes, so ``False`` leaves no epoch incomplete;
+        write part of an epoch's samples (select them first) for an incomplete one.
     mode : {"w", "a"}, default "w"
         ``"w"`` replaces ``model`` in the store, with every layer it had; ``"a"`` adds the
         layer to it (write a model of several layers with ``"a"`` after the first).
@@ -288,6 +290,8 @@ def write_store(
     preds = ds[PREDICTION].transpose(SAMPLE, EPOCH).values if PREDICTION in ds.coords else None
     metadata = {str(name): ds.coords[name].values for name in ds.coords
                 if ds.coords[name].dims == (SAMPLE,) and name not in (SAMPLE, LABEL)}
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if mode not in ("w", "a"):
         raise ValueError(f"mode must be 'w' (replace the model) or 'a' (add the layer to "
                          f"it), got {mode!r}")
